@@ -1,0 +1,1 @@
+"""The FastAPI app: REST, OpenAI and LLM Engine routes, auth and the one error handler."""

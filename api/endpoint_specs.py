@@ -1,0 +1,320 @@
+"""Turns endpoint requests into endpoint rows (validated, policy-checked) and rows into answers.
+
+Called by the endpoint routes; a request that would break the container policy is refused here
+with a 422 before anything is stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndpointRequest
+from appliance.errors import ForbiddenError, InvalidSpecError
+from appliance.ids import new_id
+from appliance.keys import Caller
+from appliance.models import Endpoint, EndpointStatus, Framework, Replica, ReplicaState
+from appliance.settings import Settings
+from builder import policy
+from builder.specs import default_image, is_local_model
+
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+DEFAULT_CPUS = {Framework.VLLM: 8.0, Framework.LLAMACPP: 2.0, Framework.CUSTOM: 2.0}
+DEFAULT_MEMORY = {
+    Framework.VLLM: 64 * 2**30,
+    Framework.LLAMACPP: 4 * 2**30,
+    Framework.CUSTOM: 8 * 2**30,
+}
+DEFAULT_IDLE_TIMEOUT_S = 900
+DEFAULT_STARTUP_TIMEOUT_S = {Framework.VLLM: 1800, Framework.LLAMACPP: 300, Framework.CUSTOM: 600}
+# Changing these rolls the replicas to a new generation; other fields apply in place.
+ROLLING_FIELDS = (
+    "model",
+    "image",
+    "args",
+    "env",
+    "command",
+    "port",
+    "health_route",
+    "gpus",
+    "gpu_memory_fraction",
+    "cpus",
+    "memory_bytes",
+)
+
+
+def parse_cpus(value: str | int | float) -> float:
+    text = str(value).strip()
+    cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    if cpus <= 0:
+        raise ValueError
+    return cpus
+
+
+def parse_memory(value: str | int | float) -> int:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]i?)?\s*", str(value))
+    if not match:
+        raise ValueError
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def _quantity(kind: str, value: Any) -> Any:
+    try:
+        return parse_cpus(value) if kind == "cpus" else parse_memory(value)
+    except ValueError:
+        example = "2, 0.5 or 500m" if kind == "cpus" else "8Gi, 512Mi or a byte count"
+        raise InvalidSpecError(
+            f"{kind} {value!r} is not a quantity such as {example}", field=kind
+        ) from None
+
+
+def _model(framework: str, model_name: str, checkpoint: str | None, settings: Settings) -> str:
+    if checkpoint:
+        return policy.resolve_model_path(settings.models_dir, checkpoint)
+    local = framework == Framework.LLAMACPP or not HF_ID.match(model_name)
+    if local and framework != Framework.CUSTOM:
+        return policy.resolve_model_path(settings.models_dir, model_name)
+    return model_name
+
+
+def _vllm_args(req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest) -> dict[str, Any]:
+    args = {k: getattr(req, k) for k in VLLM_ARG_FIELDS if getattr(req, k) is not None}
+    args.pop("tensor_parallel_size", None)  # follows gpus
+    args.pop("served_model_name", None)  # always the endpoint's name
+    if req.chat_template_override:
+        args["chat_template"] = req.chat_template_override
+    if req.extra_flags:
+        policy.check_extra_flags(req.extra_flags)
+        args["extra_flags"] = dict(req.extra_flags)
+    return args
+
+
+def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
+    if endpoint.framework == Framework.CUSTOM or endpoint.image:
+        if not caller.is_admin:
+            raise ForbiddenError("only an administrator may run custom images or override images")
+        if endpoint.framework == Framework.CUSTOM and not endpoint.image:
+            raise InvalidSpecError("a custom endpoint needs `image`", field="image")
+        if endpoint.framework == Framework.CUSTOM and not endpoint.command:
+            raise InvalidSpecError("a custom endpoint needs `command`", field="command")
+    defaults = {settings.vllm_image, settings.llamacpp_image, settings.llamacpp_cuda_image}
+    policy.check_image(
+        default_image(endpoint, settings),
+        default_images=defaults,
+        approved=settings.approved_images,
+    )
+
+
+def _validate(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
+    if endpoint.min_replicas > endpoint.max_replicas:
+        raise InvalidSpecError("min_workers must not exceed max_workers", field="min_workers")
+    if endpoint.gpu_memory_fraction is not None and (
+        endpoint.gpus != 1 or endpoint.framework != Framework.VLLM
+    ):
+        raise InvalidSpecError(
+            "gpu_memory_fraction is for vLLM endpoints with gpus=1", field="gpu_memory_fraction"
+        )
+    policy.check_env(endpoint.env)
+    _check_image(endpoint, caller, settings)
+
+
+def _image_for_tag(framework: str, tag: str | None, settings: Settings) -> str | None:
+    if framework != Framework.VLLM or not tag or tag == "latest":
+        return None
+    return f"{settings.vllm_image.rsplit(':', 1)[0]}:{tag}"
+
+
+def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settings) -> Endpoint:
+    """A validated endpoint row for a create request, not yet stored."""
+    framework = Framework(req.inference_framework)
+    gpus = req.gpus if req.gpus is not None else (req.num_shards if framework == "vllm" else 0)
+    if framework == Framework.VLLM and req.gpus is not None and req.num_shards not in (gpus, 1):
+        raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
+    endpoint = Endpoint(
+        id=new_id("end"),
+        name=req.name,
+        owner=caller.team,
+        created_by=caller.user,
+        framework=framework,
+        model=_model(framework, req.model_name, req.checkpoint_path, settings),
+        image=req.image or _image_for_tag(framework, req.inference_framework_image_tag, settings),
+        args=_vllm_args(req) if framework == Framework.VLLM else _llamacpp_args(req),
+        env=dict(req.env or {}),
+        command=req.command,
+        port=req.port,
+        health_route=req.healthcheck_route,
+        gpus=gpus,
+        gpu_memory_fraction=req.gpu_memory_fraction,
+        cpus=_quantity("cpus", req.cpus) if req.cpus is not None else DEFAULT_CPUS[framework],
+        memory_bytes=_quantity("memory", req.memory)
+        if req.memory is not None
+        else DEFAULT_MEMORY[framework],
+        min_replicas=req.min_workers,
+        max_replicas=req.max_workers,
+        target_concurrency=req.per_worker,
+        endpoint_type=req.endpoint_type,
+        idle_timeout_s=req.idle_timeout_seconds
+        if req.idle_timeout_seconds is not None
+        else DEFAULT_IDLE_TIMEOUT_S,
+        startup_timeout_s=req.startup_timeout_seconds or DEFAULT_STARTUP_TIMEOUT_S[framework],
+        priority=req.priority or (10 if req.high_priority else 0),
+        public_inference=bool(req.public_inference),
+        labels=req.labels,
+        extra={
+            "model_name": req.model_name,
+            "metadata": req.metadata,
+            "image_tag": req.inference_framework_image_tag,
+            "quantize": req.quantize,
+            "checkpoint_path": req.checkpoint_path,
+            "post_inference_hooks": req.post_inference_hooks,
+            "default_callback_url": req.default_callback_url,
+        },
+        status=EndpointStatus.UPDATE_PENDING,
+        desired_replicas=max(req.min_workers, 1) if req.max_workers else 0,
+    )
+    _validate(endpoint, caller, settings)
+    return endpoint
+
+
+def _llamacpp_args(req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if req.max_model_len:
+        args["max_model_len"] = req.max_model_len
+    if req.chat_template_override:
+        args["chat_template"] = req.chat_template_override
+    if req.seed is not None:
+        args["seed"] = req.seed
+    if req.extra_flags:
+        raise InvalidSpecError("extra_flags are for vLLM endpoints", field="extra_flags")
+    return args
+
+
+def apply_update(
+    endpoint: Endpoint, req: UpdateLLMEndpointRequest, caller: Caller, settings: Settings
+) -> bool:
+    """Apply an update to the row in place; True when replicas must roll to a new generation."""
+    before = {name: getattr(endpoint, name) for name in ROLLING_FIELDS}
+    sent = req.model_fields_set
+    if "model_name" in sent or "checkpoint_path" in sent:
+        name = req.model_name or str(endpoint.extra.get("model_name"))
+        endpoint.model = _model(endpoint.framework, name, req.checkpoint_path, settings)
+        endpoint.extra = {**endpoint.extra, "model_name": name}
+    if sent & set(VLLM_ARG_FIELDS) or {"chat_template_override", "extra_flags"} & sent:
+        fresh = _vllm_args(req) if endpoint.framework == Framework.VLLM else _llamacpp_args(req)
+        endpoint.args = {**endpoint.args, **fresh}
+    simple = {
+        "env": "env",
+        "command": "command",
+        "port": "port",
+        "gpus": "gpus",
+        "healthcheck_route": "health_route",
+        "gpu_memory_fraction": "gpu_memory_fraction",
+        "min_workers": "min_replicas",
+        "max_workers": "max_replicas",
+        "per_worker": "target_concurrency",
+        "public_inference": "public_inference",
+        "labels": "labels",
+        "priority": "priority",
+        "image": "image",
+        "idle_timeout_seconds": "idle_timeout_s",
+        "startup_timeout_seconds": "startup_timeout_s",
+    }
+    for field_name, column in simple.items():
+        if field_name in sent and getattr(req, field_name) is not None:
+            setattr(endpoint, column, getattr(req, field_name))
+    if req.cpus is not None:
+        endpoint.cpus = _quantity("cpus", req.cpus)
+    if req.memory is not None:
+        endpoint.memory_bytes = _quantity("memory", req.memory)
+    if req.metadata is not None:
+        endpoint.extra = {**endpoint.extra, "metadata": req.metadata}
+    if "image" in sent and req.image is not None and not caller.is_admin:
+        raise ForbiddenError("only an administrator may override images")
+    _validate(endpoint, caller, settings)
+    endpoint.desired_replicas = max(
+        endpoint.min_replicas, min(endpoint.desired_replicas, endpoint.max_replicas)
+    )
+    return bool(req.force_bundle_recreation) or any(
+        getattr(endpoint, name) != value for name, value in before.items()
+    )
+
+
+def _iso(stamp: float) -> str:
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat()
+
+
+def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
+    """LLM Engine's GetModelEndpointV1Response for the endpoint."""
+    ready = sum(r.state == ReplicaState.READY for r in replicas)
+    live = sum(r.state != ReplicaState.FAILED for r in replicas)
+    return {
+        "id": endpoint.id,
+        "name": endpoint.name,
+        "endpoint_type": endpoint.endpoint_type,
+        "destination": f"appliance:{endpoint.id}",
+        "deployment_name": endpoint.name,
+        "metadata": endpoint.extra.get("metadata") or {},
+        "bundle_name": endpoint.name,
+        "status": endpoint.status,
+        "status_reason": endpoint.status_reason,
+        "post_inference_hooks": endpoint.extra.get("post_inference_hooks"),
+        "default_callback_url": endpoint.extra.get("default_callback_url"),
+        "labels": endpoint.labels,
+        "created_by": endpoint.created_by,
+        "created_at": _iso(endpoint.created_at),
+        "last_updated_at": _iso(endpoint.updated_at),
+        "deployment_state": {
+            "min_workers": endpoint.min_replicas,
+            "max_workers": endpoint.max_replicas,
+            "per_worker": endpoint.target_concurrency,
+            "concurrent_requests_per_worker": endpoint.target_concurrency,
+            "available_workers": ready,
+            "unavailable_workers": live - ready,
+            "desired_workers": endpoint.desired_replicas,
+        },
+        "resource_state": {
+            "cpus": endpoint.cpus,
+            "gpus": endpoint.gpus,
+            "memory": endpoint.memory_bytes,
+            "gpu_type": None,
+            "storage": None,
+            "nodes_per_worker": 1,
+            "gpu_memory_fraction": endpoint.gpu_memory_fraction,
+        },
+        "public_inference": endpoint.public_inference,
+        "generation": endpoint.generation,
+        "framework": endpoint.framework,
+        "model": endpoint.model,
+    }
+
+
+def llm_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
+    """LLM Engine's GetLLMModelEndpointV1Response for the endpoint."""
+    return {
+        "id": endpoint.id,
+        "name": endpoint.name,
+        "model_name": endpoint.extra.get("model_name") or endpoint.model,
+        "source": "hugging_face",
+        "status": endpoint.status,
+        "status_reason": endpoint.status_reason,
+        "inference_framework": endpoint.framework,
+        "inference_framework_image_tag": endpoint.extra.get("image_tag") or "latest",
+        "num_shards": endpoint.gpus,
+        "quantize": endpoint.extra.get("quantize"),
+        "checkpoint_path": endpoint.model if is_local_model(endpoint.model) else None,
+        "chat_template_override": endpoint.args.get("chat_template"),
+        "spec": model_endpoint_public(endpoint, replicas),
+    }

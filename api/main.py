@@ -1,0 +1,99 @@
+"""The api's composition root: makes the app, wires state in the lifespan, mounts the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api import errors
+from api.deps import AppState
+from api.routes import health, llm_endpoints, openai
+from appliance import __version__, bus, keys
+from appliance.db import open_engine, session_scope
+from appliance.install import install_id, key_secret
+from appliance.settings import Settings
+from forwarder.proxy import Forwarder
+from forwarder.routing import Route, load_routes
+
+logger = logging.getLogger(__name__)
+
+
+def _first_start(state: AppState) -> None:
+    with session_scope(state.engine) as session:
+        made = keys.ensure_admin_key(
+            session=session, secret=state.key_secret, text=state.settings.admin_key
+        )
+    if made and not state.settings.admin_key:
+        path = state.settings.data_dir / "admin-key"
+        path.touch(mode=0o600)
+        path.write_text(made + "\n")
+        print(f"Admin API key (shown once; also in {path}): {made}", flush=True)
+
+
+async def _refresh_routes(state: AppState) -> None:
+    """Keep the routing table fresh: on every announcement and every few seconds."""
+    client = aioredis.Redis.from_url(str(state.settings.redis_url))
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(bus.ROUTES_CHANNEL)
+        while True:
+            state.forwarder.update(await run_in_threadpool(load_routes, state.engine))
+            await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=state.settings.routing_refresh_s
+            )
+            while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
+                pass  # a burst of announcements needs one reload
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await client.aclose()
+
+
+def _demand(state: AppState) -> object:
+    def record(route: Route) -> None:
+        with contextlib.suppress(Exception):
+            bus.nudge_builder(state.redis)
+
+    return record
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = open_engine(settings.database_path)
+        forwarder = Forwarder()
+        state = AppState(
+            settings=settings,
+            engine=engine,
+            redis=bus.connect(str(settings.redis_url)),
+            forwarder=forwarder,
+            key_secret=key_secret(settings.data_dir),
+            install_id=install_id(settings.data_dir),
+        )
+        forwarder.on_demand = _demand(state)  # type: ignore[assignment]
+        _first_start(state)
+        await forwarder.start()
+        app.state.appliance = state
+        refresher = asyncio.create_task(_refresh_routes(state))
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await forwarder.close()
+            state.redis.close()
+            engine.dispose()
+
+    app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(llm_endpoints.router)
+    app.include_router(openai.router)
+    return app

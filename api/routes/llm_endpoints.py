@@ -1,0 +1,151 @@
+"""LLM Engine's endpoint routes, by name: `/v1/llm/model-endpoints` create, list, get, update,
+delete. Create and update return at once; the builder does the work and reports the status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from sqlmodel import Session, col, select
+
+from api import endpoint_specs
+from api.deps import CallerDep, SessionDep, StateDep, require
+from api.schemas import (
+    CreateLLMEndpointRequest,
+    CreateLLMEndpointResponse,
+    DeleteResponse,
+    UpdateLLMEndpointRequest,
+)
+from appliance import bus, queries
+from appliance.errors import ConflictError, NoSuchEndpointError, OperationInProgressError
+from appliance.keys import Caller
+from appliance.models import Endpoint, EndpointStatus
+
+router = APIRouter(
+    prefix="/v1/llm/model-endpoints", tags=["llm-endpoints"], dependencies=[require("manage")]
+)
+BUSY = (
+    EndpointStatus.UPDATE_PENDING,
+    EndpointStatus.UPDATE_IN_PROGRESS,
+    EndpointStatus.DELETE_IN_PROGRESS,
+)
+
+
+def visible(endpoint: Endpoint, caller: Caller, *, for_inference: bool = False) -> bool:
+    """Teammates share endpoints; public ones are visible for listing and inference."""
+    return (
+        caller.is_admin
+        or endpoint.owner == caller.team
+        or (for_inference and endpoint.public_inference)
+    )
+
+
+def owned_by_name(name: str, caller: Caller, *, session: Session) -> Endpoint:
+    endpoint = queries.endpoint_by_name(name, session=session)
+    if not visible(endpoint, caller):
+        raise NoSuchEndpointError(f"no endpoint named {name!r}")
+    return endpoint
+
+
+def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
+    return endpoint_specs.llm_endpoint_public(
+        endpoint, queries.replicas_of(endpoint.id, session=session)
+    )
+
+
+@router.post("", response_model=CreateLLMEndpointResponse)
+def create_llm_endpoint(
+    body: CreateLLMEndpointRequest, caller: CallerDep, session: SessionDep, state: StateDep
+) -> CreateLLMEndpointResponse:
+    endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
+    if session.exec(select(Endpoint).where(Endpoint.name == body.name)).first():
+        raise ConflictError(f"an endpoint named {body.name!r} already exists", field="name")
+    session.add(endpoint)
+    queries.add_event(endpoint.id, "created", f"created by {caller.user}", session=session)
+    session.commit()
+    bus.nudge_builder(state.redis)
+    return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
+
+
+@router.get("")
+def read_llm_endpoints(
+    caller: CallerDep, session: SessionDep, name: str | None = None, order_by: str | None = None
+) -> dict[str, Any]:
+    query = select(Endpoint)
+    if name:
+        query = query.where(Endpoint.name == name)
+    newest = order_by == "newest"
+    query = query.order_by(col(Endpoint.created_at).desc() if newest else col(Endpoint.created_at))
+    endpoints = [e for e in session.exec(query).all() if visible(e, caller, for_inference=True)]
+    return {"model_endpoints": [describe(e, session) for e in endpoints]}
+
+
+@router.get("/{name}")
+def read_llm_endpoint(name: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+    endpoint = queries.endpoint_by_name(name, session=session)
+    if not visible(endpoint, caller, for_inference=True):
+        raise NoSuchEndpointError(f"no endpoint named {name!r}")
+    return describe(endpoint, session)
+
+
+@router.put("/{name}", response_model=CreateLLMEndpointResponse)
+def update_llm_endpoint(
+    name: str,
+    body: UpdateLLMEndpointRequest,
+    caller: CallerDep,
+    session: SessionDep,
+    state: StateDep,
+) -> CreateLLMEndpointResponse:
+    endpoint = owned_by_name(name, caller, session=session)
+    update_endpoint(endpoint, body, caller, session, state)
+    return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
+
+
+def update_endpoint(
+    endpoint: Endpoint,
+    body: UpdateLLMEndpointRequest,
+    caller: Caller,
+    session: Session,
+    state: StateDep,
+) -> None:
+    """Shared by the by-name and by-id routes: 409 while a change is in progress."""
+    waiting = (endpoint.status_reason or "").startswith("waiting for GPUs")
+    if endpoint.status in BUSY and not waiting:
+        raise OperationInProgressError(
+            f"endpoint {endpoint.name!r} is {endpoint.status}; wait until it is READY or "
+            "UPDATE_FAILED"
+        )
+    rolls = endpoint_specs.apply_update(endpoint, body, caller, state.settings)
+    endpoint.updated_at = time.time()
+    if rolls or endpoint.status == EndpointStatus.UPDATE_FAILED:
+        endpoint.generation += 1
+        endpoint.status, endpoint.status_reason = EndpointStatus.UPDATE_PENDING, None
+    session.add(endpoint)
+    queries.add_event(
+        endpoint.id,
+        "updated",
+        f"updated by {caller.user} (generation {endpoint.generation})",
+        session=session,
+    )
+    session.commit()
+    bus.nudge_builder(state.redis)
+
+
+@router.delete("/{name}", response_model=DeleteResponse)
+def delete_llm_endpoint(
+    name: str, caller: CallerDep, session: SessionDep, state: StateDep
+) -> DeleteResponse:
+    endpoint = owned_by_name(name, caller, session=session)
+    delete_endpoint(endpoint, caller, session, state)
+    return DeleteResponse(deleted=True)
+
+
+def delete_endpoint(endpoint: Endpoint, caller: Caller, session: Session, state: StateDep) -> None:
+    if endpoint.status != EndpointStatus.DELETE_IN_PROGRESS:
+        endpoint.status, endpoint.status_reason = EndpointStatus.DELETE_IN_PROGRESS, None
+        endpoint.updated_at = time.time()
+        session.add(endpoint)
+        queries.add_event(endpoint.id, "deleting", f"deleted by {caller.user}", session=session)
+        session.commit()
+    bus.nudge_builder(state.redis)

@@ -1,0 +1,38 @@
+"""Redis keys and channels the roles use to nudge and inform each other, in one place."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+BUILDER_NUDGE_KEY = "appliance:builder:nudge"
+ROUTES_CHANNEL = "appliance:routes"
+INFLIGHT_KEY = "appliance:inflight"
+HEARTBEAT_KEY = "appliance:heartbeat:{role}"
+HEARTBEAT_TTL_S = 30
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5)
+
+
+def nudge_builder(client: redis.Redis) -> None:
+    """Wake the builder now instead of at its next tick."""
+    pipe = client.pipeline()
+    pipe.rpush(BUILDER_NUDGE_KEY, 1)
+    pipe.ltrim(BUILDER_NUDGE_KEY, -10, -1)
+    pipe.execute()
+
+
+def announce_routes(client: redis.Redis) -> None:
+    """Tell every api process that replicas changed, so they re-read their routing table."""
+    client.publish(ROUTES_CHANNEL, str(time.time()))
+
+
+def beat(client: redis.Redis, role: str) -> None:
+    client.set(HEARTBEAT_KEY.format(role=role), str(time.time()), ex=HEARTBEAT_TTL_S)
+
+
+def alive(client: redis.Redis, role: str) -> bool:
+    return bool(client.exists(HEARTBEAT_KEY.format(role=role)))

@@ -1,0 +1,142 @@
+"""The `appliance` command: runs one role (api, builder, worker), or all of them with `up`.
+
+The kernel does not import the roles' packages: each role is found by name at run time,
+so the layering (api -> builder/forwarder -> gpu -> appliance) holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance import __version__, bus, logs
+from appliance.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.worker"}
+REDIS_START_TIMEOUT_S = 10.0
+
+
+def _run_role(role: str, settings: Settings) -> None:
+    logs.configure(settings.log_level, role)
+    if not settings.redis_url:
+        sys.exit(f"appliance {role}: set APPLIANCE_REDIS_URL (or use `appliance up`)")
+    main: Callable[[Settings], None] = importlib.import_module(ROLES[role]).main
+    main(settings)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        sys.exit("appliance up: no APPLIANCE_REDIS_URL and no redis-server on PATH")
+    port = _free_port()
+    workdir = data_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            bus.connect(url).ping()
+            return proc, url
+        except Exception:
+            time.sleep(0.1)
+    proc.kill()
+    sys.exit("appliance up: the private redis-server did not start")
+
+
+def _up(settings: Settings) -> int:
+    """Run api, builder and worker as child processes; stop them all when one ends."""
+    logs.configure(settings.log_level, "up")
+    env = dict(os.environ)
+    redis_proc = None
+    if not settings.redis_url:
+        redis_proc, env["APPLIANCE_REDIS_URL"] = _private_redis(settings.data_dir)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "appliance", role], env=env) for role in ROLES
+    ]
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    if redis_proc is not None:
+        redis_proc.terminate()
+        redis_proc.wait()
+    return max((child.returncode or 0) for child in children)
+
+
+def _health(role: str, settings: Settings) -> int:
+    """Exit 0 when the role is alive: the api answers /healthz, the others beat in Redis."""
+    if role == "api":
+        import urllib.request
+
+        url = f"http://127.0.0.1:{settings.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as reply:
+                return 0 if reply.status == 200 else 1
+        except OSError:
+            return 1
+    return 0 if bus.alive(bus.connect(str(settings.redis_url)), role) else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run api, builder and worker together")
+    for role in ROLES:
+        sub.add_parser(role, help=f"run the {role} role")
+    sub.add_parser("version", help="print the version")
+    health = sub.add_parser("health", help="exit 0 when a role is alive (health checks)")
+    health.add_argument("role", choices=sorted(ROLES))
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+        return
+    settings = get_settings()
+    if args.command == "health":
+        sys.exit(_health(args.role, settings))
+    if args.command == "up":
+        sys.exit(_up(settings))
+    _run_role(args.command, settings)

@@ -1,0 +1,52 @@
+"""The SQLite engine (one per process): WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, create_engine
+
+from appliance.migrations import migrate
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _on_begin(conn: Any) -> None:
+    # IMMEDIATE takes the write lock up front, so a read-modify-write never fails on upgrade.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def open_engine(database_path: Path) -> Engine:
+    """Migrate the database to the newest schema and return the process's engine."""
+    database_path.parent.mkdir(parents=True, exist_ok=True)
+    migrate(database_path)
+    engine = create_engine(
+        f"sqlite:///{database_path}",
+        connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+    )
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    return engine
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        yield session

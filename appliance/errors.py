@@ -1,0 +1,97 @@
+"""Domain errors of the appliance, raised by every layer and translated to HTTP in one place.
+
+ApplianceError
+├── InvalidSpecError            a request asks for something the appliance will not do (422)
+│   └── PolicyViolationError    a container spec breaks the security policy (422)
+├── NotFoundError               no such object, or not the caller's (404)
+│   ├── NoSuchEndpointError
+│   └── NoSuchTaskError
+├── ConflictError               the object exists or is busy (409)
+│   └── OperationInProgressError
+├── AuthError                   no valid key (401)
+│   └── ForbiddenError          a valid key without the scope (403)
+├── RateLimitedError            over a per-key limit (429)
+├── CapacityError               nothing can serve the request now (503)
+│   ├── NoFreeGpuError          placement found no GPUs for a replica
+│   └── NoReadyReplicaError     the endpoint has no ready replica in time
+└── UpstreamError               a replica failed (502), timed out (504)
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidSpecError(ApplianceError):
+    """The request asks for something invalid; the message says what to fix."""
+
+
+class PolicyViolationError(InvalidSpecError):
+    """A container spec breaks the security policy."""
+
+
+class NotFoundError(ApplianceError):
+    """No such object, or one the caller may not see."""
+
+
+class NoSuchEndpointError(NotFoundError):
+    """No endpoint with that id or name for this caller."""
+
+
+class NoSuchTaskError(NotFoundError):
+    """No task with that id for this caller."""
+
+
+class ConflictError(ApplianceError):
+    """The object already exists, or another change is under way."""
+
+
+class OperationInProgressError(ConflictError):
+    """A change to the endpoint is still in progress."""
+
+
+class AuthError(ApplianceError):
+    """No key, or a key that is not valid."""
+
+
+class ForbiddenError(AuthError):
+    """A valid key that lacks the scope for this action."""
+
+
+class RateLimitedError(ApplianceError):
+    """The key is over one of its limits."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CapacityError(ApplianceError):
+    """Nothing can serve this now; the client may retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NoFreeGpuError(CapacityError):
+    """Placement found no set of GPUs for a replica."""
+
+
+class NoReadyReplicaError(CapacityError):
+    """The endpoint had no ready replica within its activation timeout."""
+
+
+class UpstreamError(ApplianceError):
+    """A replica refused, failed or timed out."""
+
+    def __init__(self, message: str, *, status_code: int = 502) -> None:
+        super().__init__(message)
+        self.status_code = status_code

@@ -1,0 +1,124 @@
+"""Versioned schema migrations, applied in order at start; the version lives in PRAGMA user_version.
+
+Append a function for each change; never edit one that shipped. sqlite-utils' `transform`
+rebuilds a table for changes SQLite's ALTER TABLE cannot make, keeping every row.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+logger = logging.getLogger(__name__)
+
+_V1 = """
+CREATE TABLE endpoint (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    framework TEXT NOT NULL,
+    model TEXT NOT NULL,
+    image TEXT,
+    args JSON NOT NULL DEFAULT '{}',
+    env JSON NOT NULL DEFAULT '{}',
+    command JSON,
+    port INTEGER,
+    health_route TEXT,
+    gpus INTEGER NOT NULL DEFAULT 0,
+    gpu_memory_fraction FLOAT,
+    cpus FLOAT NOT NULL DEFAULT 1.0,
+    memory_bytes INTEGER NOT NULL,
+    min_replicas INTEGER NOT NULL DEFAULT 1,
+    max_replicas INTEGER NOT NULL DEFAULT 1,
+    target_concurrency INTEGER NOT NULL DEFAULT 4,
+    endpoint_type TEXT NOT NULL,
+    idle_timeout_s INTEGER NOT NULL,
+    startup_timeout_s INTEGER NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    public_inference BOOLEAN NOT NULL DEFAULT 0,
+    labels JSON NOT NULL DEFAULT '{}',
+    extra JSON NOT NULL DEFAULT '{}',
+    generation INTEGER NOT NULL DEFAULT 1,
+    created_at FLOAT NOT NULL,
+    updated_at FLOAT NOT NULL,
+    status TEXT NOT NULL,
+    status_reason TEXT,
+    desired_replicas INTEGER NOT NULL DEFAULT 1,
+    last_request_at FLOAT
+);
+CREATE INDEX ix_endpoint_name ON endpoint (name);
+CREATE TABLE replica (
+    id TEXT PRIMARY KEY,
+    endpoint_id TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    container_id TEXT,
+    container_name TEXT NOT NULL,
+    address TEXT,
+    gpus JSON NOT NULL DEFAULT '[]',
+    gpu_fraction FLOAT NOT NULL DEFAULT 1.0,
+    state TEXT NOT NULL,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    log_tail TEXT,
+    created_at FLOAT NOT NULL,
+    state_since FLOAT NOT NULL,
+    ready_at FLOAT
+);
+CREATE INDEX ix_replica_endpoint_id ON replica (endpoint_id);
+CREATE TABLE event (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint_id TEXT NOT NULL,
+    at FLOAT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX ix_event_endpoint_id ON event (endpoint_id);
+CREATE TABLE api_key (
+    id TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL UNIQUE,
+    digest TEXT NOT NULL,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    user TEXT NOT NULL,
+    scopes JSON NOT NULL DEFAULT '[]',
+    is_admin BOOLEAN NOT NULL DEFAULT 0,
+    created_at FLOAT NOT NULL,
+    expires_at FLOAT,
+    revoked_at FLOAT
+);
+CREATE INDEX ix_api_key_prefix ON api_key (prefix);
+"""
+
+
+def _v1_initial(db: sqlite_utils.Database) -> None:
+    db.executescript(_V1)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
+
+
+def migrate(path: Path) -> int:
+    """Bring the database at `path` to the newest schema; returns the version it ends at."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN EXCLUSIVE")  # one process migrates; the others wait, then see it done
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        db = sqlite_utils.Database(conn)
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            logger.info("applying schema migration %d (%s)", number, step.__name__)
+            step(db)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+        return len(MIGRATIONS)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()

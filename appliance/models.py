@@ -1,0 +1,137 @@
+"""SQLModel tables of the appliance's state (DESIGN.md §4); schema changes go through migrations."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+
+class EndpointStatus(enum.StrEnum):
+    """LLM Engine's endpoint statuses: the state of the record, not of its containers."""
+
+    READY = "READY"
+    UPDATE_PENDING = "UPDATE_PENDING"
+    UPDATE_IN_PROGRESS = "UPDATE_IN_PROGRESS"
+    UPDATE_FAILED = "UPDATE_FAILED"
+    DELETE_IN_PROGRESS = "DELETE_IN_PROGRESS"
+
+
+class Framework(enum.StrEnum):
+    VLLM = "vllm"
+    LLAMACPP = "llamacpp"
+    CUSTOM = "custom"
+
+
+class EndpointType(enum.StrEnum):
+    SYNC = "sync"
+    STREAMING = "streaming"
+    ASYNC = "async"
+
+
+class ReplicaState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+def _json_column() -> Any:
+    return Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Endpoint(SQLModel, table=True):
+    """A model endpoint: spec columns written by the api, status columns by the builder."""
+
+    __tablename__ = "endpoint"
+
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True, index=True)
+    owner: str
+    created_by: str
+    framework: str
+    model: str
+    image: str | None = None
+    args: dict[str, Any] = _json_column()
+    env: dict[str, str] = _json_column()
+    command: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    port: int | None = None
+    health_route: str | None = None
+    gpus: int = 0
+    gpu_memory_fraction: float | None = None
+    cpus: float = 1.0
+    memory_bytes: int = 8 * 1024**3
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_concurrency: int = 4
+    endpoint_type: str = EndpointType.STREAMING
+    idle_timeout_s: int = 900
+    startup_timeout_s: int = 1800
+    priority: int = 0
+    public_inference: bool = False
+    labels: dict[str, str] = _json_column()
+    extra: dict[str, Any] = _json_column()
+    generation: int = 1
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    # Status columns (builder).
+    status: str = EndpointStatus.UPDATE_PENDING
+    status_reason: str | None = None
+    desired_replicas: int = 1
+    last_request_at: float | None = None
+
+
+class Replica(SQLModel, table=True):
+    """One container of an endpoint; the builder keeps this table in step with Docker's labels."""
+
+    __tablename__ = "replica"
+
+    id: str = Field(primary_key=True)
+    endpoint_id: str = Field(index=True)
+    generation: int
+    container_id: str | None = None
+    container_name: str
+    address: str | None = None
+    gpus: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    gpu_fraction: float = 1.0
+    state: str = ReplicaState.STARTING
+    restarts: int = 0
+    last_error: str | None = None
+    log_tail: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    state_since: float = Field(default_factory=time.time)
+    ready_at: float | None = None
+
+
+class Event(SQLModel, table=True):
+    """Something that happened to an endpoint, for its timeline."""
+
+    __tablename__ = "event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_id: str = Field(index=True)
+    at: float = Field(default_factory=time.time)
+    kind: str
+    message: str
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key, stored as an HMAC of the secret and found by its public prefix."""
+
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True)
+    prefix: str = Field(unique=True, index=True)
+    digest: str
+    name: str
+    owner: str
+    user: str
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    is_admin: bool = False
+    created_at: float = Field(default_factory=time.time)
+    expires_at: float | None = None
+    revoked_at: float | None = None

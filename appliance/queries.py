@@ -1,0 +1,54 @@
+"""Queries shared by the roles; each takes a keyword-only session and does no other I/O."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from sqlmodel import Session, col, select
+
+from appliance.errors import NoSuchEndpointError
+from appliance.models import Endpoint, Event, Replica
+
+EVENTS_KEPT_PER_ENDPOINT = 500
+
+
+def add_event(endpoint_id: str, kind: str, message: str, *, session: Session) -> None:
+    session.add(Event(endpoint_id=endpoint_id, kind=kind, message=message, at=time.time()))
+
+
+def list_events(endpoint_id: str, *, session: Session, limit: int = 200) -> Sequence[Event]:
+    query = (
+        select(Event)
+        .where(Event.endpoint_id == endpoint_id)
+        .order_by(col(Event.id).desc())
+        .limit(limit)
+    )
+    return list(reversed(session.exec(query).all()))
+
+
+def endpoint_by_id(endpoint_id: str, *, session: Session) -> Endpoint:
+    endpoint = session.get(Endpoint, endpoint_id)
+    if endpoint is None:
+        raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
+    return endpoint
+
+
+def endpoint_by_name(name: str, *, session: Session) -> Endpoint:
+    endpoint = session.exec(select(Endpoint).where(Endpoint.name == name)).first()
+    if endpoint is None:
+        raise NoSuchEndpointError(f"no endpoint named {name!r}")
+    return endpoint
+
+
+def all_endpoints(*, session: Session) -> Sequence[Endpoint]:
+    return session.exec(select(Endpoint).order_by(col(Endpoint.created_at))).all()
+
+
+def all_replicas(*, session: Session) -> Sequence[Replica]:
+    return session.exec(select(Replica).order_by(col(Replica.created_at))).all()
+
+
+def replicas_of(endpoint_id: str, *, session: Session) -> Sequence[Replica]:
+    query = select(Replica).where(Replica.endpoint_id == endpoint_id)
+    return session.exec(query.order_by(col(Replica.created_at))).all()

@@ -1,0 +1,89 @@
+"""The appliance's settings, read once from APPLIANCE_* variables by each process's entry point."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of the appliance; each field is documented in the README's table."""
+
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", frozen=True, extra="ignore")
+
+    data_dir: Path = Field(Path("./.data"), description="SQLite database, install id, admin key.")
+    models_dir: Path = Field(Path("./models"), description="Model files as the builder sees them.")
+    models_host_dir: Path | None = Field(
+        None, description="The models directory as the Docker Engine sees it (default: models_dir)."
+    )
+    models_volume: str | None = Field(
+        None, description="Named volume holding the models (compose); replaces the bind mount."
+    )
+    hf_cache_volume: str = Field(
+        "appliance-hf-cache", description="Named volume shared by replicas as Hugging Face cache."
+    )
+    hf_token: str | None = Field(None, description="Hugging Face token for gated models.")
+    redis_url: str | None = Field(
+        None, description="Redis URL; unset with `appliance up` starts a private redis-server."
+    )
+    docker_host: str | None = Field(None, description="Docker Engine URL (default: DOCKER_HOST).")
+    replica_network: str | None = Field(
+        None,
+        description="Docker network replicas join and are reached on by name; unset publishes "
+        "replica ports on 127.0.0.1.",
+    )
+    host: str = Field("127.0.0.1", description="Address the api listens on.")
+    port: int = Field(8000, description="Port the api listens on.")
+    log_level: str = Field("INFO", description="Log level of every role.")
+    gpu_inventory_file: Path | None = Field(
+        None, description="JSON GPU inventory used instead of NVML (tests, GPU-less hosts)."
+    )
+    vllm_image: str = Field("vllm/vllm-openai:v0.11.0", description="Default vLLM image.")
+    llamacpp_image: str = Field(
+        "ghcr.io/ggml-org/llama.cpp:server", description="Default llama.cpp image (CPU)."
+    )
+    llamacpp_cuda_image: str = Field(
+        "ghcr.io/ggml-org/llama.cpp:server-cuda", description="Default llama.cpp image (GPU)."
+    )
+    approved_images: list[str] = Field(
+        default_factory=list,
+        description="Images an admin approved for the custom framework and image overrides.",
+    )
+    docker_gpu_runtime: bool = Field(
+        True, description="Request GPUs from the NVIDIA container runtime for GPU replicas."
+    )
+    reconcile_interval_s: float = Field(2.0, description="Builder tick when nothing nudges it.")
+    routing_refresh_s: float = Field(2.0, description="How often the api re-reads the routes.")
+    activation_timeout_s: float = Field(
+        120.0, description="How long a request waits for a ready replica before a 503."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, description="Largest request body accepted.")
+    admin_key: str | None = Field(
+        None, description="Admin API key to install on first start instead of a random one."
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "appliance.db"
+
+    @property
+    def models_source_dir(self) -> Path:
+        """The models directory as the Docker Engine resolves bind mounts."""
+        return self.models_host_dir or self.models_dir
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; bad values fail here, at start."""
+    return Settings()

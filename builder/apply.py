@@ -1,0 +1,228 @@
+"""Applies the planner's actions one at a time: Docker calls, then a short SQLite transaction.
+
+No Docker call ever runs inside a transaction; every action is idempotent, so a builder killed
+half-way repeats or skips it safely on its next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import col, delete, update
+
+from appliance import queries
+from appliance.db import session_scope
+from appliance.errors import PolicyViolationError
+from appliance.ids import new_id
+from appliance.models import Endpoint, EndpointStatus, Event, Replica, ReplicaState
+from appliance.settings import Settings
+from builder import policy
+from builder.docker_engine import ContainerInfo, DockerEngine
+from builder.reconcile import (
+    Action,
+    AdoptContainer,
+    DeleteEndpoint,
+    DrainReplica,
+    FailReplica,
+    MarkReady,
+    RemoveOrphan,
+    RemoveReplica,
+    SetStatus,
+    StartReplica,
+)
+from builder.specs import ContainerSpec, container_spec
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 20
+
+
+@dataclass
+class Applier:
+    """Carries out actions against Docker and the database; tells the api when routes change."""
+
+    engine: Engine
+    docker: DockerEngine
+    settings: Settings
+    on_routes_changed: Callable[[], None]
+
+    def allowed_sources(self) -> set[str]:
+        if self.settings.models_volume:
+            sources = {self.settings.models_volume}
+        else:
+            sources = {str(self.settings.models_source_dir.resolve())}
+        return sources | {self.settings.hf_cache_volume}
+
+    def apply(self, action: Action) -> None:
+        handler: Callable[[Any], None] = getattr(self, f"_{type(action).__name__}")
+        handler(action)
+
+    def _event(self, endpoint_id: str, kind: str, message: str) -> None:
+        with session_scope(self.engine) as session:
+            queries.add_event(endpoint_id, kind, message, session=session)
+
+    def _StartReplica(self, action: StartReplica) -> None:
+        with session_scope(self.engine) as session:
+            endpoint = queries.endpoint_by_id(action.endpoint_id, session=session)
+            replica_id = new_id("rep")
+            spec = container_spec(
+                endpoint,
+                settings=self.settings,
+                install_id=self.docker.install_id,
+                replica_id=replica_id,
+                gpu_ids=action.gpu_ids,
+                gpu_fraction=action.gpu_fraction,
+            )
+            session.add(
+                Replica(
+                    id=replica_id,
+                    endpoint_id=endpoint.id,
+                    generation=endpoint.generation,
+                    container_name=spec.name,
+                    gpus=list(action.gpu_ids),
+                    gpu_fraction=action.gpu_fraction,
+                    state=ReplicaState.STARTING,
+                )
+            )
+            where = f"GPUs {list(action.gpu_ids)}" if action.gpu_ids else "CPU"
+            queries.add_event(
+                endpoint.id, "placed", f"replica {replica_id} placed on {where}", session=session
+            )
+        try:
+            info = self._create(action.endpoint_id, spec)
+        except Exception as exc:
+            logger.exception("replica %s of %s failed to start", replica_id, action.endpoint_id)
+            self._FailReplica(FailReplica(replica_id, f"failed to start: {exc}"))
+            return
+        with session_scope(self.engine) as session:
+            session.exec(
+                update(Replica)
+                .where(col(Replica.id) == replica_id)
+                .values(container_id=info.id, address=info.address)
+            )
+            queries.add_event(
+                action.endpoint_id,
+                "started",
+                f"replica {replica_id} started as {info.name}",
+                session=session,
+            )
+
+    def _create(self, endpoint_id: str, spec: ContainerSpec) -> ContainerInfo:
+        policy.check_spec(spec, allowed_sources=self.allowed_sources())
+        if not self.docker.ensure_image(spec.image):
+            self._event(endpoint_id, "pulled", f"pulled image {spec.image}")
+        info = self.docker.create(spec)
+        broken = policy.violations(
+            self.docker.inspect(info.id), allowed_sources=self.allowed_sources()
+        )
+        if broken:
+            self.docker.remove(info.id, stop_timeout_s=0)
+            raise PolicyViolationError(f"container broke the policy: {broken}")
+        return info
+
+    def _AdoptContainer(self, action: AdoptContainer) -> None:
+        with session_scope(self.engine) as session:
+            session.exec(
+                update(Replica)
+                .where(col(Replica.id) == action.replica_id)
+                .values(container_id=action.container_id, address=action.address)
+            )
+
+    def _MarkReady(self, action: MarkReady) -> None:
+        now = time.time()
+        with session_scope(self.engine) as session:
+            replica = session.get(Replica, action.replica_id)
+            if replica is None:
+                return
+            replica.state, replica.ready_at, replica.state_since = ReplicaState.READY, now, now
+            queries.add_event(
+                replica.endpoint_id, "ready", f"replica {replica.id} is ready", session=session
+            )
+        self.on_routes_changed()
+
+    def _FailReplica(self, action: FailReplica) -> None:
+        with session_scope(self.engine) as session:
+            replica = session.get(Replica, action.replica_id)
+        if replica is None:
+            return
+        tail = (
+            self.docker.logs_tail(replica.container_id, LOG_TAIL_LINES)
+            if (replica.container_id)
+            else ""
+        )
+        if replica.container_id:
+            self.docker.remove(replica.container_id, stop_timeout_s=0)
+        with session_scope(self.engine) as session:
+            row = session.get(Replica, action.replica_id)
+            if row is None:
+                return
+            if not action.crashed:
+                session.delete(row)
+                return
+            row.state, row.state_since = ReplicaState.FAILED, time.time()
+            row.last_error, row.log_tail, row.gpus = action.reason, tail[-4000:] or None, []
+            queries.add_event(
+                row.endpoint_id, "crashed", f"replica {row.id}: {action.reason}", session=session
+            )
+        self.on_routes_changed()
+
+    def _DrainReplica(self, action: DrainReplica) -> None:
+        with session_scope(self.engine) as session:
+            replica = session.get(Replica, action.replica_id)
+            if replica is None or replica.state == ReplicaState.STOPPING:
+                return
+            replica.state, replica.state_since = ReplicaState.STOPPING, time.time()
+            queries.add_event(
+                replica.endpoint_id,
+                "draining",
+                f"replica {replica.id} draining: {action.why}",
+                session=session,
+            )
+        self.on_routes_changed()
+
+    def _RemoveReplica(self, action: RemoveReplica) -> None:
+        with session_scope(self.engine) as session:
+            replica = session.get(Replica, action.replica_id)
+        if replica is None:
+            return
+        if replica.container_id:
+            self.docker.remove(replica.container_id)
+        with session_scope(self.engine) as session:
+            row = session.get(Replica, action.replica_id)
+            if row is not None:
+                session.delete(row)
+                queries.add_event(
+                    row.endpoint_id, "removed", f"replica {row.id} removed", session=session
+                )
+        self.on_routes_changed()
+
+    def _RemoveOrphan(self, action: RemoveOrphan) -> None:
+        logger.warning(
+            "removing container %s: labelled by this install, no replica row", action.container_id
+        )
+        self.docker.remove(action.container_id)
+
+    def _SetStatus(self, action: SetStatus) -> None:
+        with session_scope(self.engine) as session:
+            result = session.exec(
+                update(Endpoint)
+                .where(col(Endpoint.id) == action.endpoint_id)
+                .where(col(Endpoint.generation) == action.generation)
+                .where(col(Endpoint.status) != EndpointStatus.DELETE_IN_PROGRESS)
+                .values(status=action.status, status_reason=action.reason)
+            )
+            if result.rowcount:
+                message = action.status.value + (f": {action.reason}" if action.reason else "")
+                queries.add_event(action.endpoint_id, "status", message, session=session)
+
+    def _DeleteEndpoint(self, action: DeleteEndpoint) -> None:
+        with session_scope(self.engine) as session:
+            session.exec(delete(Replica).where(col(Replica.endpoint_id) == action.endpoint_id))
+            session.exec(delete(Event).where(col(Event.endpoint_id) == action.endpoint_id))
+            session.exec(delete(Endpoint).where(col(Endpoint.id) == action.endpoint_id))
+        self.on_routes_changed()

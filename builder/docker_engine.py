@@ -1,0 +1,170 @@
+"""The Docker adapter: the only module that imports `docker`. Used by the builder's loop only.
+
+It lists, creates, inspects and removes containers that carry this install's labels, and never
+acts on a container without them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+from docker.types import DeviceRequest, LogConfig
+from docker.types import Mount as DockerMount
+
+from builder.specs import LABEL_INSTALL, ContainerSpec
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10
+
+
+class DockerUnavailableError(RuntimeError):
+    """The Docker Engine did not answer; the builder retries on its next tick."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the builder needs to know about one managed container."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str  # created | running | restarting | exited | dead | paused
+    exit_code: int
+    address: str | None
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+def _address(container: Container, port: int | None, network: str | None) -> str | None:
+    if port is None:
+        return None
+    if network:
+        return f"http://{container.name}:{port}"
+    bindings = (container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
+    published = bindings.get(f"{port}/tcp") or []
+    return f"http://127.0.0.1:{published[0]['HostPort']}" if published else None
+
+
+def _info(container: Container) -> ContainerInfo:
+    labels = dict(container.labels)
+    state = container.attrs.get("State") or {}
+    port = labels.get("appliance.port")
+    network = labels.get("appliance.network") or None
+    return ContainerInfo(
+        id=container.id or "",
+        name=container.name or "",
+        labels=labels,
+        status=str(state.get("Status", container.status)),
+        exit_code=int(state.get("ExitCode") or 0),
+        address=_address(container, int(port) if port else None, network),
+    )
+
+
+class DockerEngine:
+    """A thin, typed face over docker-py for the builder."""
+
+    def __init__(self, base_url: str | None, install_id: str) -> None:
+        try:
+            self._client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(f"cannot reach the Docker Engine: {exc}") from exc
+        self.install_id = install_id
+
+    def close(self) -> None:
+        self._client.close()
+
+    def list_managed(self) -> list[ContainerInfo]:
+        """Every container labelled with this install's id, running or not."""
+        try:
+            found = self._client.containers.list(
+                all=True, filters={"label": f"{LABEL_INSTALL}={self.install_id}"}
+            )
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(str(exc)) from exc
+        return [_info(c) for c in found]
+
+    def ensure_image(self, image: str) -> bool:
+        """True when the image is present; otherwise pulls it (slow) and says so."""
+        try:
+            self._client.images.get(image)
+            return True
+        except docker.errors.ImageNotFound:
+            logger.info("pulling image %s", image)
+            self._client.images.pull(image)
+            return False
+
+    def create(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start a replica's container with the hardened host config."""
+        labels = dict(spec.labels)
+        labels["appliance.port"] = str(spec.port)
+        labels["appliance.network"] = spec.network or ""
+        mounts = [
+            DockerMount(m.target, m.source, type=m.kind, read_only=m.read_only) for m in spec.mounts
+        ]
+        devices = (
+            [DeviceRequest(device_ids=[str(i) for i in spec.gpu_ids], capabilities=[["gpu"]])]
+            if spec.request_gpus
+            else []
+        )
+        container = self._client.containers.run(  # type: ignore[call-overload]
+            spec.image,
+            command=list(spec.command),
+            entrypoint=list(spec.entrypoint) if spec.entrypoint else None,
+            name=spec.name,
+            detach=True,
+            environment=spec.env,
+            labels=labels,
+            mounts=mounts,
+            device_requests=devices,
+            network=spec.network,
+            ports=None if spec.network else {f"{spec.port}/tcp": ("127.0.0.1", None)},
+            privileged=False,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            pids_limit=spec.pids_limit,
+            mem_limit=spec.memory_bytes,
+            nano_cpus=spec.nano_cpus,
+            shm_size=spec.shm_bytes,
+            log_config=LogConfig(type="json-file", config=spec.log_options),
+            restart_policy={"Name": "no"},
+        )
+        container.reload()
+        return _info(container)
+
+    def _managed(self, container_id: str) -> Container:
+        container = self._client.containers.get(container_id)
+        if container.labels.get(LABEL_INSTALL) != self.install_id:
+            raise PermissionError(f"container {container_id} is not managed by this install")
+        return container
+
+    def inspect(self, container_id: str) -> dict[str, object]:
+        return dict(self._managed(container_id).attrs)
+
+    def remove(self, container_id: str, *, stop_timeout_s: int = STOP_TIMEOUT_S) -> None:
+        """Stop and remove a managed container; a container already gone is fine."""
+        try:
+            container = self._managed(container_id)
+            if container.status in {"running", "restarting", "paused"}:
+                container.stop(timeout=stop_timeout_s)
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            return
+
+    def logs_tail(self, container_id: str, lines: int = 30) -> str:
+        try:
+            raw = self._managed(container_id).logs(tail=lines, stdout=True, stderr=True)
+        except docker.errors.NotFound:
+            return ""
+        return bytes(raw).decode("utf-8", "replace")
+
+    def follow_logs(self, container_id: str, tail: int) -> Iterator[bytes]:
+        stream = self._managed(container_id).logs(stream=True, follow=True, tail=tail)
+        yield from stream

@@ -1,0 +1,128 @@
+"""The builder's loop: observe rows, containers and health; plan; apply; wait for a nudge.
+
+Run by `appliance builder`; the only process that talks to Docker and NVML.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis
+from sqlalchemy.engine import Engine
+
+from appliance import bus, queries
+from appliance.db import session_scope
+from appliance.models import Replica, ReplicaState
+from builder.apply import Applier
+from builder.docker_engine import DockerEngine, DockerUnavailableError
+from builder.reconcile import Observed, plan
+from builder.specs import server_command
+from gpu.inventory import GpuSource
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 1.0
+INVENTORY_REFRESH_S = 10.0
+
+
+def probe(address: str, route: str) -> bool:
+    """True when the replica's health route answers 200 right now."""
+    try:
+        with urllib.request.urlopen(address + route, timeout=HEALTH_TIMEOUT_S) as reply:  # noqa: S310
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class BuilderLoop:
+    """Level-triggered: each tick sees the whole world, so a missed nudge costs one interval."""
+
+    engine: Engine
+    docker: DockerEngine
+    applier: Applier
+    gpus: GpuSource
+    redis: redis.Redis
+    interval_s: float
+    health_routes: dict[str, str] = field(default_factory=dict)
+    _first_seen: dict[str, float] = field(default_factory=dict)
+    _inventory_at: float = 0.0
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
+
+    def __post_init__(self) -> None:
+        self._inventory = self.gpus.read()
+        self._inventory_at = time.monotonic()
+        logger.info(
+            "GPU inventory: %d GPUs. %s", len(self._inventory.gpus), self._inventory.message
+        )
+
+    def _health(self, replicas: list[Replica], routes: dict[str, str]) -> dict[str, bool]:
+        starting = [r for r in replicas if r.state == ReplicaState.STARTING and r.address]
+        results = self._pool.map(
+            lambda r: probe(str(r.address), routes.get(r.endpoint_id, "/health")), starting
+        )
+        return {r.id: ok for r, ok in zip(starting, results, strict=True)}
+
+    def observe(self) -> Observed:
+        with session_scope(self.engine) as session:
+            endpoints = list(queries.all_endpoints(session=session))
+            replicas = list(queries.all_replicas(session=session))
+        containers = self.docker.list_managed()
+        now = time.time()
+        self._first_seen = {c.id: self._first_seen.get(c.id, now) for c in containers}
+        if time.monotonic() - self._inventory_at > INVENTORY_REFRESH_S:
+            self._inventory, self._inventory_at = self.gpus.read(), time.monotonic()
+        routes = {e.id: server_command(e)[2] for e in endpoints}
+        try:
+            raw = self.redis.hgetall(bus.INFLIGHT_KEY)
+            inflight = {_text(k): int(v) for k, v in raw.items()}
+        except redis.RedisError:
+            inflight = {}
+        return Observed(
+            endpoints=endpoints,
+            replicas=replicas,
+            containers=containers,
+            healthy=self._health(replicas, routes),
+            inflight=inflight,
+            first_seen=dict(self._first_seen),
+            inventory=self._inventory,
+            now=now,
+        )
+
+    def tick(self) -> int:
+        """One reconcile pass; returns how many actions it applied."""
+        actions = plan(self.observe())
+        for action in actions:
+            try:
+                self.applier.apply(action)
+            except Exception:
+                logger.exception("action %s failed; retrying on the next tick", action)
+        return len(actions)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            busy = 0
+            try:
+                busy = self.tick()
+                bus.beat(self.redis, "builder")
+            except DockerUnavailableError as exc:
+                logger.warning("Docker Engine unavailable: %s", exc)
+            except Exception:
+                logger.exception("reconcile tick failed")
+            self._wait(0.2 if busy else self.interval_s)
+
+    def _wait(self, seconds: float) -> None:
+        try:
+            self.redis.blpop([bus.BUILDER_NUDGE_KEY], timeout=max(seconds, 0.1))
+        except redis.RedisError:
+            time.sleep(seconds)

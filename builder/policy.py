@@ -1,0 +1,136 @@
+"""The container security policy: checks a spec before create and a container after it.
+
+Users never send Docker fields; these checks hold the line against a spec the api let through by
+mistake, and against an image or Docker daemon that changes what was asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import InvalidSpecError, PolicyViolationError
+from builder.specs import MODELS_MOUNT, ContainerSpec
+
+# Environment names a user may set on a model container; everything else is refused
+# (LD_PRELOAD, PATH, PYTHONPATH... would let a spec run arbitrary code in the server).
+ENV_NAME_ALLOWED = re.compile(
+    r"^(VLLM_[A-Z0-9_]+|NCCL_[A-Z0-9_]+|LLAMA_ARG_[A-Z0-9_]+|OMP_NUM_THREADS|TOKENIZERS_PARALLELISM"
+    r"|HF_HUB_OFFLINE|HF_HUB_ENABLE_HF_TRANSFER|TRANSFORMERS_OFFLINE|PYTORCH_CUDA_ALLOC_CONF"
+    r"|CUDA_DEVICE_MAX_CONNECTIONS|MODEL_[A-Z0-9_]+|APP_[A-Z0-9_]+)$"
+)
+ENV_NAME_DENIED = {"VLLM_API_KEY"}
+
+# vLLM flags beyond the typed fields that a user may pass through `extra_flags`.
+VLLM_EXTRA_FLAGS_ALLOWED = frozenset(
+    {
+        "--max-logprobs",
+        "--disable-log-requests",
+        "--disable-log-stats",
+        "--served-model-name",
+        "--generation-config",
+        "--override-generation-config",
+        "--limit-mm-per-prompt",
+        "--rope-scaling",
+        "--tokenizer-mode",
+        "--config-format",
+        "--code-revision",
+        "--tokenizer-revision",
+        "--reasoning-parser",
+        "--guided-decoding-backend",
+        "--cpu-offload-gb",
+        "--num-scheduler-steps",
+        "--scheduling-policy",
+        "--max-seq-len-to-capture",
+        "--speculative-config",
+        "--hf-overrides",
+        "--mm-processor-kwargs",
+        "--uvicorn-log-level",
+    }
+)
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    for name in env:
+        if name in ENV_NAME_DENIED or not ENV_NAME_ALLOWED.match(name):
+            raise PolicyViolationError(
+                f"environment variable {name!r} is not allowed on a model container; allowed: "
+                "VLLM_*, NCCL_*, LLAMA_ARG_*, MODEL_*, APP_*, OMP_NUM_THREADS and a few HF flags",
+                field="env",
+            )
+
+
+def check_extra_flags(flags: Mapping[str, Any]) -> None:
+    for flag in flags:
+        if flag not in VLLM_EXTRA_FLAGS_ALLOWED:
+            raise PolicyViolationError(
+                f"flag {flag!r} is not in the allowlist of extra vLLM flags; use a typed field "
+                "where one exists",
+                field="extra_flags",
+            )
+
+
+def resolve_model_path(models_dir: Path, requested: str) -> str:
+    """A path under the models directory, resolved with realpath; returns `/models/<path>`."""
+    root = Path(os.path.realpath(models_dir))
+    relative = requested.removeprefix(MODELS_MOUNT + "/").lstrip("/")
+    target = Path(os.path.realpath(root / relative))
+    if target != root and root not in target.parents:
+        raise PolicyViolationError(
+            f"model path {requested!r} resolves outside the models directory", field="model"
+        )
+    if not target.exists():
+        raise InvalidSpecError(
+            f"model file {requested!r} does not exist in the models directory ({models_dir}); "
+            "copy it there first",
+            field="model",
+        )
+    return f"{MODELS_MOUNT}/{target.relative_to(root).as_posix()}"
+
+
+def check_image(image: str, *, default_images: Iterable[str], approved: Iterable[str]) -> None:
+    if image not in set(default_images) and image not in set(approved):
+        raise PolicyViolationError(
+            f"image {image!r} is not approved by an administrator", field="image"
+        )
+
+
+def check_spec(spec: ContainerSpec, *, allowed_sources: Iterable[str]) -> None:
+    """Before create: only known mounts, read-only where they are binds, allowed env names."""
+    check_env(spec.env)
+    sources = set(allowed_sources)
+    for mount in spec.mounts:
+        if mount.source not in sources:
+            raise PolicyViolationError(f"mount source {mount.source!r} is not allowed")
+        if mount.kind == "bind" and not mount.read_only:
+            raise PolicyViolationError("bind mounts of the models directory are read-only")
+
+
+def violations(inspect: Mapping[str, Any], *, allowed_sources: Iterable[str]) -> list[str]:
+    """After create: what the created container does that the policy forbids (empty if none)."""
+    host = inspect.get("HostConfig") or {}
+    found = []
+    if host.get("Privileged"):
+        found.append("privileged")
+    for key in ("NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"):
+        if host.get(key) == "host":
+            found.append(f"{key} is host")
+    if host.get("CapAdd"):
+        found.append(f"capabilities added: {host['CapAdd']}")
+    if "ALL" not in (host.get("CapDrop") or []):
+        found.append("capabilities not dropped")
+    if not any("no-new-privileges" in opt for opt in host.get("SecurityOpt") or []):
+        found.append("no-new-privileges missing")
+    if host.get("Devices"):
+        found.append("host devices mapped")
+    sources = set(allowed_sources)
+    for mount in inspect.get("Mounts") or []:
+        source = mount.get("Name") if mount.get("Type") == "volume" else mount.get("Source")
+        if source not in sources:
+            found.append(f"mount of {source!r}")
+        elif mount.get("Type") == "bind" and mount.get("RW"):
+            found.append(f"writable bind of {source!r}")
+    return found

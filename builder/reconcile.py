@@ -1,0 +1,283 @@
+"""The reconciler's pure planner: desired endpoints and observed replicas in, actions out.
+
+`plan` is called by the builder loop once a tick with everything it observed; it does no I/O and
+takes `now` as an argument, so every decision is unit-tested with plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from appliance.errors import NoFreeGpuError
+from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+from builder.docker_engine import ContainerInfo
+from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA
+from gpu.inventory import Inventory
+from gpu.place import GpuRequest, place
+
+CREATE_GRACE_S = 60.0  # a row with no container yet: the builder died between row and create
+ORPHAN_GRACE_S = 30.0  # a labelled container with no row: give a crashed builder time to adopt
+MIN_DRAIN_S = 3.0  # time for every api process to drop a stopping replica from its routes
+DRAIN_TIMEOUT_S = 60.0  # in-flight requests get this long to finish before the container stops
+CRASH_WINDOW_S = 600.0
+CRASH_LIMIT = 3
+CRASH_BACKOFF_BASE_S = 2.0
+CRASH_BACKOFF_MAX_S = 60.0
+LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the planner sees in one tick."""
+
+    endpoints: Sequence[Endpoint]
+    replicas: Sequence[Replica]
+    containers: Sequence[ContainerInfo]
+    healthy: Mapping[str, bool]  # replica id -> /health answered 200 just now
+    inflight: Mapping[str, int]  # replica id -> requests the api has in flight to it
+    first_seen: Mapping[str, float]  # container id -> when the builder first saw it
+    inventory: Inventory
+    now: float
+
+
+@dataclass(frozen=True)
+class StartReplica:
+    endpoint_id: str
+    gpu_ids: tuple[int, ...]
+    gpu_fraction: float
+
+
+@dataclass(frozen=True)
+class AdoptContainer:
+    replica_id: str
+    container_id: str
+    address: str | None
+
+
+@dataclass(frozen=True)
+class MarkReady:
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class FailReplica:
+    replica_id: str
+    reason: str
+    crashed: bool = True
+
+
+@dataclass(frozen=True)
+class DrainReplica:
+    replica_id: str
+    why: str
+
+
+@dataclass(frozen=True)
+class RemoveReplica:
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class RemoveOrphan:
+    container_id: str
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    endpoint_id: str
+    generation: int
+    status: EndpointStatus
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class DeleteEndpoint:
+    endpoint_id: str
+
+
+Action = (
+    StartReplica
+    | AdoptContainer
+    | MarkReady
+    | FailReplica
+    | DrainReplica
+    | RemoveReplica
+    | RemoveOrphan
+    | SetStatus
+    | DeleteEndpoint
+)
+
+
+@dataclass
+class _Tick:
+    """Working state of one plan: claims grow as replicas are planned."""
+
+    obs: Observed
+    claims: dict[int, float] = field(default_factory=dict)
+    actions: list[Action] = field(default_factory=list)
+
+    def claim(self, gpus: Sequence[int], fraction: float) -> None:
+        for gpu in gpus:
+            self.claims[gpu] = self.claims.get(gpu, 0.0) + fraction
+
+
+def plan(obs: Observed) -> list[Action]:
+    """The actions that move what runs toward what the endpoint rows ask for."""
+    tick = _Tick(obs)
+    containers = {c.labels.get(LABEL_REPLICA, ""): c for c in obs.containers}
+    known = {r.id for r in obs.replicas}
+    endpoint_ids = {e.id for e in obs.endpoints}
+    for replica in obs.replicas:
+        if replica.state != ReplicaState.FAILED:
+            tick.claim(replica.gpus, replica.gpu_fraction)
+    for container in obs.containers:
+        if container.labels.get(LABEL_REPLICA) not in known:
+            _plan_orphan(tick, container)
+    for replica in obs.replicas:
+        if replica.endpoint_id not in endpoint_ids:
+            tick.actions.append(RemoveReplica(replica.id))
+    for endpoint in sorted(obs.endpoints, key=lambda e: (-e.priority, e.created_at)):
+        replicas = [r for r in obs.replicas if r.endpoint_id == endpoint.id]
+        _plan_endpoint(tick, endpoint, replicas, containers)
+    return tick.actions
+
+
+def _plan_orphan(tick: _Tick, container: ContainerInfo) -> None:
+    gpus = [int(g) for g in container.labels.get(LABEL_GPUS, "").split(",") if g]
+    tick.claim(gpus, float(container.labels.get(LABEL_GPU_FRACTION, "1.0")))
+    seen = tick.obs.first_seen.get(container.id, tick.obs.now)
+    if tick.obs.now - seen >= ORPHAN_GRACE_S:
+        tick.actions.append(RemoveOrphan(container.id))
+
+
+def _observe_replica(
+    tick: _Tick, endpoint: Endpoint, replica: Replica, container: ContainerInfo | None
+) -> bool:
+    """Plans what the container's state demands; True when the replica is still live."""
+    now = tick.obs.now
+    if replica.container_id is None:
+        if container is not None:
+            tick.actions.append(AdoptContainer(replica.id, container.id, container.address))
+        elif now - replica.created_at > CREATE_GRACE_S:
+            tick.actions.append(FailReplica(replica.id, "container was never created", False))
+            return False
+        return True
+    if container is None or not container.running:
+        if replica.state == ReplicaState.STOPPING:
+            tick.actions.append(RemoveReplica(replica.id))
+        else:
+            why = (
+                "container disappeared"
+                if container is None
+                else (f"container exited with code {container.exit_code}")
+            )
+            tick.actions.append(FailReplica(replica.id, why))
+        return False
+    if replica.state == ReplicaState.STOPPING:
+        waited = now - replica.state_since
+        idle = tick.obs.inflight.get(replica.id, 0) <= 0
+        if waited >= MIN_DRAIN_S and (idle or waited >= DRAIN_TIMEOUT_S):
+            tick.actions.append(RemoveReplica(replica.id))
+        return False
+    if replica.state == ReplicaState.STARTING:
+        if tick.obs.healthy.get(replica.id):
+            tick.actions.append(MarkReady(replica.id))
+        elif now - replica.created_at > endpoint.startup_timeout_s:
+            tick.actions.append(
+                FailReplica(replica.id, f"not healthy after {endpoint.startup_timeout_s} s")
+            )
+            return False
+    return True
+
+
+def _plan_endpoint(
+    tick: _Tick,
+    endpoint: Endpoint,
+    replicas: list[Replica],
+    containers: Mapping[str, ContainerInfo],
+) -> None:
+    live = [
+        r
+        for r in replicas
+        if r.state in (*LIVE, ReplicaState.STOPPING)
+        and _observe_replica(tick, endpoint, r, containers.get(r.id))
+    ]
+    if endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
+        tick.actions.extend(DrainReplica(r.id, "endpoint deleted") for r in live)
+        if not any(r.state in (*LIVE, ReplicaState.STOPPING) for r in replicas):
+            tick.actions.append(DeleteEndpoint(endpoint.id))
+        return
+    if endpoint.status == EndpointStatus.UPDATE_FAILED:
+        return
+    crashes = [
+        r
+        for r in replicas
+        if r.state == ReplicaState.FAILED
+        and r.generation == endpoint.generation
+        and tick.obs.now - r.state_since < CRASH_WINDOW_S
+        and r.last_error
+    ]
+    if len(crashes) >= CRASH_LIMIT:
+        last = max(crashes, key=lambda r: r.state_since)
+        reason = f"replica crashed {len(crashes)} times; last: {last.last_error}"
+        if last.log_tail:
+            reason += f"\n{last.log_tail.strip()}"
+        tick.actions.append(
+            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.UPDATE_FAILED, reason)
+        )
+        return
+    _plan_scale_and_roll(tick, endpoint, live, crashes)
+
+
+def _backoff_over(tick: _Tick, crashes: Sequence[Replica]) -> bool:
+    if not crashes:
+        return True
+    last = max(r.state_since for r in crashes)
+    wait = min(CRASH_BACKOFF_BASE_S * 2 ** (len(crashes) - 1), CRASH_BACKOFF_MAX_S)
+    return bool(tick.obs.now >= last + wait)
+
+
+def _plan_scale_and_roll(
+    tick: _Tick, endpoint: Endpoint, live: list[Replica], crashes: Sequence[Replica]
+) -> None:
+    desired = max(endpoint.min_replicas, min(endpoint.desired_replicas, endpoint.max_replicas))
+    current = [r for r in live if r.generation == endpoint.generation]
+    old = [r for r in live if r.generation != endpoint.generation]
+    ready = [r for r in current if r.state == ReplicaState.READY]
+    reason: str | None = None
+    if len(current) < desired and _backoff_over(tick, crashes):
+        reason = _plan_start(tick, endpoint, current, old)
+    elif len(current) > desired:
+        extra = sorted(current, key=lambda r: (r.state == ReplicaState.READY, r.created_at))
+        for replica in extra[: len(current) - desired]:
+            tick.actions.append(DrainReplica(replica.id, "scaled down"))
+    removable = len(old) if desired == 0 else len(old) + len(ready) - desired
+    for replica in old[: max(removable, 0)]:
+        tick.actions.append(DrainReplica(replica.id, "replaced by a new generation"))
+    converged = len(ready) == desired and not old
+    if endpoint.status == EndpointStatus.UPDATE_PENDING or (
+        endpoint.status == EndpointStatus.UPDATE_IN_PROGRESS and reason != endpoint.status_reason
+    ):
+        tick.actions.append(
+            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.UPDATE_IN_PROGRESS, reason)
+        )
+    if converged and endpoint.status != EndpointStatus.READY:
+        tick.actions.append(SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, None))
+
+
+def _plan_start(
+    tick: _Tick, endpoint: Endpoint, current: list[Replica], old: list[Replica]
+) -> str | None:
+    """Places one new replica; returns why it has to wait, if it does."""
+    fraction = (endpoint.gpu_memory_fraction or 1.0) if endpoint.gpus else 1.0
+    try:
+        gpus = place(tick.obs.inventory, tick.claims, GpuRequest(endpoint.gpus, fraction))
+    except NoFreeGpuError as exc:
+        starting = any(r.state == ReplicaState.STARTING for r in current)
+        if old and not starting:  # no room to surge: make room by replacing one old replica
+            tick.actions.append(DrainReplica(old[0].id, "making room for the new generation"))
+        return f"waiting for GPUs: {exc.message}"
+    tick.claim(gpus, fraction)
+    tick.actions.append(StartReplica(endpoint.id, gpus, fraction if gpus else 0.0))
+    return None

@@ -1,0 +1,43 @@
+"""Entry point of the builder role (`appliance builder`): wires the loop and runs it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from appliance import bus
+from appliance.db import open_engine
+from appliance.install import install_id
+from appliance.settings import Settings
+from builder.apply import Applier
+from builder.docker_engine import DockerEngine
+from builder.loop import BuilderLoop
+from gpu.inventory import load_gpu_source
+
+logger = logging.getLogger(__name__)
+
+
+def main(settings: Settings) -> None:
+    engine = open_engine(settings.database_path)
+    redis = bus.connect(str(settings.redis_url))
+    docker = DockerEngine(settings.docker_host, install_id(settings.data_dir))
+    applier = Applier(
+        engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
+    )
+    gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
+    loop = BuilderLoop(
+        engine, docker, applier, load_gpu_source(gpu_file), redis, settings.reconcile_interval_s
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %d: stopping after this tick", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.info("builder started for install %s", docker.install_id)
+    loop.run(stop)
+    docker.close()

@@ -1,0 +1,221 @@
+"""Container specs per framework (vllm, llamacpp, custom): what the builder asks Docker for.
+
+Called by the reconciler when it creates a replica, and by the api to validate a spec early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from appliance.models import Endpoint, Framework
+from appliance.settings import Settings
+
+MODELS_MOUNT = "/models"
+HF_CACHE_MOUNT = "/root/.cache/huggingface"
+VLLM_PORT = 8000
+LLAMACPP_PORT = 8080
+CUSTOM_PORT = 8080
+VLLM_SHM_BYTES = 8 * 1024**3
+DEFAULT_SHM_BYTES = 256 * 1024**2
+PIDS_LIMIT = 4096
+LOG_MAX_SIZE = "10m"
+LOG_MAX_FILES = "3"
+
+LABEL_PREFIX = "appliance."
+LABEL_INSTALL = "appliance.install"
+LABEL_ENDPOINT = "appliance.endpoint"
+LABEL_REPLICA = "appliance.replica"
+LABEL_GENERATION = "appliance.generation"
+LABEL_SPEC_HASH = "appliance.spec-hash"
+LABEL_GPUS = "appliance.gpus"
+LABEL_GPU_FRACTION = "appliance.gpu-fraction"
+
+# Typed vLLM arguments and the flag each becomes; a bool is a bare flag.
+VLLM_FLAGS: dict[str, str] = {
+    "max_model_len": "--max-model-len",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "dtype": "--dtype",
+    "quantization": "--quantization",
+    "enforce_eager": "--enforce-eager",
+    "chat_template": "--chat-template",
+    "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "trust_remote_code": "--trust-remote-code",
+    "enable_prefix_caching": "--enable-prefix-caching",
+    "seed": "--seed",
+    "revision": "--revision",
+    "tokenizer": "--tokenizer",
+    "tool_call_parser": "--tool-call-parser",
+    "enable_auto_tool_choice": "--enable-auto-tool-choice",
+    "kv_cache_dtype": "--kv-cache-dtype",
+    "block_size": "--block-size",
+    "swap_space": "--swap-space",
+    "load_format": "--load-format",
+    "pipeline_parallel_size": "--pipeline-parallel-size",
+}
+
+LLAMACPP_FLAGS: dict[str, str] = {
+    "max_model_len": "--ctx-size",
+    "chat_template": "--chat-template",
+    "embeddings": "--embeddings",
+    "seed": "--seed",
+    "threads": "--threads",
+}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A read-only bind of a models path, or a named volume."""
+
+    source: str
+    target: str
+    read_only: bool = True
+    kind: Literal["bind", "volume"] = "bind"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything the Docker adapter needs to create one replica; no user-supplied Docker field."""
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    entrypoint: tuple[str, ...] | None
+    env: dict[str, str]
+    port: int
+    health_route: str
+    mounts: tuple[Mount, ...]
+    labels: dict[str, str]
+    gpu_ids: tuple[int, ...]
+    request_gpus: bool
+    nano_cpus: int
+    memory_bytes: int
+    shm_bytes: int
+    network: str | None
+    pids_limit: int = PIDS_LIMIT
+    log_options: dict[str, str] = field(
+        default_factory=lambda: {"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILES}
+    )
+
+
+def is_local_model(model: str) -> bool:
+    """Local models are stored by their path inside the container: `/models/<path>`."""
+    return model.startswith(MODELS_MOUNT + "/")
+
+
+def _flags(args: dict[str, object], table: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for key, flag in table.items():
+        value = args.get(key)
+        if value is None or value is False:
+            continue
+        out.extend([flag] if value is True else [flag, str(value)])
+    for flag, value in sorted(dict(args.get("extra_flags") or {}).items()):  # type: ignore[call-overload]
+        out.extend([flag] if value in (True, "") else [flag, str(value)])
+    return out
+
+
+def server_command(endpoint: Endpoint) -> tuple[tuple[str, ...], int, str]:
+    """The server's arguments, port and health route for the endpoint's framework."""
+    args = dict(endpoint.args)
+    if endpoint.framework == Framework.VLLM:
+        if endpoint.gpu_memory_fraction is not None:
+            args.setdefault("gpu_memory_utilization", endpoint.gpu_memory_fraction)
+        cmd = ["--model", endpoint.model, "--served-model-name", endpoint.name]
+        cmd += ["--host", "0.0.0.0", "--port", str(VLLM_PORT)]
+        cmd += ["--tensor-parallel-size", str(max(endpoint.gpus, 1))]
+        return tuple(cmd + _flags(args, VLLM_FLAGS)), VLLM_PORT, "/health"
+    if endpoint.framework == Framework.LLAMACPP:
+        cmd = ["-m", endpoint.model, "--host", "0.0.0.0"]
+        cmd += ["--port", str(LLAMACPP_PORT), "--alias", endpoint.name, "--jinja", "--metrics"]
+        cmd += ["--parallel", str(max(endpoint.target_concurrency, 1))]
+        if endpoint.gpus:
+            cmd += ["-ngl", "999"]
+        return tuple(cmd + _flags(args, LLAMACPP_FLAGS)), LLAMACPP_PORT, "/health"
+    port = endpoint.port or CUSTOM_PORT
+    return tuple(endpoint.command or ()), port, endpoint.health_route or "/readyz"
+
+
+def default_image(endpoint: Endpoint, settings: Settings) -> str:
+    if endpoint.image:
+        return endpoint.image
+    if endpoint.framework == Framework.VLLM:
+        return settings.vllm_image
+    if endpoint.framework == Framework.LLAMACPP:
+        return settings.llamacpp_cuda_image if endpoint.gpus else settings.llamacpp_image
+    raise ValueError("a custom endpoint names its image")
+
+
+def spec_hash(endpoint: Endpoint, settings: Settings) -> str:
+    """A digest of what the container would run; a new digest means a new container."""
+    command, port, health = server_command(endpoint)
+    blob = json.dumps(
+        [
+            default_image(endpoint, settings),
+            command,
+            port,
+            health,
+            endpoint.env,
+            endpoint.gpus,
+            endpoint.gpu_memory_fraction,
+            endpoint.cpus,
+            endpoint.memory_bytes,
+        ],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _mounts(endpoint: Endpoint, settings: Settings) -> tuple[Mount, ...]:
+    if settings.models_volume:
+        models = Mount(settings.models_volume, MODELS_MOUNT, kind="volume")
+    else:
+        models = Mount(str(settings.models_source_dir.resolve()), MODELS_MOUNT)
+    mounts = [models]
+    if endpoint.framework == Framework.VLLM:
+        mounts.append(Mount(settings.hf_cache_volume, HF_CACHE_MOUNT, False, "volume"))
+    return tuple(mounts)
+
+
+def container_spec(
+    endpoint: Endpoint,
+    *,
+    settings: Settings,
+    install_id: str,
+    replica_id: str,
+    gpu_ids: tuple[int, ...],
+    gpu_fraction: float,
+) -> ContainerSpec:
+    """The full container spec for one replica of the endpoint's current generation."""
+    command, port, health = server_command(endpoint)
+    labels = {
+        LABEL_INSTALL: install_id,
+        LABEL_ENDPOINT: endpoint.id,
+        LABEL_REPLICA: replica_id,
+        LABEL_GENERATION: str(endpoint.generation),
+        LABEL_SPEC_HASH: spec_hash(endpoint, settings),
+        LABEL_GPUS: ",".join(str(i) for i in gpu_ids),
+        LABEL_GPU_FRACTION: str(gpu_fraction),
+    }
+    shm = VLLM_SHM_BYTES if endpoint.framework == Framework.VLLM else DEFAULT_SHM_BYTES
+    return ContainerSpec(
+        name=f"appliance-{install_id}-{endpoint.name}-g{endpoint.generation}-{replica_id[-6:]}",
+        image=default_image(endpoint, settings),
+        command=command,
+        entrypoint=None,
+        env=dict(endpoint.env),
+        port=port,
+        health_route=health,
+        mounts=_mounts(endpoint, settings),
+        labels=labels,
+        gpu_ids=gpu_ids,
+        request_gpus=bool(gpu_ids) and settings.docker_gpu_runtime,
+        nano_cpus=int(min(endpoint.cpus, os.cpu_count() or 1) * 1e9),
+        memory_bytes=endpoint.memory_bytes,
+        shm_bytes=shm,
+        network=settings.replica_network,
+    )

@@ -1,0 +1,1 @@
+"""The web UI: server-rendered pages and small static assets, mounted by the api."""
