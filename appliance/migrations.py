@@ -92,6 +92,63 @@ CREATE TABLE api_key (
     revoked_at FLOAT
 );
 CREATE INDEX ix_api_key_prefix ON api_key (prefix);
+CREATE TABLE task (
+    id TEXT PRIMARY KEY,
+    endpoint_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    status TEXT NOT NULL,
+    payload JSON NOT NULL DEFAULT '{}',
+    result JSON,
+    traceback TEXT,
+    status_code INTEGER,
+    callback_url TEXT,
+    callback_auth JSON,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 0,
+    batch_id TEXT,
+    created_at FLOAT NOT NULL,
+    started_at FLOAT,
+    finished_at FLOAT,
+    expires_at FLOAT
+);
+CREATE INDEX ix_task_endpoint_id ON task (endpoint_id);
+CREATE INDEX ix_task_owner ON task (owner);
+CREATE INDEX ix_task_status ON task (status);
+CREATE INDEX ix_task_batch_id ON task (batch_id);
+CREATE TABLE file (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    created_at FLOAT NOT NULL
+);
+CREATE INDEX ix_file_owner ON file (owner);
+CREATE TABLE batch (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    completion_window TEXT NOT NULL,
+    status TEXT NOT NULL,
+    request_counts JSON NOT NULL DEFAULT '{}',
+    metadata JSON NOT NULL DEFAULT '{}',
+    errors JSON,
+    created_at FLOAT NOT NULL,
+    in_progress_at FLOAT,
+    finalizing_at FLOAT,
+    completed_at FLOAT,
+    failed_at FLOAT,
+    cancelling_at FLOAT,
+    cancelled_at FLOAT
+);
+CREATE INDEX ix_batch_owner ON batch (owner);
 """
 
 

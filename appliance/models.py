@@ -135,3 +135,80 @@ class ApiKey(SQLModel, table=True):
     created_at: float = Field(default_factory=time.time)
     expires_at: float | None = None
     revoked_at: float | None = None
+
+
+class TaskStatus(enum.StrEnum):
+    """LLM Engine's async task statuses."""
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+
+
+class Task(SQLModel, table=True):
+    """An async request; committed before its job is queued, so Redis losing a job loses none."""
+
+    __tablename__ = "task"
+
+    id: str = Field(primary_key=True)
+    endpoint_id: str = Field(index=True)
+    owner: str = Field(index=True)
+    created_by: str
+    status: str = Field(default=TaskStatus.PENDING, index=True)
+    payload: dict[str, Any] = _json_column()
+    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    traceback: str | None = None
+    status_code: int | None = None
+    callback_url: str | None = None
+    callback_auth: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    attempts: int = 0
+    priority: int = 0
+    batch_id: str | None = Field(default=None, index=True)
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = None
+
+
+class File(SQLModel, table=True):
+    """An uploaded file (OpenAI Files API), kept under the data dir."""
+
+    __tablename__ = "file"
+
+    id: str = Field(primary_key=True)
+    owner: str = Field(index=True)
+    created_by: str
+    purpose: str
+    filename: str
+    bytes: int
+    path: str
+    created_at: float = Field(default_factory=time.time)
+
+
+class Batch(SQLModel, table=True):
+    """An OpenAI-style batch of requests run on the async workers at low priority."""
+
+    __tablename__ = "batch"
+
+    id: str = Field(primary_key=True)
+    owner: str = Field(index=True)
+    created_by: str
+    endpoint: str
+    input_file_id: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completion_window: str = "24h"
+    status: str = "validating"
+    request_counts: dict[str, int] = _json_column()
+    metadata_: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("metadata", JSON, nullable=False)
+    )
+    errors: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: float = Field(default_factory=time.time)
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None

@@ -96,7 +96,9 @@ class Applier:
         try:
             info = self._create(action.endpoint_id, spec)
         except Exception as exc:
-            logger.exception("replica %s of %s failed to start", replica_id, action.endpoint_id)
+            logger.warning(
+                "replica %s of %s failed to start: %s", replica_id, action.endpoint_id, exc
+            )
             self._FailReplica(FailReplica(replica_id, f"failed to start: {exc}"))
             return
         with session_scope(self.engine) as session:

@@ -1,0 +1,62 @@
+"""The SQLite store: migrations build exactly the tables the models describe, and keep rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from sqlmodel import SQLModel, select
+
+from appliance import migrations
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint
+
+
+def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    assert migrations.migrate(path) == len(migrations.MIGRATIONS)
+    conn = sqlite3.connect(path)
+    for table in SQLModel.metadata.sorted_tables:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table.name})")}
+        assert columns == {c.name for c in table.columns}, table.name
+
+
+def test_pragmas_are_set_on_every_connection(tmp_path: Path) -> None:
+    engine = open_engine(tmp_path / "a.db")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_reopening_keeps_rows_and_version(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    engine = open_engine(path)
+    with session_scope(engine) as session:
+        session.add(Endpoint(id="end_1", name="x", owner="t", created_by="u", framework="vllm",
+                             model="a/b", endpoint_type="streaming"))
+    engine.dispose()
+    engine = open_engine(path)
+    with session_scope(engine) as session:
+        assert [e.name for e in session.exec(select(Endpoint)).all()] == ["x"]
+    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert version == len(migrations.MIGRATIONS)
+
+
+def test_a_new_migration_runs_once_and_keeps_rows(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "a.db"
+    migrations.migrate(path)
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO event (endpoint_id, at, kind, message) VALUES ('e', 1, 'k', 'm')")
+    conn.commit()
+    calls = []
+
+    def add_column(db):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        db["event"].add_column("severity", str)
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, add_column])
+    migrations.migrate(path)
+    migrations.migrate(path)
+    assert calls == [1]
+    assert conn.execute("SELECT kind, severity FROM event").fetchall() == [("k", None)]

@@ -1,0 +1,156 @@
+"""The planner as a pure function: rows and containers in, actions out, time as a parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+from builder import reconcile as rc
+from builder.docker_engine import ContainerInfo
+from gpu.inventory import EMPTY, Inventory, StaticGpuSource
+
+NOW = 10_000.0
+EIGHT = StaticGpuSource(Path(__file__).parents[1] / "gpu" / "eight_h100.json").read()
+
+
+def endpoint(**kw: object) -> Endpoint:
+    fields: dict[str, object] = dict(
+        id="end_a", name="a", owner="t", created_by="u", framework="vllm", model="o/m",
+        endpoint_type="streaming", gpus=1, min_replicas=1, max_replicas=2, desired_replicas=1,
+        status=EndpointStatus.UPDATE_IN_PROGRESS, generation=1, created_at=0.0,
+    )
+    fields.update(kw)
+    return Endpoint(**fields)
+
+
+def replica(rid: str, **kw: object) -> Replica:
+    fields: dict[str, object] = dict(
+        id=rid, endpoint_id="end_a", generation=1, container_id=f"c-{rid}",
+        container_name=rid, address="http://x", gpus=[0], state=ReplicaState.READY,
+        created_at=NOW - 100, state_since=NOW - 100,
+    )
+    fields.update(kw)
+    return Replica(**fields)
+
+
+def container(rid: str, status: str = "running", **labels: str) -> ContainerInfo:
+    return ContainerInfo(f"c-{rid}", rid, {"appliance.replica": rid, **labels}, status, 137,
+                         "http://x")
+
+
+def plan(
+    endpoints: Sequence[Endpoint], replicas: Sequence[Replica] = (),
+    containers: Sequence[ContainerInfo] | None = None, *, inventory: Inventory = EIGHT,
+    healthy: dict[str, bool] | None = None, now: float = NOW, **kw: object,
+) -> list[rc.Action]:
+    if containers is None:
+        containers = [container(r.id) for r in replicas if r.container_id]
+    obs = rc.Observed(endpoints, replicas, containers, healthy or {},
+                      kw.get("inflight", {}), kw.get("first_seen", {}),  # type: ignore[arg-type]
+                      inventory, now)
+    return rc.plan(obs)
+
+
+def test_a_new_endpoint_gets_a_replica_on_a_free_gpu() -> None:
+    actions = plan([endpoint(status=EndpointStatus.UPDATE_PENDING)])
+    assert rc.StartReplica("end_a", (0,), 1.0) in actions
+    assert rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None) in actions
+
+
+def test_gpus_claimed_by_replicas_are_not_given_twice() -> None:
+    other = endpoint(id="end_b", name="b", status=EndpointStatus.UPDATE_PENDING)
+    actions = plan([endpoint(), other], [replica("r1", gpus=[0])])
+    assert rc.StartReplica("end_b", (1,), 1.0) in actions
+
+
+def test_a_healthy_starting_replica_becomes_ready_and_the_endpoint_ready() -> None:
+    starting = replica("r1", state=ReplicaState.STARTING)
+    assert rc.MarkReady("r1") in plan([endpoint()], [starting], healthy={"r1": True})
+    ready = plan([endpoint()], [replica("r1")])
+    assert ready == [rc.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+
+
+def test_a_replica_that_never_gets_healthy_fails_after_the_startup_timeout() -> None:
+    slow = replica("r1", state=ReplicaState.STARTING, created_at=NOW - 2000)
+    actions = plan([endpoint(startup_timeout_s=1800)], [slow])
+    assert rc.FailReplica("r1", "not healthy after 1800 s") in actions
+
+
+def test_an_exited_container_fails_its_replica() -> None:
+    actions = plan([endpoint()], [replica("r1")], [container("r1", "exited")])
+    assert rc.FailReplica("r1", "container exited with code 137") in actions
+
+
+def crashed(rid: str, at: float) -> Replica:
+    return replica(rid, state=ReplicaState.FAILED, state_since=at, gpus=[],
+                   last_error="container exited with code 1", log_tail="no such file")
+
+
+def test_restarts_back_off_then_stop_with_the_last_error() -> None:
+    one = [crashed("f1", NOW - 1)]
+    assert not any(isinstance(a, rc.StartReplica) for a in plan([endpoint()], one))
+    assert any(isinstance(a, rc.StartReplica) for a in plan([endpoint()], one, now=NOW + 2))
+    three = [crashed(f"f{i}", NOW - i) for i in range(3)]
+    [failed] = plan([endpoint()], three)
+    assert isinstance(failed, rc.SetStatus) and failed.status == EndpointStatus.UPDATE_FAILED
+    assert failed.reason is not None and "no such file" in failed.reason
+
+
+def test_a_rolling_update_surges_then_drains_old_once_new_is_ready() -> None:
+    new_gen = endpoint(generation=2, status=EndpointStatus.UPDATE_PENDING)
+    old = replica("old", generation=1, gpus=[0])
+    actions = plan([new_gen], [old])
+    assert rc.StartReplica("end_a", (1,), 1.0) in actions
+    assert not any(isinstance(a, rc.DrainReplica) for a in actions)
+    new = replica("new", generation=2, gpus=[1])
+    actions = plan([new_gen], [old, new])
+    assert rc.DrainReplica("old", "replaced by a new generation") in actions
+
+
+def test_without_room_to_surge_one_old_replica_makes_room() -> None:
+    one_gpu = Inventory(EIGHT.gpus[:1])
+    actions = plan([endpoint(generation=2)], [replica("old", generation=1, gpus=[0])],
+                   inventory=one_gpu)
+    assert rc.DrainReplica("old", "making room for the new generation") in actions
+
+
+def test_a_draining_replica_is_removed_once_idle_or_after_the_timeout() -> None:
+    draining = replica("r1", state=ReplicaState.STOPPING, state_since=NOW - 5)
+    assert rc.RemoveReplica("r1") not in plan([endpoint()], [draining], inflight={"r1": 2})
+    assert rc.RemoveReplica("r1") in plan([endpoint()], [draining], inflight={})
+    old = replica("r1", state=ReplicaState.STOPPING, state_since=NOW - 61)
+    assert rc.RemoveReplica("r1") in plan([endpoint()], [old], inflight={"r1": 2})
+
+
+def test_no_gpu_means_waiting_with_a_reason() -> None:
+    actions = plan([endpoint(status=EndpointStatus.UPDATE_PENDING)], inventory=EMPTY)
+    [status] = actions
+    assert isinstance(status, rc.SetStatus) and status.reason
+    assert status.reason.startswith("waiting for GPUs")
+
+
+def test_cpu_endpoints_need_no_gpu() -> None:
+    actions = plan([endpoint(gpus=0, status=EndpointStatus.UPDATE_PENDING)], inventory=EMPTY)
+    assert rc.StartReplica("end_a", (), 0.0) in actions
+
+
+def test_unknown_labelled_containers_are_removed_only_after_a_grace_period() -> None:
+    stray = container("ghost", **{"appliance.gpus": "3"})
+    early = plan([endpoint(gpus=1, desired_replicas=1)], [], [stray], first_seen={"c-ghost": NOW})
+    assert rc.RemoveOrphan("c-ghost") not in early
+    assert all(getattr(a, "gpu_ids", ()) != (3,) for a in early)  # its GPU stays claimed
+    late = plan([], [], [stray], first_seen={"c-ghost": NOW - 31})
+    assert late == [rc.RemoveOrphan("c-ghost")]
+
+
+def test_a_container_created_before_a_crash_is_adopted() -> None:
+    row = replica("r1", container_id=None, address=None, state=ReplicaState.STARTING)
+    actions = plan([endpoint()], [row], [container("r1")])
+    assert rc.AdoptContainer("r1", "c-r1", "http://x") in actions
+
+
+def test_delete_drains_then_removes_the_row() -> None:
+    gone = endpoint(status=EndpointStatus.DELETE_IN_PROGRESS)
+    assert plan([gone], [replica("r1")]) == [rc.DrainReplica("r1", "endpoint deleted")]
+    assert plan([gone], []) == [rc.DeleteEndpoint("end_a")]

@@ -1,0 +1,189 @@
+"""Test harness: real redis-server and appliance processes on free ports, one install each.
+
+Used by the fixtures in conftest.py; every appliance gets its own data dir (so its own install
+id), its own Redis, and its containers are removed when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE", Path.home() / ".cache/model-engine-appliance"))
+MODELS_DIR = CACHE / "models"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+LLAMACPP_IMAGE = "appliance-test/llama.cpp:server"
+VLLM_IMAGE = "appliance-test/vllm-openai:standin"
+BASE_IMAGE = "appliance-test/base:bookworm"
+ADMIN_KEY = "mea_000000000001_testadminkeytestadminkey0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy; fail the test with `what` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class RedisServer:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.workdir), "--appendonly", "yes", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, "redis-server")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@dataclass
+class Appliance:
+    """One appliance install: api and builder as real processes against real services."""
+
+    workdir: Path
+    redis: RedisServer
+    env_extra: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        env.update({
+            "APPLIANCE_DATA_DIR": str(self.data_dir),
+            "APPLIANCE_MODELS_DIR": str(MODELS_DIR),
+            "APPLIANCE_REDIS_URL": self.redis.url,
+            "APPLIANCE_PORT": str(self.port),
+            "APPLIANCE_LLAMACPP_IMAGE": LLAMACPP_IMAGE,
+            "APPLIANCE_VLLM_IMAGE": VLLM_IMAGE,
+            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+            "APPLIANCE_RECONCILE_INTERVAL_S": "1",
+            "APPLIANCE_LOG_LEVEL": "INFO",
+        })
+        env.update(self.env_extra)
+        return env
+
+    def start_role(self, role: str) -> None:
+        log = open(self.workdir / f"{role}.log", "ab")  # noqa: SIM115 - kept open for the child
+        self.procs[role] = subprocess.Popen(
+            [sys.executable, "-m", "appliance", role], env=self.env(), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def start(self) -> Appliance:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_role("api")
+        wait_until(self._healthy, 30, "the api to answer /healthz")
+        self.start_role("builder")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop_role(self, role: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(role, None)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def install_id(self) -> str:
+        return (self.data_dir / "install-id").read_text().strip()
+
+    def containers(self, *extra_filters: str) -> list[str]:
+        """Ids of this install's containers, running or not, from the docker CLI."""
+        cmd = ["docker", "ps", "-aq", "--filter", f"label=appliance.install={self.install_id()}"]
+        for item in extra_filters:
+            cmd += ["--filter", item]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+
+    def stop(self) -> None:
+        for role in list(self.procs):
+            self.stop_role(role)
+        if (self.data_dir / "install-id").exists():
+            ids = self.containers()
+            if ids:
+                subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+
+    def client(self, key: str = ADMIN_KEY) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"},
+                            timeout=120)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.workdir.glob("*.log"))
+        )
+
+
+def have_docker() -> str | None:
+    """None when Docker and the test images are usable; else why not."""
+    if shutil.which("docker") is None:
+        return "no docker CLI"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "the Docker Engine is not running (scripts/test starts one)"
+    for image in (LLAMACPP_IMAGE, VLLM_IMAGE):
+        probe = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
+        if probe.returncode != 0:
+            return f"test image {image} is missing (scripts/build-test-images builds it)"
+    if not (MODELS_DIR / GEMMA_FILE).exists():
+        return f"test model {MODELS_DIR / GEMMA_FILE} is missing (scripts/prepare-model)"
+    return None

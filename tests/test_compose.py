@@ -1,0 +1,80 @@
+"""The compose install: locally built images come up healthy, answer on the api's port, and
+`docker compose down` leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import ADMIN_KEY, BASE_IMAGE, free_port
+
+ROOT = Path(__file__).parents[1]
+APPLIANCE_IMAGE = os.environ.get("APPLIANCE_IMAGE", "model-engine-appliance:test")
+
+
+def compose(project: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["docker", "compose", "-p", project, "-f", str(ROOT / "compose.yaml"),
+           "-f", str(ROOT / "tests/compose/cpu.yaml"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def stack(docker_ready: None) -> Iterator[tuple[str, dict[str, str], int]]:
+    if subprocess.run(["docker", "image", "inspect", APPLIANCE_IMAGE],
+                      capture_output=True).returncode != 0:
+        pytest.fail(f"{APPLIANCE_IMAGE} is missing: scripts/build-appliance-image builds it")
+    project = f"appliance-test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {
+        **os.environ,
+        "APPLIANCE_IMAGE": APPLIANCE_IMAGE,
+        "APPLIANCE_REDIS_IMAGE": BASE_IMAGE,
+        "APPLIANCE_NETWORK": project,
+        "APPLIANCE_MODELS_VOLUME": f"{project}-models",
+        "APPLIANCE_HF_CACHE_VOLUME": f"{project}-hf",
+        "APPLIANCE_PORT": str(port),
+        "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+    }
+    yield project, env, port
+    down = compose(project, env, "down", "-v", "--timeout", "10")
+    print(down.stdout, down.stderr)
+
+
+def running(project: str) -> list[str]:
+    out = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+        capture_output=True, text=True, check=True,
+    )
+    return out.stdout.split()
+
+
+def test_compose_up_is_healthy_and_down_leaves_nothing(
+    stack: tuple[str, dict[str, str], int],
+) -> None:
+    project, env, port = stack
+    up = compose(project, env, "up", "-d", "--no-build", "--wait", "--wait-timeout", "180")
+    assert up.returncode == 0, up.stdout + up.stderr + compose(project, env, "logs").stdout
+
+    states = compose(project, env, "ps", "--format", "json").stdout
+    services = [json.loads(line) for line in states.splitlines() if line.strip()]
+    health = {s["Service"]: s.get("Health") for s in services}
+    assert health == {"redis": "healthy", "api": "healthy", "builder": "healthy",
+                      "worker": "healthy"}
+
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    listed = httpx.get(f"http://127.0.0.1:{port}/v1/llm/model-endpoints",
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+    assert listed.status_code == 200 and listed.json() == {"model_endpoints": []}
+    unauthenticated = httpx.get(f"http://127.0.0.1:{port}/v1/llm/model-endpoints", timeout=5)
+    assert unauthenticated.status_code == 401
+
+    down = compose(project, env, "down", "-v", "--timeout", "10")
+    assert down.returncode == 0, down.stderr
+    assert running(project) == []
