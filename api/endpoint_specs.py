@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndpointRequest
-from appliance.errors import ForbiddenError, InvalidSpecError
+from appliance.errors import InvalidSpecError, PolicyViolationError
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus, Framework, Replica, ReplicaState
@@ -105,7 +105,9 @@ def _vllm_args(req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest) -> dict
 def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
     if endpoint.framework == Framework.CUSTOM or endpoint.image:
         if not caller.is_admin:
-            raise ForbiddenError("only an administrator may run custom images or override images")
+            raise PolicyViolationError(
+                "only an administrator may run custom images or override images", field="image"
+            )
         if endpoint.framework == Framework.CUSTOM and not endpoint.image:
             raise InvalidSpecError("a custom endpoint needs `image`", field="image")
         if endpoint.framework == Framework.CUSTOM and not endpoint.command:
@@ -242,7 +244,7 @@ def apply_update(
     if req.metadata is not None:
         endpoint.extra = {**endpoint.extra, "metadata": req.metadata}
     if "image" in sent and req.image is not None and not caller.is_admin:
-        raise ForbiddenError("only an administrator may override images")
+        raise PolicyViolationError("only an administrator may override images", field="image")
     _validate(endpoint, caller, settings)
     endpoint.desired_replicas = max(
         endpoint.min_replicas, min(endpoint.desired_replicas, endpoint.max_replicas)

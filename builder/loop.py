@@ -5,6 +5,7 @@ Run by `appliance builder`; the only process that talks to Docker and NVML.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from appliance.db import session_scope
 from appliance.models import Replica, ReplicaState
 from builder.apply import Applier
 from builder.docker_engine import DockerEngine, DockerUnavailableError
+from builder.logs import LogShipper
 from builder.reconcile import Observed, plan
 from builder.specs import server_command
 from gpu.inventory import GpuSource
@@ -58,6 +60,7 @@ class BuilderLoop:
     _first_seen: dict[str, float] = field(default_factory=dict)
     _inventory_at: float = 0.0
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
+    _shipped: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._inventory = self.gpus.read()
@@ -65,6 +68,8 @@ class BuilderLoop:
         logger.info(
             "GPU inventory: %d GPUs. %s", len(self._inventory.gpus), self._inventory.message
         )
+        self.logs = LogShipper(self.docker, self.redis)
+        self._publish_inventory()
 
     def _health(self, replicas: list[Replica], routes: dict[str, str]) -> dict[str, bool]:
         starting = [r for r in replicas if r.state == ReplicaState.STARTING and r.address]
@@ -82,6 +87,7 @@ class BuilderLoop:
         self._first_seen = {c.id: self._first_seen.get(c.id, now) for c in containers}
         if time.monotonic() - self._inventory_at > INVENTORY_REFRESH_S:
             self._inventory, self._inventory_at = self.gpus.read(), time.monotonic()
+            self._publish_inventory()
         routes = {e.id: server_command(e)[2] for e in endpoints}
         try:
             raw = self.redis.hgetall(bus.INFLIGHT_KEY)
@@ -101,13 +107,33 @@ class BuilderLoop:
 
     def tick(self) -> int:
         """One reconcile pass; returns how many actions it applied."""
-        actions = plan(self.observe())
+        observed = self.observe()
+        self._ship_logs(observed)
+        actions = plan(observed)
         for action in actions:
             try:
                 self.applier.apply(action)
             except Exception:
                 logger.exception("action %s failed; retrying on the next tick", action)
         return len(actions)
+
+    def _ship_logs(self, observed: Observed) -> None:
+        containers = {c.id for c in observed.containers if c.running}
+        running = {
+            r.id: r.container_id
+            for r in observed.replicas
+            if r.container_id in containers and r.container_id is not None
+        }
+        known = {r.id for r in observed.replicas}
+        self.logs.forget([r for r in self._shipped if r not in known])
+        self._shipped = set(known)
+        self.logs.sync(running)
+
+    def _publish_inventory(self) -> None:
+        try:
+            self.redis.set(bus.GPUS_KEY, json.dumps(self._inventory.to_json()))
+        except redis.RedisError:
+            logger.warning("cannot publish the GPU inventory to Redis")
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

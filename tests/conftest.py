@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Appliance, RedisServer, have_docker
+from tests.harness import BASE_IMAGE, Appliance, RedisServer, have_docker
 
 REQUIRE_DOCKER = os.environ.get("APPLIANCE_TEST_REQUIRE_DOCKER") == "1"
 
@@ -30,9 +32,52 @@ def docker_ready() -> None:
         pytest.skip(why)
 
 
+@pytest.fixture(scope="session")
+def canaries(docker_ready: None) -> Iterator[dict[str, tuple[str, str]]]:
+    """Two containers the appliance must never touch: one unlabelled, one of another install.
+
+    Every Docker test runs with them alive; at the end of the session each must still have the
+    id and start time it began with."""
+    made: dict[str, tuple[str, str]] = {}
+    for name, labels in (("unlabelled", []), ("foreign", ["--label", "appliance.install=other"])):
+        run = subprocess.run(
+            [
+                "docker",
+                "run",
+                "-d",
+                "--name",
+                f"canary-{name}-{uuid.uuid4().hex[:6]}",
+                *labels,
+                BASE_IMAGE,
+                "sleep",
+                "infinity",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        cid = run.stdout.strip()
+        made[name] = (cid, started_at(cid))
+    yield made
+    try:
+        for name, (cid, started) in made.items():
+            assert started_at(cid) == started, f"the {name} canary was restarted or replaced"
+    finally:
+        subprocess.run(["docker", "rm", "-f", *(c for c, _ in made.values())], capture_output=True)
+
+
+def started_at(container_id: str) -> str:
+    probe = subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.Running}} {{.State.StartedAt}}", container_id],
+        capture_output=True,
+        text=True,
+    )
+    return probe.stdout.strip() if probe.returncode == 0 else "gone"
+
+
 @pytest.fixture
 def make_appliance(
-    tmp_path: Path, docker_ready: None
+    tmp_path: Path, docker_ready: None, canaries: dict[str, tuple[str, str]]
 ) -> Iterator[Callable[..., Appliance]]:
     """Start appliances (api + builder) with their own Redis; all are stopped and cleaned after."""
     made: list[tuple[Appliance, RedisServer]] = []

@@ -60,8 +60,19 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.workdir), "--appendonly", "yes", "--save", ""],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_until(self._answers, 10, "redis-server")
@@ -101,25 +112,30 @@ class Appliance:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        env.update({
-            "APPLIANCE_DATA_DIR": str(self.data_dir),
-            "APPLIANCE_MODELS_DIR": str(MODELS_DIR),
-            "APPLIANCE_REDIS_URL": self.redis.url,
-            "APPLIANCE_PORT": str(self.port),
-            "APPLIANCE_LLAMACPP_IMAGE": LLAMACPP_IMAGE,
-            "APPLIANCE_VLLM_IMAGE": VLLM_IMAGE,
-            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
-            "APPLIANCE_RECONCILE_INTERVAL_S": "1",
-            "APPLIANCE_LOG_LEVEL": "INFO",
-        })
+        env.update(
+            {
+                "APPLIANCE_DATA_DIR": str(self.data_dir),
+                "APPLIANCE_MODELS_DIR": str(MODELS_DIR),
+                "APPLIANCE_REDIS_URL": self.redis.url,
+                "APPLIANCE_PORT": str(self.port),
+                "APPLIANCE_LLAMACPP_IMAGE": LLAMACPP_IMAGE,
+                "APPLIANCE_VLLM_IMAGE": VLLM_IMAGE,
+                "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+                "APPLIANCE_RECONCILE_INTERVAL_S": "1",
+                "APPLIANCE_LOG_LEVEL": "INFO",
+            }
+        )
         env.update(self.env_extra)
         return env
 
     def start_role(self, role: str) -> None:
         log = open(self.workdir / f"{role}.log", "ab")  # noqa: SIM115 - kept open for the child
         self.procs[role] = subprocess.Popen(
-            [sys.executable, "-m", "appliance", role], env=self.env(), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "appliance", role],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def start(self) -> Appliance:
@@ -164,8 +180,9 @@ class Appliance:
                 subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
 
     def client(self, key: str = ADMIN_KEY) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"},
-                            timeout=120)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        )
 
     def logs(self) -> str:
         return "\n".join(
@@ -187,3 +204,30 @@ def have_docker() -> str | None:
     if not (MODELS_DIR / GEMMA_FILE).exists():
         return f"test model {MODELS_DIR / GEMMA_FILE} is missing (scripts/prepare-model)"
     return None
+
+
+def make_key(
+    appliance: Appliance,
+    team: str,
+    *,
+    scopes: tuple[str, ...] = ("inference", "manage"),
+    admin: bool = False,
+) -> str:
+    """A key for another team, written straight into the appliance's database."""
+    from appliance import keys
+    from appliance.db import open_engine, session_scope
+    from appliance.install import key_secret
+
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        _, text = keys.create_key(
+            session=session,
+            secret=key_secret(appliance.data_dir),
+            name=f"{team}-key",
+            team=team,
+            user=f"{team}-user",
+            scopes=scopes,
+            is_admin=admin,
+        )
+    engine.dispose()
+    return text

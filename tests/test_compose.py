@@ -20,15 +20,28 @@ APPLIANCE_IMAGE = os.environ.get("APPLIANCE_IMAGE", "model-engine-appliance:test
 
 
 def compose(project: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = ["docker", "compose", "-p", project, "-f", str(ROOT / "compose.yaml"),
-           "-f", str(ROOT / "tests/compose/cpu.yaml"), *args]
+    cmd = [
+        "docker",
+        "compose",
+        "-p",
+        project,
+        "-f",
+        str(ROOT / "compose.yaml"),
+        "-f",
+        str(ROOT / "tests/compose/cpu.yaml"),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
 def stack(docker_ready: None) -> Iterator[tuple[str, dict[str, str], int]]:
-    if subprocess.run(["docker", "image", "inspect", APPLIANCE_IMAGE],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["docker", "image", "inspect", APPLIANCE_IMAGE], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.fail(f"{APPLIANCE_IMAGE} is missing: scripts/build-appliance-image builds it")
     project = f"appliance-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -50,7 +63,9 @@ def stack(docker_ready: None) -> Iterator[tuple[str, dict[str, str], int]]:
 def running(project: str) -> list[str]:
     out = subprocess.run(
         ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.split()
 
@@ -65,12 +80,19 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
     states = compose(project, env, "ps", "--format", "json").stdout
     services = [json.loads(line) for line in states.splitlines() if line.strip()]
     health = {s["Service"]: s.get("Health") for s in services}
-    assert health == {"redis": "healthy", "api": "healthy", "builder": "healthy",
-                      "worker": "healthy"}
+    assert health == {
+        "redis": "healthy",
+        "api": "healthy",
+        "builder": "healthy",
+        "worker": "healthy",
+    }
 
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-    listed = httpx.get(f"http://127.0.0.1:{port}/v1/llm/model-endpoints",
-                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+    listed = httpx.get(
+        f"http://127.0.0.1:{port}/v1/llm/model-endpoints",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=5,
+    )
     assert listed.status_code == 200 and listed.json() == {"model_endpoints": []}
     unauthenticated = httpx.get(f"http://127.0.0.1:{port}/v1/llm/model-endpoints", timeout=5)
     assert unauthenticated.status_code == 401

@@ -58,6 +58,14 @@ def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
 def create_llm_endpoint(
     body: CreateLLMEndpointRequest, caller: CallerDep, session: SessionDep, state: StateDep
 ) -> CreateLLMEndpointResponse:
+    endpoint = create_endpoint(body, caller, session, state)
+    return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
+
+
+def create_endpoint(
+    body: CreateLLMEndpointRequest, caller: Caller, session: Session, state: StateDep
+) -> Endpoint:
+    """Shared by the by-name and by-id routes: validate, store UPDATE_PENDING, nudge."""
     endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
     if session.exec(select(Endpoint).where(Endpoint.name == body.name)).first():
         raise ConflictError(f"an endpoint named {body.name!r} already exists", field="name")
@@ -65,7 +73,7 @@ def create_llm_endpoint(
     queries.add_event(endpoint.id, "created", f"created by {caller.user}", session=session)
     session.commit()
     bus.nudge_builder(state.redis)
-    return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
+    return endpoint
 
 
 @router.get("")

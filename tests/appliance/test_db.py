@@ -33,8 +33,17 @@ def test_reopening_keeps_rows_and_version(tmp_path: Path) -> None:
     path = tmp_path / "a.db"
     engine = open_engine(path)
     with session_scope(engine) as session:
-        session.add(Endpoint(id="end_1", name="x", owner="t", created_by="u", framework="vllm",
-                             model="a/b", endpoint_type="streaming"))
+        session.add(
+            Endpoint(
+                id="end_1",
+                name="x",
+                owner="t",
+                created_by="u",
+                framework="vllm",
+                model="a/b",
+                endpoint_type="streaming",
+            )
+        )
     engine.dispose()
     engine = open_engine(path)
     with session_scope(engine) as session:

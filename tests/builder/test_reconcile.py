@@ -16,9 +16,20 @@ EIGHT = StaticGpuSource(Path(__file__).parents[1] / "gpu" / "eight_h100.json").r
 
 def endpoint(**kw: object) -> Endpoint:
     fields: dict[str, object] = dict(
-        id="end_a", name="a", owner="t", created_by="u", framework="vllm", model="o/m",
-        endpoint_type="streaming", gpus=1, min_replicas=1, max_replicas=2, desired_replicas=1,
-        status=EndpointStatus.UPDATE_IN_PROGRESS, generation=1, created_at=0.0,
+        id="end_a",
+        name="a",
+        owner="t",
+        created_by="u",
+        framework="vllm",
+        model="o/m",
+        endpoint_type="streaming",
+        gpus=1,
+        min_replicas=1,
+        max_replicas=2,
+        desired_replicas=1,
+        status=EndpointStatus.UPDATE_IN_PROGRESS,
+        generation=1,
+        created_at=0.0,
     )
     fields.update(kw)
     return Endpoint(**fields)
@@ -26,29 +37,49 @@ def endpoint(**kw: object) -> Endpoint:
 
 def replica(rid: str, **kw: object) -> Replica:
     fields: dict[str, object] = dict(
-        id=rid, endpoint_id="end_a", generation=1, container_id=f"c-{rid}",
-        container_name=rid, address="http://x", gpus=[0], state=ReplicaState.READY,
-        created_at=NOW - 100, state_since=NOW - 100,
+        id=rid,
+        endpoint_id="end_a",
+        generation=1,
+        container_id=f"c-{rid}",
+        container_name=rid,
+        address="http://x",
+        gpus=[0],
+        state=ReplicaState.READY,
+        created_at=NOW - 100,
+        state_since=NOW - 100,
     )
     fields.update(kw)
     return Replica(**fields)
 
 
 def container(rid: str, status: str = "running", **labels: str) -> ContainerInfo:
-    return ContainerInfo(f"c-{rid}", rid, {"appliance.replica": rid, **labels}, status, 137,
-                         "http://x")
+    return ContainerInfo(
+        f"c-{rid}", rid, {"appliance.replica": rid, **labels}, status, 137, "http://x"
+    )
 
 
 def plan(
-    endpoints: Sequence[Endpoint], replicas: Sequence[Replica] = (),
-    containers: Sequence[ContainerInfo] | None = None, *, inventory: Inventory = EIGHT,
-    healthy: dict[str, bool] | None = None, now: float = NOW, **kw: object,
+    endpoints: Sequence[Endpoint],
+    replicas: Sequence[Replica] = (),
+    containers: Sequence[ContainerInfo] | None = None,
+    *,
+    inventory: Inventory = EIGHT,
+    healthy: dict[str, bool] | None = None,
+    now: float = NOW,
+    **kw: object,
 ) -> list[rc.Action]:
     if containers is None:
         containers = [container(r.id) for r in replicas if r.container_id]
-    obs = rc.Observed(endpoints, replicas, containers, healthy or {},
-                      kw.get("inflight", {}), kw.get("first_seen", {}),  # type: ignore[arg-type]
-                      inventory, now)
+    obs = rc.Observed(
+        endpoints,
+        replicas,
+        containers,
+        healthy or {},
+        kw.get("inflight", {}),
+        kw.get("first_seen", {}),  # type: ignore[arg-type]
+        inventory,
+        now,
+    )
     return rc.plan(obs)
 
 
@@ -83,8 +114,14 @@ def test_an_exited_container_fails_its_replica() -> None:
 
 
 def crashed(rid: str, at: float) -> Replica:
-    return replica(rid, state=ReplicaState.FAILED, state_since=at, gpus=[],
-                   last_error="container exited with code 1", log_tail="no such file")
+    return replica(
+        rid,
+        state=ReplicaState.FAILED,
+        state_since=at,
+        gpus=[],
+        last_error="container exited with code 1",
+        log_tail="no such file",
+    )
 
 
 def test_restarts_back_off_then_stop_with_the_last_error() -> None:
@@ -110,8 +147,9 @@ def test_a_rolling_update_surges_then_drains_old_once_new_is_ready() -> None:
 
 def test_without_room_to_surge_one_old_replica_makes_room() -> None:
     one_gpu = Inventory(EIGHT.gpus[:1])
-    actions = plan([endpoint(generation=2)], [replica("old", generation=1, gpus=[0])],
-                   inventory=one_gpu)
+    actions = plan(
+        [endpoint(generation=2)], [replica("old", generation=1, gpus=[0])], inventory=one_gpu
+    )
     assert rc.DrainReplica("old", "making room for the new generation") in actions
 
 

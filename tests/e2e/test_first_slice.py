@@ -12,9 +12,16 @@ READY_WITHIN_S = 60
 
 def create_gemma(client: httpx.Client, name: str, **fields: object) -> None:
     body = {
-        "name": name, "model_name": "gemma-3-270m", "inference_framework": "llamacpp",
-        "checkpoint_path": GEMMA_FILE, "min_workers": 1, "max_workers": 1, "per_worker": 2,
-        "labels": {"team": "test"}, "metadata": {}, **fields,
+        "name": name,
+        "model_name": "gemma-3-270m",
+        "inference_framework": "llamacpp",
+        "checkpoint_path": GEMMA_FILE,
+        "min_workers": 1,
+        "max_workers": 1,
+        "per_worker": 2,
+        "labels": {"team": "test"},
+        "metadata": {},
+        **fields,
     }
     reply = client.post("/v1/llm/model-endpoints", json=body)
     assert reply.status_code == 200, reply.text
@@ -38,10 +45,15 @@ def test_gemma_endpoint_serves_chat_then_deletes_cleanly(appliance: Appliance) -
     wait_ready(client, "gemma")
     assert len(appliance.containers("status=running")) == 1
 
-    reply = client.post("/v1/chat/completions", json={
-        "model": "gemma", "max_tokens": 16, "temperature": 0,
-        "messages": [{"role": "user", "content": "Name three colours."}],
-    })
+    reply = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "gemma",
+            "max_tokens": 16,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Name three colours."}],
+        },
+    )
     assert reply.status_code == 200, reply.text
     answer = reply.json()
     assert answer["choices"][0]["message"]["content"].strip()
@@ -49,6 +61,9 @@ def test_gemma_endpoint_serves_chat_then_deletes_cleanly(appliance: Appliance) -
     assert answer["usage"]["completion_tokens"] > 0
 
     assert client.delete("/v1/llm/model-endpoints/gemma").json() == {"deleted": True}
-    wait_until(lambda: client.get("/v1/llm/model-endpoints/gemma").status_code == 404, 30,
-               "the endpoint row to go")
+    wait_until(
+        lambda: client.get("/v1/llm/model-endpoints/gemma").status_code == 404,
+        30,
+        "the endpoint row to go",
+    )
     assert appliance.containers() == []
