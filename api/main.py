@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import errors
 from api.deps import AppState
-from api.routes import health, llm_endpoints, openai
+from api.routes import batches, files, health, llm_endpoints, openai, tasks
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, session_scope
 from appliance.install import install_id, key_secret
@@ -96,4 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(llm_endpoints.router)
     app.include_router(openai.router)
+    app.include_router(tasks.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     return app

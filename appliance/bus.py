@@ -11,6 +11,8 @@ ROUTES_CHANNEL = "appliance:routes"
 INFLIGHT_KEY = "appliance:inflight"
 HEARTBEAT_KEY = "appliance:heartbeat:{role}"
 HEARTBEAT_TTL_S = 30
+BACKLOG_KEY = "appliance:backlog"  # endpoint id -> async tasks queued + running (scaler)
+TASK_LEASE_KEY = "appliance:lease:{task_id}"  # held by the worker running the task
 
 
 def connect(url: str) -> redis.Redis:

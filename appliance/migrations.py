@@ -110,7 +110,8 @@ CREATE TABLE task (
     created_at FLOAT NOT NULL,
     started_at FLOAT,
     finished_at FLOAT,
-    expires_at FLOAT
+    expires_at FLOAT,
+    enqueued_at FLOAT
 );
 CREATE INDEX ix_task_endpoint_id ON task (endpoint_id);
 CREATE INDEX ix_task_owner ON task (owner);

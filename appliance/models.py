@@ -169,6 +169,7 @@ class Task(SQLModel, table=True):
     started_at: float | None = None
     finished_at: float | None = None
     expires_at: float | None = None
+    enqueued_at: float | None = None  # last put on its RQ queue; the sweeper's grace starts here
 
 
 class File(SQLModel, table=True):

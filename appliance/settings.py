@@ -64,6 +64,32 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="Admin API key to install on first start instead of a random one."
     )
+    worker_concurrency: int = Field(
+        64, ge=1, description="Async tasks one worker process runs at once (requests in flight)."
+    )
+    task_result_ttl_s: float = Field(
+        86400.0, description="How long a finished async task and its result are kept."
+    )
+    task_lease_s: float = Field(
+        30.0,
+        description="A running task whose worker stopped renewing its lease this long is "
+        "re-enqueued by the sweeper.",
+    )
+    task_max_attempts: int = Field(
+        5, ge=1, description="Runs of an async task (failed replicas, lost workers) before FAILURE."
+    )
+    sweep_interval_s: float = Field(
+        5.0,
+        description="How often the worker's sweeper re-enqueues lost tasks, finishes "
+        "batches, publishes backlogs and drops expired results.",
+    )
+    callback_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Callback hosts (`host` or `host:port`) allowed even on loopback or private "
+        "addresses; admin only, e.g. a receiver on the local network.",
+    )
+    callback_max_attempts: int = Field(6, ge=1, description="Deliveries tried per callback.")
+    callback_timeout_s: float = Field(10.0, description="Timeout of one callback delivery.")
 
     @field_validator("log_level")
     @classmethod

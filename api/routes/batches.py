@@ -1,0 +1,203 @@
+"""OpenAI's Batch API on the async workers: one low-priority task per input line.
+
+`POST /v1/batches` checks the input file, stores the batch and its tasks in one transaction,
+then queues them on each endpoint's low-priority queue; the worker's sweeper writes the output
+and error files once every request ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+from sqlmodel import Session, col, select
+
+from api.deps import CallerDep, SessionDep, StateDep, require
+from api.routes.files import owned_file
+from appliance import queries
+from appliance.errors import ConflictError, InvalidSpecError, NotFoundError
+from appliance.ids import new_id
+from appliance.keys import Caller
+from appliance.models import Batch, Endpoint, Task, TaskStatus
+from forwarder import batches, jobs
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["batches"], dependencies=[require("inference")])
+COMPLETION_WINDOW_S = 24 * 3600
+
+
+class CreateBatchRequest(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(None)
+
+
+def batch_public(batch: Batch, session: Session | None) -> dict[str, Any]:
+    """OpenAI's batch object; live counts while it runs (`session` None: the stored ones)."""
+    counts = batch.request_counts
+    if session is not None and batch.status in ("in_progress", "cancelling"):
+        counts = batches.count_requests(session.connection(), batch.id)
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": batch.errors,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": int(batch.created_at),
+        "in_progress_at": _int(batch.in_progress_at),
+        "expires_at": int(batch.created_at + COMPLETION_WINDOW_S),
+        "finalizing_at": _int(batch.finalizing_at),
+        "completed_at": _int(batch.completed_at),
+        "failed_at": _int(batch.failed_at),
+        "expired_at": None,
+        "cancelling_at": _int(batch.cancelling_at),
+        "cancelled_at": _int(batch.cancelled_at),
+        "request_counts": counts,
+        "metadata": batch.metadata_ or None,
+    }
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None or not (caller.is_admin or batch.owner == caller.team):
+        raise NotFoundError(f"no batch with id {batch_id!r}", field="batch_id")
+    return batch
+
+
+def _endpoints_for(models: set[Any], caller: Caller, session: Session) -> dict[str, Endpoint]:
+    found: dict[str, Endpoint] = {}
+    for model in models:
+        if not isinstance(model, str) or not model:
+            raise InvalidSpecError("every request body needs `model`, an endpoint name")
+        try:
+            endpoint = queries.endpoint_by_name(model, session=session)
+        except NotFoundError:
+            endpoint = None
+        if endpoint is None or not (
+            caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
+        ):
+            raise InvalidSpecError(f"the model `{model}` does not exist")
+        found[model] = endpoint
+    return found
+
+
+@router.post("/v1/batches")
+def create_batch(
+    body: CreateBatchRequest, caller: CallerDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    if body.endpoint not in batches.BATCH_URLS:
+        raise InvalidSpecError(
+            f"endpoint must be one of {', '.join(batches.BATCH_URLS)}", field="endpoint"
+        )
+    if body.completion_window != "24h":
+        raise InvalidSpecError("completion_window must be 24h", field="completion_window")
+    source = owned_file(body.input_file_id, caller, session=session)
+    if source.purpose != "batch":
+        raise InvalidSpecError("the input file's purpose must be batch", field="input_file_id")
+    requests = batches.parse_requests(Path(source.path), body.endpoint)
+    endpoints = _endpoints_for({r.body.get("model") for r in requests}, caller, session)
+    now = time.time()
+    batch = Batch(
+        id=new_id("batch"),
+        owner=caller.team,
+        created_by=caller.user,
+        endpoint=body.endpoint,
+        input_file_id=source.id,
+        status="in_progress",
+        request_counts={"total": len(requests), "completed": 0, "failed": 0},
+        metadata_=body.metadata or {},
+        created_at=now,
+        in_progress_at=now,
+    )
+    session.add(batch)
+    queued: list[tuple[str, str]] = []
+    for request in requests:
+        endpoint = endpoints[request.body["model"]]
+        task = Task(
+            id=new_id("tsk"),
+            endpoint_id=endpoint.id,
+            owner=caller.team,
+            created_by=caller.user,
+            status=TaskStatus.PENDING,
+            payload={
+                "args": {**request.body, "stream": False},
+                "route": request.url,
+                "custom_id": request.custom_id,
+            },
+            priority=-1,
+            batch_id=batch.id,
+            created_at=now,
+            enqueued_at=now,
+        )
+        session.add(task)
+        queued.append((task.id, endpoint.id))
+    session.commit()  # the outbox: every row exists before any job does
+    try:
+        jobs.enqueue(state.redis, queued, low=True)
+    except redis.RedisError as exc:
+        logger.warning("batch %s stored but not queued (%s); the sweeper will", batch.id, exc)
+    return batch_public(batch, None)
+
+
+@router.get("/v1/batches")
+def read_batches(
+    caller: CallerDep, session: SessionDep, limit: int = 20, after: str | None = None
+) -> dict[str, Any]:
+    query = select(Batch).order_by(col(Batch.id).desc()).limit(max(1, min(limit, 100)))
+    if not caller.is_admin:
+        query = query.where(Batch.owner == caller.team)
+    if after:
+        query = query.where(col(Batch.id) < after)
+    data = [batch_public(b, session) for b in session.exec(query).all()]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(data) == limit,
+    }
+
+
+@router.get("/v1/batches/{batch_id}")
+def read_batch(batch_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+    return batch_public(owned_batch(batch_id, caller, session=session), session)
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+def cancel_batch(
+    batch_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    """Requests not yet started end at once; running ones finish; the sweeper then writes
+    the files and marks the batch cancelled."""
+    batch = owned_batch(batch_id, caller, session=session)
+    if batch.status not in ("in_progress", "cancelling"):
+        raise ConflictError(f"batch {batch_id!r} is {batch.status}; it cannot be cancelled")
+    now = time.time()
+    batch.status, batch.cancelling_at = "cancelling", now
+    session.add(batch)
+    pending = session.exec(
+        select(Task).where(Task.batch_id == batch_id, Task.status == TaskStatus.PENDING)
+    ).all()
+    for task in pending:
+        task.status, task.traceback = TaskStatus.FAILURE, batches.CANCELLED
+        task.finished_at, task.expires_at = now, now + state.settings.task_result_ttl_s
+        session.add(task)
+    session.flush()
+    public = batch_public(batch, session)
+    session.commit()
+    return public

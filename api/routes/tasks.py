@@ -1,0 +1,124 @@
+"""LLM Engine's async tasks: `POST /v1/async-tasks` stores the task, then queues it (outbox);
+`GET /v1/async-tasks/{id}` reads its status and result. The worker role runs them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from api.deps import CallerDep, SessionDep, StateDep, require
+from appliance import queries
+from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
+from appliance.ids import new_id
+from appliance.keys import Caller
+from appliance.models import Endpoint, EndpointStatus, Task, TaskStatus
+from forwarder import jobs
+from forwarder.callbacks import check_url
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["tasks"], dependencies=[require("inference")])
+OPENAI_ROUTES = (jobs.CHAT_ROUTE, jobs.COMPLETION_ROUTE)
+
+
+class CreateAsyncTaskRequest(BaseModel):
+    """LLM Engine's EndpointPredictV1Request, plus `route` to pick the replica's path."""
+
+    args: Any = None
+    url: str | None = None
+    callback_url: str | None = None
+    callback_auth: dict[str, Any] | None = None
+    return_pickled: bool = False
+    route: str | None = Field(
+        None, description="Replica path the args go to; default: by their shape (messages: chat)."
+    )
+
+
+class CreateAsyncTaskResponse(BaseModel):
+    task_id: str
+
+
+class GetAsyncTaskResponse(BaseModel):
+    task_id: str
+    status: str
+    result: Any = None
+    traceback: str | None = None
+    status_code: int | None = None
+
+
+def usable_endpoint(endpoint_id: str, caller: Caller, *, session: Any) -> Endpoint:
+    endpoint = queries.endpoint_by_id(endpoint_id, session=session)
+    visible = caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
+    if not visible or endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
+        raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
+    return endpoint
+
+
+def task_payload(body: CreateAsyncTaskRequest, endpoint: Endpoint) -> dict[str, Any]:
+    if body.args is not None and not isinstance(body.args, dict | list):
+        raise InvalidSpecError("args must be a JSON object or array", field="args")
+    if body.route is not None and (not body.route.startswith("/") or ".." in body.route):
+        raise InvalidSpecError("route must be a path such as /v1/completions", field="route")
+    payload: dict[str, Any] = {"args": body.args}
+    if body.route:
+        payload["route"] = body.route
+    route = jobs.upstream_route(payload)
+    if route in OPENAI_ROUTES and isinstance(body.args, dict):
+        # a task cannot stream; the replica serves the endpoint under its name
+        payload["args"] = {**body.args, "model": body.args.get("model") or endpoint.name}
+        payload["args"]["stream"] = False
+    return payload
+
+
+@router.post("/v1/async-tasks", response_model=CreateAsyncTaskResponse)
+def create_async_inference_task(
+    model_endpoint_id: str,
+    body: CreateAsyncTaskRequest,
+    caller: CallerDep,
+    session: SessionDep,
+    state: StateDep,
+) -> CreateAsyncTaskResponse:
+    endpoint = usable_endpoint(model_endpoint_id, caller, session=session)
+    if body.callback_url:
+        check_url(body.callback_url, state.settings.callback_allowed_hosts)
+    now = time.time()
+    task = Task(
+        id=new_id("tsk"),
+        endpoint_id=endpoint.id,
+        owner=caller.team,
+        created_by=caller.user,
+        status=TaskStatus.PENDING,
+        payload=task_payload(body, endpoint),
+        callback_url=body.callback_url,
+        callback_auth=body.callback_auth,
+        created_at=now,
+        enqueued_at=now,
+    )
+    session.add(task)
+    session.commit()  # the outbox: the row exists before any job does
+    try:
+        jobs.enqueue(state.redis, [(task.id, endpoint.id)], low=False)
+    except redis.RedisError as exc:
+        logger.warning("task %s stored, not queued (%s); the sweeper will queue it", task.id, exc)
+    return CreateAsyncTaskResponse(task_id=task.id)
+
+
+@router.get("/v1/async-tasks/{task_id}", response_model=GetAsyncTaskResponse)
+def get_async_inference_task(
+    task_id: str, caller: CallerDep, session: SessionDep
+) -> GetAsyncTaskResponse:
+    task = session.get(Task, task_id)
+    if task is None or not (caller.is_admin or task.owner == caller.team):
+        raise NoSuchTaskError(f"no task with id {task_id!r}")
+    return GetAsyncTaskResponse(
+        task_id=task.id,
+        status=task.status,
+        result=task.result,
+        traceback=task.traceback,
+        status_code=task.status_code,
+    )

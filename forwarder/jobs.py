@@ -1,0 +1,192 @@
+"""RQ queues of async tasks and the job function the workers run.
+
+The api enqueues (after it committed the task row); `forwarder.runner` dequeues and runs
+`run_task`. A job carries only the task id (JSON serializer); everything else is read from
+the row, so a job re-enqueued by the sweeper runs the same task, and the conditional UPDATE in
+`taskstore.finish` stores its result once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from appliance.errors import CapacityError, UpstreamError
+from appliance.models import TaskStatus
+from forwarder import taskstore
+from forwarder.callbacks import CallbackSender
+from forwarder.proxy import Forwarder
+
+logger = logging.getLogger(__name__)
+
+HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
+LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
+JOB_FUNC = "forwarder.jobs.run_task"
+RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETION_ROUTE = "/v1/completions"
+PREDICT_ROUTE = "/predict"
+
+
+def queue_name(endpoint_id: str, *, low: bool) -> str:
+    return (LOW_QUEUE if low else HIGH_QUEUE).format(endpoint_id=endpoint_id)
+
+
+def queue_key(endpoint_id: str, *, low: bool) -> str:
+    return Queue.redis_queue_namespace_prefix + queue_name(endpoint_id, low=low)
+
+
+def enqueue(client: redis.Redis, items: Iterable[tuple[str, str]], *, low: bool) -> int:
+    """Queue (task id, endpoint id) pairs as RQ jobs whose id is the task id; one round trip."""
+    count = 0
+    with client.pipeline(transaction=False) as pipe:
+        for task_id, endpoint_id in items:
+            rq_queue = Queue(
+                queue_name(endpoint_id, low=low), connection=client, serializer=JSONSerializer
+            )
+            rq_queue.enqueue_call(
+                JOB_FUNC, args=(task_id,), job_id=task_id, result_ttl=0, pipeline=pipe
+            )
+            count += 1
+        pipe.execute()
+    return count
+
+
+def upstream_route(payload: dict[str, Any]) -> str:
+    """Where a task's args go: an explicit route, else by shape (chat, completion, predict)."""
+    route = payload.get("route")
+    if isinstance(route, str) and route:
+        return route
+    args = payload.get("args")
+    if isinstance(args, dict) and "messages" in args:
+        return CHAT_ROUTE
+    if isinstance(args, dict) and "prompt" in args:
+        return COMPLETION_ROUTE
+    return PREDICT_ROUTE
+
+
+@dataclass
+class Runtime:
+    """The worker process's long-lived clients, installed once before jobs run."""
+
+    committer: taskstore.GroupCommitter
+    forwarder: Forwarder
+    callbacks: CallbackSender
+    hold_s: float
+    keep_s: float
+    max_attempts: int
+
+
+_runtime: Runtime | None = None
+
+
+def install_runtime(runtime: Runtime | None) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def _current() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("run_task needs a worker runtime (forwarder.jobs.install_runtime)")
+    return _runtime
+
+
+async def _write(runtime: Runtime, fn: Any) -> Any:
+    return await asyncio.wrap_future(runtime.committer.submit(fn))
+
+
+async def run_task(task_id: str) -> None:
+    """The RQ job: run one task against its endpoint and store the outcome once."""
+    rt = _current()
+    now = time.time()
+    claimed: taskstore.Claim | None = await _write(
+        rt, lambda conn: taskstore.claim(conn, task_id, now)
+    )
+    if claimed is None:
+        return  # it ended already (a duplicate delivery) or expired
+    route = rt.forwarder.table.by_id.get(claimed.endpoint_id)
+    if route is None:
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, None, "the endpoint was deleted")
+        return
+    body = json.dumps(claimed.payload.get("args")).encode()
+    try:
+        upstream = await rt.forwarder.open(
+            route, upstream_route(claimed.payload), body, hold_s=rt.hold_s
+        )
+        try:
+            data = await upstream.read()
+        finally:
+            upstream.close()
+    except (CapacityError, UpstreamError) as exc:
+        await _retry_or_fail(rt, claimed, None, None, str(exc))
+        return
+    status = upstream.status
+    try:
+        answer: Any = json.loads(data)
+    except ValueError:
+        answer = data.decode(errors="replace")
+    if 200 <= status < 300:
+        await _finish(rt, claimed, TaskStatus.SUCCESS, {"result": answer}, status, None)
+    elif status in RETRIED_STATUSES:
+        await _retry_or_fail(rt, claimed, answer, status, f"replica answered {status}")
+    else:
+        message = f"replica answered {status}"
+        await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message)
+
+
+async def _retry_or_fail(
+    rt: Runtime, claimed: taskstore.Claim, answer: Any, code: int | None, why: str
+) -> None:
+    if claimed.attempts >= rt.max_attempts:
+        why = f"{why} (gave up after {claimed.attempts} attempts)"
+        result = None if answer is None else {"result": answer}
+        await _finish(rt, claimed, TaskStatus.FAILURE, result, code, why)
+        return
+    logger.info("task %s: %s; the sweeper will run it again", claimed.task_id, why)
+    now = time.time()
+    await _write(rt, lambda conn: taskstore.release(conn, claimed.task_id, now))
+
+
+async def _finish(
+    rt: Runtime,
+    claimed: taskstore.Claim,
+    status: TaskStatus,
+    result: Any,
+    code: int | None,
+    traceback: str | None,
+) -> None:
+    now = time.time()
+    stored: bool = await _write(
+        rt,
+        lambda conn: taskstore.finish(
+            conn,
+            claimed.task_id,
+            status=status.value,
+            result=result,
+            status_code=code,
+            traceback=traceback,
+            now=now,
+            keep_s=rt.keep_s,
+        ),
+    )
+    if stored and claimed.callback_url:
+        rt.callbacks.send(
+            claimed.callback_url,
+            {
+                "task_id": claimed.task_id,
+                "status": status.value,
+                "result": result,
+                "status_code": code,
+                "traceback": traceback,
+            },
+            claimed.callback_auth,
+        )

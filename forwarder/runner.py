@@ -1,0 +1,188 @@
+"""The worker's job runner: many RQ jobs in flight at once in one asyncio process.
+
+An RQ `Worker` runs one job at a time (a forked work horse per job), but a replica batches
+well only with dozens of requests in flight, so this runner takes jobs from the same RQ queues
+and runs up to `worker_concurrency` of them concurrently on one event loop. A Lua script pops
+jobs and takes each one's lease in one step, high-priority queues (single tasks) before
+low-priority ones (batches); the runner renews its leases while the jobs run, so the sweeper
+can tell a job whose worker died (lease expired) from one that is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from sqlalchemy.engine import Engine
+
+from appliance import bus
+from forwarder import jobs
+from forwarder.routing import load_routes
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.02
+REDIS_RETRY_S = 1.0
+LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
+
+# Pop up to ARGV[1] job ids from KEYS in order and lease each for ARGV[2] ms.
+_POP_AND_LEASE = """
+local out = {}
+local n = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  while #out < n do
+    local id = redis.call('LPOP', key)
+    if not id then break end
+    redis.call('SET', ARGV[3] .. id, '1', 'PX', ARGV[2])
+    table.insert(out, id)
+  end
+  if #out >= n then break end
+end
+return out
+"""
+
+
+class Runner:
+    """Runs jobs from every endpoint's queues with at most `concurrency` in flight."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        runtime: jobs.Runtime,
+        *,
+        concurrency: int,
+        lease_s: float,
+        routing_refresh_s: float,
+    ) -> None:
+        self.engine = engine
+        self.redis = client
+        self.runtime = runtime
+        self.concurrency = concurrency
+        self.lease_ms = int(lease_s * 1000)
+        self.routing_refresh_s = routing_refresh_s
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self._pop = client.register_script(_POP_AND_LEASE)
+        self._slot_free = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        jobs.install_runtime(self.runtime)
+        await self.runtime.forwarder.start()
+        await self._refresh_routes()
+        helpers = [
+            asyncio.create_task(self._every(self.routing_refresh_s, self._refresh_routes, stop)),
+            asyncio.create_task(self._every(self.lease_ms / 3000, self._renew_leases, stop)),
+        ]
+        try:
+            await self._take_jobs(stop)
+            if self.running:  # let what runs finish; the sweeper re-runs what does not
+                await asyncio.wait(set(self.running.values()), timeout=30)
+            await self.runtime.callbacks.drain(10)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            for task in self.running.values():
+                task.cancel()
+            await self.runtime.forwarder.close()
+            jobs.install_runtime(None)
+
+    def queue_keys(self) -> list[str]:
+        endpoint_ids = sorted(self.runtime.forwarder.table.by_id)
+        high = [jobs.queue_key(e, low=False) for e in endpoint_ids]
+        return high + [jobs.queue_key(e, low=True) for e in endpoint_ids]
+
+    async def _take_jobs(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            free = self.concurrency - len(self.running)
+            if free <= 0:
+                self._slot_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
+                continue
+            keys = self.queue_keys()
+            try:
+                taken = await asyncio.to_thread(self._pop_jobs, keys, free) if keys else []
+            except redis.RedisError as exc:
+                logger.warning("cannot take jobs from Redis: %s", exc)
+                await _sleep_or_stop(stop, REDIS_RETRY_S)
+                continue
+            for job in taken:
+                self._start(job)
+            if not taken:
+                await _sleep_or_stop(stop, IDLE_POLL_S)
+
+    def _pop_jobs(self, keys: list[str], n: int) -> list[Job | None]:
+        ids = [i.decode() for i in self._pop(keys=keys, args=[n, self.lease_ms, LEASE_PREFIX])]
+        if not ids:
+            return []
+        found = Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer)
+        lost = [i for i, job in zip(ids, found, strict=True) if job is None]
+        if lost:  # queued ids whose job hash is gone: leave them to the sweeper
+            self.redis.delete(*(LEASE_PREFIX + i for i in lost))
+        return [job for job in found if job is not None]
+
+    def _start(self, job: Job | None) -> None:
+        assert job is not None
+        task = asyncio.create_task(self._perform(job))
+        self.running[job.id] = task
+
+    async def _perform(self, job: Job) -> None:
+        try:
+            result: Any = job.func(*job.args, **job.kwargs)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            logger.exception("job %s (%s) failed", job.id, job.func_name)
+        finally:
+            self.running.pop(job.id, None)
+            self._slot_free.set()
+            with contextlib.suppress(redis.RedisError):
+                await asyncio.to_thread(self._forget, job)
+
+    def _forget(self, job: Job) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(LEASE_PREFIX + job.id, job.key)
+            pipe.execute()
+
+    async def _renew_leases(self) -> None:
+        """Re-set (not just extend) every lease, so leases come back after a Redis wipe."""
+        ids = list(self.running)
+        if not ids:
+            return
+
+        def renew() -> None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in ids:
+                    pipe.set(LEASE_PREFIX + task_id, "1", px=self.lease_ms)
+                pipe.execute()
+
+        await asyncio.to_thread(renew)
+
+    async def _refresh_routes(self) -> None:
+        self.runtime.forwarder.update(await asyncio.to_thread(load_routes, self.engine))
+
+    @staticmethod
+    async def _every(
+        interval_s: float, work: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            await _sleep_or_stop(stop, interval_s)
+            started = time.monotonic()
+            try:
+                await work()
+            except Exception as exc:
+                logger.warning("%s failed: %s", getattr(work, "__name__", work), exc)
+            if time.monotonic() - started > interval_s:
+                logger.warning("%s took longer than its interval", work)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -1,0 +1,152 @@
+"""The worker's sweeper: SQLite is the truth about tasks, Redis only carries them.
+
+Every `sweep_interval_s` one sweeper (a Redis lock keeps it to one per install):
+- re-enqueues each unfinished task that is neither on its queue nor leased by a live worker
+  (Redis lost the job, was wiped, or the worker died), after a grace period;
+- fails tasks that used up their attempts;
+- finishes batches whose requests all ended (output and error files);
+- publishes every endpoint's backlog (queued + running) for the scaler;
+- deletes finished tasks whose keep time passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import redis
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from appliance import bus
+from forwarder import batches, jobs
+from forwarder.runner import LEASE_PREFIX
+
+logger = logging.getLogger(__name__)
+
+LOCK_KEY = "appliance:sweeper:lock"
+CANDIDATES_PER_SWEEP = 20_000
+
+
+class Sweeper:
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        *,
+        files_dir: Path,
+        grace_s: float,
+        max_attempts: int,
+        interval_s: float,
+        keep_s: float,
+    ) -> None:
+        self.engine = engine
+        self.redis = client
+        self.files_dir = files_dir
+        self.grace_s = grace_s
+        self.max_attempts = max_attempts
+        self.interval_s = interval_s
+        self.keep_s = keep_s
+
+    def loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception:
+                logger.exception("sweep failed; trying again in %.1f s", self.interval_s)
+
+    def sweep(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if not self.redis.set(LOCK_KEY, "1", nx=True, px=int(self.interval_s * 2000)):
+            return
+        try:
+            requeued = self.requeue_lost(now)
+            if requeued:
+                logger.info("re-enqueued %d tasks that Redis or a worker lost", requeued)
+            batches.finish_batches(self.engine, self.files_dir, now)
+            self.publish_backlog()
+            self.drop_expired(now)
+        finally:
+            self.redis.delete(LOCK_KEY)
+
+    def requeue_lost(self, now: float) -> int:
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, endpoint_id, batch_id IS NOT NULL, attempts FROM task "
+                    "WHERE status IN ('PENDING', 'STARTED') "
+                    "AND COALESCE(enqueued_at, created_at) < :cutoff LIMIT :n"
+                ),
+                {"cutoff": now - self.grace_s, "n": CANDIDATES_PER_SWEEP},
+            ).all()
+        if not rows:
+            return 0
+        queued = self._queued_ids({(r[1], bool(r[2])) for r in rows})
+        with self.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.exists(LEASE_PREFIX + row[0])
+            leased = pipe.execute()
+        lost = [r for r, held in zip(rows, leased, strict=True) if not held and r[0] not in queued]
+        spent = [r[0] for r in lost if r[3] >= self.max_attempts]
+        again = [r for r in lost if r[3] < self.max_attempts]
+        with self.engine.begin() as conn:
+            for task_id in spent:
+                conn.execute(
+                    text(
+                        "UPDATE task SET status = 'FAILURE', finished_at = :now, "
+                        "expires_at = :expires, traceback = :why "
+                        "WHERE id = :id AND status NOT IN ('SUCCESS', 'FAILURE')"
+                    ),
+                    {
+                        "id": task_id,
+                        "now": now,
+                        "expires": now + self.keep_s,
+                        "why": "lost too many times; not run again",
+                    },
+                )
+            for row in again:  # mark first: a crash between the two only delays the task
+                conn.execute(
+                    text("UPDATE task SET enqueued_at = :now WHERE id = :id"),
+                    {"id": row[0], "now": now},
+                )
+        by_priority: dict[bool, list[tuple[str, str]]] = defaultdict(list)
+        for row in again:
+            by_priority[bool(row[2])].append((row[0], row[1]))
+        for low, items in by_priority.items():
+            jobs.enqueue(self.redis, items, low=low)
+        return len(again)
+
+    def _queued_ids(self, queues: set[tuple[str, bool]]) -> set[str]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint_id, low in queues:
+                pipe.lrange(jobs.queue_key(endpoint_id, low=low), 0, -1)
+            lists = pipe.execute()
+        return {i.decode() for ids in lists for i in ids}
+
+    def publish_backlog(self) -> None:
+        """appliance:backlog: endpoint id -> unfinished tasks (queued + running), from SQLite."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT endpoint_id, COUNT(*) FROM task "
+                    "WHERE status IN ('PENDING', 'STARTED') GROUP BY endpoint_id"
+                )
+            ).all()
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(bus.BACKLOG_KEY)
+            if rows:
+                pipe.hset(bus.BACKLOG_KEY, mapping={r[0]: int(r[1]) for r in rows})
+            pipe.execute()
+
+    def drop_expired(self, now: float) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "DELETE FROM task WHERE status IN ('SUCCESS', 'FAILURE') "
+                    "AND expires_at IS NOT NULL AND expires_at < :now"
+                ),
+                {"now": now},
+            )

@@ -1,0 +1,159 @@
+"""Task rows as the async workers change them, and the group committer that writes them.
+
+The worker and sweeper call these; every write is a conditional UPDATE, so a task run twice
+(at-least-once delivery) stores its result once: the first finisher wins, the rest see 0 rows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine
+
+from appliance.models import TaskStatus
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FINAL = (TaskStatus.SUCCESS.value, TaskStatus.FAILURE.value)
+GROUP_MAX = 256  # writes committed together; one fsync instead of hundreds
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker needs to run a task, read as it marks the task STARTED."""
+
+    task_id: str
+    endpoint_id: str
+    payload: dict[str, Any]
+    attempts: int
+    callback_url: str | None
+    callback_auth: dict[str, Any] | None
+    batch_id: str | None
+
+
+def claim(conn: Connection, task_id: str, now: float) -> Claim | None:
+    """Mark the task STARTED and count the attempt; None when it already ended or is gone."""
+    row = conn.execute(
+        text(
+            "UPDATE task SET status = 'STARTED', attempts = attempts + 1, started_at = :now "
+            "WHERE id = :id AND status IN ('PENDING', 'STARTED') "
+            "RETURNING endpoint_id, payload, attempts, callback_url, callback_auth, batch_id"
+        ),
+        {"id": task_id, "now": now},
+    ).one_or_none()
+    if row is None:
+        return None
+    auth = json.loads(row[4]) if row[4] else None
+    return Claim(task_id, row[0], json.loads(row[1] or "{}"), row[2], row[3], auth, row[5])
+
+
+def finish(
+    conn: Connection,
+    task_id: str,
+    *,
+    status: str,
+    result: Any,
+    status_code: int | None,
+    traceback: str | None,
+    now: float,
+    keep_s: float,
+) -> bool:
+    """Store the outcome unless one is stored already; True only for the call that stored it."""
+    done = conn.execute(
+        text(
+            "UPDATE task SET status = :status, result = :result, status_code = :code, "
+            "traceback = :tb, finished_at = :now, expires_at = :expires "
+            "WHERE id = :id AND status NOT IN ('SUCCESS', 'FAILURE')"
+        ),
+        {
+            "id": task_id,
+            "status": status,
+            "result": json.dumps(result),
+            "code": status_code,
+            "tb": traceback,
+            "now": now,
+            "expires": now + keep_s,
+        },
+    )
+    return bool(done.rowcount == 1)
+
+
+def release(conn: Connection, task_id: str, now: float) -> None:
+    """Put a task that could not run now back to PENDING; the sweeper re-enqueues it later."""
+    conn.execute(
+        text(
+            "UPDATE task SET status = 'PENDING', enqueued_at = :now "
+            "WHERE id = :id AND status NOT IN ('SUCCESS', 'FAILURE')"
+        ),
+        {"id": task_id, "now": now},
+    )
+
+
+@dataclass
+class _Write:
+    fn: Callable[[Connection], Any]
+    future: concurrent.futures.Future[Any]
+
+
+class GroupCommitter:
+    """One thread that runs queued writes in shared transactions (group commit).
+
+    With `synchronous=FULL` each commit costs an fsync; hundreds of tasks a second would
+    spend the disk on fsyncs one by one, so writes that arrive together commit together.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._queue: queue.Queue[_Write | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[Connection], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put(_Write(fn, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < GROUP_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                group.append(item)
+            self._commit(group)
+
+    def _commit(self, group: list[_Write]) -> None:
+        try:
+            with self._engine.begin() as conn:
+                results = [w.fn(conn) for w in group]
+        except Exception:
+            if len(group) == 1:
+                logger.exception("a task write failed")
+                group[0].future.set_exception(RuntimeError("task write failed"))
+                return
+            for write in group:  # one bad write must not fail its neighbours
+                self._commit([write])
+            return
+        for write, result in zip(group, results, strict=True):
+            write.future.set_result(result)

@@ -1,0 +1,177 @@
+"""Shared pieces of the async tests without Docker: a fake OpenAI backend in a thread, endpoint
+and READY replica rows written straight into the appliance's SQLite, and an appliance running
+only api + worker (no builder, so nothing replaces the hand-made replica rows)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+from tests.harness import Appliance, RedisServer, free_port, wait_until
+
+
+@dataclass
+class FakeBackend:
+    """An OpenAI-shaped server: answers after `delay_s`; `fail_first` answers 503 that often."""
+
+    delay_s: float = 0.0
+    port: int = field(default_factory=free_port)
+    fail_first: int = 0
+    seen: Counter[str] = field(default_factory=Counter)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.seen[request.path] += 1
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return web.json_response({"error": "busy"}, status=503)
+        await asyncio.sleep(float(body.get("delay_s", self.delay_s)))
+        text = "echo: " + json.dumps(body.get("messages") or body.get("prompt"))[:200]
+        if request.path.endswith("chat/completions"):
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+            kind = "chat.completion"
+        else:
+            choice, kind = {"index": 0, "text": text}, "text_completion"
+        choice["finish_reason"] = "length"
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "object": kind,
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [choice],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+            }
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    def start(self) -> FakeBackend:
+        ready = threading.Event()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._answer)
+            app.router.add_post("/v1/completions", self._answer)
+            app.router.add_post("/predict", self._answer)
+            app.router.add_get("/health", self._health)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            ready.set()
+
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(serve(), self._loop)
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def seed_endpoint(
+    data_dir: Path, name: str, address: str, *, owner: str = "admin", endpoint_type: str = "async"
+) -> str:
+    """An endpoint row and one READY replica row at `address`; returns the endpoint id."""
+    engine = open_engine(data_dir / "appliance.db")
+    endpoint_id = f"end_{name}"
+    with session_scope(engine) as session:
+        session.add(
+            Endpoint(
+                id=endpoint_id,
+                name=name,
+                owner=owner,
+                created_by="test",
+                framework="vllm",
+                model="org/model",
+                endpoint_type=endpoint_type,
+                status=EndpointStatus.READY,
+            )
+        )
+        session.add(
+            Replica(
+                id=f"rep_{name}",
+                endpoint_id=endpoint_id,
+                generation=1,
+                container_name=name,
+                address=address,
+                state=ReplicaState.READY,
+            )
+        )
+    engine.dispose()
+    return endpoint_id
+
+
+def start_api(appliance: Appliance) -> None:
+    appliance.workdir.mkdir(parents=True, exist_ok=True)
+    appliance.start_role("api")
+    wait_until(appliance._healthy, 30, "the api to answer /healthz")
+
+
+def stop_all(appliance: Appliance) -> None:
+    for role in list(appliance.procs):
+        appliance.stop_role(role)
+
+
+@pytest.fixture
+def backend() -> Iterator[FakeBackend]:
+    server = FakeBackend(delay_s=0.05).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bare_appliance(tmp_path: Path, redis_server: RedisServer) -> Iterator[Appliance]:
+    """api + worker (started by the test) on a real Redis and SQLite; no builder, no Docker."""
+    appliance = Appliance(
+        tmp_path / "appliance",
+        redis_server,
+        env_extra={
+            "APPLIANCE_SWEEP_INTERVAL_S": "0.5",
+            "APPLIANCE_TASK_LEASE_S": "3",
+            "APPLIANCE_ROUTING_REFRESH_S": "0.5",
+            "APPLIANCE_ACTIVATION_TIMEOUT_S": "5",
+        },
+    )
+    start_api(appliance)
+    yield appliance
+    print(appliance.logs())
+    stop_all(appliance)
+
+
+def wait_tasks(client: Any, ids: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Poll until every task ended; returns each one's GET body."""
+    done: dict[str, dict[str, Any]] = {}
+
+    def check() -> bool:
+        for task_id in ids:
+            if task_id not in done:
+                body = client.get(f"/v1/async-tasks/{task_id}").json()
+                if body["status"] in ("SUCCESS", "FAILURE"):
+                    done[task_id] = body
+        return len(done) == len(ids)
+
+    wait_until(check, timeout_s, f"{len(ids)} tasks to end", every_s=0.5)
+    return done

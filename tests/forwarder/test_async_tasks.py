@@ -1,0 +1,199 @@
+"""Async tasks and batches through real api and worker processes, real Redis and SQLite, a fake
+OpenAI backend (no Docker): results stored, routes chosen by shape, teams kept apart, backlog
+published, Redis wiped and the sweeper re-enqueues from SQLite, batches in OpenAI's format."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis as redis_lib
+from sqlalchemy import create_engine, text
+
+from appliance import bus
+from forwarder import taskstore
+from tests.forwarder import test_async_support as support
+from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, wait_tasks
+from tests.harness import Appliance, make_key, wait_until
+
+backend = support.backend  # fixtures
+bare_appliance = support.bare_appliance
+
+
+def test_tasks_reach_success_with_the_backend_answer(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    ids = []
+    for i in range(30):
+        args = (
+            {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4}
+            if i % 2
+            else {"prompt": f"say {i}", "max_tokens": 4}
+        )
+        reply = client.post(f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": args})
+        assert reply.status_code == 200, reply.text
+        ids.append(reply.json()["task_id"])
+    done = wait_tasks(client, ids, 60)
+    for i, task_id in enumerate(ids):
+        body = done[task_id]
+        assert body["status"] == "SUCCESS", body
+        assert body["status_code"] == 200
+        answer = body["result"]["result"]
+        assert answer["model"] == "fake"  # the endpoint's name, filled in for the replica
+        if i % 2:
+            assert f"hi {i}" in answer["choices"][0]["message"]["content"]
+        else:
+            assert f"say {i}" in answer["choices"][0]["text"]
+    assert backend.seen["/v1/chat/completions"] == 15
+    assert backend.seen["/v1/completions"] == 15
+
+    other = make_key(bare_appliance, "other")
+    stranger = bare_appliance.client(other)
+    assert stranger.get(f"/v1/async-tasks/{ids[0]}").status_code == 404
+    reply = stranger.post(f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": {}})
+    assert reply.status_code == 404
+
+
+def test_backlog_is_published_and_redis_wipe_loses_no_task(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    ids = [
+        client.post(
+            f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": {"prompt": str(i)}}
+        ).json()["task_id"]
+        for i in range(40)
+    ]
+    r = redis_lib.Redis.from_url(bare_appliance.redis.url)
+    r.flushall()  # every job is gone before any worker saw it; SQLite still has the rows
+    bare_appliance.start_role("worker")
+    wait_until(lambda: r.hget(bus.BACKLOG_KEY, endpoint_id) in (b"40",), 10, "the backlog of 40")
+    done = wait_tasks(client, ids, 60)
+    assert all(body["status"] == "SUCCESS" for body in done.values())
+    wait_until(lambda: r.hget(bus.BACKLOG_KEY, endpoint_id) is None, 10, "an empty backlog")
+
+
+def test_a_second_finish_stores_nothing(bare_appliance: Appliance) -> None:
+    engine = create_engine(f"sqlite:///{bare_appliance.data_dir / 'appliance.db'}")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, attempts, "
+                "priority, created_at) VALUES ('tsk_1', 'end_x', 'admin', 'a', 'STARTED', '{}', 1, "
+                "0, 0)"
+            )
+        )
+    first = dict(status="SUCCESS", status_code=200, traceback=None, now=1.0, keep_s=60)
+    with engine.begin() as conn:
+        assert taskstore.finish(conn, "tsk_1", result={"n": 1}, **first) is True
+    with engine.begin() as conn:
+        assert taskstore.finish(conn, "tsk_1", result={"n": 2}, **first) is False
+        assert taskstore.claim(conn, "tsk_1", 2.0) is None  # a duplicate job does not run
+    with engine.begin() as conn:
+        row = conn.execute(text("SELECT result, attempts FROM task WHERE id='tsk_1'")).one()
+    assert json.loads(row[0]) == {"n": 1} and row[1] == 1
+    engine.dispose()
+
+
+def batch_lines(model: str, n: int) -> bytes:
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": model,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": f"question {i}"}],
+                },
+            }
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    )
+
+
+def test_batch_of_100_chat_requests_writes_openai_output(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    upload = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", batch_lines("fake", 100))},
+        data={"purpose": "batch"},
+    )
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["bytes"] > 0
+    batch = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": upload.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert batch.status_code == 200, batch.text
+    batch_id = batch.json()["id"]
+    assert batch.json()["request_counts"]["total"] == 100
+    final = wait_until(
+        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == "completed" and b,
+        60,
+        "the batch to complete",
+    )
+    assert final["request_counts"] == {"total": 100, "completed": 100, "failed": 0}
+    assert final["error_file_id"] is None
+    content = client.get(f"/v1/files/{final['output_file_id']}/content")
+    assert content.status_code == 200
+    lines = [json.loads(line) for line in content.text.splitlines()]
+    assert len(lines) == 100
+    assert {line["custom_id"] for line in lines} == {f"req-{i}" for i in range(100)}
+    for line in lines:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        number = line["custom_id"].split("-")[1]
+        assert f"question {number}" in body["choices"][0]["message"]["content"]
+    listed = client.get("/v1/batches").json()
+    assert [b["id"] for b in listed["data"]] == [batch_id]
+    assert make_key(bare_appliance, "other")
+    stranger = bare_appliance.client(make_key(bare_appliance, "third"))
+    assert stranger.get(f"/v1/batches/{batch_id}").status_code == 404
+    assert stranger.get(f"/v1/files/{final['output_file_id']}/content").status_code == 404
+
+
+def test_batch_cancel_stops_pending_requests(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()  # no worker yet: every request is still pending
+    file_id = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", batch_lines("fake", 20))},
+        data={"purpose": "batch"},
+    ).json()["id"]
+    batch_id = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    ).json()["id"]
+    cancelled = client.post(f"/v1/batches/{batch_id}/cancel")
+    assert cancelled.json()["status"] == "cancelling"
+    bare_appliance.start_role("worker")
+    final = wait_until(
+        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == "cancelled" and b,
+        30,
+        "the batch to be cancelled",
+    )
+    assert final["request_counts"] == {"total": 20, "completed": 0, "failed": 0}
+    time.sleep(1)
+    assert backend.seen["/v1/chat/completions"] == 0
