@@ -36,6 +36,15 @@ class AppState:
     install_id: str
     _key_cache: dict[str, tuple[float, keys.Caller | None]] = field(default_factory=dict)
 
+    def key_limits(self) -> keys.KeyLimits:
+        s = self.settings
+        return keys.KeyLimits(
+            s.key_requests_per_minute,
+            s.key_max_concurrent_requests,
+            s.key_max_queued_tasks,
+            s.key_max_tokens_per_request,
+        )
+
     def verify_key(self, key: str) -> keys.Caller:
         now = time.monotonic()
         cached = self._key_cache.get(key)
@@ -45,7 +54,9 @@ class AppState:
             return cached[1]
         try:
             with session_scope(self.engine) as session:
-                caller = keys.verify(session=session, secret=self.key_secret, key=key)
+                caller = keys.verify(
+                    session=session, secret=self.key_secret, key=key, defaults=self.key_limits()
+                )
         except AuthError:
             self._key_cache[key] = (now, None)
             raise

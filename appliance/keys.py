@@ -19,6 +19,29 @@ SCOPES = ("inference", "manage", "admin")
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """Per-key limits; 0 means no limit."""
+
+    requests_per_minute: int = 0
+    max_concurrent_requests: int = 0
+    max_queued_tasks: int = 0
+    max_tokens_per_request: int = 0
+
+    def resolve(self, row: ApiKey) -> KeyLimits:
+        """The key's own limits where set, these defaults elsewhere."""
+
+        def pick(own: int | None, default: int) -> int:
+            return default if own is None else own
+
+        return KeyLimits(
+            pick(row.requests_per_minute, self.requests_per_minute),
+            pick(row.max_concurrent_requests, self.max_concurrent_requests),
+            pick(row.max_queued_tasks, self.max_queued_tasks),
+            pick(row.max_tokens_per_request, self.max_tokens_per_request),
+        )
+
+
+@dataclass(frozen=True)
 class Caller:
     """Who is calling: the key's user, its team (the owner of what it creates) and its scopes."""
 
@@ -27,6 +50,7 @@ class Caller:
     team: str
     scopes: frozenset[str]
     is_admin: bool
+    limits: KeyLimits = KeyLimits()
 
     def can(self, scope: str) -> bool:
         return self.is_admin or scope in self.scopes
@@ -80,7 +104,14 @@ def create_key(
     return row, text
 
 
-def verify(*, session: Session, secret: bytes, key: str, now: float | None = None) -> Caller:
+def verify(
+    *,
+    session: Session,
+    secret: bytes,
+    key: str,
+    now: float | None = None,
+    defaults: KeyLimits = KeyLimits(),
+) -> Caller:
     """The caller a key stands for; AuthError for an unknown, revoked or expired key."""
     parsed = split(key)
     row = session.exec(select(ApiKey).where(ApiKey.prefix == parsed[0])).first() if parsed else None
@@ -91,7 +122,9 @@ def verify(*, session: Session, secret: bytes, key: str, now: float | None = Non
         raise AuthError("this API key was revoked")
     if row.expires_at is not None and row.expires_at <= now:
         raise AuthError("this API key has expired")
-    return Caller(row.id, row.user, row.owner, frozenset(row.scopes), row.is_admin)
+    return Caller(
+        row.id, row.user, row.owner, frozenset(row.scopes), row.is_admin, defaults.resolve(row)
+    )
 
 
 def ensure_admin_key(*, session: Session, secret: bytes, text: str | None) -> str | None:

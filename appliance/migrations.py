@@ -89,7 +89,12 @@ CREATE TABLE api_key (
     is_admin BOOLEAN NOT NULL DEFAULT 0,
     created_at FLOAT NOT NULL,
     expires_at FLOAT,
-    revoked_at FLOAT
+    revoked_at FLOAT,
+    last_used_at FLOAT,
+    requests_per_minute INTEGER,
+    max_concurrent_requests INTEGER,
+    max_queued_tasks INTEGER,
+    max_tokens_per_request INTEGER
 );
 CREATE INDEX ix_api_key_prefix ON api_key (prefix);
 CREATE TABLE task (

@@ -135,6 +135,12 @@ class ApiKey(SQLModel, table=True):
     created_at: float = Field(default_factory=time.time)
     expires_at: float | None = None
     revoked_at: float | None = None
+    last_used_at: float | None = None
+    # Limits; None means the install's default (APPLIANCE_KEY_* settings), 0 means no limit.
+    requests_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+    max_queued_tasks: int | None = None
+    max_tokens_per_request: int | None = None
 
 
 class TaskStatus(enum.StrEnum):

@@ -61,6 +61,33 @@ class Settings(BaseSettings):
         120.0, description="How long a request waits for a ready replica before a 503."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, description="Largest request body accepted.")
+    upstream_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a replica may stay silent (before its reply, or between stream "
+        "chunks) before the request ends with 504; an endpoint's `timeout_seconds` overrides it.",
+    )
+    replica_max_concurrency: int = Field(
+        256, ge=1, description="Requests the api sends one replica at once; more wait briefly."
+    )
+    queue_wait_s: float = Field(
+        5.0, ge=0, description="How long a request waits for a replica under its cap before 503."
+    )
+    stream_keepalive_s: float = Field(
+        5.0, gt=0, description="SSE keep-alive comment interval while a stream waits for a replica."
+    )
+    key_requests_per_minute: int = Field(
+        0, ge=0, description="Default requests per minute per API key (0: no limit)."
+    )
+    key_max_concurrent_requests: int = Field(
+        0, ge=0, description="Default concurrent inference requests per API key (0: no limit)."
+    )
+    key_max_queued_tasks: int = Field(
+        0, ge=0, description="Default queued async tasks per API key (0: no limit)."
+    )
+    key_max_tokens_per_request: int = Field(
+        0, ge=0, description="Default largest max_tokens a request may ask for (0: no limit)."
+    )
     admin_key: str | None = Field(
         None, description="Admin API key to install on first start instead of a random one."
     )

@@ -99,3 +99,14 @@ def make_appliance(
 @pytest.fixture
 def appliance(make_appliance: Callable[..., Appliance]) -> Appliance:
     return make_appliance()
+
+
+@pytest.fixture
+def api_only(tmp_path: Path) -> Iterator[Appliance]:
+    """The api alone, on real Redis and SQLite: for tests that need no container."""
+    redis = RedisServer(tmp_path / "redis-api").start()
+    appliance = Appliance(tmp_path / "api-only", redis).start(roles=("api",))
+    yield appliance
+    print(appliance.logs())
+    appliance.stop()
+    redis.stop()

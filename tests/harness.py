@@ -138,11 +138,13 @@ class Appliance:
             start_new_session=True,
         )
 
-    def start(self) -> Appliance:
+    def start(self, roles: tuple[str, ...] = ("api", "builder")) -> Appliance:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_role("api")
         wait_until(self._healthy, 30, "the api to answer /healthz")
-        self.start_role("builder")
+        for role in roles:
+            if role != "api":
+                self.start_role(role)
         return self
 
     def _healthy(self) -> bool:

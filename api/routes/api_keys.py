@@ -1,0 +1,137 @@
+"""API key routes: an admin makes keys for any user and team, a user makes keys for themself;
+a key's text is shown once; keys can expire, be revoked and carry scopes and limits."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, col, select
+
+from api.deps import CallerDep, SessionDep, StateDep
+from appliance import keys
+from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.keys import Caller
+from appliance.models import ApiKey
+
+router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
+NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
+
+
+class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME)
+    team: str | None = Field(None, pattern=NAME, description="Admins only: the key's team.")
+    user: str | None = Field(None, pattern=NAME, description="Admins only: the key's user.")
+    scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
+    admin: bool = False
+    expires_in_seconds: int | None = Field(None, gt=0)
+    requests_per_minute: int | None = Field(None, ge=0)
+    max_concurrent_requests: int | None = Field(None, ge=0)
+    max_queued_tasks: int | None = Field(None, ge=0)
+    max_tokens_per_request: int | None = Field(None, ge=0)
+
+
+def public(row: ApiKey) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "prefix": f"{keys.KEY_PREFIX}_{row.prefix}",
+        "team": row.owner,
+        "user": row.user,
+        "scopes": row.scopes,
+        "admin": row.is_admin,
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+        "limits": {
+            "requests_per_minute": row.requests_per_minute,
+            "max_concurrent_requests": row.max_concurrent_requests,
+            "max_queued_tasks": row.max_queued_tasks,
+            "max_tokens_per_request": row.max_tokens_per_request,
+        },
+    }
+
+
+def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
+    unknown = set(body.scopes) - set(keys.SCOPES)
+    if unknown:
+        raise InvalidSpecError(
+            f"unknown scopes {sorted(unknown)}; known: {list(keys.SCOPES)}", field="scopes"
+        )
+    if caller.is_admin:
+        return
+    if body.team not in (None, caller.team) or body.user not in (None, caller.user):
+        raise ForbiddenError("only an administrator may make keys for other users or teams")
+    if body.admin or not set(body.scopes) <= caller.scopes:
+        raise ForbiddenError("a key may not have scopes its maker lacks")
+    limits = (
+        "requests_per_minute",
+        "max_concurrent_requests",
+        "max_queued_tasks",
+        "max_tokens_per_request",
+    )
+    if any(getattr(body, name) is not None for name in limits):
+        raise ForbiddenError("only an administrator may set a key's limits")
+
+
+@router.post("", status_code=201)
+def create_api_key(
+    body: CreateKeyRequest, caller: CallerDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    _check_request(body, caller)
+    expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
+    row, text = keys.create_key(
+        session=session,
+        secret=state.key_secret,
+        name=body.name,
+        team=body.team or caller.team,
+        user=body.user or caller.user,
+        scopes=tuple(keys.SCOPES if body.admin else body.scopes),
+        is_admin=body.admin,
+        expires_at=expires,
+    )
+    row.requests_per_minute = body.requests_per_minute
+    row.max_concurrent_requests = body.max_concurrent_requests
+    row.max_queued_tasks = body.max_queued_tasks
+    row.max_tokens_per_request = body.max_tokens_per_request
+    session.add(row)
+    session.commit()
+    return {**public(row), "key": text}
+
+
+def _visible(row: ApiKey | None, caller: Caller) -> ApiKey:
+    mine = row is not None and row.user == caller.user and row.owner == caller.team
+    if row is None or not (caller.is_admin or mine):
+        raise NotFoundError("no such API key")
+    return row
+
+
+@router.get("")
+def read_api_keys(caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+    query = select(ApiKey).order_by(col(ApiKey.created_at))
+    if not caller.is_admin:
+        query = query.where(col(ApiKey.user) == caller.user, col(ApiKey.owner) == caller.team)
+    return {"api_keys": [public(row) for row in session.exec(query).all()]}
+
+
+@router.get("/{key_id}")
+def read_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+    return public(_visible(session.get(ApiKey, key_id), caller))
+
+
+@router.delete("/{key_id}")
+def revoke_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+    row = _visible(session.get(ApiKey, key_id), caller)
+    revoke(row, session)
+    return public(row)
+
+
+def revoke(row: ApiKey, session: Session) -> None:
+    if row.revoked_at is None:
+        row.revoked_at = time.time()
+        session.add(row)
+        session.commit()

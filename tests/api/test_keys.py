@@ -1,0 +1,123 @@
+"""API keys: nobody gets in without one, a key is shown once and stored as a digest, revoked
+and expired keys stop working within a second, and scopes are enforced."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from tests.harness import ADMIN_KEY, Appliance, wait_until
+
+OPEN_ROUTES = {
+    "/healthz",
+    "/healthcheck",
+    "/readyz",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+}
+
+
+def test_every_route_but_health_needs_a_key(api_only: Appliance) -> None:
+    schema = httpx.get(api_only.url + "/openapi.json").json()
+    checked = 0
+    for path, operations in schema["paths"].items():
+        if path in OPEN_ROUTES or path.startswith("/ui"):
+            continue
+        concrete = path.replace("{", "").replace("}", "")
+        for method in operations:
+            reply = httpx.request(method.upper(), api_only.url + concrete, json={})
+            assert reply.status_code == 401, f"{method} {path}: {reply.status_code}"
+            bad = httpx.request(
+                method.upper(),
+                api_only.url + concrete,
+                json={},
+                headers={"Authorization": "Bearer mea_000000000000_nope"},
+            )
+            assert bad.status_code == 401, f"{method} {path} with a bad key: {bad.status_code}"
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("style", ["bearer", "basic", "x-api-key"])
+def test_every_way_clients_send_keys_works(api_only: Appliance, style: str) -> None:
+    auth = {
+        "bearer": {"headers": {"Authorization": f"Bearer {ADMIN_KEY}"}},
+        "basic": {"auth": (ADMIN_KEY, "")},
+        "x-api-key": {"headers": {"x-api-key": ADMIN_KEY}},
+    }[style]
+    reply = httpx.get(api_only.url + "/v1/llm/model-endpoints", **auth)  # type: ignore[arg-type]
+    assert reply.status_code == 200
+
+
+def test_a_key_is_shown_once_and_stored_only_as_a_digest(api_only: Appliance) -> None:
+    admin = api_only.client()
+    made = admin.post("/v1/api-keys", json={"name": "ci", "team": "red", "user": "ann"})
+    assert made.status_code == 201, made.text
+    text = made.json()["key"]
+    listed = admin.get("/v1/api-keys").json()["api_keys"]
+    assert all("key" not in row for row in listed)
+    assert made.json()["id"] in [row["id"] for row in listed]
+    with sqlite3.connect(api_only.data_dir / "appliance.db") as db:
+        dump = "\n".join(db.iterdump())
+    assert text not in dump and ADMIN_KEY not in dump
+    assert text.split("_")[2] not in dump
+
+
+def test_revoked_and_expired_keys_are_refused_within_a_second(api_only: Appliance) -> None:
+    admin = api_only.client()
+    made = admin.post("/v1/api-keys", json={"name": "short", "team": "red", "user": "ann"}).json()
+    user = api_only.client(made["key"])
+    assert user.get("/v1/llm/model-endpoints").status_code == 200
+    assert admin.delete(f"/v1/api-keys/{made['id']}").status_code == 200
+    revoked_at = time.monotonic()
+    wait_until(
+        lambda: user.get("/v1/llm/model-endpoints").status_code == 401,
+        1.5,
+        "the revoked key to be refused",
+        every_s=0.05,
+    )
+    assert time.monotonic() - revoked_at <= 1.5
+
+    brief = admin.post(
+        "/v1/api-keys",
+        json={"name": "brief", "team": "red", "user": "ann", "expires_in_seconds": 1},
+    ).json()
+    brief_client = api_only.client(brief["key"])
+    assert brief_client.get("/v1/llm/model-endpoints").status_code == 200
+    time.sleep(1.0)
+    wait_until(
+        lambda: brief_client.get("/v1/llm/model-endpoints").status_code == 401,
+        1.5,
+        "the expired key to be refused",
+        every_s=0.05,
+    )
+
+
+def test_scopes_and_who_may_make_keys(api_only: Appliance) -> None:
+    admin = api_only.client()
+    infer = admin.post(
+        "/v1/api-keys", json={"name": "i", "team": "red", "user": "ann", "scopes": ["inference"]}
+    ).json()
+    client = api_only.client(infer["key"])
+    assert client.get("/v1/llm/model-endpoints").status_code == 403
+    assert client.get("/v1/models").status_code == 200
+
+    manager = admin.post("/v1/api-keys", json={"name": "m", "team": "red", "user": "ann"}).json()
+    ann = api_only.client(manager["key"])
+    own = ann.post("/v1/api-keys", json={"name": "laptop"})
+    assert own.status_code == 201 and own.json()["team"] == "red" and own.json()["user"] == "ann"
+    for body in (
+        {"name": "x", "team": "blue"},
+        {"name": "x", "admin": True},
+        {"name": "x", "scopes": ["admin"]},
+    ):
+        assert ann.post("/v1/api-keys", json=body).status_code == 403, body
+    assert ann.get(f"/v1/api-keys/{infer['id']}").status_code == 200
+    other = admin.post("/v1/api-keys", json={"name": "b", "team": "blue", "user": "bob"}).json()
+    assert ann.get(f"/v1/api-keys/{other['id']}").status_code == 404
+    assert ann.delete(f"/v1/api-keys/{other['id']}").status_code == 404
