@@ -54,6 +54,22 @@ def status_of(exc: errors.ApplianceError) -> int:
     return 500
 
 
+def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope, for routes that answer outside FastAPI's handlers too."""
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
+    """Retry-After for capacity and rate limits, WWW-Authenticate for a missing key."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, errors.CapacityError | errors.RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="appliance", Bearer'
+    return headers
+
+
 def error_response(
     request: Request,
     status: int,

@@ -14,12 +14,23 @@ from starlette.concurrency import run_in_threadpool
 
 from api import errors
 from api.deps import AppState
-from api.routes import batches, files, health, llm_endpoints, openai, tasks
+from api.routes import (
+    batches,
+    completions,
+    files,
+    health,
+    llm_endpoints,
+    metrics,
+    openai,
+    tasks,
+    tasks_sync,
+)
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, session_scope
 from appliance.install import install_id, key_secret
 from appliance.settings import Settings
-from forwarder.proxy import Forwarder
+from forwarder.live import run_publisher
+from forwarder.proxy import Forwarder, Limits
 from forwarder.routing import Route, load_routes
 
 logger = logging.getLogger(__name__)
@@ -67,7 +78,13 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = open_engine(settings.database_path)
-        forwarder = Forwarder()
+        forwarder = Forwarder(
+            limits=Limits(
+                timeout_s=settings.upstream_timeout_s,
+                replica_max_concurrency=settings.replica_max_concurrency,
+                queue_wait_s=settings.queue_wait_s,
+            )
+        )
         state = AppState(
             settings=settings,
             engine=engine,
@@ -81,21 +98,29 @@ def create_app(settings: Settings) -> FastAPI:
         await forwarder.start()
         app.state.appliance = state
         refresher = asyncio.create_task(_refresh_routes(state))
+        publisher = asyncio.create_task(run_publisher(forwarder, str(settings.redis_url)))
         try:
             yield
         finally:
             refresher.cancel()
+            publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
             await forwarder.close()
             state.redis.close()
             engine.dispose()
 
     app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(openai.InferenceRoutes)  # pure ASGI: the inference POST routes
     app.include_router(health.router)
     app.include_router(llm_endpoints.router)
     app.include_router(openai.router)
+    app.include_router(completions.router)
+    app.include_router(tasks_sync.router)
+    app.include_router(metrics.router)
     app.include_router(tasks.router)
     app.include_router(files.router)
     app.include_router(batches.router)

@@ -8,7 +8,10 @@ import redis
 
 BUILDER_NUDGE_KEY = "appliance:builder:nudge"
 ROUTES_CHANNEL = "appliance:routes"
-INFLIGHT_KEY = "appliance:inflight"
+INFLIGHT_KEY = "appliance:inflight"  # hash: replica id -> requests the api has in flight
+DEMAND_KEY = "appliance:demand"  # hash: endpoint id -> when a request last found no replica
+LAST_REQUEST_KEY = "appliance:last-request"  # hash: endpoint id -> time of its last request
+USAGE_KEY = "appliance:usage:{key_id}"  # hash: "<endpoint>:requests|prompt_tokens|..." -> n
 HEARTBEAT_KEY = "appliance:heartbeat:{role}"
 HEARTBEAT_TTL_S = 30
 BACKLOG_KEY = "appliance:backlog"  # endpoint id -> async tasks queued + running (scaler)

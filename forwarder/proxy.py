@@ -1,6 +1,12 @@
-"""Forwards requests to replicas: least outstanding choice, cold-start hold, bytes passed through.
+"""Forwards requests to replicas: least outstanding choice, a per-replica cap, cold-start hold,
+retries on connection failures, ejection of failing replicas, bytes passed through.
 
-One `Forwarder` per api process, created in the app's lifespan.
+One `Forwarder` per api process, created in the app's lifespan. Its counters (requests in
+flight per replica, failures, ejections) live in this process's memory: the api is ONE
+uvicorn process per install (`api/serve.py` starts no worker processes, uvloop carries the
+concurrency), so these counters are the one consistent view of the api's load. The builder
+sees them through Redis (`forwarder/live.py`). Running several api processes would need the
+counters moved to Redis first.
 """
 
 from __future__ import annotations
@@ -14,124 +20,404 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from appliance.errors import NoReadyReplicaError, UpstreamError
+from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
+from forwarder.metrics import Metrics, inflight_rows
 from forwarder.routing import ReplicaRoute, Route, RoutingTable
+from forwarder.usage import Ledger
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 600.0
-POOL_SIZE = 1024
-CHUNK_BYTES = 64 * 1024
-PASSED_HEADERS = ("content-type",)
+POOL_SIZE = 2048
+CONNECT_ATTEMPTS = 3  # tries of one request over its replicas when connections fail
+RETRY_PAUSE_S = 0.05  # before trying the same replica again (no other one is left)
+EJECT_AFTER_FAILURES = 3  # consecutive failures that take a replica out of rotation
+PROBE_EVERY_S = 1.0  # health probe of an ejected replica
+PROBE_TIMEOUT_S = 2.0
+WAKE_EVERY_S = 1.0  # a waiting request re-checks the table at least this often
+PASSED_HEADERS = frozenset({"content-type", "content-length"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The data plane's tunables, from Settings; each endpoint may override some."""
+
+    timeout_s: float = 600.0  # idle time allowed between upstream bytes (and before headers)
+    replica_max_concurrency: int = 256
+    queue_wait_s: float = 5.0  # wait for a replica under its cap before a 503
 
 
 @dataclass
-class UpstreamReply:
-    """An upstream response whose body is still to be read, and the replica it came from."""
+class Upstream:
+    """A replica's reply whose body is still to be read. `close()` exactly once."""
 
     status: int
-    headers: dict[str, str]
-    body: AsyncIterator[bytes]
+    headers: list[tuple[bytes, bytes]]
+    route: Route
+    replica_id: str
+    response: aiohttp.ClientResponse
+    waited_s: float  # cold-start and queue waits before it was sent
+    sent_at: float  # perf_counter when handed to the connection
+    headers_at: float  # perf_counter when the reply's headers arrived
+    _done: Callable[[Upstream, bool], None]
+    _closed: bool = False
+
+    @property
+    def content_length(self) -> int | None:
+        return self.response.content_length
+
+    async def read(self) -> bytes:
+        """The whole body; a failure here is a 502, since nothing reached the client yet."""
+        try:
+            return await self.response.read()
+        except aiohttp.SocketTimeoutError as exc:
+            raise UpstreamError("the replica did not answer in time", status_code=504) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"the replica failed mid-reply: {exc}") from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive, never re-chunked."""
+        content = self.response.content
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
+        except aiohttp.SocketTimeoutError as exc:
+            raise UpstreamError("the replica stopped sending in time", status_code=504) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"the replica failed mid-reply: {exc}") from exc
+
+    def close(self) -> None:
+        """Release the connection (or drop it when the body was not read to its end, which
+        is how an abandoned request is cancelled at the replica) and count the request done."""
+        if self._closed:
+            return
+        self._closed = True
+        ok = self.status < 500
+        if self.response.content.at_eof():
+            self.response.release()
+        else:
+            self.response.close()
+        self._done(self, ok)
 
 
 @dataclass
 class Forwarder:
     """The data plane of one api process."""
 
+    limits: Limits = field(default_factory=Limits)
     table: RoutingTable = field(default_factory=RoutingTable.empty)
     on_demand: Callable[[Route], None] = lambda route: None
-    inflight: dict[str, int] = field(default_factory=dict)
+    inflight: dict[str, int] = field(default_factory=dict)  # replica id -> requests
+    endpoint_of: dict[str, str] = field(default_factory=dict)  # replica id -> endpoint name
+    failures: dict[str, int] = field(default_factory=dict)  # replica id -> consecutive
+    ejected: set[str] = field(default_factory=set)
+    demand: dict[str, float] = field(default_factory=dict)  # endpoint id -> when it wanted one
+    last_request: dict[str, float] = field(default_factory=dict)  # endpoint id -> time.time()
+    ledger: Ledger = field(default_factory=Ledger)
+    metrics: Metrics = field(init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _freed: asyncio.Event = field(default_factory=asyncio.Event)
+    _slot_waiters: int = 0
     _session: aiohttp.ClientSession | None = None
+    _timeouts: dict[float, aiohttp.ClientTimeout] = field(default_factory=dict)
+    _probes: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: inflight_rows(self.inflight, self.endpoint_of))
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=POOL_SIZE, limit_per_host=0, ttl_dns_cache=60)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
+        connector = aiohttp.TCPConnector(
+            limit=POOL_SIZE, limit_per_host=0, ttl_dns_cache=60, enable_cleanup_closed=False
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
+            connector=connector,
+            timeout=self._timeout(self.limits.timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
 
     async def close(self) -> None:
+        for probe in list(self._probes):
+            probe.cancel()
         if self._session is not None:
             await self._session.close()
 
     def update(self, table: RoutingTable) -> None:
         """Install a new routing table and wake requests waiting for a replica."""
         self.table = table
+        self._wake()
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _wait_ready(self, route: Route, timeout_s: float) -> Route:
-        """The route once it has a ready replica; NoReadyReplicaError after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=CONNECT_TIMEOUT_S, sock_read=seconds
+            )
+            self._timeouts[seconds] = timeout
+        return timeout
+
+    def live_replicas(self, route: Route) -> list[ReplicaRoute]:
+        """The route's ready replicas that are not ejected, from the current table."""
+        current = self.table.by_id.get(route.endpoint_id, route)
+        ejected = self.ejected
+        if not ejected:
+            return list(current.replicas)
+        return [r for r in current.replicas if r.id not in ejected]
+
+    def _note_demand(self, route: Route) -> None:
+        now = time.time()
+        if now - self.demand.get(route.endpoint_id, 0.0) >= 1.0:
+            self.demand[route.endpoint_id] = now
+            try:
+                self.on_demand(route)
+            except Exception:
+                logger.exception("demand hook failed")
+
+    async def _wait_change(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
+
+    async def _acquire(
+        self, route: Route, hold_s: float, tried: set[str]
+    ) -> tuple[Route, ReplicaRoute, float]:
+        """A replica under its cap, counted in flight; waits for a cold start and for a slot.
+        Returns the route as now in the table, the replica and the seconds spent waiting."""
+        started = time.monotonic()
+        cold_until = started + hold_s
+        queue_until: float | None = None
+        waited_cold = 0.0
         while True:
             current = self.table.by_id.get(route.endpoint_id)
             if current is None:
                 raise NoReadyReplicaError(f"endpoint {route.name!r} was deleted")
-            if current.replicas:
-                return current
-            self.on_demand(current)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NoReadyReplicaError(
-                    f"endpoint {route.name!r} has no ready replica; it is starting, retry shortly"
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(left, 1.0))
-
-    def _pick(self, route: Route, exclude: set[str]) -> ReplicaRoute | None:
-        candidates = [r for r in route.replicas if r.id not in exclude]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda r: self.inflight.get(r.id, 0))
-
-    async def forward(
-        self, route: Route, path: str, body: bytes, content_type: str, *, hold_s: float
-    ) -> UpstreamReply:
-        """Send the request to a ready replica; retry elsewhere if the connection fails."""
-        assert self._session is not None
-        tried: set[str] = set()
-        while True:
-            route = await self._wait_ready(route, hold_s)
-            replica = self._pick(route, tried)
-            if replica is None:
-                raise UpstreamError(
-                    f"no replica of {route.name!r} accepted the connection", status_code=503
-                )
-            tried.add(replica.id)
-            self.inflight[replica.id] = self.inflight.get(replica.id, 0) + 1
-            try:
-                response = await self._session.post(
-                    replica.address + path, data=body, headers={"content-type": content_type}
-                )
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self._done(replica.id)
-                logger.warning("replica %s refused the connection: %s", replica.id, exc)
+            live = self.live_replicas(current)
+            if not live:
+                self._note_demand(current)
+                left = cold_until - time.monotonic()
+                if left <= 0:
+                    raise NoReadyReplicaError(
+                        f"endpoint {route.name!r} has no ready replica yet; retry shortly",
+                        retry_after_s=10,
+                    )
+                began = time.monotonic()
+                await self._wait_change(left)
+                waited_cold += time.monotonic() - began
                 continue
-            return UpstreamReply(
-                status=response.status,
-                headers={k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS},
-                body=self._relay(response, replica.id),
-            )
+            inflight = self.inflight
+            fresh = [r for r in live if r.id not in tried] if tried else live
+            best = min(fresh or live, key=lambda r: inflight.get(r.id, 0))
+            cap = current.max_concurrency or self.limits.replica_max_concurrency
+            count = inflight.get(best.id, 0)
+            if count < cap:
+                inflight[best.id] = count + 1
+                self.endpoint_of[best.id] = current.name
+                waited = time.monotonic() - started
+                if waited_cold:
+                    self.metrics.cold_wait.labels(current.name).observe(waited_cold)
+                if waited - waited_cold > 0.001:
+                    self.metrics.queue_wait.labels(current.name).observe(waited - waited_cold)
+                return current, best, waited
+            now = time.monotonic()
+            queue_until = queue_until or now + self.limits.queue_wait_s
+            if now >= queue_until:
+                raise CapacityError(
+                    f"every replica of {route.name!r} is at its limit of {cap} requests",
+                    retry_after_s=1,
+                )
+            await self._wait_slot(queue_until - now)
 
-    def _done(self, replica_id: str) -> None:
+    async def _wait_slot(self, timeout_s: float) -> None:
+        self._slot_waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
+        finally:
+            self._slot_waiters -= 1
+
+    def _release(self, replica_id: str) -> None:
         left = self.inflight.get(replica_id, 1) - 1
         if left > 0:
             self.inflight[replica_id] = left
         else:
             self.inflight.pop(replica_id, None)
+        if self._slot_waiters:
+            self._freed.set()
+            self._freed = asyncio.Event()
 
-    async def _relay(
-        self, response: aiohttp.ClientResponse, replica_id: str
-    ) -> AsyncIterator[bytes]:
+    def _finished(self, upstream: Upstream, ok: bool) -> None:
+        self._release(upstream.replica_id)
+        if ok:
+            self.failures.pop(upstream.replica_id, None)
+        else:
+            self._failed(upstream.route, upstream.replica_id)
+
+    def _failed(self, route: Route, replica_id: str) -> None:
+        count = self.failures.get(replica_id, 0) + 1
+        self.failures[replica_id] = count
+        if count >= EJECT_AFTER_FAILURES and replica_id not in self.ejected:
+            replica = next((r for r in route.replicas if r.id == replica_id), None)
+            if replica is None:
+                return
+            logger.warning(
+                "replica %s failed %d times in a row; out of rotation", replica_id, count
+            )
+            self.ejected.add(replica_id)
+            self.metrics.ejections.labels(route.name).inc()
+            probe = asyncio.get_running_loop().create_task(self._probe(route, replica))
+            self._probes.add(probe)
+            probe.add_done_callback(self._probes.discard)
+
+    async def _probe(self, route: Route, replica: ReplicaRoute) -> None:
+        """Keep an ejected replica out until its health route answers 200 (or it is gone)."""
+        assert self._session is not None
         try:
-            async for chunk in response.content.iter_any():
-                yield chunk
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"replica failed mid-response: {exc}") from exc
+            while True:
+                await asyncio.sleep(PROBE_EVERY_S)
+                current = self.table.by_id.get(route.endpoint_id)
+                if current is None or all(r.id != replica.id for r in current.replicas):
+                    return
+                try:
+                    async with self._session.get(
+                        replica.address + current.health_route,
+                        timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+                    ) as reply:
+                        if reply.status == 200:
+                            logger.info("replica %s is healthy again; back in rotation", replica.id)
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
         finally:
-            response.release()
-            self._done(replica_id)
+            self.ejected.discard(replica.id)
+            self.failures.pop(replica.id, None)
+            self._wake()
+
+    def ready_now(self, route: Route) -> bool:
+        return bool(self.live_replicas(route))
+
+    async def open(
+        self,
+        route: Route,
+        path: str,
+        body: bytes,
+        *,
+        hold_s: float,
+        content_type: str = "application/json",
+        timeout_s: float | None = None,
+    ) -> Upstream:
+        """Send the request to a replica and return once its reply's headers arrived.
+
+        Connection failures are retried on another replica (the same one when it is the only
+        one) up to CONNECT_ATTEMPTS times: nothing has reached the client yet.
+        """
+        session = self._session
+        assert session is not None, "Forwarder.start() was not awaited"
+        self.last_request[route.endpoint_id] = time.time()
+        timeout = self._timeout(timeout_s or route.timeout_s or self.limits.timeout_s)
+        headers = {"content-type": content_type}
+        tried: set[str] = set()
+        waited = 0.0
+        for attempt in range(CONNECT_ATTEMPTS):
+            route, replica, waited_now = await self._acquire(route, hold_s, tried)
+            waited += waited_now
+            sent_at = time.perf_counter()
+            try:
+                response = await session.post(
+                    replica.address + path, data=body, headers=headers, timeout=timeout
+                )
+            except aiohttp.SocketTimeoutError as exc:
+                self._release(replica.id)
+                self._failed(route, replica.id)
+                raise UpstreamError(
+                    f"replica of {route.name!r} did not answer in time", status_code=504
+                ) from exc
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                self._release(replica.id)
+                self._failed(route, replica.id)
+                logger.warning("replica %s: connection failed: %r", replica.id, exc)
+                if replica.id in tried:
+                    await asyncio.sleep(RETRY_PAUSE_S)
+                tried.add(replica.id)
+                if attempt + 1 < CONNECT_ATTEMPTS:
+                    self.metrics.retries.labels(route.name).inc()
+                continue
+            except BaseException:
+                self._release(replica.id)
+                raise
+            return Upstream(
+                status=response.status,
+                headers=[
+                    (k.lower().encode(), v.encode())
+                    for k, v in response.headers.items()
+                    if k.lower() in PASSED_HEADERS
+                ],
+                route=route,
+                replica_id=replica.id,
+                response=response,
+                waited_s=waited,
+                sent_at=sent_at,
+                headers_at=time.perf_counter(),
+                _done=self._finished,
+            )
+        raise UpstreamError(f"no replica of {route.name!r} accepted the connection")
+
+    def record(
+        self,
+        route: Route,
+        key_id: str,
+        code: int,
+        *,
+        duration_s: float,
+        overhead_s: float | None = None,
+        ttft_s: float | None = None,
+        usage: tuple[int, int] | None = None,
+    ) -> None:
+        """Account one finished request: metrics, and usage for the key and endpoint."""
+        m = self.metrics
+        name = route.name
+        m.requests.labels(name, key_id, str(code)).inc()
+        m.latency.labels(name).observe(duration_s)
+        if overhead_s is not None:
+            m.overhead.observe(overhead_s)
+        if ttft_s is not None:
+            m.ttft.labels(name).observe(ttft_s)
+        prompt, completion = usage or (0, 0)
+        if usage is not None:
+            m.tokens.labels(name, key_id, "prompt").inc(prompt)
+            m.tokens.labels(name, key_id, "completion").inc(completion)
+        self.ledger.add(key_id, name, prompt, completion)
+
+
+@dataclass
+class UpstreamReply:
+    """An upstream response whose body is still to be read (for callers outside the api)."""
+
+    status: int
+    headers: dict[str, str]
+    body: AsyncIterator[bytes]
+
+
+async def forward(
+    forwarder: Forwarder, route: Route, path: str, body: bytes, content_type: str, *, hold_s: float
+) -> UpstreamReply:
+    """`Forwarder.open` for callers that only want status, headers and a body iterator."""
+    upstream = await forwarder.open(route, path, body, hold_s=hold_s, content_type=content_type)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.chunks():
+                yield chunk
+        finally:
+            upstream.close()
+
+    return UpstreamReply(
+        status=upstream.status,
+        headers={k.decode(): v.decode() for k, v in upstream.headers},
+        body=relay(),
+    )

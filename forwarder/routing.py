@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from appliance import queries
 from appliance.db import session_scope
-from appliance.models import ReplicaState
+from appliance.models import Endpoint, ReplicaState
+
+DEFAULT_HEALTH_ROUTE = "/health"
+DEFAULT_PREDICT_ROUTE = "/predict"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class Route:
     endpoint_type: str
     status: str
     replicas: tuple[ReplicaRoute, ...]
+    health_route: str = DEFAULT_HEALTH_ROUTE
+    predict_route: str = DEFAULT_PREDICT_ROUTE
+    timeout_s: float | None = None  # per-endpoint upstream timeout; None: the api's setting
+    max_concurrency: int | None = None  # per-replica cap; None: the api's setting
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,30 @@ class RoutingTable:
     @classmethod
     def empty(cls) -> RoutingTable:
         return cls({}, {})
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def route_of(endpoint: Endpoint, replicas: tuple[ReplicaRoute, ...]) -> Route:
+    """An endpoint row as the data plane sees it; optional knobs come from its `extra`."""
+    extra = endpoint.extra or {}
+    cap = _positive(extra.get("forwarder_max_concurrency"))
+    return Route(
+        endpoint_id=endpoint.id,
+        name=endpoint.name,
+        owner=endpoint.owner,
+        public=endpoint.public_inference,
+        framework=endpoint.framework,
+        endpoint_type=endpoint.endpoint_type,
+        status=endpoint.status,
+        replicas=replicas,
+        health_route=endpoint.health_route or DEFAULT_HEALTH_ROUTE,
+        predict_route=str(extra.get("predict_route") or DEFAULT_PREDICT_ROUTE),
+        timeout_s=_positive(extra.get("timeout_seconds")),
+        max_concurrency=int(cap) if cap else None,
+    )
 
 
 def load_routes(engine: Engine) -> RoutingTable:
@@ -57,17 +89,5 @@ def load_routes(engine: Engine) -> RoutingTable:
             ready.setdefault(replica.endpoint_id, []).append(
                 ReplicaRoute(replica.id, replica.address)
             )
-    routes = [
-        Route(
-            endpoint_id=e.id,
-            name=e.name,
-            owner=e.owner,
-            public=e.public_inference,
-            framework=e.framework,
-            endpoint_type=e.endpoint_type,
-            status=e.status,
-            replicas=tuple(ready.get(e.id, ())),
-        )
-        for e in endpoints
-    ]
+    routes = [route_of(e, tuple(ready.get(e.id, ()))) for e in endpoints]
     return RoutingTable({r.name: r for r in routes}, {r.endpoint_id: r for r in routes})

@@ -1,0 +1,159 @@
+"""The data plane's benchmark: the same load, in one run, sent directly to a fake OpenAI
+backend, through the appliance, through nginx (`proxy_buffering off`) and through LiteLLM's
+proxy; prints added latency, peak requests/s and ratios, and stream gaps. Not a pytest test.
+
+    .venv/bin/python bench/run.py            # all of it, about a minute on 2 cores
+    .venv/bin/python bench/run.py --quick    # shorter runs
+
+Needs `wrk` and `nginx` (apt) and, for the LiteLLM column, litellm[proxy]==1.108.0 in its own
+venv (LITELLM_PYTHON, default /tmp/venv-litellm/bin/python); see bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.fake_backend import expected_stream  # noqa: E402
+from bench.stack import ADMIN_KEY, MODEL, Stack, have  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+STREAM_CHUNKS = 50
+STREAM_INTERVAL_MS = 20.0  # 50 chunks/s
+STREAM_BODY = (
+    '{"model":"%s","stream":true,"messages":[{"role":"user","content":"Count."}]}' % MODEL
+).encode()
+
+
+def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    """Runs wrk with bench/post.lua; requests/s, p50 and p99 latency in seconds, errors."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
+           str(HERE / "post.lua"), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, BENCH_KEY=ADMIN_KEY)).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        result[f"p{pct}"] = float(value) * UNITS[unit]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: .*", out)
+    result["non2xx"] = float(bad.group(1)) if bad else 0.0
+    result["socket_errors"] = 1.0 if errors else 0.0
+    return result
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str) -> tuple[bytes, list[float]]:
+    """The body and the gaps between its SSE events' arrivals."""
+    gaps: list[float] = []
+    body = bytearray()
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    async with session.post(url, data=STREAM_BODY, headers=headers) as reply:
+        last = None
+        seen = 0
+        async for chunk in reply.content.iter_any():
+            body += chunk
+            events = body.count(b"\n\n")
+            now = time.perf_counter()
+            for _ in range(events - seen):
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+            seen = events
+    return bytes(body), gaps
+
+
+async def streams(url: str, concurrency: int) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(session, url) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    expected = expected_stream(STREAM_CHUNKS)
+    gaps = sorted(g for _, g_list in results for g in g_list)
+    identical = sum(body == expected for body, _ in results)
+    return {
+        "identical": identical,
+        "streams": len(results),
+        "gap_p50": gaps[len(gaps) // 2],
+        "gap_p99": gaps[int(len(gaps) * 0.99)],
+        "gap_mean": statistics.fmean(gaps),
+        "wall": wall,
+    }
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f} ms"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--no-litellm", action="store_true")
+    args = p.parse_args()
+    seconds = 3 if args.quick else 5
+    for tool in ("wrk", "nginx"):
+        if not have(tool):
+            sys.exit(f"{tool} is missing: apt-get install -y {tool}")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            backend = stack.backend(STREAM_CHUNKS, STREAM_INTERVAL_MS)
+            targets = {
+                "direct": backend,
+                "appliance": stack.appliance(backend),
+                "nginx": stack.nginx(backend),
+            }
+            litellm = None if args.no_litellm else stack.litellm(backend)
+            if litellm is not None:
+                targets["litellm"] = litellm
+            report(targets, seconds, args.streams)
+        finally:
+            stack.stop()
+
+
+def report(targets: dict[str, int], seconds: float, concurrency: int) -> None:
+    urls = {n: f"http://127.0.0.1:{port}/v1/chat/completions" for n, port in targets.items()}
+    for url in urls.values():  # warm up pools and caches
+        wrk(url, 4, 1)
+    print(f"== latency at concurrency 1 ({seconds} s each, wrk) ==")
+    lat = {n: wrk(u, 1, seconds) for n, u in urls.items()}
+    for n, r in lat.items():
+        added = "" if n == "direct" else (
+            f"   added p50 {ms(r['p50'] - lat['direct']['p50'])}, "
+            f"p99 {ms(r['p99'] - lat['direct']['p99'])}"
+        )
+        print(f"{n:>10}: p50 {ms(r['p50'])}  p99 {ms(r['p99'])}{added}")
+    print(f"== peak non-streaming requests/s (64 connections, {seconds} s each, wrk) ==")
+    peak = {n: wrk(u, 64, seconds) for n, u in urls.items()}
+    for n, r in peak.items():
+        print(f"{n:>10}: {r['rps']:9.0f} req/s  (non-2xx {r['non2xx']:.0f})")
+    a = peak["appliance"]["rps"]
+    print(f"appliance / nginx   = {a / peak['nginx']['rps']:.2f}  (goal >= 0.5)")
+    if "litellm" in peak:
+        print(f"appliance / litellm = {a / peak['litellm']['rps']:.2f}  (goal >= 3)")
+    print(f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
+          f"{1000 / STREAM_INTERVAL_MS:.0f}/s (aiohttp client) ==")
+    runs = {n: asyncio.run(streams(urls[n], concurrency)) for n in ("direct", "appliance", "nginx")}
+    for n, r in runs.items():
+        print(f"{n:>10}: gap p50 {ms(r['gap_p50'])}  p99 {ms(r['gap_p99'])}  "
+              f"byte-identical {r['identical']:.0f}/{r['streams']:.0f}  wall {r['wall']:.2f} s")
+    added = runs["appliance"]["gap_p99"] - runs["direct"]["gap_p99"]
+    print(f"appliance added p99 inter-chunk gap = {ms(added)}  (goal < 5 ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Starts what a benchmark run compares, all on loopback: the fake backend, an appliance api
+pointed at it, nginx and LiteLLM's proxy.
+
+The appliance runs without a builder or Docker: its SQLite gets an endpoint row and a READY
+replica row whose address is the fake backend (`add_fake_endpoint`), and the api's routing
+table picks them up like any replica the builder started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "mea_000000000001_benchadminkeybenchadminkey0"
+LITELLM_PYTHON = Path(os.environ.get("LITELLM_PYTHON", "/tmp/venv-litellm/bin/python"))
+MODEL = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def add_fake_endpoint(database: Path, name: str, address: str, replica_id: str) -> str:
+    """Insert an endpoint and one READY replica at `address` (no container) into SQLite."""
+    sys.path.insert(0, str(ROOT))
+    from appliance.db import open_engine, session_scope
+    from appliance.ids import new_id
+    from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+
+    engine = open_engine(database)
+    endpoint_id = new_id("end")
+    with session_scope(engine) as session:
+        session.add(
+            Endpoint(
+                id=endpoint_id, name=name, owner="admin", created_by="admin", framework="custom",
+                model=name, status=EndpointStatus.READY, public_inference=True,
+            )
+        )
+        session.add(
+            Replica(
+                id=replica_id, endpoint_id=endpoint_id, generation=1, container_name=replica_id,
+                address=address, state=ReplicaState.READY, ready_at=time.time(),
+            )
+        )
+    engine.dispose()
+    return endpoint_id
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
+        self.procs.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+        )
+
+    def backend(self, chunks: int, interval_ms: float) -> int:
+        port = free_port()
+        self.spawn("backend", [sys.executable, str(ROOT / "bench/fake_backend.py"), "--port",
+                               str(port), "--chunks", str(chunks), "--interval-ms",
+                               str(interval_ms)])
+        wait_port(port)
+        return port
+
+    def appliance(self, backend_port: int) -> int:
+        redis_port, port = free_port(), free_port()
+        self.spawn("redis", ["redis-server", "--port", str(redis_port), "--save", "",
+                             "--appendonly", "no"])
+        data = self.workdir / "appliance-data"
+        data.mkdir(exist_ok=True)
+        add_fake_endpoint(data / "appliance.db", MODEL, f"http://127.0.0.1:{backend_port}",
+                          "rep_bench0000000001")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        env.update(APPLIANCE_DATA_DIR=str(data), APPLIANCE_PORT=str(port),
+                   APPLIANCE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                   APPLIANCE_ADMIN_KEY=ADMIN_KEY, APPLIANCE_LOG_LEVEL="WARNING",
+                   APPLIANCE_REPLICA_MAX_CONCURRENCY="4096")
+        wait_port(redis_port)
+        self.spawn("appliance", [sys.executable, "-m", "appliance", "api"], env=env)
+        wait_port(port)
+        time.sleep(2.5)  # one routing refresh
+        return port
+
+    def nginx(self, backend_port: int) -> int:
+        port = free_port()
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {self.workdir}/nginx.pid;
+error_log {self.workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 512; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+""")
+        self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(self.workdir)])
+        wait_port(port)
+        return port
+
+    def litellm(self, backend_port: int) -> int | None:
+        if not LITELLM_PYTHON.exists():
+            return None
+        port = free_port()
+        conf = self.workdir / "litellm.yaml"
+        conf.write_text(f"""
+model_list:
+  - model_name: {MODEL}
+    litellm_params:
+      model: openai/{MODEL}
+      api_base: http://127.0.0.1:{backend_port}/v1
+      api_key: unused
+litellm_settings:
+  telemetry: false
+""")
+        env = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
+        self.spawn("litellm", [str(LITELLM_PYTHON), "-m", "litellm.proxy.proxy_cli", "--config",
+                               str(conf), "--port", str(port), "--host", "127.0.0.1",
+                               "--num_workers", "1"], env=env)
+        wait_port(port, timeout_s=120)
+        return port
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

@@ -1,0 +1,73 @@
+"""Publishes the data plane's live numbers to Redis about once a second, off the hot path:
+requests in flight per replica (the builder drains and scales by them), demand for endpoints
+with no ready replica (nudges the builder), the last request per endpoint, and usage per key.
+
+Run by the api's lifespan as one background task per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from appliance import bus
+from forwarder.proxy import Forwarder
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_EVERY_S = 1.0
+INFLIGHT_TTL_S = 10  # a dead api's counts vanish instead of blocking drains forever
+
+
+def _fields(values: Mapping[str, float]) -> dict[Any, Any]:
+    return dict(values)  # redis-py's mapping type is invariant in its keys
+
+
+async def publish_once(
+    forwarder: Forwarder, client: aioredis.Redis, sent_demand: dict[str, float]
+) -> None:
+    """One flush; usage taken from the ledger is put back if Redis refuses it."""
+    usage = forwarder.ledger.take()
+    fresh_demand = {eid: at for eid, at in forwarder.demand.items() if sent_demand.get(eid) != at}
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(bus.INFLIGHT_KEY)
+        if forwarder.inflight:
+            pipe.hset(bus.INFLIGHT_KEY, mapping=_fields(forwarder.inflight))
+            pipe.expire(bus.INFLIGHT_KEY, INFLIGHT_TTL_S)
+        if forwarder.last_request:
+            pipe.hset(bus.LAST_REQUEST_KEY, mapping=_fields(forwarder.last_request))
+        if fresh_demand:
+            pipe.hset(bus.DEMAND_KEY, mapping=_fields(fresh_demand))
+            pipe.rpush(bus.BUILDER_NUDGE_KEY, 1)
+            pipe.ltrim(bus.BUILDER_NUDGE_KEY, -10, -1)
+        for (key_id, endpoint), (requests, prompt, completion) in usage.items():
+            name = bus.USAGE_KEY.format(key_id=key_id)
+            pipe.hincrby(name, f"{endpoint}:requests", requests)
+            pipe.hincrby(name, f"{endpoint}:prompt_tokens", prompt)
+            pipe.hincrby(name, f"{endpoint}:completion_tokens", completion)
+        await pipe.execute()
+    except RedisError:
+        forwarder.ledger.restore(usage)
+        raise
+    sent_demand.update(fresh_demand)
+
+
+async def run_publisher(forwarder: Forwarder, redis_url: str) -> None:
+    """Flush every PUBLISH_EVERY_S until cancelled; Redis outages are logged, not fatal."""
+    client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
+    sent_demand: dict[str, float] = {}
+    try:
+        while True:
+            await asyncio.sleep(PUBLISH_EVERY_S)
+            try:
+                await publish_once(forwarder, client, sent_demand)
+            except RedisError as exc:
+                logger.warning("cannot publish live numbers to Redis: %s", exc)
+    finally:
+        await client.aclose()

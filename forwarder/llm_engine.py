@@ -1,0 +1,237 @@
+"""LLM Engine's v1 completion and task formats, translated to and from a replica's OpenAI API.
+
+`/v1/llm/completions-sync|stream` bodies become OpenAI `/v1/completions` bodies; replies come
+back as CompletionSyncV1Response or a stream of CompletionStreamV1Response events (no `[DONE]`,
+errors after the stream began sent in band). `/v1/sync-tasks|streaming-tasks` unwrap `args`
+and wrap results the way LLM Engine's forwarder does (reference/llm-engine.md §2-3).
+Called by the api's completion and task routes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+Json = dict[str, Any]
+
+# v1 request field -> OpenAI/vLLM completions field (same meaning)
+PASSED_FIELDS = {
+    "max_new_tokens": "max_tokens",
+    "temperature": "temperature",
+    "stop_sequences": "stop",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+    "guided_json": "guided_json",
+    "guided_regex": "guided_regex",
+    "guided_choice": "guided_choice",
+    "guided_grammar": "guided_grammar",
+    "skip_special_tokens": "skip_special_tokens",
+}
+
+
+def completion_body(request: Json, model: str, *, stream: bool) -> bytes:
+    """The replica's `/v1/completions` body for a CompletionSyncV1Request/StreamV1Request."""
+    body: Json = {"model": model, "prompt": request["prompt"]}
+    for ours, theirs in PASSED_FIELDS.items():
+        value = request.get(ours)
+        if value is not None:
+            body[theirs] = value
+    if request.get("return_token_log_probs"):
+        body["logprobs"] = 1
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
+
+
+def _tokens(choice: Json) -> list[Json] | None:
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return None
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    return [{"token": t, "log_prob": float(v or 0.0)} for t, v in zip(tokens, values, strict=False)]
+
+
+def sync_response(reply: Json, request_id: str) -> Json:
+    """CompletionSyncV1Response from an OpenAI text_completion."""
+    choice = (reply.get("choices") or [{}])[0]
+    usage = reply.get("usage") or {}
+    output: Json = {
+        "text": choice.get("text") or "",
+        "num_prompt_tokens": usage.get("prompt_tokens"),
+        "num_completion_tokens": int(usage.get("completion_tokens") or 0),
+    }
+    tokens = _tokens(choice)
+    if tokens is not None:
+        output["tokens"] = tokens
+    return {"request_id": request_id, "output": output}
+
+
+def error_event(request_id: str, status: int, message: str) -> bytes:
+    """A CompletionStreamV1Response that carries an error, in band."""
+    event = {
+        "request_id": request_id,
+        "output": None,
+        "error": {
+            "status_code": status,
+            "content": {"error": message, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")},
+        },
+    }
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def sse_events(buffer: bytearray, chunk: bytes) -> list[bytes]:
+    """Append `chunk` and pop every complete event's `data:` payload from `buffer`."""
+    buffer += chunk
+    out: list[bytes] = []
+    while True:
+        end = buffer.find(b"\n\n")
+        if end < 0:
+            return out
+        event = bytes(buffer[:end])
+        del buffer[: end + 2]
+        data = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            out.append(b"\n".join(data))
+
+
+class StreamTranslator:
+    """OpenAI completion chunks in, CompletionStreamV1Response events out."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.buffer = bytearray()
+        self.completion_tokens = 0
+        self.prompt_tokens: int | None = None
+        self.pending: Json | None = None  # the finishing chunk, held for the usage after it
+        self.finished = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        for data in sse_events(self.buffer, chunk):
+            if data == b"[DONE]":
+                continue
+            try:
+                item = json.loads(data)
+            except ValueError:
+                continue
+            out += self._event(item)
+        return bytes(out)
+
+    def _event(self, item: Json) -> bytes:
+        if "error" in item:
+            error = item["error"] if isinstance(item["error"], dict) else {}
+            message = str(error.get("message") or item["error"])
+            return error_event(self.request_id, int(error.get("code") or 500), message)
+        usage = item.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens")
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        out = b""
+        for choice in item.get("choices") or []:
+            out += self._flush()
+            self.completion_tokens += 1 if usage is None else 0
+            output: Json = {"text": choice.get("text") or "", "finished": False}
+            tokens = _tokens(choice)
+            if tokens:
+                output["token"] = tokens[0]
+            if choice.get("finish_reason") is not None:
+                self.pending = output  # sent with the counts once the usage chunk is in
+            else:
+                output["num_completion_tokens"] = self.completion_tokens
+                out += self._data(output)
+        return out
+
+    def _flush(self) -> bytes:
+        if self.pending is None:
+            return b""
+        output, self.pending = self.pending, None
+        output["finished"] = True
+        output["num_prompt_tokens"] = self.prompt_tokens
+        output["num_completion_tokens"] = self.completion_tokens
+        self.finished = True
+        return self._data(output)
+
+    def _data(self, output: Json) -> bytes:
+        event = {"request_id": self.request_id, "output": output}
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    def close(self) -> bytes:
+        """What to send once the replica's stream ended."""
+        return self._flush()
+
+
+async def translate_stream(chunks: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
+    translator = StreamTranslator(request_id)
+    async for chunk in chunks:
+        out = translator.feed(chunk)
+        if out:
+            yield out
+    tail = translator.close()
+    if tail:
+        yield tail
+
+
+def task_path(route_framework: str, predict_route: str, args: Any) -> str:
+    """Where a `{"args": ...}` task goes: the OpenAI route its args fit for vLLM and llama.cpp
+    replicas (their `/predict` routes are gone), the endpoint's predict route otherwise."""
+    if route_framework in ("vllm", "llamacpp") and isinstance(args, dict):
+        if "messages" in args:
+            return "/v1/chat/completions"
+        if "prompt" in args:
+            return "/v1/completions"
+        if "input" in args:
+            return "/v1/embeddings"
+    return predict_route
+
+
+def parse_result(body: bytes) -> Any:
+    """The replica's reply as LLM Engine's forwarder reads it: JSON regardless of type."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+def sync_task_response(status: int, body: bytes) -> Json:
+    """SyncEndpointPredictV1Response; `result` is the forwarder's `{"result": "<json>"}`."""
+    result = parse_result(body)
+    if status == 200:
+        return {
+            "status": "SUCCESS",
+            "result": {"result": json.dumps(result)},
+            "traceback": None,
+            "status_code": status,
+        }
+    return {
+        "status": "FAILURE",
+        "result": None,
+        "traceback": result if isinstance(result, str) else json.dumps(result),
+        "status_code": status,
+    }
+
+
+def task_event(result: Any, status: int = 200) -> bytes:
+    outcome = "SUCCESS" if status == 200 else "FAILURE"
+    event = {"status": outcome, "result": {"result": result}, "status_code": status}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+async def wrap_task_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Each upstream SSE event re-emitted as `{"status","result":{"result":...},...}`; the
+    replica's `[DONE]` is dropped, as LLM Engine's gateway skips it."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        out = b"".join(
+            task_event(parse_result(data))
+            for data in sse_events(buffer, chunk)
+            if data != b"[DONE]"
+        )
+        if out:
+            yield out
