@@ -117,6 +117,7 @@ class Forwarder:
     demand: dict[str, float] = field(default_factory=dict)  # endpoint id -> when it wanted one
     last_request: dict[str, float] = field(default_factory=dict)  # endpoint id -> time.time()
     ledger: Ledger = field(default_factory=Ledger)
+    loaded_at: float = 0.0  # time.monotonic() of the last table installed
     metrics: Metrics = field(init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -148,6 +149,7 @@ class Forwarder:
     def update(self, table: RoutingTable) -> None:
         """Install a new routing table and wake requests waiting for a replica."""
         self.table = table
+        self.loaded_at = time.monotonic()
         self._wake()
 
     def _wake(self) -> None:

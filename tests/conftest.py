@@ -110,3 +110,28 @@ def api_only(tmp_path: Path) -> Iterator[Appliance]:
     print(appliance.logs())
     appliance.stop()
     redis.stop()
+
+
+@pytest.fixture(scope="module")
+def make_module_appliance(
+    tmp_path_factory: pytest.TempPathFactory,
+    docker_ready: None,
+    canaries: dict[str, tuple[str, str]],
+) -> Iterator[Callable[..., Appliance]]:
+    """`make_appliance` shared by the tests of one module: endpoints cost seconds to start,
+    so a module starts its appliance and endpoints once. Stopped and cleaned after the module."""
+    base = tmp_path_factory.mktemp("module-appliance")
+    made: list[tuple[Appliance, RedisServer]] = []
+
+    def make(**env: str) -> Appliance:
+        index = len(made)
+        redis = RedisServer(base / f"redis{index}").start()
+        appliance = Appliance(base / f"appliance{index}", redis, env_extra=env)
+        made.append((appliance, redis))
+        return appliance.start()
+
+    yield make
+    for appliance, redis in made:
+        print(appliance.logs())
+        appliance.stop()
+        redis.stop()

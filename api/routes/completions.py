@@ -25,7 +25,9 @@ from api.routes.openai import (
     BodyTooLargeError,
     close_quietly,
     error_status,
+    lookup,
     read_body,
+    visible,
 )
 from appliance.errors import ApplianceError, NoSuchEndpointError, UpstreamError
 from appliance.keys import Caller
@@ -60,9 +62,12 @@ class CompletionV1Request(BaseModel):
     skip_special_tokens: bool | None = True
 
 
-def visible_route(route: Route | None, caller: Caller, what: str) -> Route:
-    if route is None or not (caller.is_admin or route.owner == caller.team or route.public):
-        raise NoSuchEndpointError(f"no endpoint {what}")
+async def find_route(
+    state: AppState, caller: Caller, *, name: str | None = None, id: str | None = None
+) -> Route:
+    route = visible(await lookup(state, name=name, id=id), caller)
+    if route is None:
+        raise NoSuchEndpointError(f"no endpoint {name or id}")
     return route
 
 
@@ -137,7 +142,7 @@ async def create_completion_sync(
     started = time.perf_counter()
     req = await read_model(request, state, CompletionV1Request)
     fwd = state.forwarder
-    route = visible_route(fwd.table.by_name.get(model_endpoint_name), caller, model_endpoint_name)
+    route = await find_route(state, caller, name=model_endpoint_name)
     body = llm_engine.completion_body(req.model_dump(), route.name, stream=False)
     status, usage = 500, None
     try:
@@ -170,7 +175,7 @@ async def create_completion_stream(
     started = time.perf_counter()
     req = await read_model(request, state, CompletionV1Request)
     fwd = state.forwarder
-    route = visible_route(fwd.table.by_name.get(model_endpoint_name), caller, model_endpoint_name)
+    route = await find_route(state, caller, name=model_endpoint_name)
     body = llm_engine.completion_body(req.model_dump(), route.name, stream=True)
     request_id = uuid.uuid4().hex
     opening = await start_stream(state, route, "/v1/completions", body)

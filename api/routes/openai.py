@@ -18,8 +18,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import limits
 from api.deps import AppState, CallerDep, StateDep, authenticate, require
 from api.errors import error_headers, openai_error, status_of
 from appliance.errors import (
@@ -30,8 +32,8 @@ from appliance.errors import (
     UpstreamError,
 )
 from appliance.keys import Caller
-from forwarder.proxy import Forwarder, Upstream
-from forwarder.routing import Route
+from forwarder.proxy import Upstream
+from forwarder.routing import Route, load_routes
 from forwarder.usage import StreamUsage, usage_from_json
 
 router = APIRouter(tags=["openai"], dependencies=[require("inference")])
@@ -49,6 +51,7 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
 ]
 KEEPALIVE = b": keep-alive\n\n"
+RELOAD_ON_MISS_S = 0.5
 CLIENT_CLOSED = 499  # nginx's code for a client that went away, in metrics only
 
 
@@ -56,11 +59,36 @@ class BodyTooLargeError(ApplianceError):
     """The request body is over `max_body_bytes`."""
 
 
-def route_for(model: Any, caller: Caller, forwarder: Forwarder) -> Route:
+async def lookup(
+    state: AppState, *, name: str | None = None, id: str | None = None
+) -> Route | None:
+    """The endpoint's route; a miss re-reads the table (at most every RELOAD_ON_MISS_S), so an
+    endpoint created a moment ago is found before the next periodic refresh."""
+    forwarder = state.forwarder
+    for attempt in range(2):
+        table = forwarder.table
+        route = table.by_name.get(name) if name is not None else table.by_id.get(id or "")
+        if route is not None or attempt:
+            return route
+        now = time.monotonic()
+        if now - forwarder.loaded_at < RELOAD_ON_MISS_S:
+            return None
+        forwarder.loaded_at = now
+        forwarder.update(await run_in_threadpool(load_routes, state.engine))
+    return None
+
+
+def visible(route: Route | None, caller: Caller) -> Route | None:
+    if route is None or not (caller.is_admin or route.owner == caller.team or route.public):
+        return None
+    return route
+
+
+async def route_for(model: Any, caller: Caller, state: AppState) -> Route:
     if not isinstance(model, str) or not model:
         raise InvalidSpecError("`model` must name an endpoint", field="model")
-    route = forwarder.table.by_name.get(model)
-    if route is None or not (caller.is_admin or route.owner == caller.team or route.public):
+    route = visible(await lookup(state, name=model), caller)
+    if route is None:
         raise NoSuchEndpointError(f"The model `{model}` does not exist.", field="model")
     return route
 
@@ -214,7 +242,8 @@ class Exchange:
         self.key_id = caller.key_id
         body = await read_body(self.scope, self.receive, self.state.settings.max_body_bytes)
         payload = parse_object(body)
-        self.route = route_for(payload.get("model"), caller, self.forwarder)
+        limits.check_tokens(caller, payload)
+        self.route = await route_for(payload.get("model"), caller, self.state)
         return self.route, body, payload.get("stream") is True
 
     async def _serve(self, route: Route, path: str, body: bytes, stream: bool) -> None:

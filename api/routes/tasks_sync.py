@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CallerDep, StateDep, require
-from api.routes.completions import answer_failed, read_model, start_stream, visible_route
+from api.routes.completions import answer_failed, find_route, read_model, start_stream
 from api.routes.openai import SSE_HEADERS, error_status
 from appliance.errors import ApplianceError, UpstreamError
 from forwarder import llm_engine
@@ -60,7 +60,7 @@ async def create_sync_task(
     started = time.perf_counter()
     req = await read_model(request, state, SyncEndpointPredictV1Request)
     fwd = state.forwarder
-    route = visible_route(fwd.table.by_id.get(model_endpoint_id), caller, model_endpoint_id)
+    route = await find_route(state, caller, id=model_endpoint_id)
     path, body = task_request(route, req, stream=False)
     status = 500
     try:
@@ -93,7 +93,7 @@ async def create_streaming_task(
     started = time.perf_counter()
     req = await read_model(request, state, SyncEndpointPredictV1Request)
     fwd = state.forwarder
-    route = visible_route(fwd.table.by_id.get(model_endpoint_id), caller, model_endpoint_id)
+    route = await find_route(state, caller, id=model_endpoint_id)
     path, body = task_request(route, req, stream=True)
     opening = await start_stream(state, route, path, body)
     if not isinstance(opening, AsyncIterator):

@@ -1,0 +1,153 @@
+"""The data plane against a real model: the official `openai` SDK and LLM Engine's `llmengine`
+client talk to the appliance, which serves a Gemma llama.cpp endpoint. One appliance and one
+endpoint for the whole module (a start costs seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.test_first_slice import create_gemma, wait_ready
+from tests.harness import ADMIN_KEY, Appliance, wait_until
+
+MODEL = "gemma-dp"
+
+
+@pytest.fixture(scope="module")
+def gemma(make_module_appliance: Callable[..., Appliance]) -> Appliance:
+    appliance = make_module_appliance()
+    client = appliance.client()
+    create_gemma(client, MODEL)
+    wait_ready(client, MODEL)
+    return appliance
+
+
+@pytest.fixture(scope="module")
+def sdk(gemma: Appliance) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gemma.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+
+
+def test_openai_sdk_chat_and_completion(sdk: openai.OpenAI) -> None:
+    chat = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+    text = sdk.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0)
+    assert text.choices[0].text
+    assert text.usage is not None and text.usage.prompt_tokens > 0
+
+
+def test_openai_sdk_streams_and_the_overhead_header(sdk: openai.OpenAI, gemma: Appliance) -> None:
+    stream = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 3 and "".join(pieces).strip()
+
+    raw = httpx.post(
+        gemma.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=60,
+    )
+    assert raw.status_code == 200
+    assert float(raw.headers["x-appliance-overhead-ms"]) < 50
+
+
+def test_models_list_and_unknown_model(sdk: openai.OpenAI) -> None:
+    assert MODEL in [m.id for m in sdk.models.list()]
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    body = caught.value.body
+    assert isinstance(body, dict)  # the SDK hands over the envelope's "error" object
+    assert body["type"] == "not_found_error" and body["code"] == 404
+    assert "no-such-model" in body["message"]
+
+
+def test_v2_routes_answer_with_the_endpoint_as_model(gemma: Appliance) -> None:
+    v2 = openai.OpenAI(base_url=gemma.url + "/v2", api_key=ADMIN_KEY, max_retries=0)
+    chat = v2.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert chat.choices[0].message.content is not None
+
+
+CLIENT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from llmengine import Completion
+    model = sys.argv[1]
+    sync = Completion.create(model=model, prompt="The capital of France is",
+                             max_new_tokens=8, temperature=0)
+    chunks = list(Completion.create(model=model, prompt="One, two, three,",
+                                    max_new_tokens=8, temperature=0, stream=True))
+    print(json.dumps({
+        "text": sync.output.text, "completion_tokens": sync.output.num_completion_tokens,
+        "prompt_tokens": sync.output.num_prompt_tokens, "request_id": sync.request_id,
+        "stream_texts": [c.output.text for c in chunks if c.output],
+        "finished": [c.output.finished for c in chunks if c.output],
+        "stream_tokens": chunks[-1].output.num_completion_tokens if chunks[-1].output else None,
+        "errors": [c.error is not None for c in chunks],
+    }))
+""")
+
+
+def test_llmengine_completion_sync_and_stream(gemma: Appliance) -> None:
+    env = {
+        **os.environ,
+        "LLM_ENGINE_BASE_PATH": gemma.url + "/",
+        "SCALE_API_KEY": ADMIN_KEY,
+        "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
+    }
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", CLIENT_SCRIPT, MODEL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["text"] and got["request_id"]
+    assert got["completion_tokens"] > 0 and got["prompt_tokens"] > 0
+    assert "".join(got["stream_texts"]).strip()
+    assert got["finished"][-1] is True and not any(got["finished"][:-1])
+    assert got["stream_tokens"] > 0
+    assert not any(got["errors"])
+
+
+def test_usage_reaches_metrics_and_redis(gemma: Appliance, sdk: openai.OpenAI) -> None:
+    sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+    client = gemma.client()
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401
+    text = client.get("/metrics").text
+    assert f'appliance_requests_total{{code="200",endpoint="{MODEL}"' in text
+    assert 'kind="completion"' in text and "appliance_time_to_first_token_seconds" in text
+
+    def usage_in_redis() -> bool:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(gemma.redis.port), "--scan", "--pattern", "appliance:usage:*"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        return bool(out)
+
+    wait_until(usage_in_redis, 5, "usage to be flushed to Redis")

@@ -1,0 +1,213 @@
+"""The data plane over several replicas of the vLLM stand-in (real containers, no GPU): load
+spread by outstanding requests, a replica killed mid-run, client disconnects reaching the
+replica, the body limit, upstream timeouts and cold starts. One appliance for the module."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import ADMIN_KEY, Appliance, wait_until
+
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+BODY_LIMIT = 64 * 1024
+TIMEOUT_S = 3
+
+
+def standin(name: str, workers: int = 1, **env: str) -> dict[str, Any]:
+    return {
+        "name": name, "model_name": "acme/standin-1b", "inference_framework": "vllm",
+        "gpus": 0, "min_workers": workers, "max_workers": workers, "per_worker": 8,
+        "labels": {}, "metadata": {}, "env": env,
+    }
+
+
+def create(client: httpx.Client, body: dict[str, Any]) -> str:
+    reply = client.post("/v1/llm/model-endpoints", json=body)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["endpoint_creation_task_id"])
+
+
+def wait_ready(client: httpx.Client, name: str, timeout_s: float = 90) -> None:
+    wait_until(
+        lambda: client.get(f"/v1/llm/model-endpoints/{name}").json()["status"] == "READY",
+        timeout_s, f"{name} to be READY",
+    )
+
+
+@pytest.fixture(scope="module")
+def appl(make_module_appliance: Callable[..., Appliance]) -> Appliance:
+    appliance = make_module_appliance(
+        APPLIANCE_MAX_BODY_BYTES=str(BODY_LIMIT),
+        APPLIANCE_UPSTREAM_TIMEOUT_S=str(TIMEOUT_S),
+        APPLIANCE_STREAM_KEEPALIVE_S="0.5",
+    )
+    client = appliance.client()
+    create(client, standin("pair", workers=2, VLLM_STANDIN_TOKEN_DELAY_S="0.02"))
+    create(client, standin("slow", VLLM_STANDIN_TOKEN_DELAY_S="5"))
+    wait_ready(client, "pair")
+    wait_ready(client, "slow")
+    return appliance
+
+
+def containers_of(appliance: Appliance, name: str) -> list[str]:
+    endpoint_id = appliance.client().get(f"/v1/llm/model-endpoints/{name}").json()["id"]
+    return appliance.containers("status=running", f"label=appliance.endpoint={endpoint_id}")
+
+
+def replica_url(container: str) -> str:
+    out = subprocess.run(["docker", "port", container], capture_output=True, text=True).stdout
+    port = re.search(r"127\.0\.0\.1:(\d+)", out)
+    assert port, out
+    return f"http://127.0.0.1:{port.group(1)}"
+
+
+def running_on(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    found = re.search(r"^vllm:num_requests_running\{[^}]*\} ([\d.]+)$", text, re.M)
+    assert found, text
+    return float(found.group(1))
+
+
+def chat(model: str, tokens: int, stream: bool = False) -> dict[str, Any]:
+    return {"model": model, "max_tokens": tokens, "stream": stream,
+            "messages": [{"role": "user", "content": "tell me a long story about cats"}]}
+
+
+def inflight_by_replica(appliance: Appliance, endpoint: str) -> dict[str, float]:
+    text = appliance.client().get("/metrics").text
+    pattern = rf'^appliance_inflight_requests\{{endpoint="{endpoint}",replica="([^"]+)"\}} (\S+)$'
+    return {rid: float(n) for rid, n in re.findall(pattern, text, re.M)}
+
+
+def test_load_spreads_by_outstanding_requests(appl: Appliance) -> None:
+    def one(_: int) -> int:
+        with httpx.stream("POST", appl.url + "/v1/chat/completions", headers=AUTH,
+                          json=chat("pair", 100, stream=True), timeout=60) as reply:
+            for _ in reply.iter_bytes():
+                pass
+            return reply.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        results = pool.map(one, range(8))
+        seen = wait_until(
+            lambda: (c := inflight_by_replica(appl, "pair")) and sum(c.values()) == 8 and c,
+            10, "8 streams in flight",
+        )
+        assert sorted(seen.values()) == [4.0, 4.0], seen
+        urls = [replica_url(c) for c in containers_of(appl, "pair")]
+        assert sorted(running_on(u) for u in urls) == [4.0, 4.0]
+        assert list(results) == [200] * 8
+
+
+def test_a_replica_killed_mid_run_loses_no_request(appl: Appliance) -> None:
+    client = appl.client()
+    victim = containers_of(appl, "pair")[0]
+    statuses: list[int] = []
+
+    def one(i: int) -> int:
+        reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH,
+                           json=chat("pair", 10), timeout=60)
+        return reply.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(40)]
+        time.sleep(0.5)
+        subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * 40, statuses
+    retries = client.get("/metrics").text
+    assert 'appliance_upstream_retries_total{endpoint="pair"}' in retries
+    # the builder replaces the replica; later tests want two again
+    wait_until(lambda: len(containers_of(appl, "pair")) == 2, 60, "a replacement replica")
+    wait_ready(client, "pair")
+    wait_until(lambda: len(inflight_by_replica(appl, "pair")) == 0, 10, "no requests in flight")
+
+
+def test_client_disconnect_cancels_the_replica_request(appl: Appliance) -> None:
+    urls = [replica_url(c) for c in containers_of(appl, "pair")]
+    wait_until(lambda: all(running_on(u) == 0 for u in urls), 20, "idle replicas")
+    stop = threading.Event()
+
+    def abandon() -> None:
+        with httpx.stream("POST", appl.url + "/v1/chat/completions", headers=AUTH,
+                          json=chat("pair", 2000, stream=True), timeout=60) as reply:
+            for _ in reply.iter_bytes():
+                if stop.is_set():
+                    return  # closes the connection mid-stream
+
+    thread = threading.Thread(target=abandon)
+    thread.start()
+    wait_until(lambda: sum(running_on(u) for u in urls) == 1, 10, "the stream to run")
+    stop.set()
+    thread.join(10)
+    wait_until(lambda: sum(running_on(u) for u in urls) == 0, 10, "the replica to stop it")
+
+
+def test_body_over_the_limit_is_413(appl: Appliance) -> None:
+    big = chat("pair", 4) | {"padding": "x" * (BODY_LIMIT + 1)}
+    reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH, json=big, timeout=30)
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == 413
+    sync = httpx.post(appl.url + "/v1/llm/completions-sync?model_endpoint_name=pair",
+                      headers=AUTH, json={"prompt": "x" * (BODY_LIMIT + 1), "max_new_tokens": 2,
+                                          "temperature": 0}, timeout=30)
+    assert sync.status_code == 413 and "detail" in sync.json()
+
+
+def test_a_silent_replica_times_out_with_504(appl: Appliance) -> None:
+    started = time.monotonic()
+    reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH,
+                       json=chat("slow", 4), timeout=60)
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error"]["type"] == "server_error"
+    assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 5
+
+
+def test_cold_endpoint_answers_once_its_replica_is_up(appl: Appliance) -> None:
+    client = appl.client()
+    create(client, standin("cold", VLLM_STANDIN_STARTUP_DELAY_S="3"))
+    create(client, standin("cold-stream", VLLM_STANDIN_STARTUP_DELAY_S="3"))
+    started = time.monotonic()
+    reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH,
+                       json=chat("cold", 4), timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert float(reply.headers["x-appliance-wait-ms"]) > 1000
+    assert time.monotonic() - started < 120
+
+    with httpx.stream("POST", appl.url + "/v1/chat/completions", headers=AUTH,
+                      json=chat("cold-stream", 4, stream=True), timeout=120) as stream:
+        assert stream.status_code == 200
+        body = b"".join(stream.iter_bytes())
+    assert body.startswith(b": keep-alive\n\n")
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    assert all("error" not in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_llm_engine_task_routes_wrap_results(appl: Appliance) -> None:
+    endpoint_id = appl.client().get("/v1/llm/model-endpoints/pair").json()["id"]
+    sync = httpx.post(appl.url + f"/v1/sync-tasks?model_endpoint_id={endpoint_id}",
+                      headers=AUTH, json={"args": {"prompt": "hello there", "max_tokens": 3}},
+                      timeout=60)
+    assert sync.status_code == 200, sync.text
+    got = sync.json()
+    assert got["status"] == "SUCCESS" and got["status_code"] == 200
+    assert json.loads(got["result"]["result"])["usage"]["completion_tokens"] == 3
+
+    with httpx.stream("POST", appl.url + f"/v1/streaming-tasks?model_endpoint_id={endpoint_id}",
+                      headers=AUTH, json={"args": {"prompt": "hello there", "max_tokens": 3}},
+                      timeout=60) as stream:
+        lines = [x for x in stream.iter_lines() if x.startswith("data:")]
+    events = [json.loads(x[5:]) for x in lines]
+    assert events and all(e["status"] == "SUCCESS" for e in events)
+    assert all(isinstance(e["result"]["result"], dict) for e in events)  # no [DONE] passed on
