@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from api import errors
@@ -24,6 +25,7 @@ from api.routes import (
     openai,
     tasks,
     tasks_sync,
+    ui,
 )
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, session_scope
@@ -32,6 +34,7 @@ from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.proxy import Forwarder, Limits
 from forwarder.routing import Route, load_routes
+from web.render import STATIC_DIR, STATIC_URL
 
 logger = logging.getLogger(__name__)
 
@@ -124,4 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(ui.router)  # the web UI, and its static files below
+    app.include_router(ui.root)
+    app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="ui-static")
     return app

@@ -1,0 +1,186 @@
+"""The web UI's sign-in: a key is exchanged for a random session token in an HttpOnly,
+SameSite=Strict cookie; Redis holds the session (key id and CSRF token, never the key's
+text) under a hash of the token. Every request re-reads the key's row, so a revoked or expired
+key ends its sessions at once. Used by `api.routes.ui`.
+
+CSRF: every form that changes something carries the session's CSRF token (a hidden field, or
+the `x-csrf-token` header for script requests) and must come from our own origin. The sign-in
+form, which has no session yet, uses a short-lived token in its own SameSite=Strict cookie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import quote, urlsplit
+
+from fastapi import Depends, HTTPException, Request, Response
+
+from api.deps import AppState, StateDep
+from appliance import keys
+from appliance.db import session_scope
+from appliance.errors import AuthError, ForbiddenError
+from appliance.models import ApiKey
+
+SESSION_COOKIE = "mea_session"
+SIGNIN_COOKIE = "mea_signin"
+COOKIE_PATH = "/ui"
+SESSION_TTL_S = 12 * 3600  # idle sessions end after this; each page view extends it
+SIGNIN_TTL_S = 3600
+SESSION_KEY = "appliance:ui:session:{digest}"
+CSRF_HEADER = "x-csrf-token"
+
+
+@dataclass(frozen=True)
+class UiSession:
+    """A signed-in browser: who it is (from the key's row, read now) and its CSRF token."""
+
+    digest: str
+    caller: keys.Caller
+    csrf: str
+    key_name: str
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def caller_for_key(state: AppState, key_id: str) -> tuple[keys.Caller, str]:
+    """The key's caller and name; AuthError when the key is gone, revoked or expired."""
+    with session_scope(state.engine) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            raise AuthError("this API key was revoked")
+        if row.expires_at is not None and row.expires_at <= time.time():
+            raise AuthError("this API key has expired")
+        caller = keys.Caller(
+            row.id,
+            row.user,
+            row.owner,
+            frozenset(row.scopes),
+            row.is_admin,
+            state.key_limits().resolve(row),
+        )
+        return caller, row.name
+
+
+def start(state: AppState, key_text: str) -> tuple[str, keys.Caller]:
+    """Check a key and open a session for it; returns the cookie's token. AuthError if bad."""
+    caller = state.verify_key(key_text)
+    token = secrets.token_urlsafe(32)
+    record = {"key_id": caller.key_id, "csrf": secrets.token_urlsafe(32), "at": time.time()}
+    state.redis.set(SESSION_KEY.format(digest=_digest(token)), json.dumps(record), ex=SESSION_TTL_S)
+    return token, caller
+
+
+def end(state: AppState, token: str | None) -> None:
+    if token:
+        state.redis.delete(SESSION_KEY.format(digest=_digest(token)))
+
+
+def load(state: AppState, token: str | None) -> UiSession | None:
+    if not token:
+        return None
+    name = SESSION_KEY.format(digest=_digest(token))
+    raw = state.redis.get(name)
+    if not raw:
+        return None
+    record = json.loads(raw)
+    try:
+        caller, key_name = caller_for_key(state, str(record["key_id"]))
+    except AuthError:
+        state.redis.delete(name)
+        return None
+    state.redis.expire(name, SESSION_TTL_S)
+    return UiSession(_digest(token), caller, str(record["csrf"]), key_name)
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def set_session_cookie(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=SESSION_TTL_S,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+    )
+
+
+def clear_cookies(response: Response) -> None:
+    for name in (SESSION_COOKIE, SIGNIN_COOKIE):
+        response.delete_cookie(name, path=COOKIE_PATH, httponly=True, samesite="strict")
+
+
+def signin_token(request: Request) -> str:
+    """The sign-in form's CSRF token (no session exists yet): the one in its cookie, or new."""
+    return request.cookies.get(SIGNIN_COOKIE) or secrets.token_urlsafe(32)
+
+
+def set_signin_cookie(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(
+        SIGNIN_COOKIE,
+        token,
+        max_age=SIGNIN_TTL_S,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+    )
+
+
+def same_origin(request: Request) -> bool:
+    """A browser's Origin (or Referer) must be this host; clients that send neither are not
+    browsers driven by another site, and still need the CSRF token."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source or source == "null":
+        return source is None
+    parts = urlsplit(source)
+    return f"{parts.scheme}://{parts.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
+
+
+def check_signin_csrf(request: Request, submitted: str) -> None:
+    expected = request.cookies.get(SIGNIN_COOKIE, "")
+    if not (expected and hmac.compare_digest(expected, submitted) and same_origin(request)):
+        raise ForbiddenError("the sign-in form expired; reload the page and try again")
+
+
+def signed_in(request: Request, state: StateDep) -> UiSession:
+    """Dependency of every page: the session, or a redirect to the sign-in page."""
+    ui = load(state, request.cookies.get(SESSION_COOKIE))
+    if ui is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise HTTPException(
+            status_code=303,
+            detail="sign in first",
+            headers={"Location": f"/ui/sign-in?next={quote(target, safe='')}"},
+        )
+    return ui
+
+
+SignedInDep = Annotated[UiSession, Depends(signed_in)]
+
+
+async def csrf_checked(request: Request, ui: SignedInDep) -> UiSession:
+    """Dependency of every route that changes something: same origin and the CSRF token,
+    from the `x-csrf-token` header or the form's `csrf` field."""
+    submitted = request.headers.get(CSRF_HEADER)
+    if submitted is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        submitted = str((await request.form()).get("csrf", ""))
+    if not (submitted and hmac.compare_digest(ui.csrf, submitted) and same_origin(request)):
+        raise ForbiddenError("the form's security token is missing or stale; reload the page")
+    return ui
+
+
+ChangeDep = Annotated[UiSession, Depends(csrf_checked)]

@@ -1,0 +1,147 @@
+"""The UI without a model: sign-in and its cookie, CSRF on every change, bad form input shown
+next to its field with nothing created, keys made and revoked, and the GPU page with an
+injected inventory. Every page is screenshot and checked at 1280 px and 390 px."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.harness import ADMIN_KEY, Appliance, wait_until
+from tests.web.browser import check_page, field_error, sign_in
+
+EIGHT_GPUS = Path(__file__).resolve().parents[1] / "gpu" / "eight_h100.json"
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" (?:value|content)="([^"]+)"', html)
+    assert found, "no CSRF token in the page"
+    return found.group(1)
+
+
+def browser_client(appliance: Appliance) -> httpx.Client:
+    """A cookie-keeping client signed in through the form, as a browser would be."""
+    client = httpx.Client(base_url=appliance.url, timeout=30)
+    form = client.get("/ui/sign-in")
+    reply = client.post(
+        "/ui/sign-in", data={"csrf": csrf_of(form.text), "key": ADMIN_KEY, "next": "/ui/keys"}
+    )
+    assert reply.status_code == 303, reply.text
+    return client
+
+
+def test_session_cookie_csrf_and_revocation(make_appliance: Callable[..., Appliance]) -> None:
+    appliance = make_appliance()
+    client = httpx.Client(base_url=appliance.url, timeout=30)
+    assert client.get("/ui/endpoints").headers["location"].startswith("/ui/sign-in")
+
+    form = client.get("/ui/sign-in")
+    token = csrf_of(form.text)
+    forged = httpx.post(appliance.url + "/ui/sign-in", data={"csrf": token, "key": ADMIN_KEY})
+    assert forged.status_code == 403  # a sign-in without the form's own cookie
+    reply = client.post("/ui/sign-in", data={"csrf": token, "key": ADMIN_KEY, "next": "/ui/gpus"})
+    assert reply.status_code == 303 and reply.headers["location"] == "/ui/gpus"
+    cookie = reply.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
+    assert ADMIN_KEY not in cookie
+
+    page = client.get("/ui/keys")
+    assert page.status_code == 200
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    csrf = csrf_of(page.text)
+    body = {"name": "forged", "scope_inference": "on"}
+    assert client.post("/ui/keys", data=body).status_code == 403  # no token
+    assert client.post("/ui/keys", data={**body, "csrf": "wrong"}).status_code == 403
+    other_site = {"origin": "http://evil.example"}
+    assert client.post("/ui/keys", data={**body, "csrf": csrf}, headers=other_site).status_code == (
+        403
+    )
+    admin = appliance.client()
+    names = [k["name"] for k in admin.get("/v1/api-keys").json()["api_keys"]]
+    assert "forged" not in names
+
+    # A session made with a key ends within a second of the key's revocation.
+    made = client.post("/ui/keys", data={**body, "name": "laptop", "csrf": csrf})
+    key_text = re.search(r'value="(mea_[^"]+)"', made.text)
+    assert made.status_code == 200 and key_text
+    second = httpx.Client(base_url=appliance.url, timeout=30)
+    token = csrf_of(second.get("/ui/sign-in").text)
+    second.post("/ui/sign-in", data={"csrf": token, "key": key_text.group(1)})
+    assert second.get("/ui/tasks").status_code == 200
+    key_id = next(
+        k["id"] for k in admin.get("/v1/api-keys").json()["api_keys"] if k["name"] == "laptop"
+    )
+    assert admin.delete(f"/v1/api-keys/{key_id}").status_code == 200
+    wait_until(lambda: second.get("/ui/tasks").status_code == 303, 2, "the session to end")
+
+    # Sign-out ends the session server-side: the old cookie is worthless afterwards.
+    old = dict(client.cookies)
+    client.post("/ui/sign-out", data={"csrf": csrf})
+    replay = httpx.Client(base_url=appliance.url, cookies=old)
+    assert replay.get("/ui/keys").status_code == 303
+
+
+def test_bad_input_shows_next_to_fields_and_creates_nothing(
+    make_appliance: Callable[..., Appliance], page: Any
+) -> None:
+    appliance = make_appliance(APPLIANCE_GPU_INVENTORY_FILE=str(EIGHT_GPUS))
+    base = appliance.url
+    page.goto(base + "/ui/endpoints")
+    check_page(page, "sign-in")
+    page.fill("#f-key", "mea_000000000000_not-a-real-key")
+    page.click("button[type=submit]")
+    assert field_error(page, "key") == "That key was not accepted."
+    check_page(page, "sign-in-error")
+    sign_in(page, base, ADMIN_KEY)
+    check_page(page, "endpoints-empty")
+
+    page.click("text=New endpoint")
+    check_page(page, "endpoint-new")
+    page.fill("#f-name", "Not A Name")
+    page.fill("#f-model", "missing.gguf")
+    page.fill("#f-max_replicas", "-1")
+    page.click("button.primary[type=submit]")
+    assert "lowercase letters" in field_error(page, "name")
+    assert field_error(page, "max_replicas") == "Must be 0 or more."
+    check_page(page, "endpoint-new-errors")
+    page.fill("#f-name", "fine-name")
+    page.fill("#f-max_replicas", "1")
+    page.click("button.primary[type=submit]")
+    assert "does not exist in the models directory" in field_error(page, "model")
+    assert page.input_value("#f-name") == "fine-name"  # what the user typed is kept
+    page.fill("#f-model", "gemma-3-270m-q4_k_m.gguf")
+    page.fill("#f-min_replicas", "3")
+    page.click("button.primary[type=submit]")
+    assert "min_workers must not exceed max_workers" in field_error(page, "min_replicas")
+    assert appliance.client().get("/v1/model-endpoints").json()["model_endpoints"] == []
+
+    page.click("nav >> text=API keys")
+    page.fill("#f-name", "bad/name")
+    page.click("#key-form button[type=submit]")
+    assert "letters, digits" in field_error(page, "name")
+    page.fill("#f-name", "ci")
+    page.uncheck("input[name=scope_inference]")
+    page.uncheck("input[name=scope_manage]")
+    page.click("#key-form button[type=submit]")
+    assert field_error(page, "scopes") == "Pick at least one scope."
+    page.fill("#f-expires_days", "soon")
+    page.check("input[name=scope_inference]")
+    page.click("#key-form button[type=submit]")
+    assert field_error(page, "expires") == "Enter a number of days."
+    check_page(page, "keys-errors")
+    names = [k["name"] for k in appliance.client().get("/v1/api-keys").json()["api_keys"]]
+    assert names == ["admin"]
+
+    page.click("nav >> text=GPUs")
+    wait_until(lambda: page.reload() and page.locator(".gpu").count() == 8, 20, "8 GPU cards")
+    assert "H100" in page.locator(".gpu").first.inner_text()
+    check_page(page, "gpus-eight")
+    page.click("nav >> text=Playground")
+    assert "No endpoint to talk to yet" in page.inner_text("main")
+    check_page(page, "playground-empty")
+    page.click("nav >> text=Tasks")
+    check_page(page, "tasks-empty")

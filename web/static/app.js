@@ -1,0 +1,213 @@
+// Model Engine UI: a few small behaviours on server-rendered pages, no framework.
+// - [data-poll]: refresh a region from a fragment URL (paused while the tab is hidden)
+// - [data-logs]: follow an endpoint's logs over a streamed response
+// - [data-playground]: chat with streamed tokens
+// - [data-confirm] forms, [data-copy] buttons
+"use strict";
+(() => {
+  const csrf = document.querySelector('meta[name="csrf"]')?.content || "";
+
+  document.addEventListener("submit", (event) => {
+    const message = event.target.dataset?.confirm;
+    if (message && !window.confirm(message)) event.preventDefault();
+  });
+
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("[data-copy]");
+    if (!button) return;
+    const input = document.querySelector(button.dataset.copy);
+    input.select();
+    navigator.clipboard?.writeText(input.value).then(
+      () => { button.textContent = "Copied"; },
+      () => document.execCommand("copy"),
+    );
+  });
+
+  // --- polled regions -------------------------------------------------------------------
+  function every(region) {
+    const marker = region.querySelector("[data-every]");
+    return Number(marker?.dataset.every || region.dataset.every || 5000);
+  }
+
+  function poll(region) {
+    const tick = async () => {
+      if (document.hidden) { setTimeout(tick, 1000); return; }
+      try {
+        const reply = await fetch(region.dataset.poll, { credentials: "same-origin" });
+        if (reply.redirected) { window.location.reload(); return; }
+        region.innerHTML = await reply.text();
+        if (!reply.ok) return; // gone: show the message, stop polling
+      } catch (_) { /* offline for a moment: try again later */ }
+      setTimeout(tick, every(region));
+    };
+    setTimeout(tick, every(region));
+  }
+  document.querySelectorAll("[data-poll]").forEach(poll);
+
+  // --- logs -----------------------------------------------------------------------------
+  const LOG_KEPT_CHARS = 200000;
+  function followLogs(pre) {
+    const state = document.querySelector("[data-logs-state]");
+    const say = (text) => { if (state) state.textContent = text; };
+    const connect = async () => {
+      let fresh = true;
+      try {
+        const reply = await fetch(pre.dataset.logs + "?follow=1", { credentials: "same-origin" });
+        if (!reply.ok) { say("unavailable"); return; }
+        say("following");
+        const reader = reply.body.getReader();
+        const decoder = new TextDecoder();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
+          const text = decoder.decode(value, { stream: true });
+          // every connection starts with the tail again, so it replaces what was shown
+          pre.textContent = fresh ? text : (pre.textContent + text).slice(-LOG_KEPT_CHARS);
+          fresh = false;
+          if (stick) pre.scrollTop = pre.scrollHeight;
+        }
+      } catch (_) { /* reconnect below */ }
+      if (!pre.textContent) pre.textContent = "No output yet.";
+      say("waiting for replicas…");
+      setTimeout(connect, 3000);
+    };
+    connect();
+  }
+  document.querySelectorAll("[data-logs]").forEach(followLogs);
+
+  // --- playground -----------------------------------------------------------------------
+  const playground = document.querySelector("[data-playground]");
+  if (playground) setUpPlayground(playground);
+
+  function setUpPlayground(root) {
+    const settings = root.querySelector("[data-chat-settings]");
+    const composer = root.querySelector("[data-composer]");
+    const list = root.querySelector("[data-messages]");
+    const send = root.querySelector("[data-send]");
+    const stop = root.querySelector("[data-stop]");
+    const stat = (name, text) => { root.querySelector(`[data-stat="${name}"]`).textContent = text; };
+    const temperature = settings.elements.temperature;
+    const shown = root.querySelector('[data-show="temperature"]');
+    temperature.addEventListener("input", () => { shown.textContent = temperature.value; });
+    settings.addEventListener("submit", (event) => event.preventDefault());
+    let history = [];
+    let controller = null;
+
+    const bubble = (kind, text) => {
+      list.querySelector(".hint-empty")?.remove();
+      const node = document.createElement("div");
+      node.className = `msg-${kind}`;
+      node.textContent = text;
+      list.appendChild(node);
+      list.scrollTop = list.scrollHeight;
+      return node;
+    };
+
+    root.querySelector("[data-clear]").addEventListener("click", () => {
+      history = [];
+      list.textContent = "";
+      ["tokens", "speed", "ttft"].forEach((name) => stat(name, "—"));
+    });
+    stop.addEventListener("click", () => controller?.abort());
+    composer.prompt.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); composer.requestSubmit(); }
+    });
+
+    composer.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const prompt = composer.prompt.value.trim();
+      if (!prompt || controller) return;
+      composer.prompt.value = "";
+      bubble("user", prompt);
+      history.push({ role: "user", content: prompt });
+      const system = settings.elements.system.value.trim();
+      const messages = system ? [{ role: "system", content: system }, ...history] : history;
+      const answer = bubble("assistant", "");
+      answer.classList.add("streaming");
+      answer.dataset.state = "streaming";
+      answer.dataset.updates = "0";
+      send.disabled = true;
+      stop.hidden = false;
+      controller = new AbortController();
+      const started = performance.now();
+      let first = 0;
+      let last = 0;
+      let pieces = 0;
+      let usage = null;
+      stat("tokens", "…");
+      stat("speed", "…");
+      stat("ttft", "waiting…");
+      const show = () => {
+        const tokens = usage?.completion_tokens ?? pieces;
+        stat("tokens", String(tokens));
+        if (first) stat("ttft", `${Math.round(first - started)} ms`);
+        if (last > first && tokens > 1) stat("speed", `${((tokens - 1) / ((last - first) / 1000)).toFixed(1)} tok/s`);
+      };
+      try {
+        const reply = await fetch("/ui/playground/chat", {
+          method: "POST",
+          credentials: "same-origin",
+          headers: { "content-type": "application/json", "x-csrf-token": csrf },
+          body: JSON.stringify({
+            endpoint: settings.elements.endpoint.value,
+            messages,
+            temperature: Number(temperature.value),
+            max_tokens: Number(settings.elements.max_tokens.value) || 256,
+          }),
+          signal: controller.signal,
+        });
+        if (!reply.ok) {
+          const body = await reply.json().catch(() => ({}));
+          throw new Error(describe(body) || `HTTP ${reply.status}`);
+        }
+        const reader = reply.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          const lines = buffer.split("\n");
+          buffer = lines.pop();
+          for (const line of lines) {
+            if (!line.startsWith("data:")) continue;
+            const data = line.slice(5).trim();
+            if (data === "[DONE]") continue;
+            let chunk;
+            try { chunk = JSON.parse(data); } catch (_) { continue; }
+            if (chunk.error) throw new Error(chunk.error.message || "the model failed");
+            if (chunk.usage) usage = chunk.usage;
+            const delta = chunk.choices?.[0]?.delta?.content;
+            if (delta) {
+              last = performance.now();
+              if (!first) first = last;
+              pieces += 1;
+              answer.textContent += delta;
+              answer.dataset.updates = String(pieces);
+              list.scrollTop = list.scrollHeight;
+              show();
+            }
+          }
+        }
+        history.push({ role: "assistant", content: answer.textContent });
+      } catch (error) {
+        if (error.name !== "AbortError") bubble("error", error.message);
+        history.pop();
+      } finally {
+        answer.classList.remove("streaming");
+        answer.dataset.state = "done";
+        show();
+        controller = null;
+        send.disabled = false;
+        stop.hidden = true;
+      }
+    });
+  }
+
+  function describe(body) {
+    if (typeof body.detail === "string") return body.detail;
+    if (Array.isArray(body.detail)) return body.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+    return body.error?.message || "";
+  }
+})();

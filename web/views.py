@@ -1,0 +1,234 @@
+"""View models of the UI's pages and the formatting their templates use; pure functions over
+the dicts the api's routes already return (and a few table rows), called by `api.routes.ui`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TONES = {
+    "READY": "ok",
+    "UPDATE_PENDING": "busy",
+    "UPDATE_IN_PROGRESS": "busy",
+    "UPDATE_FAILED": "bad",
+    "DELETE_IN_PROGRESS": "idle",
+    "ready": "ok",
+    "starting": "busy",
+    "unhealthy": "bad",
+    "stopping": "idle",
+    "failed": "bad",
+    "PENDING": "idle",
+    "STARTED": "busy",
+    "SUCCESS": "ok",
+    "FAILURE": "bad",
+    "completed": "ok",
+    "in_progress": "busy",
+    "finalizing": "busy",
+    "validating": "idle",
+    "failed_batch": "bad",
+    "cancelled": "idle",
+    "cancelling": "idle",
+    "expired": "bad",
+}
+BUSY = ("UPDATE_PENDING", "UPDATE_IN_PROGRESS", "DELETE_IN_PROGRESS")
+RESULT_SHOWN_CHARS = 20_000  # a task's result is cut here on its page
+STARTS = ("created", "updated", "restart")  # events that begin a deploy of a new spec
+
+
+def tone(status: str | None) -> str:
+    """The colour family of a status: ok, busy, bad or idle."""
+    if status == "failed":
+        return "bad"
+    return TONES.get(status or "", "idle")
+
+
+def ago(stamp: float | None, now: float) -> str:
+    if stamp is None:
+        return "—"
+    seconds = max(0, int(now - stamp))
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    if seconds < 86400:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} d ago"
+
+
+def clock(stamp: float | None) -> str:
+    """A UTC time of day, with the date when it is not today."""
+    if stamp is None:
+        return "—"
+    when = dt.datetime.fromtimestamp(stamp, dt.UTC)
+    today = dt.datetime.now(dt.UTC).date()
+    return when.strftime("%H:%M:%S" if when.date() == today else "%Y-%m-%d %H:%M")
+
+
+def size(n: float | None) -> str:
+    """Bytes in binary units, one decimal: 4.0 GiB."""
+    if n is None:
+        return "—"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def short_model(model: str) -> str:
+    """A model as a user named it: the models mount dropped from a local path."""
+    return model.removeprefix("/models/")
+
+
+@dataclass(frozen=True)
+class EndpointRow:
+    id: str
+    name: str
+    framework: str
+    model: str
+    status: str
+    tone: str
+    reason: str | None
+    ready: int
+    desired: int
+    gpus: int
+    requests_per_minute: float | None
+    last_activity: float | None
+
+
+def endpoint_row(
+    public: Mapping[str, Any], requests_per_minute: float | None, last_request: float | None
+) -> EndpointRow:
+    """One row of the endpoints table from the by-id route's description."""
+    deployment = public["deployment_state"]
+    updated = dt.datetime.fromisoformat(public["last_updated_at"]).timestamp()
+    return EndpointRow(
+        id=public["id"],
+        name=public["name"],
+        framework=public["framework"],
+        model=short_model(public["model"]),
+        status=public["status"],
+        tone=tone(public["status"]),
+        reason=public.get("status_reason"),
+        ready=int(deployment["available_workers"]),
+        desired=int(deployment["desired_workers"]),
+        gpus=int(public["resource_state"]["gpus"]),
+        requests_per_minute=requests_per_minute,
+        last_activity=max(last_request or 0.0, updated),
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    label: str
+    state: str  # done, current, todo or failed
+    detail: str = ""
+
+
+def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]:
+    """The latest deploy, step by step, from the endpoint's events timeline.
+
+    Placed (on GPUs or CPU) -> image present or pulled -> container started, loading the
+    model -> health check passed -> READY."""
+    start = max((i for i, e in enumerate(events) if e["kind"] in STARTS), default=0)
+    recent = events[start:]
+    found: dict[str, str] = {}
+    for event in recent:
+        found.setdefault(event["kind"], event["message"])
+    started = "started" in found
+    ready_status = any(
+        e["kind"] == "status" and str(e["message"]).startswith("READY") for e in recent
+    )
+    plan = [
+        ("Placed", "placed" in found, found.get("placed", "")),
+        (
+            "Image ready",
+            started or "pulled" in found,
+            found.get("pulled", "image present" if started else ""),
+        ),
+        ("Loading model", started, found.get("started", "")),
+        ("Health check", "ready" in found, found.get("ready", "")),
+        ("Ready", ready_status or status == "READY", "serving" if status == "READY" else ""),
+    ]
+    failed = status == "UPDATE_FAILED" or "crashed" in found
+    steps: list[Step] = []
+    current_given = False
+    for label, done, detail in plan:
+        if done:
+            steps.append(Step(label, "done", detail))
+        elif not current_given:
+            current_given = True
+            if failed:
+                steps.append(Step(label, "failed", found.get("crashed", "") or "failed"))
+            else:
+                steps.append(Step(label, "current", "in progress"))
+        else:
+            steps.append(Step(label, "todo"))
+    return steps
+
+
+@dataclass(frozen=True)
+class GpuCard:
+    index: int
+    name: str
+    total: int
+    used: int
+    free: int
+    used_pct: float
+    claimed_pct: float
+    utilization: float | None
+    holders: list[str]
+
+
+def gpu_cards(gpus: Iterable[Mapping[str, Any]]) -> list[GpuCard]:
+    """The GPUs route's answer as cards: memory used, claimed (by placement) and free."""
+    cards = []
+    for gpu in gpus:
+        total = int(gpu.get("memory_total_bytes") or 0)
+        used = int(gpu.get("memory_used_bytes") or 0)
+        holders = [
+            f"{h.get('endpoint_name') or 'another team'} · {h.get('state')}"
+            + (f" · {h['fraction']:.0%}" if h.get("fraction", 1) < 1 else "")
+            for h in gpu.get("replicas", [])
+        ]
+        cards.append(
+            GpuCard(
+                index=int(gpu["index"]),
+                name=str(gpu.get("name", "GPU")),
+                total=total,
+                used=used,
+                free=int(gpu.get("memory_free_bytes") or max(total - used, 0)),
+                used_pct=round(100 * used / total, 1) if total else 0.0,
+                claimed_pct=min(100.0, round(100 * float(gpu.get("claimed_fraction", 0)), 1)),
+                utilization=gpu.get("utilization_percent"),
+                holders=holders,
+            )
+        )
+    return cards
+
+
+def key_state(key: Mapping[str, Any], now: float) -> str:
+    if key.get("revoked_at"):
+        return "revoked"
+    if key.get("expires_at") and key["expires_at"] <= now:
+        return "expired"
+    return "active"
+
+
+def pretty_json(value: Any) -> str:
+    """A task's result or payload for a <pre>, cut at RESULT_SHOWN_CHARS."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    if len(text) > RESULT_SHOWN_CHARS:
+        return text[:RESULT_SHOWN_CHARS] + "\n… (cut; fetch the task through the API for all)"
+    return text
+
+
+def duration(start: float | None, end: float | None) -> str:
+    if start is None or end is None:
+        return "—"
+    seconds = end - start
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
