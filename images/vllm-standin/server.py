@@ -1,0 +1,341 @@
+"""Stand-in for vllm/vllm-openai: takes `vllm serve` flags, serves vLLM's HTTP API, fake text."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Json = dict[str, Any]
+TOKEN_DELAY_S = float(os.environ.get("VLLM_STANDIN_TOKEN_DELAY_S", "0.01"))
+DEFAULT_MAX_TOKENS = 16
+DTYPES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
+LOG_LEVELS = ["debug", "info", "warning", "error", "critical", "trace"]
+METRICS = {  # name: (type, help), as vLLM exports them
+    "num_requests_running": ("gauge", "Number of requests in model execution batches."),
+    "num_requests_waiting": ("gauge", "Number of requests waiting to be processed."),
+    "gpu_cache_usage_perc": ("gauge", "GPU KV-cache usage. 1 means 100 percent usage."),
+    "kv_cache_usage_perc": ("gauge", "KV-cache usage. 1 means 100 percent usage."),
+    "prompt_tokens": ("counter", "Number of prefill tokens processed."),
+    "generation_tokens": ("counter", "Number of generation tokens processed."),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vllm serve", usage="vllm serve [model_tag] [options]")
+    p.add_argument("model_tag", nargs="?", help="model name or path (wins over --model)")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    p.add_argument("--served-model-name", nargs="+")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--quantization", "-q")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--swap-space", type=float, default=4)
+    p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128])
+    p.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS)
+    for name in ("chat-template", "revision", "tokenizer", "download-dir", "api-key"):
+        p.add_argument(f"--{name}")
+    for name in ("tool-call-parser", "kv-cache-dtype", "load-format", "generation-config"):
+        p.add_argument(f"--{name}")
+    # vLLM's boolean flags also take --no-<flag>
+    for name in ("enforce-eager", "trust-remote-code", "enable-prefix-caching"):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=False)
+    for name in ("enable-auto-tool-choice", "disable-log-requests"):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=False)
+    return p.parse_args(argv)
+
+
+class Engine:
+    """Counts requests like vLLM's scheduler: up to max_num_seqs run, the rest wait."""
+
+    def __init__(self, max_num_seqs: int) -> None:
+        self.cond = threading.Condition()
+        self.max_num_seqs = max_num_seqs
+        self.running = self.waiting = self.prompt_tokens = self.generation_tokens = 0
+
+    @contextmanager
+    def slot(self, prompt_tokens: int) -> Iterator[None]:
+        with self.cond:
+            self.waiting += 1
+            self.cond.wait_for(lambda: self.running < self.max_num_seqs)
+            self.waiting -= 1
+            self.running += 1
+            self.prompt_tokens += prompt_tokens
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.running -= 1
+                self.cond.notify()
+
+    def tokens(self, prompt: str, n: int) -> Iterator[str]:
+        """Deterministic words taken from the prompt; one word is one token."""
+        words = re.findall(r"[a-z0-9']+", prompt.lower()) or ["hello"]
+        start = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+        for i in range(n):
+            time.sleep(TOKEN_DELAY_S)
+            with self.cond:
+                self.generation_tokens += 1
+            yield words[(start + i) % len(words)]
+
+    def metrics(self, model: str) -> str:
+        with self.cond:
+            use = self.running / self.max_num_seqs
+            values = [
+                self.running,
+                self.waiting,
+                use,
+                use,
+                self.prompt_tokens,
+                self.generation_tokens,
+            ]
+        out = []
+        for (name, (kind, doc)), value in zip(METRICS.items(), values, strict=True):
+            sample = f"vllm:{name}_total" if kind == "counter" else f"vllm:{name}"
+            out += [f"# HELP vllm:{name} {doc}", f"# TYPE vllm:{name} {kind}"]
+            out.append(f'{sample}{{model_name="{model}"}} {float(value)}')
+        return "\n".join(out) + "\n"
+
+
+def count_words(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def message_text(messages: list[Any]) -> str:
+    parts: list[str] = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [c.get("text", "") for c in content if isinstance(c, dict)]
+    return "\n".join(parts)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Json:
+    total = prompt_tokens + completion_tokens
+    return dict(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+    )
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.kind, self.message = code, kind, message
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version, sys_version = "uvicorn", ""
+    engine: Engine
+    names: list[str]
+    api_key: str | None = None
+    quiet = False
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.quiet:
+            print(f"INFO:     {self.address_string()} - {format % args}", flush=True)
+
+    def send_body(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, code: int, obj: Any) -> None:
+        self.send_body(code, json.dumps(obj).encode())
+
+    def authorized(self) -> bool:
+        if self.api_key and self.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.send_json(401, {"error": "Unauthorized"})
+            return False
+        return True
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/health":
+            self.send_body(200, b"")
+        elif path == "/metrics":
+            text = self.engine.metrics(self.names[0]).encode()
+            self.send_body(200, text, "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/version":
+            self.send_json(200, {"version": "0.0.0+standin"})
+        elif path == "/v1/models":
+            if self.authorized():
+                now = int(time.time())
+                card = dict(object="model", created=now, owned_by="vllm", parent=None)
+                data = [card | {"id": n, "root": n} for n in self.names]
+                self.send_json(200, {"object": "list", "data": data})
+        else:
+            self.send_json(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        chat, text, embed = self.completion, self.completion, self.embeddings
+        routes = {"/v1/chat/completions": chat, "/v1/completions": text, "/v1/embeddings": embed}
+        path = self.path.split("?")[0]
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path not in routes:
+            self.send_json(404, {"detail": "Not Found"})
+            return
+        if not self.authorized():
+            return
+        try:
+            req = json.loads(body)
+            if not isinstance(req, dict):
+                raise ApiError(400, "BadRequestError", "Request body must be a JSON object.")
+            model = req.get("model") or self.names[0]
+            if model not in self.names:
+                raise ApiError(404, "NotFoundError", f"The model `{model}` does not exist.")
+            routes[path](path, req, model)
+        except json.JSONDecodeError as e:
+            self.send_error_json(ApiError(400, "BadRequestError", f"Invalid JSON: {e}"))
+        except ApiError as e:
+            self.send_error_json(e)
+
+    def send_error_json(self, e: ApiError) -> None:
+        err = {"message": e.message, "type": e.kind, "param": None, "code": e.code}
+        self.send_json(e.code, {"error": err})
+
+    def completion(self, path: str, req: Json, model: str) -> None:
+        chat = path == "/v1/chat/completions"
+        if chat:
+            if not isinstance(req.get("messages"), list) or not req["messages"]:
+                raise ApiError(400, "BadRequestError", "`messages` must be a non-empty list.")
+            prompt = message_text(req["messages"])
+        else:
+            raw = req.get("prompt")
+            if raw is None:
+                raise ApiError(400, "BadRequestError", "`prompt` is required.")
+            prompt = raw if isinstance(raw, str) else " ".join(map(str, raw))
+        limit = req.get("max_completion_tokens") or req.get("max_tokens")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ApiError(400, "BadRequestError", "`max_tokens` must be a positive integer.")
+        n = limit or DEFAULT_MAX_TOKENS
+        finish = "length" if limit else "stop"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        p_tokens = count_words(prompt)
+        if req.get("stream"):
+            opts = req.get("stream_options") or {}
+            self.stream(
+                self.events(chat, rid, model, prompt, n, finish, bool(opts.get("include_usage")))
+            )
+            return
+        with self.engine.slot(p_tokens):
+            text = " ".join(self.engine.tokens(prompt, n))
+        choice: Json = {"index": 0, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+        else:
+            choice["text"] = text
+        kind = "chat.completion" if chat else "text_completion"
+        body = dict(id=rid, object=kind, created=int(time.time()), model=model, choices=[choice])
+        self.send_json(200, body | {"usage": usage(p_tokens, n)})
+
+    def events(
+        self, chat: bool, rid: str, model: str, prompt: str, n: int, finish: str, with_usage: bool
+    ) -> Generator[Json, None, None]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        base: Json = dict(id=rid, object=kind, created=int(time.time()), model=model)
+
+        def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> Json:
+            choice: Json = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+            if chat:
+                delta = {"role": "assistant"} if role else {}
+                choice["delta"] = delta | ({} if text is None else {"content": text})
+            else:
+                choice["text"] = text or ""
+            return base | {"choices": [choice]} | ({"usage": None} if with_usage else {})
+
+        p_tokens = count_words(prompt)
+        with self.engine.slot(p_tokens):
+            if chat:
+                yield chunk("", role=True)
+            for i, word in enumerate(self.engine.tokens(prompt, n)):
+                yield chunk(word if i == 0 else f" {word}")
+            yield chunk(None if chat else "", finish)
+        if with_usage:
+            yield base | {"choices": [], "usage": usage(p_tokens, n)}
+
+    def stream(self, events: Generator[Json, None, None]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in events:
+                self.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
+            self.write_chunk(b"data: [DONE]\n\n")
+            self.write_chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # client went away: stop generating
+        finally:
+            events.close()
+
+    def write_chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def embeddings(self, path: str, req: Json, model: str) -> None:
+        raw = req.get("input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not texts:
+            raise ApiError(400, "BadRequestError", "`input` must be a string or a list.")
+        data, p_tokens = [], 0
+        for i, text in enumerate(map(str, texts)):
+            digest = hashlib.sha256(text.encode()).digest()[:16]
+            vec = [b / 255 - 0.5 for b in digest]
+            norm = sum(v * v for v in vec) ** 0.5 or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
+            p_tokens += count_words(text)
+        with self.engine.slot(p_tokens):
+            pass
+        body = dict(id=f"embd-{uuid.uuid4().hex}", object="list", model=model, data=data)
+        self.send_json(200, body | {"usage": usage(p_tokens, 0)})
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    model = args.model_tag or args.model
+    if model.startswith("/") and not os.path.exists(model):
+        print(
+            f"ERROR {time.strftime('%m-%d %H:%M:%S')} [standin] Engine failed to start.\n"
+            f"ValueError: Invalid repository ID or local directory specified: '{model}'.",
+            file=sys.stderr,
+        )
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 in a container
+    Handler.engine = Engine(args.max_num_seqs)
+    Handler.names = args.served_model_name or [model]
+    Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")
+    Handler.quiet = args.uvicorn_log_level not in ("debug", "info", "trace")
+    print(f"INFO vLLM stand-in: model={model} served={Handler.names} args={vars(args)}", flush=True)
+    time.sleep(float(os.environ.get("VLLM_STANDIN_STARTUP_DELAY_S", "2")))  # "loading weights"
+    server = ThreadingHTTPServer((args.host or "0.0.0.0", args.port), Handler)
+    print(f"INFO:     Uvicorn running on http://{args.host or '0.0.0.0'}:{args.port}", flush=True)
+    print("INFO:     Application startup complete.", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
