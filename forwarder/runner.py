@@ -75,12 +75,15 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         jobs.install_runtime(self.runtime)
         await self.runtime.forwarder.start()
-        await self._refresh_routes()
-        helpers = [
-            asyncio.create_task(self._every(self.routing_refresh_s, self._refresh_routes, stop)),
-            asyncio.create_task(self._every(self.lease_ms / 3000, self._renew_leases, stop)),
-        ]
+        helpers: list[asyncio.Task[None]] = []
         try:
+            await self._refresh_routes()
+            helpers = [
+                asyncio.create_task(
+                    self._every(self.routing_refresh_s, self._refresh_routes, stop)
+                ),
+                asyncio.create_task(self._every(self.lease_ms / 3000, self._renew_leases, stop)),
+            ]
             await self._take_jobs(stop)
             if self.running:  # let what runs finish; the sweeper re-runs what does not
                 await asyncio.wait(set(self.running.values()), timeout=30)

@@ -1,0 +1,113 @@
+"""Async tasks survive faults, end to end on real containers (the vLLM stand-in): a worker
+killed with SIGKILL mid-task, Redis restarted during a run, Redis wiped during a run. Every
+accepted task ends SUCCESS, and a killed task's result is stored and called back once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_lib
+
+from tests.e2e.lifecycle import create, standin_body, wait_status
+from tests.forwarder.test_async_support import wait_tasks
+from tests.forwarder.test_callbacks import Receiver
+from tests.harness import Appliance, wait_until
+
+FAST = {
+    "APPLIANCE_TASK_LEASE_S": "3",
+    "APPLIANCE_SWEEP_INTERVAL_S": "0.5",
+    "APPLIANCE_WORKER_CONCURRENCY": "16",  # so some tasks wait on the queue
+}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver().start()
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def running(
+    make_appliance: Callable[..., Appliance], receiver: Receiver
+) -> tuple[Appliance, httpx.Client, str]:
+    appliance = make_appliance(
+        **FAST, APPLIANCE_CALLBACK_ALLOWED_HOSTS=json.dumps([f"127.0.0.1:{receiver.port}"])
+    )
+    appliance.start_role("worker")
+    client = appliance.client()
+    body = standin_body("standin", gpus=0, endpoint_type="async", per_worker=8)
+    endpoint_id = create(client, body)
+    wait_status(client, endpoint_id, "READY", timeout_s=90)
+    return appliance, client, endpoint_id
+
+
+def submit(client: httpx.Client, endpoint_id: str, tokens: int, **extra: Any) -> str:
+    args = {"messages": [{"role": "user", "content": "tell a story"}], "max_tokens": tokens}
+    reply = client.post(
+        f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": args, **extra}
+    )
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["task_id"])
+
+
+def test_worker_killed_mid_task_still_succeeds_once(
+    running: tuple[Appliance, httpx.Client, str], receiver: Receiver
+) -> None:
+    appliance, client, endpoint_id = running
+    # 300 tokens at the stand-in's 10 ms each: about 3 s in the replica
+    task_id = submit(client, endpoint_id, 300, callback_url=receiver.url)
+    wait_until(
+        lambda: client.get(f"/v1/async-tasks/{task_id}").json()["status"] == "STARTED",
+        30,
+        "the task to start",
+        every_s=0.05,
+    )
+    appliance.stop_role("worker", signal.SIGKILL)
+    appliance.start_role("worker")
+    body = wait_tasks(client, [task_id], 60)[task_id]
+    assert body["status"] == "SUCCESS", body
+    assert body["result"]["result"]["usage"]["completion_tokens"] == 300
+    wait_until(lambda: receiver.got, 20, "the callback")
+    with sqlite3.connect(appliance.data_dir / "appliance.db") as db:
+        attempts = db.execute("SELECT attempts FROM task WHERE id = ?", (task_id,)).fetchone()[0]
+    assert attempts == 2  # the killed run, then the sweeper's re-run
+    time.sleep(2)  # room for a duplicate delivery, were there one
+    delivered = [json.loads(b)["task_id"] for _, b in receiver.got]
+    assert delivered == [task_id]  # stored once, called back once
+
+
+def test_redis_restarted_during_a_run_loses_no_task(
+    running: tuple[Appliance, httpx.Client, str],
+) -> None:
+    appliance, client, endpoint_id = running
+    before = [submit(client, endpoint_id, 100) for _ in range(40)]
+    appliance.redis.stop()  # SIGTERM: Redis writes its append-only file and exits
+    appliance.redis.start()  # same port and directory: the AOF brings the queues back
+    after = [submit(client, endpoint_id, 20) for _ in range(20)]
+    done = wait_tasks(client, before + after, 120)
+    assert [t for t, b in done.items() if b["status"] != "SUCCESS"] == []
+
+
+def test_redis_wiped_during_a_run_every_task_ends(
+    running: tuple[Appliance, httpx.Client, str],
+) -> None:
+    appliance, client, endpoint_id = running
+    ids = [submit(client, endpoint_id, 200) for _ in range(60)]  # 2 s each, 16 at a time
+    r = redis_lib.Redis.from_url(appliance.redis.url)
+    wait_until(
+        lambda: client.get(f"/v1/async-tasks/{ids[0]}").json()["status"] != "PENDING",
+        30,
+        "the run to begin",
+    )
+    r.flushall()  # queues, jobs and leases gone; SQLite keeps every accepted task
+    ids += [submit(client, endpoint_id, 20) for _ in range(10)]
+    done = wait_tasks(client, ids, 180)
+    assert [t for t, b in done.items() if b["status"] != "SUCCESS"] == []
