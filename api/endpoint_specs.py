@@ -39,6 +39,7 @@ DEFAULT_MEMORY = {
     Framework.CUSTOM: 8 * 2**30,
 }
 DEFAULT_IDLE_TIMEOUT_S = 900
+DEFAULT_SCALE_DOWN_WINDOW_S = 300
 DEFAULT_STARTUP_TIMEOUT_S = {Framework.VLLM: 1800, Framework.LLAMACPP: 300, Framework.CUSTOM: 600}
 # Changing these rolls the replicas to a new generation; other fields apply in place.
 ROLLING_FIELDS = (
@@ -172,6 +173,9 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         if req.idle_timeout_seconds is not None
         else DEFAULT_IDLE_TIMEOUT_S,
         startup_timeout_s=req.startup_timeout_seconds or DEFAULT_STARTUP_TIMEOUT_S[framework],
+        scale_down_window_s=req.scale_down_window_seconds
+        if req.scale_down_window_seconds is not None
+        else DEFAULT_SCALE_DOWN_WINDOW_S,
         priority=req.priority or (10 if req.high_priority else 0),
         public_inference=bool(req.public_inference),
         labels=req.labels,
@@ -232,6 +236,7 @@ def apply_update(
         "priority": "priority",
         "image": "image",
         "idle_timeout_seconds": "idle_timeout_s",
+        "scale_down_window_seconds": "scale_down_window_s",
         "startup_timeout_seconds": "startup_timeout_s",
     }
     for field_name, column in simple.items():
@@ -286,6 +291,9 @@ def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> di
             "available_workers": ready,
             "unavailable_workers": live - ready,
             "desired_workers": endpoint.desired_replicas,
+            "idle_timeout_seconds": endpoint.idle_timeout_s,
+            "scale_down_window_seconds": endpoint.scale_down_window_s,
+            "last_request_at": endpoint.last_request_at,
         },
         "resource_state": {
             "cpus": endpoint.cpus,

@@ -118,6 +118,7 @@ class _ApplianceFields(BaseModel):
 
     gpu_memory_fraction: float | None = Field(None, gt=0, lt=1)
     idle_timeout_seconds: int | None = Field(None, ge=0)
+    scale_down_window_seconds: int | None = Field(None, ge=0, le=86400)
     priority: int | None = None
     env: dict[str, str] | None = None
     extra_flags: dict[str, str | int | float | bool] | None = None

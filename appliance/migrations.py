@@ -38,6 +38,7 @@ CREATE TABLE endpoint (
     target_concurrency INTEGER NOT NULL DEFAULT 4,
     endpoint_type TEXT NOT NULL,
     idle_timeout_s INTEGER NOT NULL,
+    scale_down_window_s INTEGER NOT NULL DEFAULT 300,
     startup_timeout_s INTEGER NOT NULL,
     priority INTEGER NOT NULL DEFAULT 0,
     public_inference BOOLEAN NOT NULL DEFAULT 0,

@@ -70,6 +70,7 @@ class Endpoint(SQLModel, table=True):
     target_concurrency: int = 4
     endpoint_type: str = EndpointType.STREAMING
     idle_timeout_s: int = 900
+    scale_down_window_s: int = 300
     startup_timeout_s: int = 1800
     priority: int = 0
     public_inference: bool = False

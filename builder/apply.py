@@ -32,6 +32,7 @@ from builder.reconcile import (
     MarkReady,
     RemoveOrphan,
     RemoveReplica,
+    SetDesired,
     SetStatus,
     StartReplica,
 )
@@ -221,6 +222,14 @@ class Applier:
             if result.rowcount:
                 message = action.status.value + (f": {action.reason}" if action.reason else "")
                 queries.add_event(action.endpoint_id, "status", message, session=session)
+
+    def _SetDesired(self, action: SetDesired) -> None:
+        with session_scope(self.engine) as session:
+            endpoint = session.get(Endpoint, action.endpoint_id)
+            if endpoint is None or endpoint.desired_replicas == action.desired:
+                return
+            endpoint.desired_replicas = action.desired
+            queries.add_event(endpoint.id, "scaled", action.reason, session=session)
 
     def _DeleteEndpoint(self, action: DeleteEndpoint) -> None:
         with session_scope(self.engine) as session:

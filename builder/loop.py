@@ -12,18 +12,20 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis
 from sqlalchemy.engine import Engine
 
 from appliance import bus, queries
 from appliance.db import session_scope
-from appliance.models import Replica, ReplicaState
+from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder.apply import Applier
 from builder.docker_engine import DockerEngine, DockerUnavailableError
+from builder.load import gather
 from builder.logs import LogShipper
-from builder.reconcile import Observed, plan
+from builder.reconcile import Observed, SetDesired, plan
+from builder.scale import History, Load, decide
 from builder.specs import server_command
 from gpu.inventory import GpuSource
 
@@ -61,6 +63,8 @@ class BuilderLoop:
     _inventory_at: float = 0.0
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
     _shipped: set[str] = field(default_factory=set)
+    _history: dict[str, History] = field(default_factory=dict)
+    _evicted: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._inventory = self.gpus.read()
@@ -109,13 +113,37 @@ class BuilderLoop:
         """One reconcile pass; returns how many actions it applied."""
         observed = self.observe()
         self._ship_logs(observed)
+        self._scale(observed)
         actions = plan(observed)
         for action in actions:
             try:
                 self.applier.apply(action)
             except Exception:
                 logger.exception("action %s failed; retrying on the next tick", action)
+            if isinstance(action, SetDesired):  # an eviction: the scaler starts afresh there
+                self._history[action.endpoint_id] = ((observed.now, action.desired),)
+                self._evicted[action.endpoint_id] = observed.now
         return len(actions)
+
+    def _scale(self, observed: Observed) -> None:
+        """The scaler: changes desired counts only; the planner does the container work."""
+        loads = gather(self.redis, observed.replicas, observed.inflight, self._pool)
+        self._history = {
+            e.id: self._history[e.id] for e in observed.endpoints if e.id in self._history
+        }
+        for endpoint in observed.endpoints:
+            load = replace(
+                loads.get(endpoint.id, Load()), evicted_at=self._evicted.get(endpoint.id)
+            )
+            endpoint.last_request_at = load.last_request_at or endpoint.last_request_at
+            if endpoint.status in (EndpointStatus.DELETE_IN_PROGRESS, EndpointStatus.UPDATE_FAILED):
+                continue
+            history = self._history.get(endpoint.id) or ((observed.now, endpoint.desired_replicas),)
+            decision = decide(endpoint, load, history, observed.now)
+            self._history[endpoint.id] = decision.history
+            if decision.reason is not None:
+                self.applier.apply(SetDesired(endpoint.id, decision.desired, decision.reason))
+                endpoint.desired_replicas = decision.desired
 
     def _ship_logs(self, observed: Observed) -> None:
         containers = {c.id for c in observed.containers if c.running}

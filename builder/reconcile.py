@@ -96,6 +96,15 @@ class DeleteEndpoint:
     endpoint_id: str
 
 
+@dataclass(frozen=True)
+class SetDesired:
+    """The scaler's (or an eviction's) new replica count for an endpoint, and why."""
+
+    endpoint_id: str
+    desired: int
+    reason: str
+
+
 Action = (
     StartReplica
     | AdoptContainer
@@ -106,6 +115,7 @@ Action = (
     | RemoveOrphan
     | SetStatus
     | DeleteEndpoint
+    | SetDesired
 )
 
 
@@ -116,6 +126,7 @@ class _Tick:
     obs: Observed
     claims: dict[int, float] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
+    evicted: set[str] = field(default_factory=set)
 
     def claim(self, gpus: Sequence[int], fraction: float) -> None:
         for gpu in gpus:
@@ -262,8 +273,12 @@ def _plan_scale_and_roll(
         tick.actions.append(
             SetStatus(endpoint.id, endpoint.generation, EndpointStatus.UPDATE_IN_PROGRESS, reason)
         )
-    if converged and endpoint.status != EndpointStatus.READY:
+    if converged and (endpoint.status != EndpointStatus.READY or endpoint.status_reason):
         tick.actions.append(SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, None))
+    elif endpoint.status == EndpointStatus.READY and reason and reason != endpoint.status_reason:
+        tick.actions.append(
+            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, reason)
+        )
 
 
 def _plan_start(
@@ -277,7 +292,46 @@ def _plan_start(
         starting = any(r.state == ReplicaState.STARTING for r in current)
         if old and not starting:  # no room to surge: make room by replacing one old replica
             tick.actions.append(DrainReplica(old[0].id, "making room for the new generation"))
+        elif not old and (victim := _evict_for(tick, endpoint, fraction)):
+            return f"waiting for GPUs: evicting an idle replica of {victim}"
         return f"waiting for GPUs: {exc.message}"
     tick.claim(gpus, fraction)
     tick.actions.append(StartReplica(endpoint.id, gpus, fraction if gpus else 0.0))
+    return None
+
+
+def _evict_for(tick: _Tick, endpoint: Endpoint, fraction: float) -> str | None:
+    """Frees GPUs for `endpoint` by draining one idle replica of a lower-priority endpoint that
+    is above its minimum, least recently used first; returns that endpoint's name."""
+    endpoints = {e.id: e for e in tick.obs.endpoints}
+    live = [r for r in tick.obs.replicas if r.state in LIVE]
+    count = {e: sum(r.endpoint_id == e for r in live) for e in endpoints}
+    candidates = sorted(
+        (
+            r
+            for r in live
+            if r.state == ReplicaState.READY
+            and r.gpus
+            and r.id not in tick.evicted
+            and (owner := endpoints.get(r.endpoint_id)) is not None
+            and owner.priority < endpoint.priority
+            and count[owner.id] > owner.min_replicas
+            and tick.obs.inflight.get(r.id, 0) <= 0
+        ),
+        key=lambda r: (endpoints[r.endpoint_id].last_request_at or 0.0, r.created_at),
+    )
+    for victim in candidates:
+        claims = dict(tick.claims)
+        for gpu in victim.gpus:
+            claims[gpu] = claims.get(gpu, 0.0) - victim.gpu_fraction
+        try:
+            place(tick.obs.inventory, claims, GpuRequest(endpoint.gpus, fraction))
+        except NoFreeGpuError:
+            continue
+        owner = endpoints[victim.endpoint_id]
+        tick.evicted.add(victim.id)
+        why = f"evicted for {endpoint.name} (priority {endpoint.priority})"
+        tick.actions.append(DrainReplica(victim.id, why))
+        tick.actions.append(SetDesired(owner.id, max(count[owner.id] - 1, owner.min_replicas), why))
+        return owner.name
     return None

@@ -192,3 +192,50 @@ def test_delete_drains_then_removes_the_row() -> None:
     gone = endpoint(status=EndpointStatus.DELETE_IN_PROGRESS)
     assert plan([gone], [replica("r1")]) == [rc.DrainReplica("r1", "endpoint deleted")]
     assert plan([gone], []) == [rc.DeleteEndpoint("end_a")]
+
+
+def test_gpu_pressure_evicts_an_idle_lower_priority_replica_above_its_min() -> None:
+    two = Inventory(EIGHT.gpus[:2])
+    low = endpoint(
+        id="end_low",
+        name="low",
+        priority=0,
+        min_replicas=1,
+        desired_replicas=2,
+        status=EndpointStatus.READY,
+        last_request_at=NOW - 500,
+    )
+    high = endpoint(
+        id="end_high",
+        name="high",
+        priority=10,
+        min_replicas=1,
+        status=EndpointStatus.UPDATE_PENDING,
+    )
+    replicas = [
+        replica("l1", endpoint_id="end_low", gpus=[0], created_at=1.0),
+        replica("l2", endpoint_id="end_low", gpus=[1], created_at=2.0),
+    ]
+    actions = plan([low, high], replicas, inventory=two, inflight={"l1": 1})
+    assert rc.DrainReplica("l2", "evicted for high (priority 10)") in actions
+    assert rc.SetDesired("end_low", 1, "evicted for high (priority 10)") in actions
+    assert not any(isinstance(a, rc.StartReplica) for a in actions)
+
+
+def test_eviction_never_goes_below_min_nor_takes_from_higher_priority() -> None:
+    one = Inventory(EIGHT.gpus[:1])
+    at_min = endpoint(
+        id="end_low", name="low", priority=0, min_replicas=1, status=EndpointStatus.READY
+    )
+    high = endpoint(id="end_high", name="high", priority=10, status=EndpointStatus.UPDATE_PENDING)
+    held = [replica("l1", endpoint_id="end_low", gpus=[0])]
+    actions = plan([at_min, high], held, inventory=one)
+    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in actions)
+    waiting = [a for a in actions if isinstance(a, rc.SetStatus) and a.endpoint_id == "end_high"]
+    assert waiting and waiting[0].reason and waiting[0].reason.startswith("waiting for GPUs")
+    lower = endpoint(id="end_high", name="high", priority=-1, status=EndpointStatus.UPDATE_PENDING)
+    above_min = endpoint(
+        id="end_low", name="low", priority=0, min_replicas=0, status=EndpointStatus.READY
+    )
+    actions = plan([above_min, lower], held, inventory=one)
+    assert not any(isinstance(a, rc.DrainReplica) for a in actions)
