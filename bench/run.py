@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import statistics
@@ -25,24 +26,41 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.fake_backend import expected_stream  # noqa: E402
-from bench.stack import ADMIN_KEY, MODEL, Stack, have  # noqa: E402
+from bench.fake_backend import expected_stream
+from bench.stack import ADMIN_KEY, LITELLM_KEY, MODEL, Stack, have
 
 HERE = Path(__file__).resolve().parent
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 STREAM_CHUNKS = 50
 STREAM_INTERVAL_MS = 20.0  # 50 chunks/s
-STREAM_BODY = (
-    '{"model":"%s","stream":true,"messages":[{"role":"user","content":"Count."}]}' % MODEL
+STREAM_BODY = json.dumps(
+    {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Count."}]}
 ).encode()
+
+
+def key_for(url: str) -> str:
+    return LITELLM_KEY if url.endswith("#litellm") else ADMIN_KEY
 
 
 def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
     """Runs wrk with bench/post.lua; requests/s, p50 and p99 latency in seconds, errors."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
-           str(HERE / "post.lua"), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, BENCH_KEY=ADMIN_KEY)).stdout
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(HERE / "post.lua"),
+        url.split("#")[0],
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, BENCH_KEY=key_for(url)),
+    ).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
@@ -58,8 +76,8 @@ async def one_stream(session: aiohttp.ClientSession, url: str) -> tuple[bytes, l
     """The body and the gaps between its SSE events' arrivals."""
     gaps: list[float] = []
     body = bytearray()
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
-    async with session.post(url, data=STREAM_BODY, headers=headers) as reply:
+    headers = {"Authorization": f"Bearer {key_for(url)}", "Content-Type": "application/json"}
+    async with session.post(url.split("#")[0], data=STREAM_BODY, headers=headers) as reply:
         last = None
         seen = 0
         async for chunk in reply.content.iter_any():
@@ -127,14 +145,20 @@ def main() -> None:
 
 def report(targets: dict[str, int], seconds: float, concurrency: int) -> None:
     urls = {n: f"http://127.0.0.1:{port}/v1/chat/completions" for n, port in targets.items()}
+    if "litellm" in urls:
+        urls["litellm"] += "#litellm"  # marks which key to send; cut before use
     for url in urls.values():  # warm up pools and caches
         wrk(url, 4, 1)
     print(f"== latency at concurrency 1 ({seconds} s each, wrk) ==")
     lat = {n: wrk(u, 1, seconds) for n, u in urls.items()}
     for n, r in lat.items():
-        added = "" if n == "direct" else (
-            f"   added p50 {ms(r['p50'] - lat['direct']['p50'])}, "
-            f"p99 {ms(r['p99'] - lat['direct']['p99'])}"
+        added = (
+            ""
+            if n == "direct"
+            else (
+                f"   added p50 {ms(r['p50'] - lat['direct']['p50'])}, "
+                f"p99 {ms(r['p99'] - lat['direct']['p99'])}"
+            )
         )
         print(f"{n:>10}: p50 {ms(r['p50'])}  p99 {ms(r['p99'])}{added}")
     print(f"== peak non-streaming requests/s (64 connections, {seconds} s each, wrk) ==")
@@ -145,12 +169,16 @@ def report(targets: dict[str, int], seconds: float, concurrency: int) -> None:
     print(f"appliance / nginx   = {a / peak['nginx']['rps']:.2f}  (goal >= 0.5)")
     if "litellm" in peak:
         print(f"appliance / litellm = {a / peak['litellm']['rps']:.2f}  (goal >= 3)")
-    print(f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
-          f"{1000 / STREAM_INTERVAL_MS:.0f}/s (aiohttp client) ==")
+    print(
+        f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
+        f"{1000 / STREAM_INTERVAL_MS:.0f}/s (aiohttp client) =="
+    )
     runs = {n: asyncio.run(streams(urls[n], concurrency)) for n in ("direct", "appliance", "nginx")}
     for n, r in runs.items():
-        print(f"{n:>10}: gap p50 {ms(r['gap_p50'])}  p99 {ms(r['gap_p99'])}  "
-              f"byte-identical {r['identical']:.0f}/{r['streams']:.0f}  wall {r['wall']:.2f} s")
+        print(
+            f"{n:>10}: gap p50 {ms(r['gap_p50'])}  p99 {ms(r['gap_p99'])}  "
+            f"byte-identical {r['identical']:.0f}/{r['streams']:.0f}  wall {r['wall']:.2f} s"
+        )
     added = runs["appliance"]["gap_p99"] - runs["direct"]["gap_p99"]
     print(f"appliance added p99 inter-chunk gap = {ms(added)}  (goal < 5 ms)")
 

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "mea_000000000001_benchadminkeybenchadminkey0"
 LITELLM_PYTHON = Path(os.environ.get("LITELLM_PYTHON", "/tmp/venv-litellm/bin/python"))
 MODEL = "bench"
+LITELLM_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 
 
 def free_port() -> int:
@@ -52,14 +53,25 @@ def add_fake_endpoint(database: Path, name: str, address: str, replica_id: str) 
     with session_scope(engine) as session:
         session.add(
             Endpoint(
-                id=endpoint_id, name=name, owner="admin", created_by="admin", framework="custom",
-                model=name, status=EndpointStatus.READY, public_inference=True,
+                id=endpoint_id,
+                name=name,
+                owner="admin",
+                created_by="admin",
+                framework="custom",
+                model=name,
+                status=EndpointStatus.READY,
+                public_inference=True,
             )
         )
         session.add(
             Replica(
-                id=replica_id, endpoint_id=endpoint_id, generation=1, container_name=replica_id,
-                address=address, state=ReplicaState.READY, ready_at=time.time(),
+                id=replica_id,
+                endpoint_id=endpoint_id,
+                generation=1,
+                container_name=replica_id,
+                address=address,
+                state=ReplicaState.READY,
+                ready_at=time.time(),
             )
         )
     engine.dispose()
@@ -74,31 +86,48 @@ class Stack:
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
         self.procs.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
+            subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         )
 
     def backend(self, chunks: int, interval_ms: float) -> int:
         port = free_port()
-        self.spawn("backend", [sys.executable, str(ROOT / "bench/fake_backend.py"), "--port",
-                               str(port), "--chunks", str(chunks), "--interval-ms",
-                               str(interval_ms)])
+        self.spawn(
+            "backend",
+            [
+                sys.executable,
+                str(ROOT / "bench/fake_backend.py"),
+                "--port",
+                str(port),
+                "--chunks",
+                str(chunks),
+                "--interval-ms",
+                str(interval_ms),
+            ],
+        )
         wait_port(port)
         return port
 
     def appliance(self, backend_port: int) -> int:
         redis_port, port = free_port(), free_port()
-        self.spawn("redis", ["redis-server", "--port", str(redis_port), "--save", "",
-                             "--appendonly", "no"])
+        self.spawn(
+            "redis", ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+        )
         data = self.workdir / "appliance-data"
         data.mkdir(exist_ok=True)
-        add_fake_endpoint(data / "appliance.db", MODEL, f"http://127.0.0.1:{backend_port}",
-                          "rep_bench0000000001")
+        add_fake_endpoint(
+            data / "appliance.db", MODEL, f"http://127.0.0.1:{backend_port}", "rep_bench0000000001"
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        env.update(APPLIANCE_DATA_DIR=str(data), APPLIANCE_PORT=str(port),
-                   APPLIANCE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                   APPLIANCE_ADMIN_KEY=ADMIN_KEY, APPLIANCE_LOG_LEVEL="WARNING",
-                   APPLIANCE_REPLICA_MAX_CONCURRENCY="4096")
+        env.update(
+            APPLIANCE_DATA_DIR=str(data),
+            APPLIANCE_PORT=str(port),
+            APPLIANCE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            APPLIANCE_ADMIN_KEY=ADMIN_KEY,
+            APPLIANCE_LOG_LEVEL="WARNING",
+            APPLIANCE_REPLICA_MAX_CONCURRENCY="4096",
+        )
         wait_port(redis_port)
         self.spawn("appliance", [sys.executable, "-m", "appliance", "api"], env=env)
         wait_port(port)
@@ -147,11 +176,27 @@ model_list:
       api_key: unused
 litellm_settings:
   telemetry: false
+general_settings:
+  master_key: {LITELLM_KEY}
 """)
         env = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
-        self.spawn("litellm", [str(LITELLM_PYTHON), "-m", "litellm.proxy.proxy_cli", "--config",
-                               str(conf), "--port", str(port), "--host", "127.0.0.1",
-                               "--num_workers", "1"], env=env)
+        self.spawn(
+            "litellm",
+            [
+                str(LITELLM_PYTHON),
+                "-m",
+                "litellm.proxy.proxy_cli",
+                "--config",
+                str(conf),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--num_workers",
+                "1",
+            ],
+            env=env,
+        )
         wait_port(port, timeout_s=120)
         return port
 

@@ -7,6 +7,7 @@ from the forwarder's own counters at scrape time, so the hot path pays nothing f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -14,6 +15,7 @@ from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+MAX_CACHED_CHILDREN = 10_000
 WAIT_BUCKETS_S = (0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -99,6 +101,32 @@ class Metrics:
             registry=r,
         )
         r.register(_Inflight(inflight))
+        self._children: dict[tuple[str, str, int], _Children] = {}
+
+    def children(self, endpoint: str, key: str, code: int) -> _Children:
+        """The labelled instruments of one request's outcome, looked up once and cached."""
+        found = self._children.get((endpoint, key, code))
+        if found is None:
+            if len(self._children) > MAX_CACHED_CHILDREN:
+                self._children.clear()
+            found = _Children(
+                requests=self.requests.labels(endpoint, key, str(code)),
+                latency=self.latency.labels(endpoint),
+                ttft=self.ttft.labels(endpoint),
+                prompt_tokens=self.tokens.labels(endpoint, key, "prompt"),
+                completion_tokens=self.tokens.labels(endpoint, key, "completion"),
+            )
+            self._children[(endpoint, key, code)] = found
+        return found
+
+
+@dataclass(frozen=True)
+class _Children:
+    requests: Counter
+    latency: Histogram
+    ttft: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
 
 
 def inflight_rows(

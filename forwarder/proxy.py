@@ -117,7 +117,7 @@ class Forwarder:
     demand: dict[str, float] = field(default_factory=dict)  # endpoint id -> when it wanted one
     last_request: dict[str, float] = field(default_factory=dict)  # endpoint id -> time.time()
     ledger: Ledger = field(default_factory=Ledger)
-    loaded_at: float = 0.0  # time.monotonic() of the last table installed
+    loaded_at: float = 0.0  # time.monotonic() of the last reload a route miss caused
     metrics: Metrics = field(init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -149,7 +149,6 @@ class Forwarder:
     def update(self, table: RoutingTable) -> None:
         """Install a new routing table and wake requests waiting for a replica."""
         self.table = table
-        self.loaded_at = time.monotonic()
         self._wake()
 
     def _wake(self) -> None:
@@ -383,16 +382,17 @@ class Forwarder:
         """Account one finished request: metrics, and usage for the key and endpoint."""
         m = self.metrics
         name = route.name
-        m.requests.labels(name, key_id, str(code)).inc()
-        m.latency.labels(name).observe(duration_s)
+        children = m.children(name, key_id, code)
+        children.requests.inc()
+        children.latency.observe(duration_s)
         if overhead_s is not None:
             m.overhead.observe(overhead_s)
         if ttft_s is not None:
-            m.ttft.labels(name).observe(ttft_s)
+            children.ttft.observe(ttft_s)
         prompt, completion = usage or (0, 0)
         if usage is not None:
-            m.tokens.labels(name, key_id, "prompt").inc(prompt)
-            m.tokens.labels(name, key_id, "completion").inc(completion)
+            children.prompt_tokens.inc(prompt)
+            children.completion_tokens.inc(completion)
         self.ledger.add(key_id, name, prompt, completion)
 
 

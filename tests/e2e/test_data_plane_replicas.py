@@ -25,9 +25,16 @@ TIMEOUT_S = 3
 
 def standin(name: str, workers: int = 1, **env: str) -> dict[str, Any]:
     return {
-        "name": name, "model_name": "acme/standin-1b", "inference_framework": "vllm",
-        "gpus": 0, "min_workers": workers, "max_workers": workers, "per_worker": 8,
-        "labels": {}, "metadata": {}, "env": env,
+        "name": name,
+        "model_name": "acme/standin-1b",
+        "inference_framework": "vllm",
+        "gpus": 0,
+        "min_workers": workers,
+        "max_workers": workers,
+        "per_worker": 8,
+        "labels": {},
+        "metadata": {},
+        "env": env,
     }
 
 
@@ -40,7 +47,8 @@ def create(client: httpx.Client, body: dict[str, Any]) -> str:
 def wait_ready(client: httpx.Client, name: str, timeout_s: float = 90) -> None:
     wait_until(
         lambda: client.get(f"/v1/llm/model-endpoints/{name}").json()["status"] == "READY",
-        timeout_s, f"{name} to be READY",
+        timeout_s,
+        f"{name} to be READY",
     )
 
 
@@ -79,8 +87,12 @@ def running_on(url: str) -> float:
 
 
 def chat(model: str, tokens: int, stream: bool = False) -> dict[str, Any]:
-    return {"model": model, "max_tokens": tokens, "stream": stream,
-            "messages": [{"role": "user", "content": "tell me a long story about cats"}]}
+    return {
+        "model": model,
+        "max_tokens": tokens,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "tell me a long story about cats"}],
+    }
 
 
 def inflight_by_replica(appliance: Appliance, endpoint: str) -> dict[str, float]:
@@ -91,8 +103,13 @@ def inflight_by_replica(appliance: Appliance, endpoint: str) -> dict[str, float]
 
 def test_load_spreads_by_outstanding_requests(appl: Appliance) -> None:
     def one(_: int) -> int:
-        with httpx.stream("POST", appl.url + "/v1/chat/completions", headers=AUTH,
-                          json=chat("pair", 100, stream=True), timeout=60) as reply:
+        with httpx.stream(
+            "POST",
+            appl.url + "/v1/chat/completions",
+            headers=AUTH,
+            json=chat("pair", 100, stream=True),
+            timeout=60,
+        ) as reply:
             for _ in reply.iter_bytes():
                 pass
             return reply.status_code
@@ -101,7 +118,8 @@ def test_load_spreads_by_outstanding_requests(appl: Appliance) -> None:
         results = pool.map(one, range(8))
         seen = wait_until(
             lambda: (c := inflight_by_replica(appl, "pair")) and sum(c.values()) == 8 and c,
-            10, "8 streams in flight",
+            10,
+            "8 streams in flight",
         )
         assert sorted(seen.values()) == [4.0, 4.0], seen
         urls = [replica_url(c) for c in containers_of(appl, "pair")]
@@ -115,8 +133,9 @@ def test_a_replica_killed_mid_run_loses_no_request(appl: Appliance) -> None:
     statuses: list[int] = []
 
     def one(i: int) -> int:
-        reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH,
-                           json=chat("pair", 10), timeout=60)
+        reply = httpx.post(
+            appl.url + "/v1/chat/completions", headers=AUTH, json=chat("pair", 10), timeout=60
+        )
         return reply.status_code
 
     with ThreadPoolExecutor(4) as pool:
@@ -139,8 +158,13 @@ def test_client_disconnect_cancels_the_replica_request(appl: Appliance) -> None:
     stop = threading.Event()
 
     def abandon() -> None:
-        with httpx.stream("POST", appl.url + "/v1/chat/completions", headers=AUTH,
-                          json=chat("pair", 2000, stream=True), timeout=60) as reply:
+        with httpx.stream(
+            "POST",
+            appl.url + "/v1/chat/completions",
+            headers=AUTH,
+            json=chat("pair", 2000, stream=True),
+            timeout=60,
+        ) as reply:
             for _ in reply.iter_bytes():
                 if stop.is_set():
                     return  # closes the connection mid-stream
@@ -158,16 +182,20 @@ def test_body_over_the_limit_is_413(appl: Appliance) -> None:
     reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH, json=big, timeout=30)
     assert reply.status_code == 413
     assert reply.json()["error"]["code"] == 413
-    sync = httpx.post(appl.url + "/v1/llm/completions-sync?model_endpoint_name=pair",
-                      headers=AUTH, json={"prompt": "x" * (BODY_LIMIT + 1), "max_new_tokens": 2,
-                                          "temperature": 0}, timeout=30)
+    sync = httpx.post(
+        appl.url + "/v1/llm/completions-sync?model_endpoint_name=pair",
+        headers=AUTH,
+        json={"prompt": "x" * (BODY_LIMIT + 1), "max_new_tokens": 2, "temperature": 0},
+        timeout=30,
+    )
     assert sync.status_code == 413 and "detail" in sync.json()
 
 
 def test_a_silent_replica_times_out_with_504(appl: Appliance) -> None:
     started = time.monotonic()
-    reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH,
-                       json=chat("slow", 4), timeout=60)
+    reply = httpx.post(
+        appl.url + "/v1/chat/completions", headers=AUTH, json=chat("slow", 4), timeout=60
+    )
     assert reply.status_code == 504, reply.text
     assert reply.json()["error"]["type"] == "server_error"
     assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 5
@@ -176,16 +204,23 @@ def test_a_silent_replica_times_out_with_504(appl: Appliance) -> None:
 def test_cold_endpoint_answers_once_its_replica_is_up(appl: Appliance) -> None:
     client = appl.client()
     create(client, standin("cold", VLLM_STANDIN_STARTUP_DELAY_S="3"))
-    create(client, standin("cold-stream", VLLM_STANDIN_STARTUP_DELAY_S="3"))
     started = time.monotonic()
-    reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH,
-                       json=chat("cold", 4), timeout=120)
+    reply = httpx.post(
+        appl.url + "/v1/chat/completions", headers=AUTH, json=chat("cold", 4), timeout=120
+    )
     assert reply.status_code == 200, reply.text
     assert float(reply.headers["x-appliance-wait-ms"]) > 1000
     assert time.monotonic() - started < 120
 
-    with httpx.stream("POST", appl.url + "/v1/chat/completions", headers=AUTH,
-                      json=chat("cold-stream", 4, stream=True), timeout=120) as stream:
+    create(client, standin("cold-stream", VLLM_STANDIN_STARTUP_DELAY_S="3"))
+
+    with httpx.stream(
+        "POST",
+        appl.url + "/v1/chat/completions",
+        headers=AUTH,
+        json=chat("cold-stream", 4, stream=True),
+        timeout=120,
+    ) as stream:
         assert stream.status_code == 200
         body = b"".join(stream.iter_bytes())
     assert body.startswith(b": keep-alive\n\n")
@@ -196,17 +231,24 @@ def test_cold_endpoint_answers_once_its_replica_is_up(appl: Appliance) -> None:
 
 def test_llm_engine_task_routes_wrap_results(appl: Appliance) -> None:
     endpoint_id = appl.client().get("/v1/llm/model-endpoints/pair").json()["id"]
-    sync = httpx.post(appl.url + f"/v1/sync-tasks?model_endpoint_id={endpoint_id}",
-                      headers=AUTH, json={"args": {"prompt": "hello there", "max_tokens": 3}},
-                      timeout=60)
+    sync = httpx.post(
+        appl.url + f"/v1/sync-tasks?model_endpoint_id={endpoint_id}",
+        headers=AUTH,
+        json={"args": {"prompt": "hello there", "max_tokens": 3}},
+        timeout=60,
+    )
     assert sync.status_code == 200, sync.text
     got = sync.json()
     assert got["status"] == "SUCCESS" and got["status_code"] == 200
     assert json.loads(got["result"]["result"])["usage"]["completion_tokens"] == 3
 
-    with httpx.stream("POST", appl.url + f"/v1/streaming-tasks?model_endpoint_id={endpoint_id}",
-                      headers=AUTH, json={"args": {"prompt": "hello there", "max_tokens": 3}},
-                      timeout=60) as stream:
+    with httpx.stream(
+        "POST",
+        appl.url + f"/v1/streaming-tasks?model_endpoint_id={endpoint_id}",
+        headers=AUTH,
+        json={"args": {"prompt": "hello there", "max_tokens": 3}},
+        timeout=60,
+    ) as stream:
         lines = [x for x in stream.iter_lines() if x.startswith("data:")]
     events = [json.loads(x[5:]) for x in lines]
     assert events and all(e["status"] == "SUCCESS" for e in events)

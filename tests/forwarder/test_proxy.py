@@ -1,0 +1,237 @@
+"""The forwarder against real loopback HTTP servers: least outstanding choice, retries on
+connection failures, ejection until healthy, the per-replica cap, cold-start holds, timeouts
+and dropping an abandoned request."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import web
+
+from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
+from forwarder.proxy import Forwarder, Limits
+from forwarder.routing import ReplicaRoute, Route, RoutingTable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Replica:
+    """A tiny upstream: POST answers after `delay_s`; /health answers `healthy`."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.healthy = True
+        self.served = 0
+        self.cancelled = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.served += 1
+        return web.json_response(
+            {"ok": True, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Replica]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.post)
+        app.router.add_get("/health", self.health)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
+        await site.start()
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+def route(*replicas: tuple[str, str], cap: int | None = None) -> Route:
+    return Route(
+        endpoint_id="end_1",
+        name="m",
+        owner="t",
+        public=False,
+        framework="vllm",
+        endpoint_type="streaming",
+        status="READY",
+        replicas=tuple(ReplicaRoute(rid, url) for rid, url in replicas),
+        max_concurrency=cap,
+    )
+
+
+def table(r: Route) -> RoutingTable:
+    return RoutingTable({r.name: r}, {r.endpoint_id: r})
+
+
+async def with_forwarder(
+    r: Route, body: Callable[[Forwarder], Awaitable[None]], **limits: float
+) -> None:
+    fwd = Forwarder(limits=Limits(**limits))  # type: ignore[arg-type]
+    fwd.update(table(r))
+    await fwd.start()
+    try:
+        await body(fwd)
+    finally:
+        await fwd.close()
+
+
+async def call(fwd: Forwarder, r: Route, hold_s: float = 0.0) -> tuple[str, int]:
+    upstream = await fwd.open(r, "/v1/chat/completions", b"{}", hold_s=hold_s)
+    try:
+        await upstream.read()
+    finally:
+        upstream.close()
+    return upstream.replica_id, upstream.status
+
+
+def test_least_outstanding_replica_is_chosen() -> None:
+    async def main() -> None:
+        slow, fast = Replica(delay_s=0.5), Replica()
+        async with slow.running(), fast.running():
+            r = route(("slow", slow.url), ("fast", fast.url))
+
+            async def body(fwd: Forwarder) -> None:
+                first = asyncio.ensure_future(call(fwd, r))
+                await asyncio.sleep(0.05)
+                assert fwd.inflight == {"slow": 1} or fwd.inflight == {"fast": 1}
+                busy = next(iter(fwd.inflight))
+                picks = [(await call(fwd, r))[0] for _ in range(3)]
+                assert busy not in picks  # the busy one is never least outstanding
+                await first
+                assert fwd.inflight == {}
+
+            await with_forwarder(r, body)
+
+    asyncio.run(main())
+
+
+def test_connection_failure_retries_on_another_replica_then_ejects_it() -> None:
+    async def main() -> None:
+        good = Replica()
+        async with good.running():
+            r = route(("dead", f"http://127.0.0.1:{free_port()}"), ("good", good.url))
+
+            async def body(fwd: Forwarder) -> None:
+                fwd.inflight["good"] = 1  # make the dead one least outstanding
+                for _ in range(3):
+                    assert await call(fwd, r) == ("good", 200)
+                    fwd.inflight["good"] = 1
+                assert "dead" in fwd.ejected
+                assert await call(fwd, r) == ("good", 200)
+                assert good.served == 4
+
+            await with_forwarder(r, body)
+
+    asyncio.run(main())
+
+
+def test_ejected_replica_returns_when_healthy() -> None:
+    async def main() -> None:
+        flaky = Replica()
+        async with flaky.running():
+            r = route(("flaky", flaky.url))
+
+            async def body(fwd: Forwarder) -> None:
+                flaky.healthy = False
+                for _ in range(3):
+                    fwd._failed(r, "flaky")
+                assert fwd.ejected == {"flaky"}
+                with pytest.raises(NoReadyReplicaError):
+                    await call(fwd, r, hold_s=0.2)
+                flaky.healthy = True
+                assert await call(fwd, r, hold_s=5) == ("flaky", 200)
+                assert fwd.ejected == set()
+
+            await with_forwarder(r, body)
+
+    asyncio.run(main())
+
+
+def test_cap_waits_briefly_then_answers_503() -> None:
+    async def main() -> None:
+        slow = Replica(delay_s=0.4)
+        async with slow.running():
+            r = route(("one", slow.url), cap=1)
+
+            async def body(fwd: Forwarder) -> None:
+                first = asyncio.ensure_future(call(fwd, r))
+                await asyncio.sleep(0.05)
+                assert await call(fwd, r) == ("one", 200)  # waited for the slot
+                await first
+                blocker = asyncio.ensure_future(call(fwd, r))
+                await asyncio.sleep(0.05)
+                with pytest.raises(CapacityError):
+                    fwd.limits = Limits(queue_wait_s=0.1)
+                    await call(fwd, r)
+                await blocker
+
+            await with_forwarder(r, body, queue_wait_s=2.0)
+
+    asyncio.run(main())
+
+
+def test_cold_endpoint_is_held_until_a_replica_is_ready() -> None:
+    async def main() -> None:
+        late = Replica()
+        async with late.running():
+            cold = route()
+            demanded: list[str] = []
+
+            async def body(fwd: Forwarder) -> None:
+                fwd.on_demand = lambda r: demanded.append(r.name)
+                waiting = asyncio.ensure_future(call(fwd, cold, hold_s=5))
+                await asyncio.sleep(0.3)
+                assert not waiting.done() and demanded == ["m"]
+                fwd.update(table(route(("late", late.url))))
+                assert await waiting == ("late", 200)
+                with pytest.raises(NoReadyReplicaError):
+                    fwd.update(table(cold))
+                    await call(fwd, cold, hold_s=0.1)
+
+            await with_forwarder(cold, body)
+
+    asyncio.run(main())
+
+
+def test_silent_replica_is_a_504_and_abandoning_cancels_it() -> None:
+    async def main() -> None:
+        silent = Replica(delay_s=3)
+        async with silent.running():
+            r = route(("silent", silent.url))
+
+            async def body(fwd: Forwarder) -> None:
+                with pytest.raises(UpstreamError) as caught:
+                    await fwd.open(r, "/v1/chat/completions", b"{}", hold_s=0, timeout_s=0.3)
+                assert caught.value.status_code == 504
+                assert fwd.inflight == {}
+                task = asyncio.ensure_future(call(fwd, r))
+                await asyncio.sleep(0.2)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(0.2)
+                assert silent.cancelled == 2  # the replica saw both requests go away
+                assert fwd.inflight == {}
+
+            await with_forwarder(r, body)
+
+    asyncio.run(main())
