@@ -1,5 +1,6 @@
-"""Small inline-SVG line charts: points in, an SVG path and its labels out (the template
-draws them), so a page with charts costs no script and no request."""
+"""Small inline-SVG bar charts: points in, bars and labels out (the template draws them), so a
+page with charts costs no script and no extra request. Bars rather than lines, so that one
+busy 10-second bucket in a quiet hour still shows."""
 
 from __future__ import annotations
 
@@ -8,15 +9,23 @@ from dataclasses import dataclass
 
 WIDTH = 300
 HEIGHT = 80
+MIN_BAR_WIDTH = 1.5  # in viewBox units; a bucket is narrower than that over an hour
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
 
 
 @dataclass(frozen=True)
 class Chart:
     title: str
     unit: str
-    line: str  # SVG path data of the line
-    area: str  # the same, closed to the bottom, for a soft fill
-    top: str  # the y axis's top value, formatted
+    bars: list[Bar]
+    top: str  # the highest value, formatted
     latest: str  # the last point's value, formatted
     empty: bool
 
@@ -31,23 +40,25 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def line_chart(
-    title: str, unit: str, points: Sequence[tuple[float, float]], start: float, end: float
+def bar_chart(
+    title: str,
+    unit: str,
+    points: Sequence[tuple[float, float]],
+    start: float,
+    end: float,
+    step_s: float,
 ) -> Chart:
-    """A chart of `points` (time, value) over [start, end]; empty when there are none."""
-    if not points or end <= start:
-        return Chart(title, unit, "", "", "", "", True)
-    top = max(v for _, v in points) or 1.0
-    top *= 1.1  # headroom so the peak does not touch the frame
-
-    def xy(t: float, v: float) -> str:
-        x = (t - start) / (end - start) * WIDTH
-        y = HEIGHT - v / top * HEIGHT
-        return f"{max(0.0, min(WIDTH, x)):.1f},{y:.1f}"
-
-    coords = [xy(t, v) for t, v in points]
-    line = "M" + " L".join(coords)
-    first_x = coords[0].split(",")[0]
-    last_x = coords[-1].split(",")[0]
-    area = f"{line} L{last_x},{HEIGHT} L{first_x},{HEIGHT} Z"
-    return Chart(title, unit, line, area, _fmt(top / 1.1), _fmt(points[-1][1]), False)
+    """Bars of `points` (bucket start, value) over [start, end]; empty when all are zero."""
+    top = max((v for _, v in points), default=0.0)
+    if top <= 0 or end <= start:
+        return Chart(title, unit, [], "", "", True)
+    scale_x = WIDTH / (end - start)
+    width = max(step_s * scale_x, MIN_BAR_WIDTH)
+    bars = []
+    for t, v in points:
+        if v <= 0 or t + step_s < start:
+            continue
+        height = max(v / (top * 1.1) * HEIGHT, 1.0)
+        x = min(max((t - start) * scale_x, 0.0), WIDTH - width)
+        bars.append(Bar(round(x, 2), round(HEIGHT - height, 2), round(width, 2), round(height, 2)))
+    return Chart(title, unit, bars, _fmt(top), _fmt(points[-1][1]), False)

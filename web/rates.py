@@ -68,7 +68,7 @@ class Series:
     """Points (bucket start, value) of the last hour, oldest first."""
 
     requests_per_s: list[tuple[float, float]]
-    latency_ms: list[tuple[float, float]]
+    latency_s: list[tuple[float, float]]
     tokens_per_s: list[tuple[float, float]]
 
     @property
@@ -102,7 +102,7 @@ def series(raw: Mapping[str, Mapping[Any, Any]], now: float) -> Series:
         tokens.append((float(bucket), data["tokens"].get(bucket, 0.0) / BUCKET_S))
         count = data["latency_count"].get(bucket, 0.0)
         if count:
-            latency.append((float(bucket), 1000 * data["latency_sum"].get(bucket, 0.0) / count))
+            latency.append((float(bucket), data["latency_sum"].get(bucket, 0.0) / count))
     return Series(requests, latency, tokens)
 
 

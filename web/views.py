@@ -143,15 +143,16 @@ def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]
     ready_status = any(
         e["kind"] == "status" and str(e["message"]).startswith("READY") for e in recent
     )
+    placed = found.get("placed", "")
     plan = [
-        ("Placed", "placed" in found, found.get("placed", "")),
+        ("Placed", "placed" in found, placed[placed.find(" placed ") + 8 :] if placed else ""),
         (
             "Image ready",
             started or "pulled" in found,
-            found.get("pulled", "image present" if started else ""),
+            "pulled" if "pulled" in found else ("present" if started else ""),
         ),
-        ("Loading model", started, found.get("started", "")),
-        ("Health check", "ready" in found, found.get("ready", "")),
+        ("Loading model", started, "container started" if started else ""),
+        ("Health check", "ready" in found, "passed" if "ready" in found else ""),
         ("Ready", ready_status or status == "READY", "serving" if status == "READY" else ""),
     ]
     failed = status == "UPDATE_FAILED" or "crashed" in found

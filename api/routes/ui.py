@@ -417,7 +417,7 @@ def endpoint_context(
     )
     now = time.time()
     series = rates.series({f: _decoded(r) for f, r in zip(fields, replies, strict=True)}, now)
-    start = now - rates.WINDOW_S
+    start, step = now - rates.WINDOW_S, rates.BUCKET_S
     busy = endpoint.status in views.BUSY or any(r["state"] != "ready" for r in public["replicas"])
     return {
         "endpoint": endpoint,
@@ -427,9 +427,9 @@ def endpoint_context(
         "steps": views.deploy_steps(events, endpoint.status),
         "busy": busy,
         "charts": [
-            charts.line_chart("Requests", "req/s", series.requests_per_s, start, now),
-            charts.line_chart("Latency", "ms", series.latency_ms, start, now),
-            charts.line_chart("Tokens", "tok/s", series.tokens_per_s, start, now),
+            charts.bar_chart("Requests", "req/s", series.requests_per_s, start, now, step),
+            charts.bar_chart("Latency", "s", series.latency_s, start, now, step),
+            charts.bar_chart("Tokens", "tok/s", series.tokens_per_s, start, now, step),
         ],
         "memory": forms.memory_text(endpoint.memory_bytes),
     }
@@ -462,17 +462,16 @@ def read_endpoint_live(
 
 @router.get("/endpoints/{endpoint_id}/logs")
 def read_endpoint_logs(
-    endpoint_id: str,
-    ui: SignedInDep,
-    session: SessionDep,
-    state: StateDep,
-    follow: bool = False,
+    endpoint_id: str, ui: SignedInDep, state: StateDep, follow: bool = False
 ) -> Response:
-    """The replicas' logs through the by-id route, following while the page is open."""
+    """The replicas' logs through the by-id route, following while the page is open. Its
+    own short session: a request-scoped one would hold SQLite's write lock (BEGIN IMMEDIATE)
+    for as long as the stream stays open."""
     need(ui.caller, "manage")
-    return model_endpoints.read_endpoint_logs(
-        endpoint_id, ui.caller, session, state, tail=200, follow=follow, replica_id=None
-    )
+    with session_scope(state.engine) as session:
+        return model_endpoints.read_endpoint_logs(
+            endpoint_id, ui.caller, session, state, tail=200, follow=follow, replica_id=None
+        )
 
 
 # --- GPUs, tasks, batches --------------------------------------------------------------------
