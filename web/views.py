@@ -135,6 +135,9 @@ def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]
     Placed (on GPUs or CPU) -> image present or pulled -> container started, loading the
     model -> health check passed -> READY."""
     start = max((i for i, e in enumerate(events) if e["kind"] in STARTS), default=0)
+    if status == "READY":
+        # an edit that did not roll (replica counts) leaves the last rollout standing
+        start = max((i for i, e in enumerate(events) if e["kind"] == "placed"), default=start)
     recent = events[start:]
     found: dict[str, str] = {}
     for event in recent:

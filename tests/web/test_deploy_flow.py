@@ -152,6 +152,8 @@ def test_deploy_chat_edit_delete_and_keys(appliance: Appliance, page: Any) -> No
     state = api.get(f"/v1/model-endpoints/{endpoint_id}").json()["deployment_state"]
     assert (state["min_workers"], state["max_workers"]) == (1, 2)
     assert "1 \u2013 2" in page.inner_text("dl.spec")  # en dash
+    states = page.eval_on_selector_all("li.step", "els => els.map(e => e.className)")
+    assert states == ["step done"] * 5, states  # a replica-count edit rolls nothing
 
     # GPUs (none on this machine), tasks and a task's result.
     page.click("nav >> text=GPUs")
