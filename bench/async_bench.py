@@ -7,7 +7,9 @@ request after LATENCY. Then, in one run:
   2. async: N tasks through POST /v1/async-tasks (the enqueue rate is measured here), run by
      one worker process with `worker_concurrency` C; completions/s from first submit to last
      finish (read from SQLite, so polling costs nothing);
-  3. a worker that runs one job at a time (what a plain RQ worker does), on a few tasks, to
+  3. the same N tasks submitted with no worker running, then drained by it (the worker's own
+     rate, without the api competing for the CPU);
+  4. a worker that runs one job at a time (what a plain RQ worker does), on a few tasks, to
      show why the runner keeps many jobs in flight.
 
     .venv/bin/python bench/async_bench.py [--tasks 10000] [--concurrency 64]
@@ -292,6 +294,11 @@ def main() -> None:
             asyncio.run(bench_sync(stack, min(200, n), c))  # warm-up
             sync_rate = asyncio.run(bench_sync(stack, n, c))
             result = bench_async(stack, n)
+            stack.stop("worker")  # now submit with no worker competing, then drain
+            _, submit_alone_s = asyncio.run(submit_tasks(stack, n))
+            stack.start_worker(c)
+            ok, first_started, last_finished = wait_done(stack, n, timeout_s=max(120, n / 5))
+            drain = {"ok": ok, "per_s": n / (last_finished - first_started)}
             stack.start_worker(1)
             time.sleep(3)
             serial = bench_async(stack, args.serial_tasks)
@@ -317,6 +324,11 @@ def main() -> None:
     )
     print(
         f"worker throughput (first start to last finish):           {result['worker_per_s']:8.1f}/s"
+    )
+    print(f"enqueue rate, no worker running:                         {n / submit_alone_s:8.1f}/s")
+    print(
+        f"drain of {n} queued tasks (worker_concurrency {c}):    "
+        f"{drain['per_s']:8.1f}/s  ({drain['ok']:.0f} SUCCESS)"
     )
     print(
         f"one job at a time (worker_concurrency 1, {args.serial_tasks} tasks):      "

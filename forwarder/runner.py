@@ -71,6 +71,7 @@ class Runner:
         self.running: dict[str, asyncio.Task[None]] = {}
         self._pop = client.register_script(_POP_AND_LEASE)
         self._slot_free = asyncio.Event()
+        self._done_keys: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         jobs.install_runtime(self.runtime)
@@ -122,6 +123,9 @@ class Runner:
                 await _sleep_or_stop(stop, IDLE_POLL_S)
 
     def _pop_jobs(self, keys: list[str], n: int) -> list[Job | None]:
+        done, self._done_keys = self._done_keys, []
+        if done:  # finished jobs' leases and hashes, one round trip for many
+            self.redis.delete(*done)
         ids = [i.decode() for i in self._pop(keys=keys, args=[n, self.lease_ms, LEASE_PREFIX])]
         if not ids:
             return []
@@ -145,14 +149,8 @@ class Runner:
             logger.exception("job %s (%s) failed", job.id, job.func_name)
         finally:
             self.running.pop(job.id, None)
+            self._done_keys += [LEASE_PREFIX + job.id, job.key]  # deleted with the next pop
             self._slot_free.set()
-            with contextlib.suppress(redis.RedisError):
-                await asyncio.to_thread(self._forget, job)
-
-    def _forget(self, job: Job) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(LEASE_PREFIX + job.id, job.key)
-            pipe.execute()
 
     async def _renew_leases(self) -> None:
         """Re-set (not just extend) every lease, so leases come back after a Redis wipe."""
