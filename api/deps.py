@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.limits import Limiter, Release
 from appliance import keys
 from appliance.db import session_scope
 from appliance.errors import AuthError, ForbiddenError
@@ -34,6 +35,7 @@ class AppState:
     forwarder: Forwarder
     key_secret: bytes
     install_id: str
+    limiter: Limiter
     _key_cache: dict[str, tuple[float, keys.Caller | None]] = field(default_factory=dict)
 
     def key_limits(self) -> keys.KeyLimits:
@@ -118,3 +120,15 @@ def require(scope: str) -> Any:
         return caller
 
     return Depends(check)
+
+
+async def admitted(state: StateDep, caller: CallerDep) -> AsyncIterator[keys.Caller]:
+    """Counts the request against its key's rate and concurrency limits while it runs."""
+    release: Release = await state.limiter.admit(caller)
+    try:
+        yield caller
+    finally:
+        await release()
+
+
+AdmittedDep = Annotated[keys.Caller, Depends(admitted)]

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from appliance import errors
 
@@ -43,6 +44,38 @@ OPENAI_PATHS = (
     "/v2/chat/completions",
     "/v2/completions",
 )
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `detail` (FastAPI, LLM Engine) or `error` (OpenAI's envelope)."""
+
+    detail: str | list[dict[str, Any]] | None = None
+    error: OpenAIErrorBody | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [
+        (400, "Bad request"),
+        (401, "No valid API key"),
+        (403, "The key lacks a scope"),
+        (404, "No such object for this key"),
+        (409, "A change is in progress"),
+        (413, "Body too large"),
+        (422, "Invalid request"),
+        (429, "Over a per-key limit"),
+        (502, "The replica failed"),
+        (503, "No capacity; retry after Retry-After"),
+        (504, "The replica timed out"),
+    ]
+}
 
 
 def status_of(exc: errors.ApplianceError) -> int:

@@ -15,13 +15,18 @@ from starlette.concurrency import run_in_threadpool
 
 from api import errors
 from api.deps import AppState
+from api.gate import KeyGate
+from api.limits import Limiter
 from api.routes import (
+    api_keys,
     batches,
     completions,
     files,
+    gpus,
     health,
     llm_endpoints,
     metrics,
+    model_endpoints,
     openai,
     tasks,
     tasks_sync,
@@ -93,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
             engine=engine,
             redis=bus.connect(str(settings.redis_url)),
             forwarder=forwarder,
+            limiter=Limiter(str(settings.redis_url)),
             key_secret=key_secret(settings.data_dir),
             install_id=install_id(settings.data_dir),
         )
@@ -112,22 +118,29 @@ def create_app(settings: Settings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
             await forwarder.close()
+            await state.limiter.close()
             state.redis.close()
             engine.dispose()
 
     app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
     errors.install(app)
     app.add_middleware(openai.InferenceRoutes)  # pure ASGI: the inference POST routes
+    app.add_middleware(KeyGate)  # outermost: no key at all is a 401 before any body is read
     app.include_router(health.router)
-    app.include_router(llm_endpoints.router)
-    app.include_router(openai.router)
-    app.include_router(completions.router)
-    app.include_router(tasks_sync.router)
-    app.include_router(metrics.router)
-    app.include_router(tasks.router)
-    app.include_router(files.router)
-    app.include_router(batches.router)
-    app.include_router(ui.router)  # the web UI, and its static files below
+    app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(gpus.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(api_keys.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(openai.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(completions.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(tasks_sync.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(files.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(
+        ui.router, responses=errors.ERROR_RESPONSES
+    )  # the web UI, and its static files below
     app.include_router(ui.root)
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="ui-static")
     return app

@@ -6,7 +6,10 @@ acts on a container without them.
 
 from __future__ import annotations
 
+import io
 import logging
+import posixpath
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +44,15 @@ class ContainerInfo:
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+
+def _tar(path: str, content: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(posixpath.basename(path))
+        info.size, info.mode = len(content), 0o600
+        archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
 
 
 def _address(container: Container, port: int | None, network: str | None) -> str | None:
@@ -114,18 +126,17 @@ class DockerEngine:
             if spec.request_gpus
             else []
         )
-        container = self._client.containers.run(  # type: ignore[call-overload]
+        container = self._client.containers.create(
             spec.image,
             command=list(spec.command),
             entrypoint=list(spec.entrypoint) if spec.entrypoint else None,
             name=spec.name,
-            detach=True,
             environment=spec.env,
             labels=labels,
             mounts=mounts,
             device_requests=devices,
             network=spec.network,
-            ports=None if spec.network else {f"{spec.port}/tcp": ("127.0.0.1", None)},
+            ports=None if spec.network else {f"{spec.port}/tcp": ("127.0.0.1", None)},  # type: ignore[dict-item]
             privileged=False,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
@@ -134,8 +145,14 @@ class DockerEngine:
             nano_cpus=spec.nano_cpus,
             shm_size=spec.shm_bytes,
             log_config=LogConfig(type="json-file", config=spec.log_options),
-            restart_policy={"Name": "no"},
         )
+        try:
+            for path, content in spec.files.items():  # secrets: in a file, never in the env
+                container.put_archive(posixpath.dirname(path), _tar(path, content))
+            container.start()
+        except docker.errors.DockerException:
+            container.remove(force=True)
+            raise
         container.reload()
         return _info(container)
 

@@ -77,12 +77,18 @@ def resolve_model_path(models_dir: Path, requested: str) -> str:
     """A path under the models directory, resolved with realpath; returns `/models/<path>`."""
     root = Path(os.path.realpath(models_dir))
     relative = requested.removeprefix(MODELS_MOUNT + "/").lstrip("/")
-    target = Path(os.path.realpath(root / relative))
+    try:
+        target = Path(os.path.realpath(root / relative))
+        exists = target.exists()
+    except (OSError, ValueError):
+        raise InvalidSpecError(
+            f"model path {requested!r} is not a usable path", field="model"
+        ) from None
     if target != root and root not in target.parents:
         raise PolicyViolationError(
             f"model path {requested!r} resolves outside the models directory", field="model"
         )
-    if not target.exists():
+    if not exists:
         raise InvalidSpecError(
             f"model file {requested!r} does not exist in the models directory ({models_dir}); "
             "copy it there first",

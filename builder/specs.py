@@ -96,6 +96,7 @@ class ContainerSpec:
     memory_bytes: int
     shm_bytes: int
     network: str | None
+    files: dict[str, bytes] = field(default_factory=dict)  # written before start; not in inspect
     pids_limit: int = PIDS_LIMIT
     log_options: dict[str, str] = field(
         default_factory=lambda: {"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILES}
@@ -218,4 +219,12 @@ def container_spec(
         memory_bytes=endpoint.memory_bytes,
         shm_bytes=shm,
         network=settings.replica_network,
+        files=_secret_files(endpoint, settings),
     )
+
+
+def _secret_files(endpoint: Endpoint, settings: Settings) -> dict[str, bytes]:
+    """The Hugging Face token, as the file huggingface_hub reads, in the shared cache volume."""
+    if endpoint.framework == Framework.VLLM and settings.hf_token:
+        return {f"{HF_CACHE_MOUNT}/token": settings.hf_token.encode()}
+    return {}

@@ -18,7 +18,7 @@ from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.deps import AppState, CallerDep, StateDep, require
+from api.deps import AdmittedDep, AppState, StateDep, require
 from api.routes.openai import (
     KEEPALIVE,
     SSE_HEADERS,
@@ -137,7 +137,7 @@ async def answer_failed(upstream: Upstream) -> Response:
 
 @router.post("/completions-sync")
 async def create_completion_sync(
-    request: Request, state: StateDep, caller: CallerDep, model_endpoint_name: str = Query()
+    request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_name: str = Query()
 ) -> Response:
     started = time.perf_counter()
     req = await read_model(request, state, CompletionV1Request)
@@ -170,7 +170,7 @@ async def create_completion_sync(
 
 @router.post("/completions-stream")
 async def create_completion_stream(
-    request: Request, state: StateDep, caller: CallerDep, model_endpoint_name: str = Query()
+    request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_name: str = Query()
 ) -> Response:
     started = time.perf_counter()
     req = await read_model(request, state, CompletionV1Request)

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
 
 from api.deps import StateDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-@router.get("/healthcheck")
-def read_health() -> Response:
-    return Response(status_code=200)
+@router.get("/healthz", response_class=PlainTextResponse)
+@router.get("/healthcheck", response_class=PlainTextResponse)
+def read_health() -> PlainTextResponse:
+    return PlainTextResponse("")
 
 
-@router.get("/readyz")
-def read_ready(state: StateDep) -> Response:
+@router.get(
+    "/readyz",
+    response_class=PlainTextResponse,
+    responses={503: {"content": {"text/plain": {}}, "description": "Redis unavailable"}},
+)
+def read_ready(state: StateDep) -> PlainTextResponse:
     try:
         state.redis.ping()
     except Exception:
-        return Response("redis unavailable", status_code=503)
-    return Response(status_code=200)
+        return PlainTextResponse("redis unavailable", status_code=503)
+    return PlainTextResponse("")

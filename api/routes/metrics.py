@@ -12,7 +12,11 @@ from api.deps import StateDep, require
 router = APIRouter(tags=["metrics"], dependencies=[require("admin")])
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
 async def read_metrics(state: StateDep) -> Response:
     body = generate_latest(state.forwarder.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

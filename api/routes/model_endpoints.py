@@ -22,6 +22,7 @@ from api.schemas import (
     UpdateLLMEndpointRequest,
 )
 from appliance import bus, queries
+from appliance.db import session_scope
 from appliance.errors import NoSuchEndpointError, OperationInProgressError
 from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus, ReplicaState
@@ -144,17 +145,19 @@ def read_endpoint_events(
 def read_endpoint_logs(
     endpoint_id: str,
     caller: CallerDep,
-    session: SessionDep,
     state: StateDep,
     tail: int = Query(100, ge=1, le=5000),
     follow: bool = False,
     replica_id: str | None = None,
 ) -> StreamingResponse:
-    """The replicas' output as the builder ships it to Redis; `follow=1` keeps streaming."""
-    owned(endpoint_id, caller, session=session)
-    replicas = [
-        r for r in queries.replicas_of(endpoint_id, session=session) if replica_id in (None, r.id)
-    ]
+    """The replicas' output as the builder ships it to Redis; `follow=1` keeps streaming.
+
+    It opens its own short session: a request-scoped one would hold SQLite's write lock for
+    as long as the stream runs."""
+    with session_scope(state.engine) as session:
+        owned(endpoint_id, caller, session=session)
+        all_replicas = queries.replicas_of(endpoint_id, session=session)
+    replicas = [r for r in all_replicas if replica_id in (None, r.id)]
     if replica_id and not replicas:
         raise NoSuchEndpointError(f"no replica {replica_id!r} in endpoint {endpoint_id!r}")
     lines: list[bytes] = []

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import limits
 from api.deps import AppState, CallerDep, StateDep, authenticate, require
 from api.errors import error_headers, openai_error, status_of
+from api.limits import Release
 from appliance.errors import (
     ApplianceError,
     ForbiddenError,
@@ -204,14 +205,17 @@ class Exchange:
         self.overhead_s: float | None = None
         self.usage: tuple[int, int] | None = None
         self.sse_started = False
+        self.release: Release | None = None
 
     async def run(self, upstream_path: str) -> None:
         try:
             route, body, stream = await self._admit()
         except ApplianceError as exc:
+            await self._release()
             await send_json_error(self.send, exc)
             return
         except asyncio.CancelledError:
+            await self._release()
             return  # gone before it sent its body
         disconnects = Disconnects(self.receive)
         try:
@@ -225,6 +229,7 @@ class Exchange:
             self.status = CLIENT_CLOSED
         finally:
             disconnects.stop()
+            await self._release()
             self.forwarder.record(
                 route,
                 self.key_id,
@@ -235,11 +240,17 @@ class Exchange:
                 usage=self.usage,
             )
 
+    async def _release(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            await release()
+
     async def _admit(self) -> tuple[Route, bytes, bool]:
         caller = await authenticate(Request(self.scope), self.state)
         if not caller.can("inference"):
             raise ForbiddenError("this key lacks the 'inference' scope")
         self.key_id = caller.key_id
+        self.release = await self.state.limiter.admit(caller)
         body = await read_body(self.scope, self.receive, self.state.settings.max_body_bytes)
         payload = parse_object(body)
         limits.check_tokens(caller, payload)

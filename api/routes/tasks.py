@@ -10,10 +10,17 @@ from typing import Any
 import redis
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
+from sqlmodel import Session, col, func, select
 
+from api import limits
 from api.deps import CallerDep, SessionDep, StateDep, require
 from appliance import queries
-from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
+from appliance.errors import (
+    InvalidSpecError,
+    NoSuchEndpointError,
+    NoSuchTaskError,
+    RateLimitedError,
+)
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus, Task, TaskStatus
@@ -75,6 +82,23 @@ def task_payload(body: CreateAsyncTaskRequest, endpoint: Endpoint) -> dict[str, 
     return payload
 
 
+def check_queued(caller: Caller, session: Session) -> None:
+    """A key may have at most its limit of tasks waiting or running (counted by its user)."""
+    most = caller.limits.max_queued_tasks
+    if not most:
+        return
+    waiting = session.exec(
+        select(func.count())
+        .select_from(Task)
+        .where(col(Task.owner) == caller.team, col(Task.created_by) == caller.user)
+        .where(col(Task.status).in_([TaskStatus.PENDING, TaskStatus.STARTED]))
+    ).one()
+    if waiting >= most:
+        raise RateLimitedError(
+            f"this key already has {waiting} tasks queued (limit {most})", retry_after_s=5
+        )
+
+
 @router.post("/v1/async-tasks", response_model=CreateAsyncTaskResponse)
 def create_async_inference_task(
     model_endpoint_id: str,
@@ -86,6 +110,9 @@ def create_async_inference_task(
     endpoint = usable_endpoint(model_endpoint_id, caller, session=session)
     if body.callback_url:
         check_url(body.callback_url, state.settings.callback_allowed_hosts)
+    if isinstance(body.args, dict):
+        limits.check_tokens(caller, body.args)
+    check_queued(caller, session)
     now = time.time()
     task = Task(
         id=new_id("tsk"),

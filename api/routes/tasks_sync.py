@@ -15,7 +15,7 @@ from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CallerDep, StateDep, require
+from api.deps import AdmittedDep, StateDep, require
 from api.routes.completions import answer_failed, find_route, read_model, start_stream
 from api.routes.openai import SSE_HEADERS, error_status
 from appliance.errors import ApplianceError, UpstreamError
@@ -55,7 +55,7 @@ def task_request(
 
 @router.post("/v1/sync-tasks")
 async def create_sync_task(
-    request: Request, state: StateDep, caller: CallerDep, model_endpoint_id: str = Query()
+    request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_id: str = Query()
 ) -> Response:
     started = time.perf_counter()
     req = await read_model(request, state, SyncEndpointPredictV1Request)
@@ -88,7 +88,7 @@ async def create_sync_task(
 
 @router.post("/v1/streaming-tasks")
 async def create_streaming_task(
-    request: Request, state: StateDep, caller: CallerDep, model_endpoint_id: str = Query()
+    request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_id: str = Query()
 ) -> Response:
     started = time.perf_counter()
     req = await read_model(request, state, SyncEndpointPredictV1Request)

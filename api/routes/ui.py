@@ -464,14 +464,11 @@ def read_endpoint_live(
 def read_endpoint_logs(
     endpoint_id: str, ui: SignedInDep, state: StateDep, follow: bool = False
 ) -> Response:
-    """The replicas' logs through the by-id route, following while the page is open. Its
-    own short session: a request-scoped one would hold SQLite's write lock (BEGIN IMMEDIATE)
-    for as long as the stream stays open."""
+    """The replicas' logs through the by-id route, following while the page is open."""
     need(ui.caller, "manage")
-    with session_scope(state.engine) as session:
-        return model_endpoints.read_endpoint_logs(
-            endpoint_id, ui.caller, session, state, tail=200, follow=follow, replica_id=None
-        )
+    return model_endpoints.read_endpoint_logs(
+        endpoint_id, ui.caller, state, tail=200, follow=follow, replica_id=None
+    )
 
 
 # --- GPUs, tasks, batches --------------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""A pure ASGI gate in front of every route: a request that carries no key at all is answered
+401 before anything reads its body, so no route can leak a 400 or 422 to an anonymous caller.
+Which key, and whether it is valid, is still the routes' own dependency's to decide."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import OPENAI_PATHS, openai_error
+
+OPEN_PREFIXES = ("/healthz", "/healthcheck", "/readyz", "/docs", "/redoc", "/openapi.json", "/ui")
+OPEN_EXACT = ("/",)
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+
+
+class KeyGate:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in OPEN_EXACT
+            or path.startswith(OPEN_PREFIXES)
+            or any(name in CREDENTIAL_HEADERS for name, _ in scope.get("headers", ()))
+        ):
+            await self.app(scope, receive, send)
+            return
+        message = "an API key is required: send `Authorization: Bearer <key>`"
+        body = openai_error(401, message) if path.startswith(OPENAI_PATHS) else {"detail": message}
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b'Basic realm="appliance", Bearer'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})

@@ -1,0 +1,98 @@
+"""Schemathesis over the api's own OpenAPI document: with a valid key no request it generates
+gets a 5xx or an answer that breaks the schema; without a key every one gets a 401."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.api.test_keys import OPEN_ROUTES
+from tests.harness import ADMIN_KEY, Appliance
+
+SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
+COMMON = [
+    "--seed",
+    "1",
+    "--workers",
+    "1",
+    "--request-timeout",
+    "10",
+    "--suppress-health-check",
+    "all",
+    "--exclude-path-regex",
+    "^/ui|/logs$",
+    "--phases",
+    "examples,coverage,fuzzing",
+]
+
+
+def schemathesis(appliance: Appliance, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SCHEMATHESIS, "run", appliance.url + "/openapi.json", *COMMON, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_with_a_key_no_server_error_and_every_answer_fits_the_schema(api_only: Appliance) -> None:
+    run = schemathesis(
+        api_only,
+        "-H",
+        f"Authorization: Bearer {ADMIN_KEY}",
+        "-n",
+        "15",
+        "--checks",
+        "not_a_server_error,response_schema_conformance,"
+        "status_code_conformance,content_type_conformance",
+    )
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert " passed" in run.stdout
+
+
+def test_without_a_key_everything_but_health_is_401(api_only: Appliance, tmp_path: Path) -> None:
+    har = tmp_path / "calls.har"
+    run = schemathesis(
+        api_only,
+        "-n",
+        "5",
+        "--checks",
+        "not_a_server_error",
+        "--report",
+        "har",
+        "--report-har-path",
+        str(har),
+    )
+    assert run.returncode == 0, run.stdout[-6000:]
+    entries = json.loads(har.read_text())["log"]["entries"]
+    assert len(entries) > 50
+    unauthorized = 0
+    for entry in entries:
+        path = "/" + entry["request"]["url"].split("/", 3)[3].split("?")[0]
+        status = entry["response"]["status"]
+        if path in OPEN_ROUTES:
+            continue
+        # 405 answers a method the route does not have at all (schemathesis tries those too)
+        method = entry["request"]["method"]
+        assert status == 401 or (status == 405 and method not in documented(api_only, path)), (
+            method,
+            path,
+            status,
+        )
+        unauthorized += status == 401
+    assert unauthorized > 50
+
+
+def documented(appliance: Appliance, concrete: str) -> set[str]:
+    """The methods the schema gives the route that `concrete` (ids filled in) belongs to."""
+    paths = httpx.get(appliance.url + "/openapi.json").json()["paths"]
+    for template, operations in paths.items():
+        pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
+        if re.match(pattern, concrete):
+            return {method.upper() for method in operations}
+    return set()
