@@ -187,6 +187,8 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
             "checkpoint_path": req.checkpoint_path,
             "post_inference_hooks": req.post_inference_hooks,
             "default_callback_url": req.default_callback_url,
+            "timeout_seconds": req.timeout_seconds,
+            "forwarder_max_concurrency": req.forwarder_max_concurrency,
         },
         status=EndpointStatus.UPDATE_PENDING,
         desired_replicas=max(req.min_workers, 1) if req.max_workers else 0,
@@ -248,6 +250,9 @@ def apply_update(
         endpoint.memory_bytes = _quantity("memory", req.memory)
     if req.metadata is not None:
         endpoint.extra = {**endpoint.extra, "metadata": req.metadata}
+    for name in ("timeout_seconds", "forwarder_max_concurrency"):
+        if name in sent:
+            endpoint.extra = {**endpoint.extra, name: getattr(req, name)}
     if "image" in sent and req.image is not None and not caller.is_admin:
         raise PolicyViolationError("only an administrator may override images", field="image")
     _validate(endpoint, caller, settings)
@@ -288,6 +293,7 @@ def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> di
             "max_workers": endpoint.max_replicas,
             "per_worker": endpoint.target_concurrency,
             "concurrent_requests_per_worker": endpoint.target_concurrency,
+            "forwarder_max_concurrency": endpoint.extra.get("forwarder_max_concurrency"),
             "available_workers": ready,
             "unavailable_workers": live - ready,
             "desired_workers": endpoint.desired_replicas,

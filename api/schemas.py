@@ -127,6 +127,12 @@ class _ApplianceFields(BaseModel):
     port: int | None = Field(None, ge=1, le=65535)
     healthcheck_route: str | None = Field(None, pattern=r"^/[\w\-/.]*$")
     startup_timeout_seconds: int | None = Field(None, gt=0)
+    timeout_seconds: float | None = Field(
+        None, gt=0, le=86400, description="Longest a replica may stay silent on a request."
+    )
+    forwarder_max_concurrency: int | None = Field(
+        None, ge=1, le=100_000, description="Requests the api sends one replica at once."
+    )
 
 
 class CreateLLMEndpointRequest(_VllmArgs, _AcceptedAndStored, _ApplianceFields):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance import __version__, bus, logs
-from appliance.settings import Settings, get_settings
+from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     for role in ROLES:
         sub.add_parser(role, help=f"run the {role} role")
     sub.add_parser("version", help="print the version")
+    sub.add_parser("settings", help="print every setting with its default, as a table")
     health = sub.add_parser("health", help="exit 0 when a role is alive (health checks)")
     health.add_argument("role", choices=sorted(ROLES))
     args = parser.parse_args(argv)
     if args.command == "version":
         print(__version__)
+        return
+    if args.command == "settings":
+        print(settings_table())
         return
     settings = get_settings()
     if args.command == "health":

@@ -140,3 +140,14 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's settings, read once; bad values fail here, at start."""
     return Settings()
+
+
+def settings_table() -> str:
+    """The README's configuration table, made from the fields above (`appliance settings`)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shown = "unset" if default is None else f"`{default}`"
+        text = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `APPLIANCE_{name.upper()}` | {shown} | {text} |")
+    return "\n".join(rows)

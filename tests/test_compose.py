@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import ADMIN_KEY, BASE_IMAGE, free_port
+from tests.e2e.lifecycle import standin_body
+from tests.harness import ADMIN_KEY, BASE_IMAGE, VLLM_IMAGE, free_port, wait_until
 
 ROOT = Path(__file__).parents[1]
 APPLIANCE_IMAGE = os.environ.get("APPLIANCE_IMAGE", "model-engine-appliance:test")
@@ -54,6 +55,7 @@ def stack(docker_ready: None) -> Iterator[tuple[str, dict[str, str], int]]:
         "APPLIANCE_HF_CACHE_VOLUME": f"{project}-hf",
         "APPLIANCE_PORT": str(port),
         "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+        "APPLIANCE_VLLM_IMAGE": VLLM_IMAGE,
     }
     yield project, env, port
     down = compose(project, env, "down", "-v", "--timeout", "10")
@@ -96,6 +98,65 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
     assert listed.status_code == 200 and listed.json() == {"model_endpoints": []}
     unauthenticated = httpx.get(f"http://127.0.0.1:{port}/v1/llm/model-endpoints", timeout=5)
     assert unauthenticated.status_code == 401
+
+    # a replica started by the builder in its container joins the appliance's network
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=60,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    created = client.post("/v1/llm/model-endpoints", json=standin_body("in-compose", gpus=0))
+    assert created.status_code == 200, created.text
+    wait_until(
+        lambda: client.get("/v1/llm/model-endpoints/in-compose").json()["status"] == "READY",
+        90,
+        "the endpoint in compose",
+    )
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "in-compose",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert chat.status_code == 200, chat.text
+    replicas = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "-q",
+            "--filter",
+            f"network={project}",
+            "--filter",
+            "label=appliance.endpoint",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(replicas) == 1
+    assert client.delete("/v1/llm/model-endpoints/in-compose").status_code == 200
+    wait_until(
+        lambda: (
+            subprocess.run(
+                [
+                    "docker",
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    f"network={project}",
+                    "--filter",
+                    "label=appliance.endpoint",
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            == ""
+        ),
+        60,
+        "the replica to be removed",
+    )
 
     down = compose(project, env, "down", "-v", "--timeout", "10")
     assert down.returncode == 0, down.stderr

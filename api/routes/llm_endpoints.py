@@ -73,6 +73,7 @@ def create_endpoint(
     queries.add_event(endpoint.id, "created", f"created by {caller.user}", session=session)
     session.commit()
     bus.nudge_builder(state.redis)
+    bus.announce_routes(state.redis)  # the api's routing table learns of it at once
     return endpoint
 
 
@@ -138,6 +139,7 @@ def update_endpoint(
     )
     session.commit()
     bus.nudge_builder(state.redis)
+    bus.announce_routes(state.redis)  # the api's routing table learns of it at once
 
 
 @router.delete("/{name}", response_model=DeleteResponse)
@@ -157,3 +159,4 @@ def delete_endpoint(endpoint: Endpoint, caller: Caller, session: Session, state:
         queries.add_event(endpoint.id, "deleting", f"deleted by {caller.user}", session=session)
         session.commit()
     bus.nudge_builder(state.redis)
+    bus.announce_routes(state.redis)  # the api's routing table learns of it at once

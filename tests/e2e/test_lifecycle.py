@@ -97,7 +97,7 @@ def test_standin_rolls_updates_and_restarts_without_a_failed_request(
     ]
     for kind in ("created", "placed", "started", "ready", "draining", "removed", "restart"):
         assert kind in kinds
-    logs = client.get(f"/v1/model-endpoints/{endpoint_id}/logs", params={"tail": 50})
+    logs = client.get(f"/v1/model-endpoints/{endpoint_id}/logs", params={"tail": 2000})
     assert "Application startup complete" in logs.text
 
     held = [g for g in client.get("/v1/gpus").json()["gpus"] if g["replicas"]]
