@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -125,7 +126,15 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
     errors.install(app)
     app.add_middleware(openai.InferenceRoutes)  # pure ASGI: the inference POST routes
-    app.add_middleware(KeyGate)  # outermost: no key at all is a 401 before any body is read
+    app.add_middleware(KeyGate)  # no key at all is a 401 before any body is read
+    if settings.cors_origins:  # outermost, so preflights are answered before the gate
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["*"],
+            allow_headers=["authorization", "content-type", "x-api-key"],
+        )
     app.include_router(health.router)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     key_max_tokens_per_request: int = Field(
         0, ge=0, description="Default largest max_tokens a request may ask for (0: no limit)."
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the API from a browser (JSON list); none by "
+        "default.",
+    )
     admin_key: str | None = Field(
         None, description="Admin API key to install on first start instead of a random one."
     )

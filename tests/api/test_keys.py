@@ -3,13 +3,15 @@ and expired keys stop working within a second, and scopes are enforced."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import ADMIN_KEY, Appliance, wait_until
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
 
 OPEN_ROUTES = {
     "/healthz",
@@ -121,3 +123,35 @@ def test_scopes_and_who_may_make_keys(api_only: Appliance) -> None:
     other = admin.post("/v1/api-keys", json={"name": "b", "team": "blue", "user": "bob"}).json()
     assert ann.get(f"/v1/api-keys/{other['id']}").status_code == 404
     assert ann.delete(f"/v1/api-keys/{other['id']}").status_code == 404
+
+
+def test_no_cross_origin_access_unless_configured(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    allowed = "https://apps.example.test"
+    appliance = Appliance(
+        tmp_path / "cors", redis, env_extra={"APPLIANCE_CORS_ORIGINS": json.dumps([allowed])}
+    )
+    try:
+        appliance.start(roles=("api",))
+        for origin, expected in ((allowed, allowed), ("https://evil.example.test", None)):
+            preflight = httpx.options(
+                appliance.url + "/v1/chat/completions",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            )
+            assert preflight.headers.get("access-control-allow-origin") == expected
+    finally:
+        appliance.stop()
+        redis.stop()
+
+
+def test_by_default_no_origin_is_allowed(api_only: Appliance) -> None:
+    reply = httpx.get(
+        api_only.url + "/v1/models",
+        headers={"Origin": "https://apps.example.test", "Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert reply.status_code == 200
+    assert "access-control-allow-origin" not in reply.headers

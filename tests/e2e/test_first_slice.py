@@ -1,7 +1,10 @@
 """The whole path, real end to end: a llama.cpp endpoint for Gemma created through the api is
-started by the builder, answers a chat completion with generated text, and is deleted."""
+started by the builder, answers a chat completion with generated text, rolls to a new
+generation on an edit and on a restart, and is deleted."""
 
 from __future__ import annotations
+
+import subprocess
 
 import httpx
 
@@ -60,6 +63,19 @@ def test_gemma_endpoint_serves_chat_then_deletes_cleanly(appliance: Appliance) -
     assert answer["usage"]["prompt_tokens"] > 0
     assert answer["usage"]["completion_tokens"] > 0
 
+    # an edit that changes the server's flags rolls the replica to a new generation
+    updated = client.put("/v1/llm/model-endpoints/gemma", json={"max_model_len": 1024})
+    assert updated.status_code == 200, updated.text
+    wait_until(lambda: generation_ready(client, "gemma", 2), READY_WITHIN_S, "generation 2")
+    wait_until(lambda: len(appliance.containers()) == 1, 30, "the old replica to go")
+    assert "--ctx-size" in container_args(appliance)
+    assert chat(client).status_code == 200
+
+    endpoint_id = client.get("/v1/llm/model-endpoints/gemma").json()["id"]
+    assert client.post(f"/v1/model-endpoints/{endpoint_id}/restart").json() == {"restarted": True}
+    wait_until(lambda: generation_ready(client, "gemma", 3), READY_WITHIN_S, "generation 3")
+    assert chat(client).status_code == 200
+
     assert client.delete("/v1/llm/model-endpoints/gemma").json() == {"deleted": True}
     wait_until(
         lambda: client.get("/v1/llm/model-endpoints/gemma").status_code == 404,
@@ -67,3 +83,29 @@ def test_gemma_endpoint_serves_chat_then_deletes_cleanly(appliance: Appliance) -
         "the endpoint row to go",
     )
     assert appliance.containers() == []
+
+
+def chat(client: httpx.Client) -> httpx.Response:
+    return client.post(
+        "/v1/chat/completions",
+        json={"model": "gemma", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]},
+    )
+
+
+def generation_ready(client: httpx.Client, name: str, generation: int) -> bool:
+    spec = client.get(f"/v1/llm/model-endpoints/{name}").json()["spec"]
+    return bool(
+        spec["status"] == "READY"
+        and spec["generation"] == generation
+        and spec["deployment_state"]["available_workers"] == 1
+    )
+
+
+def container_args(appliance: Appliance) -> str:
+    [container] = appliance.containers()
+    return subprocess.run(
+        ["docker", "inspect", "-f", "{{json .Args}}", container],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
