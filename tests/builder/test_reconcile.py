@@ -9,30 +9,14 @@ from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder import reconcile as rc
 from builder.docker_engine import ContainerInfo
 from gpu.inventory import EMPTY, Inventory, StaticGpuSource
+from tests.factories import make_endpoint
 
 NOW = 10_000.0
 EIGHT = StaticGpuSource(Path(__file__).parents[1] / "gpu" / "eight_h100.json").read()
 
 
 def endpoint(**kw: object) -> Endpoint:
-    fields: dict[str, object] = dict(
-        id="end_a",
-        name="a",
-        owner="t",
-        created_by="u",
-        framework="vllm",
-        model="o/m",
-        endpoint_type="streaming",
-        gpus=1,
-        min_replicas=1,
-        max_replicas=2,
-        desired_replicas=1,
-        status=EndpointStatus.UPDATE_IN_PROGRESS,
-        generation=1,
-        created_at=0.0,
-    )
-    fields.update(kw)
-    return Endpoint(**fields)
+    return make_endpoint(**kw)
 
 
 def replica(rid: str, **kw: object) -> Replica:

@@ -5,30 +5,20 @@ from __future__ import annotations
 
 from appliance.models import Endpoint
 from builder.scale import Decision, History, Load, decide, parse_server_load
+from tests.factories import make_endpoint
 
 T0 = 100_000.0
 
 
 def endpoint(**kw: object) -> Endpoint:
-    fields: dict[str, object] = dict(
-        id="e",
-        name="e",
-        owner="t",
-        created_by="u",
-        framework="vllm",
-        model="o/m",
-        endpoint_type="streaming",
-        min_replicas=1,
-        max_replicas=5,
-        target_concurrency=4,
-        desired_replicas=1,
-        idle_timeout_s=600,
-        scale_down_window_s=300,
-        created_at=T0 - 10_000,
-        updated_at=T0 - 10_000,
-    )
-    fields.update(kw)
-    return Endpoint(**fields)
+    defaults = {
+        "max_replicas": 5,
+        "idle_timeout_s": 600,
+        "scale_down_window_s": 300,
+        "created_at": T0 - 10_000,
+        "updated_at": T0 - 10_000,
+    }
+    return make_endpoint(**{**defaults, **kw})
 
 
 class Run:
