@@ -1,10 +1,14 @@
 """The endpoint forms: form fields to request bodies, and validation errors back to the form
-field they belong to, so each message shows next to its field. Used by `api.routes.ui`."""
+field they belong to, so each message shows next to its field; an endpoint's spec as the edit
+form shows it. Used by `api.routes.ui`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from appliance.models import Endpoint
+from web import views
 
 # form field -> request field (LLM Engine's create/update body)
 REQUEST_FIELDS = {
@@ -93,6 +97,24 @@ def update_request(form: Mapping[str, str], current: Mapping[str, str]) -> dict[
         if str(form.get(name, "")).strip() != str(current.get(name, "")).strip()
     ]
     return _values(form, changed)
+
+
+def current_values(endpoint: Endpoint) -> dict[str, str]:
+    """An endpoint's spec as the edit form shows it."""
+    return {
+        "name": endpoint.name,
+        "framework": endpoint.framework,
+        "model": views.short_model(endpoint.model),
+        "gpus": str(endpoint.gpus),
+        "min_replicas": str(endpoint.min_replicas),
+        "max_replicas": str(endpoint.max_replicas),
+        "concurrency": str(endpoint.target_concurrency),
+        "endpoint_type": endpoint.endpoint_type,
+        "cpus": cpus_text(endpoint.cpus),
+        "memory": memory_text(endpoint.memory_bytes),
+        "idle_timeout": str(endpoint.idle_timeout_s),
+        "public": "on" if endpoint.public_inference else "",
+    }
 
 
 def form_field(field: str | None) -> str:

@@ -1,5 +1,5 @@
 """Request rates for the UI's charts and endpoints table, from the data plane's Prometheus
-counters: the api samples its counters every few seconds (`api.routes.ui.sample_metrics`),
+counters: the api samples its counters every few seconds (`api.routes.ui.sampler`),
 adds each delta into 10-second buckets in Redis, and these pure functions turn the counters
 into deltas and the buckets into series. Deltas, not totals, go to Redis so that several api
 processes add up instead of overwriting each other."""

@@ -1,0 +1,113 @@
+"""The web UI's API keys page: the caller's keys, a form that makes one (its text shown once)
+and revoke buttons, through the REST routes' own functions. Included by `api.routes.ui`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from api.deps import AppState, SessionDep, StateDep
+from api.routes import api_keys
+from api.routes.ui.respond import FormDep, not_found, page, redirect
+from api.ui_session import ChangeDep, SignedInDep, UiSession
+from appliance.db import session_scope
+from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
+from web import views
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def _keys_page(
+    request: Request,
+    ui: UiSession,
+    state: AppState,
+    *,
+    made: Mapping[str, Any] | None = None,
+    errors: Mapping[str, str] | None = None,
+    values: Mapping[str, str] | None = None,
+) -> Response:
+    with session_scope(state.engine) as session:  # the route's session may have committed
+        listed = api_keys.read_api_keys(ui.caller, session)["api_keys"]
+    now = time.time()
+    for key in listed:
+        key["state"] = views.key_state(key, now)
+    return page(
+        request,
+        "keys.html",
+        ui,
+        "keys",
+        status=422 if errors else 200,
+        keys=listed,
+        made=made,
+        errors=errors or {},
+        values=values or {"scope_inference": "on", "scope_manage": "on"},
+    )
+
+
+@router.get("/keys")
+def read_keys_page(request: Request, ui: SignedInDep, state: StateDep) -> Response:
+    return _keys_page(request, ui, state)
+
+
+def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": form.get("name", "").strip(),
+        "scopes": [s for s in ("inference", "manage") if form.get(f"scope_{s}") == "on"],
+    }
+    days = form.get("expires_days", "").strip()
+    if days:
+        try:
+            body["expires_in_seconds"] = int(float(days) * 86400)
+        except ValueError:
+            raise InvalidSpecError("Enter a number of days.", field="expires") from None
+    if not body["scopes"]:
+        raise InvalidSpecError("Pick at least one scope.", field="scopes")
+    return body
+
+
+KEY_FIELDS = {
+    "name": "name",
+    "scopes": "scopes",
+    "expires": "expires",
+    "expires_in_seconds": "expires",
+}
+
+
+@router.post("/keys")
+def create_key_from_form(
+    request: Request, ui: ChangeDep, form: FormDep, session: SessionDep, state: StateDep
+) -> Response:
+    try:
+        body = api_keys.CreateKeyRequest.model_validate(_key_request(form))
+        made = api_keys.create_api_key(body, ui.caller, session, state)
+    except ValidationError as exc:
+        errors = {
+            KEY_FIELDS.get(str((e.get("loc") or ("",))[0]), ""): (
+                "Use letters, digits, spaces and . _ @ - (at most 64)."
+                if e.get("type") == "string_pattern_mismatch"
+                else str(e.get("msg"))
+            )
+            for e in reversed(exc.errors())
+        }
+        return _keys_page(request, ui, state, errors=errors, values=form)
+    except (InvalidSpecError, ForbiddenError) as exc:
+        session.rollback()
+        errors = {KEY_FIELDS.get(exc.field or "", ""): exc.message}
+        return _keys_page(request, ui, state, errors=errors, values=form)
+    return _keys_page(request, ui, state, made=made)
+
+
+@router.post("/keys/{key_id}/revoke")
+def revoke_key_from_form(
+    request: Request, key_id: str, ui: ChangeDep, session: SessionDep
+) -> Response:
+    try:
+        api_keys.revoke_api_key(key_id, ui.caller, session)
+    except NotFoundError as exc:
+        return not_found(request, ui, exc)
+    return redirect("/ui/keys")

@@ -1,0 +1,219 @@
+"""The web UI's read-only pages: the endpoints list, an endpoint's page (its live parts and
+logs), GPUs, tasks; and the redirects from `/` and `/ui`. Included by `api.routes.ui`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from redis.exceptions import RedisError
+from sqlmodel import Session, col, select
+
+from api.deps import AppState, SessionDep, StateDep
+from api.routes import gpus, model_endpoints
+from api.routes.ui.respond import need, not_found, page, redirect
+from api.ui_session import SignedInDep
+from appliance import bus, queries
+from appliance.errors import NotFoundError
+from appliance.keys import Caller
+from appliance.models import Batch, Endpoint, Task
+from web import charts, forms, rates, views
+
+logger = logging.getLogger(__name__)
+
+LIST_LIMIT = 200  # rows in the tasks and batches lists
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+root = APIRouter(include_in_schema=False)
+
+
+@root.get("/")
+def read_root() -> Response:
+    return redirect("/ui/endpoints")
+
+
+@router.get("")
+def read_ui() -> Response:
+    return redirect("/ui/endpoints")
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+
+def _redis_replies(state: AppState, commands: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+    """Pipelined reads of live numbers; on a Redis outage the pages show none."""
+    pipe = state.redis.pipeline(transaction=False)
+    for name, args in commands:
+        getattr(pipe, name)(*args)
+    try:
+        return list(pipe.execute())
+    except RedisError as exc:
+        logger.warning("cannot read live numbers from Redis: %s", exc)
+        return [{} for _ in commands]
+
+
+def _decoded(raw: Any) -> dict[str, str]:
+    def text(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    return {text(k): text(v) for k, v in (raw or {}).items()}
+
+
+def endpoint_rows(caller: Caller, session: Session, state: AppState) -> list[views.EndpointRow]:
+    described = model_endpoints.read_model_endpoints(caller, session)["model_endpoints"]
+    commands: list[tuple[str, Sequence[Any]]] = [
+        ("hgetall", (rates.RATES_KEY.format(endpoint=p["name"], field="requests"),))
+        for p in described
+    ]
+    replies = _redis_replies(state, [*commands, ("hgetall", (bus.LAST_REQUEST_KEY,))])
+    last = _decoded(replies[-1])
+    now = time.time()
+    return [
+        views.endpoint_row(
+            public,
+            rates.per_minute(_decoded(raw), now),
+            float(last[public["id"]]) if public["id"] in last else None,
+        )
+        for public, raw in zip(described, replies, strict=False)
+    ]
+
+
+@router.get("/endpoints")
+def read_endpoints_page(
+    request: Request, ui: SignedInDep, session: SessionDep, state: StateDep
+) -> Response:
+    need(ui.caller, "manage")
+    rows = endpoint_rows(ui.caller, session, state)
+    return page(request, "endpoints.html", ui, "endpoints", rows=rows)
+
+
+@router.get("/endpoints/table")
+def read_endpoints_table(
+    request: Request, ui: SignedInDep, session: SessionDep, state: StateDep
+) -> Response:
+    need(ui.caller, "manage")
+    rows = endpoint_rows(ui.caller, session, state)
+    return page(request, "_endpoints_table.html", ui, rows=rows)
+
+
+def endpoint_context(
+    endpoint_id: str, caller: Caller, session: Session, state: AppState
+) -> dict[str, Any]:
+    endpoint = model_endpoints.owned(endpoint_id, caller, session=session)
+    public = model_endpoints.describe(endpoint, session)
+    events = [
+        {"timestamp": e.at, "kind": e.kind, "message": e.message}
+        for e in queries.list_events(endpoint.id, session=session, limit=200)
+    ]
+    fields = rates.FIELDS
+    replies = _redis_replies(
+        state,
+        [("hgetall", (rates.RATES_KEY.format(endpoint=endpoint.name, field=f),)) for f in fields],
+    )
+    now = time.time()
+    series = rates.series({f: _decoded(r) for f, r in zip(fields, replies, strict=True)}, now)
+    start, step = now - rates.WINDOW_S, rates.BUCKET_S
+    busy = endpoint.status in views.BUSY or any(r["state"] != "ready" for r in public["replicas"])
+    return {
+        "endpoint": endpoint,
+        "public": public,
+        "model": views.short_model(endpoint.model),
+        "events": list(reversed(events))[:60],
+        "steps": views.deploy_steps(events, endpoint.status),
+        "busy": busy,
+        "charts": [
+            charts.bar_chart("Requests", "req/s", series.requests_per_s, start, now, step),
+            charts.bar_chart("Latency", "s", series.latency_s, start, now, step),
+            charts.bar_chart("Tokens", "tok/s", series.tokens_per_s, start, now, step),
+        ],
+        "memory": forms.memory_text(endpoint.memory_bytes),
+    }
+
+
+@router.get("/endpoints/{endpoint_id}")
+def read_endpoint_page(
+    request: Request, endpoint_id: str, ui: SignedInDep, session: SessionDep, state: StateDep
+) -> Response:
+    need(ui.caller, "manage")
+    try:
+        context = endpoint_context(endpoint_id, ui.caller, session, state)
+    except NotFoundError as exc:
+        return not_found(request, ui, exc)
+    return page(request, "endpoint.html", ui, "endpoints", **context)
+
+
+@router.get("/endpoints/{endpoint_id}/live")
+def read_endpoint_live(
+    request: Request, endpoint_id: str, ui: SignedInDep, session: SessionDep, state: StateDep
+) -> Response:
+    """The endpoint page's changing parts, polled by the page's script."""
+    need(ui.caller, "manage")
+    try:
+        context = endpoint_context(endpoint_id, ui.caller, session, state)
+    except NotFoundError:
+        return page(request, "_gone.html", ui, status=404)
+    return page(request, "_endpoint_live.html", ui, **context)
+
+
+@router.get("/endpoints/{endpoint_id}/logs")
+def read_endpoint_logs(
+    endpoint_id: str, ui: SignedInDep, state: StateDep, follow: bool = False
+) -> Response:
+    """The replicas' logs through the by-id route, following while the page is open."""
+    need(ui.caller, "manage")
+    return model_endpoints.read_endpoint_logs(
+        endpoint_id, ui.caller, state, tail=200, follow=follow, replica_id=None
+    )
+
+
+# --- GPUs, tasks, batches --------------------------------------------------------------------
+
+
+@router.get("/gpus")
+def read_gpus_page(
+    request: Request, ui: SignedInDep, session: SessionDep, state: StateDep
+) -> Response:
+    need(ui.caller, "manage")
+    inventory = gpus.read_gpus(ui.caller, session, state)
+    cards = views.gpu_cards(inventory["gpus"])
+    return page(request, "gpus.html", ui, "gpus", cards=cards, inventory=inventory)
+
+
+def _owned_rows(model: type[Task] | type[Batch], caller: Caller, session: Session) -> list[Any]:
+    query = select(model).order_by(col(model.created_at).desc()).limit(LIST_LIMIT)
+    if not caller.is_admin:
+        query = query.where(col(model.owner) == caller.team)
+    return list(session.exec(query).all())
+
+
+@router.get("/tasks")
+def read_tasks_page(request: Request, ui: SignedInDep, session: SessionDep) -> Response:
+    names = {e.id: e.name for e in queries.all_endpoints(session=session)}
+    tasks = _owned_rows(Task, ui.caller, session)
+    batches = _owned_rows(Batch, ui.caller, session)
+    return page(request, "tasks.html", ui, "tasks", tasks=tasks, batches=batches, names=names)
+
+
+@router.get("/tasks/{task_id}")
+def read_task_page(
+    request: Request, task_id: str, ui: SignedInDep, session: SessionDep
+) -> Response:
+    task = session.get(Task, task_id)
+    if task is None or not (ui.caller.is_admin or task.owner == ui.caller.team):
+        return not_found(request, ui, NotFoundError(f"no task with id {task_id!r}"))
+    endpoint = session.get(Endpoint, task.endpoint_id)
+    return page(
+        request,
+        "task.html",
+        ui,
+        "tasks",
+        task=task,
+        endpoint_name=endpoint.name if endpoint else task.endpoint_id,
+        payload=views.pretty_json(task.payload),
+        result=views.pretty_json(task.result) if task.result is not None else "",
+        took=views.duration(task.started_at, task.finished_at),
+    )
