@@ -167,17 +167,6 @@ class StreamTranslator:
         return self._flush()
 
 
-async def translate_stream(chunks: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
-    translator = StreamTranslator(request_id)
-    async for chunk in chunks:
-        out = translator.feed(chunk)
-        if out:
-            yield out
-    tail = translator.close()
-    if tail:
-        yield tail
-
-
 def task_path(route_framework: str, predict_route: str, args: Any) -> str:
     """Where a `{"args": ...}` task goes: the OpenAI route its args fit for vLLM and llama.cpp
     replicas (their `/predict` routes are gone), the endpoint's predict route otherwise."""

@@ -6,38 +6,25 @@ errors after a stream began are sent in band, and v1 streams never carry `[DONE]
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdmittedDep, AppState, StateDep, require
-from api.routes.openai import (
-    KEEPALIVE,
-    SSE_HEADERS,
-    BodyTooLargeError,
-    close_quietly,
-    error_status,
-    lookup,
-    read_body,
-    visible,
-)
-from appliance.errors import ApplianceError, NoSuchEndpointError, UpstreamError
+from api.routes import relay
+from appliance.errors import ApplianceError, UpstreamError
 from appliance.keys import Caller
 from forwarder import llm_engine
 from forwarder.proxy import Upstream
-from forwarder.routing import Route
-from forwarder.usage import usage_from_json
 
 router = APIRouter(prefix="/v1/llm", tags=["llm-completions"], dependencies=[require("inference")])
-Model = TypeVar("Model", bound=BaseModel)
+COMPLETIONS_PATH = "/v1/completions"  # the replica's
 
 
 class CompletionV1Request(BaseModel):
@@ -62,25 +49,38 @@ class CompletionV1Request(BaseModel):
     skip_special_tokens: bool | None = True
 
 
-async def find_route(
-    state: AppState, caller: Caller, *, name: str | None = None, id: str | None = None
-) -> Route:
-    route = visible(await lookup(state, name=name, id=id), caller)
-    if route is None:
-        raise NoSuchEndpointError(f"no endpoint {name or id}")
-    return route
+class CompletionEvents:
+    """CompletionStreamV1Response events from the replica's OpenAI completion stream."""
 
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.translator = llm_engine.StreamTranslator(request_id)
+        self.ttft_s: float | None = None
 
-async def read_model(request: Request, state: AppState, model: type[Model]) -> Model:
-    """The body as `model`; 413 over the limit, 422 `{"detail": [...]}` when invalid."""
-    try:
-        body = await read_body(request.scope, request.receive, state.settings.max_body_bytes)
-    except BodyTooLargeError as exc:
-        raise HTTPException(413, exc.message) from None
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+    @property
+    def usage(self) -> tuple[int, int] | None:
+        prompt_tokens = self.translator.prompt_tokens
+        if prompt_tokens is None:
+            return None
+        return int(prompt_tokens), self.translator.completion_tokens
+
+    async def relay(self, upstream: Upstream) -> AsyncIterator[bytes]:
+        translator = self.translator
+        async for chunk in upstream.chunks():
+            self.ttft_s = self.ttft_s or time.perf_counter() - self.started
+            out = translator.feed(chunk)
+            if out:
+                yield out
+        tail = translator.close()
+        if tail:
+            yield tail
+
+    def failed(self, status: int, data: bytes) -> bytes:
+        return llm_engine.error_event(self.request_id, status, data.decode("utf-8", "replace"))
+
+    def error(self, status: int, message: str) -> bytes:
+        return llm_engine.error_event(self.request_id, status, message)
 
 
 def detail_error(exc: ApplianceError) -> Response:
@@ -90,141 +90,33 @@ def detail_error(exc: ApplianceError) -> Response:
     return JSONResponse({"detail": exc.message}, status_code=status, headers=headers)
 
 
-async def open_or_keepalive(
-    state: AppState, route: Route, path: str, body: bytes
-) -> AsyncIterator[bytes | Upstream]:
-    """Keep-alive comments while the request waits for a replica, then the opened Upstream;
-    raises the error that ended the wait. Dropping the generator cancels the wait."""
-    fwd = state.forwarder
-    opening = asyncio.ensure_future(
-        fwd.open(route, path, body, hold_s=state.settings.activation_timeout_s)
-    )
-    try:
-        every_s = state.settings.stream_keepalive_s
-        while not (await asyncio.wait({opening}, timeout=every_s))[0]:
-            yield KEEPALIVE
-    except BaseException:
-        opening.cancel()
-        opening.add_done_callback(close_quietly)
-        raise
-    yield opening.result()
-
-
-async def opened_now(upstream: Upstream) -> AsyncIterator[bytes | Upstream]:
-    yield upstream
-
-
-async def start_stream(
-    state: AppState, route: Route, path: str, body: bytes
-) -> AsyncIterator[bytes | Upstream] | Upstream:
-    """Opens upstream now when a replica is ready, so errors stay real HTTP errors (as LLM
-    Engine's forwarder does): a non-200 Upstream is returned for the caller to answer with.
-    Otherwise the stream starts at once and waits with keep-alives."""
-    fwd = state.forwarder
-    if not fwd.ready_now(route):
-        return open_or_keepalive(state, route, path, body)
-    upstream = await fwd.open(route, path, body, hold_s=state.settings.activation_timeout_s)
-    return opened_now(upstream) if upstream.status == 200 else upstream
-
-
-async def answer_failed(upstream: Upstream) -> Response:
-    try:
-        data = await upstream.read()
-    finally:
-        upstream.close()
-    return JSONResponse({"detail": llm_engine.parse_result(data)}, status_code=upstream.status)
+async def read_completion(
+    request: Request, state: AppState, caller: Caller, name: str, *, stream: bool
+) -> relay.UpstreamCall:
+    started = time.perf_counter()
+    req = await relay.read_model(request, state, CompletionV1Request)
+    route = await relay.find_route(state, caller, name=name)
+    body = llm_engine.completion_body(req.model_dump(), route.name, stream=stream)
+    return relay.UpstreamCall(route, caller, COMPLETIONS_PATH, body, started)
 
 
 @router.post("/completions-sync")
 async def create_completion_sync(
     request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_name: str = Query()
 ) -> Response:
-    started = time.perf_counter()
-    req = await read_model(request, state, CompletionV1Request)
-    fwd = state.forwarder
-    route = await find_route(state, caller, name=model_endpoint_name)
-    body = llm_engine.completion_body(req.model_dump(), route.name, stream=False)
-    status, usage = 500, None
+    call = await read_completion(request, state, caller, model_endpoint_name, stream=False)
     try:
-        upstream = await fwd.open(
-            route, "/v1/completions", body, hold_s=state.settings.activation_timeout_s
-        )
-        try:
-            data = await upstream.read()
-        finally:
-            upstream.close()
-        status = upstream.status
-        if status != 200:
-            return JSONResponse({"detail": llm_engine.parse_result(data)}, status_code=status)
-        reply = json.loads(data)
-        usage = usage_from_json(data)
-        return JSONResponse(llm_engine.sync_response(reply, uuid.uuid4().hex))
+        status, data = await relay.forward(state, call, count_usage=True)
     except UpstreamError as exc:
-        status = exc.status_code
         return detail_error(exc)
-    finally:
-        fwd.record(
-            route, caller.key_id, status, duration_s=time.perf_counter() - started, usage=usage
-        )
+    if status != 200:
+        return JSONResponse({"detail": llm_engine.parse_result(data)}, status_code=status)
+    return JSONResponse(llm_engine.sync_response(json.loads(data), uuid.uuid4().hex))
 
 
 @router.post("/completions-stream")
 async def create_completion_stream(
     request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_name: str = Query()
 ) -> Response:
-    started = time.perf_counter()
-    req = await read_model(request, state, CompletionV1Request)
-    fwd = state.forwarder
-    route = await find_route(state, caller, name=model_endpoint_name)
-    body = llm_engine.completion_body(req.model_dump(), route.name, stream=True)
-    request_id = uuid.uuid4().hex
-    opening = await start_stream(state, route, "/v1/completions", body)
-    if isinstance(opening, Upstream):
-        fwd.record(route, caller.key_id, opening.status, duration_s=time.perf_counter() - started)
-        return await answer_failed(opening)
-
-    async def events() -> AsyncIterator[bytes]:
-        status, ttft, opened = 500, None, None
-        translator = llm_engine.StreamTranslator(request_id)
-        try:
-            async for item in opening:
-                if isinstance(item, bytes):
-                    yield item
-                else:
-                    opened = item
-            assert opened is not None
-            if opened.status != 200:
-                status = opened.status
-                data = await opened.read()
-                yield llm_engine.error_event(request_id, status, data.decode("utf-8", "replace"))
-                return
-            async for chunk in opened.chunks():
-                ttft = ttft or time.perf_counter() - started
-                out = translator.feed(chunk)
-                if out:
-                    yield out
-            tail = translator.close()
-            if tail:
-                yield tail
-            status = 200
-        except ApplianceError as exc:
-            status = error_status(exc)
-            yield llm_engine.error_event(request_id, status, exc.message)
-        finally:
-            if opened is not None:
-                opened.close()
-            usage = None
-            if status == 200 and translator.prompt_tokens is not None:
-                usage = (int(translator.prompt_tokens), translator.completion_tokens)
-            fwd.record(
-                route,
-                caller.key_id,
-                status,
-                duration_s=time.perf_counter() - started,
-                ttft_s=ttft,
-                usage=usage,
-            )
-
-    return StreamingResponse(
-        events(), headers=dict((k.decode(), v.decode()) for k, v in SSE_HEADERS)
-    )
+    call = await read_completion(request, state, caller, model_endpoint_name, stream=True)
+    return await relay.stream(state, call, CompletionEvents(uuid.uuid4().hex, call.started))

@@ -12,15 +12,15 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import HTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AdmittedDep, StateDep, require
-from api.routes.completions import answer_failed, find_route, read_model, start_stream
-from api.routes.openai import SSE_HEADERS, error_status
-from appliance.errors import ApplianceError, UpstreamError
+from api.deps import AdmittedDep, AppState, StateDep, require
+from api.routes import relay
+from appliance.errors import UpstreamError
+from appliance.keys import Caller
 from forwarder import llm_engine
-from forwarder.routing import Route
+from forwarder.proxy import Upstream
 
 router = APIRouter(tags=["tasks"], dependencies=[require("inference")])
 
@@ -41,48 +41,54 @@ class SyncEndpointPredictV1Request(BaseModel):
     num_retries: int | None = Field(None, ge=0)
 
 
-def task_request(
-    route: Route, req: SyncEndpointPredictV1Request, stream: bool
-) -> tuple[str, bytes]:
+class TaskEvents:
+    """LLM Engine's streaming-task events: each of the replica's events wrapped, or its whole
+    reply as one event when it did not stream."""
+
+    ttft_s = None
+    usage = None
+
+    def relay(self, upstream: Upstream) -> AsyncIterator[bytes]:
+        if "text/event-stream" in upstream.response.headers.get("content-type", ""):
+            return llm_engine.wrap_task_stream(upstream.chunks())
+        return self.whole(upstream)
+
+    async def whole(self, upstream: Upstream) -> AsyncIterator[bytes]:
+        yield llm_engine.task_event(llm_engine.parse_result(await upstream.read()))
+
+    def failed(self, status: int, data: bytes) -> bytes:
+        return llm_engine.task_event(llm_engine.parse_result(data), status)
+
+    def error(self, status: int, message: str) -> bytes:
+        return llm_engine.task_event({"detail": message}, status)
+
+
+async def read_task(
+    request: Request, state: AppState, caller: Caller, endpoint_id: str, *, stream: bool
+) -> tuple[relay.UpstreamCall, SyncEndpointPredictV1Request]:
+    started = time.perf_counter()
+    req = await relay.read_model(request, state, SyncEndpointPredictV1Request)
+    route = await relay.find_route(state, caller, id=endpoint_id)
     if req.args is None:
         raise HTTPException(400, "this endpoint takes `args` (url and cloudpickle are not served)")
     args = req.args
     path = llm_engine.task_path(route.framework, route.predict_route, args)
     if stream and isinstance(args, dict) and path.startswith("/v1/"):
         args = {**args, "stream": True}
-    return path, json.dumps(args).encode()
+    return relay.UpstreamCall(route, caller, path, json.dumps(args).encode(), started), req
 
 
 @router.post("/v1/sync-tasks")
 async def create_sync_task(
     request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_id: str = Query()
 ) -> Response:
-    started = time.perf_counter()
-    req = await read_model(request, state, SyncEndpointPredictV1Request)
-    fwd = state.forwarder
-    route = await find_route(state, caller, id=model_endpoint_id)
-    path, body = task_request(route, req, stream=False)
-    status = 500
+    call, req = await read_task(request, state, caller, model_endpoint_id, stream=False)
     try:
-        upstream = await fwd.open(
-            route,
-            path,
-            body,
-            hold_s=state.settings.activation_timeout_s,
-            timeout_s=req.timeout_seconds,
-        )
-        try:
-            data = await upstream.read()
-        finally:
-            upstream.close()
-        status = upstream.status
+        status, data = await relay.forward(state, call, timeout_s=req.timeout_seconds)
     except UpstreamError as exc:
-        status = exc.status_code
-        if status == 504:  # LLM Engine answers a sync task's timeout with 408
+        if exc.status_code == 504:  # LLM Engine answers a sync task's timeout with 408
             raise HTTPException(408, exc.message) from None
         raise
-    finally:
-        fwd.record(route, caller.key_id, status, duration_s=time.perf_counter() - started)
     return JSONResponse(llm_engine.sync_task_response(status, data))
 
 
@@ -90,42 +96,5 @@ async def create_sync_task(
 async def create_streaming_task(
     request: Request, state: StateDep, caller: AdmittedDep, model_endpoint_id: str = Query()
 ) -> Response:
-    started = time.perf_counter()
-    req = await read_model(request, state, SyncEndpointPredictV1Request)
-    fwd = state.forwarder
-    route = await find_route(state, caller, id=model_endpoint_id)
-    path, body = task_request(route, req, stream=True)
-    opening = await start_stream(state, route, path, body)
-    if not isinstance(opening, AsyncIterator):
-        fwd.record(route, caller.key_id, opening.status, duration_s=time.perf_counter() - started)
-        return await answer_failed(opening)
-
-    async def events() -> AsyncIterator[bytes]:
-        status, opened = 500, None
-        try:
-            async for item in opening:
-                if isinstance(item, bytes):
-                    yield item
-                else:
-                    opened = item
-            assert opened is not None
-            if opened.status != 200:
-                status = opened.status
-                data = await opened.read()
-                yield llm_engine.task_event(llm_engine.parse_result(data), status)
-                return
-            if "text/event-stream" in opened.response.headers.get("content-type", ""):
-                async for out in llm_engine.wrap_task_stream(opened.chunks()):
-                    yield out
-            else:  # the replica answered in one piece: one event
-                yield llm_engine.task_event(llm_engine.parse_result(await opened.read()))
-            status = 200
-        except ApplianceError as exc:
-            status = error_status(exc)
-            yield llm_engine.task_event({"detail": exc.message}, status)
-        finally:
-            if opened is not None:
-                opened.close()
-            fwd.record(route, caller.key_id, status, duration_s=time.perf_counter() - started)
-
-    return StreamingResponse(events(), headers={k.decode(): v.decode() for k, v in SSE_HEADERS})
+    call, _ = await read_task(request, state, caller, model_endpoint_id, stream=True)
+    return await relay.stream(state, call, TaskEvents())
