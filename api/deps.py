@@ -16,6 +16,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.limits import Limiter, Release
+from api.submit import TaskSubmitter
 from appliance import keys
 from appliance.db import session_scope
 from appliance.errors import AuthError, ForbiddenError
@@ -36,6 +37,7 @@ class AppState:
     key_secret: bytes
     install_id: str
     limiter: Limiter
+    submitter: TaskSubmitter  # async tasks: group commit, then queue
     _key_cache: dict[str, tuple[float, keys.Caller | None]] = field(default_factory=dict)
 
     def key_limits(self) -> keys.KeyLimits:
@@ -68,7 +70,8 @@ class AppState:
         return caller
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain-def dependency on the threadpool, a hop for one attribute read
     state: AppState = request.app.state.appliance
     return state
 
@@ -114,7 +117,7 @@ CallerDep = Annotated[keys.Caller, Depends(authenticate)]
 
 
 def require(scope: str) -> Any:
-    def check(caller: CallerDep) -> keys.Caller:
+    async def check(caller: CallerDep) -> keys.Caller:  # pure: no threadpool hop
         if not caller.can(scope):
             raise ForbiddenError(f"this key lacks the {scope!r} scope")
         return caller

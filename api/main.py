@@ -33,6 +33,7 @@ from api.routes import (
     tasks_sync,
     ui,
 )
+from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, session_scope
 from appliance.install import install_id, key_secret
@@ -94,18 +95,21 @@ def create_app(settings: Settings) -> FastAPI:
                 queue_wait_s=settings.queue_wait_s,
             )
         )
+        client = bus.connect(str(settings.redis_url))
         state = AppState(
             settings=settings,
             engine=engine,
-            redis=bus.connect(str(settings.redis_url)),
+            redis=client,
             forwarder=forwarder,
             limiter=Limiter(str(settings.redis_url)),
             key_secret=key_secret(settings.data_dir),
             install_id=install_id(settings.data_dir),
+            submitter=TaskSubmitter(engine, client),
         )
         forwarder.on_demand = _demand(state)  # type: ignore[assignment]
         _first_start(state)
         await forwarder.start()
+        state.submitter.start()
         app.state.appliance = state
         refresher = asyncio.create_task(_refresh_routes(state))
         publisher = asyncio.create_task(run_publisher(forwarder, str(settings.redis_url)))
@@ -118,6 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await refresher
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
+            await state.submitter.close()  # what it was handed is stored before Redis closes
             await forwarder.close()
             await state.limiter.close()
             state.redis.close()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 
 from appliance.models import TaskStatus
@@ -25,6 +25,21 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 FINAL = (TaskStatus.SUCCESS.value, TaskStatus.FAILURE.value)
 GROUP_MAX = 256  # writes committed together; one fsync instead of hundreds
+# Plain SQL for the driver (qmark): a third of the cost of text() per statement, and these run
+# while the group holds SQLite's write lock, which the api's submits wait on.
+_CLAIM = (
+    "UPDATE task SET status = 'STARTED', attempts = attempts + 1, started_at = ? "
+    "WHERE id = ? AND status IN ('PENDING', 'STARTED') "
+    "RETURNING endpoint_id, payload, attempts, callback_url, callback_auth, batch_id"
+)
+_FINISH = (
+    "UPDATE task SET status = ?, result = ?, status_code = ?, traceback = ?, finished_at = ?, "
+    "expires_at = ? WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
+)
+_RELEASE = (
+    "UPDATE task SET status = 'PENDING', enqueued_at = ? "
+    "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
+)
 
 
 @dataclass(frozen=True)
@@ -42,14 +57,7 @@ class Claim:
 
 def claim(conn: Connection, task_id: str, now: float) -> Claim | None:
     """Mark the task STARTED and count the attempt; None when it already ended or is gone."""
-    row = conn.execute(
-        text(
-            "UPDATE task SET status = 'STARTED', attempts = attempts + 1, started_at = :now "
-            "WHERE id = :id AND status IN ('PENDING', 'STARTED') "
-            "RETURNING endpoint_id, payload, attempts, callback_url, callback_auth, batch_id"
-        ),
-        {"id": task_id, "now": now},
-    ).one_or_none()
+    row = conn.exec_driver_sql(_CLAIM, (now, task_id)).one_or_none()
     if row is None:
         return None
     auth = json.loads(row[4]) if row[4] else None
@@ -68,34 +76,16 @@ def finish(
     keep_s: float,
 ) -> bool:
     """Store the outcome unless one is stored already; True only for the call that stored it."""
-    done = conn.execute(
-        text(
-            "UPDATE task SET status = :status, result = :result, status_code = :code, "
-            "traceback = :tb, finished_at = :now, expires_at = :expires "
-            "WHERE id = :id AND status NOT IN ('SUCCESS', 'FAILURE')"
-        ),
-        {
-            "id": task_id,
-            "status": status,
-            "result": json.dumps(result),
-            "code": status_code,
-            "tb": traceback,
-            "now": now,
-            "expires": now + keep_s,
-        },
+    done = conn.exec_driver_sql(
+        _FINISH,
+        (status, json.dumps(result), status_code, traceback, now, now + keep_s, task_id),
     )
     return bool(done.rowcount == 1)
 
 
 def release(conn: Connection, task_id: str, now: float) -> None:
     """Put a task that could not run now back to PENDING; the sweeper re-enqueues it later."""
-    conn.execute(
-        text(
-            "UPDATE task SET status = 'PENDING', enqueued_at = :now "
-            "WHERE id = :id AND status NOT IN ('SUCCESS', 'FAILURE')"
-        ),
-        {"id": task_id, "now": now},
-    )
+    conn.exec_driver_sql(_RELEASE, (now, task_id))
 
 
 @dataclass

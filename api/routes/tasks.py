@@ -1,5 +1,6 @@
-"""LLM Engine's async tasks: `POST /v1/async-tasks` stores the task, then queues it (outbox);
-`GET /v1/async-tasks/{id}` reads its status and result. The worker role runs them."""
+"""LLM Engine's async tasks: `POST /v1/async-tasks` stores the task, then queues it (outbox),
+through the api's group-commit submitter (`api.submit`); `GET /v1/async-tasks/{id}` reads its
+status and result. The worker role runs them."""
 
 from __future__ import annotations
 
@@ -7,23 +8,17 @@ import logging
 import time
 from typing import Any
 
-import redis
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from sqlmodel import Session, col, func, select
+from starlette.concurrency import run_in_threadpool
 
 from api import limits
 from api.deps import CallerDep, SessionDep, StateDep, require
-from appliance import queries
-from appliance.errors import (
-    InvalidSpecError,
-    NoSuchEndpointError,
-    NoSuchTaskError,
-    RateLimitedError,
-)
+from api.submit import Draft, EndpointView
+from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
 from appliance.keys import Caller
-from appliance.models import Endpoint, EndpointStatus, Task, TaskStatus
+from appliance.models import EndpointStatus, Task, TaskStatus
 from forwarder import jobs
 from forwarder.callbacks import check_url
 
@@ -58,15 +53,19 @@ class GetAsyncTaskResponse(BaseModel):
     status_code: int | None = None
 
 
-def usable_endpoint(endpoint_id: str, caller: Caller, *, session: Any) -> Endpoint:
-    endpoint = queries.endpoint_by_id(endpoint_id, session=session)
-    visible = caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
-    if not visible or endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
+def usable_endpoint(
+    endpoint_id: str, endpoint: EndpointView | None, caller: Caller
+) -> EndpointView:
+    """The endpoint, if the caller may send it tasks; else the same 404 as a missing one."""
+    visible = endpoint is not None and (
+        caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
+    )
+    if endpoint is None or not visible or endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
         raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
     return endpoint
 
 
-def task_payload(body: CreateAsyncTaskRequest, endpoint: Endpoint) -> dict[str, Any]:
+def task_payload(body: CreateAsyncTaskRequest, endpoint: EndpointView) -> dict[str, Any]:
     if body.args is not None and not isinstance(body.args, dict | list):
         raise InvalidSpecError("args must be a JSON object or array", field="args")
     if body.route is not None and (not body.route.startswith("/") or ".." in body.route):
@@ -82,56 +81,44 @@ def task_payload(body: CreateAsyncTaskRequest, endpoint: Endpoint) -> dict[str, 
     return payload
 
 
-def check_queued(caller: Caller, session: Session) -> None:
-    """A key may have at most its limit of tasks waiting or running (counted by its user)."""
-    most = caller.limits.max_queued_tasks
-    if not most:
-        return
-    waiting = session.exec(
-        select(func.count())
-        .select_from(Task)
-        .where(col(Task.owner) == caller.team, col(Task.created_by) == caller.user)
-        .where(col(Task.status).in_([TaskStatus.PENDING, TaskStatus.STARTED]))
-    ).one()
-    if waiting >= most:
-        raise RateLimitedError(
-            f"this key already has {waiting} tasks queued (limit {most})", retry_after_s=5
-        )
-
-
 @router.post("/v1/async-tasks", response_model=CreateAsyncTaskResponse)
-def create_async_inference_task(
+async def create_async_inference_task(
     model_endpoint_id: str,
     body: CreateAsyncTaskRequest,
     caller: CallerDep,
-    session: SessionDep,
     state: StateDep,
 ) -> CreateAsyncTaskResponse:
-    endpoint = usable_endpoint(model_endpoint_id, caller, session=session)
-    if body.callback_url:
-        check_url(body.callback_url, state.settings.callback_allowed_hosts)
+    if body.callback_url:  # resolves the host: not on the event loop
+        await run_in_threadpool(check_url, body.callback_url, state.settings.callback_allowed_hosts)
     if isinstance(body.args, dict):
         limits.check_tokens(caller, body.args)
-    check_queued(caller, session)
-    now = time.time()
-    task = Task(
-        id=new_id("tsk"),
-        endpoint_id=endpoint.id,
+
+    def build(found: EndpointView | None) -> Task:
+        endpoint = usable_endpoint(model_endpoint_id, found, caller)
+        now = time.time()
+        return Task(
+            id=new_id("tsk"),
+            endpoint_id=endpoint.id,
+            owner=caller.team,
+            created_by=caller.user,
+            status=TaskStatus.PENDING,
+            payload=task_payload(body, endpoint),
+            callback_url=body.callback_url,
+            callback_auth=body.callback_auth,
+            created_at=now,
+            enqueued_at=now,
+        )
+
+    # the outbox: the row is committed, then its job queued, before the answer; the key's
+    # queued-task limit is checked in the same transaction (api.submit)
+    draft = Draft(
+        endpoint_id=model_endpoint_id,
         owner=caller.team,
         created_by=caller.user,
-        status=TaskStatus.PENDING,
-        payload=task_payload(body, endpoint),
-        callback_url=body.callback_url,
-        callback_auth=body.callback_auth,
-        created_at=now,
-        enqueued_at=now,
+        max_queued=caller.limits.max_queued_tasks,
+        build=build,
     )
-    session.add(task)
-    session.commit()  # the outbox: the row exists before any job does
-    try:
-        jobs.enqueue(state.redis, [(task.id, endpoint.id)], low=False)
-    except redis.RedisError as exc:
-        logger.warning("task %s stored, not queued (%s); the sweeper will queue it", task.id, exc)
+    task = await state.submitter.submit(draft)
     return CreateAsyncTaskResponse(task_id=task.id)
 
 

@@ -1,0 +1,248 @@
+"""Group commit of async task submissions; the api's lifespan makes one, `POST /v1/async-tasks`
+awaits it.
+
+A request hands over a `Draft`. One background task takes every draft waiting (up to
+SUBMIT_GROUP_MAX) and, on its own thread:
+1. reads the group's endpoints with no lock held and lets each draft check itself against its
+   endpoint and build its row (404, 422 refuse that draft alone);
+2. in ONE short write transaction (one fsync for the group) counts each limited key's waiting
+   tasks, refuses what is over the limit (429), and inserts the rest with one executemany;
+3. queues all their jobs in one Redis pipeline: the outbox, rows before jobs.
+Only then does each request get its answer. A group forms while the previous one commits, so a
+lone request waits for nothing; under load dozens of tasks share a commit.
+
+The write lock is held only for step 2, with no Python per row in between: the worker's
+claims and finishes wait on the same lock, with SQLite's sleeping busy handler.
+If Redis fails after the commit the tasks stay accepted: the worker's sweeper queues them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy.engine import Engine
+
+from appliance.errors import ApplianceError, RateLimitedError
+from appliance.models import Task
+from forwarder import jobs
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_GROUP_MAX = 512  # tasks committed and queued together
+QUEUED_RETRY_AFTER_S = 5
+_ENDPOINTS = "SELECT id, name, owner, public_inference, status FROM endpoint WHERE id IN ({})"
+_WAITING = (
+    "SELECT COUNT(*) FROM task WHERE owner = ? AND created_by = ? "
+    "AND status IN ('PENDING', 'STARTED')"
+)
+_INSERT = (
+    "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, callback_url, "
+    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, ?, ?)"
+)
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """The endpoint columns a submission is checked against."""
+
+    id: str
+    name: str
+    owner: str
+    public_inference: bool
+    status: str
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A task as a route hands it over.
+
+    `build` gets the endpoint (None: no such row), raises an ApplianceError to refuse the task,
+    or returns its row. `max_queued` is the key's limit on its user's waiting tasks (0: none).
+    """
+
+    endpoint_id: str
+    owner: str
+    created_by: str
+    max_queued: int
+    build: Callable[[EndpointView | None], Task]
+
+
+Outcome = Task | BaseException
+
+
+@dataclass(frozen=True)
+class _Pending:
+    draft: Draft
+    future: asyncio.Future[Task]
+
+
+class TaskSubmitter:
+    """Stores and queues tasks in groups; `submit` returns once its task is committed."""
+
+    def __init__(self, engine: Engine, client: redis.Redis) -> None:
+        self._engine = engine
+        self._redis = client
+        self._waiting: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        # one thread: groups commit one after another, and never wait on the request threadpool
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="task-submit")
+        self._runner: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        """Store what was handed over already, then stop."""
+        if self._runner is not None:
+            self._waiting.put_nowait(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        self._thread.shutdown()
+
+    async def submit(self, draft: Draft) -> Task:
+        """The committed task (queued, or left to the sweeper); raises why it was refused."""
+        if self._runner is None or self._runner.done():
+            raise RuntimeError("the task submitter is not running")
+        future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+        self._waiting.put_nowait(_Pending(draft, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._waiting.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < SUBMIT_GROUP_MAX and not self._waiting.empty():
+                item = self._waiting.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+            try:
+                outcomes = await loop.run_in_executor(
+                    self._thread, self._store, [p.draft for p in group]
+                )
+            except Exception as exc:  # never leave a request waiting, never stop the loop
+                logger.exception("a group of %d task submissions failed", len(group))
+                outcomes = [exc] * len(group)
+            for pending, outcome in zip(group, outcomes, strict=True):
+                if pending.future.done():  # the request went away; its task stays accepted
+                    continue
+                if isinstance(outcome, Task):
+                    pending.future.set_result(outcome)
+                else:
+                    pending.future.set_exception(outcome)
+
+    def _store(self, drafts: list[Draft]) -> list[Outcome]:
+        raw = self._engine.raw_connection()  # the process's engine, below the ORM: no lock yet
+        try:
+            conn: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+            outcomes = _build(conn, drafts)
+            _insert(conn, drafts, outcomes)
+        finally:
+            raw.close()
+        stored = [(t.id, t.endpoint_id) for t in outcomes if isinstance(t, Task)]
+        if stored:
+            try:
+                jobs.enqueue(self._redis, stored, low=False)
+            except redis.RedisError as exc:
+                logger.warning(
+                    "%d tasks stored, not queued (%s); the sweeper will queue them",
+                    len(stored),
+                    exc,
+                )
+        return outcomes
+
+
+def _build(conn: sqlite3.Connection, drafts: list[Draft]) -> list[Outcome]:
+    """Each draft's row, or why it is refused; reads in autocommit mode, so takes no lock."""
+    ids = sorted({d.endpoint_id for d in drafts})
+    found = conn.execute(_ENDPOINTS.format(",".join("?" * len(ids))), ids).fetchall()
+    endpoints = {
+        row[0]: EndpointView(row[0], row[1], row[2], bool(row[3]), row[4]) for row in found
+    }
+    outcomes: list[Outcome] = []
+    for draft in drafts:
+        try:
+            outcomes.append(draft.build(endpoints.get(draft.endpoint_id)))
+        except ApplianceError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _insert(conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcome]) -> None:
+    """Check the queued-task limits and insert the group's rows in one transaction.
+
+    A refused draft gets its error in `outcomes`; if the transaction fails, every draft that
+    was to be stored gets that failure instead (no row of the group was stored)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = _admit(conn, drafts, outcomes)
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        logger.error("storing %d tasks failed: %s", len(drafts), exc)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, Task):
+                outcomes[i] = exc
+
+
+def _admit(
+    conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcome]
+) -> list[tuple[Any, ...]]:
+    """The rows to insert; a draft over its key's queued-task limit gets a 429 instead.
+
+    Counted inside the write transaction, so a burst of one key's tasks cannot overshoot."""
+    limited = {
+        (d.owner, d.created_by)
+        for d, o in zip(drafts, outcomes, strict=True)
+        if d.max_queued and isinstance(o, Task)
+    }
+    waiting = Counter({who: conn.execute(_WAITING, who).fetchone()[0] for who in limited})
+    rows = []
+    for i, (draft, task) in enumerate(zip(drafts, outcomes, strict=True)):
+        if not isinstance(task, Task):
+            continue
+        who = (draft.owner, draft.created_by)
+        if draft.max_queued and waiting[who] >= draft.max_queued:
+            outcomes[i] = RateLimitedError(
+                f"this key already has {waiting[who]} tasks queued (limit {draft.max_queued})",
+                retry_after_s=QUEUED_RETRY_AFTER_S,
+            )
+            continue
+        waiting[who] += 1
+        rows.append(_row(task))
+    return rows
+
+
+def _row(task: Task) -> tuple[Any, ...]:
+    auth = None if task.callback_auth is None else json.dumps(task.callback_auth)
+    return (
+        task.id,
+        task.endpoint_id,
+        task.owner,
+        task.created_by,
+        task.status,
+        json.dumps(task.payload),
+        task.callback_url,
+        auth,
+        task.created_at,
+        task.enqueued_at,
+    )
