@@ -178,7 +178,10 @@ def _build(conn: sqlite3.Connection, drafts: list[Draft]) -> list[Outcome]:
     for draft in drafts:
         try:
             outcomes.append(draft.build(endpoints.get(draft.endpoint_id)))
-        except ApplianceError as exc:
+        except ApplianceError as exc:  # refused: 404, 422
+            outcomes.append(exc)
+        except Exception as exc:  # a bug in one draft must not fail its neighbours
+            logger.exception("building a task failed")
             outcomes.append(exc)
     return outcomes
 
