@@ -80,7 +80,12 @@ def replica_url(container: str) -> str:
 
 
 def running_on(url: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=5).text
+    """The replica's own count of running requests; -1 while it is not answering yet (a
+    replica that replaced a killed one may still be starting)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return -1
     found = re.search(r"^vllm:num_requests_running\{[^}]*\} ([\d.]+)$", text, re.M)
     assert found, text
     return float(found.group(1))
@@ -153,8 +158,9 @@ def test_a_replica_killed_mid_run_loses_no_request(appl: Appliance) -> None:
 
 
 def test_client_disconnect_cancels_the_replica_request(appl: Appliance) -> None:
+    wait_until(lambda: len(containers_of(appl, "pair")) == 2, 60, "two replicas")
     urls = [replica_url(c) for c in containers_of(appl, "pair")]
-    wait_until(lambda: all(running_on(u) == 0 for u in urls), 20, "idle replicas")
+    wait_until(lambda: all(running_on(u) == 0 for u in urls), 60, "idle, answering replicas")
     stop = threading.Event()
 
     def abandon() -> None:
