@@ -87,10 +87,11 @@ def _up(settings: Settings) -> int:
     children = [
         subprocess.Popen([sys.executable, "-m", "appliance", role], env=env) for role in ROLES
     ]
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     for child in children:
