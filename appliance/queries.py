@@ -10,8 +10,6 @@ from sqlmodel import Session, col, select
 from appliance.errors import NoSuchEndpointError
 from appliance.models import Endpoint, Event, Replica
 
-EVENTS_KEPT_PER_ENDPOINT = 500
-
 
 def add_event(endpoint_id: str, kind: str, message: str, *, session: Session) -> None:
     session.add(Event(endpoint_id=endpoint_id, kind=kind, message=message, at=time.time()))

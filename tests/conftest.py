@@ -6,6 +6,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,25 +76,34 @@ def started_at(container_id: str) -> str:
     return probe.stdout.strip() if probe.returncode == 0 else "gone"
 
 
-@pytest.fixture
-def make_appliance(
-    tmp_path: Path, docker_ready: None, canaries: dict[str, tuple[str, str]]
-) -> Iterator[Callable[..., Appliance]]:
+@contextmanager
+def appliances(base: Path) -> Iterator[Callable[..., Appliance]]:
     """Start appliances (api + builder) with their own Redis; all are stopped and cleaned after."""
     made: list[tuple[Appliance, RedisServer]] = []
 
     def make(**env: str) -> Appliance:
         index = len(made)
-        redis = RedisServer(tmp_path / f"redis{index}").start()
-        appliance = Appliance(tmp_path / f"appliance{index}", redis, env_extra=env)
+        redis = RedisServer(base / f"redis{index}").start()
+        appliance = Appliance(base / f"appliance{index}", redis, env_extra=env)
         made.append((appliance, redis))
         return appliance.start()
 
-    yield make
-    for appliance, redis in made:
-        print(appliance.logs())  # shown by pytest only when the test failed
-        appliance.stop()
-        redis.stop()
+    try:
+        yield make
+    finally:
+        for appliance, redis in made:
+            print(appliance.logs())  # shown by pytest only when the test failed
+            appliance.stop()
+            redis.stop()
+
+
+@pytest.fixture
+def make_appliance(
+    tmp_path: Path, docker_ready: None, canaries: dict[str, tuple[str, str]]
+) -> Iterator[Callable[..., Appliance]]:
+    """Appliances for one test."""
+    with appliances(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
@@ -120,18 +130,5 @@ def make_module_appliance(
 ) -> Iterator[Callable[..., Appliance]]:
     """`make_appliance` shared by the tests of one module: endpoints cost seconds to start,
     so a module starts its appliance and endpoints once. Stopped and cleaned after the module."""
-    base = tmp_path_factory.mktemp("module-appliance")
-    made: list[tuple[Appliance, RedisServer]] = []
-
-    def make(**env: str) -> Appliance:
-        index = len(made)
-        redis = RedisServer(base / f"redis{index}").start()
-        appliance = Appliance(base / f"appliance{index}", redis, env_extra=env)
-        made.append((appliance, redis))
-        return appliance.start()
-
-    yield make
-    for appliance, redis in made:
-        print(appliance.logs())
-        appliance.stop()
-        redis.stop()
+    with appliances(tmp_path_factory.mktemp("module-appliance")) as make:
+        yield make
