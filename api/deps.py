@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from appliance.errors import AuthError, ForbiddenError
 from appliance.settings import Settings
 from forwarder.proxy import Forwarder
 
+logger = logging.getLogger(__name__)
+
 KEY_CACHE_TTL_S = 1.0  # a revoked key is refused within this long
 
 
@@ -39,6 +43,7 @@ class AppState:
     limiter: Limiter
     submitter: TaskSubmitter  # async tasks: group commit, then queue
     _key_cache: dict[str, tuple[float, keys.Caller | None]] = field(default_factory=dict)
+    _reverifying: set[str] = field(default_factory=set)
 
     def key_limits(self) -> keys.KeyLimits:
         s = self.settings
@@ -49,10 +54,28 @@ class AppState:
             s.key_max_tokens_per_request,
         )
 
-    def verify_key(self, key: str) -> keys.Caller:
+    def reverify_soon(self, key: str) -> None:
+        """Verify `key` again in a worker thread, once at a time per key."""
+        if key in self._reverifying:
+            return
+        self._reverifying.add(key)
+
+        def reverify() -> None:
+            try:
+                self.verify_key(key, fresh=True)
+            except AuthError:
+                pass  # cached as invalid: the next request takes the path that answers 401
+            except Exception:
+                logger.exception("could not verify a key again; the next miss retries")
+            finally:
+                self._reverifying.discard(key)
+
+        asyncio.get_running_loop().run_in_executor(None, reverify)
+
+    def verify_key(self, key: str, *, fresh: bool = False) -> keys.Caller:
         now = time.monotonic()
         cached = self._key_cache.get(key)
-        if cached is not None and now - cached[0] < KEY_CACHE_TTL_S:
+        if not fresh and cached is not None and now - cached[0] < KEY_CACHE_TTL_S:
             if cached[1] is None:
                 raise AuthError("invalid API key")
             return cached[1]
@@ -89,8 +112,12 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 def key_from_headers(request: Request) -> str | None:
     """The key from `Authorization: Bearer`, HTTP Basic (key as user name) or `x-api-key`."""
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
+    return parse_key(request.headers.get("authorization", ""), request.headers.get("x-api-key"))
+
+
+def parse_key(authorization: str, api_key: str | None) -> str | None:
+    """`key_from_headers` on the two header values (the fast lane has no Request)."""
+    scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     if scheme.lower() == "basic" and value.strip():
@@ -99,17 +126,33 @@ def key_from_headers(request: Request) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return user or None
-    return request.headers.get("x-api-key") or None
+    return api_key or None
+
+
+def cached_caller(state: AppState, key: str) -> keys.Caller | None:
+    """The caller of a key verified less than KEY_CACHE_TTL_S ago; None on a miss (or when the
+    key was found invalid): the caller then takes the path that verifies it.
+
+    A key in use is verified again in a worker thread once its entry is half way to expiry,
+    so steady traffic never finds it expired (and a revoked key is still refused in time)."""
+    cached = state._key_cache.get(key)
+    if cached is None:
+        return None
+    age = time.monotonic() - cached[0]
+    if age >= KEY_CACHE_TTL_S:
+        return None
+    if age >= KEY_CACHE_TTL_S / 2 and cached[1] is not None:
+        state.reverify_soon(key)
+    return cached[1]
 
 
 async def authenticate(request: Request, state: StateDep) -> keys.Caller:
     key = key_from_headers(request)
     if key is None:
         raise AuthError("an API key is required: send `Authorization: Bearer <key>`")
-    cached = state._key_cache.get(key)
-    fresh = cached is not None and time.monotonic() - cached[0] < KEY_CACHE_TTL_S
-    if fresh and cached is not None and cached[1] is not None:
-        return cached[1]
+    caller = cached_caller(state, key)
+    if caller is not None:
+        return caller
     return await run_in_threadpool(state.verify_key, key)
 
 

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import errors
 from api.deps import AppState
+from api.fastlane import FastLane
 from api.gate import KeyGate
 from api.limits import Limiter
 from api.routes import (
@@ -111,11 +112,15 @@ def create_app(settings: Settings) -> FastAPI:
         await forwarder.start()
         state.submitter.start()
         app.state.appliance = state
+        lane = FastLane(state)
+        app.state.fast_lane = lane  # api/front.py finds it here; absent, it hands every request on
         refresher = asyncio.create_task(_refresh_routes(state))
         publisher = asyncio.create_task(run_publisher(forwarder, str(settings.redis_url)))
         try:
             yield
         finally:
+            del app.state.fast_lane
+            lane.close()
             refresher.cancel()
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

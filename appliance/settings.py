@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         description="Longest a replica may stay silent (before its reply, or between stream "
         "chunks) before the request ends with 504; an endpoint's `timeout_seconds` overrides it.",
     )
+    fast_lane: bool = Field(
+        True,
+        description="Serve common inference requests on the api's fast lane (no ASGI cycle); "
+        "off, every request takes the general path.",
+    )
     replica_max_concurrency: int = Field(
         256, ge=1, description="Requests the api sends one replica at once; more wait briefly."
     )

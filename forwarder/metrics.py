@@ -1,21 +1,28 @@
 """Prometheus metrics of the data plane, one registry per api process, served by `/metrics`.
 
-Counters and histograms are updated once per request when it ends; in-flight gauges are read
-from the forwarder's own counters at scrape time, so the hot path pays nothing for them.
+Each request adds to plain counters once when it ends (`RequestStats`), exported as counters
+and histograms when scraped; in-flight gauges are read from the forwarder's own counters at
+scrape time, so the hot path pays nothing for them. The rare events (waits, retries,
+ejections) use prometheus_client's instruments directly.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
-MAX_CACHED_CHILDREN = 10_000
 WAIT_BUCKETS_S = (0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -36,44 +43,121 @@ class _Inflight(Collector):
         yield gauge
 
 
+class _Histogram:
+    """A histogram kept as plain numbers; exported as Prometheus's cumulative buckets."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(
+            (*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True
+        ):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class RequestStats(Collector):
+    """What every finished request adds: counted in plain dicts on the hot path (a few
+    hundred nanoseconds, where prometheus_client's locked children cost microseconds) and
+    turned into metric families only when scraped. Only the event loop's thread touches it."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.tokens: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[str, _Histogram] = {}
+        self.ttft: dict[str, _Histogram] = {}
+        self.overhead = _Histogram(OVERHEAD_BUCKETS_S)
+
+    def add(
+        self,
+        endpoint: str,
+        key: str,
+        code: int,
+        duration_s: float,
+        overhead_s: float | None,
+        ttft_s: float | None,
+        usage: tuple[int, int] | None,
+    ) -> None:
+        requests = self.requests
+        label = (endpoint, key, code)
+        requests[label] = requests.get(label, 0) + 1
+        latency = self.latency.get(endpoint)
+        if latency is None:
+            latency = self.latency[endpoint] = _Histogram(LATENCY_BUCKETS_S)
+            self.ttft[endpoint] = _Histogram(LATENCY_BUCKETS_S)
+        latency.observe(duration_s)
+        if overhead_s is not None:
+            self.overhead.observe(overhead_s)
+        if ttft_s is not None:
+            self.ttft[endpoint].observe(ttft_s)
+        if usage is not None:
+            tokens = self.tokens
+            for kind, count in zip(("prompt", "completion"), usage, strict=True):
+                label_t = (endpoint, key, kind)
+                tokens[label_t] = tokens.get(label_t, 0) + count
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "appliance_requests",
+            "Inference requests by endpoint, key and HTTP status.",
+            labels=["endpoint", "key", "code"],
+        )
+        for (endpoint, key, code), count in list(self.requests.items()):
+            requests.add_metric([endpoint, key, str(code)], count)
+        yield requests
+        yield self._histograms(
+            "appliance_request_duration_seconds",
+            "Time from a request's arrival to the end of its reply.",
+            self.latency,
+        )
+        yield self._histograms(
+            "appliance_time_to_first_token_seconds",
+            "Time from a streaming request's arrival to its first body chunk.",
+            self.ttft,
+        )
+        overhead = HistogramMetricFamily(
+            "appliance_overhead_seconds",
+            "Time the appliance itself added to a request (waits excluded).",
+        )
+        overhead.add_metric([], self.overhead.buckets(), self.overhead.total)
+        yield overhead
+        tokens = CounterMetricFamily(
+            "appliance_tokens",
+            "Tokens reported by replicas, by endpoint, key and kind (prompt or completion).",
+            labels=["endpoint", "key", "kind"],
+        )
+        for labels, count in list(self.tokens.items()):
+            tokens.add_metric(list(labels), count)
+        yield tokens
+
+    @staticmethod
+    def _histograms(name: str, doc: str, by_endpoint: dict[str, _Histogram]) -> Metric:
+        family = HistogramMetricFamily(name, doc, labels=["endpoint"])
+        for endpoint, histogram in list(by_endpoint.items()):
+            family.add_metric([endpoint], histogram.buckets(), histogram.total)
+        return family
+
+
 class Metrics:
     """The data plane's instruments, registered in their own registry."""
 
     def __init__(self, inflight: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "appliance_requests",
-            "Inference requests by endpoint, key and HTTP status.",
-            ["endpoint", "key", "code"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "appliance_request_duration_seconds",
-            "Time from a request's arrival to the end of its reply.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "appliance_time_to_first_token_seconds",
-            "Time from a streaming request's arrival to its first body chunk.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.overhead = Histogram(
-            "appliance_overhead_seconds",
-            "Time the appliance itself added to a request (waits excluded).",
-            buckets=OVERHEAD_BUCKETS_S,
-            registry=r,
-        )
-        self.tokens = Counter(
-            "appliance_tokens",
-            "Tokens reported by replicas, by endpoint, key and kind (prompt or completion).",
-            ["endpoint", "key", "kind"],
-            registry=r,
-        )
+        self.stats = RequestStats()
+        r.register(self.stats)
         self.cold_wait = Histogram(
             "appliance_cold_start_wait_seconds",
             "Time requests waited for an endpoint to get a ready replica.",
@@ -101,32 +185,6 @@ class Metrics:
             registry=r,
         )
         r.register(_Inflight(inflight))
-        self._children: dict[tuple[str, str, int], _Children] = {}
-
-    def children(self, endpoint: str, key: str, code: int) -> _Children:
-        """The labelled instruments of one request's outcome, looked up once and cached."""
-        found = self._children.get((endpoint, key, code))
-        if found is None:
-            if len(self._children) > MAX_CACHED_CHILDREN:
-                self._children.clear()
-            found = _Children(
-                requests=self.requests.labels(endpoint, key, str(code)),
-                latency=self.latency.labels(endpoint),
-                ttft=self.ttft.labels(endpoint),
-                prompt_tokens=self.tokens.labels(endpoint, key, "prompt"),
-                completion_tokens=self.tokens.labels(endpoint, key, "completion"),
-            )
-            self._children[(endpoint, key, code)] = found
-        return found
-
-
-@dataclass(frozen=True)
-class _Children:
-    requests: Counter
-    latency: Histogram
-    ttft: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
 
 
 def inflight_rows(

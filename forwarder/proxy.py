@@ -211,14 +211,9 @@ class Forwarder:
                 await self._wait_change(left)
                 waited_cold += time.monotonic() - began
                 continue
-            inflight = self.inflight
             fresh = [r for r in live if r.id not in tried] if tried else live
-            best = min(fresh or live, key=lambda r: inflight.get(r.id, 0))
-            cap = current.max_concurrency or self.limits.replica_max_concurrency
-            count = inflight.get(best.id, 0)
-            if count < cap:
-                inflight[best.id] = count + 1
-                self.endpoint_of[best.id] = current.name
+            best, cap = self._take_least_loaded(current, fresh or live)
+            if best is not None:
                 waited = time.monotonic() - started
                 if waited_cold:
                     self.metrics.cold_wait.labels(current.name).observe(waited_cold)
@@ -233,6 +228,42 @@ class Forwarder:
                     retry_after_s=1,
                 )
             await self._wait_slot(queue_until - now)
+
+    def _take_least_loaded(
+        self, route: Route, candidates: list[ReplicaRoute]
+    ) -> tuple[ReplicaRoute | None, int]:
+        """The least loaded candidate, counted in flight if it is under the cap; and the cap."""
+        inflight = self.inflight
+        if len(candidates) == 1:
+            best = candidates[0]
+        else:
+            best = min(candidates, key=lambda r: inflight.get(r.id, 0))
+        cap = route.max_concurrency or self.limits.replica_max_concurrency
+        count = inflight.get(best.id, 0)
+        if count >= cap:
+            return None, cap
+        inflight[best.id] = count + 1
+        self.endpoint_of[best.id] = route.name
+        return best, cap
+
+    def try_acquire(self, route: Route) -> ReplicaRoute | None:
+        """`_acquire` without waiting: a ready replica under its cap, counted in flight, or
+        None when the request would have to wait (no ready replica, every one at its cap).
+        The caller reports the outcome with `done`."""
+        live = self.live_replicas(route)
+        if not live:
+            return None
+        self.last_request[route.endpoint_id] = time.time()
+        return self._take_least_loaded(route, live)[0]
+
+    def done(self, route: Route, replica_id: str, ok: bool) -> None:
+        """A request counted by `try_acquire` ended; `ok` False counts towards ejection."""
+        self._release(replica_id)
+        if ok:
+            if self.failures:
+                self.failures.pop(replica_id, None)
+        else:
+            self._failed(route, replica_id)
 
     async def _wait_slot(self, timeout_s: float) -> None:
         self._slot_waiters += 1
@@ -253,11 +284,7 @@ class Forwarder:
             self._freed = asyncio.Event()
 
     def _finished(self, upstream: Upstream, ok: bool) -> None:
-        self._release(upstream.replica_id)
-        if ok:
-            self.failures.pop(upstream.replica_id, None)
-        else:
-            self._failed(upstream.route, upstream.replica_id)
+        self.done(upstream.route, upstream.replica_id, ok)
 
     def _failed(self, route: Route, replica_id: str) -> None:
         count = self.failures.get(replica_id, 0) + 1
@@ -380,19 +407,9 @@ class Forwarder:
         usage: tuple[int, int] | None = None,
     ) -> None:
         """Account one finished request: metrics, and usage for the key and endpoint."""
-        m = self.metrics
         name = route.name
-        children = m.children(name, key_id, code)
-        children.requests.inc()
-        children.latency.observe(duration_s)
-        if overhead_s is not None:
-            m.overhead.observe(overhead_s)
-        if ttft_s is not None:
-            children.ttft.observe(ttft_s)
+        self.metrics.stats.add(name, key_id, code, duration_s, overhead_s, ttft_s, usage)
         prompt, completion = usage or (0, 0)
-        if usage is not None:
-            children.prompt_tokens.inc(prompt)
-            children.completion_tokens.inc(completion)
         self.ledger.add(key_id, name, prompt, completion)
 
 

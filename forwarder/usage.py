@@ -7,11 +7,13 @@ of a JSON body, or the last few chunks of a stream (OpenAI's final usage chunk).
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 
 USAGE_MARK = b'"usage"'
-_decoder = json.JSONDecoder()
+USAGE_SPAN_BYTES = 4096  # how far past `"usage": {` its counts are looked for
+_OPENING = re.compile(rb"\s*:\s*\{")
+_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 
 
 def usage_from_json(body: bytes) -> tuple[int, int] | None:
@@ -28,23 +30,16 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
 
 
 def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:
-    colon = body.find(b":", at, at + 16)
-    if colon < 0:
+    """The token counts of the `usage` object opening at `at` (right after its key)."""
+    opening = _OPENING.match(body, at)
+    if opening is None:  # `"usage": null`
         return None
-    brace = body.find(b"{", colon, colon + 16)
-    if brace < 0:  # `"usage": null`
-        return None
-    try:
-        value, _ = _decoder.raw_decode(body[brace : brace + 4096].decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    prompt = value.get("prompt_tokens")
-    completion = value.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
+    found: dict[bytes, int] = {}
+    for count in _COUNT.finditer(body, opening.end(), opening.end() + USAGE_SPAN_BYTES):
+        found.setdefault(count[1], int(count[2]))
+        if len(found) == 2:
+            return found[b"prompt_tokens"], found[b"completion_tokens"]
+    return None
 
 
 @dataclass

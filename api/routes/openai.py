@@ -133,11 +133,17 @@ def error_status(exc: ApplianceError) -> int:
     return status_of(exc)
 
 
-async def send_json_error(send: Send, exc: ApplianceError) -> int:
+def json_error(exc: ApplianceError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of an error answered before any byte of a reply."""
     status = error_status(exc)
     body = json.dumps(openai_error(status, exc.message, exc.field)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(exc, status).items()]
+    return status, headers, body
+
+
+async def send_json_error(send: Send, exc: ApplianceError) -> int:
+    status, headers, body = json_error(exc)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status

@@ -1,0 +1,299 @@
+"""The api's first protocol on every connection: serves the inference hot path itself through
+the fast lane and hands everything else to uvicorn's own HTTP protocol.
+
+uvicorn makes one `FrontProtocol` per connection (`http=` in `api/serve.py`). For each request
+it reads the head with a deliberately narrow parser: `POST` to an inference path over HTTP/1.1
+with a Content-Length body, no Transfer-Encoding, Expect or Upgrade. If `api/fastlane.py`
+admits it, the reply is relayed with no ASGI cycle, task or coroutine. Any other request, and
+any the lane declines, is handed with all of its bytes (nothing consumed) to uvicorn's
+httptools protocol, the way uvicorn itself switches a connection to its websocket protocol;
+that one gives the connection back once its reply is complete (`GeneralProtocol`). So every
+route keeps its one implementation, and the fast lane is only ever a shortcut for requests the
+general path would answer the same way.
+
+Client header bytes are parsed here but never forwarded: the lane writes its own request to
+the replica, so a head this parser reads differently from httptools cannot reach a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from fastapi import FastAPI
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from api.fastlane import HOT_PATHS, Exchange, FastLane, Head
+
+MAX_HEAD_BYTES = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
+PIPELINED_MAX_BYTES = 64 * 1024  # buffered while a reply is in progress, then reading pauses
+READ_FIELDS = frozenset(
+    {b"content-length", b"authorization", b"x-api-key", b"origin", b"connection"}
+    | {b"transfer-encoding", b"expect", b"upgrade"}  # these send the request to uvicorn
+)
+
+
+def parse_head(buf: bytes, end: int) -> Head | None:
+    """The head `buf[:end]` if the fast lane may serve it, else None."""
+    line_end = buf.find(b"\r\n", 0, end)
+    if line_end < 0:
+        return None  # no headers, so no Content-Length
+    line = buf[:line_end]
+    if not (line.startswith(b"POST ") and line.endswith(b" HTTP/1.1")):
+        return None
+    upstream_path = HOT_PATHS.get(line[5:-9])
+    if upstream_path is None:
+        return None
+    length = -1
+    authorization = ""
+    api_key = None
+    origin = False
+    keep_alive = True
+    for field in buf[line_end + 2 : end].split(b"\r\n"):
+        name, colon, value = field.partition(b":")
+        if not colon or not name or name[-1] in b" \t" or name[0] in b" \t":
+            return None  # malformed, or an obsolete folded line
+        name = name.lower()
+        if name not in READ_FIELDS:
+            continue
+        value = value.strip(b" \t")
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1")
+        elif name == b"origin":
+            origin = True
+        elif name == b"connection":
+            keep_alive = b"close" not in value.lower()
+        else:  # a framing the lane does not do
+            return None
+    if length < 0:
+        return None
+    return Head(upstream_path, length, authorization, api_key, origin, keep_alive)
+
+
+def front_protocol(app: FastAPI) -> type[FrontProtocol]:
+    """The protocol class uvicorn should use for `app` (which holds the lane once started)."""
+    front = cast("type[FrontProtocol]", type("AppFrontProtocol", (FrontProtocol,), {"app": app}))
+    front.general = type("AppGeneralProtocol", (GeneralProtocol,), {"front": front})
+    return front
+
+
+class GeneralProtocol(HttpToolsProtocol):
+    """uvicorn's own protocol, which gives the connection back to the front protocol when a
+    reply is complete and no byte of a next request has been read: so a request the lane
+    declined (a key to verify, a cold start) does not keep its connection off the lane."""
+
+    front: type[FrontProtocol]
+    between = False  # the last request was read to its end and no next one has begun
+
+    def on_message_begin(self) -> None:
+        self.between = False
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.between = True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        transport = self.transport
+        if not self.between or self.pipeline or transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.connections.discard(self)
+        front = self.front(self.config, self.server_state, self.app_state, self.loop)
+        front.connection_made(transport)
+        transport.set_protocol(front)
+        front.serve()
+
+
+class FrontProtocol(asyncio.Protocol):
+    app: FastAPI
+    general: type[GeneralProtocol]
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""  # unconsumed bytes; while a reply runs, its request is at the start
+        self.more: list[bytes] = []  # chunks of a body still arriving
+        self.need = 0  # bytes needed in all before parsing again
+        self.have = 0
+        self.consumed = 0  # length of the request in progress
+        self.exchange: Exchange | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None  # armed once, re-armed when it fires
+        self.idle_since: float | None = None  # loop time the last reply ended; None: busy
+        self.write_paused = False
+        self.closing = False
+        self.handed = False
+        self._defaults: tuple[object, bytes] = (None, b"")
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.server_state.connections.add(self)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self._cancel_idle()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.client_gone()
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = None
+        if self.need:
+            self.more.append(data)
+            self.have += len(data)
+            if self.have < self.need:
+                return
+            self.buffer = b"".join([self.buffer, *self.more])
+            self.more = []
+            self.need = 0
+        else:
+            self.buffer = self.buffer + data if self.buffer else data
+        if self.exchange is None:
+            self.serve()
+        elif len(self.buffer) > PIPELINED_MAX_BYTES and self.transport is not None:
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume()
+
+    # uvicorn's server calls this on graceful shutdown
+    def shutdown(self) -> None:
+        if self.exchange is None:
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self.closing = True
+
+    # requests
+    def serve(self) -> None:
+        """Serve the buffered requests in order until one is incomplete or handed over."""
+        while self.exchange is None and self.buffer and not self.handed:
+            buf = self.buffer
+            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
+            if end < 0:
+                if len(buf) >= MAX_HEAD_BYTES:
+                    self._hand_over()
+                return
+            lane: FastLane | None = getattr(self.app.state, "fast_lane", None)
+            head = parse_head(buf, end)
+            if lane is None or head is None or head.length > lane.max_body_bytes:
+                self._hand_over()
+                return
+            total = end + 4 + head.length
+            if len(buf) < total:
+                self.need, self.have = total, len(buf)
+                return
+            self.consumed = total
+            self.exchange = lane.admit(head, buf[end + 4 : total], self)
+            if self.exchange is None:
+                self._hand_over()
+                return
+        if self.exchange is None and not self.handed and not self.buffer:
+            self.idle_since = self.loop.time()
+            if self.idle_timer is None:
+                self.idle_timer = self.loop.call_later(
+                    self.config.timeout_keep_alive, self._idle_timeout
+                )
+
+    def _hand_over(self) -> None:
+        """Give the connection, with every unconsumed byte, to uvicorn's own protocol."""
+        assert self.transport is not None
+        self.handed = True
+        self.exchange = None
+        self._cancel_idle()
+        self.server_state.connections.discard(self)
+        protocol = self.general(
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+            _loop=self.loop,
+        )
+        protocol.connection_made(self.transport)
+        self.transport.set_protocol(protocol)
+        if self.write_paused:
+            protocol.pause_writing()
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        data = b"".join([self.buffer, *self.more])
+        self.buffer, self.more, self.need = b"", [], 0
+        if data:
+            protocol.data_received(data)
+
+    def _cancel_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _idle_timeout(self) -> None:
+        """Close a connection idle for uvicorn's keep-alive timeout; busy or lately active,
+        look again when it could be."""
+        self.idle_timer = None
+        left: float
+        if self.idle_since is None:
+            left = self.config.timeout_keep_alive
+        else:
+            left = self.idle_since + self.config.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.idle_timer = self.loop.call_later(left, self._idle_timeout)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # api.fastlane.Client
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def default_headers(self) -> bytes:
+        headers = self.server_state.default_headers
+        cached, lines = self._defaults
+        if cached is not headers:  # uvicorn renews the list when the date changes
+            lines = b"".join(b"%b: %b\r\n" % h for h in headers)
+            self._defaults = (headers, lines)
+        return lines
+
+    def finished(self, keep_alive: bool) -> None:
+        self.exchange = None
+        self.server_state.total_requests += 1
+        self.buffer = self.buffer[self.consumed :]
+        self.consumed = 0
+        assert self.transport is not None
+        if not keep_alive or self.closing:
+            self.transport.close()
+            return
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        self.serve()
+
+    def abandon(self) -> None:
+        self._hand_over()
+
+    def close(self) -> None:
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,188 @@
+"""A minimal HTTP/1.1 client for the api's fast lane (`api/front.py`): keep-alive connections to
+replicas on asyncio protocols, replies parsed by httptools, every event a plain callback.
+
+The general path (`forwarder/proxy.py`) uses aiohttp, whose request and response objects,
+futures and stream readers cost more CPU than the whole rest of a proxied request. Here a
+request is one `transport.write` and its reply arrives as `on_head`, `on_body`, `on_end` calls
+on a `ReplySink`; there is no task, future or coroutine per request. New connections are the
+one thing awaited (`UpstreamPool.connect`), and a busy lane reuses pooled ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+IDLE_MAX_S = 4.0  # under the 5 s keep-alive of uvicorn-based servers: never reuse a closing one
+IDLE_PER_ADDRESS = 512
+CONNECT_TIMEOUT_S = 5.0
+PASSED_HEADERS = frozenset({b"content-type", b"content-length"})
+
+
+class ReplySink(Protocol):
+    """What a connection reports one reply to."""
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """Status and the passed headers (lower-case names); `length` from Content-Length."""
+
+    def on_body(self, data: bytes) -> None:
+        """Body bytes as they arrive (de-chunked)."""
+
+    def on_end(self) -> None:
+        """The reply is complete."""
+
+    def on_lost(self, reason: str) -> None:
+        """The connection failed before the reply was complete."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to a replica; carries one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, address: str) -> None:
+        self.pool = pool
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ReplySink | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.length: int | None = None
+        self.reused = False  # had carried a request before this one
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, data: bytes, sink: ReplySink) -> None:
+        assert self.transport is not None
+        self.sink = sink
+        self.headers = []
+        self.length = None
+        self.transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection (and so the request at the replica); no more callbacks."""
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"the replica sent a malformed reply: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        self._fail("the replica closed the connection" if exc is None else str(exc))
+
+    def _fail(self, reason: str) -> None:
+        sink, self.sink = self.sink, None
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.on_lost(reason)
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in PASSED_HEADERS:
+            self.headers.append((name, value))
+            if name == b"content-length":
+                self.length = int(value) if value.isdigit() else None
+
+    def on_headers_complete(self) -> None:
+        if self.sink is not None:
+            self.sink.on_head(self.parser.get_status_code(), self.headers, self.length)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_body(body)
+
+    def on_message_complete(self) -> None:
+        sink, self.sink = self.sink, None
+        reusable = self.parser.should_keep_alive()
+        if reusable:
+            self.reused = True
+            self.pool.put(self)
+        elif self.transport is not None:
+            self.transport.close()
+        if sink is not None:
+            sink.on_end()
+
+
+class UpstreamPool:
+    """Idle connections per replica address (`http://host:port`), newest first."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[Connection]] = {}
+        self._targets: dict[str, tuple[str, int]] = {}
+
+    def take(self, address: str) -> Connection | None:
+        """An idle connection that is young enough to trust, or None."""
+        idle = self.idle.get(address)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                if now - conn.idle_since < IDLE_MAX_S:
+                    return conn
+                transport.close()
+        return None
+
+    async def connect(self, address: str) -> Connection:
+        """A new connection; OSError or TimeoutError when the replica does not accept it."""
+        host, port = self._target(address)
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: Connection(self, address), host, port),
+            timeout=CONNECT_TIMEOUT_S,
+        )
+        return conn
+
+    def put(self, conn: Connection) -> None:
+        idle = self.idle.setdefault(conn.address, [])
+        if len(idle) >= IDLE_PER_ADDRESS:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def forget(self, conn: Connection) -> None:
+        idle = self.idle.get(conn.address)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for conn in idle:
+                if conn.transport is not None:
+                    conn.transport.close()
+        self.idle.clear()
+
+    def host_header(self, address: str) -> bytes:
+        host, port = self._target(address)
+        return f"{host}:{port}".encode()
+
+    def _target(self, address: str) -> tuple[str, int]:
+        found = self._targets.get(address)
+        if found is None:
+            parts = urlsplit(address)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"not an http:// replica address: {address!r}")
+            found = (parts.hostname, parts.port or 80)
+            self._targets[address] = found
+        return found
