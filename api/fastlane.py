@@ -187,7 +187,11 @@ class Exchange:
 
     def _connected(self, task: asyncio.Task[Connection]) -> None:
         self.lane.connecting.discard(task)
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled():  # the api is shutting down
+            if self._settle(ok=True):
+                self.client.close()
+            return
+        if task.exception() is not None:
             if not self.done:
                 self._give_up(ok=False)
             return
@@ -340,6 +344,7 @@ class Exchange:
     def _finish(self, status: int, *, ok: bool, usage: tuple[int, int] | None) -> None:
         if not self._settle(ok):
             return
+        self.lane.forwarder.metrics.stats.fast_lane += 1
         self.lane.forwarder.record(
             self.route,
             self.key_id,

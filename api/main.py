@@ -42,6 +42,7 @@ from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.proxy import Forwarder, Limits
 from forwarder.routing import Route, load_routes
+from forwarder.shared import SharedCounts
 from web.render import STATIC_DIR, STATIC_URL
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,11 @@ def _demand(state: AppState) -> object:
     return record
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(
+    settings: Settings, shared: SharedCounts | None = None, worker: int | None = None
+) -> FastAPI:
+    """The api's app; `shared` and `worker` when it is one of several api worker processes."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = open_engine(settings.database_path)
@@ -94,7 +99,9 @@ def create_app(settings: Settings) -> FastAPI:
                 timeout_s=settings.upstream_timeout_s,
                 replica_max_concurrency=settings.replica_max_concurrency,
                 queue_wait_s=settings.queue_wait_s,
-            )
+            ),
+            shared=shared,
+            worker=worker,
         )
         client = bus.connect(str(settings.redis_url))
         state = AppState(

@@ -1,18 +1,39 @@
 """Entry point of the api role (`appliance api`): uvicorn with uvloop and httptools, its
-connections opened by the fast lane's front protocol (`api/front.py`)."""
+connections opened by the fast lane's front protocol (`api/front.py`).
+
+With `api_workers` > 1 this process binds the port, makes the shared in-flight counters
+(`forwarder/shared.py`) and forks the workers, which all accept on the one socket. It stays
+as their supervisor: SIGTERM or SIGINT is passed on to every worker (each shuts down
+gracefully), and if one worker dies the others are stopped too and it exits non-zero, so the
+container or `appliance up` restarts the api whole (a dead worker's counts would linger in the
+shared memory otherwise).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from types import FrameType
 
 import uvicorn
 
 from api.front import front_protocol
 from api.main import create_app
 from appliance.settings import Settings
+from forwarder.shared import SharedCounts
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 2048
 
 
-def main(settings: Settings) -> None:
-    app = create_app(settings)
-    uvicorn.run(
+def _config(settings: Settings, shared: SharedCounts | None, worker: int | None) -> uvicorn.Config:
+    app = create_app(settings, shared=shared, worker=worker)
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -21,4 +42,53 @@ def main(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
+        backlog=BACKLOG,
     )
+
+
+def main(settings: Settings) -> None:
+    if settings.api_workers == 1:
+        uvicorn.Server(_config(settings, None, None)).run()
+        return
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(BACKLOG)
+    shared = SharedCounts(settings.api_workers)
+    workers: dict[int, int] = {}  # pid -> worker index
+    for index in range(settings.api_workers):
+        pid = os.fork()
+        if pid == 0:  # the worker: no threads or loops were started before the fork
+            shared.bind(index)
+            uvicorn.Server(_config(settings, shared, index)).run(sockets=[sock])
+            os._exit(0)
+        workers[pid] = index
+    sock.close()
+    sys.exit(_supervise(workers))
+
+
+def _supervise(workers: dict[int, int]) -> int:
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logger.info("api: %d workers", len(workers))
+    code = 0
+    while workers:
+        pid, status = os.wait()
+        index = workers.pop(pid, None)
+        if index is None:
+            continue
+        if not stopping:
+            logger.error("api worker %d exited (status %d); stopping the others", index, status)
+            code = 1
+            stop(signal.SIGTERM, None)
+    return code

@@ -11,6 +11,7 @@ ROUTES_CHANNEL = "appliance:routes"
 INFLIGHT_KEY = "appliance:inflight"  # hash: replica id -> requests the api has in flight
 DEMAND_KEY = "appliance:demand"  # hash: endpoint id -> when a request last found no replica
 LAST_REQUEST_KEY = "appliance:last-request"  # hash: endpoint id -> time of its last request
+API_METRICS_KEY = "appliance:metrics:api:{worker}"  # one api worker's counters, as JSON
 USAGE_KEY = "appliance:usage:{key_id}"  # hash: "<endpoint>:requests|prompt_tokens|..." -> n
 HEARTBEAT_KEY = "appliance:heartbeat:{role}"
 LOGS_KEY = "appliance:logs:{replica}"  # a capped stream of one replica's output lines

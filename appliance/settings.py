@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="Longest a replica may stay silent (before its reply, or between stream "
         "chunks) before the request ends with 504; an endpoint's `timeout_seconds` overrides it.",
     )
+    api_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="api processes sharing the port; one carries about 15-20k small requests/s "
+        "on a core. Requests in flight are counted across all of them.",
+    )
     fast_lane: bool = Field(
         True,
         description="Serve common inference requests on the api's fast lane (no ASGI cycle); "

@@ -109,12 +109,13 @@ class Stack:
         wait_port(port)
         return port
 
-    def appliance(self, backend_port: int) -> int:
+    def appliance(self, backend_port: int, workers: int = 1, fast_lane: bool = True) -> int:
         redis_port, port = free_port(), free_port()
         self.spawn(
-            "redis", ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+            f"redis-{port}",
+            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
         )
-        data = self.workdir / "appliance-data"
+        data = self.workdir / f"appliance-data-{port}"
         data.mkdir(exist_ok=True)
         add_fake_endpoint(
             data / "appliance.db", MODEL, f"http://127.0.0.1:{backend_port}", "rep_bench0000000001"
@@ -127,9 +128,11 @@ class Stack:
             APPLIANCE_ADMIN_KEY=ADMIN_KEY,
             APPLIANCE_LOG_LEVEL="WARNING",
             APPLIANCE_REPLICA_MAX_CONCURRENCY="4096",
+            APPLIANCE_API_WORKERS=str(workers),
+            APPLIANCE_FAST_LANE=str(fast_lane).lower(),
         )
         wait_port(redis_port)
-        self.spawn("appliance", [sys.executable, "-m", "appliance", "api"], env=env)
+        self.spawn(f"appliance-{port}", [sys.executable, "-m", "appliance", "api"], env=env)
         wait_port(port)
         time.sleep(2.5)  # one routing refresh
         return port

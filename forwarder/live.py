@@ -1,6 +1,7 @@
 """Publishes the data plane's live numbers to Redis about once a second, off the hot path:
 requests in flight per replica (the builder drains and scales by them), demand for endpoints
-with no ready replica (nudges the builder), the last request per endpoint, and usage per key.
+with no ready replica (nudges the builder), the last request per endpoint, usage per key and,
+when the api runs several workers, each worker's counters for the others' `/metrics`.
 
 Run by the api's lifespan as one background task per process.
 """
@@ -8,6 +9,7 @@ Run by the api's lifespan as one background task per process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -16,12 +18,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from appliance import bus
+from forwarder.metrics import snapshot
 from forwarder.proxy import Forwarder
 
 logger = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 1.0
 INFLIGHT_TTL_S = 10  # a dead api's counts vanish instead of blocking drains forever
+METRICS_TTL_S = 10  # likewise a dead worker's counters
 
 
 def _fields(values: Mapping[str, float]) -> dict[Any, Any]:
@@ -37,8 +41,9 @@ async def publish_once(
     try:
         pipe = client.pipeline(transaction=True)
         pipe.delete(bus.INFLIGHT_KEY)
-        if forwarder.inflight:
-            pipe.hset(bus.INFLIGHT_KEY, mapping=_fields(forwarder.inflight))
+        inflight = forwarder.inflight_totals()  # every worker's: each one writes the same sums
+        if inflight:
+            pipe.hset(bus.INFLIGHT_KEY, mapping=_fields(inflight))
             pipe.expire(bus.INFLIGHT_KEY, INFLIGHT_TTL_S)
         if forwarder.last_request:
             pipe.hset(bus.LAST_REQUEST_KEY, mapping=_fields(forwarder.last_request))
@@ -46,6 +51,12 @@ async def publish_once(
             pipe.hset(bus.DEMAND_KEY, mapping=_fields(fresh_demand))
             pipe.rpush(bus.BUILDER_NUDGE_KEY, 1)
             pipe.ltrim(bus.BUILDER_NUDGE_KEY, -10, -1)
+        if forwarder.worker is not None:  # one of several api workers: share the counters
+            pipe.set(
+                bus.API_METRICS_KEY.format(worker=forwarder.worker),
+                json.dumps(snapshot(forwarder.metrics.registry)),
+                ex=METRICS_TTL_S,
+            )
         for (key_id, endpoint), (requests, prompt, completion) in usage.items():
             name = bus.USAGE_KEY.format(key_id=key_id)
             pipe.hincrby(name, f"{endpoint}:requests", requests)

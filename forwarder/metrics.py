@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -79,6 +80,7 @@ class RequestStats(Collector):
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         self.overhead = _Histogram(OVERHEAD_BUCKETS_S)
+        self.fast_lane = 0  # of the requests, how many the api's fast lane served
 
     def add(
         self,
@@ -141,6 +143,11 @@ class RequestStats(Collector):
         for labels, count in list(self.tokens.items()):
             tokens.add_metric(list(labels), count)
         yield tokens
+        yield CounterMetricFamily(
+            "appliance_fast_lane_requests",
+            "Inference requests served on the api's fast lane (the rest took the general path).",
+            value=self.fast_lane,
+        )
 
     @staticmethod
     def _histograms(name: str, doc: str, by_endpoint: dict[str, _Histogram]) -> Metric:
@@ -185,6 +192,59 @@ class Metrics:
             registry=r,
         )
         r.register(_Inflight(inflight))
+
+
+Snapshot = list[Any]  # [name, type, documentation, [[sample name, labels, value], ...]]
+SHARED_TYPES = frozenset({"counter", "histogram"})
+
+
+def snapshot(registry: CollectorRegistry) -> list[Snapshot]:
+    """This process's counters and histograms, JSON-ready, for the other api workers."""
+    return [
+        [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
+        for f in registry.collect()
+        if f.type in SHARED_TYPES
+    ]
+
+
+def exposition(registry: CollectorRegistry, others: Iterable[list[Snapshot]]) -> bytes:
+    """Prometheus text of `registry` with the other workers' counters and histograms added
+    in (gauges are this process's: the in-flight ones already count every worker)."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for family in registry.collect():
+        families[family.name] = family
+        if family.type in SHARED_TYPES:
+            values[family.name] = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples
+            }
+    for worker in others:
+        for name, kind, documentation, samples in worker:
+            if name not in families:
+                families[name] = Metric(name, documentation, kind)
+                values[name] = {}
+            mine = values.setdefault(name, {})
+            for sample_name, labels, value in samples:
+                if sample_name.endswith("_created"):
+                    continue  # a timestamp, not a count
+                key = (sample_name, tuple(sorted(labels.items())))
+                mine[key] = mine.get(key, 0.0) + value
+    for name, summed in values.items():
+        family = families[name]
+        family.samples = []
+        for (sample_name, labels), value in summed.items():
+            family.add_sample(sample_name, dict(labels), value)
+    merged = CollectorRegistry(auto_describe=False)
+    merged.register(_Fixed(list(families.values())))
+    return generate_latest(merged)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 def inflight_rows(

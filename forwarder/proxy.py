@@ -1,12 +1,11 @@
 """Forwards requests to replicas: least outstanding choice, a per-replica cap, cold-start hold,
 retries on connection failures, ejection of failing replicas, bytes passed through.
 
-One `Forwarder` per api process, created in the app's lifespan. Its counters (requests in
-flight per replica, failures, ejections) live in this process's memory: the api is ONE
-uvicorn process per install (`api/serve.py` starts no worker processes, uvloop carries the
-concurrency), so these counters are the one consistent view of the api's load. The builder
-sees them through Redis (`forwarder/live.py`). Running several api processes would need the
-counters moved to Redis first.
+One `Forwarder` per api process, created in the app's lifespan. Requests in flight per
+replica are counted in this process's memory and, when the api runs several worker processes
+(`api_workers`), also in memory shared by all of them (`forwarder/shared.py`), so choices and
+caps see every worker's load. Failures and ejections are each process's own. The builder sees
+the counts through Redis (`forwarder/live.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import aiohttp
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
 from forwarder.metrics import Metrics, inflight_rows
 from forwarder.routing import ReplicaRoute, Route, RoutingTable
+from forwarder.shared import SharedCounts
 from forwarder.usage import Ledger
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ class Forwarder:
     limits: Limits = field(default_factory=Limits)
     table: RoutingTable = field(default_factory=RoutingTable.empty)
     on_demand: Callable[[Route], None] = lambda route: None
-    inflight: dict[str, int] = field(default_factory=dict)  # replica id -> requests
+    inflight: dict[str, int] = field(default_factory=dict)  # replica id -> this process's
+    shared: SharedCounts | None = None  # every api worker's counts, when there are several
+    worker: int | None = None  # this process's index among several api workers
     endpoint_of: dict[str, str] = field(default_factory=dict)  # replica id -> endpoint name
     failures: dict[str, int] = field(default_factory=dict)  # replica id -> consecutive
     ejected: set[str] = field(default_factory=set)
@@ -127,7 +129,7 @@ class Forwarder:
     _probes: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: inflight_rows(self.inflight, self.endpoint_of))
+        self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self.endpoint_of))
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -233,18 +235,31 @@ class Forwarder:
         self, route: Route, candidates: list[ReplicaRoute]
     ) -> tuple[ReplicaRoute | None, int]:
         """The least loaded candidate, counted in flight if it is under the cap; and the cap."""
-        inflight = self.inflight
-        if len(candidates) == 1:
-            best = candidates[0]
-        else:
-            best = min(candidates, key=lambda r: inflight.get(r.id, 0))
+        load = self.load
+        best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda r: load(r.id))
         cap = route.max_concurrency or self.limits.replica_max_concurrency
-        count = inflight.get(best.id, 0)
-        if count >= cap:
+        if load(best.id) >= cap:
             return None, cap
-        inflight[best.id] = count + 1
+        self.inflight[best.id] = self.inflight.get(best.id, 0) + 1
+        if self.shared is not None:
+            self.shared.add(best.id, 1)
         self.endpoint_of[best.id] = route.name
         return best, cap
+
+    def load(self, replica_id: str) -> int:
+        """Requests in flight to the replica from every api worker."""
+        if self.shared is not None:
+            return self.shared.total(replica_id)
+        return self.inflight.get(replica_id, 0)
+
+    def inflight_totals(self) -> dict[str, int]:
+        """Replica id -> requests in flight from every api worker, for replicas with some."""
+        if self.shared is None:
+            return dict(self.inflight)
+        ids = set(self.endpoint_of)
+        for route in self.table.by_id.values():
+            ids.update(r.id for r in route.replicas)
+        return {rid: n for rid in ids if (n := self.shared.total(rid)) > 0}
 
     def try_acquire(self, route: Route) -> ReplicaRoute | None:
         """`_acquire` without waiting: a ready replica under its cap, counted in flight, or
@@ -274,6 +289,8 @@ class Forwarder:
             self._slot_waiters -= 1
 
     def _release(self, replica_id: str) -> None:
+        if self.shared is not None and replica_id in self.inflight:
+            self.shared.add(replica_id, -1)
         left = self.inflight.get(replica_id, 1) - 1
         if left > 0:
             self.inflight[replica_id] = left

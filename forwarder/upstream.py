@@ -50,6 +50,8 @@ class Connection(asyncio.Protocol):
         self.sink: ReplySink | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.length: int | None = None
+        self.head_seen = False
+        self.until_close = True
         self.reused = False  # had carried a request before this one
         self.idle_since = 0.0
 
@@ -61,6 +63,8 @@ class Connection(asyncio.Protocol):
         self.sink = sink
         self.headers = []
         self.length = None
+        self.head_seen = False
+        self.until_close = True  # no Content-Length and not chunked: the body ends at EOF
         self.transport.write(data)
 
     def abort(self) -> None:
@@ -85,6 +89,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
+        if exc is None and self.sink is not None and self.head_seen and self.until_close:
+            sink, self.sink = self.sink, None  # a body that ends where the connection does
+            sink.on_end()
+            return
         self._fail("the replica closed the connection" if exc is None else str(exc))
 
     def _fail(self, reason: str) -> None:
@@ -101,8 +109,12 @@ class Connection(asyncio.Protocol):
             self.headers.append((name, value))
             if name == b"content-length":
                 self.length = int(value) if value.isdigit() else None
+                self.until_close = False
+        elif name == b"transfer-encoding":
+            self.until_close = False
 
     def on_headers_complete(self) -> None:
+        self.head_seen = True
         if self.sink is not None:
             self.sink.on_head(self.parser.get_status_code(), self.headers, self.length)
 

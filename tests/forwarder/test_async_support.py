@@ -30,6 +30,8 @@ class FakeBackend:
     port: int = field(default_factory=free_port)
     fail_first: int = 0
     seen: Counter[str] = field(default_factory=Counter)
+    busy: int = 0  # requests being answered now
+    most_busy: int = 0  # the most at once
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
 
@@ -43,8 +45,15 @@ class FakeBackend:
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "busy"}, status=503)
-        await asyncio.sleep(float(body.get("delay_s", self.delay_s)))
+        self.busy += 1
+        self.most_busy = max(self.most_busy, self.busy)
+        try:
+            await asyncio.sleep(float(body.get("delay_s", self.delay_s)))
+        finally:
+            self.busy -= 1
         text = "echo: " + json.dumps(body.get("messages") or body.get("prompt"))[:200]
+        if body.get("stream") is True:
+            return await self._stream(request, text)
         if request.path.endswith("chat/completions"):
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
             kind = "chat.completion"
@@ -61,6 +70,16 @@ class FakeBackend:
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
             }
         )
+
+    async def _stream(self, request: web.Request, text: str) -> web.StreamResponse:
+        """The text one word per SSE event, a usage event, then `[DONE]` (chunked)."""
+        reply = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await reply.prepare(request)
+        for data in stream_events(text):
+            await reply.write(data)
+            await asyncio.sleep(0.01)
+        await reply.write_eof()
+        return reply
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -89,6 +108,13 @@ class FakeBackend:
         if self._loop is not None and self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def stream_events(text: str) -> list[bytes]:
+    """What FakeBackend streams for `text`, event by event."""
+    events = [{"choices": [{"index": 0, "delta": {"content": word}}]} for word in text.split()]
+    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
 def seed_endpoint(

@@ -1,0 +1,228 @@
+"""The api's fast lane (`api/front.py`, `api/fastlane.py`) against a fake replica, no Docker:
+one keep-alive connection mixing lane and general-path requests, pipelining, a stream passed
+through unchanged, a client that leaves, a silent replica, and several api workers sharing
+their in-flight counts and metrics."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import pytest
+
+from tests.forwarder.test_async_support import (
+    FakeBackend,
+    seed_endpoint,
+    start_api,
+    stop_all,
+    stream_events,
+)
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
+
+MODEL = "lane"
+HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def backend() -> Iterator[FakeBackend]:
+    server = FakeBackend(delay_s=0.01).start()
+    yield server
+    server.stop()
+
+
+def run_api(tmp_path: Path, redis: RedisServer, backend: FakeBackend, **env: str) -> Appliance:
+    appliance = Appliance(
+        tmp_path / "appliance", redis, env_extra={"APPLIANCE_ROUTING_REFRESH_S": "0.5", **env}
+    )
+    start_api(appliance)
+    seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="sync")
+    with appliance.client() as client:
+        wait_until(
+            lambda: client.post("/v1/chat/completions", content=chat("warm")).status_code == 200,
+            10,
+            "the seeded endpoint to answer",
+        )
+    return appliance
+
+
+@pytest.fixture
+def api(tmp_path: Path, redis_server: RedisServer, backend: FakeBackend) -> Iterator[Appliance]:
+    appliance = run_api(tmp_path, redis_server, backend, APPLIANCE_UPSTREAM_TIMEOUT_S="1")
+    yield appliance
+    print(appliance.logs())
+    stop_all(appliance)
+
+
+def chat(content: str, **extra: Any) -> bytes:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
+    return json.dumps(body).encode()
+
+
+def echo(content: str) -> str:
+    """FakeBackend's answer text for a chat with one user message."""
+    return "echo: " + json.dumps([{"role": "user", "content": content}])[:200]
+
+
+def metric(appliance: Appliance, pattern: str) -> float:
+    """The sum of the /metrics samples whose line matches `pattern` (0 when none)."""
+    text = httpx.get(appliance.url + "/metrics", headers=HEADERS, timeout=10).text
+    lines = [line for line in text.splitlines() if re.match(pattern, line)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def fast_count(appliance: Appliance) -> float:
+    return metric(appliance, r"appliance_fast_lane_requests_total ")
+
+
+def raw_request(method: str, path: str, body: bytes = b"", extra: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def read_response(stream: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length or chunked) from a buffered socket file."""
+    status = int(stream.readline().split()[1])
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int(stream.readline().strip(), 16):
+            body += stream.read(size)
+            stream.readline()
+        stream.readline()
+        return status, headers, body
+    return status, headers, stream.read(int(headers.get("content-length", "0")))
+
+
+def test_one_connection_carries_lane_and_general_requests(api: Appliance) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    before = fast_count(api)
+
+    def send(method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        conn.request(method, path, body=body, headers=HEADERS)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read())
+
+    status, body = send("POST", "/v1/chat/completions", chat("one"))  # the lane
+    assert status == 200 and body["choices"][0]["message"]["content"] == echo("one")
+    status, body = send("POST", "/v1/chat/completions", chat("x", model="nope"))  # general
+    assert status == 404 and body["error"]["param"] == "model"
+    status, body = send("GET", "/v1/models")  # general
+    assert status == 200 and [m["id"] for m in body["data"]] == [MODEL]
+    status, body = send("POST", "/v1/chat/completions", b"{not json")  # declined: general
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = send("POST", "/v1/chat/completions", chat("two"))  # the lane again
+    assert status == 200 and body["choices"][0]["message"]["content"] == echo("two")
+    conn.request(  # a chunked body is the general path's to read
+        "POST", "/v1/chat/completions", body=iter([chat("three")]), headers=HEADERS
+    )
+    reply = conn.getresponse()
+    assert reply.status == 200
+    assert json.loads(reply.read())["choices"][0]["message"]["content"] == echo("three")
+    conn.close()
+    assert fast_count(api) - before == 2  # "one", and "two" after the connection came back
+
+
+def test_pipelined_requests_are_answered_in_order(api: Appliance) -> None:
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(
+            raw_request("POST", "/v1/chat/completions", chat("first"))
+            + raw_request("GET", "/healthz")
+            + raw_request("POST", "/v1/chat/completions", chat("second"))
+            + raw_request("POST", "/v1/chat/completions", chat("last"), "Connection: close\r\n")
+        )
+        stream = sock.makefile("rb")
+        answers = [read_response(stream) for _ in range(4)]
+        assert stream.read() == b""  # closed after the request that asked for it
+    assert [status for status, _, _ in answers] == [200, 200, 200, 200]
+    texts = [json.loads(body)["choices"][0]["message"]["content"] for _, _, body in answers[::2]]
+    assert texts == [echo("first"), echo("second")]
+    assert json.loads(answers[3][2])["choices"][0]["message"]["content"] == echo("last")
+    assert answers[3][1].get("connection") == "close"
+
+
+def test_a_stream_passes_the_lane_unchanged_and_is_counted(api: Appliance) -> None:
+    before_fast = fast_count(api)
+    before_tokens = metric(api, r'appliance_tokens_total\{.*kind="completion"')
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(raw_request("POST", "/v1/chat/completions", chat("a b c", stream=True)))
+        status, headers, body = read_response(sock.makefile("rb"))
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body == b"".join(stream_events(echo("a b c")))
+    assert "x-appliance-overhead-ms" in headers
+    assert fast_count(api) - before_fast == 1
+    tokens = metric(api, r'appliance_tokens_total\{.*kind="completion"')
+    assert tokens - before_tokens == 4
+
+
+def test_a_client_that_leaves_frees_its_replica(api: Appliance) -> None:
+    before = metric(api, r'appliance_requests_total\{code="499"')
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(raw_request("POST", "/v1/chat/completions", chat("bye", delay_s=0.8)))
+        time.sleep(0.3)
+    wait_until(
+        lambda: metric(api, r'appliance_requests_total\{code="499"') == before + 1,
+        5,
+        "the abandoned request to be counted as 499",
+    )
+    assert metric(api, r"appliance_inflight_requests\{") == 0
+
+
+def test_a_silent_replica_ends_in_504(api: Appliance) -> None:
+    before = fast_count(api)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(raw_request("POST", "/v1/chat/completions", chat("slow", delay_s=3)))
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 504, body
+    assert "did not answer in time" in json.loads(body)["error"]["message"]
+    assert time.monotonic() - started < 2.5  # the 1 s timeout, checked every 0.25 s
+    assert fast_count(api) - before == 1
+
+
+def test_several_workers_share_counts_and_metrics(
+    tmp_path: Path, redis_server: RedisServer, backend: FakeBackend
+) -> None:
+    appliance = run_api(
+        tmp_path,
+        redis_server,
+        backend,
+        APPLIANCE_API_WORKERS="2",
+        APPLIANCE_REPLICA_MAX_CONCURRENCY="3",
+        APPLIANCE_QUEUE_WAIT_S="20",
+    )
+    try:
+        base = metric(appliance, r'appliance_requests_total\{code="200"')
+        statuses: list[int] = []
+
+        def one(i: int) -> None:  # each on its own connection, so both workers take some
+            with httpx.Client(base_url=appliance.url, headers=HEADERS, timeout=60) as client:
+                reply = client.post("/v1/chat/completions", content=chat(f"{i}", delay_s=0.3))
+                statuses.append(reply.status_code)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 16
+        assert backend.most_busy <= 3  # the replica's cap held across both workers
+        wait_until(  # /metrics adds the other worker's counters, published every second
+            lambda: metric(appliance, r'appliance_requests_total\{code="200"') == base + 16,
+            5,
+            "/metrics to count every worker's requests",
+        )
+    finally:
+        print(appliance.logs())
+        stop_all(appliance)

@@ -1,0 +1,118 @@
+"""The fast lane's upstream client (`forwarder/upstream.py`) against raw replies: the three
+ways an HTTP/1.1 body may end, reuse of a kept-alive connection, and a replica that hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from forwarder.upstream import UpstreamPool
+
+REQUEST = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        self.status, self.headers = status, headers
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_end(self) -> None:
+        self.ended.set_result("end")
+
+    def on_lost(self, reason: str) -> None:
+        self.ended.set_result("lost: " + reason)
+
+
+@asynccontextmanager
+async def replica(answer: Callable[[int], bytes | None]) -> AsyncIterator[str]:
+    """A server answering the n-th request on a connection with `answer(n)` (None: hang up)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while await reader.readuntil(b"\r\n\r\n"):
+            await reader.readexactly(2)
+            reply = answer(n)
+            n += 1
+            if reply is None:
+                break
+            writer.write(reply)
+            await writer.drain()
+            if b"content-length" not in reply and b"chunked" not in reply:
+                break  # a body that ends with the connection
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}"
+
+
+async def exchange(pool: UpstreamPool, address: str) -> Sink:
+    conn = pool.take(address) or await pool.connect(address)
+    sink = Sink()
+    conn.send(REQUEST, sink)
+    await asyncio.wait_for(sink.ended, 5)
+    return sink
+
+
+def test_each_way_a_body_ends_is_read_whole() -> None:
+    asyncio.run(each_way_a_body_ends())
+
+
+async def each_way_a_body_ends() -> None:
+    replies = {
+        "length": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n"
+        b'{"a"',
+        "chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n",
+        "close": b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
+    }
+    expected = {"length": b'{"a"', "chunked": b"abc", "close": b"until the end"}
+    for kind, reply in replies.items():
+        pool = UpstreamPool()
+        async with replica(lambda n, reply=reply: reply) as address:  # type: ignore[misc]
+            sink = await exchange(pool, address)
+        assert (sink.status, sink.body, sink.ended.result()) == (200, expected[kind], "end"), kind
+        if kind == "length":  # the passed headers only, names in lower case
+            assert sink.headers == [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"4"),
+            ]
+
+
+def test_a_kept_alive_connection_carries_the_next_request() -> None:
+    asyncio.run(kept_alive())
+
+
+async def kept_alive() -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    pool = UpstreamPool()
+    async with replica(lambda n: reply) as address:
+        first = await exchange(pool, address)
+        idle = pool.idle[address]
+        assert len(idle) == 1
+        conn = idle[0]
+        second = await exchange(pool, address)
+    assert first.body == second.body == b"ok"
+    assert conn.reused and pool.idle[address] == [conn]
+
+
+def test_a_replica_that_hangs_up_reports_the_loss() -> None:
+    asyncio.run(hangs_up())
+
+
+async def hangs_up() -> None:
+    pool = UpstreamPool()
+    async with replica(lambda n: None) as address:
+        sink = await exchange(pool, address)
+    assert sink.status == 0 and sink.ended.result().startswith("lost")
+    assert pool.take(address) is None
