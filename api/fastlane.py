@@ -41,6 +41,7 @@ HOT_PATHS = {ours.encode(): theirs.encode() for ours, theirs in UPSTREAM_PATHS.i
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 SMALL_BODY_BYTES = 64 * 1024  # sent in one write with its head
 _decoder = json.JSONDecoder()
+MAX_PREFIXES = 256  # reply heads kept (status and content type vary little)
 TIMEOUT_CHECK_EVERY_S = 0.25  # upstream timeouts are checked for all exchanges at once
 
 
@@ -60,8 +61,8 @@ class Client(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def default_headers(self) -> bytes:
-        """uvicorn's default response headers (date, server), as header lines."""
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        """uvicorn's default response headers (date, server); a new list when they change."""
 
     def finished(self, keep_alive: bool) -> None:
         """The reply is complete; the connection may carry the next request."""
@@ -84,6 +85,8 @@ class FastLane:
         self.cors = bool(state.settings.cors_origins)
         self.connecting: set[asyncio.Task[Connection]] = set()
         self.waiting: set[Exchange] = set()  # sent, reply not complete
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._prefixes: dict[tuple[int, tuple[tuple[bytes, bytes], ...], bool], bytes] = {}
         self.loop = asyncio.get_running_loop()
         self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
 
@@ -100,6 +103,30 @@ class FastLane:
         for exchange in late:
             exchange.time_out()
         self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
+
+    def head_prefix(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        defaults: list[tuple[bytes, bytes]],
+    ) -> bytes:
+        """Status line and headers of a reply, but for its framing and overhead: the same for
+        most replies, so made once per second (uvicorn renews its date header each second)."""
+        if defaults is not self._defaults:
+            self._defaults = defaults
+            self._prefixes = {}
+        key = (status, tuple(headers), keep_alive)
+        found = self._prefixes.get(key)
+        if found is None:
+            lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+            lines.extend(b"%b: %b\r\n" % h for h in (*defaults, *headers))
+            if not keep_alive:
+                lines.append(b"connection: close\r\n")
+            found = b"".join(lines)
+            if len(self._prefixes) < MAX_PREFIXES:
+                self._prefixes[key] = found
+        return found
 
     def admit(self, head: Head, body: bytes, client: Client) -> Exchange | None:
         """A started exchange, or None to decline (nothing was counted or sent)."""
@@ -135,6 +162,31 @@ class FastLane:
 class Exchange:
     """One admitted request, from its send to the last byte of its reply (a `ReplySink`)."""
 
+    __slots__ = (
+        "chunked",
+        "client",
+        "conn",
+        "done",
+        "headers",
+        "heard_at",
+        "keep_alive",
+        "key_id",
+        "lane",
+        "overhead_s",
+        "parts",
+        "replica",
+        "request",
+        "route",
+        "sent_at",
+        "started_at",
+        "status",
+        "stream",
+        "timeout_s",
+        "ttft_s",
+        "watch",
+        "wrote",
+    )
+
     def __init__(
         self,
         lane: FastLane,
@@ -165,6 +217,7 @@ class Exchange:
         self.watch: StreamUsage | None = None
         self.timeout_s = route.timeout_s or lane.forwarder.limits.timeout_s
         self.heard_at = 0.0  # loop time of the send or of the last upstream event
+        self.request: bytes | tuple[bytes, bytes] = b""  # until sent
 
     # sending
     def begin(self, path: bytes, body: bytes, *, stream: bool) -> None:
@@ -213,7 +266,7 @@ class Exchange:
             conn.transport.write(request[1])
         else:
             conn.send(request, self)
-        del self.request
+        self.request = b""
 
     # the reply (ReplySink)
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
@@ -239,6 +292,18 @@ class Exchange:
         assert self.watch is not None
         self.watch.feed(data)
         self.client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+    def on_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self.stream or len(body) > WHOLE_BODY_MAX_BYTES:
+            self.on_head(status, headers, len(body))
+            if body:
+                self.on_body(body)
+            self.on_end()
+            return
+        self.status = status
+        self.headers = headers
+        self.parts = [body]
+        self.on_end()
 
     def on_end(self) -> None:
         usage = None
@@ -272,17 +337,15 @@ class Exchange:
     def _head(self, headers: list[tuple[bytes, bytes]], extra: bytes, ready_at: float) -> bytes:
         """The reply's head; the overhead is the time before the send plus the time since the
         reply was ready to go (`ready_at`)."""
-        now = time.perf_counter()
-        self.overhead_s = (self.sent_at - self.started_at) + (now - ready_at)
-        lines = [STATUS_LINES.get(self.status) or b"HTTP/1.1 %d \r\n" % self.status]
-        lines.append(self.client.default_headers())
-        lines.extend(b"%b: %b\r\n" % h for h in headers)
-        lines.append(b"x-appliance-overhead-ms: %.3f\r\n" % (self.overhead_s * 1000))
-        lines.append(extra)
-        if not self.keep_alive:
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        prefix = self.lane.head_prefix(
+            self.status, headers, self.keep_alive, self.client.default_headers()
+        )
+        self.overhead_s = (self.sent_at - self.started_at) + (time.perf_counter() - ready_at)
+        return b"%bx-appliance-overhead-ms: %.3f\r\n%b\r\n" % (
+            prefix,
+            self.overhead_s * 1000,
+            extra,
+        )
 
     def time_out(self) -> None:
         """The replica was silent for the timeout: end it like the general path's 504."""

@@ -136,12 +136,12 @@ class FrontProtocol(asyncio.Protocol):
         self.have = 0
         self.consumed = 0  # length of the request in progress
         self.exchange: Exchange | None = None
+        self.lane: FastLane | None = None
         self.idle_timer: asyncio.TimerHandle | None = None  # armed once, re-armed when it fires
         self.idle_since: float | None = None  # loop time the last reply ended; None: busy
         self.write_paused = False
         self.closing = False
         self.handed = False
-        self._defaults: tuple[object, bytes] = (None, b"")
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -200,7 +200,7 @@ class FrontProtocol(asyncio.Protocol):
                 if len(buf) >= MAX_HEAD_BYTES:
                     self._hand_over()
                 return
-            lane: FastLane | None = getattr(self.app.state, "fast_lane", None)
+            lane = self.lane or self._find_lane()
             head = parse_head(buf, end)
             if lane is None or head is None or head.length > lane.max_body_bytes:
                 self._hand_over()
@@ -220,6 +220,11 @@ class FrontProtocol(asyncio.Protocol):
                 self.idle_timer = self.loop.call_later(
                     self.config.timeout_keep_alive, self._idle_timeout
                 )
+
+    def _find_lane(self) -> FastLane | None:
+        """The app's lane, once its lifespan made it (until then every request goes on)."""
+        self.lane = getattr(self.app.state, "fast_lane", None)
+        return self.lane
 
     def _hand_over(self) -> None:
         """Give the connection, with every unconsumed byte, to uvicorn's own protocol."""
@@ -269,13 +274,8 @@ class FrontProtocol(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def default_headers(self) -> bytes:
-        headers = self.server_state.default_headers
-        cached, lines = self._defaults
-        if cached is not headers:  # uvicorn renews the list when the date changes
-            lines = b"".join(b"%b: %b\r\n" % h for h in headers)
-            self._defaults = (headers, lines)
-        return lines
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.server_state.default_headers
 
     def finished(self, keep_alive: bool) -> None:
         self.exchange = None

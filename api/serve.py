@@ -2,11 +2,11 @@
 connections opened by the fast lane's front protocol (`api/front.py`).
 
 With `api_workers` > 1 this process binds the port, makes the shared in-flight counters
-(`forwarder/shared.py`) and forks the workers, which all accept on the one socket. It stays
-as their supervisor: SIGTERM or SIGINT is passed on to every worker (each shuts down
-gracefully), and if one worker dies the others are stopped too and it exits non-zero, so the
-container or `appliance up` restarts the api whole (a dead worker's counts would linger in the
-shared memory otherwise).
+(`forwarder/shared.py`) and forks the workers, each accepting on its own SO_REUSEPORT socket
+for the port. It stays as their supervisor: SIGTERM or SIGINT is passed on to every worker
+(each shuts down gracefully), and if one worker dies the others are stopped too and it exits
+non-zero, so the container or `appliance up` restarts the api whole (a dead worker's counts
+would linger in the shared memory otherwise).
 """
 
 from __future__ import annotations
@@ -50,22 +50,35 @@ def main(settings: Settings) -> None:
     if settings.api_workers == 1:
         uvicorn.Server(_config(settings, None, None)).run()
         return
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(BACKLOG)
+    sockets = [_listen(settings.host, settings.port) for _ in range(settings.api_workers)]
     shared = SharedCounts(settings.api_workers)
     workers: dict[int, int] = {}  # pid -> worker index
-    for index in range(settings.api_workers):
+    for index, sock in enumerate(sockets):
         pid = os.fork()
         if pid == 0:  # the worker: no threads or loops were started before the fork
+            for other in sockets:
+                if other is not sock:
+                    other.close()
             shared.bind(index)
             uvicorn.Server(_config(settings, shared, index)).run(sockets=[sock])
             os._exit(0)
         workers[pid] = index
-    sock.close()
+    for sock in sockets:
+        sock.close()
     sys.exit(_supervise(workers))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """One worker's listening socket. With SO_REUSEPORT the kernel spreads new connections
+    over the workers' sockets; one socket shared by all would let one worker accept nearly
+    every connection of a burst while the others idle."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    return sock
 
 
 def _supervise(workers: dict[int, int]) -> int:

@@ -139,6 +139,7 @@ def main() -> None:
                 "appliance": stack.appliance(backend),
                 "appliance x2": stack.appliance(backend, workers=2),
                 "nginx": stack.nginx(backend),
+                "nginx x2": stack.nginx(backend, workers=2),
             }
             if args.general:
                 targets["general"] = stack.appliance(backend, fast_lane=False)
@@ -184,6 +185,8 @@ def report(targets: dict[str, int], seconds: float, concurrency: int, rounds: in
         print(f"{n:>12}: {peak[n]:9.0f} req/s  (runs {every}; non-2xx {bad:.0f})")
     for n in proxies:
         print(f"{n} / nginx   = {peak[n] / peak['nginx']:.2f}  (goal >= 0.5)")
+        if n == "appliance x2":
+            print(f"{n} / nginx x2 = {peak[n] / peak['nginx x2']:.2f}")
         if "litellm" in peak:
             print(f"{n} / litellm = {peak[n] / peak['litellm']:.2f}  (goal >= 3)")
     print(

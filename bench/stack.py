@@ -137,14 +137,14 @@ class Stack:
         time.sleep(2.5)  # one routing refresh
         return port
 
-    def nginx(self, backend_port: int) -> int:
+    def nginx(self, backend_port: int, workers: int = 1) -> int:
         port = free_port()
-        conf = self.workdir / "nginx.conf"
+        conf = self.workdir / f"nginx-{port}.conf"
         conf.write_text(f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
-pid {self.workdir}/nginx.pid;
-error_log {self.workdir}/nginx-error.log warn;
+pid {self.workdir}/nginx-{port}.pid;
+error_log {self.workdir}/nginx-{port}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
@@ -161,7 +161,7 @@ http {{
     }}
 }}
 """)
-        self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(self.workdir)])
+        self.spawn(f"nginx-{port}", ["nginx", "-c", str(conf), "-p", str(self.workdir)])
         wait_port(port)
         return port
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -129,7 +129,7 @@ class Forwarder:
     _probes: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self.endpoint_of))
+        self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self._names()))
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -232,7 +232,7 @@ class Forwarder:
             await self._wait_slot(queue_until - now)
 
     def _take_least_loaded(
-        self, route: Route, candidates: list[ReplicaRoute]
+        self, route: Route, candidates: Sequence[ReplicaRoute]
     ) -> tuple[ReplicaRoute | None, int]:
         """The least loaded candidate, counted in flight if it is under the cap; and the cap."""
         load = self.load
@@ -252,6 +252,13 @@ class Forwarder:
             return self.shared.total(replica_id)
         return self.inflight.get(replica_id, 0)
 
+    def _names(self) -> dict[str, str]:
+        """Replica id -> endpoint name, for every replica in the table or served lately."""
+        names = dict(self.endpoint_of)
+        for route in self.table.by_id.values():
+            names.update((r.id, route.name) for r in route.replicas)
+        return names
+
     def inflight_totals(self) -> dict[str, int]:
         """Replica id -> requests in flight from every api worker, for replicas with some."""
         if self.shared is None:
@@ -265,7 +272,7 @@ class Forwarder:
         """`_acquire` without waiting: a ready replica under its cap, counted in flight, or
         None when the request would have to wait (no ready replica, every one at its cap).
         The caller reports the outcome with `done`."""
-        live = self.live_replicas(route)
+        live = route.replicas if not self.ejected else self.live_replicas(route)
         if not live:
             return None
         self.last_request[route.endpoint_id] = time.time()

@@ -35,6 +35,9 @@ class ReplySink(Protocol):
     def on_end(self) -> None:
         """The reply is complete."""
 
+    def on_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole reply that arrived at once (instead of on_head, on_body, on_end)."""
+
     def on_lost(self, reason: str) -> None:
         """The connection failed before the reply was complete."""
 
@@ -53,6 +56,7 @@ class Connection(asyncio.Protocol):
         self.head_seen = False
         self.until_close = True
         self.reused = False  # had carried a request before this one
+        self.between = True  # the parser holds no part of a reply
         self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,10 +86,26 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.between and self.sink is not None:
+            whole = whole_reply(data)
+            if whole is not None:
+                status, headers, body, keep_alive = whole
+                sink, self.sink = self.sink, None
+                self._settled(keep_alive)
+                sink.on_reply(status, headers, body)
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(f"the replica sent a malformed reply: {exc}")
+
+    def _settled(self, keep_alive: bool) -> None:
+        """A reply ended: back to the pool, or closed."""
+        if keep_alive:
+            self.reused = True
+            self.pool.put(self)
+        elif self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
@@ -122,16 +142,42 @@ class Connection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.on_body(body)
 
+    def on_message_begin(self) -> None:
+        self.between = False
+
     def on_message_complete(self) -> None:
+        self.between = True
         sink, self.sink = self.sink, None
-        reusable = self.parser.should_keep_alive()
-        if reusable:
-            self.reused = True
-            self.pool.put(self)
-        elif self.transport is not None:
-            self.transport.close()
+        self._settled(self.parser.should_keep_alive())
         if sink is not None:
             sink.on_end()
+
+
+def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool] | None:
+    """Status, passed headers, body and keep-alive of `data` if it is exactly one complete
+    HTTP/1.1 reply framed by Content-Length (the usual one); None leaves it to httptools."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or not data.startswith(b"HTTP/1.1 "):
+        return None
+    head = data[:end].lower()
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0 or b"\r\ntransfer-encoding" in head or head.find(b"\r\ncontent-length", at + 2) > 0:
+        return None
+    value = _field(head, at + 17, end)
+    status = data[9:12]
+    if not value.isdigit() or not status.isdigit() or len(data) != end + 4 + int(value):
+        return None
+    headers = [(b"content-length", value)]
+    at = head.find(b"\r\ncontent-type:")
+    if at >= 0:
+        headers.insert(0, (b"content-type", _field(data, at + 15, end)))
+    keep_alive = b"\r\nconnection: close" not in head
+    return int(status), headers, data[end + 4 :], keep_alive
+
+
+def _field(head: bytes, start: int, end: int) -> bytes:
+    stop = head.find(b"\r\n", start, end)
+    return head[start : end if stop < 0 else stop].strip(b" \t")
 
 
 class UpstreamPool:
@@ -140,6 +186,7 @@ class UpstreamPool:
     def __init__(self) -> None:
         self.idle: dict[str, list[Connection]] = {}
         self._targets: dict[str, tuple[str, int]] = {}
+        self._hosts: dict[str, bytes] = {}
 
     def take(self, address: str) -> Connection | None:
         """An idle connection that is young enough to trust, or None."""
@@ -186,8 +233,11 @@ class UpstreamPool:
         self.idle.clear()
 
     def host_header(self, address: str) -> bytes:
-        host, port = self._target(address)
-        return f"{host}:{port}".encode()
+        found = self._hosts.get(address)
+        if found is None:
+            host, port = self._target(address)
+            found = self._hosts[address] = f"{host}:{port}".encode()
+        return found
 
     def _target(self, address: str) -> tuple[str, int]:
         found = self._targets.get(address)

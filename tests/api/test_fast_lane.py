@@ -203,6 +203,7 @@ def test_several_workers_share_counts_and_metrics(
         APPLIANCE_QUEUE_WAIT_S="20",
     )
     try:
+        time.sleep(1.5)  # every worker has published its warm-up requests
         base = metric(appliance, r'appliance_requests_total\{code="200"')
         statuses: list[int] = []
 

@@ -28,6 +28,11 @@ class Sink:
     def on_end(self) -> None:
         self.ended.set_result("end")
 
+    def on_reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.on_head(status, headers, len(body))
+        self.on_body(body)
+        self.on_end()
+
     def on_lost(self, reason: str) -> None:
         self.ended.set_result("lost: " + reason)
 
