@@ -130,9 +130,15 @@ class FastLane:
 
     def admit(self, head: Head, body: bytes, client: Client) -> Exchange | None:
         """A started exchange, or None to decline (nothing was counted or sent)."""
-        key = parse_key(head.authorization, head.api_key)
+        authorization = head.authorization
+        if authorization[:7] == "Bearer ":  # the usual form, without parse_key's general case
+            key: str | None = authorization[7:].strip()
+        else:
+            key = parse_key(authorization, head.api_key)
         caller = cached_caller(self.state, key) if key else None
-        if caller is None or not caller.can("inference") or (head.origin and self.cors):
+        if caller is None or (head.origin and self.cors):
+            return None
+        if not caller.is_admin and "inference" not in caller.scopes:
             return None
         limits = caller.limits
         if limits.requests_per_minute or limits.max_concurrent_requests:

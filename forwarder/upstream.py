@@ -161,18 +161,18 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
         return None
     head = data[:end].lower()
     at = head.find(b"\r\ncontent-length:")
-    if at < 0 or b"\r\ntransfer-encoding" in head or head.find(b"\r\ncontent-length", at + 2) > 0:
+    if at < 0 or b"\r\ntransfer-encoding" in head:
         return None
     value = _field(head, at + 17, end)
     status = data[9:12]
     if not value.isdigit() or not status.isdigit() or len(data) != end + 4 + int(value):
-        return None
-    headers = [(b"content-length", value)]
+        return None  # also a second Content-Length that disagrees: httptools refuses it
     at = head.find(b"\r\ncontent-type:")
-    if at >= 0:
-        headers.insert(0, (b"content-type", _field(data, at + 15, end)))
-    keep_alive = b"\r\nconnection: close" not in head
-    return int(status), headers, data[end + 4 :], keep_alive
+    if at < 0:
+        headers = [(b"content-length", value)]
+    else:
+        headers = [(b"content-type", _field(data, at + 15, end)), (b"content-length", value)]
+    return int(status), headers, data[end + 4 :], b"\r\nconnection: close" not in head
 
 
 def _field(head: bytes, start: int, end: int) -> bytes:

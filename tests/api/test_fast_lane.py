@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import httpx
 import pytest
 
+from api.front import parse_head
 from tests.forwarder.test_async_support import (
     FakeBackend,
     seed_endpoint,
@@ -103,6 +104,28 @@ def read_response(stream: BinaryIO) -> tuple[int, dict[str, str], bytes]:
         stream.readline()
         return status, headers, body
     return status, headers, stream.read(int(headers.get("content-length", "0")))
+
+
+def test_the_lane_reads_only_heads_it_can_serve() -> None:
+    good = raw_request("POST", "/v1/chat/completions", b"{}").replace(b"Bearer", b"bearer", 1)
+    head = parse_head(good, good.find(b"\r\n\r\n"))
+    assert head is not None and head.length == 2 and head.keep_alive
+    assert head.authorization == f"bearer {ADMIN_KEY}"  # the key keeps its case
+    refused = {
+        "another route": good.replace(b"/v1/chat/completions", b"/v1/models"),
+        "a query": good.replace(b"completions", b"completions?x=1"),
+        "HTTP/1.0": good.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        "chunked": good.replace(b"Host: test", b"Transfer-Encoding: chunked"),
+        "expect": good.replace(b"Host: test", b"Expect: 100-continue"),
+        "two lengths": good.replace(b"Host: test", b"Content-Length: 9"),
+        "a bad length": good.replace(b"Content-Length: 2", b"Content-Length: +2"),
+        "a folded line": good.replace(b"Host: test", b"Host:\r\n test"),
+        "space before colon": good.replace(b"Host: test", b"Content-Length : 2"),
+    }
+    for why, head_bytes in refused.items():
+        assert parse_head(head_bytes, head_bytes.find(b"\r\n\r\n")) is None, why
+    closing = good.replace(b"Host: test", b"Connection: Close")
+    assert parse_head(closing, closing.find(b"\r\n\r\n")).keep_alive is False  # type: ignore[union-attr]
 
 
 def test_one_connection_carries_lane_and_general_requests(api: Appliance) -> None:
