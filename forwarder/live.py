@@ -35,37 +35,34 @@ def _fields(values: Mapping[str, float]) -> dict[Any, Any]:
 async def publish_once(
     forwarder: Forwarder, client: aioredis.Redis, sent_demand: dict[str, float]
 ) -> None:
-    """One flush; usage taken from the ledger is put back if Redis refuses it."""
-    usage = forwarder.ledger.take()
+    """One flush; usage not stored (Redis refused it) goes with the next one."""
+    usage, totals = forwarder.ledger.unsent(forwarder.metrics.stats.rows)
     fresh_demand = {eid: at for eid, at in forwarder.demand.items() if sent_demand.get(eid) != at}
-    try:
-        pipe = client.pipeline(transaction=True)
-        pipe.delete(bus.INFLIGHT_KEY)
-        inflight = forwarder.inflight_totals()  # every worker's: each one writes the same sums
-        if inflight:
-            pipe.hset(bus.INFLIGHT_KEY, mapping=_fields(inflight))
-            pipe.expire(bus.INFLIGHT_KEY, INFLIGHT_TTL_S)
-        if forwarder.last_request:
-            pipe.hset(bus.LAST_REQUEST_KEY, mapping=_fields(forwarder.last_request))
-        if fresh_demand:
-            pipe.hset(bus.DEMAND_KEY, mapping=_fields(fresh_demand))
-            pipe.rpush(bus.BUILDER_NUDGE_KEY, 1)
-            pipe.ltrim(bus.BUILDER_NUDGE_KEY, -10, -1)
-        if forwarder.worker is not None:  # one of several api workers: share the counters
-            pipe.set(
-                bus.API_METRICS_KEY.format(worker=forwarder.worker),
-                json.dumps(snapshot(forwarder.metrics.registry)),
-                ex=METRICS_TTL_S,
-            )
-        for (key_id, endpoint), (requests, prompt, completion) in usage.items():
-            name = bus.USAGE_KEY.format(key_id=key_id)
-            pipe.hincrby(name, f"{endpoint}:requests", requests)
-            pipe.hincrby(name, f"{endpoint}:prompt_tokens", prompt)
-            pipe.hincrby(name, f"{endpoint}:completion_tokens", completion)
-        await pipe.execute()
-    except RedisError:
-        forwarder.ledger.restore(usage)
-        raise
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(bus.INFLIGHT_KEY)
+    inflight = forwarder.inflight_totals()  # every worker's: each one writes the same sums
+    if inflight:
+        pipe.hset(bus.INFLIGHT_KEY, mapping=_fields(inflight))
+        pipe.expire(bus.INFLIGHT_KEY, INFLIGHT_TTL_S)
+    if forwarder.last_request:
+        pipe.hset(bus.LAST_REQUEST_KEY, mapping=_fields(forwarder.last_request))
+    if fresh_demand:
+        pipe.hset(bus.DEMAND_KEY, mapping=_fields(fresh_demand))
+        pipe.rpush(bus.BUILDER_NUDGE_KEY, 1)
+        pipe.ltrim(bus.BUILDER_NUDGE_KEY, -10, -1)
+    if forwarder.worker is not None:  # one of several api workers: share the counters
+        pipe.set(
+            bus.API_METRICS_KEY.format(worker=forwarder.worker),
+            json.dumps(snapshot(forwarder.metrics.registry)),
+            ex=METRICS_TTL_S,
+        )
+    for (key_id, endpoint), (requests, prompt, completion) in usage.items():
+        name = bus.USAGE_KEY.format(key_id=key_id)
+        pipe.hincrby(name, f"{endpoint}:requests", requests)
+        pipe.hincrby(name, f"{endpoint}:prompt_tokens", prompt)
+        pipe.hincrby(name, f"{endpoint}:completion_tokens", completion)
+    await pipe.execute()
+    forwarder.ledger.sent(totals)
     sent_demand.update(fresh_demand)
 
 

@@ -75,8 +75,8 @@ class RequestStats(Collector):
     turned into metric families only when scraped. Only the event loop's thread touches it."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.tokens: dict[tuple[str, str, str], int] = {}
+        # (endpoint, key, code) -> [requests, prompt tokens, completion tokens]
+        self.rows: dict[tuple[str, str, int], list[int]] = {}
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         self.overhead = _Histogram(OVERHEAD_BUCKETS_S)
@@ -92,23 +92,25 @@ class RequestStats(Collector):
         ttft_s: float | None,
         usage: tuple[int, int] | None,
     ) -> None:
-        requests = self.requests
-        label = (endpoint, key, code)
-        requests[label] = requests.get(label, 0) + 1
+        row = self.rows.get((endpoint, key, code))
+        if row is None:
+            row = self.rows[(endpoint, key, code)] = [0, 0, 0]
+        row[0] += 1
+        if usage is not None:
+            row[1] += usage[0]
+            row[2] += usage[1]
         latency = self.latency.get(endpoint)
         if latency is None:
             latency = self.latency[endpoint] = _Histogram(LATENCY_BUCKETS_S)
             self.ttft[endpoint] = _Histogram(LATENCY_BUCKETS_S)
-        latency.observe(duration_s)
+        latency.counts[bisect_left(LATENCY_BUCKETS_S, duration_s)] += 1  # observe(), inlined
+        latency.total += duration_s
         if overhead_s is not None:
-            self.overhead.observe(overhead_s)
+            overhead = self.overhead
+            overhead.counts[bisect_left(OVERHEAD_BUCKETS_S, overhead_s)] += 1
+            overhead.total += overhead_s
         if ttft_s is not None:
             self.ttft[endpoint].observe(ttft_s)
-        if usage is not None:
-            tokens = self.tokens
-            for kind, count in zip(("prompt", "completion"), usage, strict=True):
-                label_t = (endpoint, key, kind)
-                tokens[label_t] = tokens.get(label_t, 0) + count
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -116,8 +118,13 @@ class RequestStats(Collector):
             "Inference requests by endpoint, key and HTTP status.",
             labels=["endpoint", "key", "code"],
         )
-        for (endpoint, key, code), count in list(self.requests.items()):
+        tokens_of: dict[tuple[str, str], list[int]] = {}
+        for (endpoint, key, code), (count, prompt, completion) in list(self.rows.items()):
             requests.add_metric([endpoint, key, str(code)], count)
+            if prompt or completion:
+                mine = tokens_of.setdefault((endpoint, key), [0, 0])
+                mine[0] += prompt
+                mine[1] += completion
         yield requests
         yield self._histograms(
             "appliance_request_duration_seconds",
@@ -140,8 +147,9 @@ class RequestStats(Collector):
             "Tokens reported by replicas, by endpoint, key and kind (prompt or completion).",
             labels=["endpoint", "key", "kind"],
         )
-        for labels, count in list(self.tokens.items()):
-            tokens.add_metric(list(labels), count)
+        for (endpoint, key), (prompt, completion) in tokens_of.items():
+            tokens.add_metric([endpoint, key, "prompt"], prompt)
+            tokens.add_metric([endpoint, key, "completion"], completion)
         yield tokens
         yield CounterMetricFamily(
             "appliance_fast_lane_requests",

@@ -430,11 +430,8 @@ class Forwarder:
         ttft_s: float | None = None,
         usage: tuple[int, int] | None = None,
     ) -> None:
-        """Account one finished request: metrics, and usage for the key and endpoint."""
-        name = route.name
-        self.metrics.stats.add(name, key_id, code, duration_s, overhead_s, ttft_s, usage)
-        prompt, completion = usage or (0, 0)
-        self.ledger.add(key_id, name, prompt, completion)
+        """Account one finished request: metrics, and so usage for the key and endpoint."""
+        self.metrics.stats.add(route.name, key_id, code, duration_s, overhead_s, ttft_s, usage)
 
 
 @dataclass

@@ -8,11 +8,16 @@ of a JSON body, or the last few chunks of a stream (OpenAI's final usage chunk).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 USAGE_MARK = b'"usage"'
 USAGE_SPAN_BYTES = 4096  # how far past `"usage": {` its counts are looked for
 _OPENING = re.compile(rb"\s*:\s*\{")
+_PAIR = re.compile(
+    rb'\s*:\s*\{[^{}]*?"(prompt|completion)_tokens"\s*:\s*(\d+)'
+    rb'[^{}]*?"(prompt|completion)_tokens"\s*:\s*(\d+)'
+)
 _COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 
 
@@ -31,6 +36,10 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
 
 def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:
     """The token counts of the `usage` object opening at `at` (right after its key)."""
+    pair = _PAIR.match(body, at)  # the usual shape: both counts before any nested object
+    if pair is not None and pair[1] != pair[3]:
+        first, second = int(pair[2]), int(pair[4])
+        return (first, second) if pair[1] == b"prompt" else (second, first)
     opening = _OPENING.match(body, at)
     if opening is None:  # `"usage": null`
         return None
@@ -59,28 +68,34 @@ class StreamUsage:
         return usage_from_json(b"".join(self.chunks))
 
 
+Totals = dict[tuple[str, str], list[int]]  # (key id, endpoint) -> [requests, prompt, completion]
+
+
 @dataclass
 class Ledger:
-    """Requests and tokens per (key id, endpoint name) since the last `take`."""
+    """Usage per (key id, endpoint name) not yet stored in Redis, worked out once a second from
+    the running totals the request stats keep anyway, so a request adds nothing here."""
 
-    pending: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    stored: Totals = field(default_factory=dict)
 
-    def add(self, key_id: str, endpoint: str, prompt: int, completion: int) -> None:
-        row = self.pending.get((key_id, endpoint))
-        if row is None:
-            self.pending[(key_id, endpoint)] = [1, prompt, completion]
-        else:
-            row[0] += 1
-            row[1] += prompt
-            row[2] += completion
+    def unsent(self, rows: Mapping[tuple[str, str, int], list[int]]) -> tuple[Totals, Totals]:
+        """What changed since the last `sent`, and the totals to pass to `sent` once stored.
+        `rows`: (endpoint, key id, status) -> [requests, prompt, completion], running totals."""
+        totals: Totals = {}
+        for (endpoint, key_id, _), row in list(rows.items()):
+            mine = totals.get((key_id, endpoint))
+            if mine is None:
+                totals[(key_id, endpoint)] = list(row)
+            else:
+                for i, value in enumerate(row):
+                    mine[i] += value
+        changed = {}
+        for label, row in totals.items():
+            before = self.stored.get(label, [0, 0, 0])
+            if row != before:
+                changed[label] = [now - then for now, then in zip(row, before, strict=True)]
+        return changed, totals
 
-    def take(self) -> dict[tuple[str, str], list[int]]:
-        taken, self.pending = self.pending, {}
-        return taken
-
-    def restore(self, taken: dict[tuple[str, str], list[int]]) -> None:
-        """Put back what `take` returned when it could not be stored."""
-        for key, row in taken.items():
-            mine = self.pending.setdefault(key, [0, 0, 0])
-            for i, value in enumerate(row):
-                mine[i] += value
+    def sent(self, totals: Totals) -> None:
+        """What `unsent` returned is in Redis now."""
+        self.stored = totals

@@ -25,14 +25,17 @@ def test_usage_from_the_last_chunks_of_a_stream() -> None:
     assert watch.result() == (5, 20)
 
 
-def test_ledger_sums_per_key_and_endpoint_and_restores() -> None:
+def test_ledger_sends_what_changed_per_key_and_endpoint_until_it_is_stored() -> None:
+    rows = {("gemma", "key_a", 200): [2, 4, 5], ("gemma", "key_a", 500): [1, 0, 0]}
+    rows[("gemma", "key_b", 200)] = [1, 2, 2]
     ledger = Ledger()
-    ledger.add("key_a", "gemma", 3, 4)
-    ledger.add("key_a", "gemma", 1, 1)
-    ledger.add("key_b", "gemma", 2, 2)
-    taken = ledger.take()
-    assert taken == {("key_a", "gemma"): [2, 4, 5], ("key_b", "gemma"): [1, 2, 2]}
-    assert ledger.take() == {}
-    ledger.add("key_a", "gemma", 1, 0)
-    ledger.restore(taken)
-    assert ledger.pending[("key_a", "gemma")] == [3, 5, 5]
+    changed, totals = ledger.unsent(rows)
+    assert changed == {("key_a", "gemma"): [3, 4, 5], ("key_b", "gemma"): [1, 2, 2]}
+    rows[("gemma", "key_a", 200)] = [3, 5, 5]
+    changed, _ = ledger.unsent(rows)  # the first was never stored: it all goes again
+    assert changed[("key_a", "gemma")] == [4, 5, 5]
+    ledger.sent(totals)
+    changed, totals = ledger.unsent(rows)
+    assert changed == {("key_a", "gemma"): [1, 1, 0]}
+    ledger.sent(totals)
+    assert ledger.unsent(rows)[0] == {}
