@@ -306,10 +306,15 @@ class Exchange:
                 self.on_body(body)
             self.on_end()
             return
+        ready_at = time.perf_counter()
         self.status = status
-        self.headers = headers
-        self.parts = [body]
-        self.on_end()
+        usage = usage_from_json(body) if status == 200 else None
+        passed = headers[:1] if len(headers) == 2 else headers[:0]  # content-type, if any
+        length = b"content-length: %d\r\n" % len(body)
+        self.client.write(self._head(passed, length, ready_at) + body)
+        self.wrote = True
+        self._finish(status, ok=status < 500, usage=usage)
+        self.client.finished(self.keep_alive)
 
     def on_end(self) -> None:
         usage = None
@@ -413,13 +418,9 @@ class Exchange:
     def _finish(self, status: int, *, ok: bool, usage: tuple[int, int] | None) -> None:
         if not self._settle(ok):
             return
-        self.lane.forwarder.metrics.stats.fast_lane += 1
-        self.lane.forwarder.record(
-            self.route,
-            self.key_id,
-            status,
-            duration_s=time.perf_counter() - self.started_at,
-            overhead_s=self.overhead_s,
-            ttft_s=self.ttft_s,
-            usage=usage,
+        stats = self.lane.forwarder.metrics.stats  # Forwarder.record, without its indirection
+        stats.fast_lane += 1
+        duration_s = time.perf_counter() - self.started_at
+        stats.add(
+            self.route.name, self.key_id, status, duration_s, self.overhead_s, self.ttft_s, usage
         )

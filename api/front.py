@@ -215,11 +215,15 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over()
                 return
         if self.exchange is None and not self.handed and not self.buffer:
-            self.idle_since = self.loop.time()
-            if self.idle_timer is None:
-                self.idle_timer = self.loop.call_later(
-                    self.config.timeout_keep_alive, self._idle_timeout
-                )
+            self._idle()
+
+    def _idle(self) -> None:
+        """Between requests: the keep-alive timeout runs from now."""
+        self.idle_since = self.loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(
+                self.config.timeout_keep_alive, self._idle_timeout
+            )
 
     def _find_lane(self) -> FastLane | None:
         """The app's lane, once its lifespan made it (until then every request goes on)."""
@@ -288,7 +292,10 @@ class FrontProtocol(asyncio.Protocol):
             return
         if not self.transport.is_reading():
             self.transport.resume_reading()
-        self.serve()
+        if self.buffer:
+            self.serve()  # a pipelined request
+        else:
+            self._idle()
 
     def abandon(self) -> None:
         self._hand_over()

@@ -163,7 +163,8 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
     at = head.find(b"\r\ncontent-length:")
     if at < 0 or b"\r\ntransfer-encoding" in head:
         return None
-    value = _field(head, at + 17, end)
+    stop = head.find(b"\r\n", at + 17, end)
+    value = head[at + 17 : end if stop < 0 else stop].strip()
     status = data[9:12]
     if not value.isdigit() or not status.isdigit() or len(data) != end + 4 + int(value):
         return None  # also a second Content-Length that disagrees: httptools refuses it
