@@ -16,8 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api import errors
 from api.deps import AppState
-from api.fastlane import FastLane
 from api.gate import KeyGate
+from api.lane.admit import FastLane
 from api.limits import Limiter
 from api.routes import (
     api_keys,
@@ -120,7 +120,9 @@ def create_app(
         state.submitter.start()
         app.state.appliance = state
         lane = FastLane(state)
-        app.state.fast_lane = lane  # api/front.py finds it here; absent, it hands every request on
+        app.state.fast_lane = (
+            lane  # api/lane/front.py finds it here; absent, it hands every request on
+        )
         refresher = asyncio.create_task(_refresh_routes(state))
         publisher = asyncio.create_task(run_publisher(forwarder, str(settings.redis_url)))
         try:

@@ -1,5 +1,5 @@
 """Entry point of the api role (`appliance api`): uvicorn with uvloop and httptools, its
-connections opened by the fast lane's front protocol (`api/front.py`).
+connections opened by the fast lane's front protocol (`api/lane/front.py`).
 
 With `api_workers` > 1 this process binds the port, makes the shared in-flight counters
 (`forwarder/shared.py`) and forks the workers, each accepting on its own SO_REUSEPORT socket
@@ -21,7 +21,7 @@ from types import FrameType
 
 import uvicorn
 
-from api.front import front_protocol
+from api.lane.front import front_protocol
 from api.main import create_app
 from appliance.settings import Settings
 from forwarder.shared import SharedCounts

@@ -1,5 +1,5 @@
-"""A minimal HTTP/1.1 client for the api's fast lane (`api/front.py`): keep-alive connections to
-replicas on asyncio protocols, replies parsed by httptools, every event a plain callback.
+"""A minimal HTTP/1.1 client for the api's fast lane (`api/lane/`): keep-alive connections
+to replicas on asyncio protocols, replies parsed by httptools, every event a plain callback.
 
 The general path (`forwarder/proxy.py`) uses aiohttp, whose request and response objects,
 futures and stream readers cost more CPU than the whole rest of a proxied request. Here a

@@ -1,4 +1,4 @@
-"""The api's fast lane (`api/front.py`, `api/fastlane.py`) against a fake replica, no Docker:
+"""The api's fast lane (`api/lane/front.py`, `api/lane/admit.py`) against a fake replica, no Docker:
 one keep-alive connection mixing lane and general-path requests, pipelining, a stream passed
 through unchanged, a client that leaves, a silent replica, and several api workers sharing
 their in-flight counts and metrics."""
@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import httpx
 import pytest
 
-from api.front import parse_head
+from api.lane.front import parse_head
 from tests.forwarder.test_async_support import (
     FakeBackend,
     seed_endpoint,

@@ -1,168 +1,24 @@
-"""The inference fast lane: admits a request without awaiting anything and relays it to a
-replica through callbacks. `api/front.py` hands it each request it parsed.
-
-A request is admitted only on the common path: a key verified less than a second ago with the
-`inference` scope and no rate limits, a JSON body naming an endpoint the key may call, a ready
-replica under its cap. Everything else (a key to verify, limits to count in Redis, a cold start
-to wait for, a queue for a slot, CORS, any 4xx) is declined, and `api/front.py` hands the
-untouched request to the general path (`api/routes/openai.py`), which answers it as always.
-Once sent, a failure before any reply byte (a stale pooled connection, a replica that died) is
-handed over too, so the general path retries it on another replica.
-
-Both paths share the forwarder's counters, routing table, ejections, metrics and usage ledger.
-"""
+"""One request the fast lane admitted (`api/lane/admit.py`), from its send to the last byte
+of its reply: the replica's reply arrives as callbacks (`forwarder/upstream.ReplySink`) and
+goes to the client as it comes, or whole when it is small; errors as the general path would
+answer them (504 when the replica is silent, 502 when it breaks off, in band on a stream)."""
 
 from __future__ import annotations
 
 import asyncio
-import http
-import json
 import time
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING
 
-from api.deps import cached_caller, parse_key
-from api.routes.openai import (
-    CLIENT_CLOSED,
-    UPSTREAM_PATHS,
-    WHOLE_BODY_MAX_BYTES,
-    json_error,
-    sse_error,
-    visible,
-)
+from api.routes.openai import CLIENT_CLOSED, WHOLE_BODY_MAX_BYTES, json_error, sse_error
 from appliance.errors import UpstreamError
 from forwarder.routing import ReplicaRoute, Route
-from forwarder.upstream import Connection, UpstreamPool
+from forwarder.upstream import Connection
 from forwarder.usage import StreamUsage, usage_from_json
 
 if TYPE_CHECKING:
-    from api.deps import AppState
+    from api.lane.admit import Client, FastLane
 
-HOT_PATHS = {ours.encode(): theirs.encode() for ours, theirs in UPSTREAM_PATHS.items()}
-STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 SMALL_BODY_BYTES = 64 * 1024  # sent in one write with its head
-_decoder = json.JSONDecoder()
-MAX_PREFIXES = 256  # reply heads kept (status and content type vary little)
-TIMEOUT_CHECK_EVERY_S = 0.25  # upstream timeouts are checked for all exchanges at once
-
-
-class Head(NamedTuple):
-    """What the fast lane needs from a request head (see `api/front.parse_head`)."""
-
-    upstream_path: bytes
-    length: int
-    authorization: str
-    api_key: str | None
-    origin: bool
-    keep_alive: bool
-
-
-class Client(Protocol):
-    """The client connection an exchange answers on (`api/front.FrontProtocol`)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def default_headers(self) -> list[tuple[bytes, bytes]]:
-        """uvicorn's default response headers (date, server); a new list when they change."""
-
-    def finished(self, keep_alive: bool) -> None:
-        """The reply is complete; the connection may carry the next request."""
-
-    def abandon(self) -> None:
-        """Nothing was written: give the request to the general path."""
-
-    def close(self) -> None:
-        """The reply broke after its head went out: the client must see a short reply."""
-
-
-class FastLane:
-    """One per api process, made in the lifespan."""
-
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self.forwarder = state.forwarder
-        self.pool = UpstreamPool()
-        self.max_body_bytes = state.settings.max_body_bytes
-        self.cors = bool(state.settings.cors_origins)
-        self.connecting: set[asyncio.Task[Connection]] = set()
-        self.waiting: set[Exchange] = set()  # sent, reply not complete
-        self._defaults: list[tuple[bytes, bytes]] | None = None
-        self._prefixes: dict[tuple[int, tuple[tuple[bytes, bytes], ...], bool], bytes] = {}
-        self.loop = asyncio.get_running_loop()
-        self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
-
-    def close(self) -> None:
-        self._checker.cancel()
-        for task in self.connecting:
-            task.cancel()
-        self.pool.close()
-
-    def _check_timeouts(self) -> None:
-        """One timer for every exchange instead of one per request."""
-        now = self.loop.time()
-        late = [x for x in self.waiting if now - x.heard_at >= x.timeout_s]
-        for exchange in late:
-            exchange.time_out()
-        self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
-
-    def head_prefix(
-        self,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        keep_alive: bool,
-        defaults: list[tuple[bytes, bytes]],
-    ) -> bytes:
-        """Status line and headers of a reply, but for its framing and overhead: the same for
-        most replies, so made once per second (uvicorn renews its date header each second)."""
-        if defaults is not self._defaults:
-            self._defaults = defaults
-            self._prefixes = {}
-        key = (status, tuple(headers), keep_alive)
-        found = self._prefixes.get(key)
-        if found is None:
-            lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
-            lines.extend(b"%b: %b\r\n" % h for h in (*defaults, *headers))
-            if not keep_alive:
-                lines.append(b"connection: close\r\n")
-            found = b"".join(lines)
-            if len(self._prefixes) < MAX_PREFIXES:
-                self._prefixes[key] = found
-        return found
-
-    def admit(self, head: Head, body: bytes, client: Client) -> Exchange | None:
-        """A started exchange, or None to decline (nothing was counted or sent)."""
-        authorization = head.authorization
-        if authorization[:7] == "Bearer ":  # the usual form, without parse_key's general case
-            key: str | None = authorization[7:].strip()
-        else:
-            key = parse_key(authorization, head.api_key)
-        caller = cached_caller(self.state, key) if key else None
-        if caller is None or (head.origin and self.cors):
-            return None
-        if not caller.is_admin and "inference" not in caller.scopes:
-            return None
-        limits = caller.limits
-        if limits.requests_per_minute or limits.max_concurrent_requests:
-            return None
-        if limits.max_tokens_per_request:
-            return None
-        try:  # json.loads(bytes) would first guess the encoding, a third of its cost
-            text = body.decode()
-            payload, end = _decoder.raw_decode(text)
-        except ValueError:  # UnicodeDecodeError too
-            return None
-        if end != len(text) and text[end:].strip():
-            return None
-        if not isinstance(payload, dict) or not isinstance(model := payload.get("model"), str):
-            return None
-        route = visible(self.forwarder.table.by_name.get(model), caller)
-        if route is None:
-            return None
-        replica = self.forwarder.try_acquire(route)
-        if replica is None:
-            return None
-        exchange = Exchange(self, client, route, replica, caller.key_id, head.keep_alive)
-        exchange.begin(head.upstream_path, body, stream=payload.get("stream") is True)
-        return exchange
 
 
 class Exchange:

@@ -3,7 +3,7 @@ the fast lane and hands everything else to uvicorn's own HTTP protocol.
 
 uvicorn makes one `FrontProtocol` per connection (`http=` in `api/serve.py`). For each request
 it reads the head with a deliberately narrow parser: `POST` to an inference path over HTTP/1.1
-with a Content-Length body, no Transfer-Encoding, Expect or Upgrade. If `api/fastlane.py`
+with a Content-Length body, no Transfer-Encoding, Expect or Upgrade. If `api/lane/admit.py`
 admits it, the reply is relayed with no ASGI cycle, task or coroutine. Any other request, and
 any the lane declines, is handed with all of its bytes (nothing consumed) to uvicorn's
 httptools protocol, the way uvicorn itself switches a connection to its websocket protocol;
@@ -25,7 +25,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from api.fastlane import HOT_PATHS, Exchange, FastLane, Head
+from api.lane.admit import HOT_PATHS, FastLane, Head
+from api.lane.exchange import Exchange
 
 MAX_HEAD_BYTES = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
 PIPELINED_MAX_BYTES = 64 * 1024  # buffered while a reply is in progress, then reading pauses
@@ -273,7 +274,7 @@ class FrontProtocol(asyncio.Protocol):
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    # api.fastlane.Client
+    # api.lane.admit.Client
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
