@@ -1,9 +1,12 @@
 """The data plane's benchmark: the same load, in one run, sent directly to a fake OpenAI
-backend, through the appliance, through nginx (`proxy_buffering off`) and through LiteLLM's
-proxy; prints added latency, peak requests/s and ratios, and stream gaps. Not a pytest test.
+backend, through the appliance (one api worker, and two), through nginx (`proxy_buffering
+off`; one worker, and two) and through LiteLLM's proxy; prints added latency, peak
+requests/s and ratios, and stream gaps, the peak and stream runs repeated with the targets
+interleaved (medians printed). Not a pytest test.
 
-    .venv/bin/python bench/run.py            # all of it, about a minute on 2 cores
+    .venv/bin/python bench/run.py            # all of it, about four minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # shorter runs
+    .venv/bin/python bench/run.py --general  # also the appliance with its fast lane off
 
 Needs `wrk` and `nginx` (apt) and, for the LiteLLM column, litellm[proxy]==1.108.0 in its own
 venv (LITELLM_PYTHON, default /tmp/venv-litellm/bin/python); see bench/RESULTS.md.
@@ -121,7 +124,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--no-litellm", action="store_true")
-    p.add_argument("--rounds", type=int, default=3, help="peak runs per target, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="runs per target, interleaved")
     p.add_argument(
         "--general", action="store_true", help="add the appliance with its fast lane off"
     )
@@ -191,14 +194,22 @@ def report(targets: dict[str, int], seconds: float, concurrency: int, rounds: in
             print(f"{n} / litellm = {peak[n] / peak['litellm']:.2f}  (goal >= 3)")
     print(
         f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
-        f"{1000 / STREAM_INTERVAL_MS:.0f}/s (aiohttp client) =="
+        f"{1000 / STREAM_INTERVAL_MS:.0f}/s (aiohttp client; {rounds} rounds, median) =="
     )
     names = ["direct", *proxies, "nginx"]
-    streamed = {n: asyncio.run(streams(urls[n], concurrency)) for n in names}
+    tries: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for _ in range(rounds):  # interleaved too: the client's own loop sets much of the p99
+        for n in names:
+            tries[n].append(asyncio.run(streams(urls[n], concurrency)))
+    streamed = {
+        n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in tries.items()
+    }
     for n, r in streamed.items():
+        every = " ".join(f"{t['gap_p99'] * 1000:.1f}" for t in tries[n])
+        identical = sum(t["identical"] for t in tries[n])
         print(
-            f"{n:>12}: gap p50 {ms(r['gap_p50'])}  p99 {ms(r['gap_p99'])}  "
-            f"byte-identical {r['identical']:.0f}/{r['streams']:.0f}  wall {r['wall']:.2f} s"
+            f"{n:>12}: gap p50 {ms(r['gap_p50'])}  p99 {ms(r['gap_p99'])} (runs {every})  "
+            f"byte-identical {identical:.0f}/{concurrency * rounds}  wall {r['wall']:.2f} s"
         )
     for n in proxies:
         added = streamed[n]["gap_p99"] - streamed["direct"]["gap_p99"]
