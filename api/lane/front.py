@@ -111,6 +111,7 @@ class GeneralProtocol(HttpToolsProtocol):
         self.connections.discard(self)
         front = self.front(self.config, self.server_state, self.app_state, self.loop)
         front.connection_made(transport)
+        front.write_paused = self.flow.write_paused
         transport.set_protocol(front)
         front.serve()
 
