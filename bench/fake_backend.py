@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 
 import httptools
@@ -120,6 +121,7 @@ def main() -> None:
     args = p.parse_args()
     Server.chunks = args.chunks
     Server.interval_s = args.interval_ms / 1000
+    gc.disable()  # an instrument: its own collections would stall every stream at once
     uvloop.run(serve(args.port))
 
 
