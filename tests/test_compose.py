@@ -72,6 +72,13 @@ def running(project: str) -> list[str]:
     return out.stdout.split()
 
 
+def replicas_on(project: str, *flags: str) -> list[str]:
+    """Ids of replica containers on the compose project's network (`-a`: stopped ones too)."""
+    cmd = ["docker", "ps", "-q", *flags, "--filter", f"network={project}"]
+    cmd += ["--filter", "label=appliance.endpoint"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+
+
 def test_compose_up_is_healthy_and_down_leaves_nothing(
     stack: tuple[str, dict[str, str], int],
 ) -> None:
@@ -121,42 +128,9 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
         },
     )
     assert chat.status_code == 200, chat.text
-    replicas = subprocess.run(
-        [
-            "docker",
-            "ps",
-            "-q",
-            "--filter",
-            f"network={project}",
-            "--filter",
-            "label=appliance.endpoint",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert len(replicas) == 1
+    assert len(replicas_on(project)) == 1
     assert client.delete("/v1/llm/model-endpoints/in-compose").status_code == 200
-    wait_until(
-        lambda: (
-            subprocess.run(
-                [
-                    "docker",
-                    "ps",
-                    "-aq",
-                    "--filter",
-                    f"network={project}",
-                    "--filter",
-                    "label=appliance.endpoint",
-                ],
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-            == ""
-        ),
-        60,
-        "the replica to be removed",
-    )
+    wait_until(lambda: replicas_on(project, "-a") == [], 60, "the replica to be removed")
 
     down = compose(project, env, "down", "-v", "--timeout", "10")
     assert down.returncode == 0, down.stderr
