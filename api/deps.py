@@ -36,6 +36,7 @@ class AppState:
 
     settings: Settings
     engine: Engine
+    reader: Engine  # read-only, never waits for a writer: key lookups
     redis: redis.Redis
     forwarder: Forwarder
     key_secret: bytes
@@ -80,7 +81,7 @@ class AppState:
                 raise AuthError("invalid API key")
             return cached[1]
         try:
-            with session_scope(self.engine) as session:
+            with session_scope(self.reader) as session:
                 caller = keys.verify(
                     session=session, secret=self.key_secret, key=key, defaults=self.key_limits()
                 )
@@ -127,6 +128,28 @@ def parse_key(authorization: str, api_key: str | None) -> str | None:
             return None
         return user or None
     return api_key or None
+
+
+def known_caller(state: AppState, key: str) -> keys.Caller | None:
+    """The caller of a key found valid before: from the cache while fresh, else verified
+    again now, in the calling thread (one SQLite read, a fraction of a millisecond). None for
+    a key never verified or found invalid, or when it cannot be verified now: the caller then
+    takes the path that verifies it off the event loop and answers errors.
+
+    So a burst on a key idle for over a second (its entry expired) is served on the fast lane
+    from its first request, instead of every request of the burst missing the cache at once."""
+    cached = state._key_cache.get(key)
+    if cached is None or cached[1] is None:
+        return None
+    if time.monotonic() - cached[0] < KEY_CACHE_TTL_S:
+        return cached_caller(state, key)
+    try:
+        return state.verify_key(key, fresh=True)
+    except AuthError:
+        return None  # revoked or expired since: the general path answers 401
+    except Exception:
+        logger.exception("could not verify a key again; the general path will")
+        return None
 
 
 def cached_caller(state: AppState, key: str) -> keys.Caller | None:

@@ -37,7 +37,7 @@ from api.routes import (
 )
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
-from appliance.db import open_engine, session_scope
+from appliance.db import open_engine, open_reader, session_scope
 from appliance.install import install_id, key_secret
 from appliance.settings import Settings
 from forwarder.live import run_publisher
@@ -108,6 +108,7 @@ def create_app(
         state = AppState(
             settings=settings,
             engine=engine,
+            reader=open_reader(settings.database_path),
             redis=client,
             forwarder=forwarder,
             limiter=Limiter(str(settings.redis_url)),
@@ -146,6 +147,7 @@ def create_app(
             await forwarder.close()
             await state.limiter.close()
             state.redis.close()
+            state.reader.dispose()
             engine.dispose()
 
     app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)

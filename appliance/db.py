@@ -1,4 +1,5 @@
-"""The SQLite engine (one per process): WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE."""
+"""The SQLite engine (one per process): WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE;
+and a read-only engine for lookups that must never wait for a writer."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlmodel import Session, create_engine
 from appliance.migrations import migrate
 
 BUSY_TIMEOUT_MS = 30_000
+READER_BUSY_TIMEOUT_MS = 100  # WAL readers do not wait for writers; this bounds the rare case
 
 
 def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
@@ -42,6 +44,22 @@ def open_engine(database_path: Path) -> Engine:
     )
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
+    return engine
+
+
+def open_reader(database_path: Path) -> Engine:
+    """A read-only engine over a database `open_engine` made: no write lock is ever taken (its
+    reads run without BEGIN IMMEDIATE, and in WAL mode a reader does not wait for a writer),
+    so a lookup through it is short enough to make on an event loop."""
+    engine = create_engine(
+        f"sqlite:///file:{database_path}?mode=ro&uri=true",
+        connect_args={"check_same_thread": False, "timeout": READER_BUSY_TIMEOUT_MS / 1000},
+    )
+
+    def on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA busy_timeout={READER_BUSY_TIMEOUT_MS}")
+
+    event.listen(engine, "connect", on_connect)
     return engine
 
 

@@ -1,11 +1,12 @@
 """What the fast lane serves: `FastLane.admit` takes each request `api/lane/front.py` parsed
 and, without awaiting anything, starts an `api/lane/exchange.Exchange` for it or declines it.
 
-A request is admitted only on the common path: a key verified less than a second ago with the
-`inference` scope and no rate limits, a JSON body naming an endpoint the key may call, a ready
-replica under its cap. Everything else (a key to verify, limits to count in Redis, a cold start
-to wait for, a queue for a slot, CORS, any 4xx) is declined, and `api/lane/front.py` hands the
-untouched request to the general path (`api/routes/openai.py`), which answers it as always.
+A request is admitted only on the common path: a key found valid before (verified again on
+the spot when its cached entry is over a second old) with the `inference` scope and no rate
+limits, a JSON body naming an endpoint the key may call, a ready replica under its cap.
+Everything else (a key never seen, limits to count in Redis, a cold start to wait for, a
+queue for a slot, CORS, any 4xx) is declined, and `api/lane/front.py` hands the untouched
+request to the general path (`api/routes/openai.py`), which answers it as always.
 Once sent, a failure before any reply byte (a stale pooled connection, a replica that died) is
 handed over too, so the general path retries it on another replica.
 
@@ -19,7 +20,7 @@ import http
 import json
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from api.deps import cached_caller, parse_key
+from api.deps import known_caller, parse_key
 from api.lane.exchange import Exchange
 from api.routes.openai import UPSTREAM_PATHS, visible
 from forwarder.upstream import Connection, UpstreamPool
@@ -124,7 +125,7 @@ class FastLane:
             key: str | None = authorization[7:].strip()
         else:
             key = parse_key(authorization, head.api_key)
-        caller = cached_caller(self.state, key) if key else None
+        caller = known_caller(self.state, key) if key else None
         if caller is None or (head.origin and self.cors):
             return None
         if not caller.is_admin and "inference" not in caller.scopes:

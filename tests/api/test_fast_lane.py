@@ -189,6 +189,32 @@ def test_a_stream_passes_the_lane_unchanged_and_is_counted(api: Appliance) -> No
     assert tokens - before_tokens == 4
 
 
+def test_a_key_back_from_idle_stays_on_the_lane_until_it_is_revoked(api: Appliance) -> None:
+    made = api.client().post("/v1/api-keys", json={"name": "idle", "team": "admin", "user": "ann"})
+    assert made.status_code == 201, made.text
+    headers = {**HEADERS, "Authorization": f"Bearer {made.json()['key']}"}
+    with httpx.Client(base_url=api.url, headers=headers, timeout=10) as user:
+        assert user.post("/v1/chat/completions", content=chat("first")).status_code == 200
+        before = fast_count(api)
+        time.sleep(1.2)  # the key's cached entry has expired: the next request verifies it
+        burst = [user.post("/v1/chat/completions", content=chat(str(i))) for i in range(3)]
+        assert [reply.status_code for reply in burst] == [200] * 3
+        assert fast_count(api) - before == 3  # none of them left the lane to verify the key
+
+        assert api.client().delete(f"/v1/api-keys/{made.json()['id']}").status_code == 200
+        revoked_at = time.monotonic()
+        wait_until(
+            lambda: user.post("/v1/chat/completions", content=chat("x")).status_code == 401,
+            1.5,
+            "the revoked key to be refused on the inference path",
+            every_s=0.05,
+        )
+        assert time.monotonic() - revoked_at <= 1.5
+        time.sleep(1.2)  # and once its entry expires, it is not served from what was cached
+        refused = user.post("/v1/chat/completions", content=chat("y"))
+        assert refused.status_code == 401 and "revoked" in refused.text
+
+
 def test_a_client_that_leaves_frees_its_replica(api: Appliance) -> None:
     before = metric(api, r'appliance_requests_total\{code="499"')
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+import pytest
+from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel, select
 
 from appliance import migrations
-from appliance.db import open_engine, session_scope
+from appliance.db import open_engine, open_reader, session_scope
 from appliance.models import Endpoint
 
 
@@ -27,6 +30,25 @@ def test_pragmas_are_set_on_every_connection(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_the_reader_sees_commits_and_never_waits_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    engine, reader = open_engine(path), open_reader(path)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a writer holds the write lock, as the builder may
+    writer.execute("INSERT INTO event (endpoint_id, at, kind, message) VALUES ('e', 1, 'k', 'm')")
+    started = time.monotonic()
+    with session_scope(reader) as session:
+        assert session.exec(select(Endpoint)).all() == []
+    assert time.monotonic() - started < 1  # the engine would wait up to 30 s for that lock
+    writer.execute("COMMIT")
+    with reader.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM event").scalar() == 1
+        with pytest.raises(OperationalError, match="readonly"):
+            conn.exec_driver_sql("DELETE FROM event")
+    engine.dispose()
+    reader.dispose()
 
 
 def test_reopening_keeps_rows_and_version(tmp_path: Path) -> None:
