@@ -60,8 +60,8 @@ def chunked(data: bytes) -> bytes:
 
 
 class Server(asyncio.Protocol):
-    chunks = 50
     interval_s = 0.02
+    framed: list[bytes] = []  # the stream's chunks, made once: this is an instrument
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -94,11 +94,11 @@ class Server(asyncio.Protocol):
     async def stream(self) -> None:
         t = self.transport
         t.write(SSE_HEAD)
-        for i in range(self.chunks):
+        for framed in self.framed:
             await asyncio.sleep(self.interval_s)
             if t.is_closing():
                 return
-            t.write(chunked(sse_chunk(i)))
+            t.write(framed)
         t.write(chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=50)
     p.add_argument("--interval-ms", type=float, default=20.0)
     args = p.parse_args()
-    Server.chunks = args.chunks
+    Server.framed = [chunked(sse_chunk(i)) for i in range(args.chunks)]
     Server.interval_s = args.interval_ms / 1000
     gc.disable()  # an instrument: its own collections would stall every stream at once
     uvloop.run(serve(args.port))

@@ -26,8 +26,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fake_backend import expected_stream
@@ -76,35 +79,77 @@ def wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
     return result
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str) -> tuple[bytes, list[float]]:
+class StreamClient(asyncio.Protocol):
+    """One streaming request on its own connection, read with httptools: the time each SSE
+    event arrives is taken as its bytes reach the client's loop. An instrument as light as
+    the fake backend, so that its own CPU weighs as little as possible on the figures."""
+
+    def __init__(self, request: bytes, done: asyncio.Future[tuple[bytes, list[float]]]) -> None:
+        self.request = request
+        self.done = done
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = bytearray()
+        self.gaps: list[float] = []
+        self.last = 0.0
+        self.seen = 0
+        self.now = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.now = time.perf_counter()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._end(exc)
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        events = self.body.count(b"\n\n")
+        for _ in range(events - self.seen):
+            if self.last:
+                self.gaps.append(self.now - self.last)
+            self.last = self.now
+        self.seen = events
+
+    def on_message_complete(self) -> None:
+        self._end(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or ConnectionError("closed before the reply ended"))
+
+    def _end(self, exc: Exception | None) -> None:
+        if self.done.done():
+            return
+        if exc is not None:
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result((bytes(self.body), self.gaps))
+        self.transport.close()
+
+
+async def one_stream(url: str) -> tuple[bytes, list[float]]:
     """The body and the gaps between its SSE events' arrivals."""
-    gaps: list[float] = []
-    body = bytearray()
-    headers = {"Authorization": f"Bearer {key_for(url)}", "Content-Type": "application/json"}
-    async with session.post(url.split("#")[0], data=STREAM_BODY, headers=headers) as reply:
-        last = None
-        seen = 0
-        async for chunk in reply.content.iter_any():
-            body += chunk
-            events = body.count(b"\n\n")
-            now = time.perf_counter()
-            for _ in range(events - seen):
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
-            seen = events
-    return bytes(body), gaps
+    parts = urlsplit(url.split("#")[0])
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
+        f"authorization: Bearer {key_for(url)}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(STREAM_BODY)}\r\n\r\n"
+    ).encode() + STREAM_BODY
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[bytes, list[float]]] = loop.create_future()
+    await loop.create_connection(lambda: StreamClient(request, done), parts.hostname, parts.port)
+    return await asyncio.wait_for(done, 120)
 
 
 async def streams(url: str, concurrency: int) -> dict[str, float]:
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=120)
     gc.disable()  # a collection in this client would stall every stream at once and be the p99
     try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            started = time.perf_counter()
-            results = await asyncio.gather(*(one_stream(session, url) for _ in range(concurrency)))
-            wall = time.perf_counter() - started
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(url) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
     finally:
         gc.enable()
     expected = expected_stream(STREAM_CHUNKS)
@@ -130,7 +175,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="peak runs per target, interleaved")
-    p.add_argument("--stream-rounds", type=int, default=5, help="stream runs per target")
+    p.add_argument("--stream-rounds", type=int, default=9, help="stream runs per target")
     p.add_argument(
         "--general", action="store_true", help="add the appliance with its fast lane off"
     )
@@ -155,14 +200,20 @@ def main() -> None:
             litellm = None if args.no_litellm else stack.litellm(backend)
             if litellm is not None:
                 targets["litellm"] = litellm
-            report(targets, seconds, args.streams, args.rounds, args.stream_rounds)
+            report(stack, targets, seconds, args.streams, args.rounds, args.stream_rounds)
         finally:
             stack.stop()
 
 
 def report(
-    targets: dict[str, int], seconds: float, concurrency: int, rounds: int, stream_rounds: int
+    stack: Stack,
+    targets: dict[str, int],
+    seconds: float,
+    concurrency: int,
+    rounds: int,
+    stream_rounds: int,
 ) -> None:
+    """Each measurement runs with the other proxies stopped (`Stack.alone`)."""
     urls = {n: f"http://127.0.0.1:{port}/v1/chat/completions" for n, port in targets.items()}
     if "litellm" in urls:
         urls["litellm"] += "#litellm"  # marks which key to send; cut before use
@@ -170,7 +221,10 @@ def report(
     for url in urls.values():  # warm up pools and caches
         wrk(url, 4, 1)
     print(f"== latency at concurrency 1 ({seconds} s each, wrk) ==")
-    lat = {n: wrk(u, 1, seconds) for n, u in urls.items()}
+    lat = {}
+    for n, u in urls.items():
+        with stack.alone(targets[n]):
+            lat[n] = wrk(u, 1, seconds)
     for n, r in lat.items():
         added = (
             ""
@@ -188,7 +242,8 @@ def report(
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in urls}
     for _ in range(rounds):  # interleaved, so a noisy moment hits every target alike
         for n, u in urls.items():
-            runs[n].append(wrk(u, 64, seconds))
+            with stack.alone(targets[n]):
+                runs[n].append(wrk(u, 64, seconds))
     peak = {n: statistics.median(r["rps"] for r in rs) for n, rs in runs.items()}
     for n, rs in runs.items():
         every = " ".join(f"{r['rps']:.0f}" for r in rs)
@@ -202,13 +257,15 @@ def report(
             print(f"{n} / litellm = {peak[n] / peak['litellm']:.2f}  (goal >= 3)")
     print(
         f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
-        f"{1000 / STREAM_INTERVAL_MS:.0f}/s (aiohttp client; {stream_rounds} rounds, median) =="
+        f"{1000 / STREAM_INTERVAL_MS:.0f}/s (httptools client on uvloop; {stream_rounds} rounds, "
+        "median) =="
     )
     names = ["direct", *proxies, "nginx"]
     tries: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     for _ in range(stream_rounds):  # interleaved too: the client's loop sets much of the p99
         for n in names:
-            tries[n].append(asyncio.run(streams(urls[n], concurrency)))
+            with stack.alone(targets[n]):
+                tries[n].append(uvloop.run(streams(urls[n], concurrency)))
     streamed = {
         n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in tries.items()
     }

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,14 +84,31 @@ def add_fake_endpoint(database: Path, name: str, address: str, replica_id: str) 
 class Stack:
     workdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    proxies: dict[int, list[subprocess.Popen[bytes]]] = field(default_factory=dict)  # by port
 
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def spawn(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
-        self.procs.append(
-            subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        self.procs.append(proc)
+        return proc
+
+    @contextmanager
+    def alone(self, port: int) -> Iterator[None]:
+        """Every proxy but the one on `port` (none for the backend's) stopped (SIGSTOP) for
+        the duration: idle targets still wake for their own timers, and on 2 cores that
+        noise would land in whichever target is being measured."""
+        others = [p for at, procs in self.proxies.items() if at != port for p in procs]
+        for proc in others:
+            os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for proc in others:
+                os.killpg(proc.pid, signal.SIGCONT)
 
     def backend(self, chunks: int, interval_ms: float) -> int:
         port = free_port()
@@ -111,7 +130,7 @@ class Stack:
 
     def appliance(self, backend_port: int, workers: int = 1, fast_lane: bool = True) -> int:
         redis_port, port = free_port(), free_port()
-        self.spawn(
+        redis = self.spawn(
             f"redis-{port}",
             ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
         )
@@ -132,7 +151,8 @@ class Stack:
             APPLIANCE_FAST_LANE=str(fast_lane).lower(),
         )
         wait_port(redis_port)
-        self.spawn(f"appliance-{port}", [sys.executable, "-m", "appliance", "api"], env=env)
+        api = self.spawn(f"appliance-{port}", [sys.executable, "-m", "appliance", "api"], env=env)
+        self.proxies[port] = [api, redis]
         wait_port(port)
         time.sleep(2.5)  # one routing refresh
         return port
@@ -161,7 +181,8 @@ http {{
     }}
 }}
 """)
-        self.spawn(f"nginx-{port}", ["nginx", "-c", str(conf), "-p", str(self.workdir)])
+        proxy = self.spawn(f"nginx-{port}", ["nginx", "-c", str(conf), "-p", str(self.workdir)])
+        self.proxies[port] = [proxy]
         wait_port(port)
         return port
 
@@ -183,7 +204,7 @@ general_settings:
   master_key: {LITELLM_KEY}
 """)
         env = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
-        self.spawn(
+        proxy = self.spawn(
             "litellm",
             [
                 str(LITELLM_PYTHON),
@@ -200,12 +221,14 @@ general_settings:
             ],
             env=env,
         )
+        self.proxies[port] = [proxy]
         wait_port(port, timeout_s=120)
         return port
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:
             try:
