@@ -11,6 +11,7 @@ would linger in the shared memory otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import sys
 from types import FrameType
+from typing import cast
 
 import uvicorn
 
@@ -38,7 +40,10 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=front_protocol(app) if settings.fast_lane else "httptools",
+        # uvicorn only calls what it is given, as it would a protocol class
+        http=cast("type[asyncio.Protocol]", front_protocol(app))
+        if settings.fast_lane
+        else "httptools",
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,20 @@ import pytest
 from tests.harness import BASE_IMAGE, Appliance, RedisServer, have_docker
 
 REQUIRE_DOCKER = os.environ.get("APPLIANCE_TEST_REQUIRE_DOCKER") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A compiled hot module (setup.py) shadows its source: refuse to test a stale build."""
+    check = subprocess.run(
+        [str(ROOT / "scripts/compile"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    if check.returncode != 0:
+        pytest.exit(check.stderr.strip(), returncode=2)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ the replica, so a head this parser reads differently from httptools cannot reach
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
 from fastapi import FastAPI
@@ -79,11 +80,20 @@ def parse_head(buf: bytes, end: int) -> Head | None:
     return Head(upstream_path, length, authorization, api_key, origin, keep_alive)
 
 
-def front_protocol(app: FastAPI) -> type[FrontProtocol]:
-    """The protocol class uvicorn should use for `app` (which holds the lane once started)."""
-    front = cast("type[FrontProtocol]", type("AppFrontProtocol", (FrontProtocol,), {"app": app}))
-    front.general = type("AppGeneralProtocol", (GeneralProtocol,), {"front": front})
-    return front
+def front_protocol(app: FastAPI) -> Callable[..., FrontProtocol]:
+    """What uvicorn should make each connection's protocol with (`http=`, called like its own
+    protocol classes), for `app`, which holds the lane once started. A factory rather than a
+    subclass per app: the compiled build of this module (`setup.py`) allows no subclasses."""
+
+    def make(
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> FrontProtocol:
+        return FrontProtocol(app, config, server_state, app_state, _loop)
+
+    return make
 
 
 class GeneralProtocol(HttpToolsProtocol):
@@ -91,8 +101,8 @@ class GeneralProtocol(HttpToolsProtocol):
     reply is complete and no byte of a next request has been read: so a request the lane
     declined (a key to verify, a cold start) does not keep its connection off the lane."""
 
-    front: type[FrontProtocol]
     between = False  # the last request was read to its end and no next one has begun
+    fastapi: FastAPI  # set by the front protocol that hands it the connection
 
     def on_message_begin(self) -> None:
         self.between = False
@@ -109,7 +119,9 @@ class GeneralProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         self.connections.discard(self)
-        front = self.front(self.config, self.server_state, self.app_state, self.loop)
+        front = FrontProtocol(
+            self.fastapi, self.config, self.server_state, self.app_state, self.loop
+        )
         front.connection_made(transport)
         front.write_paused = self.flow.write_paused
         transport.set_protocol(front)
@@ -117,16 +129,15 @@ class GeneralProtocol(HttpToolsProtocol):
 
 
 class FrontProtocol(asyncio.Protocol):
-    app: FastAPI
-    general: type[GeneralProtocol]
-
     def __init__(
         self,
+        app: FastAPI,
         config: Config,
         server_state: ServerState,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        self.app = app
         self.config = config
         self.server_state = server_state
         self.app_state = app_state
@@ -239,12 +250,13 @@ class FrontProtocol(asyncio.Protocol):
         self.exchange = None
         self._cancel_idle()
         self.server_state.connections.discard(self)
-        protocol = self.general(
+        protocol = GeneralProtocol(
             config=self.config,
             server_state=self.server_state,
             app_state=self.app_state,
             _loop=self.loop,
         )
+        protocol.fastapi = self.app
         protocol.connection_made(self.transport)
         self.transport.set_protocol(protocol)
         if self.write_paused:
@@ -267,7 +279,7 @@ class FrontProtocol(asyncio.Protocol):
         self.idle_timer = None
         left: float
         if self.idle_since is None:
-            left = self.config.timeout_keep_alive
+            left = float(self.config.timeout_keep_alive)
         else:
             left = self.idle_since + self.config.timeout_keep_alive - self.loop.time()
         if left > 0:
