@@ -7,6 +7,7 @@ interleaved (medians printed). Not a pytest test.
     .venv/bin/python bench/run.py            # all of it, about four minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # shorter runs
     .venv/bin/python bench/run.py --general  # also the appliance with its fast lane off
+    .venv/bin/python bench/run.py --plain    # also the appliance without its compiled modules
 
 Needs `wrk` and `nginx` (apt) and, for the LiteLLM column, litellm[proxy]==1.108.0 in its own
 venv (LITELLM_PYTHON, default /tmp/venv-litellm/bin/python); see bench/RESULTS.md.
@@ -179,6 +180,9 @@ def main() -> None:
     p.add_argument(
         "--general", action="store_true", help="add the appliance with its fast lane off"
     )
+    p.add_argument(
+        "--plain", action="store_true", help="add the appliance without its compiled modules"
+    )
     args = p.parse_args()
     seconds = 3 if args.quick else 5
     for tool in ("wrk", "nginx"):
@@ -195,6 +199,8 @@ def main() -> None:
                 "nginx": stack.nginx(backend),
                 "nginx x2": stack.nginx(backend, workers=2),
             }
+            if args.plain:
+                targets["plain"] = stack.appliance(backend, plain=True)
             if args.general:
                 targets["general"] = stack.appliance(backend, fast_lane=False)
             litellm = None if args.no_litellm else stack.litellm(backend)
@@ -217,7 +223,7 @@ def report(
     urls = {n: f"http://127.0.0.1:{port}/v1/chat/completions" for n, port in targets.items()}
     if "litellm" in urls:
         urls["litellm"] += "#litellm"  # marks which key to send; cut before use
-    proxies = [n for n in urls if n.startswith("appliance") or n == "general"]
+    proxies = [n for n in urls if n.startswith("appliance") or n in ("plain", "general")]
     for url in urls.values():  # warm up pools and caches
         wrk(url, 4, 1)
     print(f"== latency at concurrency 1 ({seconds} s each, wrk) ==")

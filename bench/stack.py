@@ -87,11 +87,15 @@ class Stack:
     proxies: dict[int, list[subprocess.Popen[bytes]]] = field(default_factory=dict)  # by port
 
     def spawn(
-        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
         self.procs.append(proc)
         return proc
@@ -128,7 +132,11 @@ class Stack:
         wait_port(port)
         return port
 
-    def appliance(self, backend_port: int, workers: int = 1, fast_lane: bool = True) -> int:
+    def appliance(
+        self, backend_port: int, workers: int = 1, fast_lane: bool = True, plain: bool = False
+    ) -> int:
+        """An api in front of the backend; `plain`: run from a copy of the tree without the
+        compiled hot modules (`scripts/compile`), to compare the two builds."""
         redis_port, port = free_port(), free_port()
         redis = self.spawn(
             f"redis-{port}",
@@ -151,7 +159,15 @@ class Stack:
             APPLIANCE_FAST_LANE=str(fast_lane).lower(),
         )
         wait_port(redis_port)
-        api = self.spawn(f"appliance-{port}", [sys.executable, "-m", "appliance", "api"], env=env)
+        cwd = None
+        if plain:
+            cwd = self.workdir / f"plain-{port}"
+            skip = shutil.ignore_patterns("*.so")
+            for package in ("appliance", "api", "builder", "gpu", "forwarder", "web"):
+                shutil.copytree(ROOT / package, cwd / package, ignore=skip)
+        api = self.spawn(
+            f"appliance-{port}", [sys.executable, "-m", "appliance", "api"], env=env, cwd=cwd
+        )
         self.proxies[port] = [api, redis]
         wait_port(port)
         time.sleep(2.5)  # one routing refresh
