@@ -33,7 +33,7 @@ def compiled() -> list[object]:
         extensions = mypycify(
             ["--ignore-missing-imports", *HOT_MODULES], opt_level="3", group_name="appliance_hot"
         )
-    except (ImportError, SystemExit, Exception) as exc:  # mypyc missing, or refused them
+    except (Exception, SystemExit) as exc:  # mypyc missing, or it refused them
         print(f"setup.py: hot modules stay plain Python: {exc!r}", file=sys.stderr)
         return []
     for extension in extensions:
