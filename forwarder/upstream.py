@@ -161,7 +161,9 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
         return None
     head = data[:end].lower()
     at = head.find(b"\r\ncontent-length:")
-    if at < 0 or b"\r\ntransfer-encoding" in head:
+    # find, not `in`: CPython's `bytes in bytes` first tries the needle as an int and raises
+    # (and clears) a TypeError, a formatted exception per test
+    if at < 0 or head.find(b"\r\ntransfer-encoding") >= 0:
         return None
     stop = head.find(b"\r\n", at + 17, end)
     value = head[at + 17 : end if stop < 0 else stop].strip()
@@ -173,7 +175,7 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
         headers = [(b"content-length", value)]
     else:
         headers = [(b"content-type", _field(data, at + 15, end)), (b"content-length", value)]
-    return int(status), headers, data[end + 4 :], b"\r\nconnection: close" not in head
+    return int(status), headers, data[end + 4 :], head.find(b"\r\nconnection: close") < 0
 
 
 def _field(head: bytes, start: int, end: int) -> bytes:

@@ -78,7 +78,7 @@ class Exchange:
         self.overhead_s: float | None = None
         self.watch: StreamUsage | None = None
         self.timeout_s = route.timeout_s or lane.forwarder.limits.timeout_s
-        self.heard_at = 0.0  # loop time of the send or of the last upstream event
+        self.heard_at = 0.0  # perf_counter() of the send or of the last upstream event
         self.request: bytes | tuple[bytes, bytes] = b""  # until sent
 
     # sending
@@ -118,9 +118,8 @@ class Exchange:
 
     def _send(self, conn: Connection) -> None:
         self.conn = conn
-        self.heard_at = self.lane.loop.time()
+        self.heard_at = self.sent_at = time.perf_counter()
         self.lane.waiting.add(self)
-        self.sent_at = time.perf_counter()
         request = self.request
         if isinstance(request, tuple):
             conn.send(request[0], self)
@@ -132,7 +131,7 @@ class Exchange:
 
     # the reply (ReplySink)
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        self.heard_at = self.lane.loop.time()
+        self.heard_at = time.perf_counter()
         self.status = status
         self.headers = headers
         if not self.stream and length is not None and length <= WHOLE_BODY_MAX_BYTES:
@@ -145,12 +144,12 @@ class Exchange:
         self.wrote = True
 
     def on_body(self, data: bytes) -> None:
-        self.heard_at = self.lane.loop.time()
+        self.heard_at = now = time.perf_counter()
         if self.parts is not None:
             self.parts.append(data)
             return
         if self.ttft_s is None:
-            self.ttft_s = time.perf_counter() - self.started_at
+            self.ttft_s = now - self.started_at
         assert self.watch is not None
         self.watch.feed(data)
         self.client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)

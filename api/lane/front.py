@@ -72,7 +72,7 @@ def parse_head(buf: bytes, end: int) -> Head | None:
         elif name == b"origin":
             origin = True
         elif name == b"connection":
-            keep_alive = b"close" not in value.lower()
+            keep_alive = value.lower().find(b"close") < 0  # not `in`: see upstream.whole_reply
         else:  # a framing the lane does not do
             return None
     if length < 0:
