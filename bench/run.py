@@ -92,7 +92,7 @@ class StreamClient(asyncio.Protocol):
         self.body = bytearray()
         self.gaps: list[float] = []
         self.last = 0.0
-        self.seen = 0
+        self.scan = 0
         self.now = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -108,12 +108,13 @@ class StreamClient(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body += body
-        events = self.body.count(b"\n\n")
-        for _ in range(events - self.seen):
+        at = self.scan  # where the next event's end may begin ("\n\n" may span two reads)
+        while (end := self.body.find(b"\n\n", at)) >= 0:
             if self.last:
                 self.gaps.append(self.now - self.last)
             self.last = self.now
-        self.seen = events
+            at = end + 2
+        self.scan = max(at, len(self.body) - 1)
 
     def on_message_complete(self) -> None:
         self._end(None)
