@@ -4,7 +4,7 @@ off`; one worker, and two) and through LiteLLM's proxy; prints added latency, pe
 requests/s and ratios, and stream gaps, the peak and stream runs repeated with the targets
 interleaved (medians printed). Not a pytest test.
 
-    .venv/bin/python bench/run.py            # all of it, about eight minutes on 2 cores
+    .venv/bin/python bench/run.py            # all of it, about seven minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # shorter runs
     .venv/bin/python bench/run.py --general  # also the appliance with its fast lane off
     .venv/bin/python bench/run.py --plain    # also the appliance without its compiled modules
