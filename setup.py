@@ -2,8 +2,9 @@
 
 The fast lane's per-request Python (`api/lane/`, `forwarder/upstream.py`, and the usage
 reading and request counting it shares with the general path, `forwarder/usage.py` and
-`forwarder/metrics.py`) sets the api's peak requests/s. mypyc compiles those typed modules to a C extension (about a quarter more
-requests/s on the benchmark, `bench/RESULTS.md`), from the same source: nothing else changes.
+`forwarder/metrics.py`) sets the api's peak requests/s. mypyc compiles those typed modules to
+a C extension (about a fifth more requests/s on the benchmark, `bench/RESULTS.md`), from the
+same source: nothing else changes.
 Where mypyc or a C compiler is missing, the build leaves them as plain Python, which behaves
 the same, only slower. `APPLIANCE_COMPILE=0` skips it; `scripts/compile` builds in place.
 """
