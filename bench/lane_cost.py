@@ -1,0 +1,157 @@
+"""What one request costs the fast lane's own code (`api/lane/`, `forwarder/upstream.py`), with
+no sockets, uvloop I/O or other processes: a `FrontProtocol` and a pooled upstream
+`Connection` on fake transports, fed a chat completion request and its replica's reply, in a
+loop. Timings on a shared VM drift; instruction counts do not, so `--instructions` runs this
+twice under valgrind's callgrind and prints the instructions per request (the difference of
+the two runs, so start-up cancels out). Not a pytest test.
+
+    .venv/bin/python bench/lane_cost.py                  # microseconds per request
+    .venv/bin/python bench/lane_cost.py --instructions   # instructions per request (valgrind)
+
+It runs whichever build is importable: the compiled one after `scripts/compile`, else plain
+Python. The key, endpoint and replica are made in memory (no SQLite, no Redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from api.lane import front
+from api.lane.admit import FastLane
+from appliance.keys import Caller
+from forwarder.proxy import Forwarder
+from forwarder.routing import ReplicaRoute, Route, RoutingTable
+from forwarder.upstream import Connection
+
+ADDRESS = "http://127.0.0.1:9"
+BODY = b'{"model":"bench","messages":[{"role":"user","content":"Say hi."}]}'
+REQUEST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"Authorization: Bearer key\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
+)
+REPLY_BODY = (
+    b'{"id":"x","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
+)
+REPLY = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (
+    len(REPLY_BODY),
+    REPLY_BODY,
+)
+
+
+class FakeTransport:
+    """Counts writes; always open and reading."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def is_reading(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+async def run(requests: int, rounds: int) -> float:
+    """The best microseconds per request of `rounds` loops of `requests`."""
+    forwarder = Forwarder()
+    route = Route(
+        "e1", "bench", "team", False, "vllm", "sync", "READY", (ReplicaRoute("r1", ADDRESS),)
+    )
+    forwarder.table = RoutingTable({"bench": route}, {"e1": route})
+    caller = Caller("k1", "user", "team", frozenset({"inference"}), True)
+    state: Any = SimpleNamespace(
+        _key_cache={"key": (time.monotonic() + 1e9, caller)},  # fresh for the whole run
+        reverify_soon=lambda key: None,
+        forwarder=forwarder,
+        settings=SimpleNamespace(max_body_bytes=1 << 20, cors_origins=[]),
+    )
+    lane = FastLane(state)
+    app: Any = SimpleNamespace(state=SimpleNamespace(fast_lane=lane))
+    server_state: Any = SimpleNamespace(
+        connections=set(),
+        default_headers=[(b"date", b"Fri, 27 Nov 2026 14:00:00 GMT"), (b"server", b"uvicorn")],
+        total_requests=0,
+    )
+    config: Any = SimpleNamespace(timeout_keep_alive=5)
+    client = front.FrontProtocol(app, config, server_state, {}, asyncio.get_running_loop())
+    client_transport = FakeTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    upstream = Connection(lane.pool, ADDRESS)
+    upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
+    lane.pool.put(upstream)  # idle in the pool; each reply puts it back
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(requests):
+            client.data_received(REQUEST)
+            upstream.data_received(REPLY)
+        best = min(best, (time.perf_counter() - started) / requests * 1e6)
+    lane.close()
+    if client_transport.writes != requests * rounds or client.exchange is not None:
+        sys.exit("the lane did not answer every request: nothing measured")
+    return best
+
+
+def instructions(requests: int) -> int:
+    """Instructions of one run of `requests`, counted by callgrind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "--requests",
+                str(requests),
+                "--rounds",
+                "1",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        assert found is not None, "callgrind wrote no totals"
+        return int(found[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--requests", type=int, default=50_000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--instructions", action="store_true", help="count them with callgrind")
+    args = p.parse_args()
+    build = "compiled" if str(front.__file__).endswith(".so") else "plain Python"
+    if args.instructions:
+        few, many = 1000, 5000
+        per_request = (instructions(many) - instructions(few)) / (many - few)
+        print(f"{build}: {per_request:,.0f} instructions per request (callgrind)")
+        return
+    best = uvloop.run(run(args.requests, args.rounds))
+    print(f"{build}: {best:.2f} us per request (best of {args.rounds} x {args.requests})")
+
+
+if __name__ == "__main__":
+    main()
