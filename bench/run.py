@@ -264,13 +264,24 @@ def report(
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in urls}
     for _ in range(rounds):  # interleaved, so a noisy moment hits every target alike
         for n, u in urls.items():
+            proxy = targets[n] in stack.proxies
             with stack.alone(targets[n]):
-                runs[n].append(wrk(u, 64, peak_seconds))
+                before = stack.cpu_seconds(targets[n]) if proxy else 0.0
+                result = wrk(u, 64, peak_seconds)
+                used = stack.cpu_seconds(targets[n]) - before if proxy else 0.0
+            # the proxy's CPU per request, from its processes' times (/proc, 10 ms ticks)
+            result["cpu_us"] = used / max(result["rps"] * peak_seconds, 1.0) * 1e6
+            runs[n].append(result)
     peak = {n: statistics.median(r["rps"] for r in rs) for n, rs in runs.items()}
     for n, rs in runs.items():
         every = " ".join(f"{r['rps']:.0f}" for r in rs)
         bad = sum(r["non2xx"] for r in rs)
-        print(f"{n:>12}: {peak[n]:9.0f} req/s  (runs {every}; non-2xx {bad:.0f})")
+        cpu = (
+            f"  CPU {statistics.median(r['cpu_us'] for r in rs):.1f} us/request"
+            if targets[n] in stack.proxies
+            else ""
+        )
+        print(f"{n:>12}: {peak[n]:9.0f} req/s{cpu}  (runs {every}; non-2xx {bad:.0f})")
     for n in proxies:
         print(f"{n} / nginx   = {peak[n] / peak['nginx']:.2f}  (goal >= 0.5)")
         if n == "appliance x2":

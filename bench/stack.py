@@ -241,6 +241,23 @@ general_settings:
         wait_port(port, timeout_s=120)
         return port
 
+    def cpu_seconds(self, port: int) -> float:
+        """CPU time (user and system) used so far by the proxy on `port`: every process of its
+        group (nginx's and the api's workers included; not the api's redis-server)."""
+        group = self.proxies[port][0].pid  # spawned with a new session: its own group
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            if int(fields[2]) == group:  # pgrp; utime and stime follow at 11 and 12
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
