@@ -23,6 +23,7 @@ HOT_MODULES = [
     "forwarder/upstream.py",
     "forwarder/metrics.py",
     "forwarder/usage.py",
+    "forwarder/scan.py",
 ]
 
 

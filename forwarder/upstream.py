@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from forwarder.scan import SP, digits, field, named, starts
+
 IDLE_MAX_S = 4.0  # under the 5 s keep-alive of uvicorn-based servers: never reuse a closing one
 IDLE_PER_ADDRESS = 512
 CONNECT_TIMEOUT_S = 5.0
@@ -155,32 +157,47 @@ class Connection(asyncio.Protocol):
 
 def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool] | None:
     """Status, passed headers, body and keep-alive of `data` if it is exactly one complete
-    HTTP/1.1 reply framed by Content-Length (the usual one); None leaves it to httptools."""
+    HTTP/1.1 reply framed by Content-Length (the usual one); None leaves it to httptools (also
+    any head line that is not a plain field, read byte by byte with `forwarder/scan.py`)."""
     end = data.find(b"\r\n\r\n")
-    if end < 0 or not data.startswith(b"HTTP/1.1 "):
+    if end < 12 or not starts(data, 0, b"HTTP/1.1 "):
         return None
-    head = data[:end].lower()
-    at = head.find(b"\r\ncontent-length:")
-    # find, not `in`: CPython's `bytes in bytes` first tries the needle as an int and raises
-    # (and clears) a TypeError, a formatted exception per test
-    if at < 0 or head.find(b"\r\ntransfer-encoding") >= 0:
+    status = digits(data, 9, 12)
+    line_end = data.find(b"\r\n", 12, end + 2)
+    if status < 100 or (line_end > 12 and data[12] != SP):
+        return None  # not a three-digit status and a space before any reason phrase
+    length = -1
+    value = b""
+    content_type: bytes | None = None
+    keep_alive = True
+    at = line_end + 2
+    while at < end:
+        colon, start, stop, after = field(data, at, end)
+        if colon < 0:
+            return None
+        if named(data, at, colon, b"content-length"):
+            if length >= 0:
+                return None  # httptools refuses a second one
+            length = digits(data, start, stop)
+            if length < 0:
+                return None
+            value = data[start:stop]
+        elif content_type is None and named(data, at, colon, b"content-type"):
+            content_type = data[start:stop]
+        elif named(data, at, colon, b"transfer-encoding"):
+            return None
+        elif named(data, at, colon, b"connection"):
+            # find, not `in`: CPython's `bytes in bytes` first tries the needle as an int and
+            # raises (and clears) a TypeError, a formatted exception per test
+            keep_alive = keep_alive and data[start:stop].lower().find(b"close") < 0
+        at = after
+    if length < 0 or len(data) != end + 4 + length:
         return None
-    stop = head.find(b"\r\n", at + 17, end)
-    value = head[at + 17 : end if stop < 0 else stop].strip()
-    status = data[9:12]
-    if not value.isdigit() or not status.isdigit() or len(data) != end + 4 + int(value):
-        return None  # also a second Content-Length that disagrees: httptools refuses it
-    at = head.find(b"\r\ncontent-type:")
-    if at < 0:
-        headers = [(b"content-length", value)]
+    if content_type is not None:
+        headers = [(b"content-type", content_type), (b"content-length", value)]
     else:
-        headers = [(b"content-type", _field(data, at + 15, end)), (b"content-length", value)]
-    return int(status), headers, data[end + 4 :], head.find(b"\r\nconnection: close") < 0
-
-
-def _field(head: bytes, start: int, end: int) -> bytes:
-    stop = head.find(b"\r\n", start, end)
-    return head[start : end if stop < 0 else stop].strip(b" \t")
+        headers = [(b"content-length", value)]
+    return status, headers, data[end + 4 :], keep_alive
 
 
 class UpstreamPool:

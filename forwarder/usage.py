@@ -10,8 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
+
+from forwarder.scan import digits, space_end, starts
 
 USAGE_MARK = b'"usage"'
+OPEN: Final = 123  # {
+CLOSE: Final = 125  # }
+QUOTE: Final = 34  # "
 USAGE_SPAN_BYTES = 4096  # how far past `"usage": {` its counts are looked for
 _OPENING = re.compile(rb"\s*:\s*\{")
 _PAIR = re.compile(
@@ -28,10 +34,59 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
         at = body.rfind(USAGE_MARK, 0, end)
         if at < 0:
             return None
+        prompt, completion = _usual_counts(body, at + len(USAGE_MARK))
+        if prompt >= 0:
+            return prompt, completion
         found = _decode_usage(body, at + len(USAGE_MARK))
         if found is not None:
             return found
         end = at
+
+
+def _usual_counts(body: bytes, at: int) -> tuple[int, int]:
+    """The token counts of the `usage` object opening at `at` (right after its key) in the
+    usual shape, both counts before any nested object, read byte by byte (`forwarder/scan.py`);
+    (-1, -1) for any other shape, which `_decode_usage` then reads. It finds what `_PAIR` and
+    `_COUNT` would: the first valid count of each name."""
+    at = space_end(body, at)
+    if not starts(body, at, b":"):
+        return -1, -1
+    at = space_end(body, at + 1)
+    if not starts(body, at, b"{"):
+        return -1, -1
+    prompt = completion = -1
+    size = len(body)
+    at += 1
+    while at < size:
+        c = body[at]
+        if c in (OPEN, CLOSE):
+            return -1, -1
+        if c == QUOTE:
+            if prompt < 0 and starts(body, at, b'"prompt_tokens"'):
+                at, prompt = _count(body, at + 15)
+            elif completion < 0 and starts(body, at, b'"completion_tokens"'):
+                at, completion = _count(body, at + 19)
+            else:
+                at += 1
+            if prompt >= 0 and completion >= 0:
+                return prompt, completion
+        else:
+            at += 1
+    return -1, -1
+
+
+def _count(body: bytes, at: int) -> tuple[int, int]:
+    """After a count's key at `at`: where to read on, and the count (`\\s*:\\s*\\d+`), or -1
+    when the key is followed by something else."""
+    at = space_end(body, at)
+    if not starts(body, at, b":"):
+        return at, -1
+    at = space_end(body, at + 1)
+    stop = at
+    while stop < len(body) and 48 <= body[stop] <= 57:
+        stop += 1
+    number = digits(body, at, stop)
+    return (stop, number) if number >= 0 else (at, -1)
 
 
 def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:

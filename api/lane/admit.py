@@ -20,7 +20,7 @@ import http
 import json
 import time
 from json.scanner import make_scanner
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from api.deps import known_caller, parse_key
 from api.lane.exchange import Exchange
@@ -40,15 +40,27 @@ MAX_PREFIXES = 256  # reply heads kept (status and content type vary little)
 TIMEOUT_CHECK_EVERY_S = 0.25  # upstream timeouts are checked for all exchanges at once
 
 
-class Head(NamedTuple):
-    """What the fast lane needs from a request head (see `api/lane/front.parse_head`)."""
+class Head:
+    """What the fast lane needs from a request head (see `api/lane/front.parse_head`). A plain
+    class: compiled, it is a native one, made without a call into the interpreter."""
 
-    upstream_path: bytes
-    length: int
-    authorization: str
-    api_key: str | None
-    origin: bool
-    keep_alive: bool
+    __slots__ = ("api_key", "authorization", "keep_alive", "length", "origin", "upstream_path")
+
+    def __init__(
+        self,
+        upstream_path: bytes,
+        length: int,
+        authorization: str,
+        api_key: str | None,
+        origin: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.upstream_path = upstream_path
+        self.length = length
+        self.authorization = authorization
+        self.api_key = api_key
+        self.origin = origin
+        self.keep_alive = keep_alive
 
 
 class Client(Protocol):

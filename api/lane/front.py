@@ -28,24 +28,24 @@ from uvicorn.server import ServerState
 
 from api.lane.admit import HOT_PATHS, FastLane, Head
 from api.lane.exchange import Exchange
+from forwarder.scan import SP, digits, field, named, starts
 
 MAX_HEAD_BYTES = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
 PIPELINED_MAX_BYTES = 64 * 1024  # buffered while a reply is in progress, then reading pauses
-READ_FIELDS = frozenset(
-    {b"content-length", b"authorization", b"x-api-key", b"origin", b"connection"}
-    | {b"transfer-encoding", b"expect", b"upgrade"}  # these send the request to uvicorn
-)
 
 
 def parse_head(buf: bytes, end: int) -> Head | None:
-    """The head `buf[:end]` if the fast lane may serve it, else None."""
-    line_end = buf.find(b"\r\n", 0, end)
-    if line_end < 0:
-        return None  # no headers, so no Content-Length
-    line = buf[:line_end]
-    if not (line.startswith(b"POST ") and line.endswith(b" HTTP/1.1")):
+    """The head `buf[:end]` if the fast lane may serve it, else None. Read byte by byte
+    (`forwarder/scan.py`); any field line that is not a plain `name: value` sends the request
+    to uvicorn, as do the framings the lane does not do (Transfer-Encoding, Expect, Upgrade)."""
+    if not starts(buf, 0, b"POST "):
         return None
-    upstream_path = HOT_PATHS.get(line[5:-9])
+    at = 5
+    while at < end and buf[at] != SP:
+        at += 1
+    if not starts(buf, at, b" HTTP/1.1\r\n") or at + 11 > end:
+        return None  # also no header at all, so no Content-Length
+    upstream_path = HOT_PATHS.get(buf[5:at])
     if upstream_path is None:
         return None
     length = -1
@@ -53,28 +53,34 @@ def parse_head(buf: bytes, end: int) -> Head | None:
     api_key = None
     origin = False
     keep_alive = True
-    for field in buf[line_end + 2 : end].split(b"\r\n"):
-        name, colon, value = field.partition(b":")
-        if not colon or not name or name[-1] in b" \t" or name[0] in b" \t":
-            return None  # malformed, or an obsolete folded line
-        name = name.lower()
-        if name not in READ_FIELDS:
-            continue
-        value = value.strip(b" \t")
-        if name == b"content-length":
-            if length >= 0 or not value.isdigit():
-                return None
-            length = int(value)
-        elif name == b"authorization":
-            authorization = value.decode("latin-1")
-        elif name == b"x-api-key":
-            api_key = value.decode("latin-1")
-        elif name == b"origin":
-            origin = True
-        elif name == b"connection":
-            keep_alive = value.lower().find(b"close") < 0  # not `in`: see upstream.whole_reply
-        else:  # a framing the lane does not do
+    at += 11
+    while at < end:
+        colon, start, stop, after = field(buf, at, end)
+        if colon < 0:
             return None
+        size = colon - at  # the name's: the field is looked at only if that one may match
+        if size == 14 and named(buf, at, colon, b"content-length"):
+            if length >= 0:
+                return None
+            length = digits(buf, start, stop)
+            if length < 0:
+                return None
+        elif size == 13 and named(buf, at, colon, b"authorization"):
+            authorization = buf[start:stop].decode("latin-1")
+        elif size == 9 and named(buf, at, colon, b"x-api-key"):
+            api_key = buf[start:stop].decode("latin-1")
+        elif size == 6 and named(buf, at, colon, b"origin"):
+            origin = True
+        elif size == 10 and named(buf, at, colon, b"connection"):
+            # any `close` ends the connection; find, not `in`: see upstream.whole_reply
+            keep_alive = keep_alive and buf[start:stop].lower().find(b"close") < 0
+        elif (
+            (size == 17 and named(buf, at, colon, b"transfer-encoding"))
+            or (size == 6 and named(buf, at, colon, b"expect"))
+            or (size == 7 and named(buf, at, colon, b"upgrade"))
+        ):
+            return None  # a framing the lane does not do
+        at = after
     if length < 0:
         return None
     return Head(upstream_path, length, authorization, api_key, origin, keep_alive)

@@ -121,11 +121,20 @@ def test_the_lane_reads_only_heads_it_can_serve() -> None:
         "a bad length": good.replace(b"Content-Length: 2", b"Content-Length: +2"),
         "a folded line": good.replace(b"Host: test", b"Host:\r\n test"),
         "space before colon": good.replace(b"Host: test", b"Content-Length : 2"),
+        "a space in a name": good.replace(b"Host: test", b"X Y: z"),
+        "a bare LF": good.replace(b"Host: test", b"Host: a\nContent-Length: 9"),
+        "a bare CR": good.replace(b"Host: test", b"Host: a\rb"),
+        "no colon": good.replace(b"Host: test", b"Host"),
+        "no headers": b"POST /v1/chat/completions HTTP/1.1\r\n\r\n{}",
     }
     for why, head_bytes in refused.items():
         assert parse_head(head_bytes, head_bytes.find(b"\r\n\r\n")) is None, why
-    closing = good.replace(b"Host: test", b"Connection: Close")
-    assert parse_head(closing, closing.find(b"\r\n\r\n")).keep_alive is False  # type: ignore[union-attr]
+    for closing in (
+        good.replace(b"Host: test", b"Connection: Close"),
+        good.replace(b"Host: test", b"Connection: close\r\nConnection: keep-alive"),
+    ):
+        head = parse_head(closing, closing.find(b"\r\n\r\n"))
+        assert head is not None and head.keep_alive is False, closing
 
 
 def test_one_connection_carries_lane_and_general_requests(api: Appliance) -> None:

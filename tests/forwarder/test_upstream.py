@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from forwarder.upstream import UpstreamPool
+from forwarder.upstream import UpstreamPool, whole_reply
 
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
 
@@ -121,3 +121,27 @@ async def hangs_up() -> None:
         sink = await exchange(pool, address)
     assert sink.status == 0 and sink.ended.result().startswith("lost")
     assert pool.take(address) is None
+
+
+def test_only_a_plain_reply_framed_by_its_length_is_read_whole_at_once() -> None:
+    usual = (
+        b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Type: application/json\r\n"
+        b"content-length: 4\r\n\r\n{}{}"
+    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"4")]
+    assert whole_reply(usual) == (200, headers, b"{}{}", True)
+    closing = usual.replace(b"date: x", b"Connection: close")
+    assert whole_reply(closing) == (200, headers, b"{}{}", False)
+    left_to_httptools = {
+        "chunked": usual.replace(b"date: x", b"transfer-encoding: chunked"),
+        "two lengths": usual.replace(b"date: x", b"content-length: 4"),
+        "a signed length": usual.replace(b"length: 4", b"length: +4"),
+        "short": usual[:-1],
+        "more than one reply": usual + usual,
+        "a bare LF": usual.replace(b"date: x", b"date: x\ncontent-length: 9"),
+        "a space in a name": usual.replace(b"date: x", b"da te: x"),
+        "a four-digit status": usual.replace(b"200 OK", b"2000 OK"),
+        "HTTP/1.0": usual.replace(b"HTTP/1.1", b"HTTP/1.0"),
+    }
+    for why, reply in left_to_httptools.items():
+        assert whole_reply(reply) is None, why

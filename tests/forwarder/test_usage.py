@@ -12,6 +12,11 @@ def test_usage_from_a_json_body() -> None:
     assert usage_from_json(body.encode()) == (7, 3)
     assert usage_from_json(b'{"choices": []}') is None
     assert usage_from_json(b'{"usage": null}') is None
+    # details before the counts (a nested object), counts spread out, a later null usage
+    nested = b'{"usage" : {"prompt_tokens_details": {"cached_tokens": 1}, "total_tokens": 9,\n'
+    nested += b'"completion_tokens" :4, "prompt_tokens":\t5}, "x": {"usage": null}}'
+    assert usage_from_json(nested) == (5, 4)
+    assert usage_from_json(b'{"usage": {"prompt_tokens": null, "completion_tokens": 2}}') is None
 
 
 def test_usage_from_the_last_chunks_of_a_stream() -> None:
