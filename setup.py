@@ -24,6 +24,8 @@ HOT_MODULES = [
     "forwarder/metrics.py",
     "forwarder/usage.py",
     "forwarder/scan.py",
+    "forwarder/balance.py",
+    "api/callers.py",
 ]
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.callers import KEY_CACHE_TTL_S, cached_caller
 from api.limits import Limiter, Release
 from api.submit import TaskSubmitter
 from appliance import keys
@@ -26,8 +27,6 @@ from appliance.settings import Settings
 from forwarder.proxy import Forwarder
 
 logger = logging.getLogger(__name__)
-
-KEY_CACHE_TTL_S = 1.0  # a revoked key is refused within this long
 
 
 @dataclass
@@ -128,45 +127,6 @@ def parse_key(authorization: str, api_key: str | None) -> str | None:
             return None
         return user or None
     return api_key or None
-
-
-def known_caller(state: AppState, key: str) -> keys.Caller | None:
-    """The caller of a key found valid before: from the cache while fresh, else verified
-    again now, in the calling thread (one SQLite read, a fraction of a millisecond). None for
-    a key never verified or found invalid, or when it cannot be verified now: the caller then
-    takes the path that verifies it off the event loop and answers errors.
-
-    So a burst on a key idle for over a second (its entry expired) is served on the fast lane
-    from its first request, instead of every request of the burst missing the cache at once."""
-    cached = state._key_cache.get(key)
-    if cached is None or cached[1] is None:
-        return None
-    if time.monotonic() - cached[0] < KEY_CACHE_TTL_S:
-        return cached_caller(state, key)
-    try:
-        return state.verify_key(key, fresh=True)
-    except AuthError:
-        return None  # revoked or expired since: the general path answers 401
-    except Exception:
-        logger.exception("could not verify a key again; the general path will")
-        return None
-
-
-def cached_caller(state: AppState, key: str) -> keys.Caller | None:
-    """The caller of a key verified less than KEY_CACHE_TTL_S ago; None on a miss (or when the
-    key was found invalid): the caller then takes the path that verifies it.
-
-    A key in use is verified again in a worker thread once its entry is half way to expiry,
-    so steady traffic never finds it expired (and a revoked key is still refused in time)."""
-    cached = state._key_cache.get(key)
-    if cached is None:
-        return None
-    age = time.monotonic() - cached[0]
-    if age >= KEY_CACHE_TTL_S:
-        return None
-    if age >= KEY_CACHE_TTL_S / 2 and cached[1] is not None:
-        state.reverify_soon(key)
-    return cached[1]
 
 
 async def authenticate(request: Request, state: StateDep) -> keys.Caller:

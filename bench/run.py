@@ -8,6 +8,7 @@ interleaved (medians printed). Not a pytest test.
     .venv/bin/python bench/run.py --quick    # shorter runs
     .venv/bin/python bench/run.py --general  # also the appliance with its fast lane off
     .venv/bin/python bench/run.py --plain    # also the appliance without its compiled modules
+    .venv/bin/python bench/run.py --baseline REV  # also the appliance built from git REV
 
 Needs `wrk` and `nginx` (apt) and, for the LiteLLM column, litellm[proxy]==1.108.0 in its own
 venv (LITELLM_PYTHON, default /tmp/venv-litellm/bin/python); see bench/RESULTS.md.
@@ -190,6 +191,11 @@ def main() -> None:
     p.add_argument(
         "--plain", action="store_true", help="add the appliance without its compiled modules"
     )
+    p.add_argument(
+        "--baseline",
+        metavar="REVISION",
+        help="add the appliance built from this git revision (compiled), to compare against",
+    )
     args = p.parse_args()
     seconds = 3 if args.quick else 5
     for tool in ("wrk", "nginx"):
@@ -208,6 +214,9 @@ def main() -> None:
             }
             if args.plain:
                 targets["plain"] = stack.appliance(backend, plain=True)
+            if args.baseline:
+                tree = stack.checkout(args.baseline)
+                targets["baseline"] = stack.appliance(backend, tree=tree)
             if args.general:
                 targets["general"] = stack.appliance(backend, fast_lane=False)
             litellm = None if args.no_litellm else stack.litellm(backend)
@@ -239,7 +248,8 @@ def report(
     urls = {n: f"http://127.0.0.1:{port}/v1/chat/completions" for n, port in targets.items()}
     if "litellm" in urls:
         urls["litellm"] += "#litellm"  # marks which key to send; cut before use
-    proxies = [n for n in urls if n.startswith("appliance") or n in ("plain", "general")]
+    extra = ("plain", "general", "baseline")
+    proxies = [n for n in urls if n.startswith("appliance") or n in extra]
     for url in urls.values():  # warm up pools and caches
         wrk(url, 4, 1)
     print(f"== latency at concurrency 1 ({seconds} s each, wrk) ==")
@@ -288,6 +298,15 @@ def report(
             print(f"{n} / nginx x2 = {peak[n] / peak['nginx x2']:.2f}")
         if "litellm" in peak:
             print(f"{n} / litellm = {peak[n] / peak['litellm']:.2f}  (goal >= 3)")
+    if "baseline" in peak:
+        pairs = zip(runs["appliance"], runs["baseline"], strict=True)  # run next to each other
+        ratios = [a["rps"] / b["rps"] for a, b in pairs]
+        print(
+            f"appliance / baseline = {peak['appliance'] / peak['baseline']:.2f}  (median of "
+            f"paired runs {statistics.median(ratios):.2f}; CPU per request "
+            f"{statistics.median(r['cpu_us'] for r in runs['appliance']):.1f} us against "
+            f"{statistics.median(r['cpu_us'] for r in runs['baseline']):.1f})"
+        )
     print(
         f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
         f"{1000 / STREAM_INTERVAL_MS:.0f}/s (httptools client on uvloop; {stream_rounds} rounds, "

@@ -133,10 +133,16 @@ class Stack:
         return port
 
     def appliance(
-        self, backend_port: int, workers: int = 1, fast_lane: bool = True, plain: bool = False
+        self,
+        backend_port: int,
+        workers: int = 1,
+        fast_lane: bool = True,
+        plain: bool = False,
+        tree: Path | None = None,
     ) -> int:
         """An api in front of the backend; `plain`: run from a copy of the tree without the
-        compiled hot modules (`scripts/compile`), to compare the two builds."""
+        compiled hot modules (`scripts/compile`), to compare the two builds; `tree`: run
+        from that tree instead (`checkout`)."""
         redis_port, port = free_port(), free_port()
         redis = self.spawn(
             f"redis-{port}",
@@ -159,7 +165,7 @@ class Stack:
             APPLIANCE_FAST_LANE=str(fast_lane).lower(),
         )
         wait_port(redis_port)
-        cwd = None
+        cwd = tree
         if plain:
             cwd = self.workdir / f"plain-{port}"
             skip = shutil.ignore_patterns("*.so")
@@ -172,6 +178,19 @@ class Stack:
         wait_port(port)
         time.sleep(2.5)  # one routing refresh
         return port
+
+    def checkout(self, revision: str) -> Path:
+        """The code at git `revision`, its hot modules compiled (about a minute), to run as a
+        baseline beside the working tree's."""
+        tree = self.workdir / f"tree-{revision}"
+        tree.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
+        env = {**os.environ, "PYTHON": sys.executable}
+        subprocess.run([str(tree / "scripts/compile")], cwd=tree, env=env, check=True)
+        return tree
 
     def nginx(self, backend_port: int, workers: int = 1) -> int:
         port = free_port()

@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
+from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
 from forwarder.routing import ReplicaRoute, Route, RoutingTable
 from forwarder.shared import SharedCounts
@@ -122,13 +123,14 @@ class Forwarder:
     loaded_at: float = 0.0  # time.monotonic() of the last reload a route miss caused
     metrics: Metrics = field(init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    balancer: Balancer = field(init=False)  # the choice of replica, compiled
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
-    _slot_waiters: int = 0
     _session: aiohttp.ClientSession | None = None
     _timeouts: dict[float, aiohttp.ClientTimeout] = field(default_factory=dict)
     _probes: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self.balancer = Balancer(self, self.limits.replica_max_concurrency)
         self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self._names()))
 
     async def start(self) -> None:
@@ -214,7 +216,7 @@ class Forwarder:
                 waited_cold += time.monotonic() - began
                 continue
             fresh = [r for r in live if r.id not in tried] if tried else live
-            best, cap = self._take_least_loaded(current, fresh or live)
+            best, cap = self.balancer.take(current, fresh or live)
             if best is not None:
                 waited = time.monotonic() - started
                 if waited_cold:
@@ -230,27 +232,6 @@ class Forwarder:
                     retry_after_s=1,
                 )
             await self._wait_slot(queue_until - now)
-
-    def _take_least_loaded(
-        self, route: Route, candidates: Sequence[ReplicaRoute]
-    ) -> tuple[ReplicaRoute | None, int]:
-        """The least loaded candidate, counted in flight if it is under the cap; and the cap."""
-        load = self.load
-        best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda r: load(r.id))
-        cap = route.max_concurrency or self.limits.replica_max_concurrency
-        if load(best.id) >= cap:
-            return None, cap
-        self.inflight[best.id] = self.inflight.get(best.id, 0) + 1
-        if self.shared is not None:
-            self.shared.add(best.id, 1)
-        self.endpoint_of[best.id] = route.name
-        return best, cap
-
-    def load(self, replica_id: str) -> int:
-        """Requests in flight to the replica from every api worker."""
-        if self.shared is not None:
-            return self.shared.total(replica_id)
-        return self.inflight.get(replica_id, 0)
 
     def _names(self) -> dict[str, str]:
         """Replica id -> endpoint name, for every replica in the table or served lately."""
@@ -268,49 +249,25 @@ class Forwarder:
             ids.update(r.id for r in route.replicas)
         return {rid: n for rid in ids if (n := self.shared.total(rid)) > 0}
 
-    def try_acquire(self, route: Route) -> ReplicaRoute | None:
-        """`_acquire` without waiting: a ready replica under its cap, counted in flight, or
-        None when the request would have to wait (no ready replica, every one at its cap).
-        The caller reports the outcome with `done`."""
-        live = route.replicas if not self.ejected else self.live_replicas(route)
-        if not live:
-            return None
-        self.last_request[route.endpoint_id] = time.time()
-        return self._take_least_loaded(route, live)[0]
-
-    def done(self, route: Route, replica_id: str, ok: bool) -> None:
-        """A request counted by `try_acquire` ended; `ok` False counts towards ejection."""
-        self._release(replica_id)
-        if ok:
-            if self.failures:
-                self.failures.pop(replica_id, None)
-        else:
-            self._failed(route, replica_id)
-
     async def _wait_slot(self, timeout_s: float) -> None:
-        self._slot_waiters += 1
+        self.balancer.slot_waiters += 1
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
         finally:
-            self._slot_waiters -= 1
+            self.balancer.slot_waiters -= 1
 
-    def _release(self, replica_id: str) -> None:
-        if self.shared is not None and replica_id in self.inflight:
-            self.shared.add(replica_id, -1)
-        left = self.inflight.get(replica_id, 1) - 1
-        if left > 0:
-            self.inflight[replica_id] = left
-        else:
-            self.inflight.pop(replica_id, None)
-        if self._slot_waiters:
-            self._freed.set()
-            self._freed = asyncio.Event()
+    def slot_freed(self) -> None:
+        """Wake the requests waiting for a replica under its cap (`Balancer.release`)."""
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     def _finished(self, upstream: Upstream, ok: bool) -> None:
-        self.done(upstream.route, upstream.replica_id, ok)
+        self.balancer.done(upstream.route, upstream.replica_id, ok)
 
-    def _failed(self, route: Route, replica_id: str) -> None:
+    def failed(self, route: Route, replica_id: str) -> None:
+        """A request to the replica failed; after EJECT_AFTER_FAILURES in a row it is taken
+        out of rotation until its health probe passes."""
         count = self.failures.get(replica_id, 0) + 1
         self.failures[replica_id] = count
         if count >= EJECT_AFTER_FAILURES and replica_id not in self.ejected:
@@ -384,14 +341,14 @@ class Forwarder:
                     replica.address + path, data=body, headers=headers, timeout=timeout
                 )
             except aiohttp.SocketTimeoutError as exc:
-                self._release(replica.id)
-                self._failed(route, replica.id)
+                self.balancer.release(replica.id)
+                self.failed(route, replica.id)
                 raise UpstreamError(
                     f"replica of {route.name!r} did not answer in time", status_code=504
                 ) from exc
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self._release(replica.id)
-                self._failed(route, replica.id)
+                self.balancer.release(replica.id)
+                self.failed(route, replica.id)
                 logger.warning("replica %s: connection failed: %r", replica.id, exc)
                 if replica.id in tried:
                     await asyncio.sleep(RETRY_PAUSE_S)
@@ -400,7 +357,7 @@ class Forwarder:
                     self.metrics.retries.labels(route.name).inc()
                 continue
             except BaseException:
-                self._release(replica.id)
+                self.balancer.release(replica.id)
                 raise
             return Upstream(
                 status=response.status,

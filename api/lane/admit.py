@@ -22,9 +22,10 @@ import time
 from json.scanner import make_scanner
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from api.deps import known_caller, parse_key
+from api.callers import known_caller, visible
+from api.deps import parse_key
 from api.lane.exchange import Exchange
-from api.routes.openai import UPSTREAM_PATHS, visible
+from api.routes.openai import UPSTREAM_PATHS
 from forwarder.upstream import Connection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class FastLane:
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.forwarder = state.forwarder
+        self.balancer = state.forwarder.balancer
         self.pool = UpstreamPool()
         self.max_body_bytes = state.settings.max_body_bytes
         self.cors = bool(state.settings.cors_origins)
@@ -164,7 +166,7 @@ class FastLane:
         route = visible(self.forwarder.table.by_name.get(model), caller)
         if route is None:
             return None
-        replica = self.forwarder.try_acquire(route)
+        replica = self.balancer.try_acquire(route)
         if replica is None:
             return None
         exchange = Exchange(self, client, route, replica, caller.key_id, head.keep_alive)

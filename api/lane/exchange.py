@@ -267,7 +267,7 @@ class Exchange:
             return False
         self.done = True
         self.lane.waiting.discard(self)
-        self.lane.forwarder.done(self.route, self.replica.id, ok)
+        self.lane.balancer.done(self.route, self.replica.id, ok)
         return True
 
     def _finish(self, status: int, *, ok: bool, usage: tuple[int, int] | None) -> None:

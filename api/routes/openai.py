@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import limits
+from api.callers import visible
 from api.deps import AppState, CallerDep, StateDep, authenticate, require
 from api.errors import error_headers, openai_error, status_of
 from api.limits import Release
@@ -77,12 +78,6 @@ async def lookup(
         forwarder.loaded_at = now
         forwarder.update(await run_in_threadpool(load_routes, state.engine))
     return None
-
-
-def visible(route: Route | None, caller: Caller) -> Route | None:
-    if route is None or not (caller.is_admin or route.owner == caller.team or route.public):
-        return None
-    return route
 
 
 async def route_for(model: Any, caller: Caller, state: AppState) -> Route:

@@ -17,6 +17,7 @@ from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from api.callers import visible
 from api.deps import AppState
 from api.routes.openai import (
     KEEPALIVE,
@@ -26,7 +27,6 @@ from api.routes.openai import (
     error_status,
     lookup,
     read_body,
-    visible,
 )
 from appliance.errors import ApplianceError, NoSuchEndpointError, UpstreamError
 from appliance.keys import Caller

@@ -153,7 +153,7 @@ def test_ejected_replica_returns_when_healthy() -> None:
             async def body(fwd: Forwarder) -> None:
                 flaky.healthy = False
                 for _ in range(3):
-                    fwd._failed(r, "flaky")
+                    fwd.failed(r, "flaky")
                 assert fwd.ejected == {"flaky"}
                 with pytest.raises(NoReadyReplicaError):
                     await call(fwd, r, hold_s=0.2)
