@@ -21,6 +21,7 @@ from forwarder.scan import SP, digits, field, named, starts
 
 IDLE_MAX_S = 4.0  # under the 5 s keep-alive of uvicorn-based servers: never reuse a closing one
 IDLE_PER_ADDRESS = 512
+MAX_HEADS = 4096  # request heads kept (paths x replica addresses)
 CONNECT_TIMEOUT_S = 5.0
 PASSED_HEADERS = frozenset({b"content-type", b"content-length"})
 
@@ -206,7 +207,7 @@ class UpstreamPool:
     def __init__(self) -> None:
         self.idle: dict[str, list[Connection]] = {}
         self._targets: dict[str, tuple[str, int]] = {}
-        self._hosts: dict[str, bytes] = {}
+        self._heads: dict[tuple[bytes, str], bytes] = {}
 
     def take(self, address: str) -> Connection | None:
         """An idle connection that is young enough to trust, or None."""
@@ -252,11 +253,20 @@ class UpstreamPool:
                     conn.transport.close()
         self.idle.clear()
 
-    def host_header(self, address: str) -> bytes:
-        found = self._hosts.get(address)
+    def json_post_head(self, path: bytes, address: str) -> bytes:
+        """The head of a JSON POST of `path` to the replica, up to its Content-Length value:
+        the same for every request of a route, so made once."""
+        found = self._heads.get((path, address))
         if found is None:
             host, port = self._target(address)
-            found = self._hosts[address] = f"{host}:{port}".encode()
+            found = b"POST %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json\r\n" % (
+                path,
+                host.encode(),
+                port,
+            )
+            found += b"content-length: "
+            if len(self._heads) < MAX_HEADS:
+                self._heads[(path, address)] = found
         return found
 
     def _target(self, address: str) -> tuple[str, int]:

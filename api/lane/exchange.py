@@ -86,12 +86,11 @@ class Exchange:
         self.stream = stream
         pool = self.lane.pool
         address = self.replica.address
-        head = b"POST %b HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % (
-            path,
-            pool.host_header(address),
-        )
-        head += b"content-length: %d\r\n\r\n" % len(body)
-        self.request = head + body if len(body) <= SMALL_BODY_BYTES else (head, body)
+        head = pool.json_post_head(path, address)
+        if len(body) <= SMALL_BODY_BYTES:
+            self.request = b"%b%d\r\n\r\n%b" % (head, len(body), body)
+        else:
+            self.request = (b"%b%d\r\n\r\n" % (head, len(body)), body)
         conn = pool.take(address)
         if conn is not None:
             self._send(conn)
