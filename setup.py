@@ -26,6 +26,7 @@ HOT_MODULES = [
     "forwarder/scan.py",
     "forwarder/balance.py",
     "api/callers.py",
+    "forwarder/routes.py",
 ]
 
 

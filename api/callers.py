@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from appliance import keys
 from appliance.errors import AuthError
-from forwarder.routing import Route
+from forwarder.routes import Route
 
 if TYPE_CHECKING:
     from api.deps import AppState

@@ -42,7 +42,8 @@ from appliance.install import install_id, key_secret
 from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.proxy import Forwarder, Limits
-from forwarder.routing import Route, load_routes
+from forwarder.routes import Route
+from forwarder.routing import load_routes
 from forwarder.shared import SharedCounts
 from web.render import STATIC_DIR, STATIC_URL
 

@@ -32,7 +32,7 @@ from api.lane import front
 from api.lane.admit import FastLane
 from appliance.keys import Caller
 from forwarder.proxy import Forwarder
-from forwarder.routing import ReplicaRoute, Route, RoutingTable
+from forwarder.routes import ReplicaRoute, Route, RoutingTable
 from forwarder.upstream import Connection
 
 ADDRESS = "http://127.0.0.1:9"

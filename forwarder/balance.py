@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from forwarder.routing import ReplicaRoute, Route
+from forwarder.routes import ReplicaRoute, Route
 from forwarder.shared import SharedCounts
 
 if TYPE_CHECKING:

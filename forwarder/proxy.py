@@ -22,7 +22,7 @@ import aiohttp
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
 from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
-from forwarder.routing import ReplicaRoute, Route, RoutingTable
+from forwarder.routes import ReplicaRoute, Route, RoutingTable
 from forwarder.shared import SharedCounts
 from forwarder.usage import Ledger
 

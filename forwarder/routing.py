@@ -1,13 +1,12 @@
-"""The api's in-memory routing table: endpoints by name and id with their ready replicas.
+"""The api's in-memory routing table (`forwarder/routes.py`), read from SQLite: endpoints by
+name and id with their ready replicas.
 
-Built from SQLite by a background refresher (on the builder's announcements and every few
-seconds), so no request reads the database or asks Docker.
+Built by a background refresher (on the builder's announcements and every few seconds), so no
+request reads the database or asks Docker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -15,43 +14,13 @@ from sqlalchemy.engine import Engine
 from appliance import queries
 from appliance.db import session_scope
 from appliance.models import Endpoint, ReplicaState
-
-DEFAULT_HEALTH_ROUTE = "/health"
-DEFAULT_PREDICT_ROUTE = "/predict"
-
-
-@dataclass(frozen=True)
-class ReplicaRoute:
-    id: str
-    address: str
-
-
-@dataclass(frozen=True)
-class Route:
-    """What the data plane needs to know about one endpoint."""
-
-    endpoint_id: str
-    name: str
-    owner: str
-    public: bool
-    framework: str
-    endpoint_type: str
-    status: str
-    replicas: tuple[ReplicaRoute, ...]
-    health_route: str = DEFAULT_HEALTH_ROUTE
-    predict_route: str = DEFAULT_PREDICT_ROUTE
-    timeout_s: float | None = None  # per-endpoint upstream timeout; None: the api's setting
-    max_concurrency: int | None = None  # per-replica cap; None: the api's setting
-
-
-@dataclass(frozen=True)
-class RoutingTable:
-    by_name: Mapping[str, Route]
-    by_id: Mapping[str, Route]
-
-    @classmethod
-    def empty(cls) -> RoutingTable:
-        return cls({}, {})
+from forwarder.routes import (
+    DEFAULT_HEALTH_ROUTE,
+    DEFAULT_PREDICT_ROUTE,
+    ReplicaRoute,
+    Route,
+    RoutingTable,
+)
 
 
 def _positive(value: Any) -> float | None:

@@ -22,7 +22,7 @@ from appliance.install import key_secret
 from appliance.settings import Settings
 from forwarder import callbacks, jobs, taskstore
 from forwarder.proxy import Forwarder
-from forwarder.routing import Route
+from forwarder.routes import Route
 from forwarder.runner import Runner
 from forwarder.sweeper import Sweeper
 

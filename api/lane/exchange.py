@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from api.routes.openai import CLIENT_CLOSED, WHOLE_BODY_MAX_BYTES, json_error, sse_error
 from appliance.errors import UpstreamError
-from forwarder.routing import ReplicaRoute, Route
+from forwarder.routes import ReplicaRoute, Route
 from forwarder.upstream import Connection
 from forwarder.usage import StreamUsage, usage_from_json
 

@@ -35,7 +35,8 @@ from appliance.errors import (
 )
 from appliance.keys import Caller
 from forwarder.proxy import Upstream
-from forwarder.routing import Route, load_routes
+from forwarder.routes import Route
+from forwarder.routing import load_routes
 from forwarder.usage import StreamUsage, usage_from_json
 
 router = APIRouter(tags=["openai"], dependencies=[require("inference")])

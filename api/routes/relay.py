@@ -32,7 +32,7 @@ from appliance.errors import ApplianceError, NoSuchEndpointError, UpstreamError
 from appliance.keys import Caller
 from forwarder import llm_engine
 from forwarder.proxy import Upstream
-from forwarder.routing import Route
+from forwarder.routes import Route
 from forwarder.usage import usage_from_json
 
 Model = TypeVar("Model", bound=BaseModel)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
 from forwarder.proxy import Forwarder, Limits
-from forwarder.routing import ReplicaRoute, Route, RoutingTable
+from forwarder.routes import ReplicaRoute, Route, RoutingTable
 
 
 def free_port() -> int:
