@@ -27,6 +27,7 @@ HOT_MODULES = [
     "forwarder/balance.py",
     "api/callers.py",
     "forwarder/routes.py",
+    "appliance/caller.py",
 ]
 
 

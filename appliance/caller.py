@@ -1,0 +1,52 @@
+"""Who is calling (`Caller`) and the limits of their key (`KeyLimits`), as verified from an API
+key by `appliance/keys.py`, which re-exports both.
+
+Every inference request reads a caller's fields; compiled with the fast lane (`setup.py`),
+these are native classes whose fields the lane reads as plain struct reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.models import ApiKey
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """Per-key limits; 0 means no limit."""
+
+    requests_per_minute: int = 0
+    max_concurrent_requests: int = 0
+    max_queued_tasks: int = 0
+    max_tokens_per_request: int = 0
+
+    def resolve(self, row: ApiKey) -> KeyLimits:
+        """The key's own limits where set, these defaults elsewhere."""
+
+        def pick(own: int | None, default: int) -> int:
+            return default if own is None else own
+
+        return KeyLimits(
+            pick(row.requests_per_minute, self.requests_per_minute),
+            pick(row.max_concurrent_requests, self.max_concurrent_requests),
+            pick(row.max_queued_tasks, self.max_queued_tasks),
+            pick(row.max_tokens_per_request, self.max_tokens_per_request),
+        )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's user, its team (the owner of what it creates) and its scopes."""
+
+    key_id: str
+    user: str
+    team: str
+    scopes: frozenset[str]
+    is_admin: bool
+    limits: KeyLimits = KeyLimits()
+
+    def can(self, scope: str) -> bool:
+        return self.is_admin or scope in self.scopes
