@@ -1,10 +1,11 @@
 """Builds the package; the data plane's hot modules are compiled to C with mypyc on the way.
 
-The fast lane's per-request Python (`api/lane/`, `forwarder/upstream.py`, and the usage
-reading and request counting it shares with the general path, `forwarder/usage.py` and
-`forwarder/metrics.py`) sets the api's peak requests/s. mypyc compiles those typed modules to
-a C extension (about a fifth more requests/s on the benchmark, `bench/RESULTS.md`), from the
-same source: nothing else changes.
+The fast lane's per-request Python (`api/lane/`, `forwarder/upstream.py`, and what it shares
+with the general path: the head and usage readers, request counting, replica choice, key
+cache lookup and the types every request reads) sets the api's peak requests/s. mypyc
+compiles those typed modules to a C extension (more than twice the requests/s of the same
+code as plain Python on the benchmark, `bench/RESULTS.md`), from the same source: nothing
+else changes.
 Where mypyc or a C compiler is missing, the build leaves them as plain Python, which behaves
 the same, only slower. `APPLIANCE_COMPILE=0` skips it; `scripts/compile` builds in place.
 """
