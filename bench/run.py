@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
@@ -192,6 +193,12 @@ def main() -> None:
         "--plain", action="store_true", help="add the appliance without its compiled modules"
     )
     p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="stream rounds without the proxy on a CPU of its own (Stack.pinned)",
+    )
+    p.add_argument(
         "--baseline",
         metavar="REVISION",
         help="add the appliance built from this git revision (compiled), to compare against",
@@ -230,6 +237,7 @@ def main() -> None:
                 args.streams,
                 args.rounds,
                 args.stream_rounds,
+                args.pin,
             )
         finally:
             stack.stop()
@@ -243,8 +251,10 @@ def report(
     concurrency: int,
     rounds: int,
     stream_rounds: int,
+    pin: bool,
 ) -> None:
-    """Each measurement runs with the other proxies stopped (`Stack.alone`)."""
+    """Each measurement runs with the other proxies stopped (`Stack.alone`); with `pin`, the
+    stream rounds run with the proxy and the load on CPUs of their own (`Stack.pinned`)."""
     urls = {n: f"http://127.0.0.1:{port}/v1/chat/completions" for n, port in targets.items()}
     if "litellm" in urls:
         urls["litellm"] += "#litellm"  # marks which key to send; cut before use
@@ -310,14 +320,15 @@ def report(
     print(
         f"== {concurrency} concurrent streams, {STREAM_CHUNKS} chunks at "
         f"{1000 / STREAM_INTERVAL_MS:.0f}/s (httptools client on uvloop; {stream_rounds} rounds, "
-        "interleaved; p99 of every gap of every round) =="
+        f"interleaved; p99 of every gap of every round; "
+        f"{'proxy on a CPU of its own, load on the rest' if pin else 'not pinned'}) =="
     )
     names = ["direct", *proxies, "nginx"]
     tries: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     gaps: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(stream_rounds):  # interleaved too: the client's loop sets much of the p99
         for n in names:
-            with stack.alone(targets[n]):
+            with stack.alone(targets[n]), stack.pinned(targets[n]) if pin else nullcontext():
                 figures, round_gaps = uvloop.run(streams(urls[n], concurrency))
             tries[n].append(figures)
             gaps[n].extend(round_gaps)

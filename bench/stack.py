@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,7 @@ class Stack:
     workdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     proxies: dict[int, list[subprocess.Popen[bytes]]] = field(default_factory=dict)  # by port
+    backends: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def spawn(
         self,
@@ -116,18 +117,20 @@ class Stack:
 
     def backend(self, chunks: int, interval_ms: float) -> int:
         port = free_port()
-        self.spawn(
-            "backend",
-            [
-                sys.executable,
-                str(ROOT / "bench/fake_backend.py"),
-                "--port",
-                str(port),
-                "--chunks",
-                str(chunks),
-                "--interval-ms",
-                str(interval_ms),
-            ],
+        self.backends.append(
+            self.spawn(
+                "backend",
+                [
+                    sys.executable,
+                    str(ROOT / "bench/fake_backend.py"),
+                    "--port",
+                    str(port),
+                    "--chunks",
+                    str(chunks),
+                    "--interval-ms",
+                    str(interval_ms),
+                ],
+            )
         )
         wait_port(port)
         return port
@@ -263,19 +266,37 @@ general_settings:
     def cpu_seconds(self, port: int) -> float:
         """CPU time (user and system) used so far by the proxy on `port`: every process of its
         group (nginx's and the api's workers included; not the api's redis-server)."""
-        group = self.proxies[port][0].pid  # spawned with a new session: its own group
         tick = os.sysconf("SC_CLK_TCK")
         total = 0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # ended meanwhile
-            if int(fields[2]) == group:  # pgrp; utime and stime follow at 11 and 12
-                total += int(fields[11]) + int(fields[12])
+        for _, fields in _group_stats(self.proxies[port][0].pid):  # its own session and group
+            total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / tick
+
+    @contextmanager
+    def pinned(self, port: int) -> Iterator[None]:
+        """For the duration, the proxy on `port` (every thread of its process group) alone on
+        the last CPU, and the load (this process, which runs the stream client) and the
+        backend on the others; for the backend's own port (direct) only the load is pinned.
+        So the load's bursts do not delay the proxy under test, and direct pays the same
+        client and backend sharing a CPU as the proxies do, which the added gap cancels."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            yield
+            return
+        everything, proxy_cpu, load_cpus = set(cpus), {cpus[-1]}, set(cpus[:-1])
+        proxy = self.proxies.get(port, [])[:1]  # the proxy's group, not its redis-server
+        placed = [(t, proxy_cpu) for p in proxy for t in _group_threads(p.pid)]
+        placed += [(t, load_cpus) for p in self.backends for t in _group_threads(p.pid)]
+        placed += [(t, load_cpus) for t in _group_threads(os.getpgrp(), os.getpid())]
+        for tid, cpu_set in placed:
+            with suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(tid, cpu_set)
+        try:
+            yield
+        finally:
+            for tid, _ in placed:
+                with suppress(OSError):
+                    os.sched_setaffinity(tid, everything)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -287,6 +308,30 @@ general_settings:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_stats(group: int) -> Iterator[tuple[int, list[str]]]:
+    """The pid and /proc stat fields (those after the command) of every process in process
+    group `group`."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == group:  # pgrp
+            yield int(entry), fields
+
+
+def _group_threads(group: int, only: int | None = None) -> list[int]:
+    """Every thread id of process group `group` (of process `only` alone, when given)."""
+    pids = [only] if only is not None else [pid for pid, _ in _group_stats(group)]
+    tids: list[int] = []
+    for pid in pids:
+        with suppress(OSError):
+            tids.extend(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    return tids
 
 
 def have(tool: str) -> bool:
