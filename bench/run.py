@@ -2,7 +2,8 @@
 backend, through the appliance (one api worker, and two), through nginx (`proxy_buffering
 off`; one worker, and two) and through LiteLLM's proxy; prints added latency, peak
 requests/s and ratios, and stream gaps, the peak and stream runs repeated with the targets
-interleaved (medians printed). Not a pytest test.
+interleaved (medians printed); stream rounds run with the proxy under test on a CPU of its
+own and the load on the others (`Stack.pinned`). Not a pytest test.
 
     .venv/bin/python bench/run.py            # all of it, about seven minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # shorter runs
