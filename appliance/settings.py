@@ -71,8 +71,9 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="api processes sharing the port; one carries about 15-20k small requests/s "
-        "on a core. Requests in flight are counted across all of them.",
+        description="api processes sharing the port; one carries about 20-35k small requests/s "
+        "on the 2-core benchmark VM (`bench/RESULTS.md`). Requests in flight are counted "
+        "across all of them.",
     )
     fast_lane: bool = Field(
         True,

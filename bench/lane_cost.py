@@ -3,7 +3,8 @@ no sockets, uvloop I/O or other processes: a `FrontProtocol` and a pooled upstre
 `Connection` on fake transports, fed a chat completion request and its replica's reply, in a
 loop. Timings on a shared VM drift; instruction counts do not, so `--instructions` runs this
 twice under valgrind's callgrind and prints the instructions per request (the difference of
-the two runs, so start-up cancels out). Not a pytest test.
+the two runs, so start-up cancels out; with a fixed hash seed, since dict probes vary with
+it). Not a pytest test.
 
     .venv/bin/python bench/lane_cost.py                  # microseconds per request
     .venv/bin/python bench/lane_cost.py --instructions   # instructions per request (valgrind)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -131,6 +133,8 @@ def instructions(requests: int) -> int:
             ],
             check=True,
             capture_output=True,
+            # string and bytes hashes, so dict probes, vary with the seed: about +-2k a request
+            env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
         assert found is not None, "callgrind wrote no totals"

@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 
 
 class Balancer:
-    def __init__(self, forwarder: Forwarder, default_cap: int) -> None:
+    def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
-        self.default_cap = default_cap  # a replica's cap when its endpoint sets none
         # the forwarder's own containers, shared: each is changed in place, never replaced
         self.inflight: dict[str, int] = forwarder.inflight  # replica id -> this process's
         self.shared: SharedCounts | None = forwarder.shared
@@ -49,7 +48,7 @@ class Balancer:
             load = self.load(candidates[i].id)
             if load < least:
                 best, least = candidates[i], load
-        cap = route.max_concurrency or self.default_cap
+        cap = route.max_concurrency or self.forwarder.limits.replica_max_concurrency
         if least >= cap:
             return None, cap
         self.inflight[best.id] = self.inflight.get(best.id, 0) + 1

@@ -130,7 +130,7 @@ class Forwarder:
     _probes: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.balancer = Balancer(self, self.limits.replica_max_concurrency)
+        self.balancer = Balancer(self)
         self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self._names()))
 
     async def start(self) -> None:
