@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from api import server_args
 from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndpointRequest
 from appliance.errors import InvalidSpecError, PolicyViolationError
 from appliance.ids import new_id
@@ -39,6 +40,7 @@ DEFAULT_MEMORY = {
     Framework.CUSTOM: 8 * 2**30,
 }
 DEFAULT_IDLE_TIMEOUT_S = 900
+HIGH_PRIORITY = 10  # what LLM Engine's high_priority means on the priority scale
 DEFAULT_SCALE_DOWN_WINDOW_S = 300
 DEFAULT_STARTUP_TIMEOUT_S = {Framework.VLLM: 1800, Framework.LLAMACPP: 300, Framework.CUSTOM: 600}
 # Changing these rolls the replicas to a new generation; other fields apply in place.
@@ -91,18 +93,6 @@ def _model(framework: str, model_name: str, checkpoint: str | None, settings: Se
     return model_name
 
 
-def _vllm_args(req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest) -> dict[str, Any]:
-    args = {k: getattr(req, k) for k in VLLM_ARG_FIELDS if getattr(req, k) is not None}
-    args.pop("tensor_parallel_size", None)  # follows gpus
-    args.pop("served_model_name", None)  # always the endpoint's name
-    if req.chat_template_override:
-        args["chat_template"] = req.chat_template_override
-    if req.extra_flags:
-        policy.check_extra_flags(req.extra_flags)
-        args["extra_flags"] = dict(req.extra_flags)
-    return args
-
-
 def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
     if endpoint.framework == Framework.CUSTOM or endpoint.image:
         if not caller.is_admin:
@@ -113,7 +103,12 @@ def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None
             raise InvalidSpecError("a custom endpoint needs `image`", field="image")
         if endpoint.framework == Framework.CUSTOM and not endpoint.command:
             raise InvalidSpecError("a custom endpoint needs `command`", field="command")
-    defaults = {settings.vllm_image, settings.llamacpp_image, settings.llamacpp_cuda_image}
+    defaults = {
+        settings.vllm_image,
+        settings.vllm_cpu_image,
+        settings.llamacpp_image,
+        settings.llamacpp_cuda_image,
+    }
     policy.check_image(
         default_image(endpoint, settings),
         default_images=defaults,
@@ -130,22 +125,25 @@ def _validate(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
         raise InvalidSpecError(
             "gpu_memory_fraction is for vLLM endpoints with gpus=1", field="gpu_memory_fraction"
         )
+    stages = int(endpoint.args.get("pipeline_parallel_size") or 1)
+    if stages > 1 and (endpoint.gpus < stages or endpoint.gpus % stages):
+        raise InvalidSpecError(
+            f"pipeline_parallel_size {stages} needs gpus to be a multiple of it",
+            field="pipeline_parallel_size",
+        )
     policy.check_env(endpoint.env)
     _check_image(endpoint, caller, settings)
-
-
-def _image_for_tag(framework: str, tag: str | None, settings: Settings) -> str | None:
-    if framework != Framework.VLLM or not tag or tag == "latest":
-        return None
-    return f"{settings.vllm_image.rsplit(':', 1)[0]}:{tag}"
 
 
 def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settings) -> Endpoint:
     """A validated endpoint row for a create request, not yet stored."""
     framework = Framework(req.inference_framework)
     gpus = req.gpus if req.gpus is not None else (req.num_shards if framework == "vllm" else 0)
+    # LLM Engine's client always sends num_shards=1, so 1 beside another gpus is the default
     if framework == Framework.VLLM and req.gpus is not None and req.num_shards not in (gpus, 1):
         raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
+    server_args.check_fields(framework, req, settings)
+    tag = req.inference_framework_image_tag
     endpoint = Endpoint(
         id=new_id("end"),
         name=req.name,
@@ -153,8 +151,8 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         created_by=caller.user,
         framework=framework,
         model=_model(framework, req.model_name, req.checkpoint_path, settings),
-        image=req.image or _image_for_tag(framework, req.inference_framework_image_tag, settings),
-        args=_vllm_args(req) if framework == Framework.VLLM else _llamacpp_args(req),
+        image=req.image or server_args.image_for_tag(framework, tag, gpus, caller, settings),
+        args=server_args.server_args(framework, req, name=req.name, gpus=gpus),
         env=dict(req.env or {}),
         command=req.command,
         port=req.port,
@@ -176,7 +174,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         scale_down_window_s=req.scale_down_window_seconds
         if req.scale_down_window_seconds is not None
         else DEFAULT_SCALE_DOWN_WINDOW_S,
-        priority=req.priority or (10 if req.high_priority else 0),
+        priority=_priority(req.priority, req.high_priority) or 0,
         public_inference=bool(req.public_inference),
         labels=req.labels,
         extra={
@@ -187,6 +185,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
             "checkpoint_path": req.checkpoint_path,
             "post_inference_hooks": req.post_inference_hooks,
             "default_callback_url": req.default_callback_url,
+            "default_callback_auth": req.default_callback_auth,
             "timeout_seconds": req.timeout_seconds,
             "forwarder_max_concurrency": req.forwarder_max_concurrency,
         },
@@ -197,17 +196,38 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
     return endpoint
 
 
-def _llamacpp_args(req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest) -> dict[str, Any]:
-    args: dict[str, Any] = {}
-    if req.max_model_len:
-        args["max_model_len"] = req.max_model_len
-    if req.chat_template_override:
-        args["chat_template"] = req.chat_template_override
-    if req.seed is not None:
-        args["seed"] = req.seed
-    if req.extra_flags:
-        raise InvalidSpecError("extra_flags are for vLLM endpoints", field="extra_flags")
-    return args
+def _priority(priority: int | None, high_priority: bool | None) -> int | None:
+    """`priority` wins; LLM Engine's high_priority means 10, false means 0."""
+    if priority is not None or high_priority is None:
+        return priority
+    return HIGH_PRIORITY if high_priority else 0
+
+
+SIMPLE_COLUMNS = {  # update field -> endpoint column, copied as sent
+    "env": "env",
+    "command": "command",
+    "port": "port",
+    "gpus": "gpus",
+    "healthcheck_route": "health_route",
+    "gpu_memory_fraction": "gpu_memory_fraction",
+    "min_workers": "min_replicas",
+    "max_workers": "max_replicas",
+    "per_worker": "target_concurrency",
+    "public_inference": "public_inference",
+    "labels": "labels",
+    "image": "image",
+    "idle_timeout_seconds": "idle_timeout_s",
+    "scale_down_window_seconds": "scale_down_window_s",
+    "startup_timeout_seconds": "startup_timeout_s",
+}
+EXTRA_FIELDS = (  # update fields kept in `extra`, shown back and read by other parts
+    "timeout_seconds",
+    "forwarder_max_concurrency",
+    "default_callback_url",
+    "default_callback_auth",
+    "post_inference_hooks",
+    "quantize",
+)
 
 
 def apply_update(
@@ -216,43 +236,28 @@ def apply_update(
     """Apply an update to the row in place; True when replicas must roll to a new generation."""
     before = {name: getattr(endpoint, name) for name in ROLLING_FIELDS}
     sent = req.model_fields_set
+    server_args.check_fields(endpoint.framework, req, settings)
     if "model_name" in sent or "checkpoint_path" in sent:
         name = req.model_name or str(endpoint.extra.get("model_name"))
         endpoint.model = _model(endpoint.framework, name, req.checkpoint_path, settings)
         endpoint.extra = {**endpoint.extra, "model_name": name}
-    if sent & set(VLLM_ARG_FIELDS) or {"chat_template_override", "extra_flags"} & sent:
-        fresh = _vllm_args(req) if endpoint.framework == Framework.VLLM else _llamacpp_args(req)
+    _update_columns(endpoint, req, sent)
+    if sent & {*VLLM_ARG_FIELDS, "chat_template_override", "extra_flags", "quantize"}:
+        fresh = server_args.server_args(
+            endpoint.framework, req, name=endpoint.name, gpus=endpoint.gpus
+        )
         endpoint.args = {**endpoint.args, **fresh}
-    simple = {
-        "env": "env",
-        "command": "command",
-        "port": "port",
-        "gpus": "gpus",
-        "healthcheck_route": "health_route",
-        "gpu_memory_fraction": "gpu_memory_fraction",
-        "min_workers": "min_replicas",
-        "max_workers": "max_replicas",
-        "per_worker": "target_concurrency",
-        "public_inference": "public_inference",
-        "labels": "labels",
-        "priority": "priority",
-        "image": "image",
-        "idle_timeout_seconds": "idle_timeout_s",
-        "scale_down_window_seconds": "scale_down_window_s",
-        "startup_timeout_seconds": "startup_timeout_s",
-    }
-    for field_name, column in simple.items():
-        if field_name in sent and getattr(req, field_name) is not None:
-            setattr(endpoint, column, getattr(req, field_name))
-    if req.cpus is not None:
-        endpoint.cpus = _quantity("cpus", req.cpus)
-    if req.memory is not None:
-        endpoint.memory_bytes = _quantity("memory", req.memory)
     if req.metadata is not None:
         endpoint.extra = {**endpoint.extra, "metadata": req.metadata}
-    for name in ("timeout_seconds", "forwarder_max_concurrency"):
-        if name in sent:
+    for name in EXTRA_FIELDS:
+        if name in sent and (getattr(req, name) is not None or name in NULLABLE_EXTRA):
             endpoint.extra = {**endpoint.extra, name: getattr(req, name)}
+    if req.inference_framework_image_tag is not None:
+        tag = req.inference_framework_image_tag
+        endpoint.image = server_args.image_for_tag(
+            endpoint.framework, tag, endpoint.gpus, caller, settings
+        )
+        endpoint.extra = {**endpoint.extra, "image_tag": tag}
     if "image" in sent and req.image is not None and not caller.is_admin:
         raise PolicyViolationError("only an administrator may override images", field="image")
     _validate(endpoint, caller, settings)
@@ -262,6 +267,26 @@ def apply_update(
     return bool(req.force_bundle_recreation) or any(
         getattr(endpoint, name) != value for name, value in before.items()
     )
+
+
+NULLABLE_EXTRA = ("timeout_seconds", "forwarder_max_concurrency")  # null: back to the default
+
+
+def _update_columns(endpoint: Endpoint, req: UpdateLLMEndpointRequest, sent: set[str]) -> None:
+    for field_name, column in SIMPLE_COLUMNS.items():
+        if field_name in sent and getattr(req, field_name) is not None:
+            setattr(endpoint, column, getattr(req, field_name))
+    if req.num_shards is not None and endpoint.framework == Framework.VLLM:
+        if req.gpus is not None and req.gpus != req.num_shards:
+            raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
+        endpoint.gpus = req.num_shards
+    priority = _priority(req.priority, req.high_priority)
+    if priority is not None:
+        endpoint.priority = priority
+    if req.cpus is not None:
+        endpoint.cpus = _quantity("cpus", req.cpus)
+    if req.memory is not None:
+        endpoint.memory_bytes = _quantity("memory", req.memory)
 
 
 def _iso(stamp: float) -> str:

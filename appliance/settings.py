@@ -41,7 +41,13 @@ class Settings(BaseSettings):
     gpu_inventory_file: Path | None = Field(
         None, description="JSON GPU inventory used instead of NVML (tests, GPU-less hosts)."
     )
-    vllm_image: str = Field("vllm/vllm-openai:v0.11.0", description="Default vLLM image.")
+    vllm_image: str = Field(
+        "vllm/vllm-openai:v0.32.0", description="Default vLLM image (GPU replicas)."
+    )
+    vllm_cpu_image: str = Field(
+        "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0",
+        description="Default vLLM image for replicas without GPUs (`gpus: 0`): vLLM's CPU build.",
+    )
     llamacpp_image: str = Field(
         "ghcr.io/ggml-org/llama.cpp:server", description="Default llama.cpp image (CPU)."
     )

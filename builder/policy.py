@@ -24,31 +24,25 @@ ENV_NAME_ALLOWED = re.compile(
 )
 ENV_NAME_DENIED = {"VLLM_API_KEY"}
 
-# vLLM flags beyond the typed fields that a user may pass through `extra_flags`.
+# vLLM 0.32 flags beyond the typed fields that a user may pass through `extra_flags` (each is
+# checked against the real vLLM's parser by tests/images/test_vllm_contract.py). Flags with a
+# typed field, and those that would change what the appliance relies on (host, port, served
+# model name, API key, parallelism), are not here.
 VLLM_EXTRA_FLAGS_ALLOWED = frozenset(
     {
         "--max-logprobs",
-        "--disable-log-requests",
         "--disable-log-stats",
-        "--served-model-name",
         "--generation-config",
         "--override-generation-config",
-        "--limit-mm-per-prompt",
-        "--rope-scaling",
-        "--tokenizer-mode",
-        "--config-format",
-        "--code-revision",
-        "--tokenizer-revision",
         "--reasoning-parser",
-        "--guided-decoding-backend",
+        "--structured-outputs-config",
         "--cpu-offload-gb",
-        "--num-scheduler-steps",
         "--scheduling-policy",
-        "--max-seq-len-to-capture",
         "--speculative-config",
         "--hf-overrides",
-        "--mm-processor-kwargs",
         "--uvicorn-log-level",
+        "--kv-cache-memory-bytes",
+        "--enable-chunked-prefill",
     }
 )
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
+from builder.frameworks import LLAMACPP_FLAGS, VLLM_FLAGS, flag_values
 
 MODELS_MOUNT = "/models"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
@@ -33,38 +34,10 @@ LABEL_GENERATION = "appliance.generation"
 LABEL_SPEC_HASH = "appliance.spec-hash"
 LABEL_GPUS = "appliance.gpus"
 LABEL_GPU_FRACTION = "appliance.gpu-fraction"
-
-# Typed vLLM arguments and the flag each becomes; a bool is a bare flag.
-VLLM_FLAGS: dict[str, str] = {
-    "max_model_len": "--max-model-len",
-    "gpu_memory_utilization": "--gpu-memory-utilization",
-    "dtype": "--dtype",
-    "quantization": "--quantization",
-    "enforce_eager": "--enforce-eager",
-    "chat_template": "--chat-template",
-    "max_num_seqs": "--max-num-seqs",
-    "max_num_batched_tokens": "--max-num-batched-tokens",
-    "trust_remote_code": "--trust-remote-code",
-    "enable_prefix_caching": "--enable-prefix-caching",
-    "seed": "--seed",
-    "revision": "--revision",
-    "tokenizer": "--tokenizer",
-    "tool_call_parser": "--tool-call-parser",
-    "enable_auto_tool_choice": "--enable-auto-tool-choice",
-    "kv_cache_dtype": "--kv-cache-dtype",
-    "block_size": "--block-size",
-    "swap_space": "--swap-space",
-    "load_format": "--load-format",
-    "pipeline_parallel_size": "--pipeline-parallel-size",
-}
-
-LLAMACPP_FLAGS: dict[str, str] = {
-    "max_model_len": "--ctx-size",
-    "chat_template": "--chat-template",
-    "embeddings": "--embeddings",
-    "seed": "--seed",
-    "threads": "--threads",
-}
+# vLLM on CPU sizes its KV cache from the host's free memory, not the container's limit: a
+# CPU replica gets this share of its memory limit instead (VLLM_CPU_KVCACHE_SPACE, GiB), unless
+# its env says otherwise.
+VLLM_CPU_KV_CACHE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -108,35 +81,26 @@ def is_local_model(model: str) -> bool:
     return model.startswith(MODELS_MOUNT + "/")
 
 
-def _flags(args: dict[str, object], table: dict[str, str]) -> list[str]:
-    out: list[str] = []
-    for key, flag in table.items():
-        value = args.get(key)
-        if value is None or value is False:
-            continue
-        out.extend([flag] if value is True else [flag, str(value)])
-    for flag, value in sorted(dict(args.get("extra_flags") or {}).items()):  # type: ignore[call-overload]
-        out.extend([flag] if value in (True, "") else [flag, str(value)])
-    return out
-
-
 def server_command(endpoint: Endpoint) -> tuple[tuple[str, ...], int, str]:
     """The server's arguments, port and health route for the endpoint's framework."""
     args = dict(endpoint.args)
     if endpoint.framework == Framework.VLLM:
         if endpoint.gpu_memory_fraction is not None:
             args.setdefault("gpu_memory_utilization", endpoint.gpu_memory_fraction)
-        cmd = ["--model", endpoint.model, "--served-model-name", endpoint.name]
+        # `vllm serve MODEL`: vLLM 0.32 deprecates --model
+        cmd = [endpoint.model, "--served-model-name", endpoint.name]
         cmd += ["--host", "0.0.0.0", "--port", str(VLLM_PORT)]
-        cmd += ["--tensor-parallel-size", str(max(endpoint.gpus, 1))]
-        return tuple(cmd + _flags(args, VLLM_FLAGS)), VLLM_PORT, "/health"
+        # the replica's GPUs are split into pipeline stages of tensor-parallel sets
+        stages = int(args.get("pipeline_parallel_size") or 1)
+        cmd += ["--tensor-parallel-size", str(max(endpoint.gpus // stages, 1))]
+        return tuple(cmd + flag_values(args, VLLM_FLAGS)), VLLM_PORT, "/health"
     if endpoint.framework == Framework.LLAMACPP:
         cmd = ["-m", endpoint.model, "--host", "0.0.0.0"]
         cmd += ["--port", str(LLAMACPP_PORT), "--alias", endpoint.name, "--jinja", "--metrics"]
         cmd += ["--parallel", str(max(endpoint.target_concurrency, 1))]
         if endpoint.gpus:
             cmd += ["-ngl", "999"]
-        return tuple(cmd + _flags(args, LLAMACPP_FLAGS)), LLAMACPP_PORT, "/health"
+        return tuple(cmd + flag_values(args, LLAMACPP_FLAGS)), LLAMACPP_PORT, "/health"
     port = endpoint.port or CUSTOM_PORT
     return tuple(endpoint.command or ()), port, endpoint.health_route or "/readyz"
 
@@ -145,7 +109,7 @@ def default_image(endpoint: Endpoint, settings: Settings) -> str:
     if endpoint.image:
         return endpoint.image
     if endpoint.framework == Framework.VLLM:
-        return settings.vllm_image
+        return settings.vllm_image if endpoint.gpus else settings.vllm_cpu_image
     if endpoint.framework == Framework.LLAMACPP:
         return settings.llamacpp_cuda_image if endpoint.gpus else settings.llamacpp_image
     raise ValueError("a custom endpoint names its image")
@@ -208,7 +172,7 @@ def container_spec(
         image=default_image(endpoint, settings),
         command=command,
         entrypoint=None,
-        env=dict(endpoint.env),
+        env=server_env(endpoint),
         port=port,
         health_route=health,
         mounts=_mounts(endpoint, settings),
@@ -221,6 +185,20 @@ def container_spec(
         network=settings.replica_network,
         files=_secret_files(endpoint, settings),
     )
+
+
+def server_env(endpoint: Endpoint) -> dict[str, str]:
+    """The endpoint's env, plus what a vLLM replica needs where the endpoint leaves it unset: a
+    model from the models directory never asks the hub; on CPU, a KV cache within its memory."""
+    env = dict(endpoint.env)
+    if endpoint.framework != Framework.VLLM:
+        return env
+    if is_local_model(endpoint.model):
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    if not endpoint.gpus:
+        gib = int(endpoint.memory_bytes * VLLM_CPU_KV_CACHE_SHARE) // 2**30
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(gib, 1)))
+    return env
 
 
 def _secret_files(endpoint: Endpoint, settings: Settings) -> dict[str, bytes]:

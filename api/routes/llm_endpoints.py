@@ -3,13 +3,14 @@ delete. Create and update return at once; the builder does the work and reports 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from fastapi import APIRouter
 from sqlmodel import Session, col, select
 
-from api import endpoint_specs
+from api import endpoint_specs, server_args
 from api.deps import CallerDep, SessionDep, StateDep, require
 from api.schemas import (
     CreateLLMEndpointRequest,
@@ -48,6 +49,14 @@ def owned_by_name(name: str, caller: Caller, *, session: Session) -> Endpoint:
     return endpoint
 
 
+def gpu_names(state: StateDep) -> list[str] | None:
+    """The names of the box's GPUs as the builder last reported them (None: not yet)."""
+    raw = state.redis.get(bus.GPUS_KEY)
+    if not raw:
+        return None
+    return [str(gpu.get("name", "")) for gpu in json.loads(raw).get("gpus", [])]
+
+
 def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
     return endpoint_specs.llm_endpoint_public(
         endpoint, queries.replicas_of(endpoint.id, session=session)
@@ -67,6 +76,7 @@ def create_endpoint(
 ) -> Endpoint:
     """Shared by the by-name and by-id routes: validate, store UPDATE_PENDING, nudge."""
     endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
+    server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
     if session.exec(select(Endpoint).where(Endpoint.name == body.name)).first():
         raise ConflictError(f"an endpoint named {body.name!r} already exists", field="name")
     session.add(endpoint)
@@ -126,6 +136,7 @@ def update_endpoint(
             "UPDATE_FAILED"
         )
     rolls = endpoint_specs.apply_update(endpoint, body, caller, state.settings)
+    server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
     endpoint.updated_at = time.time()
     if rolls or endpoint.status == EndpointStatus.UPDATE_FAILED:
         endpoint.generation += 1

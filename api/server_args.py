@@ -1,0 +1,213 @@
+"""The server settings of an endpoint request, checked against its framework and turned into
+the row's `args` and image: every setting is honoured (it becomes a flag, an image or a column)
+or refused with a 422 that names it and says why.
+
+Called by `api.endpoint_specs` on create and update; the flag tables themselves live in
+`builder.frameworks`, and docs/fields.md lists every field and what it becomes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndpointRequest
+from appliance.errors import InvalidSpecError, PolicyViolationError
+from appliance.keys import Caller
+from appliance.models import Framework
+from appliance.settings import Settings
+from builder import frameworks, policy
+from forwarder.callbacks import CallbackRefusedError, check_url
+
+Request = CreateLLMEndpointRequest | UpdateLLMEndpointRequest
+
+# LLM Engine fields with no counterpart on one box: a value other than "unset" is refused.
+NOT_ON_ONE_BOX = {
+    "storage": "replicas share the box's disk; the appliance does not reserve storage",
+    "optimize_costs": "there is no node pool to optimise on one box",
+    "billing_tags": "the appliance has no billing",
+    "enable_startup_metrics": "startup metrics are LLM Engine's tracing; see the endpoint's "
+    "events instead",
+    "task_expires_seconds": "async tasks wait until a replica runs them; delete what you no "
+    "longer need",
+    "queue_message_timeout_seconds": "a running task is re-queued when its worker stops "
+    "(APPLIANCE_TASK_LEASE_S), not after a fixed timeout",
+    "prewarm": "a new endpoint is always kept warm for its idle timeout",
+}
+POST_INFERENCE_HOOKS = ("callback",)
+# LLM Engine's GPU types, by a word of the name NVML reports for such a GPU.
+GPU_TYPES = {
+    "nvidia-tesla-t4": r"\bT4\b",
+    "nvidia-ampere-a10": r"\bA10G?\b",
+    "nvidia-ampere-a100": r"\bA100\b",
+    "nvidia-ampere-a100e": r"\bA100\b",
+    "nvidia-hopper-h100": r"\bH100\b",
+    "nvidia-hopper-h100-1g20gb": r"\bH100\b",
+    "nvidia-hopper-h100-3g40gb": r"\bH100\b",
+}
+
+
+def _sent_settings(req: Request) -> dict[str, Any]:
+    return {k: getattr(req, k) for k in VLLM_ARG_FIELDS if getattr(req, k) is not None}
+
+
+def vllm_args(req: Request, *, name: str, gpus: int) -> dict[str, Any]:
+    """The vLLM flags' settings; LLM Engine's names mapped to vLLM 0.32's."""
+    args = _sent_settings(req)
+    frameworks.check_args(Framework.VLLM, args)
+    served = args.pop("served_model_name", None)
+    if served is not None and served not in (name, [name]):
+        raise InvalidSpecError(
+            "served_model_name is always the endpoint's name (the OpenAI `model`); leave it out",
+            field="served_model_name",
+        )
+    parallel = args.pop("tensor_parallel_size", None)
+    stages = int(args.get("pipeline_parallel_size") or 1)
+    if parallel is not None and parallel != max(gpus // stages, 1):
+        raise InvalidSpecError(
+            "tensor_parallel_size follows gpus (divided by pipeline_parallel_size); set gpus",
+            field="tensor_parallel_size",
+        )
+    if "disable_log_requests" in args:  # vLLM 0.32 logs requests only when asked to
+        args["enable_log_requests"] = not args.pop("disable_log_requests")
+    if req.quantize is not None:
+        if args.get("quantization", req.quantize) != req.quantize:
+            raise InvalidSpecError(
+                "quantize and quantization disagree; set one of them", field="quantize"
+            )
+        args["quantization"] = req.quantize
+    _chat_template(req, args)
+    if req.extra_flags:
+        policy.check_extra_flags(req.extra_flags)
+        args["extra_flags"] = dict(req.extra_flags)
+    return args
+
+
+def llamacpp_args(req: Request) -> dict[str, Any]:
+    """llama.cpp's settings: context size, seed and chat template; the rest is refused."""
+    args = _sent_settings(req)
+    frameworks.check_args(Framework.LLAMACPP, args)
+    if req.quantize is not None:
+        raise InvalidSpecError(
+            "quantize is refused: a GGUF file carries its own quantization", field="quantize"
+        )
+    if req.extra_flags:
+        raise InvalidSpecError("extra_flags are for vLLM endpoints", field="extra_flags")
+    _chat_template(req, args)
+    return args
+
+
+def custom_args(req: Request) -> dict[str, Any]:
+    """A custom image runs its own command: no server settings at all."""
+    frameworks.check_args(Framework.CUSTOM, _sent_settings(req))
+    for name in ("quantize", "extra_flags", "chat_template_override"):
+        if getattr(req, name):
+            raise InvalidSpecError(
+                f"{name} is refused: a custom endpoint runs its own `command`", field=name
+            )
+    return {}
+
+
+def _chat_template(req: Request, args: dict[str, Any]) -> None:
+    if req.chat_template_override:
+        if args.get("chat_template", req.chat_template_override) != req.chat_template_override:
+            raise InvalidSpecError(
+                "chat_template and chat_template_override disagree; set one of them",
+                field="chat_template_override",
+            )
+        args["chat_template"] = req.chat_template_override
+
+
+def server_args(framework: str, req: Request, *, name: str, gpus: int) -> dict[str, Any]:
+    if framework == Framework.VLLM:
+        return vllm_args(req, name=name, gpus=gpus)
+    if framework == Framework.LLAMACPP:
+        return llamacpp_args(req)
+    return custom_args(req)
+
+
+def check_fields(framework: str, req: Request, settings: Settings) -> None:
+    """422 for the request fields that mean nothing for this framework or on one box, and for
+    a default callback URL that callbacks would refuse."""
+    if framework != Framework.CUSTOM:
+        for name in ("command", "port", "healthcheck_route"):
+            if getattr(req, name) is not None:
+                raise InvalidSpecError(
+                    f"{name} is refused: a {framework} endpoint runs the {framework} server with "
+                    "the command, port and health route the appliance builds from its settings",
+                    field=name,
+                )
+    for name, why in NOT_ON_ONE_BOX.items():
+        if getattr(req, name) is not None:
+            raise InvalidSpecError(f"{name} is refused: {why}; leave it out", field=name)
+    for hook in req.post_inference_hooks or ():
+        if hook not in POST_INFERENCE_HOOKS:
+            raise InvalidSpecError(
+                f"post_inference_hooks: {hook!r} is refused; the appliance has only the "
+                "`callback` hook (default_callback_url, or a task's callback_url)",
+                field="post_inference_hooks",
+            )
+    if req.default_callback_url is not None:
+        try:
+            check_url(str(req.default_callback_url), settings.callback_allowed_hosts)
+        except CallbackRefusedError as exc:
+            message = exc.message.replace("callback_url", "default_callback_url")
+            raise InvalidSpecError(message, field="default_callback_url") from None
+    if framework != Framework.VLLM and (req.num_shards or 0) > 1:
+        raise InvalidSpecError(
+            f"num_shards is vLLM's tensor parallelism; a {framework} endpoint uses `gpus`",
+            field="num_shards",
+        )
+
+
+def check_gpu_type(gpu_type: str | None, gpus: int, gpu_names: list[str] | None) -> None:
+    """A gpu_type is honoured when the box has GPUs of that type: 422 when it has none."""
+    if gpu_type is None:
+        return
+    if gpu_type not in GPU_TYPES:
+        raise InvalidSpecError(
+            f"gpu_type {gpu_type!r} is not one of {', '.join(GPU_TYPES)}", field="gpu_type"
+        )
+    if not gpus:
+        raise InvalidSpecError("gpu_type needs gpus of at least 1", field="gpu_type")
+    if gpu_names is None:
+        raise InvalidSpecError(
+            "gpu_type cannot be checked yet: the builder has not reported the GPUs; retry",
+            field="gpu_type",
+        )
+    if not any(re.search(GPU_TYPES[gpu_type], name) for name in gpu_names):
+        found = ", ".join(sorted(set(gpu_names))) or "no GPU"
+        raise InvalidSpecError(
+            f"gpu_type {gpu_type!r} is refused: this box has {found}", field="gpu_type"
+        )
+
+
+def image_for_tag(
+    framework: str, tag: str | None, gpus: int, caller: Caller, settings: Settings
+) -> str | None:
+    """The image an `inference_framework_image_tag` names: the framework's default image
+    repository at that tag (None: the default image itself). Another tag is another image, so
+    it needs an administrator and an approved image, as any image override does."""
+    if not tag or tag == "latest":
+        return None
+    if framework == Framework.CUSTOM:
+        raise InvalidSpecError(
+            "inference_framework_image_tag is refused: a custom endpoint names its `image`",
+            field="inference_framework_image_tag",
+        )
+    if framework == Framework.VLLM:
+        default = settings.vllm_image if gpus else settings.vllm_cpu_image
+    else:
+        default = settings.llamacpp_cuda_image if gpus else settings.llamacpp_image
+    repository, _, last = default.rpartition("/")
+    name = last.split(":", 1)[0]
+    image = f"{repository}/{name}:{tag}" if repository else f"{name}:{tag}"
+    if image == default:
+        return None
+    if not caller.is_admin:
+        raise PolicyViolationError(
+            f"inference_framework_image_tag {tag!r} means the image {image!r}; only an "
+            "administrator may run an image other than the default",
+            field="inference_framework_image_tag",
+        )
+    return image

@@ -1,0 +1,179 @@
+"""Every field a create or update request accepts has an effect on the replica (its command
+line, image, environment or resources) or is refused with a 422 that names it and says why.
+docs/fields.md is the same list for people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api import endpoint_specs
+from api.schemas import UpdateLLMEndpointRequest
+from appliance.errors import InvalidSpecError
+from appliance.models import Endpoint
+from builder.specs import container_spec, server_command
+from tests.builder.field_cases import ADMIN, USER, VLLM_FLAG_CASES, build, settings
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    models_dir = tmp_path / "models"
+    (models_dir / "gemma-hf").mkdir(parents=True)
+    (models_dir / "gemma.gguf").write_bytes(b"GGUF")
+    return models_dir
+
+
+def command(endpoint: Endpoint) -> list[str]:
+    return list(server_command(endpoint)[0])
+
+
+def contains(argv: list[str], part: list[str]) -> bool:
+    return any(argv[i : i + len(part)] == part for i in range(len(argv) - len(part) + 1))
+
+
+def spec(endpoint: Endpoint, models: Path) -> Any:
+    return container_spec(
+        endpoint,
+        settings=settings(models),
+        install_id="i",
+        replica_id="rep_abcdef",
+        gpu_ids=(),
+        gpu_fraction=1.0,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(VLLM_FLAG_CASES))
+def test_each_vllm_setting_becomes_its_flag(case: str, models: Path) -> None:
+    fields, flags = VLLM_FLAG_CASES[case]
+    argv = command(build(models, fields))
+    assert contains(argv, flags), argv
+    assert argv.count("--served-model-name") == 1 and argv.count("--tensor-parallel-size") == 1
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "swap_space",
+        "max_seq_len_to_capture",
+        "quantization_param_path",
+        "override_neuron_config",
+        "rope_scaling",
+        "max_gpu_memory_utilization",
+    ],
+)
+def test_vllm_settings_that_vllm_dropped_are_refused_saying_why(field: str, models: Path) -> None:
+    value: Any = {
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "override_neuron_config": {"a": 1},
+        "quantization_param_path": "scales.json",
+    }.get(field, 1)
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {field: value})
+    assert refused.value.field == field
+    assert "vLLM 0.32" in refused.value.message or "batch jobs" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"served_model_name": "other"}, "served_model_name"),
+        ({"tensor_parallel_size": 2, "gpus": 1}, "tensor_parallel_size"),
+        ({"pipeline_parallel_size": 2, "gpus": 3}, "pipeline_parallel_size"),
+        ({"quantize": "awq", "quantization": "gptq"}, "quantize"),
+        ({"num_shards": 2, "gpus": 4}, "num_shards"),
+        ({"command": ["serve"]}, "command"),
+        ({"port": 9000}, "port"),
+        ({"healthcheck_route": "/ready"}, "healthcheck_route"),
+        ({"storage": "40Gi"}, "storage"),
+        ({"optimize_costs": True}, "optimize_costs"),
+        ({"prewarm": True}, "prewarm"),
+        ({"billing_tags": {"a": "b"}}, "billing_tags"),
+        ({"enable_startup_metrics": True}, "enable_startup_metrics"),
+        ({"task_expires_seconds": 60}, "task_expires_seconds"),
+        ({"queue_message_timeout_seconds": 60}, "queue_message_timeout_seconds"),
+        ({"post_inference_hooks": ["logging"]}, "post_inference_hooks"),
+        ({"default_callback_url": "http://127.0.0.1:9/cb"}, "default_callback_url"),
+        ({"extra_flags": {"--port": "1"}}, "extra_flags"),
+        ({"inference_framework_image_tag": "v0.31.0"}, "inference_framework_image_tag"),
+    ],
+)
+def test_vllm_fields_without_an_effect_are_refused(
+    fields: dict[str, Any], named: str, models: Path
+) -> None:
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, fields, caller=USER)
+    assert refused.value.field == named, refused.value.message
+
+
+def test_gpus_zero_runs_the_vllm_cpu_image_with_a_kv_cache_inside_its_memory(
+    models: Path,
+) -> None:
+    endpoint = build(models, {"gpus": 0, "memory": "8Gi", "checkpoint_path": "gemma-hf"})
+    made = spec(endpoint, models)
+    assert made.image == settings(models).vllm_cpu_image
+    assert made.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # a quarter of 8 GiB
+    assert made.env["HF_HUB_OFFLINE"] == "1"  # a model from the models directory
+    assert command(endpoint)[0] == "/models/gemma-hf"
+    on_gpu = spec(build(models, {"gpus": 1}), models)
+    assert (
+        on_gpu.image == settings(models).vllm_image and "VLLM_CPU_KVCACHE_SPACE" not in on_gpu.env
+    )
+    own = spec(build(models, {"gpus": 0, "env": {"VLLM_CPU_KVCACHE_SPACE": "5"}}), models)
+    assert own.env["VLLM_CPU_KVCACHE_SPACE"] == "5"
+
+
+def test_image_tag_cpus_memory_env_and_priority_reach_the_replica(models: Path) -> None:
+    endpoint = build(
+        models,
+        {
+            "inference_framework_image_tag": "v0.32.1",
+            "cpus": "500m",
+            "memory": "3Gi",
+            "env": {"VLLM_LOGGING_LEVEL": "DEBUG"},
+            "high_priority": True,
+        },
+        caller=ADMIN,
+    )
+    made = spec(endpoint, models)
+    assert made.image == "vllm/vllm-openai:v0.32.1"
+    assert made.memory_bytes == 3 * 2**30 and made.env["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert endpoint.priority == endpoint_specs.HIGH_PRIORITY
+    assert build(models, {"inference_framework_image_tag": "v0.32.0"}, caller=USER).image is None
+
+
+def test_llamacpp_takes_its_own_settings_and_refuses_vllm_ones(models: Path) -> None:
+    llama = {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0}
+    argv = command(
+        build(models, {**llama, "max_model_len": 1024, "seed": 3, "chat_template_override": "t"})
+    )
+    assert contains(argv, ["--ctx-size", "1024", "--chat-template", "t", "--seed", "3"])
+    for field, value in [("dtype", "half"), ("quantize", "awq"), ("num_shards", 2)]:
+        with pytest.raises(InvalidSpecError) as refused:
+            build(models, {**llama, field: value})
+        assert refused.value.field == field
+
+
+def update(endpoint: Endpoint, models: Path, **fields: Any) -> bool:
+    request = UpdateLLMEndpointRequest.model_validate(fields)
+    return endpoint_specs.apply_update(endpoint, request, ADMIN, settings(models))
+
+
+def test_updates_honour_num_shards_high_priority_quantize_tag_and_callbacks(
+    models: Path,
+) -> None:
+    endpoint = build(models, {})
+    assert update(endpoint, models, num_shards=2)
+    assert endpoint.gpus == 2 and contains(command(endpoint), ["--tensor-parallel-size", "2"])
+    update(endpoint, models, high_priority=True)
+    assert endpoint.priority == endpoint_specs.HIGH_PRIORITY
+    assert update(endpoint, models, quantize="awq")
+    assert contains(command(endpoint), ["--quantization", "awq"])
+    assert update(endpoint, models, inference_framework_image_tag="v0.32.1")
+    assert endpoint.image == "vllm/vllm-openai:v0.32.1"
+    update(endpoint, models, default_callback_url="http://localhost:9/done")
+    assert endpoint.extra["default_callback_url"] == "http://localhost:9/done"
+    with pytest.raises(InvalidSpecError) as refused:
+        update(endpoint, models, swap_space=4)
+    assert refused.value.field == "swap_space"
