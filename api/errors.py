@@ -18,6 +18,7 @@ from appliance import errors
 
 STATUS: dict[type[errors.ApplianceError], int] = {
     errors.InvalidSpecError: 422,
+    errors.BadRequestError: 400,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,
     errors.AuthError: 401,

@@ -2,7 +2,8 @@
 
 ApplianceError
 ├── InvalidSpecError            a request asks for something the appliance will not do (422)
-│   └── PolicyViolationError    a container spec breaks the security policy (422)
+│   ├── PolicyViolationError    a container spec breaks the security policy (422)
+│   └── BadRequestError         an inference request its endpoint cannot honour (400)
 ├── NotFoundError               no such object, or not the caller's (404)
 │   ├── NoSuchEndpointError
 │   └── NoSuchTaskError
@@ -35,6 +36,10 @@ class InvalidSpecError(ApplianceError):
 
 class PolicyViolationError(InvalidSpecError):
     """A container spec breaks the security policy."""
+
+
+class BadRequestError(InvalidSpecError):
+    """An inference request the endpoint cannot honour as asked (LLM Engine answers 400)."""
 
 
 class NotFoundError(ApplianceError):

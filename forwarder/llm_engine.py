@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from appliance.errors import BadRequestError
+
 Json = dict[str, Any]
 
 # v1 request field -> OpenAI/vLLM completions field (same meaning)
@@ -26,21 +28,73 @@ PASSED_FIELDS = {
     "top_k": "top_k",
     "top_p": "top_p",
     "include_stop_str_in_output": "include_stop_str_in_output",
-    "guided_json": "guided_json",
-    "guided_regex": "guided_regex",
-    "guided_choice": "guided_choice",
-    "guided_grammar": "guided_grammar",
     "skip_special_tokens": "skip_special_tokens",
 }
+# LLM Engine's guided decoding fields -> the kind of vLLM 0.32's `structured_outputs` (vLLM
+# dropped the `guided_*` request fields and ignores them silently).
+GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+# What llama.cpp's server can honour: a JSON schema, or a GBNF grammar (a choice becomes one).
+LLAMACPP_GUIDED = ("guided_json", "guided_choice", "guided_grammar")
 
 
-def completion_body(request: Json, model: str, *, stream: bool) -> bytes:
-    """The replica's `/v1/completions` body for a CompletionSyncV1Request/StreamV1Request."""
+def check_guided(request: Json, framework: str) -> str | None:
+    """The one guided field the request sets (None: none); a BadRequestError naming the field
+    when it sets several, or one its endpoint's framework cannot honour."""
+    sent = [name for name in GUIDED_FIELDS if request.get(name) is not None]
+    if len(sent) > 1:
+        raise BadRequestError(
+            f"{sent[1]}: only one guided decoding field may be set, and {sent[0]} is set too",
+            field=sent[1],
+        )
+    if not sent:
+        return None
+    name = sent[0]
+    if framework == "llamacpp" and name not in LLAMACPP_GUIDED:
+        raise BadRequestError(
+            f"{name} is not supported by llama.cpp endpoints; they honour "
+            f"{', '.join(LLAMACPP_GUIDED)}",
+            field=name,
+        )
+    if framework not in ("vllm", "llamacpp"):
+        raise BadRequestError(
+            f"{name}: guided decoding needs a vllm or llamacpp endpoint, not {framework}",
+            field=name,
+        )
+    return name
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    """A GBNF grammar whose only sentences are the choices (JSON string escapes suit GBNF)."""
+    return "root ::= " + " | ".join(json.dumps(str(c)) for c in choices)
+
+
+def guided_body(name: str, value: Any, framework: str) -> Json:
+    """The completion body fields that make the framework's server honour the guided field."""
+    if framework == "llamacpp":
+        if name == "guided_json":
+            return {"json_schema": value}
+        if name == "guided_choice":
+            return {"grammar": _choice_grammar(list(value))}
+        return {"grammar": value}
+    return {"structured_outputs": {GUIDED_FIELDS[name]: value}}
+
+
+def completion_body(request: Json, model: str, framework: str, *, stream: bool) -> bytes:
+    """The replica's `/v1/completions` body for a CompletionSyncV1Request/StreamV1Request;
+    BadRequestError when its guided decoding cannot be honoured (`check_guided`)."""
     body: Json = {"model": model, "prompt": request["prompt"]}
     for ours, theirs in PASSED_FIELDS.items():
         value = request.get(ours)
         if value is not None:
             body[theirs] = value
+    guided = check_guided(request, framework)
+    if guided is not None:
+        body.update(guided_body(guided, request[guided], framework))
     if request.get("return_token_log_probs"):
         body["logprobs"] = 1
     if stream:

@@ -96,7 +96,7 @@ async def read_completion(
     started = time.perf_counter()
     req = await relay.read_model(request, state, CompletionV1Request)
     route = await relay.find_route(state, caller, name=name)
-    body = llm_engine.completion_body(req.model_dump(), route.name, stream=stream)
+    body = llm_engine.completion_body(req.model_dump(), route.name, route.framework, stream=stream)
     return relay.UpstreamCall(route, caller, COMPLETIONS_PATH, body, started)
 
 

@@ -3,12 +3,65 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
+
+from appliance.errors import BadRequestError
 from forwarder import llm_engine
 
 
 def sse(*events: object) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+def completion(framework: str, **fields: Any) -> dict[str, Any]:
+    request = {"prompt": "hi", "max_new_tokens": 5, "temperature": 0.0, **fields}
+    body: dict[str, Any] = json.loads(
+        llm_engine.completion_body(request, "m", framework, stream=False)
+    )
+    return body
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("guided_json", {"type": "object"}, "json"),
+        ("guided_regex", "[0-9]+", "regex"),
+        ("guided_choice", ["yes", "no"], "choice"),
+        ("guided_grammar", 'root ::= "a"', "grammar"),
+    ],
+)
+def test_guided_fields_become_vllm_structured_outputs(field: str, value: Any, kind: str) -> None:
+    body = completion("vllm", **{field: value})
+    assert body["structured_outputs"] == {kind: value}
+    assert not any(key.startswith("guided_") for key in body)  # vLLM 0.32 would ignore them
+
+
+def test_guided_fields_become_llama_cpp_schema_and_grammars() -> None:
+    assert completion("llamacpp", guided_json={"type": "object"})["json_schema"] == {
+        "type": "object"
+    }
+    grammar = completion("llamacpp", guided_choice=['say "yes"', "no"])["grammar"]
+    assert grammar == 'root ::= "say \\"yes\\"" | "no"'
+    assert completion("llamacpp", guided_grammar='root ::= "a"')["grammar"] == 'root ::= "a"'
+
+
+@pytest.mark.parametrize(
+    ("framework", "fields", "named"),
+    [
+        ("vllm", {"guided_json": {}, "guided_choice": ["a"]}, "guided_choice"),
+        ("vllm", {"guided_regex": "a", "guided_grammar": "g"}, "guided_grammar"),
+        ("llamacpp", {"guided_regex": "[a-z]+"}, "guided_regex"),
+        ("custom", {"guided_json": {"type": "object"}}, "guided_json"),
+    ],
+)
+def test_guided_decoding_that_cannot_be_honoured_is_a_400_naming_the_field(
+    framework: str, fields: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        completion(framework, **fields)
+    assert refused.value.field == named and named in refused.value.message
 
 
 def test_v1_request_becomes_an_openai_completion() -> None:
@@ -23,6 +76,7 @@ def test_v1_request_becomes_an_openai_completion() -> None:
                 "top_k": None,
             },
             "gemma",
+            "vllm",
             stream=True,
         )
     )
