@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 SUBMIT_GROUP_MAX = 512  # tasks committed and queued together
 QUEUED_RETRY_AFTER_S = 5
-_ENDPOINTS = "SELECT id, name, owner, public_inference, status FROM endpoint WHERE id IN ({})"
+_ENDPOINTS = (
+    "SELECT id, name, owner, public_inference, status, "
+    "json_extract(extra, '$.default_callback_url'), json_extract(extra, '$.default_callback_auth') "
+    "FROM endpoint WHERE id IN ({})"
+)
 _WAITING = (
     "SELECT COUNT(*) FROM task WHERE owner = ? AND created_by = ? "
     "AND status IN ('PENDING', 'STARTED')"
@@ -61,6 +65,8 @@ class EndpointView:
     owner: str
     public_inference: bool
     status: str
+    default_callback_url: str | None = None  # where a task without its own callback reports
+    default_callback_auth: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,10 @@ def _build(conn: sqlite3.Connection, drafts: list[Draft]) -> list[Outcome]:
     ids = sorted({d.endpoint_id for d in drafts})
     found = conn.execute(_ENDPOINTS.format(",".join("?" * len(ids))), ids).fetchall()
     endpoints = {
-        row[0]: EndpointView(row[0], row[1], row[2], bool(row[3]), row[4]) for row in found
+        row[0]: EndpointView(
+            row[0], row[1], row[2], bool(row[3]), row[4], row[5], json.loads(row[6] or "null")
+        )
+        for row in found
     }
     outcomes: list[Outcome] = []
     for draft in drafts:

@@ -96,6 +96,7 @@ async def create_async_inference_task(
     def build(found: EndpointView | None) -> Task:
         endpoint = usable_endpoint(model_endpoint_id, found, caller)
         now = time.time()
+        own = body.callback_url is not None
         return Task(
             id=new_id("tsk"),
             endpoint_id=endpoint.id,
@@ -103,8 +104,9 @@ async def create_async_inference_task(
             created_by=caller.user,
             status=TaskStatus.PENDING,
             payload=task_payload(body, endpoint),
-            callback_url=body.callback_url,
-            callback_auth=body.callback_auth,
+            # no callback of its own: the endpoint's default_callback_url, if it has one
+            callback_url=body.callback_url or endpoint.default_callback_url,
+            callback_auth=body.callback_auth if own else endpoint.default_callback_auth,
             created_at=now,
             enqueued_at=now,
         )
