@@ -151,8 +151,10 @@ def check_fields(framework: str, req: Request, settings: Settings) -> None:
         try:
             check_url(str(req.default_callback_url), settings.callback_allowed_hosts)
         except CallbackRefusedError as exc:
-            message = exc.message.replace("callback_url", "default_callback_url")
-            raise InvalidSpecError(message, field="default_callback_url") from None
+            message = exc.message.replace("callback_url", "the URL")
+            raise InvalidSpecError(
+                f"default_callback_url is refused: {message}", field="default_callback_url"
+            ) from None
     if framework != Framework.VLLM and (req.num_shards or 0) > 1:
         raise InvalidSpecError(
             f"num_shards is vLLM's tensor parallelism; a {framework} endpoint uses `gpus`",

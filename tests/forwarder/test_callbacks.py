@@ -200,6 +200,25 @@ def test_task_callbacks_through_the_appliance(
         delivered: dict[str, Any] = json.loads(body)
         assert delivered["task_id"] == task_id and delivered["status"] == "SUCCESS"
         assert "hello" in delivered["result"]["result"]["choices"][0]["text"]
+
+        # a task without a callback_url reports to the endpoint's default_callback_url
+        default = {"kind": "basic", "username": "d", "password": "p"}
+        loopback = client.put(
+            f"/v1/model-endpoints/{endpoint_id}",
+            json={"default_callback_url": receivers["loopback"].url},
+        )
+        assert loopback.status_code == 422 and "default_callback_url" in loopback.text
+        reply = client.put(
+            f"/v1/model-endpoints/{endpoint_id}",
+            json={"default_callback_url": allowed.url, "default_callback_auth": default},
+        )
+        assert reply.status_code == 200, reply.text
+        reply = client.post(submit, json={"args": {"prompt": "by default"}})
+        assert reply.status_code == 200, reply.text
+        wait_until(lambda: len(allowed.got) >= 3, 30, "the default callback")
+        headers, body = allowed.got[-1]
+        assert json.loads(body)["task_id"] == reply.json()["task_id"]
+        assert headers["Authorization"] == "Basic ZDpw"  # d:p
         assert receivers["loopback"].got == []
     finally:
         print(appliance.logs())
