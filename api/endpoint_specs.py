@@ -6,9 +6,7 @@ with a 422 before anything is stored.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from api import server_args
@@ -16,10 +14,10 @@ from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndp
 from appliance.errors import InvalidSpecError, PolicyViolationError
 from appliance.ids import new_id
 from appliance.keys import Caller
-from appliance.models import Endpoint, EndpointStatus, Framework, Replica, ReplicaState
+from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
 from builder import policy
-from builder.specs import default_image, is_local_model
+from builder.specs import default_image
 
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _UNITS = {
@@ -287,75 +285,3 @@ def _update_columns(endpoint: Endpoint, req: UpdateLLMEndpointRequest, sent: set
         endpoint.cpus = _quantity("cpus", req.cpus)
     if req.memory is not None:
         endpoint.memory_bytes = _quantity("memory", req.memory)
-
-
-def _iso(stamp: float) -> str:
-    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat()
-
-
-def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
-    """LLM Engine's GetModelEndpointV1Response for the endpoint."""
-    ready = sum(r.state == ReplicaState.READY for r in replicas)
-    live = sum(r.state != ReplicaState.FAILED for r in replicas)
-    return {
-        "id": endpoint.id,
-        "name": endpoint.name,
-        "endpoint_type": endpoint.endpoint_type,
-        "destination": f"appliance:{endpoint.id}",
-        "deployment_name": endpoint.name,
-        "metadata": endpoint.extra.get("metadata") or {},
-        "bundle_name": endpoint.name,
-        "status": endpoint.status,
-        "status_reason": endpoint.status_reason,
-        "post_inference_hooks": endpoint.extra.get("post_inference_hooks"),
-        "default_callback_url": endpoint.extra.get("default_callback_url"),
-        "labels": endpoint.labels,
-        "created_by": endpoint.created_by,
-        "created_at": _iso(endpoint.created_at),
-        "last_updated_at": _iso(endpoint.updated_at),
-        "deployment_state": {
-            "min_workers": endpoint.min_replicas,
-            "max_workers": endpoint.max_replicas,
-            "per_worker": endpoint.target_concurrency,
-            "concurrent_requests_per_worker": endpoint.target_concurrency,
-            "forwarder_max_concurrency": endpoint.extra.get("forwarder_max_concurrency"),
-            "available_workers": ready,
-            "unavailable_workers": live - ready,
-            "desired_workers": endpoint.desired_replicas,
-            "idle_timeout_seconds": endpoint.idle_timeout_s,
-            "scale_down_window_seconds": endpoint.scale_down_window_s,
-            "last_request_at": endpoint.last_request_at,
-        },
-        "resource_state": {
-            "cpus": endpoint.cpus,
-            "gpus": endpoint.gpus,
-            "memory": endpoint.memory_bytes,
-            "gpu_type": None,
-            "storage": None,
-            "nodes_per_worker": 1,
-            "gpu_memory_fraction": endpoint.gpu_memory_fraction,
-        },
-        "public_inference": endpoint.public_inference,
-        "generation": endpoint.generation,
-        "framework": endpoint.framework,
-        "model": endpoint.model,
-    }
-
-
-def llm_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
-    """LLM Engine's GetLLMModelEndpointV1Response for the endpoint."""
-    return {
-        "id": endpoint.id,
-        "name": endpoint.name,
-        "model_name": endpoint.extra.get("model_name") or endpoint.model,
-        "source": "hugging_face",
-        "status": endpoint.status,
-        "status_reason": endpoint.status_reason,
-        "inference_framework": endpoint.framework,
-        "inference_framework_image_tag": endpoint.extra.get("image_tag") or "latest",
-        "num_shards": endpoint.gpus,
-        "quantize": endpoint.extra.get("quantize"),
-        "checkpoint_path": endpoint.model if is_local_model(endpoint.model) else None,
-        "chat_template_override": endpoint.args.get("chat_template"),
-        "spec": model_endpoint_public(endpoint, replicas),
-    }

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter
 from sqlmodel import Session, col, select
 
-from api import endpoint_specs, server_args
+from api import endpoint_specs, endpoint_views, server_args
 from api.deps import CallerDep, SessionDep, StateDep, require
 from api.schemas import (
     CreateLLMEndpointRequest,
@@ -58,7 +58,7 @@ def gpu_names(state: StateDep) -> list[str] | None:
 
 
 def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
-    return endpoint_specs.llm_endpoint_public(
+    return endpoint_views.llm_endpoint_public(
         endpoint, queries.replicas_of(endpoint.id, session=session)
     )
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
-from api import endpoint_specs
+from api import endpoint_views
 from api.deps import CallerDep, SessionDep, StateDep, require
 from api.routes.llm_endpoints import BUSY, create_endpoint, delete_endpoint, update_endpoint
 from api.schemas import (
@@ -42,7 +42,7 @@ def owned(endpoint_id: str, caller: Caller, *, session: Session) -> Endpoint:
 
 def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
     replicas = queries.replicas_of(endpoint.id, session=session)
-    public = endpoint_specs.model_endpoint_public(endpoint, replicas)
+    public = endpoint_views.model_endpoint_public(endpoint, replicas)
     public["replicas"] = [
         {
             "id": r.id,
