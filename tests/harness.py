@@ -23,8 +23,10 @@ import httpx
 CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE", Path.home() / ".cache/model-engine-appliance"))
 MODELS_DIR = CACHE / "models"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_HF = "gemma-3-270m-hf"  # the same model as safetensors, for vLLM
 LLAMACPP_IMAGE = "appliance-test/llama.cpp:server"
-VLLM_IMAGE = "appliance-test/vllm-openai:standin"
+VLLM_IMAGE = "appliance-test/vllm-openai:standin"  # GPU replicas: GPUs are faked in tests
+VLLM_CPU_IMAGE = "appliance-test/vllm-cpu:0.32"  # replicas without GPUs: the real vLLM
 BASE_IMAGE = "appliance-test/base:bookworm"
 ADMIN_KEY = "mea_000000000001_testadminkeytestadminkey0"
 
@@ -120,6 +122,7 @@ class Appliance:
                 "APPLIANCE_PORT": str(self.port),
                 "APPLIANCE_LLAMACPP_IMAGE": LLAMACPP_IMAGE,
                 "APPLIANCE_VLLM_IMAGE": VLLM_IMAGE,
+                "APPLIANCE_VLLM_CPU_IMAGE": VLLM_CPU_IMAGE,
                 "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
                 "APPLIANCE_RECONCILE_INTERVAL_S": "1",
                 "APPLIANCE_LOG_LEVEL": "INFO",
@@ -199,12 +202,13 @@ def have_docker() -> str | None:
         return "no docker CLI"
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         return "the Docker Engine is not running (scripts/test starts one)"
-    for image in (LLAMACPP_IMAGE, VLLM_IMAGE):
+    for image in (LLAMACPP_IMAGE, VLLM_IMAGE, VLLM_CPU_IMAGE):
         probe = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
         if probe.returncode != 0:
             return f"test image {image} is missing (scripts/build-test-images builds it)"
-    if not (MODELS_DIR / GEMMA_FILE).exists():
-        return f"test model {MODELS_DIR / GEMMA_FILE} is missing (scripts/prepare-model)"
+    for model in (GEMMA_FILE, GEMMA_HF):
+        if not (MODELS_DIR / model).exists():
+            return f"test model {MODELS_DIR / model} is missing (scripts/prepare-model)"
     return None
 
 

@@ -112,7 +112,8 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
         timeout=60,
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
     )
-    created = client.post("/v1/llm/model-endpoints", json=standin_body("in-compose", gpus=0))
+    # the stand-in on one of the override's faked GPUs (tests/compose/cpu.yaml)
+    created = client.post("/v1/llm/model-endpoints", json=standin_body("in-compose"))
     assert created.status_code == 200, created.text
     wait_until(
         lambda: client.get("/v1/llm/model-endpoints/in-compose").json()["status"] == "READY",

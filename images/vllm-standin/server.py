@@ -22,6 +22,48 @@ TOKEN_DELAY_S = float(os.environ.get("VLLM_STANDIN_TOKEN_DELAY_S", "0.01"))
 DEFAULT_MAX_TOKENS = 16
 DTYPES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical", "trace"]
+INT_FLAGS = (
+    "max-model-len",
+    "max-num-batched-tokens",
+    "seed",
+    "num-gpu-blocks-override",
+    "max-logprobs",
+    "kv-cache-memory-bytes",
+)
+TEXT_FLAGS = (
+    "chat-template",
+    "revision",
+    "code-revision",
+    "tokenizer",
+    "tokenizer-mode",
+    "tokenizer-revision",
+    "config-format",
+    "load-format",
+    "download-dir",
+    "api-key",
+    "tool-call-parser",
+    "reasoning-parser",
+    "kv-cache-dtype",
+    "attention-backend",
+    "limit-mm-per-prompt",
+    "mm-processor-kwargs",
+    "generation-config",
+    "override-generation-config",
+    "structured-outputs-config",
+    "speculative-config",
+    "hf-overrides",
+    "scheduling-policy",
+)
+BOOL_FLAGS = (
+    "enforce-eager",
+    "trust-remote-code",
+    "enable-prefix-caching",
+    "enable-auto-tool-choice",
+    "enable-log-requests",
+    "disable-sliding-window",
+    "skip-tokenizer-init",
+    "enable-chunked-prefill",
+)
 METRICS = {  # name: (type, help), as vLLM exports them
     "num_requests_running": ("gauge", "Number of requests in model execution batches."),
     "num_requests_waiting": ("gauge", "Number of requests waiting to be processed."),
@@ -32,7 +74,9 @@ METRICS = {  # name: (type, help), as vLLM exports them
 }
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    """The flags of `vllm serve` (vLLM 0.32) the appliance may pass; each one must be one of the
+    real vLLM's (tests/images/test_vllm_contract.py checks it against vLLM's own parser)."""
     p = argparse.ArgumentParser(prog="vllm serve", usage="vllm serve [model_tag] [options]")
     p.add_argument("model_tag", nargs="?", help="model name or path (wins over --model)")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")
@@ -41,26 +85,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--max-model-len", type=int)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cpu-offload-gb", type=float)
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--quantization", "-q")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--swap-space", type=float, default=4)
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128])
     p.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS)
-    for name in ("chat-template", "revision", "tokenizer", "download-dir", "api-key"):
+    for name in INT_FLAGS:
+        p.add_argument(f"--{name}", type=int)
+    for name in TEXT_FLAGS:
         p.add_argument(f"--{name}")
-    for name in ("tool-call-parser", "kv-cache-dtype", "load-format", "generation-config"):
-        p.add_argument(f"--{name}")
-    # vLLM's boolean flags also take --no-<flag>
-    for name in ("enforce-eager", "trust-remote-code", "enable-prefix-caching"):
+    for name in BOOL_FLAGS:  # vLLM's boolean flags also take --no-<flag>
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=False)
-    for name in ("enable-auto-tool-choice", "disable-log-requests"):
-        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=False)
-    return p.parse_args(argv)
+    p.add_argument("--disable-log-stats", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 class Engine:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from tests.e2e.lifecycle import create, standin_body, wait_status
+from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body, wait_status
 from tests.forwarder.test_async_support import wait_tasks
 from tests.forwarder.test_callbacks import Receiver
 from tests.harness import Appliance, wait_until
@@ -39,11 +39,13 @@ def running(
     make_appliance: Callable[..., Appliance], receiver: Receiver
 ) -> tuple[Appliance, httpx.Client, str]:
     appliance = make_appliance(
-        **FAST, APPLIANCE_CALLBACK_ALLOWED_HOSTS=json.dumps([f"127.0.0.1:{receiver.port}"])
+        **FAST,
+        **ON_FAKE_GPUS,
+        APPLIANCE_CALLBACK_ALLOWED_HOSTS=json.dumps([f"127.0.0.1:{receiver.port}"]),
     )
     appliance.start_role("worker")
     client = appliance.client()
-    body = standin_body("standin", gpus=0, endpoint_type="async", per_worker=8)
+    body = standin_body("standin", endpoint_type="async", per_worker=8)
     endpoint_id = create(client, body)
     wait_status(client, endpoint_id, "READY", timeout_s=90)
     return appliance, client, endpoint_id

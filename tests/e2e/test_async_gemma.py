@@ -1,12 +1,14 @@
 """Async inference on the real model: 200 tasks to a Gemma endpoint (llama.cpp) all reach
 SUCCESS with generated text, through api, RQ and the worker; then a batch of 100 chat
-requests on the vLLM stand-in ends with 100 answers in OpenAI's batch output format."""
+requests on the vLLM stand-in (on faked GPUs) ends with 100 answers in OpenAI's batch output
+format."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
-from tests.e2e.lifecycle import create, standin_body, wait_status
+from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body, wait_status
 from tests.e2e.test_first_slice import create_gemma, wait_ready
 from tests.forwarder.test_async_support import wait_tasks
 from tests.forwarder.test_async_tasks import batch_lines
@@ -41,10 +43,13 @@ def test_200_tasks_to_gemma_all_succeed_with_model_output(appliance: Appliance) 
         assert answer["usage"]["completion_tokens"] > 0
 
 
-def test_batch_of_100_chat_requests_on_a_container(appliance: Appliance) -> None:
+def test_batch_of_100_chat_requests_on_a_container(
+    make_appliance: Callable[..., Appliance],
+) -> None:
+    appliance = make_appliance(**ON_FAKE_GPUS)
     appliance.start_role("worker")
     client = appliance.client()
-    endpoint_id = create(client, standin_body("standin", gpus=0, per_worker=8))
+    endpoint_id = create(client, standin_body("standin", per_worker=8))
     wait_status(client, endpoint_id, "READY", timeout_s=90)
     file_id = client.post(
         "/v1/files",

@@ -1,4 +1,5 @@
-"""The data plane over several replicas of the vLLM stand-in (real containers, no GPU): load
+"""The data plane over several replicas of the vLLM stand-in (real containers on faked GPUs: the
+stand-in's knobs make slow, cold and dying replicas on demand): load
 spread by outstanding requests, a replica killed mid-run, client disconnects reaching the
 replica, the body limit, upstream timeouts and cold starts. One appliance for the module."""
 
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.lifecycle import ON_FAKE_GPUS
 from tests.harness import ADMIN_KEY, Appliance, wait_until
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -28,7 +30,7 @@ def standin(name: str, workers: int = 1, **env: str) -> dict[str, Any]:
         "name": name,
         "model_name": "acme/standin-1b",
         "inference_framework": "vllm",
-        "gpus": 0,
+        "gpus": 1,
         "min_workers": workers,
         "max_workers": workers,
         "per_worker": 8,
@@ -55,6 +57,7 @@ def wait_ready(client: httpx.Client, name: str, timeout_s: float = 90) -> None:
 @pytest.fixture(scope="module")
 def appl(make_module_appliance: Callable[..., Appliance]) -> Appliance:
     appliance = make_module_appliance(
+        **ON_FAKE_GPUS,
         APPLIANCE_MAX_BODY_BYTES=str(BODY_LIMIT),
         APPLIANCE_UPSTREAM_TIMEOUT_S=str(TIMEOUT_S),
         APPLIANCE_STREAM_KEEPALIVE_S="0.5",
