@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from api import endpoint_specs
+from api import endpoint_specs, server_args
 from api.schemas import UpdateLLMEndpointRequest
 from appliance.errors import InvalidSpecError
 from appliance.models import Endpoint
@@ -177,3 +177,20 @@ def test_updates_honour_num_shards_high_priority_quantize_tag_and_callbacks(
     with pytest.raises(InvalidSpecError) as refused:
         update(endpoint, models, swap_space=4)
     assert refused.value.field == "swap_space"
+
+
+def test_gpu_type_is_honoured_only_where_the_box_has_that_gpu() -> None:
+    h100s = ["NVIDIA H100 80GB HBM3"] * 8
+    server_args.check_gpu_type("nvidia-hopper-h100", 1, h100s)
+    server_args.check_gpu_type("nvidia-ampere-a10", 1, ["NVIDIA A10G"])
+    server_args.check_gpu_type(None, 0, None)
+    for gpu_type, gpus, names in [
+        ("nvidia-ampere-a10", 1, ["NVIDIA A100-SXM4-80GB"]),  # an A100 is not an A10
+        ("nvidia-tesla-t4", 1, h100s),
+        ("nvidia-hopper-h100", 0, h100s),
+        ("nvidia-hopper-h100", 1, None),  # the builder has not reported yet
+        ("nvidia-hopper-h200", 1, h100s),
+    ]:
+        with pytest.raises(InvalidSpecError) as refused:
+            server_args.check_gpu_type(gpu_type, gpus, names)
+        assert refused.value.field == "gpu_type"
