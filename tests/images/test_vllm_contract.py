@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from appliance.models import Endpoint
+from builder.frameworks import VLLM_FLAGS
+from builder.policy import VLLM_EXTRA_FLAGS_ALLOWED
 from builder.specs import server_command
 from tests.builder.field_cases import VLLM_FLAG_CASES, build, extra_flag_values
 from tests.harness import VLLM_CPU_IMAGE
@@ -60,6 +62,15 @@ def every_command_line(models: Path) -> dict[str, list[str]]:
         every.pop(alone, None)  # each needs the others unset, or gpus of 1
     add("every setting at once", build(models, {**every, "gpus": 2}))
     return lines
+
+
+def test_every_flag_the_builder_knows_is_in_a_command_line_checked_here(models: Path) -> None:
+    """A flag added to the table (or the extra-flags allowlist) without a case here would go
+    unchecked: each one must appear in a command line the contract test sends to vLLM."""
+    emitted = {arg for argv in every_command_line(models).values() for arg in argv}
+    flags = {*VLLM_FLAGS.values(), *VLLM_EXTRA_FLAGS_ALLOWED}
+    unchecked = sorted(f for f in flags if f not in emitted and "--no-" + f[2:] not in emitted)
+    assert unchecked == []
 
 
 def real_vllm_parse(argv: list[list[str]], options: list[str]) -> dict[str, Any]:
