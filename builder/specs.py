@@ -38,6 +38,11 @@ LABEL_GPU_FRACTION = "appliance.gpu-fraction"
 # CPU replica gets this share of its memory limit instead (VLLM_CPU_KVCACHE_SPACE, GiB), unless
 # its env says otherwise.
 VLLM_CPU_KV_CACHE_SHARE = 0.25
+# ...and by default it pins its compute threads to the first cores it sees, which are the same
+# in every container (each sees all the host's cores): two replicas (a rolling update, a second
+# replica under load, another endpoint) would share one core and leave the rest idle. Unpinned,
+# the kernel spreads them within each container's CPU limit.
+VLLM_CPU_THREADS_BIND = "nobind"
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,8 @@ def container_spec(
 
 def server_env(endpoint: Endpoint) -> dict[str, str]:
     """The endpoint's env, plus what a vLLM replica needs where the endpoint leaves it unset: a
-    model from the models directory never asks the hub; on CPU, a KV cache within its memory."""
+    model from the models directory never asks the hub; on CPU, a KV cache within its memory
+    and compute threads that do not all crowd onto the first core."""
     env = dict(endpoint.env)
     if endpoint.framework != Framework.VLLM:
         return env
@@ -198,6 +204,7 @@ def server_env(endpoint: Endpoint) -> dict[str, str]:
     if not endpoint.gpus:
         gib = int(endpoint.memory_bytes * VLLM_CPU_KV_CACHE_SHARE) // 2**30
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(gib, 1)))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", VLLM_CPU_THREADS_BIND)
     return env
 
 

@@ -115,6 +115,7 @@ def test_gpus_zero_runs_the_vllm_cpu_image_with_a_kv_cache_inside_its_memory(
     assert made.image == settings(models).vllm_cpu_image
     assert made.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # a quarter of 8 GiB
     assert made.env["HF_HUB_OFFLINE"] == "1"  # a model from the models directory
+    assert made.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"  # replicas share the cores
     assert command(endpoint)[0] == "/models/gemma-hf"
     on_gpu = spec(build(models, {"gpus": 1}), models)
     assert (
