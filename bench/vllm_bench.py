@@ -82,11 +82,7 @@ def delete(appliance: Appliance) -> None:
 def bare(inspected: dict[str, Any]) -> float:
     """Seconds from `docker run` of the same image, command, env and limits to /health 200."""
     config, host = inspected["Config"], inspected["HostConfig"]
-    env = [
-        e
-        for e in config["Env"]
-        if e.split("=", 1)[0] in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")
-    ]
+    env = [e for e in config["Env"] if e.startswith(("VLLM_", "HF_"))]  # what the builder set
     port = free_port()
     cmd = ["docker", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:8000"]
     cmd += ["-v", f"{MODELS_DIR}:/models:ro", "--shm-size", str(host["ShmSize"])]

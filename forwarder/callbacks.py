@@ -72,7 +72,10 @@ def _allowed(host: str, port: int, allowed_hosts: Sequence[str]) -> bool:
 
 def check_url(url: str, allowed_hosts: Sequence[str]) -> Target:
     """Resolve and check a callback URL; CallbackRefusedError says why it is refused."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise CallbackRefusedError("callback_url is not a URL", field="callback_url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CallbackRefusedError("callback_url must be an http(s) URL", field="callback_url")
     host = parts.hostname.lower()

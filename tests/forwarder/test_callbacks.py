@@ -104,6 +104,7 @@ REFUSED = [
     "http://[::ffff:127.0.0.1]:{port}/hook",
     "http://metadata.google.internal/computeMetadata/v1/",
     "ftp://example.com/hook",
+    "http://[::1/hook",  # not a URL: an unclosed bracket
 ]
 
 
