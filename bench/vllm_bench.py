@@ -75,8 +75,16 @@ def through_appliance(appliance: Appliance) -> tuple[float, dict[str, Any]]:
 
 
 def delete(appliance: Appliance) -> None:
-    appliance.client().delete(f"/v1/llm/model-endpoints/{NAME}")
-    wait_until(lambda: not appliance.containers(), 120, "the replica removed")
+    client = appliance.client()
+    client.delete(f"/v1/llm/model-endpoints/{NAME}")
+    wait_until(
+        lambda: (
+            not appliance.containers()
+            and client.get(f"/v1/llm/model-endpoints/{NAME}").status_code == 404
+        ),
+        120,
+        "the endpoint removed",
+    )
 
 
 def bare(inspected: dict[str, Any]) -> float:
