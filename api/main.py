@@ -50,13 +50,19 @@ from web.render import STATIC_DIR, STATIC_URL
 logger = logging.getLogger(__name__)
 
 
-def _first_start(state: AppState) -> None:
-    with session_scope(state.engine) as session:
-        made = keys.ensure_admin_key(
-            session=session, secret=state.key_secret, text=state.settings.admin_key
-        )
-    if made and not state.settings.admin_key:
-        path = state.settings.data_dir / "admin-key"
+def prepare(settings: Settings) -> None:
+    """What happens once per start, before any api worker is forked: the schema migration and,
+    on the first start, the admin key (printed once)."""
+    engine = open_engine(settings.database_path)
+    try:
+        with session_scope(engine) as session:
+            made = keys.ensure_admin_key(
+                session=session, secret=key_secret(settings.data_dir), text=settings.admin_key
+            )
+    finally:
+        engine.dispose()
+    if made and not settings.admin_key:
+        path = settings.data_dir / "admin-key"
         path.touch(mode=0o600)
         path.write_text(made + "\n")
         print(f"Admin API key (shown once; also in {path}): {made}", flush=True)
@@ -118,7 +124,6 @@ def create_app(
             submitter=TaskSubmitter(engine, client),
         )
         forwarder.on_demand = _demand(state)  # type: ignore[assignment]
-        _first_start(state)
         await forwarder.start()
         state.submitter.start()
         app.state.appliance = state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,11 +167,28 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
 
 
+WAL_SWITCH_TIMEOUT_S = 30.0
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. On a new file, processes starting together race for the switch, and
+    SQLite answers the losers "database is locked" at once, without its busy handler: retry."""
+    deadline = time.monotonic() + WAL_SWITCH_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def migrate(path: Path) -> int:
     """Bring the database at `path` to the newest schema; returns the version it ends at."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         conn.execute("BEGIN EXCLUSIVE")  # one process migrates; the others wait, then see it done
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         db = sqlite_utils.Database(conn)
