@@ -66,6 +66,6 @@ def cached_caller(state: AppState, key: str) -> keys.Caller | None:
 def visible(route: Route | None, caller: keys.Caller) -> Route | None:
     """`route` if the caller may call its endpoint (its team's, a public one, or any for an
     admin key), else None: an endpoint the caller may not call is one that does not exist."""
-    if route is None or not (caller.is_admin or route.owner == caller.team or route.public):
+    if route is None or not caller.may_infer(route.owner, route.public):
         return None
     return route

@@ -50,3 +50,14 @@ class Caller:
 
     def can(self, scope: str) -> bool:
         return self.is_admin or scope in self.scopes
+
+    # The tenancy rule, the one place it is written: an object belongs to a team; an admin
+    # key reaches every team's; a public endpoint may also be called for inference by anyone.
+    # Everything else is, to the caller, an object that does not exist (404).
+    def owns(self, owner: str) -> bool:
+        """May see and change an object of team `owner`."""
+        return self.is_admin or owner == self.team
+
+    def may_infer(self, owner: str, public: bool) -> bool:
+        """May send inference to an endpoint of team `owner`, public or not."""
+        return self.is_admin or owner == self.team or public

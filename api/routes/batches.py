@@ -74,7 +74,7 @@ def _int(value: float | None) -> int | None:
 
 def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
     batch = session.get(Batch, batch_id)
-    if batch is None or not (caller.is_admin or batch.owner == caller.team):
+    if batch is None or not caller.owns(batch.owner):
         raise NotFoundError(f"no batch with id {batch_id!r}", field="batch_id")
     return batch
 
@@ -88,9 +88,7 @@ def _endpoints_for(models: set[Any], caller: Caller, session: Session) -> dict[s
             endpoint = queries.endpoint_by_name(model, session=session)
         except NotFoundError:
             endpoint = None
-        if endpoint is None or not (
-            caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
-        ):
+        if endpoint is None or not caller.may_infer(endpoint.owner, endpoint.public_inference):
             raise InvalidSpecError(f"the model `{model}` does not exist")
         found[model] = endpoint
     return found
@@ -159,8 +157,7 @@ def read_batches(
     caller: CallerDep, session: SessionDep, limit: int = 20, after: str | None = None
 ) -> dict[str, Any]:
     query = select(Batch).order_by(col(Batch.id).desc()).limit(max(1, min(limit, 100)))
-    if not caller.is_admin:
-        query = query.where(Batch.owner == caller.team)
+    query = queries.of_team(query, col(Batch.owner), caller)
     if after:
         query = query.where(col(Batch.id) < after)
     data = [batch_public(b, session) for b in session.exec(query).all()]

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session, col, select
 
 from api.deps import CallerDep, SessionDep, StateDep, require
+from appliance import queries
 from appliance.errors import InvalidSpecError, NotFoundError
 from appliance.ids import new_id
 from appliance.keys import Caller
@@ -41,7 +42,7 @@ def file_public(row: FileRow) -> dict[str, Any]:
 
 def owned_file(file_id: str, caller: Caller, *, session: Session) -> FileRow:
     row = session.get(FileRow, file_id)
-    if row is None or not (caller.is_admin or row.owner == caller.team):
+    if row is None or not caller.owns(row.owner):
         raise NotFoundError(f"no file with id {file_id!r}", field="file_id")
     return row
 
@@ -96,8 +97,7 @@ def create_file(
 @router.get("/v1/files")
 def read_files(caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     query = select(FileRow).order_by(col(FileRow.created_at).desc())
-    if not caller.is_admin:
-        query = query.where(FileRow.owner == caller.team)
+    query = queries.of_team(query, col(FileRow.owner), caller)
     return {"object": "list", "data": [file_public(r) for r in session.exec(query).all()]}
 
 

@@ -34,11 +34,9 @@ BUSY = (
 
 def visible(endpoint: Endpoint, caller: Caller, *, for_inference: bool = False) -> bool:
     """Teammates share endpoints; public ones are visible for listing and inference."""
-    return (
-        caller.is_admin
-        or endpoint.owner == caller.team
-        or (for_inference and endpoint.public_inference)
-    )
+    if for_inference:
+        return caller.may_infer(endpoint.owner, endpoint.public_inference)
+    return caller.owns(endpoint.owner)
 
 
 def owned_by_name(name: str, caller: Caller, *, session: Session) -> Endpoint:

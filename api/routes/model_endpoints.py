@@ -35,7 +35,7 @@ LOG_POLL_S = 0.5
 
 def owned(endpoint_id: str, caller: Caller, *, session: Session) -> Endpoint:
     endpoint = session.get(Endpoint, endpoint_id)
-    if endpoint is None or not (caller.is_admin or endpoint.owner == caller.team):
+    if endpoint is None or not caller.owns(endpoint.owner):
         raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
     return endpoint
 
@@ -74,8 +74,7 @@ def read_model_endpoints(
     order_by: str | None = None,
 ) -> dict[str, Any]:
     query = select(Endpoint)
-    if not caller.is_admin:
-        query = query.where(col(Endpoint.owner) == caller.team)
+    query = queries.of_team(query, col(Endpoint.owner), caller)
     if name:
         query = query.where(col(Endpoint.name) == name)
     newest = order_by == "newest"

@@ -374,9 +374,7 @@ def close_quietly(opening: asyncio.Future[Upstream]) -> None:
 @router.get("/v1/models")
 async def read_models(state: StateDep, caller: CallerDep) -> dict[str, Any]:
     routes = [
-        r
-        for r in state.forwarder.table.by_name.values()
-        if caller.is_admin or r.owner == caller.team or r.public
+        r for r in state.forwarder.table.by_name.values() if caller.may_infer(r.owner, r.public)
     ]
     now = int(time.time())
     return {

@@ -57,9 +57,7 @@ def usable_endpoint(
     endpoint_id: str, endpoint: EndpointView | None, caller: Caller
 ) -> EndpointView:
     """The endpoint, if the caller may send it tasks; else the same 404 as a missing one."""
-    visible = endpoint is not None and (
-        caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
-    )
+    visible = endpoint is not None and caller.may_infer(endpoint.owner, endpoint.public_inference)
     if endpoint is None or not visible or endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
         raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
     return endpoint
@@ -127,7 +125,7 @@ def get_async_inference_task(
     task_id: str, caller: CallerDep, session: SessionDep
 ) -> GetAsyncTaskResponse:
     task = session.get(Task, task_id)
-    if task is None or not (caller.is_admin or task.owner == caller.team):
+    if task is None or not caller.owns(task.owner):
         raise NoSuchTaskError(f"no task with id {task_id!r}")
     return GetAsyncTaskResponse(
         task_id=task.id,

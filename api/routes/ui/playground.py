@@ -29,11 +29,7 @@ def read_playground(
     need(ui.caller, "inference")
     caller = ui.caller
     routes = sorted(
-        (
-            r
-            for r in state.forwarder.table.by_name.values()
-            if caller.is_admin or r.owner == caller.team or r.public
-        ),
+        (r for r in state.forwarder.table.by_name.values() if caller.may_infer(r.owner, r.public)),
         key=lambda r: r.name,
     )
     chosen = endpoint if any(r.name == endpoint for r in routes) else None
@@ -64,7 +60,7 @@ async def playground_chat(body: PlaygroundChat, ui: ChangeDep, state: StateDep) 
     caller = ui.caller
     need(caller, "inference")
     route = state.forwarder.table.by_name.get(body.endpoint)
-    if route is None or not (caller.is_admin or route.owner == caller.team or route.public):
+    if route is None or not caller.may_infer(route.owner, route.public):
         return JSONResponse({"detail": f"no endpoint named {body.endpoint!r}"}, 404)
     cap = caller.limits.max_tokens_per_request
     if cap and body.max_tokens > cap:
