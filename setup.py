@@ -27,7 +27,7 @@ HOT_MODULES = [
     "forwarder/scan.py",
     "forwarder/balance.py",
     "api/callers.py",
-    "forwarder/routes.py",
+    "forwarder/table.py",
     "appliance/caller.py",
 ]
 

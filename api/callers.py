@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from appliance import keys
 from appliance.errors import AuthError
-from forwarder.routes import Route
+from forwarder.table import Target
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -63,7 +63,7 @@ def cached_caller(state: AppState, key: str) -> keys.Caller | None:
     return cached[1]
 
 
-def visible(route: Route | None, caller: keys.Caller) -> Route | None:
+def visible(route: Target | None, caller: keys.Caller) -> Target | None:
     """`route` if the caller may call its endpoint (its team's, a public one, or any for an
     admin key), else None: an endpoint the caller may not call is one that does not exist."""
     if route is None or not caller.may_infer(route.owner, route.public):

@@ -42,9 +42,9 @@ from appliance.install import install_id, key_secret
 from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.proxy import Forwarder, Limits
-from forwarder.routes import Route
-from forwarder.routing import load_routes
+from forwarder.refresh import load_table
 from forwarder.shared import SharedCounts
+from forwarder.table import Target
 from web.render import STATIC_DIR, STATIC_URL
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ async def _refresh_routes(state: AppState) -> None:
     try:
         await pubsub.subscribe(bus.ROUTES_CHANNEL)
         while True:
-            state.forwarder.update(await run_in_threadpool(load_routes, state.engine))
+            state.forwarder.update(await run_in_threadpool(load_table, state.engine))
             await pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=state.settings.routing_refresh_s
             )
@@ -87,7 +87,7 @@ async def _refresh_routes(state: AppState) -> None:
 
 
 def _demand(state: AppState) -> object:
-    def record(route: Route) -> None:
+    def record(route: Target) -> None:
         with contextlib.suppress(Exception):
             bus.nudge_builder(state.redis)
 

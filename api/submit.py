@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from appliance.errors import ApplianceError, RateLimitedError
 from appliance.models import Task
-from forwarder import jobs
+from forwarder.worker import jobs
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
 
-ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.worker"}
+ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.worker.serve"}
 REDIS_START_TIMEOUT_S = 10.0
 
 

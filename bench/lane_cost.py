@@ -34,7 +34,7 @@ from api.lane import front
 from api.lane.admit import FastLane
 from appliance.keys import Caller
 from forwarder.proxy import Forwarder
-from forwarder.routes import ReplicaRoute, Route, RoutingTable
+from forwarder.table import RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection
 
 ADDRESS = "http://127.0.0.1:9"
@@ -77,8 +77,8 @@ class FakeTransport:
 async def run(requests: int, rounds: int) -> float:
     """The best microseconds per request of `rounds` loops of `requests`."""
     forwarder = Forwarder()
-    route = Route(
-        "e1", "bench", "team", False, "vllm", "sync", "READY", (ReplicaRoute("r1", ADDRESS),)
+    route = Target(
+        "e1", "bench", "team", False, "vllm", "sync", "READY", (TargetReplica("r1", ADDRESS),)
     )
     forwarder.table = RoutingTable({"bench": route}, {"e1": route})
     caller = Caller("k1", "user", "team", frozenset({"inference"}), True)

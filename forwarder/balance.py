@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from forwarder.routes import ReplicaRoute, Route
 from forwarder.shared import SharedCounts
+from forwarder.table import Target, TargetReplica
 
 if TYPE_CHECKING:
     from forwarder.proxy import Forwarder
@@ -39,8 +39,8 @@ class Balancer:
         return self.inflight.get(replica_id, 0)
 
     def take(
-        self, route: Route, candidates: Sequence[ReplicaRoute]
-    ) -> tuple[ReplicaRoute | None, int]:
+        self, route: Target, candidates: Sequence[TargetReplica]
+    ) -> tuple[TargetReplica | None, int]:
         """The least loaded candidate, counted in flight if it is under the cap; and the cap."""
         best = candidates[0]
         least = self.load(best.id)
@@ -57,7 +57,7 @@ class Balancer:
         self.endpoint_of[best.id] = route.name
         return best, cap
 
-    def try_acquire(self, route: Route) -> ReplicaRoute | None:
+    def try_acquire(self, route: Target) -> TargetReplica | None:
         """A ready replica under its cap, counted in flight, or None when the request would
         have to wait (no ready replica, every one at its cap): `Forwarder._acquire` without
         the waiting. The caller reports the outcome with `done`."""
@@ -79,7 +79,7 @@ class Balancer:
         if self.slot_waiters:
             self.forwarder.slot_freed()
 
-    def done(self, route: Route, replica_id: str, ok: bool) -> None:
+    def done(self, route: Target, replica_id: str, ok: bool) -> None:
         """A request counted by `try_acquire` ended; `ok` False counts towards ejection."""
         self.release(replica_id)
         if ok:

@@ -22,8 +22,8 @@ import aiohttp
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
 from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
-from forwarder.routes import ReplicaRoute, Route, RoutingTable
 from forwarder.shared import SharedCounts
+from forwarder.table import RoutingTable, Target, TargetReplica
 from forwarder.usage import Ledger
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Upstream:
 
     status: int
     headers: list[tuple[bytes, bytes]]
-    route: Route
+    route: Target
     replica_id: str
     response: aiohttp.ClientResponse
     waited_s: float  # cold-start and queue waits before it was sent
@@ -110,7 +110,7 @@ class Forwarder:
 
     limits: Limits = field(default_factory=Limits)
     table: RoutingTable = field(default_factory=RoutingTable.empty)
-    on_demand: Callable[[Route], None] = lambda route: None
+    on_demand: Callable[[Target], None] = lambda route: None
     inflight: dict[str, int] = field(default_factory=dict)  # replica id -> this process's
     shared: SharedCounts | None = None  # every api worker's counts, when there are several
     worker: int | None = None  # this process's index among several api workers
@@ -168,7 +168,7 @@ class Forwarder:
             self._timeouts[seconds] = timeout
         return timeout
 
-    def live_replicas(self, route: Route) -> list[ReplicaRoute]:
+    def live_replicas(self, route: Target) -> list[TargetReplica]:
         """The route's ready replicas that are not ejected, from the current table."""
         current = self.table.by_id.get(route.endpoint_id, route)
         ejected = self.ejected
@@ -176,7 +176,7 @@ class Forwarder:
             return list(current.replicas)
         return [r for r in current.replicas if r.id not in ejected]
 
-    def _note_demand(self, route: Route) -> None:
+    def _note_demand(self, route: Target) -> None:
         now = time.time()
         if now - self.demand.get(route.endpoint_id, 0.0) >= 1.0:
             self.demand[route.endpoint_id] = now
@@ -190,8 +190,8 @@ class Forwarder:
             await asyncio.wait_for(self._changed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
 
     async def _acquire(
-        self, route: Route, hold_s: float, tried: set[str]
-    ) -> tuple[Route, ReplicaRoute, float]:
+        self, route: Target, hold_s: float, tried: set[str]
+    ) -> tuple[Target, TargetReplica, float]:
         """A replica under its cap, counted in flight; waits for a cold start and for a slot.
         Returns the route as now in the table, the replica and the seconds spent waiting."""
         started = time.monotonic()
@@ -265,7 +265,7 @@ class Forwarder:
     def _finished(self, upstream: Upstream, ok: bool) -> None:
         self.balancer.done(upstream.route, upstream.replica_id, ok)
 
-    def failed(self, route: Route, replica_id: str) -> None:
+    def failed(self, route: Target, replica_id: str) -> None:
         """A request to the replica failed; after EJECT_AFTER_FAILURES in a row it is taken
         out of rotation until its health probe passes."""
         count = self.failures.get(replica_id, 0) + 1
@@ -283,7 +283,7 @@ class Forwarder:
             self._probes.add(probe)
             probe.add_done_callback(self._probes.discard)
 
-    async def _probe(self, route: Route, replica: ReplicaRoute) -> None:
+    async def _probe(self, route: Target, replica: TargetReplica) -> None:
         """Keep an ejected replica out until its health route answers 200 (or it is gone)."""
         assert self._session is not None
         try:
@@ -307,12 +307,12 @@ class Forwarder:
             self.failures.pop(replica.id, None)
             self._wake()
 
-    def ready_now(self, route: Route) -> bool:
+    def ready_now(self, route: Target) -> bool:
         return bool(self.live_replicas(route))
 
     async def open(
         self,
-        route: Route,
+        route: Target,
         path: str,
         body: bytes,
         *,
@@ -378,7 +378,7 @@ class Forwarder:
 
     def record(
         self,
-        route: Route,
+        route: Target,
         key_id: str,
         code: int,
         *,
@@ -401,7 +401,7 @@ class UpstreamReply:
 
 
 async def forward(
-    forwarder: Forwarder, route: Route, path: str, body: bytes, content_type: str, *, hold_s: float
+    forwarder: Forwarder, route: Target, path: str, body: bytes, content_type: str, *, hold_s: float
 ) -> UpstreamReply:
     """`Forwarder.open` for callers that only want status, headers and a body iterator."""
     upstream = await forwarder.open(route, path, body, hold_s=hold_s, content_type=content_type)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from api.routes.openai import CLIENT_CLOSED, WHOLE_BODY_MAX_BYTES, json_error, sse_error
 from appliance.errors import UpstreamError
-from forwarder.routes import ReplicaRoute, Route
+from forwarder.table import Target, TargetReplica
 from forwarder.upstream import Connection
 from forwarder.usage import StreamUsage, usage_from_json
 
@@ -53,8 +53,8 @@ class Exchange:
         self,
         lane: FastLane,
         client: Client,
-        route: Route,
-        replica: ReplicaRoute,
+        route: Target,
+        replica: TargetReplica,
         key_id: str,
         keep_alive: bool,
     ) -> None:

@@ -24,7 +24,7 @@ from appliance.errors import ConflictError, InvalidSpecError, NotFoundError
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import Batch, Endpoint, Task, TaskStatus
-from forwarder import batches, jobs
+from forwarder.worker import batches, jobs
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from appliance.errors import (
 )
 from appliance.keys import Caller
 from forwarder.proxy import Upstream
-from forwarder.routes import Route
-from forwarder.routing import load_routes
+from forwarder.refresh import load_table
+from forwarder.table import Target
 from forwarder.usage import StreamUsage, usage_from_json
 
 router = APIRouter(tags=["openai"], dependencies=[require("inference")])
@@ -64,7 +64,7 @@ class BodyTooLargeError(ApplianceError):
 
 async def lookup(
     state: AppState, *, name: str | None = None, id: str | None = None
-) -> Route | None:
+) -> Target | None:
     """The endpoint's route; a miss re-reads the table (at most every RELOAD_ON_MISS_S), so an
     endpoint created a moment ago is found before the next periodic refresh."""
     forwarder = state.forwarder
@@ -77,11 +77,11 @@ async def lookup(
         if now - forwarder.loaded_at < RELOAD_ON_MISS_S:
             return None
         forwarder.loaded_at = now
-        forwarder.update(await run_in_threadpool(load_routes, state.engine))
+        forwarder.update(await run_in_threadpool(load_table, state.engine))
     return None
 
 
-async def route_for(model: Any, caller: Caller, state: AppState) -> Route:
+async def route_for(model: Any, caller: Caller, state: AppState) -> Target:
     if not isinstance(model, str) or not model:
         raise InvalidSpecError("`model` must name an endpoint", field="model")
     route = visible(await lookup(state, name=model), caller)
@@ -201,7 +201,7 @@ class Exchange:
         self.send = send
         self.started_at = time.perf_counter()
         self.key_id = "-"
-        self.route: Route | None = None
+        self.route: Target | None = None
         self.status = 500
         self.ttft_s: float | None = None
         self.overhead_s: float | None = None
@@ -247,7 +247,7 @@ class Exchange:
         if release is not None:
             await release()
 
-    async def _admit(self) -> tuple[Route, bytes, bool]:
+    async def _admit(self) -> tuple[Target, bytes, bool]:
         caller = await authenticate(Request(self.scope), self.state)
         if not caller.can("inference"):
             raise ForbiddenError("this key lacks the 'inference' scope")
@@ -259,7 +259,7 @@ class Exchange:
         self.route = await route_for(payload.get("model"), caller, self.state)
         return self.route, body, payload.get("stream") is True
 
-    async def _serve(self, route: Route, path: str, body: bytes, stream: bool) -> None:
+    async def _serve(self, route: Target, path: str, body: bytes, stream: bool) -> None:
         try:
             upstream = await self._open(route, path, body, stream)
         except ApplianceError as exc:
@@ -281,7 +281,7 @@ class Exchange:
         finally:
             upstream.close()
 
-    async def _open(self, route: Route, path: str, body: bytes, stream: bool) -> Upstream:
+    async def _open(self, route: Target, path: str, body: bytes, stream: bool) -> Upstream:
         """Open upstream; a stream that has to wait for a replica starts its SSE reply now
         and sends keep-alive comments until the replica answers."""
         fwd = self.forwarder

@@ -32,7 +32,7 @@ from appliance.errors import ApplianceError, NoSuchEndpointError, UpstreamError
 from appliance.keys import Caller
 from forwarder import llm_engine
 from forwarder.proxy import Upstream
-from forwarder.routes import Route
+from forwarder.table import Target
 from forwarder.usage import usage_from_json
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -43,7 +43,7 @@ SSE_RESPONSE_HEADERS = {k.decode(): v.decode() for k, v in SSE_HEADERS}
 class UpstreamCall:
     """One request on its way to a replica, with what its metrics need."""
 
-    route: Route
+    route: Target
     caller: Caller
     path: str
     body: bytes
@@ -74,7 +74,7 @@ class StreamEvents(Protocol):
 
 async def find_route(
     state: AppState, caller: Caller, *, name: str | None = None, id: str | None = None
-) -> Route:
+) -> Target:
     route = visible(await lookup(state, name=name, id=id), caller)
     if route is None:
         raise NoSuchEndpointError(f"no endpoint {name or id}")
@@ -186,7 +186,7 @@ async def relay_events(
 
 
 async def open_or_keepalive(
-    state: AppState, route: Route, path: str, body: bytes
+    state: AppState, route: Target, path: str, body: bytes
 ) -> AsyncIterator[bytes | Upstream]:
     """Keep-alive comments while the request waits for a replica, then the opened Upstream;
     raises the error that ended the wait. Dropping the generator cancels the wait."""
@@ -210,7 +210,7 @@ async def opened_now(upstream: Upstream) -> AsyncIterator[bytes | Upstream]:
 
 
 async def start_stream(
-    state: AppState, route: Route, path: str, body: bytes
+    state: AppState, route: Target, path: str, body: bytes
 ) -> AsyncIterator[bytes | Upstream] | Upstream:
     """Opens upstream now when a replica is ready, so errors stay real HTTP errors (as LLM
     Engine's forwarder does): a non-200 Upstream is returned for the caller to answer with.

@@ -19,8 +19,8 @@ from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskEr
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import EndpointStatus, Task, TaskStatus
-from forwarder import jobs
-from forwarder.callbacks import check_url
+from forwarder.worker import jobs
+from forwarder.worker.callbacks import check_url
 
 logger = logging.getLogger(__name__)
 

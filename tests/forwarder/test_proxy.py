@@ -14,7 +14,7 @@ from aiohttp import web
 
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
 from forwarder.proxy import Forwarder, Limits
-from forwarder.routes import ReplicaRoute, Route, RoutingTable
+from forwarder.table import RoutingTable, Target, TargetReplica
 
 
 def free_port() -> int:
@@ -64,8 +64,8 @@ class Replica:
             await runner.cleanup()
 
 
-def route(*replicas: tuple[str, str], cap: int | None = None) -> Route:
-    return Route(
+def route(*replicas: tuple[str, str], cap: int | None = None) -> Target:
+    return Target(
         endpoint_id="end_1",
         name="m",
         owner="t",
@@ -73,17 +73,17 @@ def route(*replicas: tuple[str, str], cap: int | None = None) -> Route:
         framework="vllm",
         endpoint_type="streaming",
         status="READY",
-        replicas=tuple(ReplicaRoute(rid, url) for rid, url in replicas),
+        replicas=tuple(TargetReplica(rid, url) for rid, url in replicas),
         max_concurrency=cap,
     )
 
 
-def table(r: Route) -> RoutingTable:
+def table(r: Target) -> RoutingTable:
     return RoutingTable({r.name: r}, {r.endpoint_id: r})
 
 
 async def with_forwarder(
-    r: Route, body: Callable[[Forwarder], Awaitable[None]], **limits: float
+    r: Target, body: Callable[[Forwarder], Awaitable[None]], **limits: float
 ) -> None:
     fwd = Forwarder(limits=Limits(**limits))  # type: ignore[arg-type]
     fwd.update(table(r))
@@ -94,7 +94,7 @@ async def with_forwarder(
         await fwd.close()
 
 
-async def call(fwd: Forwarder, r: Route, hold_s: float = 0.0) -> tuple[str, int]:
+async def call(fwd: Forwarder, r: Target, hold_s: float = 0.0) -> tuple[str, int]:
     upstream = await fwd.open(r, "/v1/chat/completions", b"{}", hold_s=hold_s)
     try:
         await upstream.read()

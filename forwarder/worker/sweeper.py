@@ -22,8 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from appliance import bus
-from forwarder import batches, jobs
-from forwarder.runner import LEASE_PREFIX
+from forwarder.worker import batches, jobs
+from forwarder.worker.runner import LEASE_PREFIX
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """RQ queues of async tasks and the job function the workers run.
 
-The api enqueues (after it committed the task row); `forwarder.runner` dequeues and runs
+The api enqueues (after it committed the task row); `forwarder.worker.runner` dequeues and runs
 `run_task`. A job carries only the task id (JSON serializer); everything else is read from
 the row, so a job re-enqueued by the sweeper runs the same task, and the conditional UPDATE in
 `taskstore.finish` stores its result once.
@@ -26,15 +26,15 @@ from rq.utils import utcformat
 
 from appliance.errors import CapacityError, UpstreamError
 from appliance.models import TaskStatus
-from forwarder import taskstore
-from forwarder.callbacks import CallbackSender
 from forwarder.proxy import Forwarder
+from forwarder.worker import taskstore
+from forwarder.worker.callbacks import CallbackSender
 
 logger = logging.getLogger(__name__)
 
 HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
-JOB_FUNC = "forwarder.jobs.run_task"
+JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETION_ROUTE = "/v1/completions"
@@ -119,7 +119,9 @@ def install_runtime(runtime: Runtime | None) -> None:
 
 def _current() -> Runtime:
     if _runtime is None:
-        raise RuntimeError("run_task needs a worker runtime (forwarder.jobs.install_runtime)")
+        raise RuntimeError(
+            "run_task needs a worker runtime (forwarder.worker.jobs.install_runtime)"
+        )
     return _runtime
 
 
