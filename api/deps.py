@@ -153,11 +153,12 @@ def require(scope: str) -> Any:
 
 async def admitted(state: StateDep, caller: CallerDep) -> AsyncIterator[keys.Caller]:
     """Counts the request against its key's rate and concurrency limits while it runs."""
-    release: Release = await state.limiter.admit(caller)
+    release: Release | None = await state.limiter.admit(caller)
     try:
         yield caller
     finally:
-        await release()
+        if release is not None:
+            await release()
 
 
 AdmittedDep = Annotated[keys.Caller, Depends(admitted)]

@@ -18,12 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from api import errors
 from api.deps import AppState
 from api.gate import KeyGate
-from api.lane.admit import FastLane
+from api.inference.asgi import InferenceRoutes
 from api.limits import Limiter
 from api.routes import (
     api_keys,
     batches,
-    completions,
     files,
     gpus,
     health,
@@ -32,7 +31,6 @@ from api.routes import (
     model_endpoints,
     openai,
     tasks,
-    tasks_sync,
     ui,
 )
 from api.submit import TaskSubmitter
@@ -126,11 +124,7 @@ def create_app(
         forwarder.on_demand = _demand(state)  # type: ignore[assignment]
         await forwarder.start()
         state.submitter.start()
-        app.state.appliance = state
-        lane = FastLane(state)
-        app.state.fast_lane = (
-            lane  # api/lane/front.py finds it here; absent, it hands every request on
-        )
+        app.state.appliance = state  # api/lane/front.py finds it here; until then, hands on
         # Everything start-up made lives as long as the process. Frozen, the collector no
         # longer walks it: a full collection went from ~100 ms (every stream stalled at
         # once) to ~15 ms under 256 streams here.
@@ -141,8 +135,6 @@ def create_app(
         try:
             yield
         finally:
-            del app.state.fast_lane
-            lane.close()
             refresher.cancel()
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,7 +150,7 @@ def create_app(
 
     app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(openai.InferenceRoutes)  # pure ASGI: the inference POST routes
+    app.add_middleware(InferenceRoutes)  # pure ASGI: the inference POST routes
     app.add_middleware(KeyGate)  # no key at all is a 401 before any body is read
     if settings.cors_origins:  # outermost, so preflights are answered before the gate
         app.add_middleware(
@@ -174,8 +166,6 @@ def create_app(
     app.include_router(gpus.router, responses=errors.ERROR_RESPONSES)
     app.include_router(api_keys.router, responses=errors.ERROR_RESPONSES)
     app.include_router(openai.router, responses=errors.ERROR_RESPONSES)
-    app.include_router(completions.router, responses=errors.ERROR_RESPONSES)
-    app.include_router(tasks_sync.router, responses=errors.ERROR_RESPONSES)
     app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)
     app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance import __version__, bus, logs
+from appliance import __version__, build, bus, logs
 from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,13 @@ def _run_role(role: str, settings: Settings) -> None:
     logs.configure(settings.log_level, role)
     if not settings.redis_url:
         sys.exit(f"appliance {role}: set APPLIANCE_REDIS_URL (or use `appliance up`)")
+    stale = build.stale_modules()
+    if stale:
+        sys.exit(
+            f"appliance {role}: the compiled build of {', '.join(stale)} is older than its "
+            "source; reinstall the appliance (pip install .) or run scripts/compile"
+        )
+    logger.info("%s: %s build", role, build.describe())
     main: Callable[[Settings], None] = importlib.import_module(ROLES[role]).main
     main(settings)
 

@@ -2,7 +2,9 @@
 
 ApplianceError
 ├── InvalidSpecError            a request asks for something the appliance will not do (422)
-│   └── PolicyViolationError    a container spec breaks the security policy (422)
+│   ├── PolicyViolationError    a container spec breaks the security policy (422)
+│   └── BadRequestError         a request the route cannot read at all (400)
+├── BodyTooLargeError           the request body is over the limit (413)
 ├── NotFoundError               no such object, or not the caller's (404)
 │   ├── NoSuchEndpointError
 │   └── NoSuchTaskError
@@ -35,6 +37,14 @@ class InvalidSpecError(ApplianceError):
 
 class PolicyViolationError(InvalidSpecError):
     """A container spec breaks the security policy."""
+
+
+class BadRequestError(InvalidSpecError):
+    """The request cannot be read at all (not JSON, a missing part): 400 on every route."""
+
+
+class BodyTooLargeError(ApplianceError):
+    """The request body is over `max_body_bytes`."""
 
 
 class NotFoundError(ApplianceError):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
+
+from forwarder.paths import upstream_for
 
 Json = dict[str, Any]
 
@@ -34,8 +35,8 @@ PASSED_FIELDS = {
 }
 
 
-def completion_body(request: Json, model: str, *, stream: bool) -> bytes:
-    """The replica's `/v1/completions` body for a CompletionSyncV1Request/StreamV1Request."""
+def completion_payload(request: Json, model: str, *, stream: bool) -> Json:
+    """The replica's `/v1/completions` request for a CompletionSyncV1Request/StreamV1Request."""
     body: Json = {"model": model, "prompt": request["prompt"]}
     for ours, theirs in PASSED_FIELDS.items():
         value = request.get(ours)
@@ -46,7 +47,7 @@ def completion_body(request: Json, model: str, *, stream: bool) -> bytes:
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-    return json.dumps(body).encode()
+    return body
 
 
 def _tokens(choice: Json) -> list[Json] | None:
@@ -167,16 +168,11 @@ class StreamTranslator:
         return self._flush()
 
 
-def task_path(route_framework: str, predict_route: str, args: Any) -> str:
+def task_path(framework: str, predict_route: str, args: Any) -> str:
     """Where a `{"args": ...}` task goes: the OpenAI route its args fit for vLLM and llama.cpp
     replicas (their `/predict` routes are gone), the endpoint's predict route otherwise."""
-    if route_framework in ("vllm", "llamacpp") and isinstance(args, dict):
-        if "messages" in args:
-            return "/v1/chat/completions"
-        if "prompt" in args:
-            return "/v1/completions"
-        if "input" in args:
-            return "/v1/embeddings"
+    if framework in ("vllm", "llamacpp"):
+        return upstream_for(args) or predict_route
     return predict_route
 
 
@@ -212,15 +208,16 @@ def task_event(result: Any, status: int = 200) -> bytes:
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
-async def wrap_task_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Each upstream SSE event re-emitted as `{"status","result":{"result":...},...}`; the
-    replica's `[DONE]` is dropped, as LLM Engine's gateway skips it."""
-    buffer = bytearray()
-    async for chunk in chunks:
-        out = b"".join(
+class TaskEvents:
+    """Each of the replica's SSE events re-emitted as `{"status","result":{"result":...},...}`;
+    the replica's `[DONE]` is dropped, as LLM Engine's gateway skips it."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return b"".join(
             task_event(parse_result(data))
-            for data in sse_events(buffer, chunk)
+            for data in sse_events(self.buffer, chunk)
             if data != b"[DONE]"
         )
-        if out:
-            yield out

@@ -16,14 +16,19 @@ import redis
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, SessionDep, StateDep, require
+from api.deps import AdmittedDep, AppState, CallerDep, SessionDep, StateDep, require
+from api.inference import admission
 from api.routes.files import owned_file
 from appliance import queries
+from appliance.db import session_scope
 from appliance.errors import ConflictError, InvalidSpecError, NotFoundError
 from appliance.ids import new_id
 from appliance.keys import Caller
-from appliance.models import Batch, Endpoint, Task, TaskStatus
+from appliance.models import Batch, Task, TaskStatus
+from forwarder.paths import BATCH_PATHS, BY_MODEL, BY_PATH
+from forwarder.table import Target
 from forwarder.worker import batches, jobs
 
 logger = logging.getLogger(__name__)
@@ -79,77 +84,89 @@ def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
     return batch
 
 
-def _endpoints_for(models: set[Any], caller: Caller, session: Session) -> dict[str, Endpoint]:
-    found: dict[str, Endpoint] = {}
-    for model in models:
-        if not isinstance(model, str) or not model:
-            raise InvalidSpecError("every request body needs `model`, an endpoint name")
-        try:
-            endpoint = queries.endpoint_by_name(model, session=session)
-        except NotFoundError:
-            endpoint = None
-        if endpoint is None or not caller.may_infer(endpoint.owner, endpoint.public_inference):
-            raise InvalidSpecError(f"the model `{model}` does not exist")
-        found[model] = endpoint
-    return found
-
-
 @router.post("/v1/batches")
-def create_batch(
-    body: CreateBatchRequest, caller: CallerDep, session: SessionDep, state: StateDep
+async def create_batch(
+    body: CreateBatchRequest, caller: AdmittedDep, state: StateDep
 ) -> dict[str, Any]:
-    if body.endpoint not in batches.BATCH_URLS:
+    """Each line is admitted as the request it will be (api/inference/admission.py): the
+    key's token cap on its body, the tenancy of its endpoint; the key, its scope and counted
+    limits once, for the batch (the dependencies)."""
+    entry = BY_PATH.get(body.endpoint)
+    if entry is None or not entry.batchable:
         raise InvalidSpecError(
-            f"endpoint must be one of {', '.join(batches.BATCH_URLS)}", field="endpoint"
+            f"endpoint must be one of {', '.join(BATCH_PATHS)}", field="endpoint"
         )
     if body.completion_window != "24h":
         raise InvalidSpecError("completion_window must be 24h", field="completion_window")
-    source = owned_file(body.input_file_id, caller, session=session)
+    with session_scope(state.engine) as session:
+        source = owned_file(body.input_file_id, caller, session=session)
     if source.purpose != "batch":
         raise InvalidSpecError("the input file's purpose must be batch", field="input_file_id")
-    requests = batches.parse_requests(Path(source.path), body.endpoint)
-    endpoints = _endpoints_for({r.body.get("model") for r in requests}, caller, session)
+    requests = await run_in_threadpool(batches.parse_requests, Path(source.path), body.endpoint)
+    targets: dict[str, Target] = {}
+    for request in requests:
+        model = request.body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidSpecError("every request body needs `model`, an endpoint name")
+        admission.cap_tokens(caller, request.body, inject=entry.generates)
+        if model not in targets:
+            targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
+    batch, queued = await run_in_threadpool(
+        _store, body, caller, source.id, requests, targets, state
+    )
+    try:
+        jobs.enqueue(state.redis, queued, low=True)
+    except redis.RedisError as exc:
+        logger.warning("batch %s stored but not queued (%s); the sweeper will", batch.id, exc)
+    return batch_public(batch, None)
+
+
+def _store(
+    body: CreateBatchRequest,
+    caller: Caller,
+    source_id: str,
+    requests: list[batches.BatchRequest],
+    targets: dict[str, Target],
+    state: AppState,
+) -> tuple[Batch, list[tuple[str, str]]]:
+    """The batch and its tasks in one transaction: the outbox, every row before any job."""
     now = time.time()
     batch = Batch(
         id=new_id("batch"),
         owner=caller.team,
         created_by=caller.user,
         endpoint=body.endpoint,
-        input_file_id=source.id,
+        input_file_id=source_id,
         status="in_progress",
         request_counts={"total": len(requests), "completed": 0, "failed": 0},
         metadata_=body.metadata or {},
         created_at=now,
         in_progress_at=now,
     )
-    session.add(batch)
     queued: list[tuple[str, str]] = []
-    for request in requests:
-        endpoint = endpoints[request.body["model"]]
-        task = Task(
-            id=new_id("tsk"),
-            endpoint_id=endpoint.id,
-            owner=caller.team,
-            created_by=caller.user,
-            status=TaskStatus.PENDING,
-            payload={
-                "args": {**request.body, "stream": False},
-                "route": request.url,
-                "custom_id": request.custom_id,
-            },
-            priority=-1,
-            batch_id=batch.id,
-            created_at=now,
-            enqueued_at=now,
-        )
-        session.add(task)
-        queued.append((task.id, endpoint.id))
-    session.commit()  # the outbox: every row exists before any job does
-    try:
-        jobs.enqueue(state.redis, queued, low=True)
-    except redis.RedisError as exc:
-        logger.warning("batch %s stored but not queued (%s); the sweeper will", batch.id, exc)
-    return batch_public(batch, None)
+    with session_scope(state.engine) as session:
+        session.add(batch)
+        for request in requests:
+            endpoint_id = targets[request.body["model"]].endpoint_id
+            task = Task(
+                id=new_id("tsk"),
+                endpoint_id=endpoint_id,
+                owner=caller.team,
+                created_by=caller.user,
+                status=TaskStatus.PENDING,
+                payload={
+                    "args": {**request.body, "stream": False},
+                    "route": request.url,
+                    "custom_id": request.custom_id,
+                },
+                priority=-1,
+                batch_id=batch.id,
+                created_at=now,
+                enqueued_at=now,
+            )
+            session.add(task)
+            queued.append((task.id, endpoint_id))
+    return batch, queued
 
 
 @router.get("/v1/batches")

@@ -26,6 +26,7 @@ from rq.utils import utcformat
 
 from appliance.errors import CapacityError, UpstreamError
 from appliance.models import TaskStatus
+from forwarder.paths import upstream_for
 from forwarder.proxy import Forwarder
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import CallbackSender
@@ -36,8 +37,6 @@ HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
 JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETION_ROUTE = "/v1/completions"
 PREDICT_ROUTE = "/predict"
 
 
@@ -85,16 +84,12 @@ def _job_hash(task_id: str, queue: str, stamp: str) -> dict[FieldT, EncodableT]:
 
 
 def upstream_route(payload: dict[str, Any]) -> str:
-    """Where a task's args go: an explicit route, else by shape (chat, completion, predict)."""
+    """Where a task's args go: an explicit route, else by shape (chat, completion, embeddings,
+    `forwarder/paths.upstream_for`), else the predict route."""
     route = payload.get("route")
     if isinstance(route, str) and route:
         return route
-    args = payload.get("args")
-    if isinstance(args, dict) and "messages" in args:
-        return CHAT_ROUTE
-    if isinstance(args, dict) and "prompt" in args:
-        return COMPLETION_ROUTE
-    return PREDICT_ROUTE
+    return upstream_for(payload.get("args")) or PREDICT_ROUTE
 
 
 @dataclass
@@ -144,17 +139,12 @@ async def run_task(task_id: str) -> None:
         return
     body = json.dumps(claimed.payload.get("args")).encode()
     try:
-        upstream = await rt.forwarder.open(
+        status, data = await rt.forwarder.fetch(
             route, upstream_route(claimed.payload), body, hold_s=rt.hold_s
         )
-        try:
-            data = await upstream.read()
-        finally:
-            upstream.close()
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return
-    status = upstream.status
     try:
         answer: Any = json.loads(data)
     except ValueError:

@@ -12,19 +12,17 @@ def sse(*events: object) -> bytes:
 
 
 def test_v1_request_becomes_an_openai_completion() -> None:
-    body = json.loads(
-        llm_engine.completion_body(
-            {
-                "prompt": "hi",
-                "max_new_tokens": 5,
-                "temperature": 0.1,
-                "stop_sequences": ["."],
-                "return_token_log_probs": True,
-                "top_k": None,
-            },
-            "gemma",
-            stream=True,
-        )
+    body = llm_engine.completion_payload(
+        {
+            "prompt": "hi",
+            "max_new_tokens": 5,
+            "temperature": 0.1,
+            "stop_sequences": ["."],
+            "return_token_log_probs": True,
+            "top_k": None,
+        },
+        "gemma",
+        stream=True,
     )
     assert body == {
         "model": "gemma",
