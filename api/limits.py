@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from api.inference.resume import in_task
 from appliance.errors import RateLimitedError
 from appliance.keys import Caller
 
@@ -35,9 +34,8 @@ class Limiter:
     async def admit(self, caller: Caller, now: float | None = None) -> Release | None:
         """How to give the request's slot back when it ends; None when nothing is counted."""
         limits = caller.limits
-        if not (limits.requests_per_minute or limits.max_concurrent_requests):
+        if not limits.counted():
             return None
-        await in_task()  # the inference core may call this outside a task
         now = time.time() if now is None else now
         pipe = self._redis.pipeline()
         if limits.requests_per_minute:

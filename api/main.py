@@ -19,6 +19,7 @@ from api import errors
 from api.deps import AppState
 from api.gate import KeyGate
 from api.inference.asgi import InferenceRoutes
+from api.inference.call import Core
 from api.limits import Limiter
 from api.routes import (
     api_keys,
@@ -124,7 +125,8 @@ def create_app(
         forwarder.on_demand = _demand(state)  # type: ignore[assignment]
         await forwarder.start()
         state.submitter.start()
-        app.state.appliance = state  # api/lane/front.py finds it here; until then, hands on
+        app.state.appliance = state
+        app.state.inference = Core(state)  # api/lane/front.py finds it here; until then, hands on
         # Everything start-up made lives as long as the process. Frozen, the collector no
         # longer walks it: a full collection went from ~100 ms (every stream stalled at
         # once) to ~15 ms under 256 streams here.

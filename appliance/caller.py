@@ -23,6 +23,10 @@ class KeyLimits:
     max_queued_tasks: int = 0
     max_tokens_per_request: int = 0
 
+    def counted(self) -> bool:
+        """Whether requests are counted (in Redis, `api/limits.py`) against these limits."""
+        return self.requests_per_minute > 0 or self.max_concurrent_requests > 0
+
     def resolve(self, row: ApiKey) -> KeyLimits:
         """The key's own limits where set, these defaults elsewhere."""
 

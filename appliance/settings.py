@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     )
     fast_lane: bool = Field(
         True,
-        description="Serve common inference requests on the api's fast lane (no ASGI cycle); "
-        "off, every request takes the general path.",
+        description="Carry inference requests on the api's fast lane (its own HTTP/1.1 "
+        "protocol, no ASGI cycle); off, uvicorn's ASGI carries them. Both answer the same.",
     )
     replica_max_concurrency: int = Field(
         256, ge=1, description="Requests the api sends one replica at once; more wait briefly."

@@ -32,6 +32,8 @@ from typing import Any
 import uvloop
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH
+from api.callers import Keys
+from api.inference.call import Core
 from api.lane import front
 from appliance import build
 from appliance.keys import Caller, KeyLimits
@@ -76,11 +78,6 @@ class FakeTransport:
         pass
 
 
-class NoLimits:
-    async def admit(self, caller: Caller) -> None:
-        return None
-
-
 async def run(requests: int, rounds: int) -> float:
     """The best microseconds per request of `rounds` loops of `requests`."""
     forwarder = Forwarder()
@@ -88,18 +85,19 @@ async def run(requests: int, rounds: int) -> float:
     target = Target(
         "e1", "bench", "team", False, "vllm", "sync", "READY", (TargetReplica("r1", ADDRESS),)
     )
-    forwarder.table = RoutingTable({"bench": target}, {"e1": target})
+    forwarder.update(RoutingTable({"bench": target}, {"e1": target}))
     caller = Caller("k1", "user", "team", frozenset({"inference"}), True, KeyLimits())
+    keys = Keys(lambda key: caller)
+    keys.entries["key"] = (time.monotonic() + 1e9, caller)  # fresh for the whole run
     state: Any = SimpleNamespace(
-        _key_cache={"key": (time.monotonic() + 1e9, caller)},  # fresh for the whole run
-        reverify_soon=lambda key: None,
+        key_cache=keys,
         forwarder=forwarder,
-        limiter=NoLimits(),
+        limiter=None,
         settings=SimpleNamespace(
             max_body_bytes=1 << 20, cors_origins=[], activation_timeout_s=1, stream_keepalive_s=5
         ),
     )
-    app: Any = SimpleNamespace(state=SimpleNamespace(appliance=state))
+    app: Any = SimpleNamespace(state=SimpleNamespace(inference=Core(state)))
     server_state: Any = SimpleNamespace(
         connections=set(),
         default_headers=[(b"date", b"Fri, 27 Nov 2026 14:00:00 GMT"), (b"server", b"uvicorn")],

@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 from appliance.errors import ApplianceError, CapacityError, NoReadyReplicaError
 from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
-from forwarder.relay import Headers, Relay
+from forwarder.relay import Headers, Plane, Relay
 from forwarder.shared import SharedCounts
 from forwarder.table import RoutingTable, Target, TargetReplica
-from forwarder.upstream import Connection, UpstreamPool
+from forwarder.upstream import UpstreamPool
 from forwarder.usage import Ledger
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,12 @@ class Forwarder:
     demand: dict[str, float] = field(default_factory=dict)  # endpoint id -> when it wanted one
     last_request: dict[str, float] = field(default_factory=dict)  # endpoint id -> time.time()
     ledger: Ledger = field(default_factory=Ledger)
-    loaded_at: float = 0.0  # time.monotonic() of the last reload a lookup miss caused
+    loaded_at: float = 0.0  # time.monotonic() when the last reload a lookup miss caused began
+    reloading: asyncio.Future[None] | None = None  # that reload, while it runs
     pool: UpstreamPool = field(default_factory=UpstreamPool)
-    waiting: set[Relay] = field(default_factory=set)  # sent, reply not complete
-    connecting: set[asyncio.Task[Connection]] = field(default_factory=set)
     metrics: Metrics = field(init=False)
     balancer: Balancer = field(init=False)  # the choice of replica, compiled
+    plane: Plane = field(init=False)  # what the relays read, compiled
     loop: asyncio.AbstractEventLoop = field(init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,29 +78,30 @@ class Forwarder:
     def __post_init__(self) -> None:
         self.balancer = Balancer(self)
         self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self._names()))
+        self.plane = Plane(self)
 
     async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = self.plane.loop = asyncio.get_running_loop()
         self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
 
     async def close(self) -> None:
         if self._checker is not None:
             self._checker.cancel()
-        for task in [*self._probes, *self.connecting]:
+        for task in [*self._probes, *self.plane.connecting]:
             task.cancel()
         self.pool.close()
 
     def _check_timeouts(self) -> None:
         """One timer for every relay in flight instead of one per request."""
         now = time.perf_counter()  # the clock of Relay.heard_at
-        late = [r for r in self.waiting if now - r.heard_at >= r.timeout_s]
+        late = [r for r in self.plane.waiting if now - r.heard_at >= r.timeout_s]
         for relay in late:
             relay.time_out()
         self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
 
     def update(self, table: RoutingTable) -> None:
         """Install a new routing table and wake requests waiting for a replica."""
-        self.table = table
+        self.table = self.plane.table = table
         self._wake()
 
     def _wake(self) -> None:
@@ -255,7 +256,7 @@ class Forwarder:
         current, replica, waited = await self.acquire(target, hold_s)
         collected = Collected(self.loop.create_future())
         relay = Relay(
-            self, current, replica, path.encode(), body, collected, key_id,
+            self.plane, current, replica, path.encode(), body, collected, key_id,
             False, started, waited, timeout_s,
         )  # fmt: skip
         relay.send()

@@ -21,11 +21,15 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
-from forwarder.table import Target, TargetReplica
-from forwarder.upstream import Connection
+from forwarder.balance import Balancer
+from forwarder.metrics import RequestStats
+from forwarder.table import RoutingTable, Target, TargetReplica
+from forwarder.upstream import Connection, UpstreamPool
 from forwarder.usage import StreamUsage, usage_from_json
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from forwarder.proxy import Forwarder
 
 WHOLE_BODY_MAX_BYTES = 1024 * 1024  # replies this small with a length are read, then passed on
@@ -56,6 +60,23 @@ class Reply(Protocol):
         out (its 504), or none would take the request (CapacityError)."""
 
 
+class Plane:
+    """What every relay of one process reads, made by its `Forwarder`: compiled, plain struct
+    reads instead of attribute lookups on the forwarder."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self.pool: UpstreamPool = forwarder.pool
+        self.balancer: Balancer = forwarder.balancer
+        self.stats: RequestStats = forwarder.metrics.stats
+        self.retries: Counter = forwarder.metrics.retries
+        self.timeout_s: float = forwarder.limits.timeout_s
+        self.table: RoutingTable = forwarder.table  # the current one (`Forwarder.update`)
+        self.loop: asyncio.AbstractEventLoop | None = None  # once started
+        self.waiting: set[Relay] = set()  # sent, reply not complete
+        self.connecting: set[asyncio.Task[Connection]] = set()
+
+
 class Relay:
     """One request in flight to a replica (a `forwarder.upstream.ReplySink`)."""
 
@@ -64,7 +85,6 @@ class Relay:
         "body",
         "conn",
         "done",
-        "forwarder",
         "headed",
         "headers",
         "heard_at",
@@ -73,6 +93,7 @@ class Relay:
         "overhead_s",
         "parts",
         "path",
+        "plane",
         "replica",
         "reply",
         "sent_at",
@@ -89,7 +110,7 @@ class Relay:
 
     def __init__(
         self,
-        forwarder: Forwarder,
+        plane: Plane,
         target: Target,
         replica: TargetReplica,
         path: bytes,
@@ -101,7 +122,7 @@ class Relay:
         waited_s: float,
         timeout_s: float,
     ) -> None:
-        self.forwarder = forwarder
+        self.plane = plane
         self.target = target
         self.replica = replica
         self.path = path
@@ -111,7 +132,7 @@ class Relay:
         self.stream = stream
         self.started_at = started_at  # perf_counter() when the request arrived
         self.waited_s = waited_s  # for a replica: a cold start or a full cap
-        self.timeout_s = timeout_s or target.timeout_s or forwarder.limits.timeout_s
+        self.timeout_s = timeout_s or target.timeout_s or plane.timeout_s
         self.sent_at = started_at
         self.heard_at = 0.0  # perf_counter() of the send or of the last upstream event
         self.conn: Connection | None = None
@@ -129,18 +150,19 @@ class Relay:
 
     # sending
     def send(self) -> None:
-        pool = self.forwarder.pool
+        plane = self.plane
         address = self.replica.address
-        conn = pool.take(address)
+        conn = plane.pool.take(address)
         if conn is not None:
             self._send(conn)
             return
-        task = self.forwarder.loop.create_task(pool.connect(address))
-        self.forwarder.connecting.add(task)
+        assert plane.loop is not None, "Forwarder.start() was not awaited"
+        task = plane.loop.create_task(plane.pool.connect(address))
+        plane.connecting.add(task)
         task.add_done_callback(self._connected)
 
     def _connected(self, task: asyncio.Task[Connection]) -> None:
-        self.forwarder.connecting.discard(task)
+        self.plane.connecting.discard(task)
         if task.cancelled():  # the api is shutting down
             self._fail(UpstreamError("the appliance is shutting down", status_code=503))
             return
@@ -157,8 +179,8 @@ class Relay:
     def _send(self, conn: Connection) -> None:
         self.conn = conn
         self.heard_at = self.sent_at = time.perf_counter()
-        self.forwarder.waiting.add(self)
-        head = self.forwarder.pool.json_post_head(self.path, self.replica.address)
+        self.plane.waiting.add(self)
+        head = self.plane.pool.json_post_head(self.path, self.replica.address)
         body = self.body
         if len(body) <= SMALL_BODY_BYTES:
             conn.send(b"%b%d\r\n\r\n%b" % (head, len(body), body), self)
@@ -170,9 +192,9 @@ class Relay:
     def _again(self, *, failed: bool) -> None:
         """No reply byte came back: send the request again, to another replica if one is free,
         else to the same one after a pause; give up after CONNECT_ATTEMPTS."""
-        fwd = self.forwarder
-        fwd.waiting.discard(self)
-        fwd.balancer.done(self.target, self.replica.id, not failed)
+        plane = self.plane
+        plane.waiting.discard(self)
+        plane.balancer.done(self.target, self.replica.id, not failed)
         self.held = False
         self.attempts += 1
         if self.attempts >= CONNECT_ATTEMPTS:
@@ -180,20 +202,21 @@ class Relay:
             name = self.target.name
             self.reply.on_failed(UpstreamError(f"no replica of {name!r} accepted the request"))
             return
-        fwd.metrics.retries.labels(self.target.name).inc()
+        plane.retries.labels(self.target.name).inc()
         tried = self.tried = self.tried or set()
         tried.add(self.replica.id)
-        replica = fwd.balancer.try_acquire(self.target, tried)
+        replica = plane.balancer.try_acquire(self.target, tried)
         if replica is not None:
             self.replica, self.held = replica, True
             self.send()
             return
-        fwd.loop.call_later(RETRY_PAUSE_S, self._same_again)
+        assert plane.loop is not None
+        plane.loop.call_later(RETRY_PAUSE_S, self._same_again)
 
     def _same_again(self) -> None:
         if self.done:
             return
-        replica = self.forwarder.balancer.try_acquire(self.target, None)
+        replica = self.plane.balancer.try_acquire(self.target, None)
         if replica is None:
             self._finish(503, ok=True)
             name = self.target.name
@@ -255,7 +278,7 @@ class Relay:
             # No reply at all. A pooled connection the replica had closed is no failure of
             # the replica: its other idle ones are likely stale too.
             if conn.reused:
-                self.forwarder.pool.drop(self.replica.address)
+                self.plane.pool.drop(self.replica.address)
             self._again(failed=not conn.reused)
             return
         self._fail(UpstreamError(f"the replica failed mid-reply: {reason}"))
@@ -308,14 +331,14 @@ class Relay:
         if self.done:
             return
         self.done = True
-        fwd = self.forwarder
-        fwd.waiting.discard(self)
+        plane = self.plane
+        plane.waiting.discard(self)
         if self.held:
             self.held = False
-            fwd.balancer.done(self.target, self.replica.id, ok)
+            plane.balancer.done(self.target, self.replica.id, ok)
         ttft_s = self.ttft_s if self.ttft_s >= 0 else None
         overhead_s = self.overhead_s if self.overhead_s >= 0 else None
         duration_s = time.perf_counter() - self.started_at
-        fwd.metrics.stats.add(
+        plane.stats.add(
             self.target.name, self.key_id, status, duration_s, overhead_s, ttft_s, usage
         )

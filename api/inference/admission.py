@@ -1,26 +1,27 @@
 """The one admission step of inference requests, in the order every entry applies it: who calls
-(`caller_for`: a key, verified; 401), whether the key may (`check_scope`; 403), whether it is
-within its counted limits (requests per minute and in flight: `api/limits.py`; 429), what the
-request asks for and whether its key allows that many tokens (`cap_tokens`; 429), which
-endpoint it may call (`find_target`: the tenancy rule of `Caller.may_infer`; 404), and a
-replica (`forwarder/proxy.py`; 503).
+(a key, verified; 401), whether the key may (`check_scope`; 403), whether it is within its
+counted limits (requests per minute and in flight: `api/limits.py`; 429), whether it asks for
+more tokens than the key allows (`cap_tokens`; 429), which endpoint it may call
+(`visible_target`: the tenancy rule of `Caller.may_infer`; 404), and a replica
+(`forwarder/proxy.py`; 503).
 
 Every inference entry calls these and nothing else decides: the relayed routes
-(`api/inference/call.py`, on either transport), async tasks and batch lines
+(`api/inference/call.Call._admit`, on either transport), async tasks and batch lines
 (`api/routes/tasks.py`, `api/routes/batches.py`) and the playground. So a request refused for
-one reason gets the same status, in its route's envelope, wherever it was sent.
+one reason gets the same status, in its route's envelope, wherever it was sent. Each step that
+may have to wait has a synchronous form that answers at once when it can (`Keys.known`,
+`visible_target`) and says so when it cannot; the waiting is the caller's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.concurrency import run_in_threadpool
 
-from api.callers import known_caller
-from api.inference.resume import in_task
 from appliance.errors import (
     AuthError,
     BadRequestError,
@@ -31,7 +32,7 @@ from appliance.errors import (
 from appliance.keys import Caller
 from forwarder.paths import BY_ID, BY_MODEL
 from forwarder.refresh import load_table
-from forwarder.table import Target
+from forwarder.table import RoutingTable, Target
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -45,15 +46,19 @@ RELOAD_ON_MISS_S: Final = 0.5
 NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
 
 
-async def caller_for(state: AppState, key: str | None) -> Caller:
-    """The caller of a key: from the key cache when verified lately (no wait), else verified
-    against SQLite off the event loop. AuthError (401) for a missing or invalid key."""
+def need_key(key: str | None) -> str:
     if not key:
         raise AuthError(NO_KEY)
-    caller = known_caller(state, key)
+    return key
+
+
+async def caller_for(state: AppState, key: str | None) -> Caller:
+    """The caller of a key: from the key cache when verified lately, else verified against
+    SQLite off the event loop. AuthError (401) for a missing or invalid key."""
+    key = need_key(key)
+    caller = state.key_cache.known(key)
     if caller is None:
-        await in_task()
-        found: Caller = await run_in_threadpool(state.verify_key, key)
+        found: Caller = await run_in_threadpool(state.key_cache.verify, key)
         return found
     return caller
 
@@ -63,13 +68,13 @@ def check_scope(caller: Caller) -> None:
         raise ForbiddenError(f"this key lacks the {SCOPE!r} scope")
 
 
-def cap_tokens(caller: Caller, payload: dict[str, Any], *, inject: bool) -> bool:
+def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
     """Refuse (429) a request that asks for more tokens than its key allows, by any of
     TOKEN_FIELDS, as an integer, a float or a number in a string. When it names none and the
     key has a cap, the cap becomes its limit if `inject` (a generating OpenAI route): then
     `payload` gets `max_tokens` and True is returned, so the caller sends the changed body."""
     most = caller.limits.max_tokens_per_request
-    if not most:
+    if not most or not isinstance(payload, dict):
         return False
     named = False
     for name in TOKEN_FIELDS:
@@ -102,16 +107,23 @@ def _count(name: str, asked: object) -> float:
     return count
 
 
+def visible_target(table: RoutingTable, caller: Caller, selector: str, value: str) -> Target | None:
+    """The endpoint the request names, if the caller may send it inference (for one it may
+    not, the same 404 as for one that does not exist); None when it is not in `table`: the
+    caller then reloads the table once (`may_reload`, `reloaded`) or answers `missing`."""
+    target = table.by_id.get(value) if selector == BY_ID else table.by_name.get(value)
+    if target is not None and not caller.may_infer(target.owner, target.public):
+        raise missing(selector, value)
+    return target
+
+
 async def find_target(state: AppState, caller: Caller, selector: str, value: str) -> Target:
-    """The endpoint the request names, if the caller may send it inference; else the same
-    404 as for one that does not exist."""
-    if selector == BY_ID:
-        target = state.forwarder.table.by_id.get(value)
-    else:
-        target = state.forwarder.table.by_name.get(value)
+    """`visible_target`, after one reload of the table on a miss (for routes that may await)."""
+    target = visible_target(state.forwarder.table, caller, selector, value)
     if target is None:
-        target = await _reloaded(state, selector, value)
-    if target is None or not caller.may_infer(target.owner, target.public):
+        await fresh_table(state, time.monotonic())
+        target = visible_target(state.forwarder.table, caller, selector, value)
+    if target is None:
         raise missing(selector, value)
     return target
 
@@ -124,15 +136,22 @@ def missing(selector: str, value: str) -> NoSuchEndpointError:
     return NoSuchEndpointError(f"no endpoint named {value!r}", field=selector)
 
 
-async def _reloaded(state: AppState, selector: str, value: str) -> Target | None:
-    """A miss re-reads the table (at most every RELOAD_ON_MISS_S), so an endpoint created a
-    moment ago is found before the next periodic refresh."""
+async def fresh_table(state: AppState, since: float) -> None:
+    """Wait for a reload of the routing table that began after `since` (a lookup missed then):
+    an endpoint created a moment ago is found before the next periodic refresh. Misses share
+    reloads, which begin at most every RELOAD_ON_MISS_S: names that do not exist cost the
+    database one read per interval, however many there are."""
     forwarder = state.forwarder
-    now = time.monotonic()
-    if now - forwarder.loaded_at < RELOAD_ON_MISS_S:
-        return None
-    forwarder.loaded_at = now
-    await in_task()
+    while forwarder.loaded_at <= since:
+        if forwarder.reloading is None or forwarder.reloading.done():
+            delay = forwarder.loaded_at + RELOAD_ON_MISS_S - time.monotonic()
+            forwarder.reloading = asyncio.ensure_future(_reload(state, delay))
+        await asyncio.shield(forwarder.reloading)
+
+
+async def _reload(state: AppState, delay: float) -> None:
+    if delay > 0:
+        await asyncio.sleep(delay)
+    forwarder = state.forwarder
+    forwarder.loaded_at = time.monotonic()
     forwarder.update(await run_in_threadpool(load_table, state.engine))
-    table = forwarder.table
-    return table.by_id.get(value) if selector == BY_ID else table.by_name.get(value)

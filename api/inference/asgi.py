@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import parse_key
-from api.inference.call import Call
+from api.inference.call import Call, Core
 from api.inference.llm_engine import CompletionCall, TaskCall
 from appliance.errors import BodyTooLargeError
 from appliance.keys import Caller
 from forwarder.paths import BY_PATH, COMPLETION, TASK, InferencePath
 from forwarder.relay import Headers
-
-if TYPE_CHECKING:
-    from api.deps import AppState
 
 QUEUED_MAX: Final = 64  # messages waiting for the client before the relay pauses
 END: Final[Message] = {"type": "http.response.body", "body": b"", "more_body": False}
@@ -33,7 +30,7 @@ class ConnectionCutError(Exception):
 
 
 def make_call(
-    state: AppState,
+    core: Core,
     entry: InferencePath,
     client: Any,
     key: str | None,
@@ -42,10 +39,10 @@ def make_call(
 ) -> Call:
     """The call for a request to `entry`, in its route's shape (used by both transports)."""
     if entry.shape == COMPLETION:
-        return CompletionCall(state, entry, client, key, query, caller)
+        return CompletionCall(core, entry, client, key, query, caller)
     if entry.shape == TASK:
-        return TaskCall(state, entry, client, key, query, caller)
-    return Call(state, entry, client, key, query, caller)
+        return TaskCall(core, entry, client, key, query, caller)
+    return Call(core, entry, client, key, query, caller)
 
 
 class InferenceRoutes:
@@ -58,13 +55,13 @@ class InferenceRoutes:
         if scope["type"] == "http" and scope["method"] == "POST":
             entry = BY_PATH.get(scope["path"])
             if entry is not None:
-                await serve(scope["app"].state.appliance, entry, scope, receive, send)
+                await serve(scope["app"].state.inference, entry, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 async def serve(
-    state: AppState,
+    core: Core,
     entry: InferencePath,
     scope: Scope,
     receive: Receive,
@@ -77,11 +74,11 @@ async def serve(
     client = AsgiClient(send)
     key = None if caller is not None else key_of(scope)
     query = scope.get("query_string", b"").decode("latin-1")
-    call = make_call(state, entry, client, key, query, caller)
+    call = make_call(core, entry, client, key, query, caller)
     client.call = call
     if body is None:
         try:
-            body = await read_body(scope, receive, state.settings.max_body_bytes)
+            body = await read_body(scope, receive, core.max_body_bytes)
         except BodyTooLargeError as exc:
             call.refuse(exc)
             await client.drain()

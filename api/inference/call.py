@@ -8,10 +8,11 @@ untouched, errors in the route's envelope, in band once a stream began. A stream
 wait for a replica (a cold start, a full cap) starts its SSE reply at once and sends keep-alive
 comments while it waits. LLM Engine's shapes are the subclasses in `llm_engine.py`.
 
-The admission is one coroutine (`_admit`). `start` drives it by hand: when nothing in it waits
-(a key verified lately, no limit counted in Redis, an endpoint in the table, a replica free
-now: the usual case) it runs to its end with no task made; only when it does wait is the rest
-handed to a task (`api/inference/resume.py`).
+The admission is written once, in `_admit`, as plain calls in order. Where a step cannot answer
+at once (a key to verify in SQLite, a limit to count in Redis, an endpoint to look up after a
+reload, a replica to wait for), that one wait runs in a task, which then comes back to
+`_admit`; the usual request (a key verified lately, no counted limit, a replica free now) runs
+it straight through with no task, future or coroutine.
 """
 
 from __future__ import annotations
@@ -19,20 +20,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Coroutine
 from json.scanner import make_scanner
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from pydantic import ValidationError
 
+from api.callers import Keys
 from api.errors import answer, invalid, openai_error, status_of
 from api.inference import admission
-from api.inference.resume import in_task, resumed
-from api.limits import Release
+from api.limits import Limiter, Release
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
 from appliance.keys import Caller
 from forwarder.paths import OPENAI, InferencePath
-from forwarder.relay import Headers, Relay
-from forwarder.table import Target
+from forwarder.proxy import Forwarder
+from forwarder.relay import Headers, Plane, Relay
+from forwarder.table import Target, TargetReplica
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -42,12 +45,11 @@ SSE_HEADERS: Final = [
     (b"cache-control", b"no-cache"),
 ]
 KEEPALIVE: Final = b": keep-alive\n\n"
+MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
 # json.loads(bytes) would first guess the encoding, a third of its cost; and the scanner that
 # JSONDecoder.raw_decode wraps, called directly, saves an interpreted frame (typeshed types
 # its argument as a scanner; it reads a decoder's settings, as json does)
 _scan = make_scanner(cast(Any, json.JSONDecoder()))
-MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
-RELEASING: set[asyncio.Future[None]] = set()  # slots being given back (kept from the collector)
 
 
 class Client(Protocol):
@@ -71,6 +73,24 @@ class Client(Protocol):
         """The reply broke after its head went out: the client must see a short reply."""
 
 
+class Core:
+    """What every call of one api process reads, made in the lifespan: compiled, plain struct
+    reads instead of attribute lookups on the app's state."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.keys: Keys = state.key_cache
+        self.forwarder: Forwarder = state.forwarder
+        self.plane: Plane = state.forwarder.plane
+        self.limiter: Limiter = state.limiter
+        settings = state.settings
+        self.hold_s: float = settings.activation_timeout_s
+        self.keepalive_s: float = settings.stream_keepalive_s
+        self.max_body_bytes: int = settings.max_body_bytes
+        self.cors: bool = bool(settings.cors_origins)
+        self.waits: set[asyncio.Future[Any]] = set()  # waits and releases (kept from the GC)
+
+
 class InvalidRequestError(Exception):
     """A request that fails its route's validation (pydantic's problems): 422, or 400 on
     OpenAI's routes."""
@@ -80,53 +100,39 @@ class InvalidRequestError(Exception):
         self.problems = problems
 
 
-class Ask:
-    """What an admitted request asks of a replica."""
-
-    __slots__ = ("body", "name", "path", "payload", "stream", "timeout_s")
-
-    def __init__(
-        self,
-        name: str,
-        payload: Any,
-        body: bytes,
-        stream: bool,
-        path: str = "",
-        timeout_s: float = 0.0,
-    ) -> None:
-        self.name = name  # the endpoint, as the route's selector names it
-        self.payload = payload  # the replica's request, parsed
-        self.body = body  # ... as bytes; b"": made from `payload`
-        self.stream = stream
-        self.path = path  # the replica's; "" when the endpoint decides
-        self.timeout_s = timeout_s  # 0: the endpoint's or the api's
-
-
 class Call:
     """One inference request: admitted, relayed, answered (a `forwarder.relay.Reply`)."""
 
     def __init__(
         self,
-        state: AppState,
+        core: Core,
         entry: InferencePath,
         client: Client,
         key: str | None,
         query: str,
         caller: Caller | None,
     ) -> None:
-        self.state = state
+        self.core = core
         self.entry = entry
         self.client = client
         self.key = key
         self.query = query  # the request's query string
-        self.caller = caller  # given when the route authenticated already (the playground)
+        self.caller = caller  # known once verified (or given: the playground's)
         self.started_at = time.perf_counter()
         self.key_id = "-"
+        self.counted = False  # the key's counted limits were checked
+        self.may_reload = True
+        self.release: Release | None = None
+        self.body = b""  # the request's, then the replica's
+        self.name = ""  # the endpoint as the route's selector names it
+        self.payload: Any = None  # the replica's request, parsed
+        self.changed = False  # `payload` was changed: `body` is made again from it
+        self.stream = False
+        self.path = ""  # the replica's; "" until known
+        self.timeout_s = 0.0  # 0: the endpoint's or the api's
         self.target: Target | None = None
         self.relay: Relay | None = None
         self.task: asyncio.Task[None] | None = None
-        self.release: Release | None = None
-        self.stream = False
         self.held = False  # an SSE reply began while waiting for a replica
         self.started = False  # the client has the reply's head
         self.length = -1
@@ -137,72 +143,120 @@ class Call:
 
     # admission
     def start(self, body: bytes) -> None:
-        coro = self._admit(body)
-        try:
-            waiting = coro.send(None)
-        except StopIteration:
-            return
-        self.task = asyncio.get_running_loop().create_task(resumed(coro, waiting))
+        self.body = body
+        self._admit()
 
-    async def _admit(self, body: bytes) -> None:
-        state = self.state
+    def _admit(self) -> None:
+        """The one admission step (`api/inference/admission.py`), in its order. A step that
+        must wait does so in a task (`_wait`), which comes back here."""
+        core = self.core
         try:
             caller = self.caller
             if caller is None:
-                caller = await admission.caller_for(state, self.key)
+                caller = core.keys.known(admission.need_key(self.key))
+                if caller is None:
+                    self._wait(self._verify())
+                    return
+                self.caller = caller
             admission.check_scope(caller)
             self.key_id = caller.key_id
-            self.release = await state.limiter.admit(caller)
-            ask = self.interpret(body)
-            if admission.cap_tokens(caller, ask.payload, inject=self.injects(ask)):
-                ask.body = b""
-            target = await admission.find_target(state, caller, self.entry.selector, ask.name)
+            if not self.counted and caller.limits.counted():
+                self._wait(self._count(caller))
+                return
+            self.interpret(self.body)
+            if admission.cap_tokens(caller, self.payload, inject=self.injects()):
+                self.changed = True
+            selector = self.entry.selector
+            target = admission.visible_target(core.plane.table, caller, selector, self.name)
+            if target is None:
+                if self.may_reload:  # once: after a fresh table, a miss is a 404
+                    self._wait(self._reload(time.monotonic()))
+                    return
+                raise admission.missing(selector, self.name)
             self.target = target
-            await self._relay(target, ask)
+            self._replica(target)
         except ApplianceError as exc:
             self.refuse(exc)
         except ValidationError as exc:
             self._invalid(list(exc.errors(include_url=False)))
         except InvalidRequestError as exc:
             self._invalid(exc.problems)
-        except asyncio.CancelledError:
-            self._settle()  # the client went away while it waited
 
-    async def _relay(self, target: Target, ask: Ask) -> None:
-        path = ask.path or self.path_for(target, ask)
-        body = ask.body or json.dumps(ask.payload).encode()
-        self.stream = ask.stream
-        fwd = self.state.forwarder
-        replica = fwd.balancer.try_acquire(target, None)
-        waited = 0.0
+    def _replica(self, target: Target) -> None:
+        self.path = self.path or self.path_for(target)
+        if self.changed:
+            self.body = json.dumps(self.payload).encode()
+        replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
-            if ask.stream:
+            if self.stream:
                 self._hold()
-            await in_task()
-            target, replica, waited = await fwd.acquire(
-                target, self.state.settings.activation_timeout_s
-            )
+            self._wait(self._acquire(target))
+            return
+        self._send(target, replica, 0.0)
+
+    def _send(self, target: Target, replica: TargetReplica, waited_s: float) -> None:
         relay = Relay(
-            fwd, target, replica, path.encode(), body, self, self.key_id,
-            ask.stream, self.started_at, waited, ask.timeout_s,
+            self.core.plane, target, replica, self.path.encode(), self.body, self, self.key_id,
+            self.stream, self.started_at, waited_s, self.timeout_s,
         )  # fmt: skip
         self.relay = relay
         relay.send()
 
-    def interpret(self, body: bytes) -> Ask:
-        """The request as the replica gets it (OpenAI's routes: the body itself)."""
+    def _wait(self, step: Coroutine[Any, Any, bool]) -> None:
+        task = asyncio.get_running_loop().create_task(self._waiting(step))
+        self.task = task
+        self.core.waits.add(task)
+        task.add_done_callback(self.core.waits.discard)
+
+    async def _waiting(self, step: Coroutine[Any, Any, bool]) -> None:
+        try:
+            again = await step
+        except ApplianceError as exc:
+            self.refuse(exc)
+            return
+        except asyncio.CancelledError:
+            self._settle()  # the client went away while it waited
+            return
+        self.task = None
+        if again:
+            self._admit()
+
+    async def _verify(self) -> bool:
+        self.caller = await admission.caller_for(self.core.state, self.key)
+        return True
+
+    async def _count(self, caller: Caller) -> bool:
+        self.release = await self.core.limiter.admit(caller)
+        self.counted = True
+        return True
+
+    async def _reload(self, since: float) -> bool:
+        await admission.fresh_table(self.core.state, since)
+        self.may_reload = False
+        return True
+
+    async def _acquire(self, target: Target) -> bool:
+        target, replica, waited = await self.core.forwarder.acquire(target, self.core.hold_s)
+        self._send(target, replica, waited)
+        return False
+
+    def interpret(self, body: bytes) -> None:
+        """What the request asks of the replica (OpenAI's routes: the body itself)."""
         payload = parse_object(body)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequestError("`model` must name an endpoint", field="model")
-        stream = payload.get("stream") is True if self.entry.stream < 0 else self.entry.stream > 0
-        return Ask(model, payload, body, stream, self.entry.upstream)
+        self.name = model
+        self.payload = payload
+        entry = self.entry
+        self.stream = payload.get("stream") is True if entry.stream < 0 else entry.stream > 0
+        self.path = entry.upstream
 
-    def injects(self, ask: Ask) -> bool:
+    def injects(self) -> bool:
         """Whether a key's token cap becomes the limit of a request that names none."""
         return self.entry.generates
 
-    def path_for(self, target: Target, ask: Ask) -> str:
+    def path_for(self, target: Target) -> str:
         """The replica's path when the route does not fix it (LLM Engine's tasks)."""
         return self.entry.upstream
 
@@ -224,7 +278,7 @@ class Call:
         """A refusal once the endpoint is known counts in its metrics."""
         if self.target is not None:
             duration_s = time.perf_counter() - self.started_at
-            stats = self.state.forwarder.metrics.stats
+            stats = self.core.plane.stats
             stats.add(self.target.name, self.key_id, status, duration_s, None, None, None)
 
     def _hold(self) -> None:
@@ -234,10 +288,9 @@ class Call:
         self._keep_alive()
 
     def _keep_alive(self) -> None:
-        if not self.held or self.over:
-            return
-        every_s = self.state.settings.stream_keepalive_s
-        self.keepalive = asyncio.get_running_loop().call_later(every_s, self._tick)
+        if self.held and not self.over:
+            loop = asyncio.get_running_loop()
+            self.keepalive = loop.call_later(self.core.keepalive_s, self._tick)
 
     def _tick(self) -> None:
         self.keepalive = None
@@ -343,8 +396,8 @@ class Call:
         release, self.release = self.release, None
         if release is not None:
             releasing = asyncio.ensure_future(release())
-            RELEASING.add(releasing)
-            releasing.add_done_callback(RELEASING.discard)
+            self.core.waits.add(releasing)
+            releasing.add_done_callback(self.core.waits.discard)
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

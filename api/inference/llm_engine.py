@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from api.errors import status_of
-from api.inference.call import SSE_HEADERS, Ask, Call, Client, InvalidRequestError
+from api.inference.call import SSE_HEADERS, Call, InvalidRequestError
 from api.inference.schemas import CompletionV1Request, SyncEndpointPredictV1Request
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
-from appliance.keys import Caller
 from forwarder import llm_engine
-from forwarder.paths import CHAT, COMPLETIONS, InferencePath
+from forwarder.paths import CHAT, COMPLETIONS
 from forwarder.relay import Headers
 from forwarder.table import Target
-
-if TYPE_CHECKING:
-    from api.deps import AppState
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MISSING = "Field required"
@@ -111,27 +106,22 @@ class LlmEngineCall(Call):
 class CompletionCall(LlmEngineCall):
     """`/v1/llm/completions-sync|stream`."""
 
-    def __init__(
-        self,
-        state: AppState,
-        entry: InferencePath,
-        client: Client,
-        key: str | None,
-        query: str,
-        caller: Caller | None,
-    ) -> None:
-        super().__init__(state, entry, client, key, query, caller)
+    request_id: str
+    translator: llm_engine.StreamTranslator
+
+    def interpret(self, body: bytes) -> None:
         self.request_id = uuid.uuid4().hex
         self.translator = llm_engine.StreamTranslator(self.request_id)
-
-    def interpret(self, body: bytes) -> Ask:
-        name = query_value(self.query, self.entry.selector)
+        self.name = query_value(self.query, self.entry.selector)
         request = CompletionV1Request.model_validate_json(body)
-        stream = self.entry.stream > 0
-        payload = llm_engine.completion_payload(request.model_dump(), name, stream=stream)
-        return Ask(name, payload, b"", stream, COMPLETIONS)
+        self.stream = self.entry.stream > 0
+        self.payload = llm_engine.completion_payload(
+            request.model_dump(), self.name, stream=self.stream
+        )
+        self.changed = True
+        self.path = COMPLETIONS
 
-    def injects(self, ask: Ask) -> bool:
+    def injects(self) -> bool:
         return False  # max_new_tokens is required
 
     def on_body(self, data: bytes) -> None:
@@ -162,37 +152,29 @@ class CompletionCall(LlmEngineCall):
 class TaskCall(LlmEngineCall):
     """`/v1/sync-tasks` and `/v1/streaming-tasks`."""
 
-    def __init__(
-        self,
-        state: AppState,
-        entry: InferencePath,
-        client: Client,
-        key: str | None,
-        query: str,
-        caller: Caller | None,
-    ) -> None:
-        super().__init__(state, entry, client, key, query, caller)
-        self.wrapper: llm_engine.TaskEvents | None = None
+    wrapper: llm_engine.TaskEvents | None = None
 
-    def interpret(self, body: bytes) -> Ask:
-        endpoint_id = query_value(self.query, self.entry.selector)
+    def interpret(self, body: bytes) -> None:
+        self.name = query_value(self.query, self.entry.selector)
         request = SyncEndpointPredictV1Request.model_validate_json(body)
         if request.args is None:
             raise BadRequestError(
                 "this endpoint takes `args` (url and cloudpickle are not served)", field="args"
             )
-        timeout_s = request.timeout_seconds or 0.0
-        return Ask(endpoint_id, request.args, b"", self.entry.stream > 0, "", timeout_s)
+        self.payload = request.args
+        self.changed = True
+        self.stream = self.entry.stream > 0
+        self.timeout_s = request.timeout_seconds or 0.0
 
-    def injects(self, ask: Ask) -> bool:
-        return isinstance(ask.payload, dict) and bool({"messages", "prompt"} & ask.payload.keys())
+    def injects(self) -> bool:
+        args = self.payload
+        return isinstance(args, dict) and bool({"messages", "prompt"} & args.keys())
 
-    def path_for(self, target: Target, ask: Ask) -> str:
-        args = ask.payload
+    def path_for(self, target: Target) -> str:
+        args = self.payload
         path = llm_engine.task_path(target.framework, target.predict_route, args)
         if isinstance(args, dict) and path in (CHAT, COMPLETIONS):
-            args["stream"] = ask.stream
-            ask.body = b""
+            args["stream"] = self.stream
         return path
 
     def refuse(self, exc: ApplianceError) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import http
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 from fastapi import FastAPI
 from uvicorn.config import Config
@@ -27,14 +27,11 @@ from uvicorn.server import ServerState
 
 from api.deps import parse_key
 from api.inference.asgi import make_call
-from api.inference.call import Call
+from api.inference.call import Call, Core
 from api.lane.glue import hand_over
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
 from forwarder.scan import SP, digits, field, named, starts
-
-if TYPE_CHECKING:
-    from api.deps import AppState
 
 MAX_HEAD_BYTES: Final = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
 PIPELINED_MAX_BYTES: Final = 64 * 1024  # buffered while a reply is in progress, then paused
@@ -201,9 +198,7 @@ class FrontProtocol(asyncio.Protocol):
         self.call: Call | None = None
         self.keep_alive = True
         self.chunked = False
-        self.state: AppState | None = None
-        self.max_body_bytes = 0
-        self.cors = False
+        self.core: Core | None = None
         self.serving = False  # in serve(): a reply finished within it does not re-enter it
         self.idle_timer: asyncio.TimerHandle | None = None  # armed once, re-armed when it fires
         self.idle_since: float | None = None  # loop time the last reply ended; None: busy
@@ -277,13 +272,13 @@ class FrontProtocol(asyncio.Protocol):
                 if len(buf) >= MAX_HEAD_BYTES:
                     self._hand_over()
                 return
-            state = self.state or self._find_state()
+            core = self.core or self._find_core()
             head = parse_head(buf, end)
             if (
-                state is None
+                core is None
                 or head is None
-                or head.length > self.max_body_bytes
-                or (head.origin and self.cors)
+                or head.length > core.max_body_bytes
+                or (head.origin and core.cors)
             ):
                 self._hand_over()
                 return
@@ -298,20 +293,16 @@ class FrontProtocol(asyncio.Protocol):
                 key: str | None = authorization[7:].strip()
             else:
                 key = parse_key(authorization, head.api_key)
-            call = make_call(state, head.entry, self, key, head.query)
+            call = make_call(core, head.entry, self, key, head.query)
             self.call = call
-            state.forwarder.metrics.stats.fast_lane += 1
+            core.plane.stats.fast_lane += 1
             call.start(buf[end + 4 : total])
 
-    def _find_state(self) -> AppState | None:
-        """The appliance's state, once the app's lifespan made it (until then every request
-        goes to uvicorn, which answers as the app does while starting)."""
-        state: AppState | None = getattr(self.app.state, "appliance", None)
-        if state is not None:
-            self.max_body_bytes = state.settings.max_body_bytes
-            self.cors = bool(state.settings.cors_origins)
-        self.state = state
-        return state
+    def _find_core(self) -> Core | None:
+        """The inference core, once the app's lifespan made it (until then every request goes
+        to uvicorn, which answers as the app does while starting)."""
+        self.core = getattr(self.app.state, "inference", None)
+        return self.core
 
     def _idle(self) -> None:
         """Between requests: the keep-alive timeout runs from now."""

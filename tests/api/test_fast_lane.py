@@ -26,9 +26,10 @@ from tests.forwarder.test_async_support import (
     stop_all,
     stream_events,
 )
-from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
+from tests.harness import ADMIN_KEY, BUILD, Appliance, RedisServer, wait_until
 
 MODEL = "lane"
+BUILDS = ["compiled", "plain"] if BUILD == "compiled" else ["plain"]
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
 
 
@@ -39,9 +40,14 @@ def backend() -> Iterator[FakeBackend]:
     server.stop()
 
 
-def run_api(tmp_path: Path, redis: RedisServer, backend: FakeBackend, **env: str) -> Appliance:
+def run_api(
+    tmp_path: Path, redis: RedisServer, backend: FakeBackend, build: str = BUILD, **env: str
+) -> Appliance:
     appliance = Appliance(
-        tmp_path / "appliance", redis, env_extra={"APPLIANCE_ROUTING_REFRESH_S": "0.5", **env}
+        tmp_path / "appliance",
+        redis,
+        env_extra={"APPLIANCE_ROUTING_REFRESH_S": "0.5", **env},
+        build=build,
     )
     start_api(appliance)
     seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="sync")
@@ -54,9 +60,15 @@ def run_api(tmp_path: Path, redis: RedisServer, backend: FakeBackend, **env: str
     return appliance
 
 
-@pytest.fixture
-def api(tmp_path: Path, redis_server: RedisServer, backend: FakeBackend) -> Iterator[Appliance]:
-    appliance = run_api(tmp_path, redis_server, backend, APPLIANCE_UPSTREAM_TIMEOUT_S="1")
+@pytest.fixture(params=BUILDS)
+def api(
+    tmp_path: Path, redis_server: RedisServer, backend: FakeBackend, request: pytest.FixtureRequest
+) -> Iterator[Appliance]:
+    """The api on each build the run has: the compiled one when the test run is of it (as CI's
+    is), and always the plain one, which behaves the same."""
+    appliance = run_api(
+        tmp_path, redis_server, backend, request.param, APPLIANCE_UPSTREAM_TIMEOUT_S="1"
+    )
     yield appliance
     print(appliance.logs())
     stop_all(appliance)

@@ -10,8 +10,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from api.deps import AppState, StateDep
+from api.deps import StateDep
 from api.inference.asgi import serve
+from api.inference.call import Core
 from api.routes.ui.respond import need, page
 from api.ui_session import ChangeDep, SignedInDep
 from appliance.keys import Caller
@@ -48,32 +49,33 @@ class PlaygroundChat(BaseModel):
     endpoint: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1, max_length=200)
     temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1, le=32_768)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)  # None: the key's cap, if any
 
 
 @router.post("/playground/chat")
-async def playground_chat(body: PlaygroundChat, ui: ChangeDep, state: StateDep) -> Response:
+async def playground_chat(body: PlaygroundChat, ui: ChangeDep, request: Request) -> Response:
     """A streamed chat completion for the playground: an inference call like any other
     (`api/inference`), admitted for the signed-in key, counted in its metrics and usage."""
     payload = {
         "model": body.endpoint,
         "messages": [m.model_dump() for m in body.messages],
         "temperature": body.temperature,
-        "max_tokens": body.max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    return InferenceResponse(state, ui.caller, json.dumps(payload).encode())
+    if body.max_tokens is not None:
+        payload["max_tokens"] = body.max_tokens
+    return InferenceResponse(request.app.state.inference, ui.caller, json.dumps(payload).encode())
 
 
 class InferenceResponse(Response):
     """A response that is an inference call, answered through the ASGI transport."""
 
-    def __init__(self, state: AppState, caller: Caller, body: bytes) -> None:
+    def __init__(self, core: Core, caller: Caller, body: bytes) -> None:
         super().__init__()
-        self.state, self.caller, self.payload = state, caller, body
+        self.core, self.caller, self.payload = core, caller, body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await serve(
-            self.state, PLAYGROUND, scope, receive, send, caller=self.caller, body=self.payload
+            self.core, PLAYGROUND, scope, receive, send, caller=self.caller, body=self.payload
         )
