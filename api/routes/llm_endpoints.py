@@ -32,16 +32,9 @@ BUSY = (
 )
 
 
-def visible(endpoint: Endpoint, caller: Caller, *, for_inference: bool = False) -> bool:
-    """Teammates share endpoints; public ones are visible for listing and inference."""
-    if for_inference:
-        return caller.may_infer(endpoint.owner, endpoint.public_inference)
-    return caller.owns(endpoint.owner)
-
-
 def owned_by_name(name: str, caller: Caller, *, session: Session) -> Endpoint:
     endpoint = queries.endpoint_by_name(name, session=session)
-    if not visible(endpoint, caller):
+    if not caller.owns(endpoint.owner):
         raise NoSuchEndpointError(f"no endpoint named {name!r}")
     return endpoint
 
@@ -84,14 +77,16 @@ def read_llm_endpoints(
         query = query.where(Endpoint.name == name)
     newest = order_by == "newest"
     query = query.order_by(col(Endpoint.created_at).desc() if newest else col(Endpoint.created_at))
-    endpoints = [e for e in session.exec(query).all() if visible(e, caller, for_inference=True)]
+    endpoints = [
+        e for e in session.exec(query).all() if caller.may_infer(e.owner, e.public_inference)
+    ]
     return {"model_endpoints": [describe(e, session) for e in endpoints]}
 
 
 @router.get("/{name}")
 def read_llm_endpoint(name: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     endpoint = queries.endpoint_by_name(name, session=session)
-    if not visible(endpoint, caller, for_inference=True):
+    if not caller.may_infer(endpoint.owner, endpoint.public_inference):
         raise NoSuchEndpointError(f"no endpoint named {name!r}")
     return describe(endpoint, session)
 

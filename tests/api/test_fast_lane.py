@@ -49,14 +49,21 @@ def run_api(
         env_extra={"APPLIANCE_ROUTING_REFRESH_S": "0.5", **env},
         build=build,
     )
-    start_api(appliance)
-    seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="sync")
-    with appliance.client() as client:
-        wait_until(
-            lambda: client.post("/v1/chat/completions", content=chat("warm")).status_code == 200,
-            10,
-            "the seeded endpoint to answer",
-        )
+    try:
+        start_api(appliance)
+        seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="sync")
+        with appliance.client() as client:
+            wait_until(
+                lambda: (
+                    client.post("/v1/chat/completions", content=chat("warm")).status_code == 200
+                ),
+                10,
+                "the seeded endpoint to answer",
+            )
+    except BaseException:
+        print(appliance.logs())
+        stop_all(appliance)  # a failed start leaves no process behind
+        raise
     return appliance
 
 
