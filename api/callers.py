@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
+from time import monotonic
 from typing import Final
 
 from appliance import keys
@@ -41,8 +41,9 @@ class Keys:
         cached = self.entries.get(key)
         if cached is None or cached[1] is None:
             return None
-        if time.monotonic() - cached[0] < KEY_CACHE_TTL_S:
-            return self.cached(key)
+        age = monotonic() - cached[0]
+        if age < KEY_CACHE_TTL_S:
+            return self._fresh(key, cached[1], age)
         try:
             return self.verify(key, fresh=True)
         except AuthError:
@@ -61,17 +62,20 @@ class Keys:
         cached = self.entries.get(key)
         if cached is None:
             return None
-        age = time.monotonic() - cached[0]
+        age = monotonic() - cached[0]
         if age >= KEY_CACHE_TTL_S:
             return None
-        if age >= KEY_CACHE_TTL_S / 2 and cached[1] is not None:
+        return self._fresh(key, cached[1], age)
+
+    def _fresh(self, key: str, caller: keys.Caller | None, age: float) -> keys.Caller | None:
+        if age >= KEY_CACHE_TTL_S / 2 and caller is not None:
             self.reverify_soon(key)
-        return cached[1]
+        return caller
 
     def verify(self, key: str, *, fresh: bool = False) -> keys.Caller:
         """The key's caller, from the cache unless `fresh`, else read from SQLite (a blocking
         read: off the event loop but for `known`'s). AuthError when it is not valid."""
-        now = time.monotonic()
+        now = monotonic()
         cached = self.entries.get(key)
         if not fresh and cached is not None and now - cached[0] < KEY_CACHE_TTL_S:
             if cached[1] is None:

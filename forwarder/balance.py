@@ -9,8 +9,8 @@ and ejected set with it; the waiting, the ejecting and the health probes stay th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from time import time as wall_time
 from typing import TYPE_CHECKING
 
 from forwarder.shared import SharedCounts
@@ -66,7 +66,7 @@ class Balancer:
             live = tuple(r for r in live if r.id not in avoid)
         if not live:
             return None
-        self.last_request[target.endpoint_id] = time.time()
+        self.last_request[target.endpoint_id] = wall_time()
         return self.take(target, live)[0]
 
     def release(self, replica_id: str) -> None:

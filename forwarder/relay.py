@@ -17,7 +17,7 @@ Compiled with the rest of the hot path (`setup.py`): no task, future or coroutin
 from __future__ import annotations
 
 import asyncio
-import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
@@ -178,7 +178,7 @@ class Relay:
 
     def _send(self, conn: Connection) -> None:
         self.conn = conn
-        self.heard_at = self.sent_at = time.perf_counter()
+        self.heard_at = self.sent_at = perf_counter()
         self.plane.waiting.add(self)
         head = self.plane.pool.json_post_head(self.path, self.replica.address)
         body = self.body
@@ -227,7 +227,7 @@ class Relay:
 
     # the reply (forwarder.upstream.ReplySink)
     def on_head(self, status: int, headers: Headers, length: int | None) -> None:
-        self.heard_at = time.perf_counter()
+        self.heard_at = perf_counter()
         self.status = status
         self.headers = headers
         if not self.stream and length is not None and length <= WHOLE_BODY_MAX_BYTES:
@@ -239,7 +239,7 @@ class Relay:
         self.reply.on_head(status, headers, -1 if length is None else length)
 
     def on_body(self, data: bytes) -> None:
-        self.heard_at = now = time.perf_counter()
+        self.heard_at = now = perf_counter()
         if self.parts is not None:
             self.parts.append(data)
             return
@@ -284,7 +284,7 @@ class Relay:
         self._fail(UpstreamError(f"the replica failed mid-reply: {reason}"))
 
     def _whole(self, status: int, headers: Headers, body: bytes) -> None:
-        self._overhead(time.perf_counter())
+        self._overhead(perf_counter())
         usage = usage_from_json(body) if status == 200 else None
         self._finish(status, ok=status < 500, usage=usage)
         self.reply.on_whole(status, headers, body)
@@ -293,7 +293,7 @@ class Relay:
         """The appliance's own time: before the send, less any wait for a replica, plus the
         time since the reply was ready to go on (`ready_at`)."""
         before = self.sent_at - self.started_at - self.waited_s
-        self.overhead_s = before + (time.perf_counter() - ready_at)
+        self.overhead_s = before + (perf_counter() - ready_at)
 
     # ends
     def time_out(self) -> None:
@@ -338,7 +338,7 @@ class Relay:
             plane.balancer.done(self.target, self.replica.id, ok)
         ttft_s = self.ttft_s if self.ttft_s >= 0 else None
         overhead_s = self.overhead_s if self.overhead_s >= 0 else None
-        duration_s = time.perf_counter() - self.started_at
+        duration_s = perf_counter() - self.started_at
         plane.stats.add(
             self.target.name, self.key_id, status, duration_s, overhead_s, ttft_s, usage
         )

@@ -12,7 +12,7 @@ busy api reuses pooled ones.
 from __future__ import annotations
 
 import asyncio
-import time
+from time import monotonic
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
@@ -213,7 +213,7 @@ class UpstreamPool:
     def take(self, address: str) -> Connection | None:
         """An idle connection that is young enough to trust, or None."""
         idle = self.idle.get(address)
-        now = time.monotonic()
+        now = monotonic()
         while idle:
             conn = idle.pop()
             transport = conn.transport
@@ -239,7 +239,7 @@ class UpstreamPool:
             if conn.transport is not None:
                 conn.transport.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = monotonic()
         idle.append(conn)
 
     def forget(self, conn: Connection) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Coroutine
 from json.scanner import make_scanner
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from pydantic import ValidationError
@@ -118,7 +118,7 @@ class Call:
         self.key = key
         self.query = query  # the request's query string
         self.caller = caller  # known once verified (or given: the playground's)
-        self.started_at = time.perf_counter()
+        self.started_at = perf_counter()
         self.key_id = "-"
         self.counted = False  # the key's counted limits were checked
         self.may_reload = True
@@ -170,7 +170,7 @@ class Call:
             target = admission.visible_target(core.plane.table, caller, selector, self.name)
             if target is None:
                 if self.may_reload:  # once: after a fresh table, a miss is a 404
-                    self._wait(self._reload(time.monotonic()))
+                    self._wait(self._reload(monotonic()))
                     return
                 raise admission.missing(selector, self.name)
             self.target = target
@@ -277,7 +277,7 @@ class Call:
     def _record(self, status: int) -> None:
         """A refusal once the endpoint is known counts in its metrics."""
         if self.target is not None:
-            duration_s = time.perf_counter() - self.started_at
+            duration_s = perf_counter() - self.started_at
             stats = self.core.plane.stats
             stats.add(self.target.name, self.key_id, status, duration_s, None, None, None)
 
