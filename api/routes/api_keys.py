@@ -10,14 +10,15 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 
-from api.deps import CallerDep, SessionDep, StateDep
-from appliance import keys
+from api.deps import AddressDep, CallerDep, SessionDep, StateDep
+from appliance import audit, keys
 from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
+AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
 
 
 class CreateKeyRequest(BaseModel):
@@ -80,7 +81,11 @@ def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
 
 @router.post("", status_code=201)
 def create_api_key(
-    body: CreateKeyRequest, caller: CallerDep, session: SessionDep, state: StateDep
+    body: CreateKeyRequest,
+    caller: CallerDep,
+    session: SessionDep,
+    state: StateDep,
+    address: AddressDep,
 ) -> dict[str, Any]:
     _check_request(body, caller)
     expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
@@ -99,8 +104,15 @@ def create_api_key(
     row.max_queued_tasks = body.max_queued_tasks
     row.max_tokens_per_request = body.max_tokens_per_request
     session.add(row)
+    audit.record(session, caller, "key.create", row.id, recorded(row), address)
     session.commit()
     return {**public(row), "key": text}
+
+
+def recorded(row: ApiKey) -> dict[str, Any]:
+    """What the audit log keeps of a key: never its text, digest or prefix."""
+    shown = public(row)
+    return {name: shown[name] for name in AUDITED}
 
 
 def _visible(row: ApiKey | None, caller: Caller) -> ApiKey:
@@ -124,14 +136,18 @@ def read_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[st
 
 
 @router.delete("/{key_id}")
-def revoke_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+def revoke_api_key(
+    key_id: str, caller: CallerDep, session: SessionDep, address: AddressDep
+) -> dict[str, Any]:
     row = _visible(session.get(ApiKey, key_id), caller)
-    revoke(row, session)
+    revoke(row, caller, session, address=address)
     return public(row)
 
 
-def revoke(row: ApiKey, session: Session) -> None:
+def revoke(row: ApiKey, caller: Caller, session: Session, *, address: str | None) -> None:
     if row.revoked_at is None:
         row.revoked_at = time.time()
         session.add(row)
+        change = {"name": row.name, "team": row.owner, "user": row.user}
+        audit.record(session, caller, "key.revoke", row.id, change, address)
         session.commit()
