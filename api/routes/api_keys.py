@@ -19,6 +19,12 @@ from appliance.models import ApiKey
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
 AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
+LIMITS = (
+    "requests_per_minute",
+    "max_concurrent_requests",
+    "max_queued_tasks",
+    "max_tokens_per_request",
+)
 
 
 class CreateKeyRequest(BaseModel):
@@ -69,13 +75,7 @@ def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
         raise ForbiddenError("only an administrator may make keys for other users or teams")
     if body.admin or not set(body.scopes) <= caller.scopes:
         raise ForbiddenError("a key may not have scopes its maker lacks")
-    limits = (
-        "requests_per_minute",
-        "max_concurrent_requests",
-        "max_queued_tasks",
-        "max_tokens_per_request",
-    )
-    if any(getattr(body, name) is not None for name in limits):
+    if any(getattr(body, name) is not None for name in LIMITS):
         raise ForbiddenError("only an administrator may set a key's limits")
 
 
@@ -87,8 +87,23 @@ def create_api_key(
     state: StateDep,
     address: AddressDep,
 ) -> dict[str, Any]:
-    _check_request(body, caller)
     expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
+    row, text = make_key(body, caller, session, state, expires_at=expires, address=address)
+    return {**public(row), "key": text}
+
+
+def make_key(
+    body: CreateKeyRequest,
+    caller: Caller,
+    session: Session,
+    state: StateDep,
+    *,
+    expires_at: float | None,
+    address: str | None,
+) -> tuple[ApiKey, str]:
+    """Check, store and audit a new key (the route, the UI, the declared configuration);
+    returns its row and its text, which only the caller ever sees."""
+    _check_request(body, caller)
     row, text = keys.create_key(
         session=session,
         secret=state.key_secret,
@@ -97,16 +112,42 @@ def create_api_key(
         user=body.user or caller.user,
         scopes=tuple(keys.SCOPES if body.admin else body.scopes),
         is_admin=body.admin,
-        expires_at=expires,
+        expires_at=expires_at,
     )
-    row.requests_per_minute = body.requests_per_minute
-    row.max_concurrent_requests = body.max_concurrent_requests
-    row.max_queued_tasks = body.max_queued_tasks
-    row.max_tokens_per_request = body.max_tokens_per_request
+    for name in LIMITS:
+        setattr(row, name, getattr(body, name))
     session.add(row)
     audit.record(session, caller, "key.create", row.id, recorded(row), address)
     session.commit()
-    return {**public(row), "key": text}
+    return row, text
+
+
+def update_key(
+    row: ApiKey,
+    wanted: CreateKeyRequest,
+    caller: Caller,
+    session: Session,
+    *,
+    expires_at: float | None,
+    address: str | None,
+) -> dict[str, list[Any]]:
+    """Give a key the scopes, expiry and limits of `wanted` (admins: the declared
+    configuration); returns what changed, audited, or {} when nothing did."""
+    if not caller.is_admin:
+        raise ForbiddenError("only an administrator may change a key")
+    _check_request(wanted, caller)
+    before = recorded(row)
+    row.scopes = list(keys.SCOPES if wanted.admin else wanted.scopes)
+    row.is_admin, row.expires_at = wanted.admin, expires_at
+    for name in LIMITS:
+        setattr(row, name, getattr(wanted, name))
+    after = recorded(row)
+    change = {name: [before[name], after[name]] for name in AUDITED if before[name] != after[name]}
+    if change:
+        session.add(row)
+        audit.record(session, caller, "key.update", row.id, {"name": row.name, **change}, address)
+        session.commit()
+    return change
 
 
 def recorded(row: ApiKey) -> dict[str, Any]:
