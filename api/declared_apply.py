@@ -27,6 +27,7 @@ from api.routes import api_keys
 from api.routes.llm_endpoints import check_not_busy, commit_update, create_endpoint, delete_endpoint
 from api.schemas import CreateLLMEndpointRequest
 from appliance import queries
+from appliance.db import session_scope
 from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import ApiKey, Endpoint
@@ -164,41 +165,44 @@ def _replace_spec(endpoint: Endpoint, desired: Endpoint) -> bool:
 
 def apply_endpoints(
     plans: list[_EndpointPlan],
+    doomed: list[Endpoint],
     caller: Caller,
-    session: Session,
     state: AppState,
     *,
-    prune: bool,
     report: Report,
     address: str | None,
 ) -> None:
-    named = {p.body.name for p in plans}
-    doomed = [e for e in managed_endpoints(caller, session) if e.name not in named]
+    """Each change in a transaction of its own, through the endpoint routes' functions."""
     for plan in plans:
         name, existing = plan.body.name, plan.existing
         if existing is None:
             report.endpoints["created"].append(name)
             if not report.dry_run:
-                create_endpoint(
-                    plan.body, caller, session, state, address=address, owner=plan.desired.owner
-                )
+                with session_scope(state.engine) as session:
+                    owner = plan.desired.owner
+                    create_endpoint(plan.body, caller, session, state, address=address, owner=owner)
             continue
-        before = endpoint_changes.spec(existing)
-        change = endpoint_changes.changes(before, endpoint_changes.spec(plan.desired))
+        change = endpoint_changes.changes(
+            endpoint_changes.spec(existing), endpoint_changes.spec(plan.desired)
+        )
         if not change:
             report.endpoints["unchanged"].append(name)
             continue
         report.endpoints["updated"].append(name)
         report.changes[name] = endpoint_changes.summary(change)
         if not report.dry_run:
-            check_not_busy(existing)
-            rolls = _replace_spec(existing, plan.desired)
-            commit_update(existing, before, rolls, caller, session, state, address=address)
-    if prune:
-        for endpoint in doomed:
-            report.endpoints["deleted"].append(endpoint.name)
-            if not report.dry_run:
-                delete_endpoint(endpoint, caller, session, state, address=address)
+            with session_scope(state.engine) as session:
+                row = queries.endpoint_by_id(existing.id, session=session)
+                check_not_busy(row)
+                before = endpoint_changes.spec(row)
+                rolls = _replace_spec(row, plan.desired)
+                commit_update(row, before, rolls, caller, session, state, address=address)
+    for endpoint in doomed:
+        report.endpoints["deleted"].append(endpoint.name)
+        if not report.dry_run:
+            with session_scope(state.engine) as session:
+                row = queries.endpoint_by_id(endpoint.id, session=session)
+                delete_endpoint(row, caller, session, state, address=address)
 
 
 def _key_request(entry: KeyDeclared) -> api_keys.CreateKeyRequest:
@@ -240,82 +244,82 @@ def _check_keys(
             raise InvalidSpecError(f"keys[{i}]: expires_at is in the past", field="expires_at")
 
 
-def apply_keys(
-    document: Document,
-    caller: Caller,
-    session: Session,
-    state: AppState,
-    *,
-    prune: bool,
-    report: Report,
-    address: str | None,
-) -> None:
-    if document.keys is None:
-        return
+@dataclass(frozen=True)
+class _KeyPlan:
+    entries: list[tuple[KeyDeclared, ApiKey | None]]
+    revoked: list[ApiKey]
+
+
+def plan_keys(document: Document, caller: Caller, session: Session, *, prune: bool) -> _KeyPlan:
+    """Which declared keys exist (by team, user and name), and which active ones go."""
     if not caller.is_admin:
         raise ForbiddenError("only an administrator may declare keys")
     now = time.time()
     listed = active_keys(session, now)
     active: dict[tuple[str, str, str], ApiKey] = {}
-    for one in listed:
-        active.setdefault((one.owner, one.user, one.name), one)
-    _check_keys(document.keys, active, now)
-    matched: set[str] = set()
-    for entry in document.keys:
+    for row in listed:
+        active.setdefault((row.owner, row.user, row.name), row)
+    entries = document.keys or []
+    _check_keys(entries, active, now)
+    pairs = [(e, active.get((e.team, e.user, e.name))) for e in entries]
+    matched = {row.id for _, row in pairs if row is not None}
+    doomed = [r for r in listed if r.id not in matched and r.id != caller.key_id] if prune else []
+    return _KeyPlan(pairs, doomed)  # never revokes the key applying this
+
+
+def apply_keys(
+    plan: _KeyPlan, caller: Caller, state: AppState, *, report: Report, address: str | None
+) -> None:
+    for entry, found in plan.entries:
         label = f"{entry.name} ({entry.user} · {entry.team})"
-        row = active.get((entry.team, entry.user, entry.name))
-        if row is None:
-            if not report.dry_run:
-                row, text = api_keys.make_key(
-                    _key_request(entry),
-                    caller,
-                    session,
-                    state,
-                    expires_at=entry.expires_at,
-                    address=address,
-                )
-                report.keys["created"].append({"id": row.id, "label": label, "key": text})
-            else:
-                report.keys["created"].append({"label": label})
-            continue
-        matched.add(row.id)
-        if not _differs(row, entry):
+        if found is not None and not _differs(found, entry):
             report.keys["unchanged"].append(label)
             continue
-        report.keys["updated"].append(label)
-        if not report.dry_run:
-            api_keys.update_key(
-                row,
-                _key_request(entry),
-                caller,
-                session,
-                expires_at=entry.expires_at,
-                address=address,
-            )
-    if prune:
-        for one in listed:
-            if one.id in matched or one.id == caller.key_id:  # never the key applying this
+        if report.dry_run:
+            report.keys["created" if found is None else "updated"].append({"label": label})
+            continue
+        wanted = _key_request(entry)
+        with session_scope(state.engine) as session:
+            if found is None:
+                row, text = api_keys.make_key(
+                    wanted, caller, session, state, expires_at=entry.expires_at, address=address
+                )
+                report.keys["created"].append({"id": row.id, "label": label, "key": text})
                 continue
-            report.keys["revoked"].append(f"{one.name} ({one.user} · {one.owner})")
-            if not report.dry_run:
-                api_keys.revoke(one, caller, session, address=address)
+            row = session.get(ApiKey, found.id) or found
+            api_keys.update_key(
+                row, wanted, caller, session, expires_at=entry.expires_at, address=address
+            )
+            report.keys["updated"].append({"id": row.id, "label": label})
+    for doomed in plan.revoked:
+        report.keys["revoked"].append(f"{doomed.name} ({doomed.user} · {doomed.owner})")
+        if not report.dry_run:
+            with session_scope(state.engine) as session:
+                row = session.get(ApiKey, doomed.id) or doomed
+                api_keys.revoke(row, caller, session, address=address)
 
 
 def apply(
     document: Document,
     caller: Caller,
-    session: Session,
     state: AppState,
     *,
     prune: bool,
     dry_run: bool,
     address: str | None,
 ) -> Report:
+    """Check the whole document, then make each change in a transaction of its own."""
     report = Report(dry_run=dry_run)
-    if document.keys is not None and not caller.is_admin:
-        raise ForbiddenError("only an administrator may declare keys")
-    plans = plan_endpoints(document, caller, session, state)  # all checked before any change
+    with session_scope(state.engine) as session:
+        plans = plan_endpoints(document, caller, session, state)
+        named = {p.body.name for p in plans}
+        doomed = [e for e in managed_endpoints(caller, session) if e.name not in named]
+        keys = (
+            plan_keys(document, caller, session, prune=prune) if document.keys is not None else None
+        )
     if document.endpoints is not None:
-        apply_endpoints(plans, caller, session, state, prune=prune, report=report, address=address)
-    apply_keys(document, caller, session, state, prune=prune, report=report, address=address)
+        gone = doomed if prune else []
+        apply_endpoints(plans, gone, caller, state, report=report, address=address)
+    if keys is not None:
+        apply_keys(keys, caller, state, report=report, address=address)
     return report

@@ -35,13 +35,12 @@ def read_config(
 def apply_config(
     document: declared_apply.Document,
     caller: CallerDep,
-    session: SessionDep,
     state: StateDep,
     address: AddressDep,
     prune: bool = Query(False, description="Delete endpoints and revoke keys not named."),
     dry_run: bool = Query(False, description="Say what would change; change nothing."),
 ) -> dict[str, Any]:
     report = declared_apply.apply(
-        document, caller, session, state, prune=prune, dry_run=dry_run, address=address
+        document, caller, state, prune=prune, dry_run=dry_run, address=address
     )
     return dataclasses.asdict(report)
