@@ -22,7 +22,7 @@ from appliance.ids import new_id
 from appliance.models import Endpoint, EndpointStatus, Event, Replica, ReplicaState
 from appliance.settings import Settings
 from builder import metering, policy
-from builder.docker_engine import ContainerInfo, DockerEngine
+from builder.docker_engine import ContainerInfo
 from builder.reconcile import (
     Action,
     AdoptContainer,
@@ -36,6 +36,7 @@ from builder.reconcile import (
     SetStatus,
     StartReplica,
 )
+from builder.runtime import ContainerRuntime
 from builder.specs import ContainerSpec, container_spec
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Applier:
     """Carries out actions against Docker and the database; tells the api when routes change."""
 
     engine: Engine
-    docker: DockerEngine
+    docker: ContainerRuntime
     settings: Settings
     on_routes_changed: Callable[[], None]
 

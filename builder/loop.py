@@ -22,10 +22,11 @@ from appliance.db import session_scope
 from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import metering
 from builder.apply import Applier
-from builder.docker_engine import DockerEngine, DockerUnavailableError
+from builder.docker_engine import DockerUnavailableError
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.reconcile import Observed, SetDesired, plan
+from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command
 from gpu.inventory import GpuSource
@@ -54,7 +55,7 @@ class BuilderLoop:
     """Level-triggered: each tick sees the whole world, so a missed nudge costs one interval."""
 
     engine: Engine
-    docker: DockerEngine
+    docker: ContainerRuntime
     applier: Applier
     gpus: GpuSource
     redis: redis.Redis
