@@ -79,7 +79,15 @@ def read_lines(session: Session, query: usage.Query) -> list[usage.Line]:
     return usage.read(usage.driver(session), query)
 
 
-@router.get("/v1/usage")
+@router.get(
+    "/v1/usage",
+    responses={
+        200: {
+            "description": "Usage rows and totals (JSON), or the rows as CSV with format=csv.",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    },
+)
 def read_usage(
     caller: CallerDep,
     session: SessionDep,
