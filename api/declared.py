@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from api import endpoint_specs
 from api.schemas import VLLM_ARG_FIELDS
+from appliance import queries
 from appliance.keys import Caller
 from appliance.models import ApiKey, Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
@@ -111,8 +112,7 @@ def key_entry(row: ApiKey) -> dict[str, Any]:
 def managed_endpoints(caller: Caller, session: Session) -> list[Endpoint]:
     """The endpoints a caller's document speaks for: its team's, or every one for an admin."""
     query = select(Endpoint).where(col(Endpoint.status) != EndpointStatus.DELETE_IN_PROGRESS)
-    if not caller.is_admin:
-        query = query.where(col(Endpoint.owner) == caller.team)
+    query = queries.of_team(query, col(Endpoint.owner), caller)
     return list(session.exec(query.order_by(col(Endpoint.name))).all())
 
 

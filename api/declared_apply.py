@@ -107,7 +107,7 @@ def _parse_endpoint(i: int, entry: dict[str, Any], caller: Caller, state: AppSta
     where = f"endpoints[{i}]"
     if team is not None and not isinstance(team, str):
         raise InvalidSpecError(f"{where}.team must be a team name", field=f"{where}.team")
-    if team not in (None, caller.team) and not caller.is_admin:
+    if team is not None and not caller.owns(team):
         raise ForbiddenError(f"{where}: only an administrator may declare another team's endpoints")
     try:
         body = CreateLLMEndpointRequest.model_validate(fields)
@@ -136,7 +136,7 @@ def plan_endpoints(
         except NotFoundError:
             existing = None
         if existing is not None:
-            if not (caller.is_admin or existing.owner == caller.team):
+            if not caller.owns(existing.owner):
                 raise ConflictError(f"the endpoint name {body.name!r} is another team's")
             if (existing.framework, existing.endpoint_type) != (
                 desired.framework,

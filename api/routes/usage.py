@@ -61,10 +61,10 @@ def usage_query(
     now: float,
 ) -> usage.Query:
     """The read a caller may make: its own team's rows unless it is an admin; whole periods."""
+    if team is not None and not caller.owns(team):
+        raise ForbiddenError("only an administrator may read another team's usage")
     if not caller.is_admin:
-        if team not in (None, caller.team):
-            raise ForbiddenError("only an administrator may read another team's usage")
-        team = caller.team
+        team = caller.team  # a team's key reads its own rows only
     step = usage.GRANULARITIES[granularity]
     stop = math.ceil((end if end is not None else now) / step) * step
     first = (start if start is not None else stop - DEFAULT_SPAN_S) // step * step
