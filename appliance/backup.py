@@ -9,7 +9,8 @@ cache, or Redis (queues are rebuilt from SQLite; live numbers and UI sessions st
 It holds secrets: it is written readable by its owner only.
 
 `restore` writes a backup into an empty data directory (or, with `force`, one it empties
-first), points the files' rows at their new place, and migrates the schema to this version.
+first), points the files' rows at their new place, migrates the schema to this version, and
+drops the replica rows: the builder starts every endpoint's replicas afresh.
 """
 
 from __future__ import annotations
@@ -141,6 +142,31 @@ def _repoint_files(database: Path, files_dir: Path) -> None:
         conn.close()
 
 
+def _forget_replicas(database: Path, manifest: dict[str, Any]) -> None:
+    """The replica rows describe containers of the install the backup was taken from, which
+    run no more (or, on the same box, no longer match the restored rows): drop them, so no
+    request is routed to them and the builder starts each endpoint's replicas afresh (and
+    removes any container of this install still running). Endpoints that were serving say
+    so until their new replicas are ready."""
+    taken = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(manifest.get("created_at", 0)))
+    conn = sqlite3.connect(database, timeout=BUSY_TIMEOUT_S)
+    try:
+        with conn:
+            conn.execute("DELETE FROM replica")
+            now = time.time()
+            conn.execute(
+                "INSERT INTO event (endpoint_id, at, kind, message) "
+                "SELECT id, ?, 'restored', ? FROM endpoint",
+                (now, f"restored from a backup taken {taken}; starting its replicas"),
+            )
+            conn.execute(
+                "UPDATE endpoint SET status = 'UPDATE_PENDING', status_reason = NULL "
+                "WHERE status IN ('READY', 'UPDATE_IN_PROGRESS')"
+            )
+    finally:
+        conn.close()
+
+
 def restore(archive_path: Path, data_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Write the backup at `archive_path` into `data_dir`; returns its manifest."""
     try:
@@ -153,6 +179,7 @@ def restore(archive_path: Path, data_dir: Path, *, force: bool = False) -> dict[
         os.chmod(data_dir / name, 0o600)
     _repoint_files(data_dir / DATABASE, (data_dir / FILES_DIR).resolve())
     migrate(data_dir / DATABASE)
+    _forget_replicas(data_dir / DATABASE, manifest)
     return manifest
 
 

@@ -1,7 +1,7 @@
 """The usage table: per hour, team, key, endpoint and model, the requests, tokens and errors
 counted and the replica time spent. Written by three roles, each where it counts:
 - the worker's sweeper rolls up what the api counted per request (`forwarder/rollup.py`);
-- the worker adds each async task and batch request as it finishes (`forwarder/worker/taskstore.py`);
+- the worker adds each async task and batch request as it ends (`forwarder/worker/taskstore.py`);
 - the builder adds each replica's running time and GPU-seconds (`builder/metering.py`).
 Read by `GET /v1/usage` and the UI's usage page, which group the hours into days when asked.
 """

@@ -18,7 +18,8 @@ from sqlmodel import func, select
 from appliance import backup, keys
 from appliance.db import open_engine, session_scope
 from appliance.install import install_id, key_secret
-from appliance.models import Event, File
+from appliance.models import Endpoint, Event, File, Replica
+from tests.factories import make_endpoint
 
 
 def make_install(data_dir: Path) -> str:
@@ -41,6 +42,9 @@ def make_install(data_dir: Path) -> str:
                 path=str(data_dir / "files" / "file_1.jsonl"),
             )
         )
+        endpoint = make_endpoint(id="end_a", status="READY")
+        session.add(endpoint)
+        session.add(Replica(id="rep_a", endpoint_id="end_a", generation=1, container_name="c"))
     engine.dispose()
     return text
 
@@ -84,6 +88,10 @@ def test_backup_under_writes_restores_keys_and_files(tmp_path: Path) -> None:
     assert Path(row.path).read_text() == '{"custom_id": "1"}\n'
     check = sqlite3.connect(restored / "appliance.db").execute("PRAGMA integrity_check")
     assert check.fetchone()[0] == "ok"
+    with session_scope(fresh) as session:  # the old install's containers are not this one's
+        assert session.exec(select(func.count()).select_from(Replica)).one() == 0
+        endpoint = session.get(Endpoint, "end_a")
+    assert endpoint is not None and endpoint.status == "UPDATE_PENDING"
 
 
 def test_restore_refuses_what_it_should(tmp_path: Path) -> None:
