@@ -52,7 +52,9 @@ def read_usage_page(
     try:
         query = _query(ui, granularity, team)
     except ApplianceError as exc:
-        return page(request, "notfound.html", ui, status=403, message=exc.message)
+        return page(
+            request, "notfound.html", ui, status=403, heading="Not allowed", message=exc.message
+        )
     lines = usage_routes.read_lines(session, query)
     window = {"start": query.start, "end": query.end, "step": query.granularity}
     unit = UNITS[granularity]
@@ -97,7 +99,9 @@ def read_audit_page(
 ) -> Response:
     if not ui.caller.is_admin:
         message = "Only administrators see the audit log."
-        return page(request, "notfound.html", ui, status=403, message=message)
+        return page(
+            request, "notfound.html", ui, status=403, heading="Not allowed", message=message
+        )
     found = audit.entries(session, action=action or None, before_id=before, limit=AUDIT_ROWS)
     rows = [audit_routes.entry_public(e) for e in found]
     for row in rows:
