@@ -2,7 +2,8 @@
 teams' keys send known traffic -- sync, streaming, async tasks and an OpenAI batch -- and
 `GET /v1/usage` and its CSV give exactly the requests, tokens and errors the clients saw, per
 team, key and endpoint; a team sees only its rows; the hours stay after a Redis wipe; the
-Usage and Audit pages show the same numbers and entries, checked at 1280 px and 390 px."""
+Usage and Audit pages show the same numbers and entries, checked at 1280 px and 390 px; and
+the Audit page lists every action of `tests/api/test_audit.py` as an admin sees it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api.test_audit import EVERY_ACTION, every_action
 from tests.e2e.test_first_slice import create_gemma, wait_ready
 from tests.forwarder.test_async_support import wait_tasks
 from tests.harness import ADMIN_KEY, Appliance, wait_until
@@ -261,3 +263,28 @@ def test_usage_and_audit_pages_show_them(traffic: Traffic, page: Any) -> None:
     assert page.locator('#usage-teams tr[data-team="blue"]').count() == 0
     assert page.locator("nav >> text=Audit").count() == 0
     assert page.goto(base + "/ui/audit").status == 403  # type: ignore[union-attr]
+
+
+def test_audit_page_shows_every_action(api_only: Appliance, page: Any) -> None:
+    """The entries of `tests/api/test_audit.py`'s actions, as an admin sees them."""
+    done = every_action(api_only)
+    sign_in(page, api_only.url, ADMIN_KEY)
+    page.click("nav >> text=Audit")
+    rows = page.locator("#audit tr[data-action]")
+    shown = [
+        (row.get_attribute("data-action"), row.locator("td").nth(1).inner_text().split(" · ")[0])
+        for row in rows.all()
+    ]
+    assert shown[0] == ("session.sign_in", "admin")  # this very sign-in, newest first
+    assert list(reversed(shown[1:])) == [(a, who or "—") for a, who in EVERY_ACTION]
+    update = page.locator('#audit tr[data-action="endpoint.update"]').inner_text()
+    assert "max_replicas" in update and done.endpoint_id in update and "audited" in update
+    for key in (ADMIN_KEY, done.red_key, done.refused_key):
+        assert key not in page.content()
+    check_page(page, "audit-every-action")
+    page.select_option("#a-action", "key.")
+    page.click(".filters button")
+    assert set(rows.evaluate_all("r => r.map(x => x.dataset.action)")) == {
+        "key.create",
+        "key.revoke",
+    }
