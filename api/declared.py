@@ -6,12 +6,12 @@ its text); and every endpoint as LLM Engine's create request, for a move to a cl
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from api import endpoint_specs
+from api.routes.usage import iso
 from api.schemas import VLLM_ARG_FIELDS
 from appliance import queries
 from appliance.keys import Caller
@@ -102,7 +102,7 @@ def key_entry(row: ApiKey) -> dict[str, Any]:
         "admin": row.is_admin,
     }
     if row.expires_at is not None:
-        entry["expires_at"] = dt.datetime.fromtimestamp(int(row.expires_at), dt.UTC).isoformat()
+        entry["expires_at"] = iso(int(row.expires_at))
     limits = {name: getattr(row, name) for name in LIMITS if getattr(row, name) is not None}
     if limits:
         entry["limits"] = limits

@@ -12,7 +12,6 @@ and applying again finishes the job.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -25,6 +24,7 @@ from api.declared import LIMITS, active_keys, managed_endpoints
 from api.deps import AppState
 from api.routes import api_keys
 from api.routes.llm_endpoints import check_not_busy, commit_update, create_endpoint, delete_endpoint
+from api.routes.usage import LAST_STAMP, parse_time
 from api.schemas import CreateLLMEndpointRequest
 from appliance import queries
 from appliance.db import session_scope
@@ -37,15 +37,7 @@ MAX_ENTRIES = 1000
 
 def _stamp(value: Any) -> Any:
     """ISO 8601 (as `appliance export` writes it) or Unix seconds, to Unix seconds."""
-    if isinstance(value, str):
-        try:
-            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return value  # pydantic then says it is not a number
-        return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    return value
+    return parse_time(value, "expires_at") if isinstance(value, str) else value
 
 
 class KeyLimitsDeclared(BaseModel):
@@ -66,7 +58,7 @@ class KeyDeclared(BaseModel):
     scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
     admin: bool = False
     expires_at: Annotated[float | None, BeforeValidator(_stamp)] = Field(
-        None, description="ISO 8601 or Unix seconds."
+        None, ge=0, le=LAST_STAMP, description="ISO 8601 or Unix seconds."
     )
     limits: KeyLimitsDeclared = Field(default_factory=KeyLimitsDeclared)
 

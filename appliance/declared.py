@@ -49,7 +49,7 @@ def access(settings: Settings, url: str | None, key: str | None, key_file: Path 
 
 
 def call(base: str, key: str, method: str, path: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
+    data = None if body is None else json.dumps(body, default=str).encode()  # YAML dates
     request = urllib.request.Request(  # noqa: S310 - the operator's own URL
         base + path,
         data=data,

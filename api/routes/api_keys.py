@@ -18,6 +18,7 @@ from appliance.models import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
+MAX_LIFETIME_S = 10 * 366 * 86400  # a key lives ten years at most
 AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
 LIMITS = (
     "requests_per_minute",
@@ -35,7 +36,7 @@ class CreateKeyRequest(BaseModel):
     user: str | None = Field(None, pattern=NAME, description="Admins only: the key's user.")
     scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
     admin: bool = False
-    expires_in_seconds: int | None = Field(None, gt=0)
+    expires_in_seconds: int | None = Field(None, gt=0, le=MAX_LIFETIME_S)
     requests_per_minute: int | None = Field(None, ge=0)
     max_concurrent_requests: int | None = Field(None, ge=0)
     max_queued_tasks: int | None = Field(None, ge=0)

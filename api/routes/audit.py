@@ -14,6 +14,7 @@ from appliance.errors import ForbiddenError
 from appliance.models import AuditEntry
 
 router = APIRouter(tags=["audit"])
+MAX_ID = 2**62  # SQLite's integers
 
 
 def entry_public(entry: AuditEntry) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def read_audit(
     target: str | None = None,
     start: str | None = Query(None, alias="from", description="ISO 8601 or Unix seconds."),
     end: str | None = Query(None, alias="to", description="ISO 8601 or Unix seconds."),
-    before: int | None = Query(None, ge=1, description="Entries older than this id."),
+    before: int | None = Query(None, ge=1, le=MAX_ID, description="Entries older than this id."),
     limit: int = Query(100, ge=1, le=audit.MAX_LIST),
 ) -> dict[str, Any]:
     if not caller.is_admin:

@@ -21,6 +21,7 @@ from appliance.keys import Caller
 router = APIRouter(tags=["usage"], dependencies=[require("manage")])
 DEFAULT_SPAN_S = 7 * 86400
 MAX_SPAN_S = 400 * 86400
+LAST_STAMP = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def parse_time(value: str | None, name: str) -> float | None:
@@ -29,20 +30,21 @@ def parse_time(value: str | None, name: str) -> float | None:
         return None
     text = value.strip()
     try:
-        return float(text)
+        stamp = float(text)
     except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            stamp = math.nan
+        else:
+            stamp = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    if not 0 <= stamp <= LAST_STAMP:  # also refuses nan
         raise InvalidSpecError(
             f"{name} must be an ISO 8601 date or time (2026-11-28, 2026-11-28T14:00:00Z) or "
-            f"Unix seconds, not {text!r}",
+            f"Unix seconds, from 1970 to 9999, not {text!r}",
             field=name,
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
+        )
+    return stamp
 
 
 def iso(stamp: float) -> str:

@@ -95,7 +95,7 @@ def read_audit_page(
     ui: SignedInDep,
     session: SessionDep,
     action: str | None = None,
-    before: int | None = Query(None, ge=1),
+    before: int | None = Query(None, ge=1, le=audit_routes.MAX_ID),
 ) -> Response:
     if not ui.caller.is_admin:
         message = "Only administrators see the audit log."
