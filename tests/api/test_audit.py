@@ -164,6 +164,11 @@ def test_the_log_is_for_admins_and_append_only(api_only: Appliance) -> None:
     assert refused.status_code == 403 and "administrator" in refused.json()["detail"]
     bad = admin.get("/v1/audit", params={"from": "yesterday"})
     assert bad.status_code == 422 and "from" in bad.json()["detail"]
+    for params in ({"from": "nan"}, {"to": "1e30"}, {"from": "-5"}):  # bounded, never a 500
+        assert admin.get("/v1/usage", params=params).status_code == 422, params
+    assert admin.get("/v1/audit", params={"before": str(10**30)}).status_code == 422
+    forever = {"name": "x", "expires_in_seconds": 10**12}
+    assert admin.post("/v1/api-keys", json=forever).status_code == 422
     with sqlite3.connect(api_only.data_dir / "appliance.db") as db:
         try:
             db.execute("UPDATE audit SET actor = 'someone else'")
