@@ -10,23 +10,14 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from api.endpoint_specs import ROLLING_FIELDS
 from appliance.models import Endpoint
 
 # The columns the api writes (DESIGN.md §4): an endpoint's spec; the rest is the builder's.
 SPEC_COLUMNS = (
     "owner",
     "framework",
-    "model",
-    "image",
-    "args",
-    "env",
-    "command",
-    "port",
-    "health_route",
-    "gpus",
-    "gpu_memory_fraction",
-    "cpus",
-    "memory_bytes",
+    *ROLLING_FIELDS,  # those whose change rolls the replicas
     "min_replicas",
     "max_replicas",
     "target_concurrency",
