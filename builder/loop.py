@@ -131,10 +131,14 @@ class BuilderLoop:
         return len(actions)
 
     def _accrue(self, now: float) -> None:
-        """Replica time into the usage table (`builder/metering.py`)."""
-        with session_scope(self.engine) as session:
-            metering.settle(session, queries.all_replicas(session=session), now)
+        """Replica time into the usage table (`builder/metering.py`); a failure waits for the
+        next interval and never stops the tick (the time is accounted then)."""
         self._accrued_at = now
+        try:
+            with session_scope(self.engine) as session:
+                metering.settle(session, queries.all_replicas(session=session), now)
+        except Exception:
+            logger.exception("could not account replica time; trying again later")
 
     def _scale(self, observed: Observed) -> None:
         """The scaler: changes desired counts only; the planner does the container work."""
