@@ -111,6 +111,18 @@ async def authenticate(request: Request, state: StateDep) -> keys.Caller:
 CallerDep = Annotated[keys.Caller, Depends(authenticate)]
 
 
+def address_of(request: Request) -> str | None:
+    """The address a request came from, as the audit log records it."""
+    return request.client.host if request.client else None
+
+
+async def client_address(request: Request) -> str | None:  # async: no threadpool hop
+    return address_of(request)
+
+
+AddressDep = Annotated[str | None, Depends(client_address)]
+
+
 def require(scope: str) -> Any:
     async def check(caller: CallerDep) -> keys.Caller:  # pure: no threadpool hop
         if not caller.can(scope):

@@ -23,7 +23,9 @@ from api.inference.call import Core
 from api.limits import Limiter
 from api.routes import (
     api_keys,
+    audit,
     batches,
+    config,
     files,
     gpus,
     health,
@@ -33,6 +35,7 @@ from api.routes import (
     openai,
     tasks,
     ui,
+    usage,
 )
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
@@ -172,6 +175,9 @@ def create_app(
     app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)
     app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(usage.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(audit.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(config.router, responses=errors.ERROR_RESPONSES)
     app.include_router(
         ui.router, responses=errors.ERROR_RESPONSES
     )  # the web UI, and its static files below

@@ -47,8 +47,8 @@ _WAITING = (
 )
 _INSERT = (
     "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, callback_url, "
-    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, ?, ?)"
+    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at, key_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, ?, ?, ?)"
 )
 
 
@@ -248,4 +248,5 @@ def _row(task: Task) -> tuple[Any, ...]:
         auth,
         task.created_at,
         task.enqueued_at,
+        task.key_id,
     )

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     )
     callback_max_attempts: int = Field(6, ge=1, description="Deliveries tried per callback.")
     callback_timeout_s: float = Field(10.0, description="Timeout of one callback delivery.")
+    audit_retention_days: int = Field(
+        365,
+        ge=1,
+        le=36500,
+        description="Days the audit log keeps an entry; the worker's sweeper deletes older ones.",
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -18,10 +18,10 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AdmittedDep, AppState, CallerDep, SessionDep, StateDep, require
+from api.deps import AddressDep, AdmittedDep, AppState, CallerDep, SessionDep, StateDep, require
 from api.inference import admission
 from api.routes.files import owned_file
-from appliance import queries
+from appliance import audit, queries
 from appliance.db import session_scope
 from appliance.errors import ConflictError, InvalidSpecError, NotFoundError
 from appliance.ids import new_id
@@ -86,7 +86,7 @@ def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
 
 @router.post("/v1/batches")
 async def create_batch(
-    body: CreateBatchRequest, caller: AdmittedDep, state: StateDep
+    body: CreateBatchRequest, caller: AdmittedDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
     """Each line is admitted as the request it will be (api/inference/admission.py): the
     key's token cap on its body, the tenancy of its endpoint; the key, its scope and counted
@@ -112,7 +112,7 @@ async def create_batch(
         if model not in targets:
             targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
     batch, queued = await run_in_threadpool(
-        _store, body, caller, source.id, requests, targets, state
+        _store, body, caller, source.id, requests, targets, state, address
     )
     try:
         jobs.enqueue(state.redis, queued, low=True)
@@ -128,6 +128,7 @@ def _store(
     requests: list[batches.BatchRequest],
     targets: dict[str, Target],
     state: AppState,
+    address: str | None,
 ) -> tuple[Batch, list[tuple[str, str]]]:
     """The batch and its tasks in one transaction: the outbox, every row before any job."""
     now = time.time()
@@ -142,6 +143,7 @@ def _store(
         metadata_=body.metadata or {},
         created_at=now,
         in_progress_at=now,
+        key_id=caller.key_id,
     )
     queued: list[tuple[str, str]] = []
     with session_scope(state.engine) as session:
@@ -163,9 +165,12 @@ def _store(
                 batch_id=batch.id,
                 created_at=now,
                 enqueued_at=now,
+                key_id=caller.key_id,
             )
             session.add(task)
             queued.append((task.id, endpoint_id))
+        change = {"input_file_id": source_id, "endpoint": body.endpoint, "requests": len(requests)}
+        audit.record(session, caller, "batch.create", batch.id, change, address)
     return batch, queued
 
 
@@ -194,7 +199,7 @@ def read_batch(batch_id: str, caller: CallerDep, session: SessionDep) -> dict[st
 
 @router.post("/v1/batches/{batch_id}/cancel")
 def cancel_batch(
-    batch_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+    batch_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
     """Requests not yet started end at once; running ones finish; the sweeper then writes
     the files and marks the batch cancelled."""
@@ -211,6 +216,7 @@ def cancel_batch(
         task.status, task.traceback = TaskStatus.FAILURE, batches.CANCELLED
         task.finished_at, task.expires_at = now, now + state.settings.task_result_ttl_s
         session.add(task)
+    audit.record(session, caller, "batch.cancel", batch.id, {"not_started": len(pending)}, address)
     session.flush()
     public = batch_public(batch, session)
     session.commit()

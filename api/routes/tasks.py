@@ -110,6 +110,7 @@ async def create_async_inference_task(
             callback_auth=body.callback_auth,
             created_at=now,
             enqueued_at=now,
+            key_id=caller.key_id,  # usage is counted per key when the task ends
         )
 
     # the outbox: the row is committed, then its job queued, before the answer; the key's

@@ -28,6 +28,7 @@ from appliance.errors import CapacityError, UpstreamError
 from appliance.models import TaskStatus
 from forwarder.paths import upstream_for
 from forwarder.proxy import Forwarder
+from forwarder.usage import usage_from_json
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import CallbackSender
 
@@ -149,13 +150,14 @@ async def run_task(task_id: str) -> None:
         answer: Any = json.loads(data)
     except ValueError:
         answer = data.decode(errors="replace")
+    tokens = usage_from_json(data)
     if 200 <= status < 300:
-        await _finish(rt, claimed, TaskStatus.SUCCESS, {"result": answer}, status, None)
+        await _finish(rt, claimed, TaskStatus.SUCCESS, {"result": answer}, status, None, tokens)
     elif status in RETRIED_STATUSES:
         await _retry_or_fail(rt, claimed, answer, status, f"replica answered {status}")
     else:
         message = f"replica answered {status}"
-        await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message)
+        await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message, tokens)
 
 
 async def _retry_or_fail(
@@ -178,6 +180,7 @@ async def _finish(
     result: Any,
     code: int | None,
     traceback: str | None,
+    tokens: tuple[int, int] | None = None,
 ) -> None:
     now = time.time()
     stored: bool = await _write(
@@ -191,6 +194,7 @@ async def _finish(
             traceback=traceback,
             now=now,
             keep_s=rt.keep_s,
+            tokens=tokens,
         ),
     )
     if stored and claimed.callback_url:
