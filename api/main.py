@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -77,7 +78,9 @@ async def _refresh_routes(state: AppState) -> None:
     try:
         await pubsub.subscribe(bus.ROUTES_CHANNEL)
         while True:
-            state.forwarder.update(await run_in_threadpool(load_table, state.engine))
+            read_at = time.monotonic()
+            table = await run_in_threadpool(load_table, state.engine)
+            state.forwarder.update(table, read_at)
             await pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=state.settings.routing_refresh_s
             )

@@ -65,6 +65,7 @@ class Forwarder:
     ledger: Ledger = field(default_factory=Ledger)
     loaded_at: float = 0.0  # time.monotonic() when the last reload a lookup miss caused began
     reloading: asyncio.Future[None] | None = None  # that reload, while it runs
+    table_read_at: float = 0.0  # time.monotonic() when the table installed began to be read
     pool: UpstreamPool = field(default_factory=UpstreamPool)
     metrics: Metrics = field(init=False)
     balancer: Balancer = field(init=False)  # the choice of replica, compiled
@@ -99,8 +100,13 @@ class Forwarder:
             relay.time_out()
         self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
 
-    def update(self, table: RoutingTable) -> None:
-        """Install a new routing table and wake requests waiting for a replica."""
+    def update(self, table: RoutingTable, read_at: float = 0.0) -> None:
+        """Install a new routing table and wake requests waiting for a replica. `read_at`
+        (time.monotonic() when its read began): a table read before the one installed is
+        older than it, and is dropped (two reloads may end in either order)."""
+        if read_at and read_at < self.table_read_at:
+            return
+        self.table_read_at = max(read_at, self.table_read_at)
         self.table = self.plane.table = table
         self._wake()
 

@@ -153,5 +153,5 @@ async def _reload(state: AppState, delay: float) -> None:
     if delay > 0:
         await asyncio.sleep(delay)
     forwarder = state.forwarder
-    forwarder.loaded_at = time.monotonic()
-    forwarder.update(await run_in_threadpool(load_table, state.engine))
+    forwarder.loaded_at = read_at = time.monotonic()
+    forwarder.update(await run_in_threadpool(load_table, state.engine), read_at)

@@ -167,7 +167,9 @@ class Runner:
         await asyncio.to_thread(renew)
 
     async def _refresh_routes(self) -> None:
-        self.runtime.forwarder.update(await asyncio.to_thread(load_table, self.engine))
+        read_at = time.monotonic()
+        table = await asyncio.to_thread(load_table, self.engine)
+        self.runtime.forwarder.update(table, read_at)
 
     @staticmethod
     async def _every(
