@@ -43,10 +43,10 @@ def _stamp(value: Any) -> Any:
 class KeyLimitsDeclared(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(None, ge=0)
-    max_concurrent_requests: int | None = Field(None, ge=0)
-    max_queued_tasks: int | None = Field(None, ge=0)
-    max_tokens_per_request: int | None = Field(None, ge=0)
+    requests_per_minute: api_keys.Limit = None
+    max_concurrent_requests: api_keys.Limit = None
+    max_queued_tasks: api_keys.Limit = None
+    max_tokens_per_request: api_keys.Limit = None
 
 
 class KeyDeclared(BaseModel):

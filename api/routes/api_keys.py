@@ -4,7 +4,7 @@ a key's text is shown once; keys can expire, be revoked and carry scopes and lim
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +19,9 @@ from appliance.models import ApiKey
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
 MAX_LIFETIME_S = 10 * 366 * 86400  # a key lives ten years at most
+MAX_LIMIT = 1_000_000_000
+# A key's limit: unset (the install's default), 0 (none) or a bound up to a billion.
+Limit = Annotated[int | None, Field(ge=0, le=MAX_LIMIT)]
 AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
 LIMITS = (
     "requests_per_minute",
@@ -37,10 +40,10 @@ class CreateKeyRequest(BaseModel):
     scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
     admin: bool = False
     expires_in_seconds: int | None = Field(None, gt=0, le=MAX_LIFETIME_S)
-    requests_per_minute: int | None = Field(None, ge=0)
-    max_concurrent_requests: int | None = Field(None, ge=0)
-    max_queued_tasks: int | None = Field(None, ge=0)
-    max_tokens_per_request: int | None = Field(None, ge=0)
+    requests_per_minute: Limit = None
+    max_concurrent_requests: Limit = None
+    max_queued_tasks: Limit = None
+    max_tokens_per_request: Limit = None
 
 
 def public(row: ApiKey) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
     if days:
         try:
             body["expires_in_seconds"] = int(float(days) * 86400)
-        except ValueError:
+        except (ValueError, OverflowError):  # "x", "inf"; "nan" is a ValueError
             raise InvalidSpecError("Enter a number of days.", field="expires") from None
     if not body["scopes"]:
         raise InvalidSpecError("Pick at least one scope.", field="scopes")
