@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -17,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.callers import KEY_CACHE_TTL_S, cached_caller
+from api.callers import Keys
 from api.limits import Limiter, Release
 from api.submit import TaskSubmitter
 from appliance import keys
@@ -42,8 +40,10 @@ class AppState:
     install_id: str
     limiter: Limiter
     submitter: TaskSubmitter  # async tasks: group commit, then queue
-    _key_cache: dict[str, tuple[float, keys.Caller | None]] = field(default_factory=dict)
-    _reverifying: set[str] = field(default_factory=set)
+    key_cache: Keys = field(init=False)  # the verified keys (api/callers.py)
+
+    def __post_init__(self) -> None:
+        self.key_cache = Keys(self._read_key)
 
     def key_limits(self) -> keys.KeyLimits:
         s = self.settings
@@ -54,43 +54,11 @@ class AppState:
             s.key_max_tokens_per_request,
         )
 
-    def reverify_soon(self, key: str) -> None:
-        """Verify `key` again in a worker thread, once at a time per key."""
-        if key in self._reverifying:
-            return
-        self._reverifying.add(key)
-
-        def reverify() -> None:
-            try:
-                self.verify_key(key, fresh=True)
-            except AuthError:
-                pass  # cached as invalid: the next request takes the path that answers 401
-            except Exception:
-                logger.exception("could not verify a key again; the next miss retries")
-            finally:
-                self._reverifying.discard(key)
-
-        asyncio.get_running_loop().run_in_executor(None, reverify)
-
-    def verify_key(self, key: str, *, fresh: bool = False) -> keys.Caller:
-        now = time.monotonic()
-        cached = self._key_cache.get(key)
-        if not fresh and cached is not None and now - cached[0] < KEY_CACHE_TTL_S:
-            if cached[1] is None:
-                raise AuthError("invalid API key")
-            return cached[1]
-        try:
-            with session_scope(self.reader) as session:
-                caller = keys.verify(
-                    session=session, secret=self.key_secret, key=key, defaults=self.key_limits()
-                )
-        except AuthError:
-            self._key_cache[key] = (now, None)
-            raise
-        if len(self._key_cache) > 10_000:
-            self._key_cache.clear()
-        self._key_cache[key] = (now, caller)
-        return caller
+    def _read_key(self, key: str) -> keys.Caller:
+        with session_scope(self.reader) as session:
+            return keys.verify(
+                session=session, secret=self.key_secret, key=key, defaults=self.key_limits()
+            )
 
 
 async def get_state(request: Request) -> AppState:
@@ -133,13 +101,26 @@ async def authenticate(request: Request, state: StateDep) -> keys.Caller:
     key = key_from_headers(request)
     if key is None:
         raise AuthError("an API key is required: send `Authorization: Bearer <key>`")
-    caller = cached_caller(state, key)
+    caller = state.key_cache.cached(key)
     if caller is not None:
         return caller
-    return await run_in_threadpool(state.verify_key, key)
+    found: keys.Caller = await run_in_threadpool(state.key_cache.verify, key)
+    return found
 
 
 CallerDep = Annotated[keys.Caller, Depends(authenticate)]
+
+
+def address_of(request: Request) -> str | None:
+    """The address a request came from, as the audit log records it."""
+    return request.client.host if request.client else None
+
+
+async def client_address(request: Request) -> str | None:  # async: no threadpool hop
+    return address_of(request)
+
+
+AddressDep = Annotated[str | None, Depends(client_address)]
 
 
 def require(scope: str) -> Any:
@@ -153,11 +134,12 @@ def require(scope: str) -> Any:
 
 async def admitted(state: StateDep, caller: CallerDep) -> AsyncIterator[keys.Caller]:
     """Counts the request against its key's rate and concurrency limits while it runs."""
-    release: Release = await state.limiter.admit(caller)
+    release: Release | None = await state.limiter.admit(caller)
     try:
         yield caller
     finally:
-        await release()
+        if release is not None:
+            await release()
 
 
 AdmittedDep = Annotated[keys.Caller, Depends(admitted)]

@@ -6,19 +6,22 @@ route answers `{"detail": ...}` as FastAPI and the LLM Engine client expect.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from appliance import errors
+from forwarder.paths import OPENAI, OPENAI_PATHS
 
 STATUS: dict[type[errors.ApplianceError], int] = {
-    errors.InvalidSpecError: 422,
     errors.BadRequestError: 400,
+    errors.InvalidSpecError: 422,
+    errors.BodyTooLargeError: 413,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,
     errors.AuthError: 401,
@@ -37,14 +40,6 @@ OPENAI_TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
-OPENAI_PATHS = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/models",
-    "/v2/chat/completions",
-    "/v2/completions",
-)
 
 
 class OpenAIErrorBody(BaseModel):
@@ -79,12 +74,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def status_of(exc: errors.ApplianceError) -> int:
+def status_of(exc: errors.ApplianceError, envelope: str = "") -> int:
+    """The status an error answers with; OpenAI's routes answer an invalid request 400."""
     if isinstance(exc, errors.UpstreamError):
         return exc.status_code
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]
+            status = STATUS[cls]
+            return 400 if status == 422 and envelope == OPENAI else status
     return 500
 
 
@@ -92,6 +89,40 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict[st
     """OpenAI's error envelope, for routes that answer outside FastAPI's handlers too."""
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def answer(
+    exc: errors.ApplianceError, envelope: str
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of an error answered in `envelope` (`forwarder/paths.py`), by
+    routes that answer outside FastAPI's handlers (the inference core)."""
+    status = status_of(exc, envelope)
+    if envelope == OPENAI:
+        body = json.dumps(openai_error(status, exc.message, exc.field)).encode()
+    else:
+        body = json.dumps({"detail": exc.message}).encode()
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(exc, status).items()]
+    return status, headers, body
+
+
+def invalid(problems: list[Any], envelope: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A request that fails its model's validation (pydantic's errors): 422 with FastAPI's
+    `{"detail": [...]}`, or 400 in OpenAI's envelope."""
+    if envelope != OPENAI:
+        body = json.dumps({"detail": jsonable(problems)}).encode()
+        return 422, [(b"content-type", b"application/json")], body
+    message = "; ".join(_problem(p) for p in problems)
+    return (
+        400,
+        [(b"content-type", b"application/json")],
+        json.dumps(openai_error(400, message)).encode(),
+    )
+
+
+def _problem(err: Any) -> str:
+    where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
 
 
 def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
@@ -104,50 +135,26 @@ def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
     return headers
 
 
-def error_response(
-    request: Request,
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    if request.url.path.startswith(OPENAI_PATHS):
-        kind = OPENAI_TYPES.get(
-            status, "server_error" if status >= 500 else "invalid_request_error"
-        )
-        body: dict[str, Any] = {
-            "error": {"message": message, "type": kind, "param": param, "code": status}
-        }
-    else:
-        body = {"detail": message}
-    return JSONResponse(body, status_code=status, headers=headers)
+def envelope_of(path: str) -> str:
+    return OPENAI if path.startswith(OPENAI_PATHS) else ""
 
 
-async def _domain(request: Request, exc: Exception) -> JSONResponse:
+async def _domain(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ApplianceError)
-    status = status_of(exc)
-    headers: dict[str, str] = {}
-    if isinstance(exc, errors.CapacityError | errors.RateLimitedError):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Basic realm="appliance", Bearer'
-    return error_response(request, status, exc.message, param=exc.field, headers=headers)
+    status, headers, body = answer(exc, envelope_of(request.url.path))
+    return Response(body, status, {k.decode(): v.decode() for k, v in headers})
 
 
-async def _validation(request: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    if not request.url.path.startswith(OPENAI_PATHS):
-        return JSONResponse({"detail": jsonable(exc.errors())}, status_code=422)
-    return error_response(request, 400, "; ".join(problems))
+    status, headers, body = invalid(list(exc.errors()), envelope_of(request.url.path))
+    return Response(body, status, {k.decode(): v.decode() for k, v in headers})
 
 
 def jsonable(items: Any) -> Any:
-    return jsonable_encoder(items, custom_encoder={Exception: str})
+    return jsonable_encoder(
+        items, custom_encoder={Exception: str, bytes: lambda b: b.decode("utf-8", "replace")}
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -4,15 +4,15 @@ Which key, and whether it is valid, is still the routes' own dependency's to dec
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import OPENAI_PATHS, openai_error
+from api.errors import answer, envelope_of
+from appliance.errors import AuthError
 
 OPEN_PREFIXES = ("/healthz", "/healthcheck", "/readyz", "/docs", "/redoc", "/openapi.json", "/ui")
 OPEN_EXACT = ("/",)
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+NO_KEY = AuthError("an API key is required: send `Authorization: Bearer <key>`")
 
 
 class KeyGate:
@@ -29,16 +29,6 @@ class KeyGate:
         ):
             await self.app(scope, receive, send)
             return
-        message = "an API key is required: send `Authorization: Bearer <key>`"
-        body = openai_error(401, message) if path.startswith(OPENAI_PATHS) else {"detail": message}
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b'Basic realm="appliance", Bearer'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+        status, headers, body = answer(NO_KEY, envelope_of(path))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,5 @@
-"""Per-key limits kept in Redis: requests per minute, concurrent requests, tokens per request.
+"""Per-key limits kept in Redis: requests per minute and concurrent requests (the tokens a request
+may ask for are checked by `api/inference/admission.cap_tokens`).
 
 A key with no limits costs nothing here; a limited one costs one pipelined round trip per
 request. Over a limit is a 429 with Retry-After; other keys are unaffected.
@@ -7,8 +8,7 @@ request. Over a limit is a 429 with Retry-After; other keys are unaffected.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -18,13 +18,8 @@ from appliance.keys import Caller
 RPM_KEY = "appliance:limit:rpm:{key_id}:{minute}"
 CONCURRENT_KEY = "appliance:limit:concurrent:{key_id}"
 CONCURRENT_TTL_S = 3600  # a crashed api cannot leave a key blocked for longer than this
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 
 Release = Callable[[], Awaitable[None]]
-
-
-async def _nothing() -> None:
-    return None
 
 
 class Limiter:
@@ -36,10 +31,11 @@ class Limiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def admit(self, caller: Caller, now: float | None = None) -> Release:
+    async def admit(self, caller: Caller, now: float | None = None) -> Release | None:
+        """How to give the request's slot back when it ends; None when nothing is counted."""
         limits = caller.limits
-        if not (limits.requests_per_minute or limits.max_concurrent_requests):
-            return _nothing
+        if not limits.counted():
+            return None
         now = time.time() if now is None else now
         pipe = self._redis.pipeline()
         if limits.requests_per_minute:
@@ -59,7 +55,7 @@ class Limiter:
                 retry_after_s=max(1, 60 - int(now % 60)),
             )
         if not limits.max_concurrent_requests:
-            return _nothing
+            return None
         if counts[-2] > limits.max_concurrent_requests:
             await self._redis.decr(conc)
             raise RateLimitedError(
@@ -71,17 +67,3 @@ class Limiter:
             await self._redis.decr(conc)
 
         return release
-
-
-def check_tokens(caller: Caller, payload: Mapping[str, Any]) -> None:
-    """A request may not ask for more tokens than its key allows."""
-    most = caller.limits.max_tokens_per_request
-    if not most:
-        return
-    for name in TOKEN_FIELDS:
-        asked = payload.get(name)
-        if isinstance(asked, int) and asked > most:
-            raise RateLimitedError(
-                f"{name}={asked} is over this key's limit of {most} tokens per request",
-                retry_after_s=60,
-            )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,12 +19,14 @@ from starlette.concurrency import run_in_threadpool
 from api import errors
 from api.deps import AppState
 from api.gate import KeyGate
-from api.lane.admit import FastLane
+from api.inference.asgi import InferenceRoutes
+from api.inference.call import Core
 from api.limits import Limiter
 from api.routes import (
     api_keys,
+    audit,
     batches,
-    completions,
+    config,
     files,
     gpus,
     health,
@@ -32,8 +35,8 @@ from api.routes import (
     model_endpoints,
     openai,
     tasks,
-    tasks_sync,
     ui,
+    usage,
 )
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
@@ -42,21 +45,27 @@ from appliance.install import install_id, key_secret
 from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.proxy import Forwarder, Limits
-from forwarder.routes import Route
-from forwarder.routing import load_routes
+from forwarder.refresh import load_table
 from forwarder.shared import SharedCounts
+from forwarder.table import Target
 from web.render import STATIC_DIR, STATIC_URL
 
 logger = logging.getLogger(__name__)
 
 
-def _first_start(state: AppState) -> None:
-    with session_scope(state.engine) as session:
-        made = keys.ensure_admin_key(
-            session=session, secret=state.key_secret, text=state.settings.admin_key
-        )
-    if made and not state.settings.admin_key:
-        path = state.settings.data_dir / "admin-key"
+def prepare(settings: Settings) -> None:
+    """What happens once per start, before any api worker is forked: the schema migration and,
+    on the first start, the admin key (printed once)."""
+    engine = open_engine(settings.database_path)
+    try:
+        with session_scope(engine) as session:
+            made = keys.ensure_admin_key(
+                session=session, secret=key_secret(settings.data_dir), text=settings.admin_key
+            )
+    finally:
+        engine.dispose()
+    if made and not settings.admin_key:
+        path = settings.data_dir / "admin-key"
         path.touch(mode=0o600)
         path.write_text(made + "\n")
         print(f"Admin API key (shown once; also in {path}): {made}", flush=True)
@@ -69,7 +78,9 @@ async def _refresh_routes(state: AppState) -> None:
     try:
         await pubsub.subscribe(bus.ROUTES_CHANNEL)
         while True:
-            state.forwarder.update(await run_in_threadpool(load_routes, state.engine))
+            read_at = time.monotonic()
+            table = await run_in_threadpool(load_table, state.engine)
+            state.forwarder.update(table, read_at)
             await pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=state.settings.routing_refresh_s
             )
@@ -81,7 +92,7 @@ async def _refresh_routes(state: AppState) -> None:
 
 
 def _demand(state: AppState) -> object:
-    def record(route: Route) -> None:
+    def record(route: Target) -> None:
         with contextlib.suppress(Exception):
             bus.nudge_builder(state.redis)
 
@@ -118,14 +129,10 @@ def create_app(
             submitter=TaskSubmitter(engine, client),
         )
         forwarder.on_demand = _demand(state)  # type: ignore[assignment]
-        _first_start(state)
         await forwarder.start()
         state.submitter.start()
         app.state.appliance = state
-        lane = FastLane(state)
-        app.state.fast_lane = (
-            lane  # api/lane/front.py finds it here; absent, it hands every request on
-        )
+        app.state.inference = Core(state)  # api/lane/front.py finds it here; until then, hands on
         # Everything start-up made lives as long as the process. Frozen, the collector no
         # longer walks it: a full collection went from ~100 ms (every stream stalled at
         # once) to ~15 ms under 256 streams here.
@@ -136,8 +143,6 @@ def create_app(
         try:
             yield
         finally:
-            del app.state.fast_lane
-            lane.close()
             refresher.cancel()
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +158,7 @@ def create_app(
 
     app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(openai.InferenceRoutes)  # pure ASGI: the inference POST routes
+    app.add_middleware(InferenceRoutes)  # pure ASGI: the inference POST routes
     app.add_middleware(KeyGate)  # no key at all is a 401 before any body is read
     if settings.cors_origins:  # outermost, so preflights are answered before the gate
         app.add_middleware(
@@ -169,12 +174,13 @@ def create_app(
     app.include_router(gpus.router, responses=errors.ERROR_RESPONSES)
     app.include_router(api_keys.router, responses=errors.ERROR_RESPONSES)
     app.include_router(openai.router, responses=errors.ERROR_RESPONSES)
-    app.include_router(completions.router, responses=errors.ERROR_RESPONSES)
-    app.include_router(tasks_sync.router, responses=errors.ERROR_RESPONSES)
     app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)
     app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)
     app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(usage.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(audit.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(config.router, responses=errors.ERROR_RESPONSES)
     app.include_router(
         ui.router, responses=errors.ERROR_RESPONSES
     )  # the web UI, and its static files below

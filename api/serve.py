@@ -24,7 +24,7 @@ from typing import cast
 import uvicorn
 
 from api.lane.front import front_protocol
-from api.main import create_app
+from api.main import create_app, prepare
 from appliance.settings import Settings
 from forwarder.shared import SharedCounts
 
@@ -52,6 +52,7 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
 
 
 def main(settings: Settings) -> None:
+    prepare(settings)  # once, before any fork: several workers never race to migrate
     if settings.api_workers == 1:
         uvicorn.Server(_config(settings, None, None)).run()
         return

@@ -17,7 +17,7 @@ from appliance.keys import Caller
 from appliance.models import Framework
 from appliance.settings import Settings
 from builder import frameworks, policy
-from forwarder.callbacks import CallbackRefusedError, check_url
+from forwarder.worker.callbacks import CallbackRefusedError, check_url
 
 Request = CreateLLMEndpointRequest | UpdateLLMEndpointRequest
 
@@ -184,19 +184,11 @@ def check_gpu_type(gpu_type: str | None, gpus: int, gpu_names: list[str] | None)
         )
 
 
-def image_for_tag(
-    framework: str, tag: str | None, gpus: int, caller: Caller, settings: Settings
-) -> str | None:
+def tagged_image(framework: str, tag: str | None, gpus: int, settings: Settings) -> str | None:
     """The image an `inference_framework_image_tag` names: the framework's default image
-    repository at that tag (None: the default image itself). Another tag is another image, so
-    it needs an administrator and an approved image, as any image override does."""
-    if not tag or tag == "latest":
+    repository at that tag (None: the default image itself)."""
+    if not tag or tag == "latest" or framework == Framework.CUSTOM:
         return None
-    if framework == Framework.CUSTOM:
-        raise InvalidSpecError(
-            "inference_framework_image_tag is refused: a custom endpoint names its `image`",
-            field="inference_framework_image_tag",
-        )
     if framework == Framework.VLLM:
         default = settings.vllm_image if gpus else settings.vllm_cpu_image
     else:
@@ -204,7 +196,21 @@ def image_for_tag(
     repository, _, last = default.rpartition("/")
     name = last.split(":", 1)[0]
     image = f"{repository}/{name}:{tag}" if repository else f"{name}:{tag}"
-    if image == default:
+    return None if image == default else image
+
+
+def image_for_tag(
+    framework: str, tag: str | None, gpus: int, caller: Caller, settings: Settings
+) -> str | None:
+    """`tagged_image`, checked: another tag is another image, so it needs an administrator
+    and an approved image, as any image override does; a custom endpoint names its `image`."""
+    if tag and tag != "latest" and framework == Framework.CUSTOM:
+        raise InvalidSpecError(
+            "inference_framework_image_tag is refused: a custom endpoint names its `image`",
+            field="inference_framework_image_tag",
+        )
+    image = tagged_image(framework, tag, gpus, settings)
+    if image is None:
         return None
     if not caller.is_admin:
         raise PolicyViolationError(

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from appliance.errors import ApplianceError, RateLimitedError
 from appliance.models import Task
-from forwarder import jobs
+from forwarder.worker import jobs
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ _WAITING = (
 )
 _INSERT = (
     "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, callback_url, "
-    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, ?, ?)"
+    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at, key_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, ?, ?, ?)"
 )
 
 
@@ -257,4 +257,5 @@ def _row(task: Task) -> tuple[Any, ...]:
         auth,
         task.created_at,
         task.enqueued_at,
+        task.key_id,
     )

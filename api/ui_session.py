@@ -71,7 +71,7 @@ def caller_for_key(state: AppState, key_id: str) -> tuple[keys.Caller, str]:
 
 def start(state: AppState, key_text: str) -> tuple[str, keys.Caller]:
     """Check a key and open a session for it; returns the cookie's token. AuthError if bad."""
-    caller = state.verify_key(key_text)
+    caller = state.key_cache.verify(key_text)
     token = secrets.token_urlsafe(32)
     record = {"key_id": caller.key_id, "csrf": secrets.token_urlsafe(32), "at": time.time()}
     state.redis.set(SESSION_KEY.format(digest=_digest(token)), json.dumps(record), ex=SESSION_TTL_S)

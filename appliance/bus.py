@@ -12,7 +12,9 @@ INFLIGHT_KEY = "appliance:inflight"  # hash: replica id -> requests the api has 
 DEMAND_KEY = "appliance:demand"  # hash: endpoint id -> when a request last found no replica
 LAST_REQUEST_KEY = "appliance:last-request"  # hash: endpoint id -> time of its last request
 API_METRICS_KEY = "appliance:metrics:api:{worker}"  # one api worker's counters, as JSON
-USAGE_KEY = "appliance:usage:{key_id}"  # hash: "<endpoint>:requests|prompt_tokens|..." -> n
+# hash "<hour> <key id> <endpoint> <count>" -> n: usage counted by the api, not yet in SQLite
+USAGE_PENDING_KEY = "appliance:usage:pending"
+USAGE_ROLLING_KEY = "appliance:usage:rolling"  # the pending hash while it is being stored
 HEARTBEAT_KEY = "appliance:heartbeat:{role}"
 LOGS_KEY = "appliance:logs:{replica}"  # a capped stream of one replica's output lines
 LOGS_KEPT_LINES = 2000

@@ -23,6 +23,10 @@ class KeyLimits:
     max_queued_tasks: int = 0
     max_tokens_per_request: int = 0
 
+    def counted(self) -> bool:
+        """Whether requests are counted (in Redis, `api/limits.py`) against these limits."""
+        return self.requests_per_minute > 0 or self.max_concurrent_requests > 0
+
     def resolve(self, row: ApiKey) -> KeyLimits:
         """The key's own limits where set, these defaults elsewhere."""
 
@@ -50,3 +54,14 @@ class Caller:
 
     def can(self, scope: str) -> bool:
         return self.is_admin or scope in self.scopes
+
+    # The tenancy rule, the one place it is written: an object belongs to a team; an admin
+    # key reaches every team's; a public endpoint may also be called for inference by anyone.
+    # Everything else is, to the caller, an object that does not exist (404).
+    def owns(self, owner: str) -> bool:
+        """May see and change an object of team `owner`."""
+        return self.is_admin or owner == self.team
+
+    def may_infer(self, owner: str, public: bool) -> bool:
+        """May send inference to an endpoint of team `owner`, public or not."""
+        return self.is_admin or owner == self.team or public

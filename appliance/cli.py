@@ -1,4 +1,5 @@
-"""The `appliance` command: runs one role (api, builder, worker), or all of them with `up`.
+"""The `appliance` command: runs one role (api, builder, worker), or all of them with `up`;
+and the operator's tools: backup, restore, export, apply.
 
 The kernel does not import the roles' packages: each role is found by name at run time,
 so the layering (api -> builder/forwarder -> gpu -> appliance) holds.
@@ -18,13 +19,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from appliance import __version__, bus, logs
+from appliance import __version__, build, bus, logs
 from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
 
-ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.worker"}
+ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.worker.serve"}
 REDIS_START_TIMEOUT_S = 10.0
 
 
@@ -32,6 +34,13 @@ def _run_role(role: str, settings: Settings) -> None:
     logs.configure(settings.log_level, role)
     if not settings.redis_url:
         sys.exit(f"appliance {role}: set APPLIANCE_REDIS_URL (or use `appliance up`)")
+    stale = build.stale_modules()
+    if stale:
+        sys.exit(
+            f"appliance {role}: the compiled build of {', '.join(stale)} is older than its "
+            "source; reinstall the appliance (pip install .) or run scripts/compile"
+        )
+    logger.info("%s: %s build", role, build.describe())
     main: Callable[[Settings], None] = importlib.import_module(ROLES[role]).main
     main(settings)
 
@@ -122,6 +131,55 @@ def _health(role: str, settings: Settings) -> int:
     return 0 if bus.alive(bus.connect(str(settings.redis_url)), role) else 1
 
 
+def _operator_commands(sub: Any) -> None:
+    """backup, restore, export, apply: the operator's tools (appliance/backup.py, declared.py)."""
+    made = sub.add_parser("backup", help="write a backup of this install to FILE, while it runs")
+    made.add_argument("file", type=Path)
+    made.add_argument("--no-files", action="store_true", help="leave uploaded files out")
+    back = sub.add_parser("restore", help="restore a backup into a fresh data directory")
+    back.add_argument("file", type=Path)
+    back.add_argument("--data-dir", type=Path, help="default: APPLIANCE_DATA_DIR")
+    back.add_argument("--force", action="store_true", help="empty a non-empty data dir first")
+    out = sub.add_parser("export", help="write the endpoints (and keys, for admins) as YAML")
+    out.add_argument("-o", "--output", type=Path, help="default: standard output")
+    out.add_argument("--format", choices=("appliance", "llm-engine"), default="appliance")
+    into = sub.add_parser("apply", help="make the install match a file `export` wrote")
+    into.add_argument("-f", "--file", type=Path, required=True)
+    into.add_argument("--prune", action="store_true", help="delete what the file does not name")
+    into.add_argument("--dry-run", action="store_true", help="say what would change")
+    for command in (out, into):
+        command.add_argument("--url", help="the api (default: this box's)")
+        command.add_argument("--key", help="an API key (default: the admin key kept here)")
+        command.add_argument("--key-file", type=Path, help="a file holding the API key")
+
+
+def _operate(args: argparse.Namespace, settings: Settings) -> None:
+    from appliance import backup, declared
+
+    try:
+        if args.command == "backup":
+            made = backup.backup(settings.data_dir, args.file, with_files=not args.no_files)
+            print(f"backup of install {made['install_id']} written to {args.file}")
+        elif args.command == "restore":
+            target = args.data_dir or settings.data_dir
+            made = backup.restore(args.file, target, force=args.force)
+            print(f"install {made['install_id']} restored into {target}")
+        else:
+            base, key = declared.access(settings, args.url, args.key, args.key_file)
+            if args.command == "export":
+                text = declared.export(base, key, args.format)
+                if args.output:
+                    args.output.write_text(text)
+                else:
+                    sys.stdout.write(text)
+            else:
+                sys.stdout.write(
+                    declared.apply(base, key, args.file, prune=args.prune, dry_run=args.dry_run)
+                )
+    except (backup.BackupError, declared.ClientError) as exc:
+        sys.exit(f"appliance {args.command}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("settings", help="print every setting with its default, as a table")
     health = sub.add_parser("health", help="exit 0 when a role is alive (health checks)")
     health.add_argument("role", choices=sorted(ROLES))
+    _operator_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "version":
         print(__version__)
@@ -140,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         print(settings_table())
         return
     settings = get_settings()
+    if args.command in ("backup", "restore", "export", "apply"):
+        _operate(args, settings)
+        return
     if args.command == "health":
         sys.exit(_health(args.role, settings))
     if args.command == "up":

@@ -3,7 +3,8 @@
 ApplianceError
 ├── InvalidSpecError            a request asks for something the appliance will not do (422)
 │   ├── PolicyViolationError    a container spec breaks the security policy (422)
-│   └── BadRequestError         an inference request its endpoint cannot honour (400)
+│   └── BadRequestError         a request the route cannot read, or its endpoint cannot honour (400)
+├── BodyTooLargeError           the request body is over the limit (413)
 ├── NotFoundError               no such object, or not the caller's (404)
 │   ├── NoSuchEndpointError
 │   └── NoSuchTaskError
@@ -39,7 +40,12 @@ class PolicyViolationError(InvalidSpecError):
 
 
 class BadRequestError(InvalidSpecError):
-    """An inference request the endpoint cannot honour as asked (LLM Engine answers 400)."""
+    """The request cannot be read at all (not JSON, a missing part), or its endpoint cannot
+    honour it as asked (LLM Engine answers 400): 400 on every route."""
+
+
+class BodyTooLargeError(ApplianceError):
+    """The request body is over `max_body_bytes`."""
 
 
 class NotFoundError(ApplianceError):

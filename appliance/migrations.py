@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,14 +164,79 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     db.executescript(_V1)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
+_V2 = """
+CREATE TABLE usage (
+    hour INTEGER NOT NULL,
+    team TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    replica_seconds FLOAT NOT NULL DEFAULT 0,
+    gpu_seconds FLOAT NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, team, key_id, endpoint, model)
+);
+CREATE INDEX ix_usage_team_hour ON usage (team, hour);
+CREATE TABLE usage_batch (
+    id TEXT PRIMARY KEY,
+    at FLOAT NOT NULL
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at FLOAT NOT NULL,
+    actor TEXT NOT NULL,
+    team TEXT NOT NULL,
+    actor_key_id TEXT,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    change JSON NOT NULL DEFAULT '{}',
+    address TEXT
+);
+CREATE INDEX ix_audit_at ON audit (at);
+CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END;
+ALTER TABLE task ADD COLUMN key_id TEXT;
+ALTER TABLE batch ADD COLUMN key_id TEXT;
+ALTER TABLE replica ADD COLUMN accounted_at FLOAT;
+"""
+
+
+def _v2_usage_and_audit(db: sqlite_utils.Database) -> None:
+    """Usage per hour (requests, tokens, replica time), the audit log, and the key a task was
+    sent with."""
+    db.executescript(_V2)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial, _v2_usage_and_audit]
+
+
+WAL_SWITCH_TIMEOUT_S = 30.0
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. On a new file, processes starting together race for the switch, and
+    SQLite answers the losers "database is locked" at once, without its busy handler: retry."""
+    deadline = time.monotonic() + WAL_SWITCH_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def migrate(path: Path) -> int:
     """Bring the database at `path` to the newest schema; returns the version it ends at."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         conn.execute("BEGIN EXCLUSIVE")  # one process migrates; the others wait, then see it done
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         db = sqlite_utils.Database(conn)

@@ -106,6 +106,7 @@ class Replica(SQLModel, table=True):
     created_at: float = Field(default_factory=time.time)
     state_since: float = Field(default_factory=time.time)
     ready_at: float | None = None
+    accounted_at: float | None = None  # its running time is in the usage table up to here
 
 
 class Event(SQLModel, table=True):
@@ -177,6 +178,7 @@ class Task(SQLModel, table=True):
     finished_at: float | None = None
     expires_at: float | None = None
     enqueued_at: float | None = None  # last put on its RQ queue; the sweeper's grace starts here
+    key_id: str | None = None  # the key it was sent with, for usage
 
 
 class File(SQLModel, table=True):
@@ -220,3 +222,21 @@ class Batch(SQLModel, table=True):
     failed_at: float | None = None
     cancelling_at: float | None = None
     cancelled_at: float | None = None
+    key_id: str | None = None  # the key it was sent with, for usage
+
+
+class AuditEntry(SQLModel, table=True):
+    """One management action: who, when, from where, what changed (never a secret).
+    Append-only (a trigger refuses updates); entries older than the retention are deleted."""
+
+    __tablename__ = "audit"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: float = Field(default_factory=time.time, index=True)
+    actor: str
+    team: str
+    actor_key_id: str | None = None
+    action: str
+    target: str
+    change: dict[str, Any] = _json_column()
+    address: str | None = None

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
+from appliance.caller import Caller
 from appliance.errors import NoSuchEndpointError
 from appliance.models import Endpoint, Event, Replica
+
+Row = TypeVar("Row")
+
+
+def of_team(query: SelectOfScalar[Row], owner: Any, caller: Caller) -> SelectOfScalar[Row]:
+    """`query` narrowed to the rows of the caller's team (every row for an admin key): the
+    list form of `Caller.owns`."""
+    return query if caller.is_admin else query.where(owner == caller.team)
 
 
 def add_event(endpoint_id: str, kind: str, message: str, *, session: Session) -> None:

@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     )
     fast_lane: bool = Field(
         True,
-        description="Serve common inference requests on the api's fast lane (no ASGI cycle); "
-        "off, every request takes the general path.",
+        description="Carry inference requests on the api's fast lane (its own HTTP/1.1 "
+        "protocol, no ASGI cycle); off, uvicorn's ASGI carries them. Both answer the same.",
     )
     replica_max_concurrency: int = Field(
         256, ge=1, description="Requests the api sends one replica at once; more wait briefly."
@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     )
     callback_max_attempts: int = Field(6, ge=1, description="Deliveries tried per callback.")
     callback_timeout_s: float = Field(10.0, description="Timeout of one callback delivery.")
+    audit_retention_days: int = Field(
+        365,
+        ge=1,
+        le=36500,
+        description="Days the audit log keeps an entry; the worker's sweeper deletes older ones.",
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -1,16 +1,18 @@
-"""What one request costs the fast lane's own code (`api/lane/`, `forwarder/upstream.py`), with
-no sockets, uvloop I/O or other processes: a `FrontProtocol` and a pooled upstream
-`Connection` on fake transports, fed a chat completion request and its replica's reply, in a
-loop. Timings on a shared VM drift; instruction counts do not, so `--instructions` runs this
-twice under valgrind's callgrind and prints the instructions per request (the difference of
-the two runs, so start-up cancels out; with a fixed hash seed, since dict probes vary with
-it). Not a pytest test.
+"""What one request costs the appliance's own code on the fast lane (`api/lane/front.py`, the
+inference core in `api/inference/`, `forwarder/relay.py` and `forwarder/upstream.py`), with no
+sockets, uvloop I/O or other processes: a `FrontProtocol` and a pooled upstream `Connection` on
+fake transports, fed a chat completion request and its replica's reply, in a loop. Timings on a
+shared VM drift; instruction counts do not, so `--instructions` runs this twice under
+valgrind's callgrind and prints the instructions per request (the difference of the two runs,
+so start-up cancels out; with a fixed hash seed, since dict probes vary with it). Not a pytest
+test.
 
     .venv/bin/python bench/lane_cost.py                  # microseconds per request
     .venv/bin/python bench/lane_cost.py --instructions   # instructions per request (valgrind)
+    PYTHONPATH=build/compiled .venv/bin/python bench/lane_cost.py --instructions  # compiled
 
-It runs whichever build is importable: the compiled one after `scripts/compile`, else plain
-Python. The key, endpoint and replica are made in memory (no SQLite, no Redis).
+It runs the source tree's plain Python, or with `PYTHONPATH=build/compiled` the compiled build
+(`scripts/compile`). The key, endpoint and replica are made in memory (no SQLite, no Redis).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from typing import Any
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH
+from api.callers import Keys
+from api.inference.call import Core
 from api.lane import front
-from api.lane.admit import FastLane
-from appliance.keys import Caller
+from appliance import build
+from appliance.keys import Caller, KeyLimits
 from forwarder.proxy import Forwarder
-from forwarder.routes import ReplicaRoute, Route, RoutingTable
+from forwarder.table import RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection
 
 ADDRESS = "http://127.0.0.1:9"
@@ -77,31 +81,36 @@ class FakeTransport:
 async def run(requests: int, rounds: int) -> float:
     """The best microseconds per request of `rounds` loops of `requests`."""
     forwarder = Forwarder()
-    route = Route(
-        "e1", "bench", "team", False, "vllm", "sync", "READY", (ReplicaRoute("r1", ADDRESS),)
+    await forwarder.start()
+    target = Target(
+        "e1", "bench", "team", False, "vllm", "sync", "READY", (TargetReplica("r1", ADDRESS),)
     )
-    forwarder.table = RoutingTable({"bench": route}, {"e1": route})
-    caller = Caller("k1", "user", "team", frozenset({"inference"}), True)
+    forwarder.update(RoutingTable({"bench": target}, {"e1": target}))
+    caller = Caller("k1", "user", "team", frozenset({"inference"}), True, KeyLimits())
+    keys = Keys(lambda key: caller)
+    keys.entries["key"] = (time.monotonic() + 1e9, caller)  # fresh for the whole run
     state: Any = SimpleNamespace(
-        _key_cache={"key": (time.monotonic() + 1e9, caller)},  # fresh for the whole run
-        reverify_soon=lambda key: None,
+        key_cache=keys,
         forwarder=forwarder,
-        settings=SimpleNamespace(max_body_bytes=1 << 20, cors_origins=[]),
+        limiter=None,
+        settings=SimpleNamespace(
+            max_body_bytes=1 << 20, cors_origins=[], activation_timeout_s=1, stream_keepalive_s=5
+        ),
     )
-    lane = FastLane(state)
-    app: Any = SimpleNamespace(state=SimpleNamespace(fast_lane=lane))
+    app: Any = SimpleNamespace(state=SimpleNamespace(inference=Core(state)))
     server_state: Any = SimpleNamespace(
         connections=set(),
         default_headers=[(b"date", b"Fri, 27 Nov 2026 14:00:00 GMT"), (b"server", b"uvicorn")],
         total_requests=0,
     )
     config: Any = SimpleNamespace(timeout_keep_alive=5)
-    client = front.FrontProtocol(app, config, server_state, {}, asyncio.get_running_loop())
+    make = front.front_protocol(app)
+    client = make(config, server_state, {}, asyncio.get_running_loop())
     client_transport = FakeTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
-    upstream = Connection(lane.pool, ADDRESS)
+    upstream = Connection(forwarder.pool, ADDRESS)
     upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
-    lane.pool.put(upstream)  # idle in the pool; each reply puts it back
+    forwarder.pool.put(upstream)  # idle in the pool; each reply puts it back
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
@@ -109,8 +118,8 @@ async def run(requests: int, rounds: int) -> float:
             client.data_received(REQUEST)
             upstream.data_received(REPLY)
         best = min(best, (time.perf_counter() - started) / requests * 1e6)
-    lane.close()
-    if client_transport.writes != requests * rounds or client.exchange is not None:
+    await forwarder.close()
+    if client_transport.writes != requests * rounds or client.call is not None:
         sys.exit("the lane did not answer every request: nothing measured")
     return best
 
@@ -147,14 +156,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--instructions", action="store_true", help="count them with callgrind")
     args = p.parse_args()
-    build = "compiled" if str(front.__file__).endswith(".so") else "plain Python"
+    kind = build.describe()
     if args.instructions:
         few, many = 1000, 5000
         per_request = (instructions(many) - instructions(few)) / (many - few)
-        print(f"{build}: {per_request:,.0f} instructions per request (callgrind)")
+        print(f"{kind}: {per_request:,.0f} instructions per request (callgrind)")
         return
     best = uvloop.run(run(args.requests, args.rounds))
-    print(f"{build}: {best:.2f} us per request (best of {args.rounds} x {args.requests})")
+    print(f"{kind}: {best:.2f} us per request (best of {args.rounds} x {args.requests})")
 
 
 if __name__ == "__main__":

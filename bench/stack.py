@@ -143,9 +143,9 @@ class Stack:
         plain: bool = False,
         tree: Path | None = None,
     ) -> int:
-        """An api in front of the backend; `plain`: run from a copy of the tree without the
-        compiled hot modules (`scripts/compile`), to compare the two builds; `tree`: run
-        from that tree instead (`checkout`)."""
+        """An api in front of the backend: the compiled build of the working tree
+        (build/compiled, `scripts/compile`); `plain`: its source as plain Python, to compare
+        the two builds; `tree`: the build of another tree instead (`checkout`)."""
         redis_port, port = free_port(), free_port()
         redis = self.spawn(
             f"redis-{port}",
@@ -168,12 +168,11 @@ class Stack:
             APPLIANCE_FAST_LANE=str(fast_lane).lower(),
         )
         wait_port(redis_port)
-        cwd = tree
-        if plain:
-            cwd = self.workdir / f"plain-{port}"
-            skip = shutil.ignore_patterns("*.so")
-            for package in ("appliance", "api", "builder", "gpu", "forwarder", "web"):
-                shutil.copytree(ROOT / package, cwd / package, ignore=skip)
+        cwd = self.workdir  # not a source tree, which `-m` would put first on the path
+        if tree is not None and not (tree / "build/compiled").exists():
+            cwd = tree  # a revision from before the build moved out of the tree
+        elif not plain:
+            env["PYTHONPATH"] = str((tree or ROOT) / "build/compiled")
         api = self.spawn(
             f"appliance-{port}", [sys.executable, "-m", "appliance", "api"], env=env, cwd=cwd
         )

@@ -21,8 +21,8 @@ from appliance.errors import PolicyViolationError
 from appliance.ids import new_id
 from appliance.models import Endpoint, EndpointStatus, Event, Replica, ReplicaState
 from appliance.settings import Settings
-from builder import policy
-from builder.docker_engine import ContainerInfo, DockerEngine
+from builder import metering, policy
+from builder.docker_engine import ContainerInfo
 from builder.reconcile import (
     Action,
     AdoptContainer,
@@ -36,6 +36,7 @@ from builder.reconcile import (
     SetStatus,
     StartReplica,
 )
+from builder.runtime import ContainerRuntime
 from builder.specs import ContainerSpec, container_spec
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Applier:
     """Carries out actions against Docker and the database; tells the api when routes change."""
 
     engine: Engine
-    docker: DockerEngine
+    docker: ContainerRuntime
     settings: Settings
     on_routes_changed: Callable[[], None]
 
@@ -164,6 +165,7 @@ class Applier:
             row = session.get(Replica, action.replica_id)
             if row is None:
                 return
+            metering.settle(session, [row], time.time())  # its container is gone now
             if not action.crashed:
                 session.delete(row)
                 return
@@ -198,6 +200,7 @@ class Applier:
         with session_scope(self.engine) as session:
             row = session.get(Replica, action.replica_id)
             if row is not None:
+                metering.settle(session, [row], time.time())
                 session.delete(row)
                 queries.add_event(
                     row.endpoint_id, "removed", f"replica {row.id} removed", session=session
@@ -233,6 +236,8 @@ class Applier:
 
     def _DeleteEndpoint(self, action: DeleteEndpoint) -> None:
         with session_scope(self.engine) as session:
+            left = queries.replicas_of(action.endpoint_id, session=session)
+            metering.settle(session, left, time.time())
             session.exec(delete(Replica).where(col(Replica.endpoint_id) == action.endpoint_id))
             session.exec(delete(Event).where(col(Event.endpoint_id) == action.endpoint_id))
             session.exec(delete(Endpoint).where(col(Endpoint.id) == action.endpoint_id))

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 import redis
 
 from appliance import bus
-from builder.docker_engine import DockerEngine
+from builder.runtime import ContainerRuntime
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LogShipper:
-    docker: DockerEngine
+    docker: ContainerRuntime
     redis: redis.Redis
     _threads: dict[str, threading.Thread] = field(default_factory=dict)
 

@@ -20,11 +20,13 @@ from sqlalchemy.engine import Engine
 from appliance import bus, queries
 from appliance.db import session_scope
 from appliance.models import EndpointStatus, Replica, ReplicaState
+from builder import metering
 from builder.apply import Applier
-from builder.docker_engine import DockerEngine, DockerUnavailableError
+from builder.docker_engine import DockerUnavailableError
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.reconcile import Observed, SetDesired, plan
+from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command
 from gpu.inventory import GpuSource
@@ -53,7 +55,7 @@ class BuilderLoop:
     """Level-triggered: each tick sees the whole world, so a missed nudge costs one interval."""
 
     engine: Engine
-    docker: DockerEngine
+    docker: ContainerRuntime
     applier: Applier
     gpus: GpuSource
     redis: redis.Redis
@@ -65,6 +67,7 @@ class BuilderLoop:
     _shipped: set[str] = field(default_factory=set)
     _history: dict[str, History] = field(default_factory=dict)
     _evicted: dict[str, float] = field(default_factory=dict)
+    _accrued_at: float = 0.0
 
     def __post_init__(self) -> None:
         self._inventory = self.gpus.read()
@@ -112,6 +115,8 @@ class BuilderLoop:
     def tick(self) -> int:
         """One reconcile pass; returns how many actions it applied."""
         observed = self.observe()
+        if observed.now - self._accrued_at >= metering.ACCRUE_EVERY_S:
+            self._accrue(observed.now)
         self._ship_logs(observed)
         self._scale(observed)
         actions = plan(observed)
@@ -124,6 +129,16 @@ class BuilderLoop:
                 self._history[action.endpoint_id] = ((observed.now, action.desired),)
                 self._evicted[action.endpoint_id] = observed.now
         return len(actions)
+
+    def _accrue(self, now: float) -> None:
+        """Replica time into the usage table (`builder/metering.py`); a failure waits for the
+        next interval and never stops the tick (the time is accounted then)."""
+        self._accrued_at = now
+        try:
+            with session_scope(self.engine) as session:
+                metering.settle(session, queries.all_replicas(session=session), now)
+        except Exception:
+            logger.exception("could not account replica time; trying again later")
 
     def _scale(self, observed: Observed) -> None:
         """The scaler: changes desired counts only; the planner does the container work."""

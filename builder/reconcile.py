@@ -174,6 +174,10 @@ def _observe_replica(
             tick.actions.append(FailReplica(replica.id, "container was never created", False))
             return False
         return True
+    if container is not None and container.status == "created":  # a builder died mid-create
+        why = "its container was created but never started; replacing it"
+        tick.actions.append(FailReplica(replica.id, why, crashed=False))
+        return False
     if container is None or not container.running:
         if replica.state == ReplicaState.STOPPING:
             tick.actions.append(RemoveReplica(replica.id))

@@ -1,5 +1,5 @@
 """The replica choice that every forwarded request passes through twice: least outstanding
-requests among a route's ready replicas, under their cap, when it is sent (`take`,
+requests among an endpoint's ready replicas, under their cap, when it is sent (`take`,
 `try_acquire`), and its count given back when it ends (`release`, `done`).
 
 Compiled with the fast lane (`setup.py`), so the lane calls no interpreted code per request
@@ -9,12 +9,12 @@ and ejected set with it; the waiting, the ejecting and the health probes stay th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from time import time as wall_time
 from typing import TYPE_CHECKING
 
-from forwarder.routes import ReplicaRoute, Route
 from forwarder.shared import SharedCounts
+from forwarder.table import Target, TargetReplica
 
 if TYPE_CHECKING:
     from forwarder.proxy import Forwarder
@@ -39,8 +39,8 @@ class Balancer:
         return self.inflight.get(replica_id, 0)
 
     def take(
-        self, route: Route, candidates: Sequence[ReplicaRoute]
-    ) -> tuple[ReplicaRoute | None, int]:
+        self, target: Target, candidates: Sequence[TargetReplica]
+    ) -> tuple[TargetReplica | None, int]:
         """The least loaded candidate, counted in flight if it is under the cap; and the cap."""
         best = candidates[0]
         least = self.load(best.id)
@@ -48,24 +48,26 @@ class Balancer:
             load = self.load(candidates[i].id)
             if load < least:
                 best, least = candidates[i], load
-        cap = route.max_concurrency or self.forwarder.limits.replica_max_concurrency
+        cap = target.max_concurrency or self.forwarder.limits.replica_max_concurrency
         if least >= cap:
             return None, cap
         self.inflight[best.id] = self.inflight.get(best.id, 0) + 1
         if self.shared is not None:
             self.shared.add(best.id, 1)
-        self.endpoint_of[best.id] = route.name
+        self.endpoint_of[best.id] = target.name
         return best, cap
 
-    def try_acquire(self, route: Route) -> ReplicaRoute | None:
-        """A ready replica under its cap, counted in flight, or None when the request would
-        have to wait (no ready replica, every one at its cap): `Forwarder._acquire` without
-        the waiting. The caller reports the outcome with `done`."""
-        live = route.replicas if not self.ejected else self.forwarder.live_replicas(route)
+    def try_acquire(self, target: Target, avoid: set[str] | None) -> TargetReplica | None:
+        """A ready replica under its cap (one not in `avoid`, when given), counted in flight,
+        or None when the request would have to wait (no ready replica, every one at its cap):
+        `Forwarder.acquire` without the waiting. The caller reports the outcome with `done`."""
+        live = target.replicas if not self.ejected else self.forwarder.live_replicas(target)
+        if avoid:
+            live = tuple(r for r in live if r.id not in avoid)
         if not live:
             return None
-        self.last_request[route.endpoint_id] = time.time()
-        return self.take(route, live)[0]
+        self.last_request[target.endpoint_id] = wall_time()
+        return self.take(target, live)[0]
 
     def release(self, replica_id: str) -> None:
         """A request counted by `take` ended."""
@@ -79,11 +81,11 @@ class Balancer:
         if self.slot_waiters:
             self.forwarder.slot_freed()
 
-    def done(self, route: Route, replica_id: str, ok: bool) -> None:
+    def done(self, target: Target, replica_id: str, ok: bool) -> None:
         """A request counted by `try_acquire` ended; `ok` False counts towards ejection."""
         self.release(replica_id)
         if ok:
             if self.failures:
                 self.failures.pop(replica_id, None)
         else:
-            self.forwarder.failed(route, replica_id)
+            self.forwarder.failed(target, replica_id)

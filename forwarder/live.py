@@ -1,6 +1,7 @@
 """Publishes the data plane's live numbers to Redis about once a second, off the hot path:
 requests in flight per replica (the builder drains and scales by them), demand for endpoints
-with no ready replica (nudges the builder), the last request per endpoint, usage per key and,
+with no ready replica (nudges the builder), the last request per endpoint, usage per hour, key
+and endpoint (the worker's sweeper rolls it into SQLite, `forwarder/rollup.py`) and,
 when the api runs several workers, each worker's counters for the others' `/metrics`.
 
 Run by the api's lifespan as one background task per process.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +20,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from appliance import bus
+from appliance.usage import hour_of
+from forwarder import rollup
 from forwarder.metrics import snapshot
 from forwarder.proxy import Forwarder
 
@@ -56,11 +60,7 @@ async def publish_once(
             json.dumps(snapshot(forwarder.metrics.registry)),
             ex=METRICS_TTL_S,
         )
-    for (key_id, endpoint), (requests, prompt, completion) in usage.items():
-        name = bus.USAGE_KEY.format(key_id=key_id)
-        pipe.hincrby(name, f"{endpoint}:requests", requests)
-        pipe.hincrby(name, f"{endpoint}:prompt_tokens", prompt)
-        pipe.hincrby(name, f"{endpoint}:completion_tokens", completion)
+    rollup.publish(pipe, hour_of(time.time()), usage)  # the sweeper stores it in SQLite
     await pipe.execute()
     forwarder.ledger.sent(totals)
     sent_demand.update(fresh_demand)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from appliance.errors import BadRequestError
+from forwarder.paths import upstream_for
 
 Json = dict[str, Any]
 
@@ -73,6 +73,13 @@ def _choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(str(c)) for c in choices)
 
 
+def guided_payload(request: Json, framework: str) -> Json:
+    """The completion fields that make the framework's server honour the request's guided
+    decoding ({} when it asks for none); BadRequestError when it cannot (`check_guided`)."""
+    name = check_guided(request, framework)
+    return {} if name is None else guided_body(name, request[name], framework)
+
+
 def guided_body(name: str, value: Any, framework: str) -> Json:
     """The completion body fields that make the framework's server honour the guided field."""
     if framework == "llamacpp":
@@ -84,23 +91,20 @@ def guided_body(name: str, value: Any, framework: str) -> Json:
     return {"structured_outputs": {GUIDED_FIELDS[name]: value}}
 
 
-def completion_body(request: Json, model: str, framework: str, *, stream: bool) -> bytes:
-    """The replica's `/v1/completions` body for a CompletionSyncV1Request/StreamV1Request;
-    BadRequestError when its guided decoding cannot be honoured (`check_guided`)."""
+def completion_payload(request: Json, model: str, *, stream: bool) -> Json:
+    """The replica's `/v1/completions` request for a CompletionSyncV1Request/StreamV1Request,
+    less its guided decoding (`guided_payload`, once the endpoint's framework is known)."""
     body: Json = {"model": model, "prompt": request["prompt"]}
     for ours, theirs in PASSED_FIELDS.items():
         value = request.get(ours)
         if value is not None:
             body[theirs] = value
-    guided = check_guided(request, framework)
-    if guided is not None:
-        body.update(guided_body(guided, request[guided], framework))
     if request.get("return_token_log_probs"):
         body["logprobs"] = 1
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-    return json.dumps(body).encode()
+    return body
 
 
 def _tokens(choice: Json) -> list[Json] | None:
@@ -221,16 +225,11 @@ class StreamTranslator:
         return self._flush()
 
 
-def task_path(route_framework: str, predict_route: str, args: Any) -> str:
+def task_path(framework: str, predict_route: str, args: Any) -> str:
     """Where a `{"args": ...}` task goes: the OpenAI route its args fit for vLLM and llama.cpp
     replicas (their `/predict` routes are gone), the endpoint's predict route otherwise."""
-    if route_framework in ("vllm", "llamacpp") and isinstance(args, dict):
-        if "messages" in args:
-            return "/v1/chat/completions"
-        if "prompt" in args:
-            return "/v1/completions"
-        if "input" in args:
-            return "/v1/embeddings"
+    if framework in ("vllm", "llamacpp"):
+        return upstream_for(args) or predict_route
     return predict_route
 
 
@@ -266,15 +265,16 @@ def task_event(result: Any, status: int = 200) -> bytes:
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
-async def wrap_task_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Each upstream SSE event re-emitted as `{"status","result":{"result":...},...}`; the
-    replica's `[DONE]` is dropped, as LLM Engine's gateway skips it."""
-    buffer = bytearray()
-    async for chunk in chunks:
-        out = b"".join(
+class TaskEvents:
+    """Each of the replica's SSE events re-emitted as `{"status","result":{"result":...},...}`;
+    the replica's `[DONE]` is dropped, as LLM Engine's gateway skips it."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return b"".join(
             task_event(parse_result(data))
-            for data in sse_events(buffer, chunk)
+            for data in sse_events(self.buffer, chunk)
             if data != b"[DONE]"
         )
-        if out:
-            yield out

@@ -1,11 +1,13 @@
-"""Forwards requests to replicas: least outstanding choice, a per-replica cap, cold-start hold,
-retries on connection failures, ejection of failing replicas, bytes passed through.
+"""The data plane of one process (the api's, or the worker's): the routing table, the choice of
+a replica with its waits (a cold start, a full cap), ejection of failing replicas and their
+health probes, pooled connections to replicas, every relay in flight (`forwarder/relay.py`)
+and its timeout, and the request metrics and usage ledger.
 
-One `Forwarder` per api process, created in the app's lifespan. Requests in flight per
-replica are counted in this process's memory and, when the api runs several worker processes
-(`api_workers`), also in memory shared by all of them (`forwarder/shared.py`), so choices and
-caps see every worker's load. Failures and ejections are each process's own. The builder sees
-the counts through Redis (`forwarder/live.py`).
+One `Forwarder` per process, made at start. Requests in flight per replica are counted in this
+process's memory and, when the api runs several worker processes (`api_workers`), also in
+memory shared by all of them (`forwarder/shared.py`), so choices and caps see every worker's
+load. Failures and ejections are each process's own. The builder sees the counts through
+Redis (`forwarder/live.py`).
 """
 
 from __future__ import annotations
@@ -14,29 +16,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-import aiohttp
-
-from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
+from appliance.errors import ApplianceError, CapacityError, NoReadyReplicaError
 from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
-from forwarder.routes import ReplicaRoute, Route, RoutingTable
+from forwarder.relay import Headers, Plane, Relay
 from forwarder.shared import SharedCounts
+from forwarder.table import RoutingTable, Target, TargetReplica
+from forwarder.upstream import UpstreamPool
 from forwarder.usage import Ledger
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 5.0
-POOL_SIZE = 2048
-CONNECT_ATTEMPTS = 3  # tries of one request over its replicas when connections fail
-RETRY_PAUSE_S = 0.05  # before trying the same replica again (no other one is left)
 EJECT_AFTER_FAILURES = 3  # consecutive failures that take a replica out of rotation
 PROBE_EVERY_S = 1.0  # health probe of an ejected replica
 PROBE_TIMEOUT_S = 2.0
 WAKE_EVERY_S = 1.0  # a waiting request re-checks the table at least this often
-PASSED_HEADERS = frozenset({"content-type", "content-length"})
+TIMEOUT_CHECK_EVERY_S = 0.25  # upstream timeouts are checked for every relay at once
 
 
 @dataclass(frozen=True)
@@ -49,68 +48,12 @@ class Limits:
 
 
 @dataclass
-class Upstream:
-    """A replica's reply whose body is still to be read. `close()` exactly once."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    route: Route
-    replica_id: str
-    response: aiohttp.ClientResponse
-    waited_s: float  # cold-start and queue waits before it was sent
-    sent_at: float  # perf_counter when handed to the connection
-    headers_at: float  # perf_counter when the reply's headers arrived
-    _done: Callable[[Upstream, bool], None]
-    _closed: bool = False
-
-    @property
-    def content_length(self) -> int | None:
-        return self.response.content_length
-
-    async def read(self) -> bytes:
-        """The whole body; a failure here is a 502, since nothing reached the client yet."""
-        try:
-            return await self.response.read()
-        except aiohttp.SocketTimeoutError as exc:
-            raise UpstreamError("the replica did not answer in time", status_code=504) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the replica failed mid-reply: {exc}") from exc
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive, never re-chunked."""
-        content = self.response.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
-        except aiohttp.SocketTimeoutError as exc:
-            raise UpstreamError("the replica stopped sending in time", status_code=504) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the replica failed mid-reply: {exc}") from exc
-
-    def close(self) -> None:
-        """Release the connection (or drop it when the body was not read to its end, which
-        is how an abandoned request is cancelled at the replica) and count the request done."""
-        if self._closed:
-            return
-        self._closed = True
-        ok = self.status < 500
-        if self.response.content.at_eof():
-            self.response.release()
-        else:
-            self.response.close()
-        self._done(self, ok)
-
-
-@dataclass
 class Forwarder:
-    """The data plane of one api process."""
+    """The data plane of one process."""
 
     limits: Limits = field(default_factory=Limits)
     table: RoutingTable = field(default_factory=RoutingTable.empty)
-    on_demand: Callable[[Route], None] = lambda route: None
+    on_demand: Callable[[Target], None] = lambda target: None
     inflight: dict[str, int] = field(default_factory=dict)  # replica id -> this process's
     shared: SharedCounts | None = None  # every api worker's counts, when there are several
     worker: int | None = None  # this process's index among several api workers
@@ -120,68 +63,71 @@ class Forwarder:
     demand: dict[str, float] = field(default_factory=dict)  # endpoint id -> when it wanted one
     last_request: dict[str, float] = field(default_factory=dict)  # endpoint id -> time.time()
     ledger: Ledger = field(default_factory=Ledger)
-    loaded_at: float = 0.0  # time.monotonic() of the last reload a route miss caused
+    loaded_at: float = 0.0  # time.monotonic() when the last reload a lookup miss caused began
+    reloading: asyncio.Future[None] | None = None  # that reload, while it runs
+    table_read_at: float = 0.0  # time.monotonic() when the table installed began to be read
+    pool: UpstreamPool = field(default_factory=UpstreamPool)
     metrics: Metrics = field(init=False)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
     balancer: Balancer = field(init=False)  # the choice of replica, compiled
+    plane: Plane = field(init=False)  # what the relays read, compiled
+    loop: asyncio.AbstractEventLoop = field(init=False)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
-    _session: aiohttp.ClientSession | None = None
-    _timeouts: dict[float, aiohttp.ClientTimeout] = field(default_factory=dict)
     _probes: set[asyncio.Task[None]] = field(default_factory=set)
+    _checker: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.balancer = Balancer(self)
         self.metrics = Metrics(lambda: inflight_rows(self.inflight_totals(), self._names()))
+        self.plane = Plane(self)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=POOL_SIZE, limit_per_host=0, ttl_dns_cache=60, enable_cleanup_closed=False
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout(self.limits.timeout_s),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        )
+        self.loop = self.plane.loop = asyncio.get_running_loop()
+        self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
 
     async def close(self) -> None:
-        for probe in list(self._probes):
-            probe.cancel()
-        if self._session is not None:
-            await self._session.close()
+        if self._checker is not None:
+            self._checker.cancel()
+        for task in [*self._probes, *self.plane.connecting]:
+            task.cancel()
+        self.pool.close()
 
-    def update(self, table: RoutingTable) -> None:
-        """Install a new routing table and wake requests waiting for a replica."""
-        self.table = table
+    def _check_timeouts(self) -> None:
+        """One timer for every relay in flight instead of one per request."""
+        now = time.perf_counter()  # the clock of Relay.heard_at
+        late = [r for r in self.plane.waiting if now - r.heard_at >= r.timeout_s]
+        for relay in late:
+            relay.time_out()
+        self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
+
+    def update(self, table: RoutingTable, read_at: float = 0.0) -> None:
+        """Install a new routing table and wake requests waiting for a replica. `read_at`
+        (time.monotonic() when its read began): a table read before the one installed is
+        older than it, and is dropped (two reloads may end in either order)."""
+        if read_at and read_at < self.table_read_at:
+            return
+        self.table_read_at = max(read_at, self.table_read_at)
+        self.table = self.plane.table = table
         self._wake()
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(seconds)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=CONNECT_TIMEOUT_S, sock_read=seconds
-            )
-            self._timeouts[seconds] = timeout
-        return timeout
-
-    def live_replicas(self, route: Route) -> list[ReplicaRoute]:
-        """The route's ready replicas that are not ejected, from the current table."""
-        current = self.table.by_id.get(route.endpoint_id, route)
+    def live_replicas(self, target: Target) -> list[TargetReplica]:
+        """The endpoint's ready replicas that are not ejected, from the current table."""
+        current = self.table.by_id.get(target.endpoint_id, target)
         ejected = self.ejected
         if not ejected:
             return list(current.replicas)
         return [r for r in current.replicas if r.id not in ejected]
 
-    def _note_demand(self, route: Route) -> None:
+    def _note_demand(self, target: Target) -> None:
         now = time.time()
-        if now - self.demand.get(route.endpoint_id, 0.0) >= 1.0:
-            self.demand[route.endpoint_id] = now
+        if now - self.demand.get(target.endpoint_id, 0.0) >= 1.0:
+            self.demand[target.endpoint_id] = now
             try:
-                self.on_demand(route)
+                self.on_demand(target)
             except Exception:
                 logger.exception("demand hook failed")
 
@@ -189,55 +135,56 @@ class Forwarder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
 
-    async def _acquire(
-        self, route: Route, hold_s: float, tried: set[str]
-    ) -> tuple[Route, ReplicaRoute, float]:
-        """A replica under its cap, counted in flight; waits for a cold start and for a slot.
-        Returns the route as now in the table, the replica and the seconds spent waiting."""
+    async def acquire(self, target: Target, hold_s: float) -> tuple[Target, TargetReplica, float]:
+        """A replica under its cap, counted in flight; waits up to `hold_s` for a cold start
+        and `queue_wait_s` for a slot. Returns the endpoint as now in the table, the replica
+        and the seconds spent waiting. The caller reports the outcome with `Balancer.done`."""
         started = time.monotonic()
         cold_until = started + hold_s
         queue_until: float | None = None
         waited_cold = 0.0
         while True:
-            current = self.table.by_id.get(route.endpoint_id)
+            current = self.table.by_id.get(target.endpoint_id)
             if current is None:
-                raise NoReadyReplicaError(f"endpoint {route.name!r} was deleted")
+                raise NoReadyReplicaError(f"endpoint {target.name!r} was deleted")
             live = self.live_replicas(current)
             if not live:
                 self._note_demand(current)
                 left = cold_until - time.monotonic()
                 if left <= 0:
                     raise NoReadyReplicaError(
-                        f"endpoint {route.name!r} has no ready replica yet; retry shortly",
+                        f"endpoint {target.name!r} has no ready replica yet; retry shortly",
                         retry_after_s=10,
                     )
                 began = time.monotonic()
                 await self._wait_change(left)
                 waited_cold += time.monotonic() - began
                 continue
-            fresh = [r for r in live if r.id not in tried] if tried else live
-            best, cap = self.balancer.take(current, fresh or live)
+            self.last_request[current.endpoint_id] = time.time()
+            best, cap = self.balancer.take(current, live)
             if best is not None:
-                waited = time.monotonic() - started
-                if waited_cold:
-                    self.metrics.cold_wait.labels(current.name).observe(waited_cold)
-                if waited - waited_cold > 0.001:
-                    self.metrics.queue_wait.labels(current.name).observe(waited - waited_cold)
-                return current, best, waited
+                self._observe_waits(current, time.monotonic() - started, waited_cold)
+                return current, best, time.monotonic() - started
             now = time.monotonic()
             queue_until = queue_until or now + self.limits.queue_wait_s
             if now >= queue_until:
                 raise CapacityError(
-                    f"every replica of {route.name!r} is at its limit of {cap} requests",
+                    f"every replica of {target.name!r} is at its limit of {cap} requests",
                     retry_after_s=1,
                 )
             await self._wait_slot(queue_until - now)
 
+    def _observe_waits(self, target: Target, waited: float, waited_cold: float) -> None:
+        if waited_cold:
+            self.metrics.cold_wait.labels(target.name).observe(waited_cold)
+        if waited - waited_cold > 0.001:
+            self.metrics.queue_wait.labels(target.name).observe(waited - waited_cold)
+
     def _names(self) -> dict[str, str]:
         """Replica id -> endpoint name, for every replica in the table or served lately."""
         names = dict(self.endpoint_of)
-        for route in self.table.by_id.values():
-            names.update((r.id, route.name) for r in route.replicas)
+        for target in self.table.by_id.values():
+            names.update((r.id, target.name) for r in target.replicas)
         return names
 
     def inflight_totals(self) -> dict[str, int]:
@@ -245,8 +192,8 @@ class Forwarder:
         if self.shared is None:
             return dict(self.inflight)
         ids = set(self.endpoint_of)
-        for route in self.table.by_id.values():
-            ids.update(r.id for r in route.replicas)
+        for target in self.table.by_id.values():
+            ids.update(r.id for r in target.replicas)
         return {rid: n for rid in ids if (n := self.shared.total(rid)) > 0}
 
     async def _wait_slot(self, timeout_s: float) -> None:
@@ -262,159 +209,111 @@ class Forwarder:
         self._freed.set()
         self._freed = asyncio.Event()
 
-    def _finished(self, upstream: Upstream, ok: bool) -> None:
-        self.balancer.done(upstream.route, upstream.replica_id, ok)
-
-    def failed(self, route: Route, replica_id: str) -> None:
+    def failed(self, target: Target, replica_id: str) -> None:
         """A request to the replica failed; after EJECT_AFTER_FAILURES in a row it is taken
         out of rotation until its health probe passes."""
         count = self.failures.get(replica_id, 0) + 1
         self.failures[replica_id] = count
         if count >= EJECT_AFTER_FAILURES and replica_id not in self.ejected:
-            replica = next((r for r in route.replicas if r.id == replica_id), None)
+            replica = next((r for r in target.replicas if r.id == replica_id), None)
             if replica is None:
                 return
             logger.warning(
                 "replica %s failed %d times in a row; out of rotation", replica_id, count
             )
             self.ejected.add(replica_id)
-            self.metrics.ejections.labels(route.name).inc()
-            probe = asyncio.get_running_loop().create_task(self._probe(route, replica))
+            self.metrics.ejections.labels(target.name).inc()
+            probe = asyncio.get_running_loop().create_task(self._probe(target, replica))
             self._probes.add(probe)
             probe.add_done_callback(self._probes.discard)
 
-    async def _probe(self, route: Route, replica: ReplicaRoute) -> None:
+    async def _probe(self, target: Target, replica: TargetReplica) -> None:
         """Keep an ejected replica out until its health route answers 200 (or it is gone)."""
-        assert self._session is not None
         try:
             while True:
                 await asyncio.sleep(PROBE_EVERY_S)
-                current = self.table.by_id.get(route.endpoint_id)
+                current = self.table.by_id.get(target.endpoint_id)
                 if current is None or all(r.id != replica.id for r in current.replicas):
                     return
-                try:
-                    async with self._session.get(
-                        replica.address + current.health_route,
-                        timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
-                    ) as reply:
-                        if reply.status == 200:
-                            logger.info("replica %s is healthy again; back in rotation", replica.id)
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    continue
+                if await healthy(replica.address, current.health_route):
+                    logger.info("replica %s is healthy again; back in rotation", replica.id)
+                    return
         finally:
             self.ejected.discard(replica.id)
             self.failures.pop(replica.id, None)
             self._wake()
 
-    def ready_now(self, route: Route) -> bool:
-        return bool(self.live_replicas(route))
+    def ready_now(self, target: Target) -> bool:
+        return bool(self.live_replicas(target))
 
-    async def open(
+    async def fetch(
         self,
-        route: Route,
+        target: Target,
         path: str,
         body: bytes,
         *,
         hold_s: float,
-        content_type: str = "application/json",
-        timeout_s: float | None = None,
-    ) -> Upstream:
-        """Send the request to a replica and return once its reply's headers arrived.
-
-        Connection failures are retried on another replica (the same one when it is the only
-        one) up to CONNECT_ATTEMPTS times: nothing has reached the client yet.
-        """
-        session = self._session
-        assert session is not None, "Forwarder.start() was not awaited"
-        self.last_request[route.endpoint_id] = time.time()
-        timeout = self._timeout(timeout_s or route.timeout_s or self.limits.timeout_s)
-        headers = {"content-type": content_type}
-        tried: set[str] = set()
-        waited = 0.0
-        for attempt in range(CONNECT_ATTEMPTS):
-            route, replica, waited_now = await self._acquire(route, hold_s, tried)
-            waited += waited_now
-            sent_at = time.perf_counter()
-            try:
-                response = await session.post(
-                    replica.address + path, data=body, headers=headers, timeout=timeout
-                )
-            except aiohttp.SocketTimeoutError as exc:
-                self.balancer.release(replica.id)
-                self.failed(route, replica.id)
-                raise UpstreamError(
-                    f"replica of {route.name!r} did not answer in time", status_code=504
-                ) from exc
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self.balancer.release(replica.id)
-                self.failed(route, replica.id)
-                logger.warning("replica %s: connection failed: %r", replica.id, exc)
-                if replica.id in tried:
-                    await asyncio.sleep(RETRY_PAUSE_S)
-                tried.add(replica.id)
-                if attempt + 1 < CONNECT_ATTEMPTS:
-                    self.metrics.retries.labels(route.name).inc()
-                continue
-            except BaseException:
-                self.balancer.release(replica.id)
-                raise
-            return Upstream(
-                status=response.status,
-                headers=[
-                    (k.lower().encode(), v.encode())
-                    for k, v in response.headers.items()
-                    if k.lower() in PASSED_HEADERS
-                ],
-                route=route,
-                replica_id=replica.id,
-                response=response,
-                waited_s=waited,
-                sent_at=sent_at,
-                headers_at=time.perf_counter(),
-                _done=self._finished,
-            )
-        raise UpstreamError(f"no replica of {route.name!r} accepted the connection")
-
-    def record(
-        self,
-        route: Route,
-        key_id: str,
-        code: int,
-        *,
-        duration_s: float,
-        overhead_s: float | None = None,
-        ttft_s: float | None = None,
-        usage: tuple[int, int] | None = None,
-    ) -> None:
-        """Account one finished request: metrics, and so usage for the key and endpoint."""
-        self.metrics.stats.add(route.name, key_id, code, duration_s, overhead_s, ttft_s, usage)
-
-
-@dataclass
-class UpstreamReply:
-    """An upstream response whose body is still to be read (for callers outside the api)."""
-
-    status: int
-    headers: dict[str, str]
-    body: AsyncIterator[bytes]
-
-
-async def forward(
-    forwarder: Forwarder, route: Route, path: str, body: bytes, content_type: str, *, hold_s: float
-) -> UpstreamReply:
-    """`Forwarder.open` for callers that only want status, headers and a body iterator."""
-    upstream = await forwarder.open(route, path, body, hold_s=hold_s, content_type=content_type)
-
-    async def relay() -> AsyncIterator[bytes]:
+        timeout_s: float = 0.0,
+        key_id: str = "-",
+    ) -> tuple[int, bytes]:
+        """The replica's status and whole reply for a request no client waits on (the
+        worker's tasks): the same relay, metrics and usage as the api's requests."""
+        started = time.perf_counter()
+        current, replica, waited = await self.acquire(target, hold_s)
+        collected = Collected(self.loop.create_future())
+        relay = Relay(
+            self.plane, current, replica, path.encode(), body, collected, key_id,
+            False, started, waited, timeout_s,
+        )  # fmt: skip
+        relay.send()
         try:
-            async for chunk in upstream.chunks():
-                yield chunk
-        finally:
-            upstream.close()
+            return await collected.future
+        except asyncio.CancelledError:
+            relay.cancel()
+            raise
 
-    return UpstreamReply(
-        status=upstream.status,
-        headers={k.decode(): v.decode() for k, v in upstream.headers},
-        body=relay(),
-    )
+
+class Collected:
+    """A relayed reply gathered whole into a future (`Forwarder.fetch`)."""
+
+    def __init__(self, future: asyncio.Future[tuple[int, bytes]]) -> None:
+        self.future = future
+        self.status = 0
+        self.parts: list[bytes] = []
+
+    def on_head(self, status: int, headers: Headers, length: int) -> None:
+        self.status = status
+
+    def on_body(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def on_end(self) -> None:
+        if not self.future.done():
+            self.future.set_result((self.status, b"".join(self.parts)))
+
+    def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        if not self.future.done():
+            self.future.set_result((status, body))
+
+    def on_failed(self, exc: ApplianceError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+async def healthy(address: str, path: str) -> bool:
+    """Whether GET `path` on the replica answers 200 within PROBE_TIMEOUT_S."""
+    parts = urlsplit(address)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+            try:
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
+                    "connection: close\r\n\r\n".encode()
+                )
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return status_line.split(b" ", 2)[1:2] == [b"200"]

@@ -1,17 +1,18 @@
-"""A minimal HTTP/1.1 client for the api's fast lane (`api/lane/`): keep-alive connections
-to replicas on asyncio protocols, replies parsed by httptools, every event a plain callback.
+"""The data plane's HTTP/1.1 client (`forwarder/relay.py` sends every request through it):
+keep-alive connections to replicas on asyncio protocols, replies parsed by httptools, every
+event a plain callback.
 
-The general path (`forwarder/proxy.py`) uses aiohttp, whose request and response objects,
-futures and stream readers cost more CPU than the whole rest of a proxied request. Here a
-request is one `transport.write` and its reply arrives as `on_head`, `on_body`, `on_end` calls
-on a `ReplySink`; there is no task, future or coroutine per request. New connections are the
-one thing awaited (`UpstreamPool.connect`), and a busy lane reuses pooled ones.
+A request is one `transport.write` and its reply arrives as `on_head`, `on_body`, `on_end`
+calls on a `ReplySink`; there is no task, future or coroutine per request (aiohttp's request
+and response objects, futures and stream readers cost more CPU than the whole rest of a
+proxied request). New connections are the one thing awaited (`UpstreamPool.connect`), and a
+busy api reuses pooled ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from time import monotonic
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
@@ -212,7 +213,7 @@ class UpstreamPool:
     def take(self, address: str) -> Connection | None:
         """An idle connection that is young enough to trust, or None."""
         idle = self.idle.get(address)
-        now = time.monotonic()
+        now = monotonic()
         while idle:
             conn = idle.pop()
             transport = conn.transport
@@ -238,13 +239,19 @@ class UpstreamPool:
             if conn.transport is not None:
                 conn.transport.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = monotonic()
         idle.append(conn)
 
     def forget(self, conn: Connection) -> None:
         idle = self.idle.get(conn.address)
         if idle and conn in idle:
             idle.remove(conn)
+
+    def drop(self, address: str) -> None:
+        """Close the idle connections to a replica (one of them proved stale)."""
+        for conn in self.idle.pop(address, []):
+            if conn.transport is not None:
+                conn.transport.close()
 
     def close(self) -> None:
         for idle in self.idle.values():

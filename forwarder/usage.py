@@ -1,5 +1,6 @@
 """Token usage taken from replies without touching the bytes the client gets, and the
-per-key, per-endpoint ledger the live publisher flushes to Redis.
+per-key, per-endpoint ledger the live publisher flushes to Redis (`forwarder/rollup.py` says
+how, and how it then reaches the usage table).
 
 Bodies pass through untouched; only a copy of the part that holds `usage` is decoded: the end
 of a JSON body, or the last few chunks of a stream (OpenAI's final usage chunk).
@@ -123,7 +124,9 @@ class StreamUsage:
         return usage_from_json(b"".join(self.chunks))
 
 
-Totals = dict[tuple[str, str], list[int]]  # (key id, endpoint) -> [requests, prompt, completion]
+Totals = dict[tuple[str, str], list[int]]  # (key id, endpoint) -> USAGE_COUNTS
+USAGE_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors")
+FIRST_ERROR_STATUS: Final = 400
 
 
 @dataclass
@@ -135,18 +138,22 @@ class Ledger:
 
     def unsent(self, rows: Mapping[tuple[str, str, int], list[int]]) -> tuple[Totals, Totals]:
         """What changed since the last `sent`, and the totals to pass to `sent` once stored.
-        `rows`: (endpoint, key id, status) -> [requests, prompt, completion], running totals."""
+        `rows`: (endpoint, key id, status) -> [requests, prompt, completion], running totals;
+        a status of 400 or more counts its requests as errors too."""
         totals: Totals = {}
-        for (endpoint, key_id, _), row in list(rows.items()):
+        for (endpoint, key_id, status), row in list(rows.items()):
+            errors = row[0] if status >= FIRST_ERROR_STATUS else 0
             mine = totals.get((key_id, endpoint))
             if mine is None:
-                totals[(key_id, endpoint)] = list(row)
+                totals[(key_id, endpoint)] = [row[0], row[1], row[2], errors]
             else:
-                for i, value in enumerate(row):
-                    mine[i] += value
+                mine[0] += row[0]
+                mine[1] += row[1]
+                mine[2] += row[2]
+                mine[3] += errors
         changed = {}
         for label, row in totals.items():
-            before = self.stored.get(label, [0, 0, 0])
+            before = self.stored.get(label, [0, 0, 0, 0])
             if row != before:
                 changed[label] = [now - then for now, then in zip(row, before, strict=True)]
         return changed, totals

@@ -12,14 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import BASE_IMAGE, Appliance, RedisServer, have_docker
+from tests.harness import BASE_IMAGE, BUILD, COMPILED, Appliance, RedisServer, have_docker
 
 REQUIRE_DOCKER = os.environ.get("APPLIANCE_TEST_REQUIRE_DOCKER") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """A compiled hot module (setup.py) shadows its source: refuse to test a stale build."""
+    """The compiled build (scripts/compile) is a copy of the sources: refuse to test a stale
+    one."""
+    if BUILD != "compiled":
+        return
+    if not COMPILED.exists():
+        pytest.exit("APPLIANCE_TEST_BUILD=compiled, but there is no build: run scripts/compile")
     check = subprocess.run(
         [str(ROOT / "scripts/compile"), "--check"],
         capture_output=True,

@@ -21,6 +21,10 @@ from typing import Any
 import httpx
 
 CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE", Path.home() / ".cache/model-engine-appliance"))
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ROOT / "build/compiled"  # scripts/compile installs the compiled wheel here
+# Which build the appliance's processes run: "plain" (the source tree) or "compiled"
+BUILD = os.environ.get("APPLIANCE_TEST_BUILD", "plain")
 MODELS_DIR = CACHE / "models"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_HF = "gemma-3-270m-hf"  # the same model as safetensors, for vLLM
@@ -103,6 +107,7 @@ class Appliance:
     env_extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    build: str = BUILD
 
     @property
     def url(self) -> str:
@@ -128,6 +133,8 @@ class Appliance:
                 "APPLIANCE_LOG_LEVEL": "INFO",
             }
         )
+        if self.build == "compiled":  # the installed wheel first, as in the image
+            env["PYTHONPATH"] = str(COMPILED)
         env.update(self.env_extra)
         return env
 
@@ -136,6 +143,7 @@ class Appliance:
         self.procs[role] = subprocess.Popen(
             [sys.executable, "-m", "appliance", role],
             env=self.env(),
+            cwd=self.workdir,  # not the source tree, which `-m` would put first on the path
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -130,6 +130,12 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
     )
     assert chat.status_code == 200, chat.text
     assert len(replicas_on(project)) == 1
+    # the operator's tools in the image, on the box: no URL or key needed
+    exported = compose(project, env, "exec", "-T", "api", "appliance", "export")
+    assert exported.returncode == 0 and "name: in-compose" in exported.stdout, exported.stderr
+    where = "/var/lib/appliance/backup.tar.gz"
+    backup = compose(project, env, "exec", "-T", "api", "appliance", "backup", where)
+    assert backup.returncode == 0 and "written to" in backup.stdout, backup.stderr
     assert client.delete("/v1/llm/model-endpoints/in-compose").status_code == 200
     wait_until(lambda: replicas_on(project, "-a") == [], 60, "the replica to be removed")
 

@@ -68,7 +68,7 @@ DEFAULTS = {
     "cpus": "",
     "memory": "",
     "idle_timeout": "",
-    "public": "",
+    "public": "",  # private unless asked: only the team's keys may call a new endpoint
 }
 
 

@@ -1,2 +1,3 @@
-"""The api's fast lane for inference requests: `front` (the connection protocol and its narrow
-head parser), `admit` (what the lane may serve), `exchange` (relaying one request)."""
+"""The fast lane, a transport for the inference routes: `front` (the connection protocol, its
+narrow head parser and the `Client` it is to inference calls), `glue` (uvicorn's internals it
+hands other requests to)."""

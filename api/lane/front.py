@@ -1,53 +1,89 @@
-"""The api's first protocol on every connection: serves the inference hot path itself through
-the fast lane and hands everything else to uvicorn's own HTTP protocol.
+"""The fast lane: the api's first protocol on every connection, a transport for the inference
+routes that reads and writes HTTP/1.1 itself, with no ASGI cycle, task or coroutine per request.
 
-uvicorn makes one `FrontProtocol` per connection (`http=` in `api/serve.py`). For each request
-it reads the head with a deliberately narrow parser: `POST` to an inference path over HTTP/1.1
-with a Content-Length body, no Transfer-Encoding, Expect or Upgrade. If `api/lane/admit.py`
-admits it, the reply is relayed with no ASGI cycle, task or coroutine. Any other request, and
-any the lane declines, is handed with all of its bytes (nothing consumed) to uvicorn's
-httptools protocol, the way uvicorn itself switches a connection to its websocket protocol;
-that one gives the connection back once its reply is complete (`GeneralProtocol`). So every
-route keeps its one implementation, and the fast lane is only ever a shortcut for requests the
-general path would answer the same way.
+uvicorn makes one `FrontProtocol` per connection (`http=` in `api/serve.py`). It reads each
+request head with a deliberately narrow parser: `POST` to a path of `forwarder/paths.py` over
+HTTP/1.1 with a Content-Length body, no Transfer-Encoding, Expect or Upgrade. Such a request,
+once its body is in, becomes a `Call` (`api/inference/call.py`) that this protocol answers as
+its `Client`; the call admits and relays it exactly as it would over ASGI. Every other request
+is handed, with all of its bytes, to uvicorn's own protocol (`api/lane/glue.py`), which gives
+the connection back once its reply is complete. The lane decides nothing about a request: it
+only carries those it can read.
 
-Client header bytes are parsed here but never forwarded: the lane writes its own request to
+Client header bytes are parsed here but never forwarded: the relay writes its own request to
 the replica, so a head this parser reads differently from httptools cannot reach a replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from fastapi import FastAPI
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from api.lane.admit import HOT_PATHS, FastLane, Head
-from api.lane.exchange import Exchange
+from api.deps import parse_key
+from api.inference.asgi import make_call
+from api.inference.call import Call, Core
+from api.lane.glue import hand_over
+from forwarder.paths import BY_PATH, InferencePath
+from forwarder.relay import Headers
 from forwarder.scan import SP, digits, field, named, starts
 
-MAX_HEAD_BYTES = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
-PIPELINED_MAX_BYTES = 64 * 1024  # buffered while a reply is in progress, then reading pauses
+MAX_HEAD_BYTES: Final = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
+PIPELINED_MAX_BYTES: Final = 64 * 1024  # buffered while a reply is in progress, then paused
+HOT_PATHS: Final = {entry.path.encode(): entry for entry in BY_PATH.values()}
+STATUS_LINES: Final = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
+}
+MAX_PREFIXES: Final = 256  # reply heads kept (status and content type vary little)
+
+
+class Head:
+    """What the lane reads of a request head. A plain class: compiled, a native one."""
+
+    __slots__ = ("api_key", "authorization", "entry", "keep_alive", "length", "origin", "query")
+
+    def __init__(
+        self,
+        entry: InferencePath,
+        query: str,
+        length: int,
+        authorization: str,
+        api_key: str | None,
+        origin: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.entry = entry
+        self.query = query
+        self.length = length
+        self.authorization = authorization
+        self.api_key = api_key
+        self.origin = origin
+        self.keep_alive = keep_alive
 
 
 def parse_head(buf: bytes, end: int) -> Head | None:
-    """The head `buf[:end]` if the fast lane may serve it, else None. Read byte by byte
+    """The head `buf[:end]` if the lane can carry its request, else None. Read byte by byte
     (`forwarder/scan.py`); any field line that is not a plain `name: value` sends the request
     to uvicorn, as do the framings the lane does not do (Transfer-Encoding, Expect, Upgrade)."""
     if not starts(buf, 0, b"POST "):
         return None
     at = 5
+    query_at = -1
     while at < end and buf[at] != SP:
+        if buf[at] == 63 and query_at < 0:  # ?
+            query_at = at
         at += 1
     if not starts(buf, at, b" HTTP/1.1\r\n") or at + 11 > end:
         return None  # also no header at all, so no Content-Length
-    upstream_path = HOT_PATHS.get(buf[5:at])
-    if upstream_path is None:
+    entry = HOT_PATHS.get(buf[5 : query_at if query_at >= 0 else at])
+    if entry is None:
         return None
+    query = buf[query_at + 1 : at].decode("latin-1") if query_at >= 0 else ""
     length = -1
     authorization = ""
     api_key = None
@@ -83,13 +119,48 @@ def parse_head(buf: bytes, end: int) -> Head | None:
         at = after
     if length < 0:
         return None
-    return Head(upstream_path, length, authorization, api_key, origin, keep_alive)
+    return Head(entry, query, length, authorization, api_key, origin, keep_alive)
+
+
+class Heads:
+    """Status lines and headers of replies, but for their framing and timing: the same for most
+    replies, so made once per second (uvicorn renews its date header each second)."""
+
+    def __init__(self) -> None:
+        self.defaults: list[tuple[bytes, bytes]] | None = None
+        self.prefixes: dict[tuple[int, tuple[tuple[bytes, bytes], ...], bool], bytes] = {}
+
+    def prefix(
+        self, status: int, headers: Headers, keep_alive: bool, defaults: list[tuple[bytes, bytes]]
+    ) -> bytes:
+        if defaults is not self.defaults:
+            self.defaults = defaults
+            self.prefixes = {}
+        key = (status, tuple(headers), keep_alive)
+        found = self.prefixes.get(key)
+        if found is None:
+            lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+            lines.extend(b"%b: %b\r\n" % h for h in (*defaults, *headers))
+            if not keep_alive:
+                lines.append(b"connection: close\r\n")
+            found = b"".join(lines)
+            if len(self.prefixes) < MAX_PREFIXES:
+                self.prefixes[key] = found
+        return found
+
+
+def timing(overhead_s: float, waited_s: float) -> bytes:
+    out = b"x-appliance-overhead-ms: %.3f\r\n" % (overhead_s * 1000) if overhead_s >= 0 else b""
+    if waited_s >= 0.001:
+        out += b"x-appliance-wait-ms: %.0f\r\n" % (waited_s * 1000)
+    return out
 
 
 def front_protocol(app: FastAPI) -> Callable[..., FrontProtocol]:
     """What uvicorn should make each connection's protocol with (`http=`, called like its own
-    protocol classes), for `app`, which holds the lane once started. A factory rather than a
-    subclass per app: the compiled build of this module (`setup.py`) allows no subclasses."""
+    protocol classes), for `app`, whose state holds the appliance once started. A factory
+    rather than a subclass per app: the compiled build of this module allows no subclasses."""
+    heads = Heads()
 
     def make(
         config: Config,
@@ -97,53 +168,23 @@ def front_protocol(app: FastAPI) -> Callable[..., FrontProtocol]:
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> FrontProtocol:
-        return FrontProtocol(app, config, server_state, app_state, _loop)
+        return FrontProtocol(app, heads, config, server_state, app_state, _loop)
 
     return make
-
-
-class GeneralProtocol(HttpToolsProtocol):
-    """uvicorn's own protocol, which gives the connection back to the front protocol when a
-    reply is complete and no byte of a next request has been read: so a request the lane
-    declined (a key to verify, a cold start) does not keep its connection off the lane."""
-
-    between = False  # the last request was read to its end and no next one has begun
-    fastapi: FastAPI  # set by the front protocol that hands it the connection
-
-    def on_message_begin(self) -> None:
-        self.between = False
-        super().on_message_begin()
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self.between = True
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        transport = self.transport
-        if not self.between or self.pipeline or transport.is_closing():
-            return
-        self._unset_keepalive_if_required()
-        self.connections.discard(self)
-        front = FrontProtocol(
-            self.fastapi, self.config, self.server_state, self.app_state, self.loop
-        )
-        front.connection_made(transport)
-        front.write_paused = self.flow.write_paused
-        transport.set_protocol(front)
-        front.serve()
 
 
 class FrontProtocol(asyncio.Protocol):
     def __init__(
         self,
         app: FastAPI,
+        heads: Heads,
         config: Config,
         server_state: ServerState,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.app = app
+        self.heads = heads
         self.config = config
         self.server_state = server_state
         self.app_state = app_state
@@ -154,8 +195,11 @@ class FrontProtocol(asyncio.Protocol):
         self.need = 0  # bytes needed in all before parsing again
         self.have = 0
         self.consumed = 0  # length of the request in progress
-        self.exchange: Exchange | None = None
-        self.lane: FastLane | None = None
+        self.call: Call | None = None
+        self.keep_alive = True
+        self.chunked = False
+        self.core: Core | None = None
+        self.serving = False  # in serve(): a reply finished within it does not re-enter it
         self.idle_timer: asyncio.TimerHandle | None = None  # armed once, re-armed when it fires
         self.idle_since: float | None = None  # loop time the last reply ended; None: busy
         self.write_paused = False
@@ -170,9 +214,9 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self._cancel_idle()
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.client_gone()
+        call, self.call = self.call, None
+        if call is not None:
+            call.client_gone()
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = None
@@ -186,24 +230,24 @@ class FrontProtocol(asyncio.Protocol):
             self.need = 0
         else:
             self.buffer = self.buffer + data if self.buffer else data
-        if self.exchange is None:
+        if self.call is None:
             self.serve()
         elif len(self.buffer) > PIPELINED_MAX_BYTES and self.transport is not None:
             self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.exchange is not None:
-            self.exchange.pause()
+        if self.call is not None:
+            self.call.pause()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.exchange is not None:
-            self.exchange.resume()
+        if self.call is not None:
+            self.call.resume()
 
     # uvicorn's server calls this on graceful shutdown
     def shutdown(self) -> None:
-        if self.exchange is None:
+        if self.call is None:
             if self.transport is not None:
                 self.transport.close()
         else:
@@ -212,16 +256,30 @@ class FrontProtocol(asyncio.Protocol):
     # requests
     def serve(self) -> None:
         """Serve the buffered requests in order until one is incomplete or handed over."""
-        while self.exchange is None and self.buffer and not self.handed:
+        self.serving = True
+        try:
+            self._serve()
+        finally:
+            self.serving = False
+        if self.call is None and not self.handed and not self.buffer:
+            self._idle()
+
+    def _serve(self) -> None:
+        while self.call is None and self.buffer and not self.handed:
             buf = self.buffer
             end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
             if end < 0:
                 if len(buf) >= MAX_HEAD_BYTES:
                     self._hand_over()
                 return
-            lane = self.lane or self._find_lane()
+            core = self.core or self._find_core()
             head = parse_head(buf, end)
-            if lane is None or head is None or head.length > lane.max_body_bytes:
+            if (
+                core is None
+                or head is None
+                or head.length > core.max_body_bytes
+                or (head.origin and core.cors)
+            ):
                 self._hand_over()
                 return
             total = end + 4 + head.length
@@ -229,12 +287,22 @@ class FrontProtocol(asyncio.Protocol):
                 self.need, self.have = total, len(buf)
                 return
             self.consumed = total
-            self.exchange = lane.admit(head, buf[end + 4 : total], self)
-            if self.exchange is None:
-                self._hand_over()
-                return
-        if self.exchange is None and not self.handed and not self.buffer:
-            self._idle()
+            self.keep_alive = head.keep_alive
+            authorization = head.authorization
+            if authorization[:7] == "Bearer ":  # the usual form, without parse_key's general case
+                key: str | None = authorization[7:].strip()
+            else:
+                key = parse_key(authorization, head.api_key)
+            call = make_call(core, head.entry, self, key, head.query)
+            self.call = call
+            core.plane.stats.fast_lane += 1
+            call.start(buf[end + 4 : total])
+
+    def _find_core(self) -> Core | None:
+        """The inference core, once the app's lifespan made it (until then every request goes
+        to uvicorn, which answers as the app does while starting)."""
+        self.core = getattr(self.app.state, "inference", None)
+        return self.core
 
     def _idle(self) -> None:
         """Between requests: the keep-alive timeout runs from now."""
@@ -244,35 +312,29 @@ class FrontProtocol(asyncio.Protocol):
                 self.config.timeout_keep_alive, self._idle_timeout
             )
 
-    def _find_lane(self) -> FastLane | None:
-        """The app's lane, once its lifespan made it (until then every request goes on)."""
-        self.lane = getattr(self.app.state, "fast_lane", None)
-        return self.lane
-
     def _hand_over(self) -> None:
         """Give the connection, with every unconsumed byte, to uvicorn's own protocol."""
         assert self.transport is not None
         self.handed = True
-        self.exchange = None
+        self.call = None
         self._cancel_idle()
         self.server_state.connections.discard(self)
-        protocol = GeneralProtocol(
-            config=self.config,
-            server_state=self.server_state,
-            app_state=self.app_state,
-            _loop=self.loop,
-        )
-        protocol.fastapi = self.app
-        protocol.connection_made(self.transport)
-        self.transport.set_protocol(protocol)
-        if self.write_paused:
-            protocol.pause_writing()
-        if not self.transport.is_reading():
-            self.transport.resume_reading()
         data = b"".join([self.buffer, *self.more])
         self.buffer, self.more, self.need = b"", [], 0
-        if data:
-            protocol.data_received(data)
+        hand_over(
+            self.transport, data, self.write_paused, self.config, self.server_state,
+            self.app_state, self.loop, self._taken_back,
+        )  # fmt: skip
+
+    def _taken_back(self, transport: asyncio.Transport, write_paused: bool) -> None:
+        """uvicorn's protocol gives the connection back (`api/lane/glue.py`)."""
+        front = FrontProtocol(
+            self.app, self.heads, self.config, self.server_state, self.app_state, self.loop
+        )
+        front.connection_made(transport)
+        front.write_paused = write_paused
+        transport.set_protocol(front)
+        front.serve()
 
     def _cancel_idle(self) -> None:
         if self.idle_timer is not None:
@@ -293,34 +355,70 @@ class FrontProtocol(asyncio.Protocol):
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    # api.lane.admit.Client
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+    # api.inference.call.Client
+    def _prefix(self, status: int, headers: Headers) -> bytes:
+        defaults = self.server_state.default_headers
+        return self.heads.prefix(status, headers, self.keep_alive and not self.closing, defaults)
 
-    def default_headers(self) -> list[tuple[bytes, bytes]]:
-        return self.server_state.default_headers
+    def start(
+        self, status: int, headers: Headers, length: int, overhead_s: float, waited_s: float
+    ) -> None:
+        self.chunked = length < 0
+        framing = (
+            b"transfer-encoding: chunked\r\n"
+            if self.chunked
+            else b"content-length: %d\r\n" % length
+        )
+        self._write(
+            b"%b%b%b\r\n" % (self._prefix(status, headers), timing(overhead_s, waited_s), framing)
+        )
 
-    def finished(self, keep_alive: bool) -> None:
-        self.exchange = None
+    def send(self, data: bytes) -> None:
+        if self.chunked:
+            self._write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._write(data)
+
+    def end(self) -> None:
+        if self.chunked:
+            self._write(b"0\r\n\r\n")
+        self._finished()
+
+    def whole(
+        self, status: int, headers: Headers, body: bytes, overhead_s: float, waited_s: float
+    ) -> None:
+        self._write(
+            b"%b%bcontent-length: %d\r\n\r\n%b"
+            % (self._prefix(status, headers), timing(overhead_s, waited_s), len(body), body)
+        )
+        self._finished()
+
+    def cut(self) -> None:
+        self.call = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _finished(self) -> None:
+        """The reply is complete: the connection carries the next request, or closes."""
+        self.call = None
         self.server_state.total_requests += 1
         self.buffer = self.buffer[self.consumed :]
         self.consumed = 0
-        assert self.transport is not None
-        if not keep_alive or self.closing:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        if not self.transport.is_reading():
-            self.transport.resume_reading()
+        if not self.keep_alive or self.closing:
+            transport.close()
+            return
+        if not transport.is_reading():
+            transport.resume_reading()
+        if self.serving:
+            return  # serve() goes on with the next request
         if self.buffer:
             self.serve()  # a pipelined request
         else:
             self._idle()
-
-    def abandon(self) -> None:
-        self._hand_over()
-
-    def close(self) -> None:
-        self.exchange = None
-        if self.transport is not None:
-            self.transport.close()

@@ -4,20 +4,31 @@ a key's text is shown once; keys can expire, be revoked and carry scopes and lim
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 
-from api.deps import CallerDep, SessionDep, StateDep
-from appliance import keys
+from api.deps import AddressDep, CallerDep, SessionDep, StateDep
+from appliance import audit, keys
 from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
+MAX_LIFETIME_S = 10 * 366 * 86400  # a key lives ten years at most
+MAX_LIMIT = 1_000_000_000
+# A key's limit: unset (the install's default), 0 (none) or a bound up to a billion.
+Limit = Annotated[int | None, Field(ge=0, le=MAX_LIMIT)]
+AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
+LIMITS = (
+    "requests_per_minute",
+    "max_concurrent_requests",
+    "max_queued_tasks",
+    "max_tokens_per_request",
+)
 
 
 class CreateKeyRequest(BaseModel):
@@ -28,11 +39,11 @@ class CreateKeyRequest(BaseModel):
     user: str | None = Field(None, pattern=NAME, description="Admins only: the key's user.")
     scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
     admin: bool = False
-    expires_in_seconds: int | None = Field(None, gt=0)
-    requests_per_minute: int | None = Field(None, ge=0)
-    max_concurrent_requests: int | None = Field(None, ge=0)
-    max_queued_tasks: int | None = Field(None, ge=0)
-    max_tokens_per_request: int | None = Field(None, ge=0)
+    expires_in_seconds: int | None = Field(None, gt=0, le=MAX_LIFETIME_S)
+    requests_per_minute: Limit = None
+    max_concurrent_requests: Limit = None
+    max_queued_tasks: Limit = None
+    max_tokens_per_request: Limit = None
 
 
 def public(row: ApiKey) -> dict[str, Any]:
@@ -68,22 +79,35 @@ def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
         raise ForbiddenError("only an administrator may make keys for other users or teams")
     if body.admin or not set(body.scopes) <= caller.scopes:
         raise ForbiddenError("a key may not have scopes its maker lacks")
-    limits = (
-        "requests_per_minute",
-        "max_concurrent_requests",
-        "max_queued_tasks",
-        "max_tokens_per_request",
-    )
-    if any(getattr(body, name) is not None for name in limits):
+    if any(getattr(body, name) is not None for name in LIMITS):
         raise ForbiddenError("only an administrator may set a key's limits")
 
 
 @router.post("", status_code=201)
 def create_api_key(
-    body: CreateKeyRequest, caller: CallerDep, session: SessionDep, state: StateDep
+    body: CreateKeyRequest,
+    caller: CallerDep,
+    session: SessionDep,
+    state: StateDep,
+    address: AddressDep,
 ) -> dict[str, Any]:
-    _check_request(body, caller)
     expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
+    row, text = make_key(body, caller, session, state, expires_at=expires, address=address)
+    return {**public(row), "key": text}
+
+
+def make_key(
+    body: CreateKeyRequest,
+    caller: Caller,
+    session: Session,
+    state: StateDep,
+    *,
+    expires_at: float | None,
+    address: str | None,
+) -> tuple[ApiKey, str]:
+    """Check, store and audit a new key (the route, the UI, the declared configuration);
+    returns its row and its text, which only the caller ever sees."""
+    _check_request(body, caller)
     row, text = keys.create_key(
         session=session,
         secret=state.key_secret,
@@ -92,15 +116,48 @@ def create_api_key(
         user=body.user or caller.user,
         scopes=tuple(keys.SCOPES if body.admin else body.scopes),
         is_admin=body.admin,
-        expires_at=expires,
+        expires_at=expires_at,
     )
-    row.requests_per_minute = body.requests_per_minute
-    row.max_concurrent_requests = body.max_concurrent_requests
-    row.max_queued_tasks = body.max_queued_tasks
-    row.max_tokens_per_request = body.max_tokens_per_request
+    for name in LIMITS:
+        setattr(row, name, getattr(body, name))
     session.add(row)
+    audit.record(session, caller, "key.create", row.id, recorded(row), address)
     session.commit()
-    return {**public(row), "key": text}
+    return row, text
+
+
+def update_key(
+    row: ApiKey,
+    wanted: CreateKeyRequest,
+    caller: Caller,
+    session: Session,
+    *,
+    expires_at: float | None,
+    address: str | None,
+) -> dict[str, list[Any]]:
+    """Give a key the scopes, expiry and limits of `wanted` (admins: the declared
+    configuration); returns what changed, audited, or {} when nothing did."""
+    if not caller.is_admin:
+        raise ForbiddenError("only an administrator may change a key")
+    _check_request(wanted, caller)
+    before = recorded(row)
+    row.scopes = list(keys.SCOPES if wanted.admin else wanted.scopes)
+    row.is_admin, row.expires_at = wanted.admin, expires_at
+    for name in LIMITS:
+        setattr(row, name, getattr(wanted, name))
+    after = recorded(row)
+    change = {name: [before[name], after[name]] for name in AUDITED if before[name] != after[name]}
+    if change:
+        session.add(row)
+        audit.record(session, caller, "key.update", row.id, {"name": row.name, **change}, address)
+        session.commit()
+    return change
+
+
+def recorded(row: ApiKey) -> dict[str, Any]:
+    """What the audit log keeps of a key: never its text, digest or prefix."""
+    shown = public(row)
+    return {name: shown[name] for name in AUDITED}
 
 
 def _visible(row: ApiKey | None, caller: Caller) -> ApiKey:
@@ -124,14 +181,18 @@ def read_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[st
 
 
 @router.delete("/{key_id}")
-def revoke_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+def revoke_api_key(
+    key_id: str, caller: CallerDep, session: SessionDep, address: AddressDep
+) -> dict[str, Any]:
     row = _visible(session.get(ApiKey, key_id), caller)
-    revoke(row, session)
+    revoke(row, caller, session, address=address)
     return public(row)
 
 
-def revoke(row: ApiKey, session: Session) -> None:
+def revoke(row: ApiKey, caller: Caller, session: Session, *, address: str | None) -> None:
     if row.revoked_at is None:
         row.revoked_at = time.time()
         session.add(row)
+        change = {"name": row.name, "team": row.owner, "user": row.user}
+        audit.record(session, caller, "key.revoke", row.id, change, address)
         session.commit()

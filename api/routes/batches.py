@@ -16,15 +16,20 @@ import redis
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, SessionDep, StateDep, require
+from api.deps import AddressDep, AdmittedDep, AppState, CallerDep, SessionDep, StateDep, require
+from api.inference import admission
 from api.routes.files import owned_file
-from appliance import queries
+from appliance import audit, queries
+from appliance.db import session_scope
 from appliance.errors import ConflictError, InvalidSpecError, NotFoundError
 from appliance.ids import new_id
 from appliance.keys import Caller
-from appliance.models import Batch, Endpoint, Task, TaskStatus
-from forwarder import batches, jobs
+from appliance.models import Batch, Task, TaskStatus
+from forwarder.paths import BATCH_PATHS, BY_MODEL, BY_PATH
+from forwarder.table import Target
+from forwarder.worker import batches, jobs
 
 logger = logging.getLogger(__name__)
 
@@ -74,79 +79,41 @@ def _int(value: float | None) -> int | None:
 
 def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
     batch = session.get(Batch, batch_id)
-    if batch is None or not (caller.is_admin or batch.owner == caller.team):
+    if batch is None or not caller.owns(batch.owner):
         raise NotFoundError(f"no batch with id {batch_id!r}", field="batch_id")
     return batch
 
 
-def _endpoints_for(models: set[Any], caller: Caller, session: Session) -> dict[str, Endpoint]:
-    found: dict[str, Endpoint] = {}
-    for model in models:
-        if not isinstance(model, str) or not model:
-            raise InvalidSpecError("every request body needs `model`, an endpoint name")
-        try:
-            endpoint = queries.endpoint_by_name(model, session=session)
-        except NotFoundError:
-            endpoint = None
-        if endpoint is None or not (
-            caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
-        ):
-            raise InvalidSpecError(f"the model `{model}` does not exist")
-        found[model] = endpoint
-    return found
-
-
 @router.post("/v1/batches")
-def create_batch(
-    body: CreateBatchRequest, caller: CallerDep, session: SessionDep, state: StateDep
+async def create_batch(
+    body: CreateBatchRequest, caller: AdmittedDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
-    if body.endpoint not in batches.BATCH_URLS:
+    """Each line is admitted as the request it will be (api/inference/admission.py): the
+    key's token cap on its body, the tenancy of its endpoint; the key, its scope and counted
+    limits once, for the batch (the dependencies)."""
+    entry = BY_PATH.get(body.endpoint)
+    if entry is None or not entry.batchable:
         raise InvalidSpecError(
-            f"endpoint must be one of {', '.join(batches.BATCH_URLS)}", field="endpoint"
+            f"endpoint must be one of {', '.join(BATCH_PATHS)}", field="endpoint"
         )
     if body.completion_window != "24h":
         raise InvalidSpecError("completion_window must be 24h", field="completion_window")
-    source = owned_file(body.input_file_id, caller, session=session)
+    with session_scope(state.engine) as session:
+        source = owned_file(body.input_file_id, caller, session=session)
     if source.purpose != "batch":
         raise InvalidSpecError("the input file's purpose must be batch", field="input_file_id")
-    requests = batches.parse_requests(Path(source.path), body.endpoint)
-    endpoints = _endpoints_for({r.body.get("model") for r in requests}, caller, session)
-    now = time.time()
-    batch = Batch(
-        id=new_id("batch"),
-        owner=caller.team,
-        created_by=caller.user,
-        endpoint=body.endpoint,
-        input_file_id=source.id,
-        status="in_progress",
-        request_counts={"total": len(requests), "completed": 0, "failed": 0},
-        metadata_=body.metadata or {},
-        created_at=now,
-        in_progress_at=now,
-    )
-    session.add(batch)
-    queued: list[tuple[str, str]] = []
+    requests = await run_in_threadpool(batches.parse_requests, Path(source.path), body.endpoint)
+    targets: dict[str, Target] = {}
     for request in requests:
-        endpoint = endpoints[request.body["model"]]
-        task = Task(
-            id=new_id("tsk"),
-            endpoint_id=endpoint.id,
-            owner=caller.team,
-            created_by=caller.user,
-            status=TaskStatus.PENDING,
-            payload={
-                "args": {**request.body, "stream": False},
-                "route": request.url,
-                "custom_id": request.custom_id,
-            },
-            priority=-1,
-            batch_id=batch.id,
-            created_at=now,
-            enqueued_at=now,
-        )
-        session.add(task)
-        queued.append((task.id, endpoint.id))
-    session.commit()  # the outbox: every row exists before any job does
+        model = request.body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidSpecError("every request body needs `model`, an endpoint name")
+        admission.cap_tokens(caller, request.body, inject=entry.generates)
+        if model not in targets:
+            targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
+    batch, queued = await run_in_threadpool(
+        _store, body, caller, source.id, requests, targets, state, address
+    )
     try:
         jobs.enqueue(state.redis, queued, low=True)
     except redis.RedisError as exc:
@@ -154,13 +121,65 @@ def create_batch(
     return batch_public(batch, None)
 
 
+def _store(
+    body: CreateBatchRequest,
+    caller: Caller,
+    source_id: str,
+    requests: list[batches.BatchRequest],
+    targets: dict[str, Target],
+    state: AppState,
+    address: str | None,
+) -> tuple[Batch, list[tuple[str, str]]]:
+    """The batch and its tasks in one transaction: the outbox, every row before any job."""
+    now = time.time()
+    batch = Batch(
+        id=new_id("batch"),
+        owner=caller.team,
+        created_by=caller.user,
+        endpoint=body.endpoint,
+        input_file_id=source_id,
+        status="in_progress",
+        request_counts={"total": len(requests), "completed": 0, "failed": 0},
+        metadata_=body.metadata or {},
+        created_at=now,
+        in_progress_at=now,
+        key_id=caller.key_id,
+    )
+    queued: list[tuple[str, str]] = []
+    with session_scope(state.engine) as session:
+        session.add(batch)
+        for request in requests:
+            endpoint_id = targets[request.body["model"]].endpoint_id
+            task = Task(
+                id=new_id("tsk"),
+                endpoint_id=endpoint_id,
+                owner=caller.team,
+                created_by=caller.user,
+                status=TaskStatus.PENDING,
+                payload={
+                    "args": {**request.body, "stream": False},
+                    "route": request.url,
+                    "custom_id": request.custom_id,
+                },
+                priority=-1,
+                batch_id=batch.id,
+                created_at=now,
+                enqueued_at=now,
+                key_id=caller.key_id,
+            )
+            session.add(task)
+            queued.append((task.id, endpoint_id))
+        change = {"input_file_id": source_id, "endpoint": body.endpoint, "requests": len(requests)}
+        audit.record(session, caller, "batch.create", batch.id, change, address)
+    return batch, queued
+
+
 @router.get("/v1/batches")
 def read_batches(
     caller: CallerDep, session: SessionDep, limit: int = 20, after: str | None = None
 ) -> dict[str, Any]:
     query = select(Batch).order_by(col(Batch.id).desc()).limit(max(1, min(limit, 100)))
-    if not caller.is_admin:
-        query = query.where(Batch.owner == caller.team)
+    query = queries.of_team(query, col(Batch.owner), caller)
     if after:
         query = query.where(col(Batch.id) < after)
     data = [batch_public(b, session) for b in session.exec(query).all()]
@@ -180,7 +199,7 @@ def read_batch(batch_id: str, caller: CallerDep, session: SessionDep) -> dict[st
 
 @router.post("/v1/batches/{batch_id}/cancel")
 def cancel_batch(
-    batch_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+    batch_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
     """Requests not yet started end at once; running ones finish; the sweeper then writes
     the files and marks the batch cancelled."""
@@ -197,6 +216,7 @@ def cancel_batch(
         task.status, task.traceback = TaskStatus.FAILURE, batches.CANCELLED
         task.finished_at, task.expires_at = now, now + state.settings.task_result_ttl_s
         session.add(task)
+    audit.record(session, caller, "batch.cancel", batch.id, {"not_started": len(pending)}, address)
     session.flush()
     public = batch_public(batch, session)
     session.commit()

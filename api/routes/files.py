@@ -15,7 +15,8 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
 from sqlmodel import Session, col, select
 
-from api.deps import CallerDep, SessionDep, StateDep, require
+from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
+from appliance import audit, queries
 from appliance.errors import InvalidSpecError, NotFoundError
 from appliance.ids import new_id
 from appliance.keys import Caller
@@ -41,7 +42,7 @@ def file_public(row: FileRow) -> dict[str, Any]:
 
 def owned_file(file_id: str, caller: Caller, *, session: Session) -> FileRow:
     row = session.get(FileRow, file_id)
-    if row is None or not (caller.is_admin or row.owner == caller.team):
+    if row is None or not caller.owns(row.owner):
         raise NotFoundError(f"no file with id {file_id!r}", field="file_id")
     return row
 
@@ -70,6 +71,7 @@ def create_file(
     caller: CallerDep,
     session: SessionDep,
     state: StateDep,
+    address: AddressDep,
 ) -> dict[str, Any]:
     if purpose not in PURPOSES:
         raise InvalidSpecError(f"purpose must be one of {', '.join(PURPOSES)}", field="purpose")
@@ -89,6 +91,8 @@ def create_file(
         created_at=time.time(),
     )
     session.add(row)
+    change = {"filename": row.filename, "bytes": row.bytes, "purpose": purpose}
+    audit.record(session, caller, "file.upload", row.id, change, address)
     session.commit()
     return file_public(row)
 
@@ -96,8 +100,7 @@ def create_file(
 @router.get("/v1/files")
 def read_files(caller: CallerDep, session: SessionDep) -> dict[str, Any]:
     query = select(FileRow).order_by(col(FileRow.created_at).desc())
-    if not caller.is_admin:
-        query = query.where(FileRow.owner == caller.team)
+    query = queries.of_team(query, col(FileRow.owner), caller)
     return {"object": "list", "data": [file_public(r) for r in session.exec(query).all()]}
 
 
@@ -113,9 +116,13 @@ def read_file_content(file_id: str, caller: CallerDep, session: SessionDep) -> F
 
 
 @router.delete("/v1/files/{file_id}")
-def delete_file(file_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
+def delete_file(
+    file_id: str, caller: CallerDep, session: SessionDep, address: AddressDep
+) -> dict[str, Any]:
     row = owned_file(file_id, caller, session=session)
     session.delete(row)
+    change = {"filename": row.filename, "team": row.owner}
+    audit.record(session, caller, "file.delete", row.id, change, address)
     session.commit()
     Path(row.path).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -28,7 +28,7 @@ def read_gpus(caller: CallerDep, session: SessionDep, state: StateDep) -> dict[s
         if replica.state == ReplicaState.FAILED:
             continue
         endpoint = endpoints.get(replica.endpoint_id)
-        mine = endpoint is not None and (caller.is_admin or endpoint.owner == caller.team)
+        mine = endpoint is not None and caller.owns(endpoint.owner)
         for index in replica.gpus:
             holders.setdefault(index, []).append(
                 {

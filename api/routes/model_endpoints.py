@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
 from api import endpoint_views
-from api.deps import CallerDep, SessionDep, StateDep, require
+from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
 from api.routes.llm_endpoints import BUSY, create_endpoint, delete_endpoint, update_endpoint
 from api.schemas import (
     CreateLLMEndpointRequest,
@@ -21,7 +21,7 @@ from api.schemas import (
     DeleteResponse,
     UpdateLLMEndpointRequest,
 )
-from appliance import bus, queries
+from appliance import audit, bus, queries
 from appliance.db import session_scope
 from appliance.errors import NoSuchEndpointError, OperationInProgressError
 from appliance.keys import Caller
@@ -35,7 +35,7 @@ LOG_POLL_S = 0.5
 
 def owned(endpoint_id: str, caller: Caller, *, session: Session) -> Endpoint:
     endpoint = session.get(Endpoint, endpoint_id)
-    if endpoint is None or not (caller.is_admin or endpoint.owner == caller.team):
+    if endpoint is None or not caller.owns(endpoint.owner):
         raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
     return endpoint
 
@@ -60,9 +60,13 @@ def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
 
 @router.post("", response_model=CreateLLMEndpointResponse)
 def create_model_endpoint(
-    body: CreateLLMEndpointRequest, caller: CallerDep, session: SessionDep, state: StateDep
+    body: CreateLLMEndpointRequest,
+    caller: CallerDep,
+    session: SessionDep,
+    state: StateDep,
+    address: AddressDep,
 ) -> CreateLLMEndpointResponse:
-    endpoint = create_endpoint(body, caller, session, state)
+    endpoint = create_endpoint(body, caller, session, state, address=address)
     return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
 
 
@@ -74,8 +78,7 @@ def read_model_endpoints(
     order_by: str | None = None,
 ) -> dict[str, Any]:
     query = select(Endpoint)
-    if not caller.is_admin:
-        query = query.where(col(Endpoint.owner) == caller.team)
+    query = queries.of_team(query, col(Endpoint.owner), caller)
     if name:
         query = query.where(col(Endpoint.name) == name)
     newest = order_by == "newest"
@@ -95,23 +98,25 @@ def update_model_endpoint(
     caller: CallerDep,
     session: SessionDep,
     state: StateDep,
+    address: AddressDep,
 ) -> CreateLLMEndpointResponse:
     endpoint = owned(endpoint_id, caller, session=session)
-    update_endpoint(endpoint, body, caller, session, state)
+    update_endpoint(endpoint, body, caller, session, state, address=address)
     return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
 
 
 @router.delete("/{endpoint_id}", response_model=DeleteResponse)
 def delete_model_endpoint(
-    endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+    endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> DeleteResponse:
-    delete_endpoint(owned(endpoint_id, caller, session=session), caller, session, state)
+    endpoint = owned(endpoint_id, caller, session=session)
+    delete_endpoint(endpoint, caller, session, state, address=address)
     return DeleteResponse(deleted=True)
 
 
 @router.post("/{endpoint_id}/restart")
 def restart_model_endpoint(
-    endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+    endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, bool]:
     """A rolling restart: a new generation with the same spec replaces every replica."""
     endpoint = owned(endpoint_id, caller, session=session)
@@ -124,6 +129,8 @@ def restart_model_endpoint(
     queries.add_event(
         endpoint.id, "restart", f"restart requested by {caller.user}", session=session
     )
+    change = {"name": endpoint.name, "generation": endpoint.generation}
+    audit.record(session, caller, "endpoint.restart", endpoint.id, change, address)
     session.commit()
     bus.nudge_builder(state.redis)
     return {"restarted": True}

@@ -12,20 +12,21 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api import limits
-from api.deps import CallerDep, SessionDep, StateDep, require
+from api.deps import AdmittedDep, CallerDep, SessionDep, StateDep, require
+from api.inference import admission
 from api.submit import Draft, EndpointView
 from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import EndpointStatus, Task, TaskStatus
-from forwarder import jobs
-from forwarder.callbacks import check_url
+from forwarder.paths import BY_ID, CHAT, COMPLETIONS
+from forwarder.worker import jobs
+from forwarder.worker.callbacks import check_url
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["tasks"], dependencies=[require("inference")])
-OPENAI_ROUTES = (jobs.CHAT_ROUTE, jobs.COMPLETION_ROUTE)
+OPENAI_ROUTES = (CHAT, COMPLETIONS)
 
 
 class CreateAsyncTaskRequest(BaseModel):
@@ -57,9 +58,7 @@ def usable_endpoint(
     endpoint_id: str, endpoint: EndpointView | None, caller: Caller
 ) -> EndpointView:
     """The endpoint, if the caller may send it tasks; else the same 404 as a missing one."""
-    visible = endpoint is not None and (
-        caller.is_admin or endpoint.owner == caller.team or endpoint.public_inference
-    )
+    visible = endpoint is not None and caller.may_infer(endpoint.owner, endpoint.public_inference)
     if endpoint is None or not visible or endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
         raise NoSuchEndpointError(f"no endpoint with id {endpoint_id!r}")
     return endpoint
@@ -85,13 +84,17 @@ def task_payload(body: CreateAsyncTaskRequest, endpoint: EndpointView) -> dict[s
 async def create_async_inference_task(
     model_endpoint_id: str,
     body: CreateAsyncTaskRequest,
-    caller: CallerDep,
+    caller: AdmittedDep,
     state: StateDep,
 ) -> CreateAsyncTaskResponse:
+    """The admission of every inference request (api/inference/admission.py): the key, its
+    scope and counted limits (the dependencies), its token cap, the endpoint's tenancy."""
+    if isinstance(body.args, dict):
+        generates = jobs.upstream_route({"args": body.args, "route": body.route}) in OPENAI_ROUTES
+        admission.cap_tokens(caller, body.args, inject=generates)
+    await admission.find_target(state, caller, BY_ID, model_endpoint_id)
     if body.callback_url:  # resolves the host: not on the event loop
         await run_in_threadpool(check_url, body.callback_url, state.settings.callback_allowed_hosts)
-    if isinstance(body.args, dict):
-        limits.check_tokens(caller, body.args)
 
     def build(found: EndpointView | None) -> Task:
         endpoint = usable_endpoint(model_endpoint_id, found, caller)
@@ -109,6 +112,7 @@ async def create_async_inference_task(
             callback_auth=body.callback_auth if own else endpoint.default_callback_auth,
             created_at=now,
             enqueued_at=now,
+            key_id=caller.key_id,  # usage is counted per key when the task ends
         )
 
     # the outbox: the row is committed, then its job queued, before the answer; the key's
@@ -129,7 +133,7 @@ def get_async_inference_task(
     task_id: str, caller: CallerDep, session: SessionDep
 ) -> GetAsyncTaskResponse:
     task = session.get(Task, task_id)
-    if task is None or not (caller.is_admin or task.owner == caller.team):
+    if task is None or not caller.owns(task.owner):
         raise NoSuchTaskError(f"no task with id {task_id!r}")
     return GetAsyncTaskResponse(
         task_id=task.id,

@@ -1,5 +1,5 @@
-"""The api's fast lane (`api/lane/front.py`, `api/lane/admit.py`) against a fake replica, no Docker:
-one keep-alive connection mixing lane and general-path requests, pipelining, a stream passed
+"""The api's fast lane (`api/lane/front.py`) against a fake replica, no Docker:
+one keep-alive connection mixing lane and uvicorn requests, pipelining, a stream passed
 through unchanged, a client that leaves, a silent replica, and several api workers sharing
 their in-flight counts and metrics."""
 
@@ -26,9 +26,10 @@ from tests.forwarder.test_async_support import (
     stop_all,
     stream_events,
 )
-from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
+from tests.harness import ADMIN_KEY, BUILD, Appliance, RedisServer, wait_until
 
 MODEL = "lane"
+BUILDS = ["compiled", "plain"] if BUILD == "compiled" else ["plain"]
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
 
 
@@ -39,24 +40,42 @@ def backend() -> Iterator[FakeBackend]:
     server.stop()
 
 
-def run_api(tmp_path: Path, redis: RedisServer, backend: FakeBackend, **env: str) -> Appliance:
+def run_api(
+    tmp_path: Path, redis: RedisServer, backend: FakeBackend, build: str = BUILD, **env: str
+) -> Appliance:
     appliance = Appliance(
-        tmp_path / "appliance", redis, env_extra={"APPLIANCE_ROUTING_REFRESH_S": "0.5", **env}
+        tmp_path / "appliance",
+        redis,
+        env_extra={"APPLIANCE_ROUTING_REFRESH_S": "0.5", **env},
+        build=build,
     )
-    start_api(appliance)
-    seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="sync")
-    with appliance.client() as client:
-        wait_until(
-            lambda: client.post("/v1/chat/completions", content=chat("warm")).status_code == 200,
-            10,
-            "the seeded endpoint to answer",
-        )
+    try:
+        start_api(appliance)
+        seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="sync")
+        with appliance.client() as client:
+            wait_until(
+                lambda: (
+                    client.post("/v1/chat/completions", content=chat("warm")).status_code == 200
+                ),
+                10,
+                "the seeded endpoint to answer",
+            )
+    except BaseException:
+        print(appliance.logs())
+        stop_all(appliance)  # a failed start leaves no process behind
+        raise
     return appliance
 
 
-@pytest.fixture
-def api(tmp_path: Path, redis_server: RedisServer, backend: FakeBackend) -> Iterator[Appliance]:
-    appliance = run_api(tmp_path, redis_server, backend, APPLIANCE_UPSTREAM_TIMEOUT_S="1")
+@pytest.fixture(params=BUILDS)
+def api(
+    tmp_path: Path, redis_server: RedisServer, backend: FakeBackend, request: pytest.FixtureRequest
+) -> Iterator[Appliance]:
+    """The api on each build the run has: the compiled one when the test run is of it (as CI's
+    is), and always the plain one, which behaves the same."""
+    appliance = run_api(
+        tmp_path, redis_server, backend, request.param, APPLIANCE_UPSTREAM_TIMEOUT_S="1"
+    )
     yield appliance
     print(appliance.logs())
     stop_all(appliance)
@@ -111,9 +130,14 @@ def test_the_lane_reads_only_heads_it_can_serve() -> None:
     head = parse_head(good, good.find(b"\r\n\r\n"))
     assert head is not None and head.length == 2 and head.keep_alive
     assert head.authorization == f"bearer {ADMIN_KEY}"  # the key keeps its case
+    queried = good.replace(
+        b"/v1/chat/completions", b"/v1/llm/completions-sync?model_endpoint_name=x"
+    )
+    head = parse_head(queried, queried.find(b"\r\n\r\n"))
+    assert head is not None and head.query == "model_endpoint_name=x"
+    assert head.entry.path == "/v1/llm/completions-sync"
     refused = {
         "another route": good.replace(b"/v1/chat/completions", b"/v1/models"),
-        "a query": good.replace(b"completions", b"completions?x=1"),
         "HTTP/1.0": good.replace(b"HTTP/1.1", b"HTTP/1.0"),
         "chunked": good.replace(b"Host: test", b"Transfer-Encoding: chunked"),
         "expect": good.replace(b"Host: test", b"Expect: 100-continue"),
@@ -148,22 +172,23 @@ def test_one_connection_carries_lane_and_general_requests(api: Appliance) -> Non
 
     status, body = send("POST", "/v1/chat/completions", chat("one"))  # the lane
     assert status == 200 and body["choices"][0]["message"]["content"] == echo("one")
-    status, body = send("POST", "/v1/chat/completions", chat("x", model="nope"))  # general
+    status, body = send("POST", "/v1/chat/completions", chat("x", model="nope"))  # the lane
     assert status == 404 and body["error"]["param"] == "model"
-    status, body = send("GET", "/v1/models")  # general
+    status, body = send("GET", "/v1/models")  # uvicorn
     assert status == 200 and [m["id"] for m in body["data"]] == [MODEL]
-    status, body = send("POST", "/v1/chat/completions", b"{not json")  # declined: general
+    status, body = send("POST", "/v1/chat/completions", b"{not json")  # the lane again
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
-    status, body = send("POST", "/v1/chat/completions", chat("two"))  # the lane again
+    status, body = send("POST", "/v1/chat/completions", chat("two"))  # the lane
     assert status == 200 and body["choices"][0]["message"]["content"] == echo("two")
-    conn.request(  # a chunked body is the general path's to read
+    conn.request(  # a chunked body is uvicorn's to read
         "POST", "/v1/chat/completions", body=iter([chat("three")]), headers=HEADERS
     )
     reply = conn.getresponse()
     assert reply.status == 200
     assert json.loads(reply.read())["choices"][0]["message"]["content"] == echo("three")
     conn.close()
-    assert fast_count(api) - before == 2  # "one", and "two" after the connection came back
+    # every POST it could read, also after the connection came back from uvicorn
+    assert fast_count(api) - before == 4
 
 
 def test_pipelined_requests_are_answered_in_order(api: Appliance) -> None:

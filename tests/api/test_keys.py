@@ -155,3 +155,17 @@ def test_by_default_no_origin_is_allowed(api_only: Appliance) -> None:
     )
     assert reply.status_code == 200
     assert "access-control-allow-origin" not in reply.headers
+
+
+def test_a_limit_out_of_bounds_is_refused_naming_it_on_every_way_in(api_only: Appliance) -> None:
+    admin = api_only.client()
+    huge = 2**70  # more than SQLite's integers hold
+    key = {"name": "k", "team": "red", "user": "ann"}
+    made = admin.post("/v1/api-keys", json=key | {"max_tokens_per_request": huge})
+    declared = admin.post(
+        "/v1/config/apply", json={"keys": [key | {"limits": {"requests_per_minute": huge}}]}
+    )
+    for answer, name in ((made, "max_tokens_per_request"), (declared, "requests_per_minute")):
+        assert answer.status_code == 422 and name in answer.text, answer.text
+    listed = admin.get("/v1/api-keys").json()
+    assert "k" not in [k["name"] for k in listed["api_keys"]], listed  # nothing half-made

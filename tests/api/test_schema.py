@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from forwarder.paths import PATHS
 from tests.api.test_keys import OPEN_ROUTES
 from tests.harness import ADMIN_KEY, Appliance
 
@@ -96,3 +97,18 @@ def documented(appliance: Appliance, concrete: str) -> set[str]:
         if re.match(pattern, concrete):
             return {method.upper() for method in operations}
     return set()
+
+
+def test_every_inference_route_is_documented_with_its_models(api_only: Appliance) -> None:
+    document = httpx.get(api_only.url + "/openapi.json").json()
+    for entry in PATHS:
+        operation = document["paths"][entry.path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert "$ref" in body, entry.path  # a named model: OpenAI's or LLM Engine's
+        reply = operation["responses"]["200"]["content"]
+        assert "$ref" in reply["application/json"]["schema"], entry.path
+        if entry.stream != 0:
+            assert "text/event-stream" in reply, entry.path
+        if entry.selector != "model":
+            assert any(p["name"] == entry.selector for p in operation["parameters"])
+        assert {"401", "404", "429"} <= set(operation["responses"]), entry.path

@@ -97,6 +97,12 @@ def test_an_exited_container_fails_its_replica() -> None:
     assert rc.FailReplica("r1", "container exited with code 137") in actions
 
 
+def test_a_container_never_started_is_replaced_without_counting_as_a_crash() -> None:
+    actions = plan([endpoint()], [replica("r1")], [container("r1", "created")])
+    why = "its container was created but never started; replacing it"
+    assert rc.FailReplica("r1", why, crashed=False) in actions
+
+
 def crashed(rid: str, at: float) -> Replica:
     return replica(
         rid,

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis as redis_lib
 
-from forwarder import jobs
+from forwarder.worker import jobs
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint
 from tests.harness import Appliance, make_key, wait_until

@@ -30,6 +30,7 @@ class FakeBackend:
     port: int = field(default_factory=free_port)
     fail_first: int = 0
     seen: Counter[str] = field(default_factory=Counter)
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # every request's, in order
     busy: int = 0  # requests being answered now
     most_busy: int = 0  # the most at once
     _loop: asyncio.AbstractEventLoop | None = None
@@ -42,6 +43,7 @@ class FakeBackend:
     async def _answer(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.seen[request.path] += 1
+        self.bodies.append(body)
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "busy"}, status=503)
@@ -81,6 +83,19 @@ class FakeBackend:
         await reply.write_eof()
         return reply
 
+    async def _embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.seen[request.path] += 1
+        self.bodies.append(body)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 2, "total_tokens": 2},
+            }
+        )
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -91,6 +106,7 @@ class FakeBackend:
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._answer)
             app.router.add_post("/v1/completions", self._answer)
+            app.router.add_post("/v1/embeddings", self._embed)
             app.router.add_post("/predict", self._answer)
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)

@@ -11,7 +11,7 @@ import redis as redis_lib
 from sqlalchemy import create_engine, text
 
 from appliance import bus
-from forwarder import taskstore
+from forwarder.worker import taskstore
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, wait_tasks
 from tests.harness import Appliance, make_key, wait_until

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 
 from appliance.install import key_secret
-from forwarder import callbacks
-from forwarder.callbacks import CallbackRefusedError, CallbackSender, check_url
+from forwarder.worker import callbacks
+from forwarder.worker.callbacks import CallbackRefusedError, CallbackSender, check_url
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
 from tests.harness import Appliance, RedisServer, free_port, wait_until

@@ -17,10 +17,8 @@ def sse(*events: object) -> bytes:
 
 def completion(framework: str, **fields: Any) -> dict[str, Any]:
     request = {"prompt": "hi", "max_new_tokens": 5, "temperature": 0.0, **fields}
-    body: dict[str, Any] = json.loads(
-        llm_engine.completion_body(request, "m", framework, stream=False)
-    )
-    return body
+    body = llm_engine.completion_payload(request, "m", stream=False)
+    return body | llm_engine.guided_payload(request, framework)
 
 
 @pytest.mark.parametrize(
@@ -65,20 +63,17 @@ def test_guided_decoding_that_cannot_be_honoured_is_a_400_naming_the_field(
 
 
 def test_v1_request_becomes_an_openai_completion() -> None:
-    body = json.loads(
-        llm_engine.completion_body(
-            {
-                "prompt": "hi",
-                "max_new_tokens": 5,
-                "temperature": 0.1,
-                "stop_sequences": ["."],
-                "return_token_log_probs": True,
-                "top_k": None,
-            },
-            "gemma",
-            "vllm",
-            stream=True,
-        )
+    body = llm_engine.completion_payload(
+        {
+            "prompt": "hi",
+            "max_new_tokens": 5,
+            "temperature": 0.1,
+            "stop_sequences": ["."],
+            "return_token_log_probs": True,
+            "top_k": None,
+        },
+        "gemma",
+        stream=True,
     )
     assert body == {
         "model": "gemma",

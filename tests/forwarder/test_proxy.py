@@ -1,10 +1,12 @@
-"""The forwarder against real loopback HTTP servers: least outstanding choice, retries on
-connection failures, ejection until healthy, the per-replica cap, cold-start holds, timeouts
-and dropping an abandoned request."""
+"""The data plane (`Forwarder` and its relay) against real loopback HTTP servers, through
+`Forwarder.fetch` as the worker uses it: least outstanding choice, retries on connection
+failures, ejection until healthy, the per-replica cap, cold-start holds, timeouts and dropping
+an abandoned request."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +16,7 @@ from aiohttp import web
 
 from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
 from forwarder.proxy import Forwarder, Limits
-from forwarder.routes import ReplicaRoute, Route, RoutingTable
+from forwarder.table import RoutingTable, Target, TargetReplica
 
 
 def free_port() -> int:
@@ -26,7 +28,8 @@ def free_port() -> int:
 class Replica:
     """A tiny upstream: POST answers after `delay_s`; /health answers `healthy`."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, name: str, delay_s: float = 0.0) -> None:
+        self.name = name
         self.delay_s = delay_s
         self.healthy = True
         self.served = 0
@@ -43,7 +46,7 @@ class Replica:
             raise
         self.served += 1
         return web.json_response(
-            {"ok": True, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+            {"replica": self.name, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
         )
 
     async def health(self, request: web.Request) -> web.Response:
@@ -64,8 +67,8 @@ class Replica:
             await runner.cleanup()
 
 
-def route(*replicas: tuple[str, str], cap: int | None = None) -> Route:
-    return Route(
+def route(*replicas: tuple[str, str], cap: int | None = None) -> Target:
+    return Target(
         endpoint_id="end_1",
         name="m",
         owner="t",
@@ -73,17 +76,17 @@ def route(*replicas: tuple[str, str], cap: int | None = None) -> Route:
         framework="vllm",
         endpoint_type="streaming",
         status="READY",
-        replicas=tuple(ReplicaRoute(rid, url) for rid, url in replicas),
+        replicas=tuple(TargetReplica(rid, url) for rid, url in replicas),
         max_concurrency=cap,
     )
 
 
-def table(r: Route) -> RoutingTable:
+def table(r: Target) -> RoutingTable:
     return RoutingTable({r.name: r}, {r.endpoint_id: r})
 
 
 async def with_forwarder(
-    r: Route, body: Callable[[Forwarder], Awaitable[None]], **limits: float
+    r: Target, body: Callable[[Forwarder], Awaitable[None]], **limits: float
 ) -> None:
     fwd = Forwarder(limits=Limits(**limits))  # type: ignore[arg-type]
     fwd.update(table(r))
@@ -94,18 +97,15 @@ async def with_forwarder(
         await fwd.close()
 
 
-async def call(fwd: Forwarder, r: Route, hold_s: float = 0.0) -> tuple[str, int]:
-    upstream = await fwd.open(r, "/v1/chat/completions", b"{}", hold_s=hold_s)
-    try:
-        await upstream.read()
-    finally:
-        upstream.close()
-    return upstream.replica_id, upstream.status
+async def call(fwd: Forwarder, r: Target, hold_s: float = 0.0) -> tuple[str, int]:
+    """Which replica answered, and its status."""
+    status, body = await fwd.fetch(r, "/v1/chat/completions", b"{}", hold_s=hold_s)
+    return json.loads(body)["replica"], status
 
 
 def test_least_outstanding_replica_is_chosen() -> None:
     async def main() -> None:
-        slow, fast = Replica(delay_s=0.5), Replica()
+        slow, fast = Replica("slow", delay_s=0.5), Replica("fast")
         async with slow.running(), fast.running():
             r = route(("slow", slow.url), ("fast", fast.url))
 
@@ -126,7 +126,7 @@ def test_least_outstanding_replica_is_chosen() -> None:
 
 def test_connection_failure_retries_on_another_replica_then_ejects_it() -> None:
     async def main() -> None:
-        good = Replica()
+        good = Replica("good")
         async with good.running():
             r = route(("dead", f"http://127.0.0.1:{free_port()}"), ("good", good.url))
 
@@ -146,7 +146,7 @@ def test_connection_failure_retries_on_another_replica_then_ejects_it() -> None:
 
 def test_ejected_replica_returns_when_healthy() -> None:
     async def main() -> None:
-        flaky = Replica()
+        flaky = Replica("flaky")
         async with flaky.running():
             r = route(("flaky", flaky.url))
 
@@ -168,7 +168,7 @@ def test_ejected_replica_returns_when_healthy() -> None:
 
 def test_cap_waits_briefly_then_answers_503() -> None:
     async def main() -> None:
-        slow = Replica(delay_s=0.4)
+        slow = Replica("one", delay_s=0.4)
         async with slow.running():
             r = route(("one", slow.url), cap=1)
 
@@ -191,7 +191,7 @@ def test_cap_waits_briefly_then_answers_503() -> None:
 
 def test_cold_endpoint_is_held_until_a_replica_is_ready() -> None:
     async def main() -> None:
-        late = Replica()
+        late = Replica("late")
         async with late.running():
             cold = route()
             demanded: list[str] = []
@@ -214,13 +214,13 @@ def test_cold_endpoint_is_held_until_a_replica_is_ready() -> None:
 
 def test_silent_replica_is_a_504_and_abandoning_cancels_it() -> None:
     async def main() -> None:
-        silent = Replica(delay_s=3)
+        silent = Replica("silent", delay_s=3)
         async with silent.running():
             r = route(("silent", silent.url))
 
             async def body(fwd: Forwarder) -> None:
                 with pytest.raises(UpstreamError) as caught:
-                    await fwd.open(r, "/v1/chat/completions", b"{}", hold_s=0, timeout_s=0.3)
+                    await fwd.fetch(r, "/v1/chat/completions", b"{}", hold_s=0, timeout_s=0.3)
                 assert caught.value.status_code == 504
                 assert fwd.inflight == {}
                 task = asyncio.ensure_future(call(fwd, r))

@@ -34,13 +34,15 @@ def test_ledger_sends_what_changed_per_key_and_endpoint_until_it_is_stored() -> 
     rows = {("gemma", "key_a", 200): [2, 4, 5], ("gemma", "key_a", 500): [1, 0, 0]}
     rows[("gemma", "key_b", 200)] = [1, 2, 2]
     ledger = Ledger()
-    changed, totals = ledger.unsent(rows)
-    assert changed == {("key_a", "gemma"): [3, 4, 5], ("key_b", "gemma"): [1, 2, 2]}
+    changed, totals = ledger.unsent(rows)  # [requests, prompt, completion, errors]
+    assert changed == {("key_a", "gemma"): [3, 4, 5, 1], ("key_b", "gemma"): [1, 2, 2, 0]}
     rows[("gemma", "key_a", 200)] = [3, 5, 5]
     changed, _ = ledger.unsent(rows)  # the first was never stored: it all goes again
-    assert changed[("key_a", "gemma")] == [4, 5, 5]
+    assert changed[("key_a", "gemma")] == [4, 5, 5, 1]
     ledger.sent(totals)
     changed, totals = ledger.unsent(rows)
-    assert changed == {("key_a", "gemma"): [1, 1, 0]}
+    assert changed == {("key_a", "gemma"): [1, 1, 0, 0]}
     ledger.sent(totals)
     assert ledger.unsent(rows)[0] == {}
+    rows[("gemma", "key_b", 429)] = [2, 0, 0]  # refused requests are errors too
+    assert ledger.unsent(rows)[0] == {("key_b", "gemma"): [2, 0, 0, 2]}

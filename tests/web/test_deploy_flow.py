@@ -94,10 +94,12 @@ def test_deploy_chat_edit_delete_and_keys(appliance: Appliance, page: Any) -> No
     page.fill("#f-model", GEMMA_FILE)
     page.fill("#f-min_replicas", "1")
     page.fill("#f-max_replicas", "1")
+    assert not page.is_checked("#f-public")  # private unless asked, as the tenancy rule says
     page.click("button.primary[type=submit]")
     page.wait_for_selector("ol.steps")
     endpoint_id = page.url.rsplit("/", 1)[1]
     assert endpoint_id.startswith("end_")
+    assert api.get(f"/v1/model-endpoints/{endpoint_id}").json()["public_inference"] is False
     check_page(page, "endpoint-deploying")
     page.wait_for_selector('[data-status="READY"]', timeout=READY_WITHIN_MS)
     states = page.eval_on_selector_all("li.step", "els => els.map(e => e.className)")
@@ -154,6 +156,11 @@ def test_deploy_chat_edit_delete_and_keys(appliance: Appliance, page: Any) -> No
     assert "1 \u2013 2" in page.inner_text("dl.spec")  # en dash
     states = page.eval_on_selector_all("li.step", "els => els.map(e => e.className)")
     assert states == ["step done"] * 5, states  # a replica-count edit rolls nothing
+    page.goto(f"{base}/ui/endpoints/{endpoint_id}/edit")  # saved again unchanged: no event
+    page.click("button.primary[type=submit]")
+    page.wait_for_url(f"{base}/ui/endpoints/{endpoint_id}")
+    updates = page.locator(".timeline li", has=page.locator(".kind-updated")).all_inner_texts()
+    assert len(updates) == 1 and "max replicas 1 → 2" in updates[0], updates
 
     # GPUs (none on this machine), tasks and a task's result.
     page.click("nav >> text=GPUs")

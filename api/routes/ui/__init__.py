@@ -10,6 +10,7 @@ mounted by `api.main`.
     endpoint_forms  new, edit and delete an endpoint
     keys            API keys
     playground      chat page and its streamed completions
+    operators       usage (and its CSV) and the audit log
     sampler         counters into Redis for the charts (the lifespan)
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes.ui import endpoint_forms, keys, pages, playground, signin
+from api.routes.ui import endpoint_forms, keys, operators, pages, playground, signin
 from api.routes.ui.pages import root
 from api.routes.ui.sampler import sampling
 
@@ -29,3 +30,4 @@ router.include_router(endpoint_forms.router)  # before pages: /endpoints/new is 
 router.include_router(pages.router)
 router.include_router(keys.router)
 router.include_router(playground.router)
+router.include_router(operators.router)

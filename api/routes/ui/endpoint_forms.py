@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from api.deps import AppState, SessionDep, StateDep
+from api.deps import AppState, SessionDep, StateDep, address_of
 from api.routes import model_endpoints
 from api.routes.llm_endpoints import create_endpoint, delete_endpoint, update_endpoint
 from api.routes.ui.respond import FormDep, need, not_found, page, redirect
@@ -70,7 +70,7 @@ def create_endpoint_from_form(
     need(ui.caller, "manage")
     try:
         body = CreateLLMEndpointRequest.model_validate(forms.create_request(form))
-        endpoint = create_endpoint(body, ui.caller, session, state)
+        endpoint = create_endpoint(body, ui.caller, session, state, address=address_of(request))
     except ValidationError as exc:
         return _form_page(request, ui, state, form, forms.validation_errors(exc.errors()))
     except (InvalidSpecError, ConflictError) as exc:
@@ -109,7 +109,7 @@ def update_endpoint_from_form(
     shown = {**current, **{k: form.get(k, "") for k in forms.EDITABLE}}
     try:
         body = UpdateLLMEndpointRequest.model_validate(forms.update_request(form, current))
-        update_endpoint(endpoint, body, ui.caller, session, state)
+        update_endpoint(endpoint, body, ui.caller, session, state, address=address_of(request))
     except ValidationError as exc:
         errors = forms.validation_errors(exc.errors())
     except (InvalidSpecError, ConflictError) as exc:
@@ -131,5 +131,5 @@ def delete_endpoint_from_form(
         endpoint = model_endpoints.owned(endpoint_id, ui.caller, session=session)
     except NotFoundError as exc:
         return not_found(request, ui, exc)
-    delete_endpoint(endpoint, ui.caller, session, state)
+    delete_endpoint(endpoint, ui.caller, session, state, address=address_of(request))
     return redirect("/ui/endpoints")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from api.deps import AppState, SessionDep, StateDep
+from api.deps import AppState, SessionDep, StateDep, address_of
 from api.routes import api_keys
 from api.routes.ui.respond import FormDep, not_found, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
@@ -63,7 +63,7 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
     if days:
         try:
             body["expires_in_seconds"] = int(float(days) * 86400)
-        except ValueError:
+        except (ValueError, OverflowError):  # "x", "inf"; "nan" is a ValueError
             raise InvalidSpecError("Enter a number of days.", field="expires") from None
     if not body["scopes"]:
         raise InvalidSpecError("Pick at least one scope.", field="scopes")
@@ -84,7 +84,7 @@ def create_key_from_form(
 ) -> Response:
     try:
         body = api_keys.CreateKeyRequest.model_validate(_key_request(form))
-        made = api_keys.create_api_key(body, ui.caller, session, state)
+        made = api_keys.create_api_key(body, ui.caller, session, state, address_of(request))
     except ValidationError as exc:
         errors = {
             KEY_FIELDS.get(str((e.get("loc") or ("",))[0]), ""): (
@@ -107,7 +107,7 @@ def revoke_key_from_form(
     request: Request, key_id: str, ui: ChangeDep, session: SessionDep
 ) -> Response:
     try:
-        api_keys.revoke_api_key(key_id, ui.caller, session)
+        api_keys.revoke_api_key(key_id, ui.caller, session, address_of(request))
     except NotFoundError as exc:
         return not_found(request, ui, exc)
     return redirect("/ui/keys")

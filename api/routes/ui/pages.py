@@ -185,8 +185,7 @@ def read_gpus_page(
 
 def _owned_rows(model: type[Task] | type[Batch], caller: Caller, session: Session) -> list[Any]:
     query = select(model).order_by(col(model.created_at).desc()).limit(LIST_LIMIT)
-    if not caller.is_admin:
-        query = query.where(col(model.owner) == caller.team)
+    query = queries.of_team(query, col(model.owner), caller)
     return list(session.exec(query).all())
 
 
@@ -203,7 +202,7 @@ def read_task_page(
     request: Request, task_id: str, ui: SignedInDep, session: SessionDep
 ) -> Response:
     task = session.get(Task, task_id)
-    if task is None or not (ui.caller.is_admin or task.owner == ui.caller.team):
+    if task is None or not ui.caller.owns(task.owner):
         return not_found(request, ui, NotFoundError(f"no task with id {task_id!r}"))
     endpoint = session.get(Endpoint, task.endpoint_id)
     return page(

@@ -21,8 +21,11 @@ NAV = (
     ("playground", "Playground", "/ui/playground"),
     ("gpus", "GPUs", "/ui/gpus"),
     ("tasks", "Tasks", "/ui/tasks"),
+    ("usage", "Usage", "/ui/usage"),
     ("keys", "API keys", "/ui/keys"),
+    ("audit", "Audit", "/ui/audit"),
 )
+ADMIN_NAV = frozenset({"audit"})  # shown to administrators only
 HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:; "
     "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -46,11 +49,16 @@ def page(
     response = templates.TemplateResponse(
         request,
         name,
-        {"ui": ui, "nav": NAV, "active": active, "now": time.time(), **context},
+        {"ui": ui, "nav": nav_for(ui), "active": active, "now": time.time(), **context},
         status_code=status,
     )
     response.headers.update(HEADERS)
     return response
+
+
+def nav_for(ui: UiSession | None) -> list[tuple[str, str, str]]:
+    admin = ui is not None and ui.caller.is_admin
+    return [item for item in NAV if admin or item[0] not in ADMIN_NAV]
 
 
 def redirect(url: str) -> Response:

@@ -7,9 +7,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api import ui_session
-from api.deps import StateDep
+from api.deps import StateDep, address_of
 from api.routes.ui.respond import FormDep, page, redirect
 from api.ui_session import ChangeDep
+from appliance import audit
 from appliance.errors import AuthError
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -36,11 +37,18 @@ def sign_in(request: Request, state: StateDep, form: FormDep) -> Response:
     ui_session.check_signin_csrf(request, form.get("csrf", ""))
     target = _safe_next(form.get("next"))
     try:
-        token, _ = ui_session.start(state, form.get("key", "").strip())
+        token, caller = ui_session.start(state, form.get("key", "").strip())
     except AuthError as exc:
+        refused = {"reason": exc.message}
+        audit.record_now(
+            state.engine, None, "session.sign_in_refused", "", refused, address_of(request)
+        )
         error = "That key was not accepted." if "invalid" in exc.message else exc.message
         csrf = form.get("csrf", "")
         return page(request, "signin.html", None, status=401, next=target, error=error, csrf=csrf)
+    audit.record_now(
+        state.engine, caller, "session.sign_in", caller.key_id, {}, address_of(request)
+    )
     response = redirect(target)
     ui_session.set_session_cookie(response, request, token)
     return response
@@ -49,6 +57,8 @@ def sign_in(request: Request, state: StateDep, form: FormDep) -> Response:
 @router.post("/sign-out")
 def sign_out(request: Request, state: StateDep, ui: ChangeDep) -> Response:
     ui_session.end(state, request.cookies.get(ui_session.SESSION_COOKIE))
+    key = ui.caller.key_id
+    audit.record_now(state.engine, ui.caller, "session.sign_out", key, {}, address_of(request))
     response = redirect("/ui/sign-in")
     ui_session.clear_cookies(response)
     return response

@@ -1,6 +1,6 @@
 """RQ queues of async tasks and the job function the workers run.
 
-The api enqueues (after it committed the task row); `forwarder.runner` dequeues and runs
+The api enqueues (after it committed the task row); `forwarder.worker.runner` dequeues and runs
 `run_task`. A job carries only the task id (JSON serializer); everything else is read from
 the row, so a job re-enqueued by the sweeper runs the same task, and the conditional UPDATE in
 `taskstore.finish` stores its result once.
@@ -26,18 +26,18 @@ from rq.utils import utcformat
 
 from appliance.errors import CapacityError, UpstreamError
 from appliance.models import TaskStatus
-from forwarder import taskstore
-from forwarder.callbacks import CallbackSender
+from forwarder.paths import upstream_for
 from forwarder.proxy import Forwarder
+from forwarder.usage import usage_from_json
+from forwarder.worker import taskstore
+from forwarder.worker.callbacks import CallbackSender
 
 logger = logging.getLogger(__name__)
 
 HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
-JOB_FUNC = "forwarder.jobs.run_task"
+JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETION_ROUTE = "/v1/completions"
 PREDICT_ROUTE = "/predict"
 
 
@@ -85,16 +85,12 @@ def _job_hash(task_id: str, queue: str, stamp: str) -> dict[FieldT, EncodableT]:
 
 
 def upstream_route(payload: dict[str, Any]) -> str:
-    """Where a task's args go: an explicit route, else by shape (chat, completion, predict)."""
+    """Where a task's args go: an explicit route, else by shape (chat, completion, embeddings,
+    `forwarder/paths.upstream_for`), else the predict route."""
     route = payload.get("route")
     if isinstance(route, str) and route:
         return route
-    args = payload.get("args")
-    if isinstance(args, dict) and "messages" in args:
-        return CHAT_ROUTE
-    if isinstance(args, dict) and "prompt" in args:
-        return COMPLETION_ROUTE
-    return PREDICT_ROUTE
+    return upstream_for(payload.get("args")) or PREDICT_ROUTE
 
 
 @dataclass
@@ -119,7 +115,9 @@ def install_runtime(runtime: Runtime | None) -> None:
 
 def _current() -> Runtime:
     if _runtime is None:
-        raise RuntimeError("run_task needs a worker runtime (forwarder.jobs.install_runtime)")
+        raise RuntimeError(
+            "run_task needs a worker runtime (forwarder.worker.jobs.install_runtime)"
+        )
     return _runtime
 
 
@@ -142,28 +140,24 @@ async def run_task(task_id: str) -> None:
         return
     body = json.dumps(claimed.payload.get("args")).encode()
     try:
-        upstream = await rt.forwarder.open(
+        status, data = await rt.forwarder.fetch(
             route, upstream_route(claimed.payload), body, hold_s=rt.hold_s
         )
-        try:
-            data = await upstream.read()
-        finally:
-            upstream.close()
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return
-    status = upstream.status
     try:
         answer: Any = json.loads(data)
     except ValueError:
         answer = data.decode(errors="replace")
+    tokens = usage_from_json(data)
     if 200 <= status < 300:
-        await _finish(rt, claimed, TaskStatus.SUCCESS, {"result": answer}, status, None)
+        await _finish(rt, claimed, TaskStatus.SUCCESS, {"result": answer}, status, None, tokens)
     elif status in RETRIED_STATUSES:
         await _retry_or_fail(rt, claimed, answer, status, f"replica answered {status}")
     else:
         message = f"replica answered {status}"
-        await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message)
+        await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message, tokens)
 
 
 async def _retry_or_fail(
@@ -186,6 +180,7 @@ async def _finish(
     result: Any,
     code: int | None,
     traceback: str | None,
+    tokens: tuple[int, int] | None = None,
 ) -> None:
     now = time.time()
     stored: bool = await _write(
@@ -199,6 +194,7 @@ async def _finish(
             traceback=traceback,
             now=now,
             keep_s=rt.keep_s,
+            tokens=tokens,
         ),
     )
     if stored and claimed.callback_url:

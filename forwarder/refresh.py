@@ -1,4 +1,4 @@
-"""The api's in-memory routing table (`forwarder/routes.py`), read from SQLite: endpoints by
+"""The api's in-memory routing table (`forwarder/table.py`), read from SQLite: endpoints by
 name and id with their ready replicas.
 
 Built by a background refresher (on the builder's announcements and every few seconds), so no
@@ -14,12 +14,12 @@ from sqlalchemy.engine import Engine
 from appliance import queries
 from appliance.db import session_scope
 from appliance.models import Endpoint, ReplicaState
-from forwarder.routes import (
+from forwarder.table import (
     DEFAULT_HEALTH_ROUTE,
     DEFAULT_PREDICT_ROUTE,
-    ReplicaRoute,
-    Route,
     RoutingTable,
+    Target,
+    TargetReplica,
 )
 
 
@@ -27,11 +27,11 @@ def _positive(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
-def route_of(endpoint: Endpoint, replicas: tuple[ReplicaRoute, ...]) -> Route:
+def target_of(endpoint: Endpoint, replicas: tuple[TargetReplica, ...]) -> Target:
     """An endpoint row as the data plane sees it; optional knobs come from its `extra`."""
     extra = endpoint.extra or {}
     cap = _positive(extra.get("forwarder_max_concurrency"))
-    return Route(
+    return Target(
         endpoint_id=endpoint.id,
         name=endpoint.name,
         owner=endpoint.owner,
@@ -47,16 +47,16 @@ def route_of(endpoint: Endpoint, replicas: tuple[ReplicaRoute, ...]) -> Route:
     )
 
 
-def load_routes(engine: Engine) -> RoutingTable:
+def load_table(engine: Engine) -> RoutingTable:
     """Read every endpoint and its ready replicas; runs in a worker thread."""
     with session_scope(engine) as session:
         endpoints = queries.all_endpoints(session=session)
         replicas = queries.all_replicas(session=session)
-    ready: dict[str, list[ReplicaRoute]] = {}
+    ready: dict[str, list[TargetReplica]] = {}
     for replica in replicas:
         if replica.state == ReplicaState.READY and replica.address:
             ready.setdefault(replica.endpoint_id, []).append(
-                ReplicaRoute(replica.id, replica.address)
+                TargetReplica(replica.id, replica.address)
             )
-    routes = [route_of(e, tuple(ready.get(e.id, ()))) for e in endpoints]
+    routes = [target_of(e, tuple(ready.get(e.id, ()))) for e in endpoints]
     return RoutingTable({r.name: r for r in routes}, {r.endpoint_id: r for r in routes})

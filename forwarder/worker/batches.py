@@ -22,7 +22,6 @@ from appliance.ids import new_id
 
 logger = logging.getLogger(__name__)
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 CANCELLED = "batch cancelled before this request ran"
 MAX_REQUESTS = 50_000
 

@@ -6,7 +6,9 @@ Every `sweep_interval_s` one sweeper (a Redis lock keeps it to one per install):
 - fails tasks that used up their attempts;
 - finishes batches whose requests all ended (output and error files);
 - publishes every endpoint's backlog (queued + running) for the scaler;
-- deletes finished tasks whose keep time passed.
+- deletes finished tasks whose keep time passed;
+- rolls the usage the api counted into the usage table (`forwarder/rollup.py`);
+- once an hour, deletes audit entries older than their retention.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from appliance import bus
-from forwarder import batches, jobs
-from forwarder.runner import LEASE_PREFIX
+from appliance import audit, bus
+from appliance.db import session_scope
+from forwarder import rollup
+from forwarder.worker import batches, jobs
+from forwarder.worker.runner import LEASE_PREFIX
 
 logger = logging.getLogger(__name__)
 
 LOCK_KEY = "appliance:sweeper:lock"
 CANDIDATES_PER_SWEEP = 20_000
+AUDIT_PRUNE_EVERY_S = 3600.0
 
 
 class Sweeper:
@@ -42,7 +47,10 @@ class Sweeper:
         max_attempts: int,
         interval_s: float,
         keep_s: float,
+        audit_retention_days: int = 365,
     ) -> None:
+        self.audit_retention_days = audit_retention_days
+        self._audit_pruned_at = 0.0
         self.engine = engine
         self.redis = client
         self.files_dir = files_dir
@@ -69,6 +77,11 @@ class Sweeper:
             batches.finish_batches(self.engine, self.files_dir, now)
             self.publish_backlog()
             self.drop_expired(now)
+            rollup.roll_up(self.redis, self.engine, now)
+            if now - self._audit_pruned_at >= AUDIT_PRUNE_EVERY_S:
+                with session_scope(self.engine) as session:
+                    audit.prune(session, now, self.audit_retention_days)
+                self._audit_pruned_at = now
         finally:
             self.redis.delete(LOCK_KEY)
 

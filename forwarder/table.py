@@ -1,5 +1,5 @@
 """What the data plane knows of endpoints and their ready replicas: the routing table every
-request looks its endpoint up in (`forwarder/routing.load_routes` reads it from SQLite).
+request looks its endpoint up in (`forwarder/refresh.load_table` reads it from SQLite).
 
 Compiled with the fast lane (`setup.py`): these are native classes there, whose fields the
 lane reads on every request as plain struct reads rather than instance dictionary lookups.
@@ -14,13 +14,13 @@ DEFAULT_PREDICT_ROUTE = "/predict"
 
 
 @dataclass(frozen=True)
-class ReplicaRoute:
+class TargetReplica:
     id: str
     address: str
 
 
 @dataclass(frozen=True)
-class Route:
+class Target:
     """What the data plane needs to know about one endpoint."""
 
     endpoint_id: str
@@ -30,7 +30,7 @@ class Route:
     framework: str
     endpoint_type: str
     status: str
-    replicas: tuple[ReplicaRoute, ...]
+    replicas: tuple[TargetReplica, ...]
     health_route: str = DEFAULT_HEALTH_ROUTE
     predict_route: str = DEFAULT_PREDICT_ROUTE
     timeout_s: float | None = None  # per-endpoint upstream timeout; None: the api's setting
@@ -39,8 +39,8 @@ class Route:
 
 @dataclass(frozen=True)
 class RoutingTable:
-    by_name: dict[str, Route]
-    by_id: dict[str, Route]
+    by_name: dict[str, Target]
+    by_id: dict[str, Target]
 
     @classmethod
     def empty(cls) -> RoutingTable:

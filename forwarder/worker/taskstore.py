@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 
+from appliance import usage
 from appliance.models import TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,10 @@ _CLAIM = (
 )
 _FINISH = (
     "UPDATE task SET status = ?, result = ?, status_code = ?, traceback = ?, finished_at = ?, "
-    "expires_at = ? WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
+    "expires_at = ? WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE') "
+    "RETURNING owner, key_id, endpoint_id"
 )
+_ENDPOINT = f"SELECT name, {usage.MODEL_OF_ENDPOINT} FROM endpoint WHERE id = ?"  # noqa: S608
 _RELEASE = (
     "UPDATE task SET status = 'PENDING', enqueued_at = ? "
     "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
@@ -81,13 +84,28 @@ def finish(
     traceback: str | None,
     now: float,
     keep_s: float,
+    tokens: tuple[int, int] | None = None,
 ) -> bool:
-    """Store the outcome unless one is stored already; True only for the call that stored it."""
-    done = _driver(conn).execute(
+    """Store the outcome unless one is stored already; True only for the call that stored it.
+    That call also adds the request (and its prompt and completion `tokens`, an error when it
+    failed) to the usage table, in the same transaction: counted once, with the outcome."""
+    raw = _driver(conn)
+    done = raw.execute(
         _FINISH,
         (status, json.dumps(result), status_code, traceback, now, now + keep_s, task_id),
-    )
-    return bool(done.rowcount == 1)
+    ).fetchone()
+    if done is None:
+        return False
+    owner, key_id, endpoint_id = done
+    endpoint = raw.execute(_ENDPOINT, (endpoint_id,)).fetchone()
+    if endpoint is not None:  # else it was deleted: nothing to charge the request to
+        prompt, completion = tokens or (0, 0)
+        failed = int(status == TaskStatus.FAILURE.value)
+        name, model = endpoint
+        hour = usage.hour_of(now)
+        row = usage.Counts(hour, owner, key_id or "", name, model, 1, prompt, completion, failed)
+        usage.add(raw, [row])
+    return True
 
 
 def release(conn: Connection, task_id: str, now: float) -> None:

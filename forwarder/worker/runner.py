@@ -23,8 +23,8 @@ from rq.serializers import JSONSerializer
 from sqlalchemy.engine import Engine
 
 from appliance import bus
-from forwarder import jobs
-from forwarder.routing import load_routes
+from forwarder.refresh import load_table
+from forwarder.worker import jobs
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,9 @@ class Runner:
         await asyncio.to_thread(renew)
 
     async def _refresh_routes(self) -> None:
-        self.runtime.forwarder.update(await asyncio.to_thread(load_routes, self.engine))
+        read_at = time.monotonic()
+        table = await asyncio.to_thread(load_table, self.engine)
+        self.runtime.forwarder.update(table, read_at)
 
     @staticmethod
     async def _every(

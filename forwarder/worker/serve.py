@@ -1,7 +1,7 @@
 """Entry point of the worker role (`appliance worker`): runs async tasks and batch requests.
 
 One process: the job runner (an asyncio loop with `worker_concurrency` jobs in flight, see
-`forwarder.runner`), the sweeper thread and the heartbeat. Add worker containers or processes
+`forwarder.worker.runner`), the sweeper thread and the heartbeat. Add worker containers or processes
 to scale out; the sweeper's Redis lock keeps one sweep at a time.
 """
 
@@ -20,11 +20,11 @@ from appliance import bus
 from appliance.db import open_engine
 from appliance.install import key_secret
 from appliance.settings import Settings
-from forwarder import callbacks, jobs, taskstore
 from forwarder.proxy import Forwarder
-from forwarder.routes import Route
-from forwarder.runner import Runner
-from forwarder.sweeper import Sweeper
+from forwarder.table import Target
+from forwarder.worker import callbacks, jobs, taskstore
+from forwarder.worker.runner import Runner
+from forwarder.worker.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _demand_nudger(settings: Settings) -> object:
     client = bus.connect(str(settings.redis_url))
     last = [0.0]
 
-    def nudge(route: Route) -> None:
+    def nudge(route: Target) -> None:
         if time.monotonic() - last[0] >= NUDGE_EVERY_S:
             last[0] = time.monotonic()
             with contextlib.suppress(Exception):
@@ -89,6 +89,7 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         max_attempts=settings.task_max_attempts,
         interval_s=settings.sweep_interval_s,
         keep_s=settings.task_result_ttl_s,
+        audit_retention_days=settings.audit_retention_days,
     )
     threading.Thread(target=sweeper.loop, args=(stop_threads,), name="sweeper", daemon=True).start()
     stop = asyncio.Event()

@@ -1,0 +1,157 @@
+"""The one admission step of inference requests, in the order every entry applies it: who calls
+(a key, verified; 401), whether the key may (`check_scope`; 403), whether it is within its
+counted limits (requests per minute and in flight: `api/limits.py`; 429), whether it asks for
+more tokens than the key allows (`cap_tokens`; 429), which endpoint it may call
+(`visible_target`: the tenancy rule of `Caller.may_infer`; 404), and a replica
+(`forwarder/proxy.py`; 503).
+
+Every inference entry calls these and nothing else decides: the relayed routes
+(`api/inference/call.Call._admit`, on either transport), async tasks and batch lines
+(`api/routes/tasks.py`, `api/routes/batches.py`) and the playground. So a request refused for
+one reason gets the same status, in its route's envelope, wherever it was sent. Each step that
+may have to wait has a synchronous form that answers at once when it can (`Keys.known`,
+`visible_target`) and says so when it cannot; the waiting is the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from starlette.concurrency import run_in_threadpool
+
+from appliance.errors import (
+    AuthError,
+    BadRequestError,
+    ForbiddenError,
+    NoSuchEndpointError,
+    RateLimitedError,
+)
+from appliance.keys import Caller
+from forwarder.paths import BY_ID, BY_MODEL
+from forwarder.refresh import load_table
+from forwarder.table import RoutingTable, Target
+
+if TYPE_CHECKING:
+    from api.deps import AppState
+
+SCOPE: Final = "inference"
+# Every field by which a body asks for a number of tokens: OpenAI's two, LLM Engine's, and
+# llama.cpp's own (where -1 means no limit)
+TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n_predict")
+CAPPED_FIELD: Final = "max_tokens"  # set to the key's cap when a request names none
+RELOAD_ON_MISS_S: Final = 0.5
+NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
+
+
+def need_key(key: str | None) -> str:
+    if not key:
+        raise AuthError(NO_KEY)
+    return key
+
+
+async def caller_for(state: AppState, key: str | None) -> Caller:
+    """The caller of a key: from the key cache when verified lately, else verified against
+    SQLite off the event loop. AuthError (401) for a missing or invalid key."""
+    key = need_key(key)
+    caller = state.key_cache.known(key)
+    if caller is None:
+        found: Caller = await run_in_threadpool(state.key_cache.verify, key)
+        return found
+    return caller
+
+
+def check_scope(caller: Caller) -> None:
+    if not caller.can(SCOPE):
+        raise ForbiddenError(f"this key lacks the {SCOPE!r} scope")
+
+
+def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
+    """Refuse (429) a request that asks for more tokens than its key allows, by any of
+    TOKEN_FIELDS, as an integer, a float or a number in a string. When it names none and the
+    key has a cap, the cap becomes its limit if `inject` (a generating OpenAI route): then
+    `payload` gets `max_tokens` and True is returned, so the caller sends the changed body."""
+    most = caller.limits.max_tokens_per_request
+    if not most or not isinstance(payload, dict):
+        return False
+    named = False
+    for name in TOKEN_FIELDS:
+        asked = payload.get(name)
+        if asked is None:
+            continue
+        named = True
+        count = _count(name, asked)
+        if count > most or (name == "n_predict" and count < 0):
+            raise RateLimitedError(
+                f"{name}={asked} is over this key's limit of {most} tokens per request",
+                retry_after_s=60,
+            )
+    if named or not inject:
+        return False
+    payload[CAPPED_FIELD] = most
+    return True
+
+
+def _count(name: str, asked: object) -> float:
+    """A token count as a number; BadRequestError when it is not one."""
+    if isinstance(asked, bool) or not isinstance(asked, int | float | str):
+        raise BadRequestError(f"{name} must be a number of tokens", field=name)
+    try:
+        count = float(asked)
+    except ValueError:
+        raise BadRequestError(f"{name} must be a number of tokens", field=name) from None
+    if math.isnan(count):
+        raise BadRequestError(f"{name} must be a number of tokens", field=name)
+    return count
+
+
+def visible_target(table: RoutingTable, caller: Caller, selector: str, value: str) -> Target | None:
+    """The endpoint the request names, if the caller may send it inference (for one it may
+    not, the same 404 as for one that does not exist); None when it is not in `table`: the
+    caller then reloads the table once (`may_reload`, `reloaded`) or answers `missing`."""
+    target = table.by_id.get(value) if selector == BY_ID else table.by_name.get(value)
+    if target is not None and not caller.may_infer(target.owner, target.public):
+        raise missing(selector, value)
+    return target
+
+
+async def find_target(state: AppState, caller: Caller, selector: str, value: str) -> Target:
+    """`visible_target`, after one reload of the table on a miss (for routes that may await)."""
+    target = visible_target(state.forwarder.table, caller, selector, value)
+    if target is None:
+        await fresh_table(state, time.monotonic())
+        target = visible_target(state.forwarder.table, caller, selector, value)
+    if target is None:
+        raise missing(selector, value)
+    return target
+
+
+def missing(selector: str, value: str) -> NoSuchEndpointError:
+    if selector == BY_MODEL:
+        return NoSuchEndpointError(f"The model `{value}` does not exist.", field="model")
+    if selector == BY_ID:
+        return NoSuchEndpointError(f"no endpoint with id {value!r}", field=selector)
+    return NoSuchEndpointError(f"no endpoint named {value!r}", field=selector)
+
+
+async def fresh_table(state: AppState, since: float) -> None:
+    """Wait for a reload of the routing table that began after `since` (a lookup missed then):
+    an endpoint created a moment ago is found before the next periodic refresh. Misses share
+    reloads, which begin at most every RELOAD_ON_MISS_S: names that do not exist cost the
+    database one read per interval, however many there are."""
+    forwarder = state.forwarder
+    while forwarder.loaded_at <= since:
+        if forwarder.reloading is None or forwarder.reloading.done():
+            delay = forwarder.loaded_at + RELOAD_ON_MISS_S - time.monotonic()
+            forwarder.reloading = asyncio.ensure_future(_reload(state, delay))
+        await asyncio.shield(forwarder.reloading)
+
+
+async def _reload(state: AppState, delay: float) -> None:
+    if delay > 0:
+        await asyncio.sleep(delay)
+    forwarder = state.forwarder
+    forwarder.loaded_at = read_at = time.monotonic()
+    forwarder.update(await run_in_threadpool(load_table, state.engine), read_at)

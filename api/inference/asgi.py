@@ -1,0 +1,206 @@
+"""The inference routes over ASGI: the transport of every inference request the fast lane does
+not carry (`APPLIANCE_FAST_LANE=false`, a framing the lane does not read, CORS) and of the
+playground's chat. `InferenceRoutes` is pure ASGI middleware in front of FastAPI: a POST to a
+path of `forwarder/paths.py` becomes a `Call` (`api/inference/call.py`), the same as on the
+lane; `AsgiClient` turns the call's writes into ASGI messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, Final
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import parse_key
+from api.inference.call import Call, Core
+from api.inference.llm_engine import CompletionCall, TaskCall
+from appliance.errors import BodyTooLargeError
+from appliance.keys import Caller
+from forwarder.paths import BY_PATH, COMPLETION, TASK, InferencePath
+from forwarder.relay import Headers
+
+QUEUED_MAX: Final = 64  # messages waiting for the client before the relay pauses
+END: Final[Message] = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+class ConnectionCutError(Exception):
+    """The reply broke after its head went out; raised so the server closes the connection."""
+
+
+def make_call(
+    core: Core,
+    entry: InferencePath,
+    client: Any,
+    key: str | None,
+    query: str,
+    caller: Caller | None = None,
+) -> Call:
+    """The call for a request to `entry`, in its route's shape (used by both transports)."""
+    if entry.shape == COMPLETION:
+        return CompletionCall(core, entry, client, key, query, caller)
+    if entry.shape == TASK:
+        return TaskCall(core, entry, client, key, query, caller)
+    return Call(core, entry, client, key, query, caller)
+
+
+class InferenceRoutes:
+    """Pure ASGI middleware serving the inference POST routes; everything else goes on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            entry = BY_PATH.get(scope["path"])
+            if entry is not None:
+                await serve(scope["app"].state.inference, entry, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def serve(
+    core: Core,
+    entry: InferencePath,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    caller: Caller | None = None,
+    body: bytes | None = None,
+) -> None:
+    """Serve one inference request; `caller` and `body` when a route read them already."""
+    client = AsgiClient(send)
+    key = None if caller is not None else key_of(scope)
+    query = scope.get("query_string", b"").decode("latin-1")
+    call = make_call(core, entry, client, key, query, caller)
+    client.call = call
+    if body is None:
+        try:
+            body = await read_body(scope, receive, core.max_body_bytes)
+        except BodyTooLargeError as exc:
+            call.refuse(exc)
+            await client.drain()
+            return
+        except asyncio.CancelledError:
+            return  # gone before it sent its body
+    watcher = asyncio.ensure_future(_disconnect(receive, call, client))
+    try:
+        call.start(body)
+        await client.drain()
+    finally:
+        watcher.cancel()
+
+
+async def _disconnect(receive: Receive, call: Call, client: AsgiClient) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not client.finished:
+        call.client_gone()
+        client.gone()
+
+
+def key_of(scope: Scope) -> str | None:
+    authorization, api_key = "", None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1")
+    return parse_key(authorization, api_key)
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body; BodyTooLargeError as soon as it is known to be over `limit`."""
+    too_large = f"the request body is over the limit of {limit} bytes"
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise BodyTooLargeError(too_large)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected")
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise BodyTooLargeError(too_large)
+        parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class AsgiClient:
+    """A call's writes as ASGI messages, sent in order by `drain` (ASGI's send is awaited; the
+    call writes from callbacks). When the client reads slowly, the relay pauses."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.call: Call | None = None
+        self.queue: collections.deque[Message | None] = collections.deque()  # None: cut
+        self.ready = asyncio.Event()
+        self.finished = False
+        self.paused = False
+
+    def _put(self, message: Message | None) -> None:
+        self.queue.append(message)
+        self.ready.set()
+        if len(self.queue) > QUEUED_MAX and not self.paused and self.call is not None:
+            self.paused = True
+            self.call.pause()
+
+    def start(
+        self, status: int, headers: Headers, length: int, overhead_s: float, waited_s: float
+    ) -> None:
+        headers = list(headers)
+        if length >= 0:
+            headers.append((b"content-length", b"%d" % length))
+        self._put(_head(status, headers, overhead_s, waited_s))
+
+    def send(self, data: bytes) -> None:
+        self._put({"type": "http.response.body", "body": data, "more_body": True})
+
+    def end(self) -> None:
+        self._put(END)
+
+    def whole(
+        self, status: int, headers: Headers, body: bytes, overhead_s: float, waited_s: float
+    ) -> None:
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
+        self._put(_head(status, headers, overhead_s, waited_s))
+        self._put({"type": "http.response.body", "body": body, "more_body": False})
+
+    def cut(self) -> None:
+        self._put(None)
+
+    def gone(self) -> None:
+        """The client disconnected: nothing more is sent."""
+        self.finished = True
+        self.ready.set()
+
+    async def drain(self) -> None:
+        """Send what the call writes until its reply is complete (or the client is gone)."""
+        while not self.finished:
+            await self.ready.wait()
+            self.ready.clear()
+            while self.queue and not self.finished:
+                message = self.queue.popleft()
+                if message is None:
+                    self.finished = True
+                    raise ConnectionCutError("the replica's reply broke off")
+                await self._send(message)
+                if message["type"] == "http.response.body" and not message["more_body"]:
+                    self.finished = True
+            if self.paused and len(self.queue) < QUEUED_MAX // 2 and self.call is not None:
+                self.paused = False
+                self.call.resume()
+
+
+def _head(status: int, headers: Headers, overhead_s: float, waited_s: float) -> Message:
+    if overhead_s >= 0:
+        headers = [*headers, (b"x-appliance-overhead-ms", b"%.3f" % (overhead_s * 1000))]
+    if waited_s >= 0.001:
+        headers = [*headers, (b"x-appliance-wait-ms", b"%.0f" % (waited_s * 1000))]
+    return {"type": "http.response.start", "status": status, "headers": headers}

@@ -1,0 +1,419 @@
+"""One inference request on its way through the appliance, whichever transport carries its bytes
+(the fast lane's protocol, `api/lane/front.py`, or ASGI, `api/inference/asgi.py`: a `Client`):
+the admission (`api/inference/admission.py`), then the relay (`forwarder/relay.py`), whose
+reply `Call` passes to the client in its route's shape.
+
+`Call` itself is the shape of the OpenAI routes and the playground: the replica's reply
+untouched, errors in the route's envelope, in band once a stream began. A stream that has to
+wait for a replica (a cold start, a full cap) starts its SSE reply at once and sends keep-alive
+comments while it waits. LLM Engine's shapes are the subclasses in `llm_engine.py`.
+
+The admission is written once, in `_admit`, as plain calls in order. Where a step cannot answer
+at once (a key to verify in SQLite, a limit to count in Redis, an endpoint to look up after a
+reload, a replica to wait for), that one wait runs in a task, which then comes back to
+`_admit`; the usual request (a key verified lately, no counted limit, a replica free now) runs
+it straight through with no task, future or coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from json.scanner import make_scanner
+from time import monotonic, perf_counter
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from pydantic import ValidationError
+
+from api.callers import Keys
+from api.errors import answer, invalid, openai_error, status_of
+from api.inference import admission
+from api.limits import Limiter, Release
+from appliance.errors import ApplianceError, BadRequestError, UpstreamError
+from appliance.keys import Caller
+from forwarder.paths import OPENAI, InferencePath
+from forwarder.proxy import Forwarder
+from forwarder.relay import Headers, Plane, Relay
+from forwarder.table import Target, TargetReplica
+
+if TYPE_CHECKING:
+    from api.deps import AppState
+
+SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
+KEEPALIVE: Final = b": keep-alive\n\n"
+MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
+# json.loads(bytes) would first guess the encoding, a third of its cost; and the scanner that
+# JSONDecoder.raw_decode wraps, called directly, saves an interpreted frame (typeshed types
+# its argument as a scanner; it reads a decoder's settings, as json does)
+_scan = make_scanner(cast(Any, json.JSONDecoder()))
+
+
+class Client(Protocol):
+    """The connection a call answers on. `overhead_s` < 0: no overhead to report."""
+
+    def start(
+        self, status: int, headers: Headers, length: int, overhead_s: float, waited_s: float
+    ) -> None:
+        """The reply's head; `length` -1 when its body's length is not known."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def whole(
+        self, status: int, headers: Headers, body: bytes, overhead_s: float, waited_s: float
+    ) -> None:
+        """A whole reply at once (`headers` without a Content-Length)."""
+
+    def cut(self) -> None:
+        """The reply broke after its head went out: the client must see a short reply."""
+
+
+class Core:
+    """What every call of one api process reads, made in the lifespan: compiled, plain struct
+    reads instead of attribute lookups on the app's state."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.keys: Keys = state.key_cache
+        self.forwarder: Forwarder = state.forwarder
+        self.plane: Plane = state.forwarder.plane
+        self.limiter: Limiter = state.limiter
+        settings = state.settings
+        self.hold_s: float = settings.activation_timeout_s
+        self.keepalive_s: float = settings.stream_keepalive_s
+        self.max_body_bytes: int = settings.max_body_bytes
+        self.cors: bool = bool(settings.cors_origins)
+        self.waits: set[asyncio.Future[Any]] = set()  # waits and releases (kept from the GC)
+
+
+class InvalidRequestError(Exception):
+    """A request that fails its route's validation (pydantic's problems): 422, or 400 on
+    OpenAI's routes."""
+
+    def __init__(self, problems: list[Any]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+class Call:
+    """One inference request: admitted, relayed, answered (a `forwarder.relay.Reply`)."""
+
+    def __init__(
+        self,
+        core: Core,
+        entry: InferencePath,
+        client: Client,
+        key: str | None,
+        query: str,
+        caller: Caller | None,
+    ) -> None:
+        self.core = core
+        self.entry = entry
+        self.client = client
+        self.key = key
+        self.query = query  # the request's query string
+        self.caller = caller  # known once verified (or given: the playground's)
+        self.started_at = perf_counter()
+        self.key_id = "-"
+        self.counted = False  # the key's counted limits were checked
+        self.may_reload = True
+        self.release: Release | None = None
+        self.body = b""  # the request's, then the replica's
+        self.name = ""  # the endpoint as the route's selector names it
+        self.payload: Any = None  # the replica's request, parsed
+        self.changed = False  # `payload` was changed: `body` is made again from it
+        self.stream = False
+        self.path = ""  # the replica's; "" until known
+        self.timeout_s = 0.0  # 0: the endpoint's or the api's
+        self.target: Target | None = None
+        self.relay: Relay | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.held = False  # an SSE reply began while waiting for a replica
+        self.started = False  # the client has the reply's head
+        self.length = -1
+        self.gather: list[bytes] | None = None  # a reply read whole before it is shaped
+        self.status = 0
+        self.keepalive: asyncio.TimerHandle | None = None
+        self.over = False
+
+    # admission
+    def start(self, body: bytes) -> None:
+        self.body = body
+        self._admit()
+
+    def _admit(self) -> None:
+        """The one admission step (`api/inference/admission.py`), in its order. A step that
+        must wait does so in a task (`_wait`), which comes back here."""
+        core = self.core
+        try:
+            caller = self.caller
+            if caller is None:
+                caller = core.keys.known(admission.need_key(self.key))
+                if caller is None:
+                    self._wait(self._verify())
+                    return
+                self.caller = caller
+            admission.check_scope(caller)
+            self.key_id = caller.key_id
+            if not self.counted and caller.limits.counted():
+                self._wait(self._count(caller))
+                return
+            self.interpret(self.body)
+            if admission.cap_tokens(caller, self.payload, inject=self.injects()):
+                self.changed = True
+            selector = self.entry.selector
+            target = admission.visible_target(core.plane.table, caller, selector, self.name)
+            if target is None:
+                if self.may_reload:  # once: after a fresh table, a miss is a 404
+                    self._wait(self._reload(monotonic()))
+                    return
+                raise admission.missing(selector, self.name)
+            self.target = target
+            self._replica(target)
+        except ApplianceError as exc:
+            self.refuse(exc)
+        except ValidationError as exc:
+            self._invalid(list(exc.errors(include_url=False)))
+        except InvalidRequestError as exc:
+            self._invalid(exc.problems)
+
+    def _replica(self, target: Target) -> None:
+        self.path = self.path or self.path_for(target)
+        self.fit(target)
+        if self.changed:
+            self.body = json.dumps(self.payload).encode()
+        replica = self.core.plane.balancer.try_acquire(target, None)
+        if replica is None:
+            if self.stream:
+                self._hold()
+            self._wait(self._acquire(target))
+            return
+        self._send(target, replica, 0.0)
+
+    def _send(self, target: Target, replica: TargetReplica, waited_s: float) -> None:
+        relay = Relay(
+            self.core.plane, target, replica, self.path.encode(), self.body, self, self.key_id,
+            self.stream, self.started_at, waited_s, self.timeout_s,
+        )  # fmt: skip
+        self.relay = relay
+        relay.send()
+
+    def _wait(self, step: Coroutine[Any, Any, bool]) -> None:
+        task = asyncio.get_running_loop().create_task(self._waiting(step))
+        self.task = task
+        self.core.waits.add(task)
+        task.add_done_callback(self.core.waits.discard)
+
+    async def _waiting(self, step: Coroutine[Any, Any, bool]) -> None:
+        try:
+            again = await step
+        except ApplianceError as exc:
+            self.refuse(exc)
+            return
+        except asyncio.CancelledError:
+            self._settle()  # the client went away while it waited
+            return
+        self.task = None
+        if again:
+            self._admit()
+
+    async def _verify(self) -> bool:
+        self.caller = await admission.caller_for(self.core.state, self.key)
+        return True
+
+    async def _count(self, caller: Caller) -> bool:
+        self.release = await self.core.limiter.admit(caller)
+        self.counted = True
+        return True
+
+    async def _reload(self, since: float) -> bool:
+        await admission.fresh_table(self.core.state, since)
+        self.may_reload = False
+        return True
+
+    async def _acquire(self, target: Target) -> bool:
+        target, replica, waited = await self.core.forwarder.acquire(target, self.core.hold_s)
+        self._send(target, replica, waited)
+        return False
+
+    def interpret(self, body: bytes) -> None:
+        """What the request asks of the replica (OpenAI's routes: the body itself)."""
+        payload = parse_object(body)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequestError("`model` must name an endpoint", field="model")
+        self.name = model
+        self.payload = payload
+        entry = self.entry
+        self.stream = payload.get("stream") is True if entry.stream < 0 else entry.stream > 0
+        self.path = entry.upstream
+
+    def injects(self) -> bool:
+        """Whether a key's token cap becomes the limit of a request that names none."""
+        return self.entry.generates
+
+    def path_for(self, target: Target) -> str:
+        """The replica's path when the route does not fix it (LLM Engine's tasks)."""
+        return self.entry.upstream
+
+    def fit(self, target: Target) -> None:
+        """Fit the request to the endpoint's framework (LLM Engine's guided decoding); an
+        ApplianceError when the framework cannot honour it."""
+
+    # answers before the reply
+    def refuse(self, exc: ApplianceError) -> None:
+        """An error before any reply byte (or in band, once a held stream began)."""
+        if self.held:
+            self._in_band(exc)
+            return
+        status, headers, body = answer(exc, self.entry.envelope)
+        self._record(status)
+        self._whole(status, headers, body, -1.0)
+
+    def _invalid(self, problems: list[Any]) -> None:
+        status, headers, body = invalid(problems, self.entry.envelope)
+        self._whole(status, headers, body, -1.0)
+
+    def _record(self, status: int) -> None:
+        """A refusal once the endpoint is known counts in its metrics."""
+        if self.target is not None:
+            duration_s = perf_counter() - self.started_at
+            stats = self.core.plane.stats
+            stats.add(self.target.name, self.key_id, status, duration_s, None, None, None)
+
+    def _hold(self) -> None:
+        """Begin the SSE reply now and keep it alive until a replica answers."""
+        self.held = self.started = True
+        self.client.start(200, SSE_HEADERS, -1, -1.0, 0.0)
+        self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        if self.held and not self.over:
+            loop = asyncio.get_running_loop()
+            self.keepalive = loop.call_later(self.core.keepalive_s, self._tick)
+
+    def _tick(self) -> None:
+        self.keepalive = None
+        if self.status == 0 and not self.over:
+            self.client.send(KEEPALIVE)
+            self._keep_alive()
+
+    # the reply (forwarder.relay.Reply); this class: passed through
+    def on_head(self, status: int, headers: Headers, length: int) -> None:
+        self.status, self.length = status, length
+        if self.held:
+            if status != 200:
+                self.gather = []  # becomes an error in band
+            return
+        self.started = True
+        relay = self.relay
+        assert relay is not None
+        self.client.start(status, headers, length, relay.overhead_s, relay.waited_s)
+
+    def on_body(self, data: bytes) -> None:
+        if self.gather is not None:
+            self.gather.append(data)
+            return
+        self.client.send(data)
+
+    def on_end(self) -> None:
+        if self.gather is not None:
+            self._final(self.failed_event(self.status, b"".join(self.gather)))
+            return
+        self.client.end()
+        self._settle()
+
+    def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        if self.held:
+            self._final(body if status == 200 else self.failed_event(status, body))
+            return
+        relay = self.relay
+        assert relay is not None
+        self._whole(status, headers, body, relay.overhead_s)
+
+    def on_failed(self, exc: ApplianceError) -> None:
+        if not self.started:
+            self.refuse(exc)
+        elif self.held or (self.stream and self.status == 200 and self.length < 0):
+            self._in_band(exc)
+        else:
+            self.client.cut()
+            self._settle()
+
+    def in_band(self, exc: ApplianceError) -> bytes:
+        """An error as one event of a stream that began (OpenAI's envelope, whose `error`
+        the playground reads too)."""
+        status = status_of(exc, OPENAI)
+        return b"data: " + json.dumps(openai_error(status, exc.message)).encode() + b"\n\n"
+
+    def failed_event(self, status: int, body: bytes) -> bytes:
+        """The event for a replica's non-200 reply to a stream that began."""
+        message = body.decode("utf-8", "replace")[:MESSAGE_MAX_CHARS]
+        return self.in_band(UpstreamError(message, status_code=status))
+
+    # the client
+    def pause(self) -> None:
+        """The client's connection is full: the relay stops reading the replica."""
+        if self.relay is not None:
+            self.relay.pause()
+
+    def resume(self) -> None:
+        if self.relay is not None:
+            self.relay.resume()
+
+    def client_gone(self) -> None:
+        """The client disconnected: stop the relay (the replica stops generating too)."""
+        if self.relay is not None:
+            self.relay.cancel()
+        elif self.task is not None:
+            self.task.cancel()
+        self._settle()
+
+    # ends
+    def _in_band(self, exc: ApplianceError) -> None:
+        self._final(self.in_band(exc))
+
+    def _final(self, data: bytes) -> None:
+        """The last bytes of a stream that began."""
+        self.client.send(data)
+        self.client.end()
+        self._settle()
+
+    def _whole(self, status: int, headers: Headers, body: bytes, overhead_s: float) -> None:
+        waited = self.relay.waited_s if self.relay is not None else 0.0
+        self.client.whole(status, headers, body, overhead_s, waited)
+        self._settle()
+
+    def _settle(self) -> None:
+        """The call is over: its keep-alives stop and its key's slot is given back."""
+        if self.over:
+            return
+        self.over = True
+        if self.keepalive is not None:
+            self.keepalive.cancel()
+            self.keepalive = None
+        release, self.release = self.release, None
+        if release is not None:
+            releasing = asyncio.ensure_future(release())
+            self.core.waits.add(releasing)
+            releasing.add_done_callback(self.core.waits.discard)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; BadRequestError (400) otherwise."""
+    try:
+        text = body.decode()
+        payload, end = _scan(text, 0)
+    except (StopIteration, ValueError):  # no JSON value at 0; bad JSON or UTF-8
+        raise BadRequestError("the request body is not valid JSON") from None
+    if end != len(text) and text[end:].strip():
+        raise BadRequestError("the request body is not valid JSON")
+    if not isinstance(payload, dict):
+        raise BadRequestError("the request body must be a JSON object")
+    return payload

@@ -1,0 +1,232 @@
+"""LLM Engine's shapes of an inference call (`api/inference/call.py`), translated to and from
+the replica's OpenAI API by `forwarder/llm_engine.py`:
+
+- `CompletionCall`: `/v1/llm/completions-sync` and `-stream` (`?model_endpoint_name=`), the
+  body a CompletionSyncV1Request, the reply a CompletionSyncV1Response or a stream of
+  CompletionStreamV1Response events (no `[DONE]`; errors after the stream began in band);
+- `TaskCall`: `/v1/sync-tasks` and `/v1/streaming-tasks` (`?model_endpoint_id=`), the body's
+  `args` sent to the replica, the result wrapped as LLM Engine's forwarder wraps it.
+
+Errors before a reply answer `{"detail": ...}` with their status; a replica's non-200 reply
+answers `{"detail": <its body>}` with its status, as LLM Engine's gateway does.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from api.errors import status_of
+from api.inference.call import SSE_HEADERS, Call, InvalidRequestError
+from api.inference.schemas import CompletionV1Request, SyncEndpointPredictV1Request
+from appliance.errors import ApplianceError, BadRequestError, UpstreamError
+from forwarder import llm_engine
+from forwarder.paths import CHAT, COMPLETIONS
+from forwarder.relay import Headers
+from forwarder.table import Target
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+MISSING = "Field required"
+
+
+def query_value(query: str, name: str) -> str:
+    """A query parameter the route requires; a 422 in FastAPI's shape when it is missing."""
+    values = parse_qs(query).get(name)
+    if not values or not values[0]:
+        raise InvalidRequestError([{"type": "missing", "loc": ["query", name], "msg": MISSING}])
+    return values[0]
+
+
+class LlmEngineCall(Call):
+    """What both of LLM Engine's shapes share: a reply gathered whole when it is not a 200
+    stream, and the result written once the reply is complete."""
+
+    def on_head(self, status: int, headers: Headers, length: int) -> None:
+        self.status, self.length = status, length
+        if status != 200 or not self.stream:
+            self.gather = []
+            return
+        if not self.held:
+            self.started = True
+            self.client.start(200, SSE_HEADERS, -1, self._overhead(), self._waited())
+        self.streaming(headers)
+
+    def streaming(self, headers: Headers) -> None:
+        """A 200 stream begins."""
+
+    def on_end(self) -> None:
+        if self.gather is not None:
+            self.on_whole(self.status, [], b"".join(self.gather))
+            return
+        tail = self.closing()
+        if tail:
+            self.client.send(tail)
+        self.client.end()
+        self._settle()
+
+    def closing(self) -> bytes:
+        """What a stream sends after the replica's last event."""
+        return b""
+
+    def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        if status != 200:
+            if self.held:
+                self._final(self.failed_event(status, body))
+                return
+            detail = json.dumps({"detail": llm_engine.parse_result(body)}).encode()
+            self._whole(status, JSON_HEADERS, detail, self._overhead())
+            return
+        if self.stream:
+            if not self.held:
+                self.started = True
+                self.client.start(200, SSE_HEADERS, -1, self._overhead(), self._waited())
+            self.client.send(self.whole_event(body))
+            self.client.end()
+            self._settle()
+            return
+        self._whole(200, JSON_HEADERS, self.result(body), self._overhead())
+
+    def whole_event(self, body: bytes) -> bytes:
+        """A stream's events for a replica that answered all at once."""
+        return b""
+
+    def result(self, body: bytes) -> bytes:
+        """The route's answer to the replica's 200 reply."""
+        raise NotImplementedError
+
+    def _overhead(self) -> float:
+        return self.relay.overhead_s if self.relay is not None else -1.0
+
+    def _waited(self) -> float:
+        return self.relay.waited_s if self.relay is not None else 0.0
+
+
+class CompletionCall(LlmEngineCall):
+    """`/v1/llm/completions-sync|stream`."""
+
+    request_id: str
+    request: dict[str, Any]
+    translator: llm_engine.StreamTranslator
+
+    def interpret(self, body: bytes) -> None:
+        self.request_id = uuid.uuid4().hex
+        self.translator = llm_engine.StreamTranslator(self.request_id)
+        self.name = query_value(self.query, self.entry.selector)
+        self.request = CompletionV1Request.model_validate_json(body).model_dump()
+        self.stream = self.entry.stream > 0
+        self.payload = llm_engine.completion_payload(self.request, self.name, stream=self.stream)
+        self.changed = True
+        self.path = COMPLETIONS
+
+    def injects(self) -> bool:
+        return False  # max_new_tokens is required
+
+    def fit(self, target: Target) -> None:
+        guided = llm_engine.guided_payload(self.request, target.framework)
+        if guided:
+            self.payload.update(guided)
+
+    def on_body(self, data: bytes) -> None:
+        if self.gather is not None:
+            self.gather.append(data)
+            return
+        out = self.translator.feed(data)
+        if out:
+            self.client.send(out)
+
+    def closing(self) -> bytes:
+        return self.translator.close()
+
+    def whole_event(self, body: bytes) -> bytes:
+        return self.translator.feed(body) + self.translator.close()
+
+    def result(self, body: bytes) -> bytes:
+        reply = llm_engine.sync_response(json.loads(body), self.request_id)
+        return json.dumps(reply).encode()
+
+    def in_band(self, exc: ApplianceError) -> bytes:
+        return llm_engine.error_event(self.request_id, status_of(exc), exc.message)
+
+    def failed_event(self, status: int, body: bytes) -> bytes:
+        return llm_engine.error_event(self.request_id, status, body.decode("utf-8", "replace"))
+
+
+class TaskCall(LlmEngineCall):
+    """`/v1/sync-tasks` and `/v1/streaming-tasks`."""
+
+    wrapper: llm_engine.TaskEvents | None = None
+
+    def interpret(self, body: bytes) -> None:
+        self.name = query_value(self.query, self.entry.selector)
+        request = SyncEndpointPredictV1Request.model_validate_json(body)
+        if request.args is None:
+            raise BadRequestError(
+                "this endpoint takes `args` (url and cloudpickle are not served)", field="args"
+            )
+        self.payload = request.args
+        self.changed = True
+        self.stream = self.entry.stream > 0
+        self.timeout_s = request.timeout_seconds or 0.0
+
+    def injects(self) -> bool:
+        args = self.payload
+        return isinstance(args, dict) and bool({"messages", "prompt"} & args.keys())
+
+    def path_for(self, target: Target) -> str:
+        args = self.payload
+        path = llm_engine.task_path(target.framework, target.predict_route, args)
+        if isinstance(args, dict) and path in (CHAT, COMPLETIONS):
+            args["stream"] = self.stream
+        return path
+
+    def refuse(self, exc: ApplianceError) -> None:
+        if isinstance(exc, UpstreamError) and exc.status_code == 504 and not self.stream:
+            exc = UpstreamError(exc.message, status_code=408)  # LLM Engine's sync task timeout
+        super().refuse(exc)
+
+    def streaming(self, headers: Headers) -> None:
+        kind = next((v for k, v in headers if k == b"content-type"), b"")
+        self.wrapper = llm_engine.TaskEvents()
+        if b"text/event-stream" not in kind:
+            self.gather = []  # one event with the whole reply, at its end
+
+    def on_body(self, data: bytes) -> None:
+        if self.gather is not None:
+            self.gather.append(data)
+            return
+        assert self.wrapper is not None
+        out = self.wrapper.feed(data)
+        if out:
+            self.client.send(out)
+
+    def on_end(self) -> None:
+        if self.gather is not None and self.status == 200 and self.wrapper is not None:
+            body, self.gather = b"".join(self.gather), None
+            self.client.send(self.whole_event(body))
+            self.client.end()
+            self._settle()
+            return
+        super().on_end()
+
+    def whole_event(self, body: bytes) -> bytes:
+        return llm_engine.task_event(llm_engine.parse_result(body))
+
+    def result(self, body: bytes) -> bytes:
+        return json.dumps(llm_engine.sync_task_response(200, body)).encode()
+
+    def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        if status != 200 and not self.stream:  # a sync task answers 200 with its FAILURE
+            self.status = status
+            reply = json.dumps(llm_engine.sync_task_response(status, body)).encode()
+            self._whole(200, JSON_HEADERS, reply, self._overhead())
+            return
+        super().on_whole(status, headers, body)
+
+    def in_band(self, exc: ApplianceError) -> bytes:
+        return llm_engine.task_event({"detail": exc.message}, status_of(exc))
+
+    def failed_event(self, status: int, body: bytes) -> bytes:
+        return llm_engine.task_event(llm_engine.parse_result(body), status)

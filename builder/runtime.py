@@ -1,0 +1,51 @@
+"""What the builder asks of the thing that runs replicas: the seam between the reconciler
+(`builder/loop.py`, `builder/apply.py`, `builder/logs.py`) and a container runtime.
+
+`builder/docker_engine.DockerEngine` implements it on one box. A runtime for a cluster
+(Kubernetes: a Deployment or Pod per replica, labels as here) would implement the same
+methods; `docs/scaling-out.md` says what each would map to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from builder.docker_engine import ContainerInfo
+from builder.specs import ContainerSpec
+
+
+class ContainerRuntime(Protocol):
+    """Runs replicas labelled with this install's id, and never touches anything else."""
+
+    install_id: str
+
+    def list_managed(self) -> list[ContainerInfo]:
+        """Every replica carrying this install's labels, running or not (the truth)."""
+        ...
+
+    def ensure_image(self, image: str) -> bool:
+        """Make the image available; False when it had to be pulled."""
+        ...
+
+    def create(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start one replica; returns where it answers."""
+        ...
+
+    def inspect(self, container_id: str) -> dict[str, object]:
+        """The runtime's own description, checked against the security policy."""
+        ...
+
+    def remove(self, container_id: str, *, stop_timeout_s: int = ...) -> None:
+        """Stop (gracefully, up to the timeout) and delete one managed replica."""
+        ...
+
+    def logs_tail(self, container_id: str, lines: int = ...) -> str:
+        """The last lines of a replica's output (kept when it crashes)."""
+        ...
+
+    def follow_logs(self, container_id: str, tail: int) -> Iterator[bytes]:
+        """A replica's output as it comes, for the logs route."""
+        ...
+
+    def close(self) -> None: ...

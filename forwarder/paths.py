@@ -1,0 +1,99 @@
+"""The table of inference routes: our path, the replica's path, the error envelope, the shape of
+the reply, whether batches may use it. The transports (`api/inference/asgi.py`,
+`api/lane/front.py`), the key gate, the error handler, the OpenAPI document
+(`api/inference/schemas.py`), batches and tasks all read it; adding an OpenAI route is one line
+here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# How errors are answered: OpenAI's `{"error": {...}}`, or `{"detail": ...}` (FastAPI, LLM
+# Engine and the web UI)
+OPENAI: Final = "openai"
+DETAIL: Final = "detail"
+# What a reply looks like: the replica's, untouched; or LLM Engine's completion or task formats
+PASSTHROUGH: Final = "passthrough"
+COMPLETION: Final = "llm-completion"
+TASK: Final = "llm-task"
+# How the request names its endpoint
+BY_MODEL: Final = "model"  # the body's `model`
+BY_NAME: Final = "model_endpoint_name"  # a query parameter
+BY_ID: Final = "model_endpoint_id"  # a query parameter
+
+CHAT: Final = "/v1/chat/completions"  # the replica's OpenAI paths
+COMPLETIONS: Final = "/v1/completions"
+EMBEDDINGS: Final = "/v1/embeddings"
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    path: str  # ours
+    upstream: str  # the replica's; "" when the request decides (LLM Engine's tasks)
+    envelope: str
+    shape: str
+    selector: str
+    stream: int  # 1 or 0 when the route decides; -1 when the body's `stream` does
+    batchable: bool
+    generates: bool  # asks for tokens (a key's token cap applies)
+    summary: str
+
+
+PATHS: Final = (
+    InferencePath(
+        CHAT, CHAT, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, True, "OpenAI chat completion"
+    ),
+    InferencePath(
+        COMPLETIONS, COMPLETIONS, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, True,
+        "OpenAI completion",
+    ),
+    InferencePath(
+        EMBEDDINGS, EMBEDDINGS, OPENAI, PASSTHROUGH, BY_MODEL, 0, True, False,
+        "OpenAI embeddings",
+    ),
+    InferencePath(
+        "/v2/chat/completions", CHAT, OPENAI, PASSTHROUGH, BY_MODEL, -1, False, True,
+        "LLM Engine v2 chat completion (OpenAI's format)",
+    ),
+    InferencePath(
+        "/v2/completions", COMPLETIONS, OPENAI, PASSTHROUGH, BY_MODEL, -1, False, True,
+        "LLM Engine v2 completion (OpenAI's format)",
+    ),
+    InferencePath(
+        "/v1/llm/completions-sync", COMPLETIONS, DETAIL, COMPLETION, BY_NAME, 0, False, True,
+        "LLM Engine completion",
+    ),
+    InferencePath(
+        "/v1/llm/completions-stream", COMPLETIONS, DETAIL, COMPLETION, BY_NAME, 1, False, True,
+        "LLM Engine completion, streamed",
+    ),
+    InferencePath(
+        "/v1/sync-tasks", "", DETAIL, TASK, BY_ID, 0, False, True, "LLM Engine sync task"
+    ),
+    InferencePath(
+        "/v1/streaming-tasks", "", DETAIL, TASK, BY_ID, 1, False, True,
+        "LLM Engine streaming task",
+    ),
+)  # fmt: skip
+BY_PATH: Final = {p.path: p for p in PATHS}
+# The playground's chat (`api/routes/ui/playground.py`): OpenAI's request, the UI's errors
+PLAYGROUND: Final = InferencePath(
+    "/ui/playground/chat", CHAT, DETAIL, PASSTHROUGH, BY_MODEL, 1, False, True, "Playground chat"
+)
+BATCH_PATHS: Final = tuple(p.path for p in PATHS if p.batchable)
+# Every path answered in OpenAI's envelope, /v1/models included
+OPENAI_PATHS: Final = (*(p.path for p in PATHS if p.envelope == OPENAI), "/v1/models")
+
+
+def upstream_for(args: object) -> str:
+    """The replica's OpenAI path a task's `args` fit, by their shape; "" when none does."""
+    if isinstance(args, dict):
+        if "messages" in args:
+            return CHAT
+        if "prompt" in args:
+            return COMPLETIONS
+        if "input" in args:
+            return EMBEDDINGS
+    return ""

@@ -1,0 +1,344 @@
+"""One request to a replica, from the send to the last byte of its reply: the data plane's one
+relay, under every inference request the api serves (`api/inference/call.py`) and every task
+the worker runs (`Forwarder.fetch`).
+
+The caller has admitted the request and taken a replica under its cap (`Balancer.take`, or
+`Forwarder.acquire` when it had to wait). `Relay` sends the request over a pooled keep-alive
+connection (`forwarder/upstream.py`) and passes the reply to a `Reply` as it arrives: whole
+when it is small and not a stream, else head, chunks and end. A connection that fails before
+any reply byte is tried again, on another replica when there is one; a replica silent past its
+timeout ends the request with a 504 (`Forwarder` checks every relay in flight on one timer);
+a failure counts towards the replica's ejection. When the reply ends, its token usage and its
+metrics are recorded, once.
+
+Compiled with the rest of the hot path (`setup.py`): no task, future or coroutine per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import TYPE_CHECKING, Protocol
+
+from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
+from forwarder.balance import Balancer
+from forwarder.metrics import RequestStats
+from forwarder.table import RoutingTable, Target, TargetReplica
+from forwarder.upstream import Connection, UpstreamPool
+from forwarder.usage import StreamUsage, usage_from_json
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from forwarder.proxy import Forwarder
+
+WHOLE_BODY_MAX_BYTES = 1024 * 1024  # replies this small with a length are read, then passed on
+SMALL_BODY_BYTES = 64 * 1024  # request bodies sent in one write with their head
+CONNECT_ATTEMPTS = 3  # sends of one request when connections fail before any reply byte
+RETRY_PAUSE_S = 0.05  # before the same replica is tried again (no other one is free)
+CLIENT_CLOSED = 499  # nginx's code for a client that went away, in metrics only
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Reply(Protocol):
+    """Where a relayed reply goes. Exactly one of: `on_whole`; `on_head`, `on_body`...,
+    `on_end`; `on_failed` (possibly after `on_head` and some body: the reply broke)."""
+
+    def on_head(self, status: int, headers: Headers, length: int) -> None:
+        """A reply passed on as it arrives; `length` is its Content-Length, -1 when unknown."""
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+    def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        """A small reply, read whole (`headers` without its Content-Length)."""
+
+    def on_failed(self, exc: ApplianceError) -> None:
+        """The reply could not be had or broke off: a replica failed (UpstreamError), timed
+        out (its 504), or none would take the request (CapacityError)."""
+
+
+class Plane:
+    """What every relay of one process reads, made by its `Forwarder`: compiled, plain struct
+    reads instead of attribute lookups on the forwarder."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self.pool: UpstreamPool = forwarder.pool
+        self.balancer: Balancer = forwarder.balancer
+        self.stats: RequestStats = forwarder.metrics.stats
+        self.retries: Counter = forwarder.metrics.retries
+        self.timeout_s: float = forwarder.limits.timeout_s
+        self.table: RoutingTable = forwarder.table  # the current one (`Forwarder.update`)
+        self.loop: asyncio.AbstractEventLoop | None = None  # once started
+        self.waiting: set[Relay] = set()  # sent, reply not complete
+        self.connecting: set[asyncio.Task[Connection]] = set()
+
+
+class Relay:
+    """One request in flight to a replica (a `forwarder.upstream.ReplySink`)."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "conn",
+        "done",
+        "headed",
+        "headers",
+        "heard_at",
+        "held",
+        "key_id",
+        "overhead_s",
+        "parts",
+        "path",
+        "plane",
+        "replica",
+        "reply",
+        "sent_at",
+        "started_at",
+        "status",
+        "stream",
+        "target",
+        "timeout_s",
+        "tried",
+        "ttft_s",
+        "waited_s",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        plane: Plane,
+        target: Target,
+        replica: TargetReplica,
+        path: bytes,
+        body: bytes,
+        reply: Reply,
+        key_id: str,
+        stream: bool,
+        started_at: float,
+        waited_s: float,
+        timeout_s: float,
+    ) -> None:
+        self.plane = plane
+        self.target = target
+        self.replica = replica
+        self.path = path
+        self.body = body
+        self.reply = reply
+        self.key_id = key_id
+        self.stream = stream
+        self.started_at = started_at  # perf_counter() when the request arrived
+        self.waited_s = waited_s  # for a replica: a cold start or a full cap
+        self.timeout_s = timeout_s or target.timeout_s or plane.timeout_s
+        self.sent_at = started_at
+        self.heard_at = 0.0  # perf_counter() of the send or of the last upstream event
+        self.conn: Connection | None = None
+        self.status = 0
+        self.headers: Headers = []
+        self.parts: list[bytes] | None = None  # a whole reply being gathered
+        self.watch: StreamUsage | None = None
+        self.headed = False  # on_head was called
+        self.done = False
+        self.ttft_s = -1.0
+        self.overhead_s = -1.0
+        self.held = True  # the replica is counted in flight for this request
+        self.attempts = 0
+        self.tried: set[str] | None = None
+
+    # sending
+    def send(self) -> None:
+        plane = self.plane
+        address = self.replica.address
+        conn = plane.pool.take(address)
+        if conn is not None:
+            self._send(conn)
+            return
+        assert plane.loop is not None, "Forwarder.start() was not awaited"
+        task = plane.loop.create_task(plane.pool.connect(address))
+        plane.connecting.add(task)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Connection]) -> None:
+        self.plane.connecting.discard(task)
+        if task.cancelled():  # the api is shutting down
+            self._fail(UpstreamError("the appliance is shutting down", status_code=503))
+            return
+        if task.exception() is not None:
+            if not self.done:
+                self._again(failed=True)
+            return
+        conn = task.result()
+        if self.done:  # the client left while it connected
+            conn.abort()
+            return
+        self._send(conn)
+
+    def _send(self, conn: Connection) -> None:
+        self.conn = conn
+        self.heard_at = self.sent_at = perf_counter()
+        self.plane.waiting.add(self)
+        head = self.plane.pool.json_post_head(self.path, self.replica.address)
+        body = self.body
+        if len(body) <= SMALL_BODY_BYTES:
+            conn.send(b"%b%d\r\n\r\n%b" % (head, len(body), body), self)
+        else:
+            conn.send(b"%b%d\r\n\r\n" % (head, len(body)), self)
+            assert conn.transport is not None
+            conn.transport.write(body)
+
+    def _again(self, *, failed: bool) -> None:
+        """No reply byte came back: send the request again, to another replica if one is free,
+        else to the same one after a pause; give up after CONNECT_ATTEMPTS."""
+        plane = self.plane
+        plane.waiting.discard(self)
+        plane.balancer.done(self.target, self.replica.id, not failed)
+        self.held = False
+        self.attempts += 1
+        if self.attempts >= CONNECT_ATTEMPTS:
+            self._finish(502, ok=False)
+            name = self.target.name
+            self.reply.on_failed(UpstreamError(f"no replica of {name!r} accepted the request"))
+            return
+        plane.retries.labels(self.target.name).inc()
+        tried = self.tried = self.tried or set()
+        tried.add(self.replica.id)
+        replica = plane.balancer.try_acquire(self.target, tried)
+        if replica is not None:
+            self.replica, self.held = replica, True
+            self.send()
+            return
+        assert plane.loop is not None
+        plane.loop.call_later(RETRY_PAUSE_S, self._same_again)
+
+    def _same_again(self) -> None:
+        if self.done:
+            return
+        replica = self.plane.balancer.try_acquire(self.target, None)
+        if replica is None:
+            self._finish(503, ok=True)
+            name = self.target.name
+            self.reply.on_failed(NoReadyReplicaError(f"no replica of {name!r} is ready"))
+            return
+        self.replica, self.held = replica, True
+        self.send()
+
+    # the reply (forwarder.upstream.ReplySink)
+    def on_head(self, status: int, headers: Headers, length: int | None) -> None:
+        self.heard_at = perf_counter()
+        self.status = status
+        self.headers = headers
+        if not self.stream and length is not None and length <= WHOLE_BODY_MAX_BYTES:
+            self.parts = []
+            return
+        self.watch = StreamUsage()
+        self.headed = True
+        self._overhead(self.heard_at)
+        self.reply.on_head(status, headers, -1 if length is None else length)
+
+    def on_body(self, data: bytes) -> None:
+        self.heard_at = now = perf_counter()
+        if self.parts is not None:
+            self.parts.append(data)
+            return
+        if self.ttft_s < 0:
+            self.ttft_s = now - self.started_at
+        assert self.watch is not None
+        self.watch.feed(data)
+        self.reply.on_body(data)
+
+    def on_reply(self, status: int, headers: Headers, body: bytes) -> None:
+        if self.stream or len(body) > WHOLE_BODY_MAX_BYTES:
+            self.on_head(status, headers, len(body))
+            if body:
+                self.on_body(body)
+            self.on_end()
+            return
+        self.status = status
+        self._whole(status, [h for h in headers if h[0] != b"content-length"], body)
+
+    def on_end(self) -> None:
+        parts = self.parts
+        if parts is not None:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            headers = [h for h in self.headers if h[0] != b"content-length"]
+            self._whole(self.status, headers, data)
+            return
+        usage = None
+        if self.status == 200 and self.watch is not None:
+            usage = self.watch.result()
+        self._finish(self.status, ok=self.status < 500, usage=usage)
+        self.reply.on_end()
+
+    def on_lost(self, reason: str) -> None:
+        conn = self.conn
+        if not self.status and conn is not None:
+            # No reply at all. A pooled connection the replica had closed is no failure of
+            # the replica: its other idle ones are likely stale too.
+            if conn.reused:
+                self.plane.pool.drop(self.replica.address)
+            self._again(failed=not conn.reused)
+            return
+        self._fail(UpstreamError(f"the replica failed mid-reply: {reason}"))
+
+    def _whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self._overhead(perf_counter())
+        usage = usage_from_json(body) if status == 200 else None
+        self._finish(status, ok=status < 500, usage=usage)
+        self.reply.on_whole(status, headers, body)
+
+    def _overhead(self, ready_at: float) -> None:
+        """The appliance's own time: before the send, less any wait for a replica, plus the
+        time since the reply was ready to go on (`ready_at`)."""
+        before = self.sent_at - self.started_at - self.waited_s
+        self.overhead_s = before + (perf_counter() - ready_at)
+
+    # ends
+    def time_out(self) -> None:
+        """The replica was silent for the timeout (`Forwarder` checks on one timer)."""
+        if self.conn is not None:
+            self.conn.abort()
+        name = self.target.name
+        self._fail(UpstreamError(f"replica of {name!r} did not answer in time", status_code=504))
+
+    def cancel(self) -> None:
+        """The client went away: drop the upstream request so the replica stops too."""
+        if self.done:
+            return
+        if self.conn is not None:
+            self.conn.abort()
+        self._finish(CLIENT_CLOSED, ok=True)
+
+    def pause(self) -> None:
+        """The client reads slower than the replica writes."""
+        if self.conn is not None:
+            self.conn.pause_reading()
+
+    def resume(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self.done:
+            return
+        self._finish(exc.status_code, ok=False)
+        self.reply.on_failed(exc)
+
+    def _finish(self, status: int, *, ok: bool, usage: tuple[int, int] | None = None) -> None:
+        """Give the replica back and record the request, once."""
+        if self.done:
+            return
+        self.done = True
+        plane = self.plane
+        plane.waiting.discard(self)
+        if self.held:
+            self.held = False
+            plane.balancer.done(self.target, self.replica.id, ok)
+        ttft_s = self.ttft_s if self.ttft_s >= 0 else None
+        overhead_s = self.overhead_s if self.overhead_s >= 0 else None
+        duration_s = perf_counter() - self.started_at
+        plane.stats.add(
+            self.target.name, self.key_id, status, duration_s, overhead_s, ttft_s, usage
+        )

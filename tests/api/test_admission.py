@@ -1,0 +1,262 @@
+"""One admission for every inference entry: each limit a key can have, and the tenancy rule,
+answer the same on every entry (the same status, in the entry's family of error envelope):
+OpenAI's v1 and LLM Engine's v2 routes, LLM Engine's completions, sync, streaming and async
+tasks, batch lines and the playground. A key's token cap holds however a body asks for tokens
+(`max_tokens`, `max_completion_tokens`, `max_new_tokens`, `n_predict`, as a float) and becomes
+the limit of a request that names none. Against a fake replica; api and worker, no Docker."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
+from tests.harness import Appliance, RedisServer, wait_until
+
+CAP = 10
+MINE, THEIRS = "mine", "theirs"
+Json = dict[str, Any]
+
+
+@dataclass
+class Bed:
+    appliance: Appliance
+    backend: FakeBackend
+    admin: httpx.Client
+    file_seq: list[int]
+
+    def key(self, **limits: Any) -> str:
+        body = {"name": "k", "team": "t1", "user": "u1", **limits}
+        made = self.admin.post("/v1/api-keys", json=body)
+        assert made.status_code == 201, made.text
+        return str(made.json()["key"])
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    base = tmp_path_factory.mktemp("admission")
+    backend = FakeBackend(delay_s=0.0).start()
+    redis = RedisServer(base / "redis").start()
+    appliance = Appliance(
+        base / "appliance",
+        redis,
+        env_extra={"APPLIANCE_SWEEP_INTERVAL_S": "0.5", "APPLIANCE_ROUTING_REFRESH_S": "0.5"},
+    )
+    try:
+        start_api(appliance)
+        seed_endpoint(appliance.data_dir, MINE, backend.address, owner="t1", endpoint_type="sync")
+        seed_endpoint(appliance.data_dir, THEIRS, backend.address, owner="t2")
+        appliance.start_role("worker")
+        with appliance.client() as admin:
+            yield Bed(appliance, backend, admin, [0])
+    finally:
+        print(appliance.logs())
+        stop_all(appliance)
+        redis.stop()
+        backend.stop()
+
+
+# Each entry: how to send a request with these token fields to this endpoint, with this key.
+Send = Callable[[Bed, str, str, Json], httpx.Response]
+
+
+def chat_body(model: str, tokens: Json, **extra: Any) -> Json:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **tokens, **extra}
+
+
+def openai(path: str, kind: str) -> Send:
+    def send(bed: Bed, key: str, model: str, tokens: Json) -> httpx.Response:
+        if kind == "chat":
+            body = chat_body(model, tokens)
+        elif kind == "prompt":
+            body = {"model": model, "prompt": "hi", **tokens}
+        else:
+            body = {"model": model, "input": "hi", **tokens}
+        return httpx.post(bed.appliance.url + path, json=body, headers=auth(key), timeout=30)
+
+    return send
+
+
+def llm_completion(path: str) -> Send:
+    def send(bed: Bed, key: str, model: str, tokens: Json) -> httpx.Response:
+        body = {"prompt": "hi", "temperature": 0, **tokens}
+        return httpx.post(
+            bed.appliance.url + path,
+            params={"model_endpoint_name": model},
+            json=body,
+            headers=auth(key),
+            timeout=30,
+        )
+
+    return send
+
+
+def task(path: str) -> Send:
+    def send(bed: Bed, key: str, model: str, tokens: Json) -> httpx.Response:
+        return httpx.post(
+            bed.appliance.url + path,
+            params={"model_endpoint_id": f"end_{model}"},
+            json={"args": {"prompt": "hi", **tokens}},
+            headers=auth(key),
+            timeout=30,
+        )
+
+    return send
+
+
+def batch(bed: Bed, key: str, model: str, tokens: Json) -> httpx.Response:
+    client = httpx.Client(base_url=bed.appliance.url, headers=auth(key), timeout=30)
+    bed.file_seq[0] += 1
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions"}
+    line["body"] = chat_body(model, tokens, seq=bed.file_seq[0])
+    uploader = auth(bed.key())  # the team's; the batch is admitted for `key`
+    upload = httpx.post(
+        bed.appliance.url + "/v1/files",
+        headers=uploader,
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")},
+    )
+    assert upload.status_code == 200, upload.text
+    return client.post(
+        "/v1/batches",
+        json={"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"},
+    )
+
+
+def playground(bed: Bed, key: str, model: str, tokens: Json) -> httpx.Response:
+    client = httpx.Client(base_url=bed.appliance.url, timeout=30)
+    form = client.get("/ui/sign-in")
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert token
+    signed = client.post("/ui/sign-in", data={"csrf": token[1], "key": key, "next": "/ui/keys"})
+    if signed.status_code != 303:  # a key that may not sign in
+        return signed
+    csrf = re.search(r'name="csrf" content="([^"]+)"', client.get("/ui/keys").text)
+    assert csrf
+    body = {"endpoint": model, "messages": [{"role": "user", "content": "hi"}], **tokens}
+    return client.post("/ui/playground/chat", json=body, headers={"x-csrf-token": csrf[1]})
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+# entry -> (send, envelope family, the token fields it knows besides max_tokens)
+ENTRIES: dict[str, tuple[Send, str, tuple[str, ...]]] = {
+    "/v1/chat/completions": (openai("/v1/chat/completions", "chat"), "openai", ("n_predict",)),
+    "/v1/completions": (openai("/v1/completions", "prompt"), "openai", ("n_predict",)),
+    "/v1/embeddings": (openai("/v1/embeddings", "input"), "openai", ()),
+    "/v2/chat/completions": (
+        openai("/v2/chat/completions", "chat"),
+        "openai",
+        ("max_completion_tokens",),
+    ),
+    "/v2/completions": (openai("/v2/completions", "prompt"), "openai", ()),
+    "/v1/llm/completions-sync": (llm_completion("/v1/llm/completions-sync"), "detail", ()),
+    "/v1/llm/completions-stream": (llm_completion("/v1/llm/completions-stream"), "detail", ()),
+    "/v1/sync-tasks": (task("/v1/sync-tasks"), "detail", ("max_completion_tokens",)),
+    "/v1/streaming-tasks": (task("/v1/streaming-tasks"), "detail", ("n_predict",)),
+    "/v1/async-tasks": (task("/v1/async-tasks"), "detail", ("n_predict",)),
+    "batch lines": (batch, "detail", ("max_completion_tokens",)),
+    "playground": (playground, "detail", ()),
+}
+ASYNC = ("/v1/async-tasks", "batch lines")  # admitted when submitted, run by the worker
+
+
+def tokens_field(entry: str) -> str:
+    return "max_new_tokens" if entry.startswith("/v1/llm/") else "max_tokens"
+
+
+def refused(reply: httpx.Response, status: int, family: str) -> None:
+    assert reply.status_code == status, reply.text
+    body = reply.json()
+    if family == "openai":
+        assert set(body) == {"error"} and body["error"]["code"] == status, body
+    else:
+        assert set(body) == {"detail"} and isinstance(body["detail"], str), body
+    if status == 429:
+        assert int(reply.headers["retry-after"]) >= 1
+
+
+def served(reply: httpx.Response) -> None:
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_token_cap_holds_however_it_is_asked(bed: Bed, entry: str) -> None:
+    send, family, aliases = ENTRIES[entry]
+    key = bed.key(max_tokens_per_request=CAP)
+    field = tokens_field(entry)
+    refused(send(bed, key, MINE, {field: CAP * 10}), 429, family)
+    refused(send(bed, key, MINE, {field: float(CAP * 10)}), 429, family)  # 100.0
+    for alias in aliases:
+        refused(send(bed, key, MINE, {alias: CAP + 1}), 429, family)
+    served(send(bed, key, MINE, {field: CAP}))
+
+
+@pytest.mark.parametrize(
+    "entry", [e for e in ENTRIES if not e.startswith("/v1/llm/") and e != "/v1/embeddings"]
+)
+def test_a_request_that_names_no_limit_gets_the_keys_cap(bed: Bed, entry: str) -> None:
+    send, _, _ = ENTRIES[entry]
+    key = bed.key(max_tokens_per_request=CAP)
+    seen = len(bed.backend.bodies)
+    served(send(bed, key, MINE, {}))
+    wait_until(lambda: len(bed.backend.bodies) > seen, 20, "the replica to get the request")
+    assert bed.backend.bodies[-1]["max_tokens"] == CAP
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_requests_per_minute(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    key = bed.key(requests_per_minute=1)
+    served(openai("/v1/chat/completions", "chat")(bed, key, MINE, {}))
+    refused(send(bed, key, MINE, {tokens_field(entry): 1}), 429, family)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_requests_in_flight(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    key = bed.key(max_concurrent_requests=1)
+    busy = bed.backend.busy
+    slow = threading.Thread(
+        target=lambda: httpx.post(
+            bed.appliance.url + "/v1/chat/completions",
+            json=chat_body(MINE, {}, delay_s=3),
+            headers=auth(key),
+            timeout=30,
+        )
+    )
+    slow.start()
+    try:
+        wait_until(lambda: bed.backend.busy > busy, 10, "the slow request to reach the replica")
+        refused(send(bed, key, MINE, {tokens_field(entry): 1}), 429, family)
+    finally:
+        slow.join()
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_key_without_the_inference_scope(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    key = bed.key(scopes=["manage"])
+    reply = send(bed, key, MINE, {tokens_field(entry): 1})
+    if entry == "playground":  # the UI refuses the page itself
+        assert reply.status_code in (403, 303)
+        return
+    refused(reply, 403, family)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_another_teams_private_endpoint_does_not_exist(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+    refused(send(bed, key, THEIRS, {tokens_field(entry): 1}), 404, family)
+    if entry not in ASYNC:
+        served(send(bed, key, MINE, {tokens_field(entry): 1}))

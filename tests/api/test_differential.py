@@ -1,0 +1,153 @@
+"""The same inference requests through every way the api can carry them must get the same
+answers: the compiled build with the fast lane on, with it off (every request over uvicorn's
+ASGI cycle), and the plain build (no compiled modules) with it on. Compared: the status, the
+headers that matter, the body bytes (ids and timestamps aside), and then the usage and
+request metrics each api counted. Against a fake replica, no Docker."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.test_fast_lane import chat, read_response
+from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
+from tests.harness import ADMIN_KEY, COMPILED, Appliance, RedisServer
+
+MODEL = "same"
+HEADERS_COMPARED = ("content-type", "cache-control", "retry-after", "www-authenticate")
+VOLATILE = re.compile(rb'"(created|request_id|timestamp|id)": ("[^"]*"|\d+)')
+WAYS = {  # name -> (build, fast lane)
+    "compiled, lane": ("compiled", "true"),
+    "compiled, no lane": ("compiled", "false"),
+    "plain, lane": ("plain", "true"),
+}
+
+
+@pytest.fixture(scope="module")
+def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Appliance]]:
+    if not COMPILED.exists():
+        pytest.fail("the compiled build is missing: run scripts/compile")
+    base = tmp_path_factory.mktemp("differential")
+    backend = FakeBackend(delay_s=0.005).start()
+    made: dict[str, Appliance] = {}
+    redis: list[RedisServer] = []
+    try:
+        for name, (build, lane) in WAYS.items():
+            server = RedisServer(base / f"redis-{len(made)}").start()
+            redis.append(server)
+            appliance = Appliance(
+                base / f"api-{len(made)}",
+                server,
+                env_extra={"APPLIANCE_FAST_LANE": lane, "APPLIANCE_MAX_BODY_BYTES": "4096"},
+                build=build,
+            )
+            start_api(appliance)
+            seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="streaming")
+            made[name] = appliance
+        yield made
+    finally:
+        for appliance in made.values():
+            print(appliance.logs())
+            stop_all(appliance)
+        for server in redis:
+            server.stop()
+        backend.stop()
+
+
+def requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """(name, target, body, extra headers) of each request every way gets."""
+    key = {"authorization": f"Bearer {ADMIN_KEY}"}
+    task = json.dumps({"args": {"prompt": "task", "max_tokens": 3}}).encode()
+    completion = json.dumps({"prompt": "hi", "max_new_tokens": 4, "temperature": 0}).encode()
+    completion_body = {"model": MODEL, "prompt": "p"}
+    embedding = {"model": MODEL, "input": "x"}
+    return [
+        ("chat", "/v1/chat/completions", chat("one", model=MODEL), key),
+        ("chat stream", "/v1/chat/completions", chat("a b", model=MODEL, stream=True), key),
+        ("completion", "/v1/completions", json.dumps(completion_body).encode(), key),
+        ("embedding", "/v1/embeddings", json.dumps(embedding).encode(), key),
+        ("v2 chat", "/v2/chat/completions", chat("v2", model=MODEL), key),
+        ("unknown model", "/v1/chat/completions", chat("x", model="nope"), key),
+        ("no model", "/v1/completions", b'{"prompt": "x"}', key),
+        ("bad json", "/v1/chat/completions", b"{not json", key),
+        ("not an object", "/v1/chat/completions", b"[1, 2]", key),
+        ("bad key", "/v1/chat/completions", chat("x", model=MODEL), {"x-api-key": "mea_nope"}),
+        ("too large", "/v1/chat/completions", chat("x" * 5000, model=MODEL), key),
+        ("llm sync", f"/v1/llm/completions-sync?model_endpoint_name={MODEL}", completion, key),
+        ("llm stream", f"/v1/llm/completions-stream?model_endpoint_name={MODEL}", completion, key),
+        ("llm no query", "/v1/llm/completions-sync", completion, key),
+        ("llm invalid", f"/v1/llm/completions-sync?model_endpoint_name={MODEL}", b"{}", key),
+        ("sync task", f"/v1/sync-tasks?model_endpoint_id=end_{MODEL}", task, key),
+        ("stream task", f"/v1/streaming-tasks?model_endpoint_id=end_{MODEL}", task, key),
+        ("task no args", f"/v1/sync-tasks?model_endpoint_id=end_{MODEL}", b"{}", key),
+    ]
+
+
+def send(appliance: Appliance, target: str, body: bytes, headers: dict[str, str]) -> Any:
+    """One request on a raw connection (so nothing in a client library changes the bytes)."""
+    head = f"POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", appliance.port), timeout=15) as sock:
+        sock.sendall(head.encode() + body)
+        status, found, data = read_response(sock.makefile("rb"))
+    kept = {k: v for k, v in found.items() if k in HEADERS_COMPARED}
+    return status, kept, VOLATILE.sub(rb'"\1": "-"', data), "x-appliance-overhead-ms" in found
+
+
+def counters(appliance: Appliance) -> dict[str, float]:
+    """The request and token counters the api exposes (fast-lane count aside)."""
+    text = httpx.get(
+        appliance.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+    ).text
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("appliance_requests_total{", "appliance_tokens_total{")):
+            sample, value = line.rsplit(" ", 1)
+            sample = re.sub(r'key="[^"]*"', 'key="admin"', sample)  # each install's own id
+            found[sample] = found.get(sample, 0.0) + float(value)
+    return found
+
+
+def test_every_way_of_carrying_a_request_answers_the_same(apis: dict[str, Appliance]) -> None:
+    answers: dict[str, dict[str, Any]] = {name: {} for name in apis}
+    for label, target, body, headers in requests():
+        for name, appliance in apis.items():
+            answers[name][label] = send(appliance, target, body, headers)
+    reference = answers["compiled, lane"]
+    assert reference["chat"][0] == 200 and reference["chat stream"][0] == 200
+    assert reference["llm stream"][0] == 200 and reference["sync task"][0] == 200
+    assert reference["too large"][0] == 413 and reference["bad key"][0] == 401
+    assert reference["unknown model"][0] == 404 and reference["llm invalid"][0] == 422
+    for name, got in answers.items():
+        for label in reference:
+            assert got[label] == reference[label], (name, label)
+    totals = {name: counters(appliance) for name, appliance in apis.items()}
+    assert any("tokens" in sample for sample in totals["compiled, lane"])
+    for name, found in totals.items():
+        assert found == totals["compiled, lane"], name
+
+
+def test_the_fast_lane_carried_what_it_could_read(apis: dict[str, Appliance]) -> None:
+    def lane(appliance: Appliance) -> float:
+        text = httpx.get(
+            appliance.url + "/metrics",
+            headers={"authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=10,
+        ).text
+        return float(re.findall(r"^appliance_fast_lane_requests_total (\S+)", text, re.M)[0])
+
+    assert lane(apis["compiled, no lane"]) == 0
+    assert lane(apis["compiled, lane"]) > 0 and lane(apis["plain, lane"]) > 0
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_each_way_runs_the_build_it_claims(apis: dict[str, Appliance], way: str) -> None:
+    log = (apis[way].workdir / "api.log").read_text()
+    assert f"api: {WAYS[way][0]} build" in log

@@ -1,0 +1,34 @@
+"""Several api workers on a fresh data directory: the schema is migrated and the admin key made
+once, before the workers are forked, so none of them can fail its start on a locked database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.harness import ADMIN_KEY, Appliance, RedisServer
+
+STARTS = 20
+WORKERS = "2"
+
+
+def test_several_workers_always_start_on_a_fresh_data_directory(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for attempt in range(STARTS):
+        appliance = Appliance(
+            tmp_path / f"start{attempt}", redis_server, env_extra={"APPLIANCE_API_WORKERS": WORKERS}
+        )
+        try:
+            appliance.start(roles=("api",))
+            for _ in range(6):  # each on a new connection, so every worker answers some
+                reply = httpx.get(appliance.url + "/v1/models", headers=headers, timeout=10)
+                assert reply.status_code == 200, (attempt, reply.text)
+            assert appliance.procs["api"].poll() is None, f"start {attempt}: the api exited"
+        except BaseException:
+            print(appliance.logs())
+            raise
+        finally:
+            appliance.stop()

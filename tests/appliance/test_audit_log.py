@@ -1,0 +1,61 @@
+"""The audit log's own rules: secrets are scrubbed from what is recorded, whatever the caller
+passes; entries older than the retention are pruned, the rest kept."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlmodel import select
+
+from appliance import audit
+from appliance.caller import Caller
+from appliance.db import open_engine, session_scope
+from appliance.models import AuditEntry
+
+KEY = "mea_0123456789ab_abcdefghijklmnopqrstuvwx"
+
+
+def test_secrets_are_never_recorded() -> None:
+    change = {
+        "spec": {"env": {"HF_TOKEN": "hf_secret", "VLLM_X": "1"}, "max_workers": 2},
+        "default_callback_auth": {"kind": "basic", "username": "u", "password": "p"},
+        "key": KEY,
+        "note": f"made with {KEY} yesterday",
+        "max_tokens_per_request": 5,
+        "list": [{"api_key": "x"}],
+    }
+    scrubbed = audit.scrub(change)
+    assert scrubbed["spec"] == {
+        "env": {"HF_TOKEN": "[not recorded]", "VLLM_X": "[not recorded]"},
+        "max_workers": 2,
+    }
+    assert scrubbed["default_callback_auth"] == "[not recorded]"
+    assert scrubbed["key"] == "[not recorded]" and KEY not in str(scrubbed)
+    assert scrubbed["max_tokens_per_request"] == 5  # a limit, not a token
+    assert scrubbed["list"] == [{"api_key": "[not recorded]"}]
+
+
+def test_entries_past_the_retention_are_pruned(tmp_path: Path) -> None:
+    engine = open_engine(tmp_path / "a.db")
+    admin = Caller("key_a", "ada", "admin", frozenset(), True)
+    now = time.time()
+    with session_scope(engine) as session:
+        for age_days in (400, 30, 0):
+            session.add(
+                AuditEntry(
+                    at=now - age_days * 86400,
+                    actor="ada",
+                    team="admin",
+                    action="key.create",
+                    target="key_x",
+                )
+            )
+        audit.record(session, admin, "key.revoke", "key_x", {"key": KEY}, "10.0.0.1")
+    with session_scope(engine) as session:
+        assert audit.prune(session, now, 365) == 1
+    with session_scope(engine) as session:
+        left = session.exec(select(AuditEntry)).all()
+        newest = audit.entries(session, action="key.revoke")
+    assert len(left) == 3
+    assert newest[0].change == {"key": "[not recorded]"} and newest[0].address == "10.0.0.1"

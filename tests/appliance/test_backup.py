@@ -1,0 +1,120 @@
+"""Backup and restore of the data directory: a backup taken while writers commit is a
+consistent database; restored into a fresh directory, its keys verify with the restored
+secret and its files' rows point at the restored files; a non-empty directory is refused
+unless forced; a file that is no backup, or carries other paths, is refused."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import func, select
+
+from appliance import backup, keys
+from appliance.db import open_engine, session_scope
+from appliance.install import install_id, key_secret
+from appliance.models import Endpoint, Event, File, Replica
+from tests.factories import make_endpoint
+
+
+def make_install(data_dir: Path) -> str:
+    engine = open_engine(data_dir / "appliance.db")
+    install_id(data_dir)
+    (data_dir / "files").mkdir()
+    (data_dir / "files" / "file_1.jsonl").write_text('{"custom_id": "1"}\n')
+    with session_scope(engine) as session:
+        _, text = keys.create_key(
+            session=session, secret=key_secret(data_dir), name="ci", team="red", user="r"
+        )
+        session.add(
+            File(
+                id="file_1",
+                owner="red",
+                created_by="r",
+                purpose="batch",
+                filename="in.jsonl",
+                bytes=19,
+                path=str(data_dir / "files" / "file_1.jsonl"),
+            )
+        )
+        endpoint = make_endpoint(id="end_a", status="READY")
+        session.add(endpoint)
+        session.add(Replica(id="rep_a", endpoint_id="end_a", generation=1, container_name="c"))
+    engine.dispose()
+    return text
+
+
+def test_backup_under_writes_restores_keys_and_files(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    key_text = make_install(source)
+    engine = open_engine(source / "appliance.db")
+    stop = threading.Event()
+    written = [0]
+
+    def write() -> None:  # the load: commits all along the backup
+        while not stop.is_set():
+            with session_scope(engine) as session:
+                session.add(Event(endpoint_id="end_x", kind="k", message="m" * 200))
+            written[0] += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while written[0] < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    target = tmp_path / "backups" / "one.tar.gz"
+    before = written[0]
+    manifest = backup.backup(source, target)
+    stop.set()
+    writer.join()
+    assert before >= 5 and manifest["install_id"] == install_id(source)
+    assert target.stat().st_mode & 0o077 == 0  # it holds the key secret: owner only
+
+    restored = tmp_path / "restored"
+    backup.restore(target, restored)
+    assert install_id(restored) == install_id(source)
+    fresh = open_engine(restored / "appliance.db")
+    with session_scope(fresh) as session:
+        caller = keys.verify(session=session, secret=key_secret(restored), key=key_text)
+        events = session.exec(select(func.count()).select_from(Event)).one()
+        row = session.get(File, "file_1")
+    assert caller.team == "red" and before <= events <= written[0]
+    assert row is not None and Path(row.path) == (restored / "files" / "file_1.jsonl").resolve()
+    assert Path(row.path).read_text() == '{"custom_id": "1"}\n'
+    check = sqlite3.connect(restored / "appliance.db").execute("PRAGMA integrity_check")
+    assert check.fetchone()[0] == "ok"
+    with session_scope(fresh) as session:  # the old install's containers are not this one's
+        assert session.exec(select(func.count()).select_from(Replica)).one() == 0
+        endpoint = session.get(Endpoint, "end_a")
+    assert endpoint is not None and endpoint.status == "UPDATE_PENDING"
+
+
+def test_restore_refuses_what_it_should(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    make_install(source)
+    target = tmp_path / "b.tar.gz"
+    backup.backup(source, target, with_files=False)
+    with pytest.raises(backup.BackupError, match="not empty"):
+        backup.restore(target, source)
+    backup.restore(target, source, force=True)
+    assert not (source / "files").exists()  # left out of this backup; the dir was emptied
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as archive:
+        for name, data in (("manifest.json", b'{"format": 1}'), ("../escape", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(backup.BackupError, match="unexpected entries"):
+        backup.restore(evil, tmp_path / "empty")
+    not_one = tmp_path / "plain.txt"
+    not_one.write_text("hello")
+    with pytest.raises(backup.BackupError, match="cannot read"):
+        backup.restore(not_one, tmp_path / "empty2")
+    with pytest.raises(backup.BackupError, match="no database"):
+        backup.backup(tmp_path / "nowhere", tmp_path / "x.tar.gz")
