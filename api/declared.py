@@ -11,8 +11,8 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from api import server_args
-from api.routes.usage import iso
 from api.schemas import VLLM_ARG_FIELDS
+from api.times import iso
 from appliance import queries
 from appliance.keys import Caller
 from appliance.models import ApiKey, Endpoint, EndpointStatus, Framework

@@ -19,19 +19,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
-from api import endpoint_changes, endpoint_specs, server_args
+from api import endpoint_changes, endpoint_specs, key_service, server_args
 from api.declared import LIMITS, active_keys, managed_endpoints
 from api.deps import AppState
-from api.routes import api_keys
-from api.routes.llm_endpoints import (
+from api.endpoint_service import (
     check_not_busy,
     commit_update,
     create_endpoint,
     delete_endpoint,
     gpu_names,
 )
-from api.routes.usage import LAST_STAMP, parse_time
 from api.schemas import CreateLLMEndpointRequest
+from api.times import LAST_STAMP, parse_time
 from appliance import queries
 from appliance.db import session_scope
 from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
@@ -49,18 +48,18 @@ def _stamp(value: Any) -> Any:
 class KeyLimitsDeclared(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: api_keys.Limit = None
-    max_concurrent_requests: api_keys.Limit = None
-    max_queued_tasks: api_keys.Limit = None
-    max_tokens_per_request: api_keys.Limit = None
+    requests_per_minute: key_service.Limit = None
+    max_concurrent_requests: key_service.Limit = None
+    max_queued_tasks: key_service.Limit = None
+    max_tokens_per_request: key_service.Limit = None
 
 
 class KeyDeclared(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=api_keys.NAME)
-    team: str = Field(pattern=api_keys.NAME)
-    user: str = Field(pattern=api_keys.NAME)
+    name: str = Field(pattern=key_service.NAME)
+    team: str = Field(pattern=key_service.NAME)
+    user: str = Field(pattern=key_service.NAME)
     scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
     admin: bool = False
     expires_at: Annotated[float | None, BeforeValidator(_stamp)] = Field(
@@ -204,8 +203,8 @@ def apply_endpoints(
                 delete_endpoint(row, caller, session, state, address=address)
 
 
-def _key_request(entry: KeyDeclared) -> api_keys.CreateKeyRequest:
-    return api_keys.CreateKeyRequest(
+def _key_request(entry: KeyDeclared) -> key_service.CreateKeyRequest:
+    return key_service.CreateKeyRequest(
         name=entry.name,
         team=entry.team,
         user=entry.user,
@@ -280,13 +279,13 @@ def apply_keys(
         wanted = _key_request(entry)
         with session_scope(state.engine) as session:
             if found is None:
-                row, text = api_keys.make_key(
+                row, text = key_service.make_key(
                     wanted, caller, session, state, expires_at=entry.expires_at, address=address
                 )
                 report.keys["created"].append({"id": row.id, "label": label, "key": text})
                 continue
             row = session.get(ApiKey, found.id) or found
-            api_keys.update_key(
+            key_service.update_key(
                 row, wanted, caller, session, expires_at=entry.expires_at, address=address
             )
             report.keys["updated"].append({"id": row.id, "label": label})
@@ -295,7 +294,7 @@ def apply_keys(
         if not report.dry_run:
             with session_scope(state.engine) as session:
                 row = session.get(ApiKey, doomed.id) or doomed
-                api_keys.revoke(row, caller, session, address=address)
+                key_service.revoke(row, caller, session, address=address)
 
 
 def apply(

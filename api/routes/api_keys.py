@@ -1,86 +1,19 @@
 """API key routes: an admin makes keys for any user and team, a user makes keys for themself;
-a key's text is shown once; keys can expire, be revoked and carry scopes and limits."""
+a key's text is shown once; keys can expire, be revoked and carry scopes and limits
+(`api/key_service.py` does the work)."""
 
 from __future__ import annotations
 
-import time
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
-from sqlmodel import Session, col, select
 
+from api import key_service
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep
-from appliance import audit, keys
-from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
-from appliance.keys import Caller
+from api.key_service import CreateKeyRequest
 from appliance.models import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
-NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
-MAX_LIFETIME_S = 10 * 366 * 86400  # a key lives ten years at most
-MAX_LIMIT = 1_000_000_000
-# A key's limit: unset (the install's default), 0 (none) or a bound up to a billion.
-Limit = Annotated[int | None, Field(ge=0, le=MAX_LIMIT)]
-AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
-LIMITS = (
-    "requests_per_minute",
-    "max_concurrent_requests",
-    "max_queued_tasks",
-    "max_tokens_per_request",
-)
-
-
-class CreateKeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME)
-    team: str | None = Field(None, pattern=NAME, description="Admins only: the key's team.")
-    user: str | None = Field(None, pattern=NAME, description="Admins only: the key's user.")
-    scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
-    admin: bool = False
-    expires_in_seconds: int | None = Field(None, gt=0, le=MAX_LIFETIME_S)
-    requests_per_minute: Limit = None
-    max_concurrent_requests: Limit = None
-    max_queued_tasks: Limit = None
-    max_tokens_per_request: Limit = None
-
-
-def public(row: ApiKey) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "prefix": f"{keys.KEY_PREFIX}_{row.prefix}",
-        "team": row.owner,
-        "user": row.user,
-        "scopes": row.scopes,
-        "admin": row.is_admin,
-        "created_at": row.created_at,
-        "expires_at": row.expires_at,
-        "revoked_at": row.revoked_at,
-        "limits": {
-            "requests_per_minute": row.requests_per_minute,
-            "max_concurrent_requests": row.max_concurrent_requests,
-            "max_queued_tasks": row.max_queued_tasks,
-            "max_tokens_per_request": row.max_tokens_per_request,
-        },
-    }
-
-
-def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
-    unknown = set(body.scopes) - set(keys.SCOPES)
-    if unknown:
-        raise InvalidSpecError(
-            f"unknown scopes {sorted(unknown)}; known: {list(keys.SCOPES)}", field="scopes"
-        )
-    if caller.is_admin:
-        return
-    if body.team not in (None, caller.team) or body.user not in (None, caller.user):
-        raise ForbiddenError("only an administrator may make keys for other users or teams")
-    if body.admin or not set(body.scopes) <= caller.scopes:
-        raise ForbiddenError("a key may not have scopes its maker lacks")
-    if any(getattr(body, name) is not None for name in LIMITS):
-        raise ForbiddenError("only an administrator may set a key's limits")
 
 
 @router.post("", status_code=201)
@@ -91,108 +24,23 @@ def create_api_key(
     state: StateDep,
     address: AddressDep,
 ) -> dict[str, Any]:
-    expires = time.time() + body.expires_in_seconds if body.expires_in_seconds else None
-    row, text = make_key(body, caller, session, state, expires_at=expires, address=address)
-    return {**public(row), "key": text}
-
-
-def make_key(
-    body: CreateKeyRequest,
-    caller: Caller,
-    session: Session,
-    state: StateDep,
-    *,
-    expires_at: float | None,
-    address: str | None,
-) -> tuple[ApiKey, str]:
-    """Check, store and audit a new key (the route, the UI, the declared configuration);
-    returns its row and its text, which only the caller ever sees."""
-    _check_request(body, caller)
-    row, text = keys.create_key(
-        session=session,
-        secret=state.key_secret,
-        name=body.name,
-        team=body.team or caller.team,
-        user=body.user or caller.user,
-        scopes=tuple(keys.SCOPES if body.admin else body.scopes),
-        is_admin=body.admin,
-        expires_at=expires_at,
-    )
-    for name in LIMITS:
-        setattr(row, name, getattr(body, name))
-    session.add(row)
-    audit.record(session, caller, "key.create", row.id, recorded(row), address)
-    session.commit()
-    return row, text
-
-
-def update_key(
-    row: ApiKey,
-    wanted: CreateKeyRequest,
-    caller: Caller,
-    session: Session,
-    *,
-    expires_at: float | None,
-    address: str | None,
-) -> dict[str, list[Any]]:
-    """Give a key the scopes, expiry and limits of `wanted` (admins: the declared
-    configuration); returns what changed, audited, or {} when nothing did."""
-    if not caller.is_admin:
-        raise ForbiddenError("only an administrator may change a key")
-    _check_request(wanted, caller)
-    before = recorded(row)
-    row.scopes = list(keys.SCOPES if wanted.admin else wanted.scopes)
-    row.is_admin, row.expires_at = wanted.admin, expires_at
-    for name in LIMITS:
-        setattr(row, name, getattr(wanted, name))
-    after = recorded(row)
-    change = {name: [before[name], after[name]] for name in AUDITED if before[name] != after[name]}
-    if change:
-        session.add(row)
-        audit.record(session, caller, "key.update", row.id, {"name": row.name, **change}, address)
-        session.commit()
-    return change
-
-
-def recorded(row: ApiKey) -> dict[str, Any]:
-    """What the audit log keeps of a key: never its text, digest or prefix."""
-    shown = public(row)
-    return {name: shown[name] for name in AUDITED}
-
-
-def _visible(row: ApiKey | None, caller: Caller) -> ApiKey:
-    mine = row is not None and row.user == caller.user and row.owner == caller.team
-    if row is None or not (caller.is_admin or mine):
-        raise NotFoundError("no such API key")
-    return row
+    return key_service.create(body, caller, session, state, address)
 
 
 @router.get("")
 def read_api_keys(caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    query = select(ApiKey).order_by(col(ApiKey.created_at))
-    if not caller.is_admin:
-        query = query.where(col(ApiKey.user) == caller.user, col(ApiKey.owner) == caller.team)
-    return {"api_keys": [public(row) for row in session.exec(query).all()]}
+    return {"api_keys": key_service.listed(caller, session)}
 
 
 @router.get("/{key_id}")
 def read_api_key(key_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    return public(_visible(session.get(ApiKey, key_id), caller))
+    return key_service.public(key_service.visible(session.get(ApiKey, key_id), caller))
 
 
 @router.delete("/{key_id}")
 def revoke_api_key(
     key_id: str, caller: CallerDep, session: SessionDep, address: AddressDep
 ) -> dict[str, Any]:
-    row = _visible(session.get(ApiKey, key_id), caller)
-    revoke(row, caller, session, address=address)
-    return public(row)
-
-
-def revoke(row: ApiKey, caller: Caller, session: Session, *, address: str | None) -> None:
-    if row.revoked_at is None:
-        row.revoked_at = time.time()
-        session.add(row)
-        change = {"name": row.name, "team": row.owner, "user": row.user}
-        audit.record(session, caller, "key.revoke", row.id, change, address)
-        session.commit()
+    row = key_service.visible(session.get(ApiKey, key_id), caller)
+    key_service.revoke(row, caller, session, address=address)
+    return key_service.public(row)

@@ -8,28 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from api.deps import CallerDep, SessionDep
-from api.routes.usage import iso, parse_time
+from api.oversight import MAX_ID, entry_public
+from api.times import parse_time
 from appliance import audit
 from appliance.errors import ForbiddenError
-from appliance.models import AuditEntry
 
 router = APIRouter(tags=["audit"])
-MAX_ID = 2**62  # SQLite's integers
-
-
-def entry_public(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "at": iso(entry.at),
-        "timestamp": entry.at,
-        "actor": entry.actor,
-        "team": entry.team,
-        "actor_key_id": entry.actor_key_id,
-        "action": entry.action,
-        "target": entry.target,
-        "change": entry.change,
-        "address": entry.address,
-    }
 
 
 @router.get("/v1/audit")

@@ -19,8 +19,8 @@ from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AddressDep, AdmittedDep, AppState, CallerDep, SessionDep, StateDep, require
+from api.file_service import owned_file
 from api.inference import admission
-from api.routes.files import owned_file
 from appliance import audit, queries
 from appliance.db import session_scope
 from appliance.errors import ConflictError, InvalidSpecError, NotFoundError

@@ -13,13 +13,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
+from api.file_service import owned_file
 from appliance import audit, queries
-from appliance.errors import InvalidSpecError, NotFoundError
+from appliance.errors import InvalidSpecError
 from appliance.ids import new_id
-from appliance.keys import Caller
 from appliance.models import File as FileRow
 
 router = APIRouter(tags=["files"], dependencies=[require("inference")])
@@ -38,13 +38,6 @@ def file_public(row: FileRow) -> dict[str, Any]:
         "purpose": row.purpose,
         "status": "processed",
     }
-
-
-def owned_file(file_id: str, caller: Caller, *, session: Session) -> FileRow:
-    row = session.get(FileRow, file_id)
-    if row is None or not caller.owns(row.owner):
-        raise NotFoundError(f"no file with id {file_id!r}", field="file_id")
-    return row
 
 
 def _store(upload: UploadFile, path: Path) -> int:

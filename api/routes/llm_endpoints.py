@@ -3,55 +3,32 @@ delete. Create and update return at once; the builder does the work and reports 
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 from fastapi import APIRouter
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
-from api import endpoint_changes, endpoint_specs, endpoint_views, server_args
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
+from api.endpoint_service import (
+    create_endpoint,
+    delete_endpoint,
+    describe_llm,
+    owned_by_name,
+    update_endpoint,
+)
 from api.schemas import (
     CreateLLMEndpointRequest,
     CreateLLMEndpointResponse,
     DeleteResponse,
     UpdateLLMEndpointRequest,
 )
-from appliance import audit, bus, queries
-from appliance.errors import ConflictError, NoSuchEndpointError, OperationInProgressError
-from appliance.keys import Caller
-from appliance.models import Endpoint, EndpointStatus
+from appliance import queries
+from appliance.errors import NoSuchEndpointError
+from appliance.models import Endpoint
 
 router = APIRouter(
     prefix="/v1/llm/model-endpoints", tags=["llm-endpoints"], dependencies=[require("manage")]
 )
-BUSY = (
-    EndpointStatus.UPDATE_PENDING,
-    EndpointStatus.UPDATE_IN_PROGRESS,
-    EndpointStatus.DELETE_IN_PROGRESS,
-)
-
-
-def owned_by_name(name: str, caller: Caller, *, session: Session) -> Endpoint:
-    endpoint = queries.endpoint_by_name(name, session=session)
-    if not caller.owns(endpoint.owner):
-        raise NoSuchEndpointError(f"no endpoint named {name!r}")
-    return endpoint
-
-
-def gpu_names(state: StateDep) -> list[str] | None:
-    """The names of the box's GPUs as the builder last reported them (None: not yet)."""
-    raw = state.redis.get(bus.GPUS_KEY)
-    if not raw:
-        return None
-    return [str(gpu.get("name", "")) for gpu in json.loads(raw).get("gpus", [])]
-
-
-def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
-    return endpoint_views.llm_endpoint_public(
-        endpoint, queries.replicas_of(endpoint.id, session=session)
-    )
 
 
 @router.post("", response_model=CreateLLMEndpointResponse)
@@ -66,40 +43,6 @@ def create_llm_endpoint(
     return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
 
 
-def create_endpoint(
-    body: CreateLLMEndpointRequest,
-    caller: Caller,
-    session: Session,
-    state: StateDep,
-    *,
-    address: str | None,
-    owner: str | None = None,
-) -> Endpoint:
-    """Shared by the by-name and by-id routes, the UI and the declared configuration:
-    validate, store UPDATE_PENDING, audit, nudge. `owner`: another team's (admins only)."""
-    endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
-    server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
-    if owner is not None:
-        endpoint.owner = owner
-    if session.exec(select(Endpoint).where(Endpoint.name == body.name)).first():
-        raise ConflictError(f"an endpoint named {body.name!r} already exists", field="name")
-    session.add(endpoint)
-    queries.add_event(endpoint.id, "created", f"created by {caller.user}", session=session)
-    spec = body.model_dump(exclude_none=True, exclude_defaults=True)
-    audit.record(
-        session,
-        caller,
-        "endpoint.create",
-        endpoint.id,
-        {"name": endpoint.name, "team": endpoint.owner, "spec": spec},
-        address,
-    )
-    session.commit()
-    bus.nudge_builder(state.redis)
-    bus.announce_routes(state.redis)  # the api's routing table learns of it at once
-    return endpoint
-
-
 @router.get("")
 def read_llm_endpoints(
     caller: CallerDep, session: SessionDep, name: str | None = None, order_by: str | None = None
@@ -112,7 +55,7 @@ def read_llm_endpoints(
     endpoints = [
         e for e in session.exec(query).all() if caller.may_infer(e.owner, e.public_inference)
     ]
-    return {"model_endpoints": [describe(e, session) for e in endpoints]}
+    return {"model_endpoints": [describe_llm(e, session) for e in endpoints]}
 
 
 @router.get("/{name}")
@@ -120,7 +63,7 @@ def read_llm_endpoint(name: str, caller: CallerDep, session: SessionDep) -> dict
     endpoint = queries.endpoint_by_name(name, session=session)
     if not caller.may_infer(endpoint.owner, endpoint.public_inference):
         raise NoSuchEndpointError(f"no endpoint named {name!r}")
-    return describe(endpoint, session)
+    return describe_llm(endpoint, session)
 
 
 @router.put("/{name}", response_model=CreateLLMEndpointResponse)
@@ -137,67 +80,6 @@ def update_llm_endpoint(
     return CreateLLMEndpointResponse(endpoint_creation_task_id=endpoint.id)
 
 
-def check_not_busy(endpoint: Endpoint) -> None:
-    """409 while a change is in progress (a rollout waiting for GPUs may be changed)."""
-    waiting = (endpoint.status_reason or "").startswith("waiting for GPUs")
-    if endpoint.status in BUSY and not waiting:
-        raise OperationInProgressError(
-            f"endpoint {endpoint.name!r} is {endpoint.status}; wait until it is READY or "
-            "UPDATE_FAILED"
-        )
-
-
-def update_endpoint(
-    endpoint: Endpoint,
-    body: UpdateLLMEndpointRequest,
-    caller: Caller,
-    session: Session,
-    state: StateDep,
-    *,
-    address: str | None,
-) -> bool:
-    """Shared by the by-name and by-id routes and the UI; False when nothing changed."""
-    check_not_busy(endpoint)
-    before = endpoint_changes.spec(endpoint)
-    rolls = endpoint_specs.apply_update(endpoint, body, caller, state.settings)
-    server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
-    return commit_update(endpoint, before, rolls, caller, session, state, address=address)
-
-
-def commit_update(
-    endpoint: Endpoint,
-    before: dict[str, Any],
-    rolls: bool,
-    caller: Caller,
-    session: Session,
-    state: StateDep,
-    *,
-    address: str | None,
-) -> bool:
-    """Store an edit made to the row in place: a new generation when replicas must roll (or
-    to retry a failed one), one event saying what changed, one audit entry, the nudges.
-    An edit that changed nothing stores nothing, and says so by returning False."""
-    change = endpoint_changes.changes(before, endpoint_changes.spec(endpoint))
-    retry = endpoint.status == EndpointStatus.UPDATE_FAILED
-    if not (change or rolls or retry):
-        return False
-    endpoint.updated_at = time.time()
-    if rolls or retry:
-        endpoint.generation += 1
-        endpoint.status, endpoint.status_reason = EndpointStatus.UPDATE_PENDING, None
-    session.add(endpoint)
-    said = endpoint_changes.summary(change) or "no spec change"
-    if rolls or retry:
-        said += f"; rolling to generation {endpoint.generation}"
-    queries.add_event(endpoint.id, "updated", f"updated by {caller.user}: {said}", session=session)
-    record = {"name": endpoint.name, "changes": change, "generation": endpoint.generation}
-    audit.record(session, caller, "endpoint.update", endpoint.id, record, address)
-    session.commit()
-    bus.nudge_builder(state.redis)
-    bus.announce_routes(state.redis)  # the api's routing table learns of it at once
-    return True
-
-
 @router.delete("/{name}", response_model=DeleteResponse)
 def delete_llm_endpoint(
     name: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
@@ -205,18 +87,3 @@ def delete_llm_endpoint(
     endpoint = owned_by_name(name, caller, session=session)
     delete_endpoint(endpoint, caller, session, state, address=address)
     return DeleteResponse(deleted=True)
-
-
-def delete_endpoint(
-    endpoint: Endpoint, caller: Caller, session: Session, state: StateDep, *, address: str | None
-) -> None:
-    if endpoint.status != EndpointStatus.DELETE_IN_PROGRESS:
-        endpoint.status, endpoint.status_reason = EndpointStatus.DELETE_IN_PROGRESS, None
-        endpoint.updated_at = time.time()
-        session.add(endpoint)
-        queries.add_event(endpoint.id, "deleting", f"deleted by {caller.user}", session=session)
-        change = {"name": endpoint.name, "team": endpoint.owner}
-        audit.record(session, caller, "endpoint.delete", endpoint.id, change, address)
-        session.commit()
-    bus.nudge_builder(state.redis)
-    bus.announce_routes(state.redis)  # the api's routing table learns of it at once

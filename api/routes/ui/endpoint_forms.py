@@ -11,8 +11,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from api.deps import AppState, SessionDep, StateDep, address_of
-from api.routes import model_endpoints
-from api.routes.llm_endpoints import create_endpoint, delete_endpoint, update_endpoint
+from api.endpoint_service import create_endpoint, delete_endpoint, owned, update_endpoint
 from api.routes.ui.respond import FormDep, need, not_found, page, redirect
 from api.schemas import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
 from api.ui_session import ChangeDep, SignedInDep, UiSession
@@ -85,7 +84,7 @@ def read_edit_endpoint(
 ) -> Response:
     need(ui.caller, "manage")
     try:
-        endpoint = model_endpoints.owned(endpoint_id, ui.caller, session=session)
+        endpoint = owned(endpoint_id, ui.caller, session=session)
     except NotFoundError as exc:
         return not_found(request, ui, exc)
     return _form_page(request, ui, state, forms.current_values(endpoint), {}, endpoint)
@@ -102,7 +101,7 @@ def update_endpoint_from_form(
 ) -> Response:
     need(ui.caller, "manage")
     try:
-        endpoint = model_endpoints.owned(endpoint_id, ui.caller, session=session)
+        endpoint = owned(endpoint_id, ui.caller, session=session)
     except NotFoundError as exc:
         return not_found(request, ui, exc)
     current = forms.current_values(endpoint)
@@ -128,7 +127,7 @@ def delete_endpoint_from_form(
 ) -> Response:
     need(ui.caller, "manage")
     try:
-        endpoint = model_endpoints.owned(endpoint_id, ui.caller, session=session)
+        endpoint = owned(endpoint_id, ui.caller, session=session)
     except NotFoundError as exc:
         return not_found(request, ui, exc)
     delete_endpoint(endpoint, ui.caller, session, state, address=address_of(request))

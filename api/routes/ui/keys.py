@@ -11,12 +11,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from api import key_service
 from api.deps import AppState, SessionDep, StateDep, address_of
-from api.routes import api_keys
 from api.routes.ui.respond import FormDep, not_found, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
 from appliance.db import session_scope
 from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.models import ApiKey
 from web import views
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -32,7 +33,7 @@ def _keys_page(
     values: Mapping[str, str] | None = None,
 ) -> Response:
     with session_scope(state.engine) as session:  # the route's session may have committed
-        listed = api_keys.read_api_keys(ui.caller, session)["api_keys"]
+        listed = key_service.listed(ui.caller, session)
     now = time.time()
     for key in listed:
         key["state"] = views.key_state(key, now)
@@ -83,8 +84,8 @@ def create_key_from_form(
     request: Request, ui: ChangeDep, form: FormDep, session: SessionDep, state: StateDep
 ) -> Response:
     try:
-        body = api_keys.CreateKeyRequest.model_validate(_key_request(form))
-        made = api_keys.create_api_key(body, ui.caller, session, state, address_of(request))
+        body = key_service.CreateKeyRequest.model_validate(_key_request(form))
+        made = key_service.create(body, ui.caller, session, state, address_of(request))
     except ValidationError as exc:
         errors = {
             KEY_FIELDS.get(str((e.get("loc") or ("",))[0]), ""): (
@@ -107,7 +108,8 @@ def revoke_key_from_form(
     request: Request, key_id: str, ui: ChangeDep, session: SessionDep
 ) -> Response:
     try:
-        api_keys.revoke_api_key(key_id, ui.caller, session, address_of(request))
+        row = key_service.visible(session.get(ApiKey, key_id), ui.caller)
+        key_service.revoke(row, ui.caller, session, address=address_of(request))
     except NotFoundError as exc:
         return not_found(request, ui, exc)
     return redirect("/ui/keys")

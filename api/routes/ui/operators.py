@@ -10,9 +10,8 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from api import oversight, times
 from api.deps import SessionDep
-from api.routes import audit as audit_routes
-from api.routes import usage as usage_routes
 from api.routes.ui.respond import need, page
 from api.ui_session import SignedInDep
 from appliance import audit, usage
@@ -28,7 +27,7 @@ AUDIT_ACTIONS = ("endpoint.", "key.", "session.", "file.", "batch.")
 
 def _query(ui: SignedInDep, granularity: str, team: str | None) -> usage.Query:
     now = time.time()
-    return usage_routes.usage_query(
+    return oversight.usage_query(
         ui.caller,
         team=team or None,
         endpoint=None,
@@ -55,7 +54,7 @@ def read_usage_page(
         return page(
             request, "notfound.html", ui, status=403, heading="Not allowed", message=exc.message
         )
-    lines = usage_routes.read_lines(session, query)
+    lines = oversight.read_lines(session, query)
     window = {"start": query.start, "end": query.end, "step": query.granularity}
     unit = UNITS[granularity]
     return page(
@@ -81,9 +80,9 @@ def read_usage_csv(
     team: str | None = None,
 ) -> Response:
     need(ui.caller, "manage")
-    lines = usage_routes.read_lines(session, _query(ui, granularity, team))
+    lines = oversight.read_lines(session, _query(ui, granularity, team))
     return Response(
-        usage.to_csv(lines, usage_routes.iso),
+        usage.to_csv(lines, times.iso),
         media_type="text/csv; charset=utf-8",
         headers={"content-disposition": 'attachment; filename="usage.csv"'},
     )
@@ -95,7 +94,7 @@ def read_audit_page(
     ui: SignedInDep,
     session: SessionDep,
     action: str | None = None,
-    before: int | None = Query(None, ge=1, le=audit_routes.MAX_ID),
+    before: int | None = Query(None, ge=1, le=oversight.MAX_ID),
 ) -> Response:
     if not ui.caller.is_admin:
         message = "Only administrators see the audit log."
@@ -103,7 +102,7 @@ def read_audit_page(
             request, "notfound.html", ui, status=403, heading="Not allowed", message=message
         )
     found = audit.entries(session, action=action or None, before_id=before, limit=AUDIT_ROWS)
-    rows = [audit_routes.entry_public(e) for e in found]
+    rows = [oversight.entry_public(e) for e in found]
     for row in rows:
         row["change_text"] = reports.change_text(row["change"])
         row["change_short"] = reports.short(row["change_text"])

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlmodel import Session, col, select
 
+from api import endpoint_logs, endpoint_service, gpu_inventory
 from api.deps import AppState, SessionDep, StateDep
-from api.routes import gpus, model_endpoints
 from api.routes.ui.respond import need, not_found, page, redirect
 from api.ui_session import SignedInDep
 from appliance import bus, queries
@@ -64,7 +64,10 @@ def _decoded(raw: Any) -> dict[str, str]:
 
 
 def endpoint_rows(caller: Caller, session: Session, state: AppState) -> list[views.EndpointRow]:
-    described = model_endpoints.read_model_endpoints(caller, session)["model_endpoints"]
+    described = [
+        endpoint_service.describe(e, session)
+        for e in endpoint_service.team_endpoints(caller, session, name=None, newest=False)
+    ]
     commands: list[tuple[str, Sequence[Any]]] = [
         ("hgetall", (rates.RATES_KEY.format(endpoint=p["name"], field="requests"),))
         for p in described
@@ -103,8 +106,8 @@ def read_endpoints_table(
 def endpoint_context(
     endpoint_id: str, caller: Caller, session: Session, state: AppState
 ) -> dict[str, Any]:
-    endpoint = model_endpoints.owned(endpoint_id, caller, session=session)
-    public = model_endpoints.describe(endpoint, session)
+    endpoint = endpoint_service.owned(endpoint_id, caller, session=session)
+    public = endpoint_service.describe(endpoint, session)
     events = [
         {"timestamp": e.at, "kind": e.kind, "message": e.message}
         for e in queries.list_events(endpoint.id, session=session, limit=200)
@@ -165,9 +168,8 @@ def read_endpoint_logs(
 ) -> Response:
     """The replicas' logs through the by-id route, following while the page is open."""
     need(ui.caller, "manage")
-    return model_endpoints.read_endpoint_logs(
-        endpoint_id, ui.caller, state, tail=200, follow=follow, replica_id=None
-    )
+    lines = endpoint_logs.lines(endpoint_id, ui.caller, state, 200, follow, None)
+    return StreamingResponse(lines, media_type=endpoint_logs.MEDIA_TYPE)
 
 
 # --- GPUs, tasks, batches --------------------------------------------------------------------
@@ -178,7 +180,7 @@ def read_gpus_page(
     request: Request, ui: SignedInDep, session: SessionDep, state: StateDep
 ) -> Response:
     need(ui.caller, "manage")
-    inventory = gpus.read_gpus(ui.caller, session, state)
+    inventory = gpu_inventory.inventory(ui.caller, session, state)
     cards = views.gpu_cards(inventory["gpus"])
     return page(request, "gpus.html", ui, "gpus", cards=cards, inventory=inventory)
 

@@ -1,0 +1,70 @@
+"""A replica's output as the builder ships it to Redis (a stream per replica), for the logs
+route and the UI's endpoint page: the crash output kept for failed replicas, the last lines,
+then, with `follow`, new lines as they come."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from api import endpoint_service
+from api.deps import AppState
+from appliance import bus, queries
+from appliance.db import session_scope
+from appliance.errors import NoSuchEndpointError
+from appliance.keys import Caller
+from appliance.models import ReplicaState
+
+LOG_POLL_S = 0.5
+MEDIA_TYPE = "text/plain; charset=utf-8"
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+async def _log_lines(
+    state: AppState, keys: list[str], first: list[bytes], tail: int, follow: bool
+) -> AsyncIterator[bytes]:
+    for line in first:
+        yield line
+    cursors: dict[str, str] = {}
+    for key in keys:
+        entries: Any = await asyncio.to_thread(state.redis.xrevrange, key, count=tail)
+        cursors[key] = _as_bytes(entries[0][0]).decode() if entries else "$"
+        for _entry_id, fields in reversed(entries or []):
+            yield _as_bytes(fields[b"line"])
+    while follow and keys:
+        streams: Any = dict(cursors)
+        found: Any = await asyncio.to_thread(
+            state.redis.xread, streams, block=int(LOG_POLL_S * 1000)
+        )
+        for key, entries in found or []:
+            for entry_id, fields in entries:
+                cursors[_as_bytes(key).decode()] = _as_bytes(entry_id).decode()
+                yield _as_bytes(fields[b"line"])
+
+
+def lines(
+    endpoint_id: str,
+    caller: Caller,
+    state: AppState,
+    tail: int,
+    follow: bool,
+    replica_id: str | None,
+) -> AsyncIterator[bytes]:
+    """The endpoint's (or one replica's) log lines. Checks with its own short session: a
+    request-scoped one would hold SQLite's write lock for as long as the stream runs."""
+    with session_scope(state.engine) as session:
+        endpoint_service.owned(endpoint_id, caller, session=session)
+        all_replicas = queries.replicas_of(endpoint_id, session=session)
+    replicas = [r for r in all_replicas if replica_id in (None, r.id)]
+    if replica_id and not replicas:
+        raise NoSuchEndpointError(f"no replica {replica_id!r} in endpoint {endpoint_id!r}")
+    first: list[bytes] = []
+    for replica in replicas:
+        if replica.log_tail and replica.state == ReplicaState.FAILED:
+            first.append(f"[{replica.id} crashed] {replica.log_tail}\n".encode())
+    keys = [bus.LOGS_KEY.format(replica=r.id) for r in replicas]
+    return _log_lines(state, keys, first, tail, follow)
