@@ -28,6 +28,7 @@ from api.routes import (
     batches,
     config,
     files,
+    fine_tunes,
     gpus,
     health,
     llm_endpoints,
@@ -177,6 +178,7 @@ def create_app(
     app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)
     app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(fine_tunes.router, responses=errors.ERROR_RESPONSES)
     app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
     app.include_router(usage.router, responses=errors.ERROR_RESPONSES)
     app.include_router(audit.router, responses=errors.ERROR_RESPONSES)

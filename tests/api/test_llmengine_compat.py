@@ -1,0 +1,152 @@
+"""LLM Engine's own client (`llmengine`, the pinned scale-llm-engine) against an install where
+endpoints of every framework and type are visible at once: its parsers know only vLLM and the
+`streaming` type, yet Model.list and Model.get work for all of them, Model.update keeps what it
+did not mean to change, and what the appliance lacks (fine-tuning) fails in the client's words.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import httpx
+
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint, EndpointStatus
+from tests.harness import ADMIN_KEY, Appliance
+
+ROWS = (  # name, framework, type, model
+    ("llama", "llamacpp", "sync", "/models/gemma.gguf"),
+    ("vllm-async", "vllm", "async", "acme/standin-1b"),
+    ("vllm-stream", "vllm", "streaming", "acme/standin-1b"),
+    ("custom-echo", "custom", "sync", "custom"),
+)
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from llmengine import FineTune, Model
+    out = {}
+    step = sys.argv[1]
+    if step == "read":
+        out["list"] = sorted(
+            (m.name, m.inference_framework.value, m.spec.endpoint_type.value)
+            for m in Model.list().model_endpoints
+        )
+        got = Model.get("llama")
+        out["get"] = [got.name, got.status.value, got.inference_framework.value]
+    elif step == "update":
+        for name in ("vllm-stream", "llama"):
+            Model.update(name, max_workers=2)
+    elif step == "finetune":
+        for call in (
+            lambda: FineTune.create(model="llama", training_file="file_x"),
+            lambda: FineTune.get("ft_x"),
+            lambda: FineTune.list(),
+            lambda: FineTune.cancel("ft_x"),
+            lambda: FineTune.get_events("ft_x"),
+        ):
+            try:
+                call()
+                out.setdefault("errors", []).append(None)
+            except Exception as exc:
+                out.setdefault("errors", []).append([type(exc).__name__, str(exc)])
+    print(json.dumps(out))
+""")
+
+
+def seed(appliance: Appliance) -> None:
+    """Endpoint rows of every framework and type, each with metadata and labels."""
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        for name, framework, kind, model in ROWS:
+            session.add(
+                Endpoint(
+                    id=f"end_{name}",
+                    name=name,
+                    owner="admin",
+                    created_by="admin",
+                    framework=framework,
+                    model=model,
+                    image="approved/echo:1" if framework == "custom" else None,
+                    endpoint_type=kind,
+                    gpus=0,
+                    public_inference=True,
+                    labels={"team": "ml", "product": name},
+                    extra={"metadata": {"owner_note": f"keep {name}"}, "quantize": "fp8"},
+                    status=EndpointStatus.READY,
+                )
+            )
+    engine.dispose()
+
+
+def client(appliance: Appliance, step: str) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "LLM_ENGINE_BASE_PATH": appliance.url + "/",
+        "SCALE_API_KEY": ADMIN_KEY,
+        "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, step], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    reply: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return reply
+
+
+def test_client_lists_and_gets_endpoints_of_every_framework_and_type(api_only: Appliance) -> None:
+    seed(api_only)
+    read = client(api_only, "read")
+    assert read["list"] == [
+        ["custom-echo", "vllm", "streaming"],
+        ["llama", "vllm", "streaming"],
+        ["vllm-async", "vllm", "streaming"],
+        ["vllm-stream", "vllm", "streaming"],
+    ]
+    assert read["get"] == ["llama", "READY", "vllm"]
+    # What each endpoint really is stays in the appliance's own fields
+    raw = api_only.client().get("/v1/llm/model-endpoints/llama").json()
+    assert (raw["framework"], raw["endpoint_type"], raw["spec"]["framework"]) == (
+        "llamacpp",
+        "sync",
+        "llamacpp",
+    )
+    assert raw["quantize"] is None  # fp8 is no value of the client's Quantization
+
+
+def test_client_update_keeps_metadata_and_labels(api_only: Appliance) -> None:
+    seed(api_only)
+    client(api_only, "update")  # sends source: null and metadata: {} every time
+    admin = api_only.client()
+    for name in ("vllm-stream", "llama"):
+        got = admin.get(f"/v1/llm/model-endpoints/{name}").json()
+        assert got["spec"]["deployment_state"]["max_workers"] == 2
+        assert got["spec"]["metadata"] == {"owner_note": f"keep {name}"}
+        assert got["spec"]["labels"] == {"team": "ml", "product": name}
+
+
+def test_metadata_updates_merge_key_by_key(api_only: Appliance) -> None:
+    seed(api_only)
+    admin = api_only.client()
+    change = {"metadata": {"added": 1, "owner_note": None}}
+    assert admin.put("/v1/llm/model-endpoints/llama", json=change).status_code == 200
+    got = admin.get("/v1/llm/model-endpoints/llama").json()
+    assert got["spec"]["metadata"] == {"added": 1}
+
+
+def test_fine_tunes_fail_in_the_clients_words(api_only: Appliance) -> None:
+    errors = client(api_only, "finetune")["errors"]
+    assert len(errors) == 5
+    for kind, message in errors:
+        assert kind == "NotFoundError"
+        assert "fine-tuning is not available on this appliance" in message
+
+
+def test_unknown_llm_engine_route_is_not_a_500(api_only: Appliance) -> None:
+    reply = httpx.get(api_only.url + "/v1/llm/fine-tunes", headers={"x-api-key": ADMIN_KEY})
+    assert reply.status_code == 404
+    assert "fine-tuning is not available" in reply.json()["detail"]
