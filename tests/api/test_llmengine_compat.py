@@ -28,9 +28,17 @@ ROWS = (  # name, framework, type, model
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from llmengine import FineTune, Model
+    from llmengine import File, FineTune, Model
     out = {}
     step = sys.argv[1]
+    if step == "files":  # argv[2]: the id of a file OpenAI's SDK uploaded
+        made = File.upload(open(sys.argv[3], "rb"))
+        got = File.get(made.id)
+        out["mine"] = [made.id, got.filename, got.size, File.download(made.id).content]
+        theirs = File.get(sys.argv[2])
+        out["theirs"] = [theirs.filename, theirs.size, File.download(sys.argv[2]).content]
+        out["listed"] = sorted(f.id for f in File.list().files)
+        out["deleted"] = File.delete(sys.argv[2]).deleted
     if step == "read":
         out["list"] = sorted(
             (m.name, m.inference_framework.value, m.spec.endpoint_type.value)
@@ -83,7 +91,7 @@ def seed(appliance: Appliance) -> None:
     engine.dispose()
 
 
-def client(appliance: Appliance, step: str) -> dict[str, Any]:
+def client(appliance: Appliance, step: str, *args: str) -> dict[str, Any]:
     env = {
         **os.environ,
         "LLM_ENGINE_BASE_PATH": appliance.url + "/",
@@ -91,7 +99,11 @@ def client(appliance: Appliance, step: str) -> dict[str, Any]:
         "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
     }
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, step], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", SCRIPT, step, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     reply: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
