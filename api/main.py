@@ -33,6 +33,7 @@ from api.routes import (
     health,
     llm_endpoints,
     metrics,
+    model_download,
     model_endpoints,
     openai,
     tasks,
@@ -170,6 +171,7 @@ def create_app(
             allow_headers=["authorization", "content-type", "x-api-key"],
         )
     app.include_router(health.router)
+    app.include_router(model_download.router, responses=errors.ERROR_RESPONSES)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(gpus.router, responses=errors.ERROR_RESPONSES)

@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus
-from tests.harness import ADMIN_KEY, Appliance
+from tests.harness import ADMIN_KEY, Appliance, RedisServer
 
 ROWS = (  # name, framework, type, model
     ("llama", "llamacpp", "sync", "/models/gemma.gguf"),
@@ -31,6 +32,11 @@ SCRIPT = textwrap.dedent("""
     from llmengine import File, FineTune, Model
     out = {}
     step = sys.argv[1]
+    if step == "download":
+        try:
+            out["urls"] = Model.download(sys.argv[2]).urls
+        except Exception as exc:
+            out["error"] = [type(exc).__name__, str(exc)]
     if step == "files":  # argv[2]: the id of a file OpenAI's SDK uploaded
         made = File.upload(open(sys.argv[3], "rb"))
         got = File.get(made.id)
@@ -162,3 +168,42 @@ def test_unknown_llm_engine_route_is_not_a_500(api_only: Appliance) -> None:
     reply = httpx.get(api_only.url + "/v1/llm/fine-tunes", headers={"x-api-key": ADMIN_KEY})
     assert reply.status_code == 404
     assert "fine-tuning is not available" in reply.json()["detail"]
+
+
+def test_model_download_serves_the_files_of_a_model_on_the_box(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    (models / "tuned" / "sub").mkdir(parents=True)
+    (models / "tuned" / "config.json").write_text('{"a": 1}')
+    (models / "tuned" / "sub" / "weights.bin").write_bytes(b"\x00\x01" * 100)
+    (tmp_path / "secret").write_text("not a model file")
+    (models / "tuned" / "leak").symlink_to(tmp_path / "secret")
+    appliance = Appliance(
+        tmp_path / "appliance", redis_server, env_extra={"APPLIANCE_MODELS_DIR": str(models)}
+    ).start(roles=("api",))
+    try:
+        seed(appliance)
+        engine = open_engine(appliance.data_dir / "appliance.db")
+        with session_scope(engine) as session:
+            row = session.get(Endpoint, "end_llama")
+            assert row is not None
+            row.model = "/models/tuned"
+            session.add(row)
+        engine.dispose()
+        urls = client(appliance, "download", "llama")["urls"]
+        assert sorted(urls) == ["config.json", "sub/weights.bin"]  # the link out is left out
+        admin = appliance.client()
+        assert admin.get(urls["sub/weights.bin"]).content == b"\x00\x01" * 100
+        assert admin.get(urls["config.json"]).json() == {"a": 1}
+        base = urls["config.json"].removesuffix("config.json")
+        for stray in ("leak", "..%2F..%2Fsecret", "nothing"):
+            assert admin.get(base + stray).status_code == 404
+        assert httpx.get(urls["config.json"]).status_code == 401  # the key is needed
+        # A model its replicas fetch from Hugging Face: the client shows why not
+        kind, message = client(appliance, "download", "vllm-stream")["error"]
+        assert kind == "BadRequestError"
+        assert "download it from there" in message
+    finally:
+        print(appliance.logs())
+        appliance.stop()
