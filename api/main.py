@@ -25,6 +25,7 @@ from api.limits import Limiter
 from api.routes import (
     api_keys,
     audit,
+    batch_completions,
     batches,
     config,
     files,
@@ -182,6 +183,7 @@ def create_app(
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)
     app.include_router(fine_tunes.router, responses=errors.ERROR_RESPONSES)
     app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(batch_completions.router, responses=errors.ERROR_RESPONSES)
     app.include_router(usage.router, responses=errors.ERROR_RESPONSES)
     app.include_router(audit.router, responses=errors.ERROR_RESPONSES)
     app.include_router(config.router, responses=errors.ERROR_RESPONSES)

@@ -103,22 +103,36 @@ async def create_batch(
     if source.purpose != "batch":
         raise InvalidSpecError("the input file's purpose must be batch", field="input_file_id")
     requests = await run_in_threadpool(batches.parse_requests, Path(source.path), body.endpoint)
+    batch = await submit(body, requests, caller, state, address)
+    return batch_public(batch, None)
+
+
+async def submit(
+    body: CreateBatchRequest,
+    requests: list[batches.BatchRequest],
+    caller: Caller,
+    state: AppState,
+    address: str | None,
+) -> Batch:
+    """Admit every request as the request it will be, store the batch and its tasks, queue
+    them at low priority. Shared with LLM Engine's batch completions
+    (`api/routes/batch_completions.py`)."""
     targets: dict[str, Target] = {}
     for request in requests:
         model = request.body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidSpecError("every request body needs `model`, an endpoint name")
-        admission.cap_tokens(caller, request.body, inject=entry.generates)
+        admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].generates)
         if model not in targets:
             targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
     batch, queued = await run_in_threadpool(
-        _store, body, caller, source.id, requests, targets, state, address
+        _store, body, caller, body.input_file_id, requests, targets, state, address
     )
     try:
         jobs.enqueue(state.redis, queued, low=True)
     except redis.RedisError as exc:
         logger.warning("batch %s stored but not queued (%s); the sweeper will", batch.id, exc)
-    return batch_public(batch, None)
+    return batch
 
 
 def _store(

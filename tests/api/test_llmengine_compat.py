@@ -207,3 +207,38 @@ def test_model_download_serves_the_files_of_a_model_on_the_box(
     finally:
         print(appliance.logs())
         appliance.stop()
+
+
+def test_batch_completions_refuse_what_they_would_not_honour(api_only: Appliance) -> None:
+    seed(api_only)
+    admin = api_only.client()
+    base = {
+        "model_config": {"model": "llama", "num_shards": 1, "trust_remote_code": False},
+        "output_data_path": "out.jsonl",
+        "content": {"prompts": ["a", "b"], "max_new_tokens": 2, "temperature": 0},
+    }
+    for change, field in (
+        ({"model_config": {"model": "llama", "seed": 3}}, "model_config.seed"),
+        ({"gpus": 2}, "gpus"),
+        ({"tool_config": {"name": "code_evaluator"}}, "tool_config"),
+        ({"data_parallelism": 4}, "data_parallelism"),
+        ({"input_data_path": "file_x"}, "content"),
+    ):
+        reply = admin.post("/v2/batch-completions", json={**base, **change})
+        assert reply.status_code == 422, (change, reply.text)
+        assert field in json.dumps(reply.json()["detail"]), (change, reply.text)
+    missing = admin.post(
+        "/v1/llm/batch-completions", json={**base, "model_config": {"model": "nowhere"}}
+    )
+    assert missing.status_code == 404
+    job = admin.post("/v2/batch-completions", json=base)
+    assert job.status_code == 200, job.text
+    made = job.json()
+    assert (made["status"], made["metadata"]["total"], made["priority"]) == ("queued", "2", "low")
+    got = admin.get(f"/v2/batch-completions/{made['job_id']}").json()["job"]
+    assert got["output_data_path"] == "out.jsonl"
+    cancel = admin.post(f"/v2/batch-completions/{made['job_id']}/actions/cancel", json={})
+    assert cancel.json() == {"success": True}
+    # Cancelled before any prompt ran: nothing counts as completed or failed
+    after = admin.get(f"/v2/batch-completions/{made['job_id']}").json()["job"]
+    assert (after["metadata"]["completed"], after["metadata"]["failed"]) == ("0", "0")
