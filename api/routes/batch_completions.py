@@ -8,7 +8,7 @@ be. The prompts come inline (`content`) or from a file uploaded to `/v1/files`
 (`input_data_path`: its id; the file holds the same JSON as `content`). The output is a file
 in `/v1/files` named `output_data_path`: OpenAI's batch output lines, in the prompts' order,
 `custom_id` the prompt's index; the job's `metadata` names it and counts the progress.
-Cancelling ends the prompts not yet started and keeps the finished outputs.
+Cancelling ends the prompts not yet answered and keeps the finished outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from api.routes.batches import (
     COMPLETION_WINDOW_S,
     CreateBatchRequest,
     batch_public,
-    cancel_batch,
+    cancel,
     owned_batch,
     submit,
 )
@@ -37,7 +37,7 @@ from api.routes.files import owned_file
 from appliance.db import session_scope
 from appliance.errors import InvalidSpecError
 from appliance.keys import Caller
-from appliance.models import Batch
+from appliance.models import Batch, TaskStatus
 from forwarder import llm_engine
 from forwarder.paths import CHAT, COMPLETIONS
 from forwarder.worker import batches
@@ -101,11 +101,12 @@ def read_batch_completions(job_id: str, caller: CallerDep, session: SessionDep) 
 def cancel_batch_completions(
     job_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
-    """`success` false for a job that already ended."""
+    """The prompts not yet answered end at once, those waiting on a worker included (their
+    answers are dropped); `success` false for a job that already ended."""
     batch = owned_batch(job_id, caller, session=session)
     if batch.status not in ("in_progress", "cancelling"):
         return {"success": False}
-    cancel_batch(job_id, caller, session, state, address)
+    cancel(batch, caller, session, state, address, (TaskStatus.PENDING, TaskStatus.STARTED))
     return {"success": True}
 
 

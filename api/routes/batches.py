@@ -220,11 +220,25 @@ def cancel_batch(
     batch = owned_batch(batch_id, caller, session=session)
     if batch.status not in ("in_progress", "cancelling"):
         raise ConflictError(f"batch {batch_id!r} is {batch.status}; it cannot be cancelled")
+    return cancel(batch, caller, session, state, address, (TaskStatus.PENDING,))
+
+
+def cancel(
+    batch: Batch,
+    caller: Caller,
+    session: Session,
+    state: AppState,
+    address: str | None,
+    ending: tuple[TaskStatus, ...],
+) -> dict[str, Any]:
+    """End the batch's tasks in the `ending` statuses at once (a STARTED task's answer, when
+    it comes, is then not stored: the first outcome stays); the sweeper then writes the files
+    and marks the batch cancelled."""
     now = time.time()
     batch.status, batch.cancelling_at = "cancelling", now
     session.add(batch)
     pending = session.exec(
-        select(Task).where(Task.batch_id == batch_id, Task.status == TaskStatus.PENDING)
+        select(Task).where(Task.batch_id == batch.id, col(Task.status).in_(ending))
     ).all()
     for task in pending:
         task.status, task.traceback = TaskStatus.FAILURE, batches.CANCELLED

@@ -1,7 +1,8 @@
 """LLM Engine's batch completions through its own client on the real model: 100 prompts to a
 Gemma endpoint (llama.cpp) end with 100 outputs in the prompts' order (v1, prompts inline);
 a second job (v2, prompts from an uploaded file) cancelled midway stops, keeping the outputs
-it finished. Both run on the async workers."""
+it finished. Both run on the async workers. Completion.create and acreate on the same
+endpoint first."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ SCRIPT = textwrap.dedent("""
         print(json.dumps(Completion.get_batch_completion(arg)["job"]))
     elif step == "cancel":
         print(json.dumps(Completion.cancel_batch_completion(arg)))
+    elif step == "complete":
+        import asyncio
+        sync = Completion.create(model="gemma", prompt="One, two,", max_new_tokens=3,
+                                 temperature=0.0)
+        later = asyncio.run(Completion.acreate(model="gemma", prompt="One, two,",
+                                               max_new_tokens=3, temperature=0.0))
+        print(json.dumps([sync.output.text, later.output.text]))
     elif step == "download":
         print(json.dumps(File.download(arg).content))
 """)
@@ -71,6 +79,8 @@ def test_batch_completions_run_in_order_and_cancel_keeps_finished(
     admin = appliance.client()
     create_gemma(admin, "gemma", per_worker=4)
     wait_ready(admin, "gemma")
+    sync, later = client(appliance, "complete", "")  # Completion.create and acreate
+    assert sync and sync == later  # greedy: the same words both ways
 
     job_id = client(appliance, "v1", str(PROMPTS))
     job = wait_until(
