@@ -46,6 +46,15 @@ SCRIPT = textwrap.dedent("""
         out["listed"] = sorted(f.id for f in File.list().files)
         out["deleted"] = File.delete(sys.argv[2]).deleted
     if step == "read":
+        out["made"] = Model.create(
+            name="client-made", model="acme/standin-1b", inference_framework_image_tag="latest",
+            num_shards=1, gpus=1, min_workers=0, max_workers=1, per_worker=2,
+            labels={"team": "ml", "product": "demo"}).endpoint_creation_task_id
+        out["with_made"] = sorted(m.name for m in Model.list().model_endpoints)
+        out["deleted"] = Model.delete("client-made").deleted
+        out["after"] = sorted(
+            m.name for m in Model.list().model_endpoints if m.status.value != "DELETE_IN_PROGRESS"
+        )
         out["list"] = sorted(
             (m.name, m.inference_framework.value, m.spec.endpoint_type.value)
             for m in Model.list().model_endpoints
@@ -119,7 +128,12 @@ def client(appliance: Appliance, step: str, *args: str) -> dict[str, Any]:
 def test_client_lists_and_gets_endpoints_of_every_framework_and_type(api_only: Appliance) -> None:
     seed(api_only)
     read = client(api_only, "read")
-    assert read["list"] == [
+    assert read["made"].startswith("end_")
+    assert read["with_made"] == ["client-made", "custom-echo", "llama", "vllm-async", "vllm-stream"]
+    assert read["deleted"] is True
+    assert read["after"] == ["custom-echo", "llama", "vllm-async", "vllm-stream"]
+    assert read["list"] == [  # client-made is DELETE_IN_PROGRESS (there is no builder here)
+        ["client-made", "vllm", "streaming"],
         ["custom-echo", "vllm", "streaming"],
         ["llama", "vllm", "streaming"],
         ["vllm-async", "vllm", "streaming"],
