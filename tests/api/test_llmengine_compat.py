@@ -178,7 +178,7 @@ def test_fine_tunes_fail_in_the_clients_words(api_only: Appliance) -> None:
         assert "fine-tuning is not available on this appliance" in message
 
 
-def test_unknown_llm_engine_route_is_not_a_500(api_only: Appliance) -> None:
+def test_fine_tunes_answer_in_llm_engines_shape(api_only: Appliance) -> None:
     reply = httpx.get(api_only.url + "/v1/llm/fine-tunes", headers={"x-api-key": ADMIN_KEY})
     assert reply.status_code == 404
     assert "fine-tuning is not available" in reply.json()["detail"]
