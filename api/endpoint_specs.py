@@ -233,7 +233,7 @@ def apply_update(
 ) -> bool:
     """Apply an update to the row in place; True when replicas must roll to a new generation."""
     before = {name: getattr(endpoint, name) for name in ROLLING_FIELDS}
-    sent = req.model_fields_set
+    sent = _sent(endpoint, req)
     server_args.check_fields(endpoint.framework, req, settings)
     if "model_name" in sent or "checkpoint_path" in sent:
         name = req.model_name or str(endpoint.extra.get("model_name"))
@@ -245,8 +245,8 @@ def apply_update(
             endpoint.framework, req, name=endpoint.name, gpus=endpoint.gpus
         )
         endpoint.args = {**endpoint.args, **fresh}
-    if req.metadata is not None:
-        endpoint.extra = {**endpoint.extra, "metadata": req.metadata}
+    if req.metadata:
+        endpoint.extra = {**endpoint.extra, "metadata": merged(endpoint.extra, req.metadata)}
     for name in EXTRA_FIELDS:
         if name in sent and (getattr(req, name) is not None or name in NULLABLE_EXTRA):
             endpoint.extra = {**endpoint.extra, name: getattr(req, name)}
@@ -265,6 +265,27 @@ def apply_update(
     return bool(req.force_bundle_recreation) or any(
         getattr(endpoint, name) != value for name, value in before.items()
     )
+
+
+def merged(extra: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """The stored metadata with `change` applied key by key (null removes a key)."""
+    metadata = {**(extra.get("metadata") or {}), **change}
+    return {key: value for key, value in metadata.items() if value is not None}
+
+
+# What LLM Engine's client sends on every update unless told otherwise: vLLM's own defaults
+CLIENT_DEFAULTS: dict[str, Any] = {"trust_remote_code": False, "force_bundle_recreation": False}
+
+
+def _sent(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> set[str]:
+    """The fields an update means to change. LLM Engine's client sends every field it has:
+    null for those not given (null is "leave it", but for NULLABLE_EXTRA), and CLIENT_DEFAULTS,
+    which change nothing while the endpoint has that value (a llama.cpp endpoint, which has no
+    such setting, is not refused for them)."""
+    for name, default in CLIENT_DEFAULTS.items():
+        if getattr(req, name) == default and endpoint.args.get(name, default) == default:
+            setattr(req, name, None)
+    return {f for f in req.model_fields_set if getattr(req, f) is not None or f in NULLABLE_EXTRA}
 
 
 NULLABLE_EXTRA = ("timeout_seconds", "forwarder_max_concurrency")  # null: back to the default

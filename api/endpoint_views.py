@@ -10,6 +10,15 @@ from typing import Any
 from appliance.models import Endpoint, Replica, ReplicaState
 from builder.specs import is_local_model
 
+# What LLM Engine's client (scale-llm-engine) can parse: its LLMInferenceFramework knows vLLM
+# (and frameworks the appliance lacks), its ModelEndpointType only `streaming`, its
+# Quantization two methods. llama.cpp and custom endpoints serve the OpenAI API the appliance
+# relays LLM Engine's calls to, as vLLM does, so the client is told `vllm`.
+CLIENT_FRAMEWORKS = ("vllm",)
+CLIENT_FRAMEWORK = "vllm"
+CLIENT_ENDPOINT_TYPE = "streaming"
+CLIENT_QUANTIZE = ("bitsandbytes", "awq")
+
 
 def _iso(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat()
@@ -65,7 +74,14 @@ def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> di
 
 
 def llm_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
-    """LLM Engine's GetLLMModelEndpointV1Response for the endpoint."""
+    """LLM Engine's GetLLMModelEndpointV1Response for the endpoint, in the words of LLM
+    Engine's client: the fields it parses into enums (`inference_framework`,
+    `spec.endpoint_type`, `quantize`) hold only values its enums know (CLIENT_*), so one
+    llama.cpp, custom or async endpoint cannot break `Model.list()` for everybody. The
+    appliance's own `framework` and `endpoint_type` say what the endpoint really is."""
+    spec = model_endpoint_public(endpoint, replicas)
+    spec["endpoint_type"] = CLIENT_ENDPOINT_TYPE
+    quantize = endpoint.extra.get("quantize")
     return {
         "id": endpoint.id,
         "name": endpoint.name,
@@ -73,11 +89,15 @@ def llm_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict
         "source": "hugging_face",
         "status": endpoint.status,
         "status_reason": endpoint.status_reason,
-        "inference_framework": endpoint.framework,
+        "inference_framework": endpoint.framework
+        if endpoint.framework in CLIENT_FRAMEWORKS
+        else CLIENT_FRAMEWORK,
         "inference_framework_image_tag": endpoint.extra.get("image_tag") or "latest",
         "num_shards": endpoint.gpus,
-        "quantize": endpoint.extra.get("quantize"),
+        "quantize": quantize if quantize in CLIENT_QUANTIZE else None,
         "checkpoint_path": endpoint.model if is_local_model(endpoint.model) else None,
         "chat_template_override": endpoint.args.get("chat_template"),
-        "spec": model_endpoint_public(endpoint, replicas),
+        "spec": spec,
+        "framework": endpoint.framework,
+        "endpoint_type": endpoint.endpoint_type,
     }

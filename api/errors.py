@@ -1,7 +1,8 @@
 """The one place domain errors become HTTP answers: a class-to-status table looked up by MRO.
 
-OpenAI routes (`/v1/chat/completions`...) answer in OpenAI's error envelope; every other
-route answers `{"detail": ...}` as FastAPI and the LLM Engine client expect.
+OpenAI routes (`/v1/chat/completions`, `/v1/models`...) and unknown paths under /v1 answer in
+OpenAI's error envelope; every other route answers `{"detail": ...}` as FastAPI and the LLM
+Engine client expect.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from appliance import errors
 from forwarder.paths import OPENAI, OPENAI_PATHS
@@ -30,6 +33,7 @@ STATUS: dict[type[errors.ApplianceError], int] = {
     errors.CapacityError: 503,
     errors.UpstreamError: 502,
 }
+OPENAI_PREFIX = "/v1/"  # an unknown path here answers in OpenAI's envelope
 OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -151,6 +155,20 @@ async def _validation(request: Request, exc: Exception) -> Response:
     return Response(body, status, {k.decode(): v.decode() for k, v in headers})
 
 
+async def _http(request: Request, exc: Exception) -> Response:
+    """FastAPI's own answers (no such route, a method the route lacks): in OpenAI's envelope
+    for every unknown path under /v1 and for OpenAI's routes, as its SDK expects."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    unknown = exc.status_code == 404 and path.startswith(OPENAI_PREFIX)
+    if not unknown and envelope_of(path) != OPENAI:
+        return await http_exception_handler(request, exc)
+    message = f"Invalid URL ({request.method} {path})" if unknown else str(exc.detail)
+    body = json.dumps(openai_error(exc.status_code, message)).encode()
+    headers = {**(exc.headers or {}), "content-type": "application/json"}
+    return Response(body, exc.status_code, headers)
+
+
 def jsonable(items: Any) -> Any:
     return jsonable_encoder(
         items, custom_encoder={Exception: str, bytes: lambda b: b.decode("utf-8", "replace")}
@@ -160,3 +178,4 @@ def jsonable(items: Any) -> Any:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ApplianceError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HTTPException, _http)

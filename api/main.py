@@ -25,13 +25,16 @@ from api.limits import Limiter
 from api.routes import (
     api_keys,
     audit,
+    batch_completions,
     batches,
     config,
     files,
+    fine_tunes,
     gpus,
     health,
     llm_endpoints,
     metrics,
+    model_download,
     model_endpoints,
     openai,
     tasks,
@@ -169,6 +172,7 @@ def create_app(
             allow_headers=["authorization", "content-type", "x-api-key"],
         )
     app.include_router(health.router)
+    app.include_router(model_download.router, responses=errors.ERROR_RESPONSES)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(gpus.router, responses=errors.ERROR_RESPONSES)
@@ -177,7 +181,9 @@ def create_app(
     app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)
     app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(fine_tunes.router, responses=errors.ERROR_RESPONSES)
     app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(batch_completions.router, responses=errors.ERROR_RESPONSES)
     app.include_router(usage.router, responses=errors.ERROR_RESPONSES)
     app.include_router(audit.router, responses=errors.ERROR_RESPONSES)
     app.include_router(config.router, responses=errors.ERROR_RESPONSES)

@@ -96,7 +96,6 @@ class _VllmArgs(BaseModel):
 class _AcceptedAndStored(BaseModel):
     """Fields LLM Engine takes that mean nothing on one box; accepted so its client works."""
 
-    source: Literal["hugging_face"] = "hugging_face"
     gpu_type: str | None = None
     storage: Quantity | None = None
     nodes_per_worker: int | None = Field(None, ge=1, le=1)
@@ -141,6 +140,7 @@ class CreateLLMEndpointRequest(_VllmArgs, _AcceptedAndStored, _ApplianceFields):
     name: str = Field(pattern=NAME_PATTERN, max_length=63)
     model_name: str = Field(min_length=1, max_length=256)
     inference_framework: Literal["vllm", "llamacpp", "custom"] = "vllm"
+    source: Literal["hugging_face"] = "hugging_face"
     inference_framework_image_tag: str = "latest"
     num_shards: int = Field(1, ge=0)
     checkpoint_path: str | None = None
@@ -172,9 +172,14 @@ class UpdateLLMEndpointRequest(_VllmArgs, _AcceptedAndStored, _ApplianceFields):
     max_workers: int | None = Field(None, ge=0, le=64)
     per_worker: int | None = Field(None, gt=0)
     labels: dict[str, str] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        None,
+        description="Merged into the stored metadata key by key; a key set to null is removed, "
+        "so `{}` (which LLM Engine's client always sends) changes nothing.",
+    )
     public_inference: bool | None = None
     force_bundle_recreation: bool | None = None
+    source: Literal["hugging_face"] | None = None  # LLM Engine's client sends null
 
 
 class CreateLLMEndpointResponse(BaseModel):

@@ -1,4 +1,11 @@
-"""OpenAI's Files API for batches: upload a JSONL (`purpose: batch`), read, download, delete.
+"""The Files API of both clients on the same routes: upload, read, list, download, delete.
+
+OpenAI's SDK and LLM Engine's client (`llmengine.File`) each get what they parse. A file
+object carries OpenAI's fields and LLM Engine's `size`; a list both `data` and `files`; an
+upload without `purpose` (LLM Engine's client sends none) is a `batch` file. The content is
+the raw file for OpenAI's SDK and curl, and LLM Engine's `{id, content}` for a request that
+asks for JSON (`Accept: application/json`) or sends its key as LLM Engine's client does
+(`x-api-key`) without asking for bytes (`wants_json`).
 
 Files live under `data_dir/files`; a row per file says whose it is. Batch output and error
 files appear here too, made by the worker's sweeper.
@@ -9,10 +16,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import tuple_
 from sqlmodel import col, select
 
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
@@ -24,6 +32,9 @@ from appliance.models import File as FileRow
 
 router = APIRouter(tags=["files"], dependencies=[require("inference")])
 PURPOSES = ("batch",)
+DEFAULT_PURPOSE = "batch"
+MAX_LIST = 10_000  # OpenAI's most (and default) files per page
+BYTES_TYPES = ("application/binary", "application/octet-stream", "application/jsonl")
 MAX_FILE_BYTES = 512 * 1024 * 1024
 COPY_CHUNK_BYTES = 1024 * 1024
 
@@ -33,6 +44,7 @@ def file_public(row: FileRow) -> dict[str, Any]:
         "id": row.id,
         "object": "file",
         "bytes": row.bytes,
+        "size": row.bytes,  # LLM Engine's name
         "created_at": int(row.created_at),
         "filename": row.filename,
         "purpose": row.purpose,
@@ -60,11 +72,11 @@ def _store(upload: UploadFile, path: Path) -> int:
 @router.post("/v1/files")
 def create_file(
     file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form()],
     caller: CallerDep,
     session: SessionDep,
     state: StateDep,
     address: AddressDep,
+    purpose: Annotated[str, Form()] = DEFAULT_PURPOSE,
 ) -> dict[str, Any]:
     if purpose not in PURPOSES:
         raise InvalidSpecError(f"purpose must be one of {', '.join(PURPOSES)}", field="purpose")
@@ -91,10 +103,36 @@ def create_file(
 
 
 @router.get("/v1/files")
-def read_files(caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    query = select(FileRow).order_by(col(FileRow.created_at).desc())
+def read_files(
+    caller: CallerDep,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = MAX_LIST,
+    order: Literal["asc", "desc"] = "desc",
+    purpose: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's cursor page (`after`, `limit`, `order`, `has_more`), newest first by default;
+    `files` is the same list for LLM Engine's client."""
+    newest = order == "desc"
+    keys = (col(FileRow.created_at), col(FileRow.id))
+    query = select(FileRow).order_by(*(k.desc() if newest else k for k in keys))
     query = queries.of_team(query, col(FileRow.owner), caller)
-    return {"object": "list", "data": [file_public(r) for r in session.exec(query).all()]}
+    if purpose:
+        query = query.where(FileRow.purpose == purpose)
+    if after:
+        mark = owned_file(after, caller, session=session)
+        later = tuple_(*keys) < (mark.created_at, mark.id)
+        query = query.where(later if newest else tuple_(*keys) > (mark.created_at, mark.id))
+    rows = session.exec(query.limit(limit + 1)).all()
+    data = [file_public(r) for r in rows[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "files": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
 
 
 @router.get("/v1/files/{file_id}")
@@ -102,10 +140,22 @@ def read_file(file_id: str, caller: CallerDep, session: SessionDep) -> dict[str,
     return file_public(owned_file(file_id, caller, session=session))
 
 
-@router.get("/v1/files/{file_id}/content")
-def read_file_content(file_id: str, caller: CallerDep, session: SessionDep) -> FileResponse:
+@router.get("/v1/files/{file_id}/content", response_model=None)
+def read_file_content(
+    file_id: str, request: Request, caller: CallerDep, session: SessionDep
+) -> FileResponse | JSONResponse:
     row = owned_file(file_id, caller, session=session)
+    if wants_json(request.headers.get("accept", ""), "x-api-key" in request.headers):
+        content = Path(row.path).read_bytes().decode("utf-8", "replace")
+        return JSONResponse({"id": row.id, "content": content})
     return FileResponse(row.path, media_type="application/jsonl", filename=row.filename)
+
+
+def wants_json(accept: str, llm_engine_key: bool) -> bool:
+    """Whether a download asks for LLM Engine's `{id, content}` rather than the bytes."""
+    if "application/json" in accept:
+        return True
+    return llm_engine_key and not any(kind in accept for kind in BYTES_TYPES)
 
 
 @router.delete("/v1/files/{file_id}")

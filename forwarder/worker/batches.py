@@ -144,9 +144,9 @@ def _finish_one(conn: Connection, files_dir: Path, batch_id: str, status: str, n
     ).scalar_one()
     if left:
         return False
-    owner = conn.execute(
-        text("SELECT owner FROM batch WHERE id = :id"), {"id": batch_id}
-    ).scalar_one()
+    owner, metadata = conn.execute(
+        text("SELECT owner, metadata FROM batch WHERE id = :id"), {"id": batch_id}
+    ).one()
     rows = conn.execute(
         text(
             "SELECT id, status, result, status_code, traceback, payload FROM task "
@@ -161,7 +161,11 @@ def _finish_one(conn: Connection, files_dir: Path, batch_id: str, status: str, n
         ok, line = _output_line(row)
         (outputs if ok else errors).append(line)
     files_dir.mkdir(parents=True, exist_ok=True)
-    output_id = _write_file(conn, files_dir, owner, f"{batch_id}_output.jsonl", outputs)
+    # LLM Engine's batch completions name their output (`output_data_path`)
+    meta = metadata if isinstance(metadata, dict) else json.loads(metadata or "{}")
+    named = meta.get("output_data_path")
+    output_name = os.path.basename(named or "") or f"{batch_id}_output.jsonl"
+    output_id = _write_file(conn, files_dir, owner, output_name, outputs)
     error_id = (
         _write_file(conn, files_dir, owner, f"{batch_id}_error.jsonl", errors) if errors else None
     )

@@ -1,0 +1,187 @@
+"""Batches on the async workers, for OpenAI's Batch API and LLM Engine's batch completions:
+one low-priority task per input line or prompt, stored with its batch in one transaction and
+then queued on each endpoint's low-priority queue; a batch the caller's team owns; cancel.
+The worker's sweeper writes the output and error files once every request ended."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import AppState
+from api.inference import admission
+from appliance import audit
+from appliance.db import session_scope
+from appliance.errors import InvalidSpecError, NotFoundError
+from appliance.ids import new_id
+from appliance.keys import Caller
+from appliance.models import Batch, Task, TaskStatus
+from forwarder.paths import BY_MODEL, BY_PATH
+from forwarder.table import Target
+from forwarder.worker import batches, jobs
+
+logger = logging.getLogger(__name__)
+
+COMPLETION_WINDOW_S = 24 * 3600
+
+
+class CreateBatchRequest(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(None)
+
+
+def batch_public(batch: Batch, session: Session | None) -> dict[str, Any]:
+    """OpenAI's batch object; live counts while it runs (`session` None: the stored ones)."""
+    counts = batch.request_counts
+    if session is not None and batch.status in ("in_progress", "cancelling"):
+        counts = batches.count_requests(session.connection(), batch.id)
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": batch.errors,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": int(batch.created_at),
+        "in_progress_at": _int(batch.in_progress_at),
+        "expires_at": int(batch.created_at + COMPLETION_WINDOW_S),
+        "finalizing_at": _int(batch.finalizing_at),
+        "completed_at": _int(batch.completed_at),
+        "failed_at": _int(batch.failed_at),
+        "expired_at": None,
+        "cancelling_at": _int(batch.cancelling_at),
+        "cancelled_at": _int(batch.cancelled_at),
+        "request_counts": counts,
+        "metadata": batch.metadata_ or None,
+    }
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None or not caller.owns(batch.owner):
+        raise NotFoundError(f"no batch with id {batch_id!r}", field="batch_id")
+    return batch
+
+
+async def submit(
+    body: CreateBatchRequest,
+    requests: list[batches.BatchRequest],
+    caller: Caller,
+    state: AppState,
+    address: str | None,
+) -> Batch:
+    """Admit every request as the request it will be, store the batch and its tasks, queue
+    them at low priority. Shared with LLM Engine's batch completions
+    (`api/routes/batch_completions.py`)."""
+    targets: dict[str, Target] = {}
+    for request in requests:
+        model = request.body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidSpecError("every request body needs `model`, an endpoint name")
+        admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].generates)
+        if model not in targets:
+            targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
+    batch, queued = await run_in_threadpool(
+        _store, body, caller, body.input_file_id, requests, targets, state, address
+    )
+    try:
+        jobs.enqueue(state.redis, queued, low=True)
+    except redis.RedisError as exc:
+        logger.warning("batch %s stored but not queued (%s); the sweeper will", batch.id, exc)
+    return batch
+
+
+def _store(
+    body: CreateBatchRequest,
+    caller: Caller,
+    source_id: str,
+    requests: list[batches.BatchRequest],
+    targets: dict[str, Target],
+    state: AppState,
+    address: str | None,
+) -> tuple[Batch, list[tuple[str, str]]]:
+    """The batch and its tasks in one transaction: the outbox, every row before any job."""
+    now = time.time()
+    batch = Batch(
+        id=new_id("batch"),
+        owner=caller.team,
+        created_by=caller.user,
+        endpoint=body.endpoint,
+        input_file_id=source_id,
+        status="in_progress",
+        request_counts={"total": len(requests), "completed": 0, "failed": 0},
+        metadata_=body.metadata or {},
+        created_at=now,
+        in_progress_at=now,
+        key_id=caller.key_id,
+    )
+    queued: list[tuple[str, str]] = []
+    with session_scope(state.engine) as session:
+        session.add(batch)
+        for request in requests:
+            endpoint_id = targets[request.body["model"]].endpoint_id
+            task = Task(
+                id=new_id("tsk"),
+                endpoint_id=endpoint_id,
+                owner=caller.team,
+                created_by=caller.user,
+                status=TaskStatus.PENDING,
+                payload={
+                    "args": {**request.body, "stream": False},
+                    "route": request.url,
+                    "custom_id": request.custom_id,
+                },
+                priority=-1,
+                batch_id=batch.id,
+                created_at=now,
+                enqueued_at=now,
+                key_id=caller.key_id,
+            )
+            session.add(task)
+            queued.append((task.id, endpoint_id))
+        change = {"input_file_id": source_id, "endpoint": body.endpoint, "requests": len(requests)}
+        audit.record(session, caller, "batch.create", batch.id, change, address)
+    return batch, queued
+
+
+def cancel(
+    batch: Batch,
+    caller: Caller,
+    session: Session,
+    state: AppState,
+    address: str | None,
+    ending: tuple[TaskStatus, ...],
+) -> dict[str, Any]:
+    """End the batch's tasks in the `ending` statuses at once (a STARTED task's answer, when
+    it comes, is then not stored: the first outcome stays); the sweeper then writes the files
+    and marks the batch cancelled."""
+    now = time.time()
+    batch.status, batch.cancelling_at = "cancelling", now
+    session.add(batch)
+    pending = session.exec(
+        select(Task).where(Task.batch_id == batch.id, col(Task.status).in_(ending))
+    ).all()
+    for task in pending:
+        task.status, task.traceback = TaskStatus.FAILURE, batches.CANCELLED
+        task.finished_at, task.expires_at = now, now + state.settings.task_result_ttl_s
+        session.add(task)
+    audit.record(session, caller, "batch.cancel", batch.id, {"not_started": len(pending)}, address)
+    session.flush()
+    public = batch_public(batch, session)
+    session.commit()
+    return public

@@ -1,0 +1,76 @@
+"""The `openai` SDK and LLM Engine's client on the same install: files in both clients' shapes
+on the same routes, OpenAI's model object, and OpenAI's error envelope for unknown paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.api.test_llmengine_compat import client, seed
+from tests.harness import ADMIN_KEY, Appliance
+
+LINES = b'{"custom_id": "1"}\n{"custom_id": "2"}\n'
+
+
+def sdk(appliance: Appliance) -> openai.OpenAI:
+    return openai.OpenAI(base_url=appliance.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+
+
+def test_files_with_both_clients(api_only: Appliance, tmp_path: Path) -> None:
+    oai = sdk(api_only)
+    theirs = oai.files.create(file=("openai.jsonl", LINES), purpose="batch")
+    mine_path = tmp_path / "engine.txt"
+    mine_path.write_text("hello from llmengine\n")
+    seen = client(api_only, "files", theirs.id, str(mine_path))
+    mine_id = seen["mine"][0]
+    assert seen["mine"] == [mine_id, "engine.txt", 21, "hello from llmengine\n"]
+    assert seen["theirs"] == ["openai.jsonl", len(LINES), LINES.decode()]
+    assert seen["listed"] == sorted([theirs.id, mine_id])
+    assert seen["deleted"] is True
+    # OpenAI's SDK sees LLM Engine's upload as its own kind of file, and the bytes as they are
+    got = oai.files.retrieve(mine_id)
+    assert (got.filename, got.bytes, got.purpose) == ("engine.txt", 21, "batch")
+    assert oai.files.content(mine_id).content == b"hello from llmengine\n"
+    assert [f.id for f in oai.files.list()] == [mine_id]  # the other was deleted
+    assert oai.files.delete(mine_id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        oai.files.retrieve(mine_id)
+
+
+def test_models_retrieve_and_unknown_routes(api_only: Appliance) -> None:
+    seed(api_only)
+    oai = sdk(api_only)
+    model = oai.models.retrieve("llama")
+    assert (model.id, model.object, model.owned_by) == ("llama", "model", "admin")
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.models.retrieve("nowhere")
+    assert missing.value.body == {  # the SDK hands over the envelope's `error`
+        "message": "The model `nowhere` does not exist.",
+        "type": "not_found_error",
+        "param": "model",
+        "code": 404,
+    }
+    with pytest.raises(openai.NotFoundError) as unknown:
+        oai.get("/no/such/route", cast_to=object)
+    assert unknown.value.body["message"] == "Invalid URL (GET /v1/no/such/route)"  # type: ignore[index]
+
+
+def test_unknown_paths_outside_v1_keep_fastapis_shape(api_only: Appliance) -> None:
+    reply = httpx.get(api_only.url + "/v9/nothing", headers={"x-api-key": ADMIN_KEY})
+    assert reply.status_code == 404
+    assert reply.json() == {"detail": "Not Found"}
+    wrong = httpx.get(api_only.url + "/v1/chat/completions", headers={"x-api-key": ADMIN_KEY})
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_sdk_pages_through_files(api_only: Appliance) -> None:
+    oai = sdk(api_only)
+    made = [oai.files.create(file=(f"{n}.jsonl", LINES), purpose="batch").id for n in range(3)]
+    page = oai.files.list(limit=2)
+    assert (len(page.data), page.has_more) == (2, True)
+    assert [f.id for f in page] == made[::-1]  # every page, newest first
+    assert [f.id for f in oai.files.list(order="asc", limit=1)] == made
