@@ -8,6 +8,7 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -77,15 +78,22 @@ def test_gemma_follows_a_burst_up_then_down_and_wakes_from_zero(
     threads = [threading.Thread(target=hammer) for _ in range(6)]
     for thread in threads:
         thread.start()
+    at_peak: list[dict[str, Any]] = []  # the replicas when three are ready, under the load
+
+    def three_ready() -> bool:
+        live = live_replicas(client, endpoint_id)
+        at_peak[:] = live
+        return sum(r["state"] == "ready" for r in live) == 3
+
     try:
-        wait_until(lambda: ready_count(client, endpoint_id) == 3, 90, "three ready replicas")
+        wait_until(three_ready, 90, "three ready replicas")
     finally:
         stop.set()
         for thread in threads:
             thread.join(300)
     assert results and set(results) == {200}, results
-    gpus = [g for r in live_replicas(client, endpoint_id) for g in r["gpus"]]
-    assert len(gpus) == len(set(gpus)) == 3
+    gpus = [g for r in at_peak if r["state"] == "ready" for g in r["gpus"]]
+    assert len(gpus) == len(set(gpus)) == 3, at_peak
     wait_until(
         lambda: ready_count(client, endpoint_id) == 1 and len(appliance.containers()) == 1,
         90,
