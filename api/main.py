@@ -38,12 +38,14 @@ from api.routes import (
     ui,
     usage,
 )
+from api.shield import Shield
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, open_reader, session_scope
 from appliance.install import install_id, key_secret
 from appliance.settings import Settings
 from forwarder.live import run_publisher
+from forwarder.paths import PATHS
 from forwarder.proxy import Forwarder, Limits
 from forwarder.refresh import load_table
 from forwarder.shared import SharedCounts
@@ -168,6 +170,8 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["authorization", "content-type", "x-api-key"],
         )
+    inference = frozenset(p.path for p in PATHS)
+    app.add_middleware(Shield, inference_paths=inference, inference_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)
