@@ -196,7 +196,9 @@ class CreateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _Applianc
     per_worker: int = Field(2, gt=0, le=MAX_COUNT)
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    public_inference: bool | None = True
+    public_inference: bool | None = Field(
+        False, description="Other teams may run inference on it (nothing more); private by default."
+    )
 
 
 class UpdateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
