@@ -125,7 +125,7 @@ def create_app(
             reader=open_reader(settings.database_path),
             redis=client,
             forwarder=forwarder,
-            limiter=Limiter(str(settings.redis_url)),
+            limiter=Limiter(str(settings.redis_url), settings.inflight_lease_s),
             key_secret=key_secret(settings.data_dir),
             install_id=install_id(settings.data_dir),
             submitter=TaskSubmitter(engine, client),

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     key_max_concurrent_requests: int = Field(
         0, ge=0, description="Default concurrent inference requests per API key (0: no limit)."
     )
+    inflight_lease_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="A request in flight holds its key's concurrency slot on a lease its api "
+        "process renews; a slot of a process that died is free again after this long.",
+    )
     key_max_queued_tasks: int = Field(
         0, ge=0, description="Default queued async tasks per API key (0: no limit)."
     )
