@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from api import server_args
@@ -18,8 +19,8 @@ from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
-from builder import policy
-from builder.specs import default_image
+from builder import frameworks, policy
+from builder.specs import MODELS_MOUNT, default_image
 
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _UNITS = {
@@ -114,11 +115,38 @@ def _quantity(kind: str, value: Any) -> Any:
 
 def _model(framework: str, model_name: str, checkpoint: str | None, settings: Settings) -> str:
     if checkpoint:
-        return policy.resolve_model_path(settings.models_dir, checkpoint)
+        return _local_model(framework, checkpoint, settings)
     local = framework == Framework.LLAMACPP or not HF_ID.match(model_name)
     if local and framework != Framework.CUSTOM:
-        return policy.resolve_model_path(settings.models_dir, model_name)
+        return _local_model(framework, model_name, settings)
     return model_name
+
+
+def _local_model(framework: str, requested: str, settings: Settings) -> str:
+    """A model in the models directory, of a kind its server loads: a GGUF file for llama.cpp,
+    a Hugging Face directory (with config.json) or a GGUF file for vLLM; never the directory
+    itself. Anything else would only crash-loop its replicas."""
+    mounted = policy.resolve_model_path(settings.models_dir, requested)
+    relative = mounted.removeprefix(MODELS_MOUNT).lstrip("/")
+    path = settings.models_dir / relative
+    gguf = path.is_file() and _magic(path) == b"GGUF"
+    if relative in ("", "."):
+        why = "is the models directory itself; name a model file or directory in it"
+    elif framework == Framework.LLAMACPP and not gguf:
+        why = "is not a GGUF file, which llama.cpp needs"
+    elif framework == Framework.VLLM and not gguf and not (path / "config.json").is_file():
+        why = "is neither a Hugging Face model directory (with config.json) nor a GGUF file"
+    else:
+        return mounted
+    raise InvalidSpecError(f"model {requested!r} {why}", field="checkpoint_path")
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            return file.read(4)
+    except OSError:
+        return b""
 
 
 def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
@@ -160,6 +188,7 @@ def _validate(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
             field="pipeline_parallel_size",
         )
     policy.check_env(endpoint.env)
+    frameworks.check_user_env(endpoint.framework, endpoint.env, caller.is_admin)
     _check_image(endpoint, caller, settings)
 
 

@@ -22,7 +22,7 @@ ENV_NAME_ALLOWED = re.compile(
     r"|HF_HUB_OFFLINE|HF_HUB_ENABLE_HF_TRANSFER|TRANSFORMERS_OFFLINE|PYTORCH_CUDA_ALLOC_CONF"
     r"|CUDA_DEVICE_MAX_CONNECTIONS|MODEL_[A-Z0-9_]+|APP_[A-Z0-9_]+)$"
 )
-ENV_NAME_DENIED = {"VLLM_API_KEY"}
+ENV_NAME_DENIED = {"VLLM_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_HOST", "LLAMA_ARG_PORT"}
 
 # vLLM 0.32 flags beyond the typed fields that a user may pass through `extra_flags` (each is
 # checked against the real vLLM's parser by tests/images/test_vllm_contract.py). Flags with a
