@@ -34,6 +34,7 @@ _UNITS = {
     "gi": 2**30,
     "ti": 2**40,
 }
+# The defaults, unless the box has less: then the box's (a sent value over it is a 422).
 DEFAULT_CPUS = {Framework.VLLM: 8.0, Framework.LLAMACPP: 2.0, Framework.CUSTOM: 2.0}
 DEFAULT_MEMORY = {
     Framework.VLLM: 64 * 2**30,
@@ -70,6 +71,10 @@ def box_cpus() -> int:
 
 def box_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _whole_mebibytes(n: int) -> int:
+    return n // 2**20 * 2**20
 
 
 def parse_cpus(value: str | int | float) -> float:
@@ -216,10 +221,12 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         health_route=req.healthcheck_route,
         gpus=gpus,
         gpu_memory_fraction=req.gpu_memory_fraction,
-        cpus=_quantity("cpus", req.cpus) if req.cpus is not None else DEFAULT_CPUS[framework],
+        cpus=_quantity("cpus", req.cpus)
+        if req.cpus is not None
+        else min(DEFAULT_CPUS[framework], float(box_cpus())),
         memory_bytes=_quantity("memory", req.memory)
         if req.memory is not None
-        else DEFAULT_MEMORY[framework],
+        else min(DEFAULT_MEMORY[framework], _whole_mebibytes(box_memory_bytes())),
         min_replicas=req.min_workers,
         max_replicas=req.max_workers,
         target_concurrency=req.per_worker,
