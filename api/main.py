@@ -42,7 +42,7 @@ from api.shield import Shield
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, open_reader, session_scope
-from appliance.install import install_id, key_secret
+from appliance.install import install_id, key_secret, replica_key
 from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.paths import PATHS
@@ -50,6 +50,7 @@ from forwarder.proxy import Forwarder, Limits
 from forwarder.refresh import load_table
 from forwarder.shared import SharedCounts
 from forwarder.table import Target
+from forwarder.upstream import UpstreamPool
 from web.render import STATIC_DIR, STATIC_URL
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def create_app(
             ),
             shared=shared,
             worker=worker,
+            pool=UpstreamPool(replica_key(settings.data_dir)),
         )
         client = bus.connect(str(settings.redis_url))
         state = AppState(
