@@ -98,7 +98,12 @@ def parse_key(authorization: str, api_key: str | None) -> str | None:
 
 
 async def authenticate(request: Request, state: StateDep) -> keys.Caller:
-    key = key_from_headers(request)
+    return await caller_of(state, key_from_headers(request))
+
+
+async def caller_of(state: AppState, key: str | None) -> keys.Caller:
+    """The caller a key is (AuthError for none or a bad one): the routes' dependency and the
+    key gate (`api/gate.py`) both ask here."""
     if key is None:
         raise AuthError("an API key is required: send `Authorization: Bearer <key>`")
     caller = state.key_cache.cached(key)

@@ -6,7 +6,10 @@ with a 422 before anything is stored.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from api import server_args
@@ -16,8 +19,8 @@ from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
-from builder import policy
-from builder.specs import default_image
+from builder import frameworks, policy
+from builder.specs import MODELS_MOUNT, default_image
 
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _UNITS = {
@@ -31,6 +34,7 @@ _UNITS = {
     "gi": 2**30,
     "ti": 2**40,
 }
+# The defaults, unless the box has less: then the box's (a sent value over it is a 422).
 DEFAULT_CPUS = {Framework.VLLM: 8.0, Framework.LLAMACPP: 2.0, Framework.CUSTOM: 2.0}
 DEFAULT_MEMORY = {
     Framework.VLLM: 64 * 2**30,
@@ -57,19 +61,51 @@ ROLLING_FIELDS = (
 )
 
 
+MIN_CPUS = 0.01  # the Docker Engine's smallest CPU share
+MIN_MEMORY_BYTES = 128 * 2**20  # no model server starts in less
+
+
+def box_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def box_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _whole_mebibytes(n: int) -> int:
+    return n // 2**20 * 2**20
+
+
 def parse_cpus(value: str | int | float) -> float:
+    """CPUs as Kubernetes writes them (2, 0.5, 500m), at least 0.01 and at most the box's."""
     text = str(value).strip()
     cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    if cpus <= 0:
+    if not math.isfinite(cpus) or cpus < MIN_CPUS:
         raise ValueError
+    if cpus > box_cpus():
+        raise InvalidSpecError(
+            f"cpus {value!r} is more than this box has ({box_cpus()} CPUs)", field="cpus"
+        )
     return cpus
 
 
 def parse_memory(value: str | int | float) -> int:
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]i?)?\s*", str(value))
+    """Memory as Kubernetes writes it (8Gi, 512Mi, bytes), at least 128Mi, at most the box's."""
+    match = re.fullmatch(r"\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([kmgtKMGT]i?)?\s*", str(value))
     if not match:
         raise ValueError
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    memory = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if memory < MIN_MEMORY_BYTES:
+        raise InvalidSpecError(
+            f"memory {value!r} is less than the least a replica runs in (128Mi)", field="memory"
+        )
+    if memory > box_memory_bytes():
+        gib = box_memory_bytes() / 2**30
+        raise InvalidSpecError(
+            f"memory {value!r} is more than this box has ({gib:.1f}Gi)", field="memory"
+        )
+    return memory
 
 
 def _quantity(kind: str, value: Any) -> Any:
@@ -84,11 +120,38 @@ def _quantity(kind: str, value: Any) -> Any:
 
 def _model(framework: str, model_name: str, checkpoint: str | None, settings: Settings) -> str:
     if checkpoint:
-        return policy.resolve_model_path(settings.models_dir, checkpoint)
+        return _local_model(framework, checkpoint, settings)
     local = framework == Framework.LLAMACPP or not HF_ID.match(model_name)
     if local and framework != Framework.CUSTOM:
-        return policy.resolve_model_path(settings.models_dir, model_name)
+        return _local_model(framework, model_name, settings)
     return model_name
+
+
+def _local_model(framework: str, requested: str, settings: Settings) -> str:
+    """A model in the models directory, of a kind its server loads: a GGUF file for llama.cpp,
+    a Hugging Face directory (with config.json) or a GGUF file for vLLM; never the directory
+    itself. Anything else would only crash-loop its replicas."""
+    mounted = policy.resolve_model_path(settings.models_dir, requested)
+    relative = mounted.removeprefix(MODELS_MOUNT).lstrip("/")
+    path = settings.models_dir / relative
+    gguf = path.is_file() and _magic(path) == b"GGUF"
+    if relative in ("", "."):
+        why = "is the models directory itself; name a model file or directory in it"
+    elif framework == Framework.LLAMACPP and not gguf:
+        why = "is not a GGUF file, which llama.cpp needs"
+    elif framework == Framework.VLLM and not gguf and not (path / "config.json").is_file():
+        why = "is neither a Hugging Face model directory (with config.json) nor a GGUF file"
+    else:
+        return mounted
+    raise InvalidSpecError(f"model {requested!r} {why}", field="checkpoint_path")
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            return file.read(4)
+    except OSError:
+        return b""
 
 
 def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
@@ -130,6 +193,7 @@ def _validate(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
             field="pipeline_parallel_size",
         )
     policy.check_env(endpoint.env)
+    frameworks.check_user_env(endpoint.framework, endpoint.env, caller.is_admin)
     _check_image(endpoint, caller, settings)
 
 
@@ -157,10 +221,12 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         health_route=req.healthcheck_route,
         gpus=gpus,
         gpu_memory_fraction=req.gpu_memory_fraction,
-        cpus=_quantity("cpus", req.cpus) if req.cpus is not None else DEFAULT_CPUS[framework],
+        cpus=_quantity("cpus", req.cpus)
+        if req.cpus is not None
+        else min(DEFAULT_CPUS[framework], float(box_cpus())),
         memory_bytes=_quantity("memory", req.memory)
         if req.memory is not None
-        else DEFAULT_MEMORY[framework],
+        else min(DEFAULT_MEMORY[framework], _whole_mebibytes(box_memory_bytes())),
         min_replicas=req.min_workers,
         max_replicas=req.max_workers,
         target_concurrency=req.per_worker,
@@ -172,7 +238,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         scale_down_window_s=req.scale_down_window_seconds
         if req.scale_down_window_seconds is not None
         else DEFAULT_SCALE_DOWN_WINDOW_S,
-        priority=_priority(req.priority, req.high_priority) or 0,
+        priority=_priority(req.priority, req.high_priority, caller) or 0,
         public_inference=bool(req.public_inference),
         labels=req.labels,
         extra={
@@ -194,11 +260,19 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
     return endpoint
 
 
-def _priority(priority: int | None, high_priority: bool | None) -> int | None:
-    """`priority` wins; LLM Engine's high_priority means 10, false means 0."""
-    if priority is not None or high_priority is None:
-        return priority
-    return HIGH_PRIORITY if high_priority else 0
+def _priority(priority: int | None, high_priority: bool | None, caller: Caller) -> int | None:
+    """`priority` wins; LLM Engine's high_priority means 10, false means 0. A priority above 0
+    decides whose replicas are evicted for whose, so only an administrator may give one."""
+    if priority is None and high_priority is not None:
+        priority = HIGH_PRIORITY if high_priority else 0
+    if priority is not None and priority > 0 and not caller.is_admin:
+        field = "high_priority" if high_priority and priority == HIGH_PRIORITY else "priority"
+        raise PolicyViolationError(
+            f"{field} is for administrators: a priority above 0 lets an endpoint evict other "
+            "teams' replicas; leave it out or ask an administrator",
+            field=field,
+        )
+    return priority
 
 
 SIMPLE_COLUMNS = {  # update field -> endpoint column, copied as sent
@@ -239,7 +313,7 @@ def apply_update(
         name = req.model_name or str(endpoint.extra.get("model_name"))
         endpoint.model = _model(endpoint.framework, name, req.checkpoint_path, settings)
         endpoint.extra = {**endpoint.extra, "model_name": name}
-    _update_columns(endpoint, req, sent)
+    _update_columns(endpoint, req, sent, caller)
     if sent & {*VLLM_ARG_FIELDS, "chat_template_override", "extra_flags", "quantize"}:
         fresh = server_args.server_args(
             endpoint.framework, req, name=endpoint.name, gpus=endpoint.gpus
@@ -291,7 +365,9 @@ def _sent(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> set[str]:
 NULLABLE_EXTRA = ("timeout_seconds", "forwarder_max_concurrency")  # null: back to the default
 
 
-def _update_columns(endpoint: Endpoint, req: UpdateLLMEndpointRequest, sent: set[str]) -> None:
+def _update_columns(
+    endpoint: Endpoint, req: UpdateLLMEndpointRequest, sent: set[str], caller: Caller
+) -> None:
     for field_name, column in SIMPLE_COLUMNS.items():
         if field_name in sent and getattr(req, field_name) is not None:
             setattr(endpoint, column, getattr(req, field_name))
@@ -299,7 +375,7 @@ def _update_columns(endpoint: Endpoint, req: UpdateLLMEndpointRequest, sent: set
         if req.gpus is not None and req.gpus != req.num_shards:
             raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
         endpoint.gpus = req.num_shards
-    priority = _priority(req.priority, req.high_priority)
+    priority = _priority(req.priority, req.high_priority, caller)
     if priority is not None:
         endpoint.priority = priority
     if req.cpus is not None:

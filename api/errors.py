@@ -8,6 +8,7 @@ Engine client expect.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -170,8 +171,15 @@ async def _http(request: Request, exc: Exception) -> Response:
 
 
 def jsonable(items: Any) -> Any:
+    """Validation problems as JSON can carry them: the input echoed back may hold bytes,
+    exceptions or NaN (which strict JSON has no word for)."""
     return jsonable_encoder(
-        items, custom_encoder={Exception: str, bytes: lambda b: b.decode("utf-8", "replace")}
+        items,
+        custom_encoder={
+            Exception: str,
+            bytes: lambda b: b.decode("utf-8", "replace"),
+            float: lambda f: f if math.isfinite(f) else str(f),
+        },
     )
 
 

@@ -1,23 +1,46 @@
 """Per-key limits kept in Redis: requests per minute and concurrent requests (the tokens a request
 may ask for are checked by `api/inference/admission.cap_tokens`).
 
-A key with no limits costs nothing here; a limited one costs one pipelined round trip per
-request. Over a limit is a 429 with Retry-After; other keys are unaffected.
+A key with no limits costs nothing here; a limited one costs one round trip per request. Over a
+limit is a 429 with Retry-After; other keys are unaffected.
+
+Requests in flight are leases, not a counter: each is a member of the key's sorted set, scored
+with the time its lease runs out. The api process that took a slot renews the leases of its
+requests still running every third of the lease (`APPLIANCE_INFLIGHT_LEASE_S`); a slot whose
+process died (killed mid-stream) runs out within the lease and is dropped by the next
+admission, so no key is locked out for good. A refused request writes nothing, so retrying
+never extends anyone's slot.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from appliance.errors import RateLimitedError
 from appliance.keys import Caller
 
+logger = logging.getLogger(__name__)
+
 RPM_KEY = "appliance:limit:rpm:{key_id}:{minute}"
-CONCURRENT_KEY = "appliance:limit:concurrent:{key_id}"
-CONCURRENT_TTL_S = 3600  # a crashed api cannot leave a key blocked for longer than this
+INFLIGHT_KEY = "appliance:limit:inflight:{key_id}"
+
+# Drop run-out leases, then take a slot if one is free: 1 when taken, 0 when full.
+TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 Release = Callable[[], Awaitable[None]]
 
@@ -25,10 +48,20 @@ Release = Callable[[], Awaitable[None]]
 class Limiter:
     """Admits a caller's request or raises RateLimitedError; returns how to release it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lease_s: float = 15.0) -> None:
+        self.lease_s = lease_s
         self._redis = aioredis.Redis.from_url(url)
+        self._take = self._redis.register_script(TAKE)
+        self._process = uuid.uuid4().hex[:12]  # this api process: the owner of its leases
+        self._numbers = itertools.count()
+        self._held: dict[str, str] = {}  # lease -> its key's set
+        self._renewer: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self._redis.aclose()
 
     async def admit(self, caller: Caller, now: float | None = None) -> Release | None:
@@ -37,33 +70,53 @@ class Limiter:
         if not limits.counted():
             return None
         now = time.time() if now is None else now
-        pipe = self._redis.pipeline()
         if limits.requests_per_minute:
             rpm = RPM_KEY.format(key_id=caller.key_id, minute=int(now // 60))
+            pipe = self._redis.pipeline()
             pipe.incr(rpm)
             pipe.expire(rpm, 61)
-        conc = CONCURRENT_KEY.format(key_id=caller.key_id)
-        if limits.max_concurrent_requests:
-            pipe.incr(conc)
-            pipe.expire(conc, CONCURRENT_TTL_S)
-        counts = await pipe.execute()
-        if limits.requests_per_minute and counts[0] > limits.requests_per_minute:
-            if limits.max_concurrent_requests:
-                await self._redis.decr(conc)
-            raise RateLimitedError(
-                f"this key is over its limit of {limits.requests_per_minute} requests per minute",
-                retry_after_s=max(1, 60 - int(now % 60)),
-            )
+            count, _ = await pipe.execute()
+            if count > limits.requests_per_minute:
+                raise RateLimitedError(
+                    f"this key is over its limit of {limits.requests_per_minute} requests per "
+                    "minute",
+                    retry_after_s=max(1, 60 - int(now % 60)),
+                )
         if not limits.max_concurrent_requests:
             return None
-        if counts[-2] > limits.max_concurrent_requests:
-            await self._redis.decr(conc)
+        return await self._lease(caller, limits.max_concurrent_requests, now)
+
+    async def _lease(self, caller: Caller, most: int, now: float) -> Release:
+        slots = INFLIGHT_KEY.format(key_id=caller.key_id)
+        lease = f"{self._process}:{next(self._numbers)}"
+        keep_ms = int(self.lease_s * 2000)
+        taken = await self._take(keys=[slots], args=[now, now + self.lease_s, most, lease, keep_ms])
+        if not taken:
             raise RateLimitedError(
-                f"this key already has {limits.max_concurrent_requests} requests in flight",
-                retry_after_s=1,
+                f"this key already has {most} requests in flight", retry_after_s=1
             )
+        self._held[lease] = slots
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
 
         async def release() -> None:
-            await self._redis.decr(conc)
+            self._held.pop(lease, None)
+            await self._redis.zrem(slots, lease)
 
         return release
+
+    async def _renew(self) -> None:
+        """Push the leases of this process's running requests on while it lives."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            if not self._held:
+                continue
+            until = time.time() + self.lease_s
+            pipe = self._redis.pipeline(transaction=False)
+            for lease, slots in list(self._held.items()):
+                pipe.zadd(slots, {lease: until}, xx=True)
+                pipe.pexpire(slots, int(self.lease_s * 2000))
+            try:
+                await pipe.execute()
+            except RedisError:
+                logger.warning("renewing in-flight leases failed; retrying", exc_info=True)

@@ -41,16 +41,19 @@ from api.routes import (
     ui,
     usage,
 )
+from api.shield import Shield
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, open_reader, session_scope
-from appliance.install import install_id, key_secret
+from appliance.install import install_id, key_secret, replica_key
 from appliance.settings import Settings
 from forwarder.live import run_publisher
+from forwarder.paths import PATHS
 from forwarder.proxy import Forwarder, Limits
 from forwarder.refresh import load_table
 from forwarder.shared import SharedCounts
 from forwarder.table import Target
+from forwarder.upstream import UpstreamPool
 from web.render import STATIC_DIR, STATIC_URL
 
 logger = logging.getLogger(__name__)
@@ -118,6 +121,7 @@ def create_app(
             ),
             shared=shared,
             worker=worker,
+            pool=UpstreamPool(replica_key(settings.data_dir)),
         )
         client = bus.connect(str(settings.redis_url))
         state = AppState(
@@ -126,7 +130,7 @@ def create_app(
             reader=open_reader(settings.database_path),
             redis=client,
             forwarder=forwarder,
-            limiter=Limiter(str(settings.redis_url)),
+            limiter=Limiter(str(settings.redis_url), settings.inflight_lease_s),
             key_secret=key_secret(settings.data_dir),
             install_id=install_id(settings.data_dir),
             submitter=TaskSubmitter(engine, client),
@@ -171,6 +175,8 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["authorization", "content-type", "x-api-key"],
         )
+    inference = frozenset(p.path for p in PATHS)
+    app.add_middleware(Shield, inference_paths=inference, inference_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(model_download.router, responses=errors.ERROR_RESPONSES)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)

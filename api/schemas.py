@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 Quantity = str | int | float
+
+# Every number a request carries is bounded (and so within SQLite's integer range); NaN and
+# infinity are refused by the models' `allow_inf_nan=False`.
+MAX_GPUS = 64  # more than any one box holds; the box's own count is checked on create/update
+MAX_WORKERS = 64
+MAX_COUNT = 100_000  # requests per replica, sequences, swap GiB
+MAX_TOKENS = 1 << 26  # context lengths and token budgets
+MAX_SEED = 2**32 - 1  # llama.cpp's seed is 32 bits
+MAX_BLOCK_SIZE = 1024
+MAX_SECONDS = 30 * 86400  # timeouts and windows: a month at most
+MAX_PRIORITY = 1000
+# Each setting becomes one argument of the server's command line: Linux takes 128 KiB at most
+# for one, and a replica whose command line is refused only crash-loops.
+Short = Annotated[str, Field(max_length=1024)]
+Template = Annotated[str, Field(max_length=64 * 1024)]
+BOUNDED = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def finite(value: Any) -> Any:
+    """`value` when no number anywhere in it is NaN or infinite (free-form fields such as
+    `metadata` included: stored, such a number could never be answered as JSON again)."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where or 'the body'}: NaN and infinity are refused; send a number")
+        if isinstance(item, dict):
+            pending.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            pending.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+    return value
+
+
+class _Finite(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        return finite(data)
+
 
 # vLLM settings LLM Engine's client flattens into its create request; each becomes a flag.
 VLLM_ARG_FIELDS = (
@@ -53,50 +93,50 @@ VLLM_ARG_FIELDS = (
 
 
 class _VllmArgs(BaseModel):
-    max_model_len: int | None = Field(None, gt=0)
-    max_num_seqs: int | None = Field(None, gt=0)
+    max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    max_num_seqs: int | None = Field(None, gt=0, le=MAX_COUNT)
     enforce_eager: bool | None = None
     trust_remote_code: bool | None = None
-    pipeline_parallel_size: int | None = Field(None, gt=0)
-    tensor_parallel_size: int | None = Field(None, gt=0)
-    quantization: str | None = None
+    pipeline_parallel_size: int | None = Field(None, gt=0, le=MAX_GPUS)
+    tensor_parallel_size: int | None = Field(None, gt=0, le=MAX_GPUS)
+    quantization: Short | None = None
     disable_log_requests: bool | None = None
-    chat_template: str | None = None
-    tool_call_parser: str | None = None
+    chat_template: Template | None = None
+    tool_call_parser: Short | None = None
     enable_auto_tool_choice: bool | None = None
-    load_format: str | None = None
-    config_format: str | None = None
-    tokenizer_mode: str | None = None
+    load_format: Short | None = None
+    config_format: Short | None = None
+    tokenizer_mode: Short | None = None
     limit_mm_per_prompt: Any = None
-    max_num_batched_tokens: int | None = Field(None, gt=0)
-    tokenizer: str | None = None
-    dtype: str | None = None
-    seed: int | None = None
-    revision: str | None = None
-    code_revision: str | None = None
+    max_num_batched_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    tokenizer: Short | None = None
+    dtype: Short | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    revision: Short | None = None
+    code_revision: Short | None = None
     rope_scaling: Any = None
-    tokenizer_revision: str | None = None
-    quantization_param_path: str | None = None
-    max_seq_len_to_capture: int | None = None
+    tokenizer_revision: Short | None = None
+    quantization_param_path: Short | None = None
+    max_seq_len_to_capture: int | None = Field(None, gt=0, le=MAX_TOKENS)
     disable_sliding_window: bool | None = None
     skip_tokenizer_init: bool | None = None
     served_model_name: Any = None
     override_neuron_config: Any = None
     mm_processor_kwargs: Any = None
-    block_size: int | None = None
+    block_size: int | None = Field(None, gt=0, le=MAX_BLOCK_SIZE)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    swap_space: float | None = None
-    cache_dtype: str | None = None
-    num_gpu_blocks_override: int | None = None
+    swap_space: float | None = Field(None, ge=0, le=MAX_COUNT)
+    cache_dtype: Short | None = None
+    num_gpu_blocks_override: int | None = Field(None, gt=0, le=MAX_TOKENS)
     enable_prefix_caching: bool | None = None
-    max_gpu_memory_utilization: float | None = None
-    attention_backend: str | None = None
+    max_gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    attention_backend: Short | None = None
 
 
 class _AcceptedAndStored(BaseModel):
     """Fields LLM Engine takes that mean nothing on one box; accepted so its client works."""
 
-    gpu_type: str | None = None
+    gpu_type: Short | None = None
     storage: Quantity | None = None
     nodes_per_worker: int | None = Field(None, ge=1, le=1)
     optimize_costs: bool | None = None
@@ -104,28 +144,30 @@ class _AcceptedAndStored(BaseModel):
     high_priority: bool | None = None
     billing_tags: dict[str, Any] | None = None
     post_inference_hooks: list[str] | None = None
-    default_callback_url: str | None = None
+    default_callback_url: Short | None = None
     default_callback_auth: dict[str, Any] | None = None
     enable_startup_metrics: bool | None = None
-    task_expires_seconds: int | None = None
-    queue_message_timeout_seconds: int | None = None
-    quantize: str | None = None
+    task_expires_seconds: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    queue_message_timeout_seconds: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    quantize: Short | None = None
 
 
 class _ApplianceFields(BaseModel):
     """The appliance's own additions."""
 
     gpu_memory_fraction: float | None = Field(None, gt=0, lt=1)
-    idle_timeout_seconds: int | None = Field(None, ge=0)
+    idle_timeout_seconds: int | None = Field(None, ge=0, le=MAX_SECONDS)
     scale_down_window_seconds: int | None = Field(None, ge=0, le=86400)
-    priority: int | None = None
+    priority: int | None = Field(
+        None, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Admins only: who is evicted first."
+    )
     env: dict[str, str] | None = None
     extra_flags: dict[str, str | int | float | bool] | None = None
-    image: str | None = None
+    image: Short | None = None
     command: list[str] | None = None
     port: int | None = Field(None, ge=1, le=65535)
     healthcheck_route: str | None = Field(None, pattern=r"^/[\w\-/.]*$")
-    startup_timeout_seconds: int | None = Field(None, gt=0)
+    startup_timeout_seconds: int | None = Field(None, gt=0, le=MAX_SECONDS)
     timeout_seconds: float | None = Field(
         None, gt=0, le=86400, description="Longest a replica may stay silent on a request."
     )
@@ -134,43 +176,45 @@ class _ApplianceFields(BaseModel):
     )
 
 
-class CreateLLMEndpointRequest(_VllmArgs, _AcceptedAndStored, _ApplianceFields):
-    model_config = ConfigDict(extra="forbid")
+class CreateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
+    model_config = BOUNDED
 
     name: str = Field(pattern=NAME_PATTERN, max_length=63)
     model_name: str = Field(min_length=1, max_length=256)
     inference_framework: Literal["vllm", "llamacpp", "custom"] = "vllm"
     source: Literal["hugging_face"] = "hugging_face"
-    inference_framework_image_tag: str = "latest"
-    num_shards: int = Field(1, ge=0)
-    checkpoint_path: str | None = None
-    chat_template_override: str | None = None
+    inference_framework_image_tag: Short = "latest"
+    num_shards: int = Field(1, ge=0, le=MAX_GPUS)
+    checkpoint_path: Short | None = None
+    chat_template_override: Template | None = None
     endpoint_type: Literal["streaming", "sync", "async"] = "streaming"
     cpus: Quantity | None = None
-    gpus: int | None = Field(None, ge=0)
+    gpus: int | None = Field(None, ge=0, le=MAX_GPUS)
     memory: Quantity | None = None
-    min_workers: int = Field(0, ge=0)
-    max_workers: int = Field(1, ge=0, le=64)
-    per_worker: int = Field(2, gt=0)
+    min_workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    max_workers: int = Field(1, ge=0, le=MAX_WORKERS)
+    per_worker: int = Field(2, gt=0, le=MAX_COUNT)
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    public_inference: bool | None = True
+    public_inference: bool | None = Field(
+        False, description="Other teams may run inference on it (nothing more); private by default."
+    )
 
 
-class UpdateLLMEndpointRequest(_VllmArgs, _AcceptedAndStored, _ApplianceFields):
-    model_config = ConfigDict(extra="forbid")
+class UpdateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
+    model_config = BOUNDED
 
     model_name: str | None = Field(None, min_length=1, max_length=256)
-    inference_framework_image_tag: str | None = None
-    num_shards: int | None = Field(None, ge=0)
-    checkpoint_path: str | None = None
-    chat_template_override: str | None = None
+    inference_framework_image_tag: Short | None = None
+    num_shards: int | None = Field(None, ge=0, le=MAX_GPUS)
+    checkpoint_path: Short | None = None
+    chat_template_override: Template | None = None
     cpus: Quantity | None = None
-    gpus: int | None = Field(None, ge=0)
+    gpus: int | None = Field(None, ge=0, le=MAX_GPUS)
     memory: Quantity | None = None
-    min_workers: int | None = Field(None, ge=0)
-    max_workers: int | None = Field(None, ge=0, le=64)
-    per_worker: int | None = Field(None, gt=0)
+    min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
+    max_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
+    per_worker: int | None = Field(None, gt=0, le=MAX_COUNT)
     labels: dict[str, str] | None = None
     metadata: dict[str, Any] | None = Field(
         None,

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -41,17 +42,22 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
         port=settings.port,
         loop="uvloop",
         # uvicorn only calls what it is given, as it would a protocol class
-        http=cast("type[asyncio.Protocol]", front_protocol(app))
+        http=cast(
+            "type[asyncio.Protocol]",
+            front_protocol(app, settings.header_timeout_s, settings.max_connections),
+        )
         if settings.fast_lane
         else "httptools",
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
+        limit_concurrency=settings.max_connections,  # uvicorn's own cap, without the lane
         backlog=BACKLOG,
     )
 
 
 def main(settings: Settings) -> None:
+    _open_files(settings.max_connections)
     prepare(settings)  # once, before any fork: several workers never race to migrate
     if settings.api_workers == 1:
         uvicorn.Server(_config(settings, None, None)).run()
@@ -72,6 +78,15 @@ def main(settings: Settings) -> None:
     for sock in sockets:
         sock.close()
     sys.exit(_supervise(workers))
+
+
+def _open_files(connections: int) -> None:
+    """Room for the connection cap and the api's own files, within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        top = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, top), hard))
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -163,7 +163,13 @@ def check_fields(framework: str, req: Request, settings: Settings) -> None:
 
 
 def check_gpu_type(gpu_type: str | None, gpus: int, gpu_names: list[str] | None) -> None:
-    """A gpu_type is honoured when the box has GPUs of that type: 422 when it has none."""
+    """A gpu_type is honoured when the box has GPUs of that type: 422 when it has none. Asks
+    for more GPUs than the box has (as the builder last reported them) are a 422 too, not an
+    endpoint waiting for GPUs forever."""
+    if gpu_names is not None and gpus > len(gpu_names):
+        raise InvalidSpecError(
+            f"gpus {gpus} is more than this box has: {len(gpu_names)} GPUs", field="gpus"
+        )
     if gpu_type is None:
         return
     if gpu_type not in GPU_TYPES:

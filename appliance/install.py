@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -21,6 +23,13 @@ def _read_or_create(path: Path, make: str) -> str:
 def install_id(data_dir: Path) -> str:
     """The id that labels every container this install manages; made on first start."""
     return _read_or_create(data_dir / "install-id", secrets.token_hex(6))
+
+
+def replica_key(data_dir: Path) -> str:
+    """The API key every vLLM and llama.cpp replica demands (their `--api-key`), so a request
+    sent straight to a replica's port, around the appliance, is refused. Derived from the key
+    secret: the api, worker and builder of one install agree on it without storing it."""
+    return hmac.new(key_secret(data_dir), b"replica-api-key", hashlib.sha256).hexdigest()
 
 
 def key_secret(data_dir: Path) -> bytes:

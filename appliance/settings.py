@@ -101,6 +101,23 @@ class Settings(BaseSettings):
     key_max_concurrent_requests: int = Field(
         0, ge=0, description="Default concurrent inference requests per API key (0: no limit)."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A request's head must arrive within this from its first byte (and its "
+        "body keep arriving); an idle connection is closed after uvicorn's 5 s keep-alive.",
+    )
+    max_connections: int = Field(
+        4096, ge=16, le=1_000_000, description="Connections the api holds at most; more are closed."
+    )
+    inflight_lease_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="A request in flight holds its key's concurrency slot on a lease its api "
+        "process renews; a slot of a process that died is free again after this long.",
+    )
     key_max_queued_tasks: int = Field(
         0, ge=0, description="Default queued async tasks per API key (0: no limit)."
     )

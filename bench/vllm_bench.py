@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from appliance.install import replica_key
 from tests.e2e.real_vllm import READY_TIMEOUT_S, vllm_body
 from tests.harness import (
     ADMIN_KEY,
@@ -165,10 +166,11 @@ def stream_rates(appliance: Appliance, rounds: int) -> list[tuple[float, float]]
         ["docker", "port", cid, "8000/tcp"], capture_output=True, text=True, check=True
     ).stdout.split()[0]
     direct_url, auth = f"http://{port}", {"Authorization": f"Bearer {ADMIN_KEY}"}
-    asyncio.run(streams(direct_url, {}))  # warm-up, not counted
+    own = {"Authorization": f"Bearer {replica_key(appliance.data_dir)}"}  # the replica's key
+    asyncio.run(streams(direct_url, own))  # warm-up, not counted
     pairs = []
     for i in range(rounds):
-        order = [(direct_url, {}), (appliance.url, auth)]
+        order = [(direct_url, own), (appliance.url, auth)]
         rates = [asyncio.run(streams(url, headers)) for url, headers in order[:: 1 - 2 * (i % 2)]]
         direct, through = rates if i % 2 == 0 else rates[::-1]
         pairs.append((direct, through))

@@ -75,6 +75,60 @@ LLAMACPP_FLAGS: dict[str, str] = {
 }
 
 
+# Environment a non-administrator may set, per framework: tuning knobs only. Anything else the
+# server reads from its environment (plugins, dev-mode routes, its API key, host and port)
+# would change what the appliance relies on, so it is an administrator's to set (within
+# builder.policy's names, which hold for every container).
+USER_ENV: dict[str, frozenset[str]] = {
+    "vllm": frozenset(
+        {
+            "VLLM_CPU_KVCACHE_SPACE",
+            "VLLM_CPU_OMP_THREADS_BIND",
+            "VLLM_LOGGING_LEVEL",
+            "VLLM_ATTENTION_BACKEND",
+            "VLLM_WORKER_MULTIPROC_METHOD",
+            "VLLM_ENGINE_ITERATION_TIMEOUT_S",
+            "NCCL_DEBUG",
+            "OMP_NUM_THREADS",
+            "TOKENIZERS_PARALLELISM",
+            "PYTORCH_CUDA_ALLOC_CONF",
+            "CUDA_DEVICE_MAX_CONNECTIONS",
+        }
+    ),
+    "llamacpp": frozenset(
+        {
+            "LLAMA_ARG_THREADS",
+            "LLAMA_ARG_THREADS_BATCH",
+            "LLAMA_ARG_N_PARALLEL",
+            "LLAMA_ARG_BATCH",
+            "LLAMA_ARG_UBATCH",
+            "LLAMA_ARG_N_GPU_LAYERS",
+            "LLAMA_ARG_FLASH_ATTN",
+            "LLAMA_ARG_CACHE_TYPE_K",
+            "LLAMA_ARG_CACHE_TYPE_V",
+            "OMP_NUM_THREADS",
+        }
+    ),
+    "custom": frozenset(),  # a custom endpoint is an administrator's anyway
+}
+MAX_ENV_VALUE = 4096
+
+
+def check_user_env(framework: str, env: Mapping[str, str], admin: bool) -> None:
+    """422 naming the first variable a non-administrator may not set on `framework`."""
+    for name, value in env.items():
+        if len(value) > MAX_ENV_VALUE:
+            raise InvalidSpecError(
+                f"env {name}: values are limited to {MAX_ENV_VALUE} characters", field="env"
+            )
+        if not admin and name not in USER_ENV.get(framework, frozenset()):
+            raise InvalidSpecError(
+                f"env {name} is for administrators on a {framework} endpoint; others may set "
+                f"{', '.join(sorted(USER_ENV.get(framework, ()))) or 'none'}",
+                field="env",
+            )
+
+
 def flag_values(args: Mapping[str, Any], table: Mapping[str, str]) -> list[str]:
     """The flags for the settings in `args` that `table` maps, then `extra_flags` sorted."""
     out: list[str] = []

@@ -30,10 +30,14 @@ def _hash(client: redis.Redis, key: str) -> dict[str, float]:
     return {_text(k): float(v) for k, v in raw.items()}
 
 
-def scrape(address: str) -> tuple[int, int]:
-    """(running, waiting) from a replica's `/metrics`; (0, 0) when it has none."""
+def scrape(address: str, replica_key: str = "") -> tuple[int, int]:
+    """(running, waiting) from a replica's `/metrics`; (0, 0) when it has none. llama.cpp
+    demands the replica key there too."""
+    request = urllib.request.Request(address + "/metrics")  # noqa: S310
+    if replica_key:
+        request.add_header("Authorization", f"Bearer {replica_key}")
     try:
-        with urllib.request.urlopen(address + "/metrics", timeout=METRICS_TIMEOUT_S) as reply:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=METRICS_TIMEOUT_S) as reply:  # noqa: S310
             return parse_server_load(reply.read().decode("utf-8", "replace"))
     except (urllib.error.URLError, OSError, ValueError):
         return (0, 0)
@@ -44,11 +48,16 @@ def gather(
     replicas: Sequence[Replica],
     inflight: Mapping[str, int],
     pool: ThreadPoolExecutor,
+    replica_key: str = "",
 ) -> dict[str, Load]:
     """Load per endpoint id."""
     ready = [r for r in replicas if r.state == ReplicaState.READY and r.address]
     served = dict(
-        zip((r.id for r in ready), pool.map(lambda r: scrape(str(r.address)), ready), strict=True)
+        zip(
+            (r.id for r in ready),
+            pool.map(lambda r: scrape(str(r.address), replica_key), ready),
+            strict=True,
+        )
     )
     demand = _hash(client, bus.DEMAND_KEY)
     last = _hash(client, bus.LAST_REQUEST_KEY)

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from appliance import bus, queries
 from appliance.db import session_scope
+from appliance.install import replica_key
 from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import metering
 from builder.apply import Applier
@@ -70,6 +71,7 @@ class BuilderLoop:
     _accrued_at: float = 0.0
 
     def __post_init__(self) -> None:
+        self._replica_key = replica_key(self.applier.settings.data_dir)
         self._inventory = self.gpus.read()
         self._inventory_at = time.monotonic()
         logger.info(
@@ -142,7 +144,13 @@ class BuilderLoop:
 
     def _scale(self, observed: Observed) -> None:
         """The scaler: changes desired counts only; the planner does the container work."""
-        loads = gather(self.redis, observed.replicas, observed.inflight, self._pool)
+        loads = gather(
+            self.redis,
+            observed.replicas,
+            observed.inflight,
+            self._pool,
+            self._replica_key,
+        )
         self._history = {
             e.id: self._history[e.id] for e in observed.endpoints if e.id in self._history
         }

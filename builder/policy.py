@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import InvalidSpecError, PolicyViolationError
-from builder.specs import MODELS_MOUNT, ContainerSpec
+from builder.specs import MODELS_MOUNT, REPLICA_KEY_ENV, ContainerSpec
 
 # Environment names a user may set on a model container; everything else is refused
 # (LD_PRELOAD, PATH, PYTHONPATH... would let a spec run arbitrary code in the server).
@@ -22,7 +22,13 @@ ENV_NAME_ALLOWED = re.compile(
     r"|HF_HUB_OFFLINE|HF_HUB_ENABLE_HF_TRANSFER|TRANSFORMERS_OFFLINE|PYTORCH_CUDA_ALLOC_CONF"
     r"|CUDA_DEVICE_MAX_CONNECTIONS|MODEL_[A-Z0-9_]+|APP_[A-Z0-9_]+)$"
 )
-ENV_NAME_DENIED = {"VLLM_API_KEY"}
+ENV_NAME_DENIED = {
+    "VLLM_API_KEY",
+    "LLAMA_ARG_API_KEY",
+    "LLAMA_ARG_API_KEY_FILE",
+    "LLAMA_ARG_HOST",
+    "LLAMA_ARG_PORT",
+}
 
 # vLLM 0.32 flags beyond the typed fields that a user may pass through `extra_flags` (each is
 # checked against the real vLLM's parser by tests/images/test_vllm_contract.py). Flags with a
@@ -100,7 +106,8 @@ def check_image(image: str, *, default_images: Iterable[str], approved: Iterable
 
 def check_spec(spec: ContainerSpec, *, allowed_sources: Iterable[str]) -> None:
     """Before create: only known mounts, read-only where they are binds, allowed env names."""
-    check_env(spec.env)
+    own = set(REPLICA_KEY_ENV.values())  # the builder's own: refused in any request's env
+    check_env({name: value for name, value in spec.env.items() if name not in own})
     sources = set(allowed_sources)
     for mount in spec.mounts:
         if mount.source not in sources:

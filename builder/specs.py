@@ -159,8 +159,10 @@ def container_spec(
     replica_id: str,
     gpu_ids: tuple[int, ...],
     gpu_fraction: float,
+    replica_key: str = "",
 ) -> ContainerSpec:
-    """The full container spec for one replica of the endpoint's current generation."""
+    """The full container spec for one replica of the endpoint's current generation; vLLM and
+    llama.cpp replicas demand `replica_key` of every request (none when empty)."""
     command, port, health = server_command(endpoint)
     labels = {
         LABEL_INSTALL: install_id,
@@ -177,7 +179,7 @@ def container_spec(
         image=default_image(endpoint, settings),
         command=command,
         entrypoint=None,
-        env=server_env(endpoint),
+        env={**server_env(endpoint), **replica_key_env(endpoint.framework, replica_key)},
         port=port,
         health_route=health,
         mounts=_mounts(endpoint, settings),
@@ -190,6 +192,15 @@ def container_spec(
         network=settings.replica_network,
         files=_secret_files(endpoint, settings),
     )
+
+
+# Where each server reads the API key it demands (a custom image has its own ways).
+REPLICA_KEY_ENV = {Framework.VLLM: "VLLM_API_KEY", Framework.LLAMACPP: "LLAMA_API_KEY"}
+
+
+def replica_key_env(framework: str, replica_key: str) -> dict[str, str]:
+    name = REPLICA_KEY_ENV.get(Framework(framework))
+    return {name: replica_key} if name and replica_key else {}
 
 
 def server_env(endpoint: Endpoint) -> dict[str, str]:

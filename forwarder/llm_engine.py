@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from appliance.errors import BadRequestError
-from forwarder.paths import upstream_for
+from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS, upstream_for
 
 Json = dict[str, Any]
 
@@ -223,6 +223,15 @@ class StreamTranslator:
     def close(self) -> bytes:
         """What to send once the replica's stream ended."""
         return self._flush()
+
+
+def declared_routes(framework: str, predict_route: str) -> tuple[str, ...]:
+    """The replica paths a task may name as its `route`: the OpenAI routes of vLLM and
+    llama.cpp replicas, a custom image's predict route. Others (`/tokenize`, `/slots`...) are
+    the replica's own business and never reached through the appliance."""
+    if framework in ("vllm", "llamacpp"):
+        return (CHAT, COMPLETIONS, EMBEDDINGS)
+    return (predict_route,)
 
 
 def task_path(framework: str, predict_route: str, args: Any) -> str:

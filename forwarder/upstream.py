@@ -205,7 +205,9 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
 class UpstreamPool:
     """Idle connections per replica address (`http://host:port`), newest first."""
 
-    def __init__(self) -> None:
+    def __init__(self, replica_key: str = "") -> None:
+        # every request to a replica carries the install's replica key (appliance/install.py)
+        self.auth = b"authorization: Bearer %b\r\n" % replica_key.encode() if replica_key else b""
         self.idle: dict[str, list[Connection]] = {}
         self._targets: dict[str, tuple[str, int]] = {}
         self._heads: dict[tuple[bytes, str], bytes] = {}
@@ -266,10 +268,11 @@ class UpstreamPool:
         found = self._heads.get((path, address))
         if found is None:
             host, port = self._target(address)
-            found = b"POST %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json\r\n" % (
+            found = b"POST %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json\r\n%b" % (
                 path,
                 host.encode(),
                 port,
+                self.auth,
             )
             found += b"content-length: "
             if len(self._heads) < MAX_HEADS:

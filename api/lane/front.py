@@ -123,10 +123,15 @@ def parse_head(buf: bytes, end: int) -> Head | None:
 
 
 class Heads:
-    """Status lines and headers of replies, but for their framing and timing: the same for most
-    replies, so made once per second (uvicorn renews its date header each second)."""
+    """What every connection of the server shares: the status lines and headers of replies, but
+    for their framing and timing (the same for most replies, so made once per second: uvicorn
+    renews its date header each second), and the connection limits: how long a request may take
+    to arrive (its head from its first byte, its body between two reads) and how many
+    connections are held at most (one more is closed at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, header_timeout_s: float = 10.0, max_connections: int = 4096) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
         self.defaults: list[tuple[bytes, bytes]] | None = None
         self.prefixes: dict[tuple[int, tuple[tuple[bytes, bytes], ...], bool], bytes] = {}
 
@@ -156,11 +161,13 @@ def timing(overhead_s: float, waited_s: float) -> bytes:
     return out
 
 
-def front_protocol(app: FastAPI) -> Callable[..., FrontProtocol]:
+def front_protocol(
+    app: FastAPI, header_timeout_s: float = 10.0, max_connections: int = 4096
+) -> Callable[..., FrontProtocol]:
     """What uvicorn should make each connection's protocol with (`http=`, called like its own
     protocol classes), for `app`, whose state holds the appliance once started. A factory
     rather than a subclass per app: the compiled build of this module allows no subclasses."""
-    heads = Heads()
+    heads = Heads(header_timeout_s, max_connections)
 
     def make(
         config: Config,
@@ -202,6 +209,7 @@ class FrontProtocol(asyncio.Protocol):
         self.serving = False  # in serve(): a reply finished within it does not re-enter it
         self.idle_timer: asyncio.TimerHandle | None = None  # armed once, re-armed when it fires
         self.idle_since: float | None = None  # loop time the last reply ended; None: busy
+        self.head_since: float | None = None  # loop time a request began arriving; None: none
         self.write_paused = False
         self.closing = False
         self.handed = False
@@ -209,7 +217,11 @@ class FrontProtocol(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if len(self.server_state.connections) >= self.heads.max_connections:
+            self.transport.close()  # over the cap: refused before it costs anything more
+            return
         self.server_state.connections.add(self)  # type: ignore[arg-type]
+        self._idle()  # a connection that never sends a byte is closed as an idle one
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
@@ -220,6 +232,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = None
+        if self.call is None and (self.need or self.head_since is None):
+            self.head_since = self.loop.time()  # a head from its first byte, a body per read
         if self.need:
             self.more.append(data)
             self.have += len(data)
@@ -287,6 +301,7 @@ class FrontProtocol(asyncio.Protocol):
                 self.need, self.have = total, len(buf)
                 return
             self.consumed = total
+            self.head_since = None
             self.keep_alive = head.keep_alive
             authorization = head.authorization
             if authorization[:7] == "Bearer ":  # the usual form, without parse_key's general case
@@ -323,7 +338,7 @@ class FrontProtocol(asyncio.Protocol):
         self.buffer, self.more, self.need = b"", [], 0
         hand_over(
             self.transport, data, self.write_paused, self.config, self.server_state,
-            self.app_state, self.loop, self._taken_back,
+            self.app_state, self.loop, self._taken_back, self.heads.header_timeout_s,
         )  # fmt: skip
 
     def _taken_back(self, transport: asyncio.Transport, write_paused: bool) -> None:
@@ -342,14 +357,17 @@ class FrontProtocol(asyncio.Protocol):
             self.idle_timer = None
 
     def _idle_timeout(self) -> None:
-        """Close a connection idle for uvicorn's keep-alive timeout; busy or lately active,
-        look again when it could be."""
+        """Close a connection idle for uvicorn's keep-alive timeout, or whose request has not
+        arrived within the header timeout; busy or lately active, look again when it could
+        be."""
         self.idle_timer = None
         left: float
-        if self.idle_since is None:
-            left = float(self.config.timeout_keep_alive)
-        else:
+        if self.idle_since is not None:
             left = self.idle_since + self.config.timeout_keep_alive - self.loop.time()
+        elif self.call is None and self.head_since is not None:  # a request still arriving
+            left = self.head_since + self.heads.header_timeout_s - self.loop.time()
+        else:
+            left = float(self.config.timeout_keep_alive)
         if left > 0:
             self.idle_timer = self.loop.call_later(left, self._idle_timeout)
         elif self.transport is not None and not self.transport.is_closing():
@@ -408,6 +426,7 @@ class FrontProtocol(asyncio.Protocol):
         self.server_state.total_requests += 1
         self.buffer = self.buffer[self.consumed :]
         self.consumed = 0
+        self.head_since = self.loop.time() if self.buffer else None
         transport = self.transport
         if transport is None or transport.is_closing():
             return

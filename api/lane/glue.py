@@ -30,10 +30,36 @@ class GeneralProtocol(HttpToolsProtocol):
 
     between = False  # the last request was read to its end and no next one has begun
     give_back: GiveBack | None = None
+    header_timeout_s = 10.0  # a request's head must arrive within this, from its first byte
+    head_timer: asyncio.TimerHandle | None = None
 
     def on_message_begin(self) -> None:
         self.between = False
+        self.await_head()
         super().on_message_begin()
+
+    def await_head(self) -> None:
+        """Close the connection unless a whole head arrives within the header timeout."""
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def _head_late(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        super().connection_lost(exc)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -58,13 +84,16 @@ def hand_over(
     app_state: dict[str, Any],
     loop: asyncio.AbstractEventLoop,
     give_back: GiveBack,
+    header_timeout_s: float,
 ) -> None:
     """Give the connection, with the bytes read and not consumed, to uvicorn's protocol."""
     protocol = GeneralProtocol(
         config=config, server_state=server_state, app_state=app_state, _loop=loop
     )
     protocol.give_back = give_back
+    protocol.header_timeout_s = header_timeout_s
     protocol.connection_made(transport)
+    protocol.await_head()
     transport.set_protocol(protocol)
     if write_paused:
         protocol.pause_writing()

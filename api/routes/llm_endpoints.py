@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from sqlmodel import col, select
 
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
 from api.endpoint_service import (
@@ -14,6 +13,7 @@ from api.endpoint_service import (
     delete_endpoint,
     describe_llm,
     owned_by_name,
+    team_endpoints,
     update_endpoint,
 )
 from api.schemas import (
@@ -22,9 +22,6 @@ from api.schemas import (
     DeleteResponse,
     UpdateLLMEndpointRequest,
 )
-from appliance import queries
-from appliance.errors import NoSuchEndpointError
-from appliance.models import Endpoint
 
 router = APIRouter(
     prefix="/v1/llm/model-endpoints", tags=["llm-endpoints"], dependencies=[require("manage")]
@@ -47,23 +44,15 @@ def create_llm_endpoint(
 def read_llm_endpoints(
     caller: CallerDep, session: SessionDep, name: str | None = None, order_by: str | None = None
 ) -> dict[str, Any]:
-    query = select(Endpoint)
-    if name:
-        query = query.where(Endpoint.name == name)
-    newest = order_by == "newest"
-    query = query.order_by(col(Endpoint.created_at).desc() if newest else col(Endpoint.created_at))
-    endpoints = [
-        e for e in session.exec(query).all() if caller.may_infer(e.owner, e.public_inference)
-    ]
+    """The caller's team's endpoints: another team's public endpoint takes its inference,
+    but its details are that team's."""
+    endpoints = team_endpoints(caller, session, name=name, newest=order_by == "newest")
     return {"model_endpoints": [describe_llm(e, session) for e in endpoints]}
 
 
 @router.get("/{name}")
 def read_llm_endpoint(name: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    endpoint = queries.endpoint_by_name(name, session=session)
-    if not caller.may_infer(endpoint.owner, endpoint.public_inference):
-        raise NoSuchEndpointError(f"no endpoint named {name!r}")
-    return describe_llm(endpoint, session)
+    return describe_llm(owned_by_name(name, caller, session=session), session)
 
 
 @router.put("/{name}", response_model=CreateLLMEndpointResponse)

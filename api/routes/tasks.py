@@ -19,6 +19,7 @@ from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskEr
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import EndpointStatus, Task, TaskStatus
+from forwarder.llm_engine import declared_routes
 from forwarder.paths import BY_ID, CHAT, COMPLETIONS
 from forwarder.worker import jobs
 from forwarder.worker.callbacks import check_url
@@ -92,7 +93,14 @@ async def create_async_inference_task(
     if isinstance(body.args, dict):
         generates = jobs.upstream_route({"args": body.args, "route": body.route}) in OPENAI_ROUTES
         admission.cap_tokens(caller, body.args, inject=generates)
-    await admission.find_target(state, caller, BY_ID, model_endpoint_id)
+    target = await admission.find_target(state, caller, BY_ID, model_endpoint_id)
+    declared = declared_routes(target.framework, target.predict_route)
+    if body.route is not None and body.route not in declared:
+        raise InvalidSpecError(
+            f"route {body.route!r} is not one this endpoint serves; it takes "
+            f"{', '.join(declared)} (or leave route out: the args' shape decides)",
+            field="route",
+        )
     if body.callback_url:  # resolves the host: not on the event loop
         await run_in_threadpool(check_url, body.callback_url, state.settings.callback_allowed_hosts)
 

@@ -18,10 +18,11 @@ import uvloop
 
 from appliance import bus
 from appliance.db import open_engine
-from appliance.install import key_secret
+from appliance.install import key_secret, replica_key
 from appliance.settings import Settings
 from forwarder.proxy import Forwarder
 from forwarder.table import Target
+from forwarder.upstream import UpstreamPool
 from forwarder.worker import callbacks, jobs, taskstore
 from forwarder.worker.runner import Runner
 from forwarder.worker.sweeper import Sweeper
@@ -58,7 +59,7 @@ def _demand_nudger(settings: Settings) -> object:
 async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
     engine = open_engine(settings.database_path)
     committer = taskstore.GroupCommitter(engine)
-    forwarder = Forwarder()
+    forwarder = Forwarder(pool=UpstreamPool(replica_key(settings.data_dir)))
     forwarder.on_demand = _demand_nudger(settings)  # type: ignore[assignment]
     runtime = jobs.Runtime(
         committer=committer,

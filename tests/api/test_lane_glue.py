@@ -30,7 +30,13 @@ def test_uvicorns_protocol_still_has_what_the_lane_uses() -> None:
     # the protocol class uvicorn calls for `http=`: these keyword arguments, in this order
     params = list(inspect.signature(HttpToolsProtocol.__init__).parameters)
     assert params[:5] == ["self", "config", "server_state", "app_state", "_loop"]
-    for hook in ("on_message_begin", "on_message_complete", "on_response_complete"):
+    for hook in (
+        "on_message_begin",
+        "on_message_complete",
+        "on_response_complete",
+        "on_headers_complete",
+        "connection_lost",
+    ):
         assert callable(getattr(HttpToolsProtocol, hook)), hook
     for method in ("_unset_keepalive_if_required", "connection_made", "data_received"):
         assert callable(getattr(HttpToolsProtocol, method)), method

@@ -84,6 +84,7 @@ def test_another_teams_objects_are_not_found_and_not_listed(api_only: Appliance)
         ("GET", "/v1/llm/model-endpoints/red-private", None),
         ("PUT", "/v1/llm/model-endpoints/red-private", {"max_workers": 2}),
         ("DELETE", "/v1/llm/model-endpoints/red-private", None),
+        ("GET", "/v1/llm/model-endpoints/red-public", None),  # public: inference only
         ("PUT", "/v1/llm/model-endpoints/red-public", {"max_workers": 2}),
         ("DELETE", "/v1/llm/model-endpoints/red-public", None),
         ("GET", f"/v1/async-tasks/{t}", None),
@@ -103,8 +104,9 @@ def test_another_teams_objects_are_not_found_and_not_listed(api_only: Appliance)
         assert "red" not in reply.text.replace("red-private", "").replace("red-public", "")
 
     assert blue.get("/v1/model-endpoints").json() == {"model_endpoints": []}
-    listed = [m["name"] for m in blue.get("/v1/llm/model-endpoints").json()["model_endpoints"]]
-    assert listed == ["red-public"]  # public endpoints are listed for inference
+    assert blue.get("/v1/llm/model-endpoints").json() == {"model_endpoints": []}
+    assert blue.get("/v1/llm/model-endpoints?name=red-public").json() == {"model_endpoints": []}
+    # a public endpoint is listed for inference only, as an OpenAI model
     assert [m["id"] for m in blue.get("/v1/models").json()["data"]] == ["red-public"]
     assert blue.get("/v1/files").json()["data"] == []
     assert blue.get("/v1/batches").json()["data"] == []
@@ -115,3 +117,38 @@ def test_another_teams_objects_are_not_found_and_not_listed(api_only: Appliance)
     assert red.get(f"/v1/async-tasks/{t}").status_code == 200
     names = {m["name"] for m in admin.get("/v1/model-endpoints").json()["model_endpoints"]}
     assert names == {"red-private", "red-public"}
+
+
+def test_an_endpoint_is_private_unless_made_public(api_only: Appliance) -> None:
+    admin = api_only.client()
+    red = api_only.client(team_key(admin, "red"))
+    blue = api_only.client(team_key(admin, "blue"))
+    body = standin_body("red-default", gpus=0)
+    body.pop("public_inference", None)
+    made = red.post("/v1/llm/model-endpoints", json=body)
+    assert made.status_code == 200, made.text
+    shown = red.get("/v1/llm/model-endpoints/red-default").json()
+    assert shown["spec"]["public_inference"] is False
+    assert blue.get("/v1/models").json()["data"] == []
+    chat = {"model": "red-default", "messages": [{"role": "user", "content": "x"}]}
+    assert blue.post("/v1/chat/completions", json=chat).status_code == 404
+
+
+def test_tasks_reach_only_the_routes_the_endpoint_serves(api_only: Appliance) -> None:
+    red = api_only.client(team_key(api_only.client(), "red"))
+    made = red.post(
+        "/v1/model-endpoints", json=standin_body("red-async", endpoint_type="async", gpus=0)
+    )
+    assert made.status_code == 200, made.text
+    eid = made.json()["endpoint_creation_task_id"]
+    for route in ("/tokenize", "/props", "/slots", "/metrics", "/v1/chat/completions/../x"):
+        reply = red.post(
+            f"/v1/async-tasks?model_endpoint_id={eid}",
+            json={"args": {"prompt": "hi"}, "route": route},
+        )
+        assert reply.status_code == 422 and "route" in reply.text, (route, reply.text)
+    ok = red.post(
+        f"/v1/async-tasks?model_endpoint_id={eid}",
+        json={"args": {"prompt": "hi", "max_tokens": 1}, "route": "/v1/completions"},
+    )
+    assert ok.status_code == 200, ok.text

@@ -21,6 +21,7 @@ from tests.builder.field_cases import ADMIN, USER, VLLM_FLAG_CASES, build, setti
 def models(tmp_path: Path) -> Path:
     models_dir = tmp_path / "models"
     (models_dir / "gemma-hf").mkdir(parents=True)
+    (models_dir / "gemma-hf" / "config.json").write_text("{}")
     (models_dir / "gemma.gguf").write_bytes(b"GGUF")
     return models_dir
 

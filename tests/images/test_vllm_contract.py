@@ -112,6 +112,7 @@ def standin_parse(module: ModuleType, argv: list[str]) -> str | None:
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models_dir = tmp_path_factory.mktemp("contract") / "models"
     (models_dir / "gemma-hf").mkdir(parents=True)
+    (models_dir / "gemma-hf" / "config.json").write_text("{}")
     return models_dir
 
 

@@ -22,6 +22,7 @@ from appliance.errors import NotFoundError
 from appliance.keys import Caller
 from appliance.models import Batch, Endpoint, Task
 from web import charts, forms, rates, views
+from web.render import STATIC_URL
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ root = APIRouter(include_in_schema=False)
 @root.get("/")
 def read_root() -> Response:
     return redirect("/ui/endpoints")
+
+
+@root.get("/favicon.ico")
+def read_favicon() -> Response:
+    """Browsers ask for it on every page; it needs no key (`api/gate.py`)."""
+    return redirect(f"{STATIC_URL}/favicon.svg")
 
 
 @router.get("")

@@ -1,0 +1,91 @@
+"""The api's outermost ASGI middleware, called by uvicorn for every request the fast lane does
+not carry: a body over its route's limit is a 413 before anything reads it (a declared length
+at once, a chunked body as soon as it passes the limit), before the key gate and before any
+parsing; and an error no handler answered is a 500 in the route's envelope that keeps the
+connection open, instead of uvicorn's plain 500 and a dropped keep-alive connection."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import answer, envelope_of
+from appliance.errors import ApplianceError, BadRequestError, BodyTooLargeError
+
+logger = logging.getLogger(__name__)
+
+MANAGEMENT_BODY_BYTES = 2 * 1024 * 1024  # endpoint specs, keys, config documents, UI forms
+FILE_BODY_BYTES = 513 * 1024 * 1024  # a 512 MiB batch file and its multipart framing
+FILE_PATHS = ("/v1/files",)
+
+
+class Shield:
+    def __init__(self, app: ASGIApp, inference_paths: frozenset[str], inference_bytes: int):
+        self.app = app
+        self.inference_paths = inference_paths
+        self.inference_bytes = inference_bytes
+
+    def limit(self, path: str) -> int:
+        """The largest body `path` accepts: inference and file routes take large ones."""
+        if path in self.inference_paths:
+            return self.inference_bytes
+        if path.startswith(FILE_PATHS):
+            return FILE_BODY_BYTES
+        return MANAGEMENT_BODY_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        limit = self.limit(path)
+        too_large = BodyTooLargeError(f"the request body is over this route's {limit} bytes")
+        length = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > limit:
+            await _error(send, path, too_large if length.isdigit() else _bad_length())
+            return
+        started = answered = False
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen, answered
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit and not answered:
+                if not started:  # the route's own answer, whatever it makes of this, is dropped
+                    answered = True
+                    await _error(send, path, too_large)
+                raise too_large
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except Exception as exc:
+            if answered:
+                return
+            if started:
+                raise  # half a reply is out: only closing the connection can end it
+            if not isinstance(exc, ApplianceError):
+                logger.exception("unanswered error on %s %s", scope.get("method"), path)
+                exc = ApplianceError("internal error; the api logged it")
+            await _error(send, path, exc)
+
+
+def _bad_length() -> ApplianceError:
+    return BadRequestError("Content-Length must be a byte count")
+
+
+async def _error(send: Send, path: str, exc: ApplianceError) -> None:
+    status, headers, body = answer(exc, envelope_of(path))
+    if status == 413:  # its body is not read: end the connection rather than read it through
+        headers = [*headers, (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,128 @@
+"""Connections the api does not keep: 2,000 half-sent requests (heads the fast lane waits on,
+and heads too long for it that uvicorn's protocol waits on) are closed after the header
+timeout, connections that never send a byte after the keep-alive timeout, and other clients
+are served throughout (their p99 is printed, not asserted)."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import selectors
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import ADMIN_KEY, Appliance, RedisServer
+
+HALF_SENT = 2000
+LONG_HEADS = 100  # of them: over the lane's 16 KiB head limit, so uvicorn's protocol waits
+IDLE = 50
+HEADER_TIMEOUT_S = 3
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Appliance]:
+    redis = RedisServer(tmp_path / "redis").start()
+    appliance = Appliance(
+        tmp_path / "api", redis, env_extra={"APPLIANCE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+    ).start(roles=("api",))
+    yield appliance
+    print(appliance.logs())
+    appliance.stop()
+    redis.stop()
+
+
+def open_files(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+
+def test_half_sent_and_idle_connections_are_closed(api: Appliance) -> None:
+    open_files(HALF_SENT + IDLE + 1024)
+    held: list[socket.socket] = []
+    for i in range(HALF_SENT + IDLE):
+        sock = socket.create_connection(("127.0.0.1", api.port), timeout=30)
+        if i < LONG_HEADS:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nx-pad: " + b"a" * 17_000)
+        elif i < HALF_SENT:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-le")
+        held.append(sock)  # the last IDLE send nothing at all
+    opened = time.monotonic()
+
+    latencies: list[float] = []
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def other_client() -> None:
+        with httpx.Client(base_url=api.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as c:
+            while not stop.is_set():
+                began = time.perf_counter()
+                statuses.append(c.get("/v1/llm/model-endpoints").status_code)
+                latencies.append(time.perf_counter() - began)
+                time.sleep(0.02)
+
+    client = threading.Thread(target=other_client)
+    client.start()
+    open_socks = set(held)
+    watch = selectors.DefaultSelector()  # epoll: select() stops at descriptor 1024
+    for sock in held:
+        watch.register(sock, selectors.EVENT_READ)
+    try:
+        deadline = time.monotonic() + HEADER_TIMEOUT_S + 60
+        while open_socks and time.monotonic() < deadline:
+            for ready, _ in watch.select(1):
+                sock = ready.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    closed = sock.recv(65536) == b""
+                except OSError:
+                    closed = True
+                if closed:
+                    open_socks.discard(sock)
+                    watch.unregister(sock)
+    finally:
+        watch.close()
+        stop.set()
+        client.join()
+        for sock in held:
+            sock.close()
+    took = time.monotonic() - opened
+    p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) > 1 else float("nan")
+    print(
+        f"{HALF_SENT} half-sent and {IDLE} idle connections: {len(held) - len(open_socks)} "
+        f"closed within {took:.1f} s (header timeout {HEADER_TIMEOUT_S} s); other client: "
+        f"{len(latencies)} requests, p99 {p99 * 1000:.1f} ms, median "
+        f"{statistics.median(latencies) * 1000:.1f} ms"
+    )
+    assert not open_socks, f"{len(open_socks)} connections were never closed"
+    assert statuses and set(statuses) == {200}, set(statuses)
+
+
+def test_connections_over_the_cap_are_closed_at_once(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    api = Appliance(tmp_path / "api", redis, env_extra={"APPLIANCE_MAX_CONNECTIONS": "16"})
+    api.start(roles=("api",))
+    held = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(40)]
+    try:
+        refused = 0
+        for sock in held[16:]:
+            sock.settimeout(2)
+            with contextlib.suppress(TimeoutError, OSError):
+                refused += sock.recv(1) == b""
+        assert refused >= len(held) - 16 - 2  # the health checks' own may still be closing
+        for sock in held:
+            sock.close()
+        assert httpx.get(api.url + "/healthz", timeout=10).status_code == 200  # room again
+    finally:
+        for sock in held:
+            sock.close()
+        api.stop()
+        redis.stop()
+    print(f"{refused} of {len(held)} connections over the cap of 16 were closed at once")

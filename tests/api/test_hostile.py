@@ -1,0 +1,267 @@
+"""Hostile input against a running api: every number bounded (a 422 naming the field, never a
+500), the keep-alive connection kept after an error, bodies over a route's limit refused before
+the key and before parsing, and the favicon served without a key."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from appliance import bus
+from tests.harness import ADMIN_KEY, Appliance, make_key
+
+EIGHT_GPUS = Path(__file__).parents[1] / "gpu" / "eight_h100.json"
+
+
+def body(name: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model_name": "acme/standin-1b",
+        "inference_framework": "vllm",
+        "gpus": 0,
+        "min_workers": 0,
+        "max_workers": 1,
+        "per_worker": 2,
+        **fields,
+    }
+
+
+class Raw:
+    """One keep-alive HTTP/1.1 connection, read and written by hand, so a test sees whether
+    the server kept it open after an answer."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.buf = b""
+
+    def ask(self, method: str, path: str, data: bytes = b"", key: str = ADMIN_KEY) -> int:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + data)
+        status, _ = self.answer()
+        return status
+
+    def answer(self) -> tuple[int, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        status = int(lines[0].split()[1])
+        if headers.get("transfer-encoding") == "chunked":
+            return status, self._chunks()
+        length = int(headers.get("content-length", "0"))
+        return status, self._take(length)
+
+    def _take(self, length: int) -> bytes:
+        while len(self.buf) < length:
+            self._more()
+        data, self.buf = self.buf[:length], self.buf[length:]
+        return data
+
+    def _chunks(self) -> bytes:
+        data = b""
+        while True:
+            while b"\r\n" not in self.buf:
+                self._more()
+            size, _, self.buf = self.buf.partition(b"\r\n")
+            chunk = self._take(int(size, 16) + 2)[:-2]
+            if not chunk:
+                return data
+            data += chunk
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buf += chunk
+
+
+def hostile_cases(team_key: str) -> list[tuple[str, dict[str, Any] | bytes, str, str]]:
+    """(what, body, key, field the 422 must name)."""
+    gguf = {"inference_framework": "llamacpp", "model_name": "x.gguf", "gpus": 0}
+    return [
+        ("per_worker 2^70", body("a", per_worker=2**70), ADMIN_KEY, "per_worker"),
+        ("startup 1e30", body("a", startup_timeout_seconds=1e30), ADMIN_KEY, "startup_timeout"),
+        ("idle 2^64", body("a", idle_timeout_seconds=2**64), ADMIN_KEY, "idle_timeout_seconds"),
+        ("priority 2^63", body("a", priority=2**63), ADMIN_KEY, "priority"),
+        ("cpus nan", body("a", cpus="nan"), ADMIN_KEY, "cpus"),
+        ("cpus inf", body("a", cpus="inf"), ADMIN_KEY, "cpus"),
+        ("cpus 1e6", body("a", cpus=1e6), ADMIN_KEY, "cpus"),
+        ("cpus 0", body("a", cpus="0"), ADMIN_KEY, "cpus"),
+        ("memory 0", body("a", memory=0), ADMIN_KEY, "memory"),
+        ("memory 1Ki", body("a", memory="1Ki"), ADMIN_KEY, "memory"),
+        ("memory past the box", body("a", memory="4096Ti"), ADMIN_KEY, "memory"),
+        ("gpus 10^6", body("a", gpus=1_000_000), ADMIN_KEY, "gpus"),
+        ("seed 2^64", body("a", seed=2**64, **gguf), ADMIN_KEY, "seed"),
+        ("template 200 KB", body("a", chat_template="x" * 200_000), ADMIN_KEY, "chat_template"),
+        ("timeout NaN", b'{"name": "a", "model_name": "x/y", "timeout_seconds": NaN}', ADMIN_KEY,
+         "timeout_seconds"),
+        ("metadata Infinity", b'{"name": "a", "model_name": "x/y", "metadata": {"m": [Infinity]}}',
+         ADMIN_KEY, "metadata.m[0]"),
+        ("a team's priority", body("a", priority=5), team_key, "priority"),
+        ("a team's high_priority", body("a", high_priority=True), team_key, "high_priority"),
+    ]  # fmt: skip
+
+
+def test_every_number_is_bounded_and_the_connection_survives(api_only: Appliance) -> None:
+    team = make_key(api_only, "red")
+    conn = Raw(api_only.port)
+    for what, sent, key, field in hostile_cases(team):
+        data = sent if isinstance(sent, bytes) else json.dumps(sent).encode()
+        for path in ("/v1/llm/model-endpoints", "/v1/model-endpoints"):
+            conn.sock.sendall(
+                f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
+            status, reply = conn.answer()
+            assert status == 422, (what, path, status, reply[:300])
+            assert field in reply.decode(), (what, reply[:300])
+            json.loads(reply)  # strict JSON: no NaN echoed back
+        assert conn.ask("GET", "/v1/llm/model-endpoints") == 200, what  # same connection
+    made = api_only.client().get("/v1/llm/model-endpoints").json()["model_endpoints"]
+    assert made == []
+
+
+def mark_ready(appliance: Appliance) -> None:
+    """What the builder would do once replicas serve (the api runs alone here)."""
+    from sqlmodel import select
+
+    from appliance.db import open_engine, session_scope
+    from appliance.models import Endpoint, EndpointStatus
+
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        for endpoint in session.exec(select(Endpoint)).all():
+            endpoint.status = EndpointStatus.READY
+            session.add(endpoint)
+    engine.dispose()
+
+
+def test_an_update_is_bounded_too(api_only: Appliance) -> None:
+    admin = api_only.client()
+    assert admin.post("/v1/llm/model-endpoints", json=body("b")).status_code == 200
+    team = api_only.client(make_key(api_only, "red"))
+    assert team.post("/v1/llm/model-endpoints", json=body("c")).status_code == 200
+    mark_ready(api_only)
+    for change, field in [
+        ({"per_worker": 2**70}, "per_worker"),
+        ({"cpus": "nan"}, "cpus"),
+        ({"memory": 0}, "memory"),
+        ({"priority": -(2**63)}, "priority"),
+        ({"metadata": {"x": 2.0, "y": [float("inf")]}}, "metadata.y[0]"),
+    ]:
+        reply = admin.put(
+            "/v1/llm/model-endpoints/b",
+            content=json.dumps(change).encode(),
+            headers={"content-type": "application/json"},
+        )
+        assert reply.status_code == 422 and field in reply.text, (change, reply.text)
+    refused = team.put("/v1/llm/model-endpoints/c", json={"priority": 1})
+    assert refused.status_code == 422 and "priority" in refused.text
+
+
+def test_gpus_past_the_box_is_a_422_that_says_how_many_it_has(api_only: Appliance) -> None:
+    store = redis.Redis.from_url(api_only.redis.url)
+    store.set(bus.GPUS_KEY, EIGHT_GPUS.read_text())  # as the builder reports them
+    store.close()
+    admin = api_only.client()
+    reply = admin.post("/v1/llm/model-endpoints", json=body("g", gpus=9, num_shards=9))
+    assert reply.status_code == 422 and "8 GPUs" in reply.text, reply.text
+    fits = admin.post("/v1/llm/model-endpoints", json=body("g", gpus=8, num_shards=8))
+    assert fits.status_code == 200, fits.text
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+BIG = 300 * 1024 * 1024
+CLIENTS = 10
+
+
+def send_big(port: int, path: str, chunked: bool, answers: list[int]) -> None:
+    """A 300 MB body with a made-up key, sent until the server answers (or hangs up)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    framing = "transfer-encoding: chunked" if chunked else f"content-length: {BIG}"
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer mea_made_up_key\r\n"
+        f"content-type: application/json\r\n{framing}\r\n\r\n".encode()
+    )
+    piece = b"[" + b"1," * 32767 + b"1"
+    framed = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+    sent = 0
+    try:
+        while sent < BIG:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            sock.sendall(framed)
+            sent += len(piece)
+    except OSError:
+        pass  # the server may hang up once it has answered: read its answer
+    try:
+        head = sock.recv(65536)
+        answers.append(int(head.split()[1]) if head else 0)
+    except OSError as exc:
+        answers.append(0)  # hung up without an answer: counted as a failure
+        print(f"{path} chunked={chunked} after {sent} bytes: {exc!r}")
+    finally:
+        sock.close()
+
+
+def test_huge_bodies_without_a_valid_key_are_never_read(api_only: Appliance) -> None:
+    """Ten parallel 300 MB bodies to management routes, half with a declared length, half
+    chunked: each is answered 401 or 413 and the api's peak memory grows by under 50 MB."""
+    pid = api_only.procs["api"].pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to the present size
+    before = peak_rss_bytes(pid)
+    answers: list[int] = []
+    paths = ["/v1/llm/model-endpoints", "/v1/api-keys", "/v1/config/apply", "/v1/files"]
+    threads = [
+        threading.Thread(
+            target=send_big, args=(api_only.port, paths[i % len(paths)], i % 2 == 1, answers)
+        )
+        for i in range(CLIENTS)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    grown = peak_rss_bytes(pid) - before
+    print(f"peak memory grew by {grown / 2**20:.1f} MiB over {CLIENTS} bodies of 300 MB")
+    assert sorted(answers) == sorted(a for a in answers if a in (401, 413)), answers
+    assert len(answers) == CLIENTS
+    assert grown < 50 * 2**20
+
+
+def test_a_management_body_over_its_limit_is_413_before_the_key(api_only: Appliance) -> None:
+    conn = Raw(api_only.port)
+    big = json.dumps(body("a", metadata={"x": "y" * 3_000_000})).encode()
+    assert conn.ask("POST", "/v1/llm/model-endpoints", big, key="mea_made_up") == 413
+    small = Raw(api_only.port)
+    assert small.ask("POST", "/v1/api-keys", b'{"name": 1}', key="mea_made_up") == 401
+    assert small.ask("POST", "/v1/api-keys", b'{"name": 1}') == 422  # kept open after a 401
+
+
+def test_the_favicon_needs_no_key(api_only: Appliance) -> None:
+    import httpx
+
+    reply = httpx.get(api_only.url + "/favicon.ico", follow_redirects=True)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("image/")
+    page = httpx.get(api_only.url + "/ui/sign-in")
+    assert 'rel="icon"' in page.text, page.status_code
+    assert os.path.basename(str(reply.url.path)).startswith("favicon")

@@ -1,0 +1,73 @@
+"""The api's outermost middleware (`api/shield.py`), driven as uvicorn drives it: an error no
+handler answered becomes a 500 in the route's envelope and is not raised on (uvicorn would
+drop the keep-alive connection), and a chunked body is cut off with a 413 as soon as it passes
+its route's limit, whatever the route makes of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from api.shield import MANAGEMENT_BODY_BYTES, Shield
+
+Message = dict[str, Any]
+
+
+def run(
+    app: Any, path: str, chunks: list[bytes], headers: list[tuple[bytes, bytes]]
+) -> list[Message]:
+    sent: list[Message] = []
+    pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+               for i, c in enumerate(chunks)]  # fmt: skip
+
+    async def receive() -> Message:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    asyncio.run(Shield(app, frozenset({"/v1/chat/completions"}), 1000)(scope, receive, send))
+    return sent
+
+
+async def broken(scope: Any, receive: Any, send: Any) -> None:
+    raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+
+async def reads_all(scope: Any, receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 400, "headers": []})
+    await send({"type": "http.response.body", "body": b"the route's own answer"})
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"), [("/v1/llm/model-endpoints", "detail"), ("/v1/chat/completions", "error")]
+)
+def test_an_unanswered_error_is_a_500_in_the_routes_envelope(path: str, shape: str) -> None:
+    sent = run(broken, path, [b"{}"], [])
+    assert sent[0]["status"] == 500
+    assert shape in json.loads(sent[1]["body"])
+    assert "SQLite" not in sent[1]["body"].decode()  # the cause is logged, not told
+
+
+def test_a_chunked_body_over_the_limit_is_413_once_it_passes_it() -> None:
+    piece = b"x" * (MANAGEMENT_BODY_BYTES // 4)
+    sent = run(reads_all, "/v1/api-keys", [piece] * 8, [])
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    small = run(reads_all, "/v1/api-keys", [b"{}"], [])
+    assert small[0]["status"] == 400  # under the limit: the route answers as it would
+
+
+def test_a_declared_length_over_the_limit_is_413_unread() -> None:
+    big = str(MANAGEMENT_BODY_BYTES + 1).encode()
+    sent = run(broken, "/v1/config/apply", [b""], [(b"content-length", big)])
+    assert sent[0]["status"] == 413
+    inference = run(reads_all, "/v1/chat/completions", [b""], [(b"content-length", b"1001")])
+    assert inference[0]["status"] == 413  # its own, configured limit
+    assert run(broken, "/v1/api-keys", [b""], [(b"content-length", b"-1")])[0]["status"] == 400

@@ -1,0 +1,92 @@
+"""What a non-administrator may pass to a replica: per framework, an allowlist of environment
+variables; a priority above 0 is an administrator's; a model path must be a model of the kind
+its server loads, so a request that would only crash-loop is a 422 at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import InvalidSpecError
+from tests.builder.field_cases import ADMIN, USER, build
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    models_dir = tmp_path / "models"
+    (models_dir / "hf").mkdir(parents=True)
+    (models_dir / "hf" / "config.json").write_text("{}")
+    (models_dir / "empty").mkdir()
+    (models_dir / "tiny.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (models_dir / "notes.txt").write_text("not a model")
+    return models_dir
+
+
+LLAMA = {"inference_framework": "llamacpp", "gpus": 0}
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"env": {"VLLM_SERVER_DEV_MODE": "1"}}, "VLLM_SERVER_DEV_MODE"),
+        ({"env": {"VLLM_PLUGINS": "evil"}}, "VLLM_PLUGINS"),
+        ({**LLAMA, "checkpoint_path": "tiny.gguf", "env": {"LLAMA_ARG_API_KEY": "x"}}, "API_KEY"),
+        ({**LLAMA, "checkpoint_path": "tiny.gguf", "env": {"LLAMA_ARG_ENDPOINT_SLOTS": "1"}},
+         "LLAMA_ARG_ENDPOINT_SLOTS"),
+        ({"priority": 1}, "priority"),
+        ({"high_priority": True}, "high_priority"),
+    ],
+)  # fmt: skip
+def test_a_user_may_not_set_what_changes_the_server(
+    models: Path, fields: dict[str, object], name: str
+) -> None:
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, fields, USER)
+    assert name in refused.value.message
+
+
+def test_a_user_may_tune_and_an_admin_may_do_more(models: Path) -> None:
+    tuned = build(models, {"env": {"VLLM_LOGGING_LEVEL": "DEBUG"}, "priority": -1}, USER)
+    assert tuned.env == {"VLLM_LOGGING_LEVEL": "DEBUG"} and tuned.priority == -1
+    assert build(models, {"env": {"VLLM_PLUGINS": "x"}, "priority": 5}, ADMIN).priority == 5
+    with pytest.raises(InvalidSpecError):  # the server's own key: nobody's to set
+        build(models, {**LLAMA, "checkpoint_path": "tiny.gguf", "env": {"LLAMA_ARG_API_KEY": "x"}})
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"checkpoint_path": "."}, "models directory itself"),
+        ({"checkpoint_path": "/models/"}, "models directory itself"),
+        ({**LLAMA, "checkpoint_path": "hf"}, "not a GGUF file"),
+        ({**LLAMA, "checkpoint_path": "notes.txt"}, "not a GGUF file"),
+        ({**LLAMA, "model_name": "empty"}, "not a GGUF file"),
+        ({"checkpoint_path": "empty"}, "config.json"),
+        ({"checkpoint_path": "notes.txt"}, "config.json"),
+    ],
+)
+def test_a_model_path_must_be_a_model_its_server_loads(
+    models: Path, fields: dict[str, object], why: str
+) -> None:
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, fields)
+    assert why in refused.value.message and refused.value.field == "checkpoint_path"
+
+
+def test_models_of_the_right_kind_pass(models: Path) -> None:
+    assert build(models, {"checkpoint_path": "hf"}).model == "/models/hf"
+    assert build(models, {"checkpoint_path": "tiny.gguf"}).model == "/models/tiny.gguf"
+    assert build(models, {**LLAMA, "checkpoint_path": "tiny.gguf"}).model == "/models/tiny.gguf"
+
+
+def test_a_setting_a_framework_does_not_use_is_refused(models: Path) -> None:
+    for fields, field in [
+        ({"command": ["sh"]}, "command"),
+        ({"port": 9000}, "port"),
+        ({**LLAMA, "checkpoint_path": "tiny.gguf", "max_num_seqs": 4}, "max_num_seqs"),
+        ({**LLAMA, "checkpoint_path": "tiny.gguf", "extra_flags": {"--x": 1}}, "extra_flags"),
+    ]:
+        with pytest.raises(InvalidSpecError) as refused:
+            build(models, fields)
+        assert refused.value.field == field
