@@ -18,6 +18,24 @@ REQUIRE_DOCKER = os.environ.get("APPLIANCE_TEST_REQUIRE_DOCKER") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The longest modules, run first: `scripts/test` runs pytest-xdist with one module per worker
+# at a time (--dist loadfile), and a long module handed out last would make the run's tail.
+SLOW_FIRST = (
+    "tests/e2e/test_vllm_real.py",
+    "tests/e2e/test_async_gemma.py",
+    "tests/api/test_schema.py",
+    "tests/api/test_workers.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module and among the rest is kept
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """The compiled build (scripts/compile) is a copy of the sources: refuse to test a stale
     one."""

@@ -19,6 +19,7 @@ import httpx
 import jsonschema
 import pytest
 
+from appliance.install import replica_key
 from builder.scale import parse_server_load
 from tests.e2e.lifecycle import container_state, create, describe, live_replicas, wait_status
 from tests.e2e.real_vllm import (
@@ -220,10 +221,14 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(appl: Appliance, gemma
     assert "<mask>" not in v1_text(appl, prompt, max_new_tokens=4)
 
 
-def stream_directly(url: str, results: list[int]) -> None:
-    """A long completion sent to the replica itself, not through the appliance."""
+def stream_directly(url: str, key: str, results: list[int]) -> None:
+    """A long completion sent to the replica itself (with the install's replica key), not
+    through the appliance."""
     body = {"model": NAME, "prompt": "Tell a long story.", "max_tokens": 300, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.stream(
+        "POST", url + "/v1/completions", json=body, headers=auth, timeout=600
+    ) as reply:
         for _ in reply.iter_bytes():
             pass
         results.append(reply.status_code)
@@ -242,7 +247,8 @@ def test_the_scaler_adds_a_replica_on_the_load_vllm_reports(appl: Appliance, gem
     url = replica_url(live_replicas(client, gemma)[0]["container_name"])
     assert parse_server_load(metrics(url)) == (0, 0)
     results: list[int] = []
-    threads = [threading.Thread(target=stream_directly, args=(url, results)) for _ in range(3)]
+    key = replica_key(appl.data_dir)
+    threads = [threading.Thread(target=stream_directly, args=(url, key, results)) for _ in range(3)]
     for thread in threads:
         thread.start()
     try:

@@ -1,4 +1,7 @@
-"""Fixtures of the UI tests: one headless Chromium per session (Debian's, see ENVIRONMENT.md)."""
+"""Fixtures of the UI tests: one headless Chromium per module (Debian's, see ENVIRONMENT.md).
+Not per session: Playwright's sync API keeps an event loop running on the thread while it is
+open, and tests that run after it in the same process (pytest-xdist mixes modules) call
+`asyncio.run`."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 from tests.web.browser import CHROMIUM, CHROMIUM_ARGS
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         why = f"{CHROMIUM} is missing (scripts/setup-host installs Debian's chromium)"
