@@ -110,12 +110,14 @@ def inflight_by_replica(appliance: Appliance, endpoint: str) -> dict[str, float]
 
 
 def test_load_spreads_by_outstanding_requests(appl: Appliance) -> None:
+    urls = [replica_url(c) for c in containers_of(appl, "pair")]  # before the load: docker is slow
+
     def one(_: int) -> int:
         with httpx.stream(
             "POST",
             appl.url + "/v1/chat/completions",
             headers=AUTH,
-            json=chat("pair", 100, stream=True),
+            json=chat("pair", 400, stream=True),  # 8 s a stream: still running when counted
             timeout=60,
         ) as reply:
             for _ in reply.iter_bytes():
@@ -130,7 +132,6 @@ def test_load_spreads_by_outstanding_requests(appl: Appliance) -> None:
             "8 streams in flight",
         )
         assert sorted(seen.values()) == [4.0, 4.0], seen
-        urls = [replica_url(c) for c in containers_of(appl, "pair")]
         assert sorted(running_on(u) for u in urls) == [4.0, 4.0]
         assert list(results) == [200] * 8
 
