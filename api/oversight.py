@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fastapi.responses import Response
 from sqlmodel import Session
 
 from api.times import iso
@@ -47,6 +48,15 @@ def usage_query(
 
 def read_lines(session: Session, query: usage.Query) -> list[usage.Line]:
     return usage.read(usage.driver(session), query)
+
+
+def csv_reply(lines: list[usage.Line]) -> Response:
+    """The usage rows as the CSV file `GET /v1/usage?format=csv` and the UI's link download."""
+    return Response(
+        usage.to_csv(lines, iso),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": 'attachment; filename="usage.csv"'},
+    )
 
 
 MAX_ID = 2**62  # SQLite's integers

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
+from api import oversight
 from api.deps import CallerDep, SessionDep, require
 from api.oversight import read_lines, usage_query
 from api.times import iso, parse_time
@@ -50,11 +51,7 @@ def read_usage(
     )
     lines = read_lines(session, query)
     if format == "csv":
-        return Response(
-            usage.to_csv(lines, iso),
-            media_type="text/csv; charset=utf-8",
-            headers={"content-disposition": 'attachment; filename="usage.csv"'},
-        )
+        return oversight.csv_reply(lines)
     body: dict[str, Any] = {
         "object": "usage",
         "granularity": granularity,

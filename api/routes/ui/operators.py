@@ -10,7 +10,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from api import oversight, times
+from api import oversight
 from api.deps import SessionDep
 from api.routes.ui.respond import need, page
 from api.ui_session import SignedInDep
@@ -80,12 +80,7 @@ def read_usage_csv(
     team: str | None = None,
 ) -> Response:
     need(ui.caller, "manage")
-    lines = oversight.read_lines(session, _query(ui, granularity, team))
-    return Response(
-        usage.to_csv(lines, times.iso),
-        media_type="text/csv; charset=utf-8",
-        headers={"content-disposition": 'attachment; filename="usage.csv"'},
-    )
+    return oversight.csv_reply(oversight.read_lines(session, _query(ui, granularity, team)))
 
 
 @router.get("/audit")
