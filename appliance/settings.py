@@ -22,8 +22,15 @@ class Settings(BaseSettings):
     models_volume: str | None = Field(
         None, description="Named volume holding the models (compose); replaces the bind mount."
     )
-    hf_cache_volume: str = Field(
-        "appliance-hf-cache", description="Named volume shared by replicas as Hugging Face cache."
+    hf_cache_dir: Path | None = Field(
+        None,
+        description="The Hugging Face cache as the appliance's processes see it: weights are "
+        "downloaded into it before a vLLM replica starts (default: `hf-cache` in the data dir).",
+    )
+    hf_cache_volume: str | None = Field(
+        None,
+        description="Named volume holding the Hugging Face cache (compose), mounted into vLLM "
+        "replicas; unset, replicas bind the cache directory.",
     )
     hf_token: str | None = Field(None, description="Hugging Face token for gated models.")
     redis_url: str | None = Field(
@@ -176,6 +183,11 @@ class Settings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "appliance.db"
+
+    @property
+    def hf_cache_path(self) -> Path:
+        """The Hugging Face cache directory (`hub/` inside holds the snapshots)."""
+        return self.hf_cache_dir or self.data_dir / "hf-cache"
 
     @property
     def models_source_dir(self) -> Path:

@@ -59,7 +59,9 @@ class Applier:
             sources = {self.settings.models_volume}
         else:
             sources = {str(self.settings.models_source_dir.resolve())}
-        return sources | {self.settings.hf_cache_volume}
+        return sources | {
+            self.settings.hf_cache_volume or str(self.settings.hf_cache_path.resolve())
+        }
 
     def apply(self, action: Action) -> None:
         handler: Callable[[Any], None] = getattr(self, f"_{type(action).__name__}")

@@ -147,7 +147,10 @@ def _mounts(endpoint: Endpoint, settings: Settings) -> tuple[Mount, ...]:
         models = Mount(str(settings.models_source_dir.resolve()), MODELS_MOUNT)
     mounts = [models]
     if endpoint.framework == Framework.VLLM:
-        mounts.append(Mount(settings.hf_cache_volume, HF_CACHE_MOUNT, False, "volume"))
+        if settings.hf_cache_volume:
+            mounts.append(Mount(settings.hf_cache_volume, HF_CACHE_MOUNT, False, "volume"))
+        else:
+            mounts.append(Mount(str(settings.hf_cache_path.resolve()), HF_CACHE_MOUNT, False))
     return tuple(mounts)
 
 
