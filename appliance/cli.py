@@ -27,6 +27,8 @@ from appliance.settings import Settings, get_settings, settings_table
 logger = logging.getLogger(__name__)
 
 ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.worker.serve"}
+# run by the builder in a container of its own with the box's GPUs, not by `up` or compose
+AGENT_ROLES = {"gpu-agent": "gpu.agent"}
 REDIS_START_TIMEOUT_S = 10.0
 
 
@@ -41,7 +43,7 @@ def _run_role(role: str, settings: Settings) -> None:
             "source; reinstall the appliance (pip install .) or run scripts/compile"
         )
     logger.info("%s: %s build", role, build.describe())
-    main: Callable[[Settings], None] = importlib.import_module(ROLES[role]).main
+    main: Callable[[Settings], None] = importlib.import_module({**ROLES, **AGENT_ROLES}[role]).main
     main(settings)
 
 
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("up", help="run api, builder and worker together")
     for role in ROLES:
         sub.add_parser(role, help=f"run the {role} role")
+    sub.add_parser("gpu-agent", help="publish the GPU inventory (the builder starts it)")
     sub.add_parser("version", help="print the version")
     sub.add_parser("settings", help="print every setting with its default, as a table")
     health = sub.add_parser("health", help="exit 0 when a role is alive (health checks)")

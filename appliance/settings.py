@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Images an admin approved for the custom framework and image overrides.",
     )
+    gpu_agent_image: str | None = Field(
+        None,
+        description="Image of the GPU agent the builder starts with the box's GPUs to read "
+        "NVML (compose: the appliance's own image); unset, the builder reads NVML itself.",
+    )
     docker_gpu_runtime: bool = Field(
         True, description="Request GPUs from the NVIDIA container runtime for GPU replicas."
     )

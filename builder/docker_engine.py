@@ -19,7 +19,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
-from builder.specs import LABEL_INSTALL, ContainerSpec
+from builder.specs import LABEL_INSTALL, LABEL_ROLE, ContainerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ STOP_TIMEOUT_S = 10
 
 class DockerUnavailableError(RuntimeError):
     """The Docker Engine did not answer; the builder retries on its next tick."""
+
+
+class GpuAgentError(RuntimeError):
+    """The GPU agent's container could not start: no NVIDIA container runtime, most often."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,12 @@ def _tar(path: str, content: bytes) -> bytes:
         info.size, info.mode = len(content), 0o600
         archive.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
+
+
+def _words(exc: docker.errors.DockerException) -> str:
+    """The Docker Engine's own explanation, without the HTTP wrapping."""
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc)
 
 
 def _address(container: Container, port: int | None, network: str | None) -> str | None:
@@ -101,7 +111,45 @@ class DockerEngine:
             )
         except docker.errors.DockerException as exc:
             raise DockerUnavailableError(str(exc)) from exc
-        return [_info(c) for c in found]
+        return [_info(c) for c in found if LABEL_ROLE not in c.labels]
+
+    def ensure_gpu_agent(self, image: str, env: dict[str, str], network: str | None) -> None:
+        """Start the GPU agent (`gpu/agent.py`) with every GPU, unless it already runs."""
+        name = f"appliance-{self.install_id}-gpu-agent"
+        try:
+            self.remove_gpu_agent(only_stopped=True)
+            if self._client.containers.list(filters={"name": f"^{name}$"}):
+                return
+            container = self._client.containers.create(
+                image,
+                command=["gpu-agent"],
+                name=name,
+                environment=env,
+                labels={LABEL_INSTALL: self.install_id, LABEL_ROLE: "gpu-agent"},
+                device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])],
+                network=network,
+                restart_policy={"Name": "unless-stopped"},  # type: ignore[arg-type]
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                pids_limit=64,
+                mem_limit=256 * 1024**2,
+                log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
+            )
+        except docker.errors.DockerException as exc:
+            raise GpuAgentError(_words(exc)) from exc
+        try:
+            container.start()
+        except docker.errors.DockerException as exc:
+            container.remove(force=True)
+            raise GpuAgentError(_words(exc)) from exc
+
+    def remove_gpu_agent(self, *, only_stopped: bool = False) -> None:
+        """Remove this install's GPU agent (a stopped one only, when asked)."""
+        labels = [f"{LABEL_INSTALL}={self.install_id}", f"{LABEL_ROLE}=gpu-agent"]
+        filters: dict[str, str | list[str] | bool] = {"label": labels}
+        for container in self._client.containers.list(all=True, filters=filters):
+            if not only_stopped or container.status != "running":
+                container.remove(force=True)
 
     def ensure_image(self, image: str) -> bool:
         """True when the image is present; otherwise pulls it (slow) and says so."""

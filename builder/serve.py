@@ -13,8 +13,9 @@ from appliance.install import install_id
 from appliance.settings import Settings
 from builder.apply import Applier
 from builder.docker_engine import DockerEngine
+from builder.gpu_agent import AgentGpuSource
 from builder.loop import BuilderLoop
-from gpu.inventory import load_gpu_source
+from gpu.inventory import GpuSource, load_gpu_source
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,17 @@ def main(settings: Settings) -> None:
     applier = Applier(
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
-    gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
-    loop = BuilderLoop(
-        engine, docker, applier, load_gpu_source(gpu_file), redis, settings.reconcile_interval_s
-    )
+    gpus: GpuSource
+    if settings.gpu_agent_image and not settings.gpu_inventory_file:
+        env = {"APPLIANCE_REDIS_URL": str(settings.redis_url), "APPLIANCE_LOG_LEVEL": "WARNING"}
+        gpus = agent = AgentGpuSource(
+            docker, redis, settings.gpu_agent_image, env, settings.replica_network
+        )
+    else:
+        agent = None
+        gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
+        gpus = load_gpu_source(gpu_file)
+    loop = BuilderLoop(engine, docker, applier, gpus, redis, settings.reconcile_interval_s)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -40,4 +48,6 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGINT, on_signal)
     logger.info("builder started for install %s", docker.install_id)
     loop.run(stop)
+    if agent is not None:
+        agent.close()
     docker.close()

@@ -34,6 +34,7 @@ LABEL_GENERATION = "appliance.generation"
 LABEL_SPEC_HASH = "appliance.spec-hash"
 LABEL_GPUS = "appliance.gpus"
 LABEL_GPU_FRACTION = "appliance.gpu-fraction"
+LABEL_ROLE = "appliance.role"  # a container of the appliance's own that is not a replica
 # vLLM on CPU sizes its KV cache from the host's free memory, not the container's limit: a
 # CPU replica gets this share of its memory limit instead (VLLM_CPU_KVCACHE_SPACE, GiB), unless
 # its env says otherwise.

@@ -1,5 +1,6 @@
-"""The compose install: locally built images come up healthy, answer on the api's port, and
-`docker compose down` leaves nothing running."""
+"""The compose install, with the repository's compose.yaml alone on this GPU-less box: locally
+built images come up healthy, a llama.cpp endpoint serves, and `docker compose down` leaves
+nothing running."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.lifecycle import standin_body
-from tests.harness import ADMIN_KEY, BASE_IMAGE, VLLM_IMAGE, free_port, wait_until
+from tests.harness import (
+    ADMIN_KEY,
+    BASE_IMAGE,
+    GEMMA_FILE,
+    LLAMACPP_IMAGE,
+    MODELS_DIR,
+    free_port,
+    wait_until,
+)
 
 ROOT = Path(__file__).parents[1]
 APPLIANCE_IMAGE = os.environ.get("APPLIANCE_IMAGE", "model-engine-appliance:test")
@@ -28,8 +36,6 @@ def compose(project: str, env: dict[str, str], *args: str) -> subprocess.Complet
         project,
         "-f",
         str(ROOT / "compose.yaml"),
-        "-f",
-        str(ROOT / "tests/compose/cpu.yaml"),
         *args,
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -55,7 +61,7 @@ def stack(docker_ready: None) -> Iterator[tuple[str, dict[str, str], int]]:
         "APPLIANCE_HF_CACHE_VOLUME": f"{project}-hf",
         "APPLIANCE_PORT": str(port),
         "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
-        "APPLIANCE_VLLM_IMAGE": VLLM_IMAGE,
+        "APPLIANCE_LLAMACPP_IMAGE": LLAMACPP_IMAGE,
     }
     yield project, env, port
     down = compose(project, env, "down", "-v", "--timeout", "10")
@@ -77,6 +83,29 @@ def replicas_on(project: str, *flags: str) -> list[str]:
     cmd = ["docker", "ps", "-q", *flags, "--filter", f"network={project}"]
     cmd += ["--filter", "label=appliance.endpoint"]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+
+
+def client_for(port: int) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=60,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+
+
+def gemma_on_cpu(name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "model_name": "gemma-3-270m",
+        "inference_framework": "llamacpp",
+        "checkpoint_path": GEMMA_FILE,
+        "gpus": 0,
+        "min_workers": 1,
+        "max_workers": 1,
+        "per_worker": 1,
+        "labels": {},
+        "metadata": {},
+    }
 
 
 def test_compose_up_is_healthy_and_down_leaves_nothing(
@@ -106,18 +135,20 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
     unauthenticated = httpx.get(f"http://127.0.0.1:{port}/v1/llm/model-endpoints", timeout=5)
     assert unauthenticated.status_code == 401
 
+    # no NVIDIA runtime here: the GPU agent cannot start, and the inventory says so
+    gpus = client_for(port).get("/v1/gpus").json()
+    assert gpus["gpus"] == [] and "GPU agent" in gpus["message"], gpus
+
+    # the model file into the models volume, as an operator would copy it
+    copied = compose(project, env, "cp", str(MODELS_DIR / GEMMA_FILE), f"api:/models/{GEMMA_FILE}")
+    assert copied.returncode == 0, copied.stderr
     # a replica started by the builder in its container joins the appliance's network
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}",
-        timeout=60,
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-    )
-    # the stand-in on one of the override's faked GPUs (tests/compose/cpu.yaml)
-    created = client.post("/v1/llm/model-endpoints", json=standin_body("in-compose"))
+    client = client_for(port)
+    created = client.post("/v1/llm/model-endpoints", json=gemma_on_cpu("in-compose"))
     assert created.status_code == 200, created.text
     wait_until(
         lambda: client.get("/v1/llm/model-endpoints/in-compose").json()["status"] == "READY",
-        90,
+        120,
         "the endpoint in compose",
     )
     chat = client.post(
