@@ -29,7 +29,11 @@ def main(settings: Settings) -> None:
     )
     gpus: GpuSource
     if settings.gpu_agent_image and not settings.gpu_inventory_file:
-        env = {"APPLIANCE_REDIS_URL": str(settings.redis_url), "APPLIANCE_LOG_LEVEL": "WARNING"}
+        env = {
+            "APPLIANCE_REDIS_URL": str(settings.redis_url),
+            "APPLIANCE_LOG_LEVEL": "WARNING",
+            "NVIDIA_DRIVER_CAPABILITIES": "utility",  # NVML is all the agent needs
+        }
         gpus = agent = AgentGpuSource(
             docker, redis, settings.gpu_agent_image, env, settings.replica_network
         )
