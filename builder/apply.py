@@ -59,9 +59,11 @@ class Applier:
             sources = {self.settings.models_volume}
         else:
             sources = {str(self.settings.models_source_dir.resolve())}
-        return sources | {
-            self.settings.hf_cache_volume or str(self.settings.hf_cache_path.resolve())
-        }
+        return sources | self.writable_sources()
+
+    def writable_sources(self) -> set[str]:
+        """The Hugging Face cache: vLLM replicas write their compiled kernels and locks there."""
+        return {self.settings.hf_cache_volume or str(self.settings.hf_cache_path.resolve())}
 
     def apply(self, action: Action) -> None:
         handler: Callable[[Any], None] = getattr(self, f"_{type(action).__name__}")
@@ -121,12 +123,13 @@ class Applier:
             )
 
     def _create(self, endpoint_id: str, spec: ContainerSpec) -> ContainerInfo:
-        policy.check_spec(spec, allowed_sources=self.allowed_sources())
+        sources, writable = self.allowed_sources(), self.writable_sources()
+        policy.check_spec(spec, allowed_sources=sources, writable=writable)
         if not self.docker.ensure_image(spec.image):
             self._event(endpoint_id, "pulled", f"pulled image {spec.image}")
         info = self.docker.create(spec)
         broken = policy.violations(
-            self.docker.inspect(info.id), allowed_sources=self.allowed_sources()
+            self.docker.inspect(info.id), allowed_sources=sources, writable=writable
         )
         if broken:
             self.docker.remove(info.id, stop_timeout_s=0)

@@ -24,6 +24,7 @@ def main(settings: Settings) -> None:
     engine = open_engine(settings.database_path)
     redis = bus.connect(str(settings.redis_url))
     docker = DockerEngine(settings.docker_host, install_id(settings.data_dir))
+    settings.hf_cache_path.mkdir(parents=True, exist_ok=True)  # replicas bind it
     applier = Applier(
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )

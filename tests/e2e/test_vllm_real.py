@@ -31,7 +31,7 @@ from tests.e2e.real_vllm import (
     replica_url,
     vllm_body,
 )
-from tests.harness import Appliance, wait_until
+from tests.harness import GEMMA_FILE, LLAMACPP_IMAGE, Appliance, wait_until
 
 NAME = "gemma-vllm"
 TRAFFIC_PAUSE_S = 0.5  # between a sender's requests: steady traffic that leaves the new
@@ -56,7 +56,10 @@ PERSON_PROMPT = (
 
 @pytest.fixture(scope="module")
 def appl(make_module_appliance: Callable[..., Appliance]) -> Appliance:
-    return make_module_appliance(APPLIANCE_ACTIVATION_TIMEOUT_S=str(READY_TIMEOUT_S))
+    return make_module_appliance(
+        APPLIANCE_ACTIVATION_TIMEOUT_S=str(READY_TIMEOUT_S),
+        APPLIANCE_APPROVED_IMAGES=json.dumps([LLAMACPP_IMAGE]),  # for a custom endpoint
+    )
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +222,91 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(appl: Appliance, gemma
     kept = v1_text(appl, prompt, max_new_tokens=4, skip_special_tokens=False)
     assert "<mask>" in kept, kept
     assert "<mask>" not in v1_text(appl, prompt, max_new_tokens=4)
+
+
+# Every call of LLM Engine's client against one install with a vLLM, a llama.cpp and a custom
+# endpoint live at once (the client's enums know only vLLM: the others are listed as what
+# docs/llm-engine.md says).
+EVERY_CALL = """
+import asyncio
+from llmengine import File, FineTune
+from llmengine.data_types import (
+    CreateBatchCompletionsModelConfig, CreateBatchCompletionsRequestContent)
+
+def words(call):
+    try:
+        return ["ok", call()]
+    except Exception as exc:
+        return [type(exc).__name__, str(exc)]
+
+result = {}
+result["list"] = sorted(
+    [m.name, m.inference_framework.value] for m in Model.list().model_endpoints)
+result["get"] = [Model.get(n).status.value for n in NAMES]
+Model.update("one-llama", max_workers=2)
+got = Model.get("one-llama").spec
+result["updated"] = [got.deployment_state.max_workers, got.labels]
+result["download"] = words(lambda: sorted(Model.download("one-llama").urls))
+for name in NAMES:
+    result[name] = [
+        words(lambda: Completion.create(model=name, prompt="One, two,", max_new_tokens=3,
+                                        temperature=0.0).output.text),
+        words(lambda: asyncio.run(Completion.acreate(
+            model=name, prompt="One, two,", max_new_tokens=3, temperature=0.0)).output.text),
+        words(lambda: "".join(c.output.text for c in Completion.create(
+            model=name, prompt="One, two,", max_new_tokens=3, temperature=0.0, stream=True)
+            if c.output)),
+    ]
+content = CreateBatchCompletionsRequestContent(
+    prompts=["Count: 1,", "Count: 5,"], max_new_tokens=2, temperature=0.0)
+config = CreateBatchCompletionsModelConfig(model="one-llama", labels={"team": "test"})
+job = Completion.batch_create(output_data_path="o.jsonl", model_config=config, content=content)
+result["batch"] = job.job_id
+second = Completion.batch_create(output_data_path="p.jsonl", model_config=config, content=content)
+result["cancel"] = words(lambda: Completion.cancel_batch_completion(second.job_id))
+made = File.upload(open(PATH, "rb"))
+result["file"] = [File.get(made.id).size, made.id in [f.id for f in File.list().files],
+                  File.download(made.id).content, File.delete(made.id).deleted]
+result["fine_tune"] = words(lambda: FineTune.list())
+"""
+
+
+def test_every_llmengine_call_on_one_install_with_vllm_llamacpp_and_custom_endpoints(
+    appl: Appliance, gemma: str, tmp_path: Any
+) -> None:
+    client = appl.client()
+    llama = {"name": "one-llama", "model_name": "gemma-3-270m", "labels": {"team": "ml"}}
+    llama |= {"inference_framework": "llamacpp", "checkpoint_path": GEMMA_FILE, "metadata": {}}
+    custom = {"name": "one-custom", "model_name": "gemma", "labels": {}, "metadata": {}}
+    custom |= {"inference_framework": "custom", "image": LLAMACPP_IMAGE, "port": 8080}
+    custom |= {"healthcheck_route": "/health", "command": ["-m", f"/models/{GEMMA_FILE}"]}
+    custom["command"] += ["--host", "0.0.0.0", "--port", "8080", "--alias", "one-custom"]
+    made = [
+        create(client, {**body, "min_workers": 1, "max_workers": 1, "per_worker": 2})
+        for body in (llama, custom)
+    ]
+    for endpoint_id in made:
+        wait_status(client, endpoint_id, "READY", timeout_s=180)
+    appl.start_role("worker")
+    upload = tmp_path / "notes.txt"
+    upload.write_text("kept as written")
+    names = [NAME, "one-llama", "one-custom"]
+    out = llmengine(appl, f"NAMES = {names!r}\nPATH = {str(upload)!r}\n" + EVERY_CALL)
+    print(json.dumps(out, indent=1))
+    assert out["list"] == sorted(
+        [[NAME, "vllm"], ["one-llama", "llamacpp"], ["one-custom", "custom"]]
+    )
+    assert out["get"] == ["READY"] * 3
+    assert out["updated"] == [2, {"team": "ml"}]
+    assert out["download"][0] == "ok" and GEMMA_FILE in json.dumps(out["download"][1])
+    for name in (NAME, "one-llama"):
+        assert [call[0] for call in out[name]] == ["ok"] * 3, out[name]
+        assert all(call[1] for call in out[name]), out[name]
+    assert out["batch"] and out["cancel"][0] == "ok"
+    assert out["file"] == [15, True, "kept as written", True]
+    assert out["fine_tune"][0] != "ok" and "not available" in out["fine_tune"][1]
+    for endpoint_id in made:
+        assert client.delete(f"/v1/model-endpoints/{endpoint_id}").status_code == 200
 
 
 def stream_directly(url: str, key: str, results: list[int]) -> None:
