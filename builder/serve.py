@@ -40,4 +40,5 @@ def main(settings: Settings) -> None:
     signal.signal(signal.SIGINT, on_signal)
     logger.info("builder started for install %s", docker.install_id)
     loop.run(stop)
+    loop.images.close()
     docker.close()
