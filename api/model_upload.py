@@ -189,3 +189,21 @@ def record(
         "replaced": replaced,
         "model": f"{MODELS_MOUNT}/{upload.final.name}",
     }
+
+
+async def upload(
+    name: str,
+    body: AsyncIterator[bytes],
+    declared: str | None,
+    overwrite: bool,
+    caller: Caller,
+    engine: Engine,
+    settings: Settings,
+    address: str | None,
+) -> dict[str, Any]:
+    """One upload from its checks to its answer: what the API's and the UI's routes call.
+    `declared` is the request's Content-Length header, if any."""
+    length = int(declared) if declared and declared.isdigit() else None
+    replaces = await to_thread.run_sync(admit, name, overwrite, length, caller, engine, settings)
+    done = await receive(name, body, overwrite, settings)
+    return await to_thread.run_sync(record, done, replaces, caller, engine, address)

@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from api import hf_models, images, model_files, model_upload, storage
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
@@ -38,14 +37,16 @@ async def upload_model_file(
     overwrite: bool = Query(False, description="Replace an existing file (administrators)."),
 ) -> JSONResponse:
     """The request body is the GGUF file, streamed to disk; answers its size and sha256."""
-    length = request.headers.get("content-length")
-    declared = int(length) if length and length.isdigit() else None
-    settings, engine = state.settings, state.engine
-    replaces = await run_in_threadpool(
-        model_upload.admit, name, overwrite, declared, caller, engine, settings
+    answer = await model_upload.upload(
+        name,
+        request.stream(),
+        request.headers.get("content-length"),
+        overwrite,
+        caller,
+        state.engine,
+        state.settings,
+        address,
     )
-    upload = await model_upload.receive(name, request.stream(), overwrite, settings)
-    answer = await run_in_threadpool(model_upload.record, upload, replaces, caller, engine, address)
     return JSONResponse(answer, status_code=201)
 
 
