@@ -116,6 +116,8 @@ def admit(
     if exists:
         if not overwrite:
             raise _exists(name)
+        if path.is_dir():
+            raise ConflictError(f"{name!r} is a folder; delete it first", field="name")
         with session_scope(engine) as session:
             users = model_files.users_of(name, queries.all_endpoints(session=session))
         storage.refuse_in_use(f"model file {name!r}", users, "name")

@@ -27,7 +27,15 @@ def read_model_files(caller: CallerDep, session: SessionDep, state: StateDep) ->
     return model_files.read_model_files(caller, session, state.settings)
 
 
-@router.put("/model-files/{name}", status_code=201)
+GGUF_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.put("/model-files/{name}", status_code=201, openapi_extra=GGUF_BODY)
 async def upload_model_file(
     name: str,
     request: Request,
