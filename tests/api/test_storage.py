@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +18,38 @@ import pytest
 
 from tests.api.test_tenancy import team_key
 from tests.e2e.lifecycle import standin_body
-from tests.harness import Appliance, RedisServer, wait_until
+from tests.harness import GEMMA_FILE, MODELS_DIR, Appliance, RedisServer, wait_until
 
 LIMIT_BYTES = 1024 * 1024
 GGUF = b"GGUF" + os.urandom(300_000)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Appliance]:
-    """The api alone, with its own models directory, HF cache and a 1 MiB upload limit."""
-    redis = RedisServer(tmp_path / "redis").start()
-    (tmp_path / "models").mkdir()
+@contextmanager
+def started_store(workdir: Path, limit: int) -> Iterator[Appliance]:
+    """The api alone, with its own models directory and HF cache, and an upload limit."""
+    redis = RedisServer(workdir / "redis").start()
+    (workdir / "models").mkdir()
     appliance = Appliance(
-        tmp_path / "api",
+        workdir / "api",
         redis,
         env_extra={
-            "APPLIANCE_MODELS_DIR": str(tmp_path / "models"),
-            "APPLIANCE_HF_CACHE_DIR": str(tmp_path / "hf"),
-            "APPLIANCE_MODEL_UPLOAD_MAX_BYTES": str(LIMIT_BYTES),
+            "APPLIANCE_MODELS_DIR": str(workdir / "models"),
+            "APPLIANCE_HF_CACHE_DIR": str(workdir / "hf"),
+            "APPLIANCE_MODEL_UPLOAD_MAX_BYTES": str(limit),
         },
     ).start(roles=("api",))
-    yield appliance
-    print(appliance.logs())
-    appliance.stop()
-    redis.stop()
+    try:
+        yield appliance
+    finally:
+        print(appliance.logs())
+        appliance.stop()
+        redis.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Appliance]:
+    with started_store(tmp_path, LIMIT_BYTES) as appliance:
+        yield appliance
 
 
 def models_dir(appliance: Appliance) -> Path:
@@ -247,3 +256,26 @@ def test_hf_models_listed_with_users_and_deleted_when_unused(store: Appliance) -
     assert admin.delete("/v1/storage/hf-models/acme/unused-1b").status_code == 404
     left = [r["repo_id"] for r in admin.get("/v1/storage/hf-models").json()["data"]]
     assert left == ["acme/cached-1b"]
+
+
+def peak_memory_bytes(pid: int) -> int:
+    """The process's largest resident size so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def test_a_large_upload_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
+    """The real model (about 240 MiB) goes through while the api's peak memory grows by far
+    less than its size."""
+    gemma = MODELS_DIR / GEMMA_FILE
+    with started_store(tmp_path, 2**40) as appliance, gemma.open("rb") as body:
+        pid = appliance.procs["api"].pid
+        before = peak_memory_bytes(pid)
+        made = upload(appliance.client(), GEMMA_FILE, body)
+        assert made.status_code == 201, made.text
+        grown = peak_memory_bytes(pid) - before
+        assert made.json()["sha256"] == hashlib.sha256(gemma.read_bytes()).hexdigest()
+        assert grown < gemma.stat().st_size / 4, f"the api grew by {grown} bytes"
+        assert everything_in(models_dir(appliance)) == [GEMMA_FILE]
