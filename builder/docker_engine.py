@@ -12,7 +12,7 @@ import io
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import docker
@@ -203,7 +203,7 @@ class DockerEngine:
         stream = self._managed(container_id).logs(stream=True, follow=True, tail=tail)
         yield from stream
 
-    def images(self, refs: Iterable[str]) -> list[ImageInfo]:
+    def images(self, refs: list[str]) -> list[ImageInfo]:
         """Each named image as this box has it (absent ones too); reads only."""
         try:
             users: dict[str, int] = {}

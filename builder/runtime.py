@@ -8,7 +8,7 @@ methods; `docs/scaling-out.md` says what each would map to.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 from builder.docker_engine import ContainerInfo, ImageInfo
@@ -48,7 +48,7 @@ class ContainerRuntime(Protocol):
         """A replica's output as it comes, for the logs route."""
         ...
 
-    def images(self, refs: Iterable[str]) -> list[ImageInfo]:
+    def images(self, refs: list[str]) -> list[ImageInfo]:
         """Each named image as the runtime has it, absent ones too (read only)."""
         ...
 
