@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import pytest
 
 from tests.api.test_tenancy import team_key
 from tests.e2e.lifecycle import standin_body
-from tests.harness import GEMMA_FILE, MODELS_DIR, Appliance, RedisServer, wait_until
+from tests.harness import ADMIN_KEY, GEMMA_FILE, MODELS_DIR, Appliance, RedisServer, wait_until
 
 LIMIT_BYTES = 1024 * 1024
 GGUF = b"GGUF" + os.urandom(300_000)
@@ -154,7 +155,7 @@ def test_an_interrupted_upload_leaves_nothing(store: Appliance) -> None:
     head = (
         "PUT /v1/storage/model-files/cut.gguf HTTP/1.1\r\n"
         f"Host: 127.0.0.1:{store.port}\r\n"
-        f"Authorization: Bearer {store.client().headers['authorization'].split()[1]}\r\n"
+        f"Authorization: Bearer {ADMIN_KEY}\r\n"
         "Content-Type: application/octet-stream\r\n"
         f"Content-Length: {len(GGUF)}\r\n\r\n"
     )
@@ -279,3 +280,25 @@ def test_a_large_upload_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
         assert made.json()["sha256"] == hashlib.sha256(gemma.read_bytes()).hexdigest()
         assert grown < gemma.stat().st_size / 4, f"the api grew by {grown} bytes"
         assert everything_in(models_dir(appliance)) == [GEMMA_FILE]
+
+
+def test_an_upload_cut_by_a_stopped_api_is_removed_at_the_next_start(store: Appliance) -> None:
+    """The api killed mid-upload leaves its hidden partial file; the next start removes it."""
+    folder = models_dir(store)
+    head = (
+        "PUT /v1/storage/model-files/killed.gguf HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{store.port}\r\n"
+        f"Authorization: Bearer {ADMIN_KEY}\r\n"
+        f"Content-Length: {len(GGUF)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", store.port)) as sock:
+        sock.sendall(head.encode() + GGUF[:100_000])
+        wait_until(
+            lambda: any(n.startswith(".upload-") for n in everything_in(folder)),
+            10,
+            "the upload to start writing",
+        )
+        store.stop_role("api", signal.SIGKILL)
+    assert any(n.startswith(".upload-") for n in everything_in(folder))
+    store.start_role("api")
+    wait_until(lambda: everything_in(folder) == [], 30, "the partial file to be removed")
