@@ -138,6 +138,8 @@ def test_over_the_limit_leaves_nothing(store: Appliance) -> None:
     big = b"GGUF" + b"\0" * LIMIT_BYTES
     declared = upload(admin, "big.gguf", big)  # Content-Length: refused before reading
     assert declared.status_code == 413, declared.text
+    page = httpx.put(store.url + "/ui/models/files/big.gguf", content=big)  # the UI's: one rule
+    assert page.status_code == 413, page.text
 
     def chunks() -> Iterator[bytes]:  # no length: cut once it passes the limit
         for start in range(0, len(big), 64 * 1024):

@@ -64,6 +64,14 @@ def test_upload_deploy_and_delete_on_the_models_page(
     assert shown == hashlib.sha256(GEMMA.read_bytes()).hexdigest()
     page.wait_for_selector(f'tr[data-file="{GEMMA_FILE}"]')
     assert (models / GEMMA_FILE).read_bytes() == GEMMA.read_bytes()
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_bytes(b"just text, not a model\n")
+    page.set_input_files("#u-file", str(not_gguf))
+    page.click("[data-upload-button]")
+    page.wait_for_function(
+        "() => document.querySelector('[data-upload-state]').textContent.includes('not a GGUF')"
+    )
+    assert "notes.gguf" not in os.listdir(models)
     spare = tmp_path / "spare-source.gguf"
     spare.write_bytes(b"GGUF" + os.urandom(40_000))
     upload_with_form(page, spare, save_as="spare.gguf")
