@@ -26,6 +26,7 @@ STATUS: dict[type[errors.ApplianceError], int] = {
     errors.BadRequestError: 400,
     errors.InvalidSpecError: 422,
     errors.BodyTooLargeError: 413,
+    errors.InsufficientStorageError: 507,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,
     errors.AuthError: 401,
@@ -75,6 +76,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (502, "The replica failed"),
         (503, "No capacity; retry after Retry-After"),
         (504, "The replica timed out"),
+        (507, "No room on the disk"),
     ]
 }
 

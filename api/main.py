@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from api import errors
+from api import errors, model_files
 from api.deps import AppState
 from api.gate import KeyGate
 from api.inference.asgi import InferenceRoutes
@@ -37,6 +37,7 @@ from api.routes import (
     model_download,
     model_endpoints,
     openai,
+    storage,
     tasks,
     ui,
     usage,
@@ -60,8 +61,11 @@ logger = logging.getLogger(__name__)
 
 
 def prepare(settings: Settings) -> None:
-    """What happens once per start, before any api worker is forked: the schema migration and,
-    on the first start, the admin key (printed once)."""
+    """What happens once per start, before any api worker is forked: the schema migration,
+    on the first start the admin key (printed once), and the removal of model uploads a
+    stopped api left half written."""
+    if model_files.remove_partial_uploads(settings.models_dir):
+        logger.info("removed model uploads left unfinished by the last run")
     engine = open_engine(settings.database_path)
     try:
         with session_scope(engine) as session:
@@ -176,7 +180,12 @@ def create_app(
             allow_headers=["authorization", "content-type", "x-api-key"],
         )
     inference = frozenset(p.path for p in PATHS)
-    app.add_middleware(Shield, inference_paths=inference, inference_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        Shield,
+        inference_paths=inference,
+        inference_bytes=settings.max_body_bytes,
+        model_upload_bytes=settings.model_upload_max_bytes,
+    )
     app.include_router(health.router)
     app.include_router(model_download.router, responses=errors.ERROR_RESPONSES)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
@@ -193,6 +202,7 @@ def create_app(
     app.include_router(usage.router, responses=errors.ERROR_RESPONSES)
     app.include_router(audit.router, responses=errors.ERROR_RESPONSES)
     app.include_router(config.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(storage.router, responses=errors.ERROR_RESPONSES)
     app.include_router(
         ui.router, responses=errors.ERROR_RESPONSES
     )  # the web UI, and its static files below

@@ -18,20 +18,32 @@ logger = logging.getLogger(__name__)
 MANAGEMENT_BODY_BYTES = 2 * 1024 * 1024  # endpoint specs, keys, config documents, UI forms
 FILE_BODY_BYTES = 513 * 1024 * 1024  # a 512 MiB batch file and its multipart framing
 FILE_PATHS = ("/v1/files",)
+# Model uploads: the API's and the UI's; their limit is `Settings.model_upload_max_bytes`.
+MODEL_UPLOAD_PATHS = ("/v1/storage/model-files/", "/ui/models/files/")
 
 
 class Shield:
-    def __init__(self, app: ASGIApp, inference_paths: frozenset[str], inference_bytes: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        inference_paths: frozenset[str],
+        inference_bytes: int,
+        model_upload_bytes: int = MANAGEMENT_BODY_BYTES,
+    ):
         self.app = app
         self.inference_paths = inference_paths
         self.inference_bytes = inference_bytes
+        self.model_upload_bytes = model_upload_bytes
 
     def limit(self, path: str) -> int:
-        """The largest body `path` accepts: inference and file routes take large ones."""
+        """The largest body `path` accepts: inference, file and model upload routes take large
+        ones."""
         if path in self.inference_paths:
             return self.inference_bytes
         if path.startswith(FILE_PATHS):
             return FILE_BODY_BYTES
+        if path.startswith(MODEL_UPLOAD_PATHS):
+            return self.model_upload_bytes
         return MANAGEMENT_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

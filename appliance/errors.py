@@ -5,6 +5,7 @@ ApplianceError
 │   ├── PolicyViolationError    a container spec breaks the security policy (422)
 │   └── BadRequestError         a request the route cannot read, or its endpoint cannot honour (400)
 ├── BodyTooLargeError           the request body is over the limit (413)
+├── InsufficientStorageError    the disk has no room for what the request would store (507)
 ├── NotFoundError               no such object, or not the caller's (404)
 │   ├── NoSuchEndpointError
 │   └── NoSuchTaskError
@@ -46,6 +47,10 @@ class BadRequestError(InvalidSpecError):
 
 class BodyTooLargeError(ApplianceError):
     """The request body is over `max_body_bytes`."""
+
+
+class InsufficientStorageError(ApplianceError):
+    """What the request would store does not fit on the disk; the message gives the numbers."""
 
 
 class NotFoundError(ApplianceError):

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
         120.0, description="How long a request waits for a ready replica before a 503."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, description="Largest request body accepted.")
+    model_upload_max_bytes: int = Field(
+        128 * 2**30,
+        ge=1,
+        le=2**50,
+        description="Largest model file an upload (`PUT /v1/storage/model-files/{name}`, the "
+        "UI's Models page) may send; a larger one is refused with 413 and leaves nothing behind.",
+    )
     upstream_timeout_s: float = Field(
         600.0,
         gt=0,

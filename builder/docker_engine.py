@@ -1,7 +1,9 @@
 """The Docker adapter: the only module that imports `docker`. Used by the builder's loop only.
 
 It lists, creates, inspects and removes containers that carry this install's labels, and never
-acts on a container without them.
+acts on a container without them. It also reads the images it is asked about and removes one
+by name when the builder's image keeper (`builder/images.py`) asks, refusing any image a
+container (of any install, or none) still uses.
 """
 
 from __future__ import annotations
@@ -48,6 +50,21 @@ class ContainerInfo:
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One image name as this box has it: its id and size, and how many containers (of any
+    install, running or not) were created from it. `id` None: not on this box."""
+
+    ref: str
+    id: str | None
+    size_bytes: int | None
+    containers: int
+
+
+class ImageInUseError(RuntimeError):
+    """A container still uses the image; it is not removed."""
 
 
 def _tar(path: str, content: bytes) -> bytes:
@@ -233,3 +250,44 @@ class DockerEngine:
     def follow_logs(self, container_id: str, tail: int) -> Iterator[bytes]:
         stream = self._managed(container_id).logs(stream=True, follow=True, tail=tail)
         yield from stream
+
+    def images(self, refs: list[str]) -> list[ImageInfo]:
+        """Each named image as this box has it (absent ones too); reads only."""
+        try:
+            users: dict[str, int] = {}
+            for container in self._client.containers.list(all=True, sparse=True):
+                image_id = str(container.attrs.get("ImageID", ""))
+                users[image_id] = users.get(image_id, 0) + 1
+            return [self._image(ref, users) for ref in refs]
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(str(exc)) from exc
+
+    def _image(self, ref: str, users: dict[str, int]) -> ImageInfo:
+        try:
+            image = self._client.images.get(ref)
+        except docker.errors.NotFound:
+            return ImageInfo(ref, None, None, 0)
+        except docker.errors.APIError as exc:
+            if exc.status_code is not None and exc.status_code < 500:  # not a reference at all
+                return ImageInfo(ref, None, None, 0)
+            raise
+        size = int(image.attrs.get("Size") or 0)
+        return ImageInfo(ref, image.id, size, users.get(image.id or "", 0))
+
+    def remove_image(self, ref: str) -> list[str]:
+        """Remove the name `ref` (the image itself when it was its last name), unless a
+        container uses the image; returns what Docker did ("untagged ...", "deleted ...")."""
+        found = self.images([ref])[0]
+        if found.id is None:
+            return []
+        if found.containers:
+            raise ImageInUseError(f"{found.containers} container(s) use {ref}")
+        try:
+            done = self._client.api.remove_image(ref, force=False, noprune=False)
+        except docker.errors.NotFound:
+            return []
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # a container was created from it meanwhile
+                raise ImageInUseError(str(exc.explanation or exc)) from exc
+            raise
+        return [f"{kind.lower()} {what}" for item in done or [] for kind, what in item.items()]

@@ -24,6 +24,7 @@ from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import metering
 from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
+from builder.images import ImageKeeper
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.reconcile import Observed, SetDesired, plan
@@ -78,6 +79,7 @@ class BuilderLoop:
             "GPU inventory: %d GPUs. %s", len(self._inventory.gpus), self._inventory.message
         )
         self.logs = LogShipper(self.docker, self.redis)
+        self.images = ImageKeeper(self.docker, self.redis, self.applier.settings)
         self._publish_inventory()
 
     def _health(self, replicas: list[Replica], routes: dict[str, str]) -> dict[str, bool]:
@@ -120,6 +122,7 @@ class BuilderLoop:
         if observed.now - self._accrued_at >= metering.ACCRUE_EVERY_S:
             self._accrue(observed.now)
         self._ship_logs(observed)
+        self.images.tick(observed.endpoints)  # lists and prunes on its own thread
         self._scale(observed)
         actions = plan(observed)
         for action in actions:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from builder.docker_engine import ContainerInfo
+from builder.docker_engine import ContainerInfo, ImageInfo
 from builder.specs import ContainerSpec
 
 
@@ -46,6 +46,14 @@ class ContainerRuntime(Protocol):
 
     def follow_logs(self, container_id: str, tail: int) -> Iterator[bytes]:
         """A replica's output as it comes, for the logs route."""
+        ...
+
+    def images(self, refs: list[str]) -> list[ImageInfo]:
+        """Each named image as the runtime has it, absent ones too (read only)."""
+        ...
+
+    def remove_image(self, ref: str) -> list[str]:
+        """Remove one image name, refused (ImageInUseError) while a container uses it."""
         ...
 
     def close(self) -> None: ...

@@ -55,4 +55,5 @@ def main(settings: Settings) -> None:
     loop.run(stop)
     if agent is not None:
         agent.close()
+    loop.images.close()
     docker.close()

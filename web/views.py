@@ -236,3 +236,31 @@ def duration(start: float | None, end: float | None) -> str:
         return "—"
     seconds = end - start
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+@dataclass(frozen=True)
+class DiskCard:
+    """One filesystem on the Models page: what it holds and how full it is."""
+
+    key: str
+    label: str
+    path: str
+    free: int
+    total: int
+    used_pct: float
+
+
+def disk_cards(disk: Mapping[str, Any]) -> list[DiskCard]:
+    """The models directory's filesystem, and the Hugging Face cache's when it is another."""
+
+    def card(key: str, label: str, usage: Mapping[str, Any]) -> DiskCard:
+        total = int(usage["total_bytes"])
+        used_pct = round(100 * int(usage["used_bytes"]) / total, 1) if total else 0.0
+        return DiskCard(key, label, str(usage["path"]), int(usage["free_bytes"]), total, used_pct)
+
+    if disk["same_filesystem"]:
+        return [card("models", "Models and Hugging Face cache", disk["models_dir"])]
+    return [
+        card("models", "Models directory", disk["models_dir"]),
+        card("hf-cache", "Hugging Face cache", disk["hf_cache"]),
+    ]

@@ -2,6 +2,7 @@
 // - [data-poll]: refresh a region from a fragment URL (paused while the tab is hidden)
 // - [data-logs]: follow an endpoint's logs over a streamed response
 // - [data-playground]: chat with streamed tokens
+// - [data-upload]: send a model file as a request body, with its progress
 // - [data-confirm] forms, [data-copy] buttons
 "use strict";
 (() => {
@@ -202,6 +203,57 @@
         send.disabled = false;
         stop.hidden = true;
       }
+    });
+  }
+
+  // --- model upload ---------------------------------------------------------------------
+  const uploadForm = document.querySelector("[data-upload]");
+  if (uploadForm) setUpUpload(uploadForm);
+
+  function setUpUpload(form) {
+    const state = form.querySelector("[data-upload-state]");
+    const bar = form.querySelector("[data-progress]");
+    const button = form.querySelector("[data-upload-button]");
+    const limit = Number(form.dataset.limit);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const file = form.querySelector("#u-file").files[0];
+      if (!file) { state.textContent = "Choose a GGUF file first."; return; }
+      if (file.size > limit) { state.textContent = `${file.name} is over the ${limit} byte limit.`; return; }
+      const name = form.querySelector("#u-name").value.trim() || file.name;
+      const overwrite = form.querySelector("#u-overwrite")?.checked ? "?overwrite=true" : "";
+      const xhr = new XMLHttpRequest();
+      xhr.open("PUT", `/ui/models/files/${encodeURIComponent(name)}${overwrite}`);
+      xhr.setRequestHeader("x-csrf-token", csrf);
+      xhr.setRequestHeader("content-type", "application/octet-stream");
+      xhr.upload.addEventListener("progress", (e) => {
+        if (!e.lengthComputable) return;
+        bar.value = Math.floor((100 * e.loaded) / e.total);
+        state.textContent = `Uploading ${name}: ${bar.value}%`;
+      });
+      xhr.addEventListener("load", () => {
+        button.disabled = false;
+        let body = {};
+        try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+        if (xhr.status === 201) {
+          state.dataset.sha256 = body.sha256;
+          state.textContent = `Uploaded ${body.name} (${body.bytes} bytes, sha256 ${body.sha256}).`;
+          setTimeout(() => window.location.reload(), 1500);
+        } else {
+          bar.hidden = true;
+          state.textContent = describe(body) || `The upload failed (${xhr.status}).`;
+        }
+      });
+      xhr.addEventListener("error", () => {
+        button.disabled = false;
+        bar.hidden = true;
+        state.textContent = "The upload was cut off; nothing was kept. Try again.";
+      });
+      bar.hidden = false;
+      bar.value = 0;
+      button.disabled = true;
+      state.textContent = `Uploading ${name}…`;
+      xhr.send(file);
     });
   }
 

@@ -11,6 +11,7 @@ mounted by `api.main`.
     keys            API keys
     playground      chat page and its streamed completions
     operators       usage (and its CSV) and the audit log
+    models          model files, Hugging Face cache models and images: upload, delete, prune
     sampler         counters into Redis for the charts (the lifespan)
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes.ui import endpoint_forms, keys, operators, pages, playground, signin
+from api.routes.ui import endpoint_forms, keys, models, operators, pages, playground, signin
 from api.routes.ui.pages import root
 from api.routes.ui.sampler import sampling
 
@@ -31,3 +32,4 @@ router.include_router(pages.router)
 router.include_router(keys.router)
 router.include_router(playground.router)
 router.include_router(operators.router)
+router.include_router(models.router)

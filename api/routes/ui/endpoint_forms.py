@@ -5,13 +5,15 @@ with the signed-in caller; errors go back to the form next to their field. Inclu
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
 from api.deps import AppState, SessionDep, StateDep, address_of
 from api.endpoint_service import create_endpoint, delete_endpoint, owned, update_endpoint
+from api.model_files import model_choices
 from api.routes.ui.respond import FormDep, need, not_found, page, redirect
 from api.schemas import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
 from api.ui_session import ChangeDep, SignedInDep, UiSession
@@ -21,18 +23,14 @@ from appliance.models import Endpoint
 from web import forms
 
 MODEL_FILES_SHOWN = 50
+PREFILLED = ("model", "framework")  # what a link (the Models page's "Deploy") may fill in
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def model_files(state: AppState) -> list[str]:
-    """Files in the models directory, offered as suggestions in the model field."""
-    root = state.settings.models_dir
-    try:
-        found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-    except OSError:
-        return []
-    return found[:MODEL_FILES_SHOWN]
+def model_files(state: AppState) -> list[dict[str, Any]]:
+    """Entries of the models directory (GGUF files first), offered in the model field."""
+    return model_choices(state.settings)[:MODEL_FILES_SHOWN]
 
 
 def _form_page(
@@ -57,9 +55,17 @@ def _form_page(
 
 
 @router.get("/endpoints/new")
-def read_new_endpoint(request: Request, ui: SignedInDep, state: StateDep) -> Response:
+def read_new_endpoint(
+    request: Request,
+    ui: SignedInDep,
+    state: StateDep,
+    model: str = Query("", max_length=255),
+    framework: str = Query("", max_length=16),
+) -> Response:
     need(ui.caller, "manage")
-    return _form_page(request, ui, state, forms.DEFAULTS, {})
+    given = {name: value for name, value in zip(PREFILLED, (model, framework), strict=True)}
+    values = {**forms.DEFAULTS, **{k: v for k, v in given.items() if v}}
+    return _form_page(request, ui, state, values, {})
 
 
 @router.post("/endpoints/new")

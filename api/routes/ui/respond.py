@@ -18,6 +18,7 @@ from web import render
 
 NAV = (
     ("endpoints", "Endpoints", "/ui/endpoints"),
+    ("models", "Models", "/ui/models"),
     ("playground", "Playground", "/ui/playground"),
     ("gpus", "GPUs", "/ui/gpus"),
     ("tasks", "Tasks", "/ui/tasks"),

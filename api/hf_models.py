@@ -1,0 +1,103 @@
+"""The Hugging Face cache (`Settings.hf_cache_path / "hub"`) as the storage routes and the UI's
+Models page see it: each cached repository with its snapshots (revisions), sizes and the
+endpoints that use it, read with `huggingface_hub.scan_cache_dir`; and the deletion of a
+repository no endpoint uses. An endpoint uses a repository when it is a vLLM endpoint whose
+`model` is the repository's id (not a path under `/models`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CachedRepoInfo, scan_cache_dir
+from huggingface_hub.errors import CacheNotFound
+from sqlmodel import Session
+
+from api import storage
+from appliance import audit, queries
+from appliance.errors import NotFoundError
+from appliance.keys import Caller
+from appliance.models import Endpoint, Framework
+from appliance.settings import Settings
+from builder.specs import is_local_model
+
+
+def hub_dir(settings: Settings) -> Path:
+    return settings.hf_cache_path / "hub"
+
+
+def users_of(repo_id: str, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+    return [
+        e
+        for e in endpoints
+        if e.framework == Framework.VLLM and not is_local_model(e.model) and e.model == repo_id
+    ]
+
+
+def _scan(settings: Settings) -> tuple[list[CachedRepoInfo], list[str]]:
+    """The cached repositories by id, and what the scan could not read."""
+    try:
+        info = scan_cache_dir(hub_dir(settings))
+    except CacheNotFound:
+        return [], []
+    repos = sorted(info.repos, key=lambda r: (r.repo_type, r.repo_id))
+    return repos, [str(w) for w in info.warnings]
+
+
+def _repo(repo: CachedRepoInfo) -> dict[str, Any]:
+    revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+    return {
+        "repo_id": repo.repo_id,
+        "repo_type": repo.repo_type,
+        "size_bytes": repo.size_on_disk,
+        "files": repo.nb_files,
+        "last_accessed_at": repo.last_accessed,
+        "last_modified_at": repo.last_modified,
+        "revisions": [
+            {
+                "commit": r.commit_hash,
+                "refs": sorted(r.refs),
+                "size_bytes": r.size_on_disk,
+                "files": r.nb_files,
+                "last_modified_at": r.last_modified,
+            }
+            for r in revisions
+        ],
+    }
+
+
+def read_hf_models(caller: Caller, session: Session, settings: Settings) -> dict[str, Any]:
+    """`GET /v1/storage/hf-models`: the cached repositories with "used by", and the disk."""
+    endpoints = queries.all_endpoints(session=session)
+    repos, problems = _scan(settings)
+    data = [
+        {**_repo(repo), **storage.used_by(users_of(repo.repo_id, endpoints), caller)}
+        for repo in repos
+    ]
+    return {"data": data, "problems": problems, "disk": storage.disk(settings)["hf_cache"]}
+
+
+def delete_repo(
+    repo_id: str, caller: Caller, session: Session, settings: Settings, address: str | None
+) -> dict[str, Any]:
+    """Delete a cached model repository (every snapshot) no endpoint uses (409 naming those
+    that do)."""
+    storage.require_admin(caller, "delete a cached model")
+    repos, _ = _scan(settings)
+    found = next((r for r in repos if r.repo_id == repo_id and r.repo_type == "model"), None)
+    if found is None:
+        raise NotFoundError(f"no model {repo_id!r} in the Hugging Face cache", field="repo_id")
+    users = users_of(repo_id, queries.all_endpoints(session=session))
+    storage.refuse_in_use(f"model {repo_id!r}", users, "repo_id")
+    audit.record(
+        session, caller, "hf-model.delete", repo_id, {"bytes": found.size_on_disk}, address
+    )
+    path = Path(found.repo_path)
+    if path.resolve().parent != hub_dir(settings).resolve():
+        raise NotFoundError(f"no model {repo_id!r} in the Hugging Face cache", field="repo_id")
+    shutil.rmtree(path)  # under the write lock: no endpoint is created on it meanwhile
+    session.commit()
+    return {"repo_id": repo_id, "deleted": True, "freed_bytes": found.size_on_disk}

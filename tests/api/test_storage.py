@@ -1,0 +1,306 @@
+"""The storage API on a real api process (real Redis, SQLite, a private models directory and
+Hugging Face cache): GGUF uploads streamed to disk with their sha256, refused names, bodies
+over the limit and interrupted uploads that leave nothing behind, "used by" per team, deletes
+refused while an endpoint uses the file or snapshot, and the disk figures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.test_tenancy import team_key
+from tests.e2e.lifecycle import standin_body
+from tests.harness import ADMIN_KEY, GEMMA_FILE, MODELS_DIR, Appliance, RedisServer, wait_until
+
+LIMIT_BYTES = 1024 * 1024
+GGUF = b"GGUF" + os.urandom(300_000)
+
+
+@contextmanager
+def started_store(workdir: Path, limit: int) -> Iterator[Appliance]:
+    """The api alone, with its own models directory and HF cache, and an upload limit."""
+    redis = RedisServer(workdir / "redis").start()
+    (workdir / "models").mkdir()
+    appliance = Appliance(
+        workdir / "api",
+        redis,
+        env_extra={
+            "APPLIANCE_MODELS_DIR": str(workdir / "models"),
+            "APPLIANCE_HF_CACHE_DIR": str(workdir / "hf"),
+            "APPLIANCE_MODEL_UPLOAD_MAX_BYTES": str(limit),
+        },
+    ).start(roles=("api",))
+    try:
+        yield appliance
+    finally:
+        print(appliance.logs())
+        appliance.stop()
+        redis.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Appliance]:
+    with started_store(tmp_path, LIMIT_BYTES) as appliance:
+        yield appliance
+
+
+def models_dir(appliance: Appliance) -> Path:
+    return Path(appliance.env()["APPLIANCE_MODELS_DIR"])
+
+
+def everything_in(folder: Path) -> list[str]:
+    """Every name in the folder, hidden ones (uploads in progress) included."""
+    return sorted(os.listdir(folder))
+
+
+def upload(client: httpx.Client, name: str, body: Any, **params: Any) -> httpx.Response:
+    return client.put(f"/v1/storage/model-files/{name}", content=body, params=params)
+
+
+def listed(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    reply = client.get("/v1/storage/model-files")
+    assert reply.status_code == 200, reply.text
+    return {entry["name"]: entry for entry in reply.json()["data"]}
+
+
+def test_upload_is_streamed_checked_and_listed(store: Appliance) -> None:
+    admin, folder = store.client(), models_dir(store)
+    made = upload(admin, "tiny.gguf", GGUF)
+    assert made.status_code == 201, made.text
+    assert made.json() == {
+        "name": "tiny.gguf",
+        "bytes": len(GGUF),
+        "sha256": hashlib.sha256(GGUF).hexdigest(),
+        "replaced": False,
+        "model": "/models/tiny.gguf",
+    }
+    assert (folder / "tiny.gguf").read_bytes() == GGUF
+    entry = listed(admin)["tiny.gguf"]
+    assert (entry["size_bytes"], entry["kind"], entry["gguf"]) == (len(GGUF), "file", True)
+    assert (entry["used_by"], entry["used_by_other_teams"]) == ([], 0)
+
+    # The same name again: refused unless an administrator asks to replace it.
+    again = upload(admin, "tiny.gguf", b"GGUF" + b"x" * 10)
+    assert again.status_code == 409 and "overwrite=true" in again.json()["detail"]
+    assert (folder / "tiny.gguf").read_bytes() == GGUF
+    team = httpx.Client(base_url=store.url, headers={"x-api-key": team_key(admin, "red")})
+    assert upload(team, "tiny.gguf", b"GGUF1", overwrite="true").status_code == 403
+    replaced = upload(admin, "tiny.gguf", b"GGUF" + b"y" * 10, overwrite="true")
+    assert replaced.status_code == 201 and replaced.json()["replaced"] is True
+    assert (folder / "tiny.gguf").read_bytes() == b"GGUF" + b"y" * 10
+
+    # A team's key with `manage` uploads too; a key without it does not.
+    assert upload(team, "red.gguf", GGUF).status_code == 201
+    reader = admin.post("/v1/api-keys", json={"name": "ro", "scopes": ["inference"]}).json()
+    ro = httpx.Client(base_url=store.url, headers={"x-api-key": reader["key"]})
+    assert upload(ro, "ro.gguf", GGUF).status_code == 403
+    assert everything_in(folder) == ["red.gguf", "tiny.gguf"]
+    disk = admin.get("/v1/storage/disk").json()
+    assert 0 < disk["models_dir"]["free_bytes"] <= disk["models_dir"]["total_bytes"]
+    assert disk["hf_cache"]["path"].endswith("/hf")
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("notes.txt", 422),  # not .gguf
+        (".hidden.gguf", 422),
+        ("..gguf", 422),
+        ("a b.gguf", 422),
+        ("%2E%2E%2Fescape.gguf", 404),  # an encoded '/' never matches the route
+        ("..%2F..%2Fescape.gguf", 404),
+    ],
+)
+def test_bad_names_are_refused(store: Appliance, name: str, status: int) -> None:
+    reply = upload(store.client(), name, GGUF)
+    assert reply.status_code == status, reply.text
+    assert everything_in(models_dir(store)) == []
+    assert not (models_dir(store).parent / "escape.gguf").exists()
+
+
+def test_a_file_that_is_not_gguf_leaves_nothing(store: Appliance) -> None:
+    reply = upload(store.client(), "fake.gguf", b"PK\x03\x04" + b"z" * 100_000)
+    assert reply.status_code == 422 and "GGUF" in reply.json()["detail"]
+    assert everything_in(models_dir(store)) == []
+
+
+def test_over_the_limit_leaves_nothing(store: Appliance) -> None:
+    admin, folder = store.client(), models_dir(store)
+    big = b"GGUF" + b"\0" * LIMIT_BYTES
+    declared = upload(admin, "big.gguf", big)  # Content-Length: refused before reading
+    assert declared.status_code == 413, declared.text
+    page = httpx.put(store.url + "/ui/models/files/big.gguf", content=big)  # the UI's: one rule
+    assert page.status_code == 413, page.text
+
+    def chunks() -> Iterator[bytes]:  # no length: cut once it passes the limit
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    chunked = upload(admin, "big.gguf", chunks())
+    assert chunked.status_code == 413, chunked.text
+    wait_until(lambda: everything_in(folder) == [], 10, "no partial file left")
+    assert "big.gguf" not in listed(admin)
+
+
+def test_an_interrupted_upload_leaves_nothing(store: Appliance) -> None:
+    """The client sends half of a declared body and closes the connection."""
+    folder = models_dir(store)
+    head = (
+        "PUT /v1/storage/model-files/cut.gguf HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{store.port}\r\n"
+        f"Authorization: Bearer {ADMIN_KEY}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(GGUF)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", store.port)) as sock:
+        sock.sendall(head.encode() + GGUF[: len(GGUF) // 2])
+        wait_until(
+            lambda: any(n.startswith(".upload-") for n in everything_in(folder)),
+            10,
+            "the upload to start writing",
+        )
+    wait_until(lambda: everything_in(folder) == [], 15, "the partial upload to be removed")
+    assert "cut.gguf" not in listed(store.client())
+
+
+def test_delete_is_refused_while_in_use_and_used_by_is_per_team(store: Appliance) -> None:
+    admin, folder = store.client(), models_dir(store)
+    red_key, blue_key = team_key(admin, "red"), team_key(admin, "blue")
+    red = httpx.Client(base_url=store.url, headers={"x-api-key": red_key})
+    blue = httpx.Client(base_url=store.url, headers={"x-api-key": blue_key})
+    assert upload(admin, "used.gguf", GGUF).status_code == 201
+    assert upload(admin, "spare.gguf", GGUF).status_code == 201
+    body = {
+        "name": "red-gemma",
+        "model_name": "used.gguf",
+        "inference_framework": "llamacpp",
+        "gpus": 0,
+        "min_workers": 0,
+        "max_workers": 1,
+        "per_worker": 1,
+        "labels": {},
+        "metadata": {},
+    }
+    made = red.post("/v1/llm/model-endpoints", json=body)
+    assert made.status_code == 200, made.text
+
+    mine, theirs = listed(red)["used.gguf"], listed(blue)["used.gguf"]
+    assert [u["name"] for u in mine["used_by"]] == ["red-gemma"]
+    assert (mine["used_by_other_teams"], theirs["used_by"], theirs["used_by_other_teams"]) == (
+        0,
+        [],
+        1,
+    )
+    assert red.delete("/v1/storage/model-files/spare.gguf").status_code == 403  # admins only
+    refused = admin.delete("/v1/storage/model-files/used.gguf")
+    assert refused.status_code == 409
+    assert "red-gemma" in refused.json()["detail"]
+    assert (folder / "used.gguf").read_bytes() == GGUF
+    replace = upload(admin, "used.gguf", GGUF, overwrite="true")
+    assert replace.status_code == 409 and "red-gemma" in replace.json()["detail"]
+
+    gone = admin.delete("/v1/storage/model-files/spare.gguf")
+    assert gone.status_code == 200, gone.text
+    assert gone.json() == {"name": "spare.gguf", "deleted": True, "freed_bytes": len(GGUF)}
+    assert everything_in(folder) == ["used.gguf"]
+    assert admin.delete("/v1/storage/model-files/spare.gguf").status_code == 404
+    actions = [
+        e["action"] for e in admin.get("/v1/audit", params={"action": "model."}).json()["entries"]
+    ]
+    assert actions == ["model.delete", "model.upload", "model.upload"]
+
+
+def fake_hub_repo(hub: Path, repo_id: str, content: bytes) -> None:
+    """A model in the Hugging Face cache's layout, as huggingface_hub writes it."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    blob = hashlib.sha256(content).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / blob).write_bytes(content)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(f"../../blobs/{blob}")
+
+
+def test_hf_models_listed_with_users_and_deleted_when_unused(store: Appliance) -> None:
+    admin = store.client()
+    hub = Path(store.env()["APPLIANCE_HF_CACHE_DIR"]) / "hub"
+    assert admin.get("/v1/storage/hf-models").json()["data"] == []  # no cache yet
+    fake_hub_repo(hub, "acme/cached-1b", b"w" * 5000)
+    fake_hub_repo(hub, "acme/unused-1b", b"u" * 3000)
+    body = standin_body("cached", model_name="acme/cached-1b", gpus=0, min_workers=0)
+    assert admin.post("/v1/llm/model-endpoints", json=body).status_code == 200
+
+    found = {r["repo_id"]: r for r in admin.get("/v1/storage/hf-models").json()["data"]}
+    assert sorted(found) == ["acme/cached-1b", "acme/unused-1b"]
+    cached = found["acme/cached-1b"]
+    assert (cached["size_bytes"], cached["files"]) == (5000, 1)
+    assert [r["refs"] for r in cached["revisions"]] == [["main"]]
+    assert [u["name"] for u in cached["used_by"]] == ["cached"]
+    assert found["acme/unused-1b"]["used_by"] == []
+
+    refused = admin.delete("/v1/storage/hf-models/acme/cached-1b")
+    assert refused.status_code == 409 and "cached" in refused.json()["detail"]
+    gone = admin.delete("/v1/storage/hf-models/acme/unused-1b")
+    assert gone.status_code == 200, gone.text
+    assert gone.json()["freed_bytes"] == 3000
+    assert not (hub / "models--acme--unused-1b").exists()
+    assert admin.delete("/v1/storage/hf-models/acme/unused-1b").status_code == 404
+    left = [r["repo_id"] for r in admin.get("/v1/storage/hf-models").json()["data"]]
+    assert left == ["acme/cached-1b"]
+
+
+def peak_memory_bytes(pid: int) -> int:
+    """The process's largest resident size so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def test_a_large_upload_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
+    """The real model (about 240 MiB) goes through while the api's peak memory grows by far
+    less than its size."""
+    gemma = MODELS_DIR / GEMMA_FILE
+    with started_store(tmp_path, 2**40) as appliance, gemma.open("rb") as body:
+        pid = appliance.procs["api"].pid
+        before = peak_memory_bytes(pid)
+        made = upload(appliance.client(), GEMMA_FILE, body)
+        assert made.status_code == 201, made.text
+        grown = peak_memory_bytes(pid) - before
+        assert made.json()["sha256"] == hashlib.sha256(gemma.read_bytes()).hexdigest()
+        assert grown < gemma.stat().st_size / 4, f"the api grew by {grown} bytes"
+        assert everything_in(models_dir(appliance)) == [GEMMA_FILE]
+
+
+def test_an_upload_cut_by_a_stopped_api_is_removed_at_the_next_start(store: Appliance) -> None:
+    """The api killed mid-upload leaves its hidden partial file; the next start removes it."""
+    folder = models_dir(store)
+    head = (
+        "PUT /v1/storage/model-files/killed.gguf HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{store.port}\r\n"
+        f"Authorization: Bearer {ADMIN_KEY}\r\n"
+        f"Content-Length: {len(GGUF)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", store.port)) as sock:
+        sock.sendall(head.encode() + GGUF[:100_000])
+        wait_until(
+            lambda: any(n.startswith(".upload-") for n in everything_in(folder)),
+            10,
+            "the upload to start writing",
+        )
+        store.stop_role("api", signal.SIGKILL)
+    assert any(n.startswith(".upload-") for n in everything_in(folder))
+    store.start_role("api")
+    wait_until(lambda: everything_in(folder) == [], 30, "the partial file to be removed")
