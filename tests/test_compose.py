@@ -139,9 +139,10 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
     gpus = client_for(port).get("/v1/gpus").json()
     assert gpus["gpus"] == [] and "GPU agent" in gpus["message"], gpus
 
-    # the model file into the models volume, as an operator would copy it
-    copied = compose(project, env, "cp", str(MODELS_DIR / GEMMA_FILE), f"api:/models/{GEMMA_FILE}")
-    assert copied.returncode == 0, copied.stderr
+    # the model file into the models volume, uploaded through the api
+    with (MODELS_DIR / GEMMA_FILE).open("rb") as model:
+        uploaded = client_for(port).put(f"/v1/storage/model-files/{GEMMA_FILE}", content=model)
+    assert uploaded.status_code in (200, 201), uploaded.text
     # a replica started by the builder in its container joins the appliance's network
     client = client_for(port)
     created = client.post("/v1/llm/model-endpoints", json=gemma_on_cpu("in-compose"))
