@@ -27,7 +27,7 @@ from builder.docker_engine import DockerUnavailableError
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.prepare import Note, Preparer, Readiness, Waiting
-from builder.reconcile import Observed, SetDesired, plan
+from builder.reconcile import Observed, SetDesired, SetStatus, plan
 from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command
@@ -144,13 +144,15 @@ class BuilderLoop:
             logger.warning("cannot publish progress to Redis")
 
     def tick(self) -> int:
-        """One reconcile pass; returns how many actions it applied."""
+        """One reconcile pass; returns how many actions it applied that call for another pass
+        soon."""
         observed = self.observe()
         if observed.now - self._accrued_at >= metering.ACCRUE_EVERY_S:
             self._accrue(observed.now)
         self._ship_logs(observed)
         self._scale(observed)
         actions = plan(observed)
+        quiet = [a for a in actions if isinstance(a, SetStatus) and not a.event]
         for action in actions:
             try:
                 self.applier.apply(action)
@@ -159,7 +161,7 @@ class BuilderLoop:
             if isinstance(action, SetDesired):  # an eviction: the scaler starts afresh there
                 self._history[action.endpoint_id] = ((observed.now, action.desired),)
                 self._evicted[action.endpoint_id] = observed.now
-        return len(actions)
+        return len(actions) - len(quiet)  # new progress figures alone need no quick next tick
 
     def _accrue(self, now: float) -> None:
         """Replica time into the usage table (`builder/metering.py`); a failure waits for the
