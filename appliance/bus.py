@@ -28,6 +28,7 @@ PRUNE_RESULT_TTL_S = 3600
 HEARTBEAT_TTL_S = 30
 BACKLOG_KEY = "appliance:backlog"  # endpoint id -> async tasks queued + running (scaler)
 TASK_LEASE_KEY = "appliance:lease:{task_id}"  # held by the worker running the task
+PROGRESS_KEY = "appliance:progress"  # hash: endpoint id -> what it waits on (JSON), by builder
 
 
 def connect(url: str) -> redis.Redis:
@@ -53,3 +54,19 @@ def beat(client: redis.Redis, role: str) -> None:
 
 def alive(client: redis.Redis, role: str) -> bool:
     return bool(client.exists(HEARTBEAT_KEY.format(role=role)))
+
+
+def publish_progress(client: redis.Redis, progress: dict[str, str]) -> None:
+    """The builder's whole answer to "what does each endpoint wait on" (JSON per endpoint)."""
+    pipe = client.pipeline()
+    pipe.delete(PROGRESS_KEY)
+    if progress:
+        pipe.hset(PROGRESS_KEY, mapping=progress)  # type: ignore[arg-type]
+    pipe.execute()
+
+
+def read_progress(client: redis.Redis, endpoint_id: str) -> str | None:
+    raw = client.hget(PROGRESS_KEY, endpoint_id)
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

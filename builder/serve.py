@@ -7,6 +7,8 @@ import signal
 import threading
 from types import FrameType
 
+from redis import Redis
+
 from appliance import bus
 from appliance.db import open_engine
 from appliance.install import install_id
@@ -15,9 +17,30 @@ from builder.apply import Applier
 from builder.docker_engine import DockerEngine
 from builder.gpu_agent import AgentGpuSource
 from builder.loop import BuilderLoop
+from builder.prepare import Preparer
+from builder.pull import image_job
 from gpu.inventory import GpuSource, load_gpu_source
 
 logger = logging.getLogger(__name__)
+
+
+def _gpu_source(
+    settings: Settings, docker: DockerEngine, redis: Redis
+) -> tuple[GpuSource, AgentGpuSource | None]:
+    """The injected file where settings name one; in a container (compose), the GPU agent;
+    on a host, NVML in this process."""
+    if settings.gpu_agent_image and not settings.gpu_inventory_file:
+        env = {
+            "APPLIANCE_REDIS_URL": str(settings.redis_url),
+            "APPLIANCE_LOG_LEVEL": "WARNING",
+            "NVIDIA_DRIVER_CAPABILITIES": "utility",  # NVML is all the agent needs
+        }
+        agent = AgentGpuSource(
+            docker, redis, settings.gpu_agent_image, env, settings.replica_network
+        )
+        return agent, agent
+    gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
+    return load_gpu_source(gpu_file), None
 
 
 def main(settings: Settings) -> None:
@@ -28,21 +51,11 @@ def main(settings: Settings) -> None:
     applier = Applier(
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
-    gpus: GpuSource
-    if settings.gpu_agent_image and not settings.gpu_inventory_file:
-        env = {
-            "APPLIANCE_REDIS_URL": str(settings.redis_url),
-            "APPLIANCE_LOG_LEVEL": "WARNING",
-            "NVIDIA_DRIVER_CAPABILITIES": "utility",  # NVML is all the agent needs
-        }
-        gpus = agent = AgentGpuSource(
-            docker, redis, settings.gpu_agent_image, env, settings.replica_network
-        )
-    else:
-        agent = None
-        gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
-        gpus = load_gpu_source(gpu_file)
-    loop = BuilderLoop(engine, docker, applier, gpus, redis, settings.reconcile_interval_s)
+    gpus, agent = _gpu_source(settings, docker, redis)
+    preparer = Preparer([lambda endpoint: image_job(endpoint, settings, docker)])
+    loop = BuilderLoop(
+        engine, docker, applier, gpus, redis, settings.reconcile_interval_s, preparer=preparer
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -15,6 +15,7 @@ from api.schemas import (
     CreateLLMEndpointRequest,
     CreateLLMEndpointResponse,
     DeleteResponse,
+    EndpointView,
     UpdateLLMEndpointRequest,
 )
 from appliance import queries
@@ -40,18 +41,25 @@ def create_model_endpoint(
 def read_model_endpoints(
     caller: CallerDep,
     session: SessionDep,
+    state: StateDep,
     name: str | None = None,
     order_by: str | None = None,
 ) -> dict[str, Any]:
     listed = endpoint_service.team_endpoints(
         caller, session, name=name, newest=order_by == "newest"
     )
-    return {"model_endpoints": [describe(e, session) for e in listed]}
+    progress = endpoint_service.progress_of(state)
+    return {"model_endpoints": [describe(e, session, progress.get(e.id)) for e in listed]}
 
 
-@router.get("/{endpoint_id}")
-def read_model_endpoint(endpoint_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    return describe(owned(endpoint_id, caller, session=session), session)
+@router.get("/{endpoint_id}", response_model=EndpointView)
+def read_model_endpoint(
+    endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    """LLM Engine's endpoint with the appliance's fields; `progress` (`EndpointProgress`) says
+    how far an image pull or a download its replicas wait on has come, null when none."""
+    endpoint = owned(endpoint_id, caller, session=session)
+    return describe(endpoint, session, endpoint_service.progress_of(state).get(endpoint.id))
 
 
 @router.put("/{endpoint_id}", response_model=CreateLLMEndpointResponse)
