@@ -1,0 +1,253 @@
+"""Hugging Face weights fetched into the cache before a vLLM replica starts.
+
+The builder's preparation jobs (`builder/prepare.py`) call `download` in a background thread;
+it uses `huggingface_hub` itself, into `Settings.hf_cache_path / "hub"`, the layout vLLM reads
+at /root/.cache/huggingface, so the replica then starts with the hub offline. Before any byte
+is fetched the repository's file sizes are checked against the space left; while it runs the
+cache's blobs (finished and `.incomplete`) are measured for progress. A download cut short (a
+builder restart) resumes from the same cache: finished files are not fetched again, a partial
+one continues by range. Every failure is a `WeightsError` whose message a user can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from appliance.models import Endpoint, Framework
+from appliance.settings import Settings
+from builder.specs import is_local_model
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a running download's blobs are measured
+TOKEN = "APPLIANCE_HF_TOKEN"  # noqa: S105 - the setting's name, not a secret
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class WeightsError(Exception):
+    """A download that cannot go on; the message says why in a user's words."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A repository on the hub at a revision (a branch, a tag or a commit)."""
+
+    repository: str
+    revision: str = "main"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repository}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """How far a download is: bytes and files done of the repository's total."""
+
+    done_bytes: int
+    total_bytes: int
+    done_files: int
+    total_files: int
+
+
+@dataclass(frozen=True)
+class Blob:
+    name: str  # the file's name in the cache's blobs/: its sha256 (LFS) or git blob id
+    size: int
+
+
+def hub_model(endpoint: Endpoint, settings: Settings) -> HubModel | None:
+    """The snapshot a vLLM endpoint's replicas load from the hub, when the builder fetches it
+    for them: a repository id (not a model in the models directory), downloads switched on."""
+    if endpoint.framework != Framework.VLLM or not settings.hf_download_weights:
+        return None
+    if is_local_model(endpoint.model) or not HUB_ID.match(endpoint.model):
+        return None
+    revision = endpoint.args.get("revision") or "main"
+    return HubModel(endpoint.model, str(revision))
+
+
+def hub_dir(settings: Settings) -> Path:
+    return settings.hf_cache_path / "hub"
+
+
+def _api(settings: Settings) -> HfApi:
+    return HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token or False)
+
+
+def repository_dir(model: HubModel, settings: Settings) -> Path:
+    return hub_dir(settings) / ("models--" + model.repository.replace("/", "--"))
+
+
+def blobs_of(model: HubModel, settings: Settings) -> list[Blob]:
+    """The repository's files at the revision, as the blobs the cache will hold."""
+    info = _api(settings).model_info(model.repository, revision=model.revision, files_metadata=True)
+    blobs = {}
+    for sibling in info.siblings or []:
+        name = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
+        if name:
+            blobs[name] = Blob(name, sibling.lfs.size if sibling.lfs else sibling.size or 0)
+    return list(blobs.values())
+
+
+def measure(blobs: list[Blob], folder: Path) -> Transfer:
+    """What the cache holds of these blobs: finished ones whole, `.incomplete` ones so far."""
+    done_bytes = done_files = 0
+    for blob in blobs:
+        path = folder / blob.name
+        if path.is_file():
+            done_bytes, done_files = done_bytes + blob.size, done_files + 1
+        else:
+            with contextlib.suppress(OSError):
+                done_bytes += min((folder / f"{blob.name}.incomplete").stat().st_size, blob.size)
+    total = sum(b.size for b in blobs)
+    return Transfer(done_bytes, total, done_files, len(blobs))
+
+
+def cache_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (links not followed: a snapshot's files are links)."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def free_bytes(settings: Settings) -> int:
+    """Space the cache may still grow by: the disk's free space, within the cap if one is set."""
+    folder = hub_dir(settings)
+    free = shutil.disk_usage(folder).free
+    if settings.hf_cache_max_bytes is not None:
+        free = min(free, settings.hf_cache_max_bytes - cache_bytes(settings.hf_cache_path))
+    return max(free, 0)
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def check_space(model: HubModel, now: Transfer, free: int) -> None:
+    """Refuses a download that would not fit, with the numbers."""
+    needed = now.total_bytes - now.done_bytes
+    if needed > free:
+        held = f" ({gigabytes(now.done_bytes)} already downloaded)" if now.done_bytes else ""
+        raise WeightsError(
+            f"{model.repository} does not fit in the Hugging Face cache: it needs "
+            f"{gigabytes(needed)}, {gigabytes(free)} free{held}; free some space or raise "
+            "APPLIANCE_HF_CACHE_MAX_BYTES"
+        )
+
+
+def download(model: HubModel, settings: Settings, report: Callable[[Transfer], None]) -> Path:
+    """Fetches the snapshot into the cache, reporting progress; returns its folder."""
+    folder = hub_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        blobs = blobs_of(model, settings)
+        blob_dir = repository_dir(model, settings) / "blobs"
+        start = measure(blobs, blob_dir)
+        check_space(model, start, free_bytes(settings))
+        report(start)
+        path = _fetch(model, settings, lambda: report(measure(blobs, blob_dir)))
+    except WeightsError:
+        raise
+    except Exception as exc:
+        raise WeightsError(explain(exc, model, settings)) from exc
+    report(measure(blobs, blob_dir))
+    return Path(path)
+
+
+def _fetch(model: HubModel, settings: Settings, tick: Callable[[], None]) -> str:
+    """snapshot_download in a thread of its own, `tick` called while it runs."""
+    result: list[str] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(
+                snapshot_download(
+                    model.repository,
+                    revision=model.revision,
+                    cache_dir=hub_dir(settings),
+                    endpoint=settings.hf_endpoint,
+                    token=settings.hf_token or False,
+                )
+            )
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"download {model.ref}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_S)
+        tick()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def explain(exc: BaseException, model: HubModel, settings: Settings) -> str:
+    """The failure of a download in words a user can act on."""
+    name, where = model.repository, settings.hf_endpoint or constants.ENDPOINT
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
+    if isinstance(exc, GatedRepoError):
+        if not settings.hf_token:
+            return (
+                f"{name} is a gated model: it needs a Hugging Face token ({TOKEN}) of an "
+                "account that accepted its terms"
+            )
+        return (
+            f"{name} is a gated model, and the account of the Hugging Face token ({TOKEN}) "
+            "has no access to it: accept its terms on its page with that account"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{where} has no revision {model.revision!r} of {name}: check the revision"
+    if isinstance(exc, RepositoryNotFoundError):
+        private = "the token cannot see it" if settings.hf_token else f"no token is set ({TOKEN})"
+        return f"{where} has no model {name!r} (or it is private and {private}): check the name"
+    if status == 401:
+        return (
+            f"{where} refused the Hugging Face token (401, invalid credentials): "
+            f"set a valid {TOKEN}"
+        )
+    if status == 403:
+        return f"{where} denied access to {name} (403): the token ({TOKEN}) may not read it"
+    if status is not None:
+        return f"{where} answered {status} for {name}: try again later (restart the endpoint)"
+    cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ else exc
+    if isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+        return f"cannot reach {where} to download {name}: {_first_line(cause)}"
+    if isinstance(cause, httpx2.TransportError):
+        return f"the download of {name} from {where} broke off: {_first_line(cause)}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"the disk holding the Hugging Face cache filled up while downloading {name}"
+    return f"downloading {name} failed: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
