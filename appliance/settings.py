@@ -197,6 +197,16 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
         return level
 
+    @field_validator("hf_endpoint")
+    @classmethod
+    def _hub_url(cls, value: str | None) -> str | None:
+        """Blank (compose passes it through empty) is unset; a URL must say its scheme."""
+        if not value or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("hf_endpoint must be an http:// or https:// URL")
+        return value.strip().rstrip("/")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "appliance.db"

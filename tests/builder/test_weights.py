@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from appliance.settings import Settings
-from builder.weights import HubModel, Transfer, WeightsError, download
+from builder.specs import server_env
+from builder.weights import HubModel, Transfer, WeightsError, download, hub_model
+from tests.factories import make_endpoint
 from tests.hub import Hub
 
 REPO = "acme/tiny-model"
@@ -134,3 +136,18 @@ def test_an_unreachable_hub_is_named(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as failed:
         download(HubModel(REPO), gone, lambda _: None)
     assert f"cannot reach http://127.0.0.1:{port} to download acme/tiny-model" in str(failed.value)
+
+
+def test_which_endpoints_get_their_weights_fetched_and_run_offline(tmp_path: Path) -> None:
+    on = Settings(data_dir=tmp_path)
+    off = Settings(data_dir=tmp_path, hf_download_weights=False)
+    hub_vllm = make_endpoint(model="acme/tiny-model", args={"revision": "v1"})
+    assert hub_model(hub_vllm, on) == HubModel("acme/tiny-model", "v1")
+    assert server_env(hub_vllm, on)["HF_HUB_OFFLINE"] == "1"
+    assert hub_model(hub_vllm, off) is None and "HF_HUB_OFFLINE" not in server_env(hub_vllm, off)
+    local = make_endpoint(model="/models/gemma-hf")
+    assert hub_model(local, on) is None and server_env(local, off)["HF_HUB_OFFLINE"] == "1"
+    assert hub_model(make_endpoint(framework="llamacpp", model="/models/m.gguf"), on) is None
+    other_tokenizer = make_endpoint(model="acme/tiny-model", args={"tokenizer": "acme/tok"})
+    assert hub_model(other_tokenizer, on) == HubModel("acme/tiny-model")
+    assert "HF_HUB_OFFLINE" not in server_env(other_tokenizer, on)  # it fetches the tokenizer
