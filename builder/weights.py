@@ -162,6 +162,22 @@ def check_space(model: HubModel, now: Transfer, free: int) -> None:
         )
 
 
+def present(model: HubModel, settings: Settings) -> bool:
+    """True when the cache holds the whole snapshot, as huggingface_hub itself judges it
+    offline (the revision's ref, and every file of the commit's listing): what vLLM will load
+    with the hub offline. Reads the disk only."""
+    try:
+        snapshot_download(
+            model.repository,
+            revision=model.revision,
+            cache_dir=hub_dir(settings),
+            local_files_only=True,
+        )
+    except Exception:
+        return False
+    return True
+
+
 def download(model: HubModel, settings: Settings, report: Callable[[Transfer], None]) -> Path:
     """Fetches the snapshot into the cache, reporting progress; returns its folder."""
     folder = hub_dir(settings)

@@ -291,8 +291,8 @@ class _Handler(BaseHTTPRequestHandler):
         with local.open("rb") as file:
             file.seek(start)
             while chunk := file.read(CHUNK):
-                if cut is not None and self._sent + len(chunk) > cut:
-                    self._write(chunk[: max(cut - self._sent, 0)])
+                if cut is not None and start + self._sent + len(chunk) > cut:
+                    self._write(chunk[: max(cut - start - self._sent, 0)])
                     self.close_connection = True
                     return
                 self._write(chunk)

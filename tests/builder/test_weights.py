@@ -14,7 +14,7 @@ import pytest
 
 from appliance.settings import Settings
 from builder.specs import server_env
-from builder.weights import HubModel, Transfer, WeightsError, download, hub_model
+from builder.weights import HubModel, Transfer, WeightsError, download, hub_model, present
 from tests.factories import make_endpoint
 from tests.hub import Hub
 
@@ -151,3 +151,16 @@ def test_which_endpoints_get_their_weights_fetched_and_run_offline(tmp_path: Pat
     other_tokenizer = make_endpoint(model="acme/tiny-model", args={"tokenizer": "acme/tok"})
     assert hub_model(other_tokenizer, on) == HubModel("acme/tiny-model")
     assert "HF_HUB_OFFLINE" not in server_env(other_tokenizer, on)  # it fetches the tokenizer
+
+
+def test_present_only_when_the_whole_snapshot_is_in_the_cache(tmp_path: Path, hub: Hub) -> None:
+    cache = settings(tmp_path, hub)
+    assert not present(HubModel(REPO), cache)
+    hub.cut_after, hub.cuts = 11 * 1024 * 1024, 10  # huggingface_hub gives up after 5 tries
+    with pytest.raises(WeightsError) as broken:
+        download(HubModel(REPO), cache, lambda _: None)
+    assert "the download of acme/tiny-model from http://127.0.0.1" in broken.value.message
+    assert not present(HubModel(REPO), cache)  # the listing is there, the weights are not
+    hub.cuts = 0
+    download(HubModel(REPO), cache, lambda _: None)
+    assert present(HubModel(REPO), cache) and not present(HubModel(REPO, "v2"), cache)
