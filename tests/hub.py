@@ -13,7 +13,7 @@ What it answers, as huggingface.co does:
   and `X-Error-Message`, as `huggingface_hub` sorts them.
 
 Switches, set on the object while it runs: `rate_bytes_s` (each CDN body throttled), `cut_after`
-(the next `cuts` CDN bodies are cut off after so many bytes), `answer` (401: every request
+(the next `cuts` CDN bodies are cut off at that byte of the file), `answer` (401: every request
 refused as a wrong token; 404: every repository unknown), `gated` (repositories that need a
 token in `granted_tokens`). `log` lists each request (method, path, Range, status, bytes).
 """
