@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+import redis
 from sqlmodel import Session, col, select
 
 from api import endpoint_changes, endpoint_specs, endpoint_views, server_args
@@ -41,9 +42,25 @@ def owned(endpoint_id: str, caller: Caller, *, session: Session) -> Endpoint:
     return endpoint
 
 
-def describe(endpoint: Endpoint, session: Session) -> dict[str, Any]:
+def progress_of(state: AppState) -> dict[str, dict[str, Any]]:
+    """What each endpoint waits on (an image pull, a download), as the builder last published
+    it; empty when Redis cannot say (the GET still answers, without progress)."""
+    try:
+        raw = state.redis.hgetall(bus.PROGRESS_KEY)
+    except redis.RedisError:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        found[name] = json.loads(value)
+    return found
+
+
+def describe(
+    endpoint: Endpoint, session: Session, progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
     replicas = queries.replicas_of(endpoint.id, session=session)
-    public = endpoint_views.model_endpoint_public(endpoint, replicas)
+    public = endpoint_views.model_endpoint_public(endpoint, replicas, progress)
     public["replicas"] = [
         {
             "id": r.id,
@@ -67,9 +84,11 @@ def gpu_names(state: AppState) -> list[str] | None:
     return [str(gpu.get("name", "")) for gpu in json.loads(raw).get("gpus", [])]
 
 
-def describe_llm(endpoint: Endpoint, session: Session) -> dict[str, Any]:
+def describe_llm(
+    endpoint: Endpoint, session: Session, progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return endpoint_views.llm_endpoint_public(
-        endpoint, queries.replicas_of(endpoint.id, session=session)
+        endpoint, queries.replicas_of(endpoint.id, session=session), progress
     )
 
 

@@ -24,8 +24,11 @@ def _iso(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat()
 
 
-def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
-    """LLM Engine's GetModelEndpointV1Response for the endpoint."""
+def model_endpoint_public(
+    endpoint: Endpoint, replicas: Sequence[Replica], progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """LLM Engine's GetModelEndpointV1Response for the endpoint, plus `progress`: what its
+    replicas wait on (an image pull or a download; `builder/prepare.Progress`), or None."""
     ready = sum(r.state == ReplicaState.READY for r in replicas)
     live = sum(r.state != ReplicaState.FAILED for r in replicas)
     return {
@@ -38,6 +41,7 @@ def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> di
         "bundle_name": endpoint.name,
         "status": endpoint.status,
         "status_reason": endpoint.status_reason,
+        "progress": progress,
         "post_inference_hooks": endpoint.extra.get("post_inference_hooks"),
         "default_callback_url": endpoint.extra.get("default_callback_url"),
         "labels": endpoint.labels,
@@ -73,13 +77,15 @@ def model_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> di
     }
 
 
-def llm_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict[str, Any]:
+def llm_endpoint_public(
+    endpoint: Endpoint, replicas: Sequence[Replica], progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """LLM Engine's GetLLMModelEndpointV1Response for the endpoint, in the words of LLM
     Engine's client: the fields it parses into enums (`inference_framework`,
     `spec.endpoint_type`, `quantize`) hold only values its enums know (CLIENT_*), so one
     llama.cpp, custom or async endpoint cannot break `Model.list()` for everybody. The
     appliance's own `framework` and `endpoint_type` say what the endpoint really is."""
-    spec = model_endpoint_public(endpoint, replicas)
+    spec = model_endpoint_public(endpoint, replicas, progress)
     spec["endpoint_type"] = CLIENT_ENDPOINT_TYPE
     quantize = endpoint.extra.get("quantize")
     return {
@@ -98,6 +104,7 @@ def llm_endpoint_public(endpoint: Endpoint, replicas: Sequence[Replica]) -> dict
         "checkpoint_path": endpoint.model if is_local_model(endpoint.model) else None,
         "chat_template_override": endpoint.args.get("chat_template"),
         "spec": spec,
+        "progress": progress,
         "framework": endpoint.framework,
         "endpoint_type": endpoint.endpoint_type,
     }

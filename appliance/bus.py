@@ -28,6 +28,7 @@ HF_DOWNLOADS_KEY = "appliance:hf-downloads"
 # hash "<repo>@<revision>" -> JSON {state, progress, message, requested_at, at}: how far the
 # builder got with each of those
 HF_DOWNLOAD_STATE_KEY = "appliance:hf-downloads:state"
+PROGRESS_KEY = "appliance:progress"  # hash: endpoint id -> what it waits on (JSON), by builder
 
 
 def connect(url: str) -> redis.Redis:
@@ -53,3 +54,19 @@ def beat(client: redis.Redis, role: str) -> None:
 
 def alive(client: redis.Redis, role: str) -> bool:
     return bool(client.exists(HEARTBEAT_KEY.format(role=role)))
+
+
+def publish_progress(client: redis.Redis, progress: dict[str, str]) -> None:
+    """The builder's whole answer to "what does each endpoint wait on" (JSON per endpoint)."""
+    pipe = client.pipeline()
+    pipe.delete(PROGRESS_KEY)
+    if progress:
+        pipe.hset(PROGRESS_KEY, mapping=progress)  # type: ignore[arg-type]
+    pipe.execute()
+
+
+def read_progress(client: redis.Redis, endpoint_id: str) -> str | None:
+    raw = client.hget(PROGRESS_KEY, endpoint_id)
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

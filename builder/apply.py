@@ -67,10 +67,6 @@ class Applier:
         handler: Callable[[Any], None] = getattr(self, f"_{type(action).__name__}")
         handler(action)
 
-    def _event(self, endpoint_id: str, kind: str, message: str) -> None:
-        with session_scope(self.engine) as session:
-            queries.add_event(endpoint_id, kind, message, session=session)
-
     def _StartReplica(self, action: StartReplica) -> None:
         with session_scope(self.engine) as session:
             endpoint = queries.endpoint_by_id(action.endpoint_id, session=session)
@@ -122,8 +118,6 @@ class Applier:
 
     def _create(self, endpoint_id: str, spec: ContainerSpec) -> ContainerInfo:
         policy.check_spec(spec, allowed_sources=self.allowed_sources())
-        if not self.docker.ensure_image(spec.image):
-            self._event(endpoint_id, "pulled", f"pulled image {spec.image}")
         info = self.docker.create(spec)
         broken = policy.violations(
             self.docker.inspect(info.id), allowed_sources=self.allowed_sources()
@@ -226,7 +220,7 @@ class Applier:
                 .where(col(Endpoint.status) != EndpointStatus.DELETE_IN_PROGRESS)
                 .values(status=action.status, status_reason=action.reason)
             )
-            if result.rowcount:
+            if result.rowcount and action.event:
                 message = action.status.value + (f": {action.reason}" if action.reason else "")
                 queries.add_event(action.endpoint_id, "status", message, session=session)
 

@@ -12,12 +12,15 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import docker
 import docker.errors
+import requests
 from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
+from docker.utils import parse_repository_tag
 
 from builder.specs import LABEL_INSTALL, ContainerSpec
 
@@ -28,6 +31,10 @@ STOP_TIMEOUT_S = 10
 
 class DockerUnavailableError(RuntimeError):
     """The Docker Engine did not answer; the builder retries on its next tick."""
+
+
+class PullError(RuntimeError):
+    """A pull failed; the message is the registry's (or the Docker Engine's) own words."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,17 @@ class DockerEngine:
     """A thin, typed face over docker-py for the builder."""
 
     def __init__(self, base_url: str | None, install_id: str) -> None:
+        self._base_url = base_url
+        self._client = self._connect()
+        self.install_id = install_id
+
+    def _connect(self) -> docker.DockerClient:
         try:
-            self._client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+            if self._base_url:
+                return docker.DockerClient(base_url=self._base_url)
+            return docker.from_env()
         except docker.errors.DockerException as exc:
             raise DockerUnavailableError(f"cannot reach the Docker Engine: {exc}") from exc
-        self.install_id = install_id
 
     def close(self) -> None:
         self._client.close()
@@ -103,15 +116,37 @@ class DockerEngine:
             raise DockerUnavailableError(str(exc)) from exc
         return [_info(c) for c in found]
 
-    def ensure_image(self, image: str) -> bool:
-        """True when the image is present; otherwise pulls it (slow) and says so."""
+    def has_image(self, image: str) -> bool:
+        """True when the image is on this Docker Engine (a pull would not be needed)."""
         try:
             self._client.images.get(image)
             return True
         except docker.errors.ImageNotFound:
-            logger.info("pulling image %s", image)
-            self._client.images.pull(image)
             return False
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(str(exc)) from exc
+
+    def pull(self, image: str) -> Iterator[dict[str, Any]]:
+        """Pulls an image, yielding Docker's status messages (one per layer event) as they come.
+
+        Runs on its own client, so a long pull shares no connection with the loop's calls.
+        Raises `PullError` with the registry's own words when the pull fails.
+        """
+        repository, tag = parse_repository_tag(image)
+        client = self._connect()
+        try:
+            stream = client.api.pull(repository, tag=tag or "latest", stream=True, decode=True)
+            for message in stream:
+                error = message.get("errorDetail", {}).get("message") or message.get("error")
+                if error:
+                    raise PullError(str(error))
+                yield message
+        except docker.errors.APIError as exc:
+            raise PullError(str(exc.explanation or exc)) from exc
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise PullError(f"the Docker Engine stopped answering: {exc}") from exc
+        finally:
+            client.close()
 
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Create and start a replica's container with the hardened host config."""

@@ -26,6 +26,7 @@ from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
 from builder.load import gather
 from builder.logs import LogShipper
+from builder.prepare import Note, Preparer, Readiness, Waiting
 from builder.reconcile import Observed, SetDesired, plan
 from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
@@ -61,6 +62,7 @@ class BuilderLoop:
     gpus: GpuSource
     redis: redis.Redis
     interval_s: float
+    preparer: Preparer = field(default_factory=lambda: Preparer(()))
     health_routes: dict[str, str] = field(default_factory=dict)
     _first_seen: dict[str, float] = field(default_factory=dict)
     _inventory_at: float = 0.0
@@ -69,6 +71,7 @@ class BuilderLoop:
     _history: dict[str, History] = field(default_factory=dict)
     _evicted: dict[str, float] = field(default_factory=dict)
     _accrued_at: float = 0.0
+    _published: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self._replica_key = replica_key(self.applier.settings.data_dir)
@@ -98,6 +101,9 @@ class BuilderLoop:
             self._inventory, self._inventory_at = self.gpus.read(), time.monotonic()
             self._publish_inventory()
         routes = {e.id: server_command(e)[2] for e in endpoints}
+        preparing, notes = self.preparer.poll(endpoints)
+        self._record(notes)
+        self._publish_progress(preparing)
         try:
             raw = self.redis.hgetall(bus.INFLIGHT_KEY)
             inflight = {_text(k): int(v) for k, v in raw.items()}
@@ -112,7 +118,30 @@ class BuilderLoop:
             first_seen=dict(self._first_seen),
             inventory=self._inventory,
             now=now,
+            preparing=preparing,
         )
+
+    def _record(self, notes: list[Note]) -> None:
+        if not notes:
+            return
+        with session_scope(self.engine) as session:
+            for note in notes:
+                queries.add_event(note.endpoint_id, note.kind, note.message, session=session)
+
+    def _publish_progress(self, preparing: dict[str, Readiness]) -> None:
+        """Progress for the api's GET (`appliance:progress`); only when it changed."""
+        progress = {
+            endpoint_id: json.dumps(readiness.progress.to_json(), sort_keys=True)
+            for endpoint_id, readiness in preparing.items()
+            if isinstance(readiness, Waiting)
+        }
+        if progress == self._published:
+            return
+        try:
+            bus.publish_progress(self.redis, progress)
+            self._published = progress
+        except redis.RedisError:
+            logger.warning("cannot publish progress to Redis")
 
     def tick(self) -> int:
         """One reconcile pass; returns how many actions it applied."""

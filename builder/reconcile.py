@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from appliance.errors import NoFreeGpuError
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder.docker_engine import ContainerInfo
+from builder.prepare import Failed, Readiness, Waiting
 from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA
 from gpu.inventory import Inventory
 from gpu.place import GpuRequest, place
@@ -39,6 +40,7 @@ class Observed:
     first_seen: Mapping[str, float]  # container id -> when the builder first saw it
     inventory: Inventory
     now: float
+    preparing: Mapping[str, Readiness] = field(default_factory=dict)  # endpoint id -> wait
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class SetStatus:
     generation: int
     status: EndpointStatus
     reason: str | None
+    event: bool = True  # False for a progress update: an event per tick would drown the rest
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,14 @@ def _plan_endpoint(
         return
     if endpoint.status == EndpointStatus.UPDATE_FAILED:
         return
+    readiness = tick.obs.preparing.get(endpoint.id)
+    if isinstance(readiness, Failed):
+        tick.actions.append(
+            SetStatus(
+                endpoint.id, endpoint.generation, EndpointStatus.UPDATE_FAILED, readiness.message
+            )
+        )
+        return
     crashes = [
         r
         for r in replicas
@@ -261,7 +272,10 @@ def _plan_scale_and_roll(
     old = [r for r in live if r.generation != endpoint.generation]
     ready = [r for r in current if r.state == ReplicaState.READY]
     reason: str | None = None
-    if len(current) < desired and _backoff_over(tick, crashes):
+    waiting = tick.obs.preparing.get(endpoint.id)
+    if len(current) < desired and isinstance(waiting, Waiting):
+        reason = waiting.progress.describe()  # no replica until what it needs is here
+    elif len(current) < desired and _backoff_over(tick, crashes):
         reason = _plan_start(tick, endpoint, current, old)
     elif len(current) > desired:
         extra = sorted(current, key=lambda r: (r.state == ReplicaState.READY, r.created_at))
@@ -271,18 +285,26 @@ def _plan_scale_and_roll(
     for replica in old[: max(removable, 0)]:
         tick.actions.append(DrainReplica(replica.id, "replaced by a new generation"))
     converged = len(ready) == desired and not old
+    event = not _same_wait(endpoint.status_reason, reason, waiting)
     if endpoint.status == EndpointStatus.UPDATE_PENDING or (
         endpoint.status == EndpointStatus.UPDATE_IN_PROGRESS and reason != endpoint.status_reason
     ):
-        tick.actions.append(
-            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.UPDATE_IN_PROGRESS, reason)
-        )
+        status = EndpointStatus.UPDATE_IN_PROGRESS
+        event = event or endpoint.status != status
+        tick.actions.append(SetStatus(endpoint.id, endpoint.generation, status, reason, event))
     if converged and (endpoint.status != EndpointStatus.READY or endpoint.status_reason):
         tick.actions.append(SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, None))
     elif endpoint.status == EndpointStatus.READY and reason and reason != endpoint.status_reason:
         tick.actions.append(
-            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, reason)
+            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, reason, event)
         )
+
+
+def _same_wait(before: str | None, after: str | None, waiting: Readiness | None) -> bool:
+    """True when only the progress figures of one wait changed (no event for that)."""
+    if not isinstance(waiting, Waiting) or before is None or after is None:
+        return False
+    return before.startswith(waiting.progress.headline + ":")
 
 
 def _plan_start(

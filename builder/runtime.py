@@ -9,7 +9,7 @@ methods; `docs/scaling-out.md` says what each would map to.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from builder.docker_engine import ContainerInfo
 from builder.specs import ContainerSpec
@@ -24,8 +24,14 @@ class ContainerRuntime(Protocol):
         """Every replica carrying this install's labels, running or not (the truth)."""
         ...
 
-    def ensure_image(self, image: str) -> bool:
-        """Make the image available; False when it had to be pulled."""
+    def has_image(self, image: str) -> bool:
+        """True when the image is there to start containers from."""
+        ...
+
+    def pull(self, image: str) -> Iterator[dict[str, Any]]:
+        """Fetch the image, yielding the runtime's status messages as layers come (Docker's
+        pull stream: `status`, `id`, `progressDetail`); raises `PullError` in the registry's
+        words. Slow: the builder calls it from a background thread (`builder/pull.py`)."""
         ...
 
     def create(self, spec: ContainerSpec) -> ContainerInfo:

@@ -14,6 +14,8 @@ from appliance.settings import Settings
 from builder.apply import Applier
 from builder.docker_engine import DockerEngine
 from builder.loop import BuilderLoop
+from builder.prepare import Preparer
+from builder.pull import image_job
 from gpu.inventory import load_gpu_source
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,15 @@ def main(settings: Settings) -> None:
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
     gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
+    preparer = Preparer([lambda endpoint: image_job(endpoint, settings, docker)])
     loop = BuilderLoop(
-        engine, docker, applier, load_gpu_source(gpu_file), redis, settings.reconcile_interval_s
+        engine,
+        docker,
+        applier,
+        load_gpu_source(gpu_file),
+        redis,
+        settings.reconcile_interval_s,
+        preparer=preparer,
     )
     stop = threading.Event()
 

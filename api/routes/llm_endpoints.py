@@ -13,6 +13,7 @@ from api.endpoint_service import (
     delete_endpoint,
     describe_llm,
     owned_by_name,
+    progress_of,
     team_endpoints,
     update_endpoint,
 )
@@ -42,17 +43,25 @@ def create_llm_endpoint(
 
 @router.get("")
 def read_llm_endpoints(
-    caller: CallerDep, session: SessionDep, name: str | None = None, order_by: str | None = None
+    caller: CallerDep,
+    session: SessionDep,
+    state: StateDep,
+    name: str | None = None,
+    order_by: str | None = None,
 ) -> dict[str, Any]:
     """The caller's team's endpoints: another team's public endpoint takes its inference,
     but its details are that team's."""
     endpoints = team_endpoints(caller, session, name=name, newest=order_by == "newest")
-    return {"model_endpoints": [describe_llm(e, session) for e in endpoints]}
+    progress = progress_of(state)
+    return {"model_endpoints": [describe_llm(e, session, progress.get(e.id)) for e in endpoints]}
 
 
 @router.get("/{name}")
-def read_llm_endpoint(name: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    return describe_llm(owned_by_name(name, caller, session=session), session)
+def read_llm_endpoint(
+    name: str, caller: CallerDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    endpoint = owned_by_name(name, caller, session=session)
+    return describe_llm(endpoint, session, progress_of(state).get(endpoint.id))
 
 
 @router.put("/{name}", response_model=CreateLLMEndpointResponse)

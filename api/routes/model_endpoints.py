@@ -40,18 +40,23 @@ def create_model_endpoint(
 def read_model_endpoints(
     caller: CallerDep,
     session: SessionDep,
+    state: StateDep,
     name: str | None = None,
     order_by: str | None = None,
 ) -> dict[str, Any]:
     listed = endpoint_service.team_endpoints(
         caller, session, name=name, newest=order_by == "newest"
     )
-    return {"model_endpoints": [describe(e, session) for e in listed]}
+    progress = endpoint_service.progress_of(state)
+    return {"model_endpoints": [describe(e, session, progress.get(e.id)) for e in listed]}
 
 
 @router.get("/{endpoint_id}")
-def read_model_endpoint(endpoint_id: str, caller: CallerDep, session: SessionDep) -> dict[str, Any]:
-    return describe(owned(endpoint_id, caller, session=session), session)
+def read_model_endpoint(
+    endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    endpoint = owned(endpoint_id, caller, session=session)
+    return describe(endpoint, session, endpoint_service.progress_of(state).get(endpoint.id))
 
 
 @router.put("/{endpoint_id}", response_model=CreateLLMEndpointResponse)

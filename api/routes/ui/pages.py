@@ -114,7 +114,8 @@ def endpoint_context(
     endpoint_id: str, caller: Caller, session: Session, state: AppState
 ) -> dict[str, Any]:
     endpoint = endpoint_service.owned(endpoint_id, caller, session=session)
-    public = endpoint_service.describe(endpoint, session)
+    progress = endpoint_service.progress_of(state).get(endpoint.id)
+    public = endpoint_service.describe(endpoint, session, progress)
     events = [
         {"timestamp": e.at, "kind": e.kind, "message": e.message}
         for e in queries.list_events(endpoint.id, session=session, limit=200)
