@@ -63,6 +63,12 @@ class Applier:
             self.settings.hf_cache_volume or str(self.settings.hf_cache_path.resolve())
         }
 
+    def writable_sources(self) -> set[str]:
+        """The Hugging Face cache directory, when replicas bind it rather than a volume."""
+        if self.settings.hf_cache_volume:
+            return set()
+        return {str(self.settings.hf_cache_path.resolve())}
+
     def apply(self, action: Action) -> None:
         handler: Callable[[Any], None] = getattr(self, f"_{type(action).__name__}")
         handler(action)
@@ -117,10 +123,11 @@ class Applier:
             )
 
     def _create(self, endpoint_id: str, spec: ContainerSpec) -> ContainerInfo:
-        policy.check_spec(spec, allowed_sources=self.allowed_sources())
+        allowed, writable = self.allowed_sources(), self.writable_sources()
+        policy.check_spec(spec, allowed_sources=allowed, writable_sources=writable)
         info = self.docker.create(spec)
         broken = policy.violations(
-            self.docker.inspect(info.id), allowed_sources=self.allowed_sources()
+            self.docker.inspect(info.id), allowed_sources=allowed, writable_sources=writable
         )
         if broken:
             self.docker.remove(info.id, stop_timeout_s=0)
