@@ -24,6 +24,7 @@ from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import metering
 from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
+from builder.hub_downloads import HubDownloads
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.prepare import Note, Preparer, Readiness, Waiting
@@ -63,6 +64,7 @@ class BuilderLoop:
     redis: redis.Redis
     interval_s: float
     preparer: Preparer = field(default_factory=lambda: Preparer(()))
+    downloads: HubDownloads | None = None  # Hugging Face models asked for ahead of time
     health_routes: dict[str, str] = field(default_factory=dict)
     _first_seen: dict[str, float] = field(default_factory=dict)
     _inventory_at: float = 0.0
@@ -149,6 +151,7 @@ class BuilderLoop:
         if observed.now - self._accrued_at >= metering.ACCRUE_EVERY_S:
             self._accrue(observed.now)
         self._ship_logs(observed)
+        self._download_ahead()
         self._scale(observed)
         actions = plan(observed)
         for action in actions:
@@ -160,6 +163,15 @@ class BuilderLoop:
                 self._history[action.endpoint_id] = ((observed.now, action.desired),)
                 self._evicted[action.endpoint_id] = observed.now
         return len(actions)
+
+    def _download_ahead(self) -> None:
+        """Downloads asked for without an endpoint; a failure here never stops the tick."""
+        if self.downloads is None:
+            return
+        try:
+            self.downloads.tick()
+        except Exception:
+            logger.exception("cannot follow the downloads asked for ahead of time")
 
     def _accrue(self, now: float) -> None:
         """Replica time into the usage table (`builder/metering.py`); a failure waits for the

@@ -13,9 +13,11 @@ from appliance.install import install_id
 from appliance.settings import Settings
 from builder.apply import Applier
 from builder.docker_engine import DockerEngine
+from builder.hub_downloads import HubDownloads
 from builder.loop import BuilderLoop
 from builder.prepare import Preparer
 from builder.pull import image_job
+from builder.weights import weights_job
 from gpu.inventory import load_gpu_source
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,12 @@ def main(settings: Settings) -> None:
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
     gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
-    preparer = Preparer([lambda endpoint: image_job(endpoint, settings, docker)])
+    preparer = Preparer(
+        [
+            lambda endpoint: image_job(endpoint, settings, docker),
+            lambda endpoint: weights_job(endpoint, settings),
+        ]
+    )
     loop = BuilderLoop(
         engine,
         docker,
@@ -38,6 +45,7 @@ def main(settings: Settings) -> None:
         redis,
         settings.reconcile_interval_s,
         preparer=preparer,
+        downloads=HubDownloads(settings, redis),
     )
     stop = threading.Event()
 

@@ -34,6 +34,7 @@ from huggingface_hub.errors import (
 
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
+from builder.prepare import Job, PrepareError, Progress, Report
 from builder.specs import is_local_model
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,8 @@ TOKEN = "APPLIANCE_HF_TOKEN"  # noqa: S105 - the setting's name, not a secret
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class WeightsError(Exception):
+class WeightsError(PrepareError):
     """A download that cannot go on; the message says why in a user's words."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -88,6 +85,33 @@ def hub_model(endpoint: Endpoint, settings: Settings) -> HubModel | None:
         return None
     revision = endpoint.args.get("revision") or "main"
     return HubModel(endpoint.model, str(revision))
+
+
+def weights_job(endpoint: Endpoint, settings: Settings) -> Job | None:
+    """The download a vLLM endpoint of a hub model waits on before any replica starts (the
+    Preparer's source of `weights:` jobs); None for every other endpoint."""
+    model = hub_model(endpoint, settings)
+    return None if model is None else hub_job(model, settings)
+
+
+def hub_job(model: HubModel, settings: Settings) -> Job:
+    """One snapshot's download, shared by every endpoint (and request) that needs it."""
+    shown = model.repository if model.revision == "main" else model.ref
+
+    def progress(now: Transfer) -> Progress:
+        return Progress(
+            "weights", shown, now.done_bytes, now.total_bytes, now.done_files, now.total_files
+        )
+
+    def run(report: Report) -> None:
+        download(model, settings, lambda now: report(progress(now)))
+
+    return Job(
+        f"weights:{model.ref}",
+        Progress("weights", shown),
+        lambda: present(model, settings),
+        run,
+    )
 
 
 def hub_dir(settings: Settings) -> Path:
