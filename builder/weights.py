@@ -34,7 +34,8 @@ from huggingface_hub.errors import (
 
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
-from builder.prepare import Job, PrepareError, Progress, Report
+from builder.partials import partials, resume
+from builder.prepare import Job, PrepareError, Progress, Report, size_text
 from builder.specs import is_local_model
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,17 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Blob:
-    name: str  # the file's name in the cache's blobs/: its sha256 (LFS) or git blob id
+    path: str  # the file's path in the repository
+    name: str  # its name in the cache's blobs/: its sha256 (LFS) or git blob id
     size: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The repository's files at the revision, and the commit the revision points at."""
+
+    commit: str
+    blobs: list[Blob]
 
 
 def hub_model(endpoint: Endpoint, settings: Settings) -> HubModel | None:
@@ -126,15 +136,16 @@ def repository_dir(model: HubModel, settings: Settings) -> Path:
     return hub_dir(settings) / ("models--" + model.repository.replace("/", "--"))
 
 
-def blobs_of(model: HubModel, settings: Settings) -> list[Blob]:
+def listing(model: HubModel, settings: Settings) -> Listing:
     """The repository's files at the revision, as the blobs the cache will hold."""
     info = _api(settings).model_info(model.repository, revision=model.revision, files_metadata=True)
-    blobs = {}
+    blobs: dict[str, Blob] = {}
     for sibling in info.siblings or []:
         name = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
+        size = sibling.lfs.size if sibling.lfs else sibling.size or 0
         if name:
-            blobs[name] = Blob(name, sibling.lfs.size if sibling.lfs else sibling.size or 0)
-    return list(blobs.values())
+            blobs[name] = Blob(sibling.rfilename, name, size)
+    return Listing(info.sha or model.revision, list(blobs.values()))
 
 
 def measure(blobs: list[Blob], folder: Path) -> Transfer:
@@ -144,9 +155,9 @@ def measure(blobs: list[Blob], folder: Path) -> Transfer:
         path = folder / blob.name
         if path.is_file():
             done_bytes, done_files = done_bytes + blob.size, done_files + 1
-        else:
+        elif found := partials(folder, blob.name):
             with contextlib.suppress(OSError):
-                done_bytes += min((folder / f"{blob.name}.incomplete").stat().st_size, blob.size)
+                done_bytes += min(found[0].stat().st_size, blob.size)
     total = sum(b.size for b in blobs)
     return Transfer(done_bytes, total, done_files, len(blobs))
 
@@ -170,18 +181,14 @@ def free_bytes(settings: Settings) -> int:
     return max(free, 0)
 
 
-def gigabytes(size: int) -> str:
-    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
-
-
 def check_space(model: HubModel, now: Transfer, free: int) -> None:
     """Refuses a download that would not fit, with the numbers."""
     needed = now.total_bytes - now.done_bytes
     if needed > free:
-        held = f" ({gigabytes(now.done_bytes)} already downloaded)" if now.done_bytes else ""
+        held = f" ({size_text(now.done_bytes)} already downloaded)" if now.done_bytes else ""
         raise WeightsError(
             f"{model.repository} does not fit in the Hugging Face cache: it needs "
-            f"{gigabytes(needed)}, {gigabytes(free)} free{held}; free some space or raise "
+            f"{size_text(needed)}, {size_text(free)} free{held}; free some space or raise "
             "APPLIANCE_HF_CACHE_MAX_BYTES"
         )
 
@@ -204,30 +211,37 @@ def present(model: HubModel, settings: Settings) -> bool:
 
 def download(model: HubModel, settings: Settings, report: Callable[[Transfer], None]) -> Path:
     """Fetches the snapshot into the cache, reporting progress; returns its folder."""
-    folder = hub_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
+    hub_dir(settings).mkdir(parents=True, exist_ok=True)
     try:
-        blobs = blobs_of(model, settings)
+        files = listing(model, settings)
         blob_dir = repository_dir(model, settings) / "blobs"
-        start = measure(blobs, blob_dir)
+        start = measure(files.blobs, blob_dir)
         check_space(model, start, free_bytes(settings))
         report(start)
-        path = _fetch(model, settings, lambda: report(measure(blobs, blob_dir)))
+        path = _fetch(model, files, settings, lambda: report(measure(files.blobs, blob_dir)))
     except WeightsError:
         raise
     except Exception as exc:
         raise WeightsError(explain(exc, model, settings)) from exc
-    report(measure(blobs, blob_dir))
+    report(measure(files.blobs, blob_dir))
     return Path(path)
 
 
-def _fetch(model: HubModel, settings: Settings, tick: Callable[[], None]) -> str:
-    """snapshot_download in a thread of its own, `tick` called while it runs."""
+def _fetch(model: HubModel, files: Listing, settings: Settings, tick: Callable[[], None]) -> str:
+    """Partial files resumed, then snapshot_download, in a thread; `tick` called meanwhile."""
     result: list[str] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
+            resume(
+                [(b.path, b.name, b.size) for b in files.blobs],
+                repository=model.repository,
+                commit=files.commit,
+                repository_dir=repository_dir(model, settings),
+                endpoint=settings.hf_endpoint,
+                token=settings.hf_token,
+            )
             result.append(
                 snapshot_download(
                     model.repository,

@@ -164,7 +164,7 @@ class Hub:
         names = {f.sha256: p for r in self.repos.values() for p, f in r.files.items()}
         found = []
         for entry in list(self.log):
-            if entry.method != "GET":
+            if entry.method != "GET" or entry.status not in (200, 206):
                 continue
             path = entry.path.split("?")[0]
             target = names.get(path.rsplit("/", 1)[-1], "") if "/_cdn/" in path else path

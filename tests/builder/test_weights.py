@@ -164,3 +164,21 @@ def test_present_only_when_the_whole_snapshot_is_in_the_cache(tmp_path: Path, hu
     hub.cuts = 0
     download(HubModel(REPO), cache, lambda _: None)
     assert present(HubModel(REPO), cache) and not present(HubModel(REPO, "v2"), cache)
+
+
+def test_a_partial_file_left_by_a_stopped_download_is_resumed_by_range(
+    tmp_path: Path, hub: Hub, model_dir: Path
+) -> None:
+    weights = (model_dir / "model.safetensors").read_bytes()
+    sha = hashlib.sha256(weights).hexdigest()
+    blobs = tmp_path / "data/hf-cache/hub/models--acme--tiny-model/blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{sha}.0badc0de.incomplete").write_bytes(weights[:5_000_000])  # a killed process's
+    (blobs / f"{sha}.deadbeef.incomplete").write_bytes(weights[:1_000])  # an older one
+    seen: list[Transfer] = []
+    where = download(HubModel(REPO), settings(tmp_path, hub), seen.append)
+    assert (where / "model.safetensors").read_bytes() == weights
+    assert seen[0].done_bytes >= 5_000_000  # counted as done from the start
+    (again,) = hub.gets("model.safetensors")
+    assert again.range == "bytes=5000000-" and again.sent == len(weights) - 5_000_000
+    assert not list(blobs.glob("*.incomplete"))
