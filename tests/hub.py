@@ -159,15 +159,15 @@ class Hub:
             self._server.server_close()
 
     def gets(self, suffix: str) -> list[Logged]:
-        """The GETs that sent the body of a file whose path ends with `suffix`, through the CDN
-        or straight from `resolve`."""
+        """The GETs that sent the body of a file whose path ends with `suffix` (say
+        `/config.json`), through the CDN or straight from `resolve`."""
         names = {f.sha256: p for r in self.repos.values() for p, f in r.files.items()}
         found = []
         for entry in list(self.log):
             if entry.method != "GET" or entry.status not in (200, 206):
                 continue
             path = entry.path.split("?")[0]
-            target = names.get(path.rsplit("/", 1)[-1], "") if "/_cdn/" in path else path
+            target = "/" + names.get(path.rsplit("/", 1)[-1], "") if "/_cdn/" in path else path
             if target.endswith(suffix) and "/api/" not in path:
                 found.append(entry)
         return found

@@ -182,8 +182,9 @@ def test_builder_killed_mid_download_resumes_and_the_real_vllm_serves(
     wait_status(client, endpoint_id, "READY", timeout_s=READY_TIMEOUT_S)
 
     for name in SMALL_FILES:  # finished before the kill: never fetched again
-        assert len(hub.gets(name)) == 1, (name, hub.gets(name))
-    first, again = hub.gets("model.safetensors")
+        assert len(hub.gets(f"/{name}")) == 1, (name, hub.gets(f"/{name}"))
+    first, again = hub.gets("/model.safetensors")
+    print(f"killed at {cut_at} bytes on disk; first GET sent {first.sent}, resumed {again}")
     assert first.range is None and again.status == 206, (first, again)
     assert again.range is not None and int(again.range[6:-1]) >= cut_at - 10 * 2**20
     assert first.sent + again.sent < 1.1 * 536223056
@@ -191,4 +192,5 @@ def test_builder_killed_mid_download_resumes_and_the_real_vllm_serves(
     answer = completion(client, "gemma-hub", "The capital of France is", 8)
     assert answer["choices"][0]["text"].strip()
     timeline = events(client, endpoint_id)
+    print("\n".join(timeline))
     assert any(e.startswith(f"weights: downloaded weights {REPO}") for e in timeline), timeline
