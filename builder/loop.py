@@ -28,7 +28,7 @@ from builder.hub_downloads import HubDownloads
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.prepare import Note, Preparer, Readiness, Waiting
-from builder.reconcile import Observed, SetDesired, plan
+from builder.reconcile import Observed, SetDesired, SetStatus, plan
 from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command
@@ -146,7 +146,8 @@ class BuilderLoop:
             logger.warning("cannot publish progress to Redis")
 
     def tick(self) -> int:
-        """One reconcile pass; returns how many actions it applied."""
+        """One reconcile pass; returns how many actions it applied that call for another pass
+        soon."""
         observed = self.observe()
         if observed.now - self._accrued_at >= metering.ACCRUE_EVERY_S:
             self._accrue(observed.now)
@@ -154,6 +155,7 @@ class BuilderLoop:
         self._download_ahead()
         self._scale(observed)
         actions = plan(observed)
+        quiet = [a for a in actions if isinstance(a, SetStatus) and not a.event]
         for action in actions:
             try:
                 self.applier.apply(action)
@@ -162,7 +164,7 @@ class BuilderLoop:
             if isinstance(action, SetDesired):  # an eviction: the scaler starts afresh there
                 self._history[action.endpoint_id] = ((observed.now, action.desired),)
                 self._evicted[action.endpoint_id] = observed.now
-        return len(actions)
+        return len(actions) - len(quiet)  # new progress figures alone need no quick next tick
 
     def _download_ahead(self) -> None:
         """Downloads asked for without an endpoint; a failure here never stops the tick."""

@@ -51,12 +51,13 @@ class PullTally:
             layer.current = int(detail.get("current") or layer.current)
             layer.total = int(detail.get("total") or 0) or layer.total
             self.detail = ""
-        elif status.startswith("Retrying"):
-            self.detail = status.lower()
+        elif status.startswith(("Retrying", "Extracting")):
+            self.detail = status.split(" (")[0].lower()  # "retrying in 5 seconds", "extracting"
         if status.startswith(DOWNLOADED):
             layer.downloaded = True
         if status.startswith(LAYER_DONE):
             layer.done = True
+            self.detail = ""
             layer.fetched = status != "Already exists"
         return self.progress()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder import reconcile as rc
 from builder.docker_engine import ContainerInfo
+from builder.prepare import Failed, Progress, Waiting
 from gpu.inventory import EMPTY, Inventory, StaticGpuSource
 from tests.factories import make_endpoint
 
@@ -63,6 +64,7 @@ def plan(
         kw.get("first_seen", {}),  # type: ignore[arg-type]
         inventory,
         now,
+        kw.get("preparing", {}),  # type: ignore[arg-type]
     )
     return rc.plan(obs)
 
@@ -229,3 +231,49 @@ def test_eviction_never_goes_below_min_nor_takes_from_higher_priority() -> None:
     )
     actions = plan([above_min, lower], held, inventory=one)
     assert not any(isinstance(a, rc.DrainReplica) for a in actions)
+
+
+PULLING = Progress("image", "r.local/x:1", 1_200_000_000, 9_800_000_000, 3, 7)
+
+
+def test_no_replica_starts_while_its_image_is_pulled_and_the_reason_says_how_far() -> None:
+    actions = plan(
+        [endpoint(status=EndpointStatus.UPDATE_PENDING)], preparing={"end_a": Waiting(PULLING)}
+    )
+    assert not [a for a in actions if isinstance(a, rc.StartReplica)]
+    reason = "pulling image r.local/x:1: 1.2 of 9.8 GB, 3 of 7 layers"
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason)]
+
+
+def test_new_pull_figures_update_the_reason_without_an_event() -> None:
+    before = "pulling image r.local/x:1: 0.9 of 9.8 GB, 2 of 7 layers"
+    actions = plan([endpoint(status_reason=before)], preparing={"end_a": Waiting(PULLING)})
+    reason = PULLING.describe()
+    assert actions == [
+        rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason, event=False)
+    ]
+    waiting_gpus = plan(
+        [endpoint(status_reason="waiting for GPUs: none free")],
+        preparing={"end_a": Waiting(PULLING)},
+    )
+    assert waiting_gpus == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason)]
+
+
+def test_a_ready_endpoint_scaling_up_keeps_serving_while_it_waits_for_the_image() -> None:
+    ready = endpoint(status=EndpointStatus.READY, desired_replicas=2)
+    actions = plan([ready], [replica("r1")], preparing={"end_a": Waiting(PULLING)})
+    assert not [a for a in actions if isinstance(a, (rc.StartReplica, rc.DrainReplica))]
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.READY, PULLING.describe())]
+
+
+def test_a_failed_pull_fails_the_endpoint_with_its_words_and_starts_nothing() -> None:
+    words = "cannot pull image r.local/x:1: manifest unknown"
+    actions = plan([endpoint()], preparing={"end_a": Failed(words)})
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_FAILED, words)]
+
+
+def test_an_endpoint_with_nothing_to_wait_for_starts_as_before() -> None:
+    other = endpoint(id="end_b", name="b")
+    actions = plan([endpoint(), other], preparing={"end_b": Waiting(PULLING)})
+    assert rc.StartReplica("end_a", (0,), 1.0) in actions
+    assert not [a for a in actions if isinstance(a, rc.StartReplica) and a.endpoint_id == "end_b"]
