@@ -46,10 +46,14 @@ def resume(
     lock_dir = repository_dir.parent / ".locks" / repository_dir.name
     for path, blob, size in files:
         found = partials(blob_dir, blob)
-        if not found or (blob_dir / blob).exists():
+        if not found:
             continue
         try:
             with WeakFileLock(lock_dir / f"{blob}.lock", timeout=LOCK_WAIT_S):
+                if (blob_dir / blob).exists():  # finished since: the leftovers only take space
+                    for stale in found:
+                        stale.unlink(missing_ok=True)
+                    continue
                 url = hf_hub_url(repository, path, revision=commit, endpoint=endpoint)
                 _continue(found, blob_dir / blob, url, size, token)
         except Timeout:
