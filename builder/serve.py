@@ -31,6 +31,8 @@ def main(settings: Settings) -> None:
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
     gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
+    if not settings.hf_cache_volume:  # vLLM replicas bind it: Docker refuses a missing source
+        (settings.hf_cache_path / "hub").mkdir(parents=True, exist_ok=True)
     preparer = Preparer(
         [
             lambda endpoint: image_job(endpoint, settings, docker),
