@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from api import endpoint_changes, endpoint_specs, endpoint_views, server_args
 from api.deps import AppState
-from api.schemas import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
+from api.schemas import CreateLLMEndpointRequest, EndpointProgress, UpdateLLMEndpointRequest
 from appliance import audit, bus, queries
 from appliance.errors import ConflictError, NoSuchEndpointError, OperationInProgressError
 from appliance.keys import Caller
@@ -52,7 +52,10 @@ def progress_of(state: AppState) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         name = key.decode() if isinstance(key, bytes) else str(key)
-        found[name] = json.loads(value)
+        try:
+            found[name] = EndpointProgress.model_validate_json(value).model_dump()
+        except ValueError:
+            continue  # a builder of another version: no progress rather than a 500
     return found
 
 

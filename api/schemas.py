@@ -232,3 +232,32 @@ class CreateLLMEndpointResponse(BaseModel):
 
 class DeleteResponse(BaseModel):
     deleted: bool
+
+
+class EndpointProgress(BaseModel):
+    """`progress` in an endpoint's GET: what its replicas wait on before a container can start
+    (an image pull, a download), as the builder last published it; `null` when nothing."""
+
+    kind: Literal["image", "weights"]
+    ref: str = Field(description="The image reference, or the weights' repository@revision.")
+    done_bytes: int = Field(ge=0)
+    total_bytes: int | None = Field(None, ge=0, description="null while not yet known.")
+    done_parts: int = Field(ge=0, description="Layers (image) or files (weights) finished.")
+    total_parts: int | None = Field(None, ge=0)
+    fraction: float | None = Field(None, ge=0, le=1, description="done_bytes / total_bytes.")
+    detail: str = Field("", description='What it is doing now: "extracting", "retrying ...".')
+    description: str = Field(description="The figures in words, as `status_reason` has them.")
+
+
+class EndpointView(BaseModel):
+    """An endpoint's GET: LLM Engine's fields (not all listed here) and the appliance's."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str
+    status: str
+    status_reason: str | None = Field(
+        None, description="Why the endpoint is not where its spec asks, or why it failed."
+    )
+    progress: EndpointProgress | None = None

@@ -36,6 +36,10 @@ _WORDS: dict[str, tuple[str, str, str]] = {  # kind -> (doing, its parts, done)
 }
 
 
+def _event_kind(progress: Progress) -> str:
+    return _WORDS[progress.kind][0].split()[0]  # "pulling", "downloading"
+
+
 class PrepareError(Exception):
     """A job could not fetch what it was asked for; the message is for the user."""
 
@@ -208,7 +212,7 @@ class Preparer:
                 run = self._start(job)  # a new generation asks: try again
             if endpoint.id not in run.waiters:
                 run.waiters[endpoint.id] = endpoint.generation
-                notes.append(Note(endpoint.id, job.start.kind, run.progress.headline))
+                notes.append(Note(endpoint.id, _event_kind(job.start), run.progress.headline))
             return Waiting(run.progress)
 
     def _start(self, job: Job) -> _Run:
@@ -246,7 +250,8 @@ class Preparer:
                 size = run.progress.total_bytes or run.progress.done_bytes
                 what = f"{_WORDS[run.progress.kind][2]} {run.progress.ref}"
                 message = f"{what}: {size_text(size)} in {took:.0f} s"
-                notes += [Note(e, run.progress.kind, message) for e in run.waiters]
+                kind = _WORDS[run.progress.kind][2].split()[0]  # "pulled", "downloaded"
+                notes += [Note(e, kind, message) for e in run.waiters]
         return notes
 
     def _milestones(self, notes: list[Note]) -> None:
@@ -263,4 +268,4 @@ class Preparer:
                 ):
                     run.noted_step, run.noted_at = max(step, run.noted_step), now
                     text = run.progress.describe()
-                    notes += [Note(e, run.progress.kind, text) for e in run.waiters]
+                    notes += [Note(e, _event_kind(run.progress), text) for e in run.waiters]

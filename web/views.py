@@ -132,7 +132,7 @@ class Step:
 def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]:
     """The latest deploy, step by step, from the endpoint's events timeline.
 
-    Placed (on GPUs or CPU) -> image present or pulled -> container started, loading the
+    Image present or pulled -> placed (on GPUs or CPU) -> container started, loading the
     model -> health check passed -> READY."""
     start = max((i for i, e in enumerate(events) if e["kind"] in STARTS), default=0)
     if status == "READY":
@@ -147,13 +147,14 @@ def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]
         e["kind"] == "status" and str(e["message"]).startswith("READY") for e in recent
     )
     placed = found.get("placed", "")
+    image_ready = started or "pulled" in found or "placed" in found  # placed after the pull
     plan = [
-        ("Placed", "placed" in found, placed[placed.find(" placed ") + 8 :] if placed else ""),
         (
             "Image ready",
-            started or "pulled" in found,
-            "pulled" if "pulled" in found else ("present" if started else ""),
+            image_ready,
+            "pulled" if "pulled" in found else ("present" if image_ready else ""),
         ),
+        ("Placed", "placed" in found, placed[placed.find(" placed ") + 8 :] if placed else ""),
         ("Loading model", started, "container started" if started else ""),
         ("Health check", "ready" in found, "passed" if "ready" in found else ""),
         ("Ready", ready_status or status == "READY", "serving" if status == "READY" else ""),

@@ -21,6 +21,7 @@ from api.schemas import (
     CreateLLMEndpointRequest,
     CreateLLMEndpointResponse,
     DeleteResponse,
+    EndpointView,
     UpdateLLMEndpointRequest,
 )
 
@@ -56,7 +57,7 @@ def read_llm_endpoints(
     return {"model_endpoints": [describe_llm(e, session, progress.get(e.id)) for e in endpoints]}
 
 
-@router.get("/{name}")
+@router.get("/{name}", response_model=EndpointView)
 def read_llm_endpoint(
     name: str, caller: CallerDep, session: SessionDep, state: StateDep
 ) -> dict[str, Any]:

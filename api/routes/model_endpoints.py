@@ -15,6 +15,7 @@ from api.schemas import (
     CreateLLMEndpointRequest,
     CreateLLMEndpointResponse,
     DeleteResponse,
+    EndpointView,
     UpdateLLMEndpointRequest,
 )
 from appliance import queries
@@ -51,10 +52,12 @@ def read_model_endpoints(
     return {"model_endpoints": [describe(e, session, progress.get(e.id)) for e in listed]}
 
 
-@router.get("/{endpoint_id}")
+@router.get("/{endpoint_id}", response_model=EndpointView)
 def read_model_endpoint(
     endpoint_id: str, caller: CallerDep, session: SessionDep, state: StateDep
 ) -> dict[str, Any]:
+    """LLM Engine's endpoint with the appliance's fields; `progress` (`EndpointProgress`) says
+    how far an image pull or a download its replicas wait on has come, null when none."""
     endpoint = owned(endpoint_id, caller, session=session)
     return describe(endpoint, session, endpoint_service.progress_of(state).get(endpoint.id))
 

@@ -81,8 +81,8 @@ def test_an_image_two_endpoints_need_is_fetched_once_and_both_wait_on_it() -> No
         "end_b": Waiting(Progress("image", IMAGE)),
     }
     assert notes == [
-        Note("end_a", "image", f"pulling image {IMAGE}"),
-        Note("end_b", "image", f"pulling image {IMAGE}"),
+        Note("end_a", "pulling", f"pulling image {IMAGE}"),
+        Note("end_b", "pulling", f"pulling image {IMAGE}"),
     ]
     waiting, notes = prep.poll(two_endpoints())
     assert len(fetch.started) == 1 and notes == [] and set(waiting) == {"end_a", "end_b"}
@@ -104,7 +104,7 @@ def test_a_finished_pull_frees_its_endpoints_and_says_what_it_fetched() -> None:
     clock.now += 42
     waiting, notes = prep.poll(two_endpoints())
     assert waiting == {}
-    assert Note("end_a", "image", f"pulled image {IMAGE}: 50.0 MB in 42 s") in notes
+    assert Note("end_a", "pulled", f"pulled image {IMAGE}: 50.0 MB in 42 s") in notes
     assert len(notes) == 2
 
 

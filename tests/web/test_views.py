@@ -17,7 +17,14 @@ def test_deploy_steps_follow_the_latest_deploy() -> None:
     ]
     steps = views.deploy_steps(events, "UPDATE_IN_PROGRESS")
     assert [s.state for s in steps] == ["done", "done", "done", "current", "todo"]
-    assert steps[0].detail == "on CPU"
+    assert steps[1].detail == "on CPU"
+    pulling = [event("created"), event("pulling", "pulling image x")]
+    assert [s.state for s in views.deploy_steps(pulling, "UPDATE_IN_PROGRESS")][:2] == [
+        "current",
+        "todo",
+    ]
+    pulled = [*pulling, event("pulled", "pulled image x: 1.0 GB in 60 s"), *events[1:]]
+    assert views.deploy_steps(pulled, "UPDATE_IN_PROGRESS")[0].detail == "pulled"
     later = [*events, event("ready"), event("status", "READY"), event("updated")]
     assert views.deploy_steps(later, "UPDATE_PENDING")[0].state == "current"
     in_place = [*later[:-1], event("updated")]  # a replica-count edit: no new rollout
