@@ -106,11 +106,10 @@ def weights_job(endpoint: Endpoint, settings: Settings) -> Job | None:
 
 def hub_job(model: HubModel, settings: Settings) -> Job:
     """One snapshot's download, shared by every endpoint (and request) that needs it."""
-    shown = model.repository if model.revision == "main" else model.ref
 
     def progress(now: Transfer) -> Progress:
         return Progress(
-            "weights", shown, now.done_bytes, now.total_bytes, now.done_files, now.total_files
+            "weights", model.ref, now.done_bytes, now.total_bytes, now.done_files, now.total_files
         )
 
     def run(report: Report) -> None:
@@ -118,7 +117,7 @@ def hub_job(model: HubModel, settings: Settings) -> Job:
 
     return Job(
         f"weights:{model.ref}",
-        Progress("weights", shown),
+        Progress("weights", model.ref),
         lambda: present(model, settings),
         run,
     )
