@@ -94,7 +94,7 @@ def test_progress_while_downloading_then_ready_with_the_timeout_counted_from_the
     timeline = events(client, endpoint_id)
     milestones = [e for e in timeline if " of 569.6 MB, " in e and " of 6 files" in e]
     assert len(milestones) >= 2, timeline  # a quarter at least, never one per tick
-    assert any(e.startswith(f"weights: downloaded weights {REPO}") for e in timeline), timeline
+    assert any(f"downloaded weights {REPO}@main: 569.6 MB in " in e for e in timeline), timeline
     assert replica_env(appliance)["HF_HUB_OFFLINE"] == "1"
 
 
@@ -193,4 +193,4 @@ def test_builder_killed_mid_download_resumes_and_the_real_vllm_serves(
     assert answer["choices"][0]["text"].strip()
     timeline = events(client, endpoint_id)
     print("\n".join(timeline))
-    assert any(e.startswith(f"weights: downloaded weights {REPO}") for e in timeline), timeline
+    assert any(f"downloaded weights {REPO}@main: 569.6 MB in " in e for e in timeline), timeline
