@@ -10,7 +10,7 @@ import time
 from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import Engine
 
 from appliance import audit, bus
@@ -39,6 +39,14 @@ class HfDownloadCreate(BaseModel):
         pattern=r"^[\w.\-/]+$",
         description="A branch, tag or commit of the repository.",
     )
+
+    @field_validator("revision")
+    @classmethod
+    def _no_parent(cls, value: str) -> str:
+        """A revision names a folder in the cache (`refs/<revision>`): never a way out of it."""
+        if ".." in value.split("/") or value.startswith("/"):
+            raise ValueError("revision must be a branch, tag or commit, without '..'")
+        return value
 
 
 def ref(repository: str, revision: str) -> str:

@@ -210,6 +210,8 @@ def present(model: HubModel, settings: Settings) -> bool:
 
 def download(model: HubModel, settings: Settings, report: Callable[[Transfer], None]) -> Path:
     """Fetches the snapshot into the cache, reporting progress; returns its folder."""
+    if ".." in model.revision.split("/") or model.revision.startswith("/"):
+        raise WeightsError(f"revision {model.revision!r} is not a branch, tag or commit")
     hub_dir(settings).mkdir(parents=True, exist_ok=True)
     try:
         files = listing(model, settings)

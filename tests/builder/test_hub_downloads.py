@@ -76,6 +76,7 @@ def test_the_routes_refuse_bad_names_and_keys_without_manage(api_only: Appliance
     for body, field in (
         ({"repository": "no-owner"}, "repository"),
         ({"repository": "a/b", "revision": "../x y"}, "revision"),
+        ({"repository": "a/b", "revision": "main/../../../x"}, "revision"),
         ({"repository": "a/b", "force": True}, "force"),
     ):
         refused = client.post("/v1/storage/hf-downloads", json=body)

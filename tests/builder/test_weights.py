@@ -101,6 +101,7 @@ def test_the_space_check_counts_what_is_already_downloaded(tmp_path: Path, hub: 
         ({"answer": 404}, HubModel(REPO), None, "has no model 'acme/tiny-model'"),
         ({}, HubModel("acme/nothing-here"), None, "has no model 'acme/nothing-here'"),
         ({}, HubModel(REPO, "v9"), None, "has no revision 'v9' of acme/tiny-model"),
+        ({}, HubModel(REPO, "../../../x"), None, "is not a branch, tag or commit"),
         ({"answer": 401}, HubModel(REPO), "hf_wrong", "refused the Hugging Face token (401"),
         ({"gated": {REPO}}, HubModel(REPO), None, "is a gated model: it needs a Hugging Face"),
         ({"gated": {REPO}}, HubModel(REPO), "hf_other", "token (APPLIANCE_HF_TOKEN) has no access"),
