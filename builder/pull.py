@@ -20,6 +20,17 @@ from builder.specs import default_image
 
 NOT_LAYERS = ("Pulling from", "Digest:", "Status:")  # messages about the image, not a layer
 LAYER_DONE = ("Pull complete", "Already exists")
+# Terse words from the Docker Engine, said once more for a person: (text in the error, meaning)
+HINTS = (
+    ("no space left on device", "the disk is full: free space or prune unused images"),
+    ("connection refused", "the registry is not answering"),
+    ("eof", "the registry closed the connection during the transfer"),
+    ("connection reset", "the registry closed the connection during the transfer"),
+    ("unauthorized", "the registry wants credentials this box does not have"),
+    ("access to the resource is denied", "the registry refused access to this image"),
+    ("no such host", "the registry's name does not resolve"),
+    ("i/o timeout", "the registry did not answer in time"),
+)
 DOWNLOADED = ("Download complete", "Verifying Checksum", "Extracting", *LAYER_DONE)
 
 
@@ -80,6 +91,15 @@ class PullTally:
         )
 
 
+def explained(words: str) -> str:
+    """The registry's (or the Docker Engine's) words, with what they mean when they are terse."""
+    lowered = words.lower()
+    for needle, meaning in HINTS:
+        if needle in lowered and meaning not in lowered:
+            return f"{words} ({meaning})"
+    return words
+
+
 def pull_image(runtime: ContainerRuntime, image: str, report: Report) -> None:
     """Pulls `image`, reporting progress; raises `PrepareError` in the registry's words."""
     tally = PullTally(image)
@@ -88,7 +108,7 @@ def pull_image(runtime: ContainerRuntime, image: str, report: Report) -> None:
         for message in runtime.pull(image):
             report(tally.add(message))
     except PullError as exc:
-        raise PrepareError(f"cannot pull image {image}: {exc}") from exc
+        raise PrepareError(f"cannot pull image {image}: {explained(str(exc))}") from exc
     if not runtime.has_image(image):
         raise PrepareError(f"cannot pull image {image}: the pull ended without the image")
 

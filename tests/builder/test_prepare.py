@@ -19,7 +19,7 @@ from builder.prepare import (
     Report,
     Waiting,
 )
-from builder.pull import PullTally
+from builder.pull import PullTally, explained
 from tests.factories import make_endpoint
 
 IMAGE = "registry.local/acme/server:1"
@@ -211,3 +211,11 @@ def test_the_tally_counts_bytes_and_layers_of_what_it_fetches() -> None:
     tally.add({"status": "Digest: sha256:0"})
     assert tally.add({"status": "Status: Downloaded newer image"}) == progress
     assert progress == Progress("image", IMAGE, 42 * MB, 42 * MB, 3, 3)
+
+
+def test_terse_pull_errors_keep_their_words_and_say_what_they_mean() -> None:
+    assert explained("EOF") == "EOF (the registry closed the connection during the transfer)"
+    full = explained("write /var/lib/docker/tmp/x: no space left on device")
+    assert full.endswith("(the disk is full: free space or prune unused images)")
+    manifest = "manifest for r/x:1 not found: manifest unknown: manifest unknown"
+    assert explained(manifest) == manifest

@@ -211,6 +211,7 @@ def test_a_registry_gone_mid_pull_fails_then_a_restart_succeeds(
         registry.start()
     print("registry gone mid-pull:", failed["status_reason"])
     assert failed["status_reason"].startswith(f"cannot pull image {slow_image}: ")
+    assert "(the registry " in failed["status_reason"]  # EOF or refused, said in words
     assert appliance.containers() == []
 
     proxy.set_rate(FAST_BPS)
