@@ -180,15 +180,16 @@ def free_bytes(settings: Settings) -> int:
     return max(free, 0)
 
 
-def check_space(model: HubModel, now: Transfer, free: int) -> None:
-    """Refuses a download that would not fit, with the numbers."""
+def check_space(model: HubModel, now: Transfer, free: int, capped: bool) -> None:
+    """Refuses a download that would not fit, with the numbers and what to do."""
     needed = now.total_bytes - now.done_bytes
     if needed > free:
         held = f" ({size_text(now.done_bytes)} already downloaded)" if now.done_bytes else ""
+        fix = "raise APPLIANCE_HF_CACHE_MAX_BYTES" if capped else "add disk space"
         raise WeightsError(
             f"{model.repository} does not fit in the Hugging Face cache: it needs "
-            f"{size_text(needed)}, {size_text(free)} free{held}; free some space or raise "
-            "APPLIANCE_HF_CACHE_MAX_BYTES"
+            f"{size_text(needed)}, {size_text(free)} free{held}; delete models no endpoint "
+            f"uses, or {fix}"
         )
 
 
@@ -217,7 +218,7 @@ def download(model: HubModel, settings: Settings, report: Callable[[Transfer], N
         files = listing(model, settings)
         blob_dir = repository_dir(model, settings) / "blobs"
         start = measure(files.blobs, blob_dir)
-        check_space(model, start, free_bytes(settings))
+        check_space(model, start, free_bytes(settings), settings.hf_cache_max_bytes is not None)
         report(start)
         path = _fetch(model, files, settings, lambda: report(measure(files.blobs, blob_dir)))
     except WeightsError:

@@ -14,7 +14,15 @@ import pytest
 
 from appliance.settings import Settings
 from builder.specs import server_env
-from builder.weights import HubModel, Transfer, WeightsError, download, hub_model, present
+from builder.weights import (
+    HubModel,
+    Transfer,
+    WeightsError,
+    check_space,
+    download,
+    hub_model,
+    present,
+)
 from tests.factories import make_endpoint
 from tests.hub import Hub
 
@@ -183,3 +191,18 @@ def test_a_partial_file_left_by_a_stopped_download_is_resumed_by_range(
     (again,) = hub.gets("/model.safetensors")
     assert again.range == "bytes=5000000-" and again.sent == len(weights) - 5_000_000
     assert not list(blobs.glob("*.incomplete"))
+
+
+def test_the_refusal_says_the_numbers_and_what_to_do() -> None:
+    big = HubModel("acme/big")
+    with pytest.raises(WeightsError) as disk:
+        check_space(big, Transfer(0, 16_100_000_000, 0, 9), 9_800_000_000, capped=False)
+    assert disk.value.message == (
+        "acme/big does not fit in the Hugging Face cache: it needs 16.1 GB, 9.8 GB free; "
+        "delete models no endpoint uses, or add disk space"
+    )
+    with pytest.raises(WeightsError) as capped:
+        check_space(big, Transfer(4_000_000_000, 16_100_000_000, 3, 9), 2_000_000_000, True)
+    assert "it needs 12.1 GB, 2.0 GB free (4.0 GB already downloaded)" in capped.value.message
+    assert capped.value.message.endswith("raise APPLIANCE_HF_CACHE_MAX_BYTES")
+    check_space(big, Transfer(4_000_000_000, 16_100_000_000, 3, 9), 12_100_000_000, True)
