@@ -6,13 +6,13 @@ at /root/.cache/huggingface, so the replica then starts with the hub offline. Be
 is fetched the repository's file sizes are checked against the space left; while it runs the
 cache's blobs (finished and `.incomplete`) are measured for progress. A download cut short (a
 builder restart) resumes from the same cache: finished files are not fetched again, a partial
-one continues by range. Every failure is a `WeightsError` whose message a user can act on.
+one continues by range (`builder/partials.py`). Every failure is a `WeightsError` whose message
+a user can act on (`builder/hub_errors.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -22,18 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
-from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import HfApi, snapshot_download
 
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
+from builder.hub_errors import explain
 from builder.partials import partials, resume
 from builder.prepare import Job, PrepareError, Progress, Report, size_text
 from builder.specs import is_local_model
@@ -41,7 +34,6 @@ from builder.specs import is_local_model
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a running download's blobs are measured
-TOKEN = "APPLIANCE_HF_TOKEN"  # noqa: S105 - the setting's name, not a secret
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -264,46 +256,3 @@ def _fetch(model: HubModel, files: Listing, settings: Settings, tick: Callable[[
     if failure:
         raise failure[0]
     return result[0]
-
-
-def explain(exc: BaseException, model: HubModel, settings: Settings) -> str:
-    """The failure of a download in words a user can act on."""
-    name, where = model.repository, settings.hf_endpoint or constants.ENDPOINT
-    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
-    if isinstance(exc, GatedRepoError):
-        if not settings.hf_token:
-            return (
-                f"{name} is a gated model: it needs a Hugging Face token ({TOKEN}) of an "
-                "account that accepted its terms"
-            )
-        return (
-            f"{name} is a gated model, and the account of the Hugging Face token ({TOKEN}) "
-            "has no access to it: accept its terms on its page with that account"
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return f"{where} has no revision {model.revision!r} of {name}: check the revision"
-    if isinstance(exc, RepositoryNotFoundError):
-        private = "the token cannot see it" if settings.hf_token else f"no token is set ({TOKEN})"
-        return f"{where} has no model {name!r} (or it is private and {private}): check the name"
-    if status == 401:
-        return (
-            f"{where} refused the Hugging Face token (401, invalid credentials): "
-            f"set a valid {TOKEN}"
-        )
-    if status == 403:
-        return f"{where} denied access to {name} (403): the token ({TOKEN}) may not read it"
-    if status is not None:
-        return f"{where} answered {status} for {name}: try again later (restart the endpoint)"
-    cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ else exc
-    if isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout)):
-        return f"cannot reach {where} to download {name}: {_first_line(cause)}"
-    if isinstance(cause, httpx2.TransportError):
-        return f"the download of {name} from {where} broke off: {_first_line(cause)}"
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"the disk holding the Hugging Face cache filled up while downloading {name}"
-    return f"downloading {name} failed: {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
