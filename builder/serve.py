@@ -7,6 +7,8 @@ import signal
 import threading
 from types import FrameType
 
+from huggingface_hub.utils import disable_progress_bars
+
 from appliance import bus
 from appliance.db import open_engine
 from appliance.install import install_id
@@ -24,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 def main(settings: Settings) -> None:
+    # downloads show as progress and events; huggingface_hub's progress bars and its HTTP
+    # client's line per request would only fill the builder's log
+    disable_progress_bars()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     engine = open_engine(settings.database_path)
     redis = bus.connect(str(settings.redis_url))
     docker = DockerEngine(settings.docker_host, install_id(settings.data_dir))
