@@ -1,9 +1,10 @@
 """Hugging Face weights downloaded by the builder before a vLLM replica starts, through the
 loopback hub (`tests/hub.py`, serving the HF-format Gemma as `appliance-test/gemma-3-270m`):
 progress in events and the endpoint's GET, the startup timeout counted from when the weights
-are present, a download ahead of time that an endpoint then uses without fetching again, the
-disk checked first, the hub's refusals in words, and (on the real vLLM) a builder killed
-mid-download that resumes without fetching finished files again."""
+are present, one download for two endpoints of a model, a download ahead of time that an
+endpoint then uses without fetching again, the disk checked first, the hub's refusals in
+words, and (on the real vLLM) a builder killed mid-download that resumes without fetching
+finished files again."""
 
 from __future__ import annotations
 
@@ -58,15 +59,18 @@ def file_requests(hub: Hub) -> list[str]:
     return [e.path for e in hub.log if "/resolve/" in e.path or "/_cdn/" in e.path]
 
 
-def replica_env(appliance: Appliance) -> dict[str, str]:
-    (container,) = appliance.containers()
-    out = subprocess.run(
-        ["docker", "inspect", "-f", "{{json .Config.Env}}", container],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return dict(item.split("=", 1) for item in json.loads(out.stdout))
+def replica_env(appliance: Appliance) -> dict[str, dict[str, str]]:
+    """Each of the appliance's containers' environment."""
+    found = {}
+    for container in appliance.containers():
+        out = subprocess.run(
+            ["docker", "inspect", "-f", "{{json .Config.Env}}", container],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        found[container] = dict(item.split("=", 1) for item in json.loads(out.stdout))
+    return found
 
 
 def test_progress_while_downloading_then_ready_with_the_timeout_counted_from_the_weights(
@@ -85,6 +89,7 @@ def test_progress_while_downloading_then_ready_with_the_timeout_counted_from_the
         return now if progress.get("done_bytes", 0) > 0 else None
 
     seen = wait_until(downloading, 60, "download progress in the endpoint's GET")
+    second = create(client, standin_body("hub-gemma-2", model_name=REPO))  # the same weights
     assert seen["progress"]["kind"] == "weights" and seen["progress"]["total_parts"] == 6
     assert seen["progress"]["total_bytes"] > 500e6
     assert (seen["status_reason"] or "").startswith(f"downloading weights {REPO}")
@@ -95,7 +100,11 @@ def test_progress_while_downloading_then_ready_with_the_timeout_counted_from_the
     milestones = [e for e in timeline if " of 569.6 MB, " in e and " of 6 files" in e]
     assert len(milestones) >= 2, timeline  # a quarter at least, never one per tick
     assert any(f"downloaded weights {REPO}@main: 569.6 MB in " in e for e in timeline), timeline
-    assert replica_env(appliance)["HF_HUB_OFFLINE"] == "1"
+    wait_status(client, second, "READY", timeout_s=60)
+    for name in (*SMALL_FILES, "model.safetensors"):  # one download for both endpoints
+        assert len(hub.gets(f"/{name}")) == 1, (name, hub.gets(f"/{name}"))
+    assert any(f"downloaded weights {REPO}@main" in e for e in events(client, second))
+    assert {v["HF_HUB_OFFLINE"] for v in replica_env(appliance).values()} == {"1"}
 
 
 def test_downloaded_ahead_of_time_an_endpoint_starts_without_fetching_again(
@@ -188,7 +197,7 @@ def test_builder_killed_mid_download_resumes_and_the_real_vllm_serves(
     assert first.range is None and again.status == 206, (first, again)
     assert again.range is not None and int(again.range[6:-1]) >= cut_at - 10 * 2**20
     assert first.sent + again.sent < 1.1 * 536223056
-    assert replica_env(appliance)["HF_HUB_OFFLINE"] == "1"
+    assert [e["HF_HUB_OFFLINE"] for e in replica_env(appliance).values()] == ["1"]
     answer = completion(client, "gemma-hub", "The capital of France is", 8)
     assert answer["choices"][0]["text"].strip()
     timeline = events(client, endpoint_id)
