@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,9 +16,10 @@ from sqlalchemy.engine import Engine
 from appliance import audit, bus
 from appliance.caller import Caller
 from appliance.errors import NotFoundError
+from appliance.settings import Settings
+from builder.weights import HubModel, present
 
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$"
-State = Literal["pending", "downloading", "done", "failed"]
 
 
 class HfDownloadCreate(BaseModel):
@@ -67,19 +68,21 @@ def request_download(
     client.hset(bus.HF_DOWNLOADS_KEY, key, json.dumps(request))
     bus.nudge_builder(client)
     audit.record_now(engine, caller, "hf_download.create", key, request, address)
-    return view(request, None)
+    return view(request, None, None)
 
 
-def read_downloads(client: redis.Redis) -> dict[str, Any]:
+def read_downloads(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """Every download asked for, with its state, newest request first."""
     requests = _hash(client, bus.HF_DOWNLOADS_KEY)
     states = _hash(client, bus.HF_DOWNLOAD_STATE_KEY)
-    found = [view(request, states.get(key)) for key, request in requests.items()]
+    found = [view(request, states.get(key), settings) for key, request in requests.items()]
     found.sort(key=lambda d: -float(d["requested_at"]))
     return {"downloads": found}
 
 
-def read_download(repository: str, revision: str, client: redis.Redis) -> dict[str, Any]:
+def read_download(
+    repository: str, revision: str, client: redis.Redis, settings: Settings
+) -> dict[str, Any]:
     key = ref(repository, revision)
     raw = client.hget(bus.HF_DOWNLOADS_KEY, key)
     if raw is None:
@@ -87,13 +90,19 @@ def read_download(repository: str, revision: str, client: redis.Redis) -> dict[s
             f"no download of {repository} at {revision!r} was asked for", field="repository"
         )
     state = client.hget(bus.HF_DOWNLOAD_STATE_KEY, key)
-    return view(json.loads(raw), json.loads(state) if state else None)
+    return view(json.loads(raw), json.loads(state) if state else None, settings)
 
 
-def view(request: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
-    """A request as the api shows it; a state older than the request is not its answer yet."""
+def view(
+    request: dict[str, Any], state: dict[str, Any] | None, settings: Settings | None
+) -> dict[str, Any]:
+    """A request as the api shows it; a state older than the request is not its answer yet,
+    and a snapshot deleted from the cache since it was done is `removed`."""
     current = state is not None and state.get("requested_at") == request["requested_at"]
-    shown = state if current and state else {}
+    shown = dict(state) if current and state else {}
+    model = HubModel(request["repository"], request["revision"])
+    if shown.get("state") == "done" and settings is not None and not present(model, settings):
+        shown.update(state="removed", message="deleted from the cache since; ask again for it")
     return {
         "repository": request["repository"],
         "revision": request["revision"],

@@ -27,7 +27,7 @@ def create_hf_download(
 
 @router.get("")
 def read_hf_downloads(state: StateDep) -> dict[str, Any]:
-    return hf_downloads.read_downloads(state.redis)
+    return hf_downloads.read_downloads(state.redis, state.settings)
 
 
 @router.get("/{repository:path}")
@@ -36,6 +36,7 @@ def read_hf_download(
     state: StateDep,
     revision: str = Query("main", max_length=200, description="The revision asked for."),
 ) -> dict[str, Any]:
-    """One download: `state` pending, downloading, done or failed (`message` says why), and
-    `progress` (bytes and files done of the total)."""
-    return hf_downloads.read_download(repository, revision, state.redis)
+    """One download: `state` pending, downloading, done, failed (`message` says why) or
+    removed (deleted from the cache since), and `progress` (bytes and files done of the
+    total)."""
+    return hf_downloads.read_download(repository, revision, state.redis, state.settings)

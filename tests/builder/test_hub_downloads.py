@@ -6,6 +6,7 @@ failure is told in words and a new request retries it."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def test_asked_through_the_api_downloaded_by_the_builder_retried_after_a_failure
     hub.answer = 404
     asked = client.post("/v1/storage/hf-downloads", json={"repository": REPO})
     assert asked.status_code == 202 and asked.json()["state"] == "pending", asked.text
-    settings = Settings(data_dir=tmp_path / "builder", hf_endpoint=hub.url)
+    settings = Settings(data_dir=api_only.data_dir, hf_endpoint=hub.url)  # the api's cache
     downloads = HubDownloads(settings, bus.connect(api_only.redis.url))
     failed = run_until_finished(downloads, lambda: client.get(path).json())
     assert failed["state"] == "failed"
@@ -69,6 +70,8 @@ def test_asked_through_the_api_downloaded_by_the_builder_retried_after_a_failure
     assert len(hub.log) == fetched
     listed = client.get("/v1/storage/hf-downloads").json()["downloads"]
     assert [(d["repository"], d["state"]) for d in listed] == [(REPO, "done")]
+    shutil.rmtree(snapshot.parent)  # deleted from the cache since
+    assert client.get(path).json()["state"] == "removed"
 
 
 def test_the_routes_refuse_bad_names_and_keys_without_manage(api_only: Appliance) -> None:
