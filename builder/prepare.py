@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -178,18 +178,15 @@ class Preparer:
         for endpoint in endpoints:
             if endpoint.status in (EndpointStatus.DELETE_IN_PROGRESS, EndpointStatus.UPDATE_FAILED):
                 continue
-            for job in self._jobs(endpoint):
-                readiness = self._ask(job, endpoint, notes)
-                if readiness is not None:
-                    waiting[endpoint.id] = readiness
-                    break
+            # every job starts at once (an image and weights download side by side); a failure
+            # is the answer before a wait
+            answers = [self._ask(job, endpoint, notes) for job in self._jobs(endpoint)]
+            failed = [a for a in answers if isinstance(a, Failed)]
+            found: list[Readiness] = [*failed, *(a for a in answers if isinstance(a, Waiting))]
+            if found:
+                waiting[endpoint.id] = found[0]
         self._milestones(notes)
         return waiting, notes
-
-    def running(self) -> Mapping[str, Progress]:
-        """Every job in flight, by key (for logs and tests)."""
-        with self._lock:
-            return {k: r.progress for k, r in self._runs.items() if not r.finished}
 
     def _jobs(self, endpoint: Endpoint) -> list[Job]:
         return [job for source in self.sources if (job := source(endpoint)) is not None]
@@ -216,6 +213,7 @@ class Preparer:
             return Waiting(run.progress)
 
     def _start(self, job: Job) -> _Run:
+        logger.info("starting %s", job.key)
         run = _Run(job, self.clock(), {}, job.start)
         self._runs[job.key] = run
 
@@ -232,6 +230,10 @@ class Preparer:
             except Exception as exc:  # a bug, or a client's own error: still the user's answer
                 logger.exception("job %s failed", job.key)
                 error = f"{job.start.headline} failed: {exc}"
+            if error is None:
+                logger.info("finished %s", job.key)
+            else:
+                logger.warning("%s failed: %s", job.key, error)
             with self._lock:
                 run.error, run.finished = error, True
 

@@ -219,3 +219,22 @@ def test_terse_pull_errors_keep_their_words_and_say_what_they_mean() -> None:
     assert full.endswith("(the disk is full: free space or prune unused images)")
     manifest = "manifest for r/x:1 not found: manifest unknown: manifest unknown"
     assert explained(manifest) == manifest
+
+
+def test_every_job_of_an_endpoint_starts_at_once_and_a_failure_comes_first() -> None:
+    image, weights, clock = FakeFetch(), FakeFetch(), Clock()
+
+    def weights_job(endpoint: Endpoint) -> Job:
+        job = weights.source(endpoint)
+        return Job("weights:o/m@main", Progress("weights", "o/m@main"), job.present, job.run)
+
+    prep = Preparer([image.source, weights_job], clock=clock, spawn=image.spawn)
+    waiting, _ = prep.poll([make_endpoint()])
+    assert len(image.started) == 2  # both spawned through the same spawner
+    assert waiting == {"end_a": Waiting(Progress("image", IMAGE))}
+    image.started[0]()  # the image arrives
+    image.present = True
+    weights.outcome = PrepareError("401: a token is needed for o/m")
+    image.started[1]()
+    waiting, _ = prep.poll([make_endpoint()])
+    assert waiting == {"end_a": Failed("401: a token is needed for o/m")}
