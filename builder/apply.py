@@ -59,15 +59,11 @@ class Applier:
             sources = {self.settings.models_volume}
         else:
             sources = {str(self.settings.models_source_dir.resolve())}
-        return sources | {
-            self.settings.hf_cache_volume or str(self.settings.hf_cache_path.resolve())
-        }
+        return sources | self.writable_sources()
 
     def writable_sources(self) -> set[str]:
-        """The Hugging Face cache directory, when replicas bind it rather than a volume."""
-        if self.settings.hf_cache_volume:
-            return set()
-        return {str(self.settings.hf_cache_path.resolve())}
+        """The Hugging Face cache: vLLM replicas write their compiled kernels and locks there."""
+        return {self.settings.hf_cache_volume or str(self.settings.hf_cache_path.resolve())}
 
     def apply(self, action: Action) -> None:
         handler: Callable[[Any], None] = getattr(self, f"_{type(action).__name__}")
@@ -123,11 +119,11 @@ class Applier:
             )
 
     def _create(self, endpoint_id: str, spec: ContainerSpec) -> ContainerInfo:
-        allowed, writable = self.allowed_sources(), self.writable_sources()
-        policy.check_spec(spec, allowed_sources=allowed, writable_sources=writable)
+        sources, writable = self.allowed_sources(), self.writable_sources()
+        policy.check_spec(spec, allowed_sources=sources, writable=writable)
         info = self.docker.create(spec)
         broken = policy.violations(
-            self.docker.inspect(info.id), allowed_sources=allowed, writable_sources=writable
+            self.docker.inspect(info.id), allowed_sources=sources, writable=writable
         )
         if broken:
             self.docker.remove(info.id, stop_timeout_s=0)

@@ -105,26 +105,22 @@ def check_image(image: str, *, default_images: Iterable[str], approved: Iterable
 
 
 def check_spec(
-    spec: ContainerSpec, *, allowed_sources: Iterable[str], writable_sources: Iterable[str] = ()
+    spec: ContainerSpec, *, allowed_sources: Iterable[str], writable: Iterable[str] = ()
 ) -> None:
-    """Before create: only known mounts, read-only where they are binds (except the Hugging
-    Face cache directory, `writable_sources`, where vLLM keeps its token and locks), allowed
-    env names."""
+    """Before create: only known mounts, binds read-only but the `writable` ones (the Hugging
+    Face cache), allowed env names."""
     own = set(REPLICA_KEY_ENV.values())  # the builder's own: refused in any request's env
     check_env({name: value for name, value in spec.env.items() if name not in own})
-    sources, writable = set(allowed_sources), set(writable_sources)
+    sources = set(allowed_sources)
     for mount in spec.mounts:
         if mount.source not in sources:
             raise PolicyViolationError(f"mount source {mount.source!r} is not allowed")
-        if mount.kind == "bind" and not mount.read_only and mount.source not in writable:
+        if mount.kind == "bind" and not mount.read_only and mount.source not in set(writable):
             raise PolicyViolationError("bind mounts of the models directory are read-only")
 
 
 def violations(
-    inspect: Mapping[str, Any],
-    *,
-    allowed_sources: Iterable[str],
-    writable_sources: Iterable[str] = (),
+    inspect: Mapping[str, Any], *, allowed_sources: Iterable[str], writable: Iterable[str] = ()
 ) -> list[str]:
     """After create: what the created container does that the policy forbids (empty if none)."""
     host = inspect.get("HostConfig") or {}
@@ -147,6 +143,6 @@ def violations(
         source = mount.get("Name") if mount.get("Type") == "volume" else mount.get("Source")
         if source not in sources:
             found.append(f"mount of {source!r}")
-        elif mount.get("Type") == "bind" and mount.get("RW") and source not in writable_sources:
+        elif mount.get("Type") == "bind" and mount.get("RW") and source not in set(writable):
             found.append(f"writable bind of {source!r}")
     return found

@@ -33,12 +33,11 @@ def main(settings: Settings) -> None:
     engine = open_engine(settings.database_path)
     redis = bus.connect(str(settings.redis_url))
     docker = DockerEngine(settings.docker_host, install_id(settings.data_dir))
+    settings.hf_cache_path.mkdir(parents=True, exist_ok=True)  # replicas bind it
     applier = Applier(
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
     gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
-    if not settings.hf_cache_volume:  # vLLM replicas bind it: Docker refuses a missing source
-        (settings.hf_cache_path / "hub").mkdir(parents=True, exist_ok=True)
     preparer = Preparer(
         [
             lambda endpoint: image_job(endpoint, settings, docker),
