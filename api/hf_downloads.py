@@ -17,9 +17,7 @@ from appliance import audit, bus
 from appliance.caller import Caller
 from appliance.errors import NotFoundError
 from appliance.settings import Settings
-from builder.weights import HubModel, present
-
-HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$"
+from builder.weights import HUB_ID, HubModel, present
 
 
 class HfDownloadCreate(BaseModel):
@@ -29,7 +27,7 @@ class HfDownloadCreate(BaseModel):
 
     repository: str = Field(
         max_length=200,
-        pattern=HUB_ID_PATTERN,
+        pattern=HUB_ID.pattern,
         description="The model's repository id on the hub, `owner/name`.",
         examples=["google/gemma-3-270m"],
     )
