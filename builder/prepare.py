@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 MILESTONE_EVERY_S = 15.0  # an event at most this often while a job runs...
 MILESTONE_STEP = 0.25  # ...or each time it passes another quarter of its total
 PRESENT_RECHECK_S = 30.0  # how long "already there" is trusted before it is checked again
+STALL_S = 600.0  # a job whose progress has not moved for this long has failed
 
 Kind = Literal["image", "weights"]
 _WORDS: dict[str, tuple[str, str, str]] = {  # kind -> (doing, its parts, done)
@@ -156,6 +157,7 @@ class _Run:
     finished: bool = False
     noted_at: float = 0.0
     noted_step: int = 0
+    moved_at: float = 0.0  # when its progress last changed
 
 
 @dataclass
@@ -214,12 +216,13 @@ class Preparer:
 
     def _start(self, job: Job) -> _Run:
         logger.info("starting %s", job.key)
-        run = _Run(job, self.clock(), {}, job.start)
+        run = _Run(job, self.clock(), {}, job.start, moved_at=self.clock())
         self._runs[job.key] = run
 
         def report(progress: Progress) -> None:
             with self._lock:
-                run.progress = progress
+                if progress != run.progress:
+                    run.progress, run.moved_at = progress, self.clock()
 
         def target() -> None:
             error: str | None = None
@@ -235,15 +238,21 @@ class Preparer:
             else:
                 logger.warning("%s failed: %s", job.key, error)
             with self._lock:
-                run.error, run.finished = error, True
+                if not run.finished:  # a stalled run was failed already: its answer stands
+                    run.error, run.finished = error, True
 
         self.spawn(target)
         return run
 
     def _sweep(self) -> list[Note]:
-        """Finished jobs: successes become 'present' and tell their endpoints."""
+        """Finished jobs: successes become 'present' and tell their endpoints; a job that has
+        not moved for STALL_S has failed (its thread may hang on a silent connection)."""
         notes: list[Note] = []
         with self._lock:
+            for run in self._runs.values():
+                if not run.finished and self.clock() - run.moved_at >= STALL_S:
+                    run.finished = True
+                    run.error = f"{run.progress.headline}: no progress for {STALL_S:.0f} s"
             done = [k for k, r in self._runs.items() if r.finished and r.error is None]
             for key in done:
                 run = self._runs.pop(key)

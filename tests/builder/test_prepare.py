@@ -10,6 +10,7 @@ from collections.abc import Callable
 from appliance.models import Endpoint, EndpointStatus
 from builder.prepare import (
     MILESTONE_EVERY_S,
+    STALL_S,
     Failed,
     Job,
     Note,
@@ -238,3 +239,16 @@ def test_every_job_of_an_endpoint_starts_at_once_and_a_failure_comes_first() -> 
     image.started[1]()
     waiting, _ = prep.poll([make_endpoint()])
     assert waiting == {"end_a": Failed("401: a token is needed for o/m")}
+
+
+def test_a_pull_that_stops_moving_fails_and_a_restart_tries_again() -> None:
+    fetch, clock = FakeFetch(), Clock()
+    prep = preparer(fetch, clock)
+    prep.poll([make_endpoint()])  # its thread never runs: a connection gone silent
+    clock.now += STALL_S - 1
+    assert isinstance(prep.poll([make_endpoint()])[0]["end_a"], Waiting)
+    clock.now += 1
+    waiting, _ = prep.poll([make_endpoint()])
+    assert waiting == {"end_a": Failed(f"pulling image {IMAGE}: no progress for 600 s")}
+    waiting, _ = prep.poll([make_endpoint(generation=2)])
+    assert isinstance(waiting["end_a"], Waiting) and len(fetch.started) == 2

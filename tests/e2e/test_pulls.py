@@ -133,8 +133,8 @@ def sampled_wait(beats: Heartbeats, check: Callable[[], Any], timeout_s: float, 
 
 
 def test_a_slow_pull_never_holds_up_other_endpoints(
-    make_appliance: Callable[..., Appliance], proxy: ThrottleProxy, slow_image: str
-) -> None:
+    slow_image: str, proxy: ThrottleProxy, make_appliance: Callable[..., Appliance]
+) -> None:  # slow_image first: set up before the appliance, removed after its containers
     appliance = make_appliance(APPLIANCE_APPROVED_IMAGES=json.dumps([slow_image]))
     client = appliance.client()
     a = create(client, gemma("pulled", image=slow_image))
@@ -199,10 +199,10 @@ def test_an_unknown_tag_fails_with_the_registrys_words(
 
 
 def test_a_registry_gone_mid_pull_fails_then_a_restart_succeeds(
-    make_appliance: Callable[..., Appliance],
+    slow_image: str,
     registry: Registry,
     proxy: ThrottleProxy,
-    slow_image: str,
+    make_appliance: Callable[..., Appliance],
 ) -> None:
     appliance = make_appliance(APPLIANCE_APPROVED_IMAGES=json.dumps([slow_image]))
     client = appliance.client()
