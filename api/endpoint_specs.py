@@ -21,8 +21,8 @@ from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
 from builder import frameworks, policy
 from builder.specs import MODELS_MOUNT, default_image
+from builder.weights import HUB_ID
 
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _UNITS = {
     "": 1,
     "k": 10**3,
@@ -121,7 +121,7 @@ def _quantity(kind: str, value: Any) -> Any:
 def _model(framework: str, model_name: str, checkpoint: str | None, settings: Settings) -> str:
     if checkpoint:
         return _local_model(framework, checkpoint, settings)
-    local = framework == Framework.LLAMACPP or not HF_ID.match(model_name)
+    local = framework == Framework.LLAMACPP or not HUB_ID.match(model_name)
     if local and framework != Framework.CUSTOM:
         return _local_model(framework, model_name, settings)
     return model_name

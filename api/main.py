@@ -32,6 +32,7 @@ from api.routes import (
     fine_tunes,
     gpus,
     health,
+    hf_downloads,
     llm_endpoints,
     metrics,
     model_download,
@@ -191,6 +192,7 @@ def create_app(
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(gpus.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(hf_downloads.router, responses=errors.ERROR_RESPONSES)
     app.include_router(api_keys.router, responses=errors.ERROR_RESPONSES)
     app.include_router(openai.router, responses=errors.ERROR_RESPONSES)
     app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)

@@ -33,6 +33,23 @@ class Settings(BaseSettings):
         "replicas; unset, replicas bind the cache directory.",
     )
     hf_token: str | None = Field(None, description="Hugging Face token for gated models.")
+    hf_endpoint: str | None = Field(
+        None,
+        description="The Hugging Face hub weights are downloaded from (a mirror); unset: "
+        "`HF_ENDPOINT`, else huggingface.co.",
+    )
+    hf_download_weights: bool = Field(
+        True,
+        description="Download a vLLM endpoint's Hugging Face weights into the cache before its "
+        "replicas start (with progress; they then run with the hub offline); off, each replica "
+        "fetches them itself.",
+    )
+    hf_cache_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Most bytes the Hugging Face cache may hold; a download that would pass it "
+        "is refused before it starts (unset: the disk's free space is the limit).",
+    )
     redis_url: str | None = Field(
         None, description="Redis URL; unset with `appliance up` starts a private redis-server."
     )
@@ -191,6 +208,16 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
         return level
+
+    @field_validator("hf_endpoint")
+    @classmethod
+    def _hub_url(cls, value: str | None) -> str | None:
+        """Blank (compose passes it through empty) is unset; a URL must say its scheme."""
+        if not value or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("hf_endpoint must be an http:// or https:// URL")
+        return value.strip().rstrip("/")
 
     @property
     def database_path(self) -> Path:

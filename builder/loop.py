@@ -24,6 +24,7 @@ from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import metering
 from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
+from builder.hub_downloads import HubDownloads
 from builder.images import ImageKeeper
 from builder.load import gather
 from builder.logs import LogShipper
@@ -64,6 +65,7 @@ class BuilderLoop:
     redis: redis.Redis
     interval_s: float
     preparer: Preparer = field(default_factory=lambda: Preparer(()))
+    downloads: HubDownloads | None = None  # Hugging Face models asked for ahead of time
     health_routes: dict[str, str] = field(default_factory=dict)
     _first_seen: dict[str, float] = field(default_factory=dict)
     _inventory_at: float = 0.0
@@ -153,6 +155,7 @@ class BuilderLoop:
             self._accrue(observed.now)
         self._ship_logs(observed)
         self.images.tick(observed.endpoints)  # lists and prunes on its own thread
+        self._download_ahead()
         self._scale(observed)
         actions = plan(observed)
         quiet = [a for a in actions if isinstance(a, SetStatus) and not a.event]
@@ -165,6 +168,15 @@ class BuilderLoop:
                 self._history[action.endpoint_id] = ((observed.now, action.desired),)
                 self._evicted[action.endpoint_id] = observed.now
         return len(actions) - len(quiet)  # new progress figures alone need no quick next tick
+
+    def _download_ahead(self) -> None:
+        """Downloads asked for without an endpoint; a failure here never stops the tick."""
+        if self.downloads is None:
+            return
+        try:
+            self.downloads.tick()
+        except Exception:
+            logger.exception("cannot follow the downloads asked for ahead of time")
 
     def _accrue(self, now: float) -> None:
         """Replica time into the usage table (`builder/metering.py`); a failure waits for the

@@ -7,6 +7,7 @@ import signal
 import threading
 from types import FrameType
 
+from huggingface_hub.utils import disable_progress_bars
 from redis import Redis
 
 from appliance import bus
@@ -16,9 +17,11 @@ from appliance.settings import Settings
 from builder.apply import Applier
 from builder.docker_engine import DockerEngine
 from builder.gpu_agent import AgentGpuSource
+from builder.hub_downloads import HubDownloads
 from builder.loop import BuilderLoop
 from builder.prepare import Preparer
 from builder.pull import image_job
+from builder.weights import weights_job
 from gpu.inventory import GpuSource, load_gpu_source
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ def _gpu_source(
 
 
 def main(settings: Settings) -> None:
+    # downloads show as progress and events; huggingface_hub's progress bars and its HTTP
+    # client's line per request would only fill the builder's log
+    disable_progress_bars()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     engine = open_engine(settings.database_path)
     redis = bus.connect(str(settings.redis_url))
     docker = DockerEngine(settings.docker_host, install_id(settings.data_dir))
@@ -52,9 +59,21 @@ def main(settings: Settings) -> None:
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )
     gpus, agent = _gpu_source(settings, docker, redis)
-    preparer = Preparer([lambda endpoint: image_job(endpoint, settings, docker)])
+    preparer = Preparer(
+        [
+            lambda endpoint: image_job(endpoint, settings, docker),
+            lambda endpoint: weights_job(endpoint, settings),
+        ]
+    )
     loop = BuilderLoop(
-        engine, docker, applier, gpus, redis, settings.reconcile_interval_s, preparer=preparer
+        engine,
+        docker,
+        applier,
+        gpus,
+        redis,
+        settings.reconcile_interval_s,
+        preparer=preparer,
+        downloads=HubDownloads(settings, redis),
     )
     stop = threading.Event()
 

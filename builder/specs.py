@@ -183,7 +183,7 @@ def container_spec(
         image=default_image(endpoint, settings),
         command=command,
         entrypoint=None,
-        env={**server_env(endpoint), **replica_key_env(endpoint.framework, replica_key)},
+        env={**server_env(endpoint, settings), **replica_key_env(endpoint.framework, replica_key)},
         port=port,
         health_route=health,
         mounts=_mounts(endpoint, settings),
@@ -207,20 +207,29 @@ def replica_key_env(framework: str, replica_key: str) -> dict[str, str]:
     return {name: replica_key} if name and replica_key else {}
 
 
-def server_env(endpoint: Endpoint) -> dict[str, str]:
+def server_env(endpoint: Endpoint, settings: Settings) -> dict[str, str]:
     """The endpoint's env, plus what a vLLM replica needs where the endpoint leaves it unset: a
-    model from the models directory never asks the hub; on CPU, a KV cache within its memory
-    and compute threads that do not all crowd onto the first core."""
+    model from the models directory, or one the builder downloaded into the cache before the
+    replica started (`builder/weights.py`), never asks the hub; on CPU, a KV cache within its
+    memory and compute threads that do not all crowd onto the first core."""
     env = dict(endpoint.env)
     if endpoint.framework != Framework.VLLM:
         return env
-    if is_local_model(endpoint.model):
+    if is_local_model(endpoint.model) or _weights_in_cache(endpoint, settings):
         env.setdefault("HF_HUB_OFFLINE", "1")
     if not endpoint.gpus:
         gib = int(endpoint.memory_bytes * VLLM_CPU_KV_CACHE_SHARE) // 2**30
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(gib, 1)))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", VLLM_CPU_THREADS_BIND)
     return env
+
+
+def _weights_in_cache(endpoint: Endpoint, settings: Settings) -> bool:
+    """The builder fetches a hub model before its replicas start, unless switched off; a
+    tokenizer from another repository is left for the replica to fetch, so it stays online."""
+    tokenizer = endpoint.args.get("tokenizer")
+    other_tokenizer = bool(tokenizer) and tokenizer != endpoint.model
+    return settings.hf_download_weights and not other_tokenizer
 
 
 def _secret_files(endpoint: Endpoint, settings: Settings) -> dict[str, bytes]:

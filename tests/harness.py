@@ -130,6 +130,9 @@ class Appliance:
                 "APPLIANCE_VLLM_CPU_IMAGE": VLLM_CPU_IMAGE,
                 "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
                 "APPLIANCE_RECONCILE_INTERVAL_S": "1",
+                # the stand-in's models are made-up hub ids: nothing to download, unless a test
+                # serves a hub (tests/hub.py) and switches it on
+                "APPLIANCE_HF_DOWNLOAD_WEIGHTS": "false",
                 "APPLIANCE_LOG_LEVEL": "INFO",
             }
         )

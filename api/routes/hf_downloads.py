@@ -1,0 +1,42 @@
+"""`/v1/storage/hf-downloads`: download a Hugging Face model into the cache ahead of time,
+without an endpoint, and read how far it got (`manage` scope). The builder does the work, in
+the same job an endpoint of that model would wait on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query
+
+from api import hf_downloads
+from api.deps import AddressDep, CallerDep, StateDep, require
+from api.hf_downloads import HfDownloadCreate
+
+router = APIRouter(
+    prefix="/v1/storage/hf-downloads", tags=["storage"], dependencies=[require("manage")]
+)
+
+
+@router.post("", status_code=202)
+def create_hf_download(
+    body: HfDownloadCreate, caller: CallerDep, state: StateDep, address: AddressDep
+) -> dict[str, Any]:
+    """Starts (or, after a failure, retries) the download; answers its state, `pending`."""
+    return hf_downloads.request_download(body, caller, state.redis, state.engine, address)
+
+
+@router.get("")
+def read_hf_downloads(state: StateDep) -> dict[str, Any]:
+    return hf_downloads.read_downloads(state.redis, state.settings)
+
+
+@router.get("/{repository:path}")
+def read_hf_download(
+    repository: str,
+    state: StateDep,
+    revision: str = Query("main", max_length=200, description="The revision asked for."),
+) -> dict[str, Any]:
+    """One download: `state` pending, downloading, done, failed (`message` says why) or
+    removed (deleted from the cache since), and `progress` (bytes and files done of the
+    total)."""
+    return hf_downloads.read_download(repository, revision, state.redis, state.settings)
