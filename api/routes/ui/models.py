@@ -11,15 +11,16 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from sqlmodel import Session
 
-from api import hf_models, images, model_files, model_upload, storage
+from api import hf_downloads, hf_models, images, model_files, model_upload, storage
 from api.deps import AppState, SessionDep, StateDep, address_of
 from api.errors import status_of
-from api.routes.ui.respond import need, page, redirect
+from api.routes.ui.respond import FormDep, need, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
 from appliance.db import session_scope
-from appliance.errors import ApplianceError, CapacityError, NotFoundError
+from appliance.errors import ApplianceError, CapacityError, InvalidSpecError, NotFoundError
 from web import views
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -36,6 +37,7 @@ def _context(ui: UiSession, session: Session, state: AppState) -> dict[str, Any]
     return {
         "files": model_files.read_model_files(ui.caller, session, settings)["data"],
         "hf": hf_models.read_hf_models(ui.caller, session, settings),
+        "downloads": hf_downloads.read_downloads(state.redis, settings)["downloads"],
         "images": listed_images,
         "disks": views.disk_cards(storage.disk(settings)),
         "limit": settings.model_upload_max_bytes,
@@ -123,6 +125,26 @@ def delete_hf_model_from_page(
     except ApplianceError as exc:
         return _refused(request, ui, session, state, exc)
     return redirect("/ui/models")
+
+
+@router.post("/models/hf-downloads")
+def download_hf_model_from_page(
+    request: Request, ui: ChangeDep, form: FormDep, state: StateDep
+) -> Response:
+    """The hub download form: the same request as `POST /v1/storage/hf-downloads`."""
+    need(ui.caller, "manage")
+    try:
+        body = hf_downloads.HfDownloadCreate(
+            repository=form.get("repository", "").strip(),
+            revision=form.get("revision", "").strip() or "main",
+        )
+    except ValidationError as exc:
+        wrong = exc.errors()[0]
+        where = ".".join(str(part) for part in wrong["loc"])
+        error = InvalidSpecError(f"{where}: {wrong['msg']}", field=where)
+        return _models_page(request, ui, state, error=error)
+    hf_downloads.request_download(body, ui.caller, state.redis, state.engine, address_of(request))
+    return redirect("/ui/models#hub-download")
 
 
 @router.post("/models/images/prune")
