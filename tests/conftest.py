@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # at a time (--dist loadfile), and a long module handed out last would make the run's tail.
 SLOW_FIRST = (
     "tests/e2e/test_vllm_real.py",
+    "tests/e2e/test_weights.py",
     "tests/e2e/test_async_gemma.py",
+    "tests/e2e/test_pulls.py",
     "tests/api/test_schema.py",
     "tests/api/test_workers.py",
 )
