@@ -7,8 +7,9 @@ HTTP/1.1 with a Content-Length body, no Transfer-Encoding, Expect or Upgrade. Su
 once its body is in, becomes a `Call` (`api/inference/call.py`) that this protocol answers as
 its `Client`; the call admits and relays it exactly as it would over ASGI. Every other request
 is handed, with all of its bytes, to uvicorn's own protocol (`api/lane/glue.py`), which gives
-the connection back once its reply is complete. The lane decides nothing about a request: it
-only carries those it can read.
+the connection back once its reply is complete; so is a request whose body is still to come
+when its key was not found valid lately, which uvicorn's key gate answers before reading the
+body. The lane decides nothing about a request: it only carries those it can read.
 
 Client header bytes are parsed here but never forwarded: the relay writes its own request to
 the replica, so a head this parser reads differently from httptools cannot reach a replica.
@@ -297,17 +298,23 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over()
                 return
             total = end + 4 + head.length
-            if len(buf) < total:
-                self.need, self.have = total, len(buf)
-                return
-            self.consumed = total
-            self.head_since = None
-            self.keep_alive = head.keep_alive
             authorization = head.authorization
             if authorization[:7] == "Bearer ":  # the usual form, without parse_key's general case
                 key: str | None = authorization[7:].strip()
             else:
                 key = parse_key(authorization, head.api_key)
+            if len(buf) < total:
+                if key is None or core.keys.cached(key) is None:
+                    # a body still to come on a key not lately found valid: uvicorn's key gate
+                    # answers it before reading the body, so no one without a key makes this
+                    # process hold a body (up to max_body_bytes on each connection)
+                    self._hand_over()
+                    return
+                self.need, self.have = total, len(buf)
+                return
+            self.consumed = total
+            self.head_since = None
+            self.keep_alive = head.keep_alive
             call = make_call(core, head.entry, self, key, head.query)
             self.call = call
             core.plane.stats.fast_lane += 1

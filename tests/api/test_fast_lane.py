@@ -209,6 +209,32 @@ def test_pipelined_requests_are_answered_in_order(api: Appliance) -> None:
     assert answers[3][1].get("connection") == "close"
 
 
+def test_a_body_still_to_come_is_held_only_for_a_key_found_valid(api: Appliance) -> None:
+    """Without a valid key no one makes the api hold a body: the 401 comes while most of a
+    declared 8 MiB is still unsent. A key found valid lately is carried on the lane as ever."""
+    declared = f"Content-Length: {8 * 2**20}".encode()
+    made_up = raw_request("POST", "/v1/chat/completions").replace(ADMIN_KEY.encode(), b"sk-nope")
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(made_up.replace(b"Content-Length: 0", declared) + b'{"model": "')
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 401, body
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+
+    warm = httpx.post(api.url + "/v1/chat/completions", content=chat("warm"), headers=HEADERS)
+    assert warm.status_code == 200, warm.text
+    before = fast_count(api)
+    whole = raw_request("POST", "/v1/chat/completions", chat("in two parts"))
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(whole[:-10])
+        time.sleep(0.2)
+        sock.sendall(whole[-10:])
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == echo(
+        "in two parts"
+    )
+    assert fast_count(api) - before == 1
+
+
 def test_a_stream_passes_the_lane_unchanged_and_is_counted(api: Appliance) -> None:
     before_fast = fast_count(api)
     before_tokens = metric(api, r'appliance_tokens_total\{.*kind="completion"')
