@@ -112,6 +112,19 @@ def view(
     }
 
 
+def unfinished(client: redis.Redis, repository: str) -> list[str]:
+    """The revisions of `repository` whose download ahead of time is asked for and has not
+    ended (pending or downloading): deleting the repository under them would cut them off."""
+    requests = _hash(client, bus.HF_DOWNLOADS_KEY)
+    states = _hash(client, bus.HF_DOWNLOAD_STATE_KEY)
+    return sorted(
+        request["revision"]
+        for key, request in requests.items()
+        if request["repository"] == repository
+        and view(request, states.get(key), None)["state"] not in ("done", "failed")
+    )
+
+
 def _hash(client: redis.Redis, key: str) -> dict[str, dict[str, Any]]:
     raw = client.hgetall(key)
     return {_text(k): json.loads(v) for k, v in raw.items()}

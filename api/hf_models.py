@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 from huggingface_hub import CachedRepoInfo, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 from sqlmodel import Session
 
-from api import storage
+from api import hf_downloads, storage
 from appliance import audit, queries
-from appliance.errors import NotFoundError
+from appliance.errors import ConflictError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
@@ -81,10 +82,15 @@ def read_hf_models(caller: Caller, session: Session, settings: Settings) -> dict
 
 
 def delete_repo(
-    repo_id: str, caller: Caller, session: Session, settings: Settings, address: str | None
+    repo_id: str,
+    caller: Caller,
+    session: Session,
+    settings: Settings,
+    client: redis.Redis,
+    address: str | None,
 ) -> dict[str, Any]:
-    """Delete a cached model repository (every snapshot) no endpoint uses (409 naming those
-    that do)."""
+    """Delete a cached model repository (every snapshot) no endpoint uses and no download
+    ahead of time is still fetching (409 naming those)."""
     storage.require_admin(caller, "delete a cached model")
     repos, _ = _scan(settings)
     found = next((r for r in repos if r.repo_id == repo_id and r.repo_type == "model"), None)
@@ -92,6 +98,14 @@ def delete_repo(
         raise NotFoundError(f"no model {repo_id!r} in the Hugging Face cache", field="repo_id")
     users = users_of(repo_id, queries.all_endpoints(session=session))
     storage.refuse_in_use(f"model {repo_id!r}", users, "repo_id")
+    running = hf_downloads.unfinished(client, repo_id)
+    if running:
+        raise ConflictError(
+            f"model {repo_id!r} is being downloaded ahead of time (revision "
+            f"{', '.join(running)}): wait until its download is done or failed "
+            "(GET /v1/storage/hf-downloads), then delete it",
+            field="repo_id",
+        )
     audit.record(
         session, caller, "hf-model.delete", repo_id, {"bytes": found.size_on_disk}, address
     )

@@ -74,7 +74,7 @@ def read_hf_models(caller: CallerDep, session: SessionDep, state: StateDep) -> d
 def delete_hf_model(
     repo_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
-    return hf_models.delete_repo(repo_id, caller, session, state.settings, address)
+    return hf_models.delete_repo(repo_id, caller, session, state.settings, state.redis, address)
 
 
 @router.get("/images")

@@ -261,6 +261,22 @@ def test_hf_models_listed_with_users_and_deleted_when_unused(store: Appliance) -
     assert left == ["acme/cached-1b"]
 
 
+def test_a_model_being_downloaded_ahead_is_not_deleted_under_its_download(
+    store: Appliance,
+) -> None:
+    """No builder runs here: the download asked for stays pending, as it would while the
+    builder fetches it."""
+    admin = store.client()
+    fake_hub_repo(Path(store.env()["APPLIANCE_HF_CACHE_DIR"]) / "hub", "acme/fetching-1b", b"f")
+    asked = admin.post("/v1/storage/hf-downloads", json={"repository": "acme/fetching-1b"})
+    assert asked.status_code == 202, asked.text
+    refused = admin.delete("/v1/storage/hf-models/acme/fetching-1b")
+    assert refused.status_code == 409, refused.text
+    assert "being downloaded ahead of time (revision main)" in refused.json()["detail"]
+    found = [r["repo_id"] for r in admin.get("/v1/storage/hf-models").json()["data"]]
+    assert found == ["acme/fetching-1b"]
+
+
 def peak_memory_bytes(pid: int) -> int:
     """The process's largest resident size so far (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -121,7 +121,9 @@ def delete_hf_model_from_page(
 ) -> Response:
     need(ui.caller, "manage")
     try:
-        hf_models.delete_repo(repo_id, ui.caller, session, state.settings, address_of(request))
+        hf_models.delete_repo(
+            repo_id, ui.caller, session, state.settings, state.redis, address_of(request)
+        )
     except ApplianceError as exc:
         return _refused(request, ui, session, state, exc)
     return redirect("/ui/models")
