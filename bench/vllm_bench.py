@@ -195,8 +195,8 @@ def pin(cid: int | str, port: str, api: int) -> None:
 
 
 def stream_rates(appliance: Appliance, rounds: int, pinned: bool) -> list[tuple[float, float]]:
-    # pinned: one CPU's worth of compute threads, on the one CPU it gets
-    through_appliance(appliance, **({"cpus": 1, "env": {"OMP_NUM_THREADS": "1"}} if pinned else {}))
+    # pinned: one CPU, so one compute thread (the builder's OMP_NUM_THREADS), on the CPU it gets
+    through_appliance(appliance, **({"cpus": 1} if pinned else {}))
     (cid,) = appliance.containers()
     port = subprocess.run(
         ["docker", "port", cid, "8000/tcp"], capture_output=True, text=True, check=True

@@ -44,6 +44,18 @@ VLLM_CPU_KV_CACHE_SHARE = 0.25
 # replica under load, another endpoint) would share one core and leave the rest idle. Unpinned,
 # the kernel spreads them within each container's CPU limit.
 VLLM_CPU_THREADS_BIND = "nobind"
+# ...and it starts as many compute threads as the host has cores, whatever the container's CPU
+# limit: a replica of `cpus: 4` on a 32-core host would run 32 threads on 4 cores' worth of
+# time, each step waiting on the ones the limit throttled. One thread per whole CPU it has.
+
+
+def box_share(cpus: float) -> float:
+    """The CPUs a container gets: what the endpoint asks, at most the host's."""
+    return min(cpus, os.cpu_count() or 1)
+
+
+def compute_threads(cpus: float) -> int:
+    return max(1, int(box_share(cpus)))
 
 
 @dataclass(frozen=True)
@@ -190,7 +202,7 @@ def container_spec(
         labels=labels,
         gpu_ids=gpu_ids,
         request_gpus=bool(gpu_ids) and settings.docker_gpu_runtime,
-        nano_cpus=int(min(endpoint.cpus, os.cpu_count() or 1) * 1e9),
+        nano_cpus=int(box_share(endpoint.cpus) * 1e9),
         memory_bytes=endpoint.memory_bytes,
         shm_bytes=shm,
         network=settings.replica_network,
@@ -211,7 +223,8 @@ def server_env(endpoint: Endpoint, settings: Settings) -> dict[str, str]:
     """The endpoint's env, plus what a vLLM replica needs where the endpoint leaves it unset: a
     model from the models directory, or one the builder downloaded into the cache before the
     replica started (`builder/weights.py`), never asks the hub; on CPU, a KV cache within its
-    memory and compute threads that do not all crowd onto the first core."""
+    memory and as many compute threads as it has CPUs, which do not all crowd onto the first
+    core."""
     env = dict(endpoint.env)
     if endpoint.framework != Framework.VLLM:
         return env
@@ -221,6 +234,7 @@ def server_env(endpoint: Endpoint, settings: Settings) -> dict[str, str]:
         gib = int(endpoint.memory_bytes * VLLM_CPU_KV_CACHE_SHARE) // 2**30
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(gib, 1)))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", VLLM_CPU_THREADS_BIND)
+        env.setdefault("OMP_NUM_THREADS", str(compute_threads(endpoint.cpus)))
     return env
 
 

@@ -4,6 +4,7 @@ docs/fields.md is the same list for people."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,13 @@ def test_gpus_zero_runs_the_vllm_cpu_image_with_a_kv_cache_inside_its_memory(
     assert made.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # a quarter of 8 GiB
     assert made.env["HF_HUB_OFFLINE"] == "1"  # a model from the models directory
     assert made.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"  # replicas share the cores
+    assert made.env["OMP_NUM_THREADS"] == str(int(endpoint.cpus))  # a thread per CPU it has
+    one = spec(build(models, {"gpus": 0, "cpus": "1500m"}), models)
+    assert (one.env["OMP_NUM_THREADS"], one.nano_cpus) == ("1", 15 * 10**8)
+    two = spec(build(models, {"gpus": 0, "cpus": 2}), models)
+    assert two.env["OMP_NUM_THREADS"] == str(min(2, os.cpu_count() or 1))
+    set_by_hand = {"gpus": 0, "cpus": 2, "env": {"OMP_NUM_THREADS": "1"}}
+    assert spec(build(models, set_by_hand), models).env["OMP_NUM_THREADS"] == "1"
     assert command(endpoint)[0] == "/models/gemma-hf"
     on_gpu = spec(build(models, {"gpus": 1}), models)
     assert (
