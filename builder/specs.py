@@ -45,8 +45,9 @@ VLLM_CPU_KV_CACHE_SHARE = 0.25
 # the kernel spreads them within each container's CPU limit.
 VLLM_CPU_THREADS_BIND = "nobind"
 # ...and it starts as many compute threads as the host has cores, whatever the container's CPU
-# limit: a replica of `cpus: 4` on a 32-core host would run 32 threads on 4 cores' worth of
-# time, each step waiting on the ones the limit throttled. One thread per whole CPU it has.
+# limit (so does llama-server): a replica of `cpus: 4` on a 32-core host would run 32 threads
+# on 4 cores' worth of time, each step waiting on the ones the limit throttled. One thread per
+# whole CPU it has.
 
 
 def box_share(cpus: float) -> float:
@@ -224,8 +225,11 @@ def server_env(endpoint: Endpoint, settings: Settings) -> dict[str, str]:
     model from the models directory, or one the builder downloaded into the cache before the
     replica started (`builder/weights.py`), never asks the hub; on CPU, a KV cache within its
     memory and as many compute threads as it has CPUs, which do not all crowd onto the first
-    core."""
+    core. A llama.cpp replica gets as many threads as it has CPUs (llama-server starts one per
+    host core)."""
     env = dict(endpoint.env)
+    if endpoint.framework == Framework.LLAMACPP:
+        env.setdefault("LLAMA_ARG_THREADS", str(compute_threads(endpoint.cpus)))
     if endpoint.framework != Framework.VLLM:
         return env
     if is_local_model(endpoint.model) or _weights_in_cache(endpoint, settings):

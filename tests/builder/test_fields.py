@@ -159,6 +159,10 @@ def test_llamacpp_takes_its_own_settings_and_refuses_vllm_ones(models: Path) -> 
         build(models, {**llama, "max_model_len": 1024, "seed": 3, "chat_template_override": "t"})
     )
     assert contains(argv, ["--ctx-size", "1024", "--chat-template", "t", "--seed", "3"])
+    one_cpu = spec(build(models, {**llama, "cpus": 1}), models)
+    assert one_cpu.env["LLAMA_ARG_THREADS"] == "1"  # not one per host core
+    own = spec(build(models, {**llama, "cpus": 1, "env": {"LLAMA_ARG_THREADS": "2"}}), models)
+    assert own.env["LLAMA_ARG_THREADS"] == "2"
     for field, value in [("dtype", "half"), ("quantize", "awq"), ("num_shards", 2)]:
         with pytest.raises(InvalidSpecError) as refused:
             build(models, {**llama, field: value})
