@@ -17,6 +17,7 @@ from appliance import audit, bus
 from appliance.caller import Caller
 from appliance.errors import NotFoundError
 from appliance.settings import Settings
+from builder.hub_downloads import FINISHED
 from builder.weights import HUB_ID, HubModel, present
 
 
@@ -121,7 +122,7 @@ def unfinished(client: redis.Redis, repository: str) -> list[str]:
         request["revision"]
         for key, request in requests.items()
         if request["repository"] == repository
-        and view(request, states.get(key), None)["state"] not in ("done", "failed")
+        and view(request, states.get(key), None)["state"] not in FINISHED
     )
 
 
