@@ -34,7 +34,7 @@ def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Applian
     if not COMPILED.exists():
         pytest.fail("the compiled build is missing: run scripts/compile")
     base = tmp_path_factory.mktemp("differential")
-    backend = FakeBackend(delay_s=0.005).start()
+    backend = FakeBackend(delay_s=0.005, created=1_790_000_000).start()  # same bytes each second
     made: dict[str, Appliance] = {}
     redis: list[RedisServer] = []
     try:

@@ -24,9 +24,11 @@ from tests.harness import Appliance, RedisServer, free_port, wait_until
 
 @dataclass
 class FakeBackend:
-    """An OpenAI-shaped server: answers after `delay_s`; `fail_first` answers 503 that often."""
+    """An OpenAI-shaped server: answers after `delay_s`; `fail_first` answers 503 that often;
+    `created` fixes the replies' timestamp (else the time of each)."""
 
     delay_s: float = 0.0
+    created: int | None = None
     port: int = field(default_factory=free_port)
     fail_first: int = 0
     seen: Counter[str] = field(default_factory=Counter)
@@ -66,7 +68,7 @@ class FakeBackend:
             {
                 "id": "cmpl-1",
                 "object": kind,
-                "created": int(time.time()),
+                "created": int(time.time()) if self.created is None else self.created,
                 "model": body.get("model"),
                 "choices": [choice],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
