@@ -52,6 +52,12 @@ class Keys:
             logger.exception("could not verify a key again; it will be verified off the loop")
             return None
 
+    def found_valid(self, key: str) -> bool:
+        """Whether this process has found the key valid, however long ago (not whether it still
+        is: admission checks that)."""
+        cached = self.entries.get(key)
+        return cached is not None and cached[1] is not None
+
     def cached(self, key: str) -> keys.Caller | None:
         """The caller of a key verified less than KEY_CACHE_TTL_S ago; None on a miss (or when
         the key was found invalid).

@@ -8,7 +8,7 @@ once its body is in, becomes a `Call` (`api/inference/call.py`) that this protoc
 its `Client`; the call admits and relays it exactly as it would over ASGI. Every other request
 is handed, with all of its bytes, to uvicorn's own protocol (`api/lane/glue.py`), which gives
 the connection back once its reply is complete; so is a request whose body is still to come
-when its key was not found valid lately, which uvicorn's key gate answers before reading the
+on a key this process never found valid, which uvicorn's key gate answers before reading the
 body. The lane decides nothing about a request: it only carries those it can read.
 
 Client header bytes are parsed here but never forwarded: the relay writes its own request to
@@ -304,10 +304,10 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 key = parse_key(authorization, head.api_key)
             if len(buf) < total:
-                if key is None or core.keys.cached(key) is None:
-                    # a body still to come on a key not lately found valid: uvicorn's key gate
-                    # answers it before reading the body, so no one without a key makes this
-                    # process hold a body (up to max_body_bytes on each connection)
+                if key is None or not core.keys.found_valid(key):
+                    # a body still to come on a key this process never found valid: uvicorn's
+                    # key gate answers it before reading the body, so no one without a key
+                    # makes this process hold a body (up to max_body_bytes on each connection)
                     self._hand_over()
                     return
                 self.need, self.have = total, len(buf)
