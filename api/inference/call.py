@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Coroutine
-from json.scanner import make_scanner
 from time import monotonic, perf_counter
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import orjson
 from pydantic import ValidationError
 
 from api.callers import Keys
@@ -46,10 +46,6 @@ SSE_HEADERS: Final = [
 ]
 KEEPALIVE: Final = b": keep-alive\n\n"
 MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
-# json.loads(bytes) would first guess the encoding, a third of its cost; and the scanner that
-# JSONDecoder.raw_decode wraps, called directly, saves an interpreted frame (typeshed types
-# its argument as a scanner; it reads a decoder's settings, as json does)
-_scan = make_scanner(cast(Any, json.JSONDecoder()))
 
 
 class Client(Protocol):
@@ -186,7 +182,7 @@ class Call:
         self.path = self.path or self.path_for(target)
         self.fit(target)
         if self.changed:
-            self.body = json.dumps(self.payload).encode()
+            self.body = orjson.dumps(self.payload)
         replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
             if self.stream:
@@ -406,14 +402,14 @@ class Call:
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; BadRequestError (400) otherwise."""
+    """The body as a JSON object; BadRequestError (400) otherwise. orjson reads the bytes as
+    they are, a third of the standard library's cost here, and is strict where JSON is: no
+    NaN or Infinity, no lone surrogate, nesting at most 1,024 deep (the standard library's
+    recursion ends in a RecursionError far past that, which would be a 500)."""
     try:
-        text = body.decode()
-        payload, end = _scan(text, 0)
-    except (StopIteration, ValueError):  # no JSON value at 0; bad JSON or UTF-8
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise BadRequestError("the request body is not valid JSON") from None
-    if end != len(text) and text[end:].strip():
-        raise BadRequestError("the request body is not valid JSON")
     if not isinstance(payload, dict):
         raise BadRequestError("the request body must be a JSON object")
     return payload

@@ -260,3 +260,43 @@ def test_another_teams_private_endpoint_does_not_exist(bed: Bed, entry: str) -> 
     refused(send(bed, key, THEIRS, {tokens_field(entry): 1}), 404, family)
     if entry not in ASYNC:
         served(send(bed, key, MINE, {tokens_field(entry): 1}))
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+NOT_JSON = {
+    "nested 100,000 deep": b'{"model": "mine", "prompt": "hi", "messages": ' + DEEP + b"}",
+    "a lone surrogate": b'{"model": "mine", "prompt": "\\ud800"}',
+    "bytes that are not UTF-8": b'{"model": "mine", "prompt": "\xff"}',
+}
+HTTP_ENTRIES = [entry for entry in ENTRIES if entry.startswith("/")]
+
+
+# An async task's body is read by FastAPI, whose JSON takes lone surrogates and bytes that are
+# not UTF-8 (as upstream LLM Engine's does): the task runs and the replica answers for them.
+NOT_JSON_CASES = [
+    (entry, what)
+    for entry in HTTP_ENTRIES
+    for what in NOT_JSON
+    if entry != "/v1/async-tasks" or what.startswith("nested")
+]
+
+
+@pytest.mark.parametrize(("entry", "what"), NOT_JSON_CASES)
+def test_a_body_that_is_not_json_is_refused_on_every_entry(bed: Bed, entry: str, what: str) -> None:
+    """Never a 500 (nesting 100,000 deep once ended in a RecursionError), never passed on:
+    OpenAI's routes answer 400 in their envelope, LLM Engine's in FastAPI's, as upstream."""
+    params = {"model_endpoint_name": MINE, "model_endpoint_id": f"end_{MINE}"}
+    before = len(bed.backend.bodies)
+    reply = httpx.post(
+        bed.appliance.url + entry,
+        params=params if not entry.startswith("/v1/chat") else None,
+        content=NOT_JSON[what],
+        headers={**auth(bed.key()), "content-type": "application/json"},
+        timeout=30,
+    )
+    family = ENTRIES[entry][1]
+    if family == "openai":
+        refused(reply, 400, family)
+    else:  # FastAPI's answers: 422 json_invalid, or 400 where its own body parsing fails
+        assert reply.status_code in (400, 422) and "detail" in reply.json(), reply.text[:300]
+    assert len(bed.backend.bodies) == before
