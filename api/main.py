@@ -61,6 +61,23 @@ from web.render import STATIC_DIR, STATIC_URL
 logger = logging.getLogger(__name__)
 
 
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections; CPython's default: 700
+
+
+def settle_collector() -> None:
+    """Once started: everything start-up made lives as long as the process. Frozen, the
+    collector no longer walks it (a full collection went from ~100 ms, every stream stalled
+    at once, to ~15 ms under 256 streams here). A request's objects die with it, by reference
+    counting, so a young collection finds mostly the objects of the requests in flight: at
+    CPython's default of one every 700 allocations it walks each of those many times, about
+    4,000 instructions a request on the lane (`bench/lane_cost.py`). At 20,000 it walks
+    them a thirtieth as often, and one pass over at most 20,000 objects stays near a
+    millisecond."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 def prepare(settings: Settings) -> None:
     """What happens once per start, before any api worker is forked: the schema migration,
     on the first start the admin key (printed once), and the removal of model uploads a
@@ -145,11 +162,7 @@ def create_app(
         state.submitter.start()
         app.state.appliance = state
         app.state.inference = Core(state)  # api/lane/front.py finds it here; until then, hands on
-        # Everything start-up made lives as long as the process. Frozen, the collector no
-        # longer walks it: a full collection went from ~100 ms (every stream stalled at
-        # once) to ~15 ms under 256 streams here.
-        gc.collect()
-        gc.freeze()
+        settle_collector()
         refresher = asyncio.create_task(_refresh_routes(state))
         publisher = asyncio.create_task(run_publisher(forwarder, str(settings.redis_url)))
         try:

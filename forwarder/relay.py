@@ -284,16 +284,17 @@ class Relay:
         self._fail(UpstreamError(f"the replica failed mid-reply: {reason}"))
 
     def _whole(self, status: int, headers: Headers, body: bytes) -> None:
-        self._overhead(perf_counter())
+        now = perf_counter()
+        self._overhead(now, now)
         usage = usage_from_json(body) if status == 200 else None
-        self._finish(status, ok=status < 500, usage=usage)
+        self._finish(status, ok=status < 500, usage=usage, now=now)
         self.reply.on_whole(status, headers, body)
 
-    def _overhead(self, ready_at: float) -> None:
+    def _overhead(self, ready_at: float, now: float = -1.0) -> None:
         """The appliance's own time: before the send, less any wait for a replica, plus the
-        time since the reply was ready to go on (`ready_at`)."""
+        time since the reply was ready to go on (`ready_at`) until `now` (-1: read the clock)."""
         before = self.sent_at - self.started_at - self.waited_s
-        self.overhead_s = before + (perf_counter() - ready_at)
+        self.overhead_s = before + ((now if now >= 0 else perf_counter()) - ready_at)
 
     # ends
     def time_out(self) -> None:
@@ -326,7 +327,9 @@ class Relay:
         self._finish(exc.status_code, ok=False)
         self.reply.on_failed(exc)
 
-    def _finish(self, status: int, *, ok: bool, usage: tuple[int, int] | None = None) -> None:
+    def _finish(
+        self, status: int, *, ok: bool, usage: tuple[int, int] | None = None, now: float = -1.0
+    ) -> None:
         """Give the replica back and record the request, once."""
         if self.done:
             return
@@ -338,7 +341,7 @@ class Relay:
             plane.balancer.done(self.target, self.replica.id, ok)
         ttft_s = self.ttft_s if self.ttft_s >= 0 else None
         overhead_s = self.overhead_s if self.overhead_s >= 0 else None
-        duration_s = perf_counter() - self.started_at
+        duration_s = (now if now >= 0 else perf_counter()) - self.started_at
         plane.stats.add(
             self.target.name, self.key_id, status, duration_s, overhead_s, ttft_s, usage
         )

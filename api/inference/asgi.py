@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, Final
+from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import parse_key
 from api.inference.call import Call, Core
-from api.inference.llm_engine import CompletionCall, TaskCall
+from api.inference.llm_engine import make_call
 from appliance.errors import BodyTooLargeError
 from appliance.keys import Caller
-from forwarder.paths import BY_PATH, COMPLETION, TASK, InferencePath
+from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
 
 QUEUED_MAX: Final = 64  # messages waiting for the client before the relay pauses
@@ -27,22 +27,6 @@ END: Final[Message] = {"type": "http.response.body", "body": b"", "more_body": F
 
 class ConnectionCutError(Exception):
     """The reply broke after its head went out; raised so the server closes the connection."""
-
-
-def make_call(
-    core: Core,
-    entry: InferencePath,
-    client: Any,
-    key: str | None,
-    query: str,
-    caller: Caller | None = None,
-) -> Call:
-    """The call for a request to `entry`, in its route's shape (used by both transports)."""
-    if entry.shape == COMPLETION:
-        return CompletionCall(core, entry, client, key, query, caller)
-    if entry.shape == TASK:
-        return TaskCall(core, entry, client, key, query, caller)
-    return Call(core, entry, client, key, query, caller)
 
 
 class InferenceRoutes:

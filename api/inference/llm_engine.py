@@ -19,11 +19,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from api.errors import status_of
-from api.inference.call import SSE_HEADERS, Call, InvalidRequestError
+from api.inference.call import SSE_HEADERS, Call, Client, Core, InvalidRequestError
 from api.inference.schemas import CompletionV1Request, SyncEndpointPredictV1Request
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
+from appliance.keys import Caller
 from forwarder import llm_engine
-from forwarder.paths import CHAT, COMPLETIONS
+from forwarder.paths import CHAT, COMPLETION, COMPLETIONS, TASK, InferencePath
 from forwarder.relay import Headers
 from forwarder.table import Target
 
@@ -230,3 +231,19 @@ class TaskCall(LlmEngineCall):
 
     def failed_event(self, status: int, body: bytes) -> bytes:
         return llm_engine.task_event(llm_engine.parse_result(body), status)
+
+
+def make_call(
+    core: Core,
+    entry: InferencePath,
+    client: Client,
+    key: str | None,
+    query: str,
+    caller: Caller | None = None,
+) -> Call:
+    """The call for a request to `entry`, in its route's shape (used by both transports)."""
+    if entry.shape == COMPLETION:
+        return CompletionCall(core, entry, client, key, query, caller)
+    if entry.shape == TASK:
+        return TaskCall(core, entry, client, key, query, caller)
+    return Call(core, entry, client, key, query, caller)

@@ -27,8 +27,8 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from api.deps import parse_key
-from api.inference.asgi import make_call
 from api.inference.call import Call, Core
+from api.inference.llm_engine import make_call
 from api.lane.glue import hand_over
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
