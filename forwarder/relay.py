@@ -257,14 +257,13 @@ class Relay:
             self.on_end()
             return
         self.status = status
-        self._whole(status, [h for h in headers if h[0] != b"content-length"], body)
+        self._whole(status, headers, body)
 
     def on_end(self) -> None:
         parts = self.parts
         if parts is not None:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
-            headers = [h for h in self.headers if h[0] != b"content-length"]
-            self._whole(self.status, headers, data)
+            self._whole(self.status, self.headers, data)
             return
         usage = None
         if self.status == 200 and self.watch is not None:

@@ -24,7 +24,8 @@ IDLE_MAX_S = 4.0  # under the 5 s keep-alive of uvicorn-based servers: never reu
 IDLE_PER_ADDRESS = 512
 MAX_HEADS = 4096  # request heads kept (paths x replica addresses)
 CONNECT_TIMEOUT_S = 5.0
-PASSED_HEADERS = frozenset({b"content-type", b"content-length"})
+# passed on to the client; the length is framing, reported apart (`length`) and written anew
+PASSED_HEADERS = frozenset({b"content-type"})
 
 
 class ReplySink(Protocol):
@@ -131,9 +132,9 @@ class Connection(asyncio.Protocol):
         name = name.lower()
         if name in PASSED_HEADERS:
             self.headers.append((name, value))
-            if name == b"content-length":
-                self.length = int(value) if value.isdigit() else None
-                self.until_close = False
+        elif name == b"content-length":
+            self.length = int(value) if value.isdigit() else None
+            self.until_close = False
         elif name == b"transfer-encoding":
             self.until_close = False
 
@@ -169,7 +170,6 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
     if status < 100 or (line_end > 12 and data[12] != SP):
         return None  # not a three-digit status and a space before any reason phrase
     length = -1
-    value = b""
     content_type: bytes | None = None
     keep_alive = True
     at = line_end + 2
@@ -183,7 +183,6 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
             length = digits(data, start, stop)
             if length < 0:
                 return None
-            value = data[start:stop]
         elif content_type is None and named(data, at, colon, b"content-type"):
             content_type = data[start:stop]
         elif named(data, at, colon, b"transfer-encoding"):
@@ -195,10 +194,7 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
         at = after
     if length < 0 or len(data) != end + 4 + length:
         return None
-    if content_type is not None:
-        headers = [(b"content-type", content_type), (b"content-length", value)]
-    else:
-        headers = [(b"content-length", value)]
+    headers = [(b"content-type", content_type)] if content_type is not None else []
     return status, headers, data[end + 4 :], keep_alive
 
 

@@ -147,6 +147,30 @@ def test_the_fast_lane_carried_what_it_could_read(apis: dict[str, Appliance]) ->
     assert lane(apis["compiled, lane"]) > 0 and lane(apis["plain, lane"]) > 0
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_replica_s_refusal_is_passed_on_framed_once(
+    apis: dict[str, Appliance], stream: bool
+) -> None:
+    """The replica's status and error body, with one Content-Length: the framing is the
+    api's, never a second copy of the replica's (a client such as Node's refuses two)."""
+    body = chat("x", model=MODEL, stream=stream, status=400)
+    for name, appliance in apis.items():
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+        head += f"Authorization: Bearer {ADMIN_KEY}\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", appliance.port), timeout=15) as sock:
+            sock.sendall(head.encode() + body)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        reply_head, _, reply_body = data.partition(b"\r\n\r\n")
+        lines = reply_head.lower().split(b"\r\n")
+        assert lines[0].startswith(b"http/1.1 400 "), (name, lines[0])
+        framing = [line for line in lines if line.startswith(b"content-length:")]
+        assert framing == [b"content-length: %d" % len(reply_body)], (name, lines)
+        assert json.loads(reply_body)["message"] == "refused", name
+
+
 @pytest.mark.parametrize("way", list(WAYS))
 def test_each_way_runs_the_build_it_claims(apis: dict[str, Appliance], way: str) -> None:
     log = (apis[way].workdir / "api.log").read_text()

@@ -46,6 +46,9 @@ class FakeBackend:
         body = await request.json()
         self.seen[request.path] += 1
         self.bodies.append(body)
+        if isinstance(body.get("status"), int):  # a request the replica refuses, as vLLM does
+            message = {"object": "error", "message": "refused", "code": body["status"]}
+            return web.json_response(message, status=body["status"])
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "busy"}, status=503)
