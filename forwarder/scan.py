@@ -11,25 +11,28 @@ couple of hundred bytes, so reading them byte by byte is the cheaper way. Run as
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a native int
+    from mypy_extensions import i64
 
 SP: Final = 32
 HTAB: Final = 9
 CR: Final = 13
 LF: Final = 10
 COLON: Final = 58
-NOT_A_FIELD: Final = (-1, 0, 0, 0)
+NOT_A_FIELD: Final[tuple[i64, i64, i64, i64]] = (-1, 0, 0, 0)
 
 
-def field(buf: bytes, at: int, end: int) -> tuple[int, int, int, int]:
+def field(buf: bytes, at: i64, end: i64) -> tuple[i64, i64, i64, i64]:
     """The header field line starting at `at` in a head that ends at `end` (where its blank
     line starts): (its colon, its value's start and end with the optional whitespace around
     it left out, the next line's start or `end`). The colon is -1 for a line that is not a
     plain `name: value` field: an empty name, whitespace or a control byte in the name (also
     an obsolete folded line), a bare CR or LF or a NUL in the value."""
-    i = at
+    i: i64 = at
     while i < end:
-        c = buf[i]
+        c: i64 = buf[i]
         if c == COLON:
             break
         if c <= SP or c >= 127:
@@ -59,13 +62,13 @@ def field(buf: bytes, at: int, end: int) -> tuple[int, int, int, int]:
     return colon, start, stop, i
 
 
-def named(buf: bytes, at: int, stop: int, name: bytes) -> bool:
+def named(buf: bytes, at: i64, stop: i64, name: bytes) -> bool:
     """Whether `buf[at:stop]` is `name` (given in lower case) in any case."""
-    size = len(name)
+    size: i64 = len(name)
     if stop - at != size:
         return False
     for k in range(size):
-        c = buf[at + k]
+        c: i64 = buf[at + k]
         if 65 <= c <= 90:  # A-Z
             c += 32
         if c != name[k]:
@@ -73,9 +76,9 @@ def named(buf: bytes, at: int, stop: int, name: bytes) -> bool:
     return True
 
 
-def starts(buf: bytes, at: int, text: bytes) -> bool:
+def starts(buf: bytes, at: i64, text: bytes) -> bool:
     """Whether `text` is in `buf` at `at`, exactly."""
-    size = len(text)
+    size: i64 = len(text)
     if at < 0 or at + size > len(buf):
         return False
     for k in range(size):  # noqa: SIM110 (compiled, a loop costs a tenth of all() on a generator)
@@ -84,26 +87,26 @@ def starts(buf: bytes, at: int, text: bytes) -> bool:
     return True
 
 
-def digits(buf: bytes, start: int, stop: int) -> int:
+def digits(buf: bytes, start: i64, stop: i64) -> i64:
     """The decimal number `buf[start:stop]`, or -1 unless it is one to eighteen ASCII digits
     (no sign, no space, no underscore: stricter than `int`)."""
     if stop <= start or stop - start > 18:
         return -1
-    number = 0
+    number: i64 = 0
     for k in range(start, stop):
-        c = buf[k]
+        c: i64 = buf[k]
         if c < 48 or c > 57:
             return -1
         number = number * 10 + (c - 48)
     return number
 
 
-def space_end(buf: bytes, at: int) -> int:
+def space_end(buf: bytes, at: i64) -> i64:
     """The first index from `at` that is not JSON or regex whitespace (`\\s`: space, tab, LF,
     VT, FF, CR), or the length of `buf`."""
-    size = len(buf)
+    size: i64 = len(buf)
     while at < size:
-        c = buf[at]
+        c: i64 = buf[at]
         if c != SP and not (HTAB <= c <= CR):
             return at
         at += 1

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from forwarder.scan import SP, digits, field, named, starts
+
+if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a native int
+    from mypy_extensions import i64
 
 IDLE_MAX_S = 4.0  # under the 5 s keep-alive of uvicorn-based servers: never reuse a closing one
 IDLE_PER_ADDRESS = 512
@@ -162,17 +165,17 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
     """Status, passed headers, body and keep-alive of `data` if it is exactly one complete
     HTTP/1.1 reply framed by Content-Length (the usual one); None leaves it to httptools (also
     any head line that is not a plain field, read byte by byte with `forwarder/scan.py`)."""
-    end = data.find(b"\r\n\r\n")
+    end: i64 = data.find(b"\r\n\r\n")
     if end < 12 or not starts(data, 0, b"HTTP/1.1 "):
         return None
     status = digits(data, 9, 12)
-    line_end = data.find(b"\r\n", 12, end + 2)
+    line_end: i64 = data.find(b"\r\n", 12, end + 2)
     if status < 100 or (line_end > 12 and data[12] != SP):
         return None  # not a three-digit status and a space before any reason phrase
-    length = -1
+    length: i64 = -1
     content_type: bytes | None = None
     keep_alive = True
-    at = line_end + 2
+    at: i64 = line_end + 2
     while at < end:
         colon, start, stop, after = field(data, at, end)
         if colon < 0:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from forwarder.scan import digits, space_end, starts
+
+if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a native int
+    from mypy_extensions import i64
 
 USAGE_MARK = b'"usage"'
 OPEN: Final = 123  # {
@@ -44,7 +47,7 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
         end = at
 
 
-def _usual_counts(body: bytes, at: int) -> tuple[int, int]:
+def _usual_counts(body: bytes, at: i64) -> tuple[i64, i64]:
     """The token counts of the `usage` object opening at `at` (right after its key) in the
     usual shape, both counts before any nested object, read byte by byte (`forwarder/scan.py`);
     (-1, -1) for any other shape, which `_decode_usage` then reads. It finds what `_PAIR` and
@@ -55,11 +58,12 @@ def _usual_counts(body: bytes, at: int) -> tuple[int, int]:
     at = space_end(body, at + 1)
     if not starts(body, at, b"{"):
         return -1, -1
-    prompt = completion = -1
-    size = len(body)
+    prompt: i64 = -1
+    completion: i64 = -1
+    size: i64 = len(body)
     at += 1
     while at < size:
-        c = body[at]
+        c: i64 = body[at]
         if c in (OPEN, CLOSE):
             return -1, -1
         if c == QUOTE:
@@ -76,14 +80,14 @@ def _usual_counts(body: bytes, at: int) -> tuple[int, int]:
     return -1, -1
 
 
-def _count(body: bytes, at: int) -> tuple[int, int]:
+def _count(body: bytes, at: i64) -> tuple[i64, i64]:
     """After a count's key at `at`: where to read on, and the count (`\\s*:\\s*\\d+`), or -1
     when the key is followed by something else."""
     at = space_end(body, at)
     if not starts(body, at, b":"):
         return at, -1
     at = space_end(body, at + 1)
-    stop = at
+    stop: i64 = at
     while stop < len(body) and 48 <= body[stop] <= 57:
         stop += 1
     number = digits(body, at, stop)

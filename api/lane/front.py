@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import http
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from fastapi import FastAPI
 from uvicorn.config import Config
@@ -33,6 +33,9 @@ from api.lane.glue import hand_over
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
 from forwarder.scan import SP, digits, field, named, starts
+
+if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a native int
+    from mypy_extensions import i64
 
 MAX_HEAD_BYTES: Final = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
 PIPELINED_MAX_BYTES: Final = 64 * 1024  # buffered while a reply is in progress, then paused
@@ -67,14 +70,14 @@ class Head:
         self.keep_alive = keep_alive
 
 
-def parse_head(buf: bytes, end: int) -> Head | None:
+def parse_head(buf: bytes, end: i64) -> Head | None:
     """The head `buf[:end]` if the lane can carry its request, else None. Read byte by byte
     (`forwarder/scan.py`); any field line that is not a plain `name: value` sends the request
     to uvicorn, as do the framings the lane does not do (Transfer-Encoding, Expect, Upgrade)."""
     if not starts(buf, 0, b"POST "):
         return None
-    at = 5
-    query_at = -1
+    at: i64 = 5
+    query_at: i64 = -1
     while at < end and buf[at] != SP:
         if buf[at] == 63 and query_at < 0:  # ?
             query_at = at
@@ -85,7 +88,7 @@ def parse_head(buf: bytes, end: int) -> Head | None:
     if entry is None:
         return None
     query = buf[query_at + 1 : at].decode("latin-1") if query_at >= 0 else ""
-    length = -1
+    length: i64 = -1
     authorization = ""
     api_key = None
     origin = False
@@ -95,7 +98,7 @@ def parse_head(buf: bytes, end: int) -> Head | None:
         colon, start, stop, after = field(buf, at, end)
         if colon < 0:
             return None
-        size = colon - at  # the name's: the field is looked at only if that one may match
+        size: i64 = colon - at  # the name's: the field is looked at only if that one may match
         if size == 14 and named(buf, at, colon, b"content-length"):
             if length >= 0:
                 return None
@@ -212,6 +215,7 @@ class FrontProtocol(asyncio.Protocol):
         self.idle_since: float | None = None  # loop time the last reply ended; None: busy
         self.head_since: float | None = None  # loop time a request began arriving; None: none
         self.write_paused = False
+        self.reading_paused = False  # by this protocol, for pipelined bytes past the limit
         self.closing = False
         self.handed = False
 
@@ -249,6 +253,7 @@ class FrontProtocol(asyncio.Protocol):
             self.serve()
         elif len(self.buffer) > PIPELINED_MAX_BYTES and self.transport is not None:
             self.transport.pause_reading()
+            self.reading_paused = True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -440,7 +445,8 @@ class FrontProtocol(asyncio.Protocol):
         if not self.keep_alive or self.closing:
             transport.close()
             return
-        if not transport.is_reading():
+        if self.reading_paused:  # only this protocol pauses it: no call to ask the transport
+            self.reading_paused = False
             transport.resume_reading()
         if self.serving:
             return  # serve() goes on with the next request
