@@ -391,6 +391,7 @@ class Call:
         if self.over:
             return
         self.over = True
+        self.relay = None  # which refers back to this call: no cycle left to the collector
         if self.keepalive is not None:
             self.keepalive.cancel()
             self.keepalive = None
