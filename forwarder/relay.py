@@ -235,7 +235,7 @@ class Relay:
             return
         self.watch = StreamUsage()
         self.headed = True
-        self._overhead(self.heard_at)
+        self._overhead(self.heard_at, perf_counter())
         self.reply.on_head(status, headers, -1 if length is None else length)
 
     def on_body(self, data: bytes) -> None:
@@ -289,11 +289,11 @@ class Relay:
         self._finish(status, ok=status < 500, usage=usage, now=now)
         self.reply.on_whole(status, headers, body)
 
-    def _overhead(self, ready_at: float, now: float = -1.0) -> None:
+    def _overhead(self, ready_at: float, now: float) -> None:
         """The appliance's own time: before the send, less any wait for a replica, plus the
-        time since the reply was ready to go on (`ready_at`) until `now` (-1: read the clock)."""
+        time from when the reply was ready to go on (`ready_at`) until `now`."""
         before = self.sent_at - self.started_at - self.waited_s
-        self.overhead_s = before + ((now if now >= 0 else perf_counter()) - ready_at)
+        self.overhead_s = before + (now - ready_at)
 
     # ends
     def time_out(self) -> None:
