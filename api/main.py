@@ -71,8 +71,7 @@ def settle_collector() -> None:
     counting, so a young collection finds mostly the objects of the requests in flight: at
     CPython's default of one every 700 allocations it walks each of those many times, about
     4,000 instructions a request on the lane (`bench/lane_cost.py`). At 20,000 it walks
-    them a thirtieth as often, and one pass over at most 20,000 objects stays near a
-    millisecond."""
+    them a thirtieth as often."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)

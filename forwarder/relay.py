@@ -327,7 +327,12 @@ class Relay:
         self.reply.on_failed(exc)
 
     def _finish(
-        self, status: int, *, ok: bool, usage: tuple[int, int] | None = None, now: float = -1.0
+        self,
+        status: int,
+        *,
+        ok: bool,
+        usage: tuple[int, int] | None = None,
+        now: float | None = None,
     ) -> None:
         """Give the replica back and record the request, once."""
         if self.done:
@@ -340,7 +345,7 @@ class Relay:
             plane.balancer.done(self.target, self.replica.id, ok)
         ttft_s = self.ttft_s if self.ttft_s >= 0 else None
         overhead_s = self.overhead_s if self.overhead_s >= 0 else None
-        duration_s = (now if now >= 0 else perf_counter()) - self.started_at
+        duration_s = (perf_counter() if now is None else now) - self.started_at
         plane.stats.add(
             self.target.name, self.key_id, status, duration_s, overhead_s, ttft_s, usage
         )

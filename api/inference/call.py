@@ -404,7 +404,8 @@ class Call:
 
 def parse_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object; BadRequestError (400) otherwise. orjson reads the bytes as
-    they are, a third of the standard library's cost here, and is strict where JSON is: no
+    they are, in 60% of the standard library's instructions here (4.5k against 7.6k for a
+    chat body, `bench/lane_cost.py`), and is strict where JSON is: no
     NaN or Infinity, no lone surrogate, nesting at most 1,024 deep (the standard library's
     recursion ends in a RecursionError far past that, which would be a 500)."""
     try:
