@@ -185,9 +185,7 @@ class Relay:
         if len(body) <= SMALL_BODY_BYTES:
             conn.send(b"%b%d\r\n\r\n%b" % (head, len(body), body), self)
         else:
-            conn.send(b"%b%d\r\n\r\n" % (head, len(body)), self)
-            assert conn.transport is not None
-            conn.transport.write(body)
+            conn.send(b"%b%d\r\n\r\n" % (head, len(body)), self, body)
 
     def _again(self, *, failed: bool) -> None:
         """No reply byte came back: send the request again, to another replica if one is free,

@@ -70,14 +70,23 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def send(self, data: bytes, sink: ReplySink) -> None:
-        assert self.transport is not None
+    def send(self, data: bytes, sink: ReplySink, more: bytes = b"") -> None:
+        """Write one request (`data`, then `more` when it is not empty); its reply goes to
+        `sink`. A connection the replica closed before the write (it accepted, then hung up
+        before this send: a proxy in front of a replica that is gone does so) reports the
+        loss to `sink` at once, so the request goes elsewhere."""
         self.sink = sink
         self.headers = []
         self.length = None
         self.head_seen = False
         self.until_close = True  # no Content-Length and not chunked: the body ends at EOF
-        self.transport.write(data)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._fail("the replica closed the connection before the request")
+            return
+        transport.write(data)
+        if more:
+            transport.write(more)
 
     def abort(self) -> None:
         """Drop the connection (and so the request at the replica); no more callbacks."""

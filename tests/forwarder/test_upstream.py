@@ -1,11 +1,15 @@
 """The fast lane's upstream client (`forwarder/upstream.py`) against raw replies: the three
-ways an HTTP/1.1 body may end, reuse of a kept-alive connection, and a replica that hangs up."""
+ways an HTTP/1.1 body may end, reuse of a kept-alive connection, and a replica that hangs up,
+during a reply or before the request is sent."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+
+import pytest
+import uvloop
 
 from forwarder.upstream import UpstreamPool, whole_reply
 
@@ -119,6 +123,40 @@ async def hangs_up() -> None:
     async with replica(lambda n: None) as address:
         sink = await exchange(pool, address)
     assert sink.status == 0 and sink.ended.result().startswith("lost")
+    assert pool.take(address) is None
+
+
+@pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_a_connection_closed_before_the_send_reports_the_loss(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """A proxy in front of a replica that is gone (Docker's port proxy for a killed container)
+    accepts the connection, then hangs up; the request sent after that must come back as lost
+    (the relay sends it elsewhere), not vanish (asyncio) or raise (uvloop)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(closed_before_send())
+
+
+async def closed_before_send() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    address = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = UpstreamPool()
+    async with server:
+        conn = await pool.connect(address)
+        for _ in range(500):
+            if conn.transport is not None and conn.transport.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # connection_lost has run
+        sink = Sink()
+        conn.send(REQUEST, sink, b"more")
+        outcome = await asyncio.wait_for(sink.ended, 5)
+    assert sink.status == 0 and outcome.startswith("lost"), outcome
     assert pool.take(address) is None
 
 
