@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.test_first_slice import create_gemma, wait_ready
-from tests.harness import ADMIN_KEY, Appliance, wait_until
+from tests.harness import ADMIN_KEY, Appliance
 
 PROMPTS = 100
 SCRIPT = textwrap.dedent("""
@@ -37,8 +37,18 @@ SCRIPT = textwrap.dedent("""
         print(json.dumps(made.job_id))
     elif step == "upload":
         print(json.dumps(File.upload(open(arg, "rb")).id))
-    elif step == "get":
-        print(json.dumps(Completion.get_batch_completion(arg)["job"]))
+    elif step == "wait":  # polled here, in one interpreter: the job once it has a status,
+        import time       # or once `completed>=N` of its prompts are done
+        want, deadline = sys.argv[3], time.monotonic() + float(sys.argv[4])
+        def done(job):
+            if want.startswith("completed>="):
+                return int(job["metadata"]["completed"]) >= int(want.split(">=")[1])
+            return job["status"] == want
+        while not done(job := Completion.get_batch_completion(arg)["job"]):
+            if time.monotonic() > deadline:
+                sys.exit(f"timed out waiting for {want}; last: {job}")
+            time.sleep(0.5)
+        print(json.dumps(job))
     elif step == "cancel":
         print(json.dumps(Completion.cancel_batch_completion(arg)))
     elif step == "complete":
@@ -53,7 +63,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def client(appliance: Appliance, step: str, arg: str) -> Any:
+def client(appliance: Appliance, step: str, *args: str) -> Any:
     env = {
         **os.environ,
         "LLM_ENGINE_BASE_PATH": appliance.url + "/",
@@ -61,7 +71,7 @@ def client(appliance: Appliance, step: str, arg: str) -> Any:
         "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
     }
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, step, arg], env=env, capture_output=True, text=True
+        [sys.executable, "-c", SCRIPT, step, *args], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -83,11 +93,7 @@ def test_batch_completions_run_in_order_and_cancel_keeps_finished(
     assert sync and sync == later  # greedy: the same words both ways
 
     job_id = client(appliance, "v1", str(PROMPTS))
-    job = wait_until(
-        lambda: (j := client(appliance, "get", job_id))["status"] == "completed" and j,
-        420,
-        "the batch completion to complete",
-    )
+    job = client(appliance, "wait", job_id, "completed", "420")
     assert job["metadata"]["completed"] == str(PROMPTS)
     lines = outputs(appliance, job)
     assert [line["custom_id"] for line in lines] == [str(i) for i in range(PROMPTS)]
@@ -101,17 +107,9 @@ def test_batch_completions_run_in_order_and_cancel_keeps_finished(
     prompts = [f"Write a long story number {i}:" for i in range(PROMPTS)]
     source.write_text(json.dumps({"prompts": prompts, "max_new_tokens": 24, "temperature": 0}))
     cut_id = client(appliance, "v2", client(appliance, "upload", str(source)))
-    wait_until(
-        lambda: int(client(appliance, "get", cut_id)["metadata"]["completed"]) >= 3,
-        300,
-        "a few prompts of the second job to finish",
-    )
+    client(appliance, "wait", cut_id, "completed>=3", "300")
     assert client(appliance, "cancel", cut_id) == {"success": True}
-    cut = wait_until(
-        lambda: (j := client(appliance, "get", cut_id))["status"] == "cancelled" and j,
-        120,
-        "the cancelled job to stop",
-    )
+    cut = client(appliance, "wait", cut_id, "cancelled", "120")
     kept = outputs(appliance, cut)
     assert 3 <= len(kept) < PROMPTS
     indexes = [int(line["custom_id"]) for line in kept]
