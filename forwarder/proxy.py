@@ -260,6 +260,24 @@ class Forwarder:
         worker's tasks): the same relay, metrics and usage as the api's requests."""
         started = time.perf_counter()
         current, replica, waited = await self.acquire(target, hold_s)
+        return await self.fetch_from(
+            current, replica, path, body, started=started, waited=waited, timeout_s=timeout_s,
+            key_id=key_id,
+        )  # fmt: skip
+
+    async def fetch_from(
+        self,
+        current: Target,
+        replica: TargetReplica,
+        path: str,
+        body: bytes,
+        *,
+        started: float,
+        waited: float,
+        timeout_s: float = 0.0,
+        key_id: str = "-",
+    ) -> tuple[int, bytes]:
+        """`fetch` once `acquire` gave a replica (`started`: perf_counter() before it)."""
         collected = Collected(self.loop.create_future())
         relay = Relay(
             self.plane, current, replica, path.encode(), body, collected, key_id,

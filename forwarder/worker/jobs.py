@@ -14,7 +14,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -103,6 +103,8 @@ class Runtime:
     hold_s: float
     keep_s: float
     max_attempts: int
+    # the jobs waiting for a replica (`Forwarder.acquire`): cancelled when the worker stops
+    waiting: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 _runtime: Runtime | None = None
@@ -139,10 +141,25 @@ async def run_task(task_id: str) -> None:
         await _finish(rt, claimed, TaskStatus.FAILURE, None, None, "the endpoint was deleted")
         return
     body = json.dumps(claimed.payload.get("args")).encode()
+    this = asyncio.current_task()
+    assert this is not None
+    rt.waiting.add(this)  # until a replica takes it: a stopping worker hands it back
+    started = time.perf_counter()
     try:
-        status, data = await rt.forwarder.fetch(
-            route, upstream_route(claimed.payload), body, hold_s=rt.hold_s
-        )
+        current, replica, waited = await rt.forwarder.acquire(route, rt.hold_s)
+    except (CapacityError, UpstreamError) as exc:
+        await _retry_or_fail(rt, claimed, None, None, str(exc))
+        return
+    except asyncio.CancelledError:
+        await _write(rt, lambda conn: taskstore.hand_back(conn, claimed.task_id, time.time()))
+        raise
+    finally:
+        rt.waiting.discard(this)
+    try:
+        status, data = await rt.forwarder.fetch_from(
+            current, replica, upstream_route(claimed.payload), body, started=started,
+            waited=waited,
+        )  # fmt: skip
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return

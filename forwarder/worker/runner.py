@@ -29,6 +29,7 @@ from forwarder.worker import jobs
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.02
+DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: its grace is 40 s)
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
 
@@ -86,8 +87,13 @@ class Runner:
                 asyncio.create_task(self._every(self.lease_ms / 3000, self._renew_leases, stop)),
             ]
             await self._take_jobs(stop)
-            if self.running:  # let what runs finish; the sweeper re-runs what does not
-                await asyncio.wait(set(self.running.values()), timeout=30)
+            # Stopping. A job no replica has taken yet goes back to PENDING untried (the
+            # sweeper re-enqueues it); one a replica is answering may finish within DRAIN_S,
+            # else the sweeper re-runs it once its lease lapses.
+            for waiting in list(self.runtime.waiting):
+                waiting.cancel()
+            if self.running:
+                await asyncio.wait(set(self.running.values()), timeout=DRAIN_S)
             await self.runtime.callbacks.drain(10)
         finally:
             for helper in helpers:
@@ -96,6 +102,17 @@ class Runner:
                 task.cancel()
             await self.runtime.forwarder.close()
             jobs.install_runtime(None)
+            self._drop_done_keys()
+
+    def _drop_done_keys(self) -> None:
+        """The leases and job hashes of the jobs that ended since the last pop: a job handed
+        back is then re-enqueued by the next sweep, not after its lease lapses."""
+        done, self._done_keys = self._done_keys, []
+        if done:
+            try:
+                self.redis.delete(*done)
+            except redis.RedisError as exc:
+                logger.warning("cannot drop finished jobs' leases: %s", exc)
 
     def queue_keys(self) -> list[str]:
         endpoint_ids = sorted(self.runtime.forwarder.table.by_id)

@@ -45,6 +45,10 @@ _RELEASE = (
     "UPDATE task SET status = 'PENDING', enqueued_at = ? "
     "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
 )
+_HAND_BACK = (
+    "UPDATE task SET status = 'PENDING', attempts = MAX(attempts - 1, 0), enqueued_at = ? "
+    "WHERE id = ? AND status = 'STARTED'"
+)
 
 
 def _driver(conn: Connection) -> sqlite3.Connection:
@@ -111,6 +115,12 @@ def finish(
 def release(conn: Connection, task_id: str, now: float) -> None:
     """Put a task that could not run now back to PENDING; the sweeper re-enqueues it later."""
     _driver(conn).execute(_RELEASE, (now, task_id))
+
+
+def hand_back(conn: Connection, task_id: str, now: float) -> None:
+    """Put a claimed task that never reached a replica back to PENDING, its attempt uncounted
+    (its worker is stopping); the sweeper re-enqueues it."""
+    _driver(conn).execute(_HAND_BACK, (now, task_id))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Async tasks survive faults, end to end on real containers (the vLLM stand-in): a worker
-killed with SIGKILL mid-task, Redis restarted during a run, Redis wiped during a run. Every
-accepted task ends SUCCESS, and a killed task's result is stored and called back once."""
+killed with SIGKILL mid-task, Redis restarted during a run, Redis wiped during a run, a worker
+stopped with tasks waiting for a replica. Every accepted task ends SUCCESS, and a killed task's
+result is stored and called back once."""
 
 from __future__ import annotations
 
@@ -113,3 +114,29 @@ def test_redis_wiped_during_a_run_every_task_ends(
     ids += [submit(client, endpoint_id, 20) for _ in range(10)]
     done = wait_tasks(client, ids, 180)
     assert [t for t, b in done.items() if b["status"] != "SUCCESS"] == []
+
+
+def test_a_stopped_worker_hands_back_the_tasks_no_replica_took(
+    running: tuple[Appliance, httpx.Client, str],
+) -> None:
+    appliance, client, _ = running
+    body = standin_body("capped", endpoint_type="async", per_worker=8, forwarder_max_concurrency=8)
+    endpoint_id = create(client, body)
+    wait_status(client, endpoint_id, "READY", timeout_s=90)
+    # 16 taken at once (the worker's concurrency): 8 on the replica (its cap), 8 waiting for it
+    ids = [submit(client, endpoint_id, 300) for _ in range(16)]  # about 3 s each
+
+    def statuses() -> list[str]:
+        return sorted(client.get(f"/v1/async-tasks/{t}").json()["status"] for t in ids)
+
+    wait_until(lambda: statuses() == ["STARTED"] * 16, 30, "16 tasks to start", every_s=0.05)
+    appliance.stop_role("worker")  # SIGTERM; returns once the worker has exited
+    # the 8 on the replica finished; the 8 no replica took went back, untried
+    assert statuses() == ["PENDING"] * 8 + ["SUCCESS"] * 8
+    appliance.start_role("worker")
+    done = wait_tasks(client, ids, 60)
+    assert [t for t, b in done.items() if b["status"] != "SUCCESS"] == []
+    with sqlite3.connect(appliance.data_dir / "appliance.db") as db:
+        marks = ",".join("?" * len(ids))
+        attempts = db.execute(f"SELECT attempts FROM task WHERE id IN ({marks})", ids).fetchall()
+    assert sorted(a for (a,) in attempts) == [1] * 16  # a handed-back task counts no attempt
