@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -165,6 +165,20 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
+def _completion(settings: dict[str, Any], prompt: Any, index: int) -> dict[str, Any]:
+    """One prompt of v1 content as LLM Engine's completion request; a 422 naming the field
+    (`content.temperature`, `content.prompts[3]`) when it is not one."""
+    try:
+        return CompletionV1Request.model_validate({**settings, "prompt": prompt}).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        where = f"prompts[{index}]" if where == "prompt" else where
+        raise InvalidSpecError(
+            f"content.{where}: {error['msg']}", field=f"content.{where}"
+        ) from None
+
+
 def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
     """One request per prompt: LLM Engine's v1 content (`prompts` and their settings) as
     `/v1/completions` requests, or v2's list of OpenAI completion or chat requests."""
@@ -174,12 +188,8 @@ def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
             raise InvalidSpecError("content.prompts must be a list of prompts", field="content")
         settings = {k: v for k, v in content.items() if k != "prompts"}
         bodies = [
-            llm_engine.completion_payload(
-                CompletionV1Request.model_validate({**settings, "prompt": p}).model_dump(),
-                model,
-                stream=False,
-            )
-            for p in prompts
+            llm_engine.completion_payload(_completion(settings, p, i), model, stream=False)
+            for i, p in enumerate(prompts)
         ]
     elif isinstance(content, list) and content and all(isinstance(c, dict) for c in content):
         bodies = [

@@ -155,6 +155,8 @@ async def run_task(task_id: str) -> None:
         raise
     finally:
         rt.waiting.discard(this)
+    if claimed.batch_id is not None and await _batch_cancelled(rt, claimed.task_id, replica.id):
+        return
     try:
         status, data = await rt.forwarder.fetch_from(
             current, replica, upstream_route(claimed.payload), body, started=started,
@@ -175,6 +177,19 @@ async def run_task(task_id: str) -> None:
     else:
         message = f"replica answered {status}"
         await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message, tokens)
+
+
+async def _batch_cancelled(rt: Runtime, task_id: str, replica_id: str) -> bool:
+    """Whether the task's batch was cancelled while it waited for a replica (LLM Engine's
+    cancel ends the prompts a worker holds): then the replica's slot is given back unused."""
+    try:
+        ended: bool = await _write(rt, lambda conn: taskstore.has_ended(conn, task_id))
+    except BaseException:
+        rt.forwarder.balancer.release(replica_id)
+        raise
+    if ended:
+        rt.forwarder.balancer.release(replica_id)
+    return ended
 
 
 async def _retry_or_fail(

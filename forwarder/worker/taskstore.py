@@ -45,6 +45,7 @@ _RELEASE = (
     "UPDATE task SET status = 'PENDING', enqueued_at = ? "
     "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
 )
+_STATUS = "SELECT status FROM task WHERE id = ?"
 _HAND_BACK = (
     "UPDATE task SET status = 'PENDING', attempts = MAX(attempts - 1, 0), enqueued_at = ? "
     "WHERE id = ? AND status = 'STARTED'"
@@ -115,6 +116,12 @@ def finish(
 def release(conn: Connection, task_id: str, now: float) -> None:
     """Put a task that could not run now back to PENDING; the sweeper re-enqueues it later."""
     _driver(conn).execute(_RELEASE, (now, task_id))
+
+
+def has_ended(conn: Connection, task_id: str) -> bool:
+    """Whether the task has an outcome already (or is gone): a batch cancelled meanwhile."""
+    row = _driver(conn).execute(_STATUS, (task_id,)).fetchone()
+    return row is None or row[0] in ("SUCCESS", "FAILURE")
 
 
 def hand_back(conn: Connection, task_id: str, now: float) -> None:

@@ -237,6 +237,11 @@ def test_batch_completions_refuse_what_they_would_not_honour(api_only: Appliance
         ({"tool_config": {"name": "code_evaluator"}}, "tool_config"),
         ({"data_parallelism": 4}, "data_parallelism"),
         ({"input_data_path": "file_x"}, "content"),
+        ({"content": {"prompts": ["a"], "max_new_tokens": 2}}, "content.temperature"),
+        (
+            {"content": {"prompts": ["a", {"b": 1}], "max_new_tokens": 2, "temperature": 0}},
+            "content.prompts[1]",
+        ),
     ):
         reply = admin.post("/v2/batch-completions", json={**base, **change})
         assert reply.status_code == 422, (change, reply.text)

@@ -139,7 +139,13 @@ def stream_events(text: str) -> list[bytes]:
 
 
 def seed_endpoint(
-    data_dir: Path, name: str, address: str, *, owner: str = "admin", endpoint_type: str = "async"
+    data_dir: Path,
+    name: str,
+    address: str,
+    *,
+    owner: str = "admin",
+    endpoint_type: str = "async",
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """An endpoint row and one READY replica row at `address`; returns the endpoint id."""
     engine = open_engine(data_dir / "appliance.db")
@@ -155,6 +161,7 @@ def seed_endpoint(
                 model="org/model",
                 endpoint_type=endpoint_type,
                 status=EndpointStatus.READY,
+                extra=extra or {},
             )
         )
         session.add(

@@ -197,3 +197,37 @@ def test_batch_cancel_stops_pending_requests(
     assert final["request_counts"] == {"total": 20, "completed": 0, "failed": 0}
     time.sleep(1)
     assert backend.seen["/v1/chat/completions"] == 0
+
+
+def test_cancelling_a_batch_completion_spares_the_replica_the_prompts_a_worker_holds(
+    bare_appliance: Appliance,
+) -> None:
+    slow = FakeBackend(delay_s=0.3).start()
+    try:
+        cap = {"forwarder_max_concurrency": 2}
+        seed_endpoint(bare_appliance.data_dir, "capped", slow.address, extra=cap)
+        bare_appliance.start_role("worker")
+        client = bare_appliance.client()
+        job = client.post(
+            "/v2/batch-completions",
+            json={
+                "model_config": {"model": "capped"},
+                "output_data_path": "out.jsonl",
+                "content": {
+                    "prompts": [f"p{i}" for i in range(30)],
+                    "max_new_tokens": 2,
+                    "temperature": 0,
+                },
+            },
+        )
+        assert job.status_code == 200, job.text
+        job_id = job.json()["job_id"]
+        # the worker takes all 30 prompts; the replica is sent 2 at a time
+        wait_until(lambda: slow.seen.total() >= 2, 30, "the first prompts to reach the replica")
+        cancel = client.post(f"/v2/batch-completions/{job_id}/actions/cancel", json={})
+        assert cancel.json() == {"success": True}
+        sent = slow.seen.total()
+        time.sleep(2)  # the replica would have been sent about 12 more by now
+        assert slow.seen.total() <= sent + 2  # only those already given a slot
+    finally:
+        slow.stop()
