@@ -29,6 +29,7 @@ from api.endpoint_service import (
     delete_endpoint,
     gpu_names,
 )
+from api.errors import invalid_field
 from api.schemas import CreateLLMEndpointRequest
 from api.times import LAST_STAMP, parse_time
 from appliance import queries
@@ -109,9 +110,7 @@ def _parse_endpoint(i: int, entry: dict[str, Any], caller: Caller, state: AppSta
     try:
         body = CreateLLMEndpointRequest.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        path = ".".join(str(p) for p in first["loc"])
-        raise InvalidSpecError(f"{where}.{path}: {first['msg']}", field=f"{where}.{path}") from None
+        raise invalid_field(exc, f"{where}.") from None
     try:
         desired = endpoint_specs.new_endpoint(body, caller, state.settings)
         server_args.check_gpu_type(body.gpu_type, desired.gpus, gpu_names(state))

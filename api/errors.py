@@ -16,7 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from appliance import errors
@@ -79,6 +79,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (507, "No room on the disk"),
     ]
 }
+
+
+def invalid_field(
+    exc: ValidationError, prefix: str = "", names: dict[str, str] | None = None
+) -> errors.InvalidSpecError:
+    """Pydantic's first complaint as a 422 that names the field: `prefix` and its dotted path
+    (a path in `names` is said as named there)."""
+    first = exc.errors()[0]
+    path = ".".join(str(part) for part in first["loc"])
+    field = prefix + (names or {}).get(path, path)
+    return errors.InvalidSpecError(f"{field}: {first['msg']}", field=field)
 
 
 def status_of(exc: errors.ApplianceError, envelope: str = "") -> int:

@@ -32,6 +32,7 @@ from api.batch_service import (
     submit,
 )
 from api.deps import AddressDep, AdmittedDep, CallerDep, SessionDep, StateDep, require
+from api.errors import invalid_field
 from api.file_service import owned_file
 from api.inference.schemas import CompletionV1Request
 from appliance.db import session_scope
@@ -171,12 +172,7 @@ def _completion(settings: dict[str, Any], prompt: Any, index: int) -> dict[str, 
     try:
         return CompletionV1Request.model_validate({**settings, "prompt": prompt}).model_dump()
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        where = f"prompts[{index}]" if where == "prompt" else where
-        raise InvalidSpecError(
-            f"content.{where}: {error['msg']}", field=f"content.{where}"
-        ) from None
+        raise invalid_field(exc, "content.", {"prompt": f"prompts[{index}]"}) from None
 
 
 def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:

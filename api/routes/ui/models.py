@@ -16,11 +16,11 @@ from sqlmodel import Session
 
 from api import hf_downloads, hf_models, images, model_files, model_upload, storage
 from api.deps import AppState, SessionDep, StateDep, address_of
-from api.errors import status_of
+from api.errors import invalid_field, status_of
 from api.routes.ui.respond import FormDep, need, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
 from appliance.db import session_scope
-from appliance.errors import ApplianceError, CapacityError, InvalidSpecError, NotFoundError
+from appliance.errors import ApplianceError, CapacityError, NotFoundError
 from web import views
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -141,10 +141,7 @@ def download_hf_model_from_page(
             revision=form.get("revision", "").strip() or "main",
         )
     except ValidationError as exc:
-        wrong = exc.errors()[0]
-        where = ".".join(str(part) for part in wrong["loc"])
-        error = InvalidSpecError(f"{where}: {wrong['msg']}", field=where)
-        return _models_page(request, ui, state, error=error)
+        return _models_page(request, ui, state, error=invalid_field(exc))
     hf_downloads.request_download(body, ui.caller, state.redis, state.engine, address_of(request))
     return redirect("/ui/models#hub-download")
 
