@@ -84,9 +84,9 @@ def compiled() -> list[object]:
 
         # Without the dependencies installed (an isolated build) their types are unknown,
         # which mypyc accepts as Any; `mypy --strict` checks them in the test command.
-        extensions = mypycify(
-            ["--ignore-missing-imports", *HOT_MODULES], opt_level="3", group_name="appliance_hot"
-        )
+        # its own mypy cache: `mypy` (scripts/test) may be checking the tree at the same time
+        options = ["--ignore-missing-imports", "--cache-dir", "build/mypyc-cache"]
+        extensions = mypycify([*options, *HOT_MODULES], opt_level="3", group_name="appliance_hot")
     except (Exception, SystemExit) as exc:  # mypyc missing, or it refused them
         print(f"setup.py: hot modules stay plain Python: {exc!r}", file=sys.stderr)
         return []

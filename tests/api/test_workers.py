@@ -3,6 +3,7 @@ once, before the workers are forked, so none of them can fail its start on a loc
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -10,6 +11,7 @@ import httpx
 from tests.harness import ADMIN_KEY, Appliance, RedisServer
 
 STARTS = 20
+AT_ONCE = 2  # two starts at a time: the same 20 fresh directories in 80 s instead of 115 (idle VM)
 WORKERS = "2"
 
 
@@ -17,7 +19,8 @@ def test_several_workers_always_start_on_a_fresh_data_directory(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    for attempt in range(STARTS):
+
+    def start(attempt: int) -> None:
         appliance = Appliance(
             tmp_path / f"start{attempt}", redis_server, env_extra={"APPLIANCE_API_WORKERS": WORKERS}
         )
@@ -32,3 +35,7 @@ def test_several_workers_always_start_on_a_fresh_data_directory(
             raise
         finally:
             appliance.stop()
+
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        for done in [pool.submit(start, attempt) for attempt in range(STARTS)]:
+            done.result()
