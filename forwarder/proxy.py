@@ -249,25 +249,6 @@ class Forwarder:
     async def fetch(
         self,
         target: Target,
-        path: str,
-        body: bytes,
-        *,
-        hold_s: float,
-        timeout_s: float = 0.0,
-        key_id: str = "-",
-    ) -> tuple[int, bytes]:
-        """The replica's status and whole reply for a request no client waits on (the
-        worker's tasks): the same relay, metrics and usage as the api's requests."""
-        started = time.perf_counter()
-        current, replica, waited = await self.acquire(target, hold_s)
-        return await self.fetch_from(
-            current, replica, path, body, started=started, waited=waited, timeout_s=timeout_s,
-            key_id=key_id,
-        )  # fmt: skip
-
-    async def fetch_from(
-        self,
-        current: Target,
         replica: TargetReplica,
         path: str,
         body: bytes,
@@ -277,10 +258,13 @@ class Forwarder:
         timeout_s: float = 0.0,
         key_id: str = "-",
     ) -> tuple[int, bytes]:
-        """`fetch` once `acquire` gave a replica (`started`: perf_counter() before it)."""
+        """The replica's status and whole reply for a request no client waits on (the
+        worker's tasks), once `acquire` gave `target` (as it returned it) and `replica`;
+        `started` is perf_counter() before that. The same relay, metrics and usage as the
+        api's requests."""
         collected = Collected(self.loop.create_future())
         relay = Relay(
-            self.plane, current, replica, path.encode(), body, collected, key_id,
+            self.plane, target, replica, path.encode(), body, collected, key_id,
             False, started, waited, timeout_s,
         )  # fmt: skip
         relay.send()

@@ -158,7 +158,7 @@ async def run_task(task_id: str) -> None:
     if claimed.batch_id is not None and await _batch_cancelled(rt, claimed.task_id, replica.id):
         return
     try:
-        status, data = await rt.forwarder.fetch_from(
+        status, data = await rt.forwarder.fetch(
             current, replica, upstream_route(claimed.payload), body, started=started,
             waited=waited,
         )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -97,9 +98,21 @@ async def with_forwarder(
         await fwd.close()
 
 
+async def fetch(
+    fwd: Forwarder, r: Target, hold_s: float = 0.0, timeout_s: float = 0.0
+) -> tuple[int, bytes]:
+    """A chat request as the worker sends one: a replica from `acquire`, then `fetch`."""
+    started = time.perf_counter()
+    current, replica, waited = await fwd.acquire(r, hold_s)
+    return await fwd.fetch(
+        current, replica, "/v1/chat/completions", b"{}", started=started, waited=waited,
+        timeout_s=timeout_s,
+    )  # fmt: skip
+
+
 async def call(fwd: Forwarder, r: Target, hold_s: float = 0.0) -> tuple[str, int]:
     """Which replica answered, and its status."""
-    status, body = await fwd.fetch(r, "/v1/chat/completions", b"{}", hold_s=hold_s)
+    status, body = await fetch(fwd, r, hold_s)
     return json.loads(body)["replica"], status
 
 
@@ -220,7 +233,7 @@ def test_silent_replica_is_a_504_and_abandoning_cancels_it() -> None:
 
             async def body(fwd: Forwarder) -> None:
                 with pytest.raises(UpstreamError) as caught:
-                    await fwd.fetch(r, "/v1/chat/completions", b"{}", hold_s=0, timeout_s=0.3)
+                    await fetch(fwd, r, timeout_s=0.3)
                 assert caught.value.status_code == 504
                 assert fwd.inflight == {}
                 task = asyncio.ensure_future(call(fwd, r))
