@@ -12,7 +12,10 @@ request after LATENCY. Then, in one run:
   4. a worker that runs one job at a time (what a plain RQ worker does), on a few tasks, to
      show why the runner keeps many jobs in flight.
 
-    .venv/bin/python bench/async_bench.py [--tasks 10000] [--concurrency 64]
+    .venv/bin/python bench/async_bench.py [--tasks 10000] [--concurrency 64] [--plain]
+
+The api and worker run the compiled build (build/compiled, `scripts/compile`), as the image
+does; `--plain` runs the sources instead.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import aiohttp
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ROOT / "build/compiled"  # scripts/compile
+PLAIN = "--plain" in sys.argv  # run the sources, not the compiled build
 sys.path.insert(0, str(ROOT))
 
 from appliance.db import open_engine, session_scope  # noqa: E402
@@ -104,9 +109,15 @@ class Stack:
         return env
 
     def spawn(self, name: str, cmd: list[str], **env: str) -> None:
+        """The appliance's processes run the compiled build (build/compiled, as the image
+        and the tests do) from a directory that is not the source tree, which `-m` would put
+        first on the path; `--plain` runs the sources."""
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        full = self.env(**env)
+        if not PLAIN:
+            full["PYTHONPATH"] = str(COMPILED)
         self.procs[name] = subprocess.Popen(
-            cmd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            cmd, env=full, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
         )
 
     def start(self) -> None:
@@ -281,12 +292,17 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--serial-tasks", type=int, default=25)
+    parser.add_argument("--plain", action="store_true", help="the sources, not build/compiled")
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_backend:
         serve_backend(args.serve_backend, LATENCY_S)
         return
     n, c = args.tasks, args.concurrency
+    if not PLAIN and subprocess.run([str(ROOT / "scripts/compile"), "--check"]).returncode:
+        sys.exit("build/compiled is missing or older than the sources: run scripts/compile")
+    if not PLAIN and not COMPILED.exists():
+        sys.exit("no build/compiled: run scripts/compile (or pass --plain)")
     with tempfile.TemporaryDirectory(prefix="async-bench-") as tmp:
         stack = Stack(Path(tmp), c)
         try:
@@ -307,7 +323,7 @@ def main() -> None:
     ideal = c / LATENCY_S
     print(
         f"fake backend: {LATENCY_S * 1000:.0f} ms per request; {c} in flight; "
-        f"ideal {ideal:.0f}/s; {os.cpu_count()} CPUs"
+        f"ideal {ideal:.0f}/s; {os.cpu_count()} CPUs; {'plain' if PLAIN else 'compiled'} build"
     )
     print(f"sync  completions/s  ({n} requests, {c} clients):          {sync_rate:8.1f}")
     print(
