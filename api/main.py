@@ -199,7 +199,9 @@ def create_app(
         inference_bytes=settings.max_body_bytes,
         model_upload_bytes=settings.model_upload_max_bytes,
     )
+    # FastAPI tries the routers in this order on every request: the often-called ones first
     app.include_router(health.router)
+    app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_download.router, responses=errors.ERROR_RESPONSES)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_endpoints.router, responses=errors.ERROR_RESPONSES)
@@ -208,7 +210,6 @@ def create_app(
     app.include_router(api_keys.router, responses=errors.ERROR_RESPONSES)
     app.include_router(openai.router, responses=errors.ERROR_RESPONSES)
     app.include_router(metrics.router, responses=errors.ERROR_RESPONSES)
-    app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(files.router, responses=errors.ERROR_RESPONSES)
     app.include_router(fine_tunes.router, responses=errors.ERROR_RESPONSES)
     app.include_router(batches.router, responses=errors.ERROR_RESPONSES)

@@ -33,7 +33,7 @@ import redis
 from sqlalchemy.engine import Engine
 
 from appliance.errors import ApplianceError, RateLimitedError
-from appliance.models import Task
+from appliance.models import TaskStatus
 from forwarder.worker import jobs
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,22 @@ class EndpointView:
     default_callback_auth: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task's row as a submission builds it: PENDING, queued as it is stored. (Constructing
+    the ORM's `Task` costs several times as much, and nothing on this path needs one.)"""
+
+    id: str
+    endpoint_id: str
+    owner: str
+    created_by: str
+    payload: dict[str, Any]
+    callback_url: str | None
+    callback_auth: dict[str, Any] | None
+    created_at: float
+    key_id: str | None  # the key it was sent with, for usage
+
+
 @dataclass(frozen=True)
 class Draft:
     """A task as a route hands it over.
@@ -81,16 +97,16 @@ class Draft:
     owner: str
     created_by: str
     max_queued: int
-    build: Callable[[EndpointView | None], Task]
+    build: Callable[[EndpointView | None], NewTask]
 
 
-Outcome = Task | BaseException
+Outcome = NewTask | BaseException
 
 
 @dataclass(frozen=True)
 class _Pending:
     draft: Draft
-    future: asyncio.Future[Task]
+    future: asyncio.Future[NewTask]
 
 
 class TaskSubmitter:
@@ -115,11 +131,11 @@ class TaskSubmitter:
                 await self._runner
         self._thread.shutdown()
 
-    async def submit(self, draft: Draft) -> Task:
+    async def submit(self, draft: Draft) -> NewTask:
         """The committed task (queued, or left to the sweeper); raises why it was refused."""
         if self._runner is None or self._runner.done():
             raise RuntimeError("the task submitter is not running")
-        future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[NewTask] = asyncio.get_running_loop().create_future()
         self._waiting.put_nowait(_Pending(draft, future))
         return await future
 
@@ -147,7 +163,7 @@ class TaskSubmitter:
             for pending, outcome in zip(group, outcomes, strict=True):
                 if pending.future.done():  # the request went away; its task stays accepted
                     continue
-                if isinstance(outcome, Task):
+                if isinstance(outcome, NewTask):
                     pending.future.set_result(outcome)
                 else:
                     pending.future.set_exception(outcome)
@@ -160,7 +176,7 @@ class TaskSubmitter:
             _insert(conn, drafts, outcomes)
         finally:
             raw.close()
-        stored = [(t.id, t.endpoint_id) for t in outcomes if isinstance(t, Task)]
+        stored = [(t.id, t.endpoint_id) for t in outcomes if isinstance(t, NewTask)]
         if stored:
             try:
                 jobs.enqueue(self._redis, stored, low=False)
@@ -212,7 +228,7 @@ def _insert(conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcom
     except sqlite3.Error as exc:
         logger.error("storing %d tasks failed: %s", len(drafts), exc)
         for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, Task):
+            if isinstance(outcome, NewTask):
                 outcomes[i] = exc
 
 
@@ -225,12 +241,12 @@ def _admit(
     limited = {
         (d.owner, d.created_by)
         for d, o in zip(drafts, outcomes, strict=True)
-        if d.max_queued and isinstance(o, Task)
+        if d.max_queued and isinstance(o, NewTask)
     }
     waiting = Counter({who: conn.execute(_WAITING, who).fetchone()[0] for who in limited})
     rows = []
     for i, (draft, task) in enumerate(zip(drafts, outcomes, strict=True)):
-        if not isinstance(task, Task):
+        if not isinstance(task, NewTask):
             continue
         who = (draft.owner, draft.created_by)
         if draft.max_queued and waiting[who] >= draft.max_queued:
@@ -244,18 +260,18 @@ def _admit(
     return rows
 
 
-def _row(task: Task) -> tuple[Any, ...]:
+def _row(task: NewTask) -> tuple[Any, ...]:
     auth = None if task.callback_auth is None else json.dumps(task.callback_auth)
     return (
         task.id,
         task.endpoint_id,
         task.owner,
         task.created_by,
-        task.status,
+        TaskStatus.PENDING.value,
         json.dumps(task.payload),
         task.callback_url,
         auth,
         task.created_at,
-        task.enqueued_at,
+        task.created_at,  # enqueued_at: its job is queued in the same step
         task.key_id,
     )

@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AdmittedDep, CallerDep, SessionDep, StateDep, require
 from api.inference import admission
-from api.submit import Draft, EndpointView
+from api.submit import Draft, EndpointView, NewTask
 from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
 from appliance.keys import Caller
-from appliance.models import EndpointStatus, Task, TaskStatus
+from appliance.models import EndpointStatus, Task
 from forwarder.llm_engine import declared_routes
 from forwarder.paths import BY_ID, CHAT, COMPLETIONS
 from forwarder.worker import jobs
@@ -104,22 +104,19 @@ async def create_async_inference_task(
     if body.callback_url:  # resolves the host: not on the event loop
         await run_in_threadpool(check_url, body.callback_url, state.settings.callback_allowed_hosts)
 
-    def build(found: EndpointView | None) -> Task:
+    def build(found: EndpointView | None) -> NewTask:
         endpoint = usable_endpoint(model_endpoint_id, found, caller)
-        now = time.time()
         own = body.callback_url is not None
-        return Task(
+        return NewTask(
             id=new_id("tsk"),
             endpoint_id=endpoint.id,
             owner=caller.team,
             created_by=caller.user,
-            status=TaskStatus.PENDING,
             payload=task_payload(body, endpoint),
             # no callback of its own: the endpoint's default_callback_url, if it has one
             callback_url=body.callback_url or endpoint.default_callback_url,
             callback_auth=body.callback_auth if own else endpoint.default_callback_auth,
-            created_at=now,
-            enqueued_at=now,
+            created_at=time.time(),
             key_id=caller.key_id,  # usage is counted per key when the task ends
         )
 
