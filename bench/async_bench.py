@@ -13,9 +13,13 @@ request after LATENCY. Then, in one run:
      show why the runner keeps many jobs in flight.
 
     .venv/bin/python bench/async_bench.py [--tasks 10000] [--concurrency 64] [--plain]
+                                          [--baseline REV]
 
 The api and worker run the compiled build (build/compiled, `scripts/compile`), as the image
-does; `--plain` runs the sources instead.
+does; `--plain` runs the sources instead. `--baseline REV` first runs all of it on the code of
+git REV (built the same way, in a temporary directory; a revision with the same database
+schema), then on this code, and prints the two side by side with their ratio. Each run also
+prints the api's CPU time per submitted task (from /proc), steadier than rates on a shared VM.
 """
 
 from __future__ import annotations
@@ -84,12 +88,14 @@ def serve_backend(port: int, latency_s: float) -> None:
 class Stack:
     """redis-server, fake backend, api and worker as child processes in a temp dir."""
 
-    def __init__(self, workdir: Path, concurrency: int) -> None:
+    def __init__(self, workdir: Path, concurrency: int, code: Path | None) -> None:
         self.workdir = workdir
+        self.code = code  # put first on the path: a compiled build; None: the sources
         self.data_dir = workdir / "data"
         self.redis_port, self.api_port, self.backend_port = free_port(), free_port(), free_port()
         self.concurrency = concurrency
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.api_cpu_us: list[float] = []  # per submitted task, each submit_tasks call
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
@@ -114,8 +120,8 @@ class Stack:
         first on the path; `--plain` runs the sources."""
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         full = self.env(**env)
-        if not PLAIN:
-            full["PYTHONPATH"] = str(COMPILED)
+        if self.code is not None:
+            full["PYTHONPATH"] = str(self.code)
         self.procs[name] = subprocess.Popen(
             cmd, env=full, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
         )
@@ -242,8 +248,24 @@ async def bench_sync(stack: Stack, n: int, concurrency: int) -> float:
         return n / await run_clients(n, concurrency, call)
 
 
+def cpu_s(pid: int) -> float:
+    """The CPU seconds process `pid` has used (user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def submit_tasks(stack: Stack, n: int) -> tuple[float, float]:
-    """Submit `n` tasks; returns (wall time it started, seconds the submits took)."""
+    """Submit `n` tasks; returns (wall time it started, seconds the submits took). The api's
+    CPU time per task is added to `stack.api_cpu_us`."""
+    api = stack.procs["api"].pid
+    used = cpu_s(api)
+    try:
+        return await _submit_tasks(stack, n)
+    finally:
+        stack.api_cpu_us.append((cpu_s(api) - used) * 1e6 / n)
+
+
+async def _submit_tasks(stack: Stack, n: int) -> tuple[float, float]:
     async with session(stack) as http:
 
         async def call(i: int) -> None:
@@ -287,12 +309,64 @@ def bench_async(stack: Stack, n: int) -> dict[str, float]:
     }
 
 
+def checkout(revision: str, workdir: Path) -> Path:
+    """The code of git `revision`: its compiled build (its scripts/compile, a few minutes), or
+    with `--plain` its sources."""
+    tree = workdir / f"tree-{revision}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
+    if PLAIN:
+        return tree
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run([str(tree / "scripts/compile")], cwd=tree, env=env, check=True)
+    return tree / "build/compiled"
+
+
+def run_all(code: Path | None, n: int, c: int, serial_tasks: int) -> dict[str, float]:
+    """Every figure of one run, on the build at `code` (None: the sources)."""
+    with tempfile.TemporaryDirectory(prefix="async-bench-") as tmp:
+        stack = Stack(Path(tmp), c, code)
+        try:
+            stack.start()
+            asyncio.run(bench_sync(stack, min(200, n), c))  # warm-up
+            sync_rate = asyncio.run(bench_sync(stack, n, c))
+            result = bench_async(stack, n)
+            stack.stop("worker")  # now submit with no worker competing, then drain
+            _, submit_alone_s = asyncio.run(submit_tasks(stack, n))
+            stack.start_worker(c)
+            ok, first_started, last_finished = wait_done(stack, n, timeout_s=max(120, n / 5))
+            drain_ok, drain = ok, n / (last_finished - first_started)
+            stack.start_worker(1)
+            time.sleep(3)
+            serial = bench_async(stack, serial_tasks)
+        finally:
+            stack.stop_all()
+    return {
+        "sync": sync_rate,
+        "async": result["completions_per_s"],
+        "async_ok": result["ok"],
+        "ratio": result["completions_per_s"] / sync_rate,
+        "enqueue": result["enqueue_per_s"],
+        "api_cpu_us": stack.api_cpu_us[0],
+        "worker": result["worker_per_s"],
+        "enqueue_alone": n / submit_alone_s,
+        "api_cpu_us_alone": stack.api_cpu_us[1],
+        "drain": drain,
+        "drain_ok": drain_ok,
+        "serial": serial["completions_per_s"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--serial-tasks", type=int, default=25)
     parser.add_argument("--plain", action="store_true", help="the sources, not build/compiled")
+    parser.add_argument("--baseline", metavar="REV", help="also run the code of git REV, first")
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_backend:
@@ -303,53 +377,52 @@ def main() -> None:
         sys.exit("build/compiled is missing or older than the sources: run scripts/compile")
     if not PLAIN and not COMPILED.exists():
         sys.exit("no build/compiled: run scripts/compile (or pass --plain)")
-    with tempfile.TemporaryDirectory(prefix="async-bench-") as tmp:
-        stack = Stack(Path(tmp), c)
-        try:
-            stack.start()
-            asyncio.run(bench_sync(stack, min(200, n), c))  # warm-up
-            sync_rate = asyncio.run(bench_sync(stack, n, c))
-            result = bench_async(stack, n)
-            stack.stop("worker")  # now submit with no worker competing, then drain
-            _, submit_alone_s = asyncio.run(submit_tasks(stack, n))
-            stack.start_worker(c)
-            ok, first_started, last_finished = wait_done(stack, n, timeout_s=max(120, n / 5))
-            drain = {"ok": ok, "per_s": n / (last_finished - first_started)}
-            stack.start_worker(1)
-            time.sleep(3)
-            serial = bench_async(stack, args.serial_tasks)
-        finally:
-            stack.stop_all()
-    ideal = c / LATENCY_S
+    runs: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="async-bench-trees-") as trees:
+        if args.baseline:
+            runs["baseline"] = run_all(
+                checkout(args.baseline, Path(trees)), n, c, args.serial_tasks
+            )
+        runs["this code"] = run_all(None if PLAIN else COMPILED, n, c, args.serial_tasks)
+    report(runs, n, c, args.serial_tasks, args.baseline)
+
+
+ROWS = (  # key, label, format
+    ("sync", "sync  completions/s  ({n} requests, {c} clients)", "{:.1f}"),
+    ("async", "async completions/s  ({n} tasks, worker_concurrency {c})", "{:.1f}"),
+    ("ratio", "async / sync", "{:.2f}x"),
+    ("enqueue", "enqueue rate (POST /v1/async-tasks, {s} clients), /s", "{:.1f}"),
+    ("api_cpu_us", "  the api's CPU per submitted task, us", "{:.0f}"),
+    ("worker", "worker throughput (first start to last finish), /s", "{:.1f}"),
+    ("enqueue_alone", "enqueue rate, no worker running, /s", "{:.1f}"),
+    ("api_cpu_us_alone", "  the api's CPU per submitted task, us", "{:.0f}"),
+    ("drain", "drain of {n} queued tasks (worker_concurrency {c}), /s", "{:.1f}"),
+    ("serial", "one job at a time (worker_concurrency 1, {t} tasks), /s", "{:.1f}"),
+)
+
+
+def report(
+    runs: dict[str, dict[str, float]], n: int, c: int, serial_tasks: int, baseline: str | None
+) -> None:
     print(
         f"fake backend: {LATENCY_S * 1000:.0f} ms per request; {c} in flight; "
-        f"ideal {ideal:.0f}/s; {os.cpu_count()} CPUs; {'plain' if PLAIN else 'compiled'} build"
+        f"ideal {c / LATENCY_S:.0f}/s; {os.cpu_count()} CPUs; "
+        f"{'plain' if PLAIN else 'compiled'} build"
+        + (f"; baseline: {baseline}, run first" if baseline else "")
     )
-    print(f"sync  completions/s  ({n} requests, {c} clients):          {sync_rate:8.1f}")
-    print(
-        f"async completions/s  ({n} tasks, worker_concurrency {c}):  "
-        f"{result['completions_per_s']:8.1f}  ({result['ok']:.0f} SUCCESS)"
-    )
-    print(
-        f"async / sync:                                             "
-        f"{result['completions_per_s'] / sync_rate:8.2f}x"
-    )
-    print(
-        f"enqueue rate (POST /v1/async-tasks, {SUBMITTERS} clients):     "
-        f"{result['enqueue_per_s']:8.1f}/s"
-    )
-    print(
-        f"worker throughput (first start to last finish):           {result['worker_per_s']:8.1f}/s"
-    )
-    print(f"enqueue rate, no worker running:                         {n / submit_alone_s:8.1f}/s")
-    print(
-        f"drain of {n} queued tasks (worker_concurrency {c}):    "
-        f"{drain['per_s']:8.1f}/s  ({drain['ok']:.0f} SUCCESS)"
-    )
-    print(
-        f"one job at a time (worker_concurrency 1, {args.serial_tasks} tasks):      "
-        f"{serial['completions_per_s']:8.1f}/s"
-    )
+    names = list(runs)
+    head = f"{'':62}" + "".join(f"{name:>12}" for name in names)
+    print(head + ("       ratio" if baseline else ""))
+    for key, label, form in ROWS:
+        cells = [form.format(runs[name][key]) for name in names]
+        line = f"{label.format(n=n, c=c, s=SUBMITTERS, t=serial_tasks):62}"
+        line += "".join(f"{cell:>12}" for cell in cells)
+        if baseline and runs["baseline"][key]:
+            line += f"{runs['this code'][key] / runs['baseline'][key]:11.2f}x"
+        print(line)
+    for name, run in runs.items():
+        if run["async_ok"] != n or run["drain_ok"] != n:
+            print(f"{name}: {run['async_ok']:.0f} and {run['drain_ok']:.0f} of {n} SUCCESS")
 
 
 if __name__ == "__main__":
