@@ -12,16 +12,16 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AdmittedDep, CallerDep, SessionDep, StateDep, require
+from api.deps import AdmittedDep, CallerDep, StateDep, require
 from api.inference import admission
 from api.submit import Draft, EndpointView, NewTask
 from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
 from appliance.keys import Caller
-from appliance.models import EndpointStatus, Task
+from appliance.models import EndpointStatus
 from forwarder.llm_engine import declared_routes
 from forwarder.paths import BY_ID, CHAT, COMPLETIONS
-from forwarder.worker import jobs
+from forwarder.worker import jobs, taskstore
 from forwarder.worker.callbacks import check_url
 
 logger = logging.getLogger(__name__)
@@ -134,14 +134,14 @@ async def create_async_inference_task(
 
 
 @router.get("/v1/async-tasks/{task_id}", response_model=GetAsyncTaskResponse)
-def get_async_inference_task(
-    task_id: str, caller: CallerDep, session: SessionDep
+async def get_async_inference_task(
+    task_id: str, caller: CallerDep, state: StateDep
 ) -> GetAsyncTaskResponse:
-    task = session.get(Task, task_id)
+    task = taskstore.view(state.reader, task_id)  # async: clients poll this one
     if task is None or not caller.owns(task.owner):
         raise NoSuchTaskError(f"no task with id {task_id!r}")
     return GetAsyncTaskResponse(
-        task_id=task.id,
+        task_id=task_id,
         status=task.status,
         result=task.result,
         traceback=task.traceback,

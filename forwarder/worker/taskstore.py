@@ -46,6 +46,7 @@ _RELEASE = (
     "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
 )
 _STATUS = "SELECT status FROM task WHERE id = ?"
+_VIEW = "SELECT owner, status, result, traceback, status_code FROM task WHERE id = ?"
 _HAND_BACK = (
     "UPDATE task SET status = 'PENDING', attempts = MAX(attempts - 1, 0), enqueued_at = ? "
     "WHERE id = ? AND status = 'STARTED'"
@@ -128,6 +129,33 @@ def hand_back(conn: Connection, task_id: str, now: float) -> None:
     """Put a claimed task that never reached a replica back to PENDING, its attempt uncounted
     (its worker is stopping); the sweeper re-enqueues it."""
     _driver(conn).execute(_HAND_BACK, (now, task_id))
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task as its owner polls it."""
+
+    owner: str
+    status: str
+    result: Any
+    traceback: str | None
+    status_code: int | None
+
+
+def view(reader: Engine, task_id: str) -> TaskView | None:
+    """The task as `GET /v1/async-tasks/{id}` shows it, None when there is none. One
+    primary-key read on the api's read-only engine (it never waits for a writer), short enough
+    to make on the event loop: a client polling its tasks costs no threadpool hop and no ORM."""
+    raw = reader.raw_connection()
+    try:
+        conn: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+        row = conn.execute(_VIEW, (task_id,)).fetchone()
+    finally:
+        raw.close()
+    if row is None:
+        return None
+    result = None if row[2] is None else json.loads(row[2])
+    return TaskView(row[0], row[1], result, row[3], row[4])
 
 
 @dataclass
