@@ -9,7 +9,8 @@ request after LATENCY. Then, in one run:
      finish (read from SQLite, so polling costs nothing);
   3. the same N tasks submitted with no worker running, then drained by it (the worker's own
      rate, without the api competing for the CPU);
-  4. a worker that runs one job at a time (what a plain RQ worker does), on a few tasks, to
+  4. a client polling a finished task's status (GET /v1/async-tasks/{id});
+  5. a worker that runs one job at a time (what a plain RQ worker does), on a few tasks, to
      show why the runner keeps many jobs in flight.
 
     .venv/bin/python bench/async_bench.py [--tasks 10000] [--concurrency 64] [--plain]
@@ -50,6 +51,7 @@ from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState  # 
 ADMIN_KEY = "mea_000000000001_benchadminkeybenchadminkey0"
 LATENCY_S = 0.2
 SUBMITTERS = 32  # clients posting tasks at once
+POLLS = 2000  # status reads of one task
 
 
 def free_port() -> int:
@@ -309,6 +311,32 @@ def bench_async(stack: Stack, n: int) -> dict[str, float]:
     }
 
 
+async def bench_polls(stack: Stack, n: int) -> tuple[float, float]:
+    """`n` GETs of one finished task's status, 8 clients in flight (a client polling its tasks,
+    as llmengine's `get_async_task` does); returns (polls/s, the api's CPU us per poll)."""
+    async with session(stack) as http:
+        async with http.post(
+            "/v1/async-tasks?model_endpoint_id=end_fake",
+            json={"args": {"prompt": "poll", "max_tokens": 4}},
+        ) as r:
+            task_id = (await r.json())["task_id"]
+        for _ in range(600):  # the worker runs it in about LATENCY
+            async with http.get(f"/v1/async-tasks/{task_id}") as r:
+                if (await r.json())["status"] == "SUCCESS":
+                    break
+            await asyncio.sleep(0.05)
+
+        async def call(i: int) -> None:
+            async with http.get(f"/v1/async-tasks/{task_id}") as r:
+                await r.read()
+                assert r.status == 200, r.status
+
+        api = stack.procs["api"].pid
+        used = cpu_s(api)
+        seconds = await run_clients(n, 8, call)
+        return n / seconds, (cpu_s(api) - used) * 1e6 / n
+
+
 def checkout(revision: str, workdir: Path) -> Path:
     """The code of git `revision`: its compiled build (its scripts/compile, a few minutes), or
     with `--plain` its sources."""
@@ -339,6 +367,7 @@ def run_all(code: Path | None, n: int, c: int, serial_tasks: int) -> dict[str, f
             stack.start_worker(c)
             ok, first_started, last_finished = wait_done(stack, n, timeout_s=max(120, n / 5))
             drain_ok, drain = ok, n / (last_finished - first_started)
+            polls, poll_cpu_us = asyncio.run(bench_polls(stack, POLLS))
             stack.start_worker(1)
             time.sleep(3)
             serial = bench_async(stack, serial_tasks)
@@ -356,6 +385,8 @@ def run_all(code: Path | None, n: int, c: int, serial_tasks: int) -> dict[str, f
         "api_cpu_us_alone": stack.api_cpu_us[1],
         "drain": drain,
         "drain_ok": drain_ok,
+        "polls": polls,
+        "poll_cpu_us": poll_cpu_us,
         "serial": serial["completions_per_s"],
     }
 
@@ -397,6 +428,8 @@ ROWS = (  # key, label, format
     ("enqueue_alone", "enqueue rate, no worker running, /s", "{:.1f}"),
     ("api_cpu_us_alone", "  the api's CPU per submitted task, us", "{:.0f}"),
     ("drain", "drain of {n} queued tasks (worker_concurrency {c}), /s", "{:.1f}"),
+    ("polls", "GET /v1/async-tasks/{{id}} of a finished task (8 clients), /s", "{:.1f}"),
+    ("poll_cpu_us", "  the api's CPU per GET, us", "{:.0f}"),
     ("serial", "one job at a time (worker_concurrency 1, {t} tasks), /s", "{:.1f}"),
 )
 
