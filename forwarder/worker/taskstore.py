@@ -1,7 +1,8 @@
 """Task rows as the async workers change them, and the group committer that writes them.
 
-The worker and sweeper call these; every write is a conditional UPDATE, so a task run twice
-(at-least-once delivery) stores its result once: the first finisher wins, the rest see 0 rows.
+The worker and sweeper call these (the api only `view`, its status read); every write is a
+conditional UPDATE, so a task run twice (at-least-once delivery) stores its result once: the
+first finisher wins, the rest see 0 rows.
 """
 
 from __future__ import annotations
