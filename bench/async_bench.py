@@ -2,7 +2,7 @@
 
 Starts its own redis-server, api and worker (no builder, no Docker): one endpoint row and one
 READY replica row point at a fake OpenAI backend (a separate process) that answers every
-request after LATENCY. Then, in one run:
+request after LATENCY. Then, in one run (after IDLE_S with nothing queued, the worker's CPU):
   1. sync: N completions through the api's /v1/completions with C clients in flight;
   2. async: N tasks through POST /v1/async-tasks (the enqueue rate is measured here), run by
      one worker process with `worker_concurrency` C; completions/s from first submit to last
@@ -52,6 +52,7 @@ ADMIN_KEY = "mea_000000000001_benchadminkeybenchadminkey0"
 LATENCY_S = 0.2
 SUBMITTERS = 32  # clients posting tasks at once
 POLLS = 2000  # status reads of one task
+IDLE_S = 10  # the worker's CPU measured with nothing queued
 
 
 def free_port() -> int:
@@ -359,6 +360,10 @@ def run_all(code: Path | None, n: int, c: int, serial_tasks: int) -> dict[str, f
         stack = Stack(Path(tmp), c, code)
         try:
             stack.start()
+            worker = stack.procs["worker"].pid
+            used = cpu_s(worker)
+            time.sleep(IDLE_S)
+            idle_worker = 100 * (cpu_s(worker) - used) / IDLE_S
             asyncio.run(bench_sync(stack, min(200, n), c))  # warm-up
             sync_rate = asyncio.run(bench_sync(stack, n, c))
             result = bench_async(stack, n)
@@ -374,6 +379,7 @@ def run_all(code: Path | None, n: int, c: int, serial_tasks: int) -> dict[str, f
         finally:
             stack.stop_all()
     return {
+        "idle_worker": idle_worker,
         "sync": sync_rate,
         "async": result["completions_per_s"],
         "async_ok": result["ok"],
@@ -419,6 +425,7 @@ def main() -> None:
 
 
 ROWS = (  # key, label, format
+    ("idle_worker", "the worker's CPU with no task to run, % of a core", "{:.1f}"),
     ("sync", "sync  completions/s  ({n} requests, {c} clients)", "{:.1f}"),
     ("async", "async completions/s  ({n} tasks, worker_concurrency {c})", "{:.1f}"),
     ("ratio", "async / sync", "{:.2f}x"),

@@ -28,7 +28,8 @@ from forwarder.worker import jobs
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.02
+IDLE_POLL_S = 0.02  # the wait after a pop that found nothing, doubled while none does,
+IDLE_POLL_MAX_S = 0.1  # up to this: an idle worker polls Redis 10 times a second, not 50
 DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: its grace is 40 s)
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
@@ -120,6 +121,7 @@ class Runner:
         return high + [jobs.queue_key(e, low=True) for e in endpoint_ids]
 
     async def _take_jobs(self, stop: asyncio.Event) -> None:
+        idle_s = IDLE_POLL_S
         while not stop.is_set():
             free = self.concurrency - len(self.running)
             if free <= 0:
@@ -136,8 +138,11 @@ class Runner:
                 continue
             for job in taken:
                 self._start(job)
-            if not taken:
-                await _sleep_or_stop(stop, IDLE_POLL_S)
+            if taken:
+                idle_s = IDLE_POLL_S
+            else:
+                await _sleep_or_stop(stop, idle_s)
+                idle_s = min(idle_s * 2, IDLE_POLL_MAX_S)
 
     def _pop_jobs(self, keys: list[str], n: int) -> list[Job | None]:
         done, self._done_keys = self._done_keys, []
