@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.db import open_engine, session_scope  # noqa: E402
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState  # noqa: E402
+from bench.stack import checkout  # noqa: E402
 
 ADMIN_KEY = "mea_000000000001_benchadminkeybenchadminkey0"
 LATENCY_S = 0.2
@@ -338,20 +339,10 @@ async def bench_polls(stack: Stack, n: int) -> tuple[float, float]:
         return n / seconds, (cpu_s(api) - used) * 1e6 / n
 
 
-def checkout(revision: str, workdir: Path) -> Path:
-    """The code of git `revision`: its compiled build (its scripts/compile, a few minutes), or
-    with `--plain` its sources."""
-    tree = workdir / f"tree-{revision}"
-    tree.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
-    if PLAIN:
-        return tree
-    env = {**os.environ, "PYTHON": sys.executable}
-    subprocess.run([str(tree / "scripts/compile")], cwd=tree, env=env, check=True)
-    return tree / "build/compiled"
+def baseline_code(revision: str, workdir: Path) -> Path:
+    """The code of git `revision`: its compiled build, or with `--plain` its sources."""
+    tree = checkout(revision, workdir, compiled=not PLAIN)
+    return tree if PLAIN else tree / "build/compiled"
 
 
 def run_all(code: Path | None, n: int, c: int, serial_tasks: int) -> dict[str, float]:
@@ -418,7 +409,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="async-bench-trees-") as trees:
         if args.baseline:
             runs["baseline"] = run_all(
-                checkout(args.baseline, Path(trees)), n, c, args.serial_tasks
+                baseline_code(args.baseline, Path(trees)), n, c, args.serial_tasks
             )
         runs["this code"] = run_all(None if PLAIN else COMPILED, n, c, args.serial_tasks)
     report(runs, n, c, args.serial_tasks, args.baseline)

@@ -27,6 +27,21 @@ MODEL = "bench"
 LITELLM_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 
 
+def checkout(revision: str, workdir: Path, *, compiled: bool = True) -> Path:
+    """The tree of git `revision` under `workdir`, built by its own scripts/compile (a few
+    minutes) unless `compiled` is False."""
+    tree = workdir / f"tree-{revision}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
+    if compiled:
+        env = {**os.environ, "PYTHON": sys.executable}
+        subprocess.run([str(tree / "scripts/compile")], cwd=tree, env=env, check=True)
+    return tree
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -184,15 +199,7 @@ class Stack:
     def checkout(self, revision: str) -> Path:
         """The code at git `revision`, its hot modules compiled (about a minute), to run as a
         baseline beside the working tree's."""
-        tree = self.workdir / f"tree-{revision}"
-        tree.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
-        env = {**os.environ, "PYTHON": sys.executable}
-        subprocess.run([str(tree / "scripts/compile")], cwd=tree, env=env, check=True)
-        return tree
+        return checkout(revision, self.workdir)
 
     def nginx(self, backend_port: int, workers: int = 1) -> int:
         port = free_port()
