@@ -38,7 +38,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fake_backend import expected_stream
-from bench.stack import ADMIN_KEY, LITELLM_KEY, MODEL, Stack, have
+from bench.stack import ADMIN_KEY, LITELLM_KEY, MODEL, Stack, checkout, have
 
 HERE = Path(__file__).resolve().parent
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -223,7 +223,7 @@ def main() -> None:
             if args.plain:
                 targets["plain"] = stack.appliance(backend, plain=True)
             if args.baseline:
-                tree = stack.checkout(args.baseline)
+                tree = checkout(args.baseline, stack.workdir)
                 targets["baseline"] = stack.appliance(backend, tree=tree)
             if args.general:
                 targets["general"] = stack.appliance(backend, fast_lane=False)

@@ -196,11 +196,6 @@ class Stack:
         time.sleep(2.5)  # one routing refresh
         return port
 
-    def checkout(self, revision: str) -> Path:
-        """The code at git `revision`, its hot modules compiled (about a minute), to run as a
-        baseline beside the working tree's."""
-        return checkout(revision, self.workdir)
-
     def nginx(self, backend_port: int, workers: int = 1) -> int:
         port = free_port()
         conf = self.workdir / f"nginx-{port}.conf"
