@@ -27,26 +27,37 @@ Template = Annotated[str, Field(max_length=64 * 1024)]
 BOUNDED = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def finite(value: Any) -> Any:
-    """`value` when no number anywhere in it is NaN or infinite (free-form fields such as
-    `metadata` included: stored, such a number could never be answered as JSON again)."""
-    pending: list[tuple[str, Any]] = [("", value)]
+MAX_DEPTH = 32  # nesting of a free-form value: far past any real use, far below JSON's limits
+
+
+def storable(value: Any) -> Any:
+    """`value` when it can be stored and answered as JSON again: no number anywhere in it is
+    NaN or infinite, and nothing in it is nested more than MAX_DEPTH deep. Free-form fields
+    (`metadata`, vLLM's dict settings) are stored as sent, and a reply's serialiser stops at
+    255 levels: deeper, every later GET and list of the endpoint would fail."""
+    pending: list[tuple[str, Any, int]] = [("", value, 0)]
     while pending:
-        where, item = pending.pop()
+        where, item, depth = pending.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError(f"{where or 'the body'}: NaN and infinity are refused; send a number")
+        if not isinstance(item, dict | list | tuple):
+            continue
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where}: nested more than {MAX_DEPTH} levels deep; flatten it")
         if isinstance(item, dict):
-            pending.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
-        elif isinstance(item, list | tuple):
-            pending.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+            pending.extend(
+                (f"{where}.{k}" if where else str(k), v, depth + 1) for k, v in item.items()
+            )
+        else:
+            pending.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(item))
     return value
 
 
-class _Finite(BaseModel):
+class _Storable(BaseModel):
     @model_validator(mode="before")
     @classmethod
-    def _finite(cls, data: Any) -> Any:
-        return finite(data)
+    def _storable(cls, data: Any) -> Any:
+        return storable(data)
 
 
 # vLLM settings LLM Engine's client flattens into its create request; each becomes a flag.
@@ -176,7 +187,7 @@ class _ApplianceFields(BaseModel):
     )
 
 
-class CreateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
+class CreateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
     model_config = BOUNDED
 
     name: str = Field(pattern=NAME_PATTERN, max_length=63)
@@ -201,7 +212,7 @@ class CreateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _Applianc
     )
 
 
-class UpdateLLMEndpointRequest(_Finite, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
+class UpdateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
     model_config = BOUNDED
 
     model_name: str | None = Field(None, min_length=1, max_length=256)

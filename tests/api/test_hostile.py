@@ -86,6 +86,14 @@ class Raw:
         self.buf += chunk
 
 
+def nested(depth: int) -> list[Any]:
+    """A list nested `depth` levels deep: stored, a reply could not serialise it past 255."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def hostile_cases(team_key: str) -> list[tuple[str, dict[str, Any] | bytes, str, str]]:
     """(what, body, key, field the 422 must name)."""
     gguf = {"inference_framework": "llamacpp", "model_name": "x.gguf", "gpus": 0}
@@ -108,6 +116,8 @@ def hostile_cases(team_key: str) -> list[tuple[str, dict[str, Any] | bytes, str,
          "timeout_seconds"),
         ("metadata Infinity", b'{"name": "a", "model_name": "x/y", "metadata": {"m": [Infinity]}}',
          ADMIN_KEY, "metadata.m[0]"),
+        ("metadata 300 deep", body("a", metadata={"deep": nested(300)}), team_key, "metadata.deep"),
+        ("rope_scaling 40 deep", body("a", rope_scaling=nested(40)), ADMIN_KEY, "rope_scaling"),
         ("a team's priority", body("a", priority=5), team_key, "priority"),
         ("a team's high_priority", body("a", high_priority=True), team_key, "high_priority"),
     ]  # fmt: skip
@@ -160,6 +170,7 @@ def test_an_update_is_bounded_too(api_only: Appliance) -> None:
         ({"memory": 0}, "memory"),
         ({"priority": -(2**63)}, "priority"),
         ({"metadata": {"x": 2.0, "y": [float("inf")]}}, "metadata.y[0]"),
+        ({"metadata": {"x": nested(300)}}, "nested more than"),
     ]:
         reply = admin.put(
             "/v1/llm/model-endpoints/b",
