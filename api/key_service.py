@@ -1,6 +1,9 @@
 """API keys as the key routes, the UI's keys page and the declared configuration make and
-change them: requests checked against the maker's rights, limits bounded, every change
-audited, a key's text returned once and never stored."""
+change them: requests checked against the maker's rights (the `manage` scope, for every key
+route), limits bounded, every change audited, a key's text returned once and never stored.
+
+A key a non-admin makes shares its maker's limits and counts (`ApiKey.limits_from`): a key
+with a limit cannot make keys that get round it, by sending beside it."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ MAX_LIMIT = 1_000_000_000
 # A key's limit: unset (the install's default), 0 (none) or a bound up to a billion.
 Limit = Annotated[int | None, Field(ge=0, le=MAX_LIMIT)]
 
-AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits")
+AUDITED = ("name", "team", "user", "scopes", "admin", "expires_at", "limits", "limits_from")
 
 LIMITS = (
     "requests_per_minute",
@@ -68,10 +71,19 @@ def public(row: ApiKey) -> dict[str, Any]:
             "max_queued_tasks": row.max_queued_tasks,
             "max_tokens_per_request": row.max_tokens_per_request,
         },
+        "limits_from": row.limits_from,
     }
 
 
+def _manager(caller: Caller) -> None:
+    """Keys are managed with the `manage` scope: an inference-only key may not list, make or
+    revoke keys, its own included."""
+    if not caller.can("manage"):
+        raise ForbiddenError("this key lacks the 'manage' scope, which managing API keys needs")
+
+
 def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
+    _manager(caller)
     unknown = set(body.scopes) - set(keys.SCOPES)
     if unknown:
         raise InvalidSpecError(
@@ -111,6 +123,8 @@ def make_key(
     )
     for name in LIMITS:
         setattr(row, name, getattr(body, name))
+    if not caller.is_admin:  # its maker's limits and counts, not the install's defaults
+        row.limits_from = caller.counter()
     session.add(row)
     audit.record(session, caller, "key.create", row.id, recorded(row), address)
     session.commit()
@@ -136,6 +150,8 @@ def update_key(
     row.is_admin, row.expires_at = wanted.admin, expires_at
     for name in LIMITS:
         setattr(row, name, getattr(wanted, name))
+    if any(getattr(wanted, name) is not None for name in LIMITS):
+        row.limits_from = None  # an administrator gave it limits of its own
     after = recorded(row)
     change = {name: [before[name], after[name]] for name in AUDITED if before[name] != after[name]}
     if change:
@@ -152,6 +168,7 @@ def recorded(row: ApiKey) -> dict[str, Any]:
 
 
 def visible(row: ApiKey | None, caller: Caller) -> ApiKey:
+    _manager(caller)
     mine = row is not None and row.user == caller.user and row.owner == caller.team
     if row is None or not (caller.is_admin or mine):
         raise NotFoundError("no such API key")
@@ -178,6 +195,7 @@ def create(
 
 def listed(caller: Caller, session: Session) -> list[dict[str, Any]]:
     """The keys a caller may see: every key for an admin, else the caller's own."""
+    _manager(caller)
     query = select(ApiKey).order_by(col(ApiKey.created_at))
     if not caller.is_admin:
         query = query.where(col(ApiKey.user) == caller.user, col(ApiKey.owner) == caller.team)

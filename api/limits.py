@@ -71,7 +71,7 @@ class Limiter:
             return None
         now = time.time() if now is None else now
         if limits.requests_per_minute:
-            rpm = RPM_KEY.format(key_id=caller.key_id, minute=int(now // 60))
+            rpm = RPM_KEY.format(key_id=caller.counter(), minute=int(now // 60))
             pipe = self._redis.pipeline()
             pipe.incr(rpm)
             pipe.expire(rpm, 61)
@@ -87,7 +87,7 @@ class Limiter:
         return await self._lease(caller, limits.max_concurrent_requests, now)
 
     async def _lease(self, caller: Caller, most: int, now: float) -> Release:
-        slots = INFLIGHT_KEY.format(key_id=caller.key_id)
+        slots = INFLIGHT_KEY.format(key_id=caller.counter())
         lease = f"{self._process}:{next(self._numbers)}"
         keep_ms = int(self.lease_s * 2000)
         taken = await self._take(keys=[slots], args=[now, now + self.lease_s, most, lease, keep_ms])

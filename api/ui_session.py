@@ -58,15 +58,7 @@ def caller_for_key(state: AppState, key_id: str) -> tuple[keys.Caller, str]:
             raise AuthError("this API key was revoked")
         if row.expires_at is not None and row.expires_at <= time.time():
             raise AuthError("this API key has expired")
-        caller = keys.Caller(
-            row.id,
-            row.user,
-            row.owner,
-            frozenset(row.scopes),
-            row.is_admin,
-            state.key_limits().resolve(row),
-        )
-        return caller, row.name
+        return keys.caller_of(session, row, state.key_limits()), row.name
 
 
 def start(state: AppState, key_text: str) -> tuple[str, keys.Caller]:

@@ -51,6 +51,12 @@ class Caller:
     scopes: frozenset[str]
     is_admin: bool
     limits: KeyLimits = KeyLimits()
+    # the key whose requests-per-minute and in-flight counts this caller's requests add to:
+    # its own id, or the key whose limits it shares (`ApiKey.limits_from`)
+    counted_as: str = ""
+
+    def counter(self) -> str:
+        return self.counted_as or self.key_id
 
     def can(self, scope: str) -> bool:
         return self.is_admin or scope in self.scopes

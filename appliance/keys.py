@@ -85,8 +85,17 @@ def verify(
         raise AuthError("this API key was revoked")
     if row.expires_at is not None and row.expires_at <= now:
         raise AuthError("this API key has expired")
+    return caller_of(session, row, defaults)
+
+
+def caller_of(session: Session, row: ApiKey, defaults: KeyLimits) -> Caller:
+    """The caller of a valid key's row: its limits are those of the key it shares them with
+    (`limits_from`: a key a non-admin made counts against its maker's), else its own."""
+    shared = session.get(ApiKey, row.limits_from) if row.limits_from else None
+    limits = defaults.resolve(shared or row)
+    counted_as = shared.id if shared is not None else ""
     return Caller(
-        row.id, row.user, row.owner, frozenset(row.scopes), row.is_admin, defaults.resolve(row)
+        row.id, row.user, row.owner, frozenset(row.scopes), row.is_admin, limits, counted_as
     )
 
 

@@ -212,7 +212,16 @@ def _v2_usage_and_audit(db: sqlite_utils.Database) -> None:
     db.executescript(_V2)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial, _v2_usage_and_audit]
+def _v3_shared_limits(db: sqlite_utils.Database) -> None:
+    """The key whose limits and counters a key made by a non-admin shares (its maker's)."""
+    db.execute("ALTER TABLE api_key ADD COLUMN limits_from TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1_initial,
+    _v2_usage_and_audit,
+    _v3_shared_limits,
+]
 
 
 WAL_SWITCH_TIMEOUT_S = 30.0

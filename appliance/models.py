@@ -143,6 +143,9 @@ class ApiKey(SQLModel, table=True):
     max_concurrent_requests: int | None = None
     max_queued_tasks: int | None = None
     max_tokens_per_request: int | None = None
+    # A key a non-admin made shares its maker's limits and counters: the id of the key they
+    # belong to (the maker's own `limits_from` when it has one); None: this key's own.
+    limits_from: str | None = None
 
 
 class TaskStatus(enum.StrEnum):

@@ -221,6 +221,23 @@ def test_requests_per_minute(bed: Bed, entry: str) -> None:
     refused(send(bed, key, MINE, {tokens_field(entry): 1}), 429, family)
 
 
+def test_a_key_made_by_a_limited_key_shares_its_limits_and_counts(bed: Bed) -> None:
+    chat = openai("/v1/chat/completions", "chat")
+    maker = bed.key(requests_per_minute=2, max_tokens_per_request=CAP)
+    made = httpx.post(
+        bed.appliance.url + "/v1/api-keys", json={"name": "child"}, headers=auth(maker)
+    )
+    assert made.status_code == 201 and made.json()["limits_from"], made.text
+    child = str(made.json()["key"])
+    over_cap = chat(bed, child, MINE, {"max_tokens": CAP * 10})  # counted: the minute's first
+    refused(over_cap, 429, "openai")
+    assert "max_tokens" in over_cap.text
+    served(chat(bed, maker, MINE, {"max_tokens": CAP}))  # the second, the maker's own
+    over_rate = chat(bed, child, MINE, {"max_tokens": 1})
+    refused(over_rate, 429, "openai")
+    assert "per minute" in over_rate.text
+
+
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_requests_in_flight(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]

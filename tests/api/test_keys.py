@@ -108,6 +108,13 @@ def test_scopes_and_who_may_make_keys(api_only: Appliance) -> None:
     client = api_only.client(infer["key"])
     assert client.get("/v1/llm/model-endpoints").status_code == 403
     assert client.get("/v1/models").status_code == 200
+    for refused in (  # managing keys needs the manage scope, its own keys included
+        client.post("/v1/api-keys", json={"name": "more", "scopes": ["inference"]}),
+        client.get("/v1/api-keys"),
+        client.get(f"/v1/api-keys/{infer['id']}"),
+        client.delete(f"/v1/api-keys/{infer['id']}"),
+    ):
+        assert refused.status_code == 403 and "manage" in refused.text, refused.text
 
     manager = admin.post("/v1/api-keys", json={"name": "m", "team": "red", "user": "ann"}).json()
     ann = api_only.client(manager["key"])
