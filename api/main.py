@@ -47,7 +47,7 @@ from api.shield import Shield
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, open_reader, session_scope
-from appliance.install import install_id, key_secret, replica_key
+from appliance.install import install_id, key_secret
 from appliance.settings import Settings
 from forwarder.live import run_publisher
 from forwarder.paths import PATHS
@@ -142,7 +142,7 @@ def create_app(
             ),
             shared=shared,
             worker=worker,
-            pool=UpstreamPool(replica_key(settings.data_dir)),
+            pool=UpstreamPool(key_secret(settings.data_dir)),
         )
         client = bus.connect(str(settings.redis_url))
         state = AppState(

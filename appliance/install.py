@@ -25,11 +25,14 @@ def install_id(data_dir: Path) -> str:
     return _read_or_create(data_dir / "install-id", secrets.token_hex(6))
 
 
-def replica_key(data_dir: Path) -> str:
-    """The API key every vLLM and llama.cpp replica demands (their `--api-key`), so a request
-    sent straight to a replica's port, around the appliance, is refused. Derived from the key
-    secret: the api, worker and builder of one install agree on it without storing it."""
-    return hmac.new(key_secret(data_dir), b"replica-api-key", hashlib.sha256).hexdigest()
+def replica_key(secret: bytes, replica_id: str) -> str:
+    """The API key one vLLM or llama.cpp replica demands (its `--api-key`), so a request sent
+    straight to its port, around the appliance, is refused. Each replica has its own, derived
+    from the key secret and the replica's id: the api, worker and builder of one install agree
+    on it without storing it, and the key a replica's own code can read from its environment
+    opens no other replica. Bound to the id (fixed before the container exists), not to the
+    address (a published port is Docker's choice at create)."""
+    return hmac.new(secret, b"replica-api-key:" + replica_id.encode(), hashlib.sha256).hexdigest()
 
 
 def key_secret(data_dir: Path) -> bytes:

@@ -36,7 +36,6 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from appliance.install import replica_key
 from tests.e2e.real_vllm import READY_TIMEOUT_S, vllm_body
 from tests.harness import (
     ADMIN_KEY,
@@ -204,7 +203,7 @@ def stream_rates(appliance: Appliance, rounds: int, pinned: bool) -> list[tuple[
     if pinned:
         pin(cid, port, appliance.procs["api"].pid)
     direct_url, auth = f"http://{port}", {"Authorization": f"Bearer {ADMIN_KEY}"}
-    own = {"Authorization": f"Bearer {replica_key(appliance.data_dir)}"}  # the replica's key
+    own = {"Authorization": f"Bearer {appliance.replica_key(cid)}"}  # the replica's own key
     asyncio.run(streams(direct_url, own))  # warm-up, not counted
     api = appliance.procs["api"].pid
     pairs = []

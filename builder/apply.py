@@ -19,7 +19,7 @@ from appliance import queries
 from appliance.db import session_scope
 from appliance.errors import PolicyViolationError
 from appliance.ids import new_id
-from appliance.install import replica_key
+from appliance.install import key_secret
 from appliance.models import Endpoint, EndpointStatus, Event, Replica, ReplicaState
 from appliance.settings import Settings
 from builder import metering, policy
@@ -80,7 +80,7 @@ class Applier:
                 replica_id=replica_id,
                 gpu_ids=action.gpu_ids,
                 gpu_fraction=action.gpu_fraction,
-                replica_key=replica_key(self.settings.data_dir),
+                key_secret=key_secret(self.settings.data_dir),
             )
             session.add(
                 Replica(

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from appliance import bus
+from appliance.install import replica_key
 from appliance.models import Replica, ReplicaState
 from builder.scale import Load, parse_server_load
 
@@ -30,12 +31,12 @@ def _hash(client: redis.Redis, key: str) -> dict[str, float]:
     return {_text(k): float(v) for k, v in raw.items()}
 
 
-def scrape(address: str, replica_key: str = "") -> tuple[int, int]:
+def scrape(address: str, key: str = "") -> tuple[int, int]:
     """(running, waiting) from a replica's `/metrics`; (0, 0) when it has none. llama.cpp
-    demands the replica key there too."""
+    demands the replica's key there too."""
     request = urllib.request.Request(address + "/metrics")  # noqa: S310
-    if replica_key:
-        request.add_header("Authorization", f"Bearer {replica_key}")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=METRICS_TIMEOUT_S) as reply:  # noqa: S310
             return parse_server_load(reply.read().decode("utf-8", "replace"))
@@ -43,19 +44,23 @@ def scrape(address: str, replica_key: str = "") -> tuple[int, int]:
         return (0, 0)
 
 
+def _key(secret: bytes, replica_id: str) -> str:
+    return replica_key(secret, replica_id) if secret else ""
+
+
 def gather(
     client: redis.Redis,
     replicas: Sequence[Replica],
     inflight: Mapping[str, int],
     pool: ThreadPoolExecutor,
-    replica_key: str = "",
+    key_secret: bytes = b"",
 ) -> dict[str, Load]:
-    """Load per endpoint id."""
+    """Load per endpoint id; each replica's metrics are asked for with its own key."""
     ready = [r for r in replicas if r.state == ReplicaState.READY and r.address]
     served = dict(
         zip(
             (r.id for r in ready),
-            pool.map(lambda r: scrape(str(r.address), replica_key), ready),
+            pool.map(lambda r: scrape(str(r.address), _key(key_secret, r.id)), ready),
             strict=True,
         )
     )

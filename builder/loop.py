@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from appliance import bus, queries
 from appliance.db import session_scope
-from appliance.install import replica_key
+from appliance.install import key_secret
 from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import metering
 from builder.apply import Applier
@@ -77,7 +77,7 @@ class BuilderLoop:
     _published: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        self._replica_key = replica_key(self.applier.settings.data_dir)
+        self._key_secret = key_secret(self.applier.settings.data_dir)
         self._inventory = self.gpus.read()
         self._inventory_at = time.monotonic()
         logger.info(
@@ -195,7 +195,7 @@ class BuilderLoop:
             observed.replicas,
             observed.inflight,
             self._pool,
-            self._replica_key,
+            self._key_secret,
         )
         self._history = {
             e.id: self._history[e.id] for e in observed.endpoints if e.id in self._history

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from appliance.install import replica_key
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
 from builder.frameworks import LLAMACPP_FLAGS, VLLM_FLAGS, flag_values
@@ -35,6 +36,11 @@ LABEL_SPEC_HASH = "appliance.spec-hash"
 LABEL_GPUS = "appliance.gpus"
 LABEL_GPU_FRACTION = "appliance.gpu-fraction"
 LABEL_ROLE = "appliance.role"  # a container of the appliance's own that is not a replica
+# How the replica's API key was made: "per-replica" (`appliance/install.replica_key`). A vLLM or
+# llama.cpp container without it was started by an older version with one key for the whole
+# install, which the api no longer sends: the planner replaces it (`builder/reconcile.py`).
+LABEL_REPLICA_KEY = "appliance.replica-key"
+REPLICA_KEY_SCHEME = "per-replica"
 # vLLM on CPU sizes its KV cache from the host's free memory, not the container's limit: a
 # CPU replica gets this share of its memory limit instead (VLLM_CPU_KVCACHE_SPACE, GiB), unless
 # its env says otherwise.
@@ -176,10 +182,11 @@ def container_spec(
     replica_id: str,
     gpu_ids: tuple[int, ...],
     gpu_fraction: float,
-    replica_key: str = "",
+    key_secret: bytes = b"",
 ) -> ContainerSpec:
     """The full container spec for one replica of the endpoint's current generation; vLLM and
-    llama.cpp replicas demand `replica_key` of every request (none when empty)."""
+    llama.cpp replicas demand their own replica key of every request (none when `key_secret` is
+    empty)."""
     command, port, health = server_command(endpoint)
     labels = {
         LABEL_INSTALL: install_id,
@@ -189,14 +196,16 @@ def container_spec(
         LABEL_SPEC_HASH: spec_hash(endpoint, settings),
         LABEL_GPUS: ",".join(str(i) for i in gpu_ids),
         LABEL_GPU_FRACTION: str(gpu_fraction),
+        LABEL_REPLICA_KEY: REPLICA_KEY_SCHEME,
     }
+    key = replica_key(key_secret, replica_id) if key_secret else ""
     shm = VLLM_SHM_BYTES if endpoint.framework == Framework.VLLM else DEFAULT_SHM_BYTES
     return ContainerSpec(
         name=f"appliance-{install_id}-{endpoint.name}-g{endpoint.generation}-{replica_id[-6:]}",
         image=default_image(endpoint, settings),
         command=command,
         entrypoint=None,
-        env={**server_env(endpoint, settings), **replica_key_env(endpoint.framework, replica_key)},
+        env={**server_env(endpoint, settings), **replica_key_env(endpoint.framework, key)},
         port=port,
         health_route=health,
         mounts=_mounts(endpoint, settings),
@@ -215,9 +224,17 @@ def container_spec(
 REPLICA_KEY_ENV = {Framework.VLLM: "VLLM_API_KEY", Framework.LLAMACPP: "LLAMA_API_KEY"}
 
 
-def replica_key_env(framework: str, replica_key: str) -> dict[str, str]:
+def replica_key_env(framework: str, key: str) -> dict[str, str]:
     name = REPLICA_KEY_ENV.get(Framework(framework))
-    return {name: replica_key} if name and replica_key else {}
+    return {name: key} if name and key else {}
+
+
+def has_stale_key(framework: str, labels: dict[str, str]) -> bool:
+    """True for a vLLM or llama.cpp container started with the install-wide key of an older
+    version (no per-replica key label): the api's requests to it are refused."""
+    return Framework(framework) in REPLICA_KEY_ENV and (
+        labels.get(LABEL_REPLICA_KEY) != REPLICA_KEY_SCHEME
+    )
 
 
 def server_env(endpoint: Endpoint, settings: Settings) -> dict[str, str]:

@@ -180,7 +180,7 @@ class Relay:
         self.conn = conn
         self.heard_at = self.sent_at = perf_counter()
         self.plane.waiting.add(self)
-        head = self.plane.pool.json_post_head(self.path, self.replica.address)
+        head = self.plane.pool.json_post_head(self.path, self.replica.id, self.replica.address)
         body = self.body
         if len(body) <= SMALL_BODY_BYTES:
             conn.send(b"%b%d\r\n\r\n%b" % (head, len(body), body), self)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from appliance.install import replica_key
 from forwarder.scan import SP, digits, field, named, starts
 
 if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a native int
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a
 
 IDLE_MAX_S = 4.0  # under the 5 s keep-alive of uvicorn-based servers: never reuse a closing one
 IDLE_PER_ADDRESS = 512
-MAX_HEADS = 4096  # request heads kept (paths x replica addresses)
+MAX_HEADS = 4096  # request heads kept (paths x replicas)
 CONNECT_TIMEOUT_S = 5.0
 # passed on to the client; the length is framing, reported apart (`length`) and written anew
 PASSED_HEADERS = frozenset({b"content-type"})
@@ -213,12 +214,13 @@ def whole_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, boo
 class UpstreamPool:
     """Idle connections per replica address (`http://host:port`), newest first."""
 
-    def __init__(self, replica_key: str = "") -> None:
-        # every request to a replica carries the install's replica key (appliance/install.py)
-        self.auth = b"authorization: Bearer %b\r\n" % replica_key.encode() if replica_key else b""
+    def __init__(self, key_secret: bytes = b"") -> None:
+        # every request to a replica carries that replica's own key (appliance/install.py),
+        # made from the key secret; none without one
+        self.key_secret = key_secret
         self.idle: dict[str, list[Connection]] = {}
         self._targets: dict[str, tuple[str, int]] = {}
-        self._heads: dict[tuple[bytes, str], bytes] = {}
+        self._heads: dict[tuple[bytes, str, str], bytes] = {}
 
     def take(self, address: str) -> Connection | None:
         """An idle connection that is young enough to trust, or None."""
@@ -270,22 +272,28 @@ class UpstreamPool:
                     conn.transport.close()
         self.idle.clear()
 
-    def json_post_head(self, path: bytes, address: str) -> bytes:
+    def json_post_head(self, path: bytes, replica_id: str, address: str) -> bytes:
         """The head of a JSON POST of `path` to the replica, up to its Content-Length value:
-        the same for every request of a route, so made once."""
-        found = self._heads.get((path, address))
+        the same for every request of a route to one replica, so made once. Kept per replica
+        id as well as address: a port a gone replica had may come back as another's."""
+        found = self._heads.get((path, replica_id, address))
         if found is None:
             host, port = self._target(address)
             found = b"POST %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json\r\n%b" % (
                 path,
                 host.encode(),
                 port,
-                self.auth,
+                self._auth(replica_id),
             )
             found += b"content-length: "
             if len(self._heads) < MAX_HEADS:
-                self._heads[(path, address)] = found
+                self._heads[(path, replica_id, address)] = found
         return found
+
+    def _auth(self, replica_id: str) -> bytes:
+        if not self.key_secret:
+            return b""
+        return b"authorization: Bearer %b\r\n" % replica_key(self.key_secret, replica_id).encode()
 
     def _target(self, address: str) -> tuple[str, int]:
         found = self._targets.get(address)

@@ -187,6 +187,20 @@ class Appliance:
             cmd += ["--filter", item]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
 
+    def replica_key(self, container: str) -> str:
+        """The key the replica in `container` demands: its own (`appliance/install.py`), made
+        from this install's key secret and the replica id its label carries."""
+        from appliance.install import key_secret, replica_key
+
+        replica_id = subprocess.run(
+            ["docker", "inspect", "-f", '{{index .Config.Labels "appliance.replica"}}', container],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        assert replica_id, f"{container} carries no replica label"
+        return replica_key(key_secret(self.data_dir), replica_id)
+
     def stop(self) -> None:
         for role in list(self.procs):
             self.stop_role(role)

@@ -18,7 +18,7 @@ import uvloop
 
 from appliance import bus
 from appliance.db import open_engine
-from appliance.install import key_secret, replica_key
+from appliance.install import key_secret
 from appliance.settings import Settings
 from forwarder.proxy import Forwarder
 from forwarder.table import Target
@@ -59,7 +59,7 @@ def _demand_nudger(settings: Settings) -> object:
 async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
     engine = open_engine(settings.database_path)
     committer = taskstore.GroupCommitter(engine)
-    forwarder = Forwarder(pool=UpstreamPool(replica_key(settings.data_dir)))
+    forwarder = Forwarder(pool=UpstreamPool(key_secret(settings.data_dir)))
     forwarder.on_demand = _demand_nudger(settings)  # type: ignore[assignment]
     runtime = jobs.Runtime(
         committer=committer,

@@ -20,7 +20,6 @@ import httpx
 import jsonschema
 import pytest
 
-from appliance.install import replica_key
 from builder.scale import parse_server_load
 from tests.e2e.lifecycle import container_state, create, describe, live_replicas, wait_status
 from tests.e2e.real_vllm import (
@@ -316,7 +315,7 @@ def test_every_llmengine_call_on_one_install_with_vllm_llamacpp_and_custom_endpo
 
 
 def stream_directly(url: str, key: str, results: list[int], stop: threading.Event) -> None:
-    """A long completion sent to the replica itself (with the install's replica key), not
+    """A long completion sent to the replica itself (with the replica's own key), not
     through the appliance, read until `stop` is set (then the connection is closed, which ends
     it in vLLM: the test has no need of its 300 tokens once the scaler has decided)."""
     body = {"model": NAME, "prompt": "Tell a long story.", "max_tokens": 300, "stream": True}
@@ -340,10 +339,11 @@ def test_the_scaler_adds_a_replica_on_the_load_vllm_reports(appl: Appliance, gem
     client = appl.client()
     reply = client.put(f"/v1/model-endpoints/{gemma}", json={"max_workers": 2, "per_worker": 1})
     assert reply.status_code == 200, reply.text
-    url = replica_url(live_replicas(client, gemma)[0]["container_name"])
+    container = live_replicas(client, gemma)[0]["container_name"]
+    url = replica_url(container)
     assert parse_server_load(metrics(url)) == (0, 0)
     results: list[int] = []
-    key = replica_key(appl.data_dir)
+    key = appl.replica_key(container)
     stop = threading.Event()
     threads = [
         threading.Thread(target=stream_directly, args=(url, key, results, stop)) for _ in range(3)

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 import uvloop
 
+from appliance.install import replica_key
 from forwarder.upstream import UpstreamPool, whole_reply
 
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
@@ -182,3 +183,17 @@ def test_only_a_plain_reply_framed_by_its_length_is_read_whole_at_once() -> None
     }
     for why, reply in left_to_httptools.items():
         assert whole_reply(reply) is None, why
+
+
+def test_each_replica_is_sent_its_own_key() -> None:
+    secret = bytes(range(32))
+    pool = UpstreamPool(secret)
+    path, address = b"/v1/completions", "http://127.0.0.1:8080"
+    alice = pool.json_post_head(path, "rep_alice", address)
+    assert b"authorization: Bearer %b\r\n" % replica_key(secret, "rep_alice").encode() in alice
+    # the same port, later another replica's: its head carries that replica's key, not the
+    # first one's kept head
+    bob = pool.json_post_head(path, "rep_bob", address)
+    assert b"authorization: Bearer %b\r\n" % replica_key(secret, "rep_bob").encode() in bob
+    assert replica_key(secret, "rep_alice") != replica_key(secret, "rep_bob")
+    assert b"authorization" not in UpstreamPool().json_post_head(path, "rep_alice", address)
