@@ -13,7 +13,7 @@ from appliance.errors import NoFreeGpuError
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Readiness, Waiting
-from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA
+from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA, has_stale_key
 from gpu.inventory import Inventory
 from gpu.place import GpuRequest, place
 
@@ -209,6 +209,19 @@ def _observe_replica(
     return True
 
 
+def _replace_stale_key(
+    tick: _Tick, endpoint: Endpoint, replica: Replica, container: ContainerInfo | None
+) -> bool:
+    """Drains a replica an older version started with the install-wide key (the api sends
+    each replica its own now, so it would only answer 401s); True when it did. Requests wait
+    for its successor as for a cold start."""
+    if container is None or not has_stale_key(endpoint.framework, container.labels):
+        return False
+    why = "started by an older version with the install-wide replica key; replacing it"
+    tick.actions.append(DrainReplica(replica.id, why))
+    return True
+
+
 def _plan_endpoint(
     tick: _Tick,
     endpoint: Endpoint,
@@ -220,6 +233,7 @@ def _plan_endpoint(
         for r in replicas
         if r.state in (*LIVE, ReplicaState.STOPPING)
         and _observe_replica(tick, endpoint, r, containers.get(r.id))
+        and not _replace_stale_key(tick, endpoint, r, containers.get(r.id))
     ]
     if endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
         tick.actions.extend(DrainReplica(r.id, "endpoint deleted") for r in live)

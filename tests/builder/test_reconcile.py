@@ -9,6 +9,7 @@ from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder import reconcile as rc
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Progress, Waiting
+from builder.specs import LABEL_REPLICA_KEY, REPLICA_KEY_SCHEME
 from gpu.inventory import EMPTY, Inventory, StaticGpuSource
 from tests.factories import make_endpoint
 
@@ -38,9 +39,14 @@ def replica(rid: str, **kw: object) -> Replica:
 
 
 def container(rid: str, status: str = "running", **labels: str) -> ContainerInfo:
-    return ContainerInfo(
-        f"c-{rid}", rid, {"appliance.replica": rid, **labels}, status, 137, "http://x"
-    )
+    """A container as this version's builder starts it (its replica key its own)."""
+    labels = {"appliance.replica": rid, LABEL_REPLICA_KEY: REPLICA_KEY_SCHEME, **labels}
+    return ContainerInfo(f"c-{rid}", rid, labels, status, 137, "http://x")
+
+
+def older(rid: str) -> ContainerInfo:
+    """A container an older version started: no key label, the install-wide key in its env."""
+    return ContainerInfo(f"c-{rid}", rid, {"appliance.replica": rid}, "running", None, "http://x")
 
 
 def plan(
@@ -277,3 +283,23 @@ def test_an_endpoint_with_nothing_to_wait_for_starts_as_before() -> None:
     actions = plan([endpoint(), other], preparing={"end_b": Waiting(PULLING)})
     assert rc.StartReplica("end_a", (0,), 1.0) in actions
     assert not [a for a in actions if isinstance(a, rc.StartReplica) and a.endpoint_id == "end_b"]
+
+
+STALE = "started by an older version with the install-wide replica key; replacing it"
+
+
+def test_a_replica_an_older_version_started_is_drained_and_replaced() -> None:
+    actions = plan([endpoint()], [replica("r1", gpus=[0])], [older("r1")])
+    assert rc.DrainReplica("r1", STALE) in actions
+    assert rc.StartReplica("end_a", (1,), 1.0) in actions  # its successor, on a free GPU
+
+
+def test_a_custom_image_replica_has_no_replica_key_and_stays() -> None:
+    custom = endpoint(framework="custom", image="example/server:1")
+    actions = plan([custom], [replica("r1")], [older("r1")])
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+
+
+def test_replicas_this_version_started_are_kept() -> None:
+    actions = plan([endpoint(framework="vllm")], [replica("r1")], [container("r1")])
+    assert not [a for a in actions if isinstance(a, rc.DrainReplica | rc.StartReplica)]
