@@ -41,6 +41,8 @@ SCOPE: Final = "inference"
 # Every field by which a body asks for a number of tokens: OpenAI's two, LLM Engine's, and
 # llama.cpp's own (where -1 means no limit)
 TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n_predict")
+UNBOUNDED_FIELD: Final = "n_predict"  # llama.cpp's: -1 generates until the context is full
+SEQUENCE_FIELDS: Final = ("n", "best_of")
 CAPPED_FIELD: Final = "max_tokens"  # set to the key's cap when a request names none
 RELOAD_ON_MISS_S: Final = 0.5
 NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
@@ -69,13 +71,16 @@ def check_scope(caller: Caller) -> None:
 
 
 def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
-    """Refuse (429) a request that asks for more tokens than its key allows, by any of
-    TOKEN_FIELDS, as an integer, a float or a number in a string. When it names none and the
-    key has a cap, the cap becomes its limit if `inject` (a generating OpenAI route): then
-    `payload` gets `max_tokens` and True is returned, so the caller sends the changed body."""
-    most = caller.limits.max_tokens_per_request
-    if not most or not isinstance(payload, dict):
+    """Check the tokens a request asks for, by any of TOKEN_FIELDS, as an integer, a float or a
+    number in a string. A count below 0 is refused (400), but llama.cpp's `n_predict: -1`
+    ("until the context is full"). A key's cap holds for every sequence the request asks for
+    (`n`, `best_of`): more is refused (429), and so is an unbounded `n_predict`. When it names
+    none and the key has a cap, the cap (shared by its sequences) becomes its limit if `inject`
+    (a generating OpenAI route): then `payload` gets `max_tokens` and True is returned, so the
+    caller sends the changed body."""
+    if not isinstance(payload, dict):
         return False
+    most = caller.limits.max_tokens_per_request
     named = False
     for name in TOKEN_FIELDS:
         asked = payload.get(name)
@@ -83,15 +88,43 @@ def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
             continue
         named = True
         count = _count(name, asked)
-        if count > most or (name == "n_predict" and count < 0):
+        if count < 0 and name != UNBOUNDED_FIELD:
+            raise BadRequestError(
+                f"{name}={asked} is below 0: send the most tokens to generate", field=name
+            )
+        if most and (count < 0 or count * _sequences(payload) > most):
             raise RateLimitedError(
-                f"{name}={asked} is over this key's limit of {most} tokens per request",
+                f"{name}={asked}{_per(payload)} is over this key's limit of {most} tokens per "
+                "request",
                 retry_after_s=60,
             )
-    if named or not inject:
+    if named or not inject or not most:
         return False
-    payload[CAPPED_FIELD] = most
+    share = most // _sequences(payload)
+    if share < 1:
+        raise RateLimitedError(
+            f"{_sequences(payload)} sequences are over this key's limit of {most} tokens per "
+            "request",
+            retry_after_s=60,
+        )
+    payload[CAPPED_FIELD] = share
     return True
+
+
+def _sequences(payload: dict[str, Any]) -> int:
+    """How many sequences a body asks the server to generate (`n`, `best_of`); 1 unless one is
+    a whole number above 1 (anything else is the server's to refuse)."""
+    most = 1
+    for name in SEQUENCE_FIELDS:
+        asked = payload.get(name)
+        if isinstance(asked, int) and not isinstance(asked, bool) and asked > most:
+            most = asked
+    return most
+
+
+def _per(payload: dict[str, Any]) -> str:
+    sequences = _sequences(payload)
+    return f" for each of {sequences} sequences" if sequences > 1 else ""
 
 
 def _count(name: str, asked: object) -> float:

@@ -198,7 +198,21 @@ def test_a_token_cap_holds_however_it_is_asked(bed: Bed, entry: str) -> None:
     refused(send(bed, key, MINE, {field: float(CAP * 10)}), 429, family)  # 100.0
     for alias in aliases:
         refused(send(bed, key, MINE, {alias: CAP + 1}), 429, family)
+        if alias == "n_predict":  # llama.cpp's -1: until the context is full
+            refused(send(bed, key, MINE, {alias: -1}), 429, family)
+    if family == "openai" and entry != "/v1/embeddings":  # the cap holds for every sequence
+        refused(send(bed, key, MINE, {field: CAP, "n": 2}), 429, family)
     served(send(bed, key, MINE, {field: CAP}))
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_negative_token_count_is_refused_naming_it(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    for key in (bed.key(), bed.key(max_tokens_per_request=CAP)):  # with no cap, and with one
+        reply = send(bed, key, MINE, {tokens_field(entry): -1})
+        if reply.status_code != 422:  # LLM Engine's and the playground's typed bodies: 422
+            refused(reply, 400, family)
+        assert tokens_field(entry) in reply.text, reply.text
 
 
 @pytest.mark.parametrize(
@@ -211,6 +225,10 @@ def test_a_request_that_names_no_limit_gets_the_keys_cap(bed: Bed, entry: str) -
     served(send(bed, key, MINE, {}))
     wait_until(lambda: len(bed.backend.bodies) > seen, 20, "the replica to get the request")
     assert bed.backend.bodies[-1]["max_tokens"] == CAP
+    if entry.startswith("/v1/") and "tasks" not in entry and entry != "/v1/embeddings":
+        served(send(bed, key, MINE, {"n": 2}))  # two sequences share the cap
+        wait_until(lambda: len(bed.backend.bodies) > seen + 1, 20, "the second request")
+        assert bed.backend.bodies[-1]["max_tokens"] == CAP // 2
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
