@@ -107,15 +107,17 @@ async def create_async_inference_task(
     def build(found: EndpointView | None) -> NewTask:
         endpoint = usable_endpoint(model_endpoint_id, found, caller)
         own = body.callback_url is not None
+        # the endpoint's default callback reports its own team's tasks only: another team's
+        # task on a public endpoint must not reach the owner's receiver, with its credentials
+        default = endpoint.owner == caller.team and not own
         return NewTask(
             id=new_id("tsk"),
             endpoint_id=endpoint.id,
             owner=caller.team,
             created_by=caller.user,
             payload=task_payload(body, endpoint),
-            # no callback of its own: the endpoint's default_callback_url, if it has one
-            callback_url=body.callback_url or endpoint.default_callback_url,
-            callback_auth=body.callback_auth if own else endpoint.default_callback_auth,
+            callback_url=endpoint.default_callback_url if default else body.callback_url,
+            callback_auth=endpoint.default_callback_auth if default else body.callback_auth,
             created_at=time.time(),
             key_id=caller.key_id,  # usage is counted per key when the task ends
         )

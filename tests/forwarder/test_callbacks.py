@@ -10,6 +10,7 @@ import hmac
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from forwarder.worker import callbacks
 from forwarder.worker.callbacks import CallbackRefusedError, CallbackSender, check_url
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
-from tests.harness import Appliance, RedisServer, free_port, wait_until
+from tests.harness import Appliance, RedisServer, free_port, make_key, wait_until
 
 backend = support.backend  # fixture
 
@@ -221,6 +222,21 @@ def test_task_callbacks_through_the_appliance(
         assert json.loads(body)["task_id"] == reply.json()["task_id"]
         assert headers["Authorization"] == "Basic ZDpw"  # d:p
         assert receivers["loopback"].got == []
+
+        # another team's task on the now public endpoint does not report to its default
+        opened = client.put(f"/v1/model-endpoints/{endpoint_id}", json={"public_inference": True})
+        assert opened.status_code == 200, opened.text
+        other = appliance.client(make_key(appliance, "other"))
+        theirs = other.post(submit, json={"args": {"prompt": "not yours"}}).json()["task_id"]
+        wait_until(
+            lambda: other.get(f"/v1/async-tasks/{theirs}").json()["status"] == "SUCCESS",
+            30,
+            "the other team's task",
+        )
+        mine = client.post(submit, json={"args": {"prompt": "after"}}).json()["task_id"]
+        wait_until(lambda: len(allowed.got) >= 4, 30, "the next default callback")
+        time.sleep(1)
+        assert [json.loads(body)["task_id"] for _, body in allowed.got[3:]] == [mine]
     finally:
         print(appliance.logs())
         stop_all(appliance)
