@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState
 from api.inference import admission
+from api.submit import WAITING, over_queued
 from appliance import audit
 from appliance.db import session_scope
 from appliance.errors import InvalidSpecError, NotFoundError
@@ -132,6 +133,12 @@ def _store(
     )
     queued: list[tuple[str, str]] = []
     with session_scope(state.engine) as session:
+        if caller.limits.max_queued_tasks:  # every line is a task the limit counts
+            who = (caller.team, caller.user)
+            waiting = session.connection().exec_driver_sql(WAITING, who).scalar_one()
+            refused = over_queued(waiting, len(requests), caller.limits.max_queued_tasks)
+            if refused is not None:
+                raise refused
         session.add(batch)
         for request in requests:
             endpoint_id = targets[request.body["model"]].endpoint_id

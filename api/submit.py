@@ -45,7 +45,7 @@ _ENDPOINTS = (
     "json_extract(extra, '$.default_callback_url'), json_extract(extra, '$.default_callback_auth') "
     "FROM endpoint WHERE id IN ({})"
 )
-_WAITING = (
+WAITING = (
     "SELECT COUNT(*) FROM task WHERE owner = ? AND created_by = ? "
     "AND status IN ('PENDING', 'STARTED')"
 )
@@ -232,6 +232,23 @@ def _insert(conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcom
                 outcomes[i] = exc
 
 
+def waiting_tasks(conn: sqlite3.Connection, owner: str, user: str) -> int:
+    """The tasks of a team's user waiting or running: what the queued-task limit counts."""
+    return int(conn.execute(WAITING, (owner, user)).fetchone()[0])
+
+
+def over_queued(waiting: int, adding: int, most: int) -> RateLimitedError | None:
+    """The queued-task limit, for tasks and batches alike: a key's user may have at most `most`
+    tasks waiting or running (0: no limit); the 429 to answer when `adding` more would pass it."""
+    if not most or waiting + adding <= most:
+        return None
+    also = f"; this batch adds {adding}" if adding > 1 else ""
+    return RateLimitedError(
+        f"this key already has {waiting} tasks queued (limit {most}){also}",
+        retry_after_s=QUEUED_RETRY_AFTER_S,
+    )
+
+
 def _admit(
     conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcome]
 ) -> list[tuple[Any, ...]]:
@@ -243,17 +260,15 @@ def _admit(
         for d, o in zip(drafts, outcomes, strict=True)
         if d.max_queued and isinstance(o, NewTask)
     }
-    waiting = Counter({who: conn.execute(_WAITING, who).fetchone()[0] for who in limited})
+    waiting = Counter({who: waiting_tasks(conn, *who) for who in limited})
     rows = []
     for i, (draft, task) in enumerate(zip(drafts, outcomes, strict=True)):
         if not isinstance(task, NewTask):
             continue
         who = (draft.owner, draft.created_by)
-        if draft.max_queued and waiting[who] >= draft.max_queued:
-            outcomes[i] = RateLimitedError(
-                f"this key already has {waiting[who]} tasks queued (limit {draft.max_queued})",
-                retry_after_s=QUEUED_RETRY_AFTER_S,
-            )
+        refused = over_queued(waiting[who], 1, draft.max_queued)
+        if refused is not None:
+            outcomes[i] = refused
             continue
         waiting[who] += 1
         rows.append(_row(task))

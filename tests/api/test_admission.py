@@ -239,6 +239,29 @@ def test_requests_per_minute(bed: Bed, entry: str) -> None:
     refused(send(bed, key, MINE, {tokens_field(entry): 1}), 429, family)
 
 
+def test_a_batchs_lines_count_against_the_queued_task_limit(bed: Bed) -> None:
+    key = bed.key(max_queued_tasks=2)
+    lines = [
+        {"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions"}
+        | {"body": chat_body(MINE, {"max_tokens": 1})}
+        for i in range(3)
+    ]
+    upload = httpx.post(
+        bed.appliance.url + "/v1/files",
+        headers=auth(key),
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", b"".join(json.dumps(x).encode() + b"\n" for x in lines))},
+    )
+    assert upload.status_code == 200, upload.text
+    reply = httpx.post(
+        bed.appliance.url + "/v1/batches",
+        headers=auth(key),
+        json={"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"},
+    )
+    refused(reply, 429, "detail")
+    assert "limit 2" in reply.text and "adds 3" in reply.text
+
+
 def test_a_key_made_by_a_limited_key_shares_its_limits_and_counts(bed: Bed) -> None:
     chat = openai("/v1/chat/completions", "chat")
     maker = bed.key(requests_per_minute=2, max_tokens_per_request=CAP)
