@@ -205,6 +205,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
     if framework == Framework.VLLM and req.gpus is not None and req.num_shards not in (gpus, 1):
         raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
     server_args.check_fields(framework, req, settings)
+    _check_remote_code(req, caller)
     tag = req.inference_framework_image_tag
     endpoint = Endpoint(
         id=new_id("end"),
@@ -260,6 +261,19 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
     return endpoint
 
 
+def _check_remote_code(
+    req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest, caller: Caller
+) -> None:
+    """vLLM's `trust_remote_code` runs the model repository's own Python in the replica: like a
+    custom image, an administrator's to allow."""
+    if req.trust_remote_code and not caller.is_admin:
+        raise PolicyViolationError(
+            "trust_remote_code is for administrators: it runs the model repository's own code "
+            "in the replica; ask one to create or change this endpoint",
+            field="trust_remote_code",
+        )
+
+
 def _priority(priority: int | None, high_priority: bool | None, caller: Caller) -> int | None:
     """`priority` wins; LLM Engine's high_priority means 10, false means 0. A priority above 0
     decides whose replicas are evicted for whose, so only an administrator may give one."""
@@ -309,6 +323,7 @@ def apply_update(
     before = {name: getattr(endpoint, name) for name in ROLLING_FIELDS}
     sent = _sent(endpoint, req)
     server_args.check_fields(endpoint.framework, req, settings)
+    _check_remote_code(req, caller)
     if "model_name" in sent or "checkpoint_path" in sent:
         name = req.model_name or str(endpoint.extra.get("model_name"))
         endpoint.model = _model(endpoint.framework, name, req.checkpoint_path, settings)

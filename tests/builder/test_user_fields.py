@@ -36,6 +36,7 @@ LLAMA = {"inference_framework": "llamacpp", "gpus": 0}
          "LLAMA_ARG_ENDPOINT_SLOTS"),
         ({"priority": 1}, "priority"),
         ({"high_priority": True}, "high_priority"),
+        ({"trust_remote_code": True}, "trust_remote_code"),  # runs the repository's code
     ],
 )  # fmt: skip
 def test_a_user_may_not_set_what_changes_the_server(
@@ -50,6 +51,8 @@ def test_a_user_may_tune_and_an_admin_may_do_more(models: Path) -> None:
     tuned = build(models, {"env": {"VLLM_LOGGING_LEVEL": "DEBUG"}, "priority": -1}, USER)
     assert tuned.env == {"VLLM_LOGGING_LEVEL": "DEBUG"} and tuned.priority == -1
     assert build(models, {"env": {"VLLM_PLUGINS": "x"}, "priority": 5}, ADMIN).priority == 5
+    assert build(models, {"trust_remote_code": True}, ADMIN).args["trust_remote_code"] is True
+    assert build(models, {"trust_remote_code": False}, USER).args["trust_remote_code"] is False
     with pytest.raises(InvalidSpecError):  # the server's own key: nobody's to set
         build(models, {**LLAMA, "checkpoint_path": "tiny.gguf", "env": {"LLAMA_ARG_API_KEY": "x"}})
 
