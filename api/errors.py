@@ -33,6 +33,7 @@ STATUS: dict[type[errors.ApplianceError], int] = {
     errors.ForbiddenError: 403,
     errors.RateLimitedError: 429,
     errors.CapacityError: 503,
+    errors.EndpointDownError: 503,
     errors.UpstreamError: 502,
 }
 OPENAI_PREFIX = "/v1/"  # an unknown path here answers in OpenAI's envelope
@@ -74,7 +75,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "Invalid request"),
         (429, "Over a per-key limit"),
         (502, "The replica failed"),
-        (503, "No capacity; retry after Retry-After"),
+        (503, "No capacity: retry after Retry-After (x-should-retry: false: none will come)"),
         (504, "The replica timed out"),
         (507, "No room on the disk"),
     ]
@@ -144,10 +145,14 @@ def _problem(err: Any) -> str:
 
 
 def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
-    """Retry-After for capacity and rate limits, WWW-Authenticate for a missing key."""
+    """Retry-After for capacity and rate limits; `x-should-retry: false` (which OpenAI's SDKs
+    obey) for an endpoint that will get no replica by itself; WWW-Authenticate for a missing
+    key."""
     headers: dict[str, str] = {}
     if isinstance(exc, errors.CapacityError | errors.RateLimitedError):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, errors.EndpointDownError):
+        headers["x-should-retry"] = "false"
     if status == 401:
         headers["WWW-Authenticate"] = 'Basic realm="appliance", Bearer'
     return headers

@@ -17,6 +17,7 @@ ApplianceError
 ├── CapacityError               nothing can serve the request now (503)
 │   ├── NoFreeGpuError          placement found no GPUs for a replica
 │   └── NoReadyReplicaError     the endpoint has no ready replica in time
+├── EndpointDownError           the endpoint will get no replica until someone acts (503, no retry)
 └── UpstreamError               a replica failed (502), timed out (504)
 """
 
@@ -103,6 +104,12 @@ class NoFreeGpuError(CapacityError):
 
 class NoReadyReplicaError(CapacityError):
     """The endpoint had no ready replica within its activation timeout."""
+
+
+class EndpointDownError(ApplianceError):
+    """The endpoint has no ready replica and will get none by itself: it failed to start
+    (UPDATE_FAILED) or is being deleted. Answered 503 at once, telling clients not to retry
+    (`x-should-retry: false`, no Retry-After): only a fix, a restart or a new endpoint helps."""
 
 
 class UpstreamError(ApplianceError):

@@ -20,12 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from appliance.errors import ApplianceError, CapacityError, NoReadyReplicaError
+from appliance.errors import (
+    ApplianceError,
+    CapacityError,
+    EndpointDownError,
+    NoReadyReplicaError,
+)
 from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
 from forwarder.relay import Headers, Plane, Relay
 from forwarder.shared import SharedCounts
-from forwarder.table import RoutingTable, Target, TargetReplica
+from forwarder.table import RoutingTable, Target, TargetReplica, check_coming
 from forwarder.upstream import UpstreamPool
 from forwarder.usage import Ledger
 
@@ -138,7 +143,10 @@ class Forwarder:
     async def acquire(self, target: Target, hold_s: float) -> tuple[Target, TargetReplica, float]:
         """A replica under its cap, counted in flight; waits up to `hold_s` for a cold start
         and `queue_wait_s` for a slot. Returns the endpoint as now in the table, the replica
-        and the seconds spent waiting. The caller reports the outcome with `Balancer.done`."""
+        and the seconds spent waiting. The caller reports the outcome with `Balancer.done`.
+        An endpoint that will get no replica by waiting (`table.check_coming`: it failed to
+        start, it is being deleted, it was deleted) ends the wait with EndpointDownError as
+        soon as a table that says so is installed."""
         started = time.monotonic()
         cold_until = started + hold_s
         queue_until: float | None = None
@@ -146,9 +154,10 @@ class Forwarder:
         while True:
             current = self.table.by_id.get(target.endpoint_id)
             if current is None:
-                raise NoReadyReplicaError(f"endpoint {target.name!r} was deleted")
+                raise EndpointDownError(f"endpoint {target.name!r} was deleted")
             live = self.live_replicas(current)
             if not live:
+                check_coming(current)
                 self._note_demand(current)
                 left = cold_until - time.monotonic()
                 if left <= 0:

@@ -44,6 +44,7 @@ def target_of(endpoint: Endpoint, replicas: tuple[TargetReplica, ...]) -> Target
         predict_route=str(extra.get("predict_route") or DEFAULT_PREDICT_ROUTE),
         timeout_s=_positive(extra.get("timeout_seconds")),
         max_concurrency=int(cap) if cap else None,
+        status_reason=endpoint.status_reason or "",
     )
 
 

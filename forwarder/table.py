@@ -1,5 +1,8 @@
 """What the data plane knows of endpoints and their ready replicas: the routing table every
-request looks its endpoint up in (`forwarder/refresh.load_table` reads it from SQLite).
+request looks its endpoint up in (`forwarder/refresh.load_table` reads it from SQLite), and the
+rule of which endpoints get no replica by waiting (`check_coming`), which the admission
+(`api/inference/admission.py`, `api/inference/call.py`) and the wait for a replica
+(`forwarder/proxy.Forwarder.acquire`) both apply.
 
 Compiled with the fast lane (`setup.py`): these are native classes there, whose fields the
 lane reads on every request as plain struct reads rather than instance dictionary lookups.
@@ -8,9 +11,16 @@ lane reads on every request as plain struct reads rather than instance dictionar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
+
+from appliance.errors import EndpointDownError
+from appliance.models import EndpointStatus
 
 DEFAULT_HEALTH_ROUTE = "/health"
 DEFAULT_PREDICT_ROUTE = "/predict"
+FAILED: Final = EndpointStatus.UPDATE_FAILED.value  # the builder gave up: no replica comes
+DELETING: Final = EndpointStatus.DELETE_IN_PROGRESS.value  # its replicas are being drained
+REASON_MAX_CHARS: Final = 300  # of the status reason's first line, in an error message
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,7 @@ class Target:
     predict_route: str = DEFAULT_PREDICT_ROUTE
     timeout_s: float | None = None  # per-endpoint upstream timeout; None: the api's setting
     max_concurrency: int | None = None  # per-replica cap; None: the api's setting
+    status_reason: str = ""  # why it has the status (the builder's words); "" when none
 
 
 @dataclass(frozen=True)
@@ -45,3 +56,31 @@ class RoutingTable:
     @classmethod
     def empty(cls) -> RoutingTable:
         return cls({}, {})
+
+
+def check_coming(target: Target) -> None:
+    """EndpointDownError when `target` has no ready replica and will get none by waiting: the
+    builder gave up starting it (UPDATE_FAILED: a pull failed, its replica crash-looped) or
+    it is being deleted. Any other endpoint without one (READY scaled to zero, a first deploy
+    UPDATE_PENDING or UPDATE_IN_PROGRESS) is worth waiting for; one with ready replicas is
+    served whatever its status (a failed rolling update keeps the old generation)."""
+    if target.replicas:
+        return
+    if target.status == FAILED:
+        raise EndpointDownError(failed_message(target))
+    if target.status == DELETING:
+        raise EndpointDownError(f"endpoint {target.name!r} is being deleted")
+
+
+def failed_message(target: Target) -> str:
+    """What a request to an endpoint that failed to start is told: why (the first line of the
+    builder's reason: a crash's log tail stays in the endpoint's own view) and what to do."""
+    reason = target.status_reason.strip().split("\n", 1)[0].strip()
+    if len(reason) > REASON_MAX_CHARS:
+        reason = reason[: REASON_MAX_CHARS - 3] + "..."
+    why = f": {reason}" if reason else ""
+    where = f"/v1/model-endpoints/{target.endpoint_id}"
+    return (
+        f"endpoint {target.name!r} failed to start{why}; fix it (PUT {where}) or restart it "
+        f"(POST {where}/restart)"
+    )

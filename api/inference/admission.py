@@ -3,7 +3,10 @@
 counted limits (requests per minute and in flight: `api/limits.py`; 429), whether it asks for
 more tokens than the key allows (`cap_tokens`; 429), which endpoint it may call
 (`visible_target`: the tenancy rule of `Caller.may_infer`; 404), and a replica
-(`forwarder/proxy.py`; 503).
+(`forwarder/proxy.py`; 503). An endpoint that will get no replica by waiting (it failed to
+start, or is being deleted: `forwarder/table.check_coming`) is refused at once with 503 and
+`x-should-retry: false`, on the relayed routes before any hold, and at submit for async tasks
+and batch lines (`find_target`); a task queued before it failed fails when the worker takes it.
 
 Every inference entry calls these and nothing else decides: the relayed routes
 (`api/inference/call.Call._admit`, on either transport), async tasks and batch lines
@@ -32,7 +35,7 @@ from appliance.errors import (
 from appliance.keys import Caller
 from forwarder.paths import BY_ID, BY_MODEL
 from forwarder.refresh import load_table
-from forwarder.table import RoutingTable, Target
+from forwarder.table import RoutingTable, Target, check_coming
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -151,6 +154,14 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 
 
 async def find_target(state: AppState, caller: Caller, selector: str, value: str) -> Target:
+    """The endpoint an entry that waits for no replica now names (async tasks, batch lines):
+    `find_endpoint`, refused (`check_coming`) when no replica will come by waiting."""
+    target = await find_endpoint(state, caller, selector, value)
+    check_coming(target)
+    return target
+
+
+async def find_endpoint(state: AppState, caller: Caller, selector: str, value: str) -> Target:
     """`visible_target`, after one reload of the table on a miss (for routes that may await)."""
     target = visible_target(state.forwarder.table, caller, selector, value)
     if target is None:

@@ -6,7 +6,10 @@ reply `Call` passes to the client in its route's shape.
 `Call` itself is the shape of the OpenAI routes and the playground: the replica's reply
 untouched, errors in the route's envelope, in band once a stream began. A stream that has to
 wait for a replica (a cold start, a full cap) starts its SSE reply at once and sends keep-alive
-comments while it waits. LLM Engine's shapes are the subclasses in `llm_engine.py`.
+comments while it waits; an endpoint that gets no replica by waiting (it failed to start, it
+is being deleted: `forwarder/table.check_coming`) is refused before any hold, and a hold ends
+with that error, in band, once the routing table says so. LLM Engine's shapes are the
+subclasses in `llm_engine.py`.
 
 The admission is written once, in `_admit`, as plain calls in order. Where a step cannot answer
 at once (a key to verify in SQLite, a limit to count in Redis, an endpoint to look up after a
@@ -35,7 +38,7 @@ from appliance.keys import Caller
 from forwarder.paths import OPENAI, InferencePath
 from forwarder.proxy import Forwarder
 from forwarder.relay import Headers, Plane, Relay
-from forwarder.table import Target, TargetReplica
+from forwarder.table import Target, TargetReplica, check_coming
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -185,6 +188,7 @@ class Call:
             self.body = orjson.dumps(self.payload)
         replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
+            check_coming(target)  # one that gets no replica by waiting: refused before a hold
             if self.stream:
                 self._hold()
             self._wait(self._acquire(target))

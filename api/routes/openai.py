@@ -33,7 +33,7 @@ async def read_models(state: StateDep, caller: CallerDep) -> dict[str, Any]:
 async def read_model(model: str, state: StateDep, caller: CallerDep) -> dict[str, Any]:
     """OpenAI's model object, for an endpoint the caller may send inference; 404 in OpenAI's
     envelope otherwise (the same rule and message as an inference request naming it)."""
-    return model_public(await admission.find_target(state, caller, BY_MODEL, model))
+    return model_public(await admission.find_endpoint(state, caller, BY_MODEL, model))
 
 
 def model_public(target: Target) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from rq.job import Job, JobStatus
 from rq.utils import now as rq_now
 from rq.utils import utcformat
 
-from appliance.errors import CapacityError, UpstreamError
+from appliance.errors import CapacityError, EndpointDownError, UpstreamError
 from appliance.models import TaskStatus
 from forwarder.paths import upstream_for
 from forwarder.proxy import Forwarder
@@ -147,6 +147,9 @@ async def run_task(task_id: str) -> None:
     started = time.perf_counter()
     try:
         current, replica, waited = await rt.forwarder.acquire(route, rt.hold_s)
+    except EndpointDownError as exc:  # no replica comes by waiting: no retry either
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, None, exc.message)
+        return
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return

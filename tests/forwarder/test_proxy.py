@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from appliance.errors import CapacityError, NoReadyReplicaError, UpstreamError
+from appliance.errors import CapacityError, EndpointDownError, NoReadyReplicaError, UpstreamError
 from forwarder.proxy import Forwarder, Limits
 from forwarder.table import RoutingTable, Target, TargetReplica
 
@@ -68,7 +68,9 @@ class Replica:
             await runner.cleanup()
 
 
-def route(*replicas: tuple[str, str], cap: int | None = None) -> Target:
+def route(
+    *replicas: tuple[str, str], cap: int | None = None, status: str = "READY", reason: str = ""
+) -> Target:
     return Target(
         endpoint_id="end_1",
         name="m",
@@ -76,9 +78,10 @@ def route(*replicas: tuple[str, str], cap: int | None = None) -> Target:
         public=False,
         framework="vllm",
         endpoint_type="streaming",
-        status="READY",
+        status=status,
         replicas=tuple(TargetReplica(rid, url) for rid, url in replicas),
         max_concurrency=cap,
+        status_reason=reason,
     )
 
 
@@ -198,6 +201,46 @@ def test_cap_waits_briefly_then_answers_503() -> None:
                 await blocker
 
             await with_forwarder(r, body, queue_wait_s=2.0)
+
+    asyncio.run(main())
+
+
+def test_a_hold_ends_when_the_endpoint_fails_to_start() -> None:
+    async def main() -> None:
+        first = route(status="UPDATE_IN_PROGRESS")
+
+        async def body(fwd: Forwarder) -> None:
+            waiting = asyncio.ensure_future(call(fwd, first, hold_s=60))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # a first deploy is worth waiting for
+            began = time.monotonic()
+            fwd.update(table(route(status="UPDATE_FAILED", reason="pull failed\nlog tail")))
+            with pytest.raises(EndpointDownError, match="failed to start: pull failed; fix it"):
+                await waiting
+            assert time.monotonic() - began < 30  # at the table's change, not the hold's end
+            with pytest.raises(EndpointDownError, match="is being deleted"):
+                fwd.update(table(route(status="DELETE_IN_PROGRESS")))
+                await call(fwd, first, hold_s=60)
+            with pytest.raises(EndpointDownError, match="was deleted"):
+                fwd.update(RoutingTable.empty())
+                await call(fwd, first, hold_s=60)
+
+        await with_forwarder(first, body)
+
+    asyncio.run(main())
+
+
+def test_a_failed_endpoint_with_ready_replicas_is_served() -> None:
+    async def main() -> None:
+        old = Replica("old")
+        async with old.running():
+            # a rolling update that failed keeps the old generation serving
+            failed = route(("old", old.url), status="UPDATE_FAILED", reason="pull failed")
+
+            async def body(fwd: Forwarder) -> None:
+                assert await call(fwd, failed, hold_s=1) == ("old", 200)
+
+            await with_forwarder(failed, body)
 
     asyncio.run(main())
 
