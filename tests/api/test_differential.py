@@ -15,12 +15,21 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.models import EndpointStatus
+from tests.api.test_failed_endpoint import seed_bare
 from tests.api.test_fast_lane import chat, read_response
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
 from tests.harness import ADMIN_KEY, COMPILED, Appliance, RedisServer
 
 MODEL = "same"
-HEADERS_COMPARED = ("content-type", "cache-control", "retry-after", "www-authenticate")
+HEADERS_COMPARED = (
+    "content-type",
+    "cache-control",
+    "retry-after",
+    "www-authenticate",
+    "x-should-retry",
+)
+FAILED = "failed"  # an endpoint whose replica never started
 VOLATILE = re.compile(rb'"(created|request_id|timestamp|id)": ("[^"]*"|\d+)')
 WAYS = {  # name -> (build, fast lane)
     "compiled, lane": ("compiled", "true"),
@@ -49,6 +58,7 @@ def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Applian
             )
             start_api(appliance)
             seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="streaming")
+            seed_bare(appliance.data_dir, FAILED, EndpointStatus.UPDATE_FAILED, "pull failed")
             made[name] = appliance
         yield made
     finally:
@@ -86,6 +96,10 @@ def requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
         ("sync task", f"/v1/sync-tasks?model_endpoint_id=end_{MODEL}", task, key),
         ("stream task", f"/v1/streaming-tasks?model_endpoint_id=end_{MODEL}", task, key),
         ("task no args", f"/v1/sync-tasks?model_endpoint_id=end_{MODEL}", b"{}", key),
+        ("failed", "/v1/chat/completions", chat("x", model=FAILED), key),
+        ("failed stream", "/v1/chat/completions", chat("x", model=FAILED, stream=True), key),
+        ("llm failed", f"/v1/llm/completions-stream?model_endpoint_name={FAILED}", completion, key),
+        ("task failed", f"/v1/streaming-tasks?model_endpoint_id=end_{FAILED}", task, key),
     ]
 
 
@@ -125,6 +139,7 @@ def test_every_way_of_carrying_a_request_answers_the_same(apis: dict[str, Applia
     assert reference["llm stream"][0] == 200 and reference["sync task"][0] == 200
     assert reference["too large"][0] == 413 and reference["bad key"][0] == 401
     assert reference["unknown model"][0] == 404 and reference["llm invalid"][0] == 422
+    assert reference["failed stream"][0] == 503 and reference["task failed"][0] == 503
     for name, got in answers.items():
         for label in reference:
             assert got[label] == reference[label], (name, label)

@@ -1,0 +1,236 @@
+"""An endpoint that will get no replica by waiting (UPDATE_FAILED: its image could not be
+pulled, its replica crash-looped; DELETE_IN_PROGRESS) is refused at once on every inference
+entry: 503 with the builder's reason and what to do, `x-should-retry: false` (OpenAI's SDKs
+do not retry it) and no Retry-After. Endpoints still worth waiting for (a first deploy, READY
+scaled to zero) still hold. A request already holding ends when its endpoint fails: a plain
+reply with the 503, a stream with an error event in its entry's format, a queued async task
+FAILURE. Against a fake replica; api and worker, no Docker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint, EndpointStatus
+from tests.api.test_admission import ENTRIES, Bed, auth, chat_body, refused, tokens_field
+from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
+from tests.harness import Appliance, RedisServer, wait_until
+
+HOLD_S = 90  # the cold-start hold: every answer here must come well before it
+QUICK_S = 30
+BROKEN, GOING, FIRST, IDLE = "broken", "going", "first", "idle"
+REASON = "pulling image 'registry.example/nope:1' failed: manifest unknown"
+LOG_TAIL = "Traceback (most recent call last):\n  secret=hunter2"
+
+
+def seed_bare(data_dir: Path, name: str, status: EndpointStatus, reason: str | None) -> None:
+    """An endpoint row of team t1 with no replica at all."""
+    engine = open_engine(data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        session.add(
+            Endpoint(
+                id=f"end_{name}",
+                name=name,
+                owner="t1",
+                created_by="test",
+                framework="vllm",
+                model="org/model",
+                endpoint_type="streaming",
+                status=status,
+                status_reason=reason,
+            )
+        )
+    engine.dispose()
+
+
+def set_status(data_dir: Path, name: str, status: EndpointStatus, reason: str) -> None:
+    engine = open_engine(data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        endpoint = session.get(Endpoint, f"end_{name}")
+        assert endpoint is not None
+        endpoint.status, endpoint.status_reason = status, reason
+        session.add(endpoint)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    base = tmp_path_factory.mktemp("failed")
+    backend = FakeBackend(delay_s=0.0).start()
+    redis = RedisServer(base / "redis").start()
+    appliance = Appliance(
+        base / "appliance",
+        redis,
+        env_extra={
+            "APPLIANCE_ROUTING_REFRESH_S": "0.5",
+            "APPLIANCE_ACTIVATION_TIMEOUT_S": str(HOLD_S),
+            "APPLIANCE_STREAM_KEEPALIVE_S": "0.5",
+        },
+    )
+    try:
+        start_api(appliance)
+        seed_endpoint(appliance.data_dir, "mine", backend.address, owner="t1")
+        seed_bare(appliance.data_dir, BROKEN, EndpointStatus.UPDATE_FAILED, f"{REASON}\n{LOG_TAIL}")
+        seed_bare(appliance.data_dir, GOING, EndpointStatus.DELETE_IN_PROGRESS, None)
+        seed_bare(appliance.data_dir, FIRST, EndpointStatus.UPDATE_IN_PROGRESS, None)
+        seed_bare(appliance.data_dir, IDLE, EndpointStatus.READY, None)  # scaled to zero
+        appliance.start_role("worker")
+        with appliance.client() as admin:
+            yield Bed(appliance, backend, admin, [0])
+    finally:
+        print(appliance.logs())
+        stop_all(appliance)
+        redis.stop()
+        backend.stop()
+
+
+def down(reply: httpx.Response, family: str, *words: str) -> str:
+    """A refusal that tells the client not to retry; its message."""
+    refused(reply, 503, family)
+    assert reply.headers.get("x-should-retry") == "false", reply.headers
+    assert "retry-after" not in reply.headers, reply.headers
+    body = reply.json()
+    message = str(body["error"]["message"] if family == "openai" else body["detail"])
+    for word in words:
+        assert word in message, message
+    return message
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_failed_endpoint_is_refused_at_once_saying_why(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    began = time.monotonic()
+    reply = send(bed, bed.key(), BROKEN, {tokens_field(entry): 1})
+    assert time.monotonic() - began < QUICK_S  # well under the hold
+    message = down(reply, family, f"endpoint {BROKEN!r} failed to start: {REASON}")
+    assert f"/v1/model-endpoints/end_{BROKEN}/restart" in message and "PUT" in message
+    assert "hunter2" not in reply.text  # the first line of the reason, not the log tail
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_an_endpoint_being_deleted_is_refused_at_once(bed: Bed, entry: str) -> None:
+    send, family, _ = ENTRIES[entry]
+    down(send(bed, bed.key(), GOING, {tokens_field(entry): 1}), family, "is being deleted")
+
+
+def test_a_stream_to_a_failed_endpoint_gets_a_plain_503(bed: Bed) -> None:
+    body = chat_body(BROKEN, {}, stream=True)
+    reply = httpx.post(
+        bed.appliance.url + "/v1/chat/completions", json=body, headers=auth(bed.key()), timeout=30
+    )
+    assert reply.headers["content-type"].startswith("application/json")
+    down(reply, "openai", REASON)
+
+
+def test_the_openai_sdk_does_not_retry_it(bed: Bed) -> None:
+    openai = pytest.importorskip("openai")
+    sent: list[httpx.Request] = []
+    hooks = {"request": [sent.append]}
+    client = openai.OpenAI(
+        base_url=bed.appliance.url + "/v1",
+        api_key=bed.key(),
+        max_retries=2,
+        http_client=httpx.Client(event_hooks=hooks, timeout=30),
+    )
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(model=BROKEN, messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.status_code == 503 and REASON in str(raised.value)
+    assert len(sent) == 1  # a 503 with Retry-After would have been sent three times
+
+
+@pytest.mark.parametrize("name", [FIRST, IDLE])
+def test_an_endpoint_that_may_still_get_a_replica_is_waited_for(bed: Bed, name: str) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            bed.appliance.url + "/v1/chat/completions",
+            json=chat_body(name, {}),
+            headers=auth(bed.key()),
+            timeout=httpx.Timeout(30, read=2),
+        )
+
+
+def collect(into: dict[str, Any], label: str, method: str, url: str, **kw: Any) -> None:
+    """Send one request; keep its status, headers, body and when it ended."""
+    with httpx.stream(method, url, timeout=HOLD_S + 30, **kw) as reply:
+        into[label] = (reply.status_code, reply.headers, reply.read(), time.monotonic())
+
+
+def test_requests_holding_for_a_replica_end_when_the_endpoint_fails(bed: Bed) -> None:
+    name, key = "late", bed.key()
+    seed_bare(bed.appliance.data_dir, name, EndpointStatus.UPDATE_IN_PROGRESS, None)
+    url = bed.appliance.url
+    task = httpx.post(
+        url + "/v1/async-tasks",
+        params={"model_endpoint_id": f"end_{name}"},
+        json={"args": {"prompt": "hi"}},
+        headers=auth(key),
+        timeout=30,
+    )
+    assert task.status_code == 200, task.text  # it may still start: queued
+    completion = {"prompt": "hi", "max_new_tokens": 2, "temperature": 0}
+    sends = {
+        "chat": ("/v1/chat/completions", None, chat_body(name, {})),
+        "chat stream": ("/v1/chat/completions", None, chat_body(name, {}, stream=True)),
+        "llm stream": ("/v1/llm/completions-stream", {"model_endpoint_name": name}, completion),
+        "task stream": (
+            "/v1/streaming-tasks",
+            {"model_endpoint_id": f"end_{name}"},
+            {"args": {"prompt": "hi"}},
+        ),
+    }
+    got: dict[str, Any] = {}
+    threads = [
+        threading.Thread(
+            target=collect,
+            args=(got, label, "POST", url + path),
+            kwargs={"params": params, "json": body, "headers": auth(key)},
+        )
+        for label, (path, params, body) in sends.items()
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)  # they hold (a keep-alive each half second for the streams)
+    assert not got, got
+    failed_at = time.monotonic()
+    set_status(bed.appliance.data_dir, name, EndpointStatus.UPDATE_FAILED, REASON)
+    for thread in threads:
+        thread.join(HOLD_S + 30)
+    assert set(got) == set(sends)
+    for label, (_, _, _, ended) in got.items():
+        assert ended - failed_at < QUICK_S, label  # within a refresh, not at the hold's end
+    status, headers, body, _ = got["chat"]
+    assert status == 503 and headers.get("x-should-retry") == "false"
+    assert REASON in json.loads(body)["error"]["message"]
+    for label in ("chat stream", "llm stream", "task stream"):
+        status, headers, body, _ = got[label]
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        text = body.decode()
+        assert text.startswith(": keep-alive\n\n"), text[:200]
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+        assert len(events) == 1, text
+        last = events[0]
+        if label == "chat stream":  # OpenAI's envelope
+            assert last["error"]["code"] == 503 and REASON in last["error"]["message"]
+        elif label == "llm stream":  # LLM Engine's CompletionStreamV1Response
+            assert last["output"] is None and last["error"]["status_code"] == 503
+            assert REASON in last["error"]["content"]["error"]
+        else:  # LLM Engine's task events
+            assert last["status"] == "FAILURE" and last["status_code"] == 503
+            assert REASON in last["result"]["result"]["detail"]
+    task_id = task.json()["task_id"]
+
+    def task_over() -> bool:
+        view = httpx.get(url + f"/v1/async-tasks/{task_id}", headers=auth(key), timeout=10)
+        return bool(view.json()["status"] == "FAILURE")
+
+    wait_until(task_over, QUICK_S, "the queued task to fail")
+    view = httpx.get(url + f"/v1/async-tasks/{task_id}", headers=auth(key), timeout=10).json()
+    assert REASON in str(view["traceback"]), view
