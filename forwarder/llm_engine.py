@@ -108,9 +108,20 @@ def completion_payload(request: Json, model: str, *, stream: bool) -> Json:
 
 
 def _tokens(choice: Json) -> list[Json] | None:
+    """The choice's tokens with their log-probabilities (None: it carries none), read from
+    either format a replica answers in: the legacy completions `logprobs.tokens` and
+    `logprobs.token_logprobs` (vLLM), or `logprobs.content: [{"token", "logprob", ...}]`
+    (llama.cpp's server, as in OpenAI's chat format)."""
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, dict):
         return None
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return [
+            {"token": str(item.get("token") or ""), "log_prob": float(item.get("logprob") or 0.0)}
+            for item in content
+            if isinstance(item, dict)
+        ]
     tokens = logprobs.get("tokens") or []
     values = logprobs.get("token_logprobs") or []
     return [{"token": t, "log_prob": float(v or 0.0)} for t, v in zip(tokens, values, strict=False)]

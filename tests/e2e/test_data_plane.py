@@ -99,7 +99,17 @@ CLIENT_SCRIPT = textwrap.dedent("""
                              max_new_tokens=8, temperature=0)
     chunks = list(Completion.create(model=model, prompt="One, two, three,",
                                     max_new_tokens=8, temperature=0, stream=True))
+    probed = Completion.create(model=model, prompt="The sky is", max_new_tokens=3,
+                               return_token_log_probs=True, temperature=0)
+    probed_chunks = list(Completion.create(model=model, prompt="The sky is", max_new_tokens=3,
+                                           return_token_log_probs=True, temperature=0,
+                                           stream=True))
     print(json.dumps({
+        "log_probs": [[t.token, t.log_prob] for t in probed.output.tokens or []],
+        "log_probs_text": probed.output.text,
+        "stream_log_probs": [[c.output.token.token, c.output.token.log_prob]
+                             if c.output.token else None for c in probed_chunks if c.output],
+        "stream_log_probs_text": "".join(c.output.text for c in probed_chunks if c.output),
         "text": sync.output.text, "completion_tokens": sync.output.num_completion_tokens,
         "prompt_tokens": sync.output.num_prompt_tokens, "request_id": sync.request_id,
         "stream_texts": [c.output.text for c in chunks if c.output],
@@ -132,6 +142,16 @@ def test_llmengine_completion_sync_and_stream(gemma: Appliance) -> None:
     assert got["finished"][-1] is True and not any(got["finished"][:-1])
     assert got["stream_tokens"] > 0
     assert not any(got["errors"])
+    # llama.cpp answers log-probabilities in `logprobs.content`: each token comes back with its
+    # log-probability, sync and streamed, and the tokens spell the text
+    tokens = got["log_probs"]
+    assert len(tokens) == 3 and "".join(t for t, _ in tokens) == got["log_probs_text"], got
+    assert all(isinstance(p, float) and p <= 0.0 for _, p in tokens), tokens
+    assert any(p < 0.0 for _, p in tokens), tokens  # read, not the 0.0 of a missing value
+    streamed = [t for t in got["stream_log_probs"] if t is not None]
+    assert len(streamed) == 3, got["stream_log_probs"]
+    assert "".join(t for t, _ in streamed) == got["stream_log_probs_text"], got
+    assert all(p <= 0.0 for _, p in streamed) and any(p < 0.0 for _, p in streamed), streamed
 
 
 def test_usage_reaches_metrics_and_redis(gemma: Appliance, sdk: openai.OpenAI) -> None:

@@ -98,6 +98,70 @@ def test_sync_response() -> None:
     }
 
 
+def llamacpp_logprobs(*pairs: tuple[str, float]) -> dict[str, Any]:
+    """llama.cpp's server's `logprobs` of a completion choice, as its b-series answers (the
+    chat format's `content`, with ids, bytes and top_logprobs)."""
+    content = [
+        {"id": 7, "token": t, "bytes": list(t.encode()), "logprob": v, "top_logprobs": []}
+        for t, v in pairs
+    ]
+    return {"content": content}
+
+
+def test_sync_response_lists_tokens_in_either_logprobs_format() -> None:
+    usage = {"prompt_tokens": 4, "completion_tokens": 2}
+    vllm = {
+        "choices": [
+            {
+                "text": " the sea",
+                "logprobs": {"tokens": [" the", " sea"], "token_logprobs": [-1.04, -0.5]},
+            }
+        ],
+        "usage": usage,
+    }
+    llamacpp = {
+        "choices": [
+            {"text": " the sea", "logprobs": llamacpp_logprobs((" the", -1.04), (" sea", -0.5))}
+        ],
+        "usage": usage,
+    }
+    want = [{"token": " the", "log_prob": -1.04}, {"token": " sea", "log_prob": -0.5}]
+    assert llm_engine.sync_response(vllm, "r1")["output"]["tokens"] == want
+    assert llm_engine.sync_response(llamacpp, "r1")["output"]["tokens"] == want
+
+
+def test_stream_events_carry_llamacpp_tokens() -> None:
+    """llama.cpp streams one token a chunk, then a last chunk with the finish reason, no
+    logprobs and the usage."""
+    first = {
+        "choices": [
+            {"text": " the", "logprobs": llamacpp_logprobs((" the", -0.93)), "finish_reason": None}
+        ]
+    }
+    second = {
+        "choices": [
+            {
+                "text": " limit",
+                "logprobs": llamacpp_logprobs((" limit", -0.01)),
+                "finish_reason": None,
+            }
+        ]
+    }
+    last = {
+        "choices": [{"text": "", "logprobs": None, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 2},
+    }
+    translator = llm_engine.StreamTranslator("r1")
+    out = translator.feed(sse(first, second, last) + b"data: [DONE]\n\n") + translator.close()
+    events = [json.loads(line[6:])["output"] for line in out.split(b"\n\n") if line]
+    assert [e.get("token") for e in events] == [
+        {"token": " the", "log_prob": -0.93},
+        {"token": " limit", "log_prob": -0.01},
+        None,
+    ]
+    assert events[-1]["finished"] and events[-1]["num_completion_tokens"] == 2
+
+
 def test_stream_translation_has_no_done_and_finishes_once() -> None:
     chunk = {"choices": [{"text": "a", "finish_reason": None}], "usage": None}
     last = {"choices": [{"text": "", "finish_reason": "length"}], "usage": None}
