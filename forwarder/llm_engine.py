@@ -236,21 +236,39 @@ class StreamTranslator:
         return self._flush()
 
 
+OPENAI_FRAMEWORKS = ("vllm", "llamacpp")  # replicas that serve only their OpenAI routes
+NO_ROUTE = (
+    "args need prompt (a completion), messages (a chat) or input (embeddings): a {framework} "
+    "endpoint serves only {routes} (no predict route), and an async task may name one of them "
+    "as its route"
+)
+
+
 def declared_routes(framework: str, predict_route: str) -> tuple[str, ...]:
     """The replica paths a task may name as its `route`: the OpenAI routes of vLLM and
     llama.cpp replicas, a custom image's predict route. Others (`/tokenize`, `/slots`...) are
     the replica's own business and never reached through the appliance."""
-    if framework in ("vllm", "llamacpp"):
+    if framework in OPENAI_FRAMEWORKS:
         return (CHAT, COMPLETIONS, EMBEDDINGS)
     return (predict_route,)
 
 
-def task_path(framework: str, predict_route: str, args: Any) -> str:
-    """Where a `{"args": ...}` task goes: the OpenAI route its args fit for vLLM and llama.cpp
-    replicas (their `/predict` routes are gone), the endpoint's predict route otherwise."""
-    if framework in ("vllm", "llamacpp"):
-        return upstream_for(args) or predict_route
-    return predict_route
+def task_path(framework: str, predict_route: str, args: Any, route: str | None = None) -> str:
+    """Where a `{"args": ...}` task goes, the one rule of every task entry (sync, streaming and
+    async tasks, and the worker that runs the async ones): the `route` it names (its entry
+    checked it against `declared_routes`); for vLLM and llama.cpp replicas, whose `/predict`
+    routes are gone, the OpenAI route the args' shape fits (`forwarder/paths.upstream_for`),
+    and a BadRequestError saying what to send when none does; a custom image's predict route
+    otherwise, whatever the args."""
+    if route:
+        return route
+    if framework not in OPENAI_FRAMEWORKS:
+        return predict_route
+    path = upstream_for(args)
+    if not path:
+        routes = ", ".join(declared_routes(framework, predict_route))
+        raise BadRequestError(NO_ROUTE.format(framework=framework, routes=routes), field="args")
+    return path
 
 
 def parse_result(body: bytes) -> Any:

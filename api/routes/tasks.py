@@ -19,9 +19,9 @@ from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskEr
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import EndpointStatus
-from forwarder.llm_engine import declared_routes
-from forwarder.paths import BY_ID, CHAT, COMPLETIONS
-from forwarder.worker import jobs, taskstore
+from forwarder.llm_engine import declared_routes, task_path
+from forwarder.paths import BY_ID, CHAT, COMPLETIONS, upstream_for
+from forwarder.worker import taskstore
 from forwarder.worker.callbacks import check_url
 
 logger = logging.getLogger(__name__)
@@ -65,16 +65,21 @@ def usable_endpoint(
     return endpoint
 
 
-def task_payload(body: CreateAsyncTaskRequest, endpoint: EndpointView) -> dict[str, Any]:
+def check_shape(body: CreateAsyncTaskRequest) -> None:
+    """A 422 for args that are no JSON object or array, or a route that is no plain path."""
     if body.args is not None and not isinstance(body.args, dict | list):
         raise InvalidSpecError("args must be a JSON object or array", field="args")
     if body.route is not None and (not body.route.startswith("/") or ".." in body.route):
         raise InvalidSpecError("route must be a path such as /v1/completions", field="route")
+
+
+def task_payload(body: CreateAsyncTaskRequest, endpoint: EndpointView, path: str) -> dict[str, Any]:
+    """The stored task: its args (with the endpoint's name and no stream for an OpenAI route,
+    `path`) and the route it named, if any."""
     payload: dict[str, Any] = {"args": body.args}
     if body.route:
         payload["route"] = body.route
-    route = jobs.upstream_route(payload)
-    if route in OPENAI_ROUTES and isinstance(body.args, dict):
+    if path in OPENAI_ROUTES and isinstance(body.args, dict):
         # a task cannot stream; the replica serves the endpoint under its name
         payload["args"] = {**body.args, "model": body.args.get("model") or endpoint.name}
         payload["args"]["stream"] = False
@@ -90,8 +95,9 @@ async def create_async_inference_task(
 ) -> CreateAsyncTaskResponse:
     """The admission of every inference request (api/inference/admission.py): the key, its
     scope and counted limits (the dependencies), its token cap, the endpoint's tenancy."""
+    check_shape(body)
     if isinstance(body.args, dict):
-        generates = jobs.upstream_route({"args": body.args, "route": body.route}) in OPENAI_ROUTES
+        generates = (body.route or upstream_for(body.args)) in OPENAI_ROUTES
         admission.cap_tokens(caller, body.args, inject=generates)
     target = await admission.find_target(state, caller, BY_ID, model_endpoint_id)
     declared = declared_routes(target.framework, target.predict_route)
@@ -101,6 +107,7 @@ async def create_async_inference_task(
             f"{', '.join(declared)} (or leave route out: the args' shape decides)",
             field="route",
         )
+    path = task_path(target.framework, target.predict_route, body.args, body.route)
     if body.callback_url:  # resolves the host: not on the event loop
         await run_in_threadpool(check_url, body.callback_url, state.settings.callback_allowed_hosts)
 
@@ -115,7 +122,7 @@ async def create_async_inference_task(
             endpoint_id=endpoint.id,
             owner=caller.team,
             created_by=caller.user,
-            payload=task_payload(body, endpoint),
+            payload=task_payload(body, endpoint, path),
             callback_url=endpoint.default_callback_url if default else body.callback_url,
             callback_auth=endpoint.default_callback_auth if default else body.callback_auth,
             created_at=time.time(),

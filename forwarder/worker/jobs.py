@@ -24,10 +24,11 @@ from rq.job import Job, JobStatus
 from rq.utils import now as rq_now
 from rq.utils import utcformat
 
-from appliance.errors import CapacityError, EndpointDownError, UpstreamError
+from appliance.errors import BadRequestError, CapacityError, EndpointDownError, UpstreamError
 from appliance.models import TaskStatus
-from forwarder.paths import upstream_for
+from forwarder.llm_engine import task_path
 from forwarder.proxy import Forwarder
+from forwarder.table import Target
 from forwarder.usage import usage_from_json
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import CallbackSender
@@ -38,7 +39,6 @@ HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
 JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
-PREDICT_ROUTE = "/predict"
 
 
 def queue_name(endpoint_id: str, *, low: bool) -> str:
@@ -84,13 +84,13 @@ def _job_hash(task_id: str, queue: str, stamp: str) -> dict[FieldT, EncodableT]:
     }
 
 
-def upstream_route(payload: dict[str, Any]) -> str:
-    """Where a task's args go: an explicit route, else by shape (chat, completion, embeddings,
-    `forwarder/paths.upstream_for`), else the predict route."""
+def upstream_route(payload: dict[str, Any], target: Target) -> str:
+    """Where a task's args go on the target's replicas: `forwarder/llm_engine.task_path`, the
+    rule of every task entry (a BadRequestError when a vLLM or llama.cpp endpoint has no route
+    for them; the api refuses those when they are submitted)."""
     route = payload.get("route")
-    if isinstance(route, str) and route:
-        return route
-    return upstream_for(payload.get("args")) or PREDICT_ROUTE
+    named = route if isinstance(route, str) else None
+    return task_path(target.framework, target.predict_route, payload.get("args"), named)
 
 
 @dataclass
@@ -140,6 +140,11 @@ async def run_task(task_id: str) -> None:
     if route is None:
         await _finish(rt, claimed, TaskStatus.FAILURE, None, None, "the endpoint was deleted")
         return
+    try:
+        path = upstream_route(claimed.payload, route)
+    except BadRequestError as exc:  # submitted before the api refused such args
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, 400, exc.message)
+        return
     body = json.dumps(claimed.payload.get("args")).encode()
     this = asyncio.current_task()
     assert this is not None
@@ -162,9 +167,8 @@ async def run_task(task_id: str) -> None:
         return
     try:
         status, data = await rt.forwarder.fetch(
-            current, replica, upstream_route(claimed.payload), body, started=started,
-            waited=waited,
-        )  # fmt: skip
+            current, replica, path, body, started=started, waited=waited
+        )
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return

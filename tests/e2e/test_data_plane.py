@@ -154,6 +154,23 @@ def test_llmengine_completion_sync_and_stream(gemma: Appliance) -> None:
     assert all(p <= 0.0 for _, p in streamed) and any(p < 0.0 for _, p in streamed), streamed
 
 
+def test_a_task_whose_args_fit_no_route_is_refused_on_a_llamacpp_endpoint(gemma: Appliance) -> None:
+    """llama.cpp's server has no predict route: args with no prompt, messages or input (and no
+    route) are refused when sent, with what to send, on every task entry."""
+    client = gemma.client()
+    endpoint_id = client.get(f"/v1/llm/model-endpoints/{MODEL}").json()["id"]
+    args = {"args": {"text": "The sky is", "max_tokens": 3}}
+    for entry in ("async-tasks", "sync-tasks", "streaming-tasks"):
+        reply = client.post(f"/v1/{entry}?model_endpoint_id={endpoint_id}", json=args)
+        assert reply.status_code == 400, (entry, reply.text)
+        assert "args need prompt (a completion), messages (a chat) or input" in reply.text
+    sync = client.post(
+        f"/v1/sync-tasks?model_endpoint_id={endpoint_id}",
+        json={"args": {"prompt": "The sky is", "max_tokens": 3}},
+    )
+    assert sync.json()["status"] == "SUCCESS", sync.text
+
+
 def test_usage_reaches_metrics_and_redis(gemma: Appliance, sdk: openai.OpenAI) -> None:
     sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
     client = gemma.client()

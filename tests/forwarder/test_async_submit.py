@@ -81,6 +81,7 @@ def test_queued_task_limit_holds_under_a_burst(
     path = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
 
     with ThreadPoolExecutor(CLIENTS) as pool:  # no worker: every accepted task stays queued
-        codes = list(pool.map(lambda i: red.post(path, json={"args": {}}).status_code, range(40)))
+        task = {"args": {"prompt": "x"}}
+        codes = list(pool.map(lambda i: red.post(path, json=task).status_code, range(40)))
     assert sorted(codes) == [200] * 5 + [429] * 35
     assert len(task_rows(bare_appliance)) == 5

@@ -146,6 +146,7 @@ def seed_endpoint(
     owner: str = "admin",
     endpoint_type: str = "async",
     extra: dict[str, Any] | None = None,
+    framework: str = "vllm",
 ) -> str:
     """An endpoint row and one READY replica row at `address`; returns the endpoint id."""
     engine = open_engine(data_dir / "appliance.db")
@@ -157,7 +158,7 @@ def seed_endpoint(
                 name=name,
                 owner=owner,
                 created_by="test",
-                framework="vllm",
+                framework=framework,
                 model="org/model",
                 endpoint_type=endpoint_type,
                 status=EndpointStatus.READY,

@@ -57,6 +57,43 @@ def test_tasks_reach_success_with_the_backend_answer(
     assert reply.status_code == 404
 
 
+def test_tasks_whose_args_fit_no_route_are_refused_unless_the_image_is_custom(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """vLLM and llama.cpp replicas serve only their OpenAI routes: args with no prompt,
+    messages or input and no route are refused on every task entry, before anything is queued
+    or sent; a custom image's predict route takes any args."""
+    vllm = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    custom = seed_endpoint(bare_appliance.data_dir, "own", backend.address, framework="custom")
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    odd = {"args": {"text": "The sky is", "max_tokens": 3}}
+    for entry in ("async-tasks", "sync-tasks", "streaming-tasks"):
+        reply = client.post(f"/v1/{entry}?model_endpoint_id={vllm}", json=odd)
+        assert reply.status_code == 400, (entry, reply.text)
+        detail = reply.json()["detail"]
+        assert "args need prompt" in detail and "input" in detail and "route" in detail, detail
+    assert sum(backend.seen.values()) == 0
+    named = client.post(
+        f"/v1/async-tasks?model_endpoint_id={vllm}", json={**odd, "route": "/v1/completions"}
+    )
+    assert named.status_code == 200, named.text
+
+    sync = client.post(f"/v1/sync-tasks?model_endpoint_id={custom}", json=odd)
+    assert sync.status_code == 200 and sync.json()["status"] == "SUCCESS", sync.text
+    made = client.post(f"/v1/async-tasks?model_endpoint_id={custom}", json=odd)
+    assert made.status_code == 200, made.text
+    # a prompt goes to the custom image's predict route too, untouched, as a sync task's does
+    prompt = client.post(
+        f"/v1/async-tasks?model_endpoint_id={custom}", json={"args": {"prompt": "p"}}
+    )
+    ids = [named.json()["task_id"], made.json()["task_id"], prompt.json()["task_id"]]
+    done = wait_tasks(client, ids, 60)
+    assert [done[i]["status"] for i in ids] == ["SUCCESS"] * 3, done
+    assert backend.seen["/predict"] == 3 and backend.seen["/v1/completions"] == 1
+    assert {"prompt": "p"} in backend.bodies
+
+
 def test_backlog_is_published_and_redis_wipe_loses_no_task(
     bare_appliance: Appliance, backend: FakeBackend
 ) -> None:

@@ -193,3 +193,15 @@ def test_task_wrapping() -> None:
     assert bad["status"] == "FAILURE" and bad["status_code"] == 400
     assert llm_engine.task_path("vllm", "/predict", {"messages": []}) == "/v1/chat/completions"
     assert llm_engine.task_path("custom", "/predict", {"messages": []}) == "/predict"
+
+
+@pytest.mark.parametrize("args", [{"max_tokens": "abc"}, {}, [1, 2], None, "text"])
+def test_a_task_whose_args_fit_no_route_is_refused_on_openai_replicas(args: Any) -> None:
+    for framework in ("vllm", "llamacpp"):
+        with pytest.raises(BadRequestError, match="args need prompt") as refused:
+            llm_engine.task_path(framework, "/predict", args)
+        assert refused.value.field == "args" and "/v1/completions" in refused.value.message
+        named = llm_engine.task_path(framework, "/predict", args, "/v1/embeddings")
+        assert named == "/v1/embeddings"
+    # a custom image takes any args on its own predict route
+    assert llm_engine.task_path("custom", "/generate", args) == "/generate"
