@@ -170,8 +170,22 @@ async def _domain(request: Request, exc: Exception) -> Response:
 
 async def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    status, headers, body = invalid(list(exc.errors()), envelope_of(request.url.path))
+    problems = list(exc.errors())
+    if "json" not in request.headers.get("content-type", ""):
+        problems = [_not_json(problem) for problem in problems]
+    status, headers, body = invalid(problems, envelope_of(request.url.path))
     return Response(body, status, {k.decode(): v.decode() for k, v in headers})
+
+
+NOT_JSON = "; send the body as JSON with the header Content-Type: application/json"
+
+
+def _not_json(problem: Any) -> Any:
+    """A body that is not an object because it was not sent as JSON (`curl -d` without a
+    content type sends a form) says so, rather than only that an object was expected."""
+    if tuple(problem.get("loc", ())) != ("body",):
+        return problem
+    return {**problem, "msg": f"{problem.get('msg', 'the body is not valid')}{NOT_JSON}"}
 
 
 async def _http(request: Request, exc: Exception) -> Response:

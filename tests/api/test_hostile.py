@@ -276,3 +276,15 @@ def test_the_favicon_needs_no_key(api_only: Appliance) -> None:
     page = httpx.get(api_only.url + "/ui/sign-in")
     assert 'rel="icon"' in page.text, page.status_code
     assert os.path.basename(str(reply.url.path)).startswith("favicon")
+
+
+def test_a_json_body_sent_as_a_form_is_told_to_send_json(api_only: Appliance) -> None:
+    sent = json.dumps(body("f")).encode()  # what `curl -d` sends, without a JSON content type
+    reply = api_only.client().post(
+        "/v1/llm/model-endpoints",
+        content=sent,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status_code == 422 and "Content-Type: application/json" in reply.text
+    made = api_only.client().post("/v1/llm/model-endpoints", content=sent)  # no content type
+    assert made.status_code == 422 and "Content-Type: application/json" in made.text
