@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -108,6 +108,33 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict[st
     """OpenAI's error envelope, for routes that answer outside FastAPI's handlers too."""
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# A replica's answer that it has no such route: llama.cpp's 501 ("does not support
+# embeddings"), or the 404 its web framework gives a path it never registered (vLLM serving
+# a generative model has no /v1/embeddings). The request is wrong for this endpoint, not the
+# server broken: the caller gets a 400 that says so, and no SDK retries it.
+NOT_SERVED_STATUSES: Final = (404, 501)
+UNREGISTERED: Final = b'{"detail":"Not Found"}'
+
+
+def not_served(status: int, body: bytes, endpoint: str, path: str) -> errors.BadRequestError | None:
+    """The 400 to answer for a replica's reply that says it does not serve `path`, or None."""
+    if status == 501 or (status == 404 and body.replace(b" ", b"") == UNREGISTERED):
+        words = _replica_words(body)
+        return errors.BadRequestError(f"endpoint {endpoint!r} does not serve {path}: {words}")
+    return None
+
+
+def _replica_words(body: bytes) -> str:
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")[:300]
+    found = reply.get("error", reply) if isinstance(reply, dict) else reply
+    if isinstance(found, dict):
+        found = found.get("message") or found.get("detail") or found
+    return str(found)[:300]
 
 
 def answer(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
 from forwarder.balance import Balancer
@@ -26,6 +26,18 @@ from forwarder.metrics import RequestStats
 from forwarder.table import RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection, UpstreamPool
 from forwarder.usage import StreamUsage, usage_from_json
+
+# A replica's own error for one request (llama.cpp: 500 for an image it cannot read, 501 for
+# a route it lacks) says nothing of its health: it does not count towards ejection, or one
+# caller's bad requests would take a replica out of rotation for everyone. A dead engine
+# fails its health route, which the builder watches.
+REQUEST_ERRORS: Final = (500, 501)
+
+
+def healthy(status: int) -> bool:
+    """Whether a replica that answered `status` is well (a failure counts towards ejection)."""
+    return status < 500 or status in REQUEST_ERRORS
+
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -266,7 +278,7 @@ class Relay:
         usage = None
         if self.status == 200 and self.watch is not None:
             usage = self.watch.result()
-        self._finish(self.status, ok=self.status < 500, usage=usage)
+        self._finish(self.status, ok=healthy(self.status), usage=usage)
         self.reply.on_end()
 
     def on_lost(self, reason: str) -> None:
@@ -284,7 +296,7 @@ class Relay:
         now = perf_counter()
         self._overhead(now, now)
         usage = usage_from_json(body) if status == 200 else None
-        self._finish(status, ok=status < 500, usage=usage, now=now)
+        self._finish(status, ok=healthy(status), usage=usage, now=now)
         self.reply.on_whole(status, headers, body)
 
     def _overhead(self, ready_at: float, now: float) -> None:

@@ -30,7 +30,7 @@ import orjson
 from pydantic import ValidationError
 
 from api.callers import Keys
-from api.errors import answer, invalid, openai_error, status_of
+from api.errors import NOT_SERVED_STATUSES, answer, invalid, not_served, openai_error, status_of
 from api.inference import admission
 from api.limits import Limiter, Release
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
@@ -136,6 +136,7 @@ class Call:
         self.started = False  # the client has the reply's head
         self.length = -1
         self.gather: list[bytes] | None = None  # a reply read whole before it is shaped
+        self.reply_headers: Headers = []  # of a reply read whole
         self.status = 0
         self.keepalive: asyncio.TimerHandle | None = None
         self.over = False
@@ -310,6 +311,9 @@ class Call:
             if status != 200:
                 self.gather = []  # becomes an error in band
             return
+        if status in NOT_SERVED_STATUSES:  # read whole: it may say the route is not served
+            self.gather, self.reply_headers = [], headers
+            return
         self.started = True
         relay = self.relay
         assert relay is not None
@@ -323,7 +327,11 @@ class Call:
 
     def on_end(self) -> None:
         if self.gather is not None:
-            self._final(self.failed_event(self.status, b"".join(self.gather)))
+            body, self.gather = b"".join(self.gather), None
+            if self.held:
+                self._final(self.failed_event(self.status, body))
+            else:
+                self.on_whole(self.status, self.reply_headers, body)
             return
         self.client.end()
         self._settle()
@@ -335,6 +343,10 @@ class Call:
             return
         relay = self.relay
         assert relay is not None
+        if status in NOT_SERVED_STATUSES and self.target is not None:
+            refused = not_served(status, body, self.target.name, self.entry.path)
+            if refused is not None:
+                status, headers, body = answer(refused, self.entry.envelope)
         self._whole(status, headers, body, relay.overhead_s)
 
     def on_failed(self, exc: ApplianceError) -> None:

@@ -339,6 +339,28 @@ NOT_JSON_CASES = [
 ]
 
 
+@pytest.mark.parametrize("entry", ["/v1/embeddings", "/v1/chat/completions", "/v2/completions"])
+def test_a_route_the_replica_does_not_serve_is_a_400_that_ejects_nothing(
+    bed: Bed, entry: str
+) -> None:
+    """llama.cpp answers 501 for embeddings it was not started for: the request is wrong for
+    the endpoint, so a 400 no SDK retries; and a replica's own errors never take it out of
+    rotation (one caller could otherwise take it from everyone)."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+    for _ in range(4):  # more than the failures in a row that eject a replica
+        reply = send(bed, key, MINE, {"status": 501})
+        refused(reply, 400, family)
+        assert f"does not serve {entry}: refused" in reply.text, reply.text
+    for _ in range(4):  # the replica's own error, passed on as it said it
+        failed = send(bed, key, MINE, {"status": 500})
+        assert failed.status_code == 500 and failed.json()["message"] == "refused", failed.text
+    other = send(bed, key, MINE, {"status": 404})  # a 404 with its own words: passed on
+    assert other.status_code == 404 and "does not serve" not in other.text, other.text
+    metrics = bed.admin.get("/metrics").text
+    assert not re.search(r'appliance_replica_ejections_total\{endpoint="mine"\} [1-9]', metrics)
+
+
 @pytest.mark.parametrize(("entry", "what"), NOT_JSON_CASES)
 def test_a_body_that_is_not_json_is_refused_on_every_entry(bed: Bed, entry: str, what: str) -> None:
     """Never a 500 (nesting 100,000 deep once ended in a RecursionError), never passed on:

@@ -83,6 +83,20 @@ def test_models_list_and_unknown_model(sdk: openai.OpenAI) -> None:
     assert "no-such-model" in body["message"]
 
 
+def test_embeddings_from_a_server_without_them_is_a_400_saying_so(sdk: openai.OpenAI) -> None:
+    """llama.cpp started without --embeddings answers 501: the SDK gets a 400 it does not
+    retry, in OpenAI's envelope, with the server's own words."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.embeddings.create(model=MODEL, input="hi")
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == 400
+    assert f"{MODEL!r} does not serve /v1/embeddings" in body["message"]
+    assert "embeddings" in body["message"].split(":", 1)[1]  # llama.cpp's reason follows
+    sdk.chat.completions.create(  # still in rotation
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+
+
 def test_v2_routes_answer_with_the_endpoint_as_model(gemma: Appliance) -> None:
     v2 = openai.OpenAI(base_url=gemma.url + "/v2", api_key=ADMIN_KEY, max_retries=0)
     chat = v2.chat.completions.create(

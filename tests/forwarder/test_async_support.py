@@ -92,6 +92,9 @@ class FakeBackend:
         body = await request.json()
         self.seen[request.path] += 1
         self.bodies.append(body)
+        if isinstance(body.get("status"), int):  # refused, as by a server without embeddings
+            message = {"object": "error", "message": "refused", "code": body["status"]}
+            return web.json_response(message, status=body["status"])
         return web.json_response(
             {
                 "object": "list",
