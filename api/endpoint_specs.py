@@ -81,8 +81,13 @@ def parse_cpus(value: str | int | float) -> float:
     """CPUs as Kubernetes writes them (2, 0.5, 500m), at least 0.01 and at most the box's."""
     text = str(value).strip()
     cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    if not math.isfinite(cpus) or cpus < MIN_CPUS:
+    if not math.isfinite(cpus):
         raise ValueError
+    if cpus < MIN_CPUS:
+        raise InvalidSpecError(
+            f"cpus {value!r} is less than the least a replica may have ({MIN_CPUS}, or 10m)",
+            field="cpus",
+        )
     if cpus > box_cpus():
         raise InvalidSpecError(
             f"cpus {value!r} is more than this box has ({box_cpus()} CPUs)", field="cpus"
