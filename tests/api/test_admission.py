@@ -11,14 +11,16 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
-from tests.harness import Appliance, RedisServer, wait_until
+from tests.harness import Appliance, RedisServer, wait_until, within_one_minute
 
 CAP = 10
 MINE, THEIRS = "mine", "theirs"
@@ -39,20 +41,18 @@ class Bed:
         return str(made.json()["key"])
 
 
-@pytest.fixture(scope="module")
-def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    base = tmp_path_factory.mktemp("admission")
+@contextmanager
+def running_bed(
+    base: Path, env: dict[str, str], seed: Callable[[Path, str], None]
+) -> Iterator[Bed]:
+    """An api and a worker in front of a fake replica, with the endpoints `seed` writes (given
+    the data directory and the replica's address); afterwards the logs, and all stopped."""
     backend = FakeBackend(delay_s=0.0).start()
     redis = RedisServer(base / "redis").start()
-    appliance = Appliance(
-        base / "appliance",
-        redis,
-        env_extra={"APPLIANCE_SWEEP_INTERVAL_S": "0.5", "APPLIANCE_ROUTING_REFRESH_S": "0.5"},
-    )
+    appliance = Appliance(base / "appliance", redis, env_extra=env)
     try:
         start_api(appliance)
-        seed_endpoint(appliance.data_dir, MINE, backend.address, owner="t1", endpoint_type="sync")
-        seed_endpoint(appliance.data_dir, THEIRS, backend.address, owner="t2")
+        seed(appliance.data_dir, backend.address)
         appliance.start_role("worker")
         with appliance.client() as admin:
             yield Bed(appliance, backend, admin, [0])
@@ -61,6 +61,18 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         stop_all(appliance)
         redis.stop()
         backend.stop()
+
+
+def _seed(data_dir: Path, address: str) -> None:
+    seed_endpoint(data_dir, MINE, address, owner="t1", endpoint_type="sync")
+    seed_endpoint(data_dir, THEIRS, address, owner="t2")
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    env = {"APPLIANCE_SWEEP_INTERVAL_S": "0.5", "APPLIANCE_ROUTING_REFRESH_S": "0.5"}
+    with running_bed(tmp_path_factory.mktemp("admission"), env, _seed) as made:
+        yield made
 
 
 # Each entry: how to send a request with these token fields to this endpoint, with this key.
@@ -235,6 +247,7 @@ def test_a_request_that_names_no_limit_gets_the_keys_cap(bed: Bed, entry: str) -
 def test_requests_per_minute(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]
     key = bed.key(requests_per_minute=1)
+    within_one_minute()
     served(openai("/v1/chat/completions", "chat")(bed, key, MINE, {}))
     refused(send(bed, key, MINE, {tokens_field(entry): 1}), 429, family)
 
@@ -270,6 +283,7 @@ def test_a_key_made_by_a_limited_key_shares_its_limits_and_counts(bed: Bed) -> N
     )
     assert made.status_code == 201 and made.json()["limits_from"], made.text
     child = str(made.json()["key"])
+    within_one_minute()
     over_cap = chat(bed, child, MINE, {"max_tokens": CAP * 10})  # counted: the minute's first
     refused(over_cap, 429, "openai")
     assert "max_tokens" in over_cap.text

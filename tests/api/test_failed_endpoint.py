@@ -20,9 +20,17 @@ import pytest
 
 from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus
-from tests.api.test_admission import ENTRIES, Bed, auth, chat_body, refused, tokens_field
-from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
-from tests.harness import Appliance, RedisServer, wait_until
+from tests.api.test_admission import (
+    ENTRIES,
+    Bed,
+    auth,
+    chat_body,
+    refused,
+    running_bed,
+    tokens_field,
+)
+from tests.forwarder.test_async_support import seed_endpoint
+from tests.harness import wait_until
 
 HOLD_S = 90  # the cold-start hold: every answer here must come well before it
 QUICK_S = 30
@@ -61,35 +69,23 @@ def set_status(data_dir: Path, name: str, status: EndpointStatus, reason: str) -
     engine.dispose()
 
 
+def _seed(data_dir: Path, address: str) -> None:
+    seed_endpoint(data_dir, "mine", address, owner="t1")
+    seed_bare(data_dir, BROKEN, EndpointStatus.UPDATE_FAILED, f"{REASON}\n{LOG_TAIL}")
+    seed_bare(data_dir, GOING, EndpointStatus.DELETE_IN_PROGRESS, None)
+    seed_bare(data_dir, FIRST, EndpointStatus.UPDATE_IN_PROGRESS, None)
+    seed_bare(data_dir, IDLE, EndpointStatus.READY, None)  # scaled to zero
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    base = tmp_path_factory.mktemp("failed")
-    backend = FakeBackend(delay_s=0.0).start()
-    redis = RedisServer(base / "redis").start()
-    appliance = Appliance(
-        base / "appliance",
-        redis,
-        env_extra={
-            "APPLIANCE_ROUTING_REFRESH_S": "0.5",
-            "APPLIANCE_ACTIVATION_TIMEOUT_S": str(HOLD_S),
-            "APPLIANCE_STREAM_KEEPALIVE_S": "0.5",
-        },
-    )
-    try:
-        start_api(appliance)
-        seed_endpoint(appliance.data_dir, "mine", backend.address, owner="t1")
-        seed_bare(appliance.data_dir, BROKEN, EndpointStatus.UPDATE_FAILED, f"{REASON}\n{LOG_TAIL}")
-        seed_bare(appliance.data_dir, GOING, EndpointStatus.DELETE_IN_PROGRESS, None)
-        seed_bare(appliance.data_dir, FIRST, EndpointStatus.UPDATE_IN_PROGRESS, None)
-        seed_bare(appliance.data_dir, IDLE, EndpointStatus.READY, None)  # scaled to zero
-        appliance.start_role("worker")
-        with appliance.client() as admin:
-            yield Bed(appliance, backend, admin, [0])
-    finally:
-        print(appliance.logs())
-        stop_all(appliance)
-        redis.stop()
-        backend.stop()
+    env = {
+        "APPLIANCE_ROUTING_REFRESH_S": "0.5",
+        "APPLIANCE_ACTIVATION_TIMEOUT_S": str(HOLD_S),
+        "APPLIANCE_STREAM_KEEPALIVE_S": "0.5",
+    }
+    with running_bed(tmp_path_factory.mktemp("failed"), env, _seed) as made:
+        yield made
 
 
 def down(reply: httpx.Response, family: str, *words: str) -> str:
