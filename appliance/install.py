@@ -31,7 +31,9 @@ def replica_key(secret: bytes, replica_id: str) -> str:
     from the key secret and the replica's id: the api, worker and builder of one install agree
     on it without storing it, and the key a replica's own code can read from its environment
     opens no other replica. Bound to the id (fixed before the container exists), not to the
-    address (a published port is Docker's choice at create)."""
+    address (a published port is Docker's choice at create). No secret, no key ("")."""
+    if not secret:
+        return ""
     return hmac.new(secret, b"replica-api-key:" + replica_id.encode(), hashlib.sha256).hexdigest()
 
 

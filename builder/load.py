@@ -44,10 +44,6 @@ def scrape(address: str, key: str = "") -> tuple[int, int]:
         return (0, 0)
 
 
-def _key(secret: bytes, replica_id: str) -> str:
-    return replica_key(secret, replica_id) if secret else ""
-
-
 def gather(
     client: redis.Redis,
     replicas: Sequence[Replica],
@@ -60,7 +56,7 @@ def gather(
     served = dict(
         zip(
             (r.id for r in ready),
-            pool.map(lambda r: scrape(str(r.address), _key(key_secret, r.id)), ready),
+            pool.map(lambda r: scrape(str(r.address), replica_key(key_secret, r.id)), ready),
             strict=True,
         )
     )

@@ -198,7 +198,7 @@ def container_spec(
         LABEL_GPU_FRACTION: str(gpu_fraction),
         LABEL_REPLICA_KEY: REPLICA_KEY_SCHEME,
     }
-    key = replica_key(key_secret, replica_id) if key_secret else ""
+    key = replica_key(key_secret, replica_id)
     shm = VLLM_SHM_BYTES if endpoint.framework == Framework.VLLM else DEFAULT_SHM_BYTES
     return ContainerSpec(
         name=f"appliance-{install_id}-{endpoint.name}-g{endpoint.generation}-{replica_id[-6:]}",
