@@ -1,8 +1,14 @@
-"""The one place domain errors become HTTP answers: a class-to-status table looked up by MRO.
+"""The one place domain errors become HTTP answers: a class-to-status table looked up by MRO,
+and the envelope each family of routes answers in (`envelope_of`).
 
-OpenAI routes (`/v1/chat/completions`, `/v1/models`...) and unknown paths under /v1 answer in
-OpenAI's error envelope; every other route answers `{"detail": ...}` as FastAPI and the LLM
-Engine client expect.
+- OpenAI's routes (`/v1/chat/completions`, `/v1/models`, `/v1/batches`...) and unknown paths
+  under /v1: OpenAI's envelope, an invalid request 400.
+- LLM Engine's routes (`/v1/llm/...`, `/v1/model-endpoints`, tasks): `{"detail": ...}` with LLM
+  Engine's statuses, the ones its client maps to exceptions: an invalid request (a typed body's
+  too) or a name that exists is 400 (`BadRequestError`), a change already in progress 409.
+- `/v1/files`, which both clients call: OpenAI's envelope with LLM Engine's `detail` beside it.
+- The appliance's own routes (keys, storage, config, the web UI): `{"detail": ...}`, an invalid
+  request 422 and a conflict 409.
 """
 
 from __future__ import annotations
@@ -20,7 +26,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from appliance import errors
-from forwarder.paths import OPENAI, OPENAI_PATHS
+from forwarder.paths import (
+    BOTH,
+    DETAIL,
+    LLM_ENGINE,
+    LLM_ENGINE_PATHS,
+    OPENAI,
+    OPENAI_PATHS,
+    SHARED_PATHS,
+)
 
 STATUS: dict[type[errors.ApplianceError], int] = {
     errors.BadRequestError: 400,
@@ -35,6 +49,19 @@ STATUS: dict[type[errors.ApplianceError], int] = {
     errors.CapacityError: 503,
     errors.EndpointDownError: 503,
     errors.UpstreamError: 502,
+}
+# Where a family of routes answers differently from STATUS (see the module's docstring)
+_OPENAI_STATUS: dict[type[errors.ApplianceError], int] = {errors.InvalidSpecError: 400}
+STATUS_BY_ENVELOPE: Final = {
+    DETAIL: STATUS,
+    OPENAI: STATUS | _OPENAI_STATUS,
+    BOTH: STATUS | _OPENAI_STATUS,
+    LLM_ENGINE: STATUS
+    | {
+        errors.InvalidSpecError: 400,
+        errors.ConflictError: 400,  # LLM Engine's "already exists"
+        errors.OperationInProgressError: 409,
+    },
 }
 OPENAI_PREFIX = "/v1/"  # an unknown path here answers in OpenAI's envelope
 OPENAI_TYPES = {
@@ -93,14 +120,14 @@ def invalid_field(
     return errors.InvalidSpecError(f"{field}: {first['msg']}", field=field)
 
 
-def status_of(exc: errors.ApplianceError, envelope: str = "") -> int:
-    """The status an error answers with; OpenAI's routes answer an invalid request 400."""
+def status_of(exc: errors.ApplianceError, envelope: str = DETAIL) -> int:
+    """The status an error answers with on a route of `envelope`'s family."""
     if isinstance(exc, errors.UpstreamError):
         return exc.status_code
+    table = STATUS_BY_ENVELOPE[envelope]
     for cls in type(exc).__mro__:
-        if cls in STATUS:
-            status = STATUS[cls]
-            return 400 if status == 422 and envelope == OPENAI else status
+        if cls in table:
+            return table[cls]
     return 500
 
 
@@ -143,8 +170,9 @@ def answer(
     """Status, headers and body of an error answered in `envelope` (`forwarder/paths.py`), by
     routes that answer outside FastAPI's handlers (the inference core)."""
     status = status_of(exc, envelope)
-    if envelope == OPENAI:
-        body = json.dumps(openai_error(status, exc.message, exc.field)).encode()
+    if envelope in (OPENAI, BOTH):
+        reply = openai_error(status, exc.message, exc.field)
+        body = json.dumps(reply | {"detail": exc.message} if envelope == BOTH else reply).encode()
     else:
         body = json.dumps({"detail": exc.message}).encode()
     headers = [(b"content-type", b"application/json")]
@@ -153,17 +181,18 @@ def answer(
 
 
 def invalid(problems: list[Any], envelope: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """A request that fails its model's validation (pydantic's errors): 422 with FastAPI's
-    `{"detail": [...]}`, or 400 in OpenAI's envelope."""
-    if envelope != OPENAI:
+    """A request that fails its model's validation (pydantic's errors): FastAPI's
+    `{"detail": [...]}`, 422 (400 on LLM Engine's routes, as its other refusals), or 400 in
+    OpenAI's envelope."""
+    if envelope not in (OPENAI, BOTH):
         body = json.dumps({"detail": jsonable(problems)}).encode()
-        return 422, [(b"content-type", b"application/json")], body
+        status = 400 if envelope == LLM_ENGINE else 422
+        return status, [(b"content-type", b"application/json")], body
     message = "; ".join(_problem(p) for p in problems)
-    return (
-        400,
-        [(b"content-type", b"application/json")],
-        json.dumps(openai_error(400, message)).encode(),
-    )
+    reply = openai_error(400, message)
+    if envelope == BOTH:
+        reply["detail"] = message
+    return 400, [(b"content-type", b"application/json")], json.dumps(reply).encode()
 
 
 def _problem(err: Any) -> str:
@@ -186,7 +215,14 @@ def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
 
 
 def envelope_of(path: str) -> str:
-    return OPENAI if path.startswith(OPENAI_PATHS) else ""
+    """The envelope (and statuses) of the family of routes `path` belongs to."""
+    if path.startswith(SHARED_PATHS):
+        return BOTH
+    if path.startswith(OPENAI_PATHS):
+        return OPENAI
+    if path.startswith(LLM_ENGINE_PATHS):
+        return LLM_ENGINE
+    return DETAIL
 
 
 async def _domain(request: Request, exc: Exception) -> Response:
@@ -220,11 +256,13 @@ async def _http(request: Request, exc: Exception) -> Response:
     for every unknown path under /v1 and for OpenAI's routes, as its SDK expects."""
     assert isinstance(exc, HTTPException)
     path = request.url.path
+    envelope = envelope_of(path)
     unknown = exc.status_code == 404 and path.startswith(OPENAI_PREFIX)
-    if not unknown and envelope_of(path) != OPENAI:
+    if envelope not in (OPENAI, BOTH) and not unknown:
         return await http_exception_handler(request, exc)
     message = f"Invalid URL ({request.method} {path})" if unknown else str(exc.detail)
-    body = json.dumps(openai_error(exc.status_code, message)).encode()
+    reply = openai_error(exc.status_code, message)
+    body = json.dumps(reply | {"detail": message} if envelope == BOTH else reply).encode()
     headers = {**(exc.headers or {}), "content-type": "application/json"}
     return Response(body, exc.status_code, headers)
 

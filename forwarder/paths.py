@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-# How errors are answered: OpenAI's `{"error": {...}}`, or `{"detail": ...}` (FastAPI, LLM
-# Engine and the web UI)
+# How errors are answered (`api/errors.py`): OpenAI's `{"error": {...}}`; LLM Engine's
+# `{"detail": ...}` with LLM Engine's statuses (what its client `llmengine` maps to its
+# exceptions); both at once on the routes both clients call; or `{"detail": ...}` with the
+# appliance's own statuses (its own routes and the web UI)
 OPENAI: Final = "openai"
+LLM_ENGINE: Final = "llm-engine"
+BOTH: Final = "openai+llm-engine"
 DETAIL: Final = "detail"
 # What a reply looks like: the replica's, untouched; or LLM Engine's completion or task formats
 PASSTHROUGH: Final = "passthrough"
@@ -62,18 +66,18 @@ PATHS: Final = (
         "LLM Engine v2 completion (OpenAI's format)",
     ),
     InferencePath(
-        "/v1/llm/completions-sync", COMPLETIONS, DETAIL, COMPLETION, BY_NAME, 0, False, True,
+        "/v1/llm/completions-sync", COMPLETIONS, LLM_ENGINE, COMPLETION, BY_NAME, 0, False, True,
         "LLM Engine completion",
     ),
     InferencePath(
-        "/v1/llm/completions-stream", COMPLETIONS, DETAIL, COMPLETION, BY_NAME, 1, False, True,
+        "/v1/llm/completions-stream", COMPLETIONS, LLM_ENGINE, COMPLETION, BY_NAME, 1, False, True,
         "LLM Engine completion, streamed",
     ),
     InferencePath(
-        "/v1/sync-tasks", "", DETAIL, TASK, BY_ID, 0, False, True, "LLM Engine sync task"
+        "/v1/sync-tasks", "", LLM_ENGINE, TASK, BY_ID, 0, False, True, "LLM Engine sync task"
     ),
     InferencePath(
-        "/v1/streaming-tasks", "", DETAIL, TASK, BY_ID, 1, False, True,
+        "/v1/streaming-tasks", "", LLM_ENGINE, TASK, BY_ID, 1, False, True,
         "LLM Engine streaming task",
     ),
 )  # fmt: skip
@@ -83,8 +87,23 @@ PLAYGROUND: Final = InferencePath(
     "/ui/playground/chat", CHAT, DETAIL, PASSTHROUGH, BY_MODEL, 1, False, True, "Playground chat"
 )
 BATCH_PATHS: Final = tuple(p.path for p in PATHS if p.batchable)
-# Every path answered in OpenAI's envelope, /v1/models included
-OPENAI_PATHS: Final = (*(p.path for p in PATHS if p.envelope == OPENAI), "/v1/models")
+# Every path answered in OpenAI's envelope, /v1/models and /v1/batches included
+OPENAI_PATHS: Final = (
+    *(p.path for p in PATHS if p.envelope == OPENAI),
+    "/v1/models",
+    "/v1/batches",
+)
+# LLM Engine's routes (prefixes): management, tasks, batch completions, completions
+LLM_ENGINE_PATHS: Final = (
+    "/v1/llm/",
+    "/v1/model-endpoints",
+    "/v1/async-tasks",
+    "/v1/sync-tasks",
+    "/v1/streaming-tasks",
+    "/v2/batch-completions",
+)
+# Routes that OpenAI's SDK and `llmengine` both call (their file APIs)
+SHARED_PATHS: Final = ("/v1/files",)
 
 
 def upstream_for(args: object) -> str:

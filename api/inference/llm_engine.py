@@ -24,7 +24,7 @@ from api.inference.schemas import CompletionV1Request, SyncEndpointPredictV1Requ
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
 from appliance.keys import Caller
 from forwarder import llm_engine
-from forwarder.paths import CHAT, COMPLETION, COMPLETIONS, TASK, InferencePath
+from forwarder.paths import CHAT, COMPLETION, COMPLETIONS, LLM_ENGINE, TASK, InferencePath
 from forwarder.relay import Headers
 from forwarder.table import Target
 
@@ -149,7 +149,7 @@ class CompletionCall(LlmEngineCall):
         return json.dumps(reply).encode()
 
     def in_band(self, exc: ApplianceError) -> bytes:
-        return llm_engine.error_event(self.request_id, status_of(exc), exc.message)
+        return llm_engine.error_event(self.request_id, status_of(exc, LLM_ENGINE), exc.message)
 
     def failed_event(self, status: int, body: bytes) -> bytes:
         return llm_engine.error_event(self.request_id, status, body.decode("utf-8", "replace"))
@@ -227,7 +227,7 @@ class TaskCall(LlmEngineCall):
         super().on_whole(status, headers, body)
 
     def in_band(self, exc: ApplianceError) -> bytes:
-        return llm_engine.task_event({"detail": exc.message}, status_of(exc))
+        return llm_engine.task_event({"detail": exc.message}, status_of(exc, LLM_ENGINE))
 
     def failed_event(self, status: int, body: bytes) -> bytes:
         return llm_engine.task_event(llm_engine.parse_result(body), status)

@@ -138,7 +138,7 @@ def test_every_way_of_carrying_a_request_answers_the_same(apis: dict[str, Applia
     assert reference["chat"][0] == 200 and reference["chat stream"][0] == 200
     assert reference["llm stream"][0] == 200 and reference["sync task"][0] == 200
     assert reference["too large"][0] == 413 and reference["bad key"][0] == 401
-    assert reference["unknown model"][0] == 404 and reference["llm invalid"][0] == 422
+    assert reference["unknown model"][0] == 404 and reference["llm invalid"][0] == 400
     assert reference["failed stream"][0] == 503 and reference["task failed"][0] == 503
     for name, got in answers.items():
         for label in reference:

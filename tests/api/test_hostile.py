@@ -1,6 +1,7 @@
-"""Hostile input against a running api: every number bounded (a 422 naming the field, never a
-500), the keep-alive connection kept after an error, bodies over a route's limit refused before
-the key and before parsing, and the favicon served without a key."""
+"""Hostile input against a running api: every number bounded (a 400 naming the field on LLM
+Engine's routes, never a 500), the keep-alive connection kept after an error, bodies over a
+route's limit refused before the key and before parsing, and the favicon served without a
+key."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def nested(depth: int) -> list[Any]:
 
 
 def hostile_cases(team_key: str) -> list[tuple[str, dict[str, Any] | bytes, str, str]]:
-    """(what, body, key, field the 422 must name)."""
+    """(what, body, key, field the 400 must name)."""
     gguf = {"inference_framework": "llamacpp", "model_name": "x.gguf", "gpus": 0}
     return [
         ("per_worker 2^70", body("a", per_worker=2**70), ADMIN_KEY, "per_worker"),
@@ -135,7 +136,7 @@ def test_every_number_is_bounded_and_the_connection_survives(api_only: Appliance
                 + data
             )
             status, reply = conn.answer()
-            assert status == 422, (what, path, status, reply[:300])
+            assert status == 400, (what, path, status, reply[:300])
             assert field in reply.decode(), (what, reply[:300])
             json.loads(reply)  # strict JSON: no NaN echoed back
         assert conn.ask("GET", "/v1/llm/model-endpoints") == 200, what  # same connection
@@ -177,18 +178,18 @@ def test_an_update_is_bounded_too(api_only: Appliance) -> None:
             content=json.dumps(change).encode(),
             headers={"content-type": "application/json"},
         )
-        assert reply.status_code == 422 and field in reply.text, (change, reply.text)
+        assert reply.status_code == 400 and field in reply.text, (change, reply.text)
     refused = team.put("/v1/llm/model-endpoints/c", json={"priority": 1})
-    assert refused.status_code == 422 and "priority" in refused.text
+    assert refused.status_code == 400 and "priority" in refused.text
 
 
-def test_gpus_past_the_box_is_a_422_that_says_how_many_it_has(api_only: Appliance) -> None:
+def test_gpus_past_the_box_is_a_400_that_says_how_many_it_has(api_only: Appliance) -> None:
     store = redis.Redis.from_url(api_only.redis.url)
     store.set(bus.GPUS_KEY, EIGHT_GPUS.read_text())  # as the builder reports them
     store.close()
     admin = api_only.client()
     reply = admin.post("/v1/llm/model-endpoints", json=body("g", gpus=9, num_shards=9))
-    assert reply.status_code == 422 and "8 GPUs" in reply.text, reply.text
+    assert reply.status_code == 400 and "8 GPUs" in reply.text, reply.text
     fits = admin.post("/v1/llm/model-endpoints", json=body("g", gpus=8, num_shards=8))
     assert fits.status_code == 200, fits.text
 
@@ -285,6 +286,6 @@ def test_a_json_body_sent_as_a_form_is_told_to_send_json(api_only: Appliance) ->
         content=sent,
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
-    assert reply.status_code == 422 and "Content-Type: application/json" in reply.text
+    assert reply.status_code == 400 and "Content-Type: application/json" in reply.text
     made = api_only.client().post("/v1/llm/model-endpoints", content=sent)  # no content type
-    assert made.status_code == 422 and "Content-Type: application/json" in made.text
+    assert made.status_code == 400 and "Content-Type: application/json" in made.text

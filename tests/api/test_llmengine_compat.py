@@ -45,6 +45,10 @@ SCRIPT = textwrap.dedent("""
         out["theirs"] = [theirs.filename, theirs.size, File.download(sys.argv[2]).content]
         out["listed"] = sorted(f.id for f in File.list().files)
         out["deleted"] = File.delete(sys.argv[2]).deleted
+        try:
+            File.get(sys.argv[2])
+        except Exception as exc:
+            out["missing"] = [type(exc).__name__, str(exc)]
     if step == "read":
         out["made"] = Model.create(
             name="client-made", model="acme/standin-1b", inference_framework_image_tag="latest",
@@ -64,6 +68,21 @@ SCRIPT = textwrap.dedent("""
     elif step == "update":
         for name in ("vllm-stream", "llama"):
             Model.update(name, max_workers=2)
+    elif step == "refused":  # what the client raises for requests the appliance refuses
+        made = dict(
+            model="acme/standin-1b", inference_framework_image_tag="latest", num_shards=1,
+            gpus=1, min_workers=0, max_workers=1, per_worker=2, labels={"team": "ml"})
+        for call in (
+            lambda: Model.create(name="llama", **made),  # the name exists
+            lambda: Model.create(name="too-big", **{**made, "memory": "1Ki"}),
+            lambda: Model.update("llama", min_workers=3, max_workers=1),
+            lambda: Model.get("nowhere"),
+        ):
+            try:
+                call()
+                out.setdefault("errors", []).append(None)
+            except Exception as exc:
+                out.setdefault("errors", []).append([type(exc).__name__, str(exc)])
     elif step == "finetune":
         for call in (
             lambda: FineTune.create(model="llama", training_file="file_x"),
@@ -170,6 +189,22 @@ def test_metadata_updates_merge_key_by_key(api_only: Appliance) -> None:
     assert got["spec"]["metadata"] == {"added": 1}
 
 
+def test_the_client_raises_its_own_exceptions_for_refusals(api_only: Appliance) -> None:
+    """LLM Engine's statuses, which its client maps: an invalid request or a name that exists
+    is a BadRequestError (a 422 or 409 would be its UnknownError), an unknown name NotFound."""
+    seed(api_only)
+    errors = client(api_only, "refused")["errors"]
+    assert [kind for kind, _ in errors] == [
+        "BadRequestError",
+        "BadRequestError",
+        "BadRequestError",
+        "NotFoundError",
+    ], errors
+    assert "already exists" in errors[0][1]
+    assert "memory" in errors[1][1]
+    assert "max_workers" in errors[2][1] or "min_workers" in errors[2][1]
+
+
 def test_fine_tunes_fail_in_the_clients_words(api_only: Appliance) -> None:
     errors = client(api_only, "finetune")["errors"]
     assert len(errors) == 5
@@ -244,7 +279,7 @@ def test_batch_completions_refuse_what_they_would_not_honour(api_only: Appliance
         ),
     ):
         reply = admin.post("/v2/batch-completions", json={**base, **change})
-        assert reply.status_code == 422, (change, reply.text)
+        assert reply.status_code == 400, (change, reply.text)
         assert field in json.dumps(reply.json()["detail"]), (change, reply.text)
     missing = admin.post(
         "/v1/llm/batch-completions", json={**base, "model_config": {"model": "nowhere"}}

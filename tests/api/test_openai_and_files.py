@@ -1,5 +1,6 @@
 """The `openai` SDK and LLM Engine's client on the same install: files in both clients' shapes
-on the same routes, OpenAI's model object, and OpenAI's error envelope for unknown paths."""
+on the same routes (their errors too), OpenAI's model object, and OpenAI's error envelope for
+batches and unknown paths."""
 
 from __future__ import annotations
 
@@ -30,14 +31,20 @@ def test_files_with_both_clients(api_only: Appliance, tmp_path: Path) -> None:
     assert seen["theirs"] == ["openai.jsonl", len(LINES), LINES.decode()]
     assert seen["listed"] == sorted([theirs.id, mine_id])
     assert seen["deleted"] is True
+    # one error body both clients read: LLM Engine's `detail` beside OpenAI's `error`
+    assert seen["missing"] == ["NotFoundError", f"no file with id {theirs.id!r}"]
     # OpenAI's SDK sees LLM Engine's upload as its own kind of file, and the bytes as they are
     got = oai.files.retrieve(mine_id)
     assert (got.filename, got.bytes, got.purpose) == ("engine.txt", 21, "batch")
     assert oai.files.content(mine_id).content == b"hello from llmengine\n"
     assert [f.id for f in oai.files.list()] == [mine_id]  # the other was deleted
     assert oai.files.delete(mine_id).deleted is True
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as gone:
         oai.files.retrieve(mine_id)
+    assert gone.value.body["message"] == f"no file with id {mine_id!r}"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as batch:
+        oai.batches.retrieve("batch_nope")
+    assert "batch_nope" in batch.value.body["message"]  # type: ignore[index]
 
 
 def test_models_retrieve_and_unknown_routes(api_only: Appliance) -> None:

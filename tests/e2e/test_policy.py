@@ -1,6 +1,6 @@
 """The container policy: requests that would run a privileged container, mount a host path
 outside the models directory, preload a library, use the host network or run an image no
-administrator approved are refused with a 422 and a message, and Docker creates nothing."""
+administrator approved are refused with a 400 and a message, and Docker creates nothing."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_policy_violations_are_refused_and_create_nothing(
     since = time.time()
     for what, body, needle in BAD_REQUESTS:
         reply = client.post("/v1/model-endpoints", json=body)
-        assert reply.status_code == 422, f"{what}: {reply.status_code} {reply.text}"
+        assert reply.status_code == 400, f"{what}: {reply.status_code} {reply.text}"
         assert needle in reply.text, f"{what}: the message should name {needle!r}: {reply.text}"
 
     user = appliance.client(make_key(appliance, "team-b"))
@@ -113,12 +113,12 @@ def test_policy_violations_are_refused_and_create_nothing(
         ),
     ]:
         reply = user.post("/v1/model-endpoints", json=body)
-        assert reply.status_code == 422, f"{what}: {reply.status_code} {reply.text}"
+        assert reply.status_code == 400, f"{what}: {reply.status_code} {reply.text}"
         assert "administrator" in reply.text
     admin_unapproved = client.post(
         "/v1/model-endpoints", json=gemma(checkpoint_path="ok.gguf", image="evil/miner:latest")
     )
-    assert admin_unapproved.status_code == 422 and "not approved" in admin_unapproved.text
+    assert admin_unapproved.status_code == 400 and "not approved" in admin_unapproved.text
 
     assert client.get("/v1/model-endpoints").json() == {"model_endpoints": []}
     time.sleep(1)
