@@ -269,6 +269,25 @@ def test_a_management_body_over_its_limit_is_413_before_the_key(api_only: Applia
     assert small.ask("POST", "/v1/api-keys", b'{"name": 1}') == 422  # kept open after a 401
 
 
+def test_http_basic_is_accepted_but_never_offered(api_only: Appliance) -> None:
+    """A browser offered Basic would keep the key and send it with another site's form posts
+    (a text/plain body that needs no preflight): the 401 offers Bearer only."""
+    import httpx
+
+    form = b'{"model": "x", "messages": [], "p": "="}\r\n'  # what enctype=text/plain sends
+    for path in ("/v1/chat/completions", "/v1/llm/model-endpoints"):
+        reply = httpx.post(
+            api_only.url + path,
+            content=form,
+            headers={"content-type": "text/plain", "origin": "https://elsewhere.example"},
+        )
+        assert reply.status_code == 401, reply.text
+        offered = reply.headers["www-authenticate"]
+        assert offered.startswith("Bearer") and "basic" not in offered.lower(), offered
+    listed = httpx.get(api_only.url + "/v1/llm/model-endpoints", auth=(ADMIN_KEY, ""))
+    assert listed.status_code == 200, listed.text  # as LLM Engine's client sends it
+
+
 def test_the_favicon_needs_no_key(api_only: Appliance) -> None:
     import httpx
 
