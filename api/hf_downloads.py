@@ -10,9 +10,10 @@ import time
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 
+from api.schemas import Revision
 from appliance import audit, bus
 from appliance.caller import Caller
 from appliance.errors import NotFoundError
@@ -32,21 +33,7 @@ class HfDownloadCreate(BaseModel):
         description="The model's repository id on the hub, `owner/name`.",
         examples=["google/gemma-3-270m"],
     )
-    revision: str = Field(
-        "main",
-        min_length=1,
-        max_length=200,
-        pattern=r"^[\w.\-/]+$",
-        description="A branch, tag or commit of the repository.",
-    )
-
-    @field_validator("revision")
-    @classmethod
-    def _no_parent(cls, value: str) -> str:
-        """A revision names a folder in the cache (`refs/<revision>`): never a way out of it."""
-        if ".." in value.split("/") or value.startswith("/"):
-            raise ValueError("revision must be a branch, tag or commit, without '..'")
-        return value
+    revision: Revision = Field("main", description="A branch, tag or commit of the repository.")
 
 
 def ref(repository: str, revision: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 Quantity = str | int | float
@@ -24,6 +24,23 @@ MAX_PRIORITY = 1000
 # for one, and a replica whose command line is refused only crash-loops.
 Short = Annotated[str, Field(max_length=1024)]
 Template = Annotated[str, Field(max_length=64 * 1024)]
+
+
+def _no_parent(value: str) -> str:
+    """A revision names a folder in the Hugging Face cache (`refs/<revision>`): never a way
+    out of it."""
+    if ".." in value.split("/") or value.startswith("/"):
+        raise ValueError("must be a branch, tag or commit, without '..'")
+    return value
+
+
+# A branch, tag or commit of a hub repository: `revision` of a download ahead of time and of
+# an endpoint (`code_revision`, `tokenizer_revision` too)
+Revision = Annotated[
+    str,
+    Field(min_length=1, max_length=200, pattern=r"^[\w.\-/]+$"),
+    AfterValidator(_no_parent),
+]
 BOUNDED = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -123,10 +140,10 @@ class _VllmArgs(BaseModel):
     tokenizer: Short | None = None
     dtype: Short | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    revision: Short | None = None
-    code_revision: Short | None = None
+    revision: Revision | None = None
+    code_revision: Revision | None = None
     rope_scaling: Any = None
-    tokenizer_revision: Short | None = None
+    tokenizer_revision: Revision | None = None
     quantization_param_path: Short | None = None
     max_seq_len_to_capture: int | None = Field(None, gt=0, le=MAX_TOKENS)
     disable_sliding_window: bool | None = None

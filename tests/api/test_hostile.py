@@ -121,6 +121,9 @@ def hostile_cases(team_key: str) -> list[tuple[str, dict[str, Any] | bytes, str,
         ("rope_scaling 40 deep", body("a", rope_scaling=nested(40)), ADMIN_KEY, "rope_scaling"),
         ("a team's priority", body("a", priority=5), team_key, "priority"),
         ("a team's high_priority", body("a", high_priority=True), team_key, "high_priority"),
+        ("revision out of the cache", body("a", revision="../../../tmp/x"), team_key, "revision"),
+        ("tokenizer_revision absolute", body("a", tokenizer_revision="/etc"), team_key,
+         "tokenizer_revision"),
     ]  # fmt: skip
 
 
