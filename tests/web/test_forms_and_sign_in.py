@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from tests.forwarder.test_async_support import seed_endpoint
 from tests.harness import ADMIN_KEY, Appliance, wait_until
 from tests.web.browser import check_page, field_error, sign_in
 
@@ -145,3 +146,14 @@ def test_bad_input_shows_next_to_fields_and_creates_nothing(
     check_page(page, "playground-empty")
     page.click("nav >> text=Tasks")
     check_page(page, "tasks-empty")
+
+
+def test_the_logs_page_carries_the_uis_security_headers(api_only: Appliance) -> None:
+    """Container output is text a replica printed: served as the UI's pages are (nosniff, the
+    same CSP), so a browser never runs it as a page or a script."""
+    endpoint_id = seed_endpoint(api_only.data_dir, "logged", "127.0.0.1:9")
+    client = browser_client(api_only)
+    logs = client.get(f"/ui/endpoints/{endpoint_id}/logs")
+    assert logs.status_code == 200 and logs.headers["content-type"].startswith("text/plain")
+    assert logs.headers["x-content-type-options"] == "nosniff"
+    assert "script-src 'self'" in logs.headers["content-security-policy"]

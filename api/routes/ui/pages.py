@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from api import endpoint_logs, endpoint_service, gpu_inventory
 from api.deps import AppState, SessionDep, StateDep
-from api.routes.ui.respond import need, not_found, page, redirect
+from api.routes.ui.respond import HEADERS, need, not_found, page, redirect
 from api.ui_session import SignedInDep
 from appliance import bus, queries
 from appliance.errors import NotFoundError
@@ -177,7 +177,7 @@ def read_endpoint_logs(
     """The replicas' logs through the by-id route, following while the page is open."""
     need(ui.caller, "manage")
     lines = endpoint_logs.lines(endpoint_id, ui.caller, state, 200, follow, None)
-    return StreamingResponse(lines, media_type=endpoint_logs.MEDIA_TYPE)
+    return StreamingResponse(lines, media_type=endpoint_logs.MEDIA_TYPE, headers=HEADERS)
 
 
 # --- GPUs, tasks, batches --------------------------------------------------------------------
