@@ -33,6 +33,7 @@ from builder.reconcile import Observed, SetDesired, SetStatus, plan
 from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command
+from builder.starting import StartingLogs
 from gpu.inventory import GpuSource
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class BuilderLoop:
         )
         self.logs = LogShipper(self.docker, self.redis)
         self.images = ImageKeeper(self.docker, self.redis, self.applier.settings)
+        self.starting = StartingLogs(self.docker, self._pool)
         self._publish_inventory()
 
     def _health(self, replicas: list[Replica], routes: dict[str, str]) -> dict[str, bool]:
@@ -123,6 +125,7 @@ class BuilderLoop:
             inventory=self._inventory,
             now=now,
             preparing=preparing,
+            last_lines=self.starting.read(endpoints, replicas),
         )
 
     def _record(self, notes: list[Note]) -> None:

@@ -14,6 +14,7 @@ from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Readiness, Waiting
 from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA, has_stale_key
+from builder.starting import DEPLOYING, describe, is_starting
 from gpu.inventory import Inventory
 from gpu.place import GpuRequest, place
 
@@ -41,6 +42,7 @@ class Observed:
     inventory: Inventory
     now: float
     preparing: Mapping[str, Readiness] = field(default_factory=dict)  # endpoint id -> wait
+    last_lines: Mapping[str, str] = field(default_factory=dict)  # starting replica -> its output
 
 
 @dataclass(frozen=True)
@@ -298,10 +300,22 @@ def _plan_scale_and_roll(
     removable = len(old) if desired == 0 else len(old) + len(ready) - desired
     for replica in old[: max(removable, 0)]:
         tick.actions.append(DrainReplica(replica.id, "replaced by a new generation"))
-    converged = len(ready) == desired and not old
+    starting = [r for r in current if r.state == ReplicaState.STARTING]
+    if reason is None and starting and not ready and endpoint.status in DEPLOYING:
+        reason = describe(starting, tick.obs.last_lines, tick.obs.now)
+    _plan_status(tick, endpoint, reason, waiting, converged=len(ready) == desired and not old)
+
+
+def _plan_status(
+    tick: _Tick, endpoint: Endpoint, reason: str | None, waiting: Readiness | None, converged: bool
+) -> None:
+    """The status and its reason, written only when one of them changed; a converged endpoint
+    goes READY without first writing the reason it had while it started."""
     event = not _same_wait(endpoint.status_reason, reason, waiting)
     if endpoint.status == EndpointStatus.UPDATE_PENDING or (
-        endpoint.status == EndpointStatus.UPDATE_IN_PROGRESS and reason != endpoint.status_reason
+        endpoint.status == EndpointStatus.UPDATE_IN_PROGRESS
+        and reason != endpoint.status_reason
+        and not converged
     ):
         status = EndpointStatus.UPDATE_IN_PROGRESS
         event = event or endpoint.status != status
@@ -315,7 +329,12 @@ def _plan_scale_and_roll(
 
 
 def _same_wait(before: str | None, after: str | None, waiting: Readiness | None) -> bool:
-    """True when only the progress figures of one wait changed (no event for that)."""
+    """True when only the progress figures of one wait changed, or only how far the starting
+    replicas are (its seconds, its last line; no event for that)."""
+    if is_starting(after) and (before is None or is_starting(before)):
+        return True
+    if is_starting(before) and after is None:  # they are gone: their own events say why
+        return True
     if not isinstance(waiting, Waiting) or before is None or after is None:
         return False
     return before.startswith(waiting.progress.headline + ":")

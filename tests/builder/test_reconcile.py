@@ -71,6 +71,7 @@ def plan(
         inventory,
         now,
         kw.get("preparing", {}),  # type: ignore[arg-type]
+        kw.get("last_lines", {}),  # type: ignore[arg-type]
     )
     return rc.plan(obs)
 
@@ -303,3 +304,56 @@ def test_a_custom_image_replica_has_no_replica_key_and_stays() -> None:
 def test_replicas_this_version_started_are_kept() -> None:
     actions = plan([endpoint(framework="vllm")], [replica("r1")], [container("r1")])
     assert not [a for a in actions if isinstance(a, rc.DrainReplica | rc.StartReplica)]
+
+
+LOADING = "Loading safetensors checkpoint shards: 50% Completed | 1/2"
+
+
+def test_a_first_replica_starting_says_for_how_long_and_what_it_last_printed() -> None:
+    starting = replica("r1", state=ReplicaState.STARTING, created_at=NOW - 97)
+    actions = plan([endpoint()], [starting], last_lines={"r1": LOADING})
+    reason = f"starting 1 replica (95 s): {LOADING}"
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
+    assert plan([endpoint(status_reason=reason)], [starting], last_lines={"r1": LOADING}) == []
+    silent = plan([endpoint(status_reason=reason)], [starting], now=NOW + 5)  # no line yet
+    no_line = "starting 1 replica (100 s)"
+    assert silent == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, no_line, False)]
+    two = replica("r2", state=ReplicaState.STARTING, created_at=NOW - 10)
+    both = plan(
+        [endpoint(min_replicas=2, desired_replicas=2, status_reason=reason)],
+        [starting, two],
+        last_lines={"r2": "INFO: waiting"},  # the oldest printed nothing yet: the other's line
+    )
+    later = "starting 2 replicas (95 s): INFO: waiting"
+    assert both == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, later, False)]
+
+
+def test_a_starting_reason_clears_to_ready_in_one_write() -> None:
+    before = f"starting 1 replica (95 s): {LOADING}"
+    actions = plan([endpoint(status_reason=before)], [replica("r1")])
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+
+
+def test_starting_replicas_of_a_failed_start_leave_no_event_behind() -> None:
+    before = f"starting 1 replica (95 s): {LOADING}"
+    crash = crashed("r0", NOW - 1)
+    actions = plan([endpoint(status_reason=before)], [crash])  # backing off: nothing starts
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None, False)]
+
+
+def test_no_starting_reason_once_the_generation_has_a_ready_replica_or_the_endpoint_is_ready() -> (
+    None
+):
+    starting = replica("r2", state=ReplicaState.STARTING)
+    two = endpoint(min_replicas=2, desired_replicas=2)
+    assert plan([two], [replica("r1"), starting], last_lines={"r2": LOADING}) == []
+    cold = endpoint(status=EndpointStatus.READY, min_replicas=0)  # a scale from zero
+    assert plan([cold], [starting], last_lines={"r2": LOADING}) == []
+
+
+def test_a_roll_shows_its_new_replica_starting_while_the_old_one_serves() -> None:
+    old = replica("r1", generation=1)
+    new = replica("r2", generation=2, state=ReplicaState.STARTING, gpus=[1], created_at=NOW - 7)
+    actions = plan([endpoint(generation=2)], [old, new], last_lines={"r2": LOADING})
+    reason = f"starting 1 replica (5 s): {LOADING}"
+    assert actions == [rc.SetStatus("end_a", 2, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
