@@ -30,7 +30,6 @@ from appliance.errors import (
     BadRequestError,
     ForbiddenError,
     NoSuchEndpointError,
-    RateLimitedError,
 )
 from appliance.keys import Caller
 from forwarder.paths import BY_ID, BY_MODEL
@@ -77,7 +76,8 @@ def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
     """Check the tokens a request asks for, by any of TOKEN_FIELDS, as an integer, a float or a
     number in a string. A count below 0 is refused (400), but llama.cpp's `n_predict: -1`
     ("until the context is full"). A key's cap holds for every sequence the request asks for
-    (`n`, `best_of`): more is refused (429), and so is an unbounded `n_predict`. When it names
+    (`n`, `best_of`): more is refused, and so is an unbounded `n_predict`, with a 400 (no
+    retry of the same request can pass, so no client should be told to retry). When it names
     none and the key has a cap, the cap (shared by its sequences) becomes its limit if `inject`
     (a generating OpenAI route): then `payload` gets `max_tokens` and True is returned, so the
     caller sends the changed body."""
@@ -96,19 +96,19 @@ def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
                 f"{name}={asked} is below 0: send the most tokens to generate", field=name
             )
         if most and (count < 0 or count * _sequences(payload) > most):
-            raise RateLimitedError(
+            raise BadRequestError(
                 f"{name}={asked}{_per(payload)} is over this key's limit of {most} tokens per "
-                "request",
-                retry_after_s=60,
+                f"request: ask for at most {most // _sequences(payload)}",
+                field=name,
             )
     if named or not inject or not most:
         return False
     share = most // _sequences(payload)
     if share < 1:
-        raise RateLimitedError(
+        raise BadRequestError(
             f"{_sequences(payload)} sequences are over this key's limit of {most} tokens per "
-            "request",
-            retry_after_s=60,
+            "request: ask for fewer (n, best_of)",
+            field="n",
         )
     payload[CAPPED_FIELD] = share
     return True
