@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from typing import Any, Final
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
@@ -131,6 +133,20 @@ def status_of(exc: errors.ApplianceError, envelope: str = DETAIL) -> int:
     return 500
 
 
+def unanswered(exc: Exception) -> errors.ApplianceError:
+    """What an error no handler answered becomes: SQLite still locked by another writer after
+    its busy timeout is a 503 to retry (the request changed nothing); anything else a 500."""
+    if isinstance(exc, errors.ApplianceError):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError | sqlalchemy.exc.OperationalError) and (
+        "database is locked" in str(exc)
+    ):
+        return errors.CapacityError(
+            "the appliance's database is busy with other changes; retry shortly", retry_after_s=2
+        )
+    return errors.ApplianceError("internal error; the api logged it")
+
+
 def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error envelope, for routes that answer outside FastAPI's handlers too."""
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -181,18 +197,25 @@ def answer(
 
 
 def invalid(problems: list[Any], envelope: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """A request that fails its model's validation (pydantic's errors): FastAPI's
-    `{"detail": [...]}`, 422 (400 on LLM Engine's routes, as its other refusals), or 400 in
-    OpenAI's envelope."""
-    if envelope not in (OPENAI, BOTH):
+    """A request that fails its model's validation (pydantic's errors): FastAPI's 422
+    `{"detail": [...]}` on the appliance's own routes; elsewhere a 400 whose message says
+    where and what in words (`max_new_tokens: Input should be greater than 0`), as LLM Engine's
+    client and OpenAI's SDK show it: in `detail` on LLM Engine's routes, OpenAI's envelope on
+    OpenAI's."""
+    if envelope == DETAIL:
         body = json.dumps({"detail": jsonable(problems)}).encode()
-        status = 400 if envelope == LLM_ENGINE else 422
-        return status, [(b"content-type", b"application/json")], body
+        return 422, [(b"content-type", b"application/json")], body
     message = "; ".join(_problem(p) for p in problems)
+    if envelope == LLM_ENGINE:
+        return 400, [(b"content-type", b"application/json")], _detail(message)
     reply = openai_error(400, message)
     if envelope == BOTH:
         reply["detail"] = message
     return 400, [(b"content-type", b"application/json")], json.dumps(reply).encode()
+
+
+def _detail(message: str) -> bytes:
+    return json.dumps({"detail": message}).encode()
 
 
 def _problem(err: Any) -> str:

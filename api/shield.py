@@ -10,7 +10,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import answer, envelope_of
+from api.errors import answer, envelope_of, unanswered
 from appliance.errors import ApplianceError, BadRequestError, BodyTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,7 @@ class Shield:
                 raise  # half a reply is out: only closing the connection can end it
             if not isinstance(exc, ApplianceError):
                 logger.exception("unanswered error on %s %s", scope.get("method"), path)
-                exc = ApplianceError("internal error; the api logged it")
-            await _error(send, path, exc)
+            await _error(send, path, unanswered(exc))
 
 
 def _bad_length() -> ApplianceError:

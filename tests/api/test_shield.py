@@ -1,12 +1,13 @@
 """The api's outermost middleware (`api/shield.py`), driven as uvicorn drives it: an error no
-handler answered becomes a 500 in the route's envelope and is not raised on (uvicorn would
-drop the keep-alive connection), and a chunked body is cut off with a 413 as soon as it passes
-its route's limit, whatever the route makes of it."""
+handler answered becomes a 500 in the route's envelope (a database still locked a 503 to
+retry) and is not raised on (uvicorn would drop the keep-alive connection), and a chunked body
+is cut off with a 413 as soon as it passes its route's limit, whatever the route makes of it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from typing import Any
 
 import pytest
@@ -53,6 +54,18 @@ def test_an_unanswered_error_is_a_500_in_the_routes_envelope(path: str, shape: s
     assert sent[0]["status"] == 500
     assert shape in json.loads(sent[1]["body"])
     assert "SQLite" not in sent[1]["body"].decode()  # the cause is logged, not told
+
+
+async def locked(scope: Any, receive: Any, send: Any) -> None:
+    raise sqlite3.OperationalError("database is locked")
+
+
+def test_a_database_still_locked_after_the_busy_timeout_is_a_503_to_retry() -> None:
+    for path, shape in (("/v1/batches", "error"), ("/v1/llm/model-endpoints", "detail")):
+        sent = run(locked, path, [b"{}"], [])
+        assert sent[0]["status"] == 503, sent
+        assert (b"retry-after", b"2") in sent[0]["headers"]
+        assert "busy" in json.dumps(json.loads(sent[1]["body"])[shape])
 
 
 def test_a_chunked_body_over_the_limit_is_413_once_it_passes_it() -> None:
