@@ -1,5 +1,6 @@
 """Entry point of the api role (`appliance api`): uvicorn with uvloop and httptools, its
-connections opened by the fast lane's front protocol (`api/lane/front.py`).
+connections opened by the fast lane's front protocol (`api/lane/front.py`), or with the lane
+off by uvicorn's httptools protocol with a bound on request heads (`api/lane/glue.py`).
 
 With `api_workers` > 1 this process binds the port, makes the shared in-flight counters
 (`forwarder/shared.py`) and forks the workers, each accepting on its own SO_REUSEPORT socket
@@ -19,12 +20,15 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import cast
 
 import uvicorn
+from fastapi import FastAPI
 
 from api.lane.front import front_protocol
+from api.lane.glue import plain_protocol
 from api.main import create_app, prepare
 from appliance.settings import Settings
 from forwarder.shared import SharedCounts
@@ -41,19 +45,23 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        # uvicorn only calls what it is given, as it would a protocol class
-        http=cast(
-            "type[asyncio.Protocol]",
-            front_protocol(app, settings.header_timeout_s, settings.max_connections),
-        )
-        if settings.fast_lane
-        else "httptools",
+        # uvicorn only calls what it is given, as it would a protocol class; either way a
+        # request head over max_head_bytes is answered 431 (httptools alone has no bound)
+        http=cast("type[asyncio.Protocol]", _protocol(app, settings)),
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
         limit_concurrency=settings.max_connections,  # uvicorn's own cap, without the lane
         backlog=BACKLOG,
     )
+
+
+def _protocol(app: FastAPI, settings: Settings) -> Callable[..., asyncio.Protocol]:
+    if settings.fast_lane:
+        return front_protocol(
+            app, settings.header_timeout_s, settings.max_connections, settings.max_head_bytes
+        )
+    return plain_protocol(settings.max_head_bytes)
 
 
 def main(settings: Settings) -> None:

@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         4096, ge=16, le=1_000_000, description="Connections the api holds at most; more are closed."
     )
+    max_head_bytes: int = Field(
+        64 * 1024,
+        ge=16 * 1024,
+        le=1024 * 1024,
+        description="Longest request head (request line and headers) the api reads; a longer one "
+        "is answered 431 and its connection closed.",
+    )
     inflight_lease_s: float = Field(
         15.0,
         gt=0,

@@ -37,7 +37,9 @@ from forwarder.scan import SP, digits, field, named, starts
 if TYPE_CHECKING:  # only annotations name it (strings at run time); compiled, a native int
     from mypy_extensions import i64
 
-MAX_HEAD_BYTES: Final = 16 * 1024  # a longer head goes to uvicorn, which has its own limits
+# A longer head goes to uvicorn's protocol, which answers one past `max_head_bytes` 431
+# (`glue.py`); `Settings.max_head_bytes` is never below this, so the lane refuses no head.
+MAX_HEAD_BYTES: Final = 16 * 1024
 PIPELINED_MAX_BYTES: Final = 64 * 1024  # buffered while a reply is in progress, then paused
 HOT_PATHS: Final = {entry.path.encode(): entry for entry in BY_PATH.values()}
 STATUS_LINES: Final = {
@@ -130,12 +132,19 @@ class Heads:
     """What every connection of the server shares: the status lines and headers of replies, but
     for their framing and timing (the same for most replies, so made once per second: uvicorn
     renews its date header each second), and the connection limits: how long a request may take
-    to arrive (its head from its first byte, its body between two reads) and how many
-    connections are held at most (one more is closed at once)."""
+    to arrive (its head from its first byte, its body between two reads), how many connections
+    are held at most (one more is closed at once) and how long a head may be (the lane hands a
+    longer one than its own MAX_HEAD_BYTES to uvicorn's protocol, which counts to this)."""
 
-    def __init__(self, header_timeout_s: float = 10.0, max_connections: int = 4096) -> None:
+    def __init__(
+        self,
+        header_timeout_s: float = 10.0,
+        max_connections: int = 4096,
+        max_head_bytes: int = 64 * 1024,
+    ) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
+        self.max_head_bytes = max_head_bytes
         self.defaults: list[tuple[bytes, bytes]] | None = None
         self.prefixes: dict[tuple[int, tuple[tuple[bytes, bytes], ...], bool], bytes] = {}
 
@@ -166,12 +175,15 @@ def timing(overhead_s: float, waited_s: float) -> bytes:
 
 
 def front_protocol(
-    app: FastAPI, header_timeout_s: float = 10.0, max_connections: int = 4096
+    app: FastAPI,
+    header_timeout_s: float = 10.0,
+    max_connections: int = 4096,
+    max_head_bytes: int = 64 * 1024,
 ) -> Callable[..., FrontProtocol]:
     """What uvicorn should make each connection's protocol with (`http=`, called like its own
     protocol classes), for `app`, whose state holds the appliance once started. A factory
     rather than a subclass per app: the compiled build of this module allows no subclasses."""
-    heads = Heads(header_timeout_s, max_connections)
+    heads = Heads(header_timeout_s, max_connections, max_head_bytes)
 
     def make(
         config: Config,
@@ -351,6 +363,7 @@ class FrontProtocol(asyncio.Protocol):
         hand_over(
             self.transport, data, self.write_paused, self.config, self.server_state,
             self.app_state, self.loop, self._taken_back, self.heads.header_timeout_s,
+            self.heads.max_head_bytes,
         )  # fmt: skip
 
     def _taken_back(self, transport: asyncio.Transport, write_paused: bool) -> None:

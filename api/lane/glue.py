@@ -2,7 +2,12 @@
 per connection (`http=` accepts a class, called with `config`, `server_state`, `app_state` and
 `_loop`) and its httptools protocol, which the lane hands a connection to for every request it
 does not carry (`hand_over`), and which hands the connection back once its reply is complete
-(`GeneralProtocol.on_response_complete`).
+(`GeneralProtocol.on_response_complete`). With the lane off (`api/serve.py`), uvicorn makes
+`HeadBoundProtocol` for every connection (`plain_protocol`).
+
+httptools sets no bound on a request's head, and gathers a header whole before it hands it on:
+`HeadBoundProtocol` counts a head's bytes as they arrive and answers one longer than
+`max_head_bytes` 431 before httptools holds more than one read past the bound.
 
 What is used here is what `tests/api/test_lane_glue.py` checks against the installed uvicorn,
 so a uvicorn release that changes any of it fails that test by name instead of misbehaving.
@@ -12,6 +17,8 @@ Not compiled (it subclasses uvicorn's protocol).
 from __future__ import annotations
 
 import asyncio
+import http
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +29,105 @@ from uvicorn.server import ServerState
 # transport, whether writing was paused -> the front protocol that takes the connection back
 GiveBack = Callable[[asyncio.Transport, bool], None]
 
+MAX_HEAD_BYTES = 64 * 1024  # `Settings.max_head_bytes`'s default
+# After a 431, what the client still sends is read and dropped this long before the connection
+# closes: closed with its bytes unread, the client would get a reset instead of the answer.
+LINGER_S = 1.0
+TOO_LARGE = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 
-class GeneralProtocol(HttpToolsProtocol):
+
+class HeadBoundProtocol(HttpToolsProtocol):
+    """uvicorn's own protocol, with a bound on each request's head (its request line and
+    headers): past `max_head_bytes` the request is answered 431 and the connection closed.
+    Counted per read, before httptools sees it, up to the blank line that ends the head."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    head_bytes = 0  # of the head being read; -1 while a body is
+    head_tail = b""  # the head's last bytes: its blank line may straddle two reads
+    refused = False  # a 431 was sent: what arrives now is dropped
+    linger: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.head_bytes >= 0:
+            end = head_end(self.head_tail, data)
+            size = self.head_bytes + (len(data) if end < 0 else end)
+            if size > self.max_head_bytes:
+                self.refuse_head()
+                return
+            self.head_bytes = size
+            self.head_tail = (self.head_tail + data[-3:])[-3:]
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes, self.head_tail = -1, b""
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.head_bytes, self.head_tail = 0, b""  # a next request's head may follow
+        super().on_message_complete()
+
+    def refuse_head(self) -> None:
+        """431 and close. A reply still being written to an earlier request is not cut: the
+        connection stops reading and closes once that reply is complete."""
+        self.refused = True
+        transport = self.transport
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            transport.pause_reading()
+            return
+        message = f"the request head (request line and headers) is over {self.max_head_bytes} bytes"
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+        body = json.dumps({"error": error, "detail": message}).encode()
+        lines = [b"HTTP/1.1 %d %b\r\n" % (TOO_LARGE.value, TOO_LARGE.phrase.encode())]
+        lines.extend(b"%b: %b\r\n" % h for h in self.server_state.default_headers)
+        lines.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+        lines.append(b"connection: close\r\n\r\n")
+        transport.write(b"".join(lines) + body)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.linger = self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        super().connection_lost(exc)
+
+
+def head_end(tail: bytes, data: bytes) -> int:
+    """How many bytes of `data` belong to the head whose last bytes so far are `tail`, when its
+    blank line ends within them; else -1."""
+    if tail:
+        joined = (tail + data[:3]).find(b"\r\n\r\n")
+        if joined >= 0:
+            return joined + 4 - len(tail)
+    end = data.find(b"\r\n\r\n")
+    return end + 4 if end >= 0 else -1
+
+
+def plain_protocol(max_head_bytes: int) -> Callable[..., HeadBoundProtocol]:
+    """What uvicorn should make each connection's protocol with when the lane is off."""
+
+    def make(
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> HeadBoundProtocol:
+        protocol = HeadBoundProtocol(
+            config=config, server_state=server_state, app_state=app_state, _loop=_loop
+        )
+        protocol.max_head_bytes = max_head_bytes
+        return protocol
+
+    return make
+
+
+class GeneralProtocol(HeadBoundProtocol):
     """uvicorn's own protocol, which gives the connection back to the front protocol when a
     reply is complete and no byte of a next request has been read: so a request the lane does
     not carry (a framing it does not read, CORS) does not keep its connection off the lane."""
@@ -85,6 +189,7 @@ def hand_over(
     loop: asyncio.AbstractEventLoop,
     give_back: GiveBack,
     header_timeout_s: float,
+    max_head_bytes: int = MAX_HEAD_BYTES,
 ) -> None:
     """Give the connection, with the bytes read and not consumed, to uvicorn's protocol."""
     protocol = GeneralProtocol(
@@ -92,6 +197,7 @@ def hand_over(
     )
     protocol.give_back = give_back
     protocol.header_timeout_s = header_timeout_s
+    protocol.max_head_bytes = max_head_bytes
     protocol.connection_made(transport)
     protocol.await_head()
     transport.set_protocol(protocol)

@@ -1,7 +1,7 @@
 """Hostile input against a running api: every number bounded (a 400 naming the field on LLM
 Engine's routes, never a 500), the keep-alive connection kept after an error, bodies over a
-route's limit refused before the key and before parsing, and the favicon served without a
-key."""
+route's limit refused before the key and before parsing, request heads over the bound refused
+431 with the fast lane on and off, and the favicon served without a key."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import os
 import select
 import socket
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from appliance import bus
-from tests.harness import ADMIN_KEY, Appliance, make_key
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key
 
 EIGHT_GPUS = Path(__file__).parents[1] / "gpu" / "eight_h100.json"
 
@@ -311,3 +314,92 @@ def test_a_json_body_sent_as_a_form_is_told_to_send_json(api_only: Appliance) ->
     assert reply.status_code == 400 and "Content-Type: application/json" in reply.text
     made = api_only.client().post("/v1/llm/model-endpoints", content=sent)  # no content type
     assert made.status_code == 400 and "Content-Type: application/json" in made.text
+
+
+HEAD_BOUND = 64 * 1024  # `Settings.max_head_bytes`'s default
+
+
+@pytest.fixture(params=["true", "false"], ids=["lane", "no lane"])
+def lane_or_not(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Appliance]:
+    """The api alone with the fast lane on, then off: heads are read by the lane and by
+    uvicorn's protocol it hands over to, or by uvicorn's protocol alone."""
+    redis = RedisServer(tmp_path / "redis").start()
+    appliance = Appliance(
+        tmp_path / "api", redis, env_extra={"APPLIANCE_FAST_LANE": request.param}
+    ).start(roles=("api",))
+    yield appliance
+    print(appliance.logs())
+    appliance.stop()
+    redis.stop()
+
+
+def head_of(size: int, path: str = "/healthz") -> bytes:
+    """A GET head of exactly `size` bytes, blank line included, padded by one header."""
+    start = f"GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\nx-pad: "
+    return (start + "a" * (size - len(start) - 4) + "\r\n\r\n").encode()
+
+
+def send_head(port: int, head: bytes) -> tuple[int, bytes, Raw]:
+    """Send `head` in pieces until the server answers; its status and body, and the
+    connection."""
+    conn = Raw(port)
+    for at in range(0, len(head), 65536):
+        if select.select([conn.sock], [], [], 0)[0]:
+            break  # answered before the head was all sent
+        try:
+            conn.sock.sendall(head[at : at + 65536])
+        except OSError:
+            break  # hung up: read what it answered
+    status, reply = conn.answer()
+    return status, reply, conn
+
+
+def closed(conn: Raw) -> bool:
+    try:
+        return conn.buf == b"" and conn.sock.recv(1) == b""
+    except ConnectionError:
+        return True
+
+
+def test_a_head_over_the_bound_is_431_and_the_connection_closed(lane_or_not: Appliance) -> None:
+    """A 1 MiB header is answered 431 at once (not after the header timeout) and its
+    connection closed; heads up to the bound, and the next request, are served as usual."""
+    port = lane_or_not.port
+    began = time.monotonic()
+    status, reply, conn = send_head(port, head_of(1024 * 1024))
+    took = time.monotonic() - began
+    assert status == 431, (status, reply[:300])
+    assert str(HEAD_BOUND) in json.loads(reply)["detail"], reply
+    assert closed(conn)
+    assert took < 5, f"answered after {took:.1f} s"  # the header timeout is 10 s
+    for size in (HEAD_BOUND, 20_000, 500):  # at the bound, over the lane's own 16 KiB, small
+        status, reply, conn = send_head(port, head_of(size))
+        assert status == 200, (size, status, reply[:300])
+        assert conn.ask("GET", "/v1/llm/model-endpoints") == 200, size  # kept open
+    status, _, conn = send_head(port, head_of(HEAD_BOUND + 1))
+    assert status == 431 and closed(conn)
+    conn = Raw(port)
+    assert conn.ask("GET", "/v1/llm/model-endpoints") == 200  # served as before
+    assert conn.ask("GET", "/v1/llm/model-endpoints") == 200
+
+
+def test_huge_heads_leave_memory_as_it_was(lane_or_not: Appliance) -> None:
+    """Three parallel 40 MiB headers: each is answered 431 and the api's peak memory grows by
+    well under one of them (it read at most one read past the bound of each)."""
+    pid = lane_or_not.procs["api"].pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = peak_rss_bytes(pid)
+    statuses: list[int] = []
+    huge = head_of(40 * 1024 * 1024)
+    threads = [
+        threading.Thread(target=lambda: statuses.append(send_head(lane_or_not.port, huge)[0]))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    grown = peak_rss_bytes(pid) - before
+    print(f"peak memory grew by {grown / 2**20:.1f} MiB over 3 heads of 40 MiB")
+    assert statuses == [431, 431, 431]
+    assert grown < 16 * 2**20

@@ -9,10 +9,10 @@ import inspect
 from typing import Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from api.lane.glue import GeneralProtocol
+from api.lane.glue import GeneralProtocol, head_end
 
 
 class Transport(asyncio.Transport):
@@ -57,5 +57,17 @@ def test_uvicorns_protocol_still_has_what_the_lane_uses() -> None:
         assert protocol.flow.write_paused is False
         assert protocol in state.connections
         assert isinstance(config.timeout_keep_alive, int | float)
+        assert protocol.cycle is None  # a 431 is written only with no reply under way
 
+    # what HeadBoundProtocol asks of a reply under way when a next head is too long
+    assert {"keep_alive"} <= set(inspect.signature(RequestResponseCycle.__init__).parameters)
     asyncio.run(made())
+
+
+def test_a_heads_end_is_found_within_a_read_and_across_two() -> None:
+    assert head_end(b"", b"GET / HTTP/1.1\r\nhost: x\r\n\r\nbody") == 27
+    assert head_end(b"", b"GET / HTTP/1.1\r\nhost: x\r\n") == -1
+    assert head_end(b"x\r\n", b"\r\nbody") == 2
+    assert head_end(b"\r\n\r", b"\nbody") == 1
+    assert head_end(b"y\r\n", b"z\r\n\r\n") == 5
+    assert head_end(b"abc", b"") == -1
