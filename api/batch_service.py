@@ -19,7 +19,7 @@ from api.inference import admission
 from api.submit import WAITING, over_queued
 from appliance import audit
 from appliance.db import session_scope
-from appliance.errors import InvalidSpecError, NotFoundError
+from appliance.errors import ApplianceError, InvalidSpecError, NotFoundError
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import Batch, Task, TaskStatus
@@ -87,19 +87,43 @@ async def submit(
     address: str | None,
 ) -> Batch:
     """Admit every request as the request it will be, store the batch and its tasks, queue
-    them at low priority. Shared with LLM Engine's batch completions
+    them at low priority. A request refused is named first in the error (its `where`), and
+    nothing is stored. Shared with LLM Engine's batch completions
     (`api/routes/batch_completions.py`)."""
     targets: dict[str, Target] = {}
     for request in requests:
-        model = request.body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidSpecError("every request body needs `model`, an endpoint name")
-        admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].generates)
-        if model not in targets:
-            targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
-    batch, queued = await run_in_threadpool(
-        _store, body, caller, body.input_file_id, requests, targets, state, address
+        try:
+            await _admit(request, caller, state, targets)
+        except ApplianceError as exc:
+            raise exc.located(request.where) from exc
+    return await run_in_threadpool(
+        _store_and_queue, body, caller, body.input_file_id, requests, targets, state, address
     )
+
+
+async def _admit(
+    request: batches.BatchRequest, caller: Caller, state: AppState, targets: dict[str, Target]
+) -> None:
+    """One request's admission checks: its model, its tokens, its endpoint (each model once)."""
+    model = request.body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidSpecError("every request body needs `model`, an endpoint name", field="model")
+    admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].generates)
+    if model not in targets:
+        targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
+
+
+def _store_and_queue(
+    body: CreateBatchRequest,
+    caller: Caller,
+    source_id: str,
+    requests: list[batches.BatchRequest],
+    targets: dict[str, Target],
+    state: AppState,
+    address: str | None,
+) -> Batch:
+    """On a thread: the transaction may wait for SQLite's write lock, and Redis is a socket."""
+    batch, queued = _store(body, caller, source_id, requests, targets, state, address)
     try:
         jobs.enqueue(state.redis, queued, low=True)
     except redis.RedisError as exc:

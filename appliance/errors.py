@@ -23,6 +23,8 @@ ApplianceError
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class ApplianceError(Exception):
     """Base of every error the appliance raises on purpose."""
@@ -31,6 +33,16 @@ class ApplianceError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+
+    def located(self, where: str) -> Self:
+        """The same refusal with its message led by where it was found (`line 3 (custom_id
+        'a'): ...`): the same class, so the same status, and the same `field`, `retry_after_s`
+        and the rest; for checks made on one part of a larger request (a batch's lines)."""
+        message = f"{where}: {self.message}"
+        copy = type(self).__new__(type(self), message)  # no __init__: subclasses differ in theirs
+        copy.__dict__.update(vars(self))
+        copy.message = message
+        return copy
 
 
 class InvalidSpecError(ApplianceError):

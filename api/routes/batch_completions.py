@@ -31,7 +31,15 @@ from api.batch_service import (
     owned_batch,
     submit,
 )
-from api.deps import AddressDep, AdmittedDep, CallerDep, SessionDep, StateDep, require
+from api.deps import (
+    AddressDep,
+    AdmittedDep,
+    AppState,
+    CallerDep,
+    SessionDep,
+    StateDep,
+    require,
+)
 from api.errors import invalid_field
 from api.file_service import owned_file
 from api.inference.schemas import CompletionV1Request
@@ -118,9 +126,7 @@ async def _create(
     model = str(body.engine_model["model"])
     content = body.content
     if body.input_data_path is not None:
-        with session_scope(state.engine) as session:
-            source = owned_file(body.input_data_path, caller, session=session)
-        content = await run_in_threadpool(_read_json, Path(source.path))
+        content = await run_in_threadpool(_read_input, body.input_data_path, caller, state)
     requests = prompts_of(content, model)
     metadata = {
         "llm_engine": "batch-completions",
@@ -157,9 +163,12 @@ def _check(body: BatchCompletionsRequest) -> None:
             raise InvalidSpecError(f"{name} is refused: {why}", field=name)
 
 
-def _read_json(path: Path) -> Any:
+def _read_input(file_id: str, caller: Caller, state: AppState) -> Any:
+    """The JSON of an uploaded file the caller's team owns; on a thread (SQLite and the disk)."""
+    with session_scope(state.engine) as session:
+        source = owned_file(file_id, caller, session=session)
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(Path(source.path).read_bytes())
     except ValueError:
         raise InvalidSpecError(
             "the input file must hold the JSON of `content`", field="input_data_path"
@@ -200,8 +209,9 @@ def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
         )
     if len(bodies) > batches.MAX_REQUESTS:
         raise InvalidSpecError(f"a batch holds at most {batches.MAX_REQUESTS} prompts")
+    where = "content.prompts" if isinstance(content, dict) else "content"
     return [
-        batches.BatchRequest(str(i), CHAT if "messages" in b else COMPLETIONS, b)
+        batches.BatchRequest(str(i), CHAT if "messages" in b else COMPLETIONS, b, f"{where}[{i}]")
         for i, b in enumerate(bodies)
     ]
 

@@ -2,7 +2,9 @@
 
 `POST /v1/batches` checks the input file, stores the batch and its tasks in one transaction,
 then queues them on each endpoint's low-priority queue; the worker's sweeper writes the output
-and error files once every request ended.
+and error files once every request ended. A refusal of one line names it first
+(`line 3 (custom_id 'a'): ...`) and stores nothing. The route is async (admission may await a
+reload of the routing table); its SQLite, disk and Redis work runs on the threadpool.
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ from api.batch_service import (
     owned_batch,
     submit,
 )
-from api.deps import AddressDep, AdmittedDep, CallerDep, SessionDep, StateDep, require
+from api.deps import (
+    AddressDep,
+    AdmittedDep,
+    AppState,
+    CallerDep,
+    SessionDep,
+    StateDep,
+    require,
+)
 from api.file_service import owned_file
 from appliance import queries
 from appliance.db import session_scope
 from appliance.errors import ConflictError, InvalidSpecError
+from appliance.keys import Caller
 from appliance.models import Batch, TaskStatus
 from forwarder.paths import BATCH_PATHS, BY_PATH
 from forwarder.worker import batches
@@ -47,13 +58,21 @@ async def create_batch(
         )
     if body.completion_window != "24h":
         raise InvalidSpecError("completion_window must be 24h", field="completion_window")
+    requests = await run_in_threadpool(_read_input, body, caller, state)
+    batch = await submit(body, requests, caller, state, address)
+    return batch_public(batch, None)
+
+
+def _read_input(
+    body: CreateBatchRequest, caller: Caller, state: AppState
+) -> list[batches.BatchRequest]:
+    """The input file's requests; on a thread, as its SQLite session may wait for the write
+    lock (every transaction begins IMMEDIATE) and the file may be large."""
     with session_scope(state.engine) as session:
         source = owned_file(body.input_file_id, caller, session=session)
     if source.purpose != "batch":
         raise InvalidSpecError("the input file's purpose must be batch", field="input_file_id")
-    requests = await run_in_threadpool(batches.parse_requests, Path(source.path), body.endpoint)
-    batch = await submit(body, requests, caller, state, address)
-    return batch_public(batch, None)
+    return batches.parse_requests(Path(source.path), body.endpoint)
 
 
 @router.get("/v1/batches")

@@ -31,10 +31,12 @@ class BatchRequest:
     custom_id: str
     url: str
     body: dict[str, Any]
+    where: str  # where the input holds it, leading a refusal of it: "line 3 (custom_id 'a')"
 
 
 def parse_requests(path: Path, endpoint_url: str) -> list[BatchRequest]:
-    """The requests of a batch input file; InvalidSpecError names the first bad line."""
+    """The requests of a batch input file; InvalidSpecError names the first bad line (and its
+    custom_id, once it has one)."""
     requests: list[BatchRequest] = []
     seen: set[str] = set()
     with path.open("rb") as handle:
@@ -48,12 +50,15 @@ def parse_requests(path: Path, endpoint_url: str) -> list[BatchRequest]:
             if not isinstance(line, dict) or not isinstance(line.get("body"), dict):
                 raise InvalidSpecError(f"line {number}: expected custom_id, method, url, body")
             custom_id = line.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id or custom_id in seen:
+            if not isinstance(custom_id, str) or not custom_id:
                 raise InvalidSpecError(f"line {number}: custom_id must be a unique string")
+            where = f"line {number} (custom_id {custom_id!r})"
+            if custom_id in seen:
+                raise InvalidSpecError(f"{where}: custom_id must be unique; an earlier line has it")
             if line.get("method", "POST") != "POST" or line.get("url") != endpoint_url:
-                raise InvalidSpecError(f"line {number}: must be POST {endpoint_url}")
+                raise InvalidSpecError(f"{where}: must be POST {endpoint_url}")
             seen.add(custom_id)
-            requests.append(BatchRequest(custom_id, endpoint_url, line["body"]))
+            requests.append(BatchRequest(custom_id, endpoint_url, line["body"], where))
             if len(requests) > MAX_REQUESTS:
                 raise InvalidSpecError(f"a batch holds at most {MAX_REQUESTS} requests")
     if not requests:

@@ -1,0 +1,148 @@
+"""OpenAI's Batch API through the real `openai` SDK: a batch with one bad line is refused whole
+(no batch, no task), and the refusal starts by naming the line and its custom_id, for the
+input file's own checks and every admission check alike; LLM Engine's batch completions name
+the prompt. While SQLite's write lock is held elsewhere, a batch waits for it off the event
+loop: the api keeps answering. Against a fake replica; api and worker, no Docker."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.api.test_admission import MINE, THEIRS, Bed, _seed, auth, chat_body, running_bed
+
+CHAT = "/v1/chat/completions"
+CAP = 10
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    env = {"APPLIANCE_SWEEP_INTERVAL_S": "0.5", "APPLIANCE_ROUTING_REFRESH_S": "0.5"}
+    with running_bed(tmp_path_factory.mktemp("batches"), env, _seed) as made:
+        yield made
+
+
+def sdk(bed: Bed, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=bed.appliance.url + "/v1", api_key=key, max_retries=0)
+
+
+def line(custom_id: str, model: str = MINE, **tokens: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": CHAT, "body": chat_body(model, tokens)}
+
+
+def five_lines(third: dict[str, Any]) -> bytes:
+    """Five good lines of team t1's endpoint, but the third."""
+    lines = [line(f"req-{n}", max_tokens=1) for n in range(1, 6)]
+    lines[2] = third
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def create(oai: openai.OpenAI, content: bytes) -> Any:
+    source = oai.files.create(file=("in.jsonl", content), purpose="batch")
+    return oai.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h")
+
+
+def refusal(oai: openai.OpenAI, content: bytes) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as refused:
+        create(oai, content)
+    return refused.value
+
+
+def message(error: openai.APIStatusError) -> str:
+    return str(error.body["message"])  # type: ignore[index]
+
+
+def test_a_bad_line_is_named_and_no_batch_is_made(bed: Bed) -> None:
+    oai = sdk(bed, bed.key())  # team t1: no batch of its team is ever accepted in this module
+    negative = refusal(oai, five_lines(line("req-3", max_tokens=-5)))
+    assert negative.status_code == 400, negative.body
+    assert message(negative).startswith("line 3 (custom_id 'req-3'): max_tokens=-5 is below 0")
+    assert negative.body["param"] == "max_tokens"  # type: ignore[index]
+
+    unknown = refusal(oai, five_lines(line("req-3", model="nowhere")))
+    assert unknown.status_code == 404, unknown.body
+    assert message(unknown) == "line 3 (custom_id 'req-3'): The model `nowhere` does not exist."
+    invisible = refusal(oai, five_lines(line("req-3", model=THEIRS)))  # team t2's
+    assert invisible.status_code == 404, invisible.body
+    assert message(invisible).startswith("line 3 (custom_id 'req-3'): The model `theirs`")
+
+    no_model = line("req-3")
+    del no_model["body"]["model"]
+    assert message(refusal(oai, five_lines(no_model))).startswith("line 3 (custom_id 'req-3'): ")
+    wrong_url = line("req-3") | {"url": "/v1/completions"}
+    assert message(refusal(oai, five_lines(wrong_url))).startswith("line 3 (custom_id 'req-3'): ")
+    again = refusal(oai, five_lines(line("req-1")))
+    assert message(again).startswith("line 3 (custom_id 'req-1'): custom_id must be unique")
+
+    assert oai.batches.list().data == []
+
+
+def test_a_line_over_the_keys_token_cap_is_named_with_the_status_of_the_request_alone(
+    bed: Bed,
+) -> None:
+    key = bed.key(max_tokens_per_request=CAP)
+    alone = httpx.post(
+        bed.appliance.url + CHAT, json=chat_body(MINE, {"max_tokens": CAP + 1}), headers=auth(key)
+    )
+    assert alone.status_code in (400, 429), alone.text
+    over = refusal(sdk(bed, key), five_lines(line("req-3", max_tokens=CAP + 1)))
+    assert over.status_code == alone.status_code, over.body
+    assert message(over) == f"line 3 (custom_id 'req-3'): {alone.json()['error']['message']}"
+    if alone.status_code == 429:
+        assert over.response.headers["retry-after"] == alone.headers["retry-after"]
+    assert sdk(bed, key).batches.list().data == []
+
+
+def test_batch_completions_name_the_prompt(bed: Bed) -> None:
+    content = [{"prompt": "hi", "max_tokens": 1}, {"prompt": "hi", "max_tokens": -5}]
+    reply = httpx.post(
+        bed.appliance.url + "/v2/batch-completions",
+        json={"model_config": {"model": MINE}, "content": content, "output_data_path": "out"},
+        headers=auth(bed.key()),
+        timeout=30,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["detail"].startswith("content[1]: max_tokens=-5 is below 0"), reply.text
+
+
+def test_a_batch_waiting_for_the_write_lock_leaves_the_api_answering(bed: Bed) -> None:
+    oai = sdk(bed, bed.key(team="t2"))  # the endpoint `theirs`; apart from team t1's batches
+    source = oai.files.create(
+        file=("in.jsonl", json.dumps(line("1", THEIRS)).encode()), purpose="batch"
+    )
+    database = Path(bed.appliance.data_dir) / "appliance.db"
+    holder = sqlite3.connect(database, isolation_level=None, timeout=30)
+    outcome: list[Any] = []
+
+    def post() -> None:
+        try:
+            outcome.append(
+                oai.batches.create(
+                    input_file_id=source.id, endpoint=CHAT, completion_window="24h", timeout=60
+                )
+            )
+        except Exception as exc:  # the assertion below shows it
+            outcome.append(exc)
+
+    holder.execute("BEGIN IMMEDIATE")  # what a long write elsewhere holds
+    try:
+        sender = threading.Thread(target=post)
+        sender.start()
+        for _ in range(4):  # each while the batch waits for the lock
+            assert httpx.get(bed.appliance.url + "/healthz", timeout=5).status_code == 200
+            sender.join(0.5)
+        assert sender.is_alive(), outcome  # it did wait for the lock
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    sender.join(60)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+    assert outcome[0].status == "in_progress"
