@@ -53,6 +53,7 @@ class ContainerInfo:
     status: str  # created | running | restarting | exited | dead | paused
     exit_code: int
     address: str | None
+    memory_bytes: int | None = None  # its memory limit; None: none set, or not known
 
     @property
     def running(self) -> bool:
@@ -102,6 +103,7 @@ def _address(container: Container, port: int | None, network: str | None) -> str
 def _info(container: Container) -> ContainerInfo:
     labels = dict(container.labels)
     state = container.attrs.get("State") or {}
+    limit = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
     port = labels.get("appliance.port")
     network = labels.get("appliance.network") or None
     return ContainerInfo(
@@ -111,6 +113,7 @@ def _info(container: Container) -> ContainerInfo:
         status=str(state.get("Status", container.status)),
         exit_code=int(state.get("ExitCode") or 0),
         address=_address(container, int(port) if port else None, network),
+        memory_bytes=limit or None,
     )
 
 
@@ -132,6 +135,13 @@ class DockerEngine:
 
     def close(self) -> None:
         self._client.close()
+
+    def memory_bytes(self) -> int:
+        """The memory of the machine the Docker Engine runs on (`docker info`'s MemTotal)."""
+        try:
+            return int(self._client.info()["MemTotal"])
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise DockerUnavailableError(str(exc)) from exc
 
     def list_managed(self) -> list[ContainerInfo]:
         """Every container labelled with this install's id, running or not."""

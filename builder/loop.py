@@ -21,7 +21,7 @@ from appliance import bus, queries
 from appliance.db import session_scope
 from appliance.install import key_secret
 from appliance.models import EndpointStatus, Replica, ReplicaState
-from builder import metering
+from builder import memory, metering
 from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
 from builder.hub_downloads import HubDownloads
@@ -70,6 +70,8 @@ class BuilderLoop:
     health_routes: dict[str, str] = field(default_factory=dict)
     _first_seen: dict[str, float] = field(default_factory=dict)
     _inventory_at: float = 0.0
+    _memory_total: int | None = None  # Docker's MemTotal
+    _memory_at: float = 0.0
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
     _shipped: set[str] = field(default_factory=set)
     _history: dict[str, History] = field(default_factory=dict)
@@ -126,7 +128,25 @@ class BuilderLoop:
             now=now,
             preparing=preparing,
             last_lines=self.starting.read(endpoints, replicas),
+            memory_bytes=self._replica_memory(),
         )
+
+    def _replica_memory(self) -> int:
+        """What the replicas' memory limits may add up to: the setting, else the box's memory
+        (Docker's MemTotal, read as often as the GPU inventory) less the reserve."""
+        configured = self.applier.settings.replica_memory_bytes
+        if configured is not None:
+            return configured
+        if self._memory_total is None or time.monotonic() - self._memory_at > INVENTORY_REFRESH_S:
+            total = self.docker.memory_bytes()
+            if total != self._memory_total:
+                logger.info(
+                    "box memory: %s; replicas' memory limits may add up to %s",
+                    memory.gib(total),
+                    memory.gib(memory.for_replicas(total)),
+                )
+            self._memory_total, self._memory_at = total, time.monotonic()
+        return memory.for_replicas(self._memory_total)
 
     def _record(self, notes: list[Note]) -> None:
         if not notes:

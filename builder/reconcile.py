@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from appliance.errors import NoFreeGpuError
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+from builder import memory
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Readiness, Waiting
 from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA, has_stale_key
@@ -27,6 +28,7 @@ CRASH_LIMIT = 3
 CRASH_BACKOFF_BASE_S = 2.0
 CRASH_BACKOFF_MAX_S = 60.0
 LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
+MEMORY_WAIT = "waiting for memory: needs "
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Observed:
     now: float
     preparing: Mapping[str, Readiness] = field(default_factory=dict)  # endpoint id -> wait
     last_lines: Mapping[str, str] = field(default_factory=dict)  # starting replica -> its output
+    # what the replicas' memory limits may add up to (`builder/memory.py`); None: no bound
+    memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,30 @@ class _Tick:
     claims: dict[int, float] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
     evicted: set[str] = field(default_factory=set)
+    held: dict[str, int] = field(default_factory=dict)  # replica (or orphan container) -> bytes
+    memory_claimed: int = 0  # bytes held by replicas, orphans and this tick's starts
 
     def claim(self, gpus: Sequence[int], fraction: float) -> None:
         for gpu in gpus:
             self.claims[gpu] = self.claims.get(gpu, 0.0) + fraction
+
+    def hold(self, limit_bytes: int, key: str | None = None) -> None:
+        """Counts a memory limit against the box's budget (nothing when there is none); `key`
+        names the replica or container holding it, for eviction."""
+        if self.obs.memory_bytes is None:
+            return
+        counted = memory.counted(limit_bytes, self.obs.memory_bytes)
+        self.memory_claimed += counted
+        if key is not None:
+            self.held[key] = counted
+
+    def memory_fits(self, endpoint: Endpoint, freed: int = 0) -> bool:
+        """Whether one more replica of `endpoint` fits beside what is held, less `freed`."""
+        budget = self.obs.memory_bytes
+        if budget is None:
+            return True
+        need = memory.counted(endpoint.memory_bytes, budget)
+        return self.memory_claimed - freed + need <= budget
 
 
 def plan(obs: Observed) -> list[Action]:
@@ -143,15 +167,16 @@ def plan(obs: Observed) -> list[Action]:
     tick = _Tick(obs)
     containers = {c.labels.get(LABEL_REPLICA, ""): c for c in obs.containers}
     known = {r.id for r in obs.replicas}
-    endpoint_ids = {e.id for e in obs.endpoints}
+    endpoints = {e.id: e for e in obs.endpoints}
     for replica in obs.replicas:
         if replica.state != ReplicaState.FAILED:
             tick.claim(replica.gpus, replica.gpu_fraction)
+            tick.hold(_memory_limit(replica, containers, endpoints), replica.id)
     for container in obs.containers:
         if container.labels.get(LABEL_REPLICA) not in known:
             _plan_orphan(tick, container)
     for replica in obs.replicas:
-        if replica.endpoint_id not in endpoint_ids:
+        if replica.endpoint_id not in endpoints:
             tick.actions.append(RemoveReplica(replica.id))
     for endpoint in sorted(obs.endpoints, key=lambda e: (-e.priority, e.created_at)):
         replicas = [r for r in obs.replicas if r.endpoint_id == endpoint.id]
@@ -159,9 +184,22 @@ def plan(obs: Observed) -> list[Action]:
     return tick.actions
 
 
+def _memory_limit(
+    replica: Replica, containers: Mapping[str, ContainerInfo], endpoints: Mapping[str, Endpoint]
+) -> int:
+    """The limit a replica's container runs with, else (no container seen yet) its endpoint's:
+    during a roll that changed `memory`, old replicas still hold the old limit."""
+    container = containers.get(replica.id)
+    if container is not None and container.memory_bytes:
+        return container.memory_bytes
+    endpoint = endpoints.get(replica.endpoint_id)
+    return endpoint.memory_bytes if endpoint is not None else 0
+
+
 def _plan_orphan(tick: _Tick, container: ContainerInfo) -> None:
     gpus = [int(g) for g in container.labels.get(LABEL_GPUS, "").split(",") if g]
     tick.claim(gpus, float(container.labels.get(LABEL_GPU_FRACTION, "1.0")))
+    tick.hold(container.memory_bytes or 0)
     seen = tick.obs.first_seen.get(container.id, tick.obs.now)
     if tick.obs.now - seen >= ORPHAN_GRACE_S:
         tick.actions.append(RemoveOrphan(container.id))
@@ -329,9 +367,12 @@ def _plan_status(
 
 
 def _same_wait(before: str | None, after: str | None, waiting: Readiness | None) -> bool:
-    """True when only the progress figures of one wait changed, or only how far the starting
-    replicas are (its seconds, its last line; no event for that)."""
+    """True when only the progress figures of one wait changed, only how far the starting
+    replicas are (its seconds, its last line), or only the free memory a replica waits for
+    (other replicas came or went; their own events say so): no event for that."""
     if is_starting(after) and (before is None or is_starting(before)):
+        return True
+    if before and after and before.startswith(MEMORY_WAIT) and after.startswith(MEMORY_WAIT):
         return True
     if is_starting(before) and after is None:  # they are gone: their own events say why
         return True
@@ -343,25 +384,46 @@ def _same_wait(before: str | None, after: str | None, waiting: Readiness | None)
 def _plan_start(
     tick: _Tick, endpoint: Endpoint, current: list[Replica], old: list[Replica]
 ) -> str | None:
-    """Places one new replica; returns why it has to wait, if it does."""
+    """Places one new replica on GPUs and in the box's memory; returns why it has to wait, if
+    it does."""
     fraction = (endpoint.gpu_memory_fraction or 1.0) if endpoint.gpus else 1.0
     try:
         gpus = place(tick.obs.inventory, tick.claims, GpuRequest(endpoint.gpus, fraction))
     except NoFreeGpuError as exc:
-        starting = any(r.state == ReplicaState.STARTING for r in current)
-        if old and not starting:  # no room to surge: make room by replacing one old replica
-            tick.actions.append(DrainReplica(old[0].id, "making room for the new generation"))
-        elif not old and (victim := _evict_for(tick, endpoint, fraction)):
-            return f"waiting for GPUs: evicting an idle replica of {victim}"
-        return f"waiting for GPUs: {exc.message}"
+        return _make_room(tick, endpoint, current, old, fraction, "GPUs", exc.message)
+    if not tick.memory_fits(endpoint):
+        budget = tick.obs.memory_bytes or 0
+        why = memory.shortage(endpoint.memory_bytes, budget, tick.memory_claimed)
+        return _make_room(tick, endpoint, current, old, fraction, "memory", why)
     tick.claim(gpus, fraction)
+    tick.hold(endpoint.memory_bytes)
     tick.actions.append(StartReplica(endpoint.id, gpus, fraction if gpus else 0.0))
     return None
 
 
+def _make_room(
+    tick: _Tick,
+    endpoint: Endpoint,
+    current: list[Replica],
+    old: list[Replica],
+    fraction: float,
+    what: str,
+    shortage: str,
+) -> str:
+    """What an endpoint does when its next replica does not fit (GPUs or memory): in a roll,
+    replace one old replica; otherwise evict an idle one of a lower-priority endpoint."""
+    starting = any(r.state == ReplicaState.STARTING for r in current)
+    if old and not starting:  # no room to surge: make room by replacing one old replica
+        tick.actions.append(DrainReplica(old[0].id, "making room for the new generation"))
+    elif not old and (victim := _evict_for(tick, endpoint, fraction)):
+        return f"waiting for {what}: evicting an idle replica of {victim}"
+    return f"waiting for {what}: {shortage}"
+
+
 def _evict_for(tick: _Tick, endpoint: Endpoint, fraction: float) -> str | None:
-    """Frees GPUs for `endpoint` by draining one idle replica of a lower-priority endpoint that
-    is above its minimum, least recently used first; returns that endpoint's name."""
+    """Frees GPUs and memory for `endpoint` by draining one idle replica of a lower-priority
+    endpoint that is above its minimum, least recently used first, whose going makes room for
+    both; returns that endpoint's name."""
     endpoints = {e.id: e for e in tick.obs.endpoints}
     live = [r for r in tick.obs.replicas if r.state in LIVE]
     count = {e: sum(r.endpoint_id == e for r in live) for e in endpoints}
@@ -370,7 +432,6 @@ def _evict_for(tick: _Tick, endpoint: Endpoint, fraction: float) -> str | None:
             r
             for r in live
             if r.state == ReplicaState.READY
-            and r.gpus
             and r.id not in tick.evicted
             and (owner := endpoints.get(r.endpoint_id)) is not None
             and owner.priority < endpoint.priority
@@ -386,6 +447,8 @@ def _evict_for(tick: _Tick, endpoint: Endpoint, fraction: float) -> str | None:
         try:
             place(tick.obs.inventory, claims, GpuRequest(endpoint.gpus, fraction))
         except NoFreeGpuError:
+            continue
+        if not tick.memory_fits(endpoint, freed=tick.held.get(victim.id, 0)):
             continue
         owner = endpoints[victim.endpoint_id]
         tick.evicted.add(victim.id)

@@ -20,6 +20,11 @@ class ContainerRuntime(Protocol):
 
     install_id: str
 
+    def memory_bytes(self) -> int:
+        """The memory of the machine replicas run on; the planner places replicas' memory
+        limits in it (`builder/memory.py`)."""
+        ...
+
     def list_managed(self) -> list[ContainerInfo]:
         """Every replica carrying this install's labels, running or not (the truth)."""
         ...

@@ -133,6 +133,10 @@ class Appliance:
                 # the stand-in's models are made-up hub ids: nothing to download, unless a test
                 # serves a hub (tests/hub.py) and switches it on
                 "APPLIANCE_HF_DOWNLOAD_WEIGHTS": "false",
+                # several installs share this box's Docker Engine, each counting only its own
+                # replicas, and the stand-ins' limits (the api's default: the whole box) are far
+                # from the tens of MiB they use: no memory bound, unless a test sets its own
+                "APPLIANCE_REPLICA_MEMORY_BYTES": str(2**50),
                 "APPLIANCE_LOG_LEVEL": "INFO",
             }
         )

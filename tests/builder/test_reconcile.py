@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+from builder import memory
 from builder import reconcile as rc
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Progress, Waiting
@@ -72,6 +73,7 @@ def plan(
         now,
         kw.get("preparing", {}),  # type: ignore[arg-type]
         kw.get("last_lines", {}),  # type: ignore[arg-type]
+        memory_bytes=kw.get("memory_bytes"),  # type: ignore[arg-type]
     )
     return rc.plan(obs)
 
@@ -357,3 +359,209 @@ def test_a_roll_shows_its_new_replica_starting_while_the_old_one_serves() -> Non
     actions = plan([endpoint(generation=2)], [old, new], last_lines={"r2": LOADING})
     reason = f"starting 1 replica (5 s): {LOADING}"
     assert actions == [rc.SetStatus("end_a", 2, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
+
+
+GIB = 2**30
+BOX = memory.for_replicas(24 * GIB)  # a 24 GiB box: 21.6 GiB for replicas
+
+
+def cpu(eid: str, gib: float = 4, **kw: object) -> Endpoint:
+    """A new CPU endpoint (`gpus: 0`, min 0) with a `gib` GiB memory limit."""
+    fields: dict[str, object] = dict(
+        id=eid,
+        name=eid.removeprefix("end_"),
+        gpus=0,
+        memory_bytes=int(gib * GIB),
+        min_replicas=0,
+        status=EndpointStatus.UPDATE_PENDING,
+    )
+    fields.update(kw)
+    return endpoint(**fields)
+
+
+def on_cpu(rid: str, eid: str, **kw: object) -> Replica:
+    return replica(rid, endpoint_id=eid, gpus=[], **kw)
+
+
+def starts(actions: Sequence[rc.Action]) -> list[str]:
+    return [a.endpoint_id for a in actions if isinstance(a, rc.StartReplica)]
+
+
+def reasons(actions: Sequence[rc.Action]) -> dict[str, str | None]:
+    return {a.endpoint_id: a.reason for a in actions if isinstance(a, rc.SetStatus)}
+
+
+def test_the_box_keeps_a_tenth_of_its_memory_at_least_a_gibibyte_at_most_half() -> None:
+    assert memory.for_replicas(24 * GIB) == 24 * GIB - int(2.4 * GIB)
+    assert memory.for_replicas(4 * GIB) == 3 * GIB
+    assert memory.for_replicas(GIB) == GIB // 2
+
+
+def test_cpu_replicas_start_only_while_their_memory_fits_and_the_rest_wait() -> None:
+    """Ten new CPU endpoints with 4 GiB limits on a 24 GiB box: five start, five wait."""
+    team = [cpu(f"end_{i:02}", created_at=float(i)) for i in range(10)]
+    actions = plan(team, memory_bytes=BOX)
+    assert starts(actions) == [f"end_{i:02}" for i in range(5)]
+    why = "waiting for memory: needs 4.0 GiB, 1.6 GiB of the box's 21.6 GiB are free"
+    assert reasons(actions) == {e.id: (why if i >= 5 else None) for i, e in enumerate(team)}
+
+
+def test_starting_ready_and_draining_replicas_hold_their_memory_failed_ones_none() -> None:
+    running = [
+        on_cpu("r1", "end_b"),
+        on_cpu("r2", "end_b", state=ReplicaState.STARTING),
+        on_cpu("r3", "end_b", state=ReplicaState.STOPPING, state_since=NOW),
+        on_cpu("r4", "end_b", state=ReplicaState.FAILED),
+    ]
+    b = cpu("end_b", gib=6, status=EndpointStatus.READY, min_replicas=2, desired_replicas=2)
+    actions = plan([b, cpu("end_new", gib=4)], running, memory_bytes=BOX)
+    why = "waiting for memory: needs 4.0 GiB, 3.6 GiB of the box's 21.6 GiB are free"
+    assert actions == [rc.SetStatus("end_new", 1, EndpointStatus.UPDATE_IN_PROGRESS, why)]
+    assert starts(plan([b, cpu("end_new", gib=3.5)], running, memory_bytes=BOX)) == ["end_new"]
+
+
+def test_a_replica_that_fits_starts_and_what_this_tick_started_counts() -> None:
+    assert starts(plan([cpu("end_a", gib=21)], memory_bytes=BOX)) == ["end_a"]
+    two = [cpu("end_a", gib=12, created_at=1.0), cpu("end_b", gib=12, created_at=2.0)]
+    assert starts(plan(two, memory_bytes=BOX)) == ["end_a"]
+
+
+def test_gpu_replicas_hold_host_memory_too_and_gpus_are_placed_as_before() -> None:
+    gpu_one = endpoint(id="end_g", name="g", memory_bytes=16 * GIB)
+    held = [replica("g1", endpoint_id="end_g", gpus=[0])]
+    actions = plan([gpu_one, cpu("end_c", gib=8)], held, memory_bytes=BOX)
+    assert starts(actions) == []
+    assert reasons(actions)["end_c"] == (
+        "waiting for memory: needs 8.0 GiB, 5.6 GiB of the box's 21.6 GiB are free"
+    )
+    big_gpu = endpoint(id="end_h", name="h", memory_bytes=8 * GIB, created_at=1.0)
+    actions = plan([gpu_one, big_gpu], held, memory_bytes=BOX)  # GPU 1 is free, memory is not
+    assert starts(actions) == []
+    assert str(reasons(actions)["end_h"]).startswith("waiting for memory: needs 8.0 GiB")
+    small_gpu = big_gpu.model_copy(update={"memory_bytes": 4 * GIB})
+    actions = plan([gpu_one, small_gpu], held, memory_bytes=BOX)
+    assert rc.StartReplica("end_h", (1,), 1.0) in actions
+
+
+def test_an_idle_lower_priority_replica_is_evicted_to_make_room_in_memory() -> None:
+    low = cpu(
+        "end_low",
+        gib=8,
+        priority=0,
+        status=EndpointStatus.READY,
+        min_replicas=1,
+        desired_replicas=2,
+        last_request_at=NOW - 500,
+    )
+    high = cpu("end_high", gib=8, priority=10)
+    replicas = [
+        on_cpu("l1", "end_low", created_at=1.0),
+        on_cpu("l2", "end_low", created_at=2.0),
+    ]
+    actions = plan([low, high], replicas, memory_bytes=20 * GIB, inflight={"l1": 1})
+    why = "evicted for high (priority 10)"
+    assert rc.DrainReplica("l2", why) in actions
+    assert rc.SetDesired("end_low", 1, why) in actions
+    assert starts(actions) == []
+    assert reasons(actions)["end_high"] == "waiting for memory: evicting an idle replica of low"
+    # the same rules as for GPUs: never a busy one, never below the minimum, never an equal
+    busy = plan([low, high], replicas, memory_bytes=20 * GIB, inflight={"l1": 1, "l2": 1})
+    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in busy)
+    at_min = plan(
+        [low.model_copy(update={"min_replicas": 2}), high], replicas, memory_bytes=20 * GIB
+    )
+    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in at_min)
+    peer = plan([low, high.model_copy(update={"priority": 0})], replicas, memory_bytes=20 * GIB)
+    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in peer)
+
+
+def test_no_eviction_when_the_victim_would_not_make_room() -> None:
+    low = cpu("end_low", gib=2, status=EndpointStatus.READY, desired_replicas=1)
+    peer = cpu("end_peer", gib=4, priority=10, status=EndpointStatus.READY, min_replicas=1)
+    high = cpu("end_high", gib=8, priority=10)
+    replicas = [on_cpu("l1", "end_low"), on_cpu("p1", "end_peer")]
+    actions = plan([low, peer, high], replicas, memory_bytes=9 * GIB)
+    assert not any(isinstance(a, rc.DrainReplica) for a in actions)
+    assert reasons(actions)["end_high"] == (
+        "waiting for memory: needs 8.0 GiB, 3.0 GiB of the box's 9.0 GiB are free"
+    )
+
+
+def test_a_roll_counts_the_limit_its_old_containers_run_with() -> None:
+    """memory went from 2 to 4 GiB: the old replica holds 2, so the new one surges beside it."""
+    edited = cpu("end_a", gib=4, generation=2, status=EndpointStatus.UPDATE_PENDING, min_replicas=1)
+    old = on_cpu("old", "end_a", generation=1)
+    ran_with_2 = ContainerInfo("c-old", "old", container("old").labels, "running", 0, "x", 2 * GIB)
+    actions = plan([edited], [old], [ran_with_2], memory_bytes=6 * GIB)
+    assert starts(actions) == ["end_a"]
+    no_surge = plan([edited], [old], [ran_with_2], memory_bytes=5 * GIB)
+    assert rc.DrainReplica("old", "making room for the new generation") in no_surge
+    assert starts(no_surge) == []
+
+
+def test_orphan_containers_hold_their_memory_until_removed() -> None:
+    stray = ContainerInfo("c-ghost", "ghost", container("ghost").labels, "running", 0, "x", 8 * GIB)
+    actions = plan(
+        [cpu("end_a", gib=4)], [], [stray], first_seen={"c-ghost": NOW}, memory_bytes=10 * GIB
+    )
+    assert starts(actions) == []
+
+
+def test_a_limit_over_the_box_takes_all_of_it_and_starts_only_alone() -> None:
+    whole = cpu("end_a", gib=23.5)
+    assert starts(plan([whole], memory_bytes=BOX)) == ["end_a"]
+    other = cpu("end_b", gib=1, status=EndpointStatus.READY, min_replicas=1)
+    actions = plan([whole, other], [on_cpu("b1", "end_b")], memory_bytes=BOX)
+    assert reasons(actions)["end_a"] == (
+        "waiting for memory: needs all of the box's 21.6 GiB (its limit is 23.5 GiB), "
+        "20.6 GiB are free"
+    )
+
+
+def test_new_free_memory_figures_rewrite_the_reason_without_an_event() -> None:
+    before = "waiting for memory: needs 4.0 GiB, 1.6 GiB of the box's 21.6 GiB are free"
+    waiting = cpu("end_a", status=EndpointStatus.UPDATE_IN_PROGRESS, status_reason=before)
+    others = [on_cpu(f"r{i}", "end_b") for i in range(4)]
+    b = cpu("end_b", gib=4.5, status=EndpointStatus.READY, min_replicas=4, desired_replicas=4)
+    actions = plan([b, waiting], others, memory_bytes=BOX)
+    after = "waiting for memory: needs 4.0 GiB, 3.6 GiB of the box's 21.6 GiB are free"
+    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, after, False)]
+    assert (
+        plan([b, waiting.model_copy(update={"status_reason": after})], others, memory_bytes=BOX)
+        == []
+    )
+
+
+def test_a_box_with_plenty_of_memory_plans_as_without_a_bound() -> None:
+    """The GPU scenarios above (start, surge, roll one by one, evict) and CPU endpoints plan
+    the same with memory to spare as with no bound at all."""
+    two = Inventory(EIGHT.gpus[:2])
+    low = endpoint(
+        id="end_low",
+        name="low",
+        priority=0,
+        min_replicas=1,
+        desired_replicas=2,
+        status=EndpointStatus.READY,
+        last_request_at=NOW - 500,
+    )
+    high = endpoint(id="end_high", name="high", priority=10, status=EndpointStatus.UPDATE_PENDING)
+    lows = [
+        replica("l1", endpoint_id="end_low", gpus=[0], created_at=1.0),
+        replica("l2", endpoint_id="end_low", gpus=[1], created_at=2.0),
+    ]
+    cases: list[tuple[list[Endpoint], list[Replica], dict[str, object]]] = [
+        ([endpoint(status=EndpointStatus.UPDATE_PENDING)], [], {}),
+        ([endpoint(generation=2)], [replica("old", generation=1)], {}),
+        (
+            [endpoint(generation=2)],
+            [replica("old", generation=1)],
+            {"inventory": Inventory(EIGHT.gpus[:1])},
+        ),
+        ([low, high], lows, {"inventory": two, "inflight": {"l1": 1}}),
+        ([cpu(f"end_{i}") for i in range(8)], [], {"inventory": EMPTY}),
+    ]
+    for endpoints, replicas, kw in cases:
+        assert plan(endpoints, replicas, memory_bytes=2**50, **kw) == plan(
+            endpoints, replicas, **kw
+        )
