@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.callers import Keys
-from api.limits import Limiter, Release
+from api.limits import FollowSlots, Limiter, Release
 from api.submit import TaskSubmitter
 from appliance import keys
 from appliance.db import session_scope
@@ -35,12 +36,14 @@ class AppState:
     engine: Engine
     reader: Engine  # read-only, never waits for a writer: key lookups
     redis: redis.Redis
+    aredis: aioredis.Redis  # the same Redis for async code (log streams): holds no thread
     forwarder: Forwarder
     key_secret: bytes
     install_id: str
     limiter: Limiter
     submitter: TaskSubmitter  # async tasks: group commit, then queue
     key_cache: Keys = field(init=False)  # the verified keys (api/callers.py)
+    follows: FollowSlots = field(default_factory=FollowSlots)  # log streams followed, per key
 
     def __post_init__(self) -> None:
         self.key_cache = Keys(self._read_key)

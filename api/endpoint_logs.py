@@ -1,15 +1,21 @@
 """A replica's output as the builder ships it to Redis (a stream per replica), for the logs
 route and the UI's endpoint page: the crash output kept for failed replicas, the last lines,
-then, with `follow`, new lines as they come."""
+then, with `follow`, new lines as they come.
+
+Read with the process's async Redis client, so an open stream holds no thread: blocked in a
+thread each, a few dozen idle follows would queue every other `to_thread` call behind them.
+A key follows at most `api.limits.LOG_FOLLOWS_PER_KEY` streams at once (`FollowSlots`)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from api import endpoint_service
 from api.deps import AppState
+from api.limits import FollowSlot
 from appliance import bus, queries
 from appliance.db import session_scope
 from appliance.errors import NoSuchEndpointError
@@ -25,25 +31,32 @@ def _as_bytes(value: Any) -> bytes:
 
 
 async def _log_lines(
-    state: AppState, keys: list[str], first: list[bytes], tail: int, follow: bool
+    client: aioredis.Redis,
+    keys: list[str],
+    first: list[bytes],
+    tail: int,
+    slot: FollowSlot | None,
 ) -> AsyncIterator[bytes]:
-    for line in first:
-        yield line
-    cursors: dict[str, str] = {}
-    for key in keys:
-        entries: Any = await asyncio.to_thread(state.redis.xrevrange, key, count=tail)
-        cursors[key] = _as_bytes(entries[0][0]).decode() if entries else "$"
-        for _entry_id, fields in reversed(entries or []):
-            yield _as_bytes(fields[b"line"])
-    while follow and keys:
-        streams: Any = dict(cursors)
-        found: Any = await asyncio.to_thread(
-            state.redis.xread, streams, block=int(LOG_POLL_S * 1000)
-        )
-        for key, entries in found or []:
-            for entry_id, fields in entries:
-                cursors[_as_bytes(key).decode()] = _as_bytes(entry_id).decode()
+    """The lines; with a `slot`, followed until the client goes (which gives the slot back)."""
+    try:
+        for line in first:
+            yield line
+        cursors: dict[str, str] = {}
+        for key in keys:
+            entries: Any = await client.xrevrange(key, count=tail)
+            cursors[key] = _as_bytes(entries[0][0]).decode() if entries else "$"
+            for _entry_id, fields in reversed(entries or []):
                 yield _as_bytes(fields[b"line"])
+        while slot is not None and keys:
+            streams: Any = dict(cursors)
+            found: Any = await client.xread(streams, block=int(LOG_POLL_S * 1000))
+            for key, entries in found or []:
+                for entry_id, fields in entries:
+                    cursors[_as_bytes(key).decode()] = _as_bytes(entry_id).decode()
+                    yield _as_bytes(fields[b"line"])
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 def lines(
@@ -55,7 +68,8 @@ def lines(
     replica_id: str | None,
 ) -> AsyncIterator[bytes]:
     """The endpoint's (or one replica's) log lines. Checks with its own short session: a
-    request-scoped one would hold SQLite's write lock for as long as the stream runs."""
+    request-scoped one would hold SQLite's write lock for as long as the stream runs. A follow
+    takes one of the caller's follow slots first: over its limit, RateLimitedError (429)."""
     with session_scope(state.engine) as session:
         endpoint_service.owned(endpoint_id, caller, session=session)
         all_replicas = queries.replicas_of(endpoint_id, session=session)
@@ -67,4 +81,5 @@ def lines(
         if replica.log_tail and replica.state == ReplicaState.FAILED:
             first.append(f"[{replica.id} crashed] {replica.log_tail}\n".encode())
     keys = [bus.LOGS_KEY.format(replica=r.id) for r in replicas]
-    return _log_lines(state, keys, first, tail, follow)
+    slot = state.follows.take(caller) if follow else None
+    return _log_lines(state.aredis, keys, first, tail, slot)

@@ -10,6 +10,10 @@ requests still running every third of the lease (`APPLIANCE_INFLIGHT_LEASE_S`); 
 process died (killed mid-stream) runs out within the lease and is dropped by the next
 admission, so no key is locked out for good. A refused request writes nothing, so retrying
 never extends anyone's slot.
+
+The log streams a key follows (`GET .../logs?follow=1`, `api/endpoint_logs.py`) are counted in
+the api process that carries them (`FollowSlots`), since that is where they cost: each holds a
+Redis connection for as long as its client stays. One more than `LOG_FOLLOWS_PER_KEY` is a 429.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -30,6 +36,8 @@ from appliance.keys import Caller
 
 logger = logging.getLogger(__name__)
 
+LOG_FOLLOWS_PER_KEY = 4  # log streams one key follows at once, in each api process
+FOLLOW_RETRY_AFTER_S = 5
 RPM_KEY = "appliance:limit:rpm:{key_id}:{minute}"
 INFLIGHT_KEY = "appliance:limit:inflight:{key_id}"
 
@@ -120,3 +128,47 @@ class Limiter:
                 await pipe.execute()
             except RedisError:
                 logger.warning("renewing in-flight leases failed; retrying", exc_info=True)
+
+
+class FollowSlot:
+    """One followed log stream's slot: given back by `release`, or when no one holds it any
+    more (a stream dropped before it started runs no code that could give it back)."""
+
+    def __init__(self, slots: FollowSlots, key: str) -> None:
+        self._slots = slots
+        self._key = key
+
+    def release(self) -> None:
+        self._slots.give_back(self._key, self)
+
+
+class FollowSlots:
+    """The log streams each key follows in this process: at most `most` at once. Route
+    functions take slots in the thread pool, streams give them back on the event loop: locked."""
+
+    def __init__(self, most: int = LOG_FOLLOWS_PER_KEY) -> None:
+        self.most = most
+        self._held: dict[str, weakref.WeakSet[FollowSlot]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, caller: Caller) -> FollowSlot:
+        key = caller.counter()
+        with self._lock:
+            held = self._held.setdefault(key, weakref.WeakSet())
+            if len(held) >= self.most:
+                raise RateLimitedError(
+                    f"this key already follows {len(held)} log streams, its limit of "
+                    f"{self.most} at once; close one to follow another",
+                    retry_after_s=FOLLOW_RETRY_AFTER_S,
+                )
+            slot = FollowSlot(self, key)
+            held.add(slot)
+            return slot
+
+    def give_back(self, key: str, slot: FollowSlot) -> None:
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held.discard(slot)
+                if not held:
+                    del self._held[key]

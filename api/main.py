@@ -150,6 +150,13 @@ def create_app(
             engine=engine,
             reader=open_reader(settings.database_path),
             redis=client,
+            # a request uses one connection at most (a followed log stream holds one): with as
+            # many as the api holds connections, the pool never runs out before they do
+            aredis=aioredis.Redis.from_url(
+                str(settings.redis_url),
+                socket_connect_timeout=5,
+                max_connections=settings.max_connections,
+            ),
             forwarder=forwarder,
             limiter=Limiter(str(settings.redis_url), settings.inflight_lease_s),
             key_secret=key_secret(settings.data_dir),
@@ -176,6 +183,7 @@ def create_app(
             await state.submitter.close()  # what it was handed is stored before Redis closes
             await forwarder.close()
             await state.limiter.close()
+            await state.aredis.aclose()
             state.redis.close()
             state.reader.dispose()
             engine.dispose()

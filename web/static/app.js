@@ -54,6 +54,11 @@
       let fresh = true;
       try {
         const reply = await fetch(pre.dataset.logs + "?follow=1", { credentials: "same-origin" });
+        if (reply.status === 429) {  // this key follows its most log streams: other tabs
+          say("paused: too many log views open; retrying");
+          setTimeout(connect, 10000);
+          return;
+        }
         if (!reply.ok) { say("unavailable"); return; }
         say("following");
         const reader = reply.body.getReader();
