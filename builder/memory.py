@@ -4,7 +4,10 @@ may add up to, what one replica counts, and why an endpoint waits for memory. Pu
 
 Without it a replica with `gpus: 0` was placed with no check at all, so one team's CPU
 endpoints could give their containers more memory than the box has, and the kernel's OOM killer
-then chose whom to kill. A replica holds its container's limit (the endpoint's `memory`) from
+then chose whom to kill. Replicas with GPUs are bounded by their GPUs and are not counted: their
+weights live on the GPUs, and their limit is a ceiling far above what they hold.
+
+A replica holds its container's limit (the endpoint's `memory`) from
 the moment its row is written until its container is removed: while it starts, serves, or
 drains. Limits, not use, are counted: a limit is what the container may take at any moment.
 """

@@ -154,9 +154,10 @@ class _Tick:
             self.held[key] = counted
 
     def memory_fits(self, endpoint: Endpoint, freed: int = 0) -> bool:
-        """Whether one more replica of `endpoint` fits beside what is held, less `freed`."""
+        """Whether one more replica of `endpoint` fits beside what is held, less `freed`; a
+        GPU replica always does (its GPUs bound it)."""
         budget = self.obs.memory_bytes
-        if budget is None:
+        if budget is None or endpoint.gpus:
             return True
         need = memory.counted(endpoint.memory_bytes, budget)
         return self.memory_claimed - freed + need <= budget
@@ -171,7 +172,8 @@ def plan(obs: Observed) -> list[Action]:
     for replica in obs.replicas:
         if replica.state != ReplicaState.FAILED:
             tick.claim(replica.gpus, replica.gpu_fraction)
-            tick.hold(_memory_limit(replica, containers, endpoints), replica.id)
+            if not replica.gpus:
+                tick.hold(_memory_limit(replica, containers, endpoints), replica.id)
     for container in obs.containers:
         if container.labels.get(LABEL_REPLICA) not in known:
             _plan_orphan(tick, container)
@@ -199,7 +201,8 @@ def _memory_limit(
 def _plan_orphan(tick: _Tick, container: ContainerInfo) -> None:
     gpus = [int(g) for g in container.labels.get(LABEL_GPUS, "").split(",") if g]
     tick.claim(gpus, float(container.labels.get(LABEL_GPU_FRACTION, "1.0")))
-    tick.hold(container.memory_bytes or 0)
+    if not gpus:
+        tick.hold(container.memory_bytes or 0)
     seen = tick.obs.first_seen.get(container.id, tick.obs.now)
     if tick.obs.now - seen >= ORPHAN_GRACE_S:
         tick.actions.append(RemoveOrphan(container.id))
@@ -396,7 +399,8 @@ def _plan_start(
         why = memory.shortage(endpoint.memory_bytes, budget, tick.memory_claimed)
         return _make_room(tick, endpoint, current, old, fraction, "memory", why)
     tick.claim(gpus, fraction)
-    tick.hold(endpoint.memory_bytes)
+    if not gpus:
+        tick.hold(endpoint.memory_bytes)
     tick.actions.append(StartReplica(endpoint.id, gpus, fraction if gpus else 0.0))
     return None
 
