@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from sqlmodel import Session, col, select
 
-from api import endpoint_changes, endpoint_specs, endpoint_views, server_args
+from api import endpoint_changes, endpoint_specs, endpoint_updates, endpoint_views, server_args
 from api.deps import AppState
 from api.schemas import CreateLLMEndpointRequest, EndpointProgress, UpdateLLMEndpointRequest
 from appliance import audit, bus, queries
@@ -151,7 +151,7 @@ def update_endpoint(
     """Shared by the by-name and by-id routes and the UI; False when nothing changed."""
     check_not_busy(endpoint)
     before = endpoint_changes.spec(endpoint)
-    rolls = endpoint_specs.apply_update(endpoint, body, caller, state.settings)
+    rolls = endpoint_updates.apply_update(endpoint, body, caller, state.settings)
     server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
     return commit_update(endpoint, before, rolls, caller, session, state, address=address)
 

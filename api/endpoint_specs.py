@@ -1,7 +1,8 @@
-"""Turns endpoint requests into endpoint rows (validated, policy-checked) and rows into answers.
+"""Turns a create request into an endpoint row (validated, policy-checked), with the checks
+an update shares (`api.endpoint_updates` applies updates through them).
 
-Called by the endpoint routes; a request that would break the container policy is refused here
-with a 422 before anything is stored.
+Called by `api.endpoint_service` and the declared configuration's apply; a request that would
+break the container policy is refused here before anything is stored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from api import server_args
-from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndpointRequest
+from api.schemas import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
 from appliance.errors import InvalidSpecError, PolicyViolationError
 from appliance.ids import new_id
 from appliance.keys import Caller
@@ -77,12 +78,26 @@ def _whole_mebibytes(n: int) -> int:
     return n // 2**20 * 2**20
 
 
-def parse_cpus(value: str | int | float) -> float:
-    """CPUs as Kubernetes writes them (2, 0.5, 500m), at least 0.01 and at most the box's."""
+def cpus_amount(value: str | int | float) -> float:
+    """CPUs as Kubernetes writes them (2, 0.5, 500m); ValueError for anything else."""
     text = str(value).strip()
     cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
     if not math.isfinite(cpus):
         raise ValueError
+    return cpus
+
+
+def memory_amount(value: str | int | float) -> int:
+    """Bytes of memory as Kubernetes writes it (8Gi, 512Mi, bytes); ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([kmgtKMGT]i?)?\s*", str(value))
+    if not match:
+        raise ValueError
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def parse_cpus(value: str | int | float) -> float:
+    """CPUs as Kubernetes writes them (2, 0.5, 500m), at least 0.01 and at most the box's."""
+    cpus = cpus_amount(value)
     if cpus < MIN_CPUS:
         raise InvalidSpecError(
             f"cpus {value!r} is less than the least a replica may have ({MIN_CPUS}, or 10m)",
@@ -97,10 +112,7 @@ def parse_cpus(value: str | int | float) -> float:
 
 def parse_memory(value: str | int | float) -> int:
     """Memory as Kubernetes writes it (8Gi, 512Mi, bytes), at least 128Mi, at most the box's."""
-    match = re.fullmatch(r"\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([kmgtKMGT]i?)?\s*", str(value))
-    if not match:
-        raise ValueError
-    memory = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    memory = memory_amount(value)
     if memory < MIN_MEMORY_BYTES:
         raise InvalidSpecError(
             f"memory {value!r} is less than the least a replica runs in (128Mi)", field="memory"
@@ -113,7 +125,7 @@ def parse_memory(value: str | int | float) -> int:
     return memory
 
 
-def _quantity(kind: str, value: Any) -> Any:
+def quantity(kind: str, value: Any) -> Any:
     try:
         return parse_cpus(value) if kind == "cpus" else parse_memory(value)
     except ValueError:
@@ -123,7 +135,9 @@ def _quantity(kind: str, value: Any) -> Any:
         ) from None
 
 
-def _model(framework: str, model_name: str, checkpoint: str | None, settings: Settings) -> str:
+def resolve_model(
+    framework: str, model_name: str, checkpoint: str | None, settings: Settings
+) -> str:
     if checkpoint:
         return _local_model(framework, checkpoint, settings)
     local = framework == Framework.LLAMACPP or not HUB_ID.match(model_name)
@@ -182,7 +196,7 @@ def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None
     )
 
 
-def _validate(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
+def check_endpoint(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
     if endpoint.min_replicas > endpoint.max_replicas:
         raise InvalidSpecError("min_workers must not exceed max_workers", field="min_workers")
     if endpoint.gpu_memory_fraction is not None and (
@@ -210,7 +224,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
     if framework == Framework.VLLM and req.gpus is not None and req.num_shards not in (gpus, 1):
         raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
     server_args.check_fields(framework, req, settings)
-    _check_remote_code(req, caller)
+    check_remote_code(req, caller)
     tag = req.inference_framework_image_tag
     endpoint = Endpoint(
         id=new_id("end"),
@@ -218,7 +232,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         owner=caller.team,
         created_by=caller.user,
         framework=framework,
-        model=_model(framework, req.model_name, req.checkpoint_path, settings),
+        model=resolve_model(framework, req.model_name, req.checkpoint_path, settings),
         image=req.image or server_args.image_for_tag(framework, tag, gpus, caller, settings),
         args=server_args.server_args(framework, req, name=req.name, gpus=gpus),
         env=dict(req.env or {}),
@@ -227,10 +241,10 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         health_route=req.healthcheck_route,
         gpus=gpus,
         gpu_memory_fraction=req.gpu_memory_fraction,
-        cpus=_quantity("cpus", req.cpus)
+        cpus=quantity("cpus", req.cpus)
         if req.cpus is not None
         else min(DEFAULT_CPUS[framework], float(box_cpus())),
-        memory_bytes=_quantity("memory", req.memory)
+        memory_bytes=quantity("memory", req.memory)
         if req.memory is not None
         else min(DEFAULT_MEMORY[framework], _whole_mebibytes(box_memory_bytes())),
         min_replicas=req.min_workers,
@@ -244,7 +258,7 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         scale_down_window_s=req.scale_down_window_seconds
         if req.scale_down_window_seconds is not None
         else DEFAULT_SCALE_DOWN_WINDOW_S,
-        priority=_priority(req.priority, req.high_priority, caller) or 0,
+        priority=priority_of(req.priority, req.high_priority, caller) or 0,
         public_inference=bool(req.public_inference),
         labels=req.labels,
         extra={
@@ -262,11 +276,11 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         status=EndpointStatus.UPDATE_PENDING,
         desired_replicas=max(req.min_workers, 1) if req.max_workers else 0,
     )
-    _validate(endpoint, caller, settings)
+    check_endpoint(endpoint, caller, settings)
     return endpoint
 
 
-def _check_remote_code(
+def check_remote_code(
     req: CreateLLMEndpointRequest | UpdateLLMEndpointRequest, caller: Caller
 ) -> None:
     """vLLM's `trust_remote_code` runs the model repository's own Python in the replica: like a
@@ -279,7 +293,7 @@ def _check_remote_code(
         )
 
 
-def _priority(priority: int | None, high_priority: bool | None, caller: Caller) -> int | None:
+def priority_of(priority: int | None, high_priority: bool | None, caller: Caller) -> int | None:
     """`priority` wins; LLM Engine's high_priority means 10, false means 0. A priority above 0
     decides whose replicas are evicted for whose, so only an administrator may give one."""
     if priority is None and high_priority is not None:
@@ -292,113 +306,3 @@ def _priority(priority: int | None, high_priority: bool | None, caller: Caller) 
             field=field,
         )
     return priority
-
-
-SIMPLE_COLUMNS = {  # update field -> endpoint column, copied as sent
-    "env": "env",
-    "command": "command",
-    "port": "port",
-    "gpus": "gpus",
-    "healthcheck_route": "health_route",
-    "gpu_memory_fraction": "gpu_memory_fraction",
-    "min_workers": "min_replicas",
-    "max_workers": "max_replicas",
-    "per_worker": "target_concurrency",
-    "public_inference": "public_inference",
-    "labels": "labels",
-    "image": "image",
-    "idle_timeout_seconds": "idle_timeout_s",
-    "scale_down_window_seconds": "scale_down_window_s",
-    "startup_timeout_seconds": "startup_timeout_s",
-}
-EXTRA_FIELDS = (  # update fields kept in `extra`, shown back and read by other parts
-    "timeout_seconds",
-    "forwarder_max_concurrency",
-    "default_callback_url",
-    "default_callback_auth",
-    "post_inference_hooks",
-    "quantize",
-)
-
-
-def apply_update(
-    endpoint: Endpoint, req: UpdateLLMEndpointRequest, caller: Caller, settings: Settings
-) -> bool:
-    """Apply an update to the row in place; True when replicas must roll to a new generation."""
-    before = {name: getattr(endpoint, name) for name in ROLLING_FIELDS}
-    sent = _sent(endpoint, req)
-    server_args.check_fields(endpoint.framework, req, settings)
-    _check_remote_code(req, caller)
-    if "model_name" in sent or "checkpoint_path" in sent:
-        name = req.model_name or str(endpoint.extra.get("model_name"))
-        endpoint.model = _model(endpoint.framework, name, req.checkpoint_path, settings)
-        endpoint.extra = {**endpoint.extra, "model_name": name}
-    _update_columns(endpoint, req, sent, caller)
-    if sent & {*VLLM_ARG_FIELDS, "chat_template_override", "extra_flags", "quantize"}:
-        fresh = server_args.server_args(
-            endpoint.framework, req, name=endpoint.name, gpus=endpoint.gpus
-        )
-        endpoint.args = {**endpoint.args, **fresh}
-    if req.metadata:
-        endpoint.extra = {**endpoint.extra, "metadata": merged(endpoint.extra, req.metadata)}
-    for name in EXTRA_FIELDS:
-        if name in sent and (getattr(req, name) is not None or name in NULLABLE_EXTRA):
-            endpoint.extra = {**endpoint.extra, name: getattr(req, name)}
-    if req.inference_framework_image_tag is not None:
-        tag = req.inference_framework_image_tag
-        endpoint.image = server_args.image_for_tag(
-            endpoint.framework, tag, endpoint.gpus, caller, settings
-        )
-        endpoint.extra = {**endpoint.extra, "image_tag": tag}
-    if "image" in sent and req.image is not None and not caller.is_admin:
-        raise PolicyViolationError("only an administrator may override images", field="image")
-    _validate(endpoint, caller, settings)
-    endpoint.desired_replicas = max(
-        endpoint.min_replicas, min(endpoint.desired_replicas, endpoint.max_replicas)
-    )
-    return bool(req.force_bundle_recreation) or any(
-        getattr(endpoint, name) != value for name, value in before.items()
-    )
-
-
-def merged(extra: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    """The stored metadata with `change` applied key by key (null removes a key)."""
-    metadata = {**(extra.get("metadata") or {}), **change}
-    return {key: value for key, value in metadata.items() if value is not None}
-
-
-# What LLM Engine's client sends on every update unless told otherwise: vLLM's own defaults
-CLIENT_DEFAULTS: dict[str, Any] = {"trust_remote_code": False, "force_bundle_recreation": False}
-
-
-def _sent(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> set[str]:
-    """The fields an update means to change. LLM Engine's client sends every field it has:
-    null for those not given (null is "leave it", but for NULLABLE_EXTRA), and CLIENT_DEFAULTS,
-    which change nothing while the endpoint has that value (a llama.cpp endpoint, which has no
-    such setting, is not refused for them)."""
-    for name, default in CLIENT_DEFAULTS.items():
-        if getattr(req, name) == default and endpoint.args.get(name, default) == default:
-            setattr(req, name, None)
-    return {f for f in req.model_fields_set if getattr(req, f) is not None or f in NULLABLE_EXTRA}
-
-
-NULLABLE_EXTRA = ("timeout_seconds", "forwarder_max_concurrency")  # null: back to the default
-
-
-def _update_columns(
-    endpoint: Endpoint, req: UpdateLLMEndpointRequest, sent: set[str], caller: Caller
-) -> None:
-    for field_name, column in SIMPLE_COLUMNS.items():
-        if field_name in sent and getattr(req, field_name) is not None:
-            setattr(endpoint, column, getattr(req, field_name))
-    if req.num_shards is not None and endpoint.framework == Framework.VLLM:
-        if req.gpus is not None and req.gpus != req.num_shards:
-            raise InvalidSpecError("num_shards must equal gpus", field="num_shards")
-        endpoint.gpus = req.num_shards
-    priority = _priority(req.priority, req.high_priority, caller)
-    if priority is not None:
-        endpoint.priority = priority
-    if req.cpus is not None:
-        endpoint.cpus = _quantity("cpus", req.cpus)
-    if req.memory is not None:
-        endpoint.memory_bytes = _quantity("memory", req.memory)

@@ -1,14 +1,16 @@
 """The server settings of an endpoint request, checked against its framework and turned into
 the row's `args` and image: every setting is honoured (it becomes a flag, an image or a column)
-or refused with a 422 that names it and says why.
+or refused with an InvalidSpecError that names it and says why.
 
-Called by `api.endpoint_specs` on create and update; the flag tables themselves live in
+Called by `api.endpoint_specs` on create (the declared configuration's apply too) and by
+`api.endpoint_updates` on update; the flag tables themselves live in
 `builder.frameworks`, and docs/fields.md lists every field and what it becomes.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from api.schemas import VLLM_ARG_FIELDS, CreateLLMEndpointRequest, UpdateLLMEndpointRequest
@@ -35,6 +37,12 @@ NOT_ON_ONE_BOX = {
     "prewarm": "a new endpoint is always kept warm for its idle timeout",
 }
 POST_INFERENCE_HOOKS = ("callback",)
+# A chat template is a Jinja template: llama.cpp (run with --jinja) renders any other text as
+# the prompt itself (a model name such as "gemma" answers every chat alike), and vLLM 0.32
+# fails to start on text that is neither a template nor a file. vLLM also reads a path.
+JINJA = re.compile(r"\{\{|\{%")
+TEMPLATE_FILE = re.compile(r"[^\s{}]+\.jinja")
+CLEARED = ""  # the chat_template an update sends to drop it: the model's own template again
 # LLM Engine's GPU types, by a word of the name NVML reports for such a GPU.
 GPU_TYPES = {
     "nvidia-tesla-t4": r"\bT4\b",
@@ -76,7 +84,7 @@ def vllm_args(req: Request, *, name: str, gpus: int) -> dict[str, Any]:
                 "quantize and quantization disagree; set one of them", field="quantize"
             )
         args["quantization"] = req.quantize
-    _chat_template(req, args)
+    _chat_template(req, args, Framework.VLLM)
     if req.extra_flags:
         policy.check_extra_flags(req.extra_flags)
         args["extra_flags"] = dict(req.extra_flags)
@@ -93,7 +101,7 @@ def llamacpp_args(req: Request) -> dict[str, Any]:
         )
     if req.extra_flags:
         raise InvalidSpecError("extra_flags are for vLLM endpoints", field="extra_flags")
-    _chat_template(req, args)
+    _chat_template(req, args, Framework.LLAMACPP)
     return args
 
 
@@ -108,22 +116,51 @@ def custom_args(req: Request) -> dict[str, Any]:
     return {}
 
 
-def _chat_template(req: Request, args: dict[str, Any]) -> None:
-    if req.chat_template_override:
+def _chat_template(req: Request, args: dict[str, Any], framework: str) -> None:
+    """`chat_template` (or LLM Engine's `chat_template_override`): a Jinja template, or for
+    vLLM the path of a `.jinja` file in the image; "" clears it (`CLEARED`)."""
+    if req.chat_template_override is not None:
         if args.get("chat_template", req.chat_template_override) != req.chat_template_override:
             raise InvalidSpecError(
                 "chat_template and chat_template_override disagree; set one of them",
                 field="chat_template_override",
             )
         args["chat_template"] = req.chat_template_override
+    template = args.get("chat_template")
+    if template is None or template == CLEARED or JINJA.search(template):
+        return
+    if framework == Framework.VLLM and TEMPLATE_FILE.fullmatch(template):
+        return
+    name = "chat_template" if req.chat_template is not None else "chat_template_override"
+    shown = template if len(template) <= 60 else template[:59] + "…"
+    file = ", or the path of a .jinja file in the image" if framework == Framework.VLLM else ""
+    raise InvalidSpecError(
+        f"{name} {shown!r} is not a Jinja template: send the template itself (with "
+        f"{{{{ ... }}}} / {{% ... %}}){file}, or leave it out to use the model's own",
+        field=name,
+    )
 
 
-def server_args(framework: str, req: Request, *, name: str, gpus: int) -> dict[str, Any]:
+def server_args(
+    framework: str,
+    req: Request,
+    *,
+    name: str,
+    gpus: int,
+    current: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The row's `args`: the request's settings over `current` (the endpoint's own, on an
+    update); a chat_template of "" is dropped, so the server uses the model's own template."""
     if framework == Framework.VLLM:
-        return vllm_args(req, name=name, gpus=gpus)
-    if framework == Framework.LLAMACPP:
-        return llamacpp_args(req)
-    return custom_args(req)
+        fresh = vllm_args(req, name=name, gpus=gpus)
+    elif framework == Framework.LLAMACPP:
+        fresh = llamacpp_args(req)
+    else:
+        fresh = custom_args(req)
+    args = {**(current or {}), **fresh}
+    if args.get("chat_template") == CLEARED:
+        del args["chat_template"]
+    return args
 
 
 def check_fields(framework: str, req: Request, settings: Settings) -> None:

@@ -1,7 +1,8 @@
 """LLM Engine's own client (`llmengine`, the pinned scale-llm-engine) against an install where
 endpoints of every framework and type are visible at once: its parsers know only vLLM and the
 `streaming` type, yet Model.list and Model.get work for all of them, Model.update keeps what it
-did not mean to change, and what the appliance lacks (fine-tuning) fails in the client's words.
+did not mean to change (and what it sends back as it is changes nothing), and what the
+appliance lacks (fine-tuning) fails in the client's words.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ SCRIPT = textwrap.dedent("""
     elif step == "update":
         for name in ("vllm-stream", "llama"):
             Model.update(name, max_workers=2)
+    elif step == "update-llama":  # argv[2]: a JSON list of Model.update keyword sets
+        for kwargs in json.loads(sys.argv[2]):
+            try:
+                Model.update("llama", **kwargs)
+                out.setdefault("errors", []).append(None)
+            except Exception as exc:
+                out.setdefault("errors", []).append([type(exc).__name__, str(exc)])
     elif step == "refused":  # what the client raises for requests the appliance refuses
         made = dict(
             model="acme/standin-1b", inference_framework_image_tag="latest", num_shards=1,
@@ -187,6 +195,61 @@ def test_metadata_updates_merge_key_by_key(api_only: Appliance) -> None:
     assert admin.put("/v1/llm/model-endpoints/llama", json=change).status_code == 200
     got = admin.get("/v1/llm/model-endpoints/llama").json()
     assert got["spec"]["metadata"] == {"added": 1}
+
+
+def set_llama(appliance: Appliance, **columns: Any) -> None:
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        row = session.get(Endpoint, "end_llama")
+        assert row is not None
+        for name, value in columns.items():
+            setattr(row, name, value)
+        session.add(row)
+    engine.dispose()
+
+
+def test_client_update_resending_the_model_name_changes_nothing(api_only: Appliance) -> None:
+    """A llama.cpp endpoint made from a GGUF file: `Model.update(name, model=...)` sends the
+    model_name it has, which names no file; that is no change, not a 400."""
+    seed(api_only)
+    extra = {"model_name": "gemma-3-270m", "checkpoint_path": "gemma.gguf"}
+    set_llama(api_only, extra=extra)
+    admin = api_only.client()
+    before = admin.get("/v1/llm/model-endpoints/llama").json()
+    calls = [{"model": "gemma-3-270m"}, {"model": "gemma-3-270m", "max_workers": 1}]
+    assert client(api_only, "update-llama", json.dumps(calls))["errors"] == [None, None]
+    after = admin.get("/v1/llm/model-endpoints/llama").json()
+    assert after["model_name"] == "gemma-3-270m"
+    assert (after["spec"]["model"], after["spec"]["generation"], after["status"]) == (
+        before["spec"]["model"],
+        before["spec"]["generation"],
+        "READY",
+    )
+
+
+def test_a_chat_template_must_be_a_template_on_create_update_and_apply(
+    api_only: Appliance,
+) -> None:
+    """A bare name such as "gemma" is rendered by llama.cpp as the prompt itself: refused on
+    every way in, saying what to send; "" clears a template (null leaves it)."""
+    seed(api_only)
+    template = "{{ messages[0].content }}"
+    calls = [{"chat_template_override": "gemma"}, {"chat_template_override": template}]
+    errors = client(api_only, "update-llama", json.dumps(calls))["errors"]
+    assert errors[0][0] == "BadRequestError" and errors[1] is None, errors
+    assert "chat_template_override 'gemma' is not a Jinja template" in errors[0][1]
+    admin = api_only.client()
+    assert admin.get("/v1/llm/model-endpoints/llama").json()["chat_template_override"] == template
+    set_llama(api_only, status=EndpointStatus.READY)  # no builder here to finish the rollout
+    calls = [{"max_workers": 1}, {"chat_template_override": ""}]
+    assert client(api_only, "update-llama", json.dumps(calls))["errors"] == [None, None]
+    assert admin.get("/v1/llm/model-endpoints/llama").json()["chat_template_override"] is None
+    made = {"name": "tpl", "model_name": "acme/standin-1b", "gpus": 0, "chat_template": "gemma"}
+    created = admin.post("/v1/llm/model-endpoints", json=made)
+    assert created.status_code == 400 and "chat_template" in created.json()["detail"]
+    applied = admin.post("/v1/config/apply", json={"endpoints": [made]})
+    assert applied.status_code == 422, applied.text
+    assert "chat_template 'gemma' is not a Jinja template" in applied.json()["detail"]
 
 
 def test_the_client_raises_its_own_exceptions_for_refusals(api_only: Appliance) -> None:

@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
-from api import endpoint_specs, server_args
+from api import endpoint_specs, endpoint_updates, server_args
 from api.schemas import UpdateLLMEndpointRequest
 from appliance.errors import InvalidSpecError
 from appliance.models import Endpoint
 from builder.specs import container_spec, server_command
 from tests.builder.field_cases import ADMIN, USER, VLLM_FLAG_CASES, build, settings
+
+T = "{{ messages[0].content }}"  # a chat template
 
 
 @pytest.fixture
@@ -156,9 +158,9 @@ def test_image_tag_cpus_memory_env_and_priority_reach_the_replica(models: Path) 
 def test_llamacpp_takes_its_own_settings_and_refuses_vllm_ones(models: Path) -> None:
     llama = {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0}
     argv = command(
-        build(models, {**llama, "max_model_len": 1024, "seed": 3, "chat_template_override": "t"})
+        build(models, {**llama, "max_model_len": 1024, "seed": 3, "chat_template_override": T})
     )
-    assert contains(argv, ["--ctx-size", "1024", "--chat-template", "t", "--seed", "3"])
+    assert contains(argv, ["--ctx-size", "1024", "--chat-template", T, "--seed", "3"])
     one_cpu = spec(build(models, {**llama, "cpus": 1}), models)
     assert one_cpu.env["LLAMA_ARG_THREADS"] == "1"  # not one per host core
     own = spec(build(models, {**llama, "cpus": 1, "env": {"LLAMA_ARG_THREADS": "2"}}), models)
@@ -171,7 +173,7 @@ def test_llamacpp_takes_its_own_settings_and_refuses_vllm_ones(models: Path) -> 
 
 def update(endpoint: Endpoint, models: Path, **fields: Any) -> bool:
     request = UpdateLLMEndpointRequest.model_validate(fields)
-    return endpoint_specs.apply_update(endpoint, request, ADMIN, settings(models))
+    return endpoint_updates.apply_update(endpoint, request, ADMIN, settings(models))
 
 
 def test_updates_honour_num_shards_high_priority_quantize_tag_and_callbacks(
@@ -208,3 +210,46 @@ def test_gpu_type_is_honoured_only_where_the_box_has_that_gpu() -> None:
         with pytest.raises(InvalidSpecError) as refused:
             server_args.check_gpu_type(gpu_type, gpus, names)
         assert refused.value.field == "gpu_type"
+
+
+@pytest.mark.parametrize("framework", ["vllm", "llamacpp"])
+@pytest.mark.parametrize("field", ["chat_template", "chat_template_override"])
+def test_a_chat_template_that_is_no_template_is_refused_saying_what_to_send(
+    framework: str, field: str, models: Path
+) -> None:
+    """llama.cpp, run with --jinja, renders a bare name such as "gemma" as the prompt itself
+    (every chat gets 3 prompt tokens and the same answer), and vLLM fails to start on it."""
+    fields = {"inference_framework": framework, "checkpoint_path": "gemma.gguf", "gpus": 0}
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {**fields, field: "gemma"})
+    assert refused.value.field == field
+    assert f"{field} 'gemma' is not a Jinja template: send the template" in refused.value.message
+    endpoint = build(models, fields)
+    with pytest.raises(InvalidSpecError) as refused_update:
+        update(endpoint, models, **{field: "gemma"})
+    assert refused_update.value.field == field
+
+
+def test_vllm_also_reads_a_template_file_in_its_image(models: Path) -> None:
+    path = "/templates/chat.jinja"
+    assert contains(command(build(models, {"chat_template": path})), ["--chat-template", path])
+    assert contains(command(build(models, {"chat_template": "{% if x %}"})), ["{% if x %}"])
+    llama = {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0}
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {**llama, "chat_template": path})  # llama.cpp reads no file by this flag
+    assert refused.value.field == "chat_template" and "file" not in refused.value.message
+
+
+@pytest.mark.parametrize("framework", ["vllm", "llamacpp"])
+@pytest.mark.parametrize("field", ["chat_template", "chat_template_override"])
+def test_an_empty_chat_template_clears_it(framework: str, field: str, models: Path) -> None:
+    """On update null leaves the template as it is and "" drops it: the server uses the
+    model's own again. vLLM would refuse `--chat-template ""`, so no flag is emitted."""
+    fields = {"inference_framework": framework, "checkpoint_path": "gemma.gguf", "gpus": 0}
+    endpoint = build(models, {**fields, field: T})
+    assert contains(command(endpoint), ["--chat-template", T])
+    update(endpoint, models, chat_template=None, chat_template_override=None, max_workers=2)
+    assert endpoint.args["chat_template"] == T
+    assert update(endpoint, models, **{field: ""})
+    assert "chat_template" not in endpoint.args and "--chat-template" not in command(endpoint)
+    assert "--chat-template" not in command(build(models, {**fields, field: ""}))
