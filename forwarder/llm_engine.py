@@ -3,8 +3,8 @@
 `/v1/llm/completions-sync|stream` bodies become OpenAI `/v1/completions` bodies; replies come
 back as CompletionSyncV1Response or a stream of CompletionStreamV1Response events (no `[DONE]`,
 errors after the stream began sent in band). `/v1/sync-tasks|streaming-tasks` unwrap `args`
-and wrap results the way LLM Engine's forwarder does (reference/llm-engine.md §2-3).
-Called by the api's completion and task routes.
+and wrap results the way LLM Engine's forwarder does (reference/llm-engine.md §2-3), as the
+async worker does its tasks'. Called by the api's completion and task routes and the worker.
 """
 
 from __future__ import annotations
@@ -279,13 +279,46 @@ def parse_result(body: bytes) -> Any:
         return body.decode("utf-8", "replace")
 
 
-def sync_task_response(status: int, body: bytes) -> Json:
-    """SyncEndpointPredictV1Response; `result` is the forwarder's `{"result": "<json>"}`."""
+SERIALIZE_KEY = "serialize_results_as_string"
+SERIALIZE_DOC = (
+    'true: the result is `{"result": "<the reply as a JSON string>"}`; false: '
+    '`{"result": <the reply>}`. Default: strings for sync and async tasks, objects for a '
+    "stream's events, as LLM Engine's forwarder does. Also read from `args`, and taken out of "
+    "them: the replica never sees it."
+)
+
+
+def results_as_string(given: Any, args: Any, *, stream: bool) -> bool:
+    """Whether a task's result is wrapped as a JSON string, the one rule of every task entry
+    (sync, streaming and async tasks): the body's `serialize_results_as_string` (`given`), else
+    the one in its `args`, which is taken out of them before they go to the replica; else LLM
+    Engine's forwarder's default, strings but for a stream's events. null counts as unset;
+    anything else than a boolean is a BadRequestError naming it."""
+    in_args = args.pop(SERIALIZE_KEY, None) if isinstance(args, dict) else None
+    for value, name in ((given, SERIALIZE_KEY), (in_args, f"args.{SERIALIZE_KEY}")):
+        if value is not None and not isinstance(value, bool):
+            shown = json.dumps(value)[:40]
+            raise BadRequestError(f"{name} must be true or false, not {shown}", field=name)
+    if isinstance(given, bool):
+        return given
+    if isinstance(in_args, bool):
+        return in_args
+    return not stream
+
+
+def wrap_result(result: Any, as_string: bool) -> Json:
+    """The forwarder's `{"result": ...}` around a parsed reply: its JSON text, or itself."""
+    return {"result": json.dumps(result) if as_string else result}
+
+
+def sync_task_response(status: int, body: bytes, as_string: bool = True) -> Json:
+    """SyncEndpointPredictV1Response; `result` is the forwarder's `{"result": "<json>"}` (or
+    `{"result": <reply>}` when the request asked for objects)."""
     result = parse_result(body)
     if status == 200:
         return {
             "status": "SUCCESS",
-            "result": {"result": json.dumps(result)},
+            "result": wrap_result(result, as_string),
             "traceback": None,
             "status_code": status,
         }
@@ -297,9 +330,9 @@ def sync_task_response(status: int, body: bytes) -> Json:
     }
 
 
-def task_event(result: Any, status: int = 200) -> bytes:
+def task_event(result: Any, status: int = 200, as_string: bool = False) -> bytes:
     outcome = "SUCCESS" if status == 200 else "FAILURE"
-    event = {"status": outcome, "result": {"result": result}, "status_code": status}
+    event = {"status": outcome, "result": wrap_result(result, as_string), "status_code": status}
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
@@ -307,12 +340,13 @@ class TaskEvents:
     """Each of the replica's SSE events re-emitted as `{"status","result":{"result":...},...}`;
     the replica's `[DONE]` is dropped, as LLM Engine's gateway skips it."""
 
-    def __init__(self) -> None:
+    def __init__(self, as_string: bool = False) -> None:
         self.buffer = bytearray()
+        self.as_string = as_string
 
     def feed(self, chunk: bytes) -> bytes:
         return b"".join(
-            task_event(parse_result(data))
+            task_event(parse_result(data), as_string=self.as_string)
             for data in sse_events(self.buffer, chunk)
             if data != b"[DONE]"
         )

@@ -5,7 +5,8 @@ the replica's OpenAI API by `forwarder/llm_engine.py`:
   body a CompletionSyncV1Request, the reply a CompletionSyncV1Response or a stream of
   CompletionStreamV1Response events (no `[DONE]`; errors after the stream began in band);
 - `TaskCall`: `/v1/sync-tasks` and `/v1/streaming-tasks` (`?model_endpoint_id=`), the body's
-  `args` sent to the replica, the result wrapped as LLM Engine's forwarder wraps it.
+  `args` sent to the replica, the result wrapped as LLM Engine's forwarder wraps it: a JSON
+  string or an object, as `serialize_results_as_string` picks (`llm_engine.results_as_string`).
 
 Errors before a reply answer `{"detail": ...}` with their status; a replica's non-200 reply
 answers `{"detail": <its body>}` with its status, as LLM Engine's gateway does.
@@ -159,6 +160,7 @@ class TaskCall(LlmEngineCall):
     """`/v1/sync-tasks` and `/v1/streaming-tasks`."""
 
     wrapper: llm_engine.TaskEvents | None = None
+    as_string: bool = True  # the result as a JSON string (or as an object)
 
     def interpret(self, body: bytes) -> None:
         self.name = query_value(self.query, self.entry.selector)
@@ -167,9 +169,12 @@ class TaskCall(LlmEngineCall):
             raise BadRequestError(
                 "this endpoint takes `args` (url and cloudpickle are not served)", field="args"
             )
+        self.stream = self.entry.stream > 0
+        self.as_string = llm_engine.results_as_string(
+            request.serialize_results_as_string, request.args, stream=self.stream
+        )
         self.payload = request.args
         self.changed = True
-        self.stream = self.entry.stream > 0
         self.timeout_s = request.timeout_seconds or 0.0
 
     def injects(self) -> bool:
@@ -190,7 +195,7 @@ class TaskCall(LlmEngineCall):
 
     def streaming(self, headers: Headers) -> None:
         kind = next((v for k, v in headers if k == b"content-type"), b"")
-        self.wrapper = llm_engine.TaskEvents()
+        self.wrapper = llm_engine.TaskEvents(self.as_string)
         if b"text/event-stream" not in kind:
             self.gather = []  # one event with the whole reply, at its end
 
@@ -213,24 +218,25 @@ class TaskCall(LlmEngineCall):
         super().on_end()
 
     def whole_event(self, body: bytes) -> bytes:
-        return llm_engine.task_event(llm_engine.parse_result(body))
+        return llm_engine.task_event(llm_engine.parse_result(body), 200, self.as_string)
 
     def result(self, body: bytes) -> bytes:
-        return json.dumps(llm_engine.sync_task_response(200, body)).encode()
+        return json.dumps(llm_engine.sync_task_response(200, body, self.as_string)).encode()
 
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
         if status != 200 and not self.stream:  # a sync task answers 200 with its FAILURE
             self.status = status
-            reply = json.dumps(llm_engine.sync_task_response(status, body)).encode()
-            self._whole(200, JSON_HEADERS, reply, self._overhead())
+            answer = llm_engine.sync_task_response(status, body, self.as_string)
+            self._whole(200, JSON_HEADERS, json.dumps(answer).encode(), self._overhead())
             return
         super().on_whole(status, headers, body)
 
     def in_band(self, exc: ApplianceError) -> bytes:
-        return llm_engine.task_event({"detail": exc.message}, status_of(exc, LLM_ENGINE))
+        status = status_of(exc, LLM_ENGINE)
+        return llm_engine.task_event({"detail": exc.message}, status, self.as_string)
 
     def failed_event(self, status: int, body: bytes) -> bytes:
-        return llm_engine.task_event(llm_engine.parse_result(body), status)
+        return llm_engine.task_event(llm_engine.parse_result(body), status, self.as_string)
 
 
 def make_call(

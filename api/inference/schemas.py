@@ -13,6 +13,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from forwarder.llm_engine import SERIALIZE_DOC
 from forwarder.paths import BY_ID, BY_NAME, COMPLETION, PATHS, TASK, InferencePath
 
 MAX_TOKENS_BOUND = 1_000_000  # far above any model's context; refuses absurd numbers early
@@ -71,6 +72,9 @@ class SyncEndpointPredictV1Request(BaseModel):
     destination_path: str | None = None
     timeout_seconds: float | None = Field(None, gt=0, le=86_400)
     num_retries: int | None = Field(None, ge=0, le=1000)
+    # Any, not bool: `llm_engine.results_as_string` answers a 400 naming it where pydantic would
+    # take "true" or 1 for true
+    serialize_results_as_string: Any = Field(None, description=SERIALIZE_DOC)
 
 
 class SyncEndpointPredictV1Response(BaseModel):

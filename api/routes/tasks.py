@@ -19,7 +19,13 @@ from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskEr
 from appliance.ids import new_id
 from appliance.keys import Caller
 from appliance.models import EndpointStatus
-from forwarder.llm_engine import declared_routes, task_path
+from forwarder.llm_engine import (
+    SERIALIZE_DOC,
+    SERIALIZE_KEY,
+    declared_routes,
+    results_as_string,
+    task_path,
+)
 from forwarder.paths import BY_ID, CHAT, COMPLETIONS, upstream_for
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import check_url
@@ -41,6 +47,9 @@ class CreateAsyncTaskRequest(BaseModel):
     route: str | None = Field(
         None, description="Replica path the args go to; default: by their shape (messages: chat)."
     )
+    # Any, not bool: `results_as_string` answers a 400 naming it where pydantic would
+    # take "true" or 1 for true
+    serialize_results_as_string: Any = Field(None, description=SERIALIZE_DOC)
 
 
 class CreateAsyncTaskResponse(BaseModel):
@@ -73,10 +82,12 @@ def check_shape(body: CreateAsyncTaskRequest) -> None:
         raise InvalidSpecError("route must be a path such as /v1/completions", field="route")
 
 
-def task_payload(body: CreateAsyncTaskRequest, endpoint: EndpointView, path: str) -> dict[str, Any]:
+def task_payload(
+    body: CreateAsyncTaskRequest, endpoint: EndpointView, path: str, as_string: bool
+) -> dict[str, Any]:
     """The stored task: its args (with the endpoint's name and no stream for an OpenAI route,
-    `path`) and the route it named, if any."""
-    payload: dict[str, Any] = {"args": body.args}
+    `path`), the route it named, if any, and how the worker wraps its result (`as_string`)."""
+    payload: dict[str, Any] = {"args": body.args, SERIALIZE_KEY: as_string}
     if body.route:
         payload["route"] = body.route
     if path in OPENAI_ROUTES and isinstance(body.args, dict):
@@ -96,6 +107,7 @@ async def create_async_inference_task(
     """The admission of every inference request (api/inference/admission.py): the key, its
     scope and counted limits (the dependencies), its token cap, the endpoint's tenancy."""
     check_shape(body)
+    as_string = results_as_string(body.serialize_results_as_string, body.args, stream=False)
     if isinstance(body.args, dict):
         generates = (body.route or upstream_for(body.args)) in OPENAI_ROUTES
         admission.cap_tokens(caller, body.args, inject=generates)
@@ -122,7 +134,7 @@ async def create_async_inference_task(
             endpoint_id=endpoint.id,
             owner=caller.team,
             created_by=caller.user,
-            payload=task_payload(body, endpoint, path),
+            payload=task_payload(body, endpoint, path, as_string),
             callback_url=endpoint.default_callback_url if default else body.callback_url,
             callback_auth=endpoint.default_callback_auth if default else body.callback_auth,
             created_at=time.time(),

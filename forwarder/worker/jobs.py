@@ -26,7 +26,7 @@ from rq.utils import utcformat
 
 from appliance.errors import BadRequestError, CapacityError, EndpointDownError, UpstreamError
 from appliance.models import TaskStatus
-from forwarder.llm_engine import task_path
+from forwarder.llm_engine import SERIALIZE_KEY, task_path, wrap_result
 from forwarder.proxy import Forwarder
 from forwarder.table import Target
 from forwarder.usage import usage_from_json
@@ -177,13 +177,16 @@ async def run_task(task_id: str) -> None:
     except ValueError:
         answer = data.decode(errors="replace")
     tokens = usage_from_json(data)
+    # as its submission chose (api/routes/tasks.py); a batch's requests carry no choice and
+    # keep objects, which their output file holds
+    result = wrap_result(answer, claimed.payload.get(SERIALIZE_KEY) is True)
     if 200 <= status < 300:
-        await _finish(rt, claimed, TaskStatus.SUCCESS, {"result": answer}, status, None, tokens)
+        await _finish(rt, claimed, TaskStatus.SUCCESS, result, status, None, tokens)
     elif status in RETRIED_STATUSES:
-        await _retry_or_fail(rt, claimed, answer, status, f"replica answered {status}")
+        await _retry_or_fail(rt, claimed, result, status, f"replica answered {status}")
     else:
         message = f"replica answered {status}"
-        await _finish(rt, claimed, TaskStatus.FAILURE, {"result": answer}, status, message, tokens)
+        await _finish(rt, claimed, TaskStatus.FAILURE, result, status, message, tokens)
 
 
 async def _batch_cancelled(rt: Runtime, task_id: str, replica_id: str) -> bool:
@@ -200,11 +203,10 @@ async def _batch_cancelled(rt: Runtime, task_id: str, replica_id: str) -> bool:
 
 
 async def _retry_or_fail(
-    rt: Runtime, claimed: taskstore.Claim, answer: Any, code: int | None, why: str
+    rt: Runtime, claimed: taskstore.Claim, result: Any, code: int | None, why: str
 ) -> None:
     if claimed.attempts >= rt.max_attempts:
         why = f"{why} (gave up after {claimed.attempts} attempts)"
-        result = None if answer is None else {"result": answer}
         await _finish(rt, claimed, TaskStatus.FAILURE, result, code, why)
         return
     logger.info("task %s: %s; the sweeper will run it again", claimed.task_id, why)

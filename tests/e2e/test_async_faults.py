@@ -77,7 +77,7 @@ def test_worker_killed_mid_task_still_succeeds_once(
     appliance.start_role("worker")
     body = wait_tasks(client, [task_id], 60)[task_id]
     assert body["status"] == "SUCCESS", body
-    assert body["result"]["result"]["usage"]["completion_tokens"] == 300
+    assert json.loads(body["result"]["result"])["usage"]["completion_tokens"] == 300
     wait_until(lambda: receiver.got, 20, "the callback")
     with sqlite3.connect(appliance.data_dir / "appliance.db") as db:
         attempts = db.execute("SELECT attempts FROM task WHERE id = ?", (task_id,)).fetchone()[0]

@@ -37,7 +37,7 @@ def test_200_tasks_to_gemma_all_succeed_with_model_output(appliance: Appliance) 
     failed = {t: b for t, b in done.items() if b["status"] != "SUCCESS"}
     assert failed == {}
     for body in done.values():
-        answer = body["result"]["result"]
+        answer = json.loads(body["result"]["result"])  # a JSON string, as in LLM Engine
         assert body["status_code"] == 200
         assert answer["choices"][0]["message"]["content"].strip()
         assert answer["usage"]["completion_tokens"] > 0

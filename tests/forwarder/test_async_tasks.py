@@ -41,7 +41,7 @@ def test_tasks_reach_success_with_the_backend_answer(
         body = done[task_id]
         assert body["status"] == "SUCCESS", body
         assert body["status_code"] == 200
-        answer = body["result"]["result"]
+        answer = json.loads(body["result"]["result"])  # a JSON string, as in LLM Engine
         assert answer["model"] == "fake"  # the endpoint's name, filled in for the replica
         if i % 2:
             assert f"hi {i}" in answer["choices"][0]["message"]["content"]

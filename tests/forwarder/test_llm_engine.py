@@ -205,3 +205,21 @@ def test_a_task_whose_args_fit_no_route_is_refused_on_openai_replicas(args: Any)
         assert named == "/v1/embeddings"
     # a custom image takes any args on its own predict route
     assert llm_engine.task_path("custom", "/generate", args) == "/generate"
+
+
+def test_results_as_string_reads_the_body_then_args_and_takes_it_out_of_args() -> None:
+    key = llm_engine.SERIALIZE_KEY
+    assert llm_engine.results_as_string(None, {"prompt": "p"}, stream=False) is True
+    assert llm_engine.results_as_string(None, {"prompt": "p"}, stream=True) is False
+    args: dict[str, Any] = {"prompt": "p", key: False}
+    assert llm_engine.results_as_string(None, args, stream=False) is False
+    assert args == {"prompt": "p"}  # the replica never sees it
+    args = {"prompt": "p", key: False}
+    assert llm_engine.results_as_string(True, args, stream=True) is True
+    assert args == {"prompt": "p"}
+    assert llm_engine.results_as_string(None, [{key: True}], stream=True) is False  # a list
+    for given, args in (("yes", {}), (None, {key: 0}), (None, {key: "false"})):
+        with pytest.raises(BadRequestError, match="must be true or false") as refused:
+            llm_engine.results_as_string(given, args, stream=False)
+        assert refused.value.field in (key, f"args.{key}")
+    assert llm_engine.task_event({"x": 1}, as_string=True) == llm_engine.task_event('{"x": 1}')

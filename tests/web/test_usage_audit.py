@@ -85,7 +85,7 @@ def async_tasks(client: httpx.Client, endpoint_id: str, n: int) -> list[dict[str
         ids.append(reply.json()["task_id"])
     done = wait_tasks(client, ids, 180)
     assert all(t["status"] == "SUCCESS" for t in done.values()), done
-    return [t["result"]["result"]["usage"] for t in done.values()]
+    return [json.loads(t["result"]["result"])["usage"] for t in done.values()]
 
 
 def batch(client: httpx.Client, n: int) -> list[dict[str, Any]]:
