@@ -88,8 +88,7 @@ def endpoint_request(endpoint: Endpoint, settings: Settings) -> dict[str, Any]:
         "gpu_memory_fraction": endpoint.gpu_memory_fraction,
     }
     body.update({name: value for name, value in optional.items() if value is not None})
-    for name, value in endpoint.args.items():
-        body["chat_template_override" if name == "chat_template" else name] = value
+    body.update(server_args.request_fields(endpoint.args))
     return body
 
 

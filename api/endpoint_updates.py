@@ -143,10 +143,10 @@ def _current(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> dict[str, Any
     extra, args = endpoint.extra, endpoint.args
     gpus = req.gpus if req.gpus is not None else endpoint.gpus
     stages = int(req.pipeline_parallel_size or args.get("pipeline_parallel_size") or 1)
-    logged = args.get("enable_log_requests")
     local = endpoint.model if is_local_model(endpoint.model) else None  # as its GET shows it
     now: dict[str, Any] = {
-        **{name: args.get(name) for name in VLLM_ARG_FIELDS},
+        **{name: None for name in (*VLLM_ARG_FIELDS, "chat_template_override", "extra_flags")},
+        **server_args.request_fields(args),
         **{name: getattr(endpoint, column) for name, column in SIMPLE_COLUMNS.items()},
         **{name: extra.get(name) for name in EXTRA_FIELDS},
         "model_name": extra.get("model_name") or endpoint.model,
@@ -155,10 +155,7 @@ def _current(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> dict[str, Any
         "num_shards": gpus,
         "tensor_parallel_size": max(gpus // stages, 1),
         "served_model_name": (endpoint.name, [endpoint.name]),
-        "disable_log_requests": None if logged is None else not logged,
         "trust_remote_code": args.get("trust_remote_code", False),
-        "chat_template_override": args.get("chat_template"),
-        "extra_flags": args.get("extra_flags"),
         "priority": endpoint.priority,
         "high_priority": {0: False, HIGH_PRIORITY: True}.get(endpoint.priority),
         "cpus": endpoint.cpus,

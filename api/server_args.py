@@ -91,6 +91,20 @@ def vllm_args(req: Request, *, name: str, gpus: int) -> dict[str, Any]:
     return args
 
 
+def request_fields(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields that give these stored server args again: the inverse of the renames
+    above (`chat_template` is sent as `chat_template_override`, vLLM's `enable_log_requests` as
+    LLM Engine's `disable_log_requests`). `/v1/config` exports and the update's "sent back as
+    it is" check both read it."""
+    fields: dict[str, Any] = {}
+    for name, value in args.items():
+        if name == "enable_log_requests":
+            fields["disable_log_requests"] = not value
+        else:
+            fields["chat_template_override" if name == "chat_template" else name] = value
+    return fields
+
+
 def llamacpp_args(req: Request) -> dict[str, Any]:
     """llama.cpp's settings: context size, seed and chat template; the rest is refused."""
     args = _sent_settings(req)

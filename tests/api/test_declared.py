@@ -61,6 +61,7 @@ def populate(admin: httpx.Client) -> None:
             gpus=0,
             max_model_len=2048,
             enforce_eager=True,
+            disable_log_requests=True,  # stored as vLLM's enable_log_requests
             chat_template_override="{{ messages }}",
             extra_flags={"--max-logprobs": 5},
             env={"VLLM_LOGGING_LEVEL": "DEBUG"},

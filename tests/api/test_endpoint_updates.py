@@ -84,7 +84,6 @@ def sent_back(endpoint: Endpoint, models: Path) -> dict[str, Any]:
     body = declared.endpoint_request(endpoint, settings(models))
     for create_only in ("name", "inference_framework", "endpoint_type"):
         body.pop(create_only)
-    body.pop("enable_log_requests", None)  # vLLM's name; the request's is disable_log_requests
     return {
         **body,
         "num_shards": endpoint.gpus,
