@@ -94,8 +94,8 @@ class Settings(BaseSettings):
         None,
         ge=128 * 2**20,
         description="Memory the limits of replicas without GPUs (each endpoint's `memory`) may "
-        "add up to; a replica that would pass it waits for memory. Unset: what the Docker Engine reports, "
-        "less 10% (at least 1 GiB, at most half) for the appliance and the OS.",
+        "add up to; a replica that would pass it waits for memory. Unset: what the Docker "
+        "Engine reports, less 10% (at least 1 GiB, at most half) for the appliance and the OS.",
     )
     reconcile_interval_s: float = Field(2.0, description="Builder tick when nothing nudges it.")
     routing_refresh_s: float = Field(2.0, description="How often the api re-reads the routes.")
