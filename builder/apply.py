@@ -31,6 +31,7 @@ from builder.reconcile import (
     DrainReplica,
     FailReplica,
     MarkReady,
+    NoteLastRequest,
     RemoveOrphan,
     RemoveReplica,
     SetDesired,
@@ -234,6 +235,14 @@ class Applier:
                 return
             endpoint.desired_replicas = action.desired
             queries.add_event(endpoint.id, "scaled", action.reason, session=session)
+
+    def _NoteLastRequest(self, action: NoteLastRequest) -> None:
+        with session_scope(self.engine) as session:  # the column alone: no event, no update time
+            session.exec(
+                update(Endpoint)
+                .where(col(Endpoint.id) == action.endpoint_id)
+                .values(last_request_at=action.at)
+            )
 
     def _DeleteEndpoint(self, action: DeleteEndpoint) -> None:
         with session_scope(self.engine) as session:

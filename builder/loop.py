@@ -29,7 +29,7 @@ from builder.images import ImageKeeper
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.prepare import Note, Preparer, Readiness, Waiting
-from builder.reconcile import Observed, SetDesired, SetStatus, plan
+from builder.reconcile import NoteLastRequest, Observed, SetDesired, SetStatus, plan
 from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
 INVENTORY_REFRESH_S = 10.0
+# The last request's time is written to the endpoint's row when it moved on this much: the
+# GET shows it, to the write's granularity; the scaler reads Redis's own, to the tick
+LAST_REQUEST_WRITE_S = 30.0
 
 
 def probe(address: str, route: str) -> bool:
@@ -227,7 +230,10 @@ class BuilderLoop:
             load = replace(
                 loads.get(endpoint.id, Load()), evicted_at=self._evicted.get(endpoint.id)
             )
-            endpoint.last_request_at = load.last_request_at or endpoint.last_request_at
+            seen = load.last_request_at
+            if seen and seen - (endpoint.last_request_at or 0.0) >= LAST_REQUEST_WRITE_S:
+                self.applier.apply(NoteLastRequest(endpoint.id, seen))
+            endpoint.last_request_at = seen or endpoint.last_request_at
             if endpoint.status in (EndpointStatus.DELETE_IN_PROGRESS, EndpointStatus.UPDATE_FAILED):
                 continue
             history = self._history.get(endpoint.id) or ((observed.now, endpoint.desired_replicas),)

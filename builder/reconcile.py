@@ -114,6 +114,15 @@ class SetDesired:
     reason: str
 
 
+@dataclass(frozen=True)
+class NoteLastRequest:
+    """When the endpoint last got a request (the GET's `deployment_state.last_request_at`),
+    written by the scaler at most every `loop.LAST_REQUEST_WRITE_S` per endpoint."""
+
+    endpoint_id: str
+    at: float
+
+
 Action = (
     StartReplica
     | AdoptContainer
@@ -125,6 +134,7 @@ Action = (
     | SetStatus
     | DeleteEndpoint
     | SetDesired
+    | NoteLastRequest
 )
 
 

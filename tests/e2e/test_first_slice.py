@@ -5,6 +5,7 @@ generation on an edit and on a restart, and is deleted."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 import httpx
 
@@ -48,6 +49,7 @@ def test_gemma_endpoint_serves_chat_then_deletes_cleanly(appliance: Appliance) -
     wait_ready(client, "gemma")
     assert len(appliance.containers("status=running")) == 1
 
+    sent_at = time.time()
     reply = client.post(
         "/v1/chat/completions",
         json={
@@ -62,6 +64,11 @@ def test_gemma_endpoint_serves_chat_then_deletes_cleanly(appliance: Appliance) -
     assert answer["choices"][0]["message"]["content"].strip()
     assert answer["usage"]["prompt_tokens"] > 0
     assert answer["usage"]["completion_tokens"] > 0
+    wait_until(
+        lambda: (last_request_at(client, "gemma") or 0) >= sent_at - 1,
+        30,
+        "the GET to say when the endpoint last served",
+    )
 
     # an edit that changes the server's flags rolls the replica to a new generation
     updated = client.put("/v1/llm/model-endpoints/gemma", json={"max_model_len": 1024})
@@ -90,6 +97,12 @@ def chat(client: httpx.Client) -> httpx.Response:
         "/v1/chat/completions",
         json={"model": "gemma", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]},
     )
+
+
+def last_request_at(client: httpx.Client, name: str) -> float | None:
+    spec = client.get(f"/v1/llm/model-endpoints/{name}").json()["spec"]
+    found: float | None = spec["deployment_state"]["last_request_at"]
+    return found
 
 
 def generation_ready(client: httpx.Client, name: str, generation: int) -> bool:
