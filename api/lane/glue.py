@@ -26,6 +26,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from api.errors import openai_error
+
 # transport, whether writing was paused -> the front protocol that takes the connection back
 GiveBack = Callable[[asyncio.Transport, bool], None]
 
@@ -78,8 +80,7 @@ class HeadBoundProtocol(HttpToolsProtocol):
             transport.pause_reading()
             return
         message = f"the request head (request line and headers) is over {self.max_head_bytes} bytes"
-        error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-        body = json.dumps({"error": error, "detail": message}).encode()
+        body = json.dumps(openai_error(TOO_LARGE.value, message) | {"detail": message}).encode()
         lines = [b"HTTP/1.1 %d %b\r\n" % (TOO_LARGE.value, TOO_LARGE.phrase.encode())]
         lines.extend(b"%b: %b\r\n" % h for h in self.server_state.default_headers)
         lines.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
