@@ -10,6 +10,7 @@ own and the load on the others (`Stack.pinned`). Not a pytest test.
     .venv/bin/python bench/run.py --general  # also the appliance with its fast lane off
     .venv/bin/python bench/run.py --plain    # also the appliance without its compiled modules
     .venv/bin/python bench/run.py --baseline REV  # also the appliance built from git REV
+    .venv/bin/python bench/run.py --floor    # also a Python proxy with no rules at all
 
 Needs `wrk` and `nginx` (apt) and, for the LiteLLM column, litellm[proxy]==1.108.0 in its own
 venv (LITELLM_PYTHON, default /tmp/venv-litellm/bin/python); see bench/RESULTS.md.
@@ -194,6 +195,11 @@ def main() -> None:
         "--plain", action="store_true", help="add the appliance without its compiled modules"
     )
     p.add_argument(
+        "--floor",
+        action="store_true",
+        help="add a Python proxy with no rules (bench/floor_proxy.py): the floor of the loop",
+    )
+    p.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -227,6 +233,8 @@ def main() -> None:
                 targets["baseline"] = stack.appliance(backend, tree=tree)
             if args.general:
                 targets["general"] = stack.appliance(backend, fast_lane=False)
+            if args.floor:
+                targets["floor"] = stack.floor(backend)
             litellm = None if args.no_litellm else stack.litellm(backend)
             if litellm is not None:
                 targets["litellm"] = litellm
@@ -287,24 +295,31 @@ def report(
         for n, u in urls.items():
             proxy = targets[n] in stack.proxies
             with stack.alone(targets[n]):
-                before = stack.cpu_seconds(targets[n]) if proxy else 0.0
+                before = stack.cpu_seconds(targets[n]) if proxy else (0.0, 0.0)
                 result = wrk(u, 64, peak_seconds)
-                used = stack.cpu_seconds(targets[n]) - before if proxy else 0.0
+                after = stack.cpu_seconds(targets[n]) if proxy else (0.0, 0.0)
             # the proxy's CPU per request, from its processes' times (/proc, 10 ms ticks)
-            result["cpu_us"] = used / max(result["rps"] * peak_seconds, 1.0) * 1e6
+            served = max(result["rps"] * peak_seconds, 1.0)
+            result["user_us"] = (after[0] - before[0]) / served * 1e6
+            result["sys_us"] = (after[1] - before[1]) / served * 1e6
+            result["cpu_us"] = result["user_us"] + result["sys_us"]
             runs[n].append(result)
     peak = {n: statistics.median(r["rps"] for r in rs) for n, rs in runs.items()}
     for n, rs in runs.items():
         every = " ".join(f"{r['rps']:.0f}" for r in rs)
         bad = sum(r["non2xx"] for r in rs)
         cpu = (
-            f"  CPU {statistics.median(r['cpu_us'] for r in rs):.1f} us/request"
+            f"  CPU {statistics.median(r['cpu_us'] for r in rs):.1f} us/request "
+            f"(user {statistics.median(r['user_us'] for r in rs):.1f}, "
+            f"kernel {statistics.median(r['sys_us'] for r in rs):.1f})"
             if targets[n] in stack.proxies
             else ""
         )
         print(f"{n:>12}: {peak[n]:9.0f} req/s{cpu}  (runs {every}; non-2xx {bad:.0f})")
+    if "floor" in peak:
+        print(f"floor / nginx   = {peak['floor'] / peak['nginx']:.2f}  (a proxy with no rules)")
     for n in proxies:
-        print(f"{n} / nginx   = {peak[n] / peak['nginx']:.2f}  (goal >= 0.5)")
+        print(f"{n} / nginx   = {peak[n] / peak['nginx']:.2f}  (goal >= 1)")
         if n == "appliance x2":
             print(f"{n} / nginx x2 = {peak[n] / peak['nginx x2']:.2f}")
         if "litellm" in peak:

@@ -225,6 +225,24 @@ http {{
         wait_port(port)
         return port
 
+    def floor(self, backend_port: int) -> int:
+        """The floor of a Python proxy (`bench/floor_proxy.py`): uvloop passing bytes, no rules."""
+        port = free_port()
+        proxy = self.spawn(
+            f"floor-{port}",
+            [
+                sys.executable,
+                str(ROOT / "bench/floor_proxy.py"),
+                "--port",
+                str(port),
+                "--backend-port",
+                str(backend_port),
+            ],
+        )
+        self.proxies[port] = [proxy]
+        wait_port(port)
+        return port
+
     def litellm(self, backend_port: int) -> int | None:
         if not LITELLM_PYTHON.exists():
             return None
@@ -264,14 +282,15 @@ general_settings:
         wait_port(port, timeout_s=120)
         return port
 
-    def cpu_seconds(self, port: int) -> float:
-        """CPU time (user and system) used so far by the proxy on `port`: every process of its
-        group (nginx's and the api's workers included; not the api's redis-server)."""
+    def cpu_seconds(self, port: int) -> tuple[float, float]:
+        """CPU time used so far by the proxy on `port`, user and system apart: every process
+        of its group (nginx's and the api's workers included; not the api's redis-server)."""
         tick = os.sysconf("SC_CLK_TCK")
-        total = 0
+        user = system = 0
         for _, fields in _group_stats(self.proxies[port][0].pid):  # its own session and group
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / tick
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+        return user / tick, system / tick
 
     @contextmanager
     def pinned(self, port: int) -> Iterator[None]:
