@@ -52,6 +52,8 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
         access_log=False,
         timeout_graceful_shutdown=10,
         limit_concurrency=settings.max_connections,  # uvicorn's own cap, without the lane
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         backlog=BACKLOG,
     )
 

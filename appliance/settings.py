@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         4096, ge=16, le=1_000_000, description="Connections the api holds at most; more are closed."
     )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="Addresses of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto "
+        "the api believes (`*`: any): set it to a TLS proxy's address so the UI's session cookie "
+        "is Secure and the audit log names each client, not the proxy.",
+    )
     max_head_bytes: int = Field(
         64 * 1024,
         ge=16 * 1024,

@@ -86,6 +86,40 @@ def test_session_cookie_csrf_and_revocation(make_appliance: Callable[..., Applia
     assert replay.get("/ui/keys").status_code == 303
 
 
+def signed_in_cookie(appliance: Appliance, headers: dict[str, str]) -> str:
+    """The session cookie a sign-in through the form sets, the form sent with `headers`."""
+    client = httpx.Client(base_url=appliance.url, timeout=30, headers=headers)
+    form = client.get("/ui/sign-in")
+    token = csrf_of(form.text)
+    # the form's own cookie, sent back by hand: a client on plain HTTP keeps no Secure cookie
+    cookie = form.headers["set-cookie"].split(";", 1)[0]
+    reply = client.post(
+        "/ui/sign-in", data={"csrf": token, "key": ADMIN_KEY}, headers={"cookie": cookie}
+    )
+    assert reply.status_code == 303, reply.text
+    return reply.headers["set-cookie"]
+
+
+def test_session_cookie_is_secure_behind_a_trusted_tls_proxy(
+    make_appliance: Callable[..., Appliance],
+) -> None:
+    """Behind a proxy that ends TLS, the api sees plain HTTP: the session cookie is Secure
+    when a proxy the install trusts (APPLIANCE_FORWARDED_ALLOW_IPS) says the browser used
+    https, and a client that is not such a proxy cannot say so for it."""
+    tls = {"x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.7"}
+    trusted = make_appliance(APPLIANCE_FORWARDED_ALLOW_IPS='["127.0.0.1"]')
+    assert "Secure" in signed_in_cookie(trusted, tls)
+    assert "Secure" not in signed_in_cookie(trusted, {})
+    admin = trusted.client()
+    made = admin.post("/v1/api-keys", json={"name": "via-proxy"}, headers=tls)
+    assert made.status_code in (200, 201), made.text
+    audit = admin.get("/v1/audit", params={"action": "key.create"}).json()["entries"]
+    assert "203.0.113.7" in str(audit)  # the browser's address, not the proxy's
+
+    elsewhere = make_appliance(APPLIANCE_FORWARDED_ALLOW_IPS='["10.1.2.3"]')
+    assert "Secure" not in signed_in_cookie(elsewhere, tls)
+
+
 def test_bad_input_shows_next_to_fields_and_creates_nothing(
     make_appliance: Callable[..., Appliance], page: Any
 ) -> None:
