@@ -23,8 +23,7 @@ from appliance.install import key_secret
 from appliance.models import Endpoint, EndpointStatus, Event, Replica, ReplicaState
 from appliance.settings import Settings
 from builder import metering, policy
-from builder.docker_engine import ContainerInfo
-from builder.reconcile import (
+from builder.actions import (
     Action,
     AdoptContainer,
     DeleteEndpoint,
@@ -38,6 +37,7 @@ from builder.reconcile import (
     SetStatus,
     StartReplica,
 )
+from builder.docker_engine import ContainerInfo
 from builder.runtime import ContainerRuntime
 from builder.specs import ContainerSpec, container_spec
 

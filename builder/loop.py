@@ -22,6 +22,7 @@ from appliance.db import session_scope
 from appliance.install import key_secret
 from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import memory, metering
+from builder.actions import NoteLastRequest, Observed, SetDesired, SetStatus
 from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
 from builder.hub_downloads import HubDownloads
@@ -29,7 +30,7 @@ from builder.images import ImageKeeper
 from builder.load import gather
 from builder.logs import LogShipper
 from builder.prepare import Note, Preparer, Readiness, Waiting
-from builder.reconcile import NoteLastRequest, Observed, SetDesired, SetStatus, plan
+from builder.reconcile import plan
 from builder.runtime import ContainerRuntime
 from builder.scale import History, Load, decide
 from builder.specs import server_command

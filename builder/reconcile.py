@@ -12,11 +12,24 @@ from dataclasses import dataclass, field
 from appliance.errors import NoFreeGpuError
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from builder import memory
+from builder.actions import (
+    Action,
+    AdoptContainer,
+    DeleteEndpoint,
+    DrainReplica,
+    FailReplica,
+    MarkReady,
+    Observed,
+    RemoveOrphan,
+    RemoveReplica,
+    SetDesired,
+    SetStatus,
+    StartReplica,
+)
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Readiness, Waiting
 from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA, has_stale_key
 from builder.starting import DEPLOYING, describe, is_starting
-from gpu.inventory import Inventory
 from gpu.place import GpuRequest, place
 
 CREATE_GRACE_S = 60.0  # a row with no container yet: the builder died between row and create
@@ -29,113 +42,6 @@ CRASH_BACKOFF_BASE_S = 2.0
 CRASH_BACKOFF_MAX_S = 60.0
 LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
 MEMORY_WAIT = "waiting for memory: needs "
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything the planner sees in one tick."""
-
-    endpoints: Sequence[Endpoint]
-    replicas: Sequence[Replica]
-    containers: Sequence[ContainerInfo]
-    healthy: Mapping[str, bool]  # replica id -> /health answered 200 just now
-    inflight: Mapping[str, int]  # replica id -> requests the api has in flight to it
-    first_seen: Mapping[str, float]  # container id -> when the builder first saw it
-    inventory: Inventory
-    now: float
-    preparing: Mapping[str, Readiness] = field(default_factory=dict)  # endpoint id -> wait
-    last_lines: Mapping[str, str] = field(default_factory=dict)  # starting replica -> its output
-    # what the replicas' memory limits may add up to (`builder/memory.py`); None: no bound
-    memory_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class StartReplica:
-    endpoint_id: str
-    gpu_ids: tuple[int, ...]
-    gpu_fraction: float
-
-
-@dataclass(frozen=True)
-class AdoptContainer:
-    replica_id: str
-    container_id: str
-    address: str | None
-
-
-@dataclass(frozen=True)
-class MarkReady:
-    replica_id: str
-
-
-@dataclass(frozen=True)
-class FailReplica:
-    replica_id: str
-    reason: str
-    crashed: bool = True
-
-
-@dataclass(frozen=True)
-class DrainReplica:
-    replica_id: str
-    why: str
-
-
-@dataclass(frozen=True)
-class RemoveReplica:
-    replica_id: str
-
-
-@dataclass(frozen=True)
-class RemoveOrphan:
-    container_id: str
-
-
-@dataclass(frozen=True)
-class SetStatus:
-    endpoint_id: str
-    generation: int
-    status: EndpointStatus
-    reason: str | None
-    event: bool = True  # False for a progress update: an event per tick would drown the rest
-
-
-@dataclass(frozen=True)
-class DeleteEndpoint:
-    endpoint_id: str
-
-
-@dataclass(frozen=True)
-class SetDesired:
-    """The scaler's (or an eviction's) new replica count for an endpoint, and why."""
-
-    endpoint_id: str
-    desired: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class NoteLastRequest:
-    """When the endpoint last got a request (the GET's `deployment_state.last_request_at`),
-    written by the scaler at most every `loop.LAST_REQUEST_WRITE_S` per endpoint."""
-
-    endpoint_id: str
-    at: float
-
-
-Action = (
-    StartReplica
-    | AdoptContainer
-    | MarkReady
-    | FailReplica
-    | DrainReplica
-    | RemoveReplica
-    | RemoveOrphan
-    | SetStatus
-    | DeleteEndpoint
-    | SetDesired
-    | NoteLastRequest
-)
 
 
 @dataclass

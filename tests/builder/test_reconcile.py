@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+from builder import actions as act
 from builder import memory
 from builder import reconcile as rc
 from builder.docker_engine import ContainerInfo
@@ -59,10 +60,10 @@ def plan(
     healthy: dict[str, bool] | None = None,
     now: float = NOW,
     **kw: object,
-) -> list[rc.Action]:
+) -> list[act.Action]:
     if containers is None:
         containers = [container(r.id) for r in replicas if r.container_id]
-    obs = rc.Observed(
+    obs = act.Observed(
         endpoints,
         replicas,
         containers,
@@ -80,38 +81,38 @@ def plan(
 
 def test_a_new_endpoint_gets_a_replica_on_a_free_gpu() -> None:
     actions = plan([endpoint(status=EndpointStatus.UPDATE_PENDING)])
-    assert rc.StartReplica("end_a", (0,), 1.0) in actions
-    assert rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None) in actions
+    assert act.StartReplica("end_a", (0,), 1.0) in actions
+    assert act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None) in actions
 
 
 def test_gpus_claimed_by_replicas_are_not_given_twice() -> None:
     other = endpoint(id="end_b", name="b", status=EndpointStatus.UPDATE_PENDING)
     actions = plan([endpoint(), other], [replica("r1", gpus=[0])])
-    assert rc.StartReplica("end_b", (1,), 1.0) in actions
+    assert act.StartReplica("end_b", (1,), 1.0) in actions
 
 
 def test_a_healthy_starting_replica_becomes_ready_and_the_endpoint_ready() -> None:
     starting = replica("r1", state=ReplicaState.STARTING)
-    assert rc.MarkReady("r1") in plan([endpoint()], [starting], healthy={"r1": True})
+    assert act.MarkReady("r1") in plan([endpoint()], [starting], healthy={"r1": True})
     ready = plan([endpoint()], [replica("r1")])
-    assert ready == [rc.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+    assert ready == [act.SetStatus("end_a", 1, EndpointStatus.READY, None)]
 
 
 def test_a_replica_that_never_gets_healthy_fails_after_the_startup_timeout() -> None:
     slow = replica("r1", state=ReplicaState.STARTING, created_at=NOW - 2000)
     actions = plan([endpoint(startup_timeout_s=1800)], [slow])
-    assert rc.FailReplica("r1", "not healthy after 1800 s") in actions
+    assert act.FailReplica("r1", "not healthy after 1800 s") in actions
 
 
 def test_an_exited_container_fails_its_replica() -> None:
     actions = plan([endpoint()], [replica("r1")], [container("r1", "exited")])
-    assert rc.FailReplica("r1", "container exited with code 137") in actions
+    assert act.FailReplica("r1", "container exited with code 137") in actions
 
 
 def test_a_container_never_started_is_replaced_without_counting_as_a_crash() -> None:
     actions = plan([endpoint()], [replica("r1")], [container("r1", "created")])
     why = "its container was created but never started; replacing it"
-    assert rc.FailReplica("r1", why, crashed=False) in actions
+    assert act.FailReplica("r1", why, crashed=False) in actions
 
 
 def crashed(rid: str, at: float) -> Replica:
@@ -127,11 +128,11 @@ def crashed(rid: str, at: float) -> Replica:
 
 def test_restarts_back_off_then_stop_with_the_last_error() -> None:
     one = [crashed("f1", NOW - 1)]
-    assert not any(isinstance(a, rc.StartReplica) for a in plan([endpoint()], one))
-    assert any(isinstance(a, rc.StartReplica) for a in plan([endpoint()], one, now=NOW + 2))
+    assert not any(isinstance(a, act.StartReplica) for a in plan([endpoint()], one))
+    assert any(isinstance(a, act.StartReplica) for a in plan([endpoint()], one, now=NOW + 2))
     three = [crashed(f"f{i}", NOW - i) for i in range(3)]
     [failed] = plan([endpoint()], three)
-    assert isinstance(failed, rc.SetStatus) and failed.status == EndpointStatus.UPDATE_FAILED
+    assert isinstance(failed, act.SetStatus) and failed.status == EndpointStatus.UPDATE_FAILED
     assert failed.reason is not None and "no such file" in failed.reason
 
 
@@ -139,11 +140,11 @@ def test_a_rolling_update_surges_then_drains_old_once_new_is_ready() -> None:
     new_gen = endpoint(generation=2, status=EndpointStatus.UPDATE_PENDING)
     old = replica("old", generation=1, gpus=[0])
     actions = plan([new_gen], [old])
-    assert rc.StartReplica("end_a", (1,), 1.0) in actions
-    assert not any(isinstance(a, rc.DrainReplica) for a in actions)
+    assert act.StartReplica("end_a", (1,), 1.0) in actions
+    assert not any(isinstance(a, act.DrainReplica) for a in actions)
     new = replica("new", generation=2, gpus=[1])
     actions = plan([new_gen], [old, new])
-    assert rc.DrainReplica("old", "replaced by a new generation") in actions
+    assert act.DrainReplica("old", "replaced by a new generation") in actions
 
 
 def test_without_room_to_surge_one_old_replica_makes_room() -> None:
@@ -151,48 +152,48 @@ def test_without_room_to_surge_one_old_replica_makes_room() -> None:
     actions = plan(
         [endpoint(generation=2)], [replica("old", generation=1, gpus=[0])], inventory=one_gpu
     )
-    assert rc.DrainReplica("old", "making room for the new generation") in actions
+    assert act.DrainReplica("old", "making room for the new generation") in actions
 
 
 def test_a_draining_replica_is_removed_once_idle_or_after_the_timeout() -> None:
     draining = replica("r1", state=ReplicaState.STOPPING, state_since=NOW - 5)
-    assert rc.RemoveReplica("r1") not in plan([endpoint()], [draining], inflight={"r1": 2})
-    assert rc.RemoveReplica("r1") in plan([endpoint()], [draining], inflight={})
+    assert act.RemoveReplica("r1") not in plan([endpoint()], [draining], inflight={"r1": 2})
+    assert act.RemoveReplica("r1") in plan([endpoint()], [draining], inflight={})
     old = replica("r1", state=ReplicaState.STOPPING, state_since=NOW - 61)
-    assert rc.RemoveReplica("r1") in plan([endpoint()], [old], inflight={"r1": 2})
+    assert act.RemoveReplica("r1") in plan([endpoint()], [old], inflight={"r1": 2})
 
 
 def test_no_gpu_means_waiting_with_a_reason() -> None:
     actions = plan([endpoint(status=EndpointStatus.UPDATE_PENDING)], inventory=EMPTY)
     [status] = actions
-    assert isinstance(status, rc.SetStatus) and status.reason
+    assert isinstance(status, act.SetStatus) and status.reason
     assert status.reason.startswith("waiting for GPUs")
 
 
 def test_cpu_endpoints_need_no_gpu() -> None:
     actions = plan([endpoint(gpus=0, status=EndpointStatus.UPDATE_PENDING)], inventory=EMPTY)
-    assert rc.StartReplica("end_a", (), 0.0) in actions
+    assert act.StartReplica("end_a", (), 0.0) in actions
 
 
 def test_unknown_labelled_containers_are_removed_only_after_a_grace_period() -> None:
     stray = container("ghost", **{"appliance.gpus": "3"})
     early = plan([endpoint(gpus=1, desired_replicas=1)], [], [stray], first_seen={"c-ghost": NOW})
-    assert rc.RemoveOrphan("c-ghost") not in early
+    assert act.RemoveOrphan("c-ghost") not in early
     assert all(getattr(a, "gpu_ids", ()) != (3,) for a in early)  # its GPU stays claimed
     late = plan([], [], [stray], first_seen={"c-ghost": NOW - 31})
-    assert late == [rc.RemoveOrphan("c-ghost")]
+    assert late == [act.RemoveOrphan("c-ghost")]
 
 
 def test_a_container_created_before_a_crash_is_adopted() -> None:
     row = replica("r1", container_id=None, address=None, state=ReplicaState.STARTING)
     actions = plan([endpoint()], [row], [container("r1")])
-    assert rc.AdoptContainer("r1", "c-r1", "http://x") in actions
+    assert act.AdoptContainer("r1", "c-r1", "http://x") in actions
 
 
 def test_delete_drains_then_removes_the_row() -> None:
     gone = endpoint(status=EndpointStatus.DELETE_IN_PROGRESS)
-    assert plan([gone], [replica("r1")]) == [rc.DrainReplica("r1", "endpoint deleted")]
-    assert plan([gone], []) == [rc.DeleteEndpoint("end_a")]
+    assert plan([gone], [replica("r1")]) == [act.DrainReplica("r1", "endpoint deleted")]
+    assert plan([gone], []) == [act.DeleteEndpoint("end_a")]
 
 
 def test_gpu_pressure_evicts_an_idle_lower_priority_replica_above_its_min() -> None:
@@ -218,9 +219,9 @@ def test_gpu_pressure_evicts_an_idle_lower_priority_replica_above_its_min() -> N
         replica("l2", endpoint_id="end_low", gpus=[1], created_at=2.0),
     ]
     actions = plan([low, high], replicas, inventory=two, inflight={"l1": 1})
-    assert rc.DrainReplica("l2", "evicted for high (priority 10)") in actions
-    assert rc.SetDesired("end_low", 1, "evicted for high (priority 10)") in actions
-    assert not any(isinstance(a, rc.StartReplica) for a in actions)
+    assert act.DrainReplica("l2", "evicted for high (priority 10)") in actions
+    assert act.SetDesired("end_low", 1, "evicted for high (priority 10)") in actions
+    assert not any(isinstance(a, act.StartReplica) for a in actions)
 
 
 def test_eviction_never_goes_below_min_nor_takes_from_higher_priority() -> None:
@@ -231,15 +232,15 @@ def test_eviction_never_goes_below_min_nor_takes_from_higher_priority() -> None:
     high = endpoint(id="end_high", name="high", priority=10, status=EndpointStatus.UPDATE_PENDING)
     held = [replica("l1", endpoint_id="end_low", gpus=[0])]
     actions = plan([at_min, high], held, inventory=one)
-    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in actions)
-    waiting = [a for a in actions if isinstance(a, rc.SetStatus) and a.endpoint_id == "end_high"]
+    assert not any(isinstance(a, act.DrainReplica | act.SetDesired) for a in actions)
+    waiting = [a for a in actions if isinstance(a, act.SetStatus) and a.endpoint_id == "end_high"]
     assert waiting and waiting[0].reason and waiting[0].reason.startswith("waiting for GPUs")
     lower = endpoint(id="end_high", name="high", priority=-1, status=EndpointStatus.UPDATE_PENDING)
     above_min = endpoint(
         id="end_low", name="low", priority=0, min_replicas=0, status=EndpointStatus.READY
     )
     actions = plan([above_min, lower], held, inventory=one)
-    assert not any(isinstance(a, rc.DrainReplica) for a in actions)
+    assert not any(isinstance(a, act.DrainReplica) for a in actions)
 
 
 PULLING = Progress("image", "r.local/x:1", 1_200_000_000, 9_800_000_000, 3, 7)
@@ -249,9 +250,9 @@ def test_no_replica_starts_while_its_image_is_pulled_and_the_reason_says_how_far
     actions = plan(
         [endpoint(status=EndpointStatus.UPDATE_PENDING)], preparing={"end_a": Waiting(PULLING)}
     )
-    assert not [a for a in actions if isinstance(a, rc.StartReplica)]
+    assert not [a for a in actions if isinstance(a, act.StartReplica)]
     reason = "pulling image r.local/x:1: 1.2 of 9.8 GB, 3 of 7 layers"
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason)]
 
 
 def test_new_pull_figures_update_the_reason_without_an_event() -> None:
@@ -259,33 +260,33 @@ def test_new_pull_figures_update_the_reason_without_an_event() -> None:
     actions = plan([endpoint(status_reason=before)], preparing={"end_a": Waiting(PULLING)})
     reason = PULLING.describe()
     assert actions == [
-        rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason, event=False)
+        act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason, event=False)
     ]
     waiting_gpus = plan(
         [endpoint(status_reason="waiting for GPUs: none free")],
         preparing={"end_a": Waiting(PULLING)},
     )
-    assert waiting_gpus == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason)]
+    assert waiting_gpus == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason)]
 
 
 def test_a_ready_endpoint_scaling_up_keeps_serving_while_it_waits_for_the_image() -> None:
     ready = endpoint(status=EndpointStatus.READY, desired_replicas=2)
     actions = plan([ready], [replica("r1")], preparing={"end_a": Waiting(PULLING)})
-    assert not [a for a in actions if isinstance(a, (rc.StartReplica, rc.DrainReplica))]
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.READY, PULLING.describe())]
+    assert not [a for a in actions if isinstance(a, (act.StartReplica, act.DrainReplica))]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.READY, PULLING.describe())]
 
 
 def test_a_failed_pull_fails_the_endpoint_with_its_words_and_starts_nothing() -> None:
     words = "cannot pull image r.local/x:1: manifest unknown"
     actions = plan([endpoint()], preparing={"end_a": Failed(words)})
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_FAILED, words)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_FAILED, words)]
 
 
 def test_an_endpoint_with_nothing_to_wait_for_starts_as_before() -> None:
     other = endpoint(id="end_b", name="b")
     actions = plan([endpoint(), other], preparing={"end_b": Waiting(PULLING)})
-    assert rc.StartReplica("end_a", (0,), 1.0) in actions
-    assert not [a for a in actions if isinstance(a, rc.StartReplica) and a.endpoint_id == "end_b"]
+    assert act.StartReplica("end_a", (0,), 1.0) in actions
+    assert not [a for a in actions if isinstance(a, act.StartReplica) and a.endpoint_id == "end_b"]
 
 
 STALE = "started by an older version with the install-wide replica key; replacing it"
@@ -293,19 +294,19 @@ STALE = "started by an older version with the install-wide replica key; replacin
 
 def test_a_replica_an_older_version_started_is_drained_and_replaced() -> None:
     actions = plan([endpoint()], [replica("r1", gpus=[0])], [older("r1")])
-    assert rc.DrainReplica("r1", STALE) in actions
-    assert rc.StartReplica("end_a", (1,), 1.0) in actions  # its successor, on a free GPU
+    assert act.DrainReplica("r1", STALE) in actions
+    assert act.StartReplica("end_a", (1,), 1.0) in actions  # its successor, on a free GPU
 
 
 def test_a_custom_image_replica_has_no_replica_key_and_stays() -> None:
     custom = endpoint(framework="custom", image="example/server:1")
     actions = plan([custom], [replica("r1")], [older("r1")])
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.READY, None)]
 
 
 def test_replicas_this_version_started_are_kept() -> None:
     actions = plan([endpoint(framework="vllm")], [replica("r1")], [container("r1")])
-    assert not [a for a in actions if isinstance(a, rc.DrainReplica | rc.StartReplica)]
+    assert not [a for a in actions if isinstance(a, act.DrainReplica | act.StartReplica)]
 
 
 LOADING = "Loading safetensors checkpoint shards: 50% Completed | 1/2"
@@ -315,11 +316,11 @@ def test_a_first_replica_starting_says_for_how_long_and_what_it_last_printed() -
     starting = replica("r1", state=ReplicaState.STARTING, created_at=NOW - 97)
     actions = plan([endpoint()], [starting], last_lines={"r1": LOADING})
     reason = f"starting 1 replica (95 s): {LOADING}"
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
     assert plan([endpoint(status_reason=reason)], [starting], last_lines={"r1": LOADING}) == []
     silent = plan([endpoint(status_reason=reason)], [starting], now=NOW + 5)  # no line yet
     no_line = "starting 1 replica (100 s)"
-    assert silent == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, no_line, False)]
+    assert silent == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, no_line, False)]
     two = replica("r2", state=ReplicaState.STARTING, created_at=NOW - 10)
     both = plan(
         [endpoint(min_replicas=2, desired_replicas=2, status_reason=reason)],
@@ -327,20 +328,20 @@ def test_a_first_replica_starting_says_for_how_long_and_what_it_last_printed() -
         last_lines={"r2": "INFO: waiting"},  # the oldest printed nothing yet: the other's line
     )
     later = "starting 2 replicas (95 s): INFO: waiting"
-    assert both == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, later, False)]
+    assert both == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, later, False)]
 
 
 def test_a_starting_reason_clears_to_ready_in_one_write() -> None:
     before = f"starting 1 replica (95 s): {LOADING}"
     actions = plan([endpoint(status_reason=before)], [replica("r1")])
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.READY, None)]
 
 
 def test_starting_replicas_of_a_failed_start_leave_no_event_behind() -> None:
     before = f"starting 1 replica (95 s): {LOADING}"
     crash = crashed("r0", NOW - 1)
     actions = plan([endpoint(status_reason=before)], [crash])  # backing off: nothing starts
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None, False)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None, False)]
 
 
 def test_no_starting_reason_once_the_generation_has_a_ready_replica_or_the_endpoint_is_ready() -> (
@@ -358,7 +359,7 @@ def test_a_roll_shows_its_new_replica_starting_while_the_old_one_serves() -> Non
     new = replica("r2", generation=2, state=ReplicaState.STARTING, gpus=[1], created_at=NOW - 7)
     actions = plan([endpoint(generation=2)], [old, new], last_lines={"r2": LOADING})
     reason = f"starting 1 replica (5 s): {LOADING}"
-    assert actions == [rc.SetStatus("end_a", 2, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
+    assert actions == [act.SetStatus("end_a", 2, EndpointStatus.UPDATE_IN_PROGRESS, reason, False)]
 
 
 GIB = 2**30
@@ -383,12 +384,12 @@ def on_cpu(rid: str, eid: str, **kw: object) -> Replica:
     return replica(rid, endpoint_id=eid, gpus=[], **kw)
 
 
-def starts(actions: Sequence[rc.Action]) -> list[str]:
-    return [a.endpoint_id for a in actions if isinstance(a, rc.StartReplica)]
+def starts(actions: Sequence[act.Action]) -> list[str]:
+    return [a.endpoint_id for a in actions if isinstance(a, act.StartReplica)]
 
 
-def reasons(actions: Sequence[rc.Action]) -> dict[str, str | None]:
-    return {a.endpoint_id: a.reason for a in actions if isinstance(a, rc.SetStatus)}
+def reasons(actions: Sequence[act.Action]) -> dict[str, str | None]:
+    return {a.endpoint_id: a.reason for a in actions if isinstance(a, act.SetStatus)}
 
 
 def test_the_box_keeps_a_tenth_of_its_memory_at_least_a_gibibyte_at_most_half() -> None:
@@ -416,7 +417,7 @@ def test_starting_ready_and_draining_replicas_hold_their_memory_failed_ones_none
     b = cpu("end_b", gib=6, status=EndpointStatus.READY, min_replicas=2, desired_replicas=2)
     actions = plan([b, cpu("end_new", gib=4)], running, memory_bytes=BOX)
     why = "waiting for memory: needs 4.0 GiB, 3.6 GiB of the box's 21.6 GiB are free"
-    assert actions == [rc.SetStatus("end_new", 1, EndpointStatus.UPDATE_IN_PROGRESS, why)]
+    assert actions == [act.SetStatus("end_new", 1, EndpointStatus.UPDATE_IN_PROGRESS, why)]
     assert starts(plan([b, cpu("end_new", gib=3.5)], running, memory_bytes=BOX)) == ["end_new"]
 
 
@@ -432,10 +433,10 @@ def test_gpu_replicas_are_bounded_by_their_gpus_not_by_memory() -> None:
     gpu_one = endpoint(id="end_g", name="g", memory_bytes=16 * GIB)
     held = [replica("g1", endpoint_id="end_g", gpus=[0])]
     actions = plan([gpu_one, cpu("end_c", gib=8)], held, memory_bytes=BOX)
-    assert rc.StartReplica("end_c", (), 0.0) in actions  # the GPU replica holds none of it
+    assert act.StartReplica("end_c", (), 0.0) in actions  # the GPU replica holds none of it
     big_gpu = endpoint(id="end_h", name="h", memory_bytes=64 * GIB, created_at=1.0)
     actions = plan([gpu_one, big_gpu], held, memory_bytes=BOX)  # over the budget: no matter
-    assert rc.StartReplica("end_h", (1,), 1.0) in actions
+    assert act.StartReplica("end_h", (1,), 1.0) in actions
 
 
 def test_an_idle_lower_priority_replica_is_evicted_to_make_room_in_memory() -> None:
@@ -455,19 +456,19 @@ def test_an_idle_lower_priority_replica_is_evicted_to_make_room_in_memory() -> N
     ]
     actions = plan([low, high], replicas, memory_bytes=20 * GIB, inflight={"l1": 1})
     why = "evicted for high (priority 10)"
-    assert rc.DrainReplica("l2", why) in actions
-    assert rc.SetDesired("end_low", 1, why) in actions
+    assert act.DrainReplica("l2", why) in actions
+    assert act.SetDesired("end_low", 1, why) in actions
     assert starts(actions) == []
     assert reasons(actions)["end_high"] == "waiting for memory: evicting an idle replica of low"
     # the same rules as for GPUs: never a busy one, never below the minimum, never an equal
     busy = plan([low, high], replicas, memory_bytes=20 * GIB, inflight={"l1": 1, "l2": 1})
-    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in busy)
+    assert not any(isinstance(a, act.DrainReplica | act.SetDesired) for a in busy)
     at_min = plan(
         [low.model_copy(update={"min_replicas": 2}), high], replicas, memory_bytes=20 * GIB
     )
-    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in at_min)
+    assert not any(isinstance(a, act.DrainReplica | act.SetDesired) for a in at_min)
     peer = plan([low, high.model_copy(update={"priority": 0})], replicas, memory_bytes=20 * GIB)
-    assert not any(isinstance(a, rc.DrainReplica | rc.SetDesired) for a in peer)
+    assert not any(isinstance(a, act.DrainReplica | act.SetDesired) for a in peer)
 
 
 def test_no_eviction_when_the_victim_would_not_make_room() -> None:
@@ -476,7 +477,7 @@ def test_no_eviction_when_the_victim_would_not_make_room() -> None:
     high = cpu("end_high", gib=8, priority=10)
     replicas = [on_cpu("l1", "end_low"), on_cpu("p1", "end_peer")]
     actions = plan([low, peer, high], replicas, memory_bytes=9 * GIB)
-    assert not any(isinstance(a, rc.DrainReplica) for a in actions)
+    assert not any(isinstance(a, act.DrainReplica) for a in actions)
     assert reasons(actions)["end_high"] == (
         "waiting for memory: needs 8.0 GiB, 3.0 GiB of the box's 9.0 GiB are free"
     )
@@ -490,7 +491,7 @@ def test_a_roll_counts_the_limit_its_old_containers_run_with() -> None:
     actions = plan([edited], [old], [ran_with_2], memory_bytes=6 * GIB)
     assert starts(actions) == ["end_a"]
     no_surge = plan([edited], [old], [ran_with_2], memory_bytes=5 * GIB)
-    assert rc.DrainReplica("old", "making room for the new generation") in no_surge
+    assert act.DrainReplica("old", "making room for the new generation") in no_surge
     assert starts(no_surge) == []
 
 
@@ -520,7 +521,7 @@ def test_new_free_memory_figures_rewrite_the_reason_without_an_event() -> None:
     b = cpu("end_b", gib=4.5, status=EndpointStatus.READY, min_replicas=4, desired_replicas=4)
     actions = plan([b, waiting], others, memory_bytes=BOX)
     after = "waiting for memory: needs 4.0 GiB, 3.6 GiB of the box's 21.6 GiB are free"
-    assert actions == [rc.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, after, False)]
+    assert actions == [act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, after, False)]
     assert (
         plan([b, waiting.model_copy(update={"status_reason": after})], others, memory_bytes=BOX)
         == []
