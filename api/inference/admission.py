@@ -1,7 +1,7 @@
 """The one admission step of inference requests, in the order every entry applies it: who calls
 (a key, verified; 401), whether the key may (`check_scope`; 403), whether it is within its
 counted limits (requests per minute and in flight: `api/limits.py`; 429), whether it asks for
-more tokens than the key allows (`cap_tokens`; 429), which endpoint it may call
+more tokens than the key allows (`cap_tokens`; 400), which endpoint it may call
 (`visible_target`: the tenancy rule of `Caller.may_infer`; 404), and a replica
 (`forwarder/proxy.py`; 503). An endpoint that will get no replica by waiting (it failed to
 start, or is being deleted: `forwarder/table.check_coming`) is refused at once with 503 and
