@@ -2,7 +2,7 @@
 and the envelope each family of routes answers in (`envelope_of`).
 
 - OpenAI's routes (`/v1/chat/completions`, `/v1/models`, `/v1/batches`...) and unknown paths
-  under /v1: OpenAI's envelope, an invalid request 400.
+  under /v1 and /v2: OpenAI's envelope, an invalid request 400.
 - LLM Engine's routes (`/v1/llm/...`, `/v1/model-endpoints`, tasks): `{"detail": ...}` with LLM
   Engine's statuses, the ones its client maps to exceptions: an invalid request (a typed body's
   too) or a name that exists is 400 (`BadRequestError`), a change already in progress 409.
@@ -65,7 +65,7 @@ STATUS_BY_ENVELOPE: Final = {
         errors.OperationInProgressError: 409,
     },
 }
-OPENAI_PREFIX = "/v1/"  # an unknown path here answers in OpenAI's envelope
+OPENAI_PREFIXES = ("/v1/", "/v2/")  # an unknown path here answers in OpenAI's envelope
 OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -154,19 +154,39 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict[st
 
 
 # A replica's answer that it has no such route: llama.cpp's 501 ("does not support
-# embeddings"), or the 404 its web framework gives a path it never registered (vLLM serving
-# a generative model has no /v1/embeddings). The request is wrong for this endpoint, not the
-# server broken: the caller gets a 400 that says so, and no SDK retries it.
+# embeddings"), or the 404 its web framework gives a path it never registered (vLLM registers
+# /v1/embeddings only for an embedding model, chat and completions only for a generative one).
+# The request is wrong for this endpoint, not the server broken: the caller gets a 400 that
+# says so, and no SDK retries it. The one rule for every route's shape (`api/inference/call.py`).
 NOT_SERVED_STATUSES: Final = (404, 501)
-UNREGISTERED: Final = b'{"detail":"Not Found"}'
+UNREGISTERED: Final = "Not Found"  # Starlette's words for a path no route matches
 
 
 def not_served(status: int, body: bytes, endpoint: str, path: str) -> errors.BadRequestError | None:
     """The 400 to answer for a replica's reply that says it does not serve `path`, or None."""
-    if status == 501 or (status == 404 and body.replace(b" ", b"") == UNREGISTERED):
+    if status == 501:
         words = _replica_words(body)
-        return errors.BadRequestError(f"endpoint {endpoint!r} does not serve {path}: {words}")
-    return None
+    elif status == 404 and _unregistered(body):
+        words = f"its server has no such route ({status} {UNREGISTERED})"
+    else:
+        return None
+    return errors.BadRequestError(f"endpoint {endpoint!r} does not serve {path}: {words}")
+
+
+def _unregistered(body: bytes) -> bool:
+    """Starlette's bare `{"detail":"Not Found"}`, or the same words in OpenAI's envelope (as
+    vLLM's handler of HTTP errors writes them); never a 404 that names what is missing (vLLM's
+    "The model `x` does not exist.")."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(reply, dict):
+        return False
+    found = reply.get("error", reply)
+    if isinstance(found, dict):
+        found = found.get("detail", found.get("message"))
+    return bool(found == UNREGISTERED)
 
 
 def _replica_words(body: bytes) -> str:
@@ -278,11 +298,12 @@ def _not_json(problem: Any) -> Any:
 
 async def _http(request: Request, exc: Exception) -> Response:
     """FastAPI's own answers (no such route, a method the route lacks): in OpenAI's envelope
-    for every unknown path under /v1 and for OpenAI's routes, as its SDK expects."""
+    for every unknown path under /v1 and /v2 (OpenAI's SDK is pointed at either) and for
+    OpenAI's routes, as its SDK expects."""
     assert isinstance(exc, HTTPException)
     path = request.url.path
     envelope = envelope_of(path)
-    unknown = exc.status_code == 404 and path.startswith(OPENAI_PREFIX)
+    unknown = exc.status_code == 404 and path.startswith(OPENAI_PREFIXES)
     if envelope not in (OPENAI, BOTH) and not unknown:
         return await http_exception_handler(request, exc)
     message = f"Invalid URL ({request.method} {path})" if unknown else str(exc.detail)

@@ -328,26 +328,41 @@ class Call:
     def on_end(self) -> None:
         if self.gather is not None:
             body, self.gather = b"".join(self.gather), None
-            if self.held:
-                self._final(self.failed_event(self.status, body))
-            else:
-                self.on_whole(self.status, self.reply_headers, body)
+            self.on_whole(self.status, self.reply_headers, body)
             return
         self.client.end()
         self._settle()
 
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
         self.status = status
+        if self.refuse_unserved(status, body):
+            return
         if self.held:
             self._final(body if status == 200 else self.failed_event(status, body))
             return
         relay = self.relay
         assert relay is not None
-        if status in NOT_SERVED_STATUSES and self.target is not None:
-            refused = not_served(status, body, self.target.name, self.entry.path)
-            if refused is not None:
-                status, headers, body = answer(refused, self.entry.envelope)
         self._whole(status, headers, body, relay.overhead_s)
+
+    def unserved(self, status: int, body: bytes) -> BadRequestError | None:
+        """The 400 for a replica's reply that says it has no such route
+        (`api.errors.not_served`, the one rule every route's shape applies), or None."""
+        if status not in NOT_SERVED_STATUSES or self.target is None:
+            return None
+        return not_served(status, body, self.target.name, self.entry.path)
+
+    def refuse_unserved(self, status: int, body: bytes) -> bool:
+        """Answers a reply that says the replica has no such route as that 400, in the route's
+        envelope (in band once a stream began); False for any other reply."""
+        refused = self.unserved(status, body)
+        if refused is None:
+            return False
+        if self.held:
+            self._in_band(refused)
+            return True
+        status, headers, reply = answer(refused, self.entry.envelope)
+        self._whole(status, headers, reply, self.relay.overhead_s if self.relay else -1.0)
+        return True
 
     def on_failed(self, exc: ApplianceError) -> None:
         if not self.started:

@@ -75,6 +75,8 @@ class LlmEngineCall(Call):
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
         self.status = status
         if status != 200:
+            if self.refuse_unserved(status, body):
+                return
             if self.held:
                 self._final(self.failed_event(status, body))
                 return
@@ -226,6 +228,9 @@ class TaskCall(LlmEngineCall):
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
         if status != 200 and not self.stream:  # a sync task answers 200 with its FAILURE
             self.status = status
+            refused = self.unserved(status, body)
+            if refused is not None:  # the FAILURE says so, as the other routes' 400 does
+                status, body = status_of(refused, LLM_ENGINE), refused.message.encode()
             answer = llm_engine.sync_task_response(status, body, self.as_string)
             self._whole(200, JSON_HEADERS, json.dumps(answer).encode(), self._overhead())
             return

@@ -3,7 +3,8 @@ answer the same on every entry (the same status, in the entry's family of error 
 OpenAI's v1 and LLM Engine's v2 routes, LLM Engine's completions, sync, streaming and async
 tasks, batch lines and the playground. A key's token cap holds however a body asks for tokens
 (`max_tokens`, `max_completion_tokens`, `max_new_tokens`, `n_predict`, as a float) and becomes
-the limit of a request that names none. Against a fake replica; api and worker, no Docker."""
+the limit of a request that names none; what a request asks per token (log-probs, sequences)
+is bounded for every key. Against a fake replica; api and worker, no Docker."""
 
 from __future__ import annotations
 
@@ -243,6 +244,29 @@ def test_a_request_that_names_no_limit_gets_the_keys_cap(bed: Bed, entry: str) -
         assert bed.backend.bodies[-1]["max_tokens"] == CAP // 2
 
 
+@pytest.mark.parametrize(
+    "entry", [e for e in ENTRIES if not e.startswith("/v1/llm/") and e != "playground"]
+)
+def test_the_work_a_token_asks_is_bounded_for_every_key(bed: Bed, entry: str) -> None:
+    """A million top log-probs a token exhausts a llama.cpp replica's memory, which bounds
+    none: OpenAI's bounds hold on every entry that passes such fields on, with or without a
+    cap (the typed LLM Engine completions and the playground take none of these fields)."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+    for name, asked in (
+        ("top_logprobs", 1_000_000),
+        ("logprobs", 100_000),
+        ("n_probs", 21),
+        ("n", 129),
+        ("best_of", "1000"),
+        ("top_logprobs", 1e9),
+    ):
+        reply = send(bed, key, MINE, {tokens_field(entry): 1, name: asked})
+        refused(reply, 400, family)
+        assert name in reply.text, reply.text
+    served(send(bed, key, MINE, {tokens_field(entry): 1, "top_logprobs": 20, "n": 2}))
+
+
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_requests_per_minute(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]
@@ -394,3 +418,37 @@ def test_a_body_that_is_not_json_is_refused_on_every_entry(bed: Bed, entry: str,
     else:  # FastAPI's answers: 422 json_invalid, or 400 where its own body parsing fails
         assert reply.status_code in (400, 422) and "detail" in reply.json(), reply.text[:300]
     assert len(bed.backend.bodies) == before
+
+
+UNSERVED_ENTRIES = ["/v1/embeddings", "/v2/completions", "/v1/streaming-tasks"]
+
+
+@pytest.mark.parametrize("entry", UNSERVED_ENTRIES)
+def test_a_route_vllm_never_registered_is_a_400_saying_so(bed: Bed, entry: str) -> None:
+    """vLLM registers /v1/embeddings only for an embedding model (and chat and completions
+    only for a generative one): for any other it answers Starlette's bare 404, which OpenAI's
+    SDK reads as "model not found". The caller gets the 400 llama.cpp's 501 gets."""
+    send, family, _ = ENTRIES[entry]
+    reply = send(bed, bed.key(), MINE, {"unregistered": True})
+    refused(reply, 400, family)
+    message = reply.json()["error"]["message"] if family == "openai" else reply.json()["detail"]
+    said = f"endpoint 'mine' does not serve {entry}: its server has no such route (404 Not Found)"
+    assert message == said, reply.text
+
+
+def test_a_sync_task_to_a_route_never_registered_fails_saying_so(bed: Bed) -> None:
+    send, _, _ = ENTRIES["/v1/sync-tasks"]
+    reply = send(bed, bed.key(), MINE, {"unregistered": True})
+    assert reply.status_code == 200, reply.text  # LLM Engine's sync task: 200 with a FAILURE
+    task = reply.json()
+    assert (task["status"], task["status_code"]) == ("FAILURE", 400), task
+    assert "'mine' does not serve /v1/sync-tasks: its server has no such route" in task["traceback"]
+
+
+def test_a_stream_to_a_route_never_registered_is_the_same_400(bed: Bed) -> None:
+    body = chat_body(MINE, {}, stream=True, unregistered=True)
+    reply = httpx.post(
+        bed.appliance.url + "/v1/chat/completions", json=body, headers=auth(bed.key()), timeout=30
+    )
+    refused(reply, 400, "openai")
+    assert "does not serve /v1/chat/completions" in reply.text, reply.text

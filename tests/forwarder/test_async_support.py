@@ -21,6 +21,10 @@ from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from tests.harness import Appliance, RedisServer, free_port, wait_until
 
+# What vLLM answers for a route it never registered (a generative model's /v1/embeddings, a
+# pooling model's chat): Starlette's bare 404, byte for byte as vLLM 0.32 sends it
+UNREGISTERED = b'{"detail":"Not Found"}'
+
 
 @dataclass
 class FakeBackend:
@@ -49,6 +53,8 @@ class FakeBackend:
         if isinstance(body.get("status"), int):  # a request the replica refuses, as vLLM does
             message = {"object": "error", "message": "refused", "code": body["status"]}
             return web.json_response(message, status=body["status"])
+        if body.get("unregistered"):  # as vLLM serving an embedding model answers chat
+            return web.Response(status=404, body=UNREGISTERED, content_type="application/json")
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "busy"}, status=503)
@@ -95,6 +101,8 @@ class FakeBackend:
         if isinstance(body.get("status"), int):  # refused, as by a server without embeddings
             message = {"object": "error", "message": "refused", "code": body["status"]}
             return web.json_response(message, status=body["status"])
+        if body.get("unregistered"):  # vLLM's bytes for a route its model does not serve
+            return web.Response(status=404, body=UNREGISTERED, content_type="application/json")
         return web.json_response(
             {
                 "object": "list",
