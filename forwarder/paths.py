@@ -87,10 +87,12 @@ PLAYGROUND: Final = InferencePath(
     "/ui/playground/chat", CHAT, DETAIL, PASSTHROUGH, BY_MODEL, 1, False, True, "Playground chat"
 )
 BATCH_PATHS: Final = tuple(p.path for p in PATHS if p.batchable)
-# Every path answered in OpenAI's envelope, /v1/models and /v1/batches included
+# Every path answered in OpenAI's envelope, the model lists and /v1/batches included (the
+# /v2 routes are OpenAI's too: its SDK pointed at .../v2 lists models there)
 OPENAI_PATHS: Final = (
     *(p.path for p in PATHS if p.envelope == OPENAI),
     "/v1/models",
+    "/v2/models",
     "/v1/batches",
 )
 # LLM Engine's routes (prefixes): management, tasks, batch completions, completions

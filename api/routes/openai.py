@@ -22,6 +22,7 @@ doc_routes(router, ERROR_RESPONSES)
 
 
 @router.get("/v1/models")
+@router.get("/v2/models")  # OpenAI's SDK with its base URL at /v2, where the v2 routes are
 async def read_models(state: StateDep, caller: CallerDep) -> dict[str, Any]:
     targets = [
         t for t in state.forwarder.table.by_name.values() if caller.may_infer(t.owner, t.public)
@@ -30,6 +31,7 @@ async def read_models(state: StateDep, caller: CallerDep) -> dict[str, Any]:
 
 
 @router.get("/v1/models/{model}")
+@router.get("/v2/models/{model}")
 async def read_model(model: str, state: StateDep, caller: CallerDep) -> dict[str, Any]:
     """OpenAI's model object, for an endpoint the caller may send inference; 404 in OpenAI's
     envelope otherwise (the same rule and message as an inference request naming it)."""

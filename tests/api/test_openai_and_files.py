@@ -65,6 +65,23 @@ def test_models_retrieve_and_unknown_routes(api_only: Appliance) -> None:
     assert unknown.value.body["message"] == "Invalid URL (GET /v1/no/such/route)"  # type: ignore[index]
 
 
+def test_the_sdk_at_v2_lists_models_and_hears_unknown_paths_in_its_envelope(
+    api_only: Appliance,
+) -> None:
+    """/v2's chat and completions are OpenAI's: the SDK pointed at .../v2 lists models there,
+    and a path that is not there is OpenAI's 404, not FastAPI's bare one."""
+    seed(api_only)
+    v2 = openai.OpenAI(base_url=api_only.url + "/v2", api_key=ADMIN_KEY, max_retries=0)
+    assert v2.models.retrieve("llama").id == "llama"  # a miss reloads the table: then listed
+    assert "llama" in [m.id for m in v2.models.list()]
+    with pytest.raises(openai.NotFoundError) as missing:
+        v2.models.retrieve("nowhere")
+    assert missing.value.body["type"] == "not_found_error"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        v2.get("/no/such/route", cast_to=object)
+    assert unknown.value.body["message"] == "Invalid URL (GET /v2/no/such/route)"  # type: ignore[index]
+
+
 def test_unknown_paths_outside_v1_keep_fastapis_shape(api_only: Appliance) -> None:
     reply = httpx.get(api_only.url + "/v9/nothing", headers={"x-api-key": ADMIN_KEY})
     assert reply.status_code == 404
