@@ -46,6 +46,10 @@ TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_new_tokens", 
 UNBOUNDED_FIELD: Final = "n_predict"  # llama.cpp's: -1 generates until the context is full
 SEQUENCE_FIELDS: Final = ("n", "best_of")
 CAPPED_FIELD: Final = "max_tokens"  # set to the key's cap when a request names none
+# Fields that multiply a request's work past its tokens, and the most any request may ask:
+# OpenAI's own bounds (top_logprobs 20, n 128), which vLLM keeps by default (max_logprobs 20);
+# llama.cpp bounds none of them, and a million top log-probs a token exhausts its memory.
+WORK_BOUNDS: Final = {"logprobs": 20, "top_logprobs": 20, "n_probs": 20, "n": 128, "best_of": 128}
 RELOAD_ON_MISS_S: Final = 0.5
 NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
 
@@ -74,7 +78,8 @@ def check_scope(caller: Caller) -> None:
 
 def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
     """Check the tokens a request asks for, by any of TOKEN_FIELDS, as an integer, a float or a
-    number in a string. A count below 0 is refused (400), but llama.cpp's `n_predict: -1`
+    number in a string, after the work it asks per token (`bound_work`). A count below 0 is
+    refused (400), but llama.cpp's `n_predict: -1`
     ("until the context is full"). A key's cap holds for every sequence the request asks for
     (`n`, `best_of`): more is refused, and so is an unbounded `n_predict`, with a 400 (no
     retry of the same request can pass, so no client should be told to retry). When it names
@@ -83,6 +88,7 @@ def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
     caller sends the changed body."""
     if not isinstance(payload, dict):
         return False
+    bound_work(payload)
     most = caller.limits.max_tokens_per_request
     named = False
     for name in TOKEN_FIELDS:
@@ -112,6 +118,24 @@ def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
         )
     payload[CAPPED_FIELD] = share
     return True
+
+
+def bound_work(payload: dict[str, Any]) -> None:
+    """Refuse (400) a request asking more of any WORK_BOUNDS field than it allows, as a number
+    or a number in a string (a server may read either); anything else is the server's to
+    refuse. For every key: these bound what one request may cost a replica, whoever sends it."""
+    for name, most in WORK_BOUNDS.items():
+        asked = payload.get(name)
+        if asked is None or isinstance(asked, bool) or not isinstance(asked, int | float | str):
+            continue
+        try:
+            count = float(asked)
+        except ValueError:
+            continue
+        if count > most:
+            raise BadRequestError(
+                f"{name}={asked} is over the most a request may ask: at most {most}", field=name
+            )
 
 
 def _sequences(payload: dict[str, Any]) -> int:
