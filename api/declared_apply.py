@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
-from api import endpoint_changes, endpoint_specs, key_service, server_args
+from api import endpoint_changes, endpoint_specs, key_service, server_args, team_limits
 from api.declared import LIMITS, active_keys, managed_endpoints
 from api.deps import AppState
 from api.endpoint_service import (
@@ -147,6 +147,19 @@ def plan_endpoints(
         desired.owner = team or (existing.owner if existing else caller.team)
         plans.append(_EndpointPlan(body, team, desired, existing))
     return plans
+
+
+def _check_room(
+    plans: list[_EndpointPlan], caller: Caller, session: Session, state: AppState
+) -> None:
+    """Before any change: the endpoints the document adds fit in each team's limit (creates
+    run before a prune's deletes, so those free no room for them)."""
+    adding: dict[str, int] = {}
+    for plan in plans:
+        if plan.existing is None:
+            adding[plan.desired.owner] = adding.get(plan.desired.owner, 0) + 1
+    for team, count in adding.items():
+        team_limits.check_endpoints(team, caller, state.settings, session=session, adding=count)
 
 
 def _replace_spec(endpoint: Endpoint, desired: Endpoint) -> bool:
@@ -309,6 +322,7 @@ def apply(
     report = Report(dry_run=dry_run)
     with session_scope(state.engine) as session:
         plans = plan_endpoints(document, caller, session, state)
+        _check_room(plans, caller, session, state)
         named = {p.body.name for p in plans}
         doomed = [e for e in managed_endpoints(caller, session) if e.name not in named]
         keys = (

@@ -13,7 +13,14 @@ from typing import Any
 import redis
 from sqlmodel import Session, col, select
 
-from api import endpoint_changes, endpoint_specs, endpoint_updates, endpoint_views, server_args
+from api import (
+    endpoint_changes,
+    endpoint_specs,
+    endpoint_updates,
+    endpoint_views,
+    server_args,
+    team_limits,
+)
 from api.deps import AppState
 from api.schemas import CreateLLMEndpointRequest, EndpointProgress, UpdateLLMEndpointRequest
 from appliance import audit, bus, queries
@@ -112,6 +119,7 @@ def create_endpoint(
         endpoint.owner = owner
     if session.exec(select(Endpoint).where(Endpoint.name == body.name)).first():
         raise ConflictError(f"an endpoint named {body.name!r} already exists", field="name")
+    team_limits.check_endpoints(endpoint.owner, caller, state.settings, session=session)
     session.add(endpoint)
     queries.add_event(endpoint.id, "created", f"created by {caller.user}", session=session)
     spec = body.model_dump(exclude_none=True, exclude_defaults=True)

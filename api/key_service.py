@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 
+from api import team_limits
 from api.deps import AppState
 from appliance import audit, keys
 from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
@@ -111,6 +112,7 @@ def make_key(
     """Check, store and audit a new key (the route, the UI, the declared configuration);
     returns its row and its text, which only the caller ever sees."""
     _check_request(body, caller)
+    team_limits.check_keys(body.team or caller.team, caller, state.settings, session=session)
     row, text = keys.create_key(
         session=session,
         secret=state.key_secret,

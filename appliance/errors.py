@@ -10,7 +10,8 @@ ApplianceError
 │   ├── NoSuchEndpointError
 │   └── NoSuchTaskError
 ├── ConflictError               the object exists or is busy (409)
-│   └── OperationInProgressError
+│   ├── OperationInProgressError
+│   └── TeamLimitError          the team has as many endpoints or keys as it may (409)
 ├── AuthError                   no valid key (401)
 │   └── ForbiddenError          a valid key without the scope (403)
 ├── RateLimitedError            over a per-key limit (429)
@@ -84,6 +85,11 @@ class ConflictError(ApplianceError):
 
 class OperationInProgressError(ConflictError):
     """A change to the endpoint is still in progress."""
+
+
+class TeamLimitError(ConflictError):
+    """The team already has as many endpoints (or active keys) as the install allows; the
+    message names the setting and how to free room."""
 
 
 class AuthError(ApplianceError):

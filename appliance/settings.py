@@ -180,6 +180,20 @@ class Settings(BaseSettings):
     key_max_tokens_per_request: int = Field(
         0, ge=0, description="Default largest max_tokens a request may ask for (0: no limit)."
     )
+    max_endpoints_per_team: int = Field(
+        50,
+        ge=0,
+        description="Endpoints one team may have (0: no limit); one more is refused, saying "
+        "so. Endpoints an administrator made for the team count too, but an administrator's "
+        "own creates are never refused.",
+    )
+    max_keys_per_team: int = Field(
+        100,
+        ge=0,
+        description="Active (neither revoked nor expired) API keys one team may have (0: no "
+        "limit); as for endpoints, an administrator's keys count and an administrator is never "
+        "refused.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins whose pages may call the API from a browser (JSON list); none by "

@@ -16,7 +16,7 @@ from api.deps import AppState, SessionDep, StateDep, address_of
 from api.routes.ui.respond import FormDep, not_found, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
 from appliance.db import session_scope
-from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.models import ApiKey
 from web import views
 
@@ -96,7 +96,7 @@ def create_key_from_form(
             for e in reversed(exc.errors())
         }
         return _keys_page(request, ui, state, errors=errors, values=form)
-    except (InvalidSpecError, ForbiddenError) as exc:
+    except (InvalidSpecError, ForbiddenError, ConflictError) as exc:
         session.rollback()
         errors = {KEY_FIELDS.get(exc.field or "", ""): exc.message}
         return _keys_page(request, ui, state, errors=errors, values=form)

@@ -1,0 +1,72 @@
+"""How many endpoints and active keys a team may have (`APPLIANCE_MAX_ENDPOINTS_PER_TEAM`,
+`APPLIANCE_MAX_KEYS_PER_TEAM`), decided here for every way of making them: the endpoint
+service's create (REST, LLM Engine's routes, the UI's form, `/v1/config/apply`) and the key
+service's (the key routes, the UI's keys page).
+
+Everything a team has counts, whoever made it, but an administrator is never refused: an
+administrator may need to make an endpoint or key for a team at its limit, and is trusted not
+to fill the box. The count is taken inside the create's own transaction (BEGIN IMMEDIATE,
+`appliance/db.py`), so creates sent at once cannot pass the limit together."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import func
+from sqlmodel import Session, col, or_, select
+
+from appliance.errors import TeamLimitError
+from appliance.keys import Caller
+from appliance.models import ApiKey, Endpoint, EndpointStatus
+from appliance.settings import Settings
+
+
+def endpoints_of(team: str, *, session: Session) -> int:
+    """The team's endpoints, less those being deleted (their room is already given back)."""
+    query = select(func.count()).where(
+        col(Endpoint.owner) == team, col(Endpoint.status) != EndpointStatus.DELETE_IN_PROGRESS
+    )
+    return int(session.exec(query).one())
+
+
+def active_keys_of(team: str, *, session: Session, now: float) -> int:
+    """The team's keys that still work: neither revoked nor expired."""
+    query = select(func.count()).where(
+        col(ApiKey.owner) == team,
+        col(ApiKey.revoked_at).is_(None),
+        or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
+    )
+    return int(session.exec(query).one())
+
+
+def check_endpoints(
+    team: str, caller: Caller, settings: Settings, *, session: Session, adding: int = 1
+) -> None:
+    """Refuse (409; LLM Engine's routes 400) `adding` more endpoints for a team at its limit."""
+    limit = settings.max_endpoints_per_team
+    if caller.is_admin or not limit:
+        return
+    have = endpoints_of(team, session=session)
+    if have + adding > limit:
+        raise TeamLimitError(
+            f"team {team!r} has {have} endpoints and may have at most {limit} "
+            "(APPLIANCE_MAX_ENDPOINTS_PER_TEAM); delete endpoints it no longer needs "
+            "(DELETE /v1/model-endpoints/{id}, or the Delete button on the endpoint's page) "
+            "or ask an administrator",
+            field="name",
+        )
+
+
+def check_keys(team: str, caller: Caller, settings: Settings, *, session: Session) -> None:
+    """Refuse (409) one more active key for a team at its limit."""
+    limit = settings.max_keys_per_team
+    if caller.is_admin or not limit:
+        return
+    have = active_keys_of(team, session=session, now=time.time())
+    if have >= limit:
+        raise TeamLimitError(
+            f"team {team!r} has {have} active API keys and may have at most {limit} "
+            "(APPLIANCE_MAX_KEYS_PER_TEAM); revoke keys it no longer uses "
+            "(DELETE /v1/api-keys/{id}, or Revoke on the UI's keys page) or ask an administrator",
+            field="name",
+        )
