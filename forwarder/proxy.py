@@ -30,7 +30,7 @@ from forwarder.balance import Balancer
 from forwarder.metrics import Metrics, inflight_rows
 from forwarder.relay import Headers, Plane, Relay
 from forwarder.shared import SharedCounts
-from forwarder.table import RoutingTable, Target, TargetReplica, check_coming
+from forwarder.table import RoutingTable, Target, TargetReplica, check_coming, waiting_message
 from forwarder.upstream import UpstreamPool
 from forwarder.usage import Ledger
 
@@ -161,10 +161,8 @@ class Forwarder:
                 self._note_demand(current)
                 left = cold_until - time.monotonic()
                 if left <= 0:
-                    raise NoReadyReplicaError(
-                        f"endpoint {target.name!r} has no ready replica yet; retry shortly",
-                        retry_after_s=10,
-                    )
+                    waited = time.monotonic() - started
+                    raise NoReadyReplicaError(waiting_message(current, waited), retry_after_s=10)
                 began = time.monotonic()
                 await self._wait_change(left)
                 waited_cold += time.monotonic() - began

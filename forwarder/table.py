@@ -10,6 +10,7 @@ lane reads on every request as plain struct reads rather than instance dictionar
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,6 +22,13 @@ DEFAULT_PREDICT_ROUTE = "/predict"
 FAILED: Final = EndpointStatus.UPDATE_FAILED.value  # the builder gave up: no replica comes
 DELETING: Final = EndpointStatus.DELETE_IN_PROGRESS.value  # its replicas are being drained
 REASON_MAX_CHARS: Final = 300  # of the status reason's first line, in an error message
+CAUSE_LINES: Final = 2  # of a crashed replica's log tail that name its error, in that message
+CAUSE_LINE_MAX_CHARS: Final = 200
+# A log line that names an error: Python's `OSError: ...` (dotted names too); else `error:
+# ...` or `ERROR ...` (llama.cpp, vLLM's logger), `llama_model_load: error loading model: ...`
+_RAISED: Final = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)(?::|$)")
+_ERROR: Final = re.compile(r"^(?:error|ERROR)\b|^\w+: error\b")
+_POINTER: Final = re.compile(r"root cause above|see (?:the )?(?:error|log)s? above", re.I)
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,41 @@ def check_coming(target: Target) -> None:
 
 def failed_message(target: Target) -> str:
     """What a request to an endpoint that failed to start is told: why (the first line of the
-    builder's reason: a crash's log tail stays in the endpoint's own view) and what to do."""
-    reason = target.status_reason.strip().split("\n", 1)[0].strip()
-    if len(reason) > REASON_MAX_CHARS:
-        reason = reason[: REASON_MAX_CHARS - 3] + "..."
+    builder's reason, and from the log tail after it the lines that name the cause: a crash's
+    last line is often only "container exited with code 1") and what to do."""
+    lines = target.status_reason.strip().split("\n")
+    reason = _clip(lines[0].strip(), REASON_MAX_CHARS)
+    cause = "; ".join(_clip(line, CAUSE_LINE_MAX_CHARS) for line in telling_lines(lines[1:]))
     why = f": {reason}" if reason else ""
+    if cause:
+        why += f" ({cause})"
     where = f"/v1/model-endpoints/{target.endpoint_id}"
     return (
         f"endpoint {target.name!r} failed to start{why}; fix it (PUT {where}) or restart it "
         f"(POST {where}/restart)"
     )
+
+
+def waiting_message(target: Target, waited_s: float) -> str:
+    """What a request that waited its whole hold for a replica is told: why none is ready when
+    the builder says (waiting for memory or a GPU, pulling its image, starting: its last log
+    line), so that a wait a retry will not end soon reads as one."""
+    reason = _clip(target.status_reason.strip().split("\n", 1)[0].strip(), REASON_MAX_CHARS)
+    if not reason:
+        return f"endpoint {target.name!r} has no ready replica yet; retry shortly"
+    return f"endpoint {target.name!r} has no ready replica after {waited_s:.0f} s: {reason}"
+
+
+def telling_lines(lines: list[str]) -> list[str]:
+    """The lines of a log tail that name its error, the last CAUSE_LINES of them: Python's
+    exceptions (`OSError: We couldn't connect to ...`) first, else error lines (llama.cpp's
+    `error: failed to load model`); never the ones that only point elsewhere ("See root cause
+    above") or any other line (a log tail may hold anything)."""
+    kept = [line.strip() for line in lines if not _POINTER.search(line)]
+    raised = [line for line in kept if _RAISED.match(line)]
+    found = raised or [line for line in kept if _ERROR.match(line)]
+    return list(dict.fromkeys(found))[-CAUSE_LINES:]
+
+
+def _clip(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."

@@ -34,9 +34,15 @@ from tests.harness import wait_until
 
 HOLD_S = 90  # the cold-start hold: every answer here must come well before it
 QUICK_S = 30
-BROKEN, GOING, FIRST, IDLE = "broken", "going", "first", "idle"
+BROKEN, GOING, FIRST, IDLE, CRASHED = "broken", "going", "first", "idle", "x-hub"
 REASON = "pulling image 'registry.example/nope:1' failed: manifest unknown"
 LOG_TAIL = "Traceback (most recent call last):\n  secret=hunter2"
+CRASH = "replica crashed 3 times; last: container exited with code 1"
+HUB_DOWN = "OSError: We couldn't connect to 'https://huggingface.co' to load the files"
+CRASH_TAIL = (  # as vLLM ends: the cause, then a last exception that only points back at it
+    f"INFO starting\nTraceback (most recent call last):\n  token=hunter2\n{HUB_DOWN}\n"
+    "RuntimeError: Engine core initialization failed. See root cause above."
+)
 
 
 def seed_bare(data_dir: Path, name: str, status: EndpointStatus, reason: str | None) -> None:
@@ -75,6 +81,7 @@ def _seed(data_dir: Path, address: str) -> None:
     seed_bare(data_dir, GOING, EndpointStatus.DELETE_IN_PROGRESS, None)
     seed_bare(data_dir, FIRST, EndpointStatus.UPDATE_IN_PROGRESS, None)
     seed_bare(data_dir, IDLE, EndpointStatus.READY, None)  # scaled to zero
+    seed_bare(data_dir, CRASHED, EndpointStatus.UPDATE_FAILED, f"{CRASH}\n{CRASH_TAIL}")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,16 @@ def test_a_failed_endpoint_is_refused_at_once_saying_why(bed: Bed, entry: str) -
     message = down(reply, family, f"endpoint {BROKEN!r} failed to start: {REASON}")
     assert f"/v1/model-endpoints/end_{BROKEN}/restart" in message and "PUT" in message
     assert "hunter2" not in reply.text  # the first line of the reason, not the log tail
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_crash_loop_says_the_line_of_its_log_that_names_the_cause(bed: Bed, entry: str) -> None:
+    """ "container exited with code 1" alone says nothing: the line that names the error comes
+    with it, and no other line of the log tail."""
+    send, family, _ = ENTRIES[entry]
+    reply = send(bed, bed.key(), CRASHED, {tokens_field(entry): 1})
+    message = down(reply, family, f"endpoint {CRASHED!r} failed to start: {CRASH} ({HUB_DOWN})")
+    assert "hunter2" not in message and "root cause above" not in message, message
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
