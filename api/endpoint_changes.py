@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.endpoint_specs import ROLLING_FIELDS
+from api.endpoint_views import memory_quantity
 from appliance.models import Endpoint
 
 # The columns the api writes (DESIGN.md §4): an endpoint's spec; the rest is the builder's.
@@ -60,20 +61,22 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> Change:
 
 
 def summary(change: Change) -> str:
-    """The change in words: scalars as `before -> after`, maps and lists by name only (env
-    values may be secrets)."""
+    """The change in words: scalars as `before -> after` (memory in Kubernetes' units, as
+    sent), maps and lists by name only (env values may be secrets)."""
     parts = []
     for name, (before, after) in change.items():
         label = LABELS.get(name, name)
         if isinstance(before, dict | list) or isinstance(after, dict | list):
             parts.append(f"{label} changed")
         else:
-            parts.append(f"{label} {_shown(before)} → {_shown(after)}")
+            parts.append(f"{label} {_shown(name, before)} → {_shown(name, after)}")
     text = ", ".join(parts)
     return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
-def _shown(value: Any) -> str:
+def _shown(name: str, value: Any) -> str:
+    if name == "memory_bytes" and isinstance(value, int):  # as a create names it: 3Gi
+        return str(memory_quantity(value))
     if value is None:
         return "none"
     if isinstance(value, bool):

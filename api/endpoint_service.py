@@ -69,8 +69,13 @@ def progress_of(state: AppState) -> dict[str, dict[str, Any]]:
 def describe(
     endpoint: Endpoint, session: Session, progress: dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    """The appliance's GET (`/v1/model-endpoints/{id}`, the UI): LLM Engine's endpoint, its
+    server settings as a create request names them (`server_settings`, as `/v1/config`
+    exports them) and its replicas."""
     replicas = queries.replicas_of(endpoint.id, session=session)
-    public = endpoint_views.model_endpoint_public(endpoint, replicas, progress)
+    queued = queries.queued_tasks(endpoint.id, session=session)
+    public = endpoint_views.model_endpoint_public(endpoint, replicas, progress, queued)
+    public["server_settings"] = server_args.request_fields(endpoint.args)
     public["replicas"] = [
         {
             "id": r.id,
@@ -98,7 +103,10 @@ def describe_llm(
     endpoint: Endpoint, session: Session, progress: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     return endpoint_views.llm_endpoint_public(
-        endpoint, queries.replicas_of(endpoint.id, session=session), progress
+        endpoint,
+        queries.replicas_of(endpoint.id, session=session),
+        progress,
+        queries.queued_tasks(endpoint.id, session=session),
     )
 
 

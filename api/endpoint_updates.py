@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api import endpoint_specs, server_args
+from api import endpoint_specs, endpoint_views, server_args
 from api.endpoint_specs import HIGH_PRIORITY, ROLLING_FIELDS
 from api.schemas import VLLM_ARG_FIELDS, UpdateLLMEndpointRequest
 from appliance.errors import InvalidSpecError, PolicyViolationError
@@ -133,6 +133,8 @@ def _same(name: str, value: Any, now: dict[str, Any]) -> bool:
             return False
     if name in ("checkpoint_path", "served_model_name"):
         return value in now[name]
+    if name == "default_callback_auth":  # as stored, or as the GET shows it (secrets hidden)
+        return value in (now[name], endpoint_views.callback_auth_public(now[name]))
     return bool(value == now[name])
 
 

@@ -6,12 +6,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from appliance.caller import Caller
 from appliance.errors import NoSuchEndpointError
-from appliance.models import Endpoint, Event, Replica
+from appliance.models import Endpoint, Event, Replica, Task, TaskStatus
 
 Row = TypeVar("Row")
 
@@ -61,3 +61,11 @@ def all_replicas(*, session: Session) -> Sequence[Replica]:
 def replicas_of(endpoint_id: str, *, session: Session) -> Sequence[Replica]:
     query = select(Replica).where(Replica.endpoint_id == endpoint_id)
     return session.exec(query.order_by(col(Replica.created_at))).all()
+
+
+def queued_tasks(endpoint_id: str, *, session: Session) -> int:
+    """The endpoint's async tasks waiting for a worker (not yet started)."""
+    query = select(func.count()).where(
+        Task.endpoint_id == endpoint_id, Task.status == TaskStatus.PENDING
+    )
+    return int(session.exec(query).one())

@@ -1,0 +1,153 @@
+"""What an endpoint's GETs give back of what it was created with: LLM Engine's GET carries
+every field of upstream's response models, its resources in the form they were sent (`"7Gi"`,
+`2`), which LLM Engine's own client reads and which, sent back, change nothing; the
+appliance's GET and the endpoint's page show its server settings; the events say memory in
+the units it was given."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+from sqlmodel import select
+
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint, EndpointStatus
+from tests.harness import ADMIN_KEY, Appliance
+
+CREATED = {  # as LLM Engine's client sends them, server settings flattened into the body
+    "cpus": 2,
+    "memory": "7Gi",
+    "max_model_len": 1024,
+    "dtype": "bfloat16",
+    "seed": 7,
+    "max_num_seqs": 8,
+    "enforce_eager": True,
+}
+SETTINGS = ("max_model_len", "dtype", "seed", "max_num_seqs", "enforce_eager")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from llmengine import Model
+    made = Model.create(
+        name="gemma", model="google/gemma-3-270m", inference_framework_image_tag="latest",
+        num_shards=1, gpus=0, min_workers=0, max_workers=1, per_worker=2,
+        labels={"team": "ml", "product": "demo"}, **json.loads(sys.argv[1]))
+    got = Model.get("gemma")
+    state = got.spec.resource_state
+    print(json.dumps({"id": made.endpoint_creation_task_id, "cpus": state.cpus,
+                      "memory": state.memory}))
+""")
+
+# GetLLMModelEndpointV1Response and GetModelEndpointV1Response (with their states), as
+# LLM Engine's server declares them (model_engine_server/common/dtos).
+LLM_FIELDS = {
+    "id", "name", "model_name", "source", "status", "inference_framework",
+    "inference_framework_image_tag", "num_shards", "quantize", "checkpoint_path",
+    "chat_template_override", "task_expires_seconds", "queue_message_timeout_seconds", "spec",
+}  # fmt: skip
+SPEC_FIELDS = {
+    "id", "name", "endpoint_type", "destination", "deployment_name", "metadata", "bundle_name",
+    "status", "status_reason", "post_inference_hooks", "default_callback_url",
+    "default_callback_auth", "labels", "aws_role", "results_s3_bucket", "created_by",
+    "created_at", "last_updated_at", "deployment_state", "resource_state", "num_queued_items",
+    "public_inference", "task_expires_seconds", "queue_message_timeout_seconds",
+}  # fmt: skip
+RESOURCE_FIELDS = {
+    "cpus", "gpus", "memory", "gpu_type", "storage", "nodes_per_worker", "optimize_costs",
+}  # fmt: skip
+
+
+def create_with_client(appliance: Appliance) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "LLM_ENGINE_BASE_PATH": appliance.url + "/",
+        "SCALE_API_KEY": ADMIN_KEY,
+        "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(CREATED)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    reply: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return reply
+
+
+def deployed(appliance: Appliance, name: str) -> None:
+    """The endpoint READY, as a builder would leave it (this api runs alone), so it takes edits."""
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        for row in session.exec(select(Endpoint).where(Endpoint.name == name)):
+            row.status = EndpointStatus.READY
+            session.add(row)
+    engine.dispose()
+
+
+def test_the_get_gives_back_what_the_endpoint_was_created_with(api_only: Appliance) -> None:
+    made = create_with_client(api_only)
+    # as the client reads them (its CpuSpecificationType tries str first)
+    assert (made["cpus"], made["memory"]) == ("2", "7Gi")
+    admin = api_only.client()
+    got = admin.get("/v1/llm/model-endpoints/gemma").json()
+    spec = got["spec"]
+    assert set(got) >= LLM_FIELDS, LLM_FIELDS - set(got)
+    assert set(spec) >= SPEC_FIELDS, SPEC_FIELDS - set(spec)
+    assert set(spec["resource_state"]) >= RESOURCE_FIELDS
+    assert spec["resource_state"]["memory"] == "7Gi"
+    assert spec["resource_state"]["cpus"] == 2
+    assert spec["num_queued_items"] == 0
+    assert got["task_expires_seconds"] is None and spec["aws_role"] is None
+
+    # The appliance's own GET shows the server settings it was created with.
+    own = admin.get(f"/v1/model-endpoints/{made['id']}").json()
+    assert {k: own["server_settings"].get(k) for k in SETTINGS} == {k: CREATED[k] for k in SETTINGS}
+
+    # Sent back as the GET shows them, the resources are no change; a new memory is one,
+    # and the events say it in the units it was written in.
+    deployed(api_only, "gemma")
+    resources = {k: spec["resource_state"][k] for k in ("cpus", "memory")}
+    assert admin.put("/v1/llm/model-endpoints/gemma", json=resources).status_code == 200
+    assert admin.put("/v1/llm/model-endpoints/gemma", json={"memory": "8Gi"}).status_code == 200
+    events = admin.get(f"/v1/model-endpoints/{made['id']}/events").json()["events"]
+    updates = [e["message"] for e in events if e["kind"] == "updated"]
+    assert len(updates) == 1 and "memory 7Gi → 8Gi" in updates[0], updates
+
+
+def test_the_callback_auth_is_shown_without_its_secret(api_only: Appliance) -> None:
+    admin = api_only.client()
+    auth = {"kind": "basic", "username": "hook", "password": "s3cret-pass"}
+    body = {
+        "name": "hooked",
+        "model_name": "google/gemma-3-270m",
+        "inference_framework": "vllm",
+        "gpus": 0,
+        "cpus": 1,
+        "memory": "2Gi",
+        "min_workers": 0,
+        "max_workers": 1,
+        "per_worker": 1,
+        "labels": {},
+        "metadata": {},
+        "default_callback_url": "https://93.184.216.34/done",
+        "default_callback_auth": auth,
+    }
+    assert admin.post("/v1/llm/model-endpoints", json=body).status_code == 200
+    got = admin.get("/v1/llm/model-endpoints/hooked")
+    assert "s3cret-pass" not in got.text
+    shown = got.json()["spec"]["default_callback_auth"]
+    assert (shown["kind"], shown["username"]) == ("basic", "hook")
+    # sent back as shown, it changes nothing (the secret stays)
+    deployed(api_only, "hooked")
+    back = {"default_callback_auth": shown}
+    assert admin.put("/v1/llm/model-endpoints/hooked", json=back).status_code == 200
+    endpoint_id = got.json()["id"]
+    events = admin.get(f"/v1/model-endpoints/{endpoint_id}/events").json()["events"]
+    assert not [e for e in events if e["kind"] == "updated"]
