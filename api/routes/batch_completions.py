@@ -60,6 +60,8 @@ REFUSED = {  # top-level fields that would size a job's own hardware upstream
 }
 REFUSED["tool_config"] = "tool use in batch completions is not available on this appliance"
 REFUSED["priority"] = "batch completions always run at low priority on the async workers"
+# The metadata key that keeps a job's model_config as sent (JSON), for its GET
+MODEL_CONFIG = "llm_engine_model_config"
 STATUS = {  # OpenAI batch status -> LLM Engine's BatchCompletionsJobStatus
     "in_progress": "running",
     "cancelling": "running",
@@ -133,6 +135,7 @@ async def _create(
         "model": model,
         "output_data_path": body.output_data_path,
         **(body.labels or {}),
+        MODEL_CONFIG: json.dumps(body.engine_model),  # the GET answers it as sent
     }
     order = CreateBatchRequest(
         input_file_id=body.input_data_path or "",
@@ -223,11 +226,12 @@ def job_public(batch: Batch, session: Session | None) -> dict[str, Any]:
     counts = public["request_counts"]
     started = batch.status != "in_progress" or counts["completed"] or counts["failed"]
     meta = dict(batch.metadata_)
+    sent = meta.pop(MODEL_CONFIG, None)
     return {
         "job_id": batch.id,
         "input_data_path": batch.input_file_id or None,
         "output_data_path": meta.get("output_data_path", ""),
-        "model_config": {"model": meta.get("model", "")},
+        "model_config": json.loads(sent) if sent else {"model": meta.get("model", "")},
         "priority": "low",
         "status": STATUS.get(batch.status, "unknown") if started else "queued",
         "created_at": _iso(batch.created_at),

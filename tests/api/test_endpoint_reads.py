@@ -2,7 +2,7 @@
 every field of upstream's response models, its resources in the form they were sent (`"7Gi"`,
 `2`), which LLM Engine's own client reads and which, sent back, change nothing; the
 appliance's GET and the endpoint's page show its server settings; the events say memory in
-the units it was given."""
+the units it was given; a batch job's GET gives back the model_config it was sent."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from sqlmodel import select
 
 from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus
+from tests.api.test_llmengine_compat import seed
 from tests.harness import ADMIN_KEY, Appliance
 
 CREATED = {  # as LLM Engine's client sends them, server settings flattened into the body
@@ -151,3 +152,20 @@ def test_the_callback_auth_is_shown_without_its_secret(api_only: Appliance) -> N
     endpoint_id = got.json()["id"]
     events = admin.get(f"/v1/model-endpoints/{endpoint_id}/events").json()["events"]
     assert not [e for e in events if e["kind"] == "updated"]
+
+
+def test_a_batch_jobs_get_gives_back_its_model_config(api_only: Appliance) -> None:
+    seed(api_only)
+    admin = api_only.client()
+    config = {"model": "llama", "num_shards": 1, "trust_remote_code": False, "labels": {}}
+    body = {
+        "model_config": config,
+        "output_data_path": "out.jsonl",
+        "content": {"prompts": ["a"], "max_new_tokens": 2, "temperature": 0},
+    }
+    made = admin.post("/v2/batch-completions", json=body)
+    assert made.status_code == 200, made.text
+    got = admin.get(f"/v2/batch-completions/{made.json()['job_id']}").json()["job"]
+    assert got["model_config"] == made.json()["model_config"] == config
+    assert set(got["metadata"]) >= {"output_data_path", "total"}
+    assert not any(v.startswith("{") for v in got["metadata"].values())
