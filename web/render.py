@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup, escape
 
 from web import views
 
@@ -27,6 +28,17 @@ def _asset_urls() -> dict[str, str]:
     return urls
 
 
+def _ago(stamp: float | None) -> Markup:
+    """A relative time the page's script keeps current (`data-ago`: its seconds when drawn),
+    with the clock time as its tooltip."""
+    if stamp is None:
+        return Markup("—")
+    seconds = max(0, int(time.time() - stamp))
+    return Markup('<time data-ago="{}" title="{}">{}</time>').format(
+        seconds, views.clock(stamp), escape(views.ago_text(seconds))
+    )
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
@@ -37,7 +49,7 @@ def environment() -> jinja2.Environment:
     )
     urls = _asset_urls()
     env.globals["asset"] = lambda name: urls.get(name, f"{STATIC_URL}/{name}")
-    env.filters["ago"] = lambda stamp: views.ago(stamp, time.time())
+    env.filters["ago"] = _ago
     env.filters["clock"] = views.clock
     env.filters["size"] = views.size
     env.filters["tone"] = views.tone

@@ -48,7 +48,11 @@ def tone(status: str | None) -> str:
 def ago(stamp: float | None, now: float) -> str:
     if stamp is None:
         return "—"
-    seconds = max(0, int(now - stamp))
+    return ago_text(max(0, int(now - stamp)))
+
+
+def ago_text(seconds: int) -> str:
+    """`seconds` ago in words; app.js's `agoText` says the same as the page stays open."""
     if seconds < 60:
         return f"{seconds} s ago"
     if seconds < 3600:

@@ -1,6 +1,8 @@
 // Model Engine UI: a few small behaviours on server-rendered pages, no framework.
 // - [data-poll]: refresh a region from a fragment URL (paused while the tab is hidden)
-// - [data-logs]: follow an endpoint's logs over a streamed response
+// - [data-ago]: relative times ("12 s ago") kept current while the page stays open
+// - [data-logs]: follow an endpoint's logs over a streamed response, starting again when its
+//   replicas change ([data-replica-set] in a polled region), so a roll shows the new ones
 // - [data-playground]: chat with streamed tokens
 // - [data-upload]: send a model file as a request body, with its progress
 // - [data-confirm] forms, [data-copy] buttons
@@ -37,6 +39,7 @@
         const reply = await fetch(region.dataset.poll, { credentials: "same-origin" });
         if (reply.redirected) { window.location.reload(); return; }
         region.innerHTML = await reply.text();
+        document.dispatchEvent(new CustomEvent("polled", { detail: region }));
         if (!reply.ok) return; // gone: show the message, stop polling
       } catch (_) { /* offline for a moment: try again later */ }
       setTimeout(tick, every(region));
@@ -45,15 +48,49 @@
   }
   document.querySelectorAll("[data-poll]").forEach(poll);
 
+  // --- relative times -------------------------------------------------------------------
+  // The server draws each with its seconds then (data-ago); the page adds the time it has
+  // been open since, so the browser's own clock does not matter. Same words as web/views.py.
+  function agoText(seconds) {
+    if (seconds < 60) return `${seconds} s ago`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+    if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+    return `${Math.floor(seconds / 86400)} d ago`;
+  }
+  const seenAt = new WeakMap();
+  function tickTimes() {
+    const now = performance.now();
+    document.querySelectorAll("time[data-ago]").forEach((node) => {
+      if (!seenAt.has(node)) seenAt.set(node, now);
+      const seconds = Number(node.dataset.ago) + Math.floor((now - seenAt.get(node)) / 1000);
+      const text = agoText(seconds);
+      if (node.textContent !== text) node.textContent = text;
+    });
+  }
+  tickTimes();
+  setInterval(tickTimes, 1000);
+
   // --- logs -----------------------------------------------------------------------------
   const LOG_KEPT_CHARS = 200000;
+  const replicaSet = () => document.querySelector("[data-replica-set]")?.dataset.replicaSet;
   function followLogs(pre) {
     const state = document.querySelector("[data-logs-state]");
     const say = (text) => { if (state) state.textContent = text; };
+    let following = null; // the open stream: its abort controller and the replicas it reads
+    // A stream reads the replicas there were when it opened: after a roll (or a scale-up)
+    // it is opened again, so the view follows the replicas the endpoint has now.
+    document.addEventListener("polled", () => {
+      if (following && following.replicas !== replicaSet()) following.controller.abort();
+    });
     const connect = async () => {
       let fresh = true;
+      const controller = new AbortController();
+      following = { controller, replicas: replicaSet() };
       try {
-        const reply = await fetch(pre.dataset.logs + "?follow=1", { credentials: "same-origin" });
+        const reply = await fetch(pre.dataset.logs + "?follow=1", {
+          credentials: "same-origin",
+          signal: controller.signal,
+        });
         if (reply.status === 429) {  // this key follows its most log streams: other tabs
           say("paused: too many log views open; retrying");
           setTimeout(connect, 10000);
@@ -74,6 +111,8 @@
           if (stick) pre.scrollTop = pre.scrollHeight;
         }
       } catch (_) { /* reconnect below */ }
+      following = null;
+      if (controller.signal.aborted) { connect(); return; } // the replicas changed: at once
       if (!pre.textContent) pre.textContent = "No output yet.";
       say("waiting for replicas…");
       setTimeout(connect, 3000);
@@ -243,7 +282,8 @@
         if (xhr.status === 201) {
           state.dataset.sha256 = body.sha256;
           state.textContent = `Uploaded ${body.name} (${body.bytes} bytes, sha256 ${body.sha256}).`;
-          setTimeout(() => window.location.reload(), 1500);
+          bar.hidden = true;
+          showModelFiles();
         } else {
           bar.hidden = true;
           state.textContent = describe(body) || `The upload failed (${xhr.status}).`;
@@ -260,6 +300,17 @@
       state.textContent = `Uploading ${name}…`;
       xhr.send(file);
     });
+  }
+
+  // The "Model files" card drawn again, the new file in it; the page itself stays (a reload
+  // would drop the upload's message, and send again a form the page was the answer to).
+  async function showModelFiles() {
+    const card = document.querySelector("#model-files");
+    try {
+      const reply = await fetch("/ui/models/files", { credentials: "same-origin" });
+      if (reply.redirected) { window.location.reload(); return; } // signed out meanwhile
+      if (reply.ok && card) card.outerHTML = await reply.text();
+    } catch (_) { /* offline for a moment: the next visit lists it */ }
   }
 
   function describe(body) {

@@ -83,6 +83,15 @@ def read_models_page(
     return _models_page(request, ui, state, prune_id=prune)
 
 
+@router.get("/models/files")
+def read_model_files_card(request: Request, ui: SignedInDep, state: StateDep) -> Response:
+    """The page's "Model files" card alone: the page's script draws it again after an upload."""
+    need(ui.caller, "manage")
+    with session_scope(state.reader) as session:
+        files = model_files.read_model_files(ui.caller, session, state.settings)["data"]
+    return page(request, "_model_files.html", ui, files=files)
+
+
 @router.put("/models/files/{name}")
 async def upload_model_file_from_page(
     name: str, request: Request, ui: ChangeDep, state: StateDep, overwrite: bool = False
