@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.lane.front import front_protocol
-from api.lane.glue import plain_protocol
+from api.lane.glue import AddressGate, plain_protocol
 from api.main import create_app, prepare
 from appliance.settings import Settings
 from forwarder.shared import SharedCounts
@@ -59,11 +59,16 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
 
 
 def _protocol(app: FastAPI, settings: Settings) -> Callable[..., asyncio.Protocol]:
+    per_address = settings.max_connections_per_address
     if settings.fast_lane:
         return front_protocol(
-            app, settings.header_timeout_s, settings.max_connections, settings.max_head_bytes
+            app,
+            settings.header_timeout_s,
+            settings.max_connections,
+            settings.max_head_bytes,
+            per_address,
         )
-    return plain_protocol(settings.max_head_bytes)
+    return plain_protocol(settings.max_head_bytes, AddressGate(per_address))
 
 
 def main(settings: Settings) -> None:

@@ -154,6 +154,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         4096, ge=16, le=1_000_000, description="Connections the api holds at most; more are closed."
     )
+    max_connections_per_address: int = Field(
+        512,
+        ge=0,
+        le=1_000_000,
+        description="Connections the api holds at most from one client address (0: no limit); "
+        "one more is answered 429 and closed, so no one address holds every connection. Behind "
+        "a proxy every client shares its address: raise it there.",
+    )
     forwarded_allow_ips: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"],
         description="Addresses of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto "

@@ -29,7 +29,7 @@ from uvicorn.server import ServerState
 from api.deps import parse_key
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
-from api.lane.glue import hand_over
+from api.lane.glue import AddressGate, hand_over
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
 from forwarder.scan import SP, digits, field, named, starts
@@ -141,10 +141,12 @@ class Heads:
         header_timeout_s: float = 10.0,
         max_connections: int = 4096,
         max_head_bytes: int = 64 * 1024,
+        max_per_address: int = 0,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self.max_head_bytes = max_head_bytes
+        self.gate = AddressGate(max_per_address)
         self.defaults: list[tuple[bytes, bytes]] | None = None
         self.prefixes: dict[tuple[int, tuple[tuple[bytes, bytes], ...], bool], bytes] = {}
 
@@ -179,11 +181,12 @@ def front_protocol(
     header_timeout_s: float = 10.0,
     max_connections: int = 4096,
     max_head_bytes: int = 64 * 1024,
+    max_per_address: int = 0,
 ) -> Callable[..., FrontProtocol]:
     """What uvicorn should make each connection's protocol with (`http=`, called like its own
     protocol classes), for `app`, whose state holds the appliance once started. A factory
     rather than a subclass per app: the compiled build of this module allows no subclasses."""
-    heads = Heads(header_timeout_s, max_connections, max_head_bytes)
+    heads = Heads(header_timeout_s, max_connections, max_head_bytes, max_per_address)
 
     def make(
         config: Config,
@@ -237,10 +240,15 @@ class FrontProtocol(asyncio.Protocol):
         if len(self.server_state.connections) >= self.heads.max_connections:
             self.transport.close()  # over the cap: refused before it costs anything more
             return
+        if not self.heads.gate.admit(transport):
+            self.closing = True
+            self.heads.gate.refuse(transport, self.server_state.default_headers)
+            return
         self.server_state.connections.add(self)  # type: ignore[arg-type]
         self._idle()  # a connection that never sends a byte is closed as an idle one
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.heads.gate.release(self.transport)
         self.server_state.connections.discard(self)
         self._cancel_idle()
         call, self.call = self.call, None
@@ -363,7 +371,7 @@ class FrontProtocol(asyncio.Protocol):
         hand_over(
             self.transport, data, self.write_paused, self.config, self.server_state,
             self.app_state, self.loop, self._taken_back, self.heads.header_timeout_s,
-            self.heads.max_head_bytes,
+            self.heads.max_head_bytes, self.heads.gate,
         )  # fmt: skip
 
     def _taken_back(self, transport: asyncio.Transport, write_paused: bool) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import http
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -36,6 +36,61 @@ MAX_HEAD_BYTES = 64 * 1024  # `Settings.max_head_bytes`'s default
 # closes: closed with its bytes unread, the client would get a reset instead of the answer.
 LINGER_S = 1.0
 TOO_LARGE = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+TOO_MANY = http.HTTPStatus.TOO_MANY_REQUESTS
+
+
+class AddressGate:
+    """Connections open from each client address, at most `most` at once (0: no bound); one
+    server's, shared by every protocol a connection passes through (the lane's and uvicorn's),
+    so each connection is counted once, from its first protocol's `admit` to its last one's
+    `release` (`connection_lost` comes once, to whichever protocol holds it then)."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.open: dict[str, set[asyncio.BaseTransport]] = {}
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count the connection (again: no change); False when its address is at the bound."""
+        address = address_of(transport)
+        if not self.most or address is None:
+            return True
+        held = self.open.setdefault(address, set())
+        if transport in held:
+            return True
+        if len(held) >= self.most:
+            if not held:
+                del self.open[address]
+            return False
+        held.add(transport)
+        return True
+
+    def release(self, transport: asyncio.BaseTransport | None) -> None:
+        address = address_of(transport) if transport is not None else None
+        held = self.open.get(address) if address is not None else None
+        if held is not None and transport is not None:
+            held.discard(transport)
+            if not held:
+                del self.open[address]  # type: ignore[arg-type]
+
+    def refuse(self, transport: asyncio.BaseTransport, default_headers: list[Any]) -> None:
+        """429 and close: the client learns why (a plain close reads as a network fault)."""
+        message = (
+            f"too many connections from this address: at most {self.most} at once "
+            "(APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS); reuse connections or close idle ones"
+        )
+        body = json.dumps(openai_error(TOO_MANY.value, message) | {"detail": message}).encode()
+        lines = [b"HTTP/1.1 %d %b\r\n" % (TOO_MANY.value, TOO_MANY.phrase.encode())]
+        lines.extend(b"%b: %b\r\n" % h for h in default_headers)
+        lines.append(b"retry-after: 1\r\ncontent-type: application/json\r\n")
+        lines.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(b"".join(lines) + body)
+        writer.close()
+
+
+def address_of(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 class HeadBoundProtocol(HttpToolsProtocol):
@@ -48,6 +103,13 @@ class HeadBoundProtocol(HttpToolsProtocol):
     head_tail = b""  # the head's last bytes: its blank line may straddle two reads
     refused = False  # a 431 was sent: what arrives now is dropped
     linger: asyncio.TimerHandle | None = None
+    gate: AddressGate | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        if self.gate is not None and not self.gate.admit(transport):
+            self.refused = True
+            self.gate.refuse(transport, self.server_state.default_headers)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -96,6 +158,8 @@ class HeadBoundProtocol(HttpToolsProtocol):
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
+        if self.gate is not None:
+            self.gate.release(self.transport)
         super().connection_lost(exc)
 
 
@@ -110,7 +174,9 @@ def head_end(tail: bytes, data: bytes) -> int:
     return end + 4 if end >= 0 else -1
 
 
-def plain_protocol(max_head_bytes: int) -> Callable[..., HeadBoundProtocol]:
+def plain_protocol(
+    max_head_bytes: int, gate: AddressGate | None = None
+) -> Callable[..., HeadBoundProtocol]:
     """What uvicorn should make each connection's protocol with when the lane is off."""
 
     def make(
@@ -123,6 +189,7 @@ def plain_protocol(max_head_bytes: int) -> Callable[..., HeadBoundProtocol]:
             config=config, server_state=server_state, app_state=app_state, _loop=_loop
         )
         protocol.max_head_bytes = max_head_bytes
+        protocol.gate = gate
         return protocol
 
     return make
@@ -191,12 +258,14 @@ def hand_over(
     give_back: GiveBack,
     header_timeout_s: float,
     max_head_bytes: int = MAX_HEAD_BYTES,
+    gate: AddressGate | None = None,
 ) -> None:
     """Give the connection, with the bytes read and not consumed, to uvicorn's protocol."""
     protocol = GeneralProtocol(
         config=config, server_state=server_state, app_state=app_state, _loop=loop
     )
     protocol.give_back = give_back
+    protocol.gate = gate  # it counted the connection already: admitted again, no change
     protocol.header_timeout_s = header_timeout_s
     protocol.max_head_bytes = max_head_bytes
     protocol.connection_made(transport)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import ADMIN_KEY, Appliance, RedisServer
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
 
 HALF_SENT = 2000
 LONG_HEADS = 100  # of them: over the lane's 16 KiB head limit, so uvicorn's protocol waits
@@ -29,9 +29,12 @@ HEADER_TIMEOUT_S = 3
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Appliance]:
     redis = RedisServer(tmp_path / "redis").start()
-    appliance = Appliance(
-        tmp_path / "api", redis, env_extra={"APPLIANCE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
-    ).start(roles=("api",))
+    env = {
+        "APPLIANCE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        # every connection here comes from this one address, far past its default bound
+        "APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    appliance = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
     yield appliance
     print(appliance.logs())
     appliance.stop()
@@ -126,3 +129,44 @@ def test_connections_over_the_cap_are_closed_at_once(tmp_path: Path) -> None:
         api.stop()
         redis.stop()
     print(f"{refused} of {len(held)} connections over the cap of 16 were closed at once")
+
+
+@pytest.mark.parametrize("lane", ["true", "false"])
+def test_one_address_holds_at_most_its_share_of_connections(tmp_path: Path, lane: str) -> None:
+    """Held connections (half-sent bodies, idle ones) from one address stop at its bound: one
+    more is told 429 and closed, while the api still has room for every other address; closing
+    some makes room for that address again. The lane on and off, with one count for both."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {"APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "24", "APPLIANCE_FAST_LANE": lane}
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    held: list[socket.socket] = []
+    try:
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer " + ADMIN_KEY.encode() + b"\r\ncontent-length: 1000\r\n\r\n{"
+        )
+        for i in range(24):
+            sock = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+            if i % 2:
+                sock.sendall(head)  # a body still to come
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(TimeoutError, OSError):
+                while chunk := extra.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
+        assert b"too many connections from this address" in answer
+        assert b"connection: close" in answer.lower()
+        for sock in held[:4]:
+            sock.close()
+        wait_until(  # room again, once the api has seen the closes
+            lambda: httpx.get(api.url + "/healthz", timeout=10).status_code == 200, 10, "room"
+        )
+    finally:
+        for sock in held:
+            sock.close()
+        print(api.logs())
+        api.stop()
+        redis.stop()
