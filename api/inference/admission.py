@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.concurrency import run_in_threadpool
@@ -76,7 +77,9 @@ def check_scope(caller: Caller) -> None:
         raise ForbiddenError(f"this key lacks the {SCOPE!r} scope")
 
 
-def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
+def cap_tokens(
+    caller: Caller, payload: Any, *, inject: bool, spelled: Mapping[str, str] | None = None
+) -> bool:
     """Check the tokens a request asks for, by any of TOKEN_FIELDS, as an integer, a float or a
     number in a string, after the work it asks per token (`bound_work`). A count below 0 is
     refused (400), but llama.cpp's `n_predict: -1`
@@ -85,19 +88,21 @@ def cap_tokens(caller: Caller, payload: Any, *, inject: bool) -> bool:
     retry of the same request can pass, so no client should be told to retry). When it names
     none and the key has a cap, the cap (shared by its sequences) becomes its limit if `inject`
     (a generating OpenAI route): then `payload` gets `max_tokens` and True is returned, so the
-    caller sends the changed body."""
+    caller sends the changed body. `spelled` names a field as the client wrote it, where the
+    payload is a translation (LLM Engine's `max_new_tokens`, sent on as `max_tokens`)."""
     if not isinstance(payload, dict):
         return False
     bound_work(payload)
     most = caller.limits.max_tokens_per_request
     named = False
-    for name in TOKEN_FIELDS:
-        asked = payload.get(name)
+    for field in TOKEN_FIELDS:
+        asked = payload.get(field)
         if asked is None:
             continue
+        name = spelled.get(field, field) if spelled else field
         named = True
         count = _count(name, asked)
-        if count < 0 and name != UNBOUNDED_FIELD:
+        if count < 0 and field != UNBOUNDED_FIELD:
             raise BadRequestError(
                 f"{name}={asked} is below 0: send the most tokens to generate", field=name
             )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -164,7 +164,9 @@ class Call:
                 self._wait(self._count(caller))
                 return
             self.interpret(self.body)
-            if admission.cap_tokens(caller, self.payload, inject=self.injects()):
+            if admission.cap_tokens(
+                caller, self.payload, inject=self.injects(), spelled=self.spelling()
+            ):
                 self.changed = True
             selector = self.entry.selector
             target = admission.visible_target(core.plane.table, caller, selector, self.name)
@@ -257,6 +259,10 @@ class Call:
     def injects(self) -> bool:
         """Whether a key's token cap becomes the limit of a request that names none."""
         return self.entry.generates
+
+    def spelling(self) -> Mapping[str, str] | None:
+        """Payload fields as the client named them, where the payload translates its body."""
+        return None
 
     def path_for(self, target: Target) -> str:
         """The replica's path when the route does not fix it (LLM Engine's tasks)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -28,6 +29,9 @@ from forwarder import llm_engine
 from forwarder.paths import CHAT, COMPLETION, COMPLETIONS, LLM_ENGINE, TASK, InferencePath
 from forwarder.relay import Headers
 from forwarder.table import Target
+
+# a payload's field -> the v1 request's field it came from, to name it as the client did
+SPELLED = {theirs: ours for ours, theirs in llm_engine.PASSED_FIELDS.items()}
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MISSING = "Field required"
@@ -127,6 +131,9 @@ class CompletionCall(LlmEngineCall):
 
     def injects(self) -> bool:
         return False  # max_new_tokens is required
+
+    def spelling(self) -> Mapping[str, str] | None:
+        return SPELLED  # a refusal names `max_new_tokens`, which the client sent
 
     def fit(self, target: Target) -> None:
         guided = llm_engine.guided_payload(self.request, target.framework)

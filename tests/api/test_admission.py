@@ -207,7 +207,9 @@ def test_a_token_cap_holds_however_it_is_asked(bed: Bed, entry: str) -> None:
     send, family, aliases = ENTRIES[entry]
     key = bed.key(max_tokens_per_request=CAP)
     field = tokens_field(entry)
-    refused(send(bed, key, MINE, {field: CAP * 10}), 400, family)
+    reply = send(bed, key, MINE, {field: CAP * 10})
+    refused(reply, 400, family)
+    assert f"{field}={CAP * 10}" in reply.text  # named as the client sent it
     refused(send(bed, key, MINE, {field: float(CAP * 10)}), 400, family)  # 100.0
     for alias in aliases:
         refused(send(bed, key, MINE, {alias: CAP + 1}), 400, family)
