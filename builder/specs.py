@@ -107,7 +107,15 @@ def is_local_model(model: str) -> bool:
 
 
 def server_command(endpoint: Endpoint) -> tuple[tuple[str, ...], int, str]:
-    """The server's arguments, port and health route for the endpoint's framework."""
+    """The server's arguments, port and health route for the endpoint's framework.
+
+    llama-server runs `per_worker` slots (`--parallel`) and splits `--ctx-size` evenly among
+    them, each slot's KV cache its own. `max_model_len` is the context of each request (as
+    vLLM's `--max-model-len`), so the cache holds that many tokens per slot. Not
+    `--kv-unified` (one cache of `max_model_len` that all slots share): there a request fits
+    only while the others leave room, and when the shared cache fills every running request
+    fails ("Context size has been exceeded"). Left out, llama-server sizes the cache from the
+    model's training context and splits it among the slots, as docs/fields.md says."""
     args = dict(endpoint.args)
     if endpoint.framework == Framework.VLLM:
         if endpoint.gpu_memory_fraction is not None:
@@ -120,11 +128,14 @@ def server_command(endpoint: Endpoint) -> tuple[tuple[str, ...], int, str]:
         cmd += ["--tensor-parallel-size", str(max(endpoint.gpus // stages, 1))]
         return tuple(cmd + flag_values(args, VLLM_FLAGS)), VLLM_PORT, "/health"
     if endpoint.framework == Framework.LLAMACPP:
+        slots = max(endpoint.target_concurrency, 1)
         cmd = ["-m", endpoint.model, "--host", "0.0.0.0"]
         cmd += ["--port", str(LLAMACPP_PORT), "--alias", endpoint.name, "--jinja", "--metrics"]
-        cmd += ["--parallel", str(max(endpoint.target_concurrency, 1))]
+        cmd += ["--parallel", str(slots)]
         if endpoint.gpus:
             cmd += ["-ngl", "999"]
+        if args.get("max_model_len") is not None:
+            args["max_model_len"] = int(args["max_model_len"]) * slots
         return tuple(cmd + flag_values(args, LLAMACPP_FLAGS)), LLAMACPP_PORT, "/health"
     port = endpoint.port or CUSTOM_PORT
     return tuple(endpoint.command or ()), port, endpoint.health_route or "/readyz"

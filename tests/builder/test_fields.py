@@ -158,7 +158,16 @@ def test_image_tag_cpus_memory_env_and_priority_reach_the_replica(models: Path) 
 def test_llamacpp_takes_its_own_settings_and_refuses_vllm_ones(models: Path) -> None:
     llama = {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0}
     argv = command(
-        build(models, {**llama, "max_model_len": 1024, "seed": 3, "chat_template_override": T})
+        build(
+            models,
+            {
+                **llama,
+                "per_worker": 1,
+                "max_model_len": 1024,
+                "seed": 3,
+                "chat_template_override": T,
+            },
+        )
     )
     assert contains(argv, ["--ctx-size", "1024", "--chat-template", T, "--seed", "3"])
     one_cpu = spec(build(models, {**llama, "cpus": 1}), models)
@@ -169,6 +178,18 @@ def test_llamacpp_takes_its_own_settings_and_refuses_vllm_ones(models: Path) -> 
         with pytest.raises(InvalidSpecError) as refused:
             build(models, {**llama, field: value})
         assert refused.value.field == field
+
+
+def test_llamacpp_gives_each_slot_max_model_len(models: Path) -> None:
+    """llama-server splits --ctx-size among its --parallel slots: `max_model_len: 4096` at
+    `per_worker: 3` gave each request 1536 tokens, and an 1802-token prompt was refused."""
+    llama = {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0}
+    argv = command(build(models, {**llama, "per_worker": 3, "max_model_len": 4096}))
+    assert contains(argv, ["--parallel", "3"])
+    assert contains(argv, ["--ctx-size", str(3 * 4096)])
+    assert "--kv-unified" not in argv  # each slot its own cache, none waits on another's room
+    default = command(build(models, {**llama, "per_worker": 3}))
+    assert "--ctx-size" not in default  # llama-server's own: the model's context, split
 
 
 def update(endpoint: Endpoint, models: Path, **fields: Any) -> bool:
