@@ -37,6 +37,8 @@ from appliance.db import session_scope
 from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import ApiKey, Endpoint
+from appliance.settings import Settings
+from builder.specs import spec_hash
 
 MAX_ENTRIES = 1000
 
@@ -162,15 +164,15 @@ def _check_room(
         team_limits.check_endpoints(team, caller, state.settings, session=session, adding=count)
 
 
-def _replace_spec(endpoint: Endpoint, desired: Endpoint) -> bool:
+def _replace_spec(endpoint: Endpoint, desired: Endpoint, settings: Settings) -> bool:
     """Give the row the desired spec; True when its replicas must roll."""
-    rolling = {name: getattr(endpoint, name) for name in endpoint_specs.ROLLING_FIELDS}
+    before = spec_hash(endpoint, settings)
     for name in endpoint_changes.SPEC_COLUMNS:
         setattr(endpoint, name, getattr(desired, name))
     endpoint.desired_replicas = max(
         endpoint.min_replicas, min(endpoint.desired_replicas, endpoint.max_replicas)
     )
-    return any(getattr(endpoint, name) != value for name, value in rolling.items())
+    return endpoint_specs.rolls(before, endpoint, settings)
 
 
 def apply_endpoints(
@@ -205,7 +207,7 @@ def apply_endpoints(
                 row = queries.endpoint_by_id(existing.id, session=session)
                 check_not_busy(row)
                 before = endpoint_changes.spec(row)
-                rolls = _replace_spec(row, plan.desired)
+                rolls = _replace_spec(row, plan.desired, state.settings)
                 commit_update(row, before, rolls, caller, session, state, address=address)
     for endpoint in doomed:
         report.endpoints["deleted"].append(endpoint.name)

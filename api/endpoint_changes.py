@@ -10,7 +10,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from api.endpoint_specs import ROLLING_FIELDS
+from api.endpoint_specs import CONTAINER_COLUMNS
 from api.endpoint_views import memory_quantity
 from appliance.models import Endpoint
 
@@ -18,7 +18,7 @@ from appliance.models import Endpoint
 SPEC_COLUMNS = (
     "owner",
     "framework",
-    *ROLLING_FIELDS,  # those whose change rolls the replicas
+    *CONTAINER_COLUMNS,  # those a replica's container is built from
     "min_replicas",
     "max_replicas",
     "target_concurrency",

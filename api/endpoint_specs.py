@@ -21,7 +21,7 @@ from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
 from builder import frameworks, policy
-from builder.specs import MODELS_MOUNT, default_image
+from builder.specs import MODELS_MOUNT, default_image, spec_hash
 from builder.weights import HUB_ID
 
 _UNITS = {
@@ -46,8 +46,11 @@ DEFAULT_IDLE_TIMEOUT_S = 900
 HIGH_PRIORITY = 10  # what LLM Engine's high_priority means on the priority scale
 DEFAULT_SCALE_DOWN_WINDOW_S = 300
 DEFAULT_STARTUP_TIMEOUT_S = {Framework.VLLM: 1800, Framework.LLAMACPP: 300, Framework.CUSTOM: 600}
-# Changing these rolls the replicas to a new generation; other fields apply in place.
-ROLLING_FIELDS = (
+# The columns a replica's container is built from (`builder.specs.container_spec`). Whether an
+# edit rolls the replicas is not read from this list but from the container itself
+# (`rolls`), since what a column becomes depends on the framework: `target_concurrency` is
+# llama.cpp's `--parallel`, and for vLLM only the scaler's target.
+CONTAINER_COLUMNS = (
     "model",
     "image",
     "args",
@@ -60,6 +63,12 @@ ROLLING_FIELDS = (
     "cpus",
     "memory_bytes",
 )
+
+
+def rolls(before: str, endpoint: Endpoint, settings: Settings) -> bool:
+    """True when the edited endpoint's replicas would run another container than the one
+    whose `builder.specs.spec_hash` was `before`: they must roll to a new generation."""
+    return spec_hash(endpoint, settings) != before
 
 
 MIN_CPUS = 0.01  # the Docker Engine's smallest CPU share

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from api import endpoint_specs, endpoint_views, server_args
-from api.endpoint_specs import HIGH_PRIORITY, ROLLING_FIELDS
+from api.endpoint_specs import HIGH_PRIORITY
 from api.schemas import VLLM_ARG_FIELDS, UpdateLLMEndpointRequest
 from appliance.errors import InvalidSpecError, PolicyViolationError
 from appliance.keys import Caller
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
-from builder.specs import is_local_model
+from builder.specs import is_local_model, spec_hash
 
 SIMPLE_COLUMNS = {  # update field -> endpoint column, copied as sent
     "env": "env",
@@ -53,8 +53,9 @@ MODEL_FIELDS = ("model_name", "checkpoint_path")  # one model: both unchanged, o
 def apply_update(
     endpoint: Endpoint, req: UpdateLLMEndpointRequest, caller: Caller, settings: Settings
 ) -> bool:
-    """Apply an update to the row in place; True when replicas must roll to a new generation."""
-    before = {name: getattr(endpoint, name) for name in ROLLING_FIELDS}
+    """Apply an update to the row in place; True when replicas must roll to a new generation:
+    when the container they would run is another (`endpoint_specs.rolls`), or when asked."""
+    before = spec_hash(endpoint, settings)
     sent = _sent(endpoint, req)
     server_args.check_fields(endpoint.framework, req, settings)
     endpoint_specs.check_remote_code(req, caller)
@@ -82,9 +83,7 @@ def apply_update(
     endpoint.desired_replicas = max(
         endpoint.min_replicas, min(endpoint.desired_replicas, endpoint.max_replicas)
     )
-    return bool(req.force_bundle_recreation) or any(
-        getattr(endpoint, name) != value for name, value in before.items()
-    )
+    return bool(req.force_bundle_recreation) or endpoint_specs.rolls(before, endpoint, settings)
 
 
 def merged(extra: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Literal
 
 from appliance.install import replica_key
@@ -152,7 +152,10 @@ def default_image(endpoint: Endpoint, settings: Settings) -> str:
 
 
 def spec_hash(endpoint: Endpoint, settings: Settings) -> str:
-    """A digest of what the container would run; a new digest means a new container."""
+    """A digest of what the endpoint's replicas would run: image, command line, environment,
+    mounts and limits, all but what is each replica's own (its name, GPUs, key). A new digest
+    means a new container: an update rolls the replicas exactly when it changes the digest
+    (`api.endpoint_specs.rolls`)."""
     command, port, health = server_command(endpoint)
     blob = json.dumps(
         [
@@ -160,7 +163,9 @@ def spec_hash(endpoint: Endpoint, settings: Settings) -> str:
             command,
             port,
             health,
-            endpoint.env,
+            server_env(endpoint, settings),
+            [astuple(mount) for mount in _mounts(endpoint, settings)],
+            shm_bytes(endpoint),
             endpoint.gpus,
             endpoint.gpu_memory_fraction,
             endpoint.cpus,
@@ -169,6 +174,10 @@ def spec_hash(endpoint: Endpoint, settings: Settings) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shm_bytes(endpoint: Endpoint) -> int:
+    return VLLM_SHM_BYTES if endpoint.framework == Framework.VLLM else DEFAULT_SHM_BYTES
 
 
 def _mounts(endpoint: Endpoint, settings: Settings) -> tuple[Mount, ...]:
@@ -210,7 +219,6 @@ def container_spec(
         LABEL_REPLICA_KEY: REPLICA_KEY_SCHEME,
     }
     key = replica_key(key_secret, replica_id)
-    shm = VLLM_SHM_BYTES if endpoint.framework == Framework.VLLM else DEFAULT_SHM_BYTES
     return ContainerSpec(
         name=f"appliance-{install_id}-{endpoint.name}-g{endpoint.generation}-{replica_id[-6:]}",
         image=default_image(endpoint, settings),
@@ -225,7 +233,7 @@ def container_spec(
         request_gpus=bool(gpu_ids) and settings.docker_gpu_runtime,
         nano_cpus=int(box_share(endpoint.cpus) * 1e9),
         memory_bytes=endpoint.memory_bytes,
-        shm_bytes=shm,
+        shm_bytes=shm_bytes(endpoint),
         network=settings.replica_network,
         files=_secret_files(endpoint, settings),
     )
