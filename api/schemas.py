@@ -20,10 +20,24 @@ MAX_SEED = 2**32 - 1  # llama.cpp's seed is 32 bits
 MAX_BLOCK_SIZE = 1024
 MAX_SECONDS = 30 * 86400  # timeouts and windows: a month at most
 MAX_PRIORITY = 1000
+
+
+def _carried(value: str) -> str:
+    """A string that reaches a container (its environment, its command line) is a C string
+    there: the runtime refuses a NUL in one only when the replica starts (runc: "environment
+    variable value can't contain null"), and a command-line argument ends at it."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000), which a container cannot carry")
+    return value
+
+
+# Every string a request can send to a container: env names and values, the command, the
+# server's settings, templates, model names.
+Carried = Annotated[str, AfterValidator(_carried)]
 # Each setting becomes one argument of the server's command line: Linux takes 128 KiB at most
 # for one, and a replica whose command line is refused only crash-loops.
-Short = Annotated[str, Field(max_length=1024)]
-Template = Annotated[str, Field(max_length=64 * 1024)]
+Short = Annotated[Carried, Field(max_length=1024)]
+Template = Annotated[Carried, Field(max_length=64 * 1024)]
 
 
 def _no_parent(value: str) -> str:
@@ -189,10 +203,10 @@ class _ApplianceFields(BaseModel):
     priority: int | None = Field(
         None, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Admins only: who is evicted first."
     )
-    env: dict[str, str] | None = None
-    extra_flags: dict[str, str | int | float | bool] | None = None
+    env: dict[Carried, Carried] | None = None
+    extra_flags: dict[Carried, Carried | int | float | bool] | None = None
     image: Short | None = None
-    command: list[str] | None = None
+    command: list[Carried] | None = None
     port: int | None = Field(None, ge=1, le=65535)
     healthcheck_route: str | None = Field(None, pattern=r"^/[\w\-/.]*$")
     startup_timeout_seconds: int | None = Field(None, gt=0, le=MAX_SECONDS)
@@ -208,7 +222,7 @@ class CreateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _Applia
     model_config = BOUNDED
 
     name: str = Field(pattern=NAME_PATTERN, max_length=63)
-    model_name: str = Field(min_length=1, max_length=256)
+    model_name: Carried = Field(min_length=1, max_length=256)
     inference_framework: Literal["vllm", "llamacpp", "custom"] = "vllm"
     source: Literal["hugging_face"] = "hugging_face"
     inference_framework_image_tag: Short = "latest"
@@ -232,7 +246,7 @@ class CreateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _Applia
 class UpdateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
     model_config = BOUNDED
 
-    model_name: str | None = Field(None, min_length=1, max_length=256)
+    model_name: Carried | None = Field(None, min_length=1, max_length=256)
     inference_framework_image_tag: Short | None = None
     num_shards: int | None = Field(None, ge=0, le=MAX_GPUS)
     checkpoint_path: Short | None = None

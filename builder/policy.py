@@ -55,7 +55,7 @@ VLLM_EXTRA_FLAGS_ALLOWED = frozenset(
 
 def check_env(env: Mapping[str, str]) -> None:
     for name in env:
-        if name in ENV_NAME_DENIED or not ENV_NAME_ALLOWED.match(name):
+        if name in ENV_NAME_DENIED or not ENV_NAME_ALLOWED.fullmatch(name):
             raise PolicyViolationError(
                 f"environment variable {name!r} is not allowed on a model container; allowed: "
                 "VLLM_*, NCCL_*, LLAMA_ARG_*, MODEL_*, APP_*, OMP_NUM_THREADS and a few HF flags",

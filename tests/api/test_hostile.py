@@ -189,6 +189,49 @@ def test_an_update_is_bounded_too(api_only: Appliance) -> None:
     assert refused.status_code == 400 and "priority" in refused.text
 
 
+NUL = "\u0000"
+# Every string that reaches a container, with a NUL in it, and the field the refusal names
+CARRIED_CASES = [
+    ({"env": {"VLLM_LOGGING_LEVEL": f"DEBUG{NUL}X=1"}}, "env.VLLM_LOGGING_LEVEL"),
+    ({"env": {f"VLLM_LOGGING{NUL}LEVEL": "DEBUG"}}, "env."),
+    ({"env": {"VLLM_LOGGING_LEVEL\n": "DEBUG"}}, "env"),  # a newline after a name
+    ({"chat_template": f"{{{{ messages }}}}{NUL}"}, "chat_template"),
+    ({"chat_template_override": f"{{% for m in messages %}}{NUL}{{% endfor %}}"}, "chat_template"),
+    ({"model_name": f"acme/standin-1b{NUL}"}, "model_name"),
+    ({"tokenizer": f"acme/tok{NUL}"}, "tokenizer"),
+    ({"served_model_name": f"n{NUL}"}, "served_model_name"),
+    ({"extra_flags": {"--reasoning-parser": f"x{NUL}"}}, "extra_flags"),
+]
+
+
+def test_a_string_no_container_can_carry_is_refused_naming_its_field(
+    api_only: Appliance,
+) -> None:
+    """A NUL reaches the container runtime only when a replica starts (UPDATE_FAILED, "environment
+    variable value can't contain null"): refused on create and update, on every route."""
+    admin = api_only.client()
+    for change, field in CARRIED_CASES:
+        for path in ("/v1/llm/model-endpoints", "/v1/model-endpoints"):
+            reply = admin.post(path, json=body("n", **change))
+            assert reply.status_code == 400 and field in reply.text, (change, path, reply.text)
+        applied = admin.post("/v1/config/apply", json={"endpoints": [body("n", **change)]})
+        assert applied.status_code == 422 and field in applied.text, (change, applied.text)
+    custom = {"inference_framework": "custom", "image": "x", "command": ["serve", f"--a{NUL}"]}
+    reply = admin.post("/v1/llm/model-endpoints", json=body("n", **custom))
+    assert reply.status_code == 400 and "command" in reply.text, reply.text
+    assert admin.get("/v1/llm/model-endpoints").json()["model_endpoints"] == []
+
+    assert admin.post("/v1/llm/model-endpoints", json=body("u")).status_code == 200
+    mark_ready(api_only)
+    made = admin.get("/v1/llm/model-endpoints/u").json()
+    for change, field in CARRIED_CASES:
+        reply = admin.put("/v1/llm/model-endpoints/u", json=change)
+        assert reply.status_code == 400 and field in reply.text, (change, reply.text)
+        by_id = admin.put(f"/v1/model-endpoints/{made['id']}", json=change)
+        assert by_id.status_code == 400 and field in by_id.text, (change, by_id.text)
+    assert admin.get("/v1/llm/model-endpoints/u").json()["status"] == "READY"  # nothing rolled
+
+
 def test_gpus_past_the_box_is_a_400_that_says_how_many_it_has(api_only: Appliance) -> None:
     store = redis.Redis.from_url(api_only.redis.url)
     store.set(bus.GPUS_KEY, EIGHT_GPUS.read_text())  # as the builder reports them
