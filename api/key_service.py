@@ -3,11 +3,14 @@ change them: requests checked against the maker's rights (the `manage` scope, fo
 route), limits bounded, every change audited, a key's text returned once and never stored.
 
 A key a non-admin makes shares its maker's limits and counts (`ApiKey.limits_from`): a key
-with a limit cannot make keys that get round it, by sending beside it."""
+with a limit cannot make keys that get round it, by sending beside it. Nor does it outlive its
+maker (`ApiKey.made_by`): it expires no later, and revoking a key revokes the keys made with
+it, and theirs, in the same transaction."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,6 +116,8 @@ def make_key(
     returns its row and its text, which only the caller ever sees."""
     _check_request(body, caller)
     team_limits.check_keys(body.team or caller.team, caller, state.settings, session=session)
+    if not caller.is_admin:
+        expires_at = _within_maker(expires_at, caller, session)
     row, text = keys.create_key(
         session=session,
         secret=state.key_secret,
@@ -127,10 +132,30 @@ def make_key(
         setattr(row, name, getattr(body, name))
     if not caller.is_admin:  # its maker's limits and counts, not the install's defaults
         row.limits_from = caller.counter()
+        row.made_by = caller.key_id
     session.add(row)
     audit.record(session, caller, "key.create", row.id, recorded(row), address)
     session.commit()
     return row, text
+
+
+def _within_maker(expires_at: float | None, caller: Caller, session: Session) -> float | None:
+    """A key a non-admin makes expires no later than the key making it: asked for no expiry,
+    it expires with its maker; asked to outlive it, it is refused (422), never clamped."""
+    maker = session.get(ApiKey, caller.key_id)
+    ends = maker.expires_at if maker is not None else None
+    if ends is None:
+        return expires_at
+    if expires_at is None:
+        return ends
+    if expires_at > ends:
+        left = max(0, int(ends - time.time()))
+        raise InvalidSpecError(
+            f"expires_in_seconds: a key may not outlive the key making it, which expires in "
+            f"{left} s; ask for at most {left}, or leave it out to expire with it",
+            field="expires_in_seconds",
+        )
+    return expires_at
 
 
 def update_key(
@@ -178,12 +203,31 @@ def visible(row: ApiKey | None, caller: Caller) -> ApiKey:
 
 
 def revoke(row: ApiKey, caller: Caller, session: Session, *, address: str | None) -> None:
-    if row.revoked_at is None:
-        row.revoked_at = time.time()
-        session.add(row)
-        change = {"name": row.name, "team": row.owner, "user": row.user}
-        audit.record(session, caller, "key.revoke", row.id, change, address)
-        session.commit()
+    """Revoke the key and every key made with it (and with those, on down), each audited, in
+    one transaction: none keeps working once its maker is revoked."""
+    now = time.time()
+    for key in [row, *_made_with(row, session)]:
+        if key.revoked_at is not None:
+            continue
+        key.revoked_at = now
+        session.add(key)
+        change = {"name": key.name, "team": key.owner, "user": key.user}
+        if key is not row:
+            change["revoked_with"] = row.id  # the key whose revocation took this one
+        audit.record(session, caller, "key.revoke", key.id, change, address)
+    session.commit()
+
+
+def _made_with(row: ApiKey, session: Session) -> Iterator[ApiKey]:
+    """The keys made with `row`, then those made with them, and so on."""
+    pending, seen = [row.id], {row.id}
+    while pending:
+        maker = pending.pop()
+        for made in session.exec(select(ApiKey).where(col(ApiKey.made_by) == maker)).all():
+            if made.id not in seen:
+                seen.add(made.id)
+                pending.append(made.id)
+                yield made
 
 
 def create(

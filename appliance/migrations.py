@@ -217,10 +217,20 @@ def _v3_shared_limits(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE api_key ADD COLUMN limits_from TEXT")
 
 
+def _v4_key_makers(db: sqlite_utils.Database) -> None:
+    """The key a non-admin key was made with (`made_by`), so revoking a key revokes the keys
+    made with it. A key made before this version is linked to the key whose limits it shares
+    (v3's `limits_from`: its maker, or the first key of its maker's line)."""
+    db.execute("ALTER TABLE api_key ADD COLUMN made_by TEXT")
+    db.execute("UPDATE api_key SET made_by = limits_from WHERE limits_from IS NOT NULL")
+    db.execute("CREATE INDEX ix_api_key_made_by ON api_key (made_by)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_usage_and_audit,
     _v3_shared_limits,
+    _v4_key_makers,
 ]
 
 

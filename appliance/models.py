@@ -146,6 +146,9 @@ class ApiKey(SQLModel, table=True):
     # A key a non-admin made shares its maker's limits and counters: the id of the key they
     # belong to (the maker's own `limits_from` when it has one); None: this key's own.
     limits_from: str | None = None
+    # The key a non-admin made this one with: revoking that key revokes this one, and this
+    # one expires no later than it. None: made by an administrator (or at install).
+    made_by: str | None = None
 
 
 class TaskStatus(enum.StrEnum):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key, wait_until
 
 OPEN_ROUTES = {
     "/healthz",
@@ -176,3 +177,43 @@ def test_a_limit_out_of_bounds_is_refused_naming_it_on_every_way_in(api_only: Ap
         assert answer.status_code == 422 and name in answer.text, answer.text
     listed = admin.get("/v1/api-keys").json()
     assert "k" not in [k["name"] for k in listed["api_keys"]], listed  # nothing half-made
+
+
+def test_a_key_never_outlives_the_key_that_made_it(api_only: Appliance) -> None:
+    """A team user's key that expires in 600 s made one with no expiry, and one for ten years;
+    after the admin revoked it, they kept working. Now they expire with it, and go with it."""
+    admin = api_only.client()
+    red = api_only.client(make_key(api_only, "red"))
+    parent = red.post("/v1/api-keys", json={"name": "brief", "expires_in_seconds": 600}).json()
+    maker = api_only.client(parent["key"])
+
+    forever = maker.post("/v1/api-keys", json={"name": "forever", "expires_in_seconds": 10**8})
+    assert forever.status_code == 422, forever.text
+    said = forever.json()["detail"]
+    assert "expires_in_seconds" in said and "outlive" in said, said
+    child = maker.post("/v1/api-keys", json={"name": "child"}).json()
+    assert child["expires_at"] == parent["expires_at"]  # expires with its maker
+    shorter = maker.post("/v1/api-keys", json={"name": "short", "expires_in_seconds": 60})
+    assert shorter.status_code == 201 and shorter.json()["expires_at"] < parent["expires_at"]
+    grandchild = api_only.client(child["key"]).post("/v1/api-keys", json={"name": "gc"}).json()
+    sibling = red.post("/v1/api-keys", json={"name": "sibling"}).json()
+
+    assert admin.delete(f"/v1/api-keys/{parent['id']}").status_code == 200
+    for made in (child, shorter.json(), grandchild):
+        gone = api_only.client(made["key"])
+        wait_until(
+            partial(lambda client: client.get("/v1/api-keys").status_code == 401, gone),
+            1.5,
+            f"key {made['name']} to go with the key that made it",
+            every_s=0.05,
+        )
+    assert api_only.client(sibling["key"]).get("/v1/api-keys").status_code == 200
+    revoked = admin.get("/v1/audit", params={"action": "key.revoke"}).json()["entries"]
+    assert {e["target"] for e in revoked} == {
+        parent["id"],
+        child["id"],
+        shorter.json()["id"],
+        grandchild["id"],
+    }
+    listed = {k["id"]: k for k in admin.get("/v1/api-keys").json()["api_keys"]}
+    assert listed[grandchild["id"]]["revoked_at"] is not None
