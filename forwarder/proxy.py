@@ -140,13 +140,15 @@ class Forwarder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
 
-    async def acquire(self, target: Target, hold_s: float) -> tuple[Target, TargetReplica, float]:
+    async def acquire(
+        self, target: Target, hold_s: float, owner: bool = True
+    ) -> tuple[Target, TargetReplica, float]:
         """A replica under its cap, counted in flight; waits up to `hold_s` for a cold start
         and `queue_wait_s` for a slot. Returns the endpoint as now in the table, the replica
         and the seconds spent waiting. The caller reports the outcome with `Balancer.done`.
         An endpoint that will get no replica by waiting (`table.check_coming`: it failed to
         start, it is being deleted, it was deleted) ends the wait with EndpointDownError as
-        soon as a table that says so is installed."""
+        soon as a table that says so is installed (`owner`: as `check_coming` words it)."""
         started = time.monotonic()
         cold_until = started + hold_s
         queue_until: float | None = None
@@ -157,7 +159,7 @@ class Forwarder:
                 raise EndpointDownError(f"endpoint {target.name!r} was deleted")
             live = self.live_replicas(current)
             if not live:
-                check_coming(current)
+                check_coming(current, owner)
                 self._note_demand(current)
                 left = cold_until - time.monotonic()
                 if left <= 0:

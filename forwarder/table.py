@@ -66,15 +66,21 @@ class RoutingTable:
         return cls({}, {})
 
 
-def check_coming(target: Target) -> None:
+def check_coming(target: Target, owner: bool = True) -> None:
     """EndpointDownError when `target` has no ready replica and will get none by waiting: the
     builder gave up starting it (UPDATE_FAILED: a pull failed, its replica crash-looped) or
     it is being deleted. Any other endpoint without one (READY scaled to zero, a first deploy
     UPDATE_PENDING or UPDATE_IN_PROGRESS) is worth waiting for; one with ready replicas is
-    served whatever its status (a failed rolling update keeps the old generation)."""
+    served whatever its status (a failed rolling update keeps the old generation). `owner`:
+    the caller may change the endpoint; another team calling a public one is told no more
+    than that it failed (its reasons and id are the owner's)."""
     if target.replicas:
         return
     if target.status == FAILED:
+        if not owner:
+            raise EndpointDownError(
+                f"endpoint {target.name!r} failed to start; its owner must fix or restart it"
+            )
         raise EndpointDownError(failed_message(target))
     if target.status == DELETING:
         raise EndpointDownError(f"endpoint {target.name!r} is being deleted")

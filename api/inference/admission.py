@@ -186,7 +186,7 @@ async def find_target(state: AppState, caller: Caller, selector: str, value: str
     """The endpoint an entry that waits for no replica now names (async tasks, batch lines):
     `find_endpoint`, refused (`check_coming`) when no replica will come by waiting."""
     target = await find_endpoint(state, caller, selector, value)
-    check_coming(target)
+    check_coming(target, caller.owns(target.owner))
     return target
 
 

@@ -191,7 +191,7 @@ class Call:
             self.body = orjson.dumps(self.payload)
         replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
-            check_coming(target)  # one that gets no replica by waiting: refused before a hold
+            check_coming(target, self.owns(target))  # no replica by waiting: refused at once
             if self.stream:
                 self._hold()
             self._wait(self._acquire(target))
@@ -240,7 +240,9 @@ class Call:
         return True
 
     async def _acquire(self, target: Target) -> bool:
-        target, replica, waited = await self.core.forwarder.acquire(target, self.core.hold_s)
+        target, replica, waited = await self.core.forwarder.acquire(
+            target, self.core.hold_s, self.owns(target)
+        )
         self._send(target, replica, waited)
         return False
 
@@ -259,6 +261,10 @@ class Call:
     def injects(self) -> bool:
         """Whether a key's token cap becomes the limit of a request that names none."""
         return self.entry.generates
+
+    def owns(self, target: Target) -> bool:
+        """Whether the caller may change the endpoint (is told why it failed, and its id)."""
+        return self.caller is not None and self.caller.owns(target.owner)
 
     def spelling(self) -> Mapping[str, str] | None:
         """Payload fields as the client named them, where the payload translates its body."""

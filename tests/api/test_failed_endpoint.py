@@ -35,6 +35,7 @@ from tests.harness import wait_until
 HOLD_S = 90  # the cold-start hold: every answer here must come well before it
 QUICK_S = 30
 BROKEN, GOING, FIRST, IDLE, CRASHED = "broken", "going", "first", "idle", "x-hub"
+SHARED = "shared"  # public: another team may call it
 REASON = "pulling image 'registry.example/nope:1' failed: manifest unknown"
 LOG_TAIL = "Traceback (most recent call last):\n  secret=hunter2"
 CRASH = "replica crashed 3 times; last: container exited with code 1"
@@ -45,7 +46,9 @@ CRASH_TAIL = (  # as vLLM ends: the cause, then a last exception that only point
 )
 
 
-def seed_bare(data_dir: Path, name: str, status: EndpointStatus, reason: str | None) -> None:
+def seed_bare(
+    data_dir: Path, name: str, status: EndpointStatus, reason: str | None, public: bool = False
+) -> None:
     """An endpoint row of team t1 with no replica at all."""
     engine = open_engine(data_dir / "appliance.db")
     with session_scope(engine) as session:
@@ -60,6 +63,7 @@ def seed_bare(data_dir: Path, name: str, status: EndpointStatus, reason: str | N
                 endpoint_type="streaming",
                 status=status,
                 status_reason=reason,
+                public_inference=public,
             )
         )
     engine.dispose()
@@ -82,6 +86,7 @@ def _seed(data_dir: Path, address: str) -> None:
     seed_bare(data_dir, FIRST, EndpointStatus.UPDATE_IN_PROGRESS, None)
     seed_bare(data_dir, IDLE, EndpointStatus.READY, None)  # scaled to zero
     seed_bare(data_dir, CRASHED, EndpointStatus.UPDATE_FAILED, f"{CRASH}\n{CRASH_TAIL}")
+    seed_bare(data_dir, SHARED, EndpointStatus.UPDATE_FAILED, f"{REASON}\n{LOG_TAIL}", public=True)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +131,18 @@ def test_a_crash_loop_says_the_line_of_its_log_that_names_the_cause(bed: Bed, en
     reply = send(bed, bed.key(), CRASHED, {tokens_field(entry): 1})
     message = down(reply, family, f"endpoint {CRASHED!r} failed to start: {CRASH} ({HUB_DOWN})")
     assert "hunter2" not in message and "root cause above" not in message, message
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e != "batch lines"])  # t1's file
+def test_another_team_is_told_only_that_a_public_endpoint_failed(bed: Bed, entry: str) -> None:
+    """Its reasons (the builder's words, its log) and its id are for its owner, to whom the
+    id is otherwise a 404 like any other team's."""
+    send, family, _ = ENTRIES[entry]
+    reply = send(bed, bed.key(team="t2"), SHARED, {tokens_field(entry): 1})
+    message = down(reply, family, f"endpoint {SHARED!r} failed to start", "its owner")
+    assert f"end_{SHARED}" not in reply.text and "registry.example" not in reply.text, message
+    owner = send(bed, bed.key(), SHARED, {tokens_field(entry): 1})
+    down(owner, family, REASON, f"/v1/model-endpoints/end_{SHARED}/restart")
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
