@@ -48,10 +48,12 @@ class Upload:
     final: Path
     partial: Path
     out: IO[bytes]
+    reserve: int = 0  # bytes the disk keeps free (`storage.check_room`)
     size: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
     def write(self, data: bytes) -> None:
+        storage.check_room(self.partial, len(data), self.reserve, f"uploading {self.final.name}")
         try:
             self.out.write(data)
         except OSError as exc:
@@ -122,18 +124,21 @@ def admit(
             users = model_files.users_of(name, queries.all_endpoints(session=session))
         storage.refuse_in_use(f"model file {name!r}", users, "name")
     settings.models_dir.mkdir(parents=True, exist_ok=True)
-    free = storage.free_bytes(settings.models_dir)
-    if declared is not None and declared > free:
-        raise InsufficientStorageError(
-            f"{name} needs {declared} bytes and the models directory's disk has {free} free; "
-            "delete unused models first"
+    if declared is not None:
+        storage.check_room(
+            settings.models_dir,
+            declared,
+            settings.disk_reserve_bytes,
+            f"{name} needs {declared} bytes",
         )
     return exists
 
 
 def _open(settings: Settings, name: str) -> Upload:
     partial = settings.models_dir / f"{model_files.PARTIAL_PREFIX}{secrets.token_hex(8)}-{name}"
-    return Upload(settings.models_dir / name, partial, partial.open("xb"))
+    return Upload(
+        settings.models_dir / name, partial, partial.open("xb"), settings.disk_reserve_bytes
+    )
 
 
 def _check_magic(head: bytes, name: str) -> None:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConflictError, ForbiddenError
+from appliance.errors import ConflictError, ForbiddenError, InsufficientStorageError
 from appliance.keys import Caller
 from appliance.models import Endpoint
 from appliance.settings import Settings
@@ -45,6 +45,18 @@ def disk(settings: Settings) -> dict[str, Any]:
 
 def free_bytes(path: Path) -> int:
     return int(_usage(path)["free_bytes"])
+
+
+def check_room(path: Path, adding: int, reserve: int, what: str) -> None:
+    """Refuse (507) writing `adding` more bytes of `what` to the disk of `path` when it would
+    leave less than `reserve` free (`APPLIANCE_DISK_RESERVE_BYTES`): uploads (model files,
+    batch files) fill the disk only to there, so the database, logs and replicas keep room."""
+    free = free_bytes(path)
+    if free - adding < reserve:
+        raise InsufficientStorageError(
+            f"{what}: the disk has {free} bytes free and keeps {reserve} in reserve "
+            "(APPLIANCE_DISK_RESERVE_BYTES); free some space (delete unused models and files)"
+        )
 
 
 def used_by(users: list[Endpoint], caller: Caller) -> dict[str, Any]:

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
         120.0, description="How long a request waits for a ready replica before a 503."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, description="Largest request body accepted.")
+    disk_reserve_bytes: int = Field(
+        2 * 2**30,
+        ge=0,
+        le=2**50,
+        description="Free space uploads (model files, batch files) leave on their disk: one that "
+        "would leave less is refused with 507, so no upload fills the disk the database, logs and "
+        "models share.",
+    )
     model_upload_max_bytes: int = Field(
         128 * 2**30,
         ge=1,

@@ -23,10 +23,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import tuple_
 from sqlmodel import col, select
 
+from api import storage
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
 from api.file_service import owned_file
 from appliance import audit, queries
-from appliance.errors import InvalidSpecError
+from appliance.errors import ApplianceError, InvalidSpecError
 from appliance.ids import new_id
 from appliance.models import File as FileRow
 
@@ -52,16 +53,20 @@ def file_public(row: FileRow) -> dict[str, Any]:
     }
 
 
-def _store(upload: UploadFile, path: Path) -> int:
+def _store(upload: UploadFile, path: Path, reserve: int) -> int:
     size = 0
     partial = path.with_suffix(".part")
     with partial.open("wb") as out:
         while chunk := upload.file.read(COPY_CHUNK_BYTES):
             size += len(chunk)
-            if size > MAX_FILE_BYTES:
+            try:
+                if size > MAX_FILE_BYTES:
+                    raise InvalidSpecError(f"files are limited to {MAX_FILE_BYTES} bytes")
+                storage.check_room(path.parent, len(chunk), reserve, "storing the file")
+            except ApplianceError:
                 out.close()
                 partial.unlink()
-                raise InvalidSpecError(f"files are limited to {MAX_FILE_BYTES} bytes")
+                raise
             out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
@@ -84,7 +89,7 @@ def create_file(
     files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
     path = files_dir / f"{file_id}.jsonl"
-    size = _store(file, path)
+    size = _store(file, path, state.settings.disk_reserve_bytes)
     row = FileRow(
         id=file_id,
         owner=caller.team,

@@ -26,7 +26,7 @@ GGUF = b"GGUF" + os.urandom(300_000)
 
 
 @contextmanager
-def started_store(workdir: Path, limit: int) -> Iterator[Appliance]:
+def started_store(workdir: Path, limit: int, **env: str) -> Iterator[Appliance]:
     """The api alone, with its own models directory and HF cache, and an upload limit."""
     redis = RedisServer(workdir / "redis").start()
     (workdir / "models").mkdir()
@@ -37,6 +37,7 @@ def started_store(workdir: Path, limit: int) -> Iterator[Appliance]:
             "APPLIANCE_MODELS_DIR": str(workdir / "models"),
             "APPLIANCE_HF_CACHE_DIR": str(workdir / "hf"),
             "APPLIANCE_MODEL_UPLOAD_MAX_BYTES": str(limit),
+            **env,
         },
     ).start(roles=("api",))
     try:
@@ -149,6 +150,25 @@ def test_over_the_limit_leaves_nothing(store: Appliance) -> None:
     assert chunked.status_code == 413, chunked.text
     wait_until(lambda: everything_in(folder) == [], 10, "no partial file left")
     assert "big.gguf" not in listed(admin)
+
+
+def test_uploads_leave_the_disk_its_reserve(tmp_path: Path) -> None:
+    """With less free than APPLIANCE_DISK_RESERVE_BYTES (here: more than any disk has), no
+    upload is written, model file or batch file, declared or streamed: 507, nothing left."""
+    with started_store(tmp_path, LIMIT_BYTES, APPLIANCE_DISK_RESERVE_BYTES=str(2**50)) as store:
+        admin, folder = store.client(), models_dir(store)
+        model = b"GGUF" + b"\0" * 1024
+        declared = upload(admin, "m.gguf", model)
+        assert declared.status_code == 507, declared.text
+        assert "APPLIANCE_DISK_RESERVE_BYTES" in declared.text
+        streamed = upload(admin, "m.gguf", iter([model[:512], model[512:]]))
+        assert streamed.status_code == 507, streamed.text
+        wait_until(lambda: everything_in(folder) == [], 10, "no partial file left")
+        batch = admin.post(
+            "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", b"{}\n")}
+        )
+        assert batch.status_code == 507, batch.text
+        assert admin.get("/v1/files").json()["data"] == []
 
 
 def test_an_interrupted_upload_leaves_nothing(store: Appliance) -> None:
