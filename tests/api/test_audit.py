@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from tests.e2e.lifecycle import standin_body
-from tests.harness import ADMIN_KEY, Appliance
+from tests.harness import ADMIN_KEY, Appliance, within_one_minute
 
 
 def entries(admin: httpx.Client, **params: Any) -> list[dict[str, Any]]:
@@ -178,3 +179,36 @@ def test_the_log_is_for_admins_and_append_only(api_only: Appliance) -> None:
             raise AssertionError("an audit entry was changed")
     (entry,) = entries(admin, action="key.")
     assert entry["actor"] == "admin"
+
+
+def test_refused_sign_ins_cannot_flood_the_log(api_only: Appliance) -> None:
+    """Anyone may post keys to the sign-in form, and each refusal was a row kept for a year
+    (480 a second from one client). Now an address gets 10 audited refusals a minute, then 429
+    with Retry-After, its keys untried, and the log says once how many more there were."""
+    within_one_minute(room_s=30)
+
+    def sign_in(key: str, address: str = "127.0.0.1") -> httpx.Response:
+        browser = httpx.Client(base_url=api_only.url, timeout=30)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', browser.get("/ui/sign-in").text)
+        assert csrf
+        sent = {"csrf": csrf.group(1), "key": key}
+        return browser.post("/ui/sign-in", data=sent, headers={"x-forwarded-for": address})
+
+    bogus = "mea_0123456789ab_notarealkeynotarealkey00"
+    statuses = [sign_in(bogus).status_code for _ in range(30)]
+    assert statuses == [401] * 10 + [429] * 20
+    throttled = sign_in(ADMIN_KEY)  # a right key too: it is not tried
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) <= 60
+    assert "Too many refused sign-ins" in throttled.text
+    assert sign_in(ADMIN_KEY, address="10.0.0.7").status_code == 303  # another address
+
+    admin = api_only.client()
+    refused = entries(admin, action="session.sign_in_refused", limit=100)
+    assert len(refused) == 10 and {e["address"] for e in refused} == {"127.0.0.1"}
+    assert "further tries" in refused[0]["change"]["throttled"]
+
+    time.sleep(60.2 - time.time() % 60)  # the next minute: the address may try again
+    assert sign_in(ADMIN_KEY).status_code == 303
+    summary = entries(admin, action="session.sign_in_refused", limit=100)[0]
+    assert summary["change"]["count"] == 21 and summary["address"] == "127.0.0.1"
+    assert "21 more refused sign-ins from 127.0.0.1" in summary["change"]["reason"]

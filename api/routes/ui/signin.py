@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from api import ui_session
+from api import signin_throttle, ui_session
 from api.deps import StateDep, address_of
 from api.routes.ui.respond import FormDep, page, redirect
 from api.ui_session import ChangeDep
@@ -36,16 +38,23 @@ def read_sign_in(request: Request, state: StateDep, next: str | None = None) -> 
 def sign_in(request: Request, state: StateDep, form: FormDep) -> Response:
     ui_session.check_signin_csrf(request, form.get("csrf", ""))
     target = _safe_next(form.get("next"))
+    address, csrf, now = address_of(request), form.get("csrf", ""), time.time()
+    throttled = signin_throttle.check(state, address, now)
+    if throttled is not None:  # the key is not tried: guessing is slowed too
+        wait = throttled.retry_after_s
+        error = f"Too many refused sign-ins from your address; try again in {wait} s."
+        response = page(
+            request, "signin.html", None, status=429, next=target, error=error, csrf=csrf
+        )
+        response.headers["retry-after"] = str(wait)
+        return response
     try:
         token, caller = ui_session.start(state, form.get("key", "").strip())
     except AuthError as exc:
-        refused = {"reason": exc.message}
-        audit.record_now(
-            state.engine, None, "session.sign_in_refused", "", refused, address_of(request)
-        )
+        signin_throttle.refused(state, address, exc.message, now)
         error = "That key was not accepted." if "invalid" in exc.message else exc.message
-        csrf = form.get("csrf", "")
         return page(request, "signin.html", None, status=401, next=target, error=error, csrf=csrf)
+    signin_throttle.summarise(state, address)
     audit.record_now(
         state.engine, caller, "session.sign_in", caller.key_id, {}, address_of(request)
     )
