@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
 from forwarder.balance import Balancer
 from forwarder.metrics import RequestStats
-from forwarder.table import RoutingTable, Target, TargetReplica
+from forwarder.table import DELETING, RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection, UpstreamPool
 from forwarder.usage import StreamUsage, usage_from_json
 
@@ -290,7 +290,18 @@ class Relay:
                 self.plane.pool.drop(self.replica.address)
             self._again(failed=not conn.reused)
             return
-        self._fail(UpstreamError(f"the replica failed mid-reply: {reason}"))
+        self._fail(UpstreamError(self._cut_short(reason)))
+
+    def _cut_short(self, reason: str) -> str:
+        """Why a reply stopped half way: the endpoint's deletion, which drains and then stops
+        its replicas, when the routing table says so; else the replica's fault."""
+        now = self.plane.table.by_id.get(self.target.endpoint_id)
+        if now is None or now.status == DELETING:
+            return (
+                f"endpoint {self.target.name!r} was deleted while this request ran: its replicas "
+                "stop once their requests finish or a drain timeout passes"
+            )
+        return f"the replica failed mid-reply: {reason}"
 
     def _whole(self, status: int, headers: Headers, body: bytes) -> None:
         now = perf_counter()

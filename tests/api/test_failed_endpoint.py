@@ -9,6 +9,7 @@ FAILURE. Against a fake replica; api and worker, no Docker."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -264,3 +265,51 @@ def test_requests_holding_for_a_replica_end_when_the_endpoint_fails(bed: Bed) ->
     wait_until(task_over, QUICK_S, "the queued task to fail")
     view = httpx.get(url + f"/v1/async-tasks/{task_id}", headers=auth(key), timeout=10).json()
     assert REASON in str(view["traceback"]), view
+
+
+def test_a_stream_cut_by_its_endpoints_deletion_says_so(bed: Bed) -> None:
+    """Deleting an endpoint drains its replicas, then stops them: a stream still running then
+    ends with the deletion as its reason, not as the replica's failure."""
+    cut, sent = threading.Event(), threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    def replica() -> None:  # one chunk, then the connection closes when the test says
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            event = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+            conn.sendall(b"%x\r\n%b\r\n" % (len(event), event))
+            sent.set()
+            cut.wait(60)
+
+    threading.Thread(target=replica, daemon=True).start()
+    name = "leaving"
+    seed_endpoint(bed.appliance.data_dir, name, address, owner="t1")
+    key = bed.key()
+    wait_until(  # the routing table has it
+        lambda: httpx.get(bed.appliance.url + "/v1/models", headers=auth(key)).text.count(name),
+        20,
+        "the endpoint to be routed",
+    )
+    got: dict[str, Any] = {}
+    stream = threading.Thread(
+        target=collect,
+        args=(got, "stream", "POST", bed.appliance.url + "/v1/chat/completions"),
+        kwargs={"json": chat_body(name, {}, stream=True), "headers": auth(key)},
+    )
+    stream.start()
+    assert sent.wait(30), "the request never reached the replica"
+    set_status(bed.appliance.data_dir, name, EndpointStatus.DELETE_IN_PROGRESS, "deleting")
+    time.sleep(2)  # a routing refresh or more (0.5 s here): the api knows it is being deleted
+    cut.set()
+    stream.join(60)
+    server.close()
+    status, _, body, _ = got["stream"]
+    assert status == 200 and b'"content": "hi"' in body, body
+    assert f"endpoint {name!r} was deleted while this request ran".encode() in body, body
+    assert b"failed mid-reply" not in body
