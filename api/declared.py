@@ -144,11 +144,6 @@ def llm_engine_request(endpoint: Endpoint) -> tuple[dict[str, Any], list[str]]:
     if gpus == 0:
         gpus = 1
         notes.append("runs on CPU here; LLM Engine serves vLLM on GPUs: gpus set to 1")
-    if endpoint.framework != Framework.VLLM:
-        notes.append(
-            f"served by {endpoint.framework} here; LLM Engine serves it with vLLM: name a model "
-            "vLLM loads (safetensors)"
-        )
     if is_local_model(endpoint.model) or extra.get("checkpoint_path"):
         notes.append(
             f"model files do not carry over ({endpoint.model}): upload the weights to object "
@@ -199,9 +194,30 @@ def _llm_engine_options(endpoint: Endpoint) -> dict[str, Any]:
     return options
 
 
-def llm_engine_export(caller: Caller, session: Session) -> list[dict[str, Any]]:
-    out = []
+# Why an endpoint of a framework LLM Engine's create request cannot name is left out of the
+# export rather than written as a vLLM request it is not (another server, model and hardware).
+LLM_ENGINE_CANNOT = {
+    Framework.LLAMACPP: "a llama.cpp endpoint: LLM Engine's create request has no llama.cpp "
+    "framework (vllm, sglang, deepspeed, text_generation_inference, lightllm, tensorrt_llm), "
+    "and its model ({model}) is a GGUF file vLLM would serve otherwise. Convert the model to "
+    "safetensors and create a vllm endpoint for it by hand",
+    Framework.CUSTOM: "a custom image: on LLM Engine it is a model bundle (runnable_image) and "
+    "a /v1/model-endpoints endpoint, not an LLM endpoint; create those by hand",
+}
+
+
+def llm_engine_export(
+    caller: Caller, session: Session
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """LLM Engine's create request for each endpoint it can express, with notes; and the
+    endpoints it cannot, each with the reason (`skipped`)."""
+    out, skipped = [], []
     for endpoint in managed_endpoints(caller, session):
+        cannot = LLM_ENGINE_CANNOT.get(Framework(endpoint.framework))
+        if cannot is not None:
+            reason = cannot.format(model=endpoint.model)
+            skipped.append({"name": endpoint.name, "team": endpoint.owner, "reason": reason})
+            continue
         request, notes = llm_engine_request(endpoint)
         out.append({"request": request, "notes": notes})
-    return out
+    return out, skipped

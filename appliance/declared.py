@@ -69,20 +69,23 @@ def call(base: str, key: str, method: str, path: str, body: Any = None) -> Any:
         raise ClientError(f"cannot reach the api at {base}: {exc}") from None
 
 
-def llm_engine_yaml(endpoints: list[dict[str, Any]]) -> str:
+def llm_engine_yaml(endpoints: list[dict[str, Any]], skipped: list[dict[str, str]]) -> str:
     """One YAML document per endpoint: LLM Engine's create request, with what does not carry
-    over as comments above it."""
+    over as comments above it; the endpoints LLM Engine cannot express, as comments first."""
+    head = "".join(
+        f"# skipped {item['name']} (team {item['team']}): {item['reason']}\n" for item in skipped
+    )
     documents = []
     for item in endpoints:
         notes = "".join(f"# {note}\n" for note in item["notes"])
         documents.append(notes + yaml.safe_dump(item["request"], sort_keys=False))
-    return "---\n".join(documents) if documents else "# no endpoints\n"
+    return head + ("---\n".join(documents) if documents else "# no endpoints to export\n")
 
 
 def export(base: str, key: str, form: str) -> str:
     if form == "llm-engine":
         answer = call(base, key, "GET", "/v1/config?format=llm-engine")
-        return llm_engine_yaml(answer["endpoints"])
+        return llm_engine_yaml(answer["endpoints"], answer.get("skipped", []))
     document = yaml.safe_dump(call(base, key, "GET", "/v1/config"), sort_keys=False)
     return HEADER + document
 

@@ -23,11 +23,14 @@ def read_config(
     session: SessionDep,
     state: StateDep,
     format: Literal["appliance", "llm-engine"] = Query(
-        "appliance", description="`llm-engine`: LLM Engine's create-endpoint requests."
+        "appliance",
+        description="`llm-engine`: LLM Engine's create-endpoint requests (`endpoints`), and "
+        "the endpoints it cannot express, with why (`skipped`).",
     ),
 ) -> dict[str, Any]:
     if format == "llm-engine":
-        return {"format": "llm-engine", "endpoints": declared.llm_engine_export(caller, session)}
+        endpoints, skipped = declared.llm_engine_export(caller, session)
+        return {"format": "llm-engine", "endpoints": endpoints, "skipped": skipped}
     return declared.export(caller, session, state.settings, time.time())
 
 

@@ -176,8 +176,14 @@ def test_llm_engine_export_parses_with_the_llmengine_client(
     populate(first.client())
     text = cli(first, "export", "--format", "llm-engine")
     documents = [d for d in yaml.safe_load_all(text) if d]
-    assert [d["name"] for d in documents] == ["chat", "jobs", "tiny"]
-    assert "# model files do not carry over" in text  # tiny.gguf
+    # LLM Engine has no llama.cpp: tiny (a GGUF on CPU) is left out, saying why, rather than
+    # written as a vLLM endpoint on a GPU
+    assert [d["name"] for d in documents] == ["chat", "jobs"]
+    assert "# skipped tiny (team admin): a llama.cpp endpoint" in text
+    answer = first.client().get("/v1/config", params={"format": "llm-engine"}).json()
+    assert [e["request"]["name"] for e in answer["endpoints"]] == ["chat", "jobs"]
+    [skipped] = answer["skipped"]
+    assert skipped["name"] == "tiny" and "no llama.cpp" in skipped["reason"]
     os.environ.setdefault("LLM_ENGINE_DISABLE_VERSION_CHECK", "true")
     from llmengine.data_types import CreateLLMEndpointRequest
 
