@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
 from forwarder.balance import Balancer
+from forwarder.llama_cpp import CompletionShape, shape_for
 from forwarder.metrics import RequestStats
 from forwarder.table import DELETING, RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection, UpstreamPool
@@ -109,6 +110,7 @@ class Relay:
         "replica",
         "reply",
         "sent_at",
+        "shape",
         "started_at",
         "status",
         "stream",
@@ -159,6 +161,9 @@ class Relay:
         self.held = True  # the replica is counted in flight for this request
         self.attempts = 0
         self.tried: set[str] | None = None
+        # llama.cpp's completions, reshaped into OpenAI's (`forwarder/llama_cpp.py`); other
+        # replies pass through as their bytes
+        self.shape: CompletionShape | None = shape_for(target.framework, path)
 
     # sending
     def send(self) -> None:
@@ -240,13 +245,18 @@ class Relay:
         self.heard_at = perf_counter()
         self.status = status
         self.headers = headers
-        if not self.stream and length is not None and length <= WHOLE_BODY_MAX_BYTES:
-            self.parts = []
+        if status != 200:
+            self.shape = None  # an error passes as the replica gave it
+        small = length is not None and length <= WHOLE_BODY_MAX_BYTES
+        if not self.stream and (small or self.shape is not None):
+            self.parts = []  # a reply to reshape is read whole, whatever its length
             return
         self.watch = StreamUsage()
         self.headed = True
         self._overhead(self.heard_at, perf_counter())
-        self.reply.on_head(status, headers, -1 if length is None else length)
+        if length is None or self.shape is not None:  # reshaped: a length of its own
+            length = -1
+        self.reply.on_head(status, headers, length)
 
     def on_body(self, data: bytes) -> None:
         self.heard_at = now = perf_counter()
@@ -255,12 +265,17 @@ class Relay:
             return
         if self.ttft_s < 0:
             self.ttft_s = now - self.started_at
+        if self.shape is not None:
+            data = self.shape.feed(data)
+            if not data:
+                return
         assert self.watch is not None
         self.watch.feed(data)
         self.reply.on_body(data)
 
     def on_reply(self, status: int, headers: Headers, body: bytes) -> None:
-        if self.stream or len(body) > WHOLE_BODY_MAX_BYTES:
+        large = len(body) > WHOLE_BODY_MAX_BYTES and (self.shape is None or status != 200)
+        if self.stream or large:
             self.on_head(status, headers, len(body))
             if body:
                 self.on_body(body)
@@ -275,6 +290,12 @@ class Relay:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             self._whole(self.status, self.headers, data)
             return
+        if self.shape is not None:
+            tail = self.shape.close()
+            if tail:
+                assert self.watch is not None
+                self.watch.feed(tail)
+                self.reply.on_body(tail)
         usage = None
         if self.status == 200 and self.watch is not None:
             usage = self.watch.result()
@@ -304,6 +325,8 @@ class Relay:
         return f"the replica failed mid-reply: {reason}"
 
     def _whole(self, status: int, headers: Headers, body: bytes) -> None:
+        if status == 200 and self.shape is not None:
+            body = self.shape.whole(body)
         now = perf_counter()
         self._overhead(now, now)
         usage = usage_from_json(body) if status == 200 else None

@@ -2,7 +2,9 @@
 (a key, verified; 401), whether the key may (`check_scope`; 403), whether it is within its
 counted limits (requests per minute and in flight: `api/limits.py`; 429), whether it asks for
 more tokens than the key allows (`cap_tokens`; 400), which endpoint it may call
-(`visible_target`: the tenancy rule of `Caller.may_infer`; 404), and a replica
+(`visible_target`: the tenancy rule of `Caller.may_infer`; 404), whether that endpoint's
+framework honours what it asks (`fit_framework`: llama.cpp's completions ignore `echo`,
+`suffix` and `best_of`, so those are refused; 400), and a replica
 (`forwarder/proxy.py`; 503). An endpoint that will get no replica by waiting (it failed to
 start, or is being deleted: `forwarder/table.check_coming`) is refused at once with 503 and
 `x-should-retry: false`, on the relayed routes before any hold, and at submit for async tasks
@@ -33,7 +35,8 @@ from appliance.errors import (
     NoSuchEndpointError,
 )
 from appliance.keys import Caller
-from forwarder.paths import BY_ID, BY_MODEL
+from forwarder import llama_cpp
+from forwarder.paths import BY_ID, BY_MODEL, COMPLETIONS
 from forwarder.refresh import load_table
 from forwarder.table import RoutingTable, Target, check_coming
 
@@ -180,6 +183,17 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
     if target is not None and not caller.may_infer(target.owner, target.public):
         raise missing(selector, value)
     return target
+
+
+def fit_framework(target: Target, path: str, payload: Any) -> None:
+    """Refuse (400, naming the field) what the endpoint's server would silently ignore:
+    `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions. Every entry that
+    can reach a replica's completions applies it once its endpoint and path are known: the
+    relayed routes (`Call._replica`), async tasks and batch lines."""
+    if target.framework == llama_cpp.FRAMEWORK and path == COMPLETIONS:
+        refused = llama_cpp.refusal(payload)
+        if refused is not None:
+            raise refused
 
 
 async def find_target(state: AppState, caller: Caller, selector: str, value: str) -> Target:

@@ -186,6 +186,7 @@ class Call:
 
     def _replica(self, target: Target) -> None:
         self.path = self.path or self.path_for(target)
+        admission.fit_framework(target, self.path, self.payload)
         self.fit(target)
         if self.changed:
             self.body = orjson.dumps(self.payload)

@@ -1,0 +1,218 @@
+"""llama.cpp's server where its OpenAI `/v1/completions` departs from OpenAI's (and vLLM's): the
+request fields it ignores without a word, refused at admission (`refusal`, called by
+`api/inference/admission.fit_framework` for every entry), and its replies reshaped into OpenAI's
+legacy completion (`CompletionShape`, applied by `forwarder/relay.py` to llama.cpp's 200
+completions replies, whole and streamed, before usage is read).
+
+What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
+
+- `echo`, `suffix` and `best_of` are dropped unread (its parser that refused them is no longer
+  called), so a client asking for them gets an answer to another question;
+- `logprobs` come in the chat format, `{"content": [{"token", "logprob", "top_logprobs":
+  [{"token", "logprob", ...}]}]}`, where OpenAI's completions give `{"tokens",
+  "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}` (offsets into the
+  generated text from 0, as vLLM gives them);
+- `id` is `chatcmpl-...`, not `cmpl-...`;
+- with `n` > 1 a whole reply's `usage` is its first choice's alone (the others' are dropped when
+  it merges their choices), so it is counted for each choice, exact when they all ran to
+  `max_tokens`; a stream's each finishing chunk carries its own choice's usage, so there the sum
+  is exact, and it is sent on the last finishing chunk only (the others lose theirs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+
+from appliance.errors import BadRequestError
+
+FRAMEWORK: Final = "llamacpp"
+COMPLETIONS_PATH: Final = b"/v1/completions"
+ID_PREFIX: Final = "chatcmpl-"
+COMPLETION_ID_PREFIX: Final = "cmpl-"
+EVENT_END: Final = b"\n\n"
+DATA: Final = b"data: "
+DONE: Final = b"[DONE]"
+
+Json = dict[str, Any]
+
+
+def refusal(payload: object) -> BadRequestError | None:
+    """The 400 for a completions request asking what llama.cpp's server would silently ignore
+    (`echo: true`, a `suffix`, `best_of` > 1), naming the field; None when it asks none."""
+    if not isinstance(payload, dict):
+        return None
+    if payload.get("echo") is True:
+        return _unsupported("echo", "echo the prompt: leave `echo` out or send false")
+    if payload.get("suffix") is not None:
+        return _unsupported("suffix", "take a suffix (no insertion): leave `suffix` out")
+    best_of = payload.get("best_of")
+    if isinstance(best_of, int | float) and not isinstance(best_of, bool) and best_of > 1:
+        return _unsupported(
+            "best_of", f"choose the best of several completions (best_of={best_of}): use `n`"
+        )
+    return None
+
+
+def _unsupported(field: str, what: str) -> BadRequestError:
+    return BadRequestError(f"{field}: llama.cpp endpoints do not {what}", field=field)
+
+
+def shape_for(framework: str, path: bytes) -> CompletionShape | None:
+    """The reshaping a reply from this replica path needs: only llama.cpp's completions."""
+    if framework == FRAMEWORK and path == COMPLETIONS_PATH:
+        return CompletionShape()
+    return None
+
+
+class CompletionShape:
+    """One llama.cpp `/v1/completions` reply made OpenAI's: `whole` for a plain reply, or
+    `feed`... `close` for a stream, event by event as they pass (one finishing event is held
+    until the next, to carry the stream's summed usage if it is the last)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""  # a stream's incomplete event
+        self.offsets: dict[int, int] = {}  # a choice's text offset so far
+        self.held: Json | None = None  # a finishing chunk, with its choice's usage
+        self.prompt_tokens = -1
+        self.completion_tokens = 0
+
+    def whole(self, body: bytes) -> bytes:
+        """A plain 200 reply, reshaped; the body untouched when it is not a completion."""
+        reply = _object(body)
+        if reply is None or not isinstance(reply.get("choices"), list):
+            return body
+        choices: list[Any] = reply["choices"]
+        self._chunk(reply)
+        usage = reply.get("usage")
+        if isinstance(usage, dict) and len(choices) > 1:
+            completion = usage.get("completion_tokens")
+            if isinstance(completion, int):
+                _set_usage(usage, usage.get("prompt_tokens"), completion * len(choices))
+        return orjson.dumps(reply)
+
+    def feed(self, data: bytes) -> bytes:
+        """A stream's bytes in, the reshaped events complete so far out (b"" when none)."""
+        buffer = self.buffer + data if self.buffer else data
+        out: list[bytes] = []
+        start = 0
+        end = buffer.find(EVENT_END)
+        while end >= 0:
+            out.append(self._event(buffer[start : end + 2]))
+            start = end + 2
+            end = buffer.find(EVENT_END, start)
+        self.buffer = buffer[start:]
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """What the stream still owes once the replica's reply ended."""
+        rest, self.buffer = self.buffer, b""
+        return self._release(last=True) + rest
+
+    def _event(self, event: bytes) -> bytes:
+        if not event.startswith(DATA):
+            return event  # a comment: passed on, past any held chunk
+        data = event[len(DATA) : -2].strip()
+        if data == DONE:
+            return self._release(last=True) + event
+        chunk = _object(data)
+        if chunk is None or not isinstance(chunk.get("choices"), list):
+            return self._release(last=True) + event  # an error: the stream ends
+        self._chunk(chunk)
+        usage = chunk.get("usage")
+        out = self._release(last=False)
+        if not isinstance(usage, dict):
+            return out + _data(chunk)
+        completion = usage.get("completion_tokens")
+        prompt = usage.get("prompt_tokens")
+        self.completion_tokens += completion if isinstance(completion, int) else 0
+        if self.prompt_tokens < 0 and isinstance(prompt, int):
+            self.prompt_tokens = prompt  # the n choices share their prompt
+        self.held = chunk
+        return out
+
+    def _release(self, *, last: bool) -> bytes:
+        """The held finishing chunk: with the stream's usage if it is the last, else without."""
+        chunk, self.held = self.held, None
+        if chunk is None:
+            return b""
+        if last:
+            usage = chunk["usage"]
+            prompt = self.prompt_tokens if self.prompt_tokens >= 0 else usage.get("prompt_tokens")
+            _set_usage(usage, prompt, self.completion_tokens)
+        else:
+            del chunk["usage"]
+        return _data(chunk)
+
+    def _chunk(self, reply: Json) -> None:
+        """The id and each choice's log-probabilities, in OpenAI's completion shape."""
+        reply_id = reply.get("id")
+        if isinstance(reply_id, str) and reply_id.startswith(ID_PREFIX):
+            reply["id"] = COMPLETION_ID_PREFIX + reply_id[len(ID_PREFIX) :]
+        reply["object"] = "text_completion"
+        for choice in reply["choices"]:
+            if isinstance(choice, dict) and isinstance(choice.get("logprobs"), dict):
+                index = choice.get("index")
+                at = index if isinstance(index, int) else 0
+                logprobs, self.offsets[at] = legacy_logprobs(
+                    choice["logprobs"], self.offsets.get(at, 0)
+                )
+                choice["logprobs"] = logprobs
+
+
+def legacy_logprobs(logprobs: Json, offset: int) -> tuple[Json, int]:
+    """llama.cpp's `{"content": [{"token", "logprob", "top_logprobs"}]}` as OpenAI's legacy
+    `{"text_offset", "token_logprobs", "tokens", "top_logprobs"}` (vLLM's order), the offsets
+    counted in characters of the generated text from `offset`; and the offset after them. Any
+    other shape is returned as it is."""
+    content = logprobs.get("content")
+    if not isinstance(content, list):
+        return logprobs, offset
+    offsets: list[int] = []
+    values: list[Any] = []
+    tokens: list[str] = []
+    tops: list[dict[str, Any]] = []
+    for item in content:
+        if not isinstance(item, dict):
+            continue
+        token = item.get("token")
+        text = token if isinstance(token, str) else ""
+        offsets.append(offset)
+        offset += len(text)
+        values.append(item.get("logprob"))
+        tokens.append(text)
+        top = item.get("top_logprobs")
+        tops.append(
+            {
+                str(alt.get("token")): alt.get("logprob")
+                for alt in (top if isinstance(top, list) else [])
+                if isinstance(alt, dict)
+            }
+        )
+    shaped = {
+        "text_offset": offsets,
+        "token_logprobs": values,
+        "tokens": tokens,
+        "top_logprobs": tops,
+    }
+    return shaped, offset
+
+
+def _set_usage(usage: Json, prompt: object, completion: int) -> None:
+    usage["completion_tokens"] = completion
+    if isinstance(prompt, int):
+        usage["prompt_tokens"] = prompt
+        usage["total_tokens"] = prompt + completion
+
+
+def _object(data: bytes) -> Json | None:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _data(chunk: Json) -> bytes:
+    return DATA + orjson.dumps(chunk) + EVENT_END

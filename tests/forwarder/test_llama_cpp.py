@@ -1,0 +1,149 @@
+"""`forwarder/llama_cpp.py` on llama.cpp's own reply bytes (captured from its server, see
+`llama_cpp_replies/README.md`): OpenAI's legacy completion shape out, plain and streamed, the
+stream's bytes in any split; and the refusals of what its server would ignore."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.errors import BadRequestError
+from forwarder.llama_cpp import CompletionShape, refusal, shape_for
+from forwarder.usage import usage_from_json
+
+REPLIES = Path(__file__).parent / "llama_cpp_replies"
+
+
+def reply(name: str) -> bytes:
+    return (REPLIES / name).read_bytes()
+
+
+def events(stream: bytes) -> list[Any]:
+    """The JSON of each `data:` event of a stream ("[DONE]" as a string)."""
+    out: list[Any] = []
+    for event in stream.split(b"\n\n"):
+        if event.startswith(b"data: "):
+            data = event[6:]
+            out.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return out
+
+
+def test_only_llamacpp_completions_are_reshaped() -> None:
+    assert isinstance(shape_for("llamacpp", b"/v1/completions"), CompletionShape)
+    assert shape_for("llamacpp", b"/v1/chat/completions") is None
+    assert shape_for("vllm", b"/v1/completions") is None
+
+
+def test_a_whole_reply_gets_the_legacy_logprobs_and_a_completion_id() -> None:
+    raw = reply("whole_logprobs.json")
+    before = json.loads(raw)
+    after = json.loads(CompletionShape().whole(raw))
+    assert after["id"] == "cmpl-" + before["id"].removeprefix("chatcmpl-")
+    assert after["object"] == "text_completion"
+    assert after["usage"] == before["usage"]  # one choice: its own count
+    content = before["choices"][0]["logprobs"]["content"]
+    logprobs = after["choices"][0]["logprobs"]
+    assert logprobs == {
+        "text_offset": [0, 1, 3],
+        "token_logprobs": [item["logprob"] for item in content],
+        "tokens": [",", "\n\n", "I"],
+        "top_logprobs": [
+            {top["token"]: top["logprob"] for top in item["top_logprobs"]} for item in content
+        ],
+    }
+    assert "".join(logprobs["tokens"]) == after["choices"][0]["text"]
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+
+
+def test_a_whole_reply_counts_the_completion_tokens_of_every_choice() -> None:
+    raw = reply("whole_n2.json")
+    assert json.loads(raw)["usage"]["completion_tokens"] == 3  # llama.cpp: the first choice's
+    shaped = CompletionShape().whole(raw)
+    usage = json.loads(shaped)["usage"]
+    assert usage["completion_tokens"] == 6 and usage["total_tokens"] == 8
+    assert usage_from_json(shaped) == (2, 6)  # what the accounting reads
+
+
+def test_a_body_that_is_not_a_completion_passes_untouched() -> None:
+    for body in (b"not json", b"[1]", b'{"error": {"code": 500}}'):
+        assert CompletionShape().whole(body) == body
+
+
+def test_a_stream_is_reshaped_event_by_event_with_its_usage_summed_once() -> None:
+    raw = reply("stream_n2.sse")
+    shaped = CompletionShape()
+    out = shaped.feed(raw) + shaped.close()
+    got = events(out)
+    assert got[-1] == "[DONE]"
+    chunks = got[:-1]
+    assert len(chunks) == len(events(raw)) - 1  # one event out for each in
+    assert all(c["id"].startswith("cmpl-") for c in chunks)
+    with_usage = [c for c in chunks if "usage" in c]
+    assert len(with_usage) == 1 and with_usage[0] is chunks[-1]  # the last finishing chunk
+    assert with_usage[0]["usage"]["completion_tokens"] == 4  # 2 choices of 2 tokens
+    assert with_usage[0]["usage"]["total_tokens"] == with_usage[0]["usage"]["prompt_tokens"] + 4
+    assert usage_from_json(out) == (2, 4)
+    for index in (0, 1):
+        tokens: list[str] = []
+        offsets: list[int] = []
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            if choice["index"] == index and choice["logprobs"] is not None:
+                logprobs = choice["logprobs"]
+                assert set(logprobs) == {"text_offset", "token_logprobs", "tokens", "top_logprobs"}
+                assert all(isinstance(v, float) for v in logprobs["token_logprobs"])
+                assert all(isinstance(top, dict) for top in logprobs["top_logprobs"])
+                tokens += logprobs["tokens"]
+                offsets += logprobs["text_offset"]
+        assert len(tokens) == 2 and offsets == [0, len(tokens[0])]
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 1000])
+def test_a_stream_split_anywhere_comes_out_the_same(size: int) -> None:
+    raw = reply("stream_n2.sse")
+    whole = CompletionShape()
+    expected = whole.feed(raw) + whole.close()
+    shaped = CompletionShape()
+    pieces = [shaped.feed(raw[at : at + size]) for at in range(0, len(raw), size)]
+    assert b"".join(pieces) + shaped.close() == expected
+    assert b"".join(pieces[:-1])  # events go out as they complete, not at the end
+
+
+def test_comments_and_errors_pass_and_a_held_chunk_is_not_lost() -> None:
+    shaped = CompletionShape()
+    final = (
+        b'data: {"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],'
+        b'"object":"text_completion","id":"chatcmpl-x","usage":{"completion_tokens":2,'
+        b'"prompt_tokens":3,"total_tokens":5}}\n\n'
+    )
+    error = b'data: {"error":{"code":500,"message":"boom"}}\n\n'
+    out = shaped.feed(final + b": ping\n\n" + error) + shaped.close()
+    assert out.startswith(b": ping\n\n") and out.endswith(error)
+    assert usage_from_json(out) == (3, 2)
+    cut = CompletionShape()
+    assert usage_from_json(cut.feed(final) + cut.close()) == (3, 2)  # no [DONE]: still sent
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"suffix": ""}, "suffix"),
+        ({"best_of": 2}, "best_of"),
+    ],
+)
+def test_what_llamacpp_ignores_is_refused_naming_the_field(
+    payload: dict[str, Any], field: str
+) -> None:
+    refused = refusal({"model": "m", "prompt": "p", **payload})
+    assert isinstance(refused, BadRequestError) and refused.field == field
+    assert refused.message.startswith(f"{field}: llama.cpp endpoints do not")
+
+
+def test_what_it_honours_passes() -> None:
+    for payload in ({}, {"echo": False}, {"suffix": None}, {"best_of": 1}, {"n": 2}):
+        assert refusal({"model": "m", "prompt": "p", **payload}) is None
