@@ -107,6 +107,36 @@ def completion_payload(request: Json, model: str, *, stream: bool) -> Json:
     return body
 
 
+def _set(fields: Json) -> Json:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def v2_request(request: Json) -> Json:
+    """A v2 batch request (LLM Engine's FilteredChatCompletionV2Request or
+    FilteredCompletionV2Request as its client serialises them, every unset field null) with
+    only its set fields, as LLM Engine sends it on: nulls dropped at the top level, in each
+    message, in each message's content parts and in a part's own object (`image_url`, `file`).
+    vLLM refuses a message's `"name": null` (400), llama.cpp too (500). Nulls deeper down (a
+    JSON schema's default, a tool's parameters) are the caller's data and stay."""
+    body = _set(request)
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        body["messages"] = [_set_message(m) if isinstance(m, dict) else m for m in messages]
+    return body
+
+
+def _set_message(message: Json) -> Json:
+    out = _set(message)
+    parts = out.get("content")
+    if isinstance(parts, list):
+        out["content"] = [_set_part(p) if isinstance(p, dict) else p for p in parts]
+    return out
+
+
+def _set_part(part: Json) -> Json:
+    return {k: _set(v) if isinstance(v, dict) else v for k, v in _set(part).items()}
+
+
 def _tokens(choice: Json) -> list[Json] | None:
     """The choice's tokens with their log-probabilities (None: it carries none), read from
     either format a replica answers in: the legacy completions `logprobs.tokens` and

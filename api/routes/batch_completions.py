@@ -200,10 +200,7 @@ def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
             for i, p in enumerate(prompts)
         ]
     elif isinstance(content, list) and content and all(isinstance(c, dict) for c in content):
-        bodies = [
-            {**{k: v for k, v in c.items() if v is not None}, "model": model, "stream": False}
-            for c in content
-        ]
+        bodies = [{**llm_engine.v2_request(c), "model": model, "stream": False} for c in content]
     else:
         raise InvalidSpecError(
             "content must be LLM Engine's {prompts, max_new_tokens, ...} or a list of "

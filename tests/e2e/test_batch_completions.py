@@ -35,6 +35,16 @@ SCRIPT = textwrap.dedent("""
         made = Completion.batch_create(
             output_data_path="cut.jsonl", model_config=config, input_data_path=arg, use_v2=True)
         print(json.dumps(made.job_id))
+    elif step in ("v2-chat", "v2-completions"):  # arg: the requests' fields, as JSON
+        import llmengine.data_types.batch_completion as bc
+        kind = (bc.FilteredChatCompletionV2Request if step == "v2-chat"
+                else bc.FilteredCompletionV2Request)
+        made = Completion.batch_create(
+            output_data_path=f"{step}.jsonl",
+            model_config=bc.CreateBatchCompletionsV2ModelConfig(model="gemma"),
+            use_v2=True, labels={"team": "ml", "product": "p"},
+            content=[kind(**fields) for fields in json.loads(arg)])
+        print(json.dumps(made.job_id))
     elif step == "upload":
         print(json.dumps(File.upload(open(arg, "rb")).id))
     elif step == "wait":  # polled here, in one interpreter: the job once it has a status,
@@ -116,3 +126,34 @@ def test_batch_completions_run_in_order_and_cancel_keeps_finished(
     assert indexes == sorted(indexes)
     assert all(line["response"]["status_code"] == 200 for line in kept)
     assert client(appliance, "cancel", cut_id) == {"success": False}
+
+
+def test_v2_chat_requests_from_the_client_reach_the_replica_without_its_nulls(
+    appliance: Appliance,
+) -> None:
+    """The client sends every unset field as null (`"name": null` in each message, `detail`
+    and the like in content parts); llama.cpp refuses a null name with a 500, vLLM with a
+    400. LLM Engine sends on only the set fields, and so does the appliance."""
+    appliance.start_role("worker")
+    admin = appliance.client()
+    create_gemma(admin, "gemma", per_worker=2)
+    wait_ready(admin, "gemma")
+    requests = [
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+            ],
+            "max_tokens": 5,
+            "temperature": 0,
+        },
+    ]
+    job_id = client(appliance, "v2-chat", json.dumps(requests))
+    job = client(appliance, "wait", job_id, "completed", "120")
+    assert (job["metadata"]["completed"], job["metadata"]["failed"]) == ("2", "0"), job
+    lines = outputs(appliance, job)
+    assert [line["custom_id"] for line in lines] == ["0", "1"]
+    for line in lines:
+        assert line["response"]["status_code"] == 200, line
+        assert line["response"]["body"]["choices"][0]["message"]["content"]
