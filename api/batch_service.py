@@ -30,6 +30,7 @@ from forwarder.worker import batches, jobs
 logger = logging.getLogger(__name__)
 
 COMPLETION_WINDOW_S = 24 * 3600
+UNFINISHED = (TaskStatus.PENDING, TaskStatus.STARTED)
 
 
 class CreateBatchRequest(BaseModel):
@@ -197,22 +198,23 @@ def cancel(
     session: Session,
     state: AppState,
     address: str | None,
-    ending: tuple[TaskStatus, ...],
 ) -> dict[str, Any]:
-    """End the batch's tasks in the `ending` statuses at once (a STARTED task's answer, when
-    it comes, is then not stored: the first outcome stays); the sweeper then writes the files
-    and marks the batch cancelled."""
+    """End the batch's unfinished tasks at once, as cancelled (neither completed nor failed).
+    A worker holding one abandons it within a second (`forwarder.worker.runner`), dropping its
+    request to the replica, so the replica stops generating; an answer that still comes is
+    not stored (the first outcome stays). The sweeper then writes the files (the finished
+    answers) and marks the batch cancelled."""
     now = time.time()
     batch.status, batch.cancelling_at = "cancelling", now
     session.add(batch)
     pending = session.exec(
-        select(Task).where(Task.batch_id == batch.id, col(Task.status).in_(ending))
+        select(Task).where(Task.batch_id == batch.id, col(Task.status).in_(UNFINISHED))
     ).all()
     for task in pending:
         task.status, task.traceback = TaskStatus.FAILURE, batches.CANCELLED
         task.finished_at, task.expires_at = now, now + state.settings.task_result_ttl_s
         session.add(task)
-    audit.record(session, caller, "batch.cancel", batch.id, {"not_started": len(pending)}, address)
+    audit.record(session, caller, "batch.cancel", batch.id, {"ended": len(pending)}, address)
     session.flush()
     public = batch_public(batch, session)
     session.commit()

@@ -46,7 +46,7 @@ from api.inference.schemas import CompletionV1Request
 from appliance.db import session_scope
 from appliance.errors import InvalidSpecError
 from appliance.keys import Caller
-from appliance.models import Batch, TaskStatus
+from appliance.models import Batch
 from forwarder import llm_engine
 from forwarder.paths import CHAT, COMPLETIONS
 from forwarder.worker import batches
@@ -112,12 +112,12 @@ def read_batch_completions(job_id: str, caller: CallerDep, session: SessionDep) 
 def cancel_batch_completions(
     job_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
-    """The prompts not yet answered end at once, those waiting on a worker included (their
-    answers are dropped); `success` false for a job that already ended."""
+    """The prompts not yet answered end at once, those a worker holds included (their
+    requests to the replica are dropped); `success` false for a job that already ended."""
     batch = owned_batch(job_id, caller, session=session)
     if batch.status not in ("in_progress", "cancelling"):
         return {"success": False}
-    cancel(batch, caller, session, state, address, (TaskStatus.PENDING, TaskStatus.STARTED))
+    cancel(batch, caller, session, state, address)
     return {"success": True}
 
 

@@ -37,7 +37,7 @@ from appliance import queries
 from appliance.db import session_scope
 from appliance.errors import ConflictError, InvalidSpecError
 from appliance.keys import Caller
-from appliance.models import Batch, TaskStatus
+from appliance.models import Batch
 from forwarder.paths import BATCH_PATHS, BY_PATH
 from forwarder.worker import batches
 
@@ -102,9 +102,10 @@ def read_batch(batch_id: str, caller: CallerDep, session: SessionDep) -> dict[st
 def cancel_batch(
     batch_id: str, caller: CallerDep, session: SessionDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
-    """Requests not yet started end at once; running ones finish; the sweeper then writes
-    the files and marks the batch cancelled."""
+    """Requests not yet answered end at once, those a worker has sent to a replica too (their
+    requests are dropped, so the replica stops); the sweeper then writes the files and marks
+    the batch cancelled."""
     batch = owned_batch(batch_id, caller, session=session)
     if batch.status not in ("in_progress", "cancelling"):
         raise ConflictError(f"batch {batch_id!r} is {batch.status}; it cannot be cancelled")
-    return cancel(batch, caller, session, state, address, (TaskStatus.PENDING,))
+    return cancel(batch, caller, session, state, address)

@@ -13,9 +13,9 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -39,6 +39,7 @@ HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
 JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+T = TypeVar("T")
 
 
 def queue_name(endpoint_id: str, *, low: bool) -> str:
@@ -105,6 +106,9 @@ class Runtime:
     max_attempts: int
     # the jobs waiting for a replica (`Forwarder.acquire`): cancelled when the worker stops
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)
+    # batch requests waiting for or sent to a replica, by job, with their task ids: the runner
+    # cancels those whose task ended meanwhile (a cancelled batch), which aborts the request
+    sending: dict[asyncio.Task[Any], str] = field(default_factory=dict)
 
 
 _runtime: Runtime | None = None
@@ -151,7 +155,9 @@ async def run_task(task_id: str) -> None:
     rt.waiting.add(this)  # until a replica takes it: a stopping worker hands it back
     started = time.perf_counter()
     try:
-        current, replica, waited = await rt.forwarder.acquire(route, rt.hold_s)
+        current, replica, waited = await _abortable(
+            rt, claimed, rt.forwarder.acquire(route, rt.hold_s)
+        )
     except EndpointDownError as exc:  # no replica comes by waiting: no retry either
         await _finish(rt, claimed, TaskStatus.FAILURE, None, None, exc.message)
         return
@@ -166,8 +172,10 @@ async def run_task(task_id: str) -> None:
     if claimed.batch_id is not None and await _batch_cancelled(rt, claimed.task_id, replica.id):
         return
     try:
-        status, data = await rt.forwarder.fetch(
-            current, replica, path, body, started=started, waited=waited
+        status, data = await _abortable(
+            rt,
+            claimed,
+            rt.forwarder.fetch(current, replica, path, body, started=started, waited=waited),
         )
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
@@ -189,9 +197,23 @@ async def run_task(task_id: str) -> None:
         await _finish(rt, claimed, TaskStatus.FAILURE, result, status, message, tokens)
 
 
+async def _abortable(rt: Runtime, claimed: taskstore.Claim, step: Awaitable[T]) -> T:
+    """Await a step that waits on a replica; a batch request's job is cancelled there when its
+    batch is (`Runner._abort_ended`): `Forwarder.fetch` then drops the replica's connection,
+    so the replica stops generating, and nothing is stored (the cancel stored the outcome)."""
+    this = asyncio.current_task()
+    if claimed.batch_id is None or this is None:
+        return await step
+    rt.sending[this] = claimed.task_id
+    try:
+        return await step
+    finally:
+        rt.sending.pop(this, None)
+
+
 async def _batch_cancelled(rt: Runtime, task_id: str, replica_id: str) -> bool:
-    """Whether the task's batch was cancelled while it waited for a replica (LLM Engine's
-    cancel ends the prompts a worker holds): then the replica's slot is given back unused."""
+    """Whether the task's batch was cancelled while it waited for a replica (a cancel ends
+    the requests a worker holds): then the replica's slot is given back unused."""
     try:
         ended: bool = await _write(rt, lambda conn: taskstore.has_ended(conn, task_id))
     except BaseException:

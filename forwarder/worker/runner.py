@@ -24,12 +24,13 @@ from sqlalchemy.engine import Engine
 
 from appliance import bus
 from forwarder.refresh import load_table
-from forwarder.worker import jobs
+from forwarder.worker import jobs, taskstore
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.02  # the wait after a pop that found nothing, doubled while none does,
 IDLE_POLL_MAX_S = 0.1  # up to this: an idle worker polls Redis 10 times a second, not 50
+ABORT_CHECK_S = 0.5  # how often the batch requests in flight are checked for a cancel
 DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: its grace is 40 s)
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
@@ -57,6 +58,7 @@ class Runner:
     def __init__(
         self,
         engine: Engine,
+        reader: Engine,
         client: redis.Redis,
         runtime: jobs.Runtime,
         *,
@@ -65,6 +67,7 @@ class Runner:
         routing_refresh_s: float,
     ) -> None:
         self.engine = engine
+        self.reader = reader
         self.redis = client
         self.runtime = runtime
         self.concurrency = concurrency
@@ -86,6 +89,7 @@ class Runner:
                     self._every(self.routing_refresh_s, self._refresh_routes, stop)
                 ),
                 asyncio.create_task(self._every(self.lease_ms / 3000, self._renew_leases, stop)),
+                asyncio.create_task(self._every(ABORT_CHECK_S, self._abort_ended, stop)),
             ]
             await self._take_jobs(stop)
             # Stopping. A job no replica has taken yet goes back to PENDING untried (the
@@ -187,6 +191,24 @@ class Runner:
                 pipe.execute()
 
         await asyncio.to_thread(renew)
+
+    async def _abort_ended(self) -> None:
+        """Cancel the batch requests waiting for or sent to a replica whose task has ended
+        (their batch was cancelled): the replica's connection is dropped, so it stops
+        generating, and the worker's slot takes the next job."""
+        sending = dict(self.runtime.sending)
+        if not sending:
+            return
+        ended = await asyncio.to_thread(taskstore.ended, self.reader, set(sending.values()))
+        abandoned = [
+            job
+            for job, task_id in sending.items()
+            if task_id in ended and self.runtime.sending.get(job) == task_id
+        ]
+        for job in abandoned:
+            job.cancel()
+        if abandoned:
+            logger.info("abandoned %d requests of cancelled batches", len(abandoned))
 
     async def _refresh_routes(self) -> None:
         read_at = time.monotonic()

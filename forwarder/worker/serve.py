@@ -17,7 +17,7 @@ import time
 import uvloop
 
 from appliance import bus
-from appliance.db import open_engine
+from appliance.db import open_engine, open_reader
 from appliance.install import key_secret
 from appliance.settings import Settings
 from forwarder.proxy import Forwarder
@@ -74,8 +74,10 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         keep_s=settings.task_result_ttl_s,
         max_attempts=settings.task_max_attempts,
     )
+    reader = open_reader(settings.database_path)
     runner = Runner(
         engine,
+        reader,
         bus.connect(str(settings.redis_url)),
         runtime,
         concurrency=settings.worker_concurrency,
@@ -103,6 +105,7 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
     finally:
         committer.close()
         engine.dispose()
+        reader.dispose()
 
 
 def main(settings: Settings) -> None:

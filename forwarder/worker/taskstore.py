@@ -126,6 +126,20 @@ def has_ended(conn: Connection, task_id: str) -> bool:
     return row is None or row[0] in ("SUCCESS", "FAILURE")
 
 
+def ended(reader: Engine, task_ids: set[str]) -> set[str]:
+    """Which of the tasks have an outcome (or are gone), read on the read-only engine: it never
+    waits for a writer, so the worker can ask often about the batch requests it has in flight."""
+    ids = sorted(task_ids)
+    marks = ", ".join("?" * len(ids))
+    raw = reader.raw_connection()
+    try:
+        conn: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+        found = dict(conn.execute(f"SELECT id, status FROM task WHERE id IN ({marks})", ids))  # noqa: S608
+    finally:
+        raw.close()
+    return {i for i in ids if found.get(i, "SUCCESS") in FINAL}
+
+
 def hand_back(conn: Connection, task_id: str, now: float) -> None:
     """Put a claimed task that never reached a replica back to PENDING, its attempt uncounted
     (its worker is stopping); the sweeper re-enqueues it."""
