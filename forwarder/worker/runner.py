@@ -35,19 +35,38 @@ DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: i
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
 
-# Pop up to ARGV[1] job ids from KEYS in order and lease each for ARGV[2] ms.
+# Pop up to ARGV[1] job ids and lease each for ARGV[2] ms (lease keys prefixed ARGV[3]): first
+# from the single-task queues (KEYS[1..ARGV[4]]), then from the batch queues (the rest), one id
+# from each queue in turn, starting at queue ARGV[5] (mod the count), so every endpoint's
+# tasks share the worker's slots whatever its place in KEYS and however many it has queued.
 _POP_AND_LEASE = """
 local out = {}
 local n = tonumber(ARGV[1])
-for _, key in ipairs(KEYS) do
-  while #out < n do
-    local id = redis.call('LPOP', key)
-    if not id then break end
-    redis.call('SET', ARGV[3] .. id, '1', 'PX', ARGV[2])
-    table.insert(out, id)
+local high = tonumber(ARGV[4])
+local turn = tonumber(ARGV[5])
+local function take(first, last)
+  local count = last - first + 1
+  if count <= 0 then return end
+  local live = {}
+  for i = 0, count - 1 do
+    live[#live + 1] = KEYS[first + ((turn + i) % count)]
   end
-  if #out >= n then break end
+  while #out < n and #live > 0 do
+    local still = {}
+    for _, key in ipairs(live) do
+      if #out >= n then break end
+      local id = redis.call('LPOP', key)
+      if id then
+        redis.call('SET', ARGV[3] .. id, '1', 'PX', ARGV[2])
+        table.insert(out, id)
+        still[#still + 1] = key
+      end
+    end
+    live = still
+  end
 end
+take(1, high)
+take(high + 1, #KEYS)
 return out
 """
 
@@ -75,6 +94,7 @@ class Runner:
         self.routing_refresh_s = routing_refresh_s
         self.running: dict[str, asyncio.Task[None]] = {}
         self._pop = client.register_script(_POP_AND_LEASE)
+        self._turn = 0  # the queue each pop starts at, moved on by one every pop
         self._slot_free = asyncio.Event()
         self._done_keys: list[str] = []
 
@@ -152,7 +172,10 @@ class Runner:
         done, self._done_keys = self._done_keys, []
         if done:  # finished jobs' leases and hashes, one round trip for many
             self.redis.delete(*done)
-        ids = [i.decode() for i in self._pop(keys=keys, args=[n, self.lease_ms, LEASE_PREFIX])]
+        self._turn += 1
+        high = len(keys) // 2  # queue_keys: every endpoint's single-task queue, then its batch one
+        args: list[str | int] = [n, self.lease_ms, LEASE_PREFIX, high, self._turn]
+        ids = [i.decode() for i in self._pop(keys=keys, args=args)]
         if not ids:
             return []
         found = Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer)

@@ -268,3 +268,37 @@ def test_cancelling_a_batch_completion_spares_the_replica_the_prompts_a_worker_h
         assert slow.seen.total() <= sent + 2  # only those already given a slot
     finally:
         slow.stop()
+
+
+def test_one_endpoints_backlog_does_not_hold_up_anothers_tasks(
+    bare_appliance: Appliance,
+) -> None:
+    """The worker takes one task from each endpoint's queue in turn: a task of another team,
+    sent after the first team queued many, runs while most of those still wait, not after
+    them (the worker used to fill every slot from the first queue by endpoint id)."""
+    slow = FakeBackend(delay_s=0.5).start()
+    try:
+        busy = seed_endpoint(bare_appliance.data_dir, "a-busy", slow.address, owner="a")
+        other = seed_endpoint(bare_appliance.data_dir, "b-other", slow.address, owner="b")
+        bare_appliance.env_extra["APPLIANCE_WORKER_CONCURRENCY"] = "4"
+        bare_appliance.start_role("worker")
+        client = bare_appliance.client()
+        body = {"args": {"prompt": "hi", "max_tokens": 1}}
+        queued = [
+            client.post(f"/v1/async-tasks?model_endpoint_id={busy}", json=body).json()["task_id"]
+            for _ in range(40)
+        ]
+        mine = client.post(f"/v1/async-tasks?model_endpoint_id={other}", json=body)
+        assert mine.status_code == 200, mine.text
+        wait_tasks(client, [mine.json()["task_id"]], 60)
+        engine = create_engine(f"sqlite:///{bare_appliance.data_dir / 'appliance.db'}")
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                text("SELECT COUNT(*) FROM task WHERE endpoint_id = :e AND status = 'PENDING'"),
+                {"e": busy},
+            ).scalar_one()
+        engine.dispose()
+        assert waiting > 4, f"only {waiting} of the first team's 40 tasks were still queued"
+        wait_tasks(client, queued, 120)
+    finally:
+        slow.stop()
