@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api import test_hostile as hostile
 from tests.harness import Appliance, RedisServer, make_key
 from tests.web.test_forms_and_sign_in import csrf_of
 
@@ -30,16 +31,7 @@ def limited(tmp_path: Path) -> Iterator[Appliance]:
 
 
 def body(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model_name": "acme/standin-1b",
-        "inference_framework": "vllm",
-        "gpus": 0,
-        "min_workers": 0,
-        "max_workers": 1,
-        "per_worker": 2,
-        "memory": "1Gi",
-    }
+    return hostile.body(name, memory="1Gi")
 
 
 def signed_in(appliance: Appliance, key: str) -> httpx.Client:
