@@ -30,7 +30,7 @@ import orjson
 from pydantic import ValidationError
 
 from api.callers import Keys
-from api.errors import NOT_SERVED_STATUSES, answer, invalid, not_served, openai_error, status_of
+from api.errors import answer, invalid, openai_error, status_of
 from api.inference import admission
 from api.limits import Limiter, Release
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
@@ -39,6 +39,7 @@ from forwarder.paths import OPENAI, InferencePath
 from forwarder.proxy import Forwarder
 from forwarder.relay import Headers, Plane, Relay
 from forwarder.table import Target, TargetReplica, check_coming
+from forwarder.unserved import NOT_SERVED_STATUSES, not_served
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -359,7 +360,7 @@ class Call:
 
     def unserved(self, status: int, body: bytes) -> BadRequestError | None:
         """The 400 for a replica's reply that says it has no such route
-        (`api.errors.not_served`, the one rule every route's shape applies), or None."""
+        (`forwarder/unserved.py`, the one rule every route's shape applies), or None."""
         if status not in NOT_SERVED_STATUSES or self.target is None:
             return None
         return not_served(status, body, self.target.name, self.entry.path)

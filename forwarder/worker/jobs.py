@@ -29,6 +29,7 @@ from appliance.models import TaskStatus
 from forwarder.llm_engine import SERIALIZE_KEY, task_path, wrap_result
 from forwarder.proxy import Forwarder
 from forwarder.table import Target
+from forwarder.unserved import not_served
 from forwarder.usage import usage_from_json
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import CallbackSender
@@ -39,6 +40,7 @@ HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
 JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+ASYNC_PATH = "/v1/async-tasks"
 T = TypeVar("T")
 
 
@@ -180,6 +182,10 @@ async def run_task(task_id: str) -> None:
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return
+    refused = not_served(status, data, current.name, _asked(claimed))
+    if refused is not None:  # the endpoint's server has no such route: no retry can pass
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, 400, refused.message)
+        return
     try:
         answer: Any = json.loads(data)
     except ValueError:
@@ -195,6 +201,13 @@ async def run_task(task_id: str) -> None:
     else:
         message = f"replica answered {status}"
         await _finish(rt, claimed, TaskStatus.FAILURE, result, status, message, tokens)
+
+
+def _asked(claimed: taskstore.Claim) -> str:
+    """The path the caller asked for: a batch line's `url`, a task's `route`, else the route
+    that took the task."""
+    route = claimed.payload.get("route")
+    return route if isinstance(route, str) else ASYNC_PATH
 
 
 async def _abortable(rt: Runtime, claimed: taskstore.Claim, step: Awaitable[T]) -> T:

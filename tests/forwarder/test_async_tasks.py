@@ -94,6 +94,64 @@ def test_tasks_whose_args_fit_no_route_are_refused_unless_the_image_is_custom(
     assert {"prompt": "p"} in backend.bodies
 
 
+def test_tasks_and_batch_lines_to_a_route_the_server_never_registered_fail_saying_so(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """A replica's 404 for a path it never registered (vLLM's chat on an embedding model, its
+    embeddings on a generative one) fails an async task and a batch line at once, as a 400
+    that names the route the caller asked for: the answer the sync routes give, not a bare
+    "replica answered 404"."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    args = {"prompt": "p", "unregistered": True}
+    plain = client.post(f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": args})
+    routed = client.post(
+        f"/v1/async-tasks?model_endpoint_id={endpoint_id}",
+        json={"args": {"input": "p", "unregistered": True}, "route": "/v1/embeddings"},
+    )
+    ids = [plain.json()["task_id"], routed.json()["task_id"]]
+    done = wait_tasks(client, ids, 60)
+    for task_id, asked in zip(ids, ("/v1/async-tasks", "/v1/embeddings"), strict=True):
+        task = done[task_id]
+        assert (task["status"], task["status_code"]) == ("FAILURE", 400), task
+        said = f"endpoint 'fake' does not serve {asked}: its server has no such route (404"
+        assert said in task["traceback"], task
+
+    line = {
+        "custom_id": "only",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "fake", "input": "p", "unregistered": True},
+    }
+    upload = client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")},
+        data={"purpose": "batch"},
+    )
+    batch = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": upload.json()["id"],
+            "endpoint": "/v1/embeddings",
+            "completion_window": "24h",
+        },
+    )
+    assert batch.status_code == 200, batch.text
+    batch_id = batch.json()["id"]
+    final = wait_until(
+        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == "completed" and b,
+        60,
+        "the batch to complete",
+    )
+    assert final["request_counts"] == {"total": 1, "completed": 0, "failed": 1}, final
+    errors = client.get(f"/v1/files/{final['error_file_id']}/content").text.splitlines()
+    error = json.loads(errors[0])
+    assert error["response"]["status_code"] == 400, error
+    assert "endpoint 'fake' does not serve /v1/embeddings" in error["error"]["message"], error
+    assert backend.seen["/v1/completions"] == 1 and backend.seen["/v1/embeddings"] == 2
+
+
 def test_backlog_is_published_and_redis_wipe_loses_no_task(
     bare_appliance: Appliance, backend: FakeBackend
 ) -> None:

@@ -1,0 +1,58 @@
+"""A replica's answer that it has no such route: llama.cpp's 501 ("does not support
+embeddings"), or the 404 its web framework gives a path it never registered (vLLM registers
+/v1/embeddings only for an embedding model, chat and completions only for a generative one).
+
+The request is wrong for this endpoint, not the server broken: the caller gets a 400 that says
+so, and no SDK retries it. The one rule for every way a request reaches a replica: the
+inference core's routes (`api/inference/call.py`) and the async worker's tasks and batch lines
+(`forwarder/worker/jobs.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from appliance.errors import BadRequestError
+
+NOT_SERVED_STATUSES: Final = (404, 501)
+UNREGISTERED: Final = "Not Found"  # Starlette's words for a path no route matches
+
+
+def not_served(status: int, body: bytes, endpoint: str, path: str) -> BadRequestError | None:
+    """The 400 to answer for a replica's reply that says it does not serve `path` (the path
+    the caller asked for), or None."""
+    if status == 501:
+        words = _replica_words(body)
+    elif status == 404 and _unregistered(body):
+        words = f"its server has no such route ({status} {UNREGISTERED})"
+    else:
+        return None
+    return BadRequestError(f"endpoint {endpoint!r} does not serve {path}: {words}")
+
+
+def _unregistered(body: bytes) -> bool:
+    """Starlette's bare `{"detail":"Not Found"}`, or the same words in OpenAI's envelope (as
+    vLLM's handler of HTTP errors writes them); never a 404 that names what is missing (vLLM's
+    "The model `x` does not exist.")."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(reply, dict):
+        return False
+    found = reply.get("error", reply)
+    if isinstance(found, dict):
+        found = found.get("detail", found.get("message"))
+    return bool(found == UNREGISTERED)
+
+
+def _replica_words(body: bytes) -> str:
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")[:300]
+    found = reply.get("error", reply) if isinstance(reply, dict) else reply
+    if isinstance(found, dict):
+        found = found.get("message") or found.get("detail") or found
+    return str(found)[:300]
