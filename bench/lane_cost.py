@@ -78,6 +78,9 @@ class FakeTransport:
     def close(self) -> None:
         pass
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
 
 async def run(requests: int, rounds: int) -> float:
     """The best microseconds per request of `rounds` loops of `requests`."""
