@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import redis as redis_lib
 from sqlalchemy import create_engine, text
@@ -124,26 +125,8 @@ def test_tasks_and_batch_lines_to_a_route_the_server_never_registered_fail_sayin
         "url": "/v1/embeddings",
         "body": {"model": "fake", "input": "p", "unregistered": True},
     }
-    upload = client.post(
-        "/v1/files",
-        files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")},
-        data={"purpose": "batch"},
-    )
-    batch = client.post(
-        "/v1/batches",
-        json={
-            "input_file_id": upload.json()["id"],
-            "endpoint": "/v1/embeddings",
-            "completion_window": "24h",
-        },
-    )
-    assert batch.status_code == 200, batch.text
-    batch_id = batch.json()["id"]
-    final = wait_until(
-        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == "completed" and b,
-        60,
-        "the batch to complete",
-    )
+    batch = submit_batch(client, json.dumps(line).encode() + b"\n", "/v1/embeddings")
+    final = batch_ended(client, batch.json()["id"], "completed", 60)
     assert final["request_counts"] == {"total": 1, "completed": 0, "failed": 1}, final
     errors = client.get(f"/v1/files/{final['error_file_id']}/content").text.splitlines()
     error = json.loads(errors[0])
@@ -213,16 +196,10 @@ def batch_lines(model: str, n: int) -> bytes:
     )
 
 
-def test_batch_of_100_chat_requests_writes_openai_output(
-    bare_appliance: Appliance, backend: FakeBackend
-) -> None:
-    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
-    bare_appliance.start_role("worker")
-    client = bare_appliance.client()
+def submit_batch(client: Any, lines: bytes, endpoint: str = "/v1/chat/completions") -> Any:
+    """Upload `lines` as a batch file and create a batch of them: the create's reply."""
     upload = client.post(
-        "/v1/files",
-        files={"file": ("in.jsonl", batch_lines("fake", 100))},
-        data={"purpose": "batch"},
+        "/v1/files", files={"file": ("in.jsonl", lines)}, data={"purpose": "batch"}
     )
     assert upload.status_code == 200, upload.text
     assert upload.json()["bytes"] > 0
@@ -230,18 +207,33 @@ def test_batch_of_100_chat_requests_writes_openai_output(
         "/v1/batches",
         json={
             "input_file_id": upload.json()["id"],
-            "endpoint": "/v1/chat/completions",
+            "endpoint": endpoint,
             "completion_window": "24h",
         },
     )
     assert batch.status_code == 200, batch.text
+    return batch
+
+
+def batch_ended(client: Any, batch_id: str, status: str, timeout_s: float) -> dict[str, Any]:
+    """The batch's GET body once its status is `status`."""
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == status and b,
+        timeout_s,
+        f"the batch to be {status}",
+    )
+
+
+def test_batch_of_100_chat_requests_writes_openai_output(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    batch = submit_batch(client, batch_lines("fake", 100))
     batch_id = batch.json()["id"]
     assert batch.json()["request_counts"]["total"] == 100
-    final = wait_until(
-        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == "completed" and b,
-        60,
-        "the batch to complete",
-    )
+    final = batch_ended(client, batch_id, "completed", 60)
     assert final["request_counts"] == {"total": 100, "completed": 100, "failed": 0}
     assert final["error_file_id"] is None
     content = client.get(f"/v1/files/{final['output_file_id']}/content")
@@ -268,27 +260,11 @@ def test_batch_cancel_stops_pending_requests(
 ) -> None:
     seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
     client = bare_appliance.client()  # no worker yet: every request is still pending
-    file_id = client.post(
-        "/v1/files",
-        files={"file": ("in.jsonl", batch_lines("fake", 20))},
-        data={"purpose": "batch"},
-    ).json()["id"]
-    batch_id = client.post(
-        "/v1/batches",
-        json={
-            "input_file_id": file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-        },
-    ).json()["id"]
+    batch_id = submit_batch(client, batch_lines("fake", 20)).json()["id"]
     cancelled = client.post(f"/v1/batches/{batch_id}/cancel")
     assert cancelled.json()["status"] == "cancelling"
     bare_appliance.start_role("worker")
-    final = wait_until(
-        lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] == "cancelled" and b,
-        30,
-        "the batch to be cancelled",
-    )
+    final = batch_ended(client, batch_id, "cancelled", 30)
     assert final["request_counts"] == {"total": 20, "completed": 0, "failed": 0}
     time.sleep(1)
     assert backend.seen["/v1/chat/completions"] == 0
