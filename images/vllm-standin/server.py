@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 Json = dict[str, Any]
@@ -64,6 +65,8 @@ BOOL_FLAGS = (
     "skip-tokenizer-init",
     "enable-chunked-prefill",
 )
+# what vLLM's runner "auto" reads as a generative model; any other architecture is a pooling one
+GENERATIVE = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")
 METRICS = {  # name: (type, help), as vLLM exports them
     "num_requests_running": ("gauge", "Number of requests in model execution batches."),
     "num_requests_waiting": ("gauge", "Number of requests waiting to be processed."),
@@ -191,6 +194,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version, sys_version = "uvicorn", ""
     engine: Engine
     names: list[str]
+    pooling = False  # serves /v1/embeddings only (`pooling`), else chat and completions only
     api_key: str | None = None
     quiet = False
 
@@ -233,8 +237,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
-        chat, text, embed = self.completion, self.completion, self.embeddings
-        routes = {"/v1/chat/completions": chat, "/v1/completions": text, "/v1/embeddings": embed}
+        # vLLM registers the routes of its runner only: /v1/embeddings for a pooling model,
+        # chat and completions for a generative one; any other path is Starlette's bare 404
+        if self.pooling:
+            routes = {"/v1/embeddings": self.embeddings}
+        else:
+            routes = {"/v1/chat/completions": self.completion, "/v1/completions": self.completion}
         path = self.path.split("?")[0]
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if path not in routes:
@@ -356,6 +364,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, body | {"usage": usage(p_tokens, 0)})
 
 
+def pooling(model: str) -> bool:
+    """Whether vLLM would run `model` as a pooling (embedding) model: a local model whose
+    config.json names architectures, none of them generative. A hub id (nothing to read here)
+    counts as generative, as most are."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(names, list) or not names:
+        return False
+    return not any(str(name).endswith(GENERATIVE) for name in names)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     model = args.model_tag or args.model
@@ -369,6 +391,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 in a container
     Handler.engine = Engine(args.max_num_seqs)
     Handler.names = args.served_model_name or [model]
+    Handler.pooling = pooling(model)
     Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")
     Handler.quiet = args.uvicorn_log_level not in ("debug", "info", "trace")
     print(f"INFO vLLM stand-in: model={model} served={Handler.names} args={vars(args)}", flush=True)

@@ -178,13 +178,35 @@ def test_unknown_model_is_404_and_bad_json_is_400(url: str) -> None:
     assert r.json()["error"]["code"] == 400
 
 
-def test_embeddings_are_deterministic(url: str) -> None:
-    body = {"model": "alpha", "input": ["one", "two"]}
-    first = httpx.post(f"{url}/v1/embeddings", json=body).json()
-    second = httpx.post(f"{url}/v1/embeddings", json=body).json()
-    assert [d["index"] for d in first["data"]] == [0, 1]
-    assert first["data"] == second["data"]
-    assert first["data"][0]["embedding"] != first["data"][1]["embedding"]
+def test_embeddings_are_deterministic_and_only_a_pooling_model_serves_them(
+    url: str, tmp_path: Path
+) -> None:
+    """vLLM registers /v1/embeddings for a pooling model only, and chat and completions for a
+    generative one only: any other route is Starlette's bare 404, as the appliance expects
+    (`forwarder/unserved.py`)."""
+    unregistered = {"detail": "Not Found"}
+    generative = httpx.post(f"{url}/v1/embeddings", json={"model": "alpha", "input": "one"})
+    assert (generative.status_code, generative.json()) == (404, unregistered)
+
+    model = tmp_path / "bge"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    proc, base = start(tmp_path / "server.log", str(model), "--served-model-name", "bge")
+    try:
+        wait_healthy(proc, base)
+        body = {"model": "bge", "input": ["one", "two"]}
+        first = httpx.post(f"{base}/v1/embeddings", json=body).json()
+        second = httpx.post(f"{base}/v1/embeddings", json=body).json()
+        assert [d["index"] for d in first["data"]] == [0, 1]
+        assert first["data"] == second["data"]
+        assert first["data"][0]["embedding"] != first["data"][1]["embedding"]
+        messages = [{"role": "user", "content": "hi"}]
+        chat = httpx.post(
+            f"{base}/v1/chat/completions", json={"model": "bge", "messages": messages}
+        )
+        assert (chat.status_code, chat.json()) == (404, unregistered)
+    finally:
+        stop(proc)
 
 
 def test_metrics_use_vllm_names_and_count_tokens(url: str) -> None:
