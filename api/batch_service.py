@@ -5,6 +5,7 @@ The worker's sweeper writes the output and error files once every request ended.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
+from api import storage
 from api.deps import AppState
 from api.inference import admission
 from api.submit import WAITING, over_queued
@@ -124,7 +126,11 @@ def _store_and_queue(
     state: AppState,
     address: str | None,
 ) -> Batch:
-    """On a thread: the transaction may wait for SQLite's write lock, and Redis is a socket."""
+    """On a thread: the transaction may wait for SQLite's write lock, and Redis is a socket.
+    Every request becomes a row holding its body: refused (507) where they would not leave the
+    disk its reserve, as the file they came from would have been."""
+    adding = sum(len(json.dumps(request.body)) for request in requests)
+    storage.check_database_room(state.settings, adding, f"storing {len(requests)} requests")
     batch, queued = _store(body, caller, source_id, requests, targets, state, address)
     try:
         jobs.enqueue(state.redis, queued, low=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -44,6 +45,7 @@ from api.routes import (
     usage,
 )
 from api.shield import Shield
+from api.storage import check_database_room
 from api.submit import TaskSubmitter
 from appliance import __version__, bus, keys
 from appliance.db import open_engine, open_reader, session_scope
@@ -161,7 +163,11 @@ def create_app(
             limiter=Limiter(str(settings.redis_url), settings.inflight_lease_s),
             key_secret=key_secret(settings.data_dir),
             install_id=install_id(settings.data_dir),
-            submitter=TaskSubmitter(engine, client),
+            submitter=TaskSubmitter(
+                engine,
+                client,
+                functools.partial(check_database_room, settings, what="storing tasks"),
+            ),
         )
         forwarder.on_demand = _demand(state)  # type: ignore[assignment]
         await forwarder.start()

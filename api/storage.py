@@ -50,13 +50,20 @@ def free_bytes(path: Path) -> int:
 def check_room(path: Path, adding: int, reserve: int, what: str) -> None:
     """Refuse (507) writing `adding` more bytes of `what` to the disk of `path` when it would
     leave less than `reserve` free (`APPLIANCE_DISK_RESERVE_BYTES`): uploads (model files,
-    batch files) fill the disk only to there, so the database, logs and replicas keep room."""
+    batch files) and the rows requests add to the database (async tasks, a batch's requests)
+    fill the disk only to there, so the database, logs and replicas keep room."""
     free = free_bytes(path)
     if free - adding < reserve:
         raise InsufficientStorageError(
             f"{what}: the disk has {free} bytes free and keeps {reserve} in reserve "
             "(APPLIANCE_DISK_RESERVE_BYTES); free some space (delete unused models and files)"
         )
+
+
+def check_database_room(settings: Settings, adding: int, what: str) -> None:
+    """`check_room` for rows of the database: async tasks and the requests of batches, which
+    hold what their requests sent (up to 2 MiB a task, a whole batch file a batch)."""
+    check_room(settings.database_path, adding, settings.disk_reserve_bytes, what)
 
 
 def used_by(users: list[Endpoint], caller: Caller) -> dict[str, Any]:

@@ -8,6 +8,9 @@ SUBMIT_GROUP_MAX) and, on its own thread:
 2. in ONE short write transaction (one fsync for the group) counts each limited key's waiting
    tasks, refuses what is over the limit (429), and inserts the rest with one executemany;
 3. queues all their jobs in one Redis pipeline: the outbox, rows before jobs.
+A group whose rows would leave the data directory's disk less free than its reserve
+(`APPLIANCE_DISK_RESERVE_BYTES`, `api.storage.check_room`) is refused with 507, as an upload
+is: a task holds up to a 2 MiB body, and nothing else bounds how many a team stores.
 Only then does each request get its answer. A group forms while the previous one commits, so a
 lone request waits for nothing; under load dozens of tasks share a commit.
 
@@ -32,7 +35,7 @@ from typing import Any
 import redis
 from sqlalchemy.engine import Engine
 
-from appliance.errors import ApplianceError, RateLimitedError
+from appliance.errors import ApplianceError, InsufficientStorageError, RateLimitedError
 from appliance.models import TaskStatus
 from forwarder.worker import jobs
 
@@ -112,9 +115,16 @@ class _Pending:
 class TaskSubmitter:
     """Stores and queues tasks in groups; `submit` returns once its task is committed."""
 
-    def __init__(self, engine: Engine, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        room: Callable[[int], None] = lambda adding: None,
+    ) -> None:
+        """`room(n)` raises InsufficientStorageError when `n` more bytes of rows do not fit."""
         self._engine = engine
         self._redis = client
+        self._room = room
         self._waiting: asyncio.Queue[_Pending | None] = asyncio.Queue()
         # one thread: groups commit one after another, and never wait on the request threadpool
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="task-submit")
@@ -173,7 +183,7 @@ class TaskSubmitter:
         try:
             conn: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
             outcomes = _build(conn, drafts)
-            _insert(conn, drafts, outcomes)
+            _insert(conn, drafts, outcomes, self._room)
         finally:
             raw.close()
         stored = [(t.id, t.endpoint_id) for t in outcomes if isinstance(t, NewTask)]
@@ -211,21 +221,29 @@ def _build(conn: sqlite3.Connection, drafts: list[Draft]) -> list[Outcome]:
     return outcomes
 
 
-def _insert(conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcome]) -> None:
-    """Check the queued-task limits and insert the group's rows in one transaction.
+def _insert(
+    conn: sqlite3.Connection,
+    drafts: list[Draft],
+    outcomes: list[Outcome],
+    room: Callable[[int], None],
+) -> None:
+    """Check the queued-task limits and the disk's room, and insert the group's rows in one
+    transaction.
 
-    A refused draft gets its error in `outcomes`; if the transaction fails, every draft that
-    was to be stored gets that failure instead (no row of the group was stored)."""
+    A refused draft gets its error in `outcomes`; if the transaction fails, or the rows do not
+    fit on the disk, every draft that was to be stored gets that failure instead (no row of
+    the group was stored)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
             rows = _admit(conn, drafts, outcomes)
+            room(sum(len(row[5]) for row in rows))  # the payloads: all else is a few bytes
             conn.executemany(_INSERT, rows)
             conn.execute("COMMIT")
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, InsufficientStorageError) as exc:
         logger.error("storing %d tasks failed: %s", len(drafts), exc)
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, NewTask):

@@ -107,9 +107,10 @@ class Settings(BaseSettings):
         2 * 2**30,
         ge=0,
         le=2**50,
-        description="Free space uploads (model files, batch files) leave on their disk: one that "
-        "would leave less is refused with 507, so no upload fills the disk the database, logs and "
-        "models share.",
+        description="Free space uploads (model files, batch files), async tasks and batches "
+        "(rows of the database holding their requests) leave on their disk: one that would leave "
+        "less is refused with 507, so no request fills the disk the database, logs and models "
+        "share.",
     )
     model_upload_max_bytes: int = Field(
         128 * 2**30,

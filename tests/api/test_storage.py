@@ -6,6 +6,7 @@ refused while an endpoint uses the file or snapshot, and the disk figures."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -169,6 +170,65 @@ def test_uploads_leave_the_disk_its_reserve(tmp_path: Path) -> None:
         )
         assert batch.status_code == 507, batch.text
         assert admin.get("/v1/files").json()["data"] == []
+
+
+def test_tasks_and_batches_leave_the_disk_its_reserve(tmp_path: Path) -> None:
+    """Async tasks and the requests of a batch are rows of the database, on the data
+    directory's disk: with less free than the reserve they are refused with 507 like uploads,
+    and nothing is stored. Before, a team filled the disk with them, 2 MiB a task, or a whole
+    batch file copied into the database again with each batch made from it."""
+    with started_store(tmp_path, LIMIT_BYTES) as store:
+        admin = store.client()
+        key = team_key(admin, "red")
+        red = httpx.Client(base_url=store.url, headers={"x-api-key": key}, timeout=60)
+        body = standin_body("disk", gpus=0, min_workers=0)
+        made = red.post("/v1/model-endpoints", json=body)
+        assert made.status_code == 200, made.text
+        endpoint_id = made.json()["endpoint_creation_task_id"]
+        line = {
+            "custom_id": "1",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "disk", "prompt": "p", "max_tokens": 1},
+        }
+        upload = red.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")},
+        )
+        assert upload.status_code == 200, upload.text
+        # the same install, now with less free than its reserve
+        store.stop_role("api")
+        store.env_extra["APPLIANCE_DISK_RESERVE_BYTES"] = str(2**50)
+        store.start(roles=())
+
+        task = red.post(
+            "/v1/async-tasks",
+            params={"model_endpoint_id": endpoint_id},
+            json={"args": {"prompt": "p", "max_tokens": 1}},
+        )
+        assert task.status_code == 507, task.text
+        assert "APPLIANCE_DISK_RESERVE_BYTES" in task.json()["detail"]
+        batch = red.post(
+            "/v1/batches",
+            json={
+                "input_file_id": upload.json()["id"],
+                "endpoint": "/v1/completions",
+                "completion_window": "24h",
+            },
+        )
+        assert batch.status_code == 507, batch.text
+        assert "APPLIANCE_DISK_RESERVE_BYTES" in batch.json()["error"]["message"]
+        completions = red.post(
+            "/v2/batch-completions",
+            json={
+                "content": [{"prompt": "p", "max_tokens": 1}],
+                "output_data_path": "out",
+                "model_config": {"model": "disk"},
+            },
+        )
+        assert completions.status_code == 507, completions.text
+        assert red.get("/v1/batches").json()["data"] == []
 
 
 def test_an_interrupted_upload_leaves_nothing(store: Appliance) -> None:
