@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from appliance import __version__, build, bus, logs
 from appliance.settings import Settings, get_settings, settings_table
 
@@ -182,6 +184,17 @@ def _operate(args: argparse.Namespace, settings: Settings) -> None:
         sys.exit(f"appliance {args.command}: {exc}")
 
 
+def _settings(command: str) -> Settings:
+    """The settings, or an exit naming each bad variable and why (no traceback)."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        bad = "; ".join(
+            f"APPLIANCE_{str(error['loc'][0]).upper()}: {error['msg']}" for error in exc.errors()
+        )
+        sys.exit(f"appliance {command}: {bad}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "settings":
         print(settings_table())
         return
-    settings = get_settings()
+    settings = _settings(args.command)
     if args.command in ("backup", "restore", "export", "apply"):
         _operate(args, settings)
         return

@@ -17,6 +17,7 @@ from appliance.models import ApiKey
 
 KEY_PREFIX = "mea"
 SCOPES = ("inference", "manage", "admin")
+SHAPE = f"{KEY_PREFIX}_<12 hex digits>_<secret>"  # what `split` accepts, in words
 
 
 def digest(secret: bytes, key: str) -> str:
@@ -51,7 +52,7 @@ def create_key(
     text = text or new_key_text()
     parsed = split(text)
     if parsed is None:
-        raise ValueError("an API key looks like mea_<12 hex>_<secret>")
+        raise ValueError(f"an API key looks like {SHAPE}")
     row = ApiKey(
         id=new_id("key"),
         prefix=parsed[0],

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from appliance import keys
+
 
 class Settings(BaseSettings):
     """Every tunable of the appliance; each field is documented in the README's table."""
@@ -217,7 +219,9 @@ class Settings(BaseSettings):
         "default.",
     )
     admin_key: str | None = Field(
-        None, description="Admin API key to install on first start instead of a random one."
+        None,
+        description="Admin API key to install on first start instead of a random one; shaped "
+        f"like every key: `{keys.SHAPE}` (no `_` in the secret).",
     )
     worker_concurrency: int = Field(
         64, ge=1, description="Async tasks one worker process runs at once (requests in flight)."
@@ -269,6 +273,17 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("hf_endpoint must be an http:// or https:// URL")
         return value.strip().rstrip("/")
+
+    @field_validator("admin_key")
+    @classmethod
+    def _key_shaped(cls, value: str | None) -> str | None:
+        """Blank (compose passes it through empty) is unset; a bad one is refused here, before
+        any role starts, rather than by the api once the others run."""
+        if not value:
+            return None
+        if keys.split(value) is None:
+            raise ValueError(f"an API key looks like {keys.SHAPE}")
+        return value
 
     @property
     def database_path(self) -> Path:

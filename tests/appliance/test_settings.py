@@ -1,0 +1,45 @@
+"""A bad setting stops every command at once with a line that names the variable, never a
+traceback from deep inside a role after the others have started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from appliance.settings import Settings
+from tests.harness import ADMIN_KEY
+
+
+def test_an_admin_key_not_shaped_like_a_key_is_refused_with_its_shape() -> None:
+    with pytest.raises(ValidationError, match=r"mea_<12 hex digits>_<secret>"):
+        Settings(admin_key="sk-my-own-admin-key")
+    assert Settings(admin_key=ADMIN_KEY).admin_key == ADMIN_KEY
+    assert Settings(admin_key="").admin_key is None  # compose passes it through empty: unset
+
+
+def test_up_with_a_bad_admin_key_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        {
+            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
+            "APPLIANCE_ADMIN_KEY": "sk-my-own-admin-key",
+            "APPLIANCE_REDIS_URL": "redis://127.0.0.1:1/0",
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "APPLIANCE_ADMIN_KEY" in done.stderr
+    assert "mea_<12 hex digits>_<secret>" in done.stderr
+    assert not (tmp_path / "data").exists()  # no role started, nothing was made
