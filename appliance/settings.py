@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     docker_host: str | None = Field(None, description="Docker Engine URL (default: DOCKER_HOST).")
     replica_network: str | None = Field(
         None,
-        description="Docker network replicas join and are reached on by name; unset publishes "
-        "replica ports on 127.0.0.1.",
+        description="Docker network replicas join and are reached on by name (compose: one of "
+        "their own, which Redis is not on); unset publishes replica ports on 127.0.0.1.",
     )
     host: str = Field("127.0.0.1", description="Address the api listens on.")
     port: int = Field(8000, description="Port the api listens on.")
@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         None,
         description="Image of the GPU agent the builder starts with the box's GPUs to read "
         "NVML (compose: the appliance's own image); unset, the builder reads NVML itself.",
+    )
+    gpu_agent_network: str | None = Field(
+        None,
+        description="Docker network the GPU agent joins to reach Redis (compose: the "
+        "appliance's own, which replicas do not join); unset: the replicas' network.",
     )
     docker_gpu_runtime: bool = Field(
         True, description="Request GPUs from the NVIDIA container runtime for GPU replicas."

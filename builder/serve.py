@@ -38,9 +38,9 @@ def _gpu_source(
             "APPLIANCE_LOG_LEVEL": "WARNING",
             "NVIDIA_DRIVER_CAPABILITIES": "utility",  # NVML is all the agent needs
         }
-        agent = AgentGpuSource(
-            docker, redis, settings.gpu_agent_image, env, settings.replica_network
-        )
+        # the agent writes to Redis, which the replicas' network (in compose) does not reach
+        network = settings.gpu_agent_network or settings.replica_network
+        agent = AgentGpuSource(docker, redis, settings.gpu_agent_image, env, network)
         return agent, agent
     gpu_file = str(settings.gpu_inventory_file) if settings.gpu_inventory_file else None
     return load_gpu_source(gpu_file), None

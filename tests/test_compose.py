@@ -79,10 +79,44 @@ def running(project: str) -> list[str]:
 
 
 def replicas_on(project: str, *flags: str) -> list[str]:
-    """Ids of replica containers on the compose project's network (`-a`: stopped ones too)."""
-    cmd = ["docker", "ps", "-q", *flags, "--filter", f"network={project}"]
-    cmd += ["--filter", "label=appliance.endpoint"]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    """Ids of replica containers on the compose project's networks (`-a`: stopped ones too)."""
+    found: list[str] = []
+    for network in (project, f"{project}-replicas"):
+        cmd = ["docker", "ps", "-q", *flags, "--filter", f"network={network}"]
+        cmd += ["--filter", "label=appliance.endpoint"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+        found += [c for c in out if c not in found]
+    return found
+
+
+def networks_of(container: str) -> list[str]:
+    out = subprocess.run(
+        ["docker", "inspect", "-f", "{{json .NetworkSettings.Networks}}", container],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sorted(json.loads(out))
+
+
+def reaches(network: str, host: str, port: int) -> bool:
+    """Whether a container on `network` can open a TCP connection to `host:port`, as code
+    running in a replica could."""
+    probe = (
+        "import socket,sys\n"
+        "try:\n"
+        f"    socket.create_connection(({host!r}, {port}), timeout=5).close()\n"
+        "except OSError:\n"
+        "    sys.exit(3)\n"
+    )
+    run = subprocess.run(
+        ["docker", "run", "--rm", "--network", network, BASE_IMAGE, "python3", "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode in (0, 3), run.stderr
+    return run.returncode == 0
 
 
 def client_for(port: int) -> httpx.Client:
@@ -161,7 +195,14 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
         },
     )
     assert chat.status_code == 200, chat.text
-    assert len(replicas_on(project)) == 1
+    (replica,) = replicas_on(project)
+    # a replica runs code the appliance does not control (an approved image, a model's, an
+    # exploit of a server's parser): its network reaches the api, never Redis, which holds
+    # every team's tasks, logs and limits and asks for no password
+    (network,) = networks_of(replica)
+    assert reaches(network, "api", 8000)
+    assert not reaches(network, "redis", 6379)
+    assert network == f"{project}-replicas"
     # the operator's tools in the image, on the box: no URL or key needed
     exported = compose(project, env, "exec", "-T", "api", "appliance", "export")
     assert exported.returncode == 0 and "name: in-compose" in exported.stdout, exported.stderr

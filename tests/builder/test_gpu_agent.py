@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import redis
 
+from appliance.settings import Settings
 from builder.docker_engine import DockerEngine, GpuAgentError
 from builder.gpu_agent import AgentGpuSource
+from builder.serve import _gpu_source
 from gpu import agent
 from gpu.inventory import StaticGpuSource
 from tests.harness import RedisServer
@@ -60,3 +62,20 @@ def test_without_the_nvidia_runtime_the_builder_sees_no_gpus_and_why(
     seen = gpus.read()
     assert seen.gpus == ()
     assert refusal in seen.message and "gpus=0" in seen.message
+
+
+def test_the_agent_joins_the_network_that_reaches_redis() -> None:
+    """In compose, replicas have a network without Redis; the agent writes to Redis, so it
+    joins the appliance's network where one is named, and the replicas' one otherwise."""
+    docker: DockerEngine = Engine()  # type: ignore[assignment]
+    client = redis.Redis()  # not connected: only the choice of network is read
+    both = Settings(
+        gpu_agent_image="appliance:test",
+        replica_network="appliance-replicas",
+        gpu_agent_network="appliance",
+    )
+    agent_source = _gpu_source(both, docker, client)[1]
+    assert agent_source is not None and agent_source.network == "appliance"
+    one = Settings(gpu_agent_image="appliance:test", replica_network="appliance-replicas")
+    agent_source = _gpu_source(one, docker, client)[1]
+    assert agent_source is not None and agent_source.network == "appliance-replicas"
