@@ -16,7 +16,7 @@ import redis
 
 from appliance import bus
 from appliance.db import open_engine, session_scope
-from appliance.models import Endpoint, Replica, ReplicaState
+from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from tests.forwarder.test_async_support import seed_endpoint
 from tests.harness import ADMIN_KEY, Appliance, RedisServer
 from tests.web.browser import sign_in
@@ -124,3 +124,38 @@ def test_an_uploaded_file_is_listed_without_a_reload(
     assert "Uploaded small.gguf" in page.inner_text("[data-upload-state]")
     assert "1 in the models directory" in page.inner_text("#model-files")
     assert os.listdir(models) == ["small.gguf"]
+
+
+def seed_replicaless(appliance: Appliance, name: str, desired: int) -> str:
+    """An endpoint that may scale to zero, with no replica row: `desired` 0 is scaled to zero,
+    1 is a first deploy (or a request waking it) whose replica the builder has not made yet."""
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        session.add(
+            Endpoint(
+                id=f"end_{name}",
+                name=name,
+                owner="admin",
+                created_by="test",
+                framework="llamacpp",
+                model="model.gguf",
+                endpoint_type="streaming",
+                status=EndpointStatus.UPDATE_PENDING if desired else EndpointStatus.READY,
+                min_replicas=0,
+                desired_replicas=desired,
+            )
+        )
+    engine.dispose()
+    return f"end_{name}"
+
+
+def test_a_replica_on_its_way_is_not_called_scaled_to_zero(api_only: Appliance, page: Any) -> None:
+    starting = seed_replicaless(api_only, "starting", desired=1)
+    idle = seed_replicaless(api_only, "idle", desired=0)
+    sign_in(page, api_only.url, ADMIN_KEY)
+    page.goto(f"{api_only.url}/ui/endpoints/{starting}")
+    replicas = page.inner_text("[data-no-replicas]")
+    assert "scaled to zero" not in replicas
+    assert "1 starting" in replicas
+    page.goto(f"{api_only.url}/ui/endpoints/{idle}")
+    assert "scaled to zero; the first request starts one" in page.inner_text("[data-no-replicas]")
