@@ -50,7 +50,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="Most bytes the Hugging Face cache may hold; a download that would pass it "
-        "is refused before it starts (unset: the disk's free space is the limit).",
+        "is refused before it starts (unset: the disk's free space less its reserve, "
+        "APPLIANCE_DISK_RESERVE_BYTES, is the limit).",
     )
     redis_url: str | None = Field(
         None, description="Redis URL; unset with `appliance up` starts a private redis-server."
@@ -115,9 +116,9 @@ class Settings(BaseSettings):
         ge=0,
         le=2**50,
         description="Free space uploads (model files, batch files), async tasks and batches "
-        "(rows of the database holding their requests) leave on their disk: one that would leave "
-        "less is refused with 507, so no request fills the disk the database, logs and models "
-        "share.",
+        "(rows of the database holding their requests) and Hugging Face downloads leave on their "
+        "disk: one that would leave less is refused (507; a download fails saying so), so no "
+        "request fills the disk the database, logs and models share.",
     )
     model_upload_max_bytes: int = Field(
         128 * 2**30,

@@ -164,9 +164,11 @@ def cache_bytes(folder: Path) -> int:
 
 
 def free_bytes(settings: Settings) -> int:
-    """Space the cache may still grow by: the disk's free space, within the cap if one is set."""
+    """Space the cache may still grow by: the disk's free space less its reserve
+    (`APPLIANCE_DISK_RESERVE_BYTES`, which uploads, tasks and batches leave too: the database
+    may share the disk), within the cap if one is set."""
     folder = hub_dir(settings)
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(folder).free - settings.disk_reserve_bytes
     if settings.hf_cache_max_bytes is not None:
         free = min(free, settings.hf_cache_max_bytes - cache_bytes(settings.hf_cache_path))
     return max(free, 0)
@@ -177,7 +179,11 @@ def check_space(model: HubModel, now: Transfer, free: int, capped: bool) -> None
     needed = now.total_bytes - now.done_bytes
     if needed > free:
         held = f" ({size_text(now.done_bytes)} already downloaded)" if now.done_bytes else ""
-        fix = "raise APPLIANCE_HF_CACHE_MAX_BYTES" if capped else "add disk space"
+        fix = (
+            "raise APPLIANCE_HF_CACHE_MAX_BYTES"
+            if capped
+            else "add disk space (APPLIANCE_DISK_RESERVE_BYTES of it stay free)"
+        )
         raise WeightsError(
             f"{model.repository} does not fit in the Hugging Face cache: it needs "
             f"{size_text(needed)}, {size_text(free)} free{held}; delete models no endpoint "

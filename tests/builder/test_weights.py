@@ -96,6 +96,18 @@ def test_a_model_that_does_not_fit_is_refused_before_any_download(tmp_path: Path
     assert not list((tmp_path / "data/hf-cache/hub").glob("models--*/blobs/*"))
 
 
+def test_a_download_leaves_the_disk_its_reserve(tmp_path: Path, hub: Hub) -> None:
+    """The cache shares its disk with the database (in compose, the host's disk): a download
+    any team may ask for fills it only to APPLIANCE_DISK_RESERVE_BYTES, as uploads, tasks and
+    batches do. Before, it was checked against the whole free space, down to the last byte."""
+    reserved = settings(tmp_path, hub, disk_reserve_bytes=2**50)  # more than any disk has
+    with pytest.raises(WeightsError) as refused:
+        download(HubModel(REPO), reserved, lambda _: None)
+    assert "it needs 12.6 MB, 0 B free" in refused.value.message, refused.value.message
+    assert "APPLIANCE_DISK_RESERVE_BYTES" in refused.value.message
+    assert fetched(hub) == []
+
+
 def test_the_space_check_counts_what_is_already_downloaded(tmp_path: Path, hub: Hub) -> None:
     first = settings(tmp_path, hub)
     download(HubModel(REPO), first, lambda _: None)
@@ -199,7 +211,8 @@ def test_the_refusal_says_the_numbers_and_what_to_do() -> None:
         check_space(big, Transfer(0, 16_100_000_000, 0, 9), 9_800_000_000, capped=False)
     assert disk.value.message == (
         "acme/big does not fit in the Hugging Face cache: it needs 16.1 GB, 9.8 GB free; "
-        "delete models no endpoint uses, or add disk space"
+        "delete models no endpoint uses, or add disk space (APPLIANCE_DISK_RESERVE_BYTES of it "
+        "stay free)"
     )
     with pytest.raises(WeightsError) as capped:
         check_space(big, Transfer(4_000_000_000, 16_100_000_000, 3, 9), 2_000_000_000, True)
