@@ -42,13 +42,14 @@ from api.deps import (
 )
 from api.errors import invalid_field
 from api.file_service import owned_file
+from api.inference import admission
 from api.inference.schemas import CompletionV1Request
 from appliance.db import session_scope
-from appliance.errors import InvalidSpecError
+from appliance.errors import ApplianceError, InvalidSpecError
 from appliance.keys import Caller
 from appliance.models import Batch
 from forwarder import llm_engine
-from forwarder.paths import CHAT, COMPLETIONS
+from forwarder.paths import BY_NAME, CHAT, COMPLETIONS
 from forwarder.worker import batches
 
 router = APIRouter(tags=["batch-completions"], dependencies=[require("inference")])
@@ -126,6 +127,10 @@ async def _create(
 ) -> Batch:
     _check(body)
     model = str(body.engine_model["model"])
+    try:  # named once, in model_config: refused there, not as its first prompt
+        await admission.find_target(state, caller, BY_NAME, model)
+    except ApplianceError as exc:
+        raise exc.located("model_config.model") from exc
     content = body.content
     if body.input_data_path is not None:
         content = await run_in_threadpool(_read_input, body.input_data_path, caller, state)

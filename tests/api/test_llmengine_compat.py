@@ -348,6 +348,8 @@ def test_batch_completions_refuse_what_they_would_not_honour(api_only: Appliance
         "/v1/llm/batch-completions", json={**base, "model_config": {"model": "nowhere"}}
     )
     assert missing.status_code == 404
+    # The client's own words for an unknown model, naming where it was named (not a prompt)
+    assert missing.json()["detail"] == "model_config.model: no endpoint named 'nowhere'"
     job = admin.post("/v2/batch-completions", json=base)
     assert job.status_code == 200, job.text
     made = job.json()
