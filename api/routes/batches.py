@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -77,19 +77,24 @@ def _read_input(
 
 @router.get("/v1/batches")
 def read_batches(
-    caller: CallerDep, session: SessionDep, limit: int = 20, after: str | None = None
+    caller: CallerDep,
+    session: SessionDep,
+    limit: int = Query(20, ge=1, le=100, description="Batches a page, 1 to 100 (OpenAI's)."),
+    after: str | None = None,
 ) -> dict[str, Any]:
-    query = select(Batch).order_by(col(Batch.id).desc()).limit(max(1, min(limit, 100)))
+    # one more than the page: whether it exists is `has_more`
+    query = select(Batch).order_by(col(Batch.id).desc()).limit(limit + 1)
     query = queries.of_team(query, col(Batch.owner), caller)
     if after:
         query = query.where(col(Batch.id) < after)
-    data = [batch_public(b, session) for b in session.exec(query).all()]
+    rows = session.exec(query).all()
+    data = [batch_public(b, session) for b in rows[:limit]]
     return {
         "object": "list",
         "data": data,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
-        "has_more": len(data) == limit,
+        "has_more": len(rows) > limit,
     }
 
 

@@ -146,3 +146,30 @@ def test_a_batch_waiting_for_the_write_lock_leaves_the_api_answering(bed: Bed) -
     sender.join(60)
     assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
     assert outcome[0].status == "in_progress"
+
+
+def test_listing_batches_pages_exactly_and_refuses_a_bad_limit(bed: Bed) -> None:
+    """`limit` is OpenAI's 1 to 100, refused outside it with a 400 naming it (it was clamped
+    in silence, so `limit=500` answered 100 batches with `has_more: false`), and `has_more`
+    says whether another page exists, not whether this one is full."""
+    key = bed.key(team="t2")
+    oai = sdk(bed, key)
+    source = oai.files.create(
+        file=("in.jsonl", json.dumps(line("1", THEIRS)).encode()), purpose="batch"
+    )
+    made = [
+        oai.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h").id
+        for _ in range(3)
+    ]
+    client = httpx.Client(base_url=bed.appliance.url, headers=auth(key), timeout=30)
+    first = client.get("/v1/batches", params={"limit": 2}).json()
+    assert [b["id"] for b in first["data"]] == made[::-1][:2] and first["has_more"] is True
+    rest = client.get("/v1/batches", params={"limit": 100, "after": first["last_id"]}).json()
+    assert rest["data"][0]["id"] == made[0] and rest["has_more"] is False
+    every = len(rest["data"]) + 2
+    whole = client.get("/v1/batches", params={"limit": every}).json()
+    assert len(whole["data"]) == every and whole["has_more"] is False
+    for bad in ("0", "-1", "101", "500", "9" * 30, "x"):
+        refused = client.get("/v1/batches", params={"limit": bad})
+        assert refused.status_code == 400, (bad, refused.text)
+        assert "limit" in refused.json()["error"]["message"], refused.text
