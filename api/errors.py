@@ -251,15 +251,23 @@ def _not_json(problem: Any) -> Any:
 
 async def _http(request: Request, exc: Exception) -> Response:
     """FastAPI's own answers (no such route, a method the route lacks): in OpenAI's envelope
-    for every unknown path under /v1 and /v2 (OpenAI's SDK is pointed at either) and for
-    OpenAI's routes, as its SDK expects."""
+    for every unknown path under /v1 and /v2 (OpenAI's SDK is pointed at either), for
+    OpenAI's routes, as its SDK expects, and for OpenAI's routes without their /v1 (an SDK
+    whose base_url lacks it), saying so."""
     assert isinstance(exc, HTTPException)
     path = request.url.path
     envelope = envelope_of(path)
     unknown = exc.status_code == 404 and path.startswith(OPENAI_PREFIXES)
-    if envelope not in (OPENAI, BOTH) and not unknown:
+    unprefixed = exc.status_code == 404 and envelope_of("/v1" + path) in (OPENAI, BOTH)
+    if envelope not in (OPENAI, BOTH) and not unknown and not unprefixed:
         return await http_exception_handler(request, exc)
     message = f"Invalid URL ({request.method} {path})" if unknown else str(exc.detail)
+    if unprefixed:  # an SDK whose base_url lacks /v1: say where the routes are
+        v1 = str(request.base_url).rstrip("/") + "/v1"
+        message = (
+            f"Invalid URL ({request.method} {path}): OpenAI's routes are under /v1; "
+            f"set the client's base_url to {v1}"
+        )
     reply = openai_error(exc.status_code, message)
     body = json.dumps(reply | {"detail": message} if envelope == BOTH else reply).encode()
     headers = {**(exc.headers or {}), "content-type": "application/json"}

@@ -82,6 +82,27 @@ def test_the_sdk_at_v2_lists_models_and_hears_unknown_paths_in_its_envelope(
     assert unknown.value.body["message"] == "Invalid URL (GET /v2/no/such/route)"  # type: ignore[index]
 
 
+def test_the_sdk_without_v1_in_its_base_url_is_told_where_the_routes_are(
+    api_only: Appliance,
+) -> None:
+    """A base_url without /v1 (the commonest mistake) sends the SDK to /chat/completions: its
+    404 is OpenAI's, and says where the routes are, not FastAPI's bare "Not Found"."""
+    seed(api_only)
+    bare = openai.OpenAI(base_url=api_only.url, api_key=ADMIN_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as chat:
+        bare.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
+    assert chat.value.body["message"] == (  # type: ignore[index]
+        "Invalid URL (POST /chat/completions): OpenAI's routes are under /v1; "
+        f"set the client's base_url to {api_only.url}/v1"
+    )
+    with pytest.raises(openai.NotFoundError) as models:
+        bare.models.list()
+    assert "/v1" in models.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as files:
+        bare.files.retrieve("file_x")
+    assert f"{api_only.url}/v1" in files.value.body["message"]  # type: ignore[index]
+
+
 def test_unknown_paths_outside_v1_keep_fastapis_shape(api_only: Appliance) -> None:
     reply = httpx.get(api_only.url + "/v9/nothing", headers={"x-api-key": ADMIN_KEY})
     assert reply.status_code == 404
