@@ -236,5 +236,6 @@ def create_app(
         ui.router, responses=errors.ERROR_RESPONSES
     )  # the web UI, and its static files below
     app.include_router(ui.root)
+    app.add_exception_handler(ui.PageRefusedError, ui.refused)
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="ui-static")
     return app

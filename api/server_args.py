@@ -19,7 +19,7 @@ from appliance.keys import Caller
 from appliance.models import Framework
 from appliance.settings import Settings
 from builder import frameworks, policy
-from forwarder.worker.callbacks import CallbackRefusedError, check_url
+from forwarder.worker.callbacks import CallbackRefusedError, check_auth, check_url
 
 Request = CreateLLMEndpointRequest | UpdateLLMEndpointRequest
 
@@ -179,7 +179,7 @@ def server_args(
 
 def check_fields(framework: str, req: Request, settings: Settings) -> None:
     """422 for the request fields that mean nothing for this framework or on one box, and for
-    a default callback URL that callbacks would refuse."""
+    a default callback URL or credentials that callbacks would refuse."""
     if framework != Framework.CUSTOM:
         for name in ("command", "port", "healthcheck_route"):
             if getattr(req, name) is not None:
@@ -206,6 +206,7 @@ def check_fields(framework: str, req: Request, settings: Settings) -> None:
             raise InvalidSpecError(
                 f"default_callback_url is refused: {message}", field="default_callback_url"
             ) from None
+    check_auth(req.default_callback_auth, "default_callback_auth")
     if framework != Framework.VLLM and (req.num_shards or 0) > 1:
         raise InvalidSpecError(
             f"num_shards is vLLM's tensor parallelism; a {framework} endpoint uses `gpus`",

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AdmittedDep, CallerDep, StateDep, require
@@ -28,7 +28,7 @@ from forwarder.llm_engine import (
 )
 from forwarder.paths import BY_ID, CHAT, COMPLETIONS, upstream_for
 from forwarder.worker import taskstore
-from forwarder.worker.callbacks import check_url
+from forwarder.worker.callbacks import check_auth, check_url
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,17 @@ OPENAI_ROUTES = (CHAT, COMPLETIONS)
 
 
 class CreateAsyncTaskRequest(BaseModel):
-    """LLM Engine's EndpointPredictV1Request, plus `route` to pick the replica's path."""
+    """LLM Engine's EndpointPredictV1Request, plus `route` to pick the replica's path. Its
+    fields for pickled and remote inputs and outputs (`url`, `cloudpickle`,
+    `destination_path`, `return_pickled`) are taken as its clients send them by default
+    (null, false) and refused otherwise (`check_shape`), as is any field it has not."""
+
+    model_config = ConfigDict(extra="allow")
 
     args: Any = None
     url: str | None = None
+    cloudpickle: str | None = None
+    destination_path: str | None = None
     callback_url: str | None = None
     callback_auth: dict[str, Any] | None = None
     return_pickled: bool = False
@@ -74,12 +81,31 @@ def usable_endpoint(
     return endpoint
 
 
+UNSERVED = {
+    "url": "a task's input is its `args`; the appliance fetches no URL",
+    "cloudpickle": "pickled inputs are not taken; send `args` as JSON",
+    "destination_path": "results are read with GET /v1/async-tasks/{id} or a callback",
+}
+
+
 def check_shape(body: CreateAsyncTaskRequest) -> None:
-    """A 422 for args that are no JSON object or array, or a route that is no plain path."""
+    """A 400 for args that are no JSON object or array, a route that is no plain path, a
+    field the appliance would drop unread, or callback credentials it could not send."""
     if body.args is not None and not isinstance(body.args, dict | list):
         raise InvalidSpecError("args must be a JSON object or array", field="args")
     if body.route is not None and (not body.route.startswith("/") or ".." in body.route):
         raise InvalidSpecError("route must be a path such as /v1/completions", field="route")
+    for name, why in UNSERVED.items():
+        if getattr(body, name) is not None:
+            raise InvalidSpecError(f"{name} is refused: {why}", field=name)
+    if body.return_pickled:
+        raise InvalidSpecError(
+            "return_pickled is refused: results are JSON", field="return_pickled"
+        )
+    for name, value in (body.model_extra or {}).items():
+        if value is not None:
+            raise InvalidSpecError(f"{name} is refused: a task has no such field", field=name)
+    check_auth(body.callback_auth)
 
 
 def task_payload(

@@ -18,7 +18,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -101,6 +101,41 @@ def check_url(url: str, allowed_hosts: Sequence[str]) -> Target:
                     f"callback host {host!r} resolves to a {why} address", field="callback_url"
                 )
     return Target(url, host, port, addresses)
+
+
+AUTH_FIELDS = frozenset({"kind", "username", "password"})
+
+
+def check_auth(auth: Mapping[str, Any] | None, field: str = "callback_auth") -> None:
+    """LLM Engine's `CallbackAuth` as the worker sends it: HTTP Basic (`kind` "basic", a
+    `username` and a `password`). mTLS, and credentials Basic cannot carry (a colon in the
+    user name, characters outside Latin-1), are refused naming `field`: taken, they were
+    dropped at delivery, and the callback went out without them or not at all."""
+    if auth is None:
+        return
+    kind = auth.get("kind", "basic")
+    if kind != "basic":
+        raise CallbackRefusedError(
+            f"{field}: kind {kind!r} is refused; callbacks carry HTTP Basic credentials "
+            '(kind "basic", username, password) only',
+            field=field,
+        )
+    unknown = sorted(set(auth) - AUTH_FIELDS)
+    if unknown:
+        raise CallbackRefusedError(f"{field}: unknown fields {unknown}", field=field)
+    for part in ("username", "password"):
+        value = auth.get(part)
+        if not isinstance(value, str):
+            raise CallbackRefusedError(f"{field}.{part} must be a string", field=field)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise CallbackRefusedError(
+                f"{field}.{part} has characters HTTP Basic cannot carry (Latin-1 only)",
+                field=field,
+            ) from None
+    if ":" in auth["username"]:
+        raise CallbackRefusedError(f"{field}.username may not hold ':'", field=field)
 
 
 def signing_secret(key_secret: bytes) -> bytes:

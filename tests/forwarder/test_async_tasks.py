@@ -336,3 +336,41 @@ def test_one_endpoints_backlog_does_not_hold_up_anothers_tasks(
         wait_tasks(client, queued, 120)
     finally:
         slow.stop()
+
+
+def test_task_fields_the_appliance_would_not_honour_are_refused_naming_them(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """An async task's body takes LLM Engine's fields as its clients send them (nulls and
+    defaults), but a field that would be dropped unread is a 400 naming it: an input `url`, a
+    pickle, a destination, `return_pickled`, a field no such request has, and a callback's
+    credentials the worker could not send (mTLS, a user name with a colon, or what HTTP Basic
+    cannot carry). Before, all of them were taken and ignored; the callback then went out
+    without the credentials asked for, or never went."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    submit = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
+    args = {"prompt": "p", "max_tokens": 1}
+    defaults = {"url": None, "cloudpickle": None, "return_pickled": False, "callback_auth": None}
+    assert client.post(submit, json={"args": args, **defaults}).status_code == 200
+    basic = {"kind": "basic", "username": "u", "password": "p"}
+    assert client.post(submit, json={"args": args, "callback_auth": basic}).status_code == 200
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"url": "https://example.com/input.json"}, "url"),
+        ({"cloudpickle": "gASVAAAA"}, "cloudpickle"),
+        ({"destination_path": "s3://bucket/out"}, "destination_path"),
+        ({"return_pickled": True}, "return_pickled"),
+        ({"surprise": 1}, "surprise"),
+        ({"callback_auth": {"kind": "mtls", "cert": "c", "key": "k"}}, "callback_auth"),
+        ({"callback_auth": {**basic, "username": "a:b"}}, "callback_auth"),
+        ({"callback_auth": {"kind": "basic", "username": "u"}}, "callback_auth"),
+        ({"callback_auth": {**basic, "password": "\u20ac"}}, "callback_auth"),
+        ({"callback_auth": {**basic, "extra": "x"}}, "callback_auth"),
+    ]
+    for extra, field in refused:
+        reply = client.post(submit, json={"args": args, **extra})
+        assert reply.status_code == 400, (extra, reply.text)
+        assert field in reply.json()["detail"], (extra, reply.text)
+    mtls = {"kind": "mtls", "cert": "c", "key": "k"}
+    update = client.put(f"/v1/model-endpoints/{endpoint_id}", json={"default_callback_auth": mtls})
+    assert update.status_code == 400 and "default_callback_auth" in update.text, update.text

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from tests.forwarder.test_async_support import seed_endpoint
-from tests.harness import ADMIN_KEY, Appliance, wait_until
+from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
 from tests.web.browser import check_page, field_error, sign_in
 
 EIGHT_GPUS = Path(__file__).resolve().parents[1] / "gpu" / "eight_h100.json"
@@ -191,3 +191,31 @@ def test_the_logs_page_carries_the_uis_security_headers(api_only: Appliance) -> 
     assert logs.status_code == 200 and logs.headers["content-type"].startswith("text/plain")
     assert logs.headers["x-content-type-options"] == "nosniff"
     assert "script-src 'self'" in logs.headers["content-security-policy"]
+
+
+def test_an_inference_key_lands_on_the_playground_and_sees_only_its_pages(
+    api_only: Appliance,
+) -> None:
+    """A key with the inference scope alone signs in where it can work (the playground), its
+    menu lists only the pages it may open, and a page it may not open says so as a page of
+    the UI, with that menu, not as a bare JSON error."""
+    key = make_key(api_only, "t1", scopes=("inference",))
+    client = httpx.Client(base_url=api_only.url, timeout=30)
+    entry = client.get("/ui", follow_redirects=True)  # what a browser does: /ui -> sign-in
+    reply = client.post(
+        "/ui/sign-in",
+        data={"csrf": csrf_of(entry.text), "key": key, "next": "/ui/endpoints"},
+    )
+    assert reply.status_code == 303
+    assert reply.headers["location"] == "/ui/playground"
+    playground = client.get("/ui/playground")
+    assert playground.status_code == 200
+    menu = re.findall(r'<nav class="nav".*?</nav>', playground.text, re.S)[0]
+    assert re.findall(r'href="(/ui/[a-z]+)"', menu) == ["/ui/playground", "/ui/tasks"]
+    refused = client.get("/ui/endpoints")
+    assert refused.status_code == 403
+    assert refused.headers["content-type"].startswith("text/html")
+    assert "Not allowed" in refused.text and "lacks the &#39;manage&#39; scope" in refused.text
+    assert 'href="/ui/playground"' in refused.text
+    assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/playground"
+

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from api import key_service
 from api.deps import AppState, SessionDep, StateDep, address_of
-from api.routes.ui.respond import FormDep, not_found, page, redirect
+from api.routes.ui.respond import FormDep, need, not_found, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
 from appliance.db import session_scope
 from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
@@ -52,6 +52,7 @@ def _keys_page(
 
 @router.get("/keys")
 def read_keys_page(request: Request, ui: SignedInDep, state: StateDep) -> Response:
+    need(ui.caller, "manage")
     return _keys_page(request, ui, state)
 
 

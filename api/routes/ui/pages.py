@@ -13,9 +13,9 @@ from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlmodel import Session, col, select
 
-from api import endpoint_logs, endpoint_service, gpu_inventory
+from api import endpoint_logs, endpoint_service, gpu_inventory, ui_session
 from api.deps import AppState, SessionDep, StateDep
-from api.routes.ui.respond import HEADERS, need, not_found, page, redirect
+from api.routes.ui.respond import HEADERS, home, need, not_found, page, redirect
 from api.ui_session import SignedInDep
 from appliance import bus, queries
 from appliance.errors import NotFoundError
@@ -44,8 +44,10 @@ def read_favicon() -> Response:
 
 
 @router.get("")
-def read_ui() -> Response:
-    return redirect("/ui/endpoints")
+def read_ui(request: Request, state: StateDep) -> Response:
+    """The signed-in key's first page (`home`); signing in first when there is no session."""
+    ui = ui_session.load(state, request.cookies.get(ui_session.SESSION_COOKIE))
+    return redirect(home(ui.caller) if ui else "/ui/endpoints")
 
 
 # --- endpoints -------------------------------------------------------------------------------

@@ -11,22 +11,22 @@ from fastapi import Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from api import ui_session
 from api.ui_session import UiSession
 from appliance.errors import ForbiddenError, NotFoundError
 from appliance.keys import Caller
 from web import render
 
-NAV = (
-    ("endpoints", "Endpoints", "/ui/endpoints"),
-    ("models", "Models", "/ui/models"),
-    ("playground", "Playground", "/ui/playground"),
-    ("gpus", "GPUs", "/ui/gpus"),
-    ("tasks", "Tasks", "/ui/tasks"),
-    ("usage", "Usage", "/ui/usage"),
-    ("keys", "API keys", "/ui/keys"),
-    ("audit", "Audit", "/ui/audit"),
+NAV = (  # (key, label, page, the scope it needs: "" none, "admin" an administrator's key)
+    ("endpoints", "Endpoints", "/ui/endpoints", "manage"),
+    ("models", "Models", "/ui/models", "manage"),
+    ("playground", "Playground", "/ui/playground", "inference"),
+    ("gpus", "GPUs", "/ui/gpus", "manage"),
+    ("tasks", "Tasks", "/ui/tasks", ""),
+    ("usage", "Usage", "/ui/usage", "manage"),
+    ("keys", "API keys", "/ui/keys", "manage"),
+    ("audit", "Audit", "/ui/audit", "admin"),
 )
-ADMIN_NAV = frozenset({"audit"})  # shown to administrators only
 HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:; "
     "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -58,8 +58,27 @@ def page(
 
 
 def nav_for(ui: UiSession | None) -> list[tuple[str, str, str]]:
-    admin = ui is not None and ui.caller.is_admin
-    return [item for item in NAV if admin or item[0] not in ADMIN_NAV]
+    """The menu: the pages the signed-in key may open (its routes check the same with `need`)."""
+    if ui is None:
+        return []
+    return [(key, label, href) for key, label, href, scope in NAV if _opens(ui.caller, scope)]
+
+
+def _opens(caller: Caller, scope: str) -> bool:
+    return caller.is_admin if scope == "admin" else not scope or caller.can(scope)
+
+
+def home(caller: Caller) -> str:
+    """The first page of the menu the key may open: where signing in (or /ui) lands."""
+    return next(href for _, _, href, scope in NAV if _opens(caller, scope))
+
+
+def landing(caller: Caller, target: str) -> str:
+    """`target` (a sign-in's `next`), or `home` when it is a menu page the key may not open."""
+    for _, _, href, scope in NAV:
+        if (target == href or target.startswith(href + "/")) and not _opens(caller, scope):
+            return home(caller)
+    return target
 
 
 def redirect(url: str) -> Response:
@@ -77,6 +96,21 @@ async def form_data(request: Request) -> dict[str, str]:
 FormDep = Annotated[dict[str, str], Depends(form_data)]
 
 
+class PageRefusedError(ForbiddenError):
+    """A UI route the key's scopes do not open: answered as a page of the UI (`refused`)."""
+
+
 def need(caller: Caller, scope: str) -> None:
     if not caller.can(scope):
-        raise ForbiddenError(f"this key lacks the {scope!r} scope")
+        raise PageRefusedError(f"this key lacks the {scope!r} scope")
+
+
+async def refused(request: Request, exc: Exception) -> Response:
+    """`need`'s refusal as the UI's "Not allowed" page, with the key's menu and a way on, not
+    a bare JSON error in the browser (mounted by `api.main` as PageRefusedError's handler)."""
+    assert isinstance(exc, PageRefusedError)
+    state = request.app.state.appliance
+    ui = ui_session.load(state, request.cookies.get(ui_session.SESSION_COOKIE))
+    return page(
+        request, "notfound.html", ui, status=403, heading="Not allowed", message=exc.message
+    )

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from api import signin_throttle, ui_session
 from api.deps import StateDep, address_of
-from api.routes.ui.respond import FormDep, page, redirect
+from api.routes.ui.respond import FormDep, landing, page, redirect
 from api.ui_session import ChangeDep
 from appliance import audit
 from appliance.errors import AuthError
@@ -58,7 +58,7 @@ def sign_in(request: Request, state: StateDep, form: FormDep) -> Response:
     audit.record_now(
         state.engine, caller, "session.sign_in", caller.key_id, {}, address_of(request)
     )
-    response = redirect(target)
+    response = redirect(landing(caller, target))
     ui_session.set_session_cookie(response, request, token)
     return response
 
