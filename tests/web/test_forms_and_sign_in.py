@@ -219,3 +219,19 @@ def test_an_inference_key_lands_on_the_playground_and_sees_only_its_pages(
     assert 'href="/ui/playground"' in refused.text
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/playground"
 
+
+def test_a_key_form_sent_twice_makes_one_key(api_only: Appliance) -> None:
+    """Reloading the page a new key is shown on sends its form again (the browser asks, the
+    user agrees): that makes no second key, whose text nobody would ever see, and says so."""
+    client = browser_client(api_only)
+    form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
+    assert form is not None
+    hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
+    body = {**hidden, "name": "sent-twice", "scope_inference": "on"}
+    first = client.post("/ui/keys", data=body)
+    assert first.status_code == 200 and 'id="new-key-text"' in first.text
+    again = client.post("/ui/keys", data=body)
+    assert 'id="new-key-text"' not in again.text
+    assert "This form was already sent" in again.text
+    listed = api_only.client().get("/v1/api-keys").json()["api_keys"]
+    assert [k["name"] for k in listed].count("sent-twice") == 1

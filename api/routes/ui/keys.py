@@ -3,6 +3,7 @@ and revoke buttons, through the REST routes' own functions. Included by `api.rou
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from api import key_service
 from api.deps import AppState, SessionDep, StateDep, address_of
@@ -47,7 +49,20 @@ def _keys_page(
         made=made,
         errors=errors or {},
         values=values or {"scope_inference": "on", "scope_manage": "on"},
+        once=secrets.token_urlsafe(16),
     )
+
+
+def _first_sending(state: AppState, once: str) -> bool:
+    """Whether the form carrying `once` is sent for the first time: a page reloaded after
+    making a key sends its form again, which must make no second key (its text is shown once,
+    on that page). A form without `once` (a script's POST) and a Redis outage are let through."""
+    if not once:
+        return True
+    try:
+        return bool(state.redis.set(FORM_ONCE_KEY.format(once=once), 1, nx=True, ex=FORM_ONCE_S))
+    except RedisError:
+        return True
 
 
 @router.get("/keys")
@@ -72,6 +87,12 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
     return body
 
 
+FORM_ONCE_KEY = "ui:keys-form:{once}"  # a new-key form already sent
+FORM_ONCE_S = 86400
+ALREADY_SENT = (
+    "This form was already sent, and its key made and shown then (a page reload sends it "
+    "again); no other key was made. To make another, fill in the form."
+)
 KEY_FIELDS = {
     "name": "name",
     "scopes": "scopes",
@@ -84,6 +105,9 @@ KEY_FIELDS = {
 def create_key_from_form(
     request: Request, ui: ChangeDep, form: FormDep, session: SessionDep, state: StateDep
 ) -> Response:
+    if not _first_sending(state, form.get("once", "")):
+        errors = {"": ALREADY_SENT}
+        return _keys_page(request, ui, state, errors=errors, values=form)
     try:
         body = key_service.CreateKeyRequest.model_validate(_key_request(form))
         made = key_service.create(body, ui.caller, session, state, address_of(request))
