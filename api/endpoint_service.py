@@ -122,7 +122,8 @@ def create_endpoint(
     """Shared by the by-name and by-id routes, the UI and the declared configuration:
     validate, store UPDATE_PENDING, audit, nudge. `owner`: another team's (admins only)."""
     endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
-    server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
+    sent_as = "gpus" if body.gpus is not None else "num_shards"  # vLLM's count, gpus unset
+    server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state), sent_as)
     if owner is not None:
         endpoint.owner = owner
     if session.exec(select(Endpoint).where(Endpoint.name == body.name)).first():

@@ -214,13 +214,21 @@ def check_fields(framework: str, req: Request, settings: Settings) -> None:
         )
 
 
-def check_gpu_type(gpu_type: str | None, gpus: int, gpu_names: list[str] | None) -> None:
+def check_gpu_type(
+    gpu_type: str | None, gpus: int, gpu_names: list[str] | None, sent_as: str = "gpus"
+) -> None:
     """A gpu_type is honoured when the box has GPUs of that type: 422 when it has none. Asks
     for more GPUs than the box has (as the builder last reported them) are a 422 too, not an
-    endpoint waiting for GPUs forever."""
+    endpoint waiting for GPUs forever, naming the field the count came in (`sent_as`:
+    `num_shards` when a create sent no `gpus`)."""
     if gpu_names is not None and gpus > len(gpu_names):
+        told = ""
+        if sent_as == "num_shards":
+            told = " (LLM Engine's count of GPUs, which its client sends as 1 unless told)"
+        way = "; send gpus=0 to run on the CPU" if not gpu_names else ""
         raise InvalidSpecError(
-            f"gpus {gpus} is more than this box has: {len(gpu_names)} GPUs", field="gpus"
+            f"{sent_as} {gpus}{told} is more than this box has: {len(gpu_names)} GPUs{way}",
+            field=sent_as,
         )
     if gpu_type is None:
         return

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
+from appliance import bus
 from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus
 from tests.harness import ADMIN_KEY, Appliance, RedisServer
@@ -91,6 +93,13 @@ SCRIPT = textwrap.dedent("""
                 out.setdefault("errors", []).append(None)
             except Exception as exc:
                 out.setdefault("errors", []).append([type(exc).__name__, str(exc)])
+    elif step == "no-gpus":  # Model.create as its docs show it, on a box without GPUs
+        try:
+            Model.create(
+                name="cpu-box", model="acme/standin-1b", inference_framework_image_tag="latest",
+                min_workers=0, max_workers=1, per_worker=2)
+        except Exception as exc:
+            out["error"] = [type(exc).__name__, str(exc)]
     elif step == "finetune":
         for call in (
             lambda: FineTune.create(model="llama", training_file="file_x"),
@@ -361,3 +370,17 @@ def test_batch_completions_refuse_what_they_would_not_honour(api_only: Appliance
     # Cancelled before any prompt ran: nothing counts as completed or failed
     after = admin.get(f"/v2/batch-completions/{made['job_id']}").json()["job"]
     assert (after["metadata"]["completed"], after["metadata"]["failed"]) == ("0", "0")
+
+
+def test_the_client_on_a_box_without_gpus_is_told_to_send_gpus_0(api_only: Appliance) -> None:
+    """Model.create sends num_shards=1 unless told, and no gpus: on a box whose builder found
+    no GPU the refusal names what the client sent (not a `gpus` it never set) and the way out."""
+    store = redis.Redis.from_url(api_only.redis.url)
+    store.set(bus.GPUS_KEY, json.dumps({"gpus": [], "message": "no GPUs"}))  # as the builder
+    store.close()
+    kind, message = client(api_only, "no-gpus")["error"]
+    assert kind == "BadRequestError"
+    assert message == (
+        "num_shards 1 (LLM Engine's count of GPUs, which its client sends as 1 unless told) "
+        "is more than this box has: 0 GPUs; send gpus=0 to run on the CPU"
+    )
