@@ -268,6 +268,10 @@ class UpdateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _Applia
     source: Literal["hugging_face"] | None = None  # LLM Engine's client sends null
 
 
+# `order_by` of the endpoint lists, LLM Engine's ModelEndpointOrderBy (unset: oldest first)
+OrderBy = Literal["newest", "oldest"]
+
+
 class CreateLLMEndpointResponse(BaseModel):
     endpoint_creation_task_id: str
 

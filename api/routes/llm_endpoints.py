@@ -22,6 +22,7 @@ from api.schemas import (
     CreateLLMEndpointResponse,
     DeleteResponse,
     EndpointView,
+    OrderBy,
     UpdateLLMEndpointRequest,
 )
 
@@ -48,7 +49,7 @@ def read_llm_endpoints(
     session: SessionDep,
     state: StateDep,
     name: str | None = None,
-    order_by: str | None = None,
+    order_by: OrderBy | None = None,
 ) -> dict[str, Any]:
     """The caller's team's endpoints: another team's public endpoint takes its inference,
     but its details are that team's."""

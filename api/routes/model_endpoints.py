@@ -16,6 +16,7 @@ from api.schemas import (
     CreateLLMEndpointResponse,
     DeleteResponse,
     EndpointView,
+    OrderBy,
     UpdateLLMEndpointRequest,
 )
 from appliance import queries
@@ -43,7 +44,7 @@ def read_model_endpoints(
     session: SessionDep,
     state: StateDep,
     name: str | None = None,
-    order_by: str | None = None,
+    order_by: OrderBy | None = None,
 ) -> dict[str, Any]:
     listed = endpoint_service.team_endpoints(
         caller, session, name=name, newest=order_by == "newest"

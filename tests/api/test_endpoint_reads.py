@@ -169,3 +169,22 @@ def test_a_batch_jobs_get_gives_back_its_model_config(api_only: Appliance) -> No
     assert got["model_config"] == made.json()["model_config"] == config
     assert set(got["metadata"]) >= {"output_data_path", "total"}
     assert not any(v.startswith("{") for v in got["metadata"].values())
+
+
+def test_lists_take_llm_engines_orders_and_refuse_any_other(api_only: Appliance) -> None:
+    """`order_by` is LLM Engine's `newest` or `oldest` (the default); anything else was
+    taken and ignored, and is now a 400 naming it on both list routes."""
+    admin = api_only.client()
+    for name in ("first", "second"):
+        body = {"name": name, "model_name": "google/gemma-3-270m", "gpus": 0, "min_workers": 0}
+        made = admin.post("/v1/llm/model-endpoints", json=body)
+        assert made.status_code == 200, made.text
+    for route in ("/v1/llm/model-endpoints", "/v1/model-endpoints"):
+        newest = admin.get(route, params={"order_by": "newest"}).json()["model_endpoints"]
+        oldest = admin.get(route, params={"order_by": "oldest"}).json()["model_endpoints"]
+        names = [e["name"] for e in oldest if e["name"] in ("first", "second")]
+        assert names == ["first", "second"]
+        assert [e["name"] for e in newest if e["name"] in names] == names[::-1]
+        refused = admin.get(route, params={"order_by": "sideways"})
+        assert refused.status_code == 400, refused.text
+        assert "order_by" in refused.text, refused.text
