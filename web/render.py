@@ -51,6 +51,7 @@ def environment() -> jinja2.Environment:
     env.globals["asset"] = lambda name: urls.get(name, f"{STATIC_URL}/{name}")
     env.filters["ago"] = _ago
     env.filters["clock"] = views.clock
+    env.filters["when"] = views.when
     env.filters["size"] = views.size
     env.filters["tone"] = views.tone
     return env

@@ -71,6 +71,13 @@ def clock(stamp: float | None) -> str:
     return when.strftime("%H:%M:%S" if when.date() == today else "%Y-%m-%d %H:%M")
 
 
+def when(stamp: float | None) -> str:
+    """A UTC date and time to the minute, whatever the day: a time ahead, such as an expiry."""
+    if stamp is None:
+        return "—"
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def size(n: float | None) -> str:
     """Bytes in binary units, one decimal: 4.0 GiB."""
     if n is None:

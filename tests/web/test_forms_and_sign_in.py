@@ -5,6 +5,7 @@ injected inventory. Every page is screenshot and checked at 1280 px and 390 px."
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -235,3 +236,17 @@ def test_a_key_form_sent_twice_makes_one_key(api_only: Appliance) -> None:
     assert "This form was already sent" in again.text
     listed = api_only.client().get("/v1/api-keys").json()["api_keys"]
     assert [k["name"] for k in listed].count("sent-twice") == 1
+
+
+def test_the_keys_page_says_when_a_key_expires(api_only: Appliance) -> None:
+    made = api_only.client().post(
+        "/v1/api-keys", json={"name": "short-lived", "expires_in_seconds": 3 * 86400}
+    )
+    assert made.status_code in (200, 201), made.text
+    client = browser_client(api_only)
+    row = re.search(r'<tr data-key="short-lived">.*?</tr>', client.get("/ui/keys").text, re.S)
+    assert row is not None
+    expires = time.strftime("%Y-%m-%d", time.gmtime(made.json()["expires_at"]))
+    assert f"expires {expires}" in row.group(0)
+    admin_row = re.search(r'<tr data-key="admin">.*?</tr>', client.get("/ui/keys").text, re.S)
+    assert admin_row is not None and "expires" not in admin_row.group(0)  # made without one
