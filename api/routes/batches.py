@@ -10,9 +10,10 @@ reload of the routing table); its SQLite, disk and Redis work runs on the thread
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import ConfigDict, Field
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -43,10 +44,22 @@ from forwarder.worker import batches
 
 router = APIRouter(tags=["batches"], dependencies=[require("inference")])
 
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
+class OpenAIBatchRequest(CreateBatchRequest):
+    """OpenAI's create-batch body: its fields only (any other, `output_expires_after` among
+    them, is a 400 naming it rather than dropped), and its bounds on `metadata`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
+
 
 @router.post("/v1/batches")
 async def create_batch(
-    body: CreateBatchRequest, caller: AdmittedDep, state: StateDep, address: AddressDep
+    body: OpenAIBatchRequest, caller: AdmittedDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
     """Each line is admitted as the request it will be (api/inference/admission.py): the
     key's token cap on its body, the tenancy of its endpoint; the key, its scope and counted

@@ -173,3 +173,31 @@ def test_listing_batches_pages_exactly_and_refuses_a_bad_limit(bed: Bed) -> None
         refused = client.get("/v1/batches", params={"limit": bad})
         assert refused.status_code == 400, (bad, refused.text)
         assert "limit" in refused.json()["error"]["message"], refused.text
+
+
+def test_a_batch_takes_openais_fields_within_openais_bounds(bed: Bed) -> None:
+    """A field the Batch API has not, or one the appliance would not honour
+    (`output_expires_after`: output files are kept by the appliance's own rules), is a 400
+    naming it, and `metadata` holds at most 16 pairs of 64-character keys and 512-character
+    values, as OpenAI's does: before, both were taken and unknown fields ignored, and a team
+    stored megabytes of metadata in every batch."""
+    key = bed.key(team="t2")
+    oai = sdk(bed, key)
+    source = oai.files.create(
+        file=("in.jsonl", json.dumps(line("1", THEIRS)).encode()), purpose="batch"
+    )
+    body = {"input_file_id": source.id, "endpoint": CHAT, "completion_window": "24h"}
+    client = httpx.Client(base_url=bed.appliance.url, headers=auth(key), timeout=60)
+    most = {f"k{i:02d}" + "k" * 61: "v" * 512 for i in range(16)}
+    assert client.post("/v1/batches", json={**body, "metadata": most}).status_code == 200
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"surprise": 1}, "surprise"),
+        ({"output_expires_after": {"anchor": "created_at", "seconds": 3600}}, "output_expires"),
+        ({"metadata": {**most, "one-more": "v"}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ]
+    for extra, field in refused:
+        reply = client.post("/v1/batches", json={**body, **extra})
+        assert reply.status_code == 400, (field, reply.text)
+        assert field in reply.json()["error"]["message"], (field, reply.text)
