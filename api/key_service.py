@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, col, select
 
 from api import team_limits
@@ -55,6 +55,27 @@ class CreateKeyRequest(BaseModel):
     max_concurrent_requests: Limit = None
     max_queued_tasks: Limit = None
     max_tokens_per_request: Limit = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limits_as_listed(cls, data: Any) -> Any:
+        """The limits also as a key is listed and exported (`limits: {...}`, `public`), so a
+        listing's shape sent back makes the same key; each is checked as when sent flat."""
+        if not isinstance(data, dict) or "limits" not in data:
+            return data
+        flat = {name: value for name, value in data.items() if name != "limits"}
+        nested = data["limits"] or {}
+        if not isinstance(nested, dict):
+            raise ValueError(f"limits must be an object of {', '.join(LIMITS)}")
+        for name, value in nested.items():
+            if name not in LIMITS:
+                raise ValueError(
+                    f"limits.{name} is not a limit; the limits are {', '.join(LIMITS)}"
+                )
+            if name in flat and flat[name] != value:
+                raise ValueError(f"{name} is sent twice: {flat[name]} and limits.{name} {value}")
+            flat[name] = value
+        return flat
 
 
 def public(row: ApiKey) -> dict[str, Any]:

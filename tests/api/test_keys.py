@@ -179,6 +179,29 @@ def test_a_limit_out_of_bounds_is_refused_naming_it_on_every_way_in(api_only: Ap
     assert "k" not in [k["name"] for k in listed["api_keys"]], listed  # nothing half-made
 
 
+def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Appliance) -> None:
+    """The listing, `GET /v1/config` and `/v1/config/apply` carry limits as `limits: {...}`:
+    a create sending them so (copied from a listing) is honoured, as is the flat shape; a name
+    sent both ways with two values is refused, naming it."""
+    admin = api_only.client()
+    nested = admin.post(
+        "/v1/api-keys",
+        json={"name": "nested", "limits": {"requests_per_minute": 7, "max_queued_tasks": 3}},
+    )
+    assert nested.status_code == 201, nested.text
+    assert nested.json()["limits"]["requests_per_minute"] == 7
+    assert nested.json()["limits"]["max_queued_tasks"] == 3
+    flat = admin.post("/v1/api-keys", json={"name": "flat", "requests_per_minute": 5})
+    assert flat.status_code == 201 and flat.json()["limits"]["requests_per_minute"] == 5
+    both = admin.post(
+        "/v1/api-keys",
+        json={"name": "both", "requests_per_minute": 5, "limits": {"requests_per_minute": 6}},
+    )
+    assert both.status_code == 422 and "requests_per_minute" in both.text, both.text
+    unknown = admin.post("/v1/api-keys", json={"name": "odd", "limits": {"per_hour": 1}})
+    assert unknown.status_code == 422 and "per_hour" in unknown.text, unknown.text
+
+
 def test_a_key_never_outlives_the_key_that_made_it(api_only: Appliance) -> None:
     """A team user's key that expires in 600 s made one with no expiry, and one for ten years;
     after the admin revoked it, they kept working. Now they expire with it, and go with it."""
