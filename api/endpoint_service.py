@@ -122,7 +122,9 @@ def create_endpoint(
     """Shared by the by-name and by-id routes, the UI and the declared configuration:
     validate, store UPDATE_PENDING, audit, nudge. `owner`: another team's (admins only)."""
     endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
-    sent_as = "gpus" if body.gpus is not None else "num_shards"  # vLLM's count, gpus unset
+    # the count came as num_shards when a body sent it and no gpus (LLM Engine's client)
+    sent = body.gpus is None and "num_shards" in body.model_fields_set
+    sent_as = "num_shards" if sent else "gpus"
     server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state), sent_as)
     if owner is not None:
         endpoint.owner = owner

@@ -384,3 +384,12 @@ def test_the_client_on_a_box_without_gpus_is_told_to_send_gpus_0(api_only: Appli
         "num_shards 1 (LLM Engine's count of GPUs, which its client sends as 1 unless told) "
         "is more than this box has: 0 GPUs; send gpus=0 to run on the CPU"
     )
+    # A body that sends neither (curl, the UI's form with GPUs left empty) hears of gpus
+    plain = api_only.client().post(
+        "/v1/llm/model-endpoints",
+        json={"name": "plain", "model_name": "acme/standin-1b", "inference_framework": "vllm"},
+    )
+    assert plain.status_code == 400
+    assert plain.json()["detail"] == (
+        "gpus 1 is more than this box has: 0 GPUs; send gpus=0 to run on the CPU"
+    )
