@@ -17,7 +17,9 @@ from appliance.models import ApiKey
 
 KEY_PREFIX = "mea"
 SCOPES = ("inference", "manage", "admin")
-SHAPE = f"{KEY_PREFIX}_<12 hex digits>_<secret>"  # what `split` accepts, in words
+# annotated: the compiled build (setup.py) reads appliance.settings, which quotes it, before
+# this module in their import cycle, and cannot infer its type that early
+SHAPE: str = f"{KEY_PREFIX}_<12 hex digits>_<secret>"  # what `split` accepts, in words
 
 
 def digest(secret: bytes, key: str) -> str:
