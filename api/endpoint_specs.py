@@ -7,6 +7,7 @@ break the container policy is refused here before anything is stored.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -205,7 +206,36 @@ def _check_image(endpoint: Endpoint, caller: Caller, settings: Settings) -> None
     )
 
 
+# Labels and metadata are answered whole by every list and GET of the endpoint: bounded as
+# stored (after an update's merge), so no team's endpoints make every listing megabytes.
+MAX_LABELS = 64
+MAX_LABEL_KEY = 128
+MAX_LABEL_VALUE = 256
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def _check_annotations(endpoint: Endpoint) -> None:
+    labels = endpoint.labels or {}
+    if len(labels) > MAX_LABELS:
+        raise InvalidSpecError(f"labels: at most {MAX_LABELS}, not {len(labels)}", field="labels")
+    for key, value in labels.items():
+        if len(key) > MAX_LABEL_KEY or len(value) > MAX_LABEL_VALUE:
+            raise InvalidSpecError(
+                f"labels: keys are at most {MAX_LABEL_KEY} characters and values "
+                f"{MAX_LABEL_VALUE}; {key[:40]!r} is longer",
+                field="labels",
+            )
+    size = len(json.dumps((endpoint.extra or {}).get("metadata") or {}))
+    if size > MAX_METADATA_BYTES:
+        raise InvalidSpecError(
+            f"metadata: at most {MAX_METADATA_BYTES} bytes as JSON, as stored (an update's "
+            f"keys merged in); this would be {size}",
+            field="metadata",
+        )
+
+
 def check_endpoint(endpoint: Endpoint, caller: Caller, settings: Settings) -> None:
+    _check_annotations(endpoint)
     if endpoint.min_replicas > endpoint.max_replicas:
         raise InvalidSpecError("min_workers must not exceed max_workers", field="min_workers")
     if endpoint.gpu_memory_fraction is not None and (
