@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint
 from tests.forwarder.test_async_support import seed_endpoint
 from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
 from tests.web.browser import check_page, field_error, sign_in
@@ -250,3 +252,21 @@ def test_the_keys_page_says_when_a_key_expires(api_only: Appliance) -> None:
     assert f"expires {expires}" in row.group(0)
     admin_row = re.search(r'<tr data-key="admin">.*?</tr>', client.get("/ui/keys").text, re.S)
     assert admin_row is not None and "expires" not in admin_row.group(0)  # made without one
+
+
+def test_the_pages_say_both_frameworks_run_without_gpus(api_only: Appliance) -> None:
+    """With 0 GPUs llama.cpp runs on the CPU, and so does vLLM (its CPU build): the form's
+    hint does not send a vLLM user away, and an endpoint taking one request at a time says
+    so in the singular."""
+    client = browser_client(api_only)
+    form = client.get("/ui/endpoints/new").text
+    assert "0 runs on the CPU: llama.cpp, or vLLM&#39;s CPU build." in form
+    endpoint_id = seed_endpoint(api_only.data_dir, "single", "127.0.0.1:9", endpoint_type="sync")
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        row = session.get(Endpoint, endpoint_id)
+        assert row is not None
+        row.target_concurrency = 1
+        session.add(row)
+    engine.dispose()
+    assert ", 1 request each<" in client.get(f"/ui/endpoints/{endpoint_id}").text
