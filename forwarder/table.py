@@ -29,6 +29,8 @@ CAUSE_LINE_MAX_CHARS: Final = 200
 _RAISED: Final = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)(?::|$)")
 _ERROR: Final = re.compile(r"^(?:error|ERROR)\b|^\w+: error\b")
 _POINTER: Final = re.compile(r"root cause above|see (?:the )?(?:error|log)s? above", re.I)
+# llama.cpp's server leads each line with its time and level: `0.00.010.760 E llama_model_load:`
+_STAMPED: Final = re.compile(r"^\d+(?:\.\d+){3} [DIWE] ")
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,10 @@ def waiting_message(target: Target, waited_s: float) -> str:
 def telling_lines(lines: list[str]) -> list[str]:
     """The lines of a log tail that name its error, the last CAUSE_LINES of them: Python's
     exceptions (`OSError: We couldn't connect to ...`) first, else error lines (llama.cpp's
-    `error: failed to load model`); never the ones that only point elsewhere ("See root cause
-    above") or any other line (a log tail may hold anything)."""
-    kept = [line.strip() for line in lines if not _POINTER.search(line)]
+    `error: failed to load model`, `llama_model_load: error loading model: ...`, without the
+    time and level its server leads them with); never the ones that only point elsewhere
+    ("See root cause above") or any other line (a log tail may hold anything)."""
+    kept = [_STAMPED.sub("", line.strip()) for line in lines if not _POINTER.search(line)]
     raised = [line for line in kept if _RAISED.match(line)]
     found = raised or [line for line in kept if _ERROR.match(line)]
     return list(dict.fromkeys(found))[-CAUSE_LINES:]

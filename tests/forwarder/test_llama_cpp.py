@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from appliance.errors import BadRequestError
+from forwarder import llama_cpp
 from forwarder.llama_cpp import CompletionShape, refusal, shape_for
+from forwarder.table import Target, failed_message
 from forwarder.usage import usage_from_json
 
 REPLIES = Path(__file__).parent / "llama_cpp_replies"
@@ -147,3 +149,41 @@ def test_what_llamacpp_ignores_is_refused_naming_the_field(
 def test_what_it_honours_passes() -> None:
     for payload in ({}, {"echo": False}, {"suffix": None}, {"best_of": 1}, {"n": 2}):
         assert refusal({"model": "m", "prompt": "p", **payload}) is None
+
+
+# What the llama.cpp server of the default image prints when its GGUF file will not load: each
+# line led by its time and level (`E` an error) and often a module, as the real image does
+BAD_GGUF_TAIL = """replica crashed 3 times; last: container exited with code 1
+warn: LLAMA_ARG_HOST environment variable is set, but will be overwritten by command line argument --host
+0.00.002.754 I srv  llama_server: initializing ...
+0.00.010.281 I srv    load_model: loading model '/models/bad.gguf'
+0.00.010.475 E gguf_init_from_reader: this GGUF file is version 201773982 but this software only supports up to version 3
+0.00.010.530 E gguf_init_from_reader: failed to read header
+0.00.010.760 E llama_model_load: error loading model: llama_model_loader: failed to load model from /models/bad.gguf
+0.00.010.789 E llama_model_load_from_file_impl: failed to load model
+0.00.013.492 E srv    load_model: failed to load model, '/models/bad.gguf'
+0.00.013.591 I srv    operator(): operator(): cleaning up before exit...
+0.00.014.147 E srv  llama_server: exiting due to model loading error"""  # noqa: E501
+
+
+def test_a_crashed_llama_cpp_replica_is_refused_naming_its_error_line() -> None:
+    """A request to a llama.cpp endpoint whose replica crash-looped hears the log line that
+    names the error, as it does for vLLM, though llama.cpp leads each line with its time and
+    level."""
+    target = Target(
+        endpoint_id="end_1",
+        name="broken",
+        owner="t",
+        public=False,
+        framework=llama_cpp.FRAMEWORK,
+        endpoint_type="streaming",
+        status="UPDATE_FAILED",
+        replicas=(),
+        status_reason=BAD_GGUF_TAIL,
+    )
+    assert failed_message(target) == (
+        "endpoint 'broken' failed to start: replica crashed 3 times; last: container exited "
+        "with code 1 (llama_model_load: error loading model: llama_model_loader: failed to load "
+        "model from /models/bad.gguf); fix it (PUT /v1/model-endpoints/end_1) or restart it "
+        "(POST /v1/model-endpoints/end_1/restart)"
+    )
