@@ -235,6 +235,13 @@ class Settings(BaseSettings):
     task_result_ttl_s: float = Field(
         86400.0, description="How long a finished async task and its result are kept."
     )
+    task_result_max_bytes: int = Field(
+        64 * 2**20,
+        ge=2**20,
+        le=2**31,
+        description="Longest reply an async task or batch request keeps: the worker gathers "
+        "a reply whole before it stores it, so a longer one ends its task FAILURE, saying so.",
+    )
     task_lease_s: float = Field(
         30.0,
         description="A running task whose worker stopped renewing its lease this long is "

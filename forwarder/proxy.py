@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from appliance.errors import (
     ApplianceError,
+    BadRequestError,
     CapacityError,
     EndpointDownError,
     NoReadyReplicaError,
@@ -35,6 +36,11 @@ from forwarder.upstream import UpstreamPool
 from forwarder.usage import Ledger
 
 logger = logging.getLogger(__name__)
+
+
+class ReplyTooLargeError(BadRequestError):
+    """A reply for the worker longer than it keeps: no retry would make it shorter."""
+
 
 EJECT_AFTER_FAILURES = 3  # consecutive failures that take a replica out of rotation
 PROBE_EVERY_S = 1.0  # health probe of an ejected replica
@@ -266,12 +272,14 @@ class Forwarder:
         waited: float,
         timeout_s: float = 0.0,
         key_id: str = "-",
+        max_bytes: int = 0,
     ) -> tuple[int, bytes]:
         """The replica's status and whole reply for a request no client waits on (the
         worker's tasks), once `acquire` gave `target` (as it returned it) and `replica`;
         `started` is perf_counter() before that. The same relay, metrics and usage as the
-        api's requests."""
-        collected = Collected(self.loop.create_future())
+        api's requests. A reply passing `max_bytes` (0: no bound) raises ReplyTooLargeError
+        and drops the replica's connection, so it stops generating."""
+        collected = Collected(self.loop.create_future(), max_bytes)
         relay = Relay(
             self.plane, target, replica, path.encode(), body, collected, key_id,
             False, started, waited, timeout_s,
@@ -279,31 +287,50 @@ class Forwarder:
         relay.send()
         try:
             return await collected.future
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ReplyTooLargeError):
             relay.cancel()
             raise
 
 
 class Collected:
-    """A relayed reply gathered whole into a future (`Forwarder.fetch`)."""
+    """A relayed reply gathered whole into a future (`Forwarder.fetch`), up to `max_bytes`
+    (0: no bound); past it the future fails and what came is dropped."""
 
-    def __init__(self, future: asyncio.Future[tuple[int, bytes]]) -> None:
+    def __init__(self, future: asyncio.Future[tuple[int, bytes]], max_bytes: int = 0) -> None:
         self.future = future
         self.status = 0
         self.parts: list[bytes] = []
+        self.size = 0
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: int) -> bool:
+        if not self.max_bytes or size <= self.max_bytes:
+            return False
+        self.parts = []
+        if not self.future.done():
+            self.future.set_exception(
+                ReplyTooLargeError(
+                    f"the replica's reply passed {self.max_bytes} bytes, the most a task keeps "
+                    "(APPLIANCE_TASK_RESULT_MAX_BYTES); ask for fewer tokens, sequences or "
+                    "logprobs"
+                )
+            )
+        return True
 
     def on_head(self, status: int, headers: Headers, length: int) -> None:
         self.status = status
 
     def on_body(self, data: bytes) -> None:
-        self.parts.append(data)
+        self.size += len(data)
+        if not self.future.done() and not self._too_large(self.size):
+            self.parts.append(data)
 
     def on_end(self) -> None:
         if not self.future.done():
             self.future.set_result((self.status, b"".join(self.parts)))
 
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
-        if not self.future.done():
+        if not self.future.done() and not self._too_large(len(body)):
             self.future.set_result((status, body))
 
     def on_failed(self, exc: ApplianceError) -> None:

@@ -27,7 +27,7 @@ from rq.utils import utcformat
 from appliance.errors import BadRequestError, CapacityError, EndpointDownError, UpstreamError
 from appliance.models import TaskStatus
 from forwarder.llm_engine import SERIALIZE_KEY, task_path, wrap_result
-from forwarder.proxy import Forwarder
+from forwarder.proxy import Forwarder, ReplyTooLargeError
 from forwarder.table import Target
 from forwarder.unserved import not_served
 from forwarder.usage import usage_from_json
@@ -106,6 +106,7 @@ class Runtime:
     hold_s: float
     keep_s: float
     max_attempts: int
+    result_max_bytes: int = 0  # longest reply a task keeps (APPLIANCE_TASK_RESULT_MAX_BYTES)
     # the jobs waiting for a replica (`Forwarder.acquire`): cancelled when the worker stops
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)
     # batch requests waiting for or sent to a replica, by job, with their task ids: the runner
@@ -177,8 +178,19 @@ async def run_task(task_id: str) -> None:
         status, data = await _abortable(
             rt,
             claimed,
-            rt.forwarder.fetch(current, replica, path, body, started=started, waited=waited),
+            rt.forwarder.fetch(
+                current,
+                replica,
+                path,
+                body,
+                started=started,
+                waited=waited,
+                max_bytes=rt.result_max_bytes,
+            ),
         )
+    except ReplyTooLargeError as exc:  # no retry makes it shorter
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, None, exc.message)
+        return
     except (CapacityError, UpstreamError) as exc:
         await _retry_or_fail(rt, claimed, None, None, str(exc))
         return

@@ -73,6 +73,7 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         hold_s=settings.activation_timeout_s,
         keep_s=settings.task_result_ttl_s,
         max_attempts=settings.task_max_attempts,
+        result_max_bytes=settings.task_result_max_bytes,
     )
     reader = open_reader(settings.database_path)
     runner = Runner(

@@ -73,6 +73,8 @@ class FakeBackend:
         else:
             choice, kind = {"index": 0, "text": text}, "text_completion"
         choice["finish_reason"] = "length"
+        if isinstance(body.get("pad_bytes"), int):  # a reply that long, as many logprobs make
+            choice["pad"] = "x" * body["pad_bytes"]
         return web.json_response(
             {
                 "id": "cmpl-1",

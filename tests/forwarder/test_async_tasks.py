@@ -374,3 +374,28 @@ def test_task_fields_the_appliance_would_not_honour_are_refused_naming_them(
     mtls = {"kind": "mtls", "cert": "c", "key": "k"}
     update = client.put(f"/v1/model-endpoints/{endpoint_id}", json={"default_callback_auth": mtls})
     assert update.status_code == 400 and "default_callback_auth" in update.text, update.text
+
+
+def test_a_reply_too_large_to_keep_fails_its_task_saying_so(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """The worker gathers a task's reply whole before it stores it: a reply over
+    APPLIANCE_TASK_RESULT_MAX_BYTES (many sequences of many logprobs over many tokens reach
+    gigabytes, on a GPU in minutes) ends its task FAILURE saying so, once, with no retry and
+    nothing stored; before, every such reply was held in the worker's memory (64 at once)
+    and then stored. A reply within the bound is kept as ever."""
+    bare_appliance.env_extra["APPLIANCE_TASK_RESULT_MAX_BYTES"] = str(2 * 2**20)
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    submit = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
+    ids = [
+        client.post(submit, json={"args": {"prompt": "p", "pad_bytes": size}}).json()["task_id"]
+        for size in (100_000, 5 * 2**20)
+    ]
+    done = wait_tasks(client, ids, 60)
+    kept, dropped = done[ids[0]], done[ids[1]]
+    assert kept["status"] == "SUCCESS", kept
+    assert dropped["status"] == "FAILURE" and dropped["result"] is None, dropped
+    assert "APPLIANCE_TASK_RESULT_MAX_BYTES" in dropped["traceback"], dropped
+    assert backend.seen["/v1/completions"] == 2  # no retry
