@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from appliance import bus
@@ -289,6 +290,29 @@ def test_fine_tunes_answer_in_llm_engines_shape(api_only: Appliance) -> None:
     reply = httpx.get(api_only.url + "/v1/llm/fine-tunes", headers={"x-api-key": ADMIN_KEY})
     assert reply.status_code == 404
     assert "fine-tuning is not available" in reply.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "words"),
+    [
+        ("POST", "/v1/docker-image-batch-jobs", "batch jobs of a Docker image are not available"),
+        ("GET", "/v1/docker-image-batch-jobs/job_1", "batch jobs of a Docker image"),
+        ("POST", "/v1/batch-jobs", "batch jobs of a Docker image are not available"),
+        ("GET", "/v1/docker-image-batch-job-bundles/latest", "batch jobs of a Docker image"),
+        ("POST", "/v1/model-bundles", "model bundles are not available"),
+        ("GET", "/v2/model-bundles/latest", "model bundles are not available"),
+        ("POST", "/v1/triggers", "triggers are not available"),
+    ],
+)
+def test_llm_engine_routes_not_served_say_so_in_its_shape(
+    api_only: Appliance, method: str, path: str, words: str
+) -> None:
+    """The rest of LLM Engine's API that one box does not serve answers as fine-tunes do: a
+    404 in its `{"detail": ...}` saying it is not available and what to use instead, not
+    'Invalid URL' in OpenAI's envelope."""
+    reply = httpx.request(method, api_only.url + path, headers={"x-api-key": ADMIN_KEY}, json={})
+    assert reply.status_code == 404
+    assert words in reply.json()["detail"], reply.text
 
 
 def test_model_download_serves_the_files_of_a_model_on_the_box(
