@@ -283,6 +283,38 @@ def declared_routes(framework: str, predict_route: str) -> tuple[str, ...]:
     return (predict_route,)
 
 
+# LLM Engine's EndpointPredictV1Request fields for pickled and remote inputs and outputs,
+# which the appliance does not serve: taken as its clients send them by default (null, false),
+# refused otherwise, on every task entry (`check_task_fields`)
+UNSERVED_TASK_FIELDS = {
+    "url": "a task's input is its `args`; the appliance fetches no URL",
+    "cloudpickle": "pickled inputs are not taken; send `args` as JSON",
+    "destination_path": "results are answered, read with GET /v1/async-tasks/{id} or called back",
+    "return_pickled": "results are JSON",
+}
+CALLBACK_FIELDS = ("callback_url", "callback_auth")
+
+
+def check_task_fields(request: Any, extra: dict[str, Any] | None, *, callbacks: bool) -> None:
+    """A task's body as LLM Engine's clients send it, on every task entry: a BadRequestError
+    naming a field the appliance would drop unread (`UNSERVED_TASK_FIELDS` set, a callback
+    where none is sent, a field `extra` holds that such a request has not)."""
+    for name, why in UNSERVED_TASK_FIELDS.items():
+        if getattr(request, name, None) not in (None, False):
+            raise BadRequestError(f"{name} is refused: {why}", field=name)
+    if not callbacks:
+        for name in CALLBACK_FIELDS:
+            if getattr(request, name, None) is not None:
+                raise BadRequestError(
+                    f"{name} is refused: a sync or streaming task answers in its reply; "
+                    "callbacks are sent for async tasks",
+                    field=name,
+                )
+    for name, value in (extra or {}).items():
+        if value is not None:
+            raise BadRequestError(f"{name} is refused: a task has no such field", field=name)
+
+
 def task_path(framework: str, predict_route: str, args: Any, route: str | None = None) -> str:
     """Where a `{"args": ...}` task goes, the one rule of every task entry (sync, streaming and
     async tasks, and the worker that runs the async ones): the `route` it names (its entry

@@ -174,6 +174,7 @@ class TaskCall(LlmEngineCall):
     def interpret(self, body: bytes) -> None:
         self.name = query_value(self.query, self.entry.selector)
         request = SyncEndpointPredictV1Request.model_validate_json(body)
+        llm_engine.check_task_fields(request, request.model_extra, callbacks=False)
         if request.args is None:
             raise BadRequestError(
                 "this endpoint takes `args` (url and cloudpickle are not served)", field="args"

@@ -59,9 +59,10 @@ class CompletionSyncV1Response(BaseModel):
 
 
 class SyncEndpointPredictV1Request(BaseModel):
-    """EndpointPredictV1Request plus the sync variant's `timeout_seconds` and `num_retries`."""
+    """EndpointPredictV1Request plus the sync variant's `timeout_seconds` and `num_retries`;
+    what the appliance would drop unread is refused (`forwarder.llm_engine.check_task_fields`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     url: str | None = None
     args: Any = None

@@ -22,6 +22,7 @@ from appliance.models import EndpointStatus
 from forwarder.llm_engine import (
     SERIALIZE_DOC,
     SERIALIZE_KEY,
+    check_task_fields,
     declared_routes,
     results_as_string,
     task_path,
@@ -81,13 +82,6 @@ def usable_endpoint(
     return endpoint
 
 
-UNSERVED = {
-    "url": "a task's input is its `args`; the appliance fetches no URL",
-    "cloudpickle": "pickled inputs are not taken; send `args` as JSON",
-    "destination_path": "results are read with GET /v1/async-tasks/{id} or a callback",
-}
-
-
 def check_shape(body: CreateAsyncTaskRequest) -> None:
     """A 400 for args that are no JSON object or array, a route that is no plain path, a
     field the appliance would drop unread, or callback credentials it could not send."""
@@ -95,16 +89,7 @@ def check_shape(body: CreateAsyncTaskRequest) -> None:
         raise InvalidSpecError("args must be a JSON object or array", field="args")
     if body.route is not None and (not body.route.startswith("/") or ".." in body.route):
         raise InvalidSpecError("route must be a path such as /v1/completions", field="route")
-    for name, why in UNSERVED.items():
-        if getattr(body, name) is not None:
-            raise InvalidSpecError(f"{name} is refused: {why}", field=name)
-    if body.return_pickled:
-        raise InvalidSpecError(
-            "return_pickled is refused: results are JSON", field="return_pickled"
-        )
-    for name, value in (body.model_extra or {}).items():
-        if value is not None:
-            raise InvalidSpecError(f"{name} is refused: a task has no such field", field=name)
+    check_task_fields(body, body.model_extra, callbacks=True)
     check_auth(body.callback_auth)
 
 

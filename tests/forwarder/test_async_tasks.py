@@ -399,3 +399,30 @@ def test_a_reply_too_large_to_keep_fails_its_task_saying_so(
     assert dropped["status"] == "FAILURE" and dropped["result"] is None, dropped
     assert "APPLIANCE_TASK_RESULT_MAX_BYTES" in dropped["traceback"], dropped
     assert backend.seen["/v1/completions"] == 2  # no retry
+
+
+def test_sync_and_streaming_tasks_refuse_what_they_would_drop(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """The same rule on the sync and streaming task entries, which send no callbacks either:
+    a `callback_url` or `callback_auth` there was taken and never called."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    args = {"prompt": "p", "max_tokens": 1}
+    defaults = {"url": None, "cloudpickle": None, "return_pickled": False, "callback_url": None}
+    basic = {"kind": "basic", "username": "u", "password": "p"}
+    for entry in ("sync-tasks", "streaming-tasks"):
+        submit = f"/v1/{entry}?model_endpoint_id={endpoint_id}"
+        assert client.post(submit, json={"args": args, **defaults}).status_code == 200, entry
+        for extra, field in (
+            ({"url": "https://example.com/input.json"}, "url"),
+            ({"cloudpickle": "gASVAAAA"}, "cloudpickle"),
+            ({"return_pickled": True}, "return_pickled"),
+            ({"callback_url": "https://example.com/hook"}, "callback_url"),
+            ({"callback_auth": basic}, "callback_auth"),
+            ({"surprise": 1}, "surprise"),
+        ):
+            reply = client.post(submit, json={"args": args, **extra})
+            assert reply.status_code == 400, (entry, extra, reply.text)
+            assert field in reply.json()["detail"], (entry, extra, reply.text)
+    assert backend.seen["/v1/completions"] == 2
