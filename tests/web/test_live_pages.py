@@ -159,3 +159,23 @@ def test_a_replica_on_its_way_is_not_called_scaled_to_zero(api_only: Appliance, 
     assert "1 starting" in replicas
     page.goto(f"{api_only.url}/ui/endpoints/{idle}")
     assert "scaled to zero; the first request starts one" in page.inner_text("[data-no-replicas]")
+
+
+def test_a_page_left_open_on_an_endpoint_that_is_gone_offers_no_actions(
+    api_only: Appliance, page: Any
+) -> None:
+    """Once an endpoint's deletion is done, its open page says it is gone and no longer offers
+    Try it, Edit or Delete, which would only answer 404."""
+    endpoint_id = seed_rolling(api_only)
+    sign_in(page, api_only.url, ADMIN_KEY)
+    page.goto(f"{api_only.url}/ui/endpoints/{endpoint_id}")
+    assert page.locator(f'a[href="/ui/endpoints/{endpoint_id}/edit"]').count() == 1
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:  # what the builder does once its replicas stopped
+        session.delete(session.get(Replica, "rep_rolling"))
+        session.delete(session.get(Endpoint, endpoint_id))
+    engine.dispose()
+    page.wait_for_selector("text=This endpoint is gone", timeout=SETTLE_MS)
+    assert page.locator(f'a[href="/ui/endpoints/{endpoint_id}/edit"]').count() == 0
+    assert page.locator(f'form[action="/ui/endpoints/{endpoint_id}/delete"]').count() == 0
+    assert page.locator('a[href^="/ui/playground"]:not(nav a)').count() == 0

@@ -40,7 +40,12 @@
         if (reply.redirected) { window.location.reload(); return; }
         region.innerHTML = await reply.text();
         document.dispatchEvent(new CustomEvent("polled", { detail: region }));
-        if (!reply.ok) return; // gone: show the message, stop polling
+        if (!reply.ok) { // gone: show the message, drop what acted on it, stop polling
+          if (reply.status === 404) {
+            document.querySelectorAll("[data-gone-hides]").forEach((node) => node.remove());
+          }
+          return;
+        }
       } catch (_) { /* offline for a moment: try again later */ }
       setTimeout(tick, every(region));
     };
