@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from starlette.requests import ClientDisconnect
 
 from api import model_files, storage
-from appliance import audit, queries
+from appliance import audit, disk, queries
 from appliance.db import session_scope
 from appliance.errors import (
     BadRequestError,
@@ -48,12 +48,12 @@ class Upload:
     final: Path
     partial: Path
     out: IO[bytes]
-    reserve: int = 0  # bytes the disk keeps free (`storage.check_room`)
+    reserve: int = 0  # bytes the disk keeps free (`appliance.disk.check_room`)
     size: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
     def write(self, data: bytes) -> None:
-        storage.check_room(self.partial, len(data), self.reserve, f"uploading {self.final.name}")
+        disk.check_room(self.partial, len(data), self.reserve, f"uploading {self.final.name}")
         try:
             self.out.write(data)
         except OSError as exc:
@@ -125,7 +125,7 @@ def admit(
         storage.refuse_in_use(f"model file {name!r}", users, "name")
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     if declared is not None:
-        storage.check_room(
+        disk.check_room(
             settings.models_dir,
             declared,
             settings.disk_reserve_bytes,

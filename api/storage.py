@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConflictError, ForbiddenError, InsufficientStorageError
+from appliance.disk import check_room, nearest_folder
+from appliance.errors import ConflictError, ForbiddenError
 from appliance.keys import Caller
 from appliance.models import Endpoint
 from appliance.settings import Settings
@@ -22,9 +23,7 @@ from appliance.settings import Settings
 
 def _usage(path: Path) -> dict[str, Any]:
     """The filesystem `path` is on (its nearest existing folder when it is not made yet)."""
-    where = path.resolve()
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    where = nearest_folder(path)
     usage = shutil.disk_usage(where)
     return {
         "path": str(path),
@@ -41,23 +40,6 @@ def disk(settings: Settings) -> dict[str, Any]:
     models, cache = _usage(settings.models_dir), _usage(settings.hf_cache_path)
     same = models.pop("device") == cache.pop("device")
     return {"models_dir": models, "hf_cache": cache, "same_filesystem": same}
-
-
-def free_bytes(path: Path) -> int:
-    return int(_usage(path)["free_bytes"])
-
-
-def check_room(path: Path, adding: int, reserve: int, what: str) -> None:
-    """Refuse (507) writing `adding` more bytes of `what` to the disk of `path` when it would
-    leave less than `reserve` free (`APPLIANCE_DISK_RESERVE_BYTES`): uploads (model files,
-    batch files) and the rows requests add to the database (async tasks, a batch's requests)
-    fill the disk only to there, so the database, logs and replicas keep room."""
-    free = free_bytes(path)
-    if free - adding < reserve:
-        raise InsufficientStorageError(
-            f"{what}: the disk has {free} bytes free and keeps {reserve} in reserve "
-            "(APPLIANCE_DISK_RESERVE_BYTES); free some space (delete unused models and files)"
-        )
 
 
 def check_database_room(settings: Settings, adding: int, what: str) -> None:

@@ -9,7 +9,7 @@ SUBMIT_GROUP_MAX) and, on its own thread:
    tasks, refuses what is over the limit (429), and inserts the rest with one executemany;
 3. queues all their jobs in one Redis pipeline: the outbox, rows before jobs.
 A group whose rows would leave the data directory's disk less free than its reserve
-(`APPLIANCE_DISK_RESERVE_BYTES`, `api.storage.check_room`) is refused with 507, as an upload
+(`APPLIANCE_DISK_RESERVE_BYTES`, `appliance.disk.check_room`) is refused with 507, as an upload
 is: a task holds up to a 2 MiB body, and nothing else bounds how many a team stores.
 Only then does each request get its answer. A group forms while the previous one commits, so a
 lone request waits for nothing; under load dozens of tasks share a commit.

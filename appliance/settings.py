@@ -116,9 +116,10 @@ class Settings(BaseSettings):
         ge=0,
         le=2**50,
         description="Free space uploads (model files, batch files), async tasks and batches "
-        "(rows of the database holding their requests) and Hugging Face downloads leave on their "
-        "disk: one that would leave less is refused (507; a download fails saying so), so no "
-        "request fills the disk the database, logs and models share.",
+        "(rows of the database holding their requests, then their results) and Hugging Face "
+        "downloads leave on their disk: one that would leave less is refused (507; a download "
+        "or a task's result fails saying so), so no request fills the disk the database, logs "
+        "and models share.",
     )
     model_upload_max_bytes: int = Field(
         128 * 2**30,

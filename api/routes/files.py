@@ -23,10 +23,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import tuple_
 from sqlmodel import col, select
 
-from api import storage
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
 from api.file_service import owned_file
-from appliance import audit, queries
+from appliance import audit, disk, queries
 from appliance.errors import ApplianceError, InvalidSpecError
 from appliance.ids import new_id
 from appliance.models import File as FileRow
@@ -62,7 +61,7 @@ def _store(upload: UploadFile, path: Path, reserve: int) -> int:
             try:
                 if size > MAX_FILE_BYTES:
                     raise InvalidSpecError(f"files are limited to {MAX_FILE_BYTES} bytes")
-                storage.check_room(path.parent, len(chunk), reserve, "storing the file")
+                disk.check_room(path.parent, len(chunk), reserve, "storing the file")
             except ApplianceError:
                 out.close()
                 partial.unlink()

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,7 +24,13 @@ from rq.job import Job, JobStatus
 from rq.utils import now as rq_now
 from rq.utils import utcformat
 
-from appliance.errors import BadRequestError, CapacityError, EndpointDownError, UpstreamError
+from appliance.errors import (
+    BadRequestError,
+    CapacityError,
+    EndpointDownError,
+    InsufficientStorageError,
+    UpstreamError,
+)
 from appliance.models import TaskStatus
 from forwarder.llm_engine import SERIALIZE_KEY, task_path, wrap_result
 from forwarder.proxy import Forwarder, ReplyTooLargeError
@@ -107,6 +113,8 @@ class Runtime:
     keep_s: float
     max_attempts: int
     result_max_bytes: int = 0  # longest reply a task keeps (APPLIANCE_TASK_RESULT_MAX_BYTES)
+    # raises InsufficientStorageError when a result of n bytes would pass the disk's reserve
+    room: Callable[[int], None] = lambda adding: None
     # the jobs waiting for a replica (`Forwarder.acquire`): cancelled when the worker stops
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)
     # batch requests waiting for or sent to a replica, by job, with their task ids: the runner
@@ -197,6 +205,11 @@ async def run_task(task_id: str) -> None:
     refused = not_served(status, data, current.name, _asked(claimed))
     if refused is not None:  # the endpoint's server has no such route: no retry can pass
         await _finish(rt, claimed, TaskStatus.FAILURE, None, 400, refused.message)
+        return
+    try:
+        rt.room(len(data))  # the result is stored as it came, and wrapped: its length or more
+    except InsufficientStorageError as exc:  # no retry finds more room
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, None, exc.message)
         return
     try:
         answer: Any = json.loads(data)

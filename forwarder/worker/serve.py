@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -16,7 +17,7 @@ import time
 
 import uvloop
 
-from appliance import bus
+from appliance import bus, disk
 from appliance.db import open_engine, open_reader
 from appliance.install import key_secret
 from appliance.settings import Settings
@@ -74,6 +75,12 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         keep_s=settings.task_result_ttl_s,
         max_attempts=settings.task_max_attempts,
         result_max_bytes=settings.task_result_max_bytes,
+        room=functools.partial(
+            disk.check_room,
+            settings.database_path,
+            reserve=settings.disk_reserve_bytes,
+            what="storing the task's result",
+        ),
     )
     reader = open_reader(settings.database_path)
     runner = Runner(

@@ -426,3 +426,23 @@ def test_sync_and_streaming_tasks_refuse_what_they_would_drop(
             assert reply.status_code == 400, (entry, extra, reply.text)
             assert field in reply.json()["detail"], (entry, extra, reply.text)
     assert backend.seen["/v1/completions"] == 2
+
+
+def test_a_result_that_would_leave_the_disk_less_than_its_reserve_is_not_stored(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """A result is a row of the database too: with less free than APPLIANCE_DISK_RESERVE_BYTES
+    when its reply comes (here: a worker started with more reserve than any disk has), the
+    task ends FAILURE saying so and nothing of the reply is stored; before, results were
+    written whatever the disk held, up to a reply's whole length each."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    submit = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
+    made = client.post(submit, json={"args": {"prompt": "p", "pad_bytes": 100_000}})
+    assert made.status_code == 200, made.text
+    bare_appliance.env_extra["APPLIANCE_DISK_RESERVE_BYTES"] = str(2**50)
+    bare_appliance.start_role("worker")
+    task_id = made.json()["task_id"]
+    done = wait_tasks(client, [task_id], 60)[task_id]
+    assert done["status"] == "FAILURE" and done["result"] is None, done
+    assert "APPLIANCE_DISK_RESERVE_BYTES" in done["traceback"], done
