@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 
 from appliance.db import open_engine, session_scope
-from appliance.models import Endpoint
+from appliance.models import Endpoint, Task
+from forwarder.worker import batches
 from tests.forwarder.test_async_support import seed_endpoint
 from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
 from tests.web.browser import check_page, field_error, sign_in
@@ -270,3 +271,31 @@ def test_the_pages_say_both_frameworks_run_without_gpus(api_only: Appliance) -> 
         session.add(row)
     engine.dispose()
     assert ", 1 request each<" in client.get(f"/ui/endpoints/{endpoint_id}").text
+
+
+def test_a_cancelled_batchs_lines_read_cancelled_not_failed(api_only: Appliance) -> None:
+    """A batch's lines a cancel ended count as neither completed nor failed: the tasks page and
+    a line's own page say CANCELLED, while a line that did fail still says FAILURE."""
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        for task_id, why in (("tsk_cut", batches.CANCELLED), ("tsk_bad", "replica said 500")):
+            session.add(
+                Task(
+                    id=task_id,
+                    endpoint_id="end_x",
+                    owner="admin",
+                    created_by="admin",
+                    status="FAILURE",
+                    payload={},
+                    traceback=why,
+                    batch_id="batch_x",
+                )
+            )
+    engine.dispose()
+    client = browser_client(api_only)
+    listed = client.get("/ui/tasks").text
+    rows = dict(
+        re.findall(r'href="/ui/tasks/(tsk_\w+)".*?<span class="badge[^"]*">([^<]+)<', listed, re.S)
+    )
+    assert rows == {"tsk_cut": "CANCELLED", "tsk_bad": "FAILURE"}
+    assert ">CANCELLED<" in client.get("/ui/tasks/tsk_cut").text

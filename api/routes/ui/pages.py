@@ -20,7 +20,8 @@ from api.ui_session import SignedInDep
 from appliance import bus, queries
 from appliance.errors import NotFoundError
 from appliance.keys import Caller
-from appliance.models import Batch, Endpoint, Task
+from appliance.models import Batch, Endpoint, Task, TaskStatus
+from forwarder.worker import batches as worker_batches
 from web import charts, forms, rates, views
 from web.render import STATIC_URL
 
@@ -206,7 +207,26 @@ def read_tasks_page(request: Request, ui: SignedInDep, session: SessionDep) -> R
     names = {e.id: e.name for e in queries.all_endpoints(session=session)}
     tasks = _owned_rows(Task, ui.caller, session)
     batches = _owned_rows(Batch, ui.caller, session)
-    return page(request, "tasks.html", ui, "tasks", tasks=tasks, batches=batches, names=names)
+    shown = {t.id: shown_status(t) for t in tasks}
+    return page(
+        request,
+        "tasks.html",
+        ui,
+        "tasks",
+        tasks=tasks,
+        shown=shown,
+        batches=batches,
+        names=names,
+    )
+
+
+def shown_status(task: Task) -> str:
+    """A task's status as the pages show it: CANCELLED for a batch line its batch's cancel
+    ended (the API says FAILURE, LLM Engine's statuses having no other word, and its batch
+    counts it as neither completed nor failed)."""
+    if task.status == TaskStatus.FAILURE and task.traceback == worker_batches.CANCELLED:
+        return "CANCELLED"
+    return str(task.status)
 
 
 @router.get("/tasks/{task_id}")
@@ -223,6 +243,7 @@ def read_task_page(
         ui,
         "tasks",
         task=task,
+        shown=shown_status(task),
         endpoint_name=endpoint.name if endpoint else task.endpoint_id,
         payload=views.pretty_json(task.payload),
         result=views.pretty_json(task.result) if task.result is not None else "",
