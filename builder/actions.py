@@ -29,6 +29,8 @@ class Observed:
     last_lines: Mapping[str, str] = field(default_factory=dict)  # starting replica -> its output
     # what the replicas' memory limits may add up to (`builder/memory.py`); None: no bound
     memory_bytes: int | None = None
+    # the network replicas join now (APPLIANCE_REPLICA_NETWORK); None: they publish ports
+    replica_network: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 from docker.utils import parse_repository_tag
 
-from builder.specs import LABEL_INSTALL, LABEL_ROLE, ContainerSpec
+from builder.specs import LABEL_INSTALL, LABEL_NETWORK, LABEL_ROLE, ContainerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _info(container: Container) -> ContainerInfo:
     state = container.attrs.get("State") or {}
     limit = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
     port = labels.get("appliance.port")
-    network = labels.get("appliance.network") or None
+    network = labels.get(LABEL_NETWORK) or None
     return ContainerInfo(
         id=container.id or "",
         name=container.name or "",
@@ -227,7 +227,7 @@ class DockerEngine:
         """Create and start a replica's container with the hardened host config."""
         labels = dict(spec.labels)
         labels["appliance.port"] = str(spec.port)
-        labels["appliance.network"] = spec.network or ""
+        labels[LABEL_NETWORK] = spec.network or ""
         mounts = [
             DockerMount(m.target, m.source, type=m.kind, read_only=m.read_only) for m in spec.mounts
         ]

@@ -133,6 +133,7 @@ class BuilderLoop:
             preparing=preparing,
             last_lines=self.starting.read(endpoints, replicas),
             memory_bytes=self._replica_memory(),
+            replica_network=self.applier.settings.replica_network,
         )
 
     def _replica_memory(self) -> int:

@@ -28,7 +28,13 @@ from builder.actions import (
 )
 from builder.docker_engine import ContainerInfo
 from builder.prepare import Failed, Readiness, Waiting
-from builder.specs import LABEL_GPU_FRACTION, LABEL_GPUS, LABEL_REPLICA, has_stale_key
+from builder.specs import (
+    LABEL_GPU_FRACTION,
+    LABEL_GPUS,
+    LABEL_NETWORK,
+    LABEL_REPLICA,
+    has_stale_key,
+)
 from builder.starting import DEPLOYING, describe, is_starting
 from gpu.place import GpuRequest, place
 
@@ -168,15 +174,25 @@ def _observe_replica(
     return True
 
 
-def _replace_stale_key(
+def _replace_stale(
     tick: _Tick, endpoint: Endpoint, replica: Replica, container: ContainerInfo | None
 ) -> bool:
     """Drains a replica an older version started with the install-wide key (the api sends
-    each replica its own now, so it would only answer 401s); True when it did. Requests wait
-    for its successor as for a cold start."""
-    if container is None or not has_stale_key(endpoint.framework, container.labels):
+    each replica its own now, so it would only answer 401s), or on another network than
+    replicas join now (in compose, the appliance's own, where Redis is); True when it did.
+    Requests wait for its successor as for a cold start."""
+    if container is None:
         return False
-    why = "started by an older version with the install-wide replica key; replacing it"
+    if has_stale_key(endpoint.framework, container.labels):
+        why = "started by an older version with the install-wide replica key; replacing it"
+    elif (container.labels.get(LABEL_NETWORK) or None) != tick.obs.replica_network:
+        joined = container.labels.get(LABEL_NETWORK) or "none"
+        why = (
+            f"on network {joined}, not {tick.obs.replica_network or 'none'} where replicas "
+            "run now; replacing it"
+        )
+    else:
+        return False
     tick.actions.append(DrainReplica(replica.id, why))
     return True
 
@@ -192,7 +208,7 @@ def _plan_endpoint(
         for r in replicas
         if r.state in (*LIVE, ReplicaState.STOPPING)
         and _observe_replica(tick, endpoint, r, containers.get(r.id))
-        and not _replace_stale_key(tick, endpoint, r, containers.get(r.id))
+        and not _replace_stale(tick, endpoint, r, containers.get(r.id))
     ]
     if endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
         tick.actions.extend(DrainReplica(r.id, "endpoint deleted") for r in live)

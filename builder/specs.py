@@ -35,6 +35,7 @@ LABEL_GENERATION = "appliance.generation"
 LABEL_SPEC_HASH = "appliance.spec-hash"
 LABEL_GPUS = "appliance.gpus"
 LABEL_GPU_FRACTION = "appliance.gpu-fraction"
+LABEL_NETWORK = "appliance.network"  # the network the replica joined ("": ports published)
 LABEL_ROLE = "appliance.role"  # a container of the appliance's own that is not a replica
 # How the replica's API key was made: "per-replica" (`appliance/install.replica_key`). A vLLM or
 # llama.cpp container without it was started by an older version with one key for the whole

@@ -75,6 +75,7 @@ def plan(
         kw.get("preparing", {}),  # type: ignore[arg-type]
         kw.get("last_lines", {}),  # type: ignore[arg-type]
         memory_bytes=kw.get("memory_bytes"),  # type: ignore[arg-type]
+        replica_network=kw.get("replica_network"),  # type: ignore[arg-type]
     )
     return rc.plan(obs)
 
@@ -302,6 +303,27 @@ def test_a_custom_image_replica_has_no_replica_key_and_stays() -> None:
     custom = endpoint(framework="custom", image="example/server:1")
     actions = plan([custom], [replica("r1")], [older("r1")])
     assert actions == [act.SetStatus("end_a", 1, EndpointStatus.READY, None)]
+
+
+def test_a_replica_on_another_network_than_replicas_join_now_is_replaced() -> None:
+    """In compose, replicas now have a network of their own, without Redis; one an older
+    version put on the appliance's network (Redis's) is drained and started again there, a
+    custom image's too. A replica on the network it should be on stays, as one does where
+    replicas publish ports (no network)."""
+    old = container("r1", **{"appliance.network": "appliance"})
+    for framework in ("vllm", "custom"):
+        actions = plan(
+            [endpoint(framework=framework)], [replica("r1", gpus=[0])], [old],
+            replica_network="appliance-replicas",
+        )  # fmt: skip
+        drained = [a for a in actions if isinstance(a, act.DrainReplica)]
+        assert [d.replica_id for d in drained] == ["r1"], actions
+        assert "network" in drained[0].why
+    now = container("r1", **{"appliance.network": "appliance-replicas"})
+    kept = plan([endpoint()], [replica("r1")], [now], replica_network="appliance-replicas")
+    assert not [a for a in kept if isinstance(a, act.DrainReplica | act.StartReplica)]
+    bare = plan([endpoint()], [replica("r1")], [container("r1")])
+    assert not [a for a in bare if isinstance(a, act.DrainReplica | act.StartReplica)]
 
 
 def test_replicas_this_version_started_are_kept() -> None:
