@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from api import team_limits
 from api.deps import AppState
 from appliance import audit, keys
-from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import ApiKey
 
@@ -136,7 +136,6 @@ def make_key(
     """Check, store and audit a new key (the route, the UI, the declared configuration);
     returns its row and its text, which only the caller ever sees."""
     _check_request(body, caller)
-    _name_free(body.name, body.team or caller.team, body.user or caller.user, session)
     team_limits.check_keys(body.team or caller.team, caller, state.settings, session=session)
     if not caller.is_admin:
         expires_at = _within_maker(expires_at, caller, session)
@@ -159,23 +158,6 @@ def make_key(
     audit.record(session, caller, "key.create", row.id, recorded(row), address)
     session.commit()
     return row, text
-
-
-def _name_free(name: str, team: str, user: str, session: Session) -> None:
-    """One active key of a name for a team's user: `appliance export` names keys so, and
-    `apply` refuses a name twice, so an install's export always applies back (409)."""
-    query = select(ApiKey.id).where(
-        col(ApiKey.owner) == team,
-        col(ApiKey.user) == user,
-        col(ApiKey.name) == name,
-        *team_limits.still_working(time.time()),
-    )
-    if session.exec(query).first() is not None:
-        raise ConflictError(
-            f"{user} ({team}) has an active key named {name!r}; choose another name or "
-            "revoke that key first",
-            field="name",
-        )
 
 
 def _within_maker(expires_at: float | None, caller: Caller, session: Session) -> float | None:

@@ -11,7 +11,6 @@ to fill the box. The count is taken inside the create's own transaction (BEGIN I
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import Session, col, or_, select
@@ -30,17 +29,13 @@ def endpoints_of(team: str, *, session: Session) -> int:
     return int(session.exec(query).one())
 
 
-def still_working(now: float) -> tuple[Any, Any]:
-    """The conditions of a key that still works (active): neither revoked nor expired."""
-    return (
+def active_keys_of(team: str, *, session: Session, now: float) -> int:
+    """The team's keys that still work: neither revoked nor expired."""
+    query = select(func.count()).where(
+        col(ApiKey.owner) == team,
         col(ApiKey.revoked_at).is_(None),
         or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
     )
-
-
-def active_keys_of(team: str, *, session: Session, now: float) -> int:
-    """The team's keys that still work: neither revoked nor expired."""
-    query = select(func.count()).where(col(ApiKey.owner) == team, *still_working(now))
     return int(session.exec(query).one())
 
 

@@ -202,25 +202,6 @@ def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Applia
     assert unknown.status_code == 422 and "per_hour" in unknown.text, unknown.text
 
 
-def test_an_active_key_name_is_used_once_so_an_export_applies_back(api_only: Appliance) -> None:
-    """`appliance export` names keys by team, user and name, and `apply` refuses a name twice:
-    a second active key of the same name for the same user is refused (409, naming it), so
-    what an install exports always applies back; once the first is revoked the name is free."""
-    admin = api_only.client()
-    first = admin.post("/v1/api-keys", json={"name": "notebook", "scopes": ["inference"]})
-    assert first.status_code == 201, first.text
-    again = admin.post("/v1/api-keys", json={"name": "notebook", "scopes": ["inference"]})
-    assert again.status_code == 409, again.text
-    assert "notebook" in again.json()["detail"]
-    other_user = admin.post("/v1/api-keys", json={"name": "notebook", "team": "red", "user": "ann"})
-    assert other_user.status_code == 201, other_user.text
-    exported = admin.get("/v1/config").json()
-    assert admin.post("/v1/config/apply", json=exported).status_code == 200
-    assert admin.delete(f"/v1/api-keys/{first.json()['id']}").status_code == 200
-    reused = admin.post("/v1/api-keys", json={"name": "notebook", "scopes": ["inference"]})
-    assert reused.status_code == 201, reused.text
-
-
 def test_a_key_never_outlives_the_key_that_made_it(api_only: Appliance) -> None:
     """A team user's key that expires in 600 s made one with no expiry, and one for ten years;
     after the admin revoked it, they kept working. Now they expire with it, and go with it."""
