@@ -131,8 +131,23 @@ def export(caller: Caller, session: Session, settings: Settings, now: float) -> 
         ],
     }
     if caller.is_admin:
-        document["keys"] = [key_entry(row) for row in active_keys(session, now)]
+        document["keys"] = list(declared_keys(active_keys(session, now)).values())
     return document
+
+
+def key_identity(row: ApiKey) -> tuple[str, str, str]:
+    """What names a key in the document: its team, user and name."""
+    return (row.owner, row.user, row.name)
+
+
+def declared_keys(rows: list[ApiKey]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The entry of each active key's identity, the first of its rows (`active_keys` order):
+    a rotated key (a new one made before the old is revoked) is one entry, as `apply` matches
+    it, so an export always applies back."""
+    entries: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        entries.setdefault(key_identity(row), key_entry(row))
+    return entries
 
 
 def llm_engine_request(endpoint: Endpoint) -> tuple[dict[str, Any], list[str]]:

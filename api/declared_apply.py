@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from sqlmodel import Session
 
 from api import endpoint_changes, endpoint_specs, key_service, server_args, team_limits
-from api.declared import LIMITS, active_keys, managed_endpoints
+from api.declared import LIMITS, active_keys, key_identity, managed_endpoints
 from api.deps import AppState
 from api.endpoint_service import (
     check_not_busy,
@@ -270,12 +270,13 @@ def plan_keys(document: Document, caller: Caller, session: Session, *, prune: bo
     listed = active_keys(session, now)
     active: dict[tuple[str, str, str], ApiKey] = {}
     for row in listed:
-        active.setdefault((row.owner, row.user, row.name), row)
+        active.setdefault(key_identity(row), row)
     entries = document.keys or []
     _check_keys(entries, active, now)
     pairs = [(e, active.get((e.team, e.user, e.name))) for e in entries]
-    matched = {row.id for _, row in pairs if row is not None}
-    doomed = [r for r in listed if r.id not in matched and r.id != caller.key_id] if prune else []
+    named = {(e.team, e.user, e.name) for e in entries}  # every row of a named key stays
+    doomed = [r for r in listed if key_identity(r) not in named and r.id != caller.key_id]
+    doomed = doomed if prune else []
     return _KeyPlan(pairs, doomed)  # never revokes the key applying this
 
 

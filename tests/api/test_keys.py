@@ -202,6 +202,24 @@ def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Applia
     assert unknown.status_code == 422 and "per_hour" in unknown.text, unknown.text
 
 
+def test_an_export_with_a_rotated_key_applies_back(api_only: Appliance) -> None:
+    """Rotating a key makes a second active key of its name before the first is revoked; the
+    export then names that key once (keys are declared by team, user and name), so applying
+    it back changes nothing instead of refusing the file ('is named twice')."""
+    admin = api_only.client()
+    for _ in range(2):
+        made = admin.post("/v1/api-keys", json={"name": "ci", "scopes": ["inference"]})
+        assert made.status_code == 201, made.text
+    exported = admin.get("/v1/config").json()
+    assert [k["name"] for k in exported["keys"]].count("ci") == 1
+    applied = admin.post("/v1/config/apply", json=exported)
+    assert applied.status_code == 200, applied.text
+    pruned = admin.post("/v1/config/apply", params={"prune": "true"}, json=exported)
+    assert pruned.status_code == 200, pruned.text  # both rows of the key it names are kept
+    listed = admin.get("/v1/api-keys").json()["api_keys"]
+    assert [k["name"] for k in listed if k["revoked_at"] is None].count("ci") == 2
+
+
 def test_a_key_never_outlives_the_key_that_made_it(api_only: Appliance) -> None:
     """A team user's key that expires in 600 s made one with no expiry, and one for ten years;
     after the admin revoked it, they kept working. Now they expire with it, and go with it."""
