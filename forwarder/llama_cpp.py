@@ -55,6 +55,19 @@ def refusal(payload: object) -> BadRequestError | None:
     return None
 
 
+def chat_refusal(payload: object) -> BadRequestError | None:
+    """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
+    server answers with text made from nothing; None when it has one."""
+    if not isinstance(payload, dict):
+        return None
+    messages = payload.get("messages")
+    if isinstance(messages, list) and messages:
+        return None
+    return BadRequestError(
+        "messages: a chat needs a list of at least one message", field="messages"
+    )
+
+
 def _unsupported(field: str, what: str) -> BadRequestError:
     return BadRequestError(f"{field}: llama.cpp endpoints do not {what}", field=field)
 

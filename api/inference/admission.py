@@ -36,7 +36,7 @@ from appliance.errors import (
 )
 from appliance.keys import Caller
 from forwarder import llama_cpp
-from forwarder.paths import BY_ID, BY_MODEL, COMPLETIONS
+from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS
 from forwarder.refresh import load_table
 from forwarder.table import RoutingTable, Target, check_coming
 
@@ -187,13 +187,20 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 
 def fit_framework(target: Target, path: str, payload: Any) -> None:
     """Refuse (400, naming the field) what the endpoint's server would silently ignore:
-    `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions. Every entry that
+    `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions, `chat_refusal` for
+    its chats (no message). Every entry that
     can reach a replica's completions applies it once its endpoint and path are known: the
     relayed routes (`Call._replica`), async tasks and batch lines."""
-    if target.framework == llama_cpp.FRAMEWORK and path == COMPLETIONS:
+    if target.framework != llama_cpp.FRAMEWORK:
+        return
+    if path == COMPLETIONS:
         refused = llama_cpp.refusal(payload)
-        if refused is not None:
-            raise refused
+    elif path == CHAT:
+        refused = llama_cpp.chat_refusal(payload)
+    else:
+        return
+    if refused is not None:
+        raise refused
 
 
 async def find_target(state: AppState, caller: Caller, selector: str, value: str) -> Target:

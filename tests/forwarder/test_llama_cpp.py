@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from api.inference import admission
 from appliance.errors import BadRequestError
 from forwarder import llama_cpp
 from forwarder.llama_cpp import CompletionShape, refusal, shape_for
+from forwarder.paths import CHAT
 from forwarder.table import Target, failed_message
 from forwarder.usage import usage_from_json
 
@@ -187,3 +189,26 @@ def test_a_crashed_llama_cpp_replica_is_refused_naming_its_error_line() -> None:
         "model from /models/bad.gguf); fix it (PUT /v1/model-endpoints/end_1) or restart it "
         "(POST /v1/model-endpoints/end_1/restart)"
     )
+
+
+@pytest.mark.parametrize("messages", [[], None, "hi"])
+def test_a_chat_without_messages_to_llamacpp_is_refused(messages: Any) -> None:
+    """OpenAI (and vLLM) refuse a chat with no message; llama.cpp's server answers one with
+    text made from nothing, a 200: every entry refuses it before the replica (400, naming
+    `messages`)."""
+    target = Target(
+        endpoint_id="end_1",
+        name="m",
+        owner="t",
+        public=False,
+        framework=llama_cpp.FRAMEWORK,
+        endpoint_type="streaming",
+        status="READY",
+        replicas=(),
+    )
+    body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
+    with pytest.raises(BadRequestError) as refused:
+        admission.fit_framework(target, CHAT, body)
+    assert refused.value.field == "messages"
+    assert refused.value.message == "messages: a chat needs a list of at least one message"
+    admission.fit_framework(target, CHAT, {"model": "m", "messages": [{"role": "user"}]})
