@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -21,7 +21,7 @@ from api.limits import FollowSlots, Limiter, Release
 from api.submit import TaskSubmitter
 from appliance import keys
 from appliance.db import session_scope
-from appliance.errors import AuthError, ForbiddenError
+from appliance.errors import AuthError, BadRequestError, ForbiddenError
 from appliance.settings import Settings
 from forwarder.proxy import Forwarder
 
@@ -81,13 +81,41 @@ def get_session(state: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+KEY_TWICE = BadRequestError(
+    "send the API key once: this request has two Authorization or two X-Api-Key headers",
+    field="authorization",
+)
+
+
 def key_from_headers(request: Request) -> str | None:
     """The key from `Authorization: Bearer`, HTTP Basic (key as user name) or `x-api-key`."""
-    return parse_key(request.headers.get("authorization", ""), request.headers.get("x-api-key"))
+    return key_of_raw(request.scope["headers"])
+
+
+def key_of_raw(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key of a request's ASGI header list (lower-case names), as `parse_key` reads it.
+    A request naming its key twice (two Authorization or two X-Api-Key headers) is refused
+    (KEY_TWICE): a proxy in front and the appliance could each read another of them, and
+    the key gate and a route would too. The fast lane hands such a request to uvicorn."""
+    authorization: bytes | None = None
+    api_key: bytes | None = None
+    for name, value in headers:
+        if name == b"authorization":
+            if authorization is not None:
+                raise KEY_TWICE
+            authorization = value
+        elif name == b"x-api-key":
+            if api_key is not None:
+                raise KEY_TWICE
+            api_key = value
+    return parse_key(
+        authorization.decode("latin-1") if authorization is not None else "",
+        api_key.decode("latin-1") if api_key is not None else None,
+    )
 
 
 def parse_key(authorization: str, api_key: str | None) -> str | None:
-    """`key_from_headers` on the two header values (the fast lane has no Request)."""
+    """The key of the two header values (`key_of_raw`; the fast lane has no Request)."""
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()

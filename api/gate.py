@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.deps import AppState, caller_of, parse_key
+from api.deps import AppState, caller_of, key_of_raw
 from api.errors import answer, envelope_of
-from appliance.errors import AuthError
+from appliance.errors import AuthError, BadRequestError
 
 OPEN_PREFIXES = (
     "/healthz",
@@ -34,18 +34,14 @@ class KeyGate:
         if scope["type"] != "http" or path in OPEN_EXACT or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", ()))
-        key = parse_key(
-            headers.get(b"authorization", b"").decode("latin-1"),
-            headers[b"x-api-key"].decode("latin-1") if b"x-api-key" in headers else None,
-        )
         state: AppState | None = getattr(scope["app"].state, "appliance", None)
         try:
+            key = key_of_raw(scope.get("headers", ()))
             if key is None:
                 raise NO_KEY
             if state is not None:  # else still starting: the route answers as it would
                 await caller_of(state, key)
-        except AuthError as exc:
+        except (AuthError, BadRequestError) as exc:
             status, out, body = answer(exc, envelope_of(path))
             await send({"type": "http.response.start", "status": status, "headers": out})
             await send({"type": "http.response.body", "body": body})

@@ -13,7 +13,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import parse_key
+from api.deps import key_of_raw
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
 from appliance.errors import BodyTooLargeError
@@ -56,7 +56,7 @@ async def serve(
 ) -> None:
     """Serve one inference request; `caller` and `body` when a route read them already."""
     client = AsgiClient(send)
-    key = None if caller is not None else key_of(scope)
+    key = None if caller is not None else key_of_raw(scope["headers"])
     query = scope.get("query_string", b"").decode("latin-1")
     call = make_call(core, entry, client, key, query, caller)
     client.call = call
@@ -83,16 +83,6 @@ async def _disconnect(receive: Receive, call: Call, client: AsgiClient) -> None:
     if not client.finished:
         call.client_gone()
         client.gone()
-
-
-def key_of(scope: Scope) -> str | None:
-    authorization, api_key = "", None
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value.decode("latin-1")
-        elif name == b"x-api-key":
-            api_key = value.decode("latin-1")
-    return parse_key(authorization, api_key)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

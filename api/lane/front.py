@@ -75,7 +75,8 @@ class Head:
 def parse_head(buf: bytes, end: i64) -> Head | None:
     """The head `buf[:end]` if the lane can carry its request, else None. Read byte by byte
     (`forwarder/scan.py`); any field line that is not a plain `name: value` sends the request
-    to uvicorn, as do the framings the lane does not do (Transfer-Encoding, Expect, Upgrade)."""
+    to uvicorn, as do the framings the lane does not do (Transfer-Encoding, Expect, Upgrade)
+    and a key sent twice (uvicorn's key gate refuses it: `api.deps.key_of_raw`)."""
     if not starts(buf, 0, b"POST "):
         return None
     at: i64 = 5
@@ -95,6 +96,7 @@ def parse_head(buf: bytes, end: i64) -> Head | None:
     api_key = None
     origin = False
     keep_alive = True
+    twice: i64 = 0  # 1: an Authorization seen, 2: an X-Api-Key seen
     at += 11
     while at < end:
         colon, start, stop, after = field(buf, at, end)
@@ -108,8 +110,14 @@ def parse_head(buf: bytes, end: i64) -> Head | None:
             if length < 0:
                 return None
         elif size == 13 and named(buf, at, colon, b"authorization"):
+            if twice & 1:
+                return None  # a key sent twice: uvicorn's key gate refuses it (api/deps.py)
+            twice |= 1
             authorization = buf[start:stop].decode("latin-1")
         elif size == 9 and named(buf, at, colon, b"x-api-key"):
+            if twice & 2:
+                return None
+            twice |= 2
             api_key = buf[start:stop].decode("latin-1")
         elif size == 6 and named(buf, at, colon, b"origin"):
             origin = True

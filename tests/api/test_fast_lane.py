@@ -191,6 +191,41 @@ def test_one_connection_carries_lane_and_general_requests(api: Appliance) -> Non
     assert fast_count(api) - before == 4
 
 
+def test_a_key_sent_twice_is_refused_on_every_path(api: Appliance, backend: FakeBackend) -> None:
+    """Two Authorization (or two X-Api-Key) headers are a 400 that says to send the key once,
+    on the lane, on uvicorn's inference path (chunked, so not the lane's) and on a management
+    route alike, whichever comes first: a proxy in front could check one and the appliance use
+    the other, and the key gate and a route read different ones."""
+    bogus = "Authorization: Bearer mea_000000000000_bogus\r\n"
+    again = f"Authorization: Bearer {ADMIN_KEY}\r\n"
+    keys = f"X-Api-Key: {ADMIN_KEY}\r\nX-Api-Key: mea_000000000000_bogus\r\n"
+    before = fast_count(api)
+    answers = []
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        for extra in (bogus, again, keys):
+            for request in (
+                raw_request("POST", "/v1/chat/completions", chat("twice"), extra),
+                raw_request("GET", "/v1/llm/model-endpoints", b"", extra),
+            ):
+                sock.sendall(request)
+                answers.append(read_response(stream))
+        body = chat("chunked")
+        chunked = raw_request("POST", "/v1/chat/completions", b"", bogus).replace(
+            b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n"
+        )
+        sock.sendall(chunked + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        answers.append(read_response(stream))
+        sock.sendall(raw_request("POST", "/v1/chat/completions", chat("once")))
+        status, _, reply = read_response(stream)
+    assert status == 200 and json.loads(reply)["choices"][0]["message"]["content"] == echo("once")
+    for status, _, reply in answers:
+        assert status == 400, reply
+        assert "send the API key once" in reply.decode(), reply
+    assert fast_count(api) - before == 1  # only the request with one key
+    assert not any("twice" in str(body) or "chunked" in str(body) for body in backend.bodies)
+
+
 def test_pipelined_requests_are_answered_in_order(api: Appliance) -> None:
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
         sock.sendall(
