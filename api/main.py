@@ -29,6 +29,7 @@ from api.routes import (
     batch_completions,
     batches,
     config,
+    docs,
     files,
     fine_tunes,
     gpus,
@@ -194,7 +195,13 @@ def create_app(
             state.reader.dispose()
             engine.dispose()
 
-    app = FastAPI(title="Model Engine Appliance", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Model Engine Appliance",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # api/routes/docs.py serves them, at fixed releases
+        redoc_url=None,
+    )
     errors.install(app)
     app.add_middleware(InferenceRoutes)  # pure ASGI: the inference POST routes
     app.add_middleware(KeyGate)  # no key at all is a 401 before any body is read
@@ -215,6 +222,7 @@ def create_app(
     )
     # FastAPI tries the routers in this order on every request: the often-called ones first
     app.include_router(health.router)
+    app.include_router(docs.router)
     app.include_router(tasks.router, responses=errors.ERROR_RESPONSES)
     app.include_router(model_download.router, responses=errors.ERROR_RESPONSES)
     app.include_router(llm_endpoints.router, responses=errors.ERROR_RESPONSES)

@@ -19,7 +19,6 @@ OPEN_ROUTES = {
     "/healthcheck",
     "/readyz",
     "/docs",
-    "/docs/oauth2-redirect",
     "/redoc",
     "/openapi.json",
 }

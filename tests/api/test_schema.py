@@ -112,3 +112,17 @@ def test_every_inference_route_is_documented_with_its_models(api_only: Appliance
         if entry.selector != "model":
             assert any(p["name"] == entry.selector for p in operation["parameters"])
         assert {"401", "404", "429"} <= set(operation["responses"]), entry.path
+
+
+def test_the_reference_pages_load_fixed_releases_of_their_scripts(api_only: Appliance) -> None:
+    """/docs and /redoc, open to all, run on the appliance's origin: their scripts are pinned
+    releases, not FastAPI's floating `@5`/`@2` (a later publish would run there unseen), and
+    ReDoc asks no third party for fonts."""
+    swagger = httpx.get(api_only.url + "/docs")
+    assert swagger.status_code == 200, swagger.text
+    assert "swagger-ui-dist@5.17.14/swagger-ui-bundle.js" in swagger.text
+    assert "/openapi.json" in swagger.text and "@5/" not in swagger.text
+    redoc = httpx.get(api_only.url + "/redoc")
+    assert redoc.status_code == 200, redoc.text
+    assert "redoc@2.1.3/bundles/redoc.standalone.js" in redoc.text
+    assert "@2/" not in redoc.text and "fonts.googleapis.com" not in redoc.text
