@@ -13,6 +13,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 
+from api import team_limits
 from api.schemas import Revision
 from appliance import audit, bus
 from appliance.caller import Caller
@@ -41,10 +42,20 @@ def ref(repository: str, revision: str) -> str:
 
 
 def request_download(
-    body: HfDownloadCreate, caller: Caller, client: redis.Redis, engine: Engine, address: str | None
+    body: HfDownloadCreate,
+    caller: Caller,
+    client: redis.Redis,
+    engine: Engine,
+    settings: Settings,
+    address: str | None,
 ) -> dict[str, Any]:
-    """Asks the builder for the snapshot; asking again retries one that failed."""
+    """Asks the builder for the snapshot; asking again retries one that failed. A team has at
+    most `max_downloads_per_team` open at once (`api/team_limits.py`); asking again for one of
+    them counts once."""
     key = ref(body.repository, body.revision)
+    mine = [k for k, request in _open(client) if request.get("requested_by") == caller.team]
+    if key not in mine:
+        team_limits.check_downloads(caller.team, caller, settings, have=len(mine))
     request = {
         "repository": body.repository,
         "revision": body.revision,
@@ -103,14 +114,20 @@ def view(
 def unfinished(client: redis.Redis, repository: str) -> list[str]:
     """The revisions of `repository` whose download ahead of time is asked for and has not
     ended (pending or downloading): deleting the repository under them would cut them off."""
+    return sorted(
+        request["revision"] for _, request in _open(client) if request["repository"] == repository
+    )
+
+
+def _open(client: redis.Redis) -> list[tuple[str, dict[str, Any]]]:
+    """The downloads asked for that have not ended (pending or downloading), by ref."""
     requests = _hash(client, bus.HF_DOWNLOADS_KEY)
     states = _hash(client, bus.HF_DOWNLOAD_STATE_KEY)
-    return sorted(
-        request["revision"]
+    return [
+        (key, request)
         for key, request in requests.items()
-        if request["repository"] == repository
-        and view(request, states.get(key), None)["state"] not in FINISHED
-    )
+        if view(request, states.get(key), None)["state"] not in FINISHED
+    ]
 
 
 def _hash(client: redis.Redis, key: str) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """How many endpoints and active keys a team may have (`APPLIANCE_MAX_ENDPOINTS_PER_TEAM`,
 `APPLIANCE_MAX_KEYS_PER_TEAM`), decided here for every way of making them: the endpoint
 service's create (REST, LLM Engine's routes, the UI's form, `/v1/config/apply`) and the key
-service's (the key routes, the UI's keys page).
+service's (the key routes, the UI's keys page); and how many Hugging Face downloads ahead of
+time it may have open (`APPLIANCE_MAX_DOWNLOADS_PER_TEAM`, `api/hf_downloads.py`).
 
 Everything a team has counts, whoever made it, but an administrator is never refused: an
 administrator may need to make an endpoint or key for a team at its limit, and is trusted not
@@ -70,3 +71,16 @@ def check_keys(team: str, caller: Caller, settings: Settings, *, session: Sessio
             "(DELETE /v1/api-keys/{id}, or Revoke on the UI's keys page) or ask an administrator",
             field="name",
         )
+
+
+def check_downloads(team: str, caller: Caller, settings: Settings, *, have: int) -> None:
+    """Refuse (409) one more open download ahead of time for a team that has `have` open."""
+    limit = settings.max_downloads_per_team
+    if caller.is_admin or not limit or have < limit:
+        return
+    raise TeamLimitError(
+        f"team {team!r} has {have} Hugging Face downloads pending or under way and may have at "
+        f"most {limit} at once (APPLIANCE_MAX_DOWNLOADS_PER_TEAM); ask again once one has "
+        "ended (GET /v1/storage/hf-downloads says how far each got)",
+        field="repository",
+    )

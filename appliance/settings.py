@@ -220,6 +220,14 @@ class Settings(BaseSettings):
         "limit); as for endpoints, an administrator's keys count and an administrator is never "
         "refused.",
     )
+    max_downloads_per_team: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="Hugging Face downloads ahead of time (`/v1/storage/hf-downloads`) one team "
+        "may have pending or under way at once (0: no limit); each runs a download of its own "
+        "in the builder. An administrator is never refused.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins whose pages may call the API from a browser (JSON list); none by "

@@ -22,7 +22,9 @@ def create_hf_download(
     body: HfDownloadCreate, caller: CallerDep, state: StateDep, address: AddressDep
 ) -> dict[str, Any]:
     """Starts (or, after a failure, retries) the download; answers its state, `pending`."""
-    return hf_downloads.request_download(body, caller, state.redis, state.engine, address)
+    return hf_downloads.request_download(
+        body, caller, state.redis, state.engine, state.settings, address
+    )
 
 
 @router.get("")

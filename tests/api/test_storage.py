@@ -20,7 +20,15 @@ import pytest
 
 from tests.api.test_tenancy import team_key
 from tests.e2e.lifecycle import standin_body
-from tests.harness import ADMIN_KEY, GEMMA_FILE, MODELS_DIR, Appliance, RedisServer, wait_until
+from tests.harness import (
+    ADMIN_KEY,
+    GEMMA_FILE,
+    MODELS_DIR,
+    Appliance,
+    RedisServer,
+    make_key,
+    wait_until,
+)
 
 LIMIT_BYTES = 1024 * 1024
 GGUF = b"GGUF" + os.urandom(300_000)
@@ -355,6 +363,29 @@ def test_a_model_being_downloaded_ahead_is_not_deleted_under_its_download(
     assert "being downloaded ahead of time (revision main)" in refused.json()["detail"]
     found = [r["repo_id"] for r in admin.get("/v1/storage/hf-models").json()["data"]]
     assert found == ["acme/fetching-1b"]
+
+
+def test_a_team_has_a_few_downloads_open_at_once(tmp_path: Path) -> None:
+    """Each download ahead of time runs a download of its own in the builder: a team has at
+    most APPLIANCE_MAX_DOWNLOADS_PER_TEAM open (asking again for an open one counts once; an
+    administrator is never refused), and the one too many is refused with nothing written
+    for the builder. No builder runs here: downloads stay pending."""
+    with started_store(tmp_path, LIMIT_BYTES, APPLIANCE_MAX_DOWNLOADS_PER_TEAM="2") as store:
+        team = store.client(make_key(store, "acme"))
+        for name in ("acme/one-1b", "acme/two-1b", "acme/one-1b"):
+            asked = team.post("/v1/storage/hf-downloads", json={"repository": name})
+            assert asked.status_code == 202, asked.text
+        refused = team.post("/v1/storage/hf-downloads", json={"repository": "acme/three-1b"})
+        assert refused.status_code == 409, refused.text
+        said = refused.json()["detail"]
+        assert "2 Hugging Face downloads pending or under way" in said, said
+        assert "APPLIANCE_MAX_DOWNLOADS_PER_TEAM" in said, said
+        admin = store.client()
+        assert admin.post("/v1/storage/hf-downloads", json={"repository": "x/y"}).status_code == 202
+        listed = [
+            d["repository"] for d in admin.get("/v1/storage/hf-downloads").json()["downloads"]
+        ]
+        assert sorted(listed) == ["acme/one-1b", "acme/two-1b", "x/y"]
 
 
 def peak_memory_bytes(pid: int) -> int:

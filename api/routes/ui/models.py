@@ -151,7 +151,12 @@ def download_hf_model_from_page(
         )
     except ValidationError as exc:
         return _models_page(request, ui, state, error=invalid_field(exc))
-    hf_downloads.request_download(body, ui.caller, state.redis, state.engine, address_of(request))
+    try:
+        hf_downloads.request_download(
+            body, ui.caller, state.redis, state.engine, state.settings, address_of(request)
+        )
+    except ApplianceError as exc:
+        return _models_page(request, ui, state, error=exc)
     return redirect("/ui/models#hub-download")
 
 
