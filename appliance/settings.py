@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from appliance import keys
 
+# a chosen admin key's secret, at the least: the key's id (its 12 hex digits) is no secret
+ADMIN_SECRET_MIN_CHARS = 16
+
 
 class Settings(BaseSettings):
     """Every tunable of the appliance; each field is documented in the README's table."""
@@ -236,7 +239,8 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None,
         description="Admin API key to install on first start instead of a random one; shaped "
-        f"like every key: `{keys.SHAPE}` (no `_` in the secret).",
+        f"like every key: `{keys.SHAPE}` (no `_` in the secret, which has at least "
+        f"{ADMIN_SECRET_MIN_CHARS} characters).",
     )
     worker_concurrency: int = Field(
         64, ge=1, description="Async tasks one worker process runs at once (requests in flight)."
@@ -305,6 +309,11 @@ class Settings(BaseSettings):
             return None
         if keys.split(value) is None:
             raise ValueError(f"an API key looks like {keys.SHAPE}")
+        if len(value.rsplit("_", 1)[1]) < ADMIN_SECRET_MIN_CHARS:
+            raise ValueError(
+                f"the admin key's secret (after its last `_`) needs at least "
+                f"{ADMIN_SECRET_MIN_CHARS} characters; a key the appliance makes has 32"
+            )
         return value
 
     @property

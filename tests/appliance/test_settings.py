@@ -19,6 +19,9 @@ def test_an_admin_key_not_shaped_like_a_key_is_refused_with_its_shape() -> None:
     with pytest.raises(ValidationError, match=r"mea_<12 hex digits>_<secret>"):
         Settings(admin_key="sk-my-own-admin-key")
     assert Settings(admin_key=ADMIN_KEY).admin_key == ADMIN_KEY
+    for weak in ("mea_0123456789ab_", "mea_0123456789ab_short"):  # the id is shown: no secret
+        with pytest.raises(ValidationError, match="needs at least 16 characters"):
+            Settings(admin_key=weak)
     assert Settings(admin_key="").admin_key is None  # compose passes it through empty: unset
 
 
