@@ -168,21 +168,26 @@ warn: LLAMA_ARG_HOST environment variable is set, but will be overwritten by com
 0.00.014.147 E srv  llama_server: exiting due to model loading error"""  # noqa: E501
 
 
-def test_a_crashed_llama_cpp_replica_is_refused_naming_its_error_line() -> None:
-    """A request to a llama.cpp endpoint whose replica crash-looped hears the log line that
-    names the error, as it does for vLLM, though llama.cpp leads each line with its time and
-    level."""
-    target = Target(
+def llama_target(name: str, status: str, reason: str = "") -> Target:
+    """A llama.cpp endpoint in the routing table, with no replica."""
+    return Target(
         endpoint_id="end_1",
-        name="broken",
+        name=name,
         owner="t",
         public=False,
         framework=llama_cpp.FRAMEWORK,
         endpoint_type="streaming",
-        status="UPDATE_FAILED",
+        status=status,
         replicas=(),
-        status_reason=BAD_GGUF_TAIL,
+        status_reason=reason,
     )
+
+
+def test_a_crashed_llama_cpp_replica_is_refused_naming_its_error_line() -> None:
+    """A request to a llama.cpp endpoint whose replica crash-looped hears the log line that
+    names the error, as it does for vLLM, though llama.cpp leads each line with its time and
+    level."""
+    target = llama_target("broken", "UPDATE_FAILED", BAD_GGUF_TAIL)
     assert failed_message(target) == (
         "endpoint 'broken' failed to start: replica crashed 3 times; last: container exited "
         "with code 1 (llama_model_load: error loading model: llama_model_loader: failed to load "
@@ -196,16 +201,7 @@ def test_a_chat_without_messages_to_llamacpp_is_refused(messages: Any) -> None:
     """OpenAI (and vLLM) refuse a chat with no message; llama.cpp's server answers one with
     text made from nothing, a 200: every entry refuses it before the replica (400, naming
     `messages`)."""
-    target = Target(
-        endpoint_id="end_1",
-        name="m",
-        owner="t",
-        public=False,
-        framework=llama_cpp.FRAMEWORK,
-        endpoint_type="streaming",
-        status="READY",
-        replicas=(),
-    )
+    target = llama_target("m", "READY")
     body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
     with pytest.raises(BadRequestError) as refused:
         admission.fit_framework(target, CHAT, body)
