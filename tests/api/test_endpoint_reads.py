@@ -7,9 +7,6 @@ the units it was given; a batch job's GET gives back the model_config it was sen
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
@@ -17,8 +14,8 @@ from sqlmodel import select
 
 from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus
-from tests.api.test_llmengine_compat import seed
-from tests.harness import ADMIN_KEY, Appliance
+from tests.api.test_llmengine_compat import run_client_script, seed
+from tests.harness import Appliance
 
 CREATED = {  # as LLM Engine's client sends them, server settings flattened into the body
     "cpus": 2,
@@ -64,22 +61,7 @@ RESOURCE_FIELDS = {
 
 
 def create_with_client(appliance: Appliance) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "LLM_ENGINE_BASE_PATH": appliance.url + "/",
-        "SCALE_API_KEY": ADMIN_KEY,
-        "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CREATED)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    reply: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return reply
+    return run_client_script(appliance, SCRIPT, json.dumps(CREATED))
 
 
 def deployed(appliance: Appliance, name: str) -> None:

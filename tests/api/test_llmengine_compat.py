@@ -144,6 +144,12 @@ def seed(appliance: Appliance) -> None:
 
 
 def client(appliance: Appliance, step: str, *args: str) -> dict[str, Any]:
+    return run_client_script(appliance, SCRIPT, step, *args)
+
+
+def run_client_script(appliance: Appliance, script: str, *args: str) -> dict[str, Any]:
+    """Runs `script` (Python using the real `llmengine` client, pointed at the appliance with
+    the admin key) in its own process; the JSON of the last line it printed."""
     env = {
         **os.environ,
         "LLM_ENGINE_BASE_PATH": appliance.url + "/",
@@ -151,7 +157,7 @@ def client(appliance: Appliance, step: str, *args: str) -> dict[str, Any]:
         "LLM_ENGINE_DISABLE_VERSION_CHECK": "true",
     }
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, step, *args],
+        [sys.executable, "-c", script, *args],
         env=env,
         capture_output=True,
         text=True,
