@@ -194,7 +194,7 @@ class Call:
         replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
             check_coming(target, self.owns(target))  # no replica by waiting: refused at once
-            if self.stream:
+            if self.stream and not self.held:
                 self._hold()
             self._wait(self._acquire(target))
             return

@@ -14,16 +14,18 @@ answers `{"detail": <its body>}` with its status, as LLM Engine's gateway does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from time import monotonic
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 from api.errors import status_of
 from api.inference.call import SSE_HEADERS, Call, Client, Core, InvalidRequestError
 from api.inference.schemas import CompletionV1Request, SyncEndpointPredictV1Request
-from appliance.errors import ApplianceError, BadRequestError, UpstreamError
+from appliance.errors import ApplianceError, BadRequestError, NoReadyReplicaError, UpstreamError
 from appliance.keys import Caller
 from forwarder import llm_engine
 from forwarder.paths import CHAT, COMPLETION, COMPLETIONS, LLM_ENGINE, TASK, InferencePath
@@ -35,6 +37,22 @@ SPELLED = {theirs: ours for ours, theirs in llm_engine.PASSED_FIELDS.items()}
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MISSING = "Field required"
+
+# A task's replica that answers 429 or 503, or cannot be reached, is tried again, as LLM
+# Engine's sync and streaming gateways do (tenacity: exponential waits of 1 s times 1.2 per
+# try, at most 5 s): `num_retries` more sends (8 when unset) while `timeout_seconds` (10 s
+# when unset) since the request came has not passed.
+RETRIED_STATUSES: Final = (429, 503)
+TASK_RETRIES: Final = 8
+RETRY_WINDOW_S: Final = 10.0
+RETRY_WAIT_MIN_S: Final = 1.0
+RETRY_WAIT_MAX_S: Final = 5.0
+RETRY_WAIT_BASE: Final = 1.2
+
+
+def retry_wait(tries: int) -> float:
+    """The wait before the send after `tries` failed ones (1, 1.2, 1.44, ... up to 5 s)."""
+    return min(RETRY_WAIT_MAX_S, max(RETRY_WAIT_MIN_S, RETRY_WAIT_BASE ** (tries - 1)))
 
 
 def query_value(query: str, name: str) -> str:
@@ -166,10 +184,14 @@ class CompletionCall(LlmEngineCall):
 
 
 class TaskCall(LlmEngineCall):
-    """`/v1/sync-tasks` and `/v1/streaming-tasks`."""
+    """`/v1/sync-tasks` and `/v1/streaming-tasks`: sends are tried again (`retries`, within
+    `retry_by`) while the client has had nothing but keep-alives."""
 
     wrapper: llm_engine.TaskEvents | None = None
     as_string: bool = True  # the result as a JSON string (or as an object)
+    retries: int = 0  # sends left to try after a replica's 429 or 503 or a failed connect
+    tries: int = 0  # sends that failed so
+    retry_by: float = 0.0  # monotonic: no send is tried after it
 
     def interpret(self, body: bytes) -> None:
         self.name = query_value(self.query, self.entry.selector)
@@ -186,6 +208,8 @@ class TaskCall(LlmEngineCall):
         self.payload = request.args
         self.changed = True
         self.timeout_s = request.timeout_seconds or 0.0
+        self.retries = TASK_RETRIES if request.num_retries is None else request.num_retries
+        self.retry_by = monotonic() + (request.timeout_seconds or RETRY_WINDOW_S)
 
     def injects(self) -> bool:
         args = self.payload
@@ -234,6 +258,8 @@ class TaskCall(LlmEngineCall):
         return json.dumps(llm_engine.sync_task_response(200, body, self.as_string)).encode()
 
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        if status in RETRIED_STATUSES and self._try_again():
+            return
         if status != 200 and not self.stream:  # a sync task answers 200 with its FAILURE
             self.status = status
             refused = self.unserved(status, body)
@@ -243,6 +269,40 @@ class TaskCall(LlmEngineCall):
             self._whole(200, JSON_HEADERS, json.dumps(answer).encode(), self._overhead())
             return
         super().on_whole(status, headers, body)
+
+    def on_failed(self, exc: ApplianceError) -> None:
+        # no reply at all (a reply that broke off may have been acted on: not sent again)
+        unreached = isinstance(exc, NoReadyReplicaError) or (
+            isinstance(exc, UpstreamError) and exc.status_code == 502
+        )
+        if unreached and self.status == 0 and self._try_again():
+            return
+        super().on_failed(exc)
+
+    def _try_again(self) -> bool:
+        """Send the request again after a wait, when sends are left, the wait ends before
+        `retry_by`, and the client has had no byte of a reply; False otherwise."""
+        target = self.target
+        if self.retries <= 0 or target is None or self.over or (self.started and not self.held):
+            return False
+        wait = retry_wait(self.tries + 1)
+        if monotonic() + wait > self.retry_by:
+            return False
+        self.retries -= 1
+        self.tries += 1
+        self.status, self.relay = 0, None
+        if self.held and self.keepalive is None:
+            self._keep_alive()  # a held stream's keep-alives go on meanwhile
+        asyncio.get_running_loop().call_later(wait, self._send_again, target)
+        return True
+
+    def _send_again(self, target: Target) -> None:
+        if self.over:  # the client went away meanwhile
+            return
+        try:
+            self._replica(target)
+        except ApplianceError as exc:
+            self.refuse(exc)
 
     def in_band(self, exc: ApplianceError) -> bytes:
         status = status_of(exc, LLM_ENGINE)
