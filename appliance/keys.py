@@ -83,12 +83,29 @@ def verify(
     row = session.exec(select(ApiKey).where(ApiKey.prefix == parsed[0])).first() if parsed else None
     if row is None or not hmac.compare_digest(row.digest, digest(secret, key)):
         raise AuthError("invalid API key")
-    now = time.time() if now is None else now
-    if row.revoked_at is not None:
-        raise AuthError("this API key was revoked")
-    if row.expires_at is not None and row.expires_at <= now:
-        raise AuthError("this API key has expired")
+    refused = refusal(row, time.time() if now is None else now)
+    if refused is not None:
+        raise AuthError(refused)
     return caller_of(session, row, defaults)
+
+
+def refusal(row: ApiKey, now: float) -> str | None:
+    """Why a key found by its text may no longer be used (revoked, expired), or None."""
+    if row.revoked_at is not None:
+        return "this API key was revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "this API key has expired"
+    return None
+
+
+def lapsed(session: Session, key_id: str, now: float | None = None) -> str | None:
+    """Why the key `key_id`, verified earlier, may no longer be used (revoked, expired or gone
+    since), or None while it may: for what goes on after its key was verified (a followed log
+    stream)."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        return "this API key no longer exists"
+    return refusal(row, time.time() if now is None else now)
 
 
 def caller_of(session: Session, row: ApiKey, defaults: KeyLimits) -> Caller:

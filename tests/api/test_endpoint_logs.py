@@ -113,3 +113,38 @@ def test_a_hundred_follow_streams_and_a_plain_read_are_all_served(logged: Applia
         took = time.monotonic() - began
         assert plain.status_code == 200 and plain.text.startswith("line 0")
         print(f"a plain read took {took * 1000:.0f} ms beside {len(opened)} follow streams")
+
+
+def read_to_end(stream: httpx.Response, within_s: float) -> list[str]:
+    """The lines of `stream` until it ends, which it must within `within_s`."""
+    lines: list[str] = []
+    began = time.monotonic()
+    for line in stream.iter_lines():
+        lines.append(line)
+        assert time.monotonic() - began < within_s, f"the stream is still open: {lines}"
+    return lines
+
+
+@pytest.mark.parametrize("ended_by", ["revoked", "expired"])
+def test_a_followed_stream_ends_once_its_key_is_revoked_or_expired(
+    logged: Appliance, ended_by: str
+) -> None:
+    """A key revoked (or run out) is refused on its next request, and a log stream it opened
+    before ends too: following is not a way to keep reading an endpoint after losing the key."""
+    admin = logged.client()
+    expires = {"expires_in_seconds": 3} if ended_by == "expired" else {}
+    made = admin.post("/v1/api-keys", json={"name": "ends", "team": "red", **expires})
+    assert made.status_code == 201, made.text
+    client = logged.client(made.json()["key"])
+    store = redis.Redis.from_url(logged.redis.url)
+    with client.stream("GET", LOGS_PATH, params={"follow": 1}, timeout=30) as stream:
+        assert stream.status_code == 200
+        if ended_by == "revoked":
+            revoked = admin.delete(f"/v1/api-keys/{made.json()['id']}")
+            assert revoked.status_code == 200, revoked.text
+        store.xadd(LOG_KEY, {"line": "written while the stream is open\n"})
+        lines = read_to_end(stream, within_s=15)
+    store.close()
+    why = "was revoked" if ended_by == "revoked" else "has expired"
+    assert lines[-1] == f"[log stream ended: this API key {why}]"
+    assert client.get(LOGS_PATH).status_code == 401
