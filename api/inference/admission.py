@@ -54,6 +54,12 @@ CAPPED_FIELD: Final = "max_tokens"  # set to the key's cap when a request names 
 # OpenAI's own bounds (top_logprobs 20, n 128), which vLLM keeps by default (max_logprobs 20);
 # llama.cpp bounds none of them, and a million top log-probs a token exhausts its memory.
 WORK_BOUNDS: Final = {"logprobs": 20, "top_logprobs": 20, "n_probs": 20, "n": 128, "best_of": 128}
+# A completion's `prompt` may be a list of prompts (texts, or lists of token ids), each one
+# generating `n` sequences of up to `max_tokens`: a request asks for at most this many
+# sequences in all (OpenAI's bound on `n`), so a long list neither escapes a key's token cap
+# nor holds a replica for hours (llama.cpp goes on with a list its client has left)
+MOST_SEQUENCES: Final = 128
+PROMPT_FIELD: Final = "prompt"
 RELOAD_ON_MISS_S: Final = 0.5
 NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
 
@@ -121,7 +127,7 @@ def cap_tokens(
     if share < 1:
         raise BadRequestError(
             f"{_sequences(payload)} sequences are over this key's limit of {most} tokens per "
-            "request: ask for fewer (n, best_of)",
+            "request: ask for fewer (n, best_of, prompts)",
             field="n",
         )
     payload[CAPPED_FIELD] = share
@@ -130,8 +136,9 @@ def cap_tokens(
 
 def bound_work(payload: dict[str, Any]) -> None:
     """Refuse (400) a request asking more of any WORK_BOUNDS field than it allows, as a number
-    or a number in a string (a server may read either); anything else is the server's to
-    refuse. For every key: these bound what one request may cost a replica, whoever sends it."""
+    or a number in a string (a server may read either), or more than MOST_SEQUENCES sequences
+    over a list of prompts; anything else is the server's to refuse. For every key: these bound
+    what one request may cost a replica, whoever sends it."""
     for name, most in WORK_BOUNDS.items():
         asked = payload.get(name)
         if asked is None or isinstance(asked, bool) or not isinstance(asked, int | float | str):
@@ -144,17 +151,40 @@ def bound_work(payload: dict[str, Any]) -> None:
             raise BadRequestError(
                 f"{name}={asked} is over the most a request may ask: at most {most}", field=name
             )
+    prompts = _prompts(payload)
+    if prompts > 1 and _sequences(payload) > MOST_SEQUENCES:
+        raise BadRequestError(
+            f"{PROMPT_FIELD}: {prompts} prompts{_each(payload)} ask for {_sequences(payload)} "
+            f"sequences, over the most a request may ask: at most {MOST_SEQUENCES}; send the "
+            "prompts in several requests",
+            field=PROMPT_FIELD,
+        )
+
+
+def _prompts(payload: dict[str, Any]) -> int:
+    """How many prompts a body's `prompt` holds: a list of texts or of token-id lists is one
+    prompt each; anything else (a text, one list of token ids) is one."""
+    prompt = payload.get(PROMPT_FIELD)
+    if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def _sequences(payload: dict[str, Any]) -> int:
-    """How many sequences a body asks the server to generate (`n`, `best_of`); 1 unless one is
-    a whole number above 1 (anything else is the server's to refuse)."""
+    """How many sequences a body asks the server to generate: `n` or `best_of` for each of its
+    prompts; 1 a prompt unless one is a whole number above 1 (anything else is the server's to
+    refuse)."""
     most = 1
     for name in SEQUENCE_FIELDS:
         asked = payload.get(name)
         if isinstance(asked, int) and not isinstance(asked, bool) and asked > most:
             most = asked
-    return most
+    return most * _prompts(payload)
+
+
+def _each(payload: dict[str, Any]) -> str:
+    sequences = _sequences(payload) // _prompts(payload)
+    return f" of {sequences} sequences each" if sequences > 1 else ""
 
 
 def _per(payload: dict[str, Any]) -> str:

@@ -269,6 +269,32 @@ def test_the_work_a_token_asks_is_bounded_for_every_key(bed: Bed, entry: str) ->
     served(send(bed, key, MINE, {tokens_field(entry): 1, "top_logprobs": 20, "n": 2}))
 
 
+PROMPT_ENTRIES = ["/v1/completions", "/v2/completions", "/v1/async-tasks", "/v1/streaming-tasks"]
+
+
+@pytest.mark.parametrize("entry", PROMPT_ENTRIES)
+def test_a_list_of_prompts_counts_as_that_many_requests(bed: Bed, entry: str) -> None:
+    """Each prompt of a list generates its own sequences: a key's cap holds for all of them,
+    and no key asks for more than 128 sequences at once (20,000 one-token prompts held a
+    llama.cpp replica for minutes after their client had gone)."""
+    send, family, _ = ENTRIES[entry]
+    capped = bed.key(max_tokens_per_request=CAP)
+    reply = send(bed, capped, MINE, {"max_tokens": CAP, "prompt": ["a", "b"]})
+    refused(reply, 400, family)
+    assert "for each of 2 sequences" in reply.text, reply.text
+    served(send(bed, capped, MINE, {"max_tokens": CAP // 2, "prompt": ["a", "b"]}))
+    served(send(bed, capped, MINE, {"max_tokens": CAP, "prompt": [1] * 50}))  # one, as ids
+    key = bed.key()
+    for prompt in (["a"] * 129, [[1, 2]] * 129, ["a"] * 20_000):
+        reply = send(bed, key, MINE, {"max_tokens": 1, "prompt": prompt})
+        refused(reply, 400, family)
+        assert f"prompt: {len(prompt)} prompts ask for" in reply.text, reply.text
+    reply = send(bed, key, MINE, {"max_tokens": 1, "prompt": ["a"] * 16, "n": 16})
+    refused(reply, 400, family)
+    assert "16 prompts of 16 sequences each ask for 256 sequences" in reply.text, reply.text
+    served(send(bed, key, MINE, {"max_tokens": 1, "prompt": ["a"] * 128}))
+
+
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_requests_per_minute(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]
