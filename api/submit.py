@@ -52,10 +52,10 @@ WAITING = (
     "SELECT COUNT(*) FROM task WHERE owner = ? AND created_by = ? "
     "AND status IN ('PENDING', 'STARTED')"
 )
-_INSERT = (
+INSERT_TASK = (
     "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, callback_url, "
     "callback_auth, attempts, priority, batch_id, created_at, enqueued_at, key_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, ?, ?, ?)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)"
 )
 
 
@@ -74,8 +74,9 @@ class EndpointView:
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
-    """A task's row as a submission builds it: PENDING, queued as it is stored. (Constructing
-    the ORM's `Task` costs several times as much, and nothing on this path needs one.)"""
+    """A task's row as a submission or a batch builds it: PENDING, queued as it is stored, one
+    `INSERT_TASK` of `task_row` each. (Constructing the ORM's `Task` costs several times as
+    much, and nothing on these paths needs one.)"""
 
     id: str
     endpoint_id: str
@@ -86,6 +87,8 @@ class NewTask:
     callback_auth: dict[str, Any] | None
     created_at: float
     key_id: str | None  # the key it was sent with, for usage
+    priority: int = 0  # a batch's: -1, its endpoint's low-priority queue
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ def _insert(
         try:
             rows = _admit(conn, drafts, outcomes)
             room(sum(len(row[5]) for row in rows))  # the payloads: all else is a few bytes
-            conn.executemany(_INSERT, rows)
+            conn.executemany(INSERT_TASK, rows)
             conn.execute("COMMIT")
         finally:
             if conn.in_transaction:
@@ -289,11 +292,12 @@ def _admit(
             outcomes[i] = refused
             continue
         waiting[who] += 1
-        rows.append(_row(task))
+        rows.append(task_row(task))
     return rows
 
 
-def _row(task: NewTask) -> tuple[Any, ...]:
+def task_row(task: NewTask) -> tuple[Any, ...]:
+    """The values of `INSERT_TASK` for the task."""
     auth = None if task.callback_auth is None else json.dumps(task.callback_auth)
     return (
         task.id,
@@ -304,6 +308,8 @@ def _row(task: NewTask) -> tuple[Any, ...]:
         json.dumps(task.payload),
         task.callback_url,
         auth,
+        task.priority,
+        task.batch_id,
         task.created_at,
         task.created_at,  # enqueued_at: its job is queued in the same step
         task.key_id,
