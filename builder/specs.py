@@ -115,8 +115,8 @@ def server_command(endpoint: Endpoint) -> tuple[tuple[str, ...], int, str]:
     vLLM's `--max-model-len`), so the cache holds that many tokens per slot. Not
     `--kv-unified` (one cache of `max_model_len` that all slots share): there a request fits
     only while the others leave room, and when the shared cache fills every running request
-    fails ("Context size has been exceeded"). Left out, llama-server sizes the cache from the
-    model's training context and splits it among the slots, as docs/fields.md says."""
+    fails ("Context size has been exceeded"). Left out, no `--ctx-size` is sent: llama-server
+    gives each slot the model's whole training context, as docs/fields.md says."""
     args = dict(endpoint.args)
     if endpoint.framework == Framework.VLLM:
         if endpoint.gpu_memory_fraction is not None:
