@@ -57,14 +57,68 @@ def refusal(payload: object) -> BadRequestError | None:
 
 def chat_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
-    server answers with text made from nothing; None when it has one."""
+    server answers with text made from nothing, or with a message its server fails on with a
+    500 (`message_refusal`); None when its messages are fine."""
     if not isinstance(payload, dict):
         return None
     messages = payload.get("messages")
-    if isinstance(messages, list) and messages:
-        return None
-    return BadRequestError(
-        "messages: a chat needs a list of at least one message", field="messages"
+    if not isinstance(messages, list) or not messages:
+        return BadRequestError(
+            "messages: a chat needs a list of at least one message", field="messages"
+        )
+    for at, message in enumerate(messages):
+        if isinstance(message, dict):
+            refused = message_refusal(message, f"messages[{at}]")
+            if refused is not None:
+                return refused
+    return None
+
+
+# A message's fields llama.cpp's server reads as strings when present: another type (null
+# included) fails its parser, which answers 500 ("Failed to parse messages")
+STRING_FIELDS: Final = ("role", "name", "tool_call_id", "reasoning_content")
+MEDIA_PARTS: Final = ("image_url", "input_audio")  # the server has no multimodal projector
+
+
+def message_refusal(message: Json, at: str) -> BadRequestError | None:
+    """The 400, naming the field, for what in one chat message llama.cpp's server answers with
+    a 500 where OpenAI and vLLM answer 400: a role missing or not a string, another string
+    field that is not one, `tool_calls` that is not a list of objects, a text part without its
+    text, an image or audio part (its server reads none: no multimodal projector is loaded)."""
+    for name in STRING_FIELDS:
+        if (name == "role" or name in message) and not isinstance(message.get(name), str):
+            return BadRequestError(f"{at}.{name} must be a string", field=f"{at}.{name}")
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(map(_tool_call, calls))):
+        return BadRequestError(
+            f"{at}.tool_calls must be a list of tool calls, each with a `type` and a "
+            "`function` with its `name` (strings) and `arguments`",
+            field=f"{at}.tool_calls",
+        )
+    content = message.get("content")
+    for index, part in enumerate(content if isinstance(content, list) else ()):
+        where = f"{at}.content[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in MEDIA_PARTS:
+            return _unsupported(where, f"take {kind} parts: their server reads text only")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            return BadRequestError(
+                f"{where}.text must be a string: a text part carries its text",
+                field=f"{where}.text",
+            )
+    return None
+
+
+def _tool_call(call: object) -> bool:
+    """Whether `call` is a tool call as llama.cpp's server reads one (it fails with a 500 on
+    one without a string `type`, a `function` object, its string `name` or its `arguments`)."""
+    if not isinstance(call, dict) or not isinstance(call.get("type"), str):
+        return False
+    function = call.get("function")
+    return (
+        isinstance(function, dict)
+        and isinstance(function.get("name"), str)
+        and "arguments" in function
     )
 
 

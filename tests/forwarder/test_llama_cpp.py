@@ -208,3 +208,58 @@ def test_a_chat_without_messages_to_llamacpp_is_refused(messages: Any) -> None:
     assert refused.value.field == "messages"
     assert refused.value.message == "messages: a chat needs a list of at least one message"
     admission.fit_framework(target, CHAT, {"model": "m", "messages": [{"role": "user"}]})
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"content": "hi"}, "messages[1].role"),
+        ({"role": 5, "content": "hi"}, "messages[1].role"),
+        ({**USER, "name": None}, "messages[1].name"),
+        (
+            {"role": "assistant", "content": "x", "reasoning_content": 5},
+            "messages[1].reasoning_content",
+        ),
+        ({**USER, "tool_calls": 5}, "messages[1].tool_calls"),
+        ({"role": "assistant", "tool_calls": [{"id": "1"}]}, "messages[1].tool_calls"),
+        ({"role": "assistant", "tool_calls": [{"type": "function"}]}, "messages[1].tool_calls"),
+        (
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": 5}}]},
+            "messages[1].tool_calls",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+            "messages[1].tool_calls",
+        ),
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[1].content[0].text"),
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[1].content[0].text"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+            "messages[1].content[0]",
+        ),
+        (
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]},
+            "messages[1].content[1]",
+        ),
+    ],
+)
+def test_a_chat_message_llamacpp_fails_on_is_refused_naming_its_field(
+    message: dict[str, Any], field: str
+) -> None:
+    """llama.cpp's server answers these with a 500 ("Failed to parse messages", "image input
+    is not supported"), where OpenAI and vLLM answer 400: every entry refuses them before the
+    replica with a 400 naming the field."""
+    target = llama_target("m", "READY")
+    body = {"model": "m", "messages": [USER, message]}
+    with pytest.raises(BadRequestError) as refused:
+        admission.fit_framework(target, CHAT, body)
+    assert refused.value.field == field, refused.value.message
+    assert refused.value.message.startswith(field), refused.value.message
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    fine = [USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    parts = [{"type": "text", "text": "a"}]
+    fine.append({"role": "user", "content": parts, "name": "n"})
+    admission.fit_framework(target, CHAT, {"model": "m", "messages": fine})
