@@ -39,6 +39,18 @@ SECRET_FIELDS = frozenset(
     }
 )
 SECRET_SUFFIXES = ("_secret", "_password", "_token", "_auth")
+# What every action's name starts with, as `GET /v1/audit?action=` and the UI's filter take it
+KINDS = (
+    "endpoint.",
+    "key.",
+    "session.",
+    "file.",
+    "batch.",
+    "model.",
+    "hf-model.",
+    "hf_download.",
+    "image.",
+)
 KEY_TEXT = re.compile(r"mea_[0-9a-fA-F]{12}_[A-Za-z0-9\-_]+")
 MAX_LIST = 1000  # entries one read returns
 DAY_S = 86400

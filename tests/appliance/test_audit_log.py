@@ -3,16 +3,19 @@ passes; entries older than the retention are pruned, the rest kept."""
 
 from __future__ import annotations
 
+import ast
 import time
 from pathlib import Path
 
 from sqlmodel import select
 
+from api.routes.ui import operators
 from appliance import audit
 from appliance.caller import Caller
 from appliance.db import open_engine, session_scope
 from appliance.models import AuditEntry
 
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "mea_0123456789ab_abcdefghijklmnopqrstuvwx"
 
 
@@ -59,3 +62,31 @@ def test_entries_past_the_retention_are_pruned(tmp_path: Path) -> None:
         newest = audit.entries(session, action="key.revoke")
     assert len(left) == 3
     assert newest[0].change == {"key": "[not recorded]"} and newest[0].address == "10.0.0.1"
+
+
+def recorded_actions() -> set[str]:
+    """Every action name the code passes to audit.record or audit.record_now."""
+    found: set[str] = set()
+    for package in ("api", "appliance", "builder", "forwarder", "web"):
+        for source in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("record", "record_now")
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "audit"
+                    and len(node.args) > 2
+                    and isinstance(node.args[2], ast.Constant)
+                ):
+                    found.add(str(node.args[2].value))
+    return found
+
+
+def test_the_audit_page_filters_by_every_kind_of_action() -> None:
+    """The Audit page's action filter offers a prefix for each action recorded: model uploads,
+    cached-model deletes, downloads ahead of time and image prunes could not be picked."""
+    actions = recorded_actions()
+    assert {"model.upload", "hf-model.delete", "image.prune", "key.create"} <= actions
+    offered = operators.AUDIT_ACTIONS
+    assert sorted(a for a in actions if not a.startswith(offered)) == []

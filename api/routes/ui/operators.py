@@ -22,7 +22,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 RANGES = {"hour": 24 * 3600, "day": 30 * 86400}  # what the page shows at each granularity
 UNITS = {"hour": "tok/h", "day": "tok/day"}
 AUDIT_ROWS = 200
-AUDIT_ACTIONS = ("endpoint.", "key.", "session.", "file.", "batch.")
+AUDIT_ACTIONS = audit.KINDS
 
 
 def _query(ui: SignedInDep, granularity: str, team: str | None) -> usage.Query:
