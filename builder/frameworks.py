@@ -106,6 +106,8 @@ USER_ENV: dict[str, frozenset[str]] = {
             "LLAMA_ARG_FLASH_ATTN",
             "LLAMA_ARG_CACHE_TYPE_K",
             "LLAMA_ARG_CACHE_TYPE_V",
+            "LLAMA_ARG_EMBEDDINGS",  # serve /v1/embeddings (llama.cpp's --embeddings)
+            "LLAMA_ARG_POOLING",  # their pooling, for a model without its own (mean, cls...)
             "OMP_NUM_THREADS",
         }
     ),

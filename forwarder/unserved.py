@@ -17,6 +17,10 @@ from appliance.errors import BadRequestError
 
 NOT_SERVED_STATUSES: Final = (404, 501)
 UNREGISTERED: Final = "Not Found"  # Starlette's words for a path no route matches
+EMBEDDINGS_HOW: Final = (
+    "an endpoint whose env has LLAMA_ARG_EMBEDDINGS=1 serves embeddings, with "
+    "LLAMA_ARG_POOLING=mean for a model that has no pooling of its own"
+)
 
 
 def not_served(status: int, body: bytes, endpoint: str, path: str) -> BadRequestError | None:
@@ -24,6 +28,8 @@ def not_served(status: int, body: bytes, endpoint: str, path: str) -> BadRequest
     the caller asked for), or None."""
     if status == 501:
         words = _replica_words(body)
+        if "--embeddings" in words:  # llama.cpp's advice, as an endpoint here takes it
+            words += f" (here: {EMBEDDINGS_HOW})"
     elif status == 404 and _unregistered(body):
         words = f"its server has no such route ({status} {UNREGISTERED})"
     else:

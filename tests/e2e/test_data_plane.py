@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.e2e.test_first_slice import create_gemma, wait_ready
-from tests.harness import ADMIN_KEY, Appliance, wait_until
+from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
 
 MODEL = "gemma-dp"
 PROMPT = "The sky is"
@@ -100,9 +100,26 @@ def test_embeddings_from_a_server_without_them_is_a_400_saying_so(sdk: openai.Op
     assert isinstance(body, dict) and body["code"] == 400
     assert f"{MODEL!r} does not serve /v1/embeddings" in body["message"]
     assert "embeddings" in body["message"].split(":", 1)[1]  # llama.cpp's reason follows
+    assert "LLAMA_ARG_EMBEDDINGS=1" in body["message"]  # and how to get them here
     sdk.chat.completions.create(  # still in rotation
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
+
+
+def test_a_team_serves_embeddings_from_llama_cpp_with_its_env(gemma: Appliance) -> None:
+    """What that 400 says works: a team's own llama.cpp endpoint with LLAMA_ARG_EMBEDDINGS."""
+    key = make_key(gemma, "embedders")
+    team = httpx.Client(base_url=gemma.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    env = {"LLAMA_ARG_EMBEDDINGS": "1", "LLAMA_ARG_POOLING": "mean"}
+    create_gemma(team, "gemma-embed", env=env, min_workers=1)
+    try:
+        wait_ready(team, "gemma-embed")
+        sdk = openai.OpenAI(base_url=gemma.url + "/v1", api_key=key, max_retries=0)
+        vectors = sdk.embeddings.create(model="gemma-embed", input=["the sky", "the sea"])
+        assert len(vectors.data) == 2 and len(vectors.data[0].embedding) > 100
+        assert vectors.data[0].embedding != vectors.data[1].embedding
+    finally:
+        assert team.delete("/v1/llm/model-endpoints/gemma-embed").status_code == 200
 
 
 def test_v2_routes_answer_with_the_endpoint_as_model(gemma: Appliance) -> None:
