@@ -90,15 +90,18 @@ def check_url(url: str, allowed_hosts: Sequence[str]) -> Target:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise CallbackRefusedError(
-            f"callback host {host!r} does not resolve", field="callback_url"
+            f"callback_url's host {host!r} does not resolve", field="callback_url"
         ) from None
     addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
     if not allowed:
         for address in addresses:
             why = _refused_address(address)
             if why is not None:
+                shown = "" if address == host.strip("[]") else f" ({address})"
                 raise CallbackRefusedError(
-                    f"callback host {host!r} resolves to a {why} address", field="callback_url"
+                    f"callback_url's host {host!r} resolves to a {why} address{shown}; "
+                    "the operator allows such a host in APPLIANCE_CALLBACK_ALLOWED_HOSTS",
+                    field="callback_url",
                 )
     return Target(url, host, port, addresses)
 

@@ -111,8 +111,12 @@ REFUSED = [
 
 @pytest.mark.parametrize("template", REFUSED)
 def test_refused_before_any_connection(template: str) -> None:
-    with pytest.raises(CallbackRefusedError):
+    """Refused naming the field, and an address refusal says how an operator allows it."""
+    with pytest.raises(CallbackRefusedError) as refused:
         check_url(template.format(port=free_port()), allowed_hosts=())
+    assert refused.value.message.startswith("callback_url"), refused.value.message
+    if "resolves to" in refused.value.message:
+        assert "APPLIANCE_CALLBACK_ALLOWED_HOSTS" in refused.value.message
 
 
 def test_allow_list_names_host_and_port() -> None:
