@@ -170,7 +170,11 @@ def _finish_one(conn: Connection, files_dir: Path, batch_id: str, status: str, n
     meta = metadata if isinstance(metadata, dict) else json.loads(metadata or "{}")
     named = meta.get("output_data_path")
     output_name = os.path.basename(named or "") or f"{batch_id}_output.jsonl"
-    output_id = _write_file(conn, files_dir, owner, output_name, outputs)
+    # as OpenAI's: no output file when no request succeeded (a batch cancelled before any
+    # answer, one whose every request failed); LLM Engine's named output is always written
+    output_id = (
+        _write_file(conn, files_dir, owner, output_name, outputs) if outputs or named else None
+    )
     error_id = (
         _write_file(conn, files_dir, owner, f"{batch_id}_error.jsonl", errors) if errors else None
     )

@@ -128,6 +128,7 @@ def test_tasks_and_batch_lines_to_a_route_the_server_never_registered_fail_sayin
     batch = submit_batch(client, json.dumps(line).encode() + b"\n", "/v1/embeddings")
     final = batch_ended(client, batch.json()["id"], "completed", 60)
     assert final["request_counts"] == {"total": 1, "completed": 0, "failed": 1}, final
+    assert final["output_file_id"] is None  # nothing succeeded: OpenAI's batch has none
     errors = client.get(f"/v1/files/{final['error_file_id']}/content").text.splitlines()
     error = json.loads(errors[0])
     assert error["response"]["status_code"] == 400, error
@@ -266,6 +267,7 @@ def test_batch_cancel_stops_pending_requests(
     bare_appliance.start_role("worker")
     final = batch_ended(client, batch_id, "cancelled", 30)
     assert final["request_counts"] == {"total": 20, "completed": 0, "failed": 0}
+    assert final["output_file_id"] is None and final["error_file_id"] is None  # as OpenAI's
     time.sleep(1)
     assert backend.seen["/v1/chat/completions"] == 0
 
