@@ -57,8 +57,8 @@ def refusal(payload: object) -> BadRequestError | None:
 
 def chat_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
-    server answers with text made from nothing, or with a message its server fails on with a
-    500 (`message_refusal`); None when its messages are fine."""
+    server answers with text made from nothing, or with a message (`message_refusal`) or
+    `tools` its server fails on with a 500; None when they are fine."""
     if not isinstance(payload, dict):
         return None
     messages = payload.get("messages")
@@ -71,6 +71,13 @@ def chat_refusal(payload: object) -> BadRequestError | None:
             refused = message_refusal(message, f"messages[{at}]")
             if refused is not None:
                 return refused
+    tools = payload.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(map(_tool, tools))):
+        return BadRequestError(
+            "tools must be a list of tools, each with a `type` and a `function` with its "
+            "`name` (strings)",
+            field="tools",
+        )
     return None
 
 
@@ -107,6 +114,15 @@ def message_refusal(message: Json, at: str) -> BadRequestError | None:
                 field=f"{where}.text",
             )
     return None
+
+
+def _tool(tool: object) -> bool:
+    """Whether `tool` is a tool as llama.cpp's server reads one (it fails with a 500 on one
+    without a string `type`, a `function` object or its string `name`)."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+        return False
+    function = tool.get("function")
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
 
 
 def _tool_call(call: object) -> bool:

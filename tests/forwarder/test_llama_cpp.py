@@ -249,17 +249,24 @@ USER = {"role": "user", "content": "hi"}
 def test_a_chat_message_llamacpp_fails_on_is_refused_naming_its_field(
     message: dict[str, Any], field: str
 ) -> None:
-    """llama.cpp's server answers these with a 500 ("Failed to parse messages", "image input
-    is not supported"), where OpenAI and vLLM answer 400: every entry refuses them before the
-    replica with a 400 naming the field."""
+    """llama.cpp's server answers these (and malformed `tools`) with a 500 ("Failed to parse
+    messages", "image input is not supported"), where OpenAI and vLLM answer 400: every entry
+    refuses them before the replica with a 400 naming the field."""
     target = llama_target("m", "READY")
     body = {"model": "m", "messages": [USER, message]}
     with pytest.raises(BadRequestError) as refused:
         admission.fit_framework(target, CHAT, body)
     assert refused.value.field == field, refused.value.message
     assert refused.value.message.startswith(field), refused.value.message
+    for tools in (5, [5], [{"type": "function", "function": {}}], [{"function": {"name": "f"}}]):
+        with pytest.raises(BadRequestError) as refused:
+            admission.fit_framework(
+                target, CHAT, {"model": "m", "messages": [USER], "tools": tools}
+            )
+        assert refused.value.field == "tools", refused.value.message
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     fine = [USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
     parts = [{"type": "text", "text": "a"}]
     fine.append({"role": "user", "content": parts, "name": "n"})
-    admission.fit_framework(target, CHAT, {"model": "m", "messages": fine})
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    admission.fit_framework(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
