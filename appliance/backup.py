@@ -4,7 +4,8 @@ A backup is a gzip'd tar holding a consistent copy of the SQLite database taken 
 online backup API while the appliance runs (endpoints, replicas, events, keys as digests,
 tasks, files' rows, batches, usage, the audit log), the install id (labels on every
 container), the key secret (without it no stored key digest matches its key again), the
-uploaded and batch files, and a manifest. It holds no model files, images, Hugging Face
+admin key the api printed on its first start when it keeps one, the uploaded and batch
+files, and a manifest. It holds no model files, images, Hugging Face
 cache, or Redis (queues are rebuilt from SQLite; live numbers and UI sessions start afresh).
 It holds secrets: it is written readable by its owner only.
 
@@ -32,6 +33,9 @@ from appliance.migrations import migrate
 FORMAT = 1
 DATABASE = "appliance.db"
 SECRETS = ("install-id", "key-secret")
+# the admin key the api printed on its first start, kept where the README sends the operator
+# for it; none when APPLIANCE_ADMIN_KEY chose it
+KEPT = ("admin-key",)
 MANIFEST = "manifest.json"
 FILES_DIR = "files"
 BUSY_TIMEOUT_S = 30
@@ -89,6 +93,9 @@ def backup(data_dir: Path, target: Path, *, with_files: bool = True) -> dict[str
             archive.add(Path(work) / DATABASE, DATABASE)
             for name in SECRETS:
                 _add_bytes(archive, name, (data_dir / name).read_bytes())
+            for name in KEPT:
+                if (data_dir / name).is_file():
+                    _add_bytes(archive, name, (data_dir / name).read_bytes())
             for path in files:
                 archive.add(path, f"{FILES_DIR}/{path.name}")
         os.chmod(partial, 0o600)
@@ -98,7 +105,7 @@ def backup(data_dir: Path, target: Path, *, with_files: bool = True) -> dict[str
 
 def _allowed(name: str) -> bool:
     path = PurePosixPath(name)
-    if name in (MANIFEST, DATABASE, *SECRETS):
+    if name in (MANIFEST, DATABASE, *SECRETS, *KEPT):
         return True
     return len(path.parts) == 2 and path.parts[0] == FILES_DIR and path.name.endswith(".jsonl")
 
@@ -175,7 +182,8 @@ def restore(archive_path: Path, data_dir: Path, *, force: bool = False) -> dict[
     except (OSError, tarfile.TarError) as exc:
         raise BackupError(f"cannot read {archive_path}: {exc}") from None
     (data_dir / MANIFEST).unlink()
-    for name in (DATABASE, *SECRETS):
+    kept = [name for name in KEPT if (data_dir / name).is_file()]
+    for name in (DATABASE, *SECRETS, *kept):
         os.chmod(data_dir / name, 0o600)
     _repoint_files(data_dir / DATABASE, (data_dir / FILES_DIR).resolve())
     migrate(data_dir / DATABASE)

@@ -118,3 +118,24 @@ def test_restore_refuses_what_it_should(tmp_path: Path) -> None:
         backup.restore(not_one, tmp_path / "empty2")
     with pytest.raises(backup.BackupError, match="no database"):
         backup.backup(tmp_path / "nowhere", tmp_path / "x.tar.gz")
+
+
+def test_the_admin_key_the_api_keeps_is_restored(tmp_path: Path) -> None:
+    """The admin key the api printed once and keeps in the data directory (where the README
+    sends the operator for it, and `appliance export` and `apply` read it) comes back with a
+    restore, owner-only; an install started with APPLIANCE_ADMIN_KEY keeps none, and its
+    backup restores without one."""
+    source = tmp_path / "source"
+    make_install(source)
+    (source / "admin-key").write_text("mea_0123456789ab_abcdefghijklmnopqrstuvwx\n")
+    backup.backup(source, tmp_path / "with.tar.gz")
+    restored = tmp_path / "restored"
+    backup.restore(tmp_path / "with.tar.gz", restored)
+    kept = restored / "admin-key"
+    assert kept.read_text() == (source / "admin-key").read_text()
+    assert kept.stat().st_mode & 0o077 == 0
+
+    (source / "admin-key").unlink()
+    backup.backup(source, tmp_path / "without.tar.gz")
+    backup.restore(tmp_path / "without.tar.gz", tmp_path / "bare")
+    assert not (tmp_path / "bare" / "admin-key").exists()
