@@ -60,6 +60,9 @@ WORK_BOUNDS: Final = {"logprobs": 20, "top_logprobs": 20, "n_probs": 20, "n": 12
 # nor holds a replica for hours (llama.cpp goes on with a list its client has left)
 MOST_SEQUENCES: Final = 128
 PROMPT_FIELD: Final = "prompt"
+# An embeddings request's `input` list: OpenAI's bound on how many texts one request embeds
+MOST_INPUTS: Final = 2048
+INPUT_FIELD: Final = "input"
 RELOAD_ON_MISS_S: Final = 0.5
 NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
 
@@ -136,9 +139,10 @@ def cap_tokens(
 
 def bound_work(payload: dict[str, Any]) -> None:
     """Refuse (400) a request asking more of any WORK_BOUNDS field than it allows, as a number
-    or a number in a string (a server may read either), or more than MOST_SEQUENCES sequences
-    over a list of prompts; anything else is the server's to refuse. For every key: these bound
-    what one request may cost a replica, whoever sends it."""
+    or a number in a string (a server may read either), more than MOST_SEQUENCES sequences
+    over a list of prompts, or more than MOST_INPUTS inputs to embed; anything else is the
+    server's to refuse. For every key: these bound what one request may cost a replica,
+    whoever sends it."""
     for name, most in WORK_BOUNDS.items():
         asked = payload.get(name)
         if asked is None or isinstance(asked, bool) or not isinstance(asked, int | float | str):
@@ -151,6 +155,13 @@ def bound_work(payload: dict[str, Any]) -> None:
             raise BadRequestError(
                 f"{name}={asked} is over the most a request may ask: at most {most}", field=name
             )
+    inputs = _prompts(payload, INPUT_FIELD)
+    if inputs > MOST_INPUTS:
+        raise BadRequestError(
+            f"{INPUT_FIELD}: {inputs} inputs are over the most a request may ask: at most "
+            f"{MOST_INPUTS}; send them in several requests",
+            field=INPUT_FIELD,
+        )
     prompts = _prompts(payload)
     if prompts > 1 and _sequences(payload) > MOST_SEQUENCES:
         raise BadRequestError(
@@ -161,10 +172,10 @@ def bound_work(payload: dict[str, Any]) -> None:
         )
 
 
-def _prompts(payload: dict[str, Any]) -> int:
-    """How many prompts a body's `prompt` holds: a list of texts or of token-id lists is one
-    prompt each; anything else (a text, one list of token ids) is one."""
-    prompt = payload.get(PROMPT_FIELD)
+def _prompts(payload: dict[str, Any], field: str = PROMPT_FIELD) -> int:
+    """How many prompts a body's `prompt` (or embeddings `input`) holds: a list of texts or of
+    token-id lists is one prompt each; anything else (a text, one list of token ids) is one."""
+    prompt = payload.get(field)
     if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
         return len(prompt)
     return 1

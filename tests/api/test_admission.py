@@ -295,6 +295,17 @@ def test_a_list_of_prompts_counts_as_that_many_requests(bed: Bed, entry: str) ->
     served(send(bed, key, MINE, {"max_tokens": 1, "prompt": ["a"] * 128}))
 
 
+def test_an_embeddings_request_embeds_at_most_2048_inputs(bed: Bed) -> None:
+    send, family, _ = ENTRIES["/v1/embeddings"]
+    key = bed.key()
+    for inputs in (["a"] * 2049, [[1]] * 2049):
+        reply = send(bed, key, MINE, {"input": inputs})
+        refused(reply, 400, family)
+        assert "input: 2049 inputs are over the most" in reply.text, reply.text
+    served(send(bed, key, MINE, {"input": ["a"] * 2048}))
+    served(send(bed, key, MINE, {"input": [1] * 3000}))  # one input, as token ids
+
+
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_requests_per_minute(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]
