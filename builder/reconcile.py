@@ -225,6 +225,11 @@ def _plan_endpoint(
             )
         )
         return
+    ids = {r.id for r in replicas}
+    if any(isinstance(a, FailReplica) and a.crashed and a.replica_id in ids for a in tick.actions):
+        # a crash seen this tick counts from the next one, once its row says so (with its log
+        # tail): starting a replacement now would skip its backoff and the crash limit
+        return
     crashes = [
         r
         for r in replicas

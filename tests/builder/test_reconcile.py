@@ -137,6 +137,22 @@ def test_restarts_back_off_then_stop_with_the_last_error() -> None:
     assert failed.reason is not None and "no such file" in failed.reason
 
 
+def test_a_crash_seen_this_tick_starts_nothing_until_it_counts() -> None:
+    """The tick that sees a container exit fails its replica and starts no other: the next
+    tick counts that crash (its backoff, the crash limit, its log tail). A replacement started
+    in the same tick skipped the crash's backoff, and the limit was reached one replica late,
+    quoting the crash before ('crashed 3 times' with 4 failed replicas listed)."""
+    two = [crashed("f1", NOW - 30), crashed("f2", NOW - 20)]
+    exiting = replica("r3", gpus=[])
+    actions = plan([endpoint()], [*two, exiting], [container("r3", "exited")])
+    assert act.FailReplica("r3", "container exited with code 137") in actions
+    assert not any(isinstance(a, act.StartReplica) for a in actions), actions
+    three = [*two, crashed("r3", NOW)]
+    [failed] = plan([endpoint()], three, now=NOW + 1)
+    assert isinstance(failed, act.SetStatus) and failed.status == EndpointStatus.UPDATE_FAILED
+    assert failed.reason is not None and failed.reason.startswith("replica crashed 3 times")
+
+
 def test_a_rolling_update_surges_then_drains_old_once_new_is_ready() -> None:
     new_gen = endpoint(generation=2, status=EndpointStatus.UPDATE_PENDING)
     old = replica("old", generation=1, gpus=[0])
