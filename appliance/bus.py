@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 import redis
 
 BUILDER_NUDGE_KEY = "appliance:builder:nudge"
 ROUTES_CHANNEL = "appliance:routes"
 INFLIGHT_KEY = "appliance:inflight"  # hash: replica id -> requests the api has in flight
+# hash: replica id -> requests one worker process has in flight (async tasks, batch requests)
+WORKER_INFLIGHT_KEY = "appliance:inflight:worker:{worker}"
+INFLIGHT_TTL_S = 10  # a dead process's counts vanish instead of blocking drains forever
 DEMAND_KEY = "appliance:demand"  # hash: endpoint id -> when a request last found no replica
 LAST_REQUEST_KEY = "appliance:last-request"  # hash: endpoint id -> time of its last request
 API_METRICS_KEY = "appliance:metrics:api:{worker}"  # one api worker's counters, as JSON
@@ -52,6 +58,30 @@ def nudge_builder(client: redis.Redis) -> None:
 def announce_routes(client: redis.Redis) -> None:
     """Tell every api process that replicas changed, so they re-read their routing table."""
     client.publish(ROUTES_CHANNEL, str(time.time()))
+
+
+def put_inflight(pipe: Any, key: str, counts: Mapping[str, int]) -> None:
+    """Queue on `pipe` (a pipeline, sync or asyncio) the replace of one process's requests in
+    flight per replica: the api's under INFLIGHT_KEY, each worker's under its
+    WORKER_INFLIGHT_KEY, every second, so the builder sees the requests of both."""
+    pipe.delete(key)
+    if counts:
+        pipe.hset(key, mapping=dict(counts))
+        pipe.expire(key, INFLIGHT_TTL_S)
+
+
+def inflight(client: redis.Redis) -> dict[str, int]:
+    """Replica id -> requests in flight to it from the api and every worker process: what
+    the builder drains, preempts and scales by."""
+    workers = client.scan_iter(match=WORKER_INFLIGHT_KEY.format(worker="*"), count=1000)
+    pipe = client.pipeline(transaction=False)
+    for key in [INFLIGHT_KEY, *workers]:
+        pipe.hgetall(key)
+    total: Counter[str] = Counter()
+    for counts in pipe.execute():
+        for replica, n in counts.items():
+            total[replica.decode() if isinstance(replica, bytes) else str(replica)] += int(n)
+    return dict(total)
 
 
 def beat(client: redis.Redis, role: str) -> None:

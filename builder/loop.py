@@ -55,10 +55,6 @@ def probe(address: str, route: str) -> bool:
         return False
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass
 class BuilderLoop:
     """Level-triggered: each tick sees the whole world, so a missed nudge costs one interval."""
@@ -117,8 +113,7 @@ class BuilderLoop:
         self._record(notes)
         self._publish_progress(preparing)
         try:
-            raw = self.redis.hgetall(bus.INFLIGHT_KEY)
-            inflight = {_text(k): int(v) for k, v in raw.items()}
+            inflight = bus.inflight(self.redis)  # the api's requests and the workers'
         except redis.RedisError:
             inflight = {}
         return Observed(

@@ -28,7 +28,6 @@ from forwarder.proxy import Forwarder
 logger = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 1.0
-INFLIGHT_TTL_S = 10  # a dead api's counts vanish instead of blocking drains forever
 METRICS_TTL_S = 10  # likewise a dead worker's counters
 
 
@@ -43,11 +42,8 @@ async def publish_once(
     usage, totals = forwarder.ledger.unsent(forwarder.metrics.stats.rows)
     fresh_demand = {eid: at for eid, at in forwarder.demand.items() if sent_demand.get(eid) != at}
     pipe = client.pipeline(transaction=True)
-    pipe.delete(bus.INFLIGHT_KEY)
-    inflight = forwarder.inflight_totals()  # every worker's: each one writes the same sums
-    if inflight:
-        pipe.hset(bus.INFLIGHT_KEY, mapping=_fields(inflight))
-        pipe.expire(bus.INFLIGHT_KEY, INFLIGHT_TTL_S)
+    # every api worker's: each one writes the same sums
+    bus.put_inflight(pipe, bus.INFLIGHT_KEY, forwarder.inflight_totals())
     if forwarder.last_request:
         pipe.hset(bus.LAST_REQUEST_KEY, mapping=_fields(forwarder.last_request))
     if fresh_demand:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.02  # the wait after a pop that found nothing, doubled while none does,
 IDLE_POLL_MAX_S = 0.1  # up to this: an idle worker polls Redis 10 times a second, not 50
 ABORT_CHECK_S = 0.5  # how often the batch requests in flight are checked for a cancel
+INFLIGHT_EVERY_S = 1.0  # how often the requests in flight per replica go to the builder
 DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: its grace is 40 s)
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
@@ -97,6 +99,8 @@ class Runner:
         self._turn = 0  # the queue each pop starts at, moved on by one every pop
         self._slot_free = asyncio.Event()
         self._done_keys: list[str] = []
+        # this process's requests in flight, which the builder's drains wait for
+        self.inflight_key = bus.WORKER_INFLIGHT_KEY.format(worker=uuid.uuid4().hex[:12])
 
     async def run(self, stop: asyncio.Event) -> None:
         jobs.install_runtime(self.runtime)
@@ -110,6 +114,7 @@ class Runner:
                 ),
                 asyncio.create_task(self._every(self.lease_ms / 3000, self._renew_leases, stop)),
                 asyncio.create_task(self._every(ABORT_CHECK_S, self._abort_ended, stop)),
+                asyncio.create_task(self._every(INFLIGHT_EVERY_S, self._publish_inflight, stop)),
             ]
             await self._take_jobs(stop)
             # Stopping. A job no replica has taken yet goes back to PENDING untried (the
@@ -123,6 +128,8 @@ class Runner:
         finally:
             for helper in helpers:
                 helper.cancel()
+            with contextlib.suppress(redis.RedisError):
+                self.redis.delete(self.inflight_key)
             for task in self.running.values():
                 task.cancel()
             await self.runtime.forwarder.close()
@@ -214,6 +221,19 @@ class Runner:
                 pipe.execute()
 
         await asyncio.to_thread(renew)
+
+    async def _publish_inflight(self) -> None:
+        """The worker's requests in flight per replica, for the builder: a replica draining
+        (its endpoint deleted, updated or scaled down) stops once they end, as for the api's
+        (`appliance.bus.inflight`), not while a task's reply is on its way."""
+        counts = self.runtime.forwarder.inflight_totals()
+
+        def put() -> None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                bus.put_inflight(pipe, self.inflight_key, counts)
+                pipe.execute()
+
+        await asyncio.to_thread(put)
 
     async def _abort_ended(self) -> None:
         """Cancel the batch requests waiting for or sent to a replica whose task has ended

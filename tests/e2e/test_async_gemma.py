@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import redis
+
+from appliance import bus
 from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body, wait_status
 from tests.e2e.test_first_slice import create_gemma, wait_ready
 from tests.forwarder.test_async_support import wait_tasks
@@ -81,3 +84,24 @@ def test_batch_of_100_chat_requests_on_a_container(
         assert line["error"] is None and line["response"]["status_code"] == 200
         assert line["response"]["body"]["object"] == "chat.completion"
         assert line["response"]["body"]["choices"][0]["message"]["content"]
+
+
+def test_an_async_task_running_when_its_endpoint_is_deleted_still_succeeds(
+    make_appliance: Callable[..., Appliance],
+) -> None:
+    """The replica drains first: it stops once the worker's request to it has its answer, as
+    it does for the api's requests (a stream, a sync request)."""
+    appliance = make_appliance(**ON_FAKE_GPUS)
+    appliance.start_role("worker")
+    client = appliance.client()
+    endpoint_id = create(client, standin_body("drained", endpoint_type="async"))
+    wait_status(client, endpoint_id, "READY", timeout_s=90)
+    args = {"prompt": "one two three", "max_tokens": 700}  # 7 s on the stand-in
+    task = client.post(f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": args})
+    task_id = task.json()["task_id"]
+    r = redis.Redis.from_url(appliance.redis.url)
+    wait_until(lambda: bus.inflight(r), 30, "the task's request to reach the replica")
+    assert client.delete(f"/v1/model-endpoints/{endpoint_id}").json() == {"deleted": True}
+    done = wait_tasks(client, [task_id], 60)[task_id]
+    assert done["status"] == "SUCCESS", done
+    assert json.loads(done["result"]["result"])["usage"]["completion_tokens"] == 700

@@ -156,6 +156,24 @@ def test_backlog_is_published_and_redis_wipe_loses_no_task(
     wait_until(lambda: r.hget(bus.BACKLOG_KEY, endpoint_id) is None, 10, "an empty backlog")
 
 
+def test_the_worker_tells_the_builder_what_it_has_in_flight(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """A replica drains (its endpoint deleted, updated, scaled down) until no request is in
+    flight to it: the worker's tasks count there as the api's requests do."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    r = redis_lib.Redis.from_url(bare_appliance.redis.url)
+    body = {"args": {"prompt": "slow", "delay_s": 4}}
+    url = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
+    ids = [client.post(url, json=body).json()["task_id"] for _ in range(2)]
+    wait_until(lambda: bus.inflight(r).get("rep_fake") == 2, 10, "2 requests in flight")
+    done = wait_tasks(client, ids, 30)
+    assert all(task["status"] == "SUCCESS" for task in done.values())
+    wait_until(lambda: "rep_fake" not in bus.inflight(r), 5, "none in flight")
+
+
 def test_a_second_finish_stores_nothing(bare_appliance: Appliance) -> None:
     engine = create_engine(f"sqlite:///{bare_appliance.data_dir / 'appliance.db'}")
     with engine.begin() as conn:
