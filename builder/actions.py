@@ -21,7 +21,7 @@ class Observed:
     replicas: Sequence[Replica]
     containers: Sequence[ContainerInfo]
     healthy: Mapping[str, bool]  # replica id -> /health answered 200 just now
-    inflight: Mapping[str, int]  # replica id -> requests the api has in flight to it
+    inflight: Mapping[str, int]  # replica id -> requests the api and workers have in flight to it
     first_seen: Mapping[str, float]  # container id -> when the builder first saw it
     inventory: Inventory
     now: float

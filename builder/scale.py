@@ -29,7 +29,7 @@ History = tuple[tuple[float, int], ...]
 class Load:
     """What an endpoint is asked to do right now."""
 
-    inflight: int = 0  # requests the api has in flight to its replicas
+    inflight: int = 0  # requests the api and the workers have in flight to its replicas
     server_running: int = 0  # what its servers report running...
     server_waiting: int = 0  # ...and queued inside them
     backlog: int = 0  # async tasks queued and running
