@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
 
 from api import endpoint_service
 from api.callers import KEY_CACHE_TTL_S
@@ -64,7 +65,7 @@ async def _log_lines(
         while slot is not None and streams_of:
             if monotonic() - checked >= KEY_CACHE_TTL_S:
                 checked = monotonic()
-                why = _lapsed(reader, caller)  # one read of the reader: never waits for a writer
+                why = await run_in_threadpool(_lapsed, reader, caller)  # a read, off the loop
                 if why is not None:
                     yield f"[log stream ended: {why}]\n".encode()
                     return
