@@ -19,8 +19,8 @@ import redis
 from appliance import bus
 from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
-from builder.prepare import Failed, Preparer, Readiness, Waiting
-from builder.weights import weights_job
+from builder.prepare import Failed, Job, Preparer, Readiness, Waiting
+from builder.weights import HubModel, hub_job
 
 FINISHED = ("done", "failed")
 
@@ -35,7 +35,12 @@ class HubDownloads:
     _last: dict[str, dict[str, Any]] = field(default_factory=dict)  # ref -> last progress
 
     def __post_init__(self) -> None:
-        self.preparer = Preparer([lambda endpoint: weights_job(endpoint, self.settings)])
+        self.preparer = Preparer([self._job])
+
+    def _job(self, endpoint: Endpoint) -> Job:
+        """The download asked for. APPLIANCE_HF_DOWNLOAD_WEIGHTS=false leaves an endpoint's
+        weights to its replicas; a download asked for by name runs all the same."""
+        return hub_job(HubModel(endpoint.model, str(endpoint.args["revision"])), self.settings)
 
     def tick(self) -> None:
         """Starts what was asked for, publishes how far each request got."""

@@ -74,6 +74,24 @@ def test_asked_through_the_api_downloaded_by_the_builder_retried_after_a_failure
     assert client.get(path).json()["state"] == "removed"
 
 
+def test_a_download_asked_for_runs_with_endpoint_downloads_off(
+    api_only: Appliance, hub: Hub
+) -> None:
+    """APPLIANCE_HF_DOWNLOAD_WEIGHTS=false leaves an endpoint's weights to its replicas; a
+    download asked for ahead of time still runs. It ended at once as `removed` ('deleted from
+    the cache since'), with nothing fetched."""
+    client = api_only.client()
+    path = f"/v1/storage/hf-downloads/{REPO}"
+    assert client.post("/v1/storage/hf-downloads", json={"repository": REPO}).status_code == 202
+    settings = Settings(data_dir=api_only.data_dir, hf_endpoint=hub.url, hf_download_weights=False)
+    downloads = HubDownloads(settings, bus.connect(api_only.redis.url))
+    done = run_until_finished(downloads, lambda: client.get(path).json())
+    assert done["state"] == "done", done
+    snapshot = settings.hf_cache_path / "hub/models--acme--tiny-model/snapshots"
+    assert {p.name for p in snapshot.glob("*/*")} == {"config.json", "model.safetensors"}
+    assert client.get(path).json()["state"] == "done"
+
+
 def test_the_routes_refuse_bad_names_and_keys_without_manage(api_only: Appliance) -> None:
     client = api_only.client()
     for body, field in (
