@@ -22,12 +22,14 @@ logger = logging.getLogger(__name__)
 
 KEY_CACHE_TTL_S: Final = 1.0  # a revoked key is refused within this long
 KEYS_KEPT: Final = 10_000  # entries before the cache starts again
+INVALID: Final = "invalid API key"
 
 
 class Keys:
     def __init__(self, read: Callable[[str], keys.Caller]) -> None:
         self.read = read  # verifies a key against SQLite; raises AuthError
         self.entries: dict[str, tuple[float, keys.Caller | None]] = {}  # None: not valid
+        self.refusals: dict[str, str] = {}  # why each key found not valid is not (its 401)
         self.reverifying: set[str] = set()
 
     def known(self, key: str) -> keys.Caller | None:
@@ -85,17 +87,23 @@ class Keys:
         cached = self.entries.get(key)
         if not fresh and cached is not None and now - cached[0] < KEY_CACHE_TTL_S:
             if cached[1] is None:
-                raise AuthError("invalid API key")
+                raise AuthError(self.refusals.get(key, INVALID))
             return cached[1]
         try:
             caller = self.read(key)
-        except AuthError:
+        except AuthError as exc:
+            self._forget_if_full()
             self.entries[key] = (now, None)
+            self.refusals[key] = exc.message  # revoked, expired: said again, not "invalid"
             raise
-        if len(self.entries) > KEYS_KEPT:
-            self.entries.clear()
+        self._forget_if_full()
         self.entries[key] = (now, caller)
         return caller
+
+    def _forget_if_full(self) -> None:
+        if len(self.entries) > KEYS_KEPT:
+            self.entries.clear()
+            self.refusals.clear()
 
     def reverify_soon(self, key: str) -> None:
         """Verify `key` again in a worker thread, once at a time per key."""

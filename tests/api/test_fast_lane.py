@@ -312,6 +312,37 @@ def test_a_key_back_from_idle_stays_on_the_lane_until_it_is_revoked(api: Applian
         assert refused.status_code == 401 and "revoked" in refused.text
 
 
+@pytest.mark.parametrize("ended_by", ["revoked", "expired"])
+def test_a_key_refused_says_why_on_every_request(api: Appliance, ended_by: str) -> None:
+    """A revoked or expired key is told so on each request, on the lane and off it, not
+    "invalid API key" whenever its refusal came from the cache."""
+    body: dict[str, Any] = {"name": "ends", "team": "admin", "user": "ann"}
+    if ended_by == "expired":
+        body["expires_in_seconds"] = 1
+    made = api.client().post("/v1/api-keys", json=body)
+    assert made.status_code == 201, made.text
+    headers = {**HEADERS, "Authorization": f"Bearer {made.json()['key']}"}
+    why = "this API key was revoked" if ended_by == "revoked" else "this API key has expired"
+    with httpx.Client(base_url=api.url, headers=headers, timeout=10) as user:
+        assert user.post("/v1/chat/completions", content=chat("first")).status_code == 200
+        if ended_by == "revoked":
+            assert api.client().delete(f"/v1/api-keys/{made.json()['id']}").status_code == 200
+        wait_until(
+            lambda: user.post("/v1/chat/completions", content=chat("x")).status_code == 401,
+            3,
+            f"the {ended_by} key to be refused",
+            every_s=0.05,
+        )
+        for _ in range(6):
+            for reply in (
+                user.post("/v1/chat/completions", content=chat("y")),
+                user.get("/v1/files"),
+            ):
+                assert reply.status_code == 401, reply.text
+                assert why in reply.text, reply.text
+            time.sleep(0.3)
+
+
 def test_a_client_that_leaves_frees_its_replica(api: Appliance) -> None:
     before = metric(api, r'appliance_requests_total\{code="499"')
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
