@@ -100,6 +100,15 @@ def read_document(path: Path) -> dict[str, Any]:
     return document
 
 
+# what a dry run says for each verb of the api's report: nothing has happened yet
+WOULD = {
+    "created": "would create",
+    "updated": "would update",
+    "deleted": "would delete",
+    "revoked": "would revoke",
+}
+
+
 def apply(base: str, key: str, path: Path, *, prune: bool, dry_run: bool) -> str:
     """Apply the file; returns what changed, in words (new keys' texts included: once)."""
     query = urllib.parse.urlencode({"prune": str(prune).lower(), "dry_run": str(dry_run).lower()})
@@ -107,10 +116,11 @@ def apply(base: str, key: str, path: Path, *, prune: bool, dry_run: bool) -> str
     lines = ["dry run: nothing changed" if dry_run else "applied"]
     for kind, groups in (("endpoint", report["endpoints"]), ("key", report["keys"])):
         for verb, names in groups.items():
+            said = WOULD.get(verb, verb) if dry_run else verb
             for name in names:
                 label = name["label"] if isinstance(name, dict) else name
                 why = report["changes"].get(label) if verb == "updated" else None
-                lines.append(f"{verb} {kind} {label}" + (f": {why}" if why else ""))
+                lines.append(f"{said} {kind} {label}" + (f": {why}" if why else ""))
                 if isinstance(name, dict) and name.get("key"):
                     lines.append(f"  key (shown once): {name['key']}")
     return "\n".join(lines) + "\n"

@@ -132,6 +132,11 @@ def test_apply_reproduces_an_export_once_and_prunes(two_installs: Installs, tmp_
     exported.write_text(yaml.safe_dump(document))
     with sqlite3.connect(second.data_dir / "appliance.db") as db:
         db.execute("UPDATE endpoint SET status = 'READY'")  # the builder's part; none runs
+    before = state_of(second)
+    dry = cli(second, "apply", "-f", str(exported), "--prune", "--dry-run")
+    assert "would update endpoint jobs: max replicas 1 → 4" in dry, dry
+    assert "would delete endpoint stray" in dry and "would revoke key old (x · red)" in dry
+    assert "updated" not in dry and "deleted" not in dry and state_of(second) == before
     edited = cli(second, "apply", "-f", str(exported))
     assert "updated endpoint jobs: max replicas 1 → 4" in edited
     assert admin.get("/v1/llm/model-endpoints/stray").status_code == 200
