@@ -181,10 +181,20 @@ def invalid(problems: list[Any], envelope: str) -> tuple[int, list[tuple[bytes, 
     message = "; ".join(_problem(p) for p in problems)
     if envelope == LLM_ENGINE:
         return 400, [(b"content-type", b"application/json")], _detail(message)
-    reply = openai_error(400, message)
+    reply = openai_error(400, message, _field(problems[0]) if problems else None)
     if envelope == BOTH:
         reply["detail"] = message
     return 400, [(b"content-type", b"application/json")], json.dumps(reply).encode()
+
+
+LOCATIONS = ("body", "query", "path", "header")
+
+
+def _field(err: Any) -> str | None:
+    """The field a problem names, as OpenAI's `param` gives it (`limit`, `metadata.team`):
+    its place in the request without the part of the request it is in."""
+    loc = [str(p) for p in err.get("loc", ())]
+    return ".".join(loc[1:] if loc and loc[0] in LOCATIONS else loc) or None
 
 
 def _detail(message: str) -> bytes:

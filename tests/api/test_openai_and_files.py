@@ -119,3 +119,18 @@ def test_the_sdk_pages_through_files(api_only: Appliance) -> None:
     assert (len(page.data), page.has_more) == (2, True)
     assert [f.id for f in page] == made[::-1]  # every page, newest first
     assert [f.id for f in oai.files.list(order="asc", limit=1)] == made
+
+
+def test_a_bad_query_field_is_the_errors_param(api_only: Appliance) -> None:
+    """A bad field the route's model refuses is OpenAI's `param`, as the SDK reads it
+    (`e.param`), not only in the message."""
+    oai = sdk(api_only)
+    for call, param in (
+        (lambda: oai.files.list(order="sideways"), "order"),  # type: ignore[arg-type]
+        (lambda: oai.files.list(limit=0), "limit"),
+        (lambda: oai.batches.list(limit=0), "limit"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        assert refused.value.param == param, refused.value.body
+        assert param in refused.value.message
