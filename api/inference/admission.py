@@ -48,12 +48,19 @@ SCOPE: Final = "inference"
 # llama.cpp's own (where -1 means no limit)
 TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n_predict")
 UNBOUNDED_FIELD: Final = "n_predict"  # llama.cpp's: -1 generates until the context is full
-SEQUENCE_FIELDS: Final = ("n", "best_of")
+SEQUENCE_FIELDS: Final = ("n", "best_of", "n_cmpl")  # n_cmpl: llama.cpp's own name for n
 CAPPED_FIELD: Final = "max_tokens"  # set to the key's cap when a request names none
 # Fields that multiply a request's work past its tokens, and the most any request may ask:
 # OpenAI's own bounds (top_logprobs 20, n 128), which vLLM keeps by default (max_logprobs 20);
 # llama.cpp bounds none of them, and a million top log-probs a token exhausts its memory.
-WORK_BOUNDS: Final = {"logprobs": 20, "top_logprobs": 20, "n_probs": 20, "n": 128, "best_of": 128}
+WORK_BOUNDS: Final = {
+    "logprobs": 20,
+    "top_logprobs": 20,
+    "n_probs": 20,
+    "n": 128,
+    "best_of": 128,
+    "n_cmpl": 128,
+}
 # A completion's `prompt` may be a list of prompts (texts, or lists of token ids), each one
 # generating `n` sequences of up to `max_tokens`: a request asks for at most this many
 # sequences in all (OpenAI's bound on `n`), so a long list neither escapes a key's token cap

@@ -295,6 +295,19 @@ def test_a_list_of_prompts_counts_as_that_many_requests(bed: Bed, entry: str) ->
     served(send(bed, key, MINE, {"max_tokens": 1, "prompt": ["a"] * 128}))
 
 
+@pytest.mark.parametrize("entry", ["/v1/chat/completions", "/v1/completions", "batch lines"])
+def test_llamacpps_own_name_for_n_counts_as_n(bed: Bed, entry: str) -> None:
+    """llama.cpp's server takes `n_cmpl` as `n` (its completions for one prompt): the key's cap
+    holds for each of them, and at most 128 are asked."""
+    send, family, _ = ENTRIES[entry]
+    reply = send(bed, bed.key(max_tokens_per_request=CAP), MINE, {"max_tokens": CAP, "n_cmpl": 2})
+    refused(reply, 400, family)
+    assert "for each of 2 sequences" in reply.text, reply.text
+    reply = send(bed, bed.key(), MINE, {"max_tokens": 1, "n_cmpl": 129})
+    refused(reply, 400, family)
+    assert "n_cmpl=129 is over the most" in reply.text, reply.text
+
+
 def test_an_embeddings_request_embeds_at_most_2048_inputs(bed: Bed) -> None:
     send, family, _ = ENTRIES["/v1/embeddings"]
     key = bed.key()
