@@ -169,6 +169,8 @@ def test_deploy_chat_edit_delete_and_keys(appliance: Appliance, page: Any) -> No
     page.click("nav >> text=Tasks")
     assert "task_ui_example" in page.inner_text("#tasks")
     assert "3 / 3" in page.inner_text("#batches")
+    # a batch's `endpoint` is OpenAI's route (/v1/chat/completions), not one of the endpoints
+    assert page.locator("#batches th").all_inner_texts()[:2] == ["Batch", "Route"]
     check_page(page, "tasks")
     page.click("text=task_ui_example")
     assert "Red, green and blue." in page.inner_text("#task-result")
