@@ -2,7 +2,8 @@
 request fields it ignores without a word, refused at admission (`refusal`, called by
 `api/inference/admission.fit_framework` for every entry), and its replies reshaped into OpenAI's
 legacy completion (`CompletionShape`, applied by `forwarder/relay.py` to llama.cpp's 200
-completions replies, whole and streamed, before usage is read).
+completions replies, whole and streamed, before usage is read); its chat replies' usage is
+summed over their `n` choices the same way.
 
 What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 
@@ -16,7 +17,10 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 - with `n` > 1 a whole reply's `usage` is its first choice's alone (the others' are dropped when
   it merges their choices), so it is counted for each choice, exact when they all ran to
   `max_tokens`; a stream's each finishing chunk carries its own choice's usage, so there the sum
-  is exact, and it is sent on the last finishing chunk only (the others lose theirs).
+  is exact, and it is sent on the last finishing chunk only (the others lose theirs);
+- chat replies the same: a whole one's `usage` is its first choice's, and a stream sends one
+  usage chunk (`choices: []`) for each choice, where OpenAI sends one for the stream (the
+  others are dropped).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from appliance.errors import BadRequestError
 
 FRAMEWORK: Final = "llamacpp"
 COMPLETIONS_PATH: Final = b"/v1/completions"
+CHAT_PATH: Final = b"/v1/chat/completions"
 ID_PREFIX: Final = "chatcmpl-"
 COMPLETION_ID_PREFIX: Final = "cmpl-"
 EVENT_END: Final = b"\n\n"
 DATA: Final = b"data: "
 DONE: Final = b"[DONE]"
+USAGE: Final = b'"usage"'
 
 Json = dict[str, Any]
 
@@ -143,18 +149,23 @@ def _unsupported(field: str, what: str) -> BadRequestError:
 
 
 def shape_for(framework: str, path: bytes) -> CompletionShape | None:
-    """The reshaping a reply from this replica path needs: only llama.cpp's completions."""
+    """The reshaping a reply from this replica path needs: llama.cpp's completions (their
+    shape and usage) and chats (their usage)."""
     if framework == FRAMEWORK and path == COMPLETIONS_PATH:
         return CompletionShape()
+    if framework == FRAMEWORK and path == CHAT_PATH:
+        return CompletionShape(legacy=False)
     return None
 
 
 class CompletionShape:
     """One llama.cpp `/v1/completions` reply made OpenAI's: `whole` for a plain reply, or
     `feed`... `close` for a stream, event by event as they pass (one finishing event is held
-    until the next, to carry the stream's summed usage if it is the last)."""
+    until the next, to carry the stream's summed usage if it is the last). `legacy` false: a
+    chat reply, whose usage alone is summed."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, legacy: bool = True) -> None:
+        self.legacy = legacy
         self.buffer = b""  # a stream's incomplete event
         self.offsets: dict[int, int] = {}  # a choice's text offset so far
         self.held: Json | None = None  # a finishing chunk, with its choice's usage
@@ -167,7 +178,10 @@ class CompletionShape:
         if reply is None or not isinstance(reply.get("choices"), list):
             return body
         choices: list[Any] = reply["choices"]
-        self._chunk(reply)
+        if not self.legacy and len(choices) < 2:
+            return body  # a chat of one choice: its usage is right
+        if self.legacy:
+            self._chunk(reply)
         usage = reply.get("usage")
         if isinstance(usage, dict) and len(choices) > 1:
             completion = usage.get("completion_tokens")
@@ -197,12 +211,15 @@ class CompletionShape:
         if not event.startswith(DATA):
             return event  # a comment: passed on, past any held chunk
         data = event[len(DATA) : -2].strip()
+        if not self.legacy and self.held is None and USAGE not in data:
+            return event  # a chat's delta: passed as its bytes
         if data == DONE:
             return self._release(last=True) + event
         chunk = _object(data)
         if chunk is None or not isinstance(chunk.get("choices"), list):
             return self._release(last=True) + event  # an error: the stream ends
-        self._chunk(chunk)
+        if self.legacy:
+            self._chunk(chunk)
         usage = chunk.get("usage")
         out = self._release(last=False)
         if not isinstance(usage, dict):
@@ -224,6 +241,8 @@ class CompletionShape:
             usage = chunk["usage"]
             prompt = self.prompt_tokens if self.prompt_tokens >= 0 else usage.get("prompt_tokens")
             _set_usage(usage, prompt, self.completion_tokens)
+        elif not chunk["choices"]:
+            return b""  # a chat's usage chunk, nothing else in it: the last one carries the sum
         else:
             del chunk["usage"]
         return _data(chunk)

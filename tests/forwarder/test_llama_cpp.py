@@ -35,10 +35,42 @@ def events(stream: bytes) -> list[Any]:
     return out
 
 
-def test_only_llamacpp_completions_are_reshaped() -> None:
+def test_only_llamacpp_completions_and_chats_are_reshaped() -> None:
     assert isinstance(shape_for("llamacpp", b"/v1/completions"), CompletionShape)
-    assert shape_for("llamacpp", b"/v1/chat/completions") is None
+    chat = shape_for("llamacpp", b"/v1/chat/completions")
+    assert isinstance(chat, CompletionShape) and not chat.legacy
+    assert shape_for("llamacpp", b"/v1/embeddings") is None
     assert shape_for("vllm", b"/v1/completions") is None
+    assert shape_for("vllm", b"/v1/chat/completions") is None
+
+
+def test_a_chat_stream_with_n_choices_sends_one_usage_chunk_with_their_sum() -> None:
+    """llama.cpp sends a usage chunk for each of the n choices, each its own count; OpenAI
+    (and usage accounting) want one, the stream's, last."""
+    raw = reply("chat_stream_n2.sse")
+    assert sum(1 for c in events(raw) if isinstance(c, dict) and "usage" in c) == 2
+    shaped = CompletionShape(legacy=False)
+    out = shaped.feed(raw) + shaped.close()
+    got = events(out)
+    assert got[-1] == "[DONE]"
+    with_usage = [c for c in got[:-1] if "usage" in c]
+    assert len(with_usage) == 1 and with_usage[0] is got[-2] and with_usage[0]["choices"] == []
+    assert with_usage[0]["usage"]["completion_tokens"] == 4  # 2 choices of 2 tokens
+    assert usage_from_json(out) == (with_usage[0]["usage"]["prompt_tokens"], 4)
+    assert len(got) == len(events(raw)) - 1  # the other usage chunk dropped, nothing else
+    assert all(c["id"].startswith("chatcmpl-") for c in got[:-1])  # a chat keeps its shape
+    assert all(c["object"] == "chat.completion.chunk" for c in got[:-1])
+
+
+def test_a_whole_chat_with_n_choices_counts_each_choice() -> None:
+    raw = reply("chat_whole_n2.json")
+    before = json.loads(raw)
+    after = json.loads(CompletionShape(legacy=False).whole(raw))
+    assert before["usage"]["completion_tokens"] == 3  # the first choice's alone
+    assert after["usage"]["completion_tokens"] == 6
+    assert after["usage"]["total_tokens"] == after["usage"]["prompt_tokens"] + 6
+    assert after["choices"] == before["choices"] and after["id"] == before["id"]
+    assert after["object"] == "chat.completion"
 
 
 def test_a_whole_reply_gets_the_legacy_logprobs_and_a_completion_id() -> None:
@@ -106,11 +138,13 @@ def test_a_stream_is_reshaped_event_by_event_with_its_usage_summed_once() -> Non
 
 
 @pytest.mark.parametrize("size", [1, 7, 100, 1000])
-def test_a_stream_split_anywhere_comes_out_the_same(size: int) -> None:
-    raw = reply("stream_n2.sse")
-    whole = CompletionShape()
+@pytest.mark.parametrize("name", ["stream_n2.sse", "chat_stream_n2.sse"])
+def test_a_stream_split_anywhere_comes_out_the_same(size: int, name: str) -> None:
+    raw = reply(name)
+    legacy = not name.startswith("chat")
+    whole = CompletionShape(legacy=legacy)
     expected = whole.feed(raw) + whole.close()
-    shaped = CompletionShape()
+    shaped = CompletionShape(legacy=legacy)
     pieces = [shaped.feed(raw[at : at + size]) for at in range(0, len(raw), size)]
     assert b"".join(pieces) + shaped.close() == expected
     assert b"".join(pieces[:-1])  # events go out as they complete, not at the end
