@@ -45,6 +45,7 @@ def target_of(endpoint: Endpoint, replicas: tuple[TargetReplica, ...]) -> Target
         timeout_s=_positive(extra.get("timeout_seconds")),
         max_concurrency=int(cap) if cap else None,
         status_reason=endpoint.status_reason or "",
+        created_at=endpoint.created_at,
     )
 
 

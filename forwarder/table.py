@@ -56,6 +56,7 @@ class Target:
     timeout_s: float | None = None  # per-endpoint upstream timeout; None: the api's setting
     max_concurrency: int | None = None  # per-replica cap; None: the api's setting
     status_reason: str = ""  # why it has the status (the builder's words); "" when none
+    created_at: float = 0.0  # when the endpoint was made (Unix seconds): OpenAI's `created`
 
 
 @dataclass(frozen=True)

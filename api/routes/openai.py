@@ -5,7 +5,6 @@ them (`doc_routes`)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter
@@ -42,6 +41,6 @@ def model_public(target: Target) -> dict[str, Any]:
     return {
         "id": target.name,
         "object": "model",
-        "created": int(time.time()),
+        "created": int(target.created_at),
         "owned_by": target.owner,
     }

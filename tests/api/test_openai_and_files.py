@@ -4,6 +4,8 @@ batches and unknown paths."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -52,6 +54,11 @@ def test_models_retrieve_and_unknown_routes(api_only: Appliance) -> None:
     oai = sdk(api_only)
     model = oai.models.retrieve("llama")
     assert (model.id, model.object, model.owned_by) == ("llama", "model", "admin")
+    made = api_only.client().get("/v1/model-endpoints/end_llama").json()["created_at"]
+    created = int(datetime.fromisoformat(made).timestamp())
+    time.sleep(1.1)  # `created` is when the endpoint was made, not when it is asked about
+    assert oai.models.retrieve("llama").created == created
+    assert {m.id: m.created for m in oai.models.list()}["llama"] == created
     with pytest.raises(openai.NotFoundError) as missing:
         oai.models.retrieve("nowhere")
     assert missing.value.body == {  # the SDK hands over the envelope's `error`
