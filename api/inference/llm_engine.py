@@ -41,8 +41,9 @@ MISSING = "Field required"
 # A task's replica that answers 429 or 503, or cannot be reached, is tried again, as LLM
 # Engine's sync and streaming gateways do (tenacity: exponential waits of 1 s times 1.2 per
 # try, at most 5 s): `num_retries` more sends (8 when unset) while `timeout_seconds` (10 s
-# when unset) since the request came has not passed.
-RETRIED_STATUSES: Final = (429, 503)
+# when unset) since the request came has not passed. (An async task's sends are the worker's,
+# with its own statuses and attempts: `forwarder/worker/jobs.RETRIED_STATUSES`.)
+GATEWAY_RETRIED_STATUSES: Final = (429, 503)
 TASK_RETRIES: Final = 8
 RETRY_WINDOW_S: Final = 10.0
 RETRY_WAIT_MIN_S: Final = 1.0
@@ -258,7 +259,7 @@ class TaskCall(LlmEngineCall):
         return json.dumps(llm_engine.sync_task_response(200, body, self.as_string)).encode()
 
     def on_whole(self, status: int, headers: Headers, body: bytes) -> None:
-        if status in RETRIED_STATUSES and self._try_again():
+        if status in GATEWAY_RETRIED_STATUSES and self._try_again():
             return
         if status != 200 and not self.stream:  # a sync task answers 200 with its FAILURE
             self.status = status
