@@ -317,7 +317,10 @@ class FrontProtocol(asyncio.Protocol):
             buf = self.buffer
             end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
             if end < 0:
-                if len(buf) >= MAX_HEAD_BYTES:
+                # a head whose lines end in bare LFs is none the lane reads, and would never
+                # end for it: uvicorn's parser answers it (400) at once, where the header
+                # timeout closed it unanswered
+                if len(buf) >= MAX_HEAD_BYTES or buf.find(b"\n\n", 0, MAX_HEAD_BYTES) >= 0:
                     self._hand_over()
                 return
             core = self.core or self._find_core()

@@ -343,6 +343,19 @@ def test_a_key_refused_says_why_on_every_request(api: Appliance, ended_by: str) 
             time.sleep(0.3)
 
 
+@pytest.mark.parametrize("method", ["GET /healthz", "POST /v1/chat/completions"])
+def test_a_head_with_bare_line_feeds_is_answered_at_once(api: Appliance, method: str) -> None:
+    """Lines ended by LF alone, not CRLF: uvicorn's parser refuses such a head with a 400; the
+    lane, which never found the end of it, held it unanswered until the header timeout."""
+    head = raw_request(*method.split(), chat("x")).replace(b"\r\n", b"\n")
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", api.port), timeout=15) as sock:
+        sock.sendall(head)
+        status, _, _ = read_response(sock.makefile("rb"))
+    assert status == 400
+    assert time.monotonic() - began < 3
+
+
 def test_a_client_that_leaves_frees_its_replica(api: Appliance) -> None:
     before = metric(api, r'appliance_requests_total\{code="499"')
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
