@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from api import team_limits
 from api.deps import AppState
 from appliance import audit, keys
-from appliance.errors import ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
 from appliance.keys import Caller
 from appliance.models import ApiKey
 
@@ -193,6 +193,8 @@ def update_key(
     if not caller.is_admin:
         raise ForbiddenError("only an administrator may change a key")
     _check_request(wanted, caller)
+    if row.is_admin and not wanted.admin and row.revoked_at is None:
+        keep_an_administrator(row, session)
     before = recorded(row)
     row.scopes = list(keys.SCOPES if wanted.admin else wanted.scopes)
     row.is_admin, row.expires_at = wanted.admin, expires_at
@@ -223,9 +225,33 @@ def visible(row: ApiKey | None, caller: Caller) -> ApiKey:
     return row
 
 
+def keep_an_administrator(row: ApiKey, session: Session) -> None:
+    """ConflictError when `row` is the last active administrator key: without one nobody
+    manages other teams' keys or reads the audit log, and none is made at start while an
+    administrator key exists, even revoked."""
+    now = time.time()
+    others = session.exec(
+        select(ApiKey).where(
+            col(ApiKey.is_admin) == True,  # noqa: E712
+            col(ApiKey.revoked_at).is_(None),
+            col(ApiKey.id) != row.id,
+        )
+    ).all()
+    if not any(k.expires_at is None or k.expires_at > now for k in others):
+        raise ConflictError(
+            f"key {row.name!r} is the last active administrator key: without one nobody could "
+            "manage keys or read the audit log again; make another administrator key first "
+            '(POST /v1/api-keys with "admin": true)',
+            field="admin",
+        )
+
+
 def revoke(row: ApiKey, caller: Caller, session: Session, *, address: str | None) -> None:
     """Revoke the key and every key made with it (and with those, on down), each audited, in
-    one transaction: none keeps working once its maker is revoked."""
+    one transaction: none keeps working once its maker is revoked. The last active
+    administrator key is not revoked."""
+    if row.is_admin and row.revoked_at is None:
+        keep_an_administrator(row, session)
     now = time.time()
     for key in [row, *_made_with(row, session)]:
         if key.revoked_at is not None:

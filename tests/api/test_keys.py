@@ -257,3 +257,28 @@ def test_a_key_never_outlives_the_key_that_made_it(api_only: Appliance) -> None:
     }
     listed = {k["id"]: k for k in admin.get("/v1/api-keys").json()["api_keys"]}
     assert listed[grandchild["id"]]["revoked_at"] is not None
+
+
+def test_the_last_active_administrator_key_is_not_revoked_or_demoted(
+    api_only: Appliance,
+) -> None:
+    """Revoking (or demoting) the only active administrator key left nobody able to manage
+    keys or read the audit log, for good: no new one is made at start while one exists, even
+    revoked. With a second administrator key, either may go."""
+    admin = api_only.client()
+    [mine] = [k for k in admin.get("/v1/api-keys").json()["api_keys"] if k["admin"]]
+    refused = admin.delete(f"/v1/api-keys/{mine['id']}")
+    assert refused.status_code == 409, refused.text
+    assert "last active administrator key" in refused.json()["detail"]
+    demoted = admin.post(
+        "/v1/config/apply",
+        json={"keys": [{"name": mine["name"], "team": "admin", "user": "admin", "admin": False}]},
+    )
+    assert demoted.status_code == 409 and "last active administrator" in demoted.text
+    assert admin.get("/v1/api-keys").status_code == 200  # still an administrator
+
+    second = admin.post("/v1/api-keys", json={"name": "ops", "team": "admin", "admin": True})
+    assert second.status_code == 201, second.text
+    assert admin.delete(f"/v1/api-keys/{mine['id']}").status_code == 200
+    ops = api_only.client(second.json()["key"])
+    assert ops.delete(f"/v1/api-keys/{second.json()['id']}").status_code == 409

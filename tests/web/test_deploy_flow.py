@@ -194,6 +194,8 @@ def test_deploy_chat_edit_delete_and_keys(appliance: Appliance, page: Any) -> No
         "the revoked key to be refused",
     )
     check_page(page, "keys")
+    page.locator('tr[data-key="admin"] button').click()  # the only administrator key: kept
+    assert "last active administrator key" in page.locator('[data-error-for=""]').inner_text()
 
     # Delete, then sign out.
     page.goto(f"{base}/ui/endpoints/{endpoint_id}")

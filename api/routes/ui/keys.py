@@ -130,11 +130,14 @@ def create_key_from_form(
 
 @router.post("/keys/{key_id}/revoke")
 def revoke_key_from_form(
-    request: Request, key_id: str, ui: ChangeDep, session: SessionDep
+    request: Request, key_id: str, ui: ChangeDep, session: SessionDep, state: StateDep
 ) -> Response:
     try:
         row = key_service.visible(session.get(ApiKey, key_id), ui.caller)
         key_service.revoke(row, ui.caller, session, address=address_of(request))
     except NotFoundError as exc:
         return not_found(request, ui, exc)
+    except ConflictError as exc:  # the last administrator key: the page says why it stays
+        session.rollback()
+        return _keys_page(request, ui, state, errors={"": exc.message})
     return redirect("/ui/keys")
