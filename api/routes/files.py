@@ -83,7 +83,11 @@ def create_file(
     purpose: Annotated[str, Form()] = DEFAULT_PURPOSE,
 ) -> dict[str, Any]:
     if purpose not in PURPOSES:
-        raise InvalidSpecError(f"purpose must be one of {', '.join(PURPOSES)}", field="purpose")
+        raise InvalidSpecError(
+            f"purpose {purpose!r} is refused: files here are batch inputs (purpose 'batch', for "
+            "/v1/batches and batch completions); this appliance does not fine-tune",
+            field="purpose",
+        )
     files_dir = state.settings.data_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")

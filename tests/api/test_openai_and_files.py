@@ -141,3 +141,10 @@ def test_a_bad_query_field_is_the_errors_param(api_only: Appliance) -> None:
             call()
         assert refused.value.param == param, refused.value.body
         assert param in refused.value.message
+
+
+def test_a_file_for_another_purpose_is_told_what_files_are_for(api_only: Appliance) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk(api_only).files.create(file=("t.jsonl", LINES), purpose="fine-tune")
+    assert refused.value.param == "purpose"
+    assert "'fine-tune'" in refused.value.message and "'batch'" in refused.value.message
