@@ -37,6 +37,7 @@ HOT_MODULES = [
     "forwarder/upstream.py",
     "forwarder/metrics.py",
     "forwarder/usage.py",
+    "forwarder/media.py",
     "forwarder/scan.py",
     "forwarder/balance.py",
     "forwarder/table.py",

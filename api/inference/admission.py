@@ -35,7 +35,7 @@ from appliance.errors import (
     NoSuchEndpointError,
 )
 from appliance.keys import Caller
-from forwarder import llama_cpp
+from forwarder import llama_cpp, media
 from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS
 from forwarder.refresh import load_table
 from forwarder.table import RoutingTable, Target, check_coming
@@ -234,11 +234,17 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 
 
 def fit_framework(target: Target, path: str, payload: Any) -> None:
-    """Refuse (400, naming the field) what the endpoint's server would silently ignore:
-    `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions, `chat_refusal` for
-    its chats (no message). Every entry that
+    """Refuse (400, naming the field) what the endpoint's server would silently ignore or
+    should not do: `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions,
+    `chat_refusal` for its chats (no message), `forwarder/media.refusal` for a vLLM
+    endpoint's chats (a media URL the replica would fetch). Every entry that
     can reach a replica's completions applies it once its endpoint and path are known: the
     relayed routes (`Call._replica`), async tasks and batch lines."""
+    if target.framework == media.FRAMEWORK and path == CHAT:
+        refused = media.refusal(payload)  # no URL for the replica to fetch
+        if refused is not None:
+            raise refused
+        return
     if target.framework != llama_cpp.FRAMEWORK:
         return
     if path == COMPLETIONS:

@@ -71,7 +71,11 @@ def _seed(data_dir: Path, address: str) -> None:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    env = {"APPLIANCE_SWEEP_INTERVAL_S": "0.5", "APPLIANCE_ROUTING_REFRESH_S": "0.5"}
+    env = {
+        "APPLIANCE_SWEEP_INTERVAL_S": "0.5",
+        "APPLIANCE_ROUTING_REFRESH_S": "0.5",
+        "APPLIANCE_MAX_KEYS_PER_TEAM": "0",  # a key a test: past the 100 a team may have
+    }
     with running_bed(tmp_path_factory.mktemp("admission"), env, _seed) as made:
         yield made
 
@@ -504,3 +508,36 @@ def test_a_stream_to_a_route_never_registered_is_the_same_400(bed: Bed) -> None:
     )
     refused(reply, 400, "openai")
     assert "does not serve /v1/chat/completions" in reply.text, reply.text
+
+
+MEDIA_ENTRIES = [
+    "/v1/chat/completions",
+    "/v2/chat/completions",
+    "/v1/sync-tasks",
+    "/v1/async-tasks",
+    "batch lines",
+]  # the playground's messages are text only
+
+
+@pytest.mark.parametrize("entry", MEDIA_ENTRIES)
+def test_a_media_url_a_vllm_replica_would_fetch_is_refused_naming_it(bed: Bed, entry: str) -> None:
+    """vLLM fetches a chat's image (audio, video) URLs from inside the replica, which reaches
+    the appliance's network and the box's: only inline media (data: URLs) go on."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+
+    def chat(url: str, kind: str = "image_url") -> Json:
+        media = {"type": kind, kind: {"url": url}}
+        text = {"type": "text", "text": "what is this?"}
+        return {"messages": [{"role": "user", "content": [text, media]}]}
+
+    for url, kind in (
+        ("http://169.254.169.254/latest/meta-data/", "image_url"),
+        ("HTTPS://intranet.example/cat.png", "image_url"),
+        ("file:///etc/passwd", "video_url"),
+    ):
+        reply = send(bed, key, MINE, chat(url, kind))
+        refused(reply, 400, family)
+        assert f"messages[0].content[1].{kind}.url" in reply.text, reply.text
+    if entry not in ASYNC:
+        served(send(bed, key, MINE, chat("data:image/png;base64,iVBORw0KGgo=")))
