@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import InvalidSpecError, PolicyViolationError
-from builder.specs import MODELS_MOUNT, REPLICA_KEY_ENV, ContainerSpec
+from builder.specs import BUILDER_ENV, MODELS_MOUNT, REPLICA_KEY_ENV, ContainerSpec
 
 # Environment names a user may set on a model container; everything else is refused
 # (LD_PRELOAD, PATH, PYTHONPATH... would let a spec run arbitrary code in the server).
@@ -109,7 +109,8 @@ def check_spec(
 ) -> None:
     """Before create: only known mounts, binds read-only but the `writable` ones (the Hugging
     Face cache), allowed env names."""
-    own = set(REPLICA_KEY_ENV.values())  # the builder's own: refused in any request's env
+    # the builder's own: refused in any request's env
+    own = set(REPLICA_KEY_ENV.values()) | BUILDER_ENV
     check_env({name: value for name, value in spec.env.items() if name not in own})
     sources = set(allowed_sources)
     for mount in spec.mounts:

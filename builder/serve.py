@@ -55,6 +55,9 @@ def main(settings: Settings) -> None:
     redis = bus.connect(str(settings.redis_url))
     docker = DockerEngine(settings.docker_host, install_id(settings.data_dir))
     settings.hf_cache_path.mkdir(parents=True, exist_ok=True)  # replicas bind it
+    # an earlier version kept the Hugging Face token in the cache every replica shares; a
+    # replica that asks the hub now gets it in a file of its own container
+    (settings.hf_cache_path / "token").unlink(missing_ok=True)
     applier = Applier(
         engine, docker, settings, on_routes_changed=lambda: bus.announce_routes(redis)
     )

@@ -18,6 +18,9 @@ from builder.frameworks import LLAMACPP_FLAGS, VLLM_FLAGS, flag_values
 
 MODELS_MOUNT = "/models"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
+HF_TOKEN_FILE = "/root/.hf-token"  # noqa: S105 - a path: a replica's own, outside the cache
+HF_MODULES_DIR = "/root/.hf-modules"  # transformers' copies of a model's code, its own
+BUILDER_ENV = frozenset({"HF_MODULES_CACHE", "HF_TOKEN_PATH"})  # set by the builder alone
 VLLM_PORT = 8000
 LLAMACPP_PORT = 8080
 CUSTOM_PORT = 8080
@@ -188,10 +191,13 @@ def _mounts(endpoint: Endpoint, settings: Settings) -> tuple[Mount, ...]:
         models = Mount(str(settings.models_source_dir.resolve()), MODELS_MOUNT)
     mounts = [models]
     if endpoint.framework == Framework.VLLM:
+        # every team's replicas share the cache: one that never asks the hub only reads it
+        read_only = offline(endpoint, settings)
         if settings.hf_cache_volume:
-            mounts.append(Mount(settings.hf_cache_volume, HF_CACHE_MOUNT, False, "volume"))
+            mounts.append(Mount(settings.hf_cache_volume, HF_CACHE_MOUNT, read_only, "volume"))
         else:
-            mounts.append(Mount(str(settings.hf_cache_path.resolve()), HF_CACHE_MOUNT, False))
+            cache = str(settings.hf_cache_path.resolve())
+            mounts.append(Mount(cache, HF_CACHE_MOUNT, read_only))
     return tuple(mounts)
 
 
@@ -269,14 +275,24 @@ def server_env(endpoint: Endpoint, settings: Settings) -> dict[str, str]:
         env.setdefault("LLAMA_ARG_THREADS", str(compute_threads(endpoint.cpus)))
     if endpoint.framework != Framework.VLLM:
         return env
-    if is_local_model(endpoint.model) or _weights_in_cache(endpoint, settings):
+    if offline(endpoint, settings):
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # its cache is read-only: the copies of a model's own code (trust_remote_code) go here
+        env["HF_MODULES_CACHE"] = HF_MODULES_DIR
+    elif settings.hf_token:
+        env["HF_TOKEN_PATH"] = HF_TOKEN_FILE
     if not endpoint.gpus:
         gib = int(endpoint.memory_bytes * VLLM_CPU_KV_CACHE_SHARE) // 2**30
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(gib, 1)))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", VLLM_CPU_THREADS_BIND)
         env.setdefault("OMP_NUM_THREADS", str(compute_threads(endpoint.cpus)))
     return env
+
+
+def offline(endpoint: Endpoint, settings: Settings) -> bool:
+    """Whether a vLLM replica of the endpoint never asks the hub: its model is in the models
+    directory, or the builder downloaded it into the cache before the replica started."""
+    return is_local_model(endpoint.model) or _weights_in_cache(endpoint, settings)
 
 
 def _weights_in_cache(endpoint: Endpoint, settings: Settings) -> bool:
@@ -288,7 +304,9 @@ def _weights_in_cache(endpoint: Endpoint, settings: Settings) -> bool:
 
 
 def _secret_files(endpoint: Endpoint, settings: Settings) -> dict[str, bytes]:
-    """The Hugging Face token, as the file huggingface_hub reads, in the shared cache volume."""
-    if endpoint.framework == Framework.VLLM and settings.hf_token:
-        return {f"{HF_CACHE_MOUNT}/token": settings.hf_token.encode()}
+    """The Hugging Face token, for a vLLM replica that asks the hub itself, in a file of its
+    own container (`HF_TOKEN_PATH`): never in the cache every team's replicas share."""
+    vllm = endpoint.framework == Framework.VLLM
+    if vllm and settings.hf_token and not offline(endpoint, settings):
+        return {HF_TOKEN_FILE: settings.hf_token.encode()}
     return {}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from appliance.settings import Settings
-from builder.specs import server_env
+from builder import policy
+from builder.specs import HF_CACHE_MOUNT, container_spec, server_env
 from builder.weights import (
     HubModel,
     Transfer,
@@ -172,6 +173,40 @@ def test_which_endpoints_get_their_weights_fetched_and_run_offline(tmp_path: Pat
     other_tokenizer = make_endpoint(model="acme/tiny-model", args={"tokenizer": "acme/tok"})
     assert hub_model(other_tokenizer, on) == HubModel("acme/tiny-model")
     assert "HF_HUB_OFFLINE" not in server_env(other_tokenizer, on)  # it fetches the tokenizer
+
+
+def test_only_a_replica_that_asks_the_hub_may_write_the_shared_cache_or_read_the_token(
+    tmp_path: Path,
+) -> None:
+    """Every team's vLLM replicas mount the one Hugging Face cache: those that never ask the
+    hub get it read-only and no token; one that does gets the token in a file of its own
+    container, never in the cache the others read."""
+    on = Settings(data_dir=tmp_path, hf_token="hf_secret")
+    off = Settings(data_dir=tmp_path, hf_token="hf_secret", hf_download_weights=False)
+
+    def spec(endpoint: object, settings: Settings) -> tuple[bool, dict[str, bytes], dict[str, str]]:
+        made = container_spec(
+            endpoint,  # type: ignore[arg-type]
+            settings=settings,
+            install_id="i",
+            replica_id="rep_1",
+            gpu_ids=(),
+            gpu_fraction=0.0,
+        )
+        cache = next(m for m in made.mounts if m.target == HF_CACHE_MOUNT)
+        sources = [m.source for m in made.mounts]
+        policy.check_spec(made, allowed_sources=sources, writable=[cache.source])  # creatable
+        return cache.read_only, made.files, made.env
+
+    hub_vllm = make_endpoint(model="acme/tiny-model")
+    for endpoint, settings in ((hub_vllm, on), (make_endpoint(model="/models/gemma-hf"), off)):
+        read_only, files, env = spec(endpoint, settings)
+        assert read_only and files == {} and "HF_TOKEN_PATH" not in env
+        assert env["HF_MODULES_CACHE"] == "/root/.hf-modules"  # not the read-only cache
+    read_only, files, env = spec(hub_vllm, off)  # the replica downloads its weights itself
+    assert not read_only and "HF_HUB_OFFLINE" not in env
+    assert files == {env["HF_TOKEN_PATH"]: b"hf_secret"}
+    assert not env["HF_TOKEN_PATH"].startswith(HF_CACHE_MOUNT)
 
 
 def test_present_only_when_the_whole_snapshot_is_in_the_cache(tmp_path: Path, hub: Hub) -> None:

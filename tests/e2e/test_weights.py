@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from builder.specs import HF_CACHE_MOUNT
 from tests.e2e.lifecycle import ON_FAKE_GPUS, create, describe, standin_body, wait_status
 from tests.e2e.real_vllm import READY_TIMEOUT_S, completion, vllm_body
 from tests.harness import GEMMA_HF, MODELS_DIR, Appliance, wait_until
@@ -198,6 +199,16 @@ def test_builder_killed_mid_download_resumes_and_the_real_vllm_serves(
     assert again.range is not None and int(again.range[6:-1]) >= cut_at - 10 * 2**20
     assert first.sent + again.sent < 1.1 * 536223056
     assert [e["HF_HUB_OFFLINE"] for e in replica_env(appliance).values()] == ["1"]
+    # the cache every team's replicas share is read-only to one that never asks the hub
+    (replica,) = appliance.containers()
+    mounts = subprocess.run(
+        ["docker", "inspect", "-f", "{{json .Mounts}}", replica],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    cache = next(m for m in json.loads(mounts.stdout) if m["Destination"] == HF_CACHE_MOUNT)
+    assert cache["RW"] is False, cache
     answer = completion(client, "gemma-hub", "The capital of France is", 8)
     assert answer["choices"][0]["text"].strip()
     timeline = events(client, endpoint_id)
