@@ -128,6 +128,57 @@ class StreamUsage:
         return usage_from_json(b"".join(self.chunks))
 
 
+# A stream's usage is counted from the usage-only chunk OpenAI's servers send last when the
+# request asks for it (`stream_options.include_usage`). A stream that does not ask for it would
+# count no tokens, so the appliance asks on its behalf (`ask_usage`) and takes that chunk out
+# of what the client gets (`UsageStrip`): the client sees the stream it asked for, and its
+# tokens are counted as any other request's.
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_EVENT = re.compile(rb".*?(?:\r?\n){2}", re.S)
+EVENT_HELD_MAX_BYTES: Final = 1024 * 1024  # past this, an event without its end passes on
+
+
+def ask_usage(payload: dict[str, object]) -> bool:
+    """Make a stream's request ask for its usage; True when it did not (it was changed)."""
+    options = payload.get("stream_options")
+    if options is None:
+        payload["stream_options"] = {"include_usage": True}
+        return True
+    if isinstance(options, dict) and not options.get("include_usage"):
+        payload["stream_options"] = {**options, "include_usage": True}
+        return True
+    return False  # asked for already, or not an object: the replica answers that itself
+
+
+class UsageStrip:
+    """A stream's events less the usage-only one the appliance asked for (`ask_usage`). Whole
+    events pass on as they came; an event cut across reads waits for its end."""
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.tail and data.endswith(b"\n\n") and USAGE_MARK not in data:
+            return data  # the usual read: whole events, none of them the usage chunk
+        held = self.tail + data
+        whole: list[bytes] = _EVENT.findall(held)
+        end = sum(len(event) for event in whole)
+        self.tail = held[end:]
+        if len(self.tail) > EVENT_HELD_MAX_BYTES:  # not SSE as the replica should send it
+            whole.append(self.tail)
+            self.tail = b""
+        return b"".join(event for event in whole if not _usage_only(event))
+
+    def close(self) -> bytes:
+        """What is left at the stream's end (an event without its end)."""
+        tail, self.tail = self.tail, b""
+        return tail
+
+
+def _usage_only(event: bytes) -> bool:
+    return USAGE_MARK in event and _EMPTY_CHOICES.search(event) is not None
+
+
 Totals = dict[tuple[str, str], list[int]]  # (key id, endpoint) -> USAGE_COUNTS
 USAGE_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors")
 FIRST_ERROR_STATUS: Final = 400

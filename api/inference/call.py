@@ -35,11 +35,12 @@ from api.inference import admission
 from api.limits import Limiter, Release
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
 from appliance.keys import Caller
-from forwarder.paths import OPENAI, InferencePath
+from forwarder.paths import OPENAI, PASSTHROUGH, InferencePath
 from forwarder.proxy import Forwarder
 from forwarder.relay import Headers, Plane, Relay
 from forwarder.table import Target, TargetReplica, check_coming
 from forwarder.unserved import NOT_SERVED_STATUSES, not_served
+from forwarder.usage import UsageStrip, ask_usage
 
 if TYPE_CHECKING:
     from api.deps import AppState
@@ -50,6 +51,7 @@ SSE_HEADERS: Final = [
 ]
 KEEPALIVE: Final = b": keep-alive\n\n"
 MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
+USAGE_FRAMEWORKS: Final = ("vllm", "llamacpp")  # servers that send a stream's usage when asked
 
 
 class Client(Protocol):
@@ -141,6 +143,7 @@ class Call:
         self.status = 0
         self.keepalive: asyncio.TimerHandle | None = None
         self.over = False
+        self.strip: UsageStrip | None = None  # the usage chunk asked for on the client's behalf
 
     # admission
     def start(self, body: bytes) -> None:
@@ -278,7 +281,19 @@ class Call:
 
     def fit(self, target: Target) -> None:
         """Fit the request to the endpoint's framework (LLM Engine's guided decoding); an
-        ApplianceError when the framework cannot honour it."""
+        ApplianceError when the framework cannot honour it. Here (the replica's own reply):
+        a stream from vLLM or llama.cpp asks for its usage, so its tokens are counted
+        (`forwarder/usage.py`), and the usage chunk goes to the client only if it asked."""
+        entry = self.entry
+        if (
+            self.stream
+            and entry.shape == PASSTHROUGH
+            and entry.generates
+            and target.framework in USAGE_FRAMEWORKS
+            and ask_usage(self.payload)
+        ):
+            self.changed = True
+            self.strip = UsageStrip()
 
     # answers before the reply
     def refuse(self, exc: ApplianceError) -> None:
@@ -337,6 +352,10 @@ class Call:
         if self.gather is not None:
             self.gather.append(data)
             return
+        if self.strip is not None:
+            data = self.strip.feed(data)
+            if not data:
+                return
         self.client.send(data)
 
     def on_end(self) -> None:
@@ -344,6 +363,10 @@ class Call:
             body, self.gather = b"".join(self.gather), None
             self.on_whole(self.status, self.reply_headers, body)
             return
+        if self.strip is not None:
+            tail = self.strip.close()
+            if tail:
+                self.client.send(tail)
         self.client.end()
         self._settle()
 

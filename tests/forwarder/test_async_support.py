@@ -66,7 +66,7 @@ class FakeBackend:
             self.busy -= 1
         text = "echo: " + json.dumps(body.get("messages") or body.get("prompt"))[:200]
         if body.get("stream") is True:
-            return await self._stream(request, text)
+            return await self._stream(request, text, body)
         if request.path.endswith("chat/completions"):
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
             kind = "chat.completion"
@@ -86,11 +86,16 @@ class FakeBackend:
             }
         )
 
-    async def _stream(self, request: web.Request, text: str) -> web.StreamResponse:
-        """The text one word per SSE event, a usage event, then `[DONE]` (chunked)."""
+    async def _stream(
+        self, request: web.Request, text: str, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        """The text one word per SSE event, a usage event when asked for, then `[DONE]`
+        (chunked)."""
         reply = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await reply.prepare(request)
-        for data in stream_events(text):
+        options = body.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        for data in stream_events(text, usage=asked):
             await reply.write(data)
             await asyncio.sleep(0.01)
         await reply.write_eof()
@@ -144,10 +149,12 @@ class FakeBackend:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def stream_events(text: str) -> list[bytes]:
-    """What FakeBackend streams for `text`, event by event."""
+def stream_events(text: str, *, usage: bool = True) -> list[bytes]:
+    """What FakeBackend streams for `text`, event by event: the usage-only chunk last when
+    the request asks for it (`stream_options.include_usage`), as vLLM does."""
     events = [{"choices": [{"index": 0, "delta": {"content": word}}]} for word in text.split()]
-    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    if usage:
+        events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
     return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from forwarder.usage import Ledger, StreamUsage, usage_from_json
+from forwarder.usage import Ledger, StreamUsage, UsageStrip, ask_usage, usage_from_json
 
 
 def test_usage_from_a_json_body() -> None:
@@ -28,6 +28,29 @@ def test_usage_from_the_last_chunks_of_a_stream() -> None:
     for i in range(0, len(data), 37):  # chunk boundaries fall anywhere
         watch.feed(data[i : i + 37])
     assert watch.result() == (5, 20)
+
+
+def test_a_stream_asks_for_its_usage_and_the_client_gets_it_only_if_it_asked() -> None:
+    payload: dict[str, object] = {"stream": True}
+    assert ask_usage(payload) and payload["stream_options"] == {"include_usage": True}
+    kept = {"stream_options": {"continuous_usage_stats": True, "include_usage": False}}
+    assert ask_usage(kept)
+    assert kept["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert not ask_usage({"stream_options": {"include_usage": True}})  # the client's own
+
+    chunks = [{"choices": [{"delta": {"content": f"t{i}"}}]} for i in range(5)]
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5}}
+    for separator in (b"\n\n", b"\r\n\r\n"):
+        events = [b"data: " + json.dumps(e).encode() + separator for e in [*chunks, usage]]
+        data = b"".join(events) + b"data: [DONE]" + separator
+        wanted = b"".join(events[:-1]) + b"data: [DONE]" + separator
+        for step in (1, 7, 37, len(data)):  # reads end anywhere
+            strip = UsageStrip()
+            got = b"".join(strip.feed(data[i : i + step]) for i in range(0, len(data), step))
+            assert got + strip.close() == wanted, (separator, step)
+    # a stream that is not SSE passes on whole once it ends (or past the bound, as it comes)
+    strip = UsageStrip()
+    assert strip.feed(b'{"usage": 1') == b"" and strip.close() == b'{"usage": 1'
 
 
 def test_ledger_sends_what_changed_per_key_and_endpoint_until_it_is_stored() -> None:
