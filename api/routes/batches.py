@@ -36,7 +36,7 @@ from api.deps import (
 from api.file_service import owned_file
 from appliance import queries
 from appliance.db import session_scope
-from appliance.errors import ConflictError, InvalidSpecError
+from appliance.errors import ApplianceError, ConflictError, InvalidSpecError
 from appliance.keys import Caller
 from appliance.models import Batch
 from forwarder.paths import BATCH_PATHS, BY_PATH
@@ -82,10 +82,14 @@ def _read_input(
     """The input file's requests; on a thread, as its SQLite session may wait for the write
     lock (every transaction begins IMMEDIATE) and the file may be large."""
     with session_scope(state.engine) as session:
-        source = owned_file(body.input_file_id, caller, session=session)
+        source = owned_file(body.input_file_id, caller, session=session, field="input_file_id")
     if source.purpose != "batch":
         raise InvalidSpecError("the input file's purpose must be batch", field="input_file_id")
-    return batches.parse_requests(Path(source.path), body.endpoint)
+    try:
+        return batches.parse_requests(Path(source.path), body.endpoint)
+    except ApplianceError as exc:  # a line of the input file: its message says which
+        exc.field = exc.field or "input_file_id"
+        raise
 
 
 @router.get("/v1/batches")

@@ -81,7 +81,11 @@ def test_a_bad_line_is_named_and_no_batch_is_made(bed: Bed) -> None:
     assert message(refusal(oai, five_lines(wrong_url))).startswith("line 3 (custom_id 'req-3'): ")
     again = refusal(oai, five_lines(line("req-1")))
     assert message(again).startswith("line 3 (custom_id 'req-1'): custom_id must be unique")
+    assert again.body["param"] == "input_file_id"  # type: ignore[index]  # where the line is
 
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.batches.create(input_file_id="file-nope", endpoint=CHAT, completion_window="24h")
+    assert missing.value.body["param"] == "input_file_id"  # type: ignore[index]
     assert oai.batches.list().data == []
 
 
