@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
+from builder.specs import HF_CACHE_MOUNT, HF_TOKEN_FILE
 from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body, wait_status
 from tests.harness import ADMIN_KEY, Appliance, within_one_minute
 
@@ -59,19 +60,21 @@ def test_limits_and_secrets(make_appliance: Callable[..., Appliance]) -> None:
     assert too_many.status_code == 400 and "max_tokens=65" in too_many.text
 
     [container] = appliance.containers()
-    token_file = subprocess.run(
-        ["docker", "exec", container, "cat", "/root/.cache/huggingface/token"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert token_file == HF_TOKEN  # the server can read it...
+
+    def read(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", "exec", container, "cat", path], capture_output=True, text=True
+        )
+
+    # the server (which fetches its own weights here) can read it, in its own container...
+    assert read(HF_TOKEN_FILE).stdout == HF_TOKEN
+    assert read(f"{HF_CACHE_MOUNT}/token").returncode != 0  # ...not in the shared cache,
     inspect = subprocess.run(
         ["docker", "inspect", container], capture_output=True, text=True, check=True
     ).stdout
     logs = appliance.logs()
     database = b"".join(p.read_bytes() for p in appliance.data_dir.glob("appliance.db*"))
     for secret in (ADMIN_KEY, slow_key, calm_key, narrow_key, HF_TOKEN):
-        assert secret not in inspect  # ...but it is in no container's configuration,
+        assert secret not in inspect  # in no container's configuration,
         assert secret not in logs  # no log line,
         assert secret.encode() not in database  # and not in the database
