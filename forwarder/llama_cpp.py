@@ -8,7 +8,8 @@ summed over their `n` choices the same way.
 What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 
 - `echo`, `suffix` and `best_of` are dropped unread (its parser that refused them is no longer
-  called), so a client asking for them gets an answer to another question;
+  called), so a client asking for them gets an answer to another question; so is an
+  embeddings request's `dimensions` (its vectors are the model's own size);
 - `logprobs` come in the chat format, `{"content": [{"token", "logprob", "top_logprobs":
   [{"token", "logprob", ...}]}]}`, where OpenAI's completions give `{"tokens",
   "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}` (offsets into the
@@ -57,6 +58,17 @@ def refusal(payload: object) -> BadRequestError | None:
     if isinstance(best_of, int | float) and not isinstance(best_of, bool) and best_of > 1:
         return _unsupported(
             "best_of", f"choose the best of several completions (best_of={best_of}): use `n`"
+        )
+    return None
+
+
+def embeddings_refusal(payload: object) -> BadRequestError | None:
+    """The 400 for an embeddings request asking for `dimensions`, which llama.cpp's server
+    ignores (it answers vectors of the model's own size); None when it asks none."""
+    if isinstance(payload, dict) and payload.get("dimensions") is not None:
+        return _unsupported(
+            "dimensions",
+            "shorten embeddings (they are the model's own size): leave `dimensions` out",
         )
     return None
 

@@ -4,7 +4,7 @@ counted limits (requests per minute and in flight: `api/limits.py`; 429), whethe
 more tokens than the key allows (`cap_tokens`; 400), which endpoint it may call
 (`visible_target`: the tenancy rule of `Caller.may_infer`; 404), whether that endpoint's
 framework honours what it asks (`fit_framework`: llama.cpp's completions ignore `echo`,
-`suffix` and `best_of`, so those are refused; 400), and a replica
+`suffix` and `best_of`, its embeddings `dimensions`, so those are refused; 400), and a replica
 (`forwarder/proxy.py`; 503). An endpoint that will get no replica by waiting (it failed to
 start, or is being deleted: `forwarder/table.check_coming`) is refused at once with 503 and
 `x-should-retry: false`, on the relayed routes before any hold, and at submit for async tasks
@@ -36,7 +36,7 @@ from appliance.errors import (
 )
 from appliance.keys import Caller
 from forwarder import llama_cpp, media
-from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS
+from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS, EMBEDDINGS
 from forwarder.refresh import load_table
 from forwarder.table import RoutingTable, Target, check_coming
 
@@ -236,7 +236,8 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 def fit_framework(target: Target, path: str, payload: Any) -> None:
     """Refuse (400, naming the field) what the endpoint's server would silently ignore or
     should not do: `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions,
-    `chat_refusal` for its chats (no message), `forwarder/media.refusal` for a vLLM
+    `chat_refusal` for its chats (no message), `embeddings_refusal` for its embeddings
+    (`dimensions`), `forwarder/media.refusal` for a vLLM
     endpoint's chats (a media URL the replica would fetch). Every entry that
     can reach a replica's completions applies it once its endpoint and path are known: the
     relayed routes (`Call._replica`), async tasks and batch lines."""
@@ -251,6 +252,8 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
         refused = llama_cpp.refusal(payload)
     elif path == CHAT:
         refused = llama_cpp.chat_refusal(payload)
+    elif path == EMBEDDINGS:
+        refused = llama_cpp.embeddings_refusal(payload)
     else:
         return
     if refused is not None:

@@ -14,7 +14,7 @@ from api.inference import admission
 from appliance.errors import BadRequestError
 from forwarder import llama_cpp
 from forwarder.llama_cpp import CompletionShape, refusal, shape_for
-from forwarder.paths import CHAT
+from forwarder.paths import CHAT, EMBEDDINGS
 from forwarder.table import Target, failed_message
 from forwarder.usage import usage_from_json
 
@@ -304,3 +304,21 @@ def test_a_chat_message_llamacpp_fails_on_is_refused_naming_its_field(
     fine.append({"role": "user", "content": parts, "name": "n"})
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     admission.fit_framework(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
+
+
+@pytest.mark.parametrize("dimensions", [8, 640, "8"])
+def test_an_embeddings_request_asking_for_dimensions_is_refused_by_llamacpp(
+    dimensions: object,
+) -> None:
+    """llama.cpp's server ignores `dimensions` and answers vectors of the model's own size, so a
+    client sizing its index by what it asked would be told nothing: every entry refuses it
+    (400 naming `dimensions`); an embeddings request without it passes."""
+    target = llama_target("m", "READY")
+    with pytest.raises(BadRequestError) as refused:
+        admission.fit_framework(
+            target, EMBEDDINGS, {"model": "m", "input": "hi", "dimensions": dimensions}
+        )
+    assert refused.value.field == "dimensions", refused.value.message
+    assert refused.value.message.startswith("dimensions: llama.cpp endpoints do not")
+    admission.fit_framework(target, EMBEDDINGS, {"model": "m", "input": "hi"})
+    admission.fit_framework(target, EMBEDDINGS, {"model": "m", "input": "hi", "dimensions": None})
