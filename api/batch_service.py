@@ -12,11 +12,12 @@ import time
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from api import storage
+from api.body import Body
 from api.deps import AppState
 from api.inference import admission
 from api.submit import INSERT_TASK, WAITING, NewTask, over_queued, task_row
@@ -37,7 +38,7 @@ UNFINISHED = (TaskStatus.PENDING, TaskStatus.STARTED)
 ADMIT_BETWEEN_TURNS = 1000  # requests admitted (a few microseconds each) per event-loop turn
 
 
-class CreateBatchRequest(BaseModel):
+class CreateBatchRequest(Body):
     input_file_id: str
     endpoint: str
     completion_window: str = "24h"

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
 from api import endpoint_changes, endpoint_specs, key_service, server_args, team_limits
+from api.body import Body
 from api.declared import LIMITS, active_keys, key_identity, managed_endpoints
 from api.deps import AppState
 from api.endpoint_service import (
@@ -48,7 +49,7 @@ def _stamp(value: Any) -> Any:
     return parse_time(value, "expires_at") if isinstance(value, str) else value
 
 
-class KeyLimitsDeclared(BaseModel):
+class KeyLimitsDeclared(Body):
     model_config = ConfigDict(extra="forbid")
 
     requests_per_minute: key_service.Limit = None
@@ -57,7 +58,7 @@ class KeyLimitsDeclared(BaseModel):
     max_tokens_per_request: key_service.Limit = None
 
 
-class KeyDeclared(BaseModel):
+class KeyDeclared(Body):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=key_service.NAME)
@@ -71,7 +72,7 @@ class KeyDeclared(BaseModel):
     limits: KeyLimitsDeclared = Field(default_factory=KeyLimitsDeclared)
 
 
-class Document(BaseModel):
+class Document(Body):
     """What `appliance export` writes; sections left out are left alone."""
 
     model_config = ConfigDict(extra="forbid")

@@ -10,10 +10,11 @@ import time
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from sqlalchemy.engine import Engine
 
 from api import team_limits
+from api.body import Body
 from api.schemas import Revision
 from appliance import audit, bus
 from appliance.caller import Caller
@@ -23,7 +24,7 @@ from builder.hub_downloads import FINISHED
 from builder.weights import HUB_ID, HubModel, present
 
 
-class HfDownloadCreate(BaseModel):
+class HfDownloadCreate(Body):
     """A repository on the hub and its revision (a branch, a tag or a commit)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -13,10 +13,11 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from sqlmodel import Session, col, select
 
 from api import team_limits
+from api.body import Body
 from api.deps import AppState
 from appliance import audit, keys
 from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
@@ -42,7 +43,7 @@ LIMITS = (
 )
 
 
-class CreateKeyRequest(BaseModel):
+class CreateKeyRequest(Body):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME)

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from api.body import Body
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 Quantity = str | int | float
 
@@ -84,7 +86,7 @@ def storable(value: Any) -> Any:
     return value
 
 
-class _Storable(BaseModel):
+class _Storable(Body):
     @model_validator(mode="before")
     @classmethod
     def _storable(cls, data: Any) -> Any:
@@ -134,7 +136,7 @@ VLLM_ARG_FIELDS = (
 )
 
 
-class _VllmArgs(BaseModel):
+class _VllmArgs(Body):
     max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS)
     max_num_seqs: int | None = Field(None, gt=0, le=MAX_COUNT)
     enforce_eager: bool | None = None
@@ -175,7 +177,7 @@ class _VllmArgs(BaseModel):
     attention_backend: Short | None = None
 
 
-class _AcceptedAndStored(BaseModel):
+class _AcceptedAndStored(Body):
     """Fields LLM Engine takes that mean nothing on one box; accepted so its client works."""
 
     gpu_type: Short | None = None
@@ -194,7 +196,7 @@ class _AcceptedAndStored(BaseModel):
     quantize: Short | None = None
 
 
-class _ApplianceFields(BaseModel):
+class _ApplianceFields(Body):
     """The appliance's own additions."""
 
     gpu_memory_fraction: float | None = Field(None, gt=0, lt=1)

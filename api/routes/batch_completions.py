@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +31,7 @@ from api.batch_service import (
     owned_batch,
     submit,
 )
+from api.body import Body
 from api.deps import (
     AddressDep,
     AdmittedDep,
@@ -72,7 +73,7 @@ STATUS = {  # OpenAI batch status -> LLM Engine's BatchCompletionsJobStatus
 }
 
 
-class BatchCompletionsRequest(BaseModel):
+class BatchCompletionsRequest(Body):
     """CreateBatchCompletionsV1Request and V2Request (`content` decides the shape)."""
 
     model_config = ConfigDict(extra="allow")

@@ -14,8 +14,9 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from api.body import Body
 from api.deps import CallerDep, SessionDep, StateDep, require
 from api.endpoint_service import owned_by_name
 from appliance.errors import BadRequestError, NotFoundError
@@ -29,7 +30,7 @@ router = APIRouter(
 MAX_FILES = 10_000
 
 
-class ModelDownloadRequest(BaseModel):
+class ModelDownloadRequest(Body):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = Field(min_length=1, max_length=63, description="The endpoint's name")

@@ -178,6 +178,33 @@ def test_a_limit_out_of_bounds_is_refused_naming_it_on_every_way_in(api_only: Ap
     assert "k" not in [k["name"] for k in listed["api_keys"]], listed  # nothing half-made
 
 
+def test_true_and_false_are_not_numbers(api_only: Appliance) -> None:
+    """JSON's true is not 1: a number field sent a bool is refused naming it, on keys, the
+    declared config and endpoints, and nothing is made (pydantic alone would take it as 1)."""
+    admin = api_only.client()
+    key = {"name": "b", "team": "red", "user": "ann"}
+    answers = {
+        "expires_in_seconds": admin.post("/v1/api-keys", json=key | {"expires_in_seconds": True}),
+        "requests_per_minute": admin.post("/v1/api-keys", json=key | {"requests_per_minute": True}),
+        "max_queued_tasks": admin.post(
+            "/v1/config/apply", json={"keys": [key | {"limits": {"max_queued_tasks": False}}]}
+        ),
+        "gpus": admin.post(
+            "/v1/llm/model-endpoints",
+            json={"name": "b", "model_name": "m", "inference_framework": "vllm", "gpus": True},
+        ),
+    }
+    for name, answer in answers.items():
+        assert answer.status_code in (400, 422), (name, answer.text)
+        assert name in answer.text and "expected a number, got" in answer.text, answer.text
+    listed = admin.get("/v1/api-keys").json()["api_keys"]
+    assert "b" not in [k["name"] for k in listed], listed
+    assert admin.get("/v1/llm/model-endpoints/b").status_code == 404
+    # a real bool field still takes one, and a number still counts
+    fine = admin.post("/v1/api-keys", json=key | {"admin": False, "expires_in_seconds": 60})
+    assert fine.status_code == 201, fine.text
+
+
 def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Appliance) -> None:
     """The listing, `GET /v1/config` and `/v1/config/apply` carry limits as `limits: {...}`:
     a create sending them so (copied from a listing) is honoured, as is the flat shape; a name

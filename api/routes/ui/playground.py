@@ -7,9 +7,10 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.types import Receive, Scope, Send
 
+from api.body import Body
 from api.deps import StateDep
 from api.inference.asgi import serve
 from api.inference.call import Core
@@ -40,12 +41,12 @@ def read_playground(
     )
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: str = Field(pattern="^(system|user|assistant)$")
     content: str = Field(max_length=200_000)
 
 
-class PlaygroundChat(BaseModel):
+class PlaygroundChat(Body):
     endpoint: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1, max_length=200)
     temperature: float = Field(0.7, ge=0, le=2)
