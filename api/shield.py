@@ -35,24 +35,26 @@ class Shield:
         self.inference_bytes = inference_bytes
         self.model_upload_bytes = model_upload_bytes
 
-    def limit(self, path: str) -> int:
-        """The largest body `path` accepts: inference, file and model upload routes take large
-        ones."""
+    def limit(self, path: str) -> tuple[int, str]:
+        """The largest body `path` accepts, and what sets it: inference, file and model upload
+        routes take large ones."""
         if path in self.inference_paths:
-            return self.inference_bytes
+            return self.inference_bytes, "the setting APPLIANCE_MAX_BODY_BYTES"
         if path.startswith(FILE_PATHS):
-            return FILE_BODY_BYTES
+            return FILE_BODY_BYTES, "a file's limit, 512 MiB, as OpenAI's"
         if path.startswith(MODEL_UPLOAD_PATHS):
-            return self.model_upload_bytes
-        return MANAGEMENT_BODY_BYTES
+            return self.model_upload_bytes, "the setting APPLIANCE_MODEL_UPLOAD_MAX_BYTES"
+        return MANAGEMENT_BODY_BYTES, "the limit of management routes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        limit = self.limit(path)
-        too_large = BodyTooLargeError(f"the request body is over this route's {limit} bytes")
+        limit, source = self.limit(path)
+        too_large = BodyTooLargeError(
+            f"the request body is over this route's {limit} bytes ({source})"
+        )
         length = dict(scope.get("headers", ())).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > limit:
             await _error(send, path, too_large if length.isdigit() else _bad_length())

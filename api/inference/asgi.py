@@ -87,7 +87,10 @@ async def _disconnect(receive: Receive, call: Call, client: AsgiClient) -> None:
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body; BodyTooLargeError as soon as it is known to be over `limit`."""
-    too_large = f"the request body is over the limit of {limit} bytes"
+    too_large = (
+        f"the request body is over this route's {limit} bytes "
+        "(the setting APPLIANCE_MAX_BODY_BYTES)"
+    )
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise BodyTooLargeError(too_large)

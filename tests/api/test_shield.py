@@ -83,4 +83,6 @@ def test_a_declared_length_over_the_limit_is_413_unread() -> None:
     assert sent[0]["status"] == 413
     inference = run(reads_all, "/v1/chat/completions", [b""], [(b"content-length", b"1001")])
     assert inference[0]["status"] == 413  # its own, configured limit
+    said = json.loads(inference[1]["body"])["error"]["message"]
+    assert "1000 bytes" in said and "APPLIANCE_MAX_BODY_BYTES" in said, said  # what to change
     assert run(broken, "/v1/api-keys", [b""], [(b"content-length", b"-1")])[0]["status"] == 400
