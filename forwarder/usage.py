@@ -95,7 +95,8 @@ def _count(body: bytes, at: i64) -> tuple[i64, i64]:
 
 
 def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:
-    """The token counts of the `usage` object opening at `at` (right after its key)."""
+    """The token counts of the `usage` object opening at `at` (right after its key); an
+    embeddings reply's usage has no `completion_tokens`, counted as none."""
     pair = _PAIR.match(body, at)  # the usual shape: both counts before any nested object
     if pair is not None and pair[1] != pair[3]:
         first, second = int(pair[2]), int(pair[4])
@@ -104,11 +105,29 @@ def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:
     if opening is None:  # `"usage": null`
         return None
     found: dict[bytes, int] = {}
-    for count in _COUNT.finditer(body, opening.end(), opening.end() + USAGE_SPAN_BYTES):
+    end = _object_end(body, opening.end(), opening.end() + USAGE_SPAN_BYTES)
+    for count in _COUNT.finditer(body, opening.end(), end):
         found.setdefault(count[1], int(count[2]))
         if len(found) == 2:
             return found[b"prompt_tokens"], found[b"completion_tokens"]
+    if b"prompt_tokens" in found:  # an embeddings reply's: no completion
+        return found[b"prompt_tokens"], 0
     return None
+
+
+def _object_end(body: bytes, start: int, limit: int) -> int:
+    """Where the object whose `{` ends just before `start` closes (at most `limit`), so a
+    count past it, in another object, is not taken for its own."""
+    depth = 0
+    for at in range(start, min(limit, len(body))):
+        c = body[at]
+        if c == OPEN:
+            depth += 1
+        elif c == CLOSE:
+            if depth == 0:
+                return at
+            depth -= 1
+    return limit
 
 
 @dataclass

@@ -19,6 +19,16 @@ def test_usage_from_a_json_body() -> None:
     assert usage_from_json(b'{"usage": {"prompt_tokens": null, "completion_tokens": 2}}') is None
 
 
+def test_an_embeddings_reply_counts_its_prompt_tokens() -> None:
+    """OpenAI's embeddings usage has no `completion_tokens` (llama.cpp's server sends it first,
+    before the vectors): its prompt tokens are counted all the same, with no completion."""
+    vectors = [{"object": "embedding", "index": 0, "embedding": [0.25] * 640}]
+    first = {"model": "e", "object": "list", "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+    assert usage_from_json(json.dumps({**first, "data": vectors}).encode()) == (3, 0)
+    last = {"object": "list", "data": vectors, "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+    assert usage_from_json(json.dumps(last).encode()) == (2, 0)
+
+
 def test_usage_from_the_last_chunks_of_a_stream() -> None:
     events = [{"choices": [{"delta": {"content": f"t{i}"}}], "usage": None} for i in range(20)]
     events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 20}})
