@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -263,6 +265,16 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self.send_error_json(e)
 
+    def client_gone(self) -> bool:
+        """Whether the client hung up: its socket reads as closed (bytes of a next request
+        waiting on it do not count)."""
+        if not select.select([self.connection], [], [], 0)[0]:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def send_error_json(self, e: ApiError) -> None:
         err = {"message": e.message, "type": e.kind, "param": None, "code": e.code}
         self.send_json(e.code, {"error": err})
@@ -291,8 +303,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.events(chat, rid, model, prompt, n, finish, bool(opts.get("include_usage")))
             )
             return
+        words: list[str] = []
         with self.engine.slot(p_tokens):
-            text = " ".join(self.engine.tokens(prompt, n))
+            for word in self.engine.tokens(prompt, n):
+                if self.client_gone():  # vLLM aborts a request whose client disconnected
+                    self.close_connection = True
+                    return
+                words.append(word)
+        text = " ".join(words)
         choice: Json = {"index": 0, "logprobs": None, "finish_reason": finish, "stop_reason": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -165,13 +166,28 @@ def test_a_replica_killed_mid_run_loses_no_request(appl: Appliance) -> None:
     wait_until(lambda: len(inflight_by_replica(appl, "pair")) == 0, 10, "no requests in flight")
 
 
-def test_client_disconnect_cancels_the_replica_request(appl: Appliance) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_client_disconnect_cancels_the_replica_request(appl: Appliance, stream: bool) -> None:
+    """A client that leaves, mid-stream or waiting for a whole answer, has the replica stop
+    generating for it (the replica aborts a request whose connection closed, as vLLM does)."""
     wait_until(lambda: len(containers_of(appl, "pair")) == 2, 60, "two replicas")
     urls = [replica_url(c) for c in containers_of(appl, "pair")]
     wait_until(lambda: all(running_on(u) == 0 for u in urls), 60, "idle, answering replicas")
     stop = threading.Event()
 
     def abandon() -> None:
+        if not stream:  # waits for the whole answer until told to leave, then hangs up
+            body = json.dumps(chat("pair", 2000)).encode()
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            address = httpx.URL(appl.url)
+            with socket.create_connection((address.host, address.port), timeout=30) as sock:
+                sock.sendall(head.encode() + body)
+                stop.wait(30)
+            return
         with httpx.stream(
             "POST",
             appl.url + "/v1/chat/completions",
@@ -185,7 +201,7 @@ def test_client_disconnect_cancels_the_replica_request(appl: Appliance) -> None:
 
     thread = threading.Thread(target=abandon)
     thread.start()
-    wait_until(lambda: sum(running_on(u) for u in urls) == 1, 10, "the stream to run")
+    wait_until(lambda: sum(running_on(u) for u in urls) == 1, 10, "the request to run")
     stop.set()
     thread.join(10)
     wait_until(lambda: sum(running_on(u) for u in urls) == 0, 10, "the replica to stop it")

@@ -262,6 +262,28 @@ def test_requests_wait_beyond_max_num_seqs_and_disconnect_stops(url: str) -> Non
     assert metrics(url)[waiting] == 0
 
 
+def test_a_non_streaming_request_whose_client_left_is_aborted(url: str) -> None:
+    """As vLLM: the client of a request still generating hangs up, and the request stops, its
+    slot freed for the next, though its answer was never to be streamed."""
+    running = 'vllm:num_requests_running{model_name="alpha"}'
+    tokens = 'vllm:generation_tokens_total{model_name="alpha"}'
+    with pytest.raises(httpx.ReadTimeout):  # leaves, closing its connection, after 0.3 s
+        httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "alpha", "messages": [{"role": "user", "content": PROMPT}],
+                  "max_tokens": 100_000},
+            timeout=httpx.Timeout(5, read=0.3),
+        )  # fmt: skip
+    deadline = time.monotonic() + 5
+    while metrics(url)[running] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics(url)[running] == 0
+    generated = metrics(url)[tokens]
+    time.sleep(0.3)
+    assert metrics(url)[tokens] == generated
+    assert chat(url, max_tokens=2).status_code == 200  # the only slot is free
+
+
 def test_unknown_flag_exits_2_like_vllm() -> None:
     r = subprocess.run(
         [sys.executable, str(SERVER), "m", "--no-such-flag", "1"],
