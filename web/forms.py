@@ -15,6 +15,7 @@ REQUEST_FIELDS = {
     "name": "name",
     "framework": "inference_framework",
     "model": "model_name",
+    "context": "max_model_len",
     "gpus": "gpus",
     "min_replicas": "min_workers",
     "max_replicas": "max_workers",
@@ -33,6 +34,7 @@ FORM_FIELDS = {request: form for form, request in REQUEST_FIELDS.items()} | {
 }
 EDITABLE = (
     "model",
+    "context",
     "gpus",
     "min_replicas",
     "max_replicas",
@@ -60,6 +62,7 @@ BOUNDS = {
 }
 DEFAULTS = {
     "framework": "llamacpp",
+    "context": "",
     "gpus": "0",
     "min_replicas": "1",
     "max_replicas": "1",
@@ -105,6 +108,7 @@ def current_values(endpoint: Endpoint) -> dict[str, str]:
         "name": endpoint.name,
         "framework": endpoint.framework,
         "model": views.short_model(endpoint.model),
+        "context": str(endpoint.args.get("max_model_len") or ""),
         "gpus": str(endpoint.gpus),
         "min_replicas": str(endpoint.min_replicas),
         "max_replicas": str(endpoint.max_replicas),

@@ -273,6 +273,44 @@ def test_the_pages_say_both_frameworks_run_without_gpus(api_only: Appliance) -> 
     assert ", 1 request each<" in client.get(f"/ui/endpoints/{endpoint_id}").text
 
 
+def test_the_form_sets_and_edits_the_context_length(api_only: Appliance) -> None:
+    """The endpoint form's context length is the request's max_model_len: set on create, shown
+    and changed on edit, and an edit of another field keeps it."""
+    client = browser_client(api_only)
+    api = api_only.client()
+
+    def context(endpoint_id: str) -> Any:
+        got = api.get(f"/v1/model-endpoints/{endpoint_id}").json()["server_settings"]
+        return got.get("max_model_len")
+
+    form = {
+        "name": "ctx", "framework": "llamacpp", "model": "gemma-3-270m-q4_k_m.gguf",
+        "context": "1024", "gpus": "0", "min_replicas": "0", "max_replicas": "1",
+        "concurrency": "2", "endpoint_type": "streaming",
+    }  # fmt: skip
+    page = client.get("/ui/endpoints/new").text
+    made = client.post("/ui/endpoints/new", data=form | {"csrf": csrf_of(page)})
+    assert made.status_code == 303, made.text
+    assert context(api.get("/v1/llm/model-endpoints/ctx").json()["id"]) == 1024
+
+    endpoint_id = seed_endpoint(api_only.data_dir, "ready", "127.0.0.1:9", endpoint_type="sync")
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        row = session.get(Endpoint, endpoint_id)
+        assert row is not None
+        row.args = {"max_model_len": 4096}
+        session.add(row)
+    engine.dispose()
+    for sent, wanted in (({"max_replicas": "2"}, 4096), ({"context": "2048"}, 2048)):
+        edit = client.get(f"/ui/endpoints/{endpoint_id}/edit").text
+        shown = re.search(r'name="context"[^>]*value="(\d*)"', edit)
+        assert shown and shown.group(1) == str(context(endpoint_id)), edit
+        values = dict(re.findall(r'name="(\w+)"[^>]*value="([^"]*)"', edit))
+        saved = client.post(f"/ui/endpoints/{endpoint_id}/edit", data=values | sent)
+        assert saved.status_code == 303, saved.text
+        assert context(endpoint_id) == wanted
+
+
 def test_a_cancelled_batchs_lines_read_cancelled_not_failed(api_only: Appliance) -> None:
     """A batch's lines a cancel ended count as neither completed nor failed: the tasks page and
     a line's own page say CANCELLED, while a line that did fail still says FAILURE."""
