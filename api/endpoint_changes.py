@@ -62,11 +62,15 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> Change:
 
 def summary(change: Change) -> str:
     """The change in words: scalars as `before -> after` (memory in Kubernetes' units, as
-    sent), maps and lists by name only (env values may be secrets)."""
+    sent), maps by the keys that changed and lists by name, never their values (env values
+    may be secrets)."""
     parts = []
     for name, (before, after) in change.items():
         label = LABELS.get(name, name)
-        if isinstance(before, dict | list) or isinstance(after, dict | list):
+        if isinstance(before, dict) and isinstance(after, dict):
+            keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            parts.append(f"{label} changed ({', '.join(keys)})" if keys else f"{label} changed")
+        elif isinstance(before, dict | list) or isinstance(after, dict | list):
             parts.append(f"{label} changed")
         else:
             parts.append(f"{label} {_shown(name, before)} → {_shown(name, after)}")
