@@ -42,7 +42,7 @@ POST_INFERENCE_HOOKS = ("callback",)
 # fails to start on text that is neither a template nor a file. vLLM also reads a path.
 JINJA = re.compile(r"\{\{|\{%")
 TEMPLATE_FILE = re.compile(r"[^\s{}]+\.jinja")
-CLEARED = ""  # the chat_template an update sends to drop it: the model's own template again
+CLEARED = ""  # a setting an update sends to drop it: the server's default (the model's template)
 # LLM Engine's GPU types, by a word of the name NVML reports for such a GPU.
 GPU_TYPES = {
     "nvidia-tesla-t4": r"\bT4\b",
@@ -164,7 +164,8 @@ def server_args(
     current: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The row's `args`: the request's settings over `current` (the endpoint's own, on an
-    update); a chat_template of "" is dropped, so the server uses the model's own template."""
+    update); a setting of "" is dropped (`CLEARED`), so the server uses its own default again
+    (a chat_template: the model's own template), where `--flag ''` would stop it starting."""
     if framework == Framework.VLLM:
         fresh = vllm_args(req, name=name, gpus=gpus)
     elif framework == Framework.LLAMACPP:
@@ -172,9 +173,7 @@ def server_args(
     else:
         fresh = custom_args(req)
     args = {**(current or {}), **fresh}
-    if args.get("chat_template") == CLEARED:
-        del args["chat_template"]
-    return args
+    return {name: value for name, value in args.items() if value != CLEARED}
 
 
 def check_fields(framework: str, req: Request, settings: Settings) -> None:

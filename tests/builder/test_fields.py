@@ -274,3 +274,24 @@ def test_an_empty_chat_template_clears_it(framework: str, field: str, models: Pa
     assert update(endpoint, models, **{field: ""})
     assert "chat_template" not in endpoint.args and "--chat-template" not in command(endpoint)
     assert "--chat-template" not in command(build(models, {**fields, field: ""}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "flag"),
+    [
+        ({"quantize": "awq"}, "--quantization"),
+        ({"quantization": "awq"}, "--quantization"),
+        ({"dtype": "half"}, "--dtype"),
+        ({"tokenizer": "org/tok"}, "--tokenizer"),
+    ],
+)
+def test_an_empty_server_setting_clears_it(fields: dict[str, str], flag: str, models: Path) -> None:
+    """A string server setting sent as "" is cleared, as a chat template is: the server's own
+    default again, where the flag went to vLLM with an empty value and the replica could not
+    start (`--quantization ''`). So a setting set by mistake can be taken back, even through
+    LLM Engine's client, whose null means "unchanged"."""
+    endpoint = build(models, fields)
+    assert flag in command(endpoint)
+    assert update(endpoint, models, **{name: "" for name in fields})
+    assert flag not in command(endpoint), command(endpoint)
+    assert flag not in command(build(models, {name: "" for name in fields}))
