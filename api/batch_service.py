@@ -205,6 +205,15 @@ def _store(
     return batch, [(task.id, task.endpoint_id) for task in tasks]
 
 
+CANCELLABLE = ("in_progress", "cancelling")  # a batch whose requests may still be ended
+
+
+def cancellable(batch: Batch) -> bool:
+    """Whether a cancel can still end any of the batch's requests (both APIs' and the UI's
+    cancels ask; what each says of one that cannot is its own)."""
+    return batch.status in CANCELLABLE
+
+
 def cancel(
     batch: Batch,
     caller: Caller,

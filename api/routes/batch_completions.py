@@ -28,6 +28,7 @@ from api.batch_service import (
     CreateBatchRequest,
     batch_public,
     cancel,
+    cancellable,
     owned_batch,
     submit,
 )
@@ -117,7 +118,7 @@ def cancel_batch_completions(
     """The prompts not yet answered end at once, those a worker holds included (their
     requests to the replica are dropped); `success` false for a job that already ended."""
     batch = owned_batch(job_id, caller, session=session)
-    if batch.status not in ("in_progress", "cancelling"):
+    if not cancellable(batch):
         return {"success": False}
     cancel(batch, caller, session, state, address)
     return {"success": True}

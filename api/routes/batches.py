@@ -21,6 +21,7 @@ from api.batch_service import (
     CreateBatchRequest,
     batch_public,
     cancel,
+    cancellable,
     owned_batch,
     submit,
 )
@@ -128,6 +129,6 @@ def cancel_batch(
     requests are dropped, so the replica stops); the sweeper then writes the files and marks
     the batch cancelled."""
     batch = owned_batch(batch_id, caller, session=session)
-    if batch.status not in ("in_progress", "cancelling"):
+    if not cancellable(batch):
         raise ConflictError(f"batch {batch_id!r} is {batch.status}; it cannot be cancelled")
     return cancel(batch, caller, session, state, address)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from appliance.db import open_engine, session_scope
-from appliance.models import Endpoint, Task
+from appliance.models import Batch, Endpoint, Task
 from forwarder.worker import batches
 from tests.forwarder.test_async_support import seed_endpoint
 from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
@@ -28,12 +28,12 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
-def browser_client(appliance: Appliance) -> httpx.Client:
+def browser_client(appliance: Appliance, key: str = ADMIN_KEY) -> httpx.Client:
     """A cookie-keeping client signed in through the form, as a browser would be."""
     client = httpx.Client(base_url=appliance.url, timeout=30)
     form = client.get("/ui/sign-in")
     reply = client.post(
-        "/ui/sign-in", data={"csrf": csrf_of(form.text), "key": ADMIN_KEY, "next": "/ui/keys"}
+        "/ui/sign-in", data={"csrf": csrf_of(form.text), "key": key, "next": "/ui/keys"}
     )
     assert reply.status_code == 303, reply.text
     return client
@@ -337,3 +337,56 @@ def test_a_cancelled_batchs_lines_read_cancelled_not_failed(api_only: Appliance)
     )
     assert rows == {"tsk_cut": "CANCELLED", "tsk_bad": "FAILURE"}
     assert ">CANCELLED<" in client.get("/ui/tasks/tsk_cut").text
+
+
+def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Appliance) -> None:
+    """The tasks page links each batch to a page of its own: OpenAI's view of it with the
+    counts as they are now (not as stored when it was made), its lines linking to their
+    pages, and a cancel that ends the lines not yet answered. Another team's batch is a 404,
+    and a batch that ended offers no cancel."""
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        session.add(
+            Batch(id="batch_live", owner="admin", created_by="admin", endpoint="/v1/completions",
+                  input_file_id="file_in", status="in_progress",
+                  request_counts={"total": 3, "completed": 0, "failed": 0},
+                  metadata_={"purpose": "nightly"})
+        )  # fmt: skip
+        for task_id, status in (("tsk_a", "SUCCESS"), ("tsk_b", "PENDING"), ("tsk_c", "PENDING")):
+            session.add(
+                Task(id=task_id, endpoint_id="end_x", owner="admin", created_by="admin",
+                     status=status, payload={}, batch_id="batch_live")
+            )  # fmt: skip
+    engine.dispose()
+    client = browser_client(api_only)
+    listed = client.get("/ui/tasks").text
+    assert 'href="/ui/batches/batch_live"' in listed
+    row = re.search(r"batch_live</a></td>.*?</tr>", listed, re.S)
+    assert row and ">1 / 3<" in row.group(0), listed  # live: one line answered
+    shown = client.get("/ui/batches/batch_live")
+    assert shown.status_code == 200, shown.text
+    assert "1 completed, 0 failed, of 3" in shown.text and "nightly" in shown.text
+    assert all(f'href="/ui/tasks/{t}"' in shown.text for t in ("tsk_a", "tsk_b", "tsk_c"))
+    blue = browser_client(api_only, make_key(api_only, "blue"))
+    assert blue.get("/ui/batches/batch_live").status_code == 404  # admin's team's, not blue's
+    own_csrf = csrf_of(blue.get("/ui/tasks").text)
+    stays = blue.post("/ui/batches/batch_live/cancel", data={"csrf": own_csrf})
+    assert stays.status_code == 404, stays.text
+
+    cancelled = client.post("/ui/batches/batch_live/cancel", data={"csrf": csrf_of(shown.text)})
+    assert cancelled.status_code == 303, cancelled.text
+    after = api_only.client().get("/v1/batches/batch_live").json()
+    assert after["status"] == "cancelling", after
+    assert after["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
+    page = client.get("/ui/batches/batch_live").text
+    assert page.count(">CANCELLED<") == 2
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        ended = session.get(Batch, "batch_live")
+        assert ended is not None and "Cancel batch" in page
+        ended.status = "cancelled"  # as the sweeper marks it
+        session.add(ended)
+    engine.dispose()
+    assert "Cancel batch" not in client.get("/ui/batches/batch_live").text
+    refused = client.post("/ui/batches/batch_live/cancel", data={"csrf": "forged"})
+    assert refused.status_code in (400, 403), refused.text

@@ -1,5 +1,6 @@
 """The web UI's read-only pages: the endpoints list, an endpoint's page (its live parts and
-logs), GPUs, tasks; and the redirects from `/` and `/ui`. Included by `api.routes.ui`."""
+logs), GPUs, tasks and batches (and a batch's cancel); and the redirects from `/` and `/ui`.
+Included by `api.routes.ui`."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlmodel import Session, col, select
 
-from api import endpoint_logs, endpoint_service, gpu_inventory, ui_session
-from api.deps import AppState, SessionDep, StateDep
+from api import batch_service, endpoint_logs, endpoint_service, gpu_inventory, ui_session
+from api.deps import AddressDep, AppState, SessionDep, StateDep
 from api.routes.ui.respond import HEADERS, home, need, not_found, page, redirect
-from api.ui_session import SignedInDep
+from api.ui_session import ChangeDep, SignedInDep
 from appliance import bus, queries
 from appliance.errors import NotFoundError
 from appliance.keys import Caller
@@ -208,6 +209,7 @@ def read_tasks_page(request: Request, ui: SignedInDep, session: SessionDep) -> R
     tasks = _owned_rows(Task, ui.caller, session)
     batches = _owned_rows(Batch, ui.caller, session)
     shown = {t.id: shown_status(t) for t in tasks}
+    counts = {b.id: batch_service.batch_public(b, session)["request_counts"] for b in batches}
     return page(
         request,
         "tasks.html",
@@ -216,8 +218,54 @@ def read_tasks_page(request: Request, ui: SignedInDep, session: SessionDep) -> R
         tasks=tasks,
         shown=shown,
         batches=batches,
+        counts=counts,
         names=names,
     )
+
+
+@router.get("/batches/{batch_id}")
+def read_batch_page(
+    request: Request, batch_id: str, ui: SignedInDep, session: SessionDep
+) -> Response:
+    """A batch as OpenAI's API shows it (live counts while it runs), and its lines."""
+    try:
+        batch = batch_service.owned_batch(batch_id, ui.caller, session=session)
+    except NotFoundError as exc:
+        return not_found(request, ui, exc)
+    query = select(Task).where(Task.batch_id == batch.id)
+    lines = list(session.exec(query.order_by(col(Task.created_at), col(Task.id)).limit(LIST_LIMIT)))
+    return page(
+        request,
+        "batch.html",
+        ui,
+        "tasks",
+        batch=batch_service.batch_public(batch, session),
+        cancellable=batch_service.cancellable(batch),
+        lines=lines,
+        shown={t.id: shown_status(t) for t in lines},
+        metadata=views.pretty_json(batch.metadata_) if batch.metadata_ else "",
+        errors=views.pretty_json(batch.errors) if batch.errors else "",
+    )
+
+
+@router.post("/batches/{batch_id}/cancel")
+def cancel_batch_from_page(
+    request: Request,
+    batch_id: str,
+    ui: ChangeDep,
+    session: SessionDep,
+    state: StateDep,
+    address: AddressDep,
+) -> Response:
+    """The API's cancel; a batch that already ended is left as it is (its page says so)."""
+    need(ui.caller, "inference")  # as the API's batch routes
+    try:
+        batch = batch_service.owned_batch(batch_id, ui.caller, session=session)
+    except NotFoundError as exc:
+        return not_found(request, ui, exc)
+    if batch_service.cancellable(batch):
+        batch_service.cancel(batch, ui.caller, session, state, address)
+    return redirect(f"/ui/batches/{batch.id}")
 
 
 def shown_status(task: Task) -> str:
