@@ -52,6 +52,8 @@ FRIENDLY = {
     ("model", "missing"): "Name a model: a Hugging Face id or a file in the models directory.",
     ("model", "string_too_short"): "Name a model: a Hugging Face id or a file in the models "
     "directory.",
+    ("context", "int_parsing"): "Enter a number of tokens (once set, it can be changed but not "
+    "emptied).",
 }
 NUMBER_ERRORS = {"int_parsing", "int_type", "float_parsing", "int_from_float"}
 BOUNDS = {
@@ -99,7 +101,10 @@ def update_request(form: Mapping[str, str], current: Mapping[str, str]) -> dict[
         for name in EDITABLE
         if str(form.get(name, "")).strip() != str(current.get(name, "")).strip()
     ]
-    return _values(form, changed)
+    body = _values(form, changed)
+    if "context" in changed and "max_model_len" not in body:
+        body["max_model_len"] = ""  # emptied: refused (FRIENDLY), rather than ignored
+    return body
 
 
 def current_values(endpoint: Endpoint) -> dict[str, str]:

@@ -309,6 +309,11 @@ def test_the_form_sets_and_edits_the_context_length(api_only: Appliance) -> None
         saved = client.post(f"/ui/endpoints/{endpoint_id}/edit", data=values | sent)
         assert saved.status_code == 303, saved.text
         assert context(endpoint_id) == wanted
+    edit = client.get(f"/ui/endpoints/{endpoint_id}/edit").text
+    values = dict(re.findall(r'name="(\w+)"[^>]*value="([^"]*)"', edit))
+    emptied = client.post(f"/ui/endpoints/{endpoint_id}/edit", data=values | {"context": ""})
+    assert emptied.status_code == 422 and "not emptied" in emptied.text, emptied.text
+    assert context(endpoint_id) == 2048  # said so, not silently kept
 
 
 def test_a_cancelled_batchs_lines_read_cancelled_not_failed(api_only: Appliance) -> None:
