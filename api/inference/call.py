@@ -193,7 +193,7 @@ class Call:
         admission.fit_framework(target, self.path, self.payload)
         self.fit(target)
         if self.changed:
-            self.body = orjson.dumps(self.payload)
+            self.body = replica_body(self.payload, self.spelling())
         replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
             check_coming(target, self.owns(target))  # no replica by waiting: refused at once
@@ -468,6 +468,53 @@ class Call:
             releasing = asyncio.ensure_future(release())
             self.core.waits.add(releasing)
             releasing.add_done_callback(self.core.waits.discard)
+
+
+INT_MIN: Final = -(2**63)  # the integers orjson writes: 64 bits, signed or not
+INT_MAX: Final = 2**64 - 1
+MAX_DEPTH: Final = 254  # the arrays and objects orjson nests when it writes
+
+
+def replica_body(payload: Any, spelled: Mapping[str, str] | None = None) -> bytes:
+    """The replica's request, written again from `payload` (a body read by pydantic, whose
+    JSON reads integers of any size, or one nested deeper than orjson writes, read by orjson
+    up to 1,024 deep): a value orjson cannot write is a 400 naming the request's field that
+    holds it (as the client spelled it, `spelled`), not a TypeError that ends the connection
+    unanswered (the fast lane) or a 500 (ASGI)."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError as exc:
+        where, what = unwritable(payload)
+        top = where.split(".")[0]
+        if not top:
+            raise BadRequestError(f"the request cannot be sent on as JSON: {exc}") from None
+        field = (spelled or {}).get(top, top)
+        at = f" (at {where})" if where != top else ""
+        raise BadRequestError(f"{field}: {what}{at}", field=field) from None
+
+
+def unwritable(payload: Any) -> tuple[str, str]:
+    """Where in `payload` (a dotted path) orjson cannot write it, and why; ("", "") if none."""
+    pending: list[tuple[Any, str, int]] = [(payload, "", 0)]
+    while pending:
+        value, where, depth = pending.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+            return where, "an integer past 64 bits, which no replica's request carries"
+        if depth >= MAX_DEPTH and isinstance(value, (dict, list)):
+            return where.split(".")[0], f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, dict):
+            pending.extend(
+                (item, f"{where}.{key}" if where else str(key), depth + 1)
+                for key, item in reversed(value.items())
+            )
+        elif isinstance(value, list):
+            pending.extend(
+                (item, f"{where}.{index}" if where else str(index), depth + 1)
+                for index, item in reversed(list(enumerate(value)))
+            )
+    return "", ""
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

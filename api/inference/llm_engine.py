@@ -33,7 +33,13 @@ from forwarder.relay import Headers
 from forwarder.table import Target
 
 # a payload's field -> the v1 request's field it came from, to name it as the client did
-SPELLED = {theirs: ours for ours, theirs in llm_engine.PASSED_FIELDS.items()}
+SPELLED = {
+    **{theirs: ours for ours, theirs in llm_engine.PASSED_FIELDS.items()},
+    # guided decoding as the replica takes it: of the guided fields only guided_json holds
+    # numbers and nesting, which a refusal may be about (`call.replica_body`)
+    "json_schema": "guided_json",
+    "structured_outputs": "guided_json",
+}
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MISSING = "Field required"

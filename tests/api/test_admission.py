@@ -433,6 +433,55 @@ NOT_JSON_CASES = [
 ]
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# What JSON can say but the replica's request, written again by the api, cannot carry: an
+# integer past 64 bits, nesting past 254 levels. Each entry puts it where the body is rewritten
+# (a task's args, a completion's guided_json, an OpenAI body given the key's token cap). Only
+# pydantic's JSON (LLM Engine's entries) reads such an integer (orjson, OpenAI's, reads it as a
+# float), and only orjson reads such nesting (pydantic's stops at 200 levels, a 400).
+UNWRITABLE = {"an integer past 64 bits": 2**70, "nesting 300 deep": _nested(300)}
+REWRITTEN = {
+    "/v1/sync-tasks": lambda value: {"max_tokens": 1, "x": value},
+    "/v1/streaming-tasks": lambda value: {"max_tokens": 1, "x": value},
+    "/v1/llm/completions-sync": lambda value: {"max_new_tokens": 1, "guided_json": {"x": value}},
+    "/v1/llm/completions-stream": lambda value: {"max_new_tokens": 1, "guided_json": {"x": value}},
+    "/v1/chat/completions": lambda value: {"x": value},
+    "/v2/completions": lambda value: {"x": value},
+}
+UNWRITABLE_CASES = [
+    (entry, what)
+    for entry in REWRITTEN
+    for what in UNWRITABLE
+    if ENTRIES[entry][1] == "openai" or "integer" in what
+    if ENTRIES[entry][1] != "openai" or "nesting" in what
+]
+
+
+@pytest.mark.parametrize(("entry", "what"), UNWRITABLE_CASES)
+def test_a_value_the_replicas_request_cannot_carry_is_a_400_naming_it(
+    bed: Bed, entry: str, what: str
+) -> None:
+    """Never a 500 or a connection closed without an answer (orjson, which writes the replica's
+    request, refused it with a TypeError that nothing caught): a 400 in the entry's envelope
+    that names the field, and the replica gets nothing."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key(max_tokens_per_request=CAP)  # OpenAI's bodies are rewritten with the cap
+    before = len(bed.backend.bodies)
+    reply = send(bed, key, MINE, REWRITTEN[entry](UNWRITABLE[what]))
+    refused(reply, 400, family)
+    named = "guided_json:" if entry.startswith("/v1/llm/") else "x:"
+    assert named in reply.text, reply.text
+    assert ("64 bits" if "integer" in what else "254 levels") in reply.text, reply.text
+    assert len(bed.backend.bodies) == before
+    served(send(bed, key, MINE, REWRITTEN[entry](_nested(100))))  # within every bound
+
+
 @pytest.mark.parametrize("entry", ["/v1/embeddings", "/v1/chat/completions", "/v2/completions"])
 def test_a_route_the_replica_does_not_serve_is_a_400_that_ejects_nothing(
     bed: Bed, entry: str
