@@ -81,7 +81,15 @@ def create_file(
     state: StateDep,
     address: AddressDep,
     purpose: Annotated[str, Form()] = DEFAULT_PURPOSE,
+    expires_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    expires_seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> dict[str, Any]:
+    if expires_anchor is not None or expires_seconds is not None:  # OpenAI's `expires_after`
+        raise InvalidSpecError(
+            "expires_after is refused: files here are kept until they are deleted "
+            "(DELETE /v1/files/{id}); leave it out",
+            field="expires_after",
+        )
     if purpose not in PURPOSES:
         raise InvalidSpecError(
             f"purpose {purpose!r} is refused: files here are batch inputs (purpose 'batch', for "

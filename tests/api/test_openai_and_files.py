@@ -148,3 +148,21 @@ def test_a_file_for_another_purpose_is_told_what_files_are_for(api_only: Applian
         sdk(api_only).files.create(file=("t.jsonl", LINES), purpose="fine-tune")
     assert refused.value.param == "purpose"
     assert "'fine-tune'" in refused.value.message and "'batch'" in refused.value.message
+
+
+def test_a_file_asking_to_expire_is_told_files_are_kept_until_deleted(api_only: Appliance) -> None:
+    """OpenAI's `expires_after` would delete the file after its seconds; the appliance keeps
+    files until they are deleted, so an upload asking for it is a 400 naming it, as a batch's
+    `output_expires_after` is, where the file was kept without a word. An upload without it
+    is made as before."""
+    oai = sdk(api_only)
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.files.create(
+            file=("t.jsonl", LINES),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 3600},
+        )
+    assert refused.value.param == "expires_after", refused.value.body
+    assert "DELETE /v1/files/" in refused.value.message
+    assert not [f for f in oai.files.list() if f.filename == "t.jsonl"]
+    assert oai.files.create(file=("t.jsonl", LINES), purpose="batch").filename == "t.jsonl"
