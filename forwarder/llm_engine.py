@@ -315,6 +315,18 @@ def check_task_fields(request: Any, extra: dict[str, Any] | None, *, callbacks: 
             raise BadRequestError(f"{name} is refused: a task has no such field", field=name)
 
 
+def check_completion_fields(extra: dict[str, Any] | None) -> None:
+    """A completion's body (`/v1/llm/completions-sync|stream`): a BadRequestError naming a
+    field LLM Engine's completion has not, which would be dropped unread (null ones are
+    taken, as on the task entries)."""
+    for name, value in (extra or {}).items():
+        if value is not None:
+            raise BadRequestError(
+                f"{name} is refused: LLM Engine's completion request has no such field",
+                field=name,
+            )
+
+
 def task_path(framework: str, predict_route: str, args: Any, route: str | None = None) -> str:
     """Where a `{"args": ...}` task goes, the one rule of every task entry (sync, streaming and
     async tasks, and the worker that runs the async ones): the `route` it names (its entry

@@ -148,7 +148,9 @@ class CompletionCall(LlmEngineCall):
         self.request_id = uuid.uuid4().hex
         self.translator = llm_engine.StreamTranslator(self.request_id)
         self.name = query_value(self.query, self.entry.selector)
-        self.request = CompletionV1Request.model_validate_json(body).model_dump()
+        request = CompletionV1Request.model_validate_json(body)
+        llm_engine.check_completion_fields(request.model_extra)
+        self.request = request.model_dump()
         self.stream = self.entry.stream > 0
         self.payload = llm_engine.completion_payload(self.request, self.name, stream=self.stream)
         self.changed = True

@@ -20,9 +20,10 @@ MAX_TOKENS_BOUND = 1_000_000  # far above any model's context; refuses absurd nu
 
 
 class CompletionV1Request(BaseModel):
-    """LLM Engine's CompletionSyncV1Request and CompletionStreamV1Request (identical)."""
+    """LLM Engine's CompletionSyncV1Request and CompletionStreamV1Request (identical); a field
+    they have not is refused (`forwarder.llm_engine.check_completion_fields`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: str
     max_new_tokens: int = Field(gt=0, le=MAX_TOKENS_BOUND)

@@ -466,3 +466,40 @@ def test_a_result_that_would_leave_the_disk_less_than_its_reserve_is_not_stored(
     done = wait_tasks(client, [task_id], 60)[task_id]
     assert done["status"] == "FAILURE" and done["result"] is None, done
     assert "APPLIANCE_DISK_RESERVE_BYTES" in done["traceback"], done
+
+
+def test_llm_engine_completions_refuse_a_field_they_would_drop(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """The same rule on `/v1/llm/completions-sync` and `-stream`: a field LLM Engine's
+    completion has not (`seed`, `n`, `logprobs`...) was read and dropped, so the request ran
+    without it; now a 400 naming it. A null one is still taken, as on the task entries, and
+    every field the client sends (`CompletionSyncV1Request(...).dict()`) is served."""
+    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    sent = {
+        "prompt": "p",
+        "max_new_tokens": 1,
+        "temperature": 0.0,
+        "stop_sequences": None,
+        "return_token_log_probs": False,
+        "presence_penalty": None,
+        "frequency_penalty": None,
+        "top_k": None,
+        "top_p": None,
+        "include_stop_str_in_output": None,
+        "guided_json": None,
+        "guided_regex": None,
+        "guided_choice": None,
+        "guided_grammar": None,
+        "skip_special_tokens": True,
+    }
+    for entry in ("completions-sync", "completions-stream"):
+        submit = f"/v1/llm/{entry}?model_endpoint_name=fake"
+        assert client.post(submit, json=sent).status_code == 200, entry
+        assert client.post(submit, json={**sent, "seed": None}).status_code == 200, entry
+        for field, value in (("seed", 7), ("n", 2), ("logprobs", 5), ("max_tokens", 3)):
+            reply = client.post(submit, json={**sent, field: value})
+            assert reply.status_code == 400, (entry, field, reply.text)
+            assert field in reply.json()["detail"], (entry, field, reply.text)
+    assert backend.seen["/v1/completions"] == 4
