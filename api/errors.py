@@ -66,6 +66,24 @@ STATUS_BY_ENVELOPE: Final = {
     },
 }
 OPENAI_PREFIXES = ("/v1/", "/v2/")  # an unknown path here answers in OpenAI's envelope
+CHAT_INSTEAD = "; use chat completions (POST /v1/chat/completions, client.chat.completions)"
+# OpenAI's APIs one box does not serve, by path: what their 404 says after "Invalid URL", so an
+# SDK user learns what to call instead
+OPENAI_UNSERVED: Final = {
+    "/v1/responses": "the Responses API is not available on this appliance" + CHAT_INSTEAD,
+    "/v1/assistants": "the Assistants API is not available on this appliance" + CHAT_INSTEAD,
+    "/v1/threads": "the Assistants API is not available on this appliance" + CHAT_INSTEAD,
+    "/v1/vector_stores": "vector stores are not available on this appliance; embed with POST "
+    "/v1/embeddings and store the vectors yourself",
+    "/v1/fine_tuning": "fine-tuning is not available on this appliance: it serves models and "
+    "does not train them",
+    "/v1/images": "image generation is not available on this appliance: it serves language "
+    "and embedding models",
+    "/v1/audio": "audio is not available on this appliance: it serves language and embedding "
+    "models",
+    "/v1/moderations": "moderation is not available on this appliance" + CHAT_INSTEAD,
+    "/v1/realtime": "the Realtime API is not available on this appliance" + CHAT_INSTEAD,
+}
 OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -272,6 +290,9 @@ async def _http(request: Request, exc: Exception) -> Response:
     if envelope not in (OPENAI, BOTH) and not unknown and not unprefixed:
         return await http_exception_handler(request, exc)
     message = f"Invalid URL ({request.method} {path})" if unknown else str(exc.detail)
+    unserved = next((why for p, why in OPENAI_UNSERVED.items() if _under(path, p)), None)
+    if unknown and unserved:
+        message = f"{message}: {unserved}"
     if unprefixed:  # an SDK whose base_url lacks /v1: say where the routes are
         v1 = str(request.base_url).rstrip("/") + "/v1"
         message = (
@@ -282,6 +303,10 @@ async def _http(request: Request, exc: Exception) -> Response:
     body = json.dumps(reply | {"detail": message} if envelope == BOTH else reply).encode()
     headers = {**(exc.headers or {}), "content-type": "application/json"}
     return Response(body, exc.status_code, headers)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def jsonable(items: Any) -> Any:

@@ -1,0 +1,31 @@
+"""OpenAI's APIs the appliance does not serve (Responses, Assistants, images, audio,
+fine-tuning...) answer the SDK a 404 in OpenAI's envelope that says so and what to call
+instead, where they said only "Invalid URL"."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.harness import ADMIN_KEY, Appliance
+
+
+def test_the_sdk_hears_which_openai_apis_are_not_served(api_only: Appliance) -> None:
+    oai = openai.OpenAI(base_url=api_only.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as responses:
+        oai.responses.create(model="llama", input="Say hi.")
+    said = responses.value.body["message"]  # type: ignore[index]
+    assert said.startswith("Invalid URL (POST /v1/responses): the Responses API"), said
+    assert "/v1/chat/completions" in said
+    with pytest.raises(openai.NotFoundError) as images:
+        oai.images.generate(prompt="a cat", model="m")
+    assert "image generation is not available" in images.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as jobs:
+        oai.fine_tuning.jobs.list()
+    assert "fine-tuning is not available" in jobs.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as near:  # a prefix, not a word's start
+        oai.get("/responsesx", cast_to=object)
+    assert near.value.body["message"] == "Invalid URL (GET /v1/responsesx)"  # type: ignore[index]
+    without_key = openai.OpenAI(base_url=api_only.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):  # the key gate first, as on every route
+        without_key.responses.create(model="llama", input="Say hi.")
