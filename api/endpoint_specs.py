@@ -89,9 +89,12 @@ def _whole_mebibytes(n: int) -> int:
 
 
 def cpus_amount(value: str | int | float) -> float:
-    """CPUs as Kubernetes writes them (2, 0.5, 500m); ValueError for anything else."""
-    text = str(value).strip()
-    cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    """CPUs as Kubernetes writes them (2, 0.5, 500m, in ASCII digits: float() alone reads any
+    script's, and underscores); ValueError for anything else."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)(m?)\s*", str(value))
+    if not match:
+        raise ValueError
+    cpus = float(match.group(1)) / (1000 if match.group(2) else 1)
     if not math.isfinite(cpus):
         raise ValueError
     return cpus

@@ -295,3 +295,15 @@ def test_an_empty_server_setting_clears_it(fields: dict[str, str], flag: str, mo
     assert update(endpoint, models, **{name: "" for name in fields})
     assert flag not in command(endpoint), command(endpoint)
     assert flag not in command(build(models, {name: "" for name in fields}))
+
+
+@pytest.mark.parametrize("cpus", ["\u0661", "\u0660.\u0665", "\uff11", "1_0m", "0x1", "1e-400000"])
+def test_cpus_are_ascii_digits_as_kubernetes_writes_them(cpus: str, models: Path) -> None:
+    """Python's float() reads any script's digits (Arabic-Indic one, U+0661, is 1), underscores
+    ('1_0m' is 10m) and more: cpus is a Kubernetes quantity, as memory is, so those are 400s
+    naming it."""
+    with pytest.raises(InvalidSpecError, match="cpus") as refused:
+        build(models, {"gpus": 0, "cpus": cpus})
+    assert refused.value.field == "cpus"
+    for fine, amount in (("1.5", 1.5), ("500m", 0.5), (" 1 ", 1.0), (1, 1.0), (0.25, 0.25)):
+        assert build(models, {"gpus": 0, "cpus": fine}).cpus == amount
