@@ -224,6 +224,22 @@ def test_an_inference_key_lands_on_the_playground_and_sees_only_its_pages(
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/playground"
 
 
+def test_an_empty_playground_offers_a_new_endpoint_only_to_a_key_that_may_make_one(
+    api_only: Appliance,
+) -> None:
+    """With no endpoint to talk to, the playground of a key that may create endpoints links to
+    the form; one with the inference scope alone, which that form would refuse, is told who
+    can make an endpoint it may use instead."""
+    admin = browser_client(api_only).get("/ui/playground").text
+    assert "No endpoint to talk to yet" in admin and 'href="/ui/endpoints/new"' in admin
+    key = make_key(api_only, "t1", scopes=("inference",))
+    empty = browser_client(api_only, key).get("/ui/playground")
+    assert empty.status_code == 200
+    assert "No endpoint to talk to yet" in empty.text
+    assert 'href="/ui/endpoints/new"' not in empty.text
+    assert "manage" in empty.text and "public" in empty.text
+
+
 def test_a_key_form_sent_twice_makes_one_key(api_only: Appliance) -> None:
     """Reloading the page a new key is shown on sends its form again (the browser asks, the
     user agrees): that makes no second key, whose text nobody would ever see, and says so."""
