@@ -47,6 +47,7 @@ def shortage(limit_bytes: int, budget_bytes: int, claimed_bytes: int) -> str:
     if limit_bytes > budget_bytes:
         return (
             f"needs all of the box's {gib(budget_bytes)} (its limit is {gib(limit_bytes)}), "
-            f"{free} are free"
+            f"{free} are free; set the endpoint's `memory` to what it needs to start beside "
+            "other replicas"
         )
     return f"needs {gib(limit_bytes)}, {free} of the box's {gib(budget_bytes)} are free"

@@ -542,13 +542,16 @@ def test_orphan_containers_hold_their_memory_until_removed() -> None:
 
 
 def test_a_limit_over_the_box_takes_all_of_it_and_starts_only_alone() -> None:
+    """Such a limit is a vLLM endpoint's default memory on a box under 64 GiB: its reason says
+    what lets it start beside others (a `memory` of its own), since waiting will not."""
     whole = cpu("end_a", gib=23.5)
     assert starts(plan([whole], memory_bytes=BOX)) == ["end_a"]
     other = cpu("end_b", gib=1, status=EndpointStatus.READY, min_replicas=1)
     actions = plan([whole, other], [on_cpu("b1", "end_b")], memory_bytes=BOX)
     assert reasons(actions)["end_a"] == (
         "waiting for memory: needs all of the box's 21.6 GiB (its limit is 23.5 GiB), "
-        "20.6 GiB are free"
+        "20.6 GiB are free; set the endpoint's `memory` to what it needs to start beside "
+        "other replicas"
     )
 
 
