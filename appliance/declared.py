@@ -64,9 +64,28 @@ def call(base: str, key: str, method: str, path: str, body: Any = None) -> Any:
             detail = json.loads(exc.read()).get("detail")
         except ValueError:
             detail = exc.reason
-        raise ClientError(f"the api answered {exc.code}: {detail}") from None
+        raise ClientError(f"the api answered {exc.code}: {_said(detail)}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise ClientError(f"cannot reach the api at {base}: {exc}") from None
+
+
+def _said(detail: Any) -> Any:
+    """A refusal's detail in words: a list of validation problems (FastAPI's 422) as one
+    `place: message` each, the place as in the file (`keys[0].user`)."""
+    if not isinstance(detail, list):
+        return detail
+    said = []
+    for problem in detail:
+        if not isinstance(problem, dict):
+            said.append(str(problem))
+            continue
+        loc = list(problem.get("loc") or ())
+        place = ""
+        for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+            place += f"[{part}]" if isinstance(part, int) else f".{part}" if place else str(part)
+        message = problem.get("msg", "")
+        said.append(f"{place}: {message}" if place else str(message))
+    return "; ".join(said)
 
 
 def llm_engine_yaml(endpoints: list[dict[str, Any]], skipped: list[dict[str, str]]) -> str:
