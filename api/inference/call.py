@@ -504,16 +504,16 @@ def unwritable(payload: Any) -> tuple[str, str]:
             return where, "an integer past 64 bits, which no replica's request carries"
         if depth >= MAX_DEPTH and isinstance(value, (dict, list)):
             return where.split(".")[0], f"nested more than {MAX_DEPTH} levels deep"
+        # plain lists of pairs, reversed in place: mypyc cannot compile reversed() over a
+        # view or enumerate of a value typed Any
+        pairs: list[tuple[Any, Any]] = []
         if isinstance(value, dict):
-            pending.extend(
-                (item, f"{where}.{key}" if where else str(key), depth + 1)
-                for key, item in reversed(value.items())
-            )
+            pairs = list(value.items())
         elif isinstance(value, list):
-            pending.extend(
-                (item, f"{where}.{index}" if where else str(index), depth + 1)
-                for index, item in reversed(list(enumerate(value)))
-            )
+            pairs = list(enumerate(value))
+        pairs.reverse()
+        for key, item in pairs:
+            pending.append((item, f"{where}.{key}" if where else str(key), depth + 1))
     return "", ""
 
 
