@@ -13,13 +13,14 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.body import Body
 from forwarder.llm_engine import SERIALIZE_DOC
 from forwarder.paths import BY_ID, BY_NAME, COMPLETION, PATHS, TASK, InferencePath
 
 MAX_TOKENS_BOUND = 1_000_000  # far above any model's context; refuses absurd numbers early
 
 
-class CompletionV1Request(BaseModel):
+class CompletionV1Request(Body):
     """LLM Engine's CompletionSyncV1Request and CompletionStreamV1Request (identical); a field
     they have not is refused (`forwarder.llm_engine.check_completion_fields`)."""
 
@@ -59,7 +60,7 @@ class CompletionSyncV1Response(BaseModel):
     output: CompletionOutput
 
 
-class SyncEndpointPredictV1Request(BaseModel):
+class SyncEndpointPredictV1Request(Body):
     """EndpointPredictV1Request plus the sync variant's `timeout_seconds` and `num_retries`;
     what the appliance would drop unread is refused (`forwarder.llm_engine.check_task_fields`)."""
 

@@ -503,3 +503,30 @@ def test_llm_engine_completions_refuse_a_field_they_would_drop(
             assert reply.status_code == 400, (entry, field, reply.text)
             assert field in reply.json()["detail"], (entry, field, reply.text)
     assert backend.seen["/v1/completions"] == 4
+
+
+def test_llm_engine_completions_and_tasks_take_no_boolean_for_a_number(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """JSON's true is not 1 on LLM Engine's inference entries either (api/body.Body): a
+    completion's max_new_tokens, temperature or top_k, a sync task's timeout_seconds or
+    num_retries sent as a bool is a 400 naming it, and the replica gets nothing."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    completion = {"prompt": "p", "max_new_tokens": 1, "temperature": 0.0}
+    task = {"args": {"prompt": "p", "max_tokens": 1}}
+    cases = [
+        (f"/v1/llm/{entry}?model_endpoint_name=fake", completion, field)
+        for entry in ("completions-sync", "completions-stream")
+        for field in ("max_new_tokens", "temperature", "top_k")
+    ] + [
+        (f"/v1/{entry}?model_endpoint_id={endpoint_id}", task, field)
+        for entry in ("sync-tasks", "streaming-tasks")
+        for field in ("timeout_seconds", "num_retries")
+    ]
+    for submit, body, field in cases:
+        reply = client.post(submit, json={**body, field: True})
+        assert reply.status_code == 400, (submit, field, reply.text)
+        assert field in reply.json()["detail"] and "got true" in reply.text, (submit, reply.text)
+    assert backend.seen.get("/v1/completions", 0) == 0
+    assert client.post(cases[0][0], json=completion).status_code == 200
