@@ -10,6 +10,7 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 - `echo`, `suffix` and `best_of` are dropped unread (its parser that refused them is no longer
   called), so a client asking for them gets an answer to another question; so is an
   embeddings request's `dimensions` (its vectors are the model's own size);
+- `max_tokens: 0` (or `max_completion_tokens`) makes one token, where vLLM refuses it;
 - `logprobs` come in the chat format, `{"content": [{"token", "logprob", "top_logprobs":
   [{"token", "logprob", ...}]}]}`, where OpenAI's completions give `{"tokens",
   "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}` (offsets into the
@@ -47,7 +48,8 @@ Json = dict[str, Any]
 
 def refusal(payload: object) -> BadRequestError | None:
     """The 400 for a completions request asking what llama.cpp's server would silently ignore
-    (`echo: true`, a `suffix`, `best_of` > 1), naming the field; None when it asks none."""
+    (`echo: true`, a `suffix`, `best_of` > 1) or do (no token: `_no_tokens`), naming the
+    field; None when it asks none."""
     if not isinstance(payload, dict):
         return None
     if payload.get("echo") is True:
@@ -59,6 +61,22 @@ def refusal(payload: object) -> BadRequestError | None:
         return _unsupported(
             "best_of", f"choose the best of several completions (best_of={best_of}): use `n`"
         )
+    return _no_tokens(payload)
+
+
+# The fields asking how many tokens to make, where llama.cpp's server makes one for 0
+ZERO_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+
+
+def _no_tokens(payload: Json) -> BadRequestError | None:
+    """The 400 for a request asking for no token at all, which vLLM (and OpenAI's chat) refuse
+    and llama.cpp's server answers with one token all the same."""
+    for name in ZERO_TOKEN_FIELDS:
+        asked = payload.get(name)
+        if isinstance(asked, int | float) and not isinstance(asked, bool) and asked == 0:
+            return _unsupported(
+                name, "generate no token (their server makes one): ask for 1 or more"
+            )
     return None
 
 
@@ -76,7 +94,8 @@ def embeddings_refusal(payload: object) -> BadRequestError | None:
 def chat_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
     server answers with text made from nothing, or with a message (`message_refusal`) or
-    `tools` its server fails on with a 500; None when they are fine."""
+    `tools` its server fails on with a 500, or for no token (`_no_tokens`); None when they are
+    fine."""
     if not isinstance(payload, dict):
         return None
     messages = payload.get("messages")
@@ -96,7 +115,7 @@ def chat_refusal(payload: object) -> BadRequestError | None:
             "`name` (strings)",
             field="tools",
         )
-    return None
+    return _no_tokens(payload)
 
 
 # A message's fields llama.cpp's server reads as strings when present: another type (null

@@ -172,6 +172,8 @@ def test_comments_and_errors_pass_and_a_held_chunk_is_not_lost() -> None:
         ({"suffix": "x"}, "suffix"),
         ({"suffix": ""}, "suffix"),
         ({"best_of": 2}, "best_of"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 0.0}, "max_tokens"),
     ],
 )
 def test_what_llamacpp_ignores_is_refused_naming_the_field(
@@ -322,3 +324,15 @@ def test_an_embeddings_request_asking_for_dimensions_is_refused_by_llamacpp(
     assert refused.value.message.startswith("dimensions: llama.cpp endpoints do not")
     admission.fit_framework(target, EMBEDDINGS, {"model": "m", "input": "hi"})
     admission.fit_framework(target, EMBEDDINGS, {"model": "m", "input": "hi", "dimensions": None})
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_chat_asking_for_no_token_is_refused_by_llamacpp(field: str) -> None:
+    """llama.cpp's server answers `max_tokens: 0` with a token all the same, where vLLM (and
+    OpenAI's chat) refuse it: every entry refuses it (400 naming the field); 1 passes."""
+    target = llama_target("m", "READY")
+    with pytest.raises(BadRequestError) as refused:
+        admission.fit_framework(target, CHAT, {"model": "m", "messages": [USER], field: 0})
+    assert refused.value.field == field, refused.value.message
+    assert refused.value.message.startswith(f"{field}: llama.cpp endpoints do not")
+    admission.fit_framework(target, CHAT, {"model": "m", "messages": [USER], field: 1})
