@@ -17,7 +17,9 @@ Compiled with the rest of the hot path (`setup.py`): no task, future or coroutin
 from __future__ import annotations
 
 import asyncio
-from time import perf_counter
+import logging
+from collections.abc import Callable
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Final, Protocol
 
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
@@ -51,7 +53,35 @@ CONNECT_ATTEMPTS = 3  # sends of one request when connections fail before any re
 RETRY_PAUSE_S = 0.05  # before the same replica is tried again (no other one is free)
 CLIENT_CLOSED = 499  # nginx's code for a client that went away, in metrics only
 
+FAILURE_LOG_EVERY_S = 10.0  # per endpoint: one log line, then a count of those not logged
+FAILURE_DETAIL_CHARS = 300  # of a replica's error reply, in the log
+
 Headers = list[tuple[bytes, bytes]]
+
+logger = logging.getLogger(__name__)
+
+
+class FailureLog:
+    """Requests that ended in a 5xx, as lines an operator reads in the api's or the worker's log
+    (endpoint, replica, status, why), where metrics only counted them: the first of an
+    endpoint, then at most one every FAILURE_LOG_EVERY_S saying how many were not logged
+    since, so a failing replica under load does not flood the log. A success logs nothing."""
+
+    def __init__(self, clock: Callable[[], float] = monotonic) -> None:
+        self.clock = clock
+        self.last: dict[str, float] = {}
+        self.unlogged: dict[str, int] = {}
+
+    def note(self, endpoint: str, replica: str, status: int, why: str) -> None:
+        now = self.clock()
+        last = self.last.get(endpoint)
+        if last is not None and now - last < FAILURE_LOG_EVERY_S:
+            self.unlogged[endpoint] = self.unlogged.get(endpoint, 0) + 1
+            return
+        self.last[endpoint] = now
+        more = self.unlogged.pop(endpoint, 0)
+        since = f" ({more} more since the last such line)" if more else ""
+        logger.warning("endpoint %s, replica %s: %d, %r%s", endpoint, replica, status, why, since)
 
 
 class Reply(Protocol):
@@ -87,6 +117,7 @@ class Plane:
         self.table: RoutingTable = forwarder.table  # the current one (`Forwarder.update`)
         self.loop: asyncio.AbstractEventLoop | None = None  # once started
         self.waiting: set[Relay] = set()  # sent, reply not complete
+        self.failures = FailureLog()
         self.connecting: set[asyncio.Task[Connection]] = set()
 
 
@@ -213,9 +244,9 @@ class Relay:
         self.held = False
         self.attempts += 1
         if self.attempts >= CONNECT_ATTEMPTS:
-            self._finish(502, ok=False)
-            name = self.target.name
-            self.reply.on_failed(UpstreamError(f"no replica of {name!r} accepted the request"))
+            why = f"no replica of {self.target.name!r} accepted the request"
+            self._finish(502, ok=False, why=why)
+            self.reply.on_failed(UpstreamError(why))
             return
         plane.retries.labels(self.target.name).inc()
         tried = self.tried = self.tried or set()
@@ -233,9 +264,9 @@ class Relay:
             return
         replica = self.plane.balancer.try_acquire(self.target, None)
         if replica is None:
-            self._finish(503, ok=True)
-            name = self.target.name
-            self.reply.on_failed(NoReadyReplicaError(f"no replica of {name!r} is ready"))
+            why = f"no replica of {self.target.name!r} is ready"
+            self._finish(503, ok=True, why=why)
+            self.reply.on_failed(NoReadyReplicaError(why))
             return
         self.replica, self.held = replica, True
         self.send()
@@ -330,7 +361,8 @@ class Relay:
         now = perf_counter()
         self._overhead(now, now)
         usage = usage_from_json(body) if status == 200 else None
-        self._finish(status, ok=healthy(status), usage=usage, now=now)
+        why = "" if status < 500 else body[:FAILURE_DETAIL_CHARS].decode("utf-8", "replace")
+        self._finish(status, ok=healthy(status), usage=usage, now=now, why=why)
         self.reply.on_whole(status, headers, body)
 
     def _overhead(self, ready_at: float, now: float) -> None:
@@ -367,7 +399,7 @@ class Relay:
     def _fail(self, exc: UpstreamError) -> None:
         if self.done:
             return
-        self._finish(exc.status_code, ok=False)
+        self._finish(exc.status_code, ok=False, why=exc.message)
         self.reply.on_failed(exc)
 
     def _finish(
@@ -377,12 +409,17 @@ class Relay:
         ok: bool,
         usage: tuple[int, int] | None = None,
         now: float | None = None,
+        why: str = "",
     ) -> None:
-        """Give the replica back and record the request, once."""
+        """Give the replica back and record the request, once; a 5xx is logged too (`why`:
+        what went wrong, when known)."""
         if self.done:
             return
         self.done = True
         plane = self.plane
+        if status >= 500:
+            why = why or "the replica's own error reply"
+            plane.failures.note(self.target.name, self.replica.id, status, why)
         plane.waiting.discard(self)
         if self.held:
             self.held = False

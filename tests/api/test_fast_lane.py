@@ -379,6 +379,9 @@ def test_a_silent_replica_ends_in_504(api: Appliance) -> None:
     assert status == 504, body  # before the reply the replica sends after 3 s
     assert "did not answer in time" in json.loads(body)["error"]["message"]
     assert fast_count(api) - before == 1
+    # the operator reads which endpoint and replica failed, and why, in the api's log
+    logged = r"endpoint \S+, replica \S+: 504, .*did not answer in time"
+    wait_until(lambda: re.search(logged, api.logs()), 5, "the failure in the api's log")
 
 
 def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(api: Appliance) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.metrics import LATENCY_BUCKETS_S, OVERHEAD_BUCKETS_S, Metrics, exposition
+from forwarder.relay import FAILURE_LOG_EVERY_S, FailureLog
 
 
 def test_each_request_lands_in_the_buckets_prometheus_expects() -> None:
@@ -31,3 +35,22 @@ def test_each_request_lands_in_the_buckets_prometheus_expects() -> None:
     assert samples[("appliance_requests_total", by_key)] == len(durations)
     kind = (("endpoint", "gemma"), ("key", "key_a"), ("kind", "completion"))
     assert samples[("appliance_tokens_total", kind)] == 4 * len(durations)
+
+
+def test_failures_are_logged_per_endpoint_without_flooding(caplog: Any) -> None:
+    """A 5xx is a line naming the endpoint, the replica and why; a replica failing under load
+    gives one line per endpoint and interval, the next saying how many were not logged."""
+    now = [100.0]
+    failures = FailureLog(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="forwarder.relay"):
+        for _ in range(50):
+            failures.note("gemma", "rep_1", 502, "the replica closed the connection\nforged")
+        failures.note("other", "rep_2", 504, "did not answer in time")
+        now[0] += FAILURE_LOG_EVERY_S
+        failures.note("gemma", "rep_1", 502, "again")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "endpoint gemma, replica rep_1: 502, 'the replica closed the connection\\nforged'",
+        "endpoint other, replica rep_2: 504, 'did not answer in time'",
+        "endpoint gemma, replica rep_1: 502, 'again' (49 more since the last such line)",
+    ]
