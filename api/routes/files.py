@@ -24,7 +24,7 @@ from sqlalchemy import tuple_
 from sqlmodel import col, select
 
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
-from api.file_service import owned_file
+from api.file_service import owned_file, upload_name
 from appliance import audit, disk, queries
 from appliance.errors import ApplianceError, InvalidSpecError
 from appliance.ids import new_id
@@ -96,6 +96,7 @@ def create_file(
             "/v1/batches and batch completions); this appliance does not fine-tune",
             field="purpose",
         )
+    filename = upload_name(file.filename)
     files_dir = state.settings.data_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
@@ -106,7 +107,7 @@ def create_file(
         owner=caller.team,
         created_by=caller.user,
         purpose=purpose,
-        filename=os.path.basename(file.filename or "input.jsonl"),
+        filename=filename,
         bytes=size,
         path=str(path),
         created_at=time.time(),

@@ -166,3 +166,42 @@ def test_a_file_asking_to_expire_is_told_files_are_kept_until_deleted(api_only: 
     assert "DELETE /v1/files/" in refused.value.message
     assert not [f for f in oai.files.list() if f.filename == "t.jsonl"]
     assert oai.files.create(file=("t.jsonl", LINES), purpose="batch").filename == "t.jsonl"
+
+
+def _upload_named(appliance: Appliance, name: bytes) -> httpx.Response:
+    """An upload whose multipart head carries `name` as it is (clients escape some bytes)."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + name + b'"\r\n'
+        b"Content-Type: application/jsonl\r\n\r\n" + LINES + b"\r\n--b--\r\n"
+    )
+    return httpx.post(
+        appliance.url + "/v1/files",
+        content=body,
+        headers={
+            "authorization": f"Bearer {ADMIN_KEY}",
+            "content-type": "multipart/form-data; boundary=b",
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"a\x00b.jsonl", b"a\x1b[31mred.jsonl", b"a\x7f.jsonl", "\u202egnp.jsonl".encode()],
+    ids=["NUL", "terminal escape", "DEL", "right-to-left override"],
+)
+def test_a_file_name_with_control_characters_is_refused_naming_it(
+    api_only: Appliance, name: bytes
+) -> None:
+    """A file's name comes back in every listing, the audit log and Content-Disposition: one
+    holding a control character (a NUL, a terminal's escape sequence) or a direction override
+    (which shows 'gnp.jsonl' as 'lnosj.png') is a 400 naming the file, and nothing is kept.
+    Any other name, in any script, is kept as sent."""
+    client = httpx.Client(base_url=api_only.url, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    before = client.get("/v1/files").json()["data"]
+    reply = _upload_named(api_only, name)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "file", reply.text
+    assert client.get("/v1/files").json()["data"] == before
+    kept = _upload_named(api_only, "résumé 履歴.jsonl".encode())
+    assert kept.status_code == 200 and kept.json()["filename"] == "résumé 履歴.jsonl", kept.text
