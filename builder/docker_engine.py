@@ -54,6 +54,7 @@ class ContainerInfo:
     exit_code: int
     address: str | None
     memory_bytes: int | None = None  # its memory limit; None: none set, or not known
+    oom_killed: bool = False  # the kernel's OOM killer ended it (its memory limit reached)
 
     @property
     def running(self) -> bool:
@@ -114,6 +115,7 @@ def _info(container: Container) -> ContainerInfo:
         exit_code=int(state.get("ExitCode") or 0),
         address=_address(container, int(port) if port else None, network),
         memory_bytes=limit or None,
+        oom_killed=bool(state.get("OOMKilled")),
     )
 
 

@@ -150,11 +150,7 @@ def _observe_replica(
         if replica.state == ReplicaState.STOPPING:
             tick.actions.append(RemoveReplica(replica.id))
         else:
-            why = (
-                "container disappeared"
-                if container is None
-                else (f"container exited with code {container.exit_code}")
-            )
+            why = "container disappeared" if container is None else exited(container)
             tick.actions.append(FailReplica(replica.id, why))
         return False
     if replica.state == ReplicaState.STOPPING:
@@ -172,6 +168,15 @@ def _observe_replica(
             )
             return False
     return True
+
+
+def exited(container: ContainerInfo) -> str:
+    """Why a replica's container stopped, as its failure says it: its exit code, or, when the
+    kernel's OOM killer ended it (code 137), that it ran out of its memory limit."""
+    if not container.oom_killed:
+        return f"container exited with code {container.exit_code}"
+    limit = f", {memory.gib(container.memory_bytes)}" if container.memory_bytes else ""
+    return f"container ran out of memory (its limit{limit}): raise the endpoint's `memory`"
 
 
 def _replace_stale(

@@ -110,6 +110,17 @@ def test_an_exited_container_fails_its_replica() -> None:
     assert act.FailReplica("r1", "container exited with code 137") in actions
 
 
+def test_a_container_killed_for_memory_says_so_and_what_to_change() -> None:
+    """Docker's OOM killer ends a replica over its memory limit with code 137, which told a
+    user nothing (a vLLM endpoint given 1Gi crash-looped so): the reason says it ran out of
+    its memory limit and to raise `memory`."""
+    labels = {"appliance.replica": "r1", LABEL_REPLICA_KEY: REPLICA_KEY_SCHEME}
+    killed = ContainerInfo("c-r1", "r1", labels, "exited", 137, "http://x", GIB, oom_killed=True)
+    actions = plan([endpoint()], [replica("r1")], [killed])
+    why = "container ran out of memory (its limit, 1.0 GiB): raise the endpoint's `memory`"
+    assert act.FailReplica("r1", why) in actions
+
+
 def test_a_container_never_started_is_replaced_without_counting_as_a_crash() -> None:
     actions = plan([endpoint()], [replica("r1")], [container("r1", "created")])
     why = "its container was created but never started; replacing it"
