@@ -200,6 +200,17 @@ def sse_events(buffer: bytearray, chunk: bytes) -> list[bytes]:
             out.append(b"\n".join(data))
 
 
+def _pieces(choice: Json) -> list[tuple[str, Json | None]]:
+    """A stream chunk's choice as LLM Engine's events carry it, one token an event: each of its
+    tokens with its text when they spell the chunk's text (vLLM may send several in a chunk),
+    else the chunk's text with its first token, if any."""
+    text = str(choice.get("text") or "")
+    tokens = _tokens(choice)
+    if tokens and len(tokens) > 1 and "".join(t["token"] for t in tokens) == text:
+        return [(t["token"], t) for t in tokens]
+    return [(text, tokens[0] if tokens else None)]
+
+
 class StreamTranslator:
     """OpenAI completion chunks in, CompletionStreamV1Response events out."""
 
@@ -235,16 +246,17 @@ class StreamTranslator:
         out = b""
         for choice in item.get("choices") or []:
             out += self._flush()
-            self.completion_tokens += 1 if usage is None else 0
-            output: Json = {"text": choice.get("text") or "", "finished": False}
-            tokens = _tokens(choice)
-            if tokens:
-                output["token"] = tokens[0]
-            if choice.get("finish_reason") is not None:
-                self.pending = output  # sent with the counts once the usage chunk is in
-            else:
-                output["num_completion_tokens"] = self.completion_tokens
-                out += self._data(output)
+            pieces = _pieces(choice)
+            for at, (text, token) in enumerate(pieces):
+                self.completion_tokens += 1 if usage is None else 0
+                output: Json = {"text": text, "finished": False}
+                if token is not None:
+                    output["token"] = token
+                if at == len(pieces) - 1 and choice.get("finish_reason") is not None:
+                    self.pending = output  # sent with the counts once the usage chunk is in
+                else:
+                    output["num_completion_tokens"] = self.completion_tokens
+                    out += self._data(output)
         return out
 
     def _flush(self) -> bytes:

@@ -162,6 +162,41 @@ def test_stream_events_carry_llamacpp_tokens() -> None:
     assert events[-1]["finished"] and events[-1]["num_completion_tokens"] == 2
 
 
+def test_a_vllm_chunk_of_several_tokens_is_an_event_for_each() -> None:
+    """vLLM may stream two tokens in one chunk (", the"): LLM Engine's stream has an event a
+    token, each with its own `token` and log-probability, where the chunk's one event carried
+    the first token's alone and the second's log-probability was lost."""
+    first = {
+        "choices": [
+            {
+                "text": " blue",
+                "logprobs": {"tokens": [" blue"], "token_logprobs": [-1.5]},
+                "finish_reason": None,
+            }
+        ]
+    }
+    second = {
+        "choices": [
+            {
+                "text": ", the",
+                "logprobs": {"tokens": [",", " the"], "token_logprobs": [-1.1, -0.5]},
+                "finish_reason": "length",
+            }
+        ]
+    }
+    usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
+    translator = llm_engine.StreamTranslator("r1")
+    out = translator.feed(sse(first, second, usage) + b"data: [DONE]\n\n") + translator.close()
+    events = [json.loads(line[6:])["output"] for line in out.split(b"\n\n") if line]
+    assert [(e["text"], e.get("token")) for e in events] == [
+        (" blue", {"token": " blue", "log_prob": -1.5}),
+        (",", {"token": ",", "log_prob": -1.1}),
+        (" the", {"token": " the", "log_prob": -0.5}),
+    ]
+    assert [e["finished"] for e in events] == [False, False, True]
+    assert [e["num_completion_tokens"] for e in events] == [1, 2, 3]
+
+
 def test_stream_translation_has_no_done_and_finishes_once() -> None:
     chunk = {"choices": [{"text": "a", "finish_reason": None}], "usage": None}
     last = {"choices": [{"text": "", "finish_reason": "length"}], "usage": None}
