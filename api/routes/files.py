@@ -137,7 +137,7 @@ def read_files(
     if purpose:
         query = query.where(FileRow.purpose == purpose)
     if after:
-        mark = owned_file(after, caller, session=session)
+        mark = owned_file(after, caller, session=session, field="after")
         later = tuple_(*keys) < (mark.created_at, mark.id)
         query = query.where(later if newest else tuple_(*keys) > (mark.created_at, mark.id))
     rows = session.exec(query.limit(limit + 1)).all()

@@ -205,3 +205,12 @@ def test_a_file_name_with_control_characters_is_refused_naming_it(
     assert client.get("/v1/files").json()["data"] == before
     kept = _upload_named(api_only, "résumé 履歴.jsonl".encode())
     assert kept.status_code == 200 and kept.json()["filename"] == "résumé 履歴.jsonl", kept.text
+
+
+def test_a_list_after_an_unknown_file_names_after(api_only: Appliance) -> None:
+    """The cursor of a files list that names no file of the team is a 404 whose param is the
+    query's `after`, where it said `file_id`, a field the list call has not."""
+    with pytest.raises(openai.NotFoundError) as refused:
+        sdk(api_only).files.list(after="file-nope")
+    assert refused.value.param == "after", refused.value.body
+    assert "file-nope" in refused.value.message
