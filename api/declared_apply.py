@@ -147,6 +147,11 @@ def plan_endpoints(
                     "delete the endpoint first, or apply with prune after removing it",
                     field=f"endpoints[{i}]",
                 )
+            if "default_callback_auth" not in entry:
+                # an export never carries the secret, so it leaves the auth out: applied back,
+                # it is kept (an entry clears it with "default_callback_auth": null)
+                kept = existing.extra.get("default_callback_auth")
+                desired.extra = {**desired.extra, "default_callback_auth": kept}
         desired.owner = team or (existing.owner if existing else caller.team)
         plans.append(_EndpointPlan(body, team, desired, existing))
     return plans

@@ -199,3 +199,26 @@ def test_llm_engine_export_parses_with_the_llmengine_client(
         assert parsed.labels["team"] == "admin" and parsed.num_shards == parsed.gpus
     chat = CreateLLMEndpointRequest.parse_obj(documents[0])
     assert chat.max_model_len == 2048 and chat.chat_template_override == "{{ messages }}"
+
+
+def test_an_export_applied_back_keeps_the_callback_auth_it_could_not_carry(
+    api_only: Appliance,
+) -> None:
+    """The export leaves a default callback's secret out; applying it back keeps the stored
+    auth (it said "settings changed (default_callback_auth)" and dropped it), and an entry
+    that sends it as null clears it."""
+    admin = api_only.client()
+    body = standin_body("hooked", gpus=0, min_workers=0) | {
+        "default_callback_url": "https://93.184.216.34/hook",
+        "default_callback_auth": {"kind": "basic", "username": "u", "password": "S3CRETPW"},
+    }
+    assert admin.post("/v1/llm/model-endpoints", json=body).status_code == 200
+    exported = admin.get("/v1/config").json()
+    assert "S3CRETPW" not in str(exported)
+    again = admin.post("/v1/config/apply", params={"dry_run": "true"}, json=exported)
+    assert again.status_code == 200, again.text
+    assert "default_callback_auth" not in again.text, again.text
+    (entry,) = [e for e in exported["endpoints"] if e["name"] == "hooked"]
+    entry["default_callback_auth"] = None
+    cleared = admin.post("/v1/config/apply", params={"dry_run": "true"}, json=exported)
+    assert "default_callback_auth" in cleared.text, cleared.text
