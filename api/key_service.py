@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlmodel import Session, col, select
 
 from api import team_limits
@@ -49,13 +49,19 @@ class CreateKeyRequest(Body):
     name: str = Field(pattern=NAME)
     team: str | None = Field(None, pattern=NAME, description="Admins only: the key's team.")
     user: str | None = Field(None, pattern=NAME, description="Admins only: the key's user.")
-    scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"])
+    scopes: list[str] = Field(default_factory=lambda: ["inference", "manage"], max_length=16)
     admin: bool = False
     expires_in_seconds: int | None = Field(None, gt=0, le=MAX_LIFETIME_S)
     requests_per_minute: Limit = None
     max_concurrent_requests: Limit = None
     max_queued_tasks: Limit = None
     max_tokens_per_request: Limit = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _each_once(cls, scopes: list[str]) -> list[str]:
+        """A scope named twice is one scope (the key stored it twice)."""
+        return list(dict.fromkeys(scopes))
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +120,12 @@ def _check_request(body: CreateKeyRequest, caller: Caller) -> None:
     if unknown:
         raise InvalidSpecError(
             f"unknown scopes {sorted(unknown)}; known: {list(keys.SCOPES)}", field="scopes"
+        )
+    if not body.scopes and not body.admin:
+        raise InvalidSpecError(
+            f"scopes is empty: a key with no scope can do nothing; give one or more of "
+            f"{list(keys.SCOPES)}",
+            field="scopes",
         )
     if caller.is_admin:
         return

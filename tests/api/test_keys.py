@@ -205,6 +205,20 @@ def test_true_and_false_are_not_numbers(api_only: Appliance) -> None:
     assert fine.status_code == 201, fine.text
 
 
+def test_a_scope_named_twice_is_one_and_no_scope_at_all_is_refused(api_only: Appliance) -> None:
+    admin = api_only.client()
+    twice = admin.post("/v1/api-keys", json={"name": "twice", "scopes": ["inference"] * 2})
+    assert twice.status_code == 201 and twice.json()["scopes"] == ["inference"], twice.text
+    key = {"name": "none", "team": "red", "user": "ann", "scopes": []}
+    for answer in (
+        admin.post("/v1/api-keys", json=key),
+        admin.post("/v1/config/apply", json={"keys": [key]}),
+    ):
+        assert answer.status_code == 422 and "scopes is empty" in answer.text, answer.text
+    listed = admin.get("/v1/api-keys").json()["api_keys"]
+    assert "none" not in [k["name"] for k in listed]
+
+
 def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Appliance) -> None:
     """The listing, `GET /v1/config` and `/v1/config/apply` carry limits as `limits: {...}`:
     a create sending them so (copied from a listing) is honoured, as is the flat shape; a name
