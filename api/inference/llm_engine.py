@@ -9,7 +9,8 @@ the replica's OpenAI API by `forwarder/llm_engine.py`:
   string or an object, as `serialize_results_as_string` picks (`llm_engine.results_as_string`).
 
 Errors before a reply answer `{"detail": ...}` with their status; a replica's non-200 reply
-answers `{"detail": <its body>}` with its status, as LLM Engine's gateway does.
+answers `{"detail": <its body>}` with its status, as LLM Engine's gateway does (a completion's:
+`{"detail": <its message>}`, which LLM Engine's client raises as its exception's message).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class LlmEngineCall(Call):
             if self.held:
                 self._final(self.failed_event(status, body))
                 return
-            detail = json.dumps({"detail": llm_engine.parse_result(body)}).encode()
+            detail = json.dumps({"detail": self.error_detail(body)}).encode()
             self._whole(status, JSON_HEADERS, detail, self._overhead())
             return
         if self.stream:
@@ -125,6 +126,11 @@ class LlmEngineCall(Call):
     def whole_event(self, body: bytes) -> bytes:
         """A stream's events for a replica that answered all at once."""
         return b""
+
+    def error_detail(self, body: bytes) -> Any:
+        """A replica's error reply as our `detail`: its body, as LLM Engine's gateway passes
+        a task's on."""
+        return llm_engine.parse_result(body)
 
     def result(self, body: bytes) -> bytes:
         """The route's answer to the replica's 200 reply."""
@@ -180,6 +186,17 @@ class CompletionCall(LlmEngineCall):
 
     def whole_event(self, body: bytes) -> bytes:
         return self.translator.feed(body) + self.translator.close()
+
+    def error_detail(self, body: bytes) -> Any:
+        """The replica's message alone where its reply is an error envelope (vLLM's and
+        llama.cpp's `{"error": {"message": ...}}`, vLLM's older `{"object": "error", ...}`):
+        LLM Engine's client raises `detail` as its exception's message, which was a dict."""
+        parsed = llm_engine.parse_result(body)
+        if not isinstance(parsed, dict):
+            return parsed
+        error = parsed.get("error", parsed if parsed.get("object") == "error" else None)
+        message = error.get("message") if isinstance(error, dict) else None
+        return message if isinstance(message, str) else parsed
 
     def result(self, body: bytes) -> bytes:
         reply = llm_engine.sync_response(json.loads(body), self.request_id)

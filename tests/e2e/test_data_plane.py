@@ -143,7 +143,13 @@ CLIENT_SCRIPT = textwrap.dedent("""
     probed_chunks = list(Completion.create(model=model, prompt="The sky is", max_new_tokens=3,
                                            return_token_log_probs=True, temperature=0,
                                            stream=True))
+    try:  # past the context: the client raises llama.cpp's message, not a dict of it
+        Completion.create(model=model, prompt="word " * 40000, max_new_tokens=2)
+        too_long = None
+    except Exception as exc:
+        too_long = [type(exc).__name__, str(exc)]
     print(json.dumps({
+        "too_long": too_long,
         "log_probs": [[t.token, t.log_prob] for t in probed.output.tokens or []],
         "log_probs_text": probed.output.text,
         "stream_log_probs": [[c.output.token.token, c.output.token.log_prob]
@@ -181,6 +187,8 @@ def test_llmengine_completion_sync_and_stream(gemma: Appliance) -> None:
     assert got["finished"][-1] is True and not any(got["finished"][:-1])
     assert got["stream_tokens"] > 0
     assert not any(got["errors"])
+    kind, said = got["too_long"]
+    assert kind == "BadRequestError" and "context" in said and "{" not in said, got["too_long"]
     # llama.cpp answers log-probabilities in `logprobs.content`: each token comes back with its
     # log-probability, sync and streamed, and the tokens spell the text
     tokens = got["log_probs"]
