@@ -52,7 +52,7 @@ def download_model(
     return {"urls": {name: base + quote(name) for name in sorted(files)}}
 
 
-@router.get("/{name}/files/{path:path}", response_class=FileResponse)
+@router.api_route("/{name}/files/{path:path}", methods=["GET", "HEAD"], response_class=FileResponse)
 def read_model_file(
     name: str, path: str, caller: CallerDep, session: SessionDep, state: StateDep
 ) -> FileResponse:

@@ -347,6 +347,9 @@ def test_model_download_serves_the_files_of_a_model_on_the_box(
         admin = appliance.client()
         assert admin.get(urls["sub/weights.bin"]).content == b"\x00\x01" * 100
         assert admin.get(urls["config.json"]).json() == {"a": 1}
+        head = admin.head(urls["sub/weights.bin"])  # curl -I, a download manager's first ask
+        assert head.status_code == 200 and head.headers["content-length"] == "200", head
+        assert head.content == b""
         base = urls["config.json"].removesuffix("config.json")
         for stray in ("leak", "..%2F..%2Fsecret", "nothing"):
             assert admin.get(base + stray).status_code == 404
