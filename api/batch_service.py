@@ -78,10 +78,12 @@ def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def owned_batch(batch_id: str, caller: Caller, *, session: Session) -> Batch:
+def owned_batch(
+    batch_id: str, caller: Caller, *, session: Session, field: str = "batch_id"
+) -> Batch:
     batch = session.get(Batch, batch_id)
     if batch is None or not caller.owns(batch.owner):
-        raise NotFoundError(f"no batch with id {batch_id!r}", field="batch_id")
+        raise NotFoundError(f"no batch with id {batch_id!r}", field=field)
     return batch
 
 

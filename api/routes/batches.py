@@ -103,8 +103,10 @@ def read_batches(
     # one more than the page: whether it exists is `has_more`
     query = select(Batch).order_by(col(Batch.id).desc()).limit(limit + 1)
     query = queries.of_team(query, col(Batch.owner), caller)
-    if after:
-        query = query.where(col(Batch.id) < after)
+    if after:  # a batch of the caller's, as `/v1/files` takes its cursor (404 naming after)
+        query = query.where(
+            col(Batch.id) < owned_batch(after, caller, session=session, field="after").id
+        )
     rows = session.exec(query).all()
     data = [batch_public(b, session) for b in rows[:limit]]
     return {

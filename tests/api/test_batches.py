@@ -177,6 +177,12 @@ def test_listing_batches_pages_exactly_and_refuses_a_bad_limit(bed: Bed) -> None
         refused = client.get("/v1/batches", params={"limit": bad})
         assert refused.status_code == 400, (bad, refused.text)
         assert "limit" in refused.json()["error"]["message"], refused.text
+    # a cursor that is no batch of the caller's is a 404 naming it, as /v1/files's: it gave
+    # a page from wherever the id sorted
+    for stray in ("batch_nope", "zzz"):
+        unknown = client.get("/v1/batches", params={"after": stray})
+        assert unknown.status_code == 404, (stray, unknown.text)
+        assert unknown.json()["error"]["param"] == "after", unknown.text
 
 
 def test_a_batch_takes_openais_fields_within_openais_bounds(bed: Bed) -> None:
