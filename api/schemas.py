@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -10,6 +11,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from api.body import Body
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_RULE = (
+    "use lowercase letters, digits and dashes, starting and ending with a letter or digit "
+    "(a name is the OpenAI model and part of container names)"
+)
+
+
+def _endpoint_name(name: str) -> str:
+    """An endpoint's name, refused in words rather than as the pattern it must match."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"{name!r} is not a usable name: {NAME_RULE}")
+    return name
+
+
 Quantity = str | int | float
 
 # Every number a request carries is bounded (and so within SQLite's integer range); NaN and
@@ -223,7 +237,9 @@ class _ApplianceFields(Body):
 class CreateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _ApplianceFields):
     model_config = BOUNDED
 
-    name: str = Field(pattern=NAME_PATTERN, max_length=63)
+    name: Annotated[str, AfterValidator(_endpoint_name)] = Field(
+        max_length=63, json_schema_extra={"pattern": NAME_PATTERN}
+    )
     model_name: Carried = Field(min_length=1, max_length=256)
     inference_framework: Literal["vllm", "llamacpp", "custom"] = "vllm"
     source: Literal["hugging_face"] = "hugging_face"

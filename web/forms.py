@@ -45,8 +45,6 @@ EDITABLE = (
     "public",
 )
 FRIENDLY = {
-    ("name", "string_pattern_mismatch"): "Use lowercase letters, digits and dashes, "
-    "starting and ending with a letter or digit.",
     ("name", "string_too_long"): "At most 63 characters.",
     ("name", "missing"): "Give the endpoint a name.",
     ("model", "missing"): "Name a model: a Hugging Face id or a file in the models directory.",

@@ -126,3 +126,15 @@ def test_the_reference_pages_load_fixed_releases_of_their_scripts(api_only: Appl
     assert redoc.status_code == 200, redoc.text
     assert "redoc@2.1.3/bundles/redoc.standalone.js" in redoc.text
     assert "@2/" not in redoc.text and "fonts.googleapis.com" not in redoc.text
+
+
+def test_a_bad_endpoint_name_is_refused_in_words(api_only: Appliance) -> None:
+    """LLM Engine's client shows the 400's detail as it is: the rule in words, not the pattern
+    it is checked with; the schema still carries the pattern for generated clients."""
+    body = {"name": "Bad_Name", "model_name": "m", "inference_framework": "vllm"}
+    refused = api_only.client().post("/v1/llm/model-endpoints", json=body)
+    assert refused.status_code == 400, refused.text
+    said = refused.json()["detail"]
+    assert "lowercase letters, digits and dashes" in said and "[a-z" not in said, said
+    schema = api_only.client().get("/openapi.json").json()["components"]["schemas"]
+    assert schema["CreateLLMEndpointRequest"]["properties"]["name"]["pattern"].startswith("^")
