@@ -257,6 +257,21 @@ def test_a_key_form_sent_twice_makes_one_key(api_only: Appliance) -> None:
     assert [k["name"] for k in listed].count("sent-twice") == 1
 
 
+def test_a_key_forms_days_are_ascii_numbers(api_only: Appliance) -> None:
+    """The expiry in days is a plain number: another script's digit (an Arabic-Indic one was
+    a day), an underscore (1_0 was ten days) or an exponent is refused next to the field."""
+    client = browser_client(api_only)
+    for days in ("\u0661", "1_0", "1e3"):
+        form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
+        assert form is not None
+        hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
+        body = {**hidden, "name": "odd-days", "scope_inference": "on", "expires_days": days}
+        refused = client.post("/ui/keys", data=body)
+        assert "Enter a number of days." in refused.text, days
+    listed = api_only.client().get("/v1/api-keys").json()["api_keys"]
+    assert "odd-days" not in [k["name"] for k in listed]
+
+
 def test_the_keys_page_says_when_a_key_expires(api_only: Appliance) -> None:
     made = api_only.client().post(
         "/v1/api-keys", json={"name": "short-lived", "expires_in_seconds": 3 * 86400}

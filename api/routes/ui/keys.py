@@ -3,6 +3,7 @@ and revoke buttons, through the REST routes' own functions. Included by `api.rou
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -71,6 +72,9 @@ def read_keys_page(request: Request, ui: SignedInDep, state: StateDep) -> Respon
     return _keys_page(request, ui, state)
 
 
+DAYS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?|\.[0-9]{1,6}", re.ASCII)
+
+
 def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "name": form.get("name", "").strip(),
@@ -78,10 +82,11 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
     }
     days = form.get("expires_days", "").strip()
     if days:
-        try:
-            body["expires_in_seconds"] = int(float(days) * 86400)
-        except (ValueError, OverflowError):  # "x", "inf"; "nan" is a ValueError
-            raise InvalidSpecError("Enter a number of days.", field="expires") from None
+        # ASCII digits with at most one point: float() alone also takes other scripts' digits,
+        # underscores (1_0 is 10), exponents and "inf"
+        if not DAYS.fullmatch(days):
+            raise InvalidSpecError("Enter a number of days.", field="expires")
+        body["expires_in_seconds"] = int(float(days) * 86400)
     if not body["scopes"]:
         raise InvalidSpecError("Pick at least one scope.", field="scopes")
     return body
