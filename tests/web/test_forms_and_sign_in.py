@@ -391,7 +391,8 @@ def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Ap
         for task_id, status in (("tsk_a", "SUCCESS"), ("tsk_b", "PENDING"), ("tsk_c", "PENDING")):
             session.add(
                 Task(id=task_id, endpoint_id="end_x", owner="admin", created_by="admin",
-                     status=status, payload={}, batch_id="batch_live")
+                     status=status, payload={"custom_id": f"line-{task_id}"},
+                     batch_id="batch_live")
             )  # fmt: skip
     engine.dispose()
     client = browser_client(api_only)
@@ -403,6 +404,7 @@ def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Ap
     assert shown.status_code == 200, shown.text
     assert "1 completed, 0 failed, of 3" in shown.text and "nightly" in shown.text
     assert all(f'href="/ui/tasks/{t}"' in shown.text for t in ("tsk_a", "tsk_b", "tsk_c"))
+    assert ">line-tsk_b<" in shown.text  # each line by the custom_id its file gave it
     blue = browser_client(api_only, make_key(api_only, "blue"))
     assert blue.get("/ui/batches/batch_live").status_code == 404  # admin's team's, not blue's
     own_csrf = csrf_of(blue.get("/ui/tasks").text)
