@@ -11,6 +11,8 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
   called), so a client asking for them gets an answer to another question; so is an
   embeddings request's `dimensions` (its vectors are the model's own size);
 - `max_tokens: 0` (or `max_completion_tokens`) makes one token, where vLLM refuses it;
+- a list of prompts is answered, with the usage of the first prompt alone (refused: the
+  others would go uncounted);
 - `logprobs` come in the chat format, `{"content": [{"token", "logprob", "top_logprobs":
   [{"token", "logprob", ...}]}]}`, where OpenAI's completions give `{"tokens",
   "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}` (offsets into the
@@ -62,6 +64,19 @@ def refusal(payload: object) -> BadRequestError | None:
             "best_of", f"choose the best of several completions (best_of={best_of}): use `n`"
         )
     return _no_tokens(payload)
+
+
+def prompts_refusal(prompts: int) -> BadRequestError | None:
+    """The 400 for a completions request holding several prompts (`prompts`, as admission
+    counts them): llama.cpp's server answers them all but reports the usage of the first
+    alone, so the others would be served uncounted."""
+    if prompts > 1:
+        return _unsupported(
+            "prompt",
+            f"report the usage of {prompts} prompts in one request (only the first's), so "
+            "they could not be counted: send one prompt per request",
+        )
+    return None
 
 
 # The fields asking how many tokens to make, where llama.cpp's server makes one for 0

@@ -235,7 +235,8 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 
 def fit_framework(target: Target, path: str, payload: Any) -> None:
     """Refuse (400, naming the field) what the endpoint's server would silently ignore or
-    should not do: `forwarder/llama_cpp.refusal` for a llama.cpp endpoint's completions,
+    should not do: `forwarder/llama_cpp.refusal` and `prompts_refusal` (a list of prompts,
+    whose usage it reports for the first alone) for a llama.cpp endpoint's completions,
     `chat_refusal` for its chats (no message), `embeddings_refusal` for its embeddings
     (`dimensions`), `forwarder/media.refusal` for a vLLM
     endpoint's chats (a media URL the replica would fetch). Every entry that
@@ -249,7 +250,7 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
     if target.framework != llama_cpp.FRAMEWORK:
         return
     if path == COMPLETIONS:
-        refused = llama_cpp.refusal(payload)
+        refused = llama_cpp.refusal(payload) or llama_cpp.prompts_refusal(_prompts(payload))
     elif path == CHAT:
         refused = llama_cpp.chat_refusal(payload)
     elif path == EMBEDDINGS:

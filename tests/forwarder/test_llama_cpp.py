@@ -14,7 +14,7 @@ from api.inference import admission
 from appliance.errors import BadRequestError
 from forwarder import llama_cpp
 from forwarder.llama_cpp import CompletionShape, refusal, shape_for
-from forwarder.paths import CHAT, EMBEDDINGS
+from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS
 from forwarder.table import Target, failed_message
 from forwarder.usage import usage_from_json
 
@@ -336,3 +336,17 @@ def test_a_chat_asking_for_no_token_is_refused_by_llamacpp(field: str) -> None:
     assert refused.value.field == field, refused.value.message
     assert refused.value.message.startswith(f"{field}: llama.cpp endpoints do not")
     admission.fit_framework(target, CHAT, {"model": "m", "messages": [USER], field: 1})
+
+
+def test_a_list_of_prompts_is_refused_by_llamacpp_whose_usage_counts_the_first() -> None:
+    """llama.cpp's server answers every prompt of a list but reports the first one's usage
+    alone (`prompt_tokens` 2 for ["a", "one two three four five six seven"], where vLLM
+    reports 10): the others would be served uncounted, so such a request is a 400 naming
+    `prompt`. One prompt, as a text, a list of one, or token ids, is served."""
+    target = llama_target("g", "READY")
+    for prompt in (["a", "one two three"], [[1, 2], [3, 4]]):
+        with pytest.raises(BadRequestError) as refused:
+            admission.fit_framework(target, COMPLETIONS, {"model": "g", "prompt": prompt})
+        assert refused.value.field == "prompt" and "one prompt per request" in str(refused.value)
+    for prompt in ("a", ["a"], [1, 2, 3], [[1, 2, 3]]):
+        admission.fit_framework(target, COMPLETIONS, {"model": "g", "prompt": prompt})
