@@ -220,6 +220,8 @@ def _count(name: str, asked: object) -> float:
         raise BadRequestError(f"{name} must be a number of tokens", field=name) from None
     if math.isnan(count):
         raise BadRequestError(f"{name} must be a number of tokens", field=name)
+    if math.isfinite(count) and count != int(count):  # 100.0 is 100 tokens; 4.5 is none
+        raise BadRequestError(f"{name}={asked} is not a whole number of tokens", field=name)
     return count
 
 

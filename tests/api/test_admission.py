@@ -234,6 +234,19 @@ def test_a_negative_token_count_is_refused_naming_it(bed: Bed, entry: str) -> No
         assert tokens_field(entry) in reply.text, reply.text
 
 
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_fraction_of_a_token_is_refused_naming_it(bed: Bed, entry: str) -> None:
+    """2.5 tokens is no count OpenAI or vLLM take (llama.cpp truncated it): a 400 naming the
+    field on every entry, with or without a cap; 2.0 is 2 tokens."""
+    send, family, _ = ENTRIES[entry]
+    for key in (bed.key(), bed.key(max_tokens_per_request=CAP)):
+        reply = send(bed, key, MINE, {tokens_field(entry): 2.5})
+        if reply.status_code != 422:  # the playground's typed body: 422
+            refused(reply, 400, family)
+        assert tokens_field(entry) in reply.text, reply.text
+    served(send(bed, bed.key(), MINE, {tokens_field(entry): 2.0}))
+
+
 @pytest.mark.parametrize(
     "entry", [e for e in ENTRIES if not e.startswith("/v1/llm/") and e != "/v1/embeddings"]
 )
