@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from appliance.db import open_engine, session_scope
-from appliance.models import Batch, Endpoint, Task
+from appliance.models import Batch, Endpoint, File, Task
 from forwarder.worker import batches
 from tests.forwarder.test_async_support import seed_endpoint
 from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
@@ -380,11 +380,18 @@ def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Ap
     counts as they are now (not as stored when it was made), its lines linking to their
     pages, and a cancel that ends the lines not yet answered. Another team's batch is a 404,
     and a batch that ended offers no cancel."""
+    output = api_only.data_dir / "out.jsonl"
+    output.write_bytes(b'{"custom_id": "line-tsk_a"}\n')
     engine = open_engine(api_only.data_dir / "appliance.db")
     with session_scope(engine) as session:
         session.add(
+            File(id="file_out", owner="admin", created_by="admin", purpose="batch_output",
+                 filename="batch_live_output.jsonl", bytes=output.stat().st_size,
+                 path=str(output))
+        )  # fmt: skip
+        session.add(
             Batch(id="batch_live", owner="admin", created_by="admin", endpoint="/v1/completions",
-                  input_file_id="file_in", status="in_progress",
+                  input_file_id="file_in", output_file_id="file_out", status="in_progress",
                   request_counts={"total": 3, "completed": 0, "failed": 0},
                   metadata_={"purpose": "nightly"})
         )  # fmt: skip
@@ -405,8 +412,13 @@ def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Ap
     assert "1 completed, 0 failed, of 3" in shown.text and "nightly" in shown.text
     assert all(f'href="/ui/tasks/{t}"' in shown.text for t in ("tsk_a", "tsk_b", "tsk_c"))
     assert ">line-tsk_b<" in shown.text  # each line by the custom_id its file gave it
+    download = client.get("/ui/files/file_out/content")  # the output, from the browser
+    assert download.content == output.read_bytes(), download.text
+    assert download.headers["content-disposition"].startswith("attachment"), download.headers
+    assert 'href="/ui/files/file_out/content"' in shown.text
     blue = browser_client(api_only, make_key(api_only, "blue"))
     assert blue.get("/ui/batches/batch_live").status_code == 404  # admin's team's, not blue's
+    assert blue.get("/ui/files/file_out/content").status_code == 404
     own_csrf = csrf_of(blue.get("/ui/tasks").text)
     stays = blue.post("/ui/batches/batch_live/cancel", data={"csrf": own_csrf})
     assert stays.status_code == 404, stays.text

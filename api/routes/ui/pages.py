@@ -1,5 +1,6 @@
 """The web UI's read-only pages: the endpoints list, an endpoint's page (its live parts and
-logs), GPUs, tasks and batches (and a batch's cancel); and the redirects from `/` and `/ui`.
+logs), GPUs, tasks and batches (and a batch's cancel and files); and the redirects from `/`
+and `/ui`.
 Included by `api.routes.ui`."""
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlmodel import Session, col, select
 
-from api import batch_service, endpoint_logs, endpoint_service, gpu_inventory, ui_session
+from api import (
+    batch_service,
+    endpoint_logs,
+    endpoint_service,
+    file_service,
+    gpu_inventory,
+    ui_session,
+)
 from api.deps import AddressDep, AppState, SessionDep, StateDep
 from api.routes.ui.respond import HEADERS, home, need, not_found, page, redirect
 from api.ui_session import ChangeDep, SignedInDep
@@ -246,6 +254,22 @@ def read_batch_page(
         metadata=views.pretty_json(batch.metadata_) if batch.metadata_ else "",
         errors=views.pretty_json(batch.errors) if batch.errors else "",
     )
+
+
+@router.get("/files/{file_id}/content")
+def read_file_from_page(
+    request: Request, file_id: str, ui: SignedInDep, session: SessionDep
+) -> Response:
+    """A file of the team's (a batch's output or errors) downloaded from its page, as
+    `GET /v1/files/{id}/content` gives it: an attachment, never rendered."""
+    need(ui.caller, "inference")  # as the API's file routes
+    try:
+        row = file_service.owned_file(file_id, ui.caller, session=session)
+    except NotFoundError as exc:
+        return not_found(request, ui, exc)
+    response = FileResponse(row.path, media_type="application/jsonl", filename=row.filename)
+    response.headers.update(HEADERS)
+    return response
 
 
 @router.post("/batches/{batch_id}/cancel")
