@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.responses import Response
 from sqlmodel import Session
 
-from api.times import iso
+from api.times import LAST_STAMP, iso
 from appliance import usage
 from appliance.errors import ForbiddenError, InvalidSpecError
 from appliance.keys import Caller
@@ -37,7 +37,8 @@ def usage_query(
     if not caller.is_admin:
         team = caller.team  # a team's key reads its own rows only
     step = usage.GRANULARITIES[granularity]
-    stop = math.ceil((end if end is not None else now) / step) * step
+    # rounded up to a whole period, but never past the last one shown in year 9999
+    stop = min(math.ceil((end if end is not None else now) / step), LAST_STAMP // step) * step
     first = (start if start is not None else stop - DEFAULT_SPAN_S) // step * step
     if first >= stop:
         raise InvalidSpecError("from must be before to", field="from")

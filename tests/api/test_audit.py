@@ -168,6 +168,9 @@ def test_the_log_is_for_admins_and_append_only(api_only: Appliance) -> None:
     for params in ({"from": "nan"}, {"to": "1e30"}, {"from": "-5"}):  # bounded, never a 500
         assert admin.get("/v1/usage", params=params).status_code == 422, params
     assert admin.get("/v1/audit", params={"before": str(10**30)}).status_code == 422
+    for granularity in ("hour", "day"):  # the last instant accepted, rounded up to its period
+        last = {"to": "9999-12-31T23:59:59Z", "granularity": granularity}
+        assert admin.get("/v1/usage", params=last).status_code == 200, granularity
     forever = {"name": "x", "expires_in_seconds": 10**12}
     assert admin.post("/v1/api-keys", json=forever).status_code == 422
     with sqlite3.connect(api_only.data_dir / "appliance.db") as db:
