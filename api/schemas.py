@@ -165,7 +165,7 @@ class _VllmArgs(Body):
     load_format: Short | None = None
     config_format: Short | None = None
     tokenizer_mode: Short | None = None
-    limit_mm_per_prompt: Any = None
+    limit_mm_per_prompt: dict[str, Any] | None = None  # vLLM reads it as a JSON object
     max_num_batched_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
     tokenizer: Short | None = None
     dtype: Short | None = None
@@ -180,7 +180,7 @@ class _VllmArgs(Body):
     skip_tokenizer_init: bool | None = None
     served_model_name: Any = None
     override_neuron_config: Any = None
-    mm_processor_kwargs: Any = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM reads it as a JSON object
     block_size: int | None = Field(None, gt=0, le=MAX_BLOCK_SIZE)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     swap_space: float | None = Field(None, ge=0, le=MAX_COUNT)
