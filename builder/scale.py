@@ -93,13 +93,32 @@ def decide(endpoint: Endpoint, load: Load, history: History, now: float) -> Deci
     if wanted == current:
         return Decision(current, None, kept)
     if wanted > current:
-        why = (
-            "a request is waiting for a replica"
-            if busy == 0
-            else f"load {busy} for a target of {target} per replica"
-        )
+        why = _why_up(endpoint, load, busy, target, demanded, wanted)
     elif idle:
         why = f"idle for {endpoint.idle_timeout_s} s"
     else:
         why = f"load {busy} for {endpoint.scale_down_window_s} s"
     return Decision(wanted, f"scaled from {current} to {wanted}: {why}", kept)
+
+
+def _why_up(
+    endpoint: Endpoint, load: Load, busy: int, target: int, demanded: bool, wanted: int
+) -> str:
+    """Why the endpoint wants more replicas, in its events: load, a request waiting, its
+    minimum, or activity within its idle timeout (a create, an update, a recent request)."""
+    if busy:
+        return f"load {busy} for a target of {target} per replica"
+    if demanded:
+        return "a request is waiting for a replica"
+    if wanted <= endpoint.min_replicas:
+        return f"its minimum is {endpoint.min_replicas}"
+    latest = max(
+        (t, what)
+        for t, what in (
+            (load.last_request_at, "a request"),
+            (endpoint.created_at, "its creation"),
+            (endpoint.updated_at, "an update"),
+        )
+        if t is not None
+    )
+    return f"kept warm for its idle timeout ({endpoint.idle_timeout_s} s) after {latest[1]}"

@@ -116,3 +116,15 @@ def test_an_evicted_endpoint_stays_down_until_new_activity() -> None:
     assert decide(ep, evicted, ((T0 + 10, 0),), T0 + 11).desired == 0
     used_again = Load(last_request_at=T0 + 20, evicted_at=T0 + 10, inflight=1)
     assert decide(ep, used_again, ((T0 + 10, 0),), T0 + 21).desired == 1
+
+
+def test_scaling_up_names_its_cause_when_no_request_waits() -> None:
+    """A scaled-to-zero endpoint woken by an update (or a raised minimum) says so in its
+    events, not that a request is waiting for a replica."""
+    updated = endpoint(min_replicas=0, desired_replicas=0, updated_at=T0)
+    woken = decide(updated, Load(last_request_at=T0 - 5000), ((T0, 0),), T0 + 2)
+    assert woken.desired == 1 and woken.reason
+    assert "waiting" not in woken.reason and "after an update" in woken.reason
+    raised = endpoint(min_replicas=2, desired_replicas=0)
+    floor = decide(raised, Load(), ((T0, 0),), T0)
+    assert floor.desired == 2 and floor.reason and "its minimum is 2" in floor.reason
