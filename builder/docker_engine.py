@@ -43,6 +43,20 @@ class PullError(RuntimeError):
     """A pull failed; the message is the registry's (or the Docker Engine's) own words."""
 
 
+class ContainerStartError(RuntimeError):
+    """A replica's container could not be created or started; the Docker Engine's own words,
+    and what they mean when they are terse."""
+
+
+# The Docker Engine's words when a container asks for GPUs and it has no NVIDIA runtime
+NO_GPU_RUNTIME = "could not select device driver"
+NO_GPU_RUNTIME_MEANS = (
+    "the Docker Engine has no NVIDIA container runtime to give GPUs: install NVIDIA's "
+    "container toolkit on this box, or set APPLIANCE_DOCKER_GPU_RUNTIME=false where GPUs "
+    "reach containers otherwise"
+)
+
+
 @dataclass(frozen=True)
 class ContainerInfo:
     """What the builder needs to know about one managed container."""
@@ -89,6 +103,11 @@ def _words(exc: docker.errors.DockerException) -> str:
     """The Docker Engine's own explanation, without the HTTP wrapping."""
     explanation = getattr(exc, "explanation", None)
     return str(explanation or exc)
+
+
+def _start_words(exc: docker.errors.DockerException) -> str:
+    words = _words(exc)
+    return f"{words} ({NO_GPU_RUNTIME_MEANS})" if NO_GPU_RUNTIME in words else words
 
 
 def _address(container: Container, port: int | None, network: str | None) -> str | None:
@@ -238,7 +257,30 @@ class DockerEngine:
             if spec.request_gpus
             else []
         )
-        container = self._client.containers.create(
+        try:
+            container = self._create(spec, labels, mounts, devices)
+        except docker.errors.APIError as exc:
+            raise ContainerStartError(_start_words(exc)) from exc
+        try:
+            for path, content in spec.files.items():  # secrets: in a file, never in the env
+                container.put_archive(posixpath.dirname(path), _tar(path, content))
+            container.start()
+        except docker.errors.DockerException as exc:
+            container.remove(force=True)
+            if isinstance(exc, docker.errors.APIError):
+                raise ContainerStartError(_start_words(exc)) from exc
+            raise
+        container.reload()
+        return _info(container)
+
+    def _create(
+        self,
+        spec: ContainerSpec,
+        labels: dict[str, str],
+        mounts: list[DockerMount],
+        devices: list[DeviceRequest],
+    ) -> Container:
+        return self._client.containers.create(
             spec.image,
             command=list(spec.command),
             entrypoint=list(spec.entrypoint) if spec.entrypoint else None,
@@ -258,15 +300,6 @@ class DockerEngine:
             shm_size=spec.shm_bytes,
             log_config=LogConfig(type="json-file", config=spec.log_options),
         )
-        try:
-            for path, content in spec.files.items():  # secrets: in a file, never in the env
-                container.put_archive(posixpath.dirname(path), _tar(path, content))
-            container.start()
-        except docker.errors.DockerException:
-            container.remove(force=True)
-            raise
-        container.reload()
-        return _info(container)
 
     def _managed(self, container_id: str) -> Container:
         container = self._client.containers.get(container_id)
