@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import answer, envelope_of, unanswered
@@ -83,8 +84,8 @@ class Shield:
         try:
             await self.app(scope, counted, watched)
         except Exception as exc:
-            if answered:
-                return
+            if answered or isinstance(exc, ClientDisconnect):
+                return  # a client gone half way through its body is no error, and hears nothing
             if started:
                 raise  # half a reply is out: only closing the connection can end it
             if not isinstance(exc, ApplianceError):

@@ -86,3 +86,34 @@ def test_a_declared_length_over_the_limit_is_413_unread() -> None:
     said = json.loads(inference[1]["body"])["error"]["message"]
     assert "1000 bytes" in said and "APPLIANCE_MAX_BODY_BYTES" in said, said  # what to change
     assert run(broken, "/v1/api-keys", [b""], [(b"content-length", b"-1")])[0]["status"] == 400
+
+
+
+async def reads_a_form(scope: Any, receive: Any, send: Any) -> None:
+    """A UI form route: reads its body with Starlette, which raises when the client left."""
+    from starlette.requests import Request
+
+    await Request(scope, receive).form()
+    await send({"type": "http.response.start", "status": 303, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_client_that_leaves_mid_body_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone may post the sign-in form and hang up half way: nothing is logged as an error
+    (a traceback a request) and nothing is answered to a connection that is gone."""
+    sent: list[Message] = []
+    pending = [{"type": "http.request", "body": b"csrf=x", "more_body": True}]
+
+    async def receive() -> Message:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    form = [(b"content-type", b"application/x-www-form-urlencoded")]
+    scope = {"type": "http", "method": "POST", "path": "/ui/sign-in", "headers": form}
+    with caplog.at_level("ERROR", logger="api.shield"):
+        asyncio.run(Shield(reads_a_form, frozenset(), 1000)(scope, receive, send))
+    assert caplog.records == [] and sent == []
+    whole = run(reads_a_form, "/ui/sign-in", [b"csrf=x", b"&key=y"], form)
+    assert whole[0]["status"] == 303  # the whole body came: answered as ever
