@@ -88,7 +88,6 @@ def test_a_declared_length_over_the_limit_is_413_unread() -> None:
     assert run(broken, "/v1/api-keys", [b""], [(b"content-length", b"-1")])[0]["status"] == 400
 
 
-
 async def reads_a_form(scope: Any, receive: Any, send: Any) -> None:
     """A UI form route: reads its body with Starlette, which raises when the client left."""
     from starlette.requests import Request
