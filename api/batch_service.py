@@ -118,7 +118,7 @@ async def _admit(
     model = request.body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidSpecError("every request body needs `model`, an endpoint name", field="model")
-    admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].generates)
+    admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].limit_field)
     if model not in targets:
         targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
     admission.fit_framework(targets[model], BY_PATH[request.url].upstream, request.body)

@@ -70,7 +70,8 @@ CHAT_INSTEAD = "; use chat completions (POST /v1/chat/completions, client.chat.c
 # OpenAI's APIs one box does not serve, by path: what their 404 says after "Invalid URL", so an
 # SDK user learns what to call instead
 OPENAI_UNSERVED: Final = {
-    "/v1/responses": "the Responses API is not available on this appliance" + CHAT_INSTEAD,
+    "/v1/responses": "this appliance keeps no responses: it answers POST /v1/responses alone "
+    "(no retrieve, cancel, delete or input items); send the earlier turns in `input`",
     "/v1/assistants": "the Assistants API is not available on this appliance" + CHAT_INSTEAD,
     "/v1/threads": "the Assistants API is not available on this appliance" + CHAT_INSTEAD,
     "/v1/vector_stores": "vector stores are not available on this appliance; embed with POST "

@@ -24,7 +24,9 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
   is exact, and it is sent on the last finishing chunk only (the others lose theirs);
 - chat replies the same: a whole one's `usage` is its first choice's, and a stream sends one
   usage chunk (`choices: []`) for each choice, where OpenAI sends one for the stream (the
-  others are dropped).
+  others are dropped);
+- its Responses API stream lacks fields OpenAI's SDK needs to assemble a response
+  (`ResponsesShape` adds them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from appliance.errors import BadRequestError
 FRAMEWORK: Final = "llamacpp"
 COMPLETIONS_PATH: Final = b"/v1/completions"
 CHAT_PATH: Final = b"/v1/chat/completions"
+RESPONSES_PATH: Final = b"/v1/responses"
+TEXT_EVENTS: Final = ("response.output_text.", "response.refusal.")  # a content part's
 ID_PREFIX: Final = "chatcmpl-"
 COMPLETION_ID_PREFIX: Final = "cmpl-"
 EVENT_END: Final = b"\n\n"
@@ -194,17 +198,93 @@ def _unsupported(field: str, what: str) -> BadRequestError:
     return BadRequestError(f"{field}: llama.cpp endpoints do not {what}", field=field)
 
 
-def shape_for(framework: str, path: bytes) -> CompletionShape | None:
+def shape_for(framework: str, path: bytes) -> Shape | None:
     """The reshaping a reply from this replica path needs: llama.cpp's completions (their
-    shape and usage) and chats (their usage)."""
-    if framework == FRAMEWORK and path == COMPLETIONS_PATH:
+    shape and usage), chats (their usage) and responses streams (`ResponsesShape`)."""
+    if framework != FRAMEWORK:
+        return None
+    if path == COMPLETIONS_PATH:
         return CompletionShape()
-    if framework == FRAMEWORK and path == CHAT_PATH:
+    if path == CHAT_PATH:
         return CompletionShape(legacy=False)
+    if path == RESPONSES_PATH:
+        return ResponsesShape()
     return None
 
 
-class CompletionShape:
+class Shape:
+    """A reply made OpenAI's, as `forwarder/relay.py` applies it to a replica's 200 reply:
+    `whole` for a plain reply, or `feed`... `close` for a stream."""
+
+    def whole(self, body: bytes) -> bytes:
+        return body
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def close(self) -> bytes:
+        return b""
+
+
+class ResponsesShape(Shape):
+    """llama.cpp's Responses API stream made OpenAI's. Its events lack what OpenAI's SDK reads
+    to assemble the response as it streams (`client.responses.stream` fails on them): the
+    first events' response has no `output` list, no event has a `sequence_number`, and the
+    item and content events have no `output_index` or `content_index`. Each event gets the
+    ones it lacks, counted as the stream goes; what it has is kept. A whole reply is OpenAI's
+    already."""
+
+    def __init__(self) -> None:
+        self.buffer = b""  # an incomplete event
+        self.number = 0  # the next event's sequence number
+        self.item = -1  # the output item being streamed
+        self.part = -1  # its content part being streamed
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self.buffer + data if self.buffer else data
+        out: list[bytes] = []
+        start = 0
+        end = buffer.find(EVENT_END)
+        while end >= 0:
+            out.append(self._event(buffer[start : end + 2]))
+            start = end + 2
+            end = buffer.find(EVENT_END, start)
+        self.buffer = buffer[start:]
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        rest, self.buffer = self.buffer, b""
+        return rest
+
+    def _event(self, event: bytes) -> bytes:
+        at = 0
+        if not event.startswith(DATA):  # `event: <type>` first
+            at = event.find(b"\n" + DATA) + 1
+            if at == 0:
+                return event  # a comment
+        head = event[: at + len(DATA)]
+        chunk = _object(event[at + len(DATA) : -2])
+        if chunk is None:
+            return event
+        kind = chunk.get("type")
+        if kind == "response.output_item.added":
+            self.item += 1
+            self.part = -1
+        elif kind == "response.content_part.added":
+            self.part += 1
+        chunk.setdefault("sequence_number", self.number)
+        self.number += 1
+        response = chunk.get("response")
+        if isinstance(response, dict):
+            response.setdefault("output", [])
+        if "item" in chunk or "item_id" in chunk:
+            chunk.setdefault("output_index", max(self.item, 0))
+        if "item_id" in chunk and ("part" in chunk or str(kind).startswith(TEXT_EVENTS)):
+            chunk.setdefault("content_index", max(self.part, 0))
+        return head + orjson.dumps(chunk) + EVENT_END
+
+
+class CompletionShape(Shape):
     """One llama.cpp `/v1/completions` reply made OpenAI's: `whole` for a plain reply, or
     `feed`... `close` for a stream, event by event as they pass (one finishing event is held
     until the next, to carry the stream's summed usage if it is the last). `legacy` false: a

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from appliance.errors import BadRequestError
-from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS, upstream_for
+from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, upstream_for
 
 Json = dict[str, Any]
 
@@ -291,7 +291,7 @@ def declared_routes(framework: str, predict_route: str) -> tuple[str, ...]:
     llama.cpp replicas, a custom image's predict route. Others (`/tokenize`, `/slots`...) are
     the replica's own business and never reached through the appliance."""
     if framework in OPENAI_FRAMEWORKS:
-        return (CHAT, COMPLETIONS, EMBEDDINGS)
+        return (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
     return (predict_route,)
 
 

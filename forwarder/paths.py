@@ -30,6 +30,10 @@ BY_ID: Final = "model_endpoint_id"  # a query parameter
 CHAT: Final = "/v1/chat/completions"  # the replica's OpenAI paths
 COMPLETIONS: Final = "/v1/completions"
 EMBEDDINGS: Final = "/v1/embeddings"
+RESPONSES: Final = "/v1/responses"  # OpenAI's Responses API: one response, kept nowhere
+# The field that limits a generating request's tokens, set to a key's cap when absent
+MAX_TOKENS: Final = "max_tokens"
+MAX_OUTPUT_TOKENS: Final = "max_output_tokens"  # the Responses API's
 
 
 @dataclass(frozen=True)
@@ -41,51 +45,64 @@ class InferencePath:
     selector: str
     stream: int  # 1 or 0 when the route decides; -1 when the body's `stream` does
     batchable: bool
-    generates: bool  # asks for tokens (a key's token cap applies)
+    # the field that limits its tokens, which a key's cap fills when the request leaves it
+    # out; "" for a route that generates none (embeddings)
+    limit_field: str
     summary: str
 
 
 PATHS: Final = (
     InferencePath(
-        CHAT, CHAT, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, True, "OpenAI chat completion"
+        CHAT, CHAT, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, MAX_TOKENS,
+        "OpenAI chat completion",
     ),
     InferencePath(
-        COMPLETIONS, COMPLETIONS, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, True,
+        COMPLETIONS, COMPLETIONS, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, MAX_TOKENS,
         "OpenAI completion",
     ),
     InferencePath(
-        EMBEDDINGS, EMBEDDINGS, OPENAI, PASSTHROUGH, BY_MODEL, 0, True, False,
+        RESPONSES, RESPONSES, OPENAI, PASSTHROUGH, BY_MODEL, -1, True, MAX_OUTPUT_TOKENS,
+        "OpenAI response (the Responses API; nothing is stored: send the whole conversation)",
+    ),
+    InferencePath(
+        EMBEDDINGS, EMBEDDINGS, OPENAI, PASSTHROUGH, BY_MODEL, 0, True, "",
         "OpenAI embeddings",
     ),
     InferencePath(
-        "/v2/chat/completions", CHAT, OPENAI, PASSTHROUGH, BY_MODEL, -1, False, True,
+        "/v2/chat/completions", CHAT, OPENAI, PASSTHROUGH, BY_MODEL, -1, False, MAX_TOKENS,
         "LLM Engine v2 chat completion (OpenAI's format)",
     ),
     InferencePath(
-        "/v2/completions", COMPLETIONS, OPENAI, PASSTHROUGH, BY_MODEL, -1, False, True,
+        "/v2/completions", COMPLETIONS, OPENAI, PASSTHROUGH, BY_MODEL, -1, False, MAX_TOKENS,
         "LLM Engine v2 completion (OpenAI's format)",
     ),
     InferencePath(
-        "/v1/llm/completions-sync", COMPLETIONS, LLM_ENGINE, COMPLETION, BY_NAME, 0, False, True,
+        "/v1/llm/completions-sync", COMPLETIONS, LLM_ENGINE, COMPLETION, BY_NAME, 0, False,
+        MAX_TOKENS,
         "LLM Engine completion",
     ),
     InferencePath(
-        "/v1/llm/completions-stream", COMPLETIONS, LLM_ENGINE, COMPLETION, BY_NAME, 1, False, True,
+        "/v1/llm/completions-stream", COMPLETIONS, LLM_ENGINE, COMPLETION, BY_NAME, 1, False,
+        MAX_TOKENS,
         "LLM Engine completion, streamed",
     ),
     InferencePath(
-        "/v1/sync-tasks", "", LLM_ENGINE, TASK, BY_ID, 0, False, True, "LLM Engine sync task"
+        "/v1/sync-tasks", "", LLM_ENGINE, TASK, BY_ID, 0, False, MAX_TOKENS,
+        "LLM Engine sync task",
     ),
     InferencePath(
-        "/v1/streaming-tasks", "", LLM_ENGINE, TASK, BY_ID, 1, False, True,
+        "/v1/streaming-tasks", "", LLM_ENGINE, TASK, BY_ID, 1, False, MAX_TOKENS,
         "LLM Engine streaming task",
     ),
 )  # fmt: skip
 BY_PATH: Final = {p.path: p for p in PATHS}
+# A replica's path's limit field (async tasks name the replica's path, or their args' shape does)
+LIMIT_FIELDS: Final = {p.upstream: p.limit_field for p in PATHS if p.path == p.upstream}
 # The playground's chat (`api/routes/ui/playground.py`): OpenAI's request, the UI's errors
 PLAYGROUND: Final = InferencePath(
-    "/ui/playground/chat", CHAT, DETAIL, PASSTHROUGH, BY_MODEL, 1, False, True, "Playground chat"
-)
+    "/ui/playground/chat", CHAT, DETAIL, PASSTHROUGH, BY_MODEL, 1, False, MAX_TOKENS,
+    "Playground chat",
+)  # fmt: skip
 BATCH_PATHS: Final = tuple(p.path for p in PATHS if p.batchable)
 # Every path answered in OpenAI's envelope, the model lists and /v1/batches included (the
 # /v2 routes are OpenAI's too: its SDK pointed at .../v2 lists models there)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
 from forwarder.balance import Balancer
-from forwarder.llama_cpp import CompletionShape, shape_for
+from forwarder.llama_cpp import Shape, shape_for
 from forwarder.metrics import RequestStats
 from forwarder.table import DELETING, RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection, UpstreamPool
@@ -192,9 +192,9 @@ class Relay:
         self.held = True  # the replica is counted in flight for this request
         self.attempts = 0
         self.tried: set[str] | None = None
-        # llama.cpp's completions, reshaped into OpenAI's (`forwarder/llama_cpp.py`); other
-        # replies pass through as their bytes
-        self.shape: CompletionShape | None = shape_for(target.framework, path)
+        # llama.cpp's completions and responses streams, reshaped into OpenAI's
+        # (`forwarder/llama_cpp.py`); other replies pass through as their bytes
+        self.shape: Shape | None = shape_for(target.framework, path)
 
     # sending
     def send(self) -> None:

@@ -3,7 +3,8 @@ per-key, per-endpoint ledger the live publisher flushes to Redis (`forwarder/rol
 how, and how it then reaches the usage table).
 
 Bodies pass through untouched; only a copy of the part that holds `usage` is decoded: the end
-of a JSON body, or the last few chunks of a stream (OpenAI's final usage chunk).
+of a JSON body, or the last few chunks of a stream (OpenAI's final usage chunk, or the
+Responses API's `response.completed` event, whose response ends with its usage).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ _PAIR = re.compile(
     rb'\s*:\s*\{[^{}]*?"(prompt|completion)_tokens"\s*:\s*(\d+)'
     rb'[^{}]*?"(prompt|completion)_tokens"\s*:\s*(\d+)'
 )
-_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
+# The Responses API's names of the two counts (`input_tokens`, `output_tokens`)
+_SAME: Final = {b"input_tokens": b"prompt_tokens", b"output_tokens": b"completion_tokens"}
 
 
 def usage_from_json(body: bytes) -> tuple[int, int] | None:
@@ -95,8 +98,9 @@ def _count(body: bytes, at: i64) -> tuple[i64, i64]:
 
 
 def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:
-    """The token counts of the `usage` object opening at `at` (right after its key); an
-    embeddings reply's usage has no `completion_tokens`, counted as none."""
+    """The token counts of the `usage` object opening at `at` (right after its key), by
+    OpenAI's usual names or the Responses API's; an embeddings reply's usage has no
+    `completion_tokens`, counted as none."""
     pair = _PAIR.match(body, at)  # the usual shape: both counts before any nested object
     if pair is not None and pair[1] != pair[3]:
         first, second = int(pair[2]), int(pair[4])
@@ -107,7 +111,7 @@ def _decode_usage(body: bytes, at: int) -> tuple[int, int] | None:
     found: dict[bytes, int] = {}
     end = _object_end(body, opening.end(), opening.end() + USAGE_SPAN_BYTES)
     for count in _COUNT.finditer(body, opening.end(), end):
-        found.setdefault(count[1], int(count[2]))
+        found.setdefault(_SAME.get(count[1], count[1]), int(count[2]))
         if len(found) == 2:
             return found[b"prompt_tokens"], found[b"completion_tokens"]
     if b"prompt_tokens" in found:  # an embeddings reply's: no completion

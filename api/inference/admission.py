@@ -35,8 +35,8 @@ from appliance.errors import (
     NoSuchEndpointError,
 )
 from appliance.keys import Caller
-from forwarder import llama_cpp, media
-from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS, EMBEDDINGS
+from forwarder import llama_cpp, media, responses
+from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from forwarder.refresh import load_table
 from forwarder.table import RoutingTable, Target, check_coming
 
@@ -44,12 +44,17 @@ if TYPE_CHECKING:
     from api.deps import AppState
 
 SCOPE: Final = "inference"
-# Every field by which a body asks for a number of tokens: OpenAI's two, LLM Engine's, and
+# Every field by which a body asks for a number of tokens: OpenAI's three, LLM Engine's, and
 # llama.cpp's own (where -1 means no limit)
-TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n_predict")
+TOKEN_FIELDS: Final = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",  # the Responses API's
+    "max_new_tokens",
+    "n_predict",
+)
 UNBOUNDED_FIELD: Final = "n_predict"  # llama.cpp's: -1 generates until the context is full
 SEQUENCE_FIELDS: Final = ("n", "best_of", "n_cmpl")  # n_cmpl: llama.cpp's own name for n
-CAPPED_FIELD: Final = "max_tokens"  # set to the key's cap when a request names none
 # Fields that multiply a request's work past its tokens, and the most any request may ask:
 # OpenAI's own bounds (top_logprobs 20, n 128), which vLLM keeps by default (max_logprobs 20);
 # llama.cpp bounds none of them, and a million top log-probs a token exhausts its memory.
@@ -97,29 +102,31 @@ def check_scope(caller: Caller) -> None:
 
 
 def cap_tokens(
-    caller: Caller, payload: Any, *, inject: bool, spelled: Mapping[str, str] | None = None
+    caller: Caller, payload: Any, *, inject: str, spelled: Mapping[str, str] | None = None
 ) -> bool:
     """Check the tokens a request asks for, by any of TOKEN_FIELDS, as an integer, a float or a
     number in a string, after the work it asks per token (`bound_work`). A count below 0 is
     refused (400), but llama.cpp's `n_predict: -1`
     ("until the context is full"). A key's cap holds for every sequence the request asks for
     (`n`, `best_of`): more is refused, and so is an unbounded `n_predict`, with a 400 (no
-    retry of the same request can pass, so no client should be told to retry). When it names
-    none and the key has a cap, the cap (shared by its sequences) becomes its limit if `inject`
-    (a generating OpenAI route): then `payload` gets `max_tokens` and True is returned, so the
-    caller sends the changed body. `spelled` names a field as the client wrote it, where the
-    payload is a translation (LLM Engine's `max_new_tokens`, sent on as `max_tokens`)."""
+    retry of the same request can pass, so no client should be told to retry). When the key
+    has a cap and the request leaves out `inject`, its route's own limit field
+    (`forwarder/paths.InferencePath.limit_field`: `max_tokens`, or the Responses API's
+    `max_output_tokens`; "" where the client must name one, or nothing is generated), the cap
+    (shared by its sequences) becomes that field: `payload` gets it and True is returned, so
+    the caller sends the changed body. That holds when another of TOKEN_FIELDS is named too,
+    as a server reads its own alone (vLLM's chat ignores llama.cpp's `n_predict`): what it
+    reads is within the cap either way. `spelled` names a field as the client wrote it, where
+    the payload is a translation (LLM Engine's `max_new_tokens`, sent on as `max_tokens`)."""
     if not isinstance(payload, dict):
         return False
     bound_work(payload)
     most = caller.limits.max_tokens_per_request
-    named = False
     for field in TOKEN_FIELDS:
         asked = payload.get(field)
         if asked is None:
             continue
         name = spelled.get(field, field) if spelled else field
-        named = True
         count = _count(name, asked)
         if count < 0 and field != UNBOUNDED_FIELD:
             raise BadRequestError(
@@ -131,7 +138,7 @@ def cap_tokens(
                 f"request: ask for at most {most // _sequences(payload)}",
                 field=name,
             )
-    if named or not inject or not most:
+    if not inject or not most or payload.get(inject) is not None:
         return False
     share = most // _sequences(payload)
     if share < 1:
@@ -140,7 +147,7 @@ def cap_tokens(
             "request: ask for fewer (n, best_of, prompts)",
             field="n",
         )
-    payload[CAPPED_FIELD] = share
+    payload[inject] = share
     return True
 
 
@@ -237,28 +244,29 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 
 def fit_framework(target: Target, path: str, payload: Any) -> None:
     """Refuse (400, naming the field) what the endpoint's server would silently ignore or
-    should not do: `forwarder/llama_cpp.refusal` and `prompts_refusal` (a list of prompts,
-    whose usage it reports for the first alone) for a llama.cpp endpoint's completions,
-    `chat_refusal` for its chats (no message), `embeddings_refusal` for its embeddings
-    (`dimensions`), `forwarder/media.refusal` for a vLLM
-    endpoint's chats (a media URL the replica would fetch). Every entry that
-    can reach a replica's completions applies it once its endpoint and path are known: the
-    relayed routes (`Call._replica`), async tasks and batch lines."""
-    if target.framework == media.FRAMEWORK and path == CHAT:
-        refused = media.refusal(payload)  # no URL for the replica to fetch
-        if refused is not None:
-            raise refused
+    should not do: `forwarder/responses.refusal` for any endpoint's responses (what needs a
+    response kept, or a tool the server runs), `forwarder/llama_cpp.refusal` and
+    `prompts_refusal` (a list of prompts, whose usage it reports for the first alone) for a
+    llama.cpp endpoint's completions, `chat_refusal` for its chats (no message),
+    `embeddings_refusal` for its embeddings (`dimensions`), `forwarder/media.refusal` and
+    `input_refusal` for a vLLM endpoint's chats and responses (a media URL the replica would
+    fetch). Every entry that can reach a replica's completions applies it once its endpoint
+    and path are known: the relayed routes (`Call._replica`), async tasks and batch lines."""
+    refused: BadRequestError | None = None
+    if path == RESPONSES:
+        refused = responses.refusal(payload)
+        if refused is None and target.framework == media.FRAMEWORK:
+            refused = media.input_refusal(payload)  # no URL for the replica to fetch
+    elif target.framework == media.FRAMEWORK and path == CHAT:
+        refused = media.refusal(payload)
+    elif target.framework != llama_cpp.FRAMEWORK:
         return
-    if target.framework != llama_cpp.FRAMEWORK:
-        return
-    if path == COMPLETIONS:
+    elif path == COMPLETIONS:
         refused = llama_cpp.refusal(payload) or llama_cpp.prompts_refusal(_prompts(payload))
     elif path == CHAT:
         refused = llama_cpp.chat_refusal(payload)
     elif path == EMBEDDINGS:
         refused = llama_cpp.embeddings_refusal(payload)
-    else:
-        return
     if refused is not None:
         raise refused
 

@@ -35,7 +35,7 @@ from api.inference import admission
 from api.limits import Limiter, Release
 from appliance.errors import ApplianceError, BadRequestError, UpstreamError
 from appliance.keys import Caller
-from forwarder.paths import OPENAI, PASSTHROUGH, InferencePath
+from forwarder.paths import CHAT, COMPLETIONS, OPENAI, PASSTHROUGH, InferencePath
 from forwarder.proxy import Forwarder
 from forwarder.relay import Headers, Plane, Relay
 from forwarder.table import Target, TargetReplica, check_coming
@@ -52,6 +52,8 @@ SSE_HEADERS: Final = [
 KEEPALIVE: Final = b": keep-alive\n\n"
 MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
 USAGE_FRAMEWORKS: Final = ("vllm", "llamacpp")  # servers that send a stream's usage when asked
+USAGE_ASKED: Final = (CHAT, COMPLETIONS)  # streams whose usage comes when asked (a response's
+# comes in its `response.completed` event, always)
 
 
 class Client(Protocol):
@@ -263,9 +265,9 @@ class Call:
         self.stream = payload.get("stream") is True if entry.stream < 0 else entry.stream > 0
         self.path = entry.upstream
 
-    def injects(self) -> bool:
-        """Whether a key's token cap becomes the limit of a request that names none."""
-        return self.entry.generates
+    def injects(self) -> str:
+        """The field a key's token cap fills in a request that leaves it out ("": none)."""
+        return self.entry.limit_field
 
     def owns(self, target: Target) -> bool:
         """Whether the caller may change the endpoint (is told why it failed, and its id)."""
@@ -288,7 +290,7 @@ class Call:
         if (
             self.stream
             and entry.shape == PASSTHROUGH
-            and entry.generates
+            and self.path in USAGE_ASKED
             and target.framework in USAGE_FRAMEWORKS
             and ask_usage(self.payload)
         ):

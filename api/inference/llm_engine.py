@@ -29,7 +29,16 @@ from api.inference.schemas import CompletionV1Request, SyncEndpointPredictV1Requ
 from appliance.errors import ApplianceError, BadRequestError, NoReadyReplicaError, UpstreamError
 from appliance.keys import Caller
 from forwarder import llm_engine
-from forwarder.paths import CHAT, COMPLETION, COMPLETIONS, LLM_ENGINE, TASK, InferencePath
+from forwarder.paths import (
+    CHAT,
+    COMPLETION,
+    COMPLETIONS,
+    LIMIT_FIELDS,
+    LLM_ENGINE,
+    TASK,
+    InferencePath,
+    upstream_for,
+)
 from forwarder.relay import Headers
 from forwarder.table import Target
 
@@ -162,8 +171,8 @@ class CompletionCall(LlmEngineCall):
         self.changed = True
         self.path = COMPLETIONS
 
-    def injects(self) -> bool:
-        return False  # max_new_tokens is required
+    def injects(self) -> str:
+        return ""  # max_new_tokens is required
 
     def spelling(self) -> Mapping[str, str] | None:
         return SPELLED  # a refusal names `max_new_tokens`, which the client sent
@@ -237,9 +246,9 @@ class TaskCall(LlmEngineCall):
         self.retries = TASK_RETRIES if request.num_retries is None else request.num_retries
         self.retry_by = monotonic() + (request.timeout_seconds or RETRY_WINDOW_S)
 
-    def injects(self) -> bool:
+    def injects(self) -> str:
         args = self.payload
-        return isinstance(args, dict) and bool({"messages", "prompt"} & args.keys())
+        return LIMIT_FIELDS.get(upstream_for(args), "")
 
     def path_for(self, target: Target) -> str:
         args = self.payload

@@ -133,6 +133,50 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
 
 
+class ResponseRequest(BaseModel):
+    """OpenAI's Responses API request (`client.responses.create`); other fields of OpenAI's or
+    vLLM's go to the replica as sent. Nothing is stored: `previous_response_id`,
+    `conversation`, `store: true`, `background: true`, a stored `prompt`, and tools other than
+    `function` are 400s (`forwarder/responses.py`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="The endpoint's name.")
+    input: str | list[dict[str, Any]] = Field(
+        description="A text, or the conversation's items (messages, function calls and their "
+        "outputs), earlier turns included."
+    )
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="`function` tools only.")
+    text: dict[str, Any] | None = None
+    stream: bool | None = False
+
+
+class ResponseUsage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int | None = None
+
+
+class ResponseObject(BaseModel):
+    """OpenAI's response object, as the replica sent it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: str
+    created_at: int
+    model: str
+    status: str | None = None
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None = None
+
+
 class Usage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -171,11 +215,13 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponseRequest,
 }
 REPLIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletion,
     "/v1/completions": Completion,
     "/v1/embeddings": EmbeddingList,
+    "/v1/responses": ResponseObject,
 }
 SSE = {"text/event-stream": {"schema": {"type": "string", "description": "Server-sent events"}}}
 

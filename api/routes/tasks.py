@@ -28,14 +28,14 @@ from forwarder.llm_engine import (
     results_as_string,
     task_path,
 )
-from forwarder.paths import BY_ID, CHAT, COMPLETIONS, upstream_for
+from forwarder.paths import BY_ID, CHAT, COMPLETIONS, LIMIT_FIELDS, RESPONSES, upstream_for
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import check_auth, check_url
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["tasks"], dependencies=[require("inference")])
-OPENAI_ROUTES = (CHAT, COMPLETIONS)
+OPENAI_ROUTES = (CHAT, COMPLETIONS, RESPONSES)
 
 
 class CreateAsyncTaskRequest(Body):
@@ -121,8 +121,8 @@ async def create_async_inference_task(
     check_shape(body)
     as_string = results_as_string(body.serialize_results_as_string, body.args, stream=False)
     if isinstance(body.args, dict):
-        generates = (body.route or upstream_for(body.args)) in OPENAI_ROUTES
-        admission.cap_tokens(caller, body.args, inject=generates)
+        limit_field = LIMIT_FIELDS.get(body.route or upstream_for(body.args), "")
+        admission.cap_tokens(caller, body.args, inject=limit_field)
     target = await admission.find_target(state, caller, BY_ID, model_endpoint_id)
     declared = declared_routes(target.framework, target.predict_route)
     if body.route is not None and body.route not in declared:

@@ -185,6 +185,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Json:
     )
 
 
+def response_usage(input_tokens: int, output_tokens: int) -> Json:
+    """The Responses API's usage, as vLLM writes it (its details before each count's next)."""
+    return dict(
+        input_tokens=input_tokens,
+        input_tokens_details={"cached_tokens": 0},
+        output_tokens=output_tokens,
+        output_tokens_details={"reasoning_tokens": 0},
+        total_tokens=input_tokens + output_tokens,
+    )
+
+
 class ApiError(Exception):
     def __init__(self, code: int, kind: str, message: str) -> None:
         super().__init__(message)
@@ -240,11 +251,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         # vLLM registers the routes of its runner only: /v1/embeddings for a pooling model,
-        # chat and completions for a generative one; any other path is Starlette's bare 404
+        # chat, completions and responses for a generative one; any other path is Starlette's
+        # bare 404
         if self.pooling:
             routes = {"/v1/embeddings": self.embeddings}
         else:
-            routes = {"/v1/chat/completions": self.completion, "/v1/completions": self.completion}
+            routes = {
+                "/v1/chat/completions": self.completion,
+                "/v1/completions": self.completion,
+                "/v1/responses": self.response,
+            }
         path = self.path.split("?")[0]
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if path not in routes:
@@ -345,15 +361,108 @@ class Handler(BaseHTTPRequestHandler):
         if with_usage:
             yield base | {"choices": [], "usage": usage(p_tokens, n)}
 
-    def stream(self, events: Generator[Json, None, None]) -> None:
+    def response(self, path: str, req: Json, model: str) -> None:
+        """vLLM's Responses API (its store off, as by default): one response, kept nowhere.
+        Events are named (`event: response.output_text.delta`) and numbered, the last one
+        `response.completed` with the whole response and its usage; no `[DONE]`."""
+        raw = req.get("input")
+        if isinstance(raw, str):
+            prompt = raw
+        elif isinstance(raw, list) and raw:
+            prompt = message_text(raw)
+        else:
+            raise ApiError(400, "BadRequestError", "`input` must be a string or a list.")
+        if isinstance(req.get("instructions"), str):
+            prompt = f"{req['instructions']}\n{prompt}"
+        limit = req.get("max_output_tokens")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ApiError(400, "BadRequestError", "`max_output_tokens` must be positive.")
+        if req.get("previous_response_id") is not None:
+            rid = req["previous_response_id"]
+            raise ApiError(404, "NotFoundError", f"Response with id '{rid}' not found.")
+        n = limit or DEFAULT_MAX_TOKENS
+        p_tokens = count_words(prompt)
+        rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+
+        def whole(text: str | None) -> Json:
+            output: list[Json] = []
+            if text is not None:
+                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
+                item = {"id": mid, "type": "message", "role": "assistant", "status": "completed"}
+                output.append(item | {"content": [part]})
+            done = text is not None
+            return dict(
+                id=rid, created_at=created, incomplete_details=None,
+                instructions=req.get("instructions"), metadata=None, model=model,
+                object="response", output=output, parallel_tool_calls=True, temperature=1.0,
+                tool_choice="auto", tools=req.get("tools") or [], top_p=1.0, background=False,
+                max_output_tokens=n, previous_response_id=None, reasoning=None,
+                service_tier="auto",
+                status=("incomplete" if limit else "completed") if done else "in_progress",
+                text={"format": {"type": "text"}}, top_logprobs=0, truncation="disabled",
+                usage=response_usage(p_tokens, n) if done else None, user=None,
+            )  # fmt: skip
+
+        if req.get("stream"):
+            self.stream(self.response_events(whole, mid, prompt, n), named=True)
+            return
+        words: list[str] = []
+        with self.engine.slot(p_tokens):
+            for word in self.engine.tokens(prompt, n):
+                if self.client_gone():
+                    self.close_connection = True
+                    return
+                words.append(word)
+        self.send_json(200, whole(" ".join(words)))
+
+    def response_events(
+        self, whole: Any, mid: str, prompt: str, n: int
+    ) -> Generator[Json, None, None]:
+        at = {"output_index": 0, "item_id": mid}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        item = {"id": mid, "type": "message", "role": "assistant", "content": []}
+        yield {"type": "response.created", "response": whole(None)}
+        yield {"type": "response.in_progress", "response": whole(None)}
+        p_tokens = count_words(prompt)
+        words: list[str] = []
+        with self.engine.slot(p_tokens):
+            for i, word in enumerate(self.engine.tokens(prompt, n)):
+                if i == 0:
+                    added = {"type": "response.output_item.added", "output_index": 0}
+                    yield added | {"item": item | {"status": "in_progress"}}
+                    yield {"type": "response.content_part.added", **at, "content_index": 0,
+                           "part": part}  # fmt: skip
+                delta = word if i == 0 else f" {word}"
+                words.append(delta)
+                yield {"type": "response.output_text.delta", **at, "content_index": 0,
+                       "delta": delta, "logprobs": []}  # fmt: skip
+        text = "".join(words)
+        yield {"type": "response.output_text.done", **at, "content_index": 0, "text": text,
+               "logprobs": []}  # fmt: skip
+        yield {"type": "response.content_part.done", **at, "content_index": 0,
+               "part": part | {"text": text}}  # fmt: skip
+        done_item = item | {"status": "completed", "content": [part | {"text": text}]}
+        yield {"type": "response.output_item.done", "output_index": 0, "item": done_item}
+        yield {"type": "response.completed", "response": whole(text)}
+
+    def stream(self, events: Generator[Json, None, None], *, named: bool = False) -> None:
+        """Server-sent events: OpenAI's chat and completions as `data:` lines ending in
+        `[DONE]`; with `named`, the Responses API's, each with its `event:` type and a
+        sequence number, and no `[DONE]`."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            for event in events:
-                self.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
-            self.write_chunk(b"data: [DONE]\n\n")
+            for number, event in enumerate(events):
+                if named:
+                    event = event | {"sequence_number": number}
+                    line = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                else:
+                    line = f"data: {json.dumps(event)}\n\n"
+                self.write_chunk(line.encode())
+            if not named:
+                self.write_chunk(b"data: [DONE]\n\n")
             self.write_chunk(b"")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # client went away: stop generating

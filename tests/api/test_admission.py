@@ -1,10 +1,11 @@
 """One admission for every inference entry: each limit a key can have, and the tenancy rule,
 answer the same on every entry (the same status, in the entry's family of error envelope):
-OpenAI's v1 and LLM Engine's v2 routes, LLM Engine's completions, sync, streaming and async
-tasks, batch lines and the playground. A key's token cap holds however a body asks for tokens
-(`max_tokens`, `max_completion_tokens`, `max_new_tokens`, `n_predict`, as a float) and becomes
-the limit of a request that names none; what a request asks per token (log-probs, sequences)
-is bounded for every key. Against a fake replica; api and worker, no Docker."""
+OpenAI's v1 routes (the Responses API's too) and LLM Engine's v2 routes, LLM Engine's
+completions, sync, streaming and async tasks, batch lines and the playground. A key's token
+cap holds however a body asks for tokens (`max_tokens`, `max_completion_tokens`,
+`max_output_tokens`, `max_new_tokens`, `n_predict`, as a float) and becomes the limit of a
+request that names none in its route's own field; what a request asks per token (log-probs,
+sequences) is bounded for every key. Against a fake replica; api and worker, no Docker."""
 
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ def openai(path: str, kind: str) -> Send:
             body = chat_body(model, tokens)
         elif kind == "prompt":
             body = {"model": model, "prompt": "hi", **tokens}
+        elif kind == "response":
+            body = {"model": model, "input": [{"role": "user", "content": "hi"}], **tokens}
         else:
             body = {"model": model, "input": "hi", **tokens}
         return httpx.post(bed.appliance.url + path, json=body, headers=auth(key), timeout=30)
@@ -170,6 +173,7 @@ ENTRIES: dict[str, tuple[Send, str, tuple[str, ...]]] = {
     "/v1/chat/completions": (openai("/v1/chat/completions", "chat"), "openai", ("n_predict",)),
     "/v1/completions": (openai("/v1/completions", "prompt"), "openai", ("n_predict",)),
     "/v1/embeddings": (openai("/v1/embeddings", "input"), "openai", ()),
+    "/v1/responses": (openai("/v1/responses", "response"), "openai", ("n_predict",)),
     "/v2/chat/completions": (
         openai("/v2/chat/completions", "chat"),
         "openai",
@@ -188,6 +192,8 @@ ASYNC = ("/v1/async-tasks", "batch lines")  # admitted when submitted, run by th
 
 
 def tokens_field(entry: str) -> str:
+    if entry == "/v1/responses":
+        return "max_output_tokens"
     return "max_new_tokens" if entry.startswith("/v1/llm/") else "max_tokens"
 
 
@@ -256,11 +262,28 @@ def test_a_request_that_names_no_limit_gets_the_keys_cap(bed: Bed, entry: str) -
     seen = len(bed.backend.bodies)
     served(send(bed, key, MINE, {}))
     wait_until(lambda: len(bed.backend.bodies) > seen, 20, "the replica to get the request")
-    assert bed.backend.bodies[-1]["max_tokens"] == CAP
-    if entry.startswith("/v1/") and "tasks" not in entry and entry != "/v1/embeddings":
+    assert bed.backend.bodies[-1][tokens_field(entry)] == CAP
+    if entry in ("/v1/chat/completions", "/v1/completions"):
         served(send(bed, key, MINE, {"n": 2}))  # two sequences share the cap
         wait_until(lambda: len(bed.backend.bodies) > seen + 1, 20, "the second request")
         assert bed.backend.bodies[-1]["max_tokens"] == CAP // 2
+
+
+@pytest.mark.parametrize("entry", ["/v1/chat/completions", "/v1/responses", "batch lines"])
+def test_a_limit_in_another_servers_field_still_gets_the_keys_cap(bed: Bed, entry: str) -> None:
+    """A server reads its own limit field alone: vLLM's chat ignores llama.cpp's `n_predict`,
+    its responses `max_tokens`. A request naming only such a field (within the cap) still gets
+    the key's cap in the route's own field, so it cannot generate past it."""
+    send, _, _ = ENTRIES[entry]
+    key = bed.key(max_tokens_per_request=CAP)
+    seen = len(bed.backend.bodies)
+    served(send(bed, key, MINE, {"n_predict": 5}))
+    wait_until(lambda: len(bed.backend.bodies) > seen, 20, "the replica to get the request")
+    assert bed.backend.bodies[-1][tokens_field(entry)] == CAP
+    assert bed.backend.bodies[-1]["n_predict"] == 5  # the client's own, as sent
+    served(send(bed, key, MINE, {tokens_field(entry): 3}))  # its own field: as sent
+    wait_until(lambda: len(bed.backend.bodies) > seen + 1, 20, "the second request")
+    assert bed.backend.bodies[-1][tokens_field(entry)] == 3
 
 
 @pytest.mark.parametrize(
@@ -603,3 +626,53 @@ def test_a_media_url_a_vllm_replica_would_fetch_is_refused_naming_it(bed: Bed, e
         assert f"messages[0].content[1].{kind}.url" in reply.text, reply.text
     if entry not in ASYNC:
         served(send(bed, key, MINE, chat("data:image/png;base64,iVBORw0KGgo=")))
+
+
+RESPONSES_REFUSED = [  # (fields, the field named, words of the message)
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "keeps no responses"),
+    ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
+    ({"store": True}, "store", "leave `store` out or send false"),
+    ({"background": True}, "background", "leave `background` out"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", "stored prompt templates"),
+    ({"max_tokens": 5}, "max_tokens", "limits a reply with `max_output_tokens`"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type", "'web_search' is a tool the server"),
+    (
+        {"tools": [{"type": "function", "name": "f"}, {"type": "mcp", "server_url": "http://x"}]},
+        "tools[1].type",
+        "'mcp'",
+    ),
+    (
+        {
+            "input": [
+                {"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}
+            ]
+        },
+        "input[0].content[0].image_url",
+        "fetch no URL",
+    ),
+    (
+        {"input": [{"type": "input_file", "file_url": "file:///etc/passwd"}]},
+        "input[0].file_url",
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "named", "words"), RESPONSES_REFUSED)
+def test_a_response_that_needs_what_no_replica_has_is_a_400_naming_it(
+    bed: Bed, fields: Json, named: str, words: str
+) -> None:
+    """The Responses API as served here keeps nothing and runs no server-side tool: what would
+    need either (or is not that API's field) is refused, naming the field, before any replica
+    sees it; the same request without it is served."""
+    send, family, _ = ENTRIES["/v1/responses"]
+    key = bed.key()
+    before = len(bed.backend.bodies)
+    reply = send(bed, key, MINE, fields)
+    refused(reply, 400, family)
+    error = reply.json()["error"]
+    assert error["param"] == named and words in error["message"], error
+    assert len(bed.backend.bodies) == before
+    served(send(bed, key, MINE, {"store": False, "background": False}))
+    inline = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}
+    served(send(bed, key, MINE, {"input": [{"role": "user", "content": [inline]}]}))

@@ -77,7 +77,11 @@ def requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
     completion = json.dumps({"prompt": "hi", "max_new_tokens": 4, "temperature": 0}).encode()
     completion_body = {"model": MODEL, "prompt": "p"}
     embedding = {"model": MODEL, "input": "x"}
+    response = {"model": MODEL, "input": "r", "max_output_tokens": 4}
     return [
+        ("response", "/v1/responses", json.dumps(response).encode(), key),
+        ("response stream", "/v1/responses", json.dumps(response | {"stream": True}).encode(), key),
+        ("response stored", "/v1/responses", json.dumps(response | {"store": True}).encode(), key),
         ("chat", "/v1/chat/completions", chat("one", model=MODEL), key),
         ("chat stream", "/v1/chat/completions", chat("a b", model=MODEL, stream=True), key),
         ("completion", "/v1/completions", json.dumps(completion_body).encode(), key),
@@ -140,6 +144,9 @@ def test_every_way_of_carrying_a_request_answers_the_same(apis: dict[str, Applia
     assert reference["too large"][0] == 413 and reference["bad key"][0] == 401
     assert reference["unknown model"][0] == 404 and reference["llm invalid"][0] == 400
     assert reference["failed stream"][0] == 503 and reference["task failed"][0] == 503
+    assert reference["response"][0] == 200 and reference["response stream"][0] == 200
+    assert reference["response stored"][0] == 400
+    assert b"event: response.completed" in reference["response stream"][2]
     for name, got in answers.items():
         for label in reference:
             assert got[label] == reference[label], (name, label)

@@ -1,4 +1,4 @@
-"""OpenAI's APIs the appliance does not serve (Responses, Assistants, images, audio,
+"""OpenAI's APIs the appliance does not serve (stored responses, Assistants, images, audio,
 fine-tuning...) answer the SDK a 404 in OpenAI's envelope that says so and what to call
 instead, where they said only "Invalid URL"."""
 
@@ -12,10 +12,16 @@ from tests.harness import ADMIN_KEY, Appliance
 
 def test_the_sdk_hears_which_openai_apis_are_not_served(api_only: Appliance) -> None:
     oai = openai.OpenAI(base_url=api_only.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-    with pytest.raises(openai.NotFoundError) as responses:
-        oai.responses.create(model="llama", input="Say hi.")
+    with pytest.raises(openai.NotFoundError) as responses:  # served, but none is kept
+        oai.responses.retrieve("resp_123")
     said = responses.value.body["message"]  # type: ignore[index]
-    assert said.startswith("Invalid URL (POST /v1/responses): the Responses API"), said
+    assert said.startswith("Invalid URL (GET /v1/responses/resp_123): this appliance keeps no"), (
+        said
+    )
+    assert "POST /v1/responses" in said
+    with pytest.raises(openai.NotFoundError) as assistants:
+        oai.beta.assistants.list()
+    said = assistants.value.body["message"]  # type: ignore[index]
     assert "/v1/chat/completions" in said
     with pytest.raises(openai.NotFoundError) as images:
         oai.images.generate(prompt="a cat", model="m")

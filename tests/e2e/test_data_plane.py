@@ -304,6 +304,45 @@ def test_usage_counts_every_choice_and_so_does_the_accounting(
     assert completion_tokens_counted(gemma) - before == 20
 
 
+def test_the_responses_api_answers_streams_and_is_counted(
+    sdk: openai.OpenAI, gemma: Appliance
+) -> None:
+    """OpenAI's Responses API (`client.responses.create`, and the SDK's stream helper) reaches
+    llama.cpp's own /v1/responses: its tokens are counted like a chat's, and a key's cap
+    becomes the `max_output_tokens` of a request that names none."""
+    before = completion_tokens_counted(gemma)
+    reply = sdk.responses.create(model=MODEL, input="The sky is", max_output_tokens=5)
+    assert reply.object == "response" and reply.output_text, reply
+    assert reply.usage is not None and 0 < reply.usage.output_tokens <= 5, reply.usage
+    with sdk.responses.stream(
+        model=MODEL,
+        input=[{"role": "user", "content": "Name a colour."}],
+        instructions="Answer in one word.",
+        max_output_tokens=4,
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas and "".join(deltas) == final.output_text, (deltas, final)
+    assert final.usage is not None and 0 < final.usage.output_tokens <= 4, final.usage
+    counted = completion_tokens_counted(gemma) - before
+    assert counted == reply.usage.output_tokens + final.usage.output_tokens
+
+    made = gemma.client().post(
+        "/v1/api-keys",
+        json={"name": "capped", "max_tokens_per_request": 2},  # the admin's team's
+    )
+    assert made.status_code == 201, made.text
+    capped = openai.OpenAI(base_url=gemma.url + "/v1", api_key=made.json()["key"], max_retries=0)
+    limited = capped.responses.create(model=MODEL, input="Count to twenty: one, two,")
+    assert limited.usage is not None and limited.usage.output_tokens <= 2, limited.usage
+    with pytest.raises(openai.BadRequestError) as over:
+        capped.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
+    assert "max_output_tokens=3 is over this key's limit of 2" in over.value.message
+    with pytest.raises(openai.BadRequestError) as chained:
+        sdk.responses.create(model=MODEL, input="And then?", previous_response_id=reply.id)
+    assert "keeps no responses" in chained.value.message
+
+
 def test_what_llamacpp_would_ignore_is_refused_naming_the_field(
     sdk: openai.OpenAI, gemma: Appliance
 ) -> None:

@@ -12,6 +12,7 @@ vLLM needs about a minute and 5 GiB per replica: the module never runs more than
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -126,6 +127,52 @@ def test_openai_sdk_chat_completion_and_stream(appl: Appliance, gemma: str) -> N
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(pieces) > 2 and "".join(pieces).strip()
+
+
+def test_the_responses_api_answers_streams_and_counts_its_tokens(
+    appl: Appliance, gemma: str
+) -> None:
+    """OpenAI's Responses API on vLLM's own /v1/responses, through the SDK: a response, one
+    streamed with the SDK's helper, and a structured one (`text.format`); their tokens counted
+    by the appliance as the replica reported them."""
+    sdk = openai_client(appl)
+    before = tokens_counted(appl)
+    reply = sdk.responses.create(
+        model=NAME, input="What is the capital of France?", max_output_tokens=12, temperature=0
+    )
+    assert reply.model == NAME and reply.output_text, reply
+    assert reply.usage is not None and 0 < reply.usage.output_tokens <= 12, reply.usage
+    with sdk.responses.stream(
+        model=NAME,
+        instructions="Answer briefly.",
+        input=[{"role": "user", "content": "Count to five."}],
+        max_output_tokens=16,
+        temperature=0,
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert len(deltas) > 2 and "".join(deltas) == final.output_text, (deltas, final)
+    assert final.usage is not None and 0 < final.usage.output_tokens <= 16
+    person = sdk.responses.create(
+        model=NAME,
+        input=PERSON_PROMPT,
+        max_output_tokens=60,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
+    )
+    jsonschema.validate(json.loads(person.output_text), PERSON)
+    assert person.usage is not None
+    asked = reply.usage.output_tokens + final.usage.output_tokens + person.usage.output_tokens
+    wait_until(lambda: tokens_counted(appl) - before == asked, 10, "the tokens to be counted")
+
+
+def tokens_counted(appl: Appliance) -> int:
+    """The completion tokens the appliance's accounting holds for the endpoint, all keys."""
+    text = appl.client().get("/metrics").text
+    pattern = (
+        rf'appliance_tokens_total{{[^}}]*endpoint="{NAME}"[^}}]*kind="completion"[^}}]*}} (\S+)'
+    )
+    return sum(int(float(count)) for count in re.findall(pattern, text))
 
 
 def test_response_format_json_schema_returns_json_that_validates(

@@ -65,6 +65,8 @@ class FakeBackend:
         finally:
             self.busy -= 1
         text = "echo: " + json.dumps(body.get("messages") or body.get("prompt"))[:200]
+        if request.path == "/v1/responses":
+            return await self._response(request, body)
         if body.get("stream") is True:
             return await self._stream(request, text, body)
         if request.path.endswith("chat/completions"):
@@ -101,6 +103,21 @@ class FakeBackend:
         await reply.write_eof()
         return reply
 
+    async def _response(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """A Responses API reply (`responses_events` when it streams), its usage by that API's
+        names, with the details vLLM puts between its counts."""
+        text = "echo: " + json.dumps(body.get("input"))[:200]
+        created = int(time.time()) if self.created is None else self.created
+        if body.get("stream") is not True:
+            return web.json_response(response_object(text, created, body.get("model")))
+        reply = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await reply.prepare(request)
+        for data in responses_events(text, created, body.get("model")):
+            await reply.write(data)
+            await asyncio.sleep(0.01)
+        await reply.write_eof()
+        return reply
+
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.seen[request.path] += 1
@@ -130,6 +147,7 @@ class FakeBackend:
             app.router.add_post("/v1/chat/completions", self._answer)
             app.router.add_post("/v1/completions", self._answer)
             app.router.add_post("/v1/embeddings", self._embed)
+            app.router.add_post("/v1/responses", self._answer)
             app.router.add_post("/predict", self._answer)
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)
@@ -156,6 +174,45 @@ def stream_events(text: str, *, usage: bool = True) -> list[bytes]:
     if usage:
         events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
     return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+
+RESPONSE_USAGE = {
+    "input_tokens": 3,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 4,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 7,
+}
+
+
+def response_object(text: str | None, created: int, model: Any) -> dict[str, Any]:
+    """A Responses API response: in progress (`text` None), or done with its text and usage."""
+    part = {"type": "output_text", "text": text, "annotations": []}
+    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed"}
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": created,
+        "model": model,
+        "status": "in_progress" if text is None else "completed",
+        "output": [] if text is None else [message | {"content": [part]}],
+        "usage": None if text is None else RESPONSE_USAGE,
+    }
+
+
+def responses_events(text: str, created: int, model: Any) -> list[bytes]:
+    """A Responses API stream: named, numbered events, the usage in the last
+    (`response.completed`), and no `[DONE]`."""
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response_object(None, created, model)}
+    ]
+    for word in text.split():
+        events.append({"type": "response.output_text.delta", "item_id": "msg_1", "delta": word})
+    events.append({"type": "response.completed", "response": response_object(text, created, model)})
+    return [
+        f"event: {e['type']}\ndata: {json.dumps(e | {'sequence_number': i})}\n\n".encode()
+        for i, e in enumerate(events)
+    ]
 
 
 def seed_endpoint(

@@ -274,6 +274,53 @@ def test_batch_of_100_chat_requests_writes_openai_output(
     assert stranger.get(f"/v1/files/{final['output_file_id']}/content").status_code == 404
 
 
+def test_a_batch_of_responses_writes_each_response(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """OpenAI's batches take the Responses API too (`endpoint: /v1/responses`): each line is
+    admitted as a response (what needs one kept is refused at submit, naming its line) and
+    answered by the replica's /v1/responses."""
+    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+
+    def lines(**extra: Any) -> bytes:
+        return b"".join(
+            json.dumps(
+                {
+                    "custom_id": f"r-{i}",
+                    "method": "POST",
+                    "url": "/v1/responses",
+                    "body": {"model": "fake", "input": f"question {i}", **extra},
+                }
+            ).encode()
+            + b"\n"
+            for i in range(3)
+        )
+
+    upload = client.post(
+        "/v1/files", files={"file": ("in.jsonl", lines(store=True))}, data={"purpose": "batch"}
+    )
+    refused = client.post(
+        "/v1/batches",
+        json={"input_file_id": upload.json()["id"], "endpoint": "/v1/responses"},
+    )
+    assert refused.status_code == 400, refused.text
+    assert "line 1 (custom_id 'r-0')" in refused.text and "store" in refused.text
+    batch = submit_batch(client, lines(max_output_tokens=4), endpoint="/v1/responses")
+    final = batch_ended(client, batch.json()["id"], "completed", 60)
+    content = client.get(f"/v1/files/{final['output_file_id']}/content")
+    answered = {
+        (line := json.loads(text))["custom_id"]: line["response"]["body"]
+        for text in content.text.splitlines()
+    }
+    assert set(answered) == {"r-0", "r-1", "r-2"}
+    for custom_id, body in answered.items():
+        assert body["object"] == "response" and body["usage"]["output_tokens"] == 4
+        text = body["output"][0]["content"][0]["text"]
+        assert f"question {custom_id[2:]}" in text, body
+
+
 def test_batch_cancel_stops_pending_requests(
     bare_appliance: Appliance, backend: FakeBackend
 ) -> None:

@@ -350,3 +350,33 @@ def test_a_list_of_prompts_is_refused_by_llamacpp_whose_usage_counts_the_first()
         assert refused.value.field == "prompt" and "one prompt per request" in str(refused.value)
     for prompt in ("a", ["a"], [1, 2, 3], [[1, 2, 3]]):
         admission.fit_framework(target, COMPLETIONS, {"model": "g", "prompt": prompt})
+
+
+def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
+    """llama.cpp's Responses API events lack `sequence_number`, `output_index`,
+    `content_index` and the first response's `output`: OpenAI's SDK (`responses.stream`)
+    fails on them. Each event gets what it lacks, in any split of the bytes; the usage and the
+    text are the server's."""
+    raw = reply("responses_stream.sse")
+    for size in (1, 7, len(raw)):
+        shape = shape_for("llamacpp", b"/v1/responses")
+        assert shape is not None
+        out = b"".join(shape.feed(raw[i : i + size]) for i in range(0, len(raw), size))
+        out += shape.close()
+        blocks = [b for b in out.split(b"\n\n") if b]
+        assert [b.split(b"\n")[0] for b in blocks] == [
+            b for b in raw.split(b"\n") if b.startswith(b"event: ")
+        ]
+        sent = [json.loads(b.split(b"\ndata: ", 1)[1]) for b in blocks]
+        assert [e["sequence_number"] for e in sent] == list(range(len(sent)))
+        assert sent[0]["response"]["output"] == []
+        for event in sent:
+            if "item_id" in event or "item" in event:
+                assert event["output_index"] == 0, event
+            if event["type"].startswith(("response.output_text.", "response.content_part.")):
+                assert event["content_index"] == 0, event
+        deltas = "".join(e["delta"] for e in sent if e["type"] == "response.output_text.delta")
+        done = [e for e in sent if e["type"] == "response.output_text.done"]
+        assert done and deltas == done[0]["text"]
+        assert usage_from_json(out) == usage_from_json(raw) is not None
+    assert shape_for("vllm", b"/v1/responses") is None  # vLLM's are OpenAI's already

@@ -40,6 +40,33 @@ def test_usage_from_the_last_chunks_of_a_stream() -> None:
     assert watch.result() == (5, 20)
 
 
+def test_a_responses_usage_counts_by_that_apis_names() -> None:
+    """The Responses API names its counts `input_tokens` and `output_tokens`, vLLM with their
+    details between them, llama.cpp with its details last; a stream's usage is in its last
+    event, `response.completed`, inside the whole response (its `response.created` has none)."""
+    vllm = {
+        "input_tokens": 11,
+        "input_tokens_details": {"cached_tokens": 0, "input_tokens_per_turn": []},
+        "output_tokens": 6,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 17,
+    }
+    reply = {"id": "resp_1", "output": [{"content": [{"text": "x" * 3000}]}], "usage": vllm}
+    assert usage_from_json(json.dumps(reply | {"user": None}).encode()) == (11, 6)
+    llama = {"input_tokens": 27, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 0}}
+    assert usage_from_json(json.dumps({"output": [], "usage": llama}).encode()) == (27, 5)
+    created = {"type": "response.created", "response": {"output": [], "usage": None}}
+    deltas = [{"type": "response.output_text.delta", "delta": f"t{i}"} for i in range(20)]
+    done = {"type": "response.completed", "response": reply, "sequence_number": 22}
+    data = b"".join(
+        f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in [created, *deltas, done]
+    )
+    watch = StreamUsage()
+    for i in range(0, len(data), 1024):
+        watch.feed(data[i : i + 1024])
+    assert watch.result() == (11, 6)
+
+
 def test_a_stream_asks_for_its_usage_and_the_client_gets_it_only_if_it_asked() -> None:
     payload: dict[str, object] = {"stream": True}
     assert ask_usage(payload) and payload["stream_options"] == {"include_usage": True}
