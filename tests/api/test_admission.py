@@ -676,3 +676,26 @@ def test_a_response_that_needs_what_no_replica_has_is_a_400_naming_it(
     served(send(bed, key, MINE, {"store": False, "background": False}))
     inline = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}
     served(send(bed, key, MINE, {"input": [{"role": "user", "content": [inline]}]}))
+
+
+def test_an_async_task_naming_the_responses_route_is_admitted_as_a_response(bed: Bed) -> None:
+    """A task's args go where its `route` says; to /v1/responses they are a response: the
+    key's cap fills `max_output_tokens`, and what needs a response kept is refused."""
+    key = bed.key(max_tokens_per_request=CAP)
+
+    def submit(args: Json) -> httpx.Response:
+        return httpx.post(
+            bed.appliance.url + "/v1/async-tasks",
+            params={"model_endpoint_id": f"end_{MINE}"},
+            json={"route": "/v1/responses", "args": {"input": "hi", **args}},
+            headers=auth(key),
+            timeout=30,
+        )
+
+    refused(submit({"previous_response_id": "resp_1"}), 400, "detail")
+    seen = len(bed.backend.bodies)
+    made = submit({})
+    assert made.status_code == 200, made.text
+    wait_until(lambda: len(bed.backend.bodies) > seen, 20, "the replica to get the task")
+    sent = bed.backend.bodies[-1]
+    assert sent["max_output_tokens"] == CAP and sent["model"] == MINE and sent["stream"] is False
