@@ -84,7 +84,9 @@ def prompts_refusal(prompts: int) -> BadRequestError | None:
 
 
 # The fields asking how many tokens to make, where llama.cpp's server makes one for 0
-ZERO_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+ZERO_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# The Responses API's media parts, which the server reads none of (no multimodal projector)
+RESPONSE_MEDIA_PARTS: Final = ("input_image", "input_audio")
 
 
 def _no_tokens(payload: Json) -> BadRequestError | None:
@@ -133,6 +135,40 @@ def chat_refusal(payload: object) -> BadRequestError | None:
             "tools must be a list of tools, each with a `type` and a `function` with its "
             "`name` (strings)",
             field="tools",
+        )
+    return _no_tokens(payload)
+
+
+def responses_refusal(payload: object) -> BadRequestError | None:
+    """The 400 for a Responses API request llama.cpp's server would answer from nothing (an
+    empty `input`), fail on with a 500 (an image or audio part: it reads none; a function tool
+    without its name), or ignore (`text.format` other than text: it constrains chats alone,
+    with `response_format`), or for no token (`_no_tokens`); None when it is fine."""
+    if not isinstance(payload, dict):
+        return None
+    items = payload.get("input")
+    if isinstance(items, list) and not items:
+        return BadRequestError("input: a response needs a text or at least one item", field="input")
+    for at, item in enumerate(items if isinstance(items, list) else ()):
+        content = item.get("content") if isinstance(item, dict) else None
+        for index, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in RESPONSE_MEDIA_PARTS:
+                where = f"input[{at}].content[{index}]"
+                return _unsupported(where, f"take {kind} parts: their server reads text only")
+    tools = payload.get("tools")
+    for at, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if isinstance(tool, dict) and not isinstance(tool.get("name"), str):
+            where = f"tools[{at}].name"
+            return BadRequestError(f"{where}: a function tool needs its name", field=where)
+    text = payload.get("text")
+    form = text.get("format") if isinstance(text, dict) else None
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind is not None and kind != "text":
+        return _unsupported(
+            "text.format",
+            f"constrain a response to {kind} (their server ignores it there): use chat "
+            "completions with response_format, which they honour",
         )
     return _no_tokens(payload)
 

@@ -248,7 +248,8 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
     response kept, or a tool the server runs), `forwarder/llama_cpp.refusal` and
     `prompts_refusal` (a list of prompts, whose usage it reports for the first alone) for a
     llama.cpp endpoint's completions, `chat_refusal` for its chats (no message),
-    `embeddings_refusal` for its embeddings (`dimensions`), `forwarder/media.refusal` and
+    `embeddings_refusal` for its embeddings (`dimensions`), `responses_refusal` for its
+    responses (what its server ignores or fails on), `forwarder/media.refusal` and
     `input_refusal` for a vLLM endpoint's chats and responses (a media URL the replica would
     fetch). Every entry that can reach a replica's completions applies it once its endpoint
     and path are known: the relayed routes (`Call._replica`), async tasks and batch lines."""
@@ -257,6 +258,8 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
         refused = responses.refusal(payload)
         if refused is None and target.framework == media.FRAMEWORK:
             refused = media.input_refusal(payload)  # no URL for the replica to fetch
+        elif refused is None and target.framework == llama_cpp.FRAMEWORK:
+            refused = llama_cpp.responses_refusal(payload)
     elif target.framework == media.FRAMEWORK and path == CHAT:
         refused = media.refusal(payload)
     elif target.framework != llama_cpp.FRAMEWORK:

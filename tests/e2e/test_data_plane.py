@@ -341,6 +341,14 @@ def test_the_responses_api_answers_streams_and_is_counted(
     with pytest.raises(openai.BadRequestError) as chained:
         sdk.responses.create(model=MODEL, input="And then?", previous_response_id=reply.id)
     assert "keeps no responses" in chained.value.message
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    with pytest.raises(openai.BadRequestError) as ignored:  # llama.cpp's server ignores it
+        sdk.responses.create(
+            model=MODEL,
+            input="A person as JSON.",
+            text={"format": {"type": "json_schema", "name": "p", "schema": schema}},
+        )
+    assert ignored.value.param == "text.format", ignored.value.body
 
 
 def test_what_llamacpp_would_ignore_is_refused_naming_the_field(

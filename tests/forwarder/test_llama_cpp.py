@@ -380,3 +380,28 @@ def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
         assert done and deltas == done[0]["text"]
         assert usage_from_json(out) == usage_from_json(raw) is not None
     assert shape_for("vllm", b"/v1/responses") is None  # vLLM's are OpenAI's already
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input": []}, "input"),  # its server answers text made from nothing
+        (  # a 500 from its server: it reads no image
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "d"}]}]},
+            "input[0].content[0]",
+        ),
+        ({"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),  # a 500 too
+        (  # ignored: free text comes back
+            {"input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}},
+            "text.format",
+        ),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),  # it makes one
+    ],
+)
+def test_a_response_llamacpp_would_fail_on_or_ignore_is_refused_naming_it(
+    body: dict[str, Any], field: str
+) -> None:
+    refused = llama_cpp.responses_refusal(body)
+    assert refused is not None and refused.field == field, refused
+    fine = {"input": "hi", "tools": [{"type": "function", "name": "f"}], "text": {}}
+    assert llama_cpp.responses_refusal(fine | {"text": {"format": {"type": "text"}}}) is None
