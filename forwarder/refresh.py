@@ -46,6 +46,7 @@ def target_of(endpoint: Endpoint, replicas: tuple[TargetReplica, ...]) -> Target
         max_concurrency=int(cap) if cap else None,
         status_reason=endpoint.status_reason or "",
         created_at=endpoint.created_at,
+        max_replicas=endpoint.max_replicas,
     )
 
 

@@ -57,6 +57,7 @@ class Target:
     max_concurrency: int | None = None  # per-replica cap; None: the api's setting
     status_reason: str = ""  # why it has the status (the builder's words); "" when none
     created_at: float = 0.0  # when the endpoint was made (Unix seconds): OpenAI's `created`
+    max_replicas: int = 1  # its max_workers: 0 runs no replica, so none comes by waiting
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,11 @@ class RoutingTable:
 
 def check_coming(target: Target, owner: bool = True) -> None:
     """EndpointDownError when `target` has no ready replica and will get none by waiting: the
-    builder gave up starting it (UPDATE_FAILED: a pull failed, its replica crash-looped) or
-    it is being deleted. Any other endpoint without one (READY scaled to zero, a first deploy
-    UPDATE_PENDING or UPDATE_IN_PROGRESS) is worth waiting for; one with ready replicas is
-    served whatever its status (a failed rolling update keeps the old generation). `owner`:
+    builder gave up starting it (UPDATE_FAILED: a pull failed, its replica crash-looped), it
+    is being deleted, or its max_workers is 0 (it runs no replica at all). Any other endpoint
+    without one (READY scaled to zero, a first deploy UPDATE_PENDING or UPDATE_IN_PROGRESS)
+    is worth waiting for; one with ready replicas is served whatever its status (a failed
+    rolling update keeps the old generation). `owner`:
     the caller may change the endpoint; another team calling a public one is told no more
     than that it failed (its reasons and id are the owner's)."""
     if target.replicas:
@@ -87,6 +89,15 @@ def check_coming(target: Target, owner: bool = True) -> None:
         raise EndpointDownError(failed_message(target))
     if target.status == DELETING:
         raise EndpointDownError(f"endpoint {target.name!r} is being deleted")
+    if target.max_replicas == 0:
+        fix = (
+            f"raise it (PUT /v1/model-endpoints/{target.endpoint_id})"
+            if owner
+            else "its owner must raise it"
+        )
+        raise EndpointDownError(
+            f"endpoint {target.name!r} runs no replica: its max_workers is 0; {fix}"
+        )
 
 
 def failed_message(target: Target) -> str:

@@ -36,6 +36,7 @@ from tests.harness import wait_until
 HOLD_S = 90  # the cold-start hold: every answer here must come well before it
 QUICK_S = 30
 BROKEN, GOING, FIRST, IDLE, CRASHED = "broken", "going", "first", "idle", "x-hub"
+NONE = "none"  # max_workers 0: READY, and no replica ever comes
 SHARED = "shared"  # public: another team may call it
 REASON = "pulling image 'registry.example/nope:1' failed: manifest unknown"
 LOG_TAIL = "Traceback (most recent call last):\n  secret=hunter2"
@@ -48,7 +49,12 @@ CRASH_TAIL = (  # as vLLM ends: the cause, then a last exception that only point
 
 
 def seed_bare(
-    data_dir: Path, name: str, status: EndpointStatus, reason: str | None, public: bool = False
+    data_dir: Path,
+    name: str,
+    status: EndpointStatus,
+    reason: str | None,
+    public: bool = False,
+    max_replicas: int = 1,
 ) -> None:
     """An endpoint row of team t1 with no replica at all."""
     engine = open_engine(data_dir / "appliance.db")
@@ -65,6 +71,8 @@ def seed_bare(
                 status=status,
                 status_reason=reason,
                 public_inference=public,
+                min_replicas=min(max_replicas, 1),
+                max_replicas=max_replicas,
             )
         )
     engine.dispose()
@@ -88,6 +96,7 @@ def _seed(data_dir: Path, address: str) -> None:
     seed_bare(data_dir, IDLE, EndpointStatus.READY, None)  # scaled to zero
     seed_bare(data_dir, CRASHED, EndpointStatus.UPDATE_FAILED, f"{CRASH}\n{CRASH_TAIL}")
     seed_bare(data_dir, SHARED, EndpointStatus.UPDATE_FAILED, f"{REASON}\n{LOG_TAIL}", public=True)
+    seed_bare(data_dir, NONE, EndpointStatus.READY, None, max_replicas=0)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +159,17 @@ def test_another_team_is_told_only_that_a_public_endpoint_failed(bed: Bed, entry
 def test_an_endpoint_being_deleted_is_refused_at_once(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]
     down(send(bed, bed.key(), GOING, {tokens_field(entry): 1}), family, "is being deleted")
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_an_endpoint_whose_max_workers_is_0_is_refused_at_once(bed: Bed, entry: str) -> None:
+    """It runs no replica, so a request would hold for the whole cold-start wait and then be
+    told to retry shortly: it is told at once what keeps it down and how to change it."""
+    send, family, _ = ENTRIES[entry]
+    began = time.monotonic()
+    reply = send(bed, bed.key(), NONE, {tokens_field(entry): 1})
+    assert time.monotonic() - began < QUICK_S  # well under the hold
+    down(reply, family, "max_workers is 0", f"PUT /v1/model-endpoints/end_{NONE}")
 
 
 def test_a_stream_to_a_failed_endpoint_gets_a_plain_503(bed: Bed) -> None:
