@@ -173,7 +173,10 @@ def _operate(args: argparse.Namespace, settings: Settings) -> None:
             if args.command == "export":
                 text = declared.export(base, key, args.format)
                 if args.output:
-                    args.output.write_text(text)
+                    try:
+                        args.output.write_text(text)
+                    except OSError as exc:
+                        raise declared.ClientError(f"cannot write {args.output}: {exc}") from None
                 else:
                     sys.stdout.write(text)
             else:

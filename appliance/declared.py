@@ -37,8 +37,13 @@ def access(settings: Settings, url: str | None, key: str | None, key_file: Path 
     """(base URL, key): the options, else this box's api and the admin key it keeps."""
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     base = (url or f"http://{host}:{settings.port}").rstrip("/")
-    if key_file is not None:
-        key = key_file.read_text().strip()
+    if key_file is not None:  # never the admin key instead of a file that holds none
+        try:
+            key = key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(f"cannot read the key file {key_file}: {exc}") from None
+        if not key:
+            raise ClientError(f"the key file {key_file} is empty")
     key = key or settings.admin_key
     if not key:
         kept = settings.data_dir / "admin-key"

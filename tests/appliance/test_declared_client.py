@@ -7,11 +7,13 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance import declared
+from appliance import cli, declared
+from appliance.settings import Settings
 
 PROBLEMS = [
     {"type": "missing", "loc": ["body", "keys", 0, "user"], "msg": "Field required", "input": {}},
@@ -29,6 +31,24 @@ def refusing(detail: Any) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             body = json.dumps({"detail": detail}).encode()
             self.send_response(422)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def exporting() -> type[BaseHTTPRequestHandler]:
+    """An api whose `GET /v1/config` holds nothing."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"version": 1, "endpoints": [], "keys": []}).encode()
+            self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -66,3 +86,35 @@ def test_a_refusal_listing_problems_names_each_place_in_the_file(
     assert str(refused.value) == (
         "the api answered 422: endpoints[1].max_workers: Input should be >= 0"
     )
+
+
+def test_a_key_file_that_cannot_be_read_or_is_empty_is_refused_not_replaced(
+    tmp_path: Path,
+) -> None:
+    """A missing or empty --key-file is an error in words, never a traceback, and never the
+    admin key kept in the data directory in its place (which would act for every team)."""
+    settings = Settings(data_dir=tmp_path)
+    (tmp_path / "admin-key").write_text("mea_000000000001_adminadminadminadmin\n")
+    with pytest.raises(declared.ClientError, match="cannot read the key file"):
+        declared.access(settings, None, None, tmp_path / "missing")
+    empty = tmp_path / "team.key"
+    empty.write_text("\n")
+    with pytest.raises(declared.ClientError, match="is empty"):
+        declared.access(settings, None, None, empty)
+    empty.write_text("mea_000000000002_teamteamteamteamteam\n")
+    _, key = declared.access(settings, None, None, empty)
+    assert key == "mea_000000000002_teamteamteamteamteam"
+
+
+def test_export_to_a_file_it_cannot_write_says_so(
+    api: tuple[HTTPServer, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, base = api
+    server.RequestHandlerClass = exporting()
+    key = tmp_path / "k"
+    key.write_text("k")
+    out = tmp_path / "no-such-dir" / "config.yaml"
+    argv = ["export", "--url", base, "--key-file", str(key), "-o", str(out)]
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    assert str(ended.value).startswith(f"appliance export: cannot write {out}")
