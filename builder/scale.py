@@ -81,7 +81,7 @@ def decide(endpoint: Endpoint, load: Load, history: History, now: float) -> Deci
     quiet = not activity or now - max(activity) >= endpoint.idle_timeout_s
     idle = quiet and busy == 0 and not demanded
     floor = endpoint.min_replicas if idle else max(endpoint.min_replicas, 1)
-    raw = max(floor, min(max(raw, floor), endpoint.max_replicas))
+    raw = max(endpoint.min_replicas, min(max(raw, floor), endpoint.max_replicas))
     if idle:  # the idle timeout is the window for going to the minimum
         kept: History = ((now, raw),)
         wanted = raw

@@ -128,3 +128,11 @@ def test_scaling_up_names_its_cause_when_no_request_waits() -> None:
     raised = endpoint(min_replicas=2, desired_replicas=0)
     floor = decide(raised, Load(), ((T0, 0),), T0)
     assert floor.desired == 2 and floor.reason and "its minimum is 2" in floor.reason
+
+
+def test_an_endpoint_whose_max_is_zero_never_wants_a_replica() -> None:
+    """max_workers 0 runs nothing: a request, a create or an update wants no replica of it, and
+    no event says it scaled."""
+    none = endpoint(min_replicas=0, max_replicas=0, desired_replicas=0, created_at=T0)
+    asked = decide(none, Load(demand_at=T0 + 1, last_request_at=T0 + 1), ((T0, 0),), T0 + 2)
+    assert asked.desired == 0 and asked.reason is None
