@@ -126,9 +126,10 @@ def test_an_uploaded_file_is_listed_without_a_reload(
     assert os.listdir(models) == ["small.gguf"]
 
 
-def seed_replicaless(appliance: Appliance, name: str, desired: int) -> str:
+def seed_replicaless(appliance: Appliance, name: str, desired: int, most: int = 1) -> str:
     """An endpoint that may scale to zero, with no replica row: `desired` 0 is scaled to zero,
-    1 is a first deploy (or a request waking it) whose replica the builder has not made yet."""
+    1 is a first deploy (or a request waking it) whose replica the builder has not made yet;
+    `most` its max replicas."""
     engine = open_engine(appliance.data_dir / "appliance.db")
     with session_scope(engine) as session:
         session.add(
@@ -142,6 +143,7 @@ def seed_replicaless(appliance: Appliance, name: str, desired: int) -> str:
                 endpoint_type="streaming",
                 status=EndpointStatus.UPDATE_PENDING if desired else EndpointStatus.READY,
                 min_replicas=0,
+                max_replicas=most,
                 desired_replicas=desired,
             )
         )
@@ -159,6 +161,10 @@ def test_a_replica_on_its_way_is_not_called_scaled_to_zero(api_only: Appliance, 
     assert "1 starting" in replicas
     page.goto(f"{api_only.url}/ui/endpoints/{idle}")
     assert "scaled to zero; the first request starts one" in page.inner_text("[data-no-replicas]")
+    none = seed_replicaless(api_only, "none", desired=0, most=0)  # no request starts one
+    page.goto(f"{api_only.url}/ui/endpoints/{none}")
+    replicas = page.inner_text("[data-no-replicas]")
+    assert "max replicas is 0" in replicas and "the first request starts one" not in replicas
 
 
 def test_a_page_left_open_on_an_endpoint_that_is_gone_offers_no_actions(
