@@ -239,8 +239,7 @@ def restart_endpoint(
     endpoint: Endpoint, caller: Caller, session: Session, state: AppState, *, address: str | None
 ) -> None:
     """A rolling restart: a new generation with the same spec replaces every replica."""
-    if endpoint.status in BUSY:
-        raise OperationInProgressError(f"endpoint {endpoint.name!r} is {endpoint.status}")
+    check_not_busy(endpoint)
     endpoint.generation += 1
     endpoint.status, endpoint.status_reason = EndpointStatus.UPDATE_PENDING, None
     endpoint.updated_at = time.time()

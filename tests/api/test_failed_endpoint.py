@@ -172,6 +172,13 @@ def test_an_endpoint_whose_max_workers_is_0_is_refused_at_once(bed: Bed, entry: 
     down(reply, family, "max_workers is 0", f"PUT /v1/model-endpoints/end_{NONE}")
 
 
+def test_a_restart_of_an_endpoint_still_deploying_says_what_to_wait_for(bed: Bed) -> None:
+    """As an update is: a 409 that says until when, not only the status it has."""
+    reply = bed.admin.post(f"/v1/model-endpoints/end_{FIRST}/restart")
+    assert reply.status_code == 409, reply.text
+    assert "wait until it is READY or UPDATE_FAILED" in reply.json()["detail"], reply.text
+
+
 def test_a_stream_to_a_failed_endpoint_gets_a_plain_503(bed: Bed) -> None:
     body = chat_body(BROKEN, {}, stream=True)
     reply = httpx.post(
