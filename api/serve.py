@@ -68,7 +68,9 @@ def _protocol(app: FastAPI, settings: Settings) -> Callable[..., asyncio.Protoco
             settings.max_head_bytes,
             per_address,
         )
-    return plain_protocol(settings.max_head_bytes, AddressGate(per_address))
+    return plain_protocol(
+        settings.max_head_bytes, AddressGate(per_address), settings.header_timeout_s
+    )
 
 
 def main(settings: Settings) -> None:

@@ -169,8 +169,9 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         le=3600,
-        description="A request's head must arrive within this from its first byte (and its "
-        "body keep arriving); an idle connection is closed after uvicorn's 5 s keep-alive.",
+        description="A request's head must arrive within this from its first byte, and its "
+        "body bring at least 16 KiB (or its rest) in each such interval, or it is answered 408 "
+        "and its connection closed; an idle connection is closed after uvicorn's 5 s keep-alive.",
     )
     max_connections: int = Field(
         4096, ge=16, le=1_000_000, description="Connections the api holds at most; more are closed."

@@ -29,7 +29,7 @@ from uvicorn.server import ServerState
 from api.deps import parse_key
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
-from api.lane.glue import AddressGate, hand_over
+from api.lane.glue import BODY_PACE_BYTES, LINGER_S, AddressGate, hand_over, too_slow_reply
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
 from forwarder.scan import SP, digits, field, named, starts
@@ -237,6 +237,7 @@ class FrontProtocol(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None  # armed once, re-armed when it fires
         self.idle_since: float | None = None  # loop time the last reply ended; None: busy
         self.head_since: float | None = None  # loop time a request began arriving; None: none
+        self.paced = 0  # bytes of its body since `head_since` last moved (`BODY_PACE_BYTES`)
         self.write_paused = False
         self.reading_paused = False  # by this protocol, for pipelined bytes past the limit
         self.closing = False
@@ -264,12 +265,18 @@ class FrontProtocol(asyncio.Protocol):
             call.client_gone()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing and self.call is None:
+            return  # refused: what still comes is dropped
         self.idle_since = None
-        if self.call is None and (self.need or self.head_since is None):
-            self.head_since = self.loop.time()  # a head from its first byte, a body per read
+        if self.call is None and self.head_since is None:
+            self.head_since = self.loop.time()  # a head from its first byte
         if self.need:
             self.more.append(data)
             self.have += len(data)
+            self.paced += len(data)
+            if self.paced >= BODY_PACE_BYTES:  # a body: that many bytes each header timeout
+                self.head_since = self.loop.time()
+                self.paced = 0
             if self.have < self.need:
                 return
             self.buffer = b"".join([self.buffer, *self.more])
@@ -346,7 +353,7 @@ class FrontProtocol(asyncio.Protocol):
                     # makes this process hold a body (up to max_body_bytes on each connection)
                     self._hand_over()
                     return
-                self.need, self.have = total, len(buf)
+                self.need, self.have, self.paced = total, len(buf), 0
                 return
             self.consumed = total
             self.head_since = None
@@ -402,8 +409,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def _idle_timeout(self) -> None:
         """Close a connection idle for uvicorn's keep-alive timeout, or whose request has not
-        arrived within the header timeout; busy or lately active, look again when it could
-        be."""
+        arrived within the header timeout (its body: BODY_PACE_BYTES a timeout, or a 408);
+        busy or lately active, look again when it could be."""
         self.idle_timer = None
         left: float
         if self.idle_since is not None:
@@ -415,7 +422,22 @@ class FrontProtocol(asyncio.Protocol):
         if left > 0:
             self.idle_timer = self.loop.call_later(left, self._idle_timeout)
         elif self.transport is not None and not self.transport.is_closing():
+            if self.need and self.call is None:  # a body too slow: told so (a head is not)
+                self._too_slow(self.transport)
+                return
             self.transport.close()
+
+    def _too_slow(self, transport: asyncio.Transport) -> None:
+        """The 408 of a body that came too slowly; the connection closes once the client has
+        had LINGER_S to read it, and what it still sends is dropped (`closing`)."""
+        self.closing = True
+        timeout = self.heads.header_timeout_s
+        transport.write(too_slow_reply(self.server_state.default_headers, timeout))
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.idle_timer = self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
 
     # api.inference.call.Client
     def _prefix(self, status: int, headers: Headers) -> bytes:

@@ -37,6 +37,27 @@ MAX_HEAD_BYTES = 64 * 1024  # `Settings.max_head_bytes`'s default
 LINGER_S = 1.0
 TOO_LARGE = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 TOO_MANY = http.HTTPStatus.TOO_MANY_REQUESTS
+TOO_SLOW = http.HTTPStatus.REQUEST_TIMEOUT
+# A request body must keep coming at this pace: at least so many bytes (or the rest of it) in
+# every header timeout. A body sent a byte at a time, each just within the timeout of the last,
+# held its connection for as long as it went on; a client this slow gets a 408 and the
+# connection closes. Time the server itself is not reading (its app has not taken what came)
+# is not held against the client.
+BODY_PACE_BYTES = 16 * 1024
+
+
+def too_slow_reply(default_headers: list[Any], timeout_s: float) -> bytes:
+    """The 408 for a body that came slower than BODY_PACE_BYTES a header timeout."""
+    message = (
+        f"the request body came too slowly: send at least {BODY_PACE_BYTES} bytes of it every "
+        f"{timeout_s:g} s (APPLIANCE_HEADER_TIMEOUT_S)"
+    )
+    body = json.dumps(openai_error(TOO_SLOW.value, message) | {"detail": message}).encode()
+    lines = [b"HTTP/1.1 %d %b\r\n" % (TOO_SLOW.value, TOO_SLOW.phrase.encode())]
+    lines.extend(b"%b: %b\r\n" % h for h in default_headers)
+    lines.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    lines.append(b"connection: close\r\n\r\n")
+    return b"".join(lines) + body
 
 
 class AddressGate:
@@ -96,7 +117,10 @@ def address_of(transport: asyncio.BaseTransport) -> str | None:
 class HeadBoundProtocol(HttpToolsProtocol):
     """uvicorn's own protocol, with a bound on each request's head (its request line and
     headers): past `max_head_bytes` the request is answered 431 and the connection closed.
-    Counted per read, before httptools sees it, up to the blank line that ends the head."""
+    Counted per read, before httptools sees it, up to the blank line that ends the head.
+    And with the header timeout: a request's head must arrive whole within it from its first
+    byte (a connection that sends none, from its start), or the connection closes; its body
+    must then keep the pace of BODY_PACE_BYTES a timeout, or it is answered 408."""
 
     max_head_bytes = MAX_HEAD_BYTES
     head_bytes = 0  # of the head being read; -1 while a body is
@@ -104,12 +128,66 @@ class HeadBoundProtocol(HttpToolsProtocol):
     refused = False  # a 431 was sent: what arrives now is dropped
     linger: asyncio.TimerHandle | None = None
     gate: AddressGate | None = None
+    header_timeout_s = 10.0  # a request's head must arrive within this, from its first byte
+    head_timer: asyncio.TimerHandle | None = None  # the head's deadline, or the body's pace
+    body_bytes = -1  # of the body since the pace was last checked; -1 while a head is read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         if self.gate is not None and not self.gate.admit(transport):
             self.refused = True
             self.gate.refuse(transport, self.server_state.default_headers)
+            return
+        self.await_head()
+
+    def on_message_begin(self) -> None:
+        self.await_head()
+        super().on_message_begin()
+
+    def await_head(self) -> None:
+        """Close the connection unless a whole head arrives within the header timeout."""
+        self.body_bytes = -1
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self._late)
+
+    def _stop_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        super().on_body(body)
+
+    def _late(self) -> None:
+        """The header timeout passed: a head not in yet closes its connection; a body that
+        brought less than BODY_PACE_BYTES meanwhile, while the server read on, is a 408."""
+        self.head_timer = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if self.body_bytes < 0:
+            transport.close()
+            return
+        cycle = self.cycle
+        if (
+            self.body_bytes >= BODY_PACE_BYTES
+            or self.flow.read_paused  # the app has not taken what came: not the client's fault
+            or (cycle is not None and cycle.waiting_for_100_continue)  # nor a body not asked yet
+        ):
+            self.body_bytes = 0
+            self._arm()
+            return
+        self.refused = True  # what arrives now is dropped
+        if cycle is not None and cycle.response_started:
+            transport.close()  # a reply under way: cut
+            return
+        timeout = self.header_timeout_s
+        self.answer_and_close(too_slow_reply(self.server_state.default_headers, timeout))
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -126,10 +204,13 @@ class HeadBoundProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.head_bytes, self.head_tail = -1, b""
+        self.body_bytes = 0  # the body's pace from now
+        self._arm()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self.head_bytes, self.head_tail = 0, b""  # a next request's head may follow
+        self._stop_timer()
         super().on_message_complete()
 
     def refuse_head(self) -> None:
@@ -147,7 +228,13 @@ class HeadBoundProtocol(HttpToolsProtocol):
         lines.extend(b"%b: %b\r\n" % h for h in self.server_state.default_headers)
         lines.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         lines.append(b"connection: close\r\n\r\n")
-        transport.write(b"".join(lines) + body)
+        self.answer_and_close(b"".join(lines) + body)
+
+    def answer_and_close(self, reply: bytes) -> None:
+        """Write `reply`, then close once the client has had LINGER_S to read it (what it still
+        sends meanwhile is dropped: `refused`)."""
+        transport = self.transport
+        transport.write(reply)
         if transport.can_write_eof():
             transport.write_eof()
             self.linger = self.loop.call_later(LINGER_S, transport.close)
@@ -155,6 +242,7 @@ class HeadBoundProtocol(HttpToolsProtocol):
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -175,7 +263,7 @@ def head_end(tail: bytes, data: bytes) -> int:
 
 
 def plain_protocol(
-    max_head_bytes: int, gate: AddressGate | None = None
+    max_head_bytes: int, gate: AddressGate | None = None, header_timeout_s: float = 10.0
 ) -> Callable[..., HeadBoundProtocol]:
     """What uvicorn should make each connection's protocol with when the lane is off."""
 
@@ -190,6 +278,7 @@ def plain_protocol(
         )
         protocol.max_head_bytes = max_head_bytes
         protocol.gate = gate
+        protocol.header_timeout_s = header_timeout_s
         return protocol
 
     return make
@@ -202,36 +291,10 @@ class GeneralProtocol(HeadBoundProtocol):
 
     between = False  # the last request was read to its end and no next one has begun
     give_back: GiveBack | None = None
-    header_timeout_s = 10.0  # a request's head must arrive within this, from its first byte
-    head_timer: asyncio.TimerHandle | None = None
 
     def on_message_begin(self) -> None:
         self.between = False
-        self.await_head()
         super().on_message_begin()
-
-    def await_head(self) -> None:
-        """Close the connection unless a whole head arrives within the header timeout."""
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
-
-    def _head_late(self) -> None:
-        self.head_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-    def on_headers_complete(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        super().on_headers_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        super().connection_lost(exc)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

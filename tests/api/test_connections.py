@@ -6,6 +6,7 @@ are served throughout (their p99 is printed, not asserted)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import selectors
 import socket
@@ -166,6 +167,89 @@ def test_one_address_holds_at_most_its_share_of_connections(tmp_path: Path, lane
         )
     finally:
         for sock in held:
+            sock.close()
+        print(api.logs())
+        api.stop()
+        redis.stop()
+
+
+PACE_TIMEOUT_S = 2
+TRICKLED = 100_000  # each body's length: far more than trickles in before the cut
+
+
+def slow_heads() -> dict[str, bytes]:
+    """A head for each way a body is read: the lane's (an inference route with a valid key),
+    uvicorn's protocol (a management route), and a route that needs no key (the UI's sign-in)."""
+    key = b"authorization: Bearer " + ADMIN_KEY.encode() + b"\r\n"
+    json_type = b"content-type: application/json\r\n"
+    return {
+        "inference": b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n" + key + json_type,
+        "management": b"POST /v1/llm/model-endpoints HTTP/1.1\r\nhost: x\r\n" + key + json_type,
+        "sign-in": b"POST /ui/sign-in HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/x-www-form-urlencoded\r\n",
+    }
+
+
+@pytest.mark.parametrize("lane", ["true", "false"])
+def test_a_body_that_trickles_in_is_answered_408_and_closed(tmp_path: Path, lane: str) -> None:
+    """A body sent a byte at a time, each within the header timeout of the last, held its
+    connection as long as the client went on (a few addresses could hold every connection):
+    a body must bring 16 KiB a header timeout, or it is answered 408 and closed, on every
+    route, keyed or not, the lane on and off. A body that keeps that pace is read whole."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {"APPLIANCE_HEADER_TIMEOUT_S": str(PACE_TIMEOUT_S), "APPLIANCE_FAST_LANE": lane}
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    socks: dict[str, socket.socket] = {}
+    try:
+        # the key found valid once: the lane then reads a body itself (else uvicorn's does)
+        known = httpx.post(
+            api.url + "/v1/chat/completions",
+            json={"model": "none", "messages": []},
+            headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        assert known.status_code == 404, known.text
+        for name, head in slow_heads().items():
+            sock = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+            sock.sendall(head + b"content-length: %d\r\n\r\n{" % TRICKLED)
+            sock.setblocking(False)
+            socks[name] = sock
+        answers = {name: b"" for name in socks}
+        ended: dict[str, float] = {}
+        began = time.monotonic()
+        while len(ended) < len(socks) and time.monotonic() - began < 8 * PACE_TIMEOUT_S:
+            for name, sock in socks.items():
+                if name in ended:
+                    continue
+                with contextlib.suppress(OSError):
+                    sock.send(b" ")
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    continue  # nothing yet
+                except OSError:
+                    chunk = b""
+                answers[name] += chunk
+                if not chunk:
+                    ended[name] = time.monotonic() - began
+            time.sleep(0.5)
+        for name in socks:
+            assert name in ended, f"{name}: still open after {8 * PACE_TIMEOUT_S} s"
+            assert answers[name].startswith(b"HTTP/1.1 408 "), (name, answers[name][:300])
+            assert b"request body came too slowly" in answers[name], answers[name]
+        print(f"trickled bodies cut after {ended} s (header timeout {PACE_TIMEOUT_S} s)")
+
+        # 20 KiB a second: slow, but at the pace; read whole and answered (the model is unknown)
+        body = json.dumps({"model": "none", "messages": [], "pad": "x" * 60_000}).encode()
+        with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
+            head = slow_heads()["inference"] + b"content-length: %d\r\n\r\n" % len(body)
+            sock.sendall(head)
+            for at in range(0, len(body), 20_000):
+                sock.sendall(body[at : at + 20_000])
+                time.sleep(1)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 404 "), answer[:300]
+    finally:
+        for sock in socks.values():
             sock.close()
         print(api.logs())
         api.stop()

@@ -35,6 +35,7 @@ def test_uvicorns_protocol_still_has_what_the_lane_uses() -> None:
         "on_message_complete",
         "on_response_complete",
         "on_headers_complete",
+        "on_body",
         "connection_lost",
     ):
         assert callable(getattr(HttpToolsProtocol, hook)), hook
@@ -54,13 +55,18 @@ def test_uvicorns_protocol_still_has_what_the_lane_uses() -> None:
         )
         protocol.connection_made(Transport())
         assert isinstance(protocol.pipeline, object) and len(protocol.pipeline) == 0
-        assert protocol.flow.write_paused is False
+        assert protocol.flow.write_paused is False and protocol.flow.read_paused is False
         assert protocol in state.connections
         assert isinstance(config.timeout_keep_alive, int | float)
         assert protocol.cycle is None  # a 431 is written only with no reply under way
 
-    # what HeadBoundProtocol asks of a reply under way when a next head is too long
-    assert {"keep_alive"} <= set(inspect.signature(RequestResponseCycle.__init__).parameters)
+    # what HeadBoundProtocol asks of a reply under way when a next head is too long, and of a
+    # request whose body comes too slowly (whether it was asked for yet, whether a reply began)
+    assert {"keep_alive", "expect_100_continue"} <= set(
+        inspect.signature(RequestResponseCycle.__init__).parameters
+    )
+    source = inspect.getsource(RequestResponseCycle.__init__)
+    assert "self.waiting_for_100_continue" in source and "self.response_started" in source
     asyncio.run(made())
 
 
