@@ -196,6 +196,17 @@ def response_usage(input_tokens: int, output_tokens: int) -> Json:
     )
 
 
+def check_context(limit: int | None) -> None:
+    """vLLM refuses a request asking for more tokens than the model's context holds."""
+    if limit is not None and limit > Handler.max_model_len:
+        raise ApiError(
+            400,
+            "BadRequestError",
+            f"'max_tokens' or 'max_completion_tokens' is too large: {limit}. This model's "
+            f"maximum context length is {Handler.max_model_len} tokens.",
+        )
+
+
 class ApiError(Exception):
     def __init__(self, code: int, kind: str, message: str) -> None:
         super().__init__(message)
@@ -210,6 +221,7 @@ class Handler(BaseHTTPRequestHandler):
     pooling = False  # serves /v1/embeddings only (`pooling`), else chat and completions only
     api_key: str | None = None
     quiet = False
+    max_model_len = 1_048_576  # the model's context (`--max-model-len`, else this)
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.quiet:
@@ -305,10 +317,13 @@ class Handler(BaseHTTPRequestHandler):
             raw = req.get("prompt")
             if raw is None:
                 raise ApiError(400, "BadRequestError", "`prompt` is required.")
+            if not isinstance(raw, str | list) or not raw:  # as vLLM's request model refuses
+                raise ApiError(400, "BadRequestError", "`prompt` must be a text or a list.")
             prompt = raw if isinstance(raw, str) else " ".join(map(str, raw))
         limit = req.get("max_completion_tokens") or req.get("max_tokens")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ApiError(400, "BadRequestError", "`max_tokens` must be a positive integer.")
+        check_context(limit)
         n = limit or DEFAULT_MAX_TOKENS
         finish = "length" if limit else "stop"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -377,6 +392,7 @@ class Handler(BaseHTTPRequestHandler):
         limit = req.get("max_output_tokens")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ApiError(400, "BadRequestError", "`max_output_tokens` must be positive.")
+        check_context(limit)
         if req.get("previous_response_id") is not None:
             rid = req["previous_response_id"]
             raise ApiError(404, "NotFoundError", f"Response with id '{rid}' not found.")
@@ -519,6 +535,7 @@ def main(argv: list[str]) -> int:
     Handler.engine = Engine(args.max_num_seqs)
     Handler.names = args.served_model_name or [model]
     Handler.pooling = pooling(model)
+    Handler.max_model_len = args.max_model_len or Handler.max_model_len
     Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")
     Handler.quiet = args.uvicorn_log_level not in ("debug", "info", "trace")
     print(f"INFO vLLM stand-in: model={model} served={Handler.names} args={vars(args)}", flush=True)

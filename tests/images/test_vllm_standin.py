@@ -168,6 +168,45 @@ def test_completions_endpoint(url: str) -> None:
     assert r.json()["usage"]["total_tokens"] == 6
 
 
+def test_a_prompt_or_a_token_count_vllm_refuses_is_a_400(url: str) -> None:
+    """As vLLM's request model and its context check answer them: a 400, the server serving on
+    (where the stand-in's handler failed and dropped the connection, or generated for hours)."""
+    for prompt in (-1, True, 2**64, {}, ""):
+        body = {"model": "beta", "prompt": prompt, "max_tokens": 1}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+        assert r.status_code == 400, (prompt, r.text)
+    r = chat(url, max_tokens=2**64)
+    assert r.status_code == 400 and "maximum context length" in r.text, r.text
+    body = {"model": "alpha", "input": "hi", "max_output_tokens": 10**9}
+    assert httpx.post(f"{url}/v1/responses", json=body, timeout=10).status_code == 400
+    assert chat(url, max_tokens=2).status_code == 200
+
+
+def test_a_response_whole_and_streamed_as_vllm_sends_it(url: str) -> None:
+    """vLLM's Responses API: a response with its usage by that API's names; a stream of named,
+    numbered events ending in `response.completed` with the same text and usage, no [DONE]."""
+    body = {
+        "model": "alpha",
+        "input": [{"role": "user", "content": PROMPT}],
+        "max_output_tokens": 3,
+    }
+    whole = httpx.post(f"{url}/v1/responses", json=body, timeout=30).json()
+    assert whole["object"] == "response" and whole["status"] == "incomplete", whole
+    text = whole["output"][0]["content"][0]["text"]
+    assert len(text.split()) == 3 and whole["usage"]["output_tokens"] == 3
+    with httpx.stream("POST", f"{url}/v1/responses", json=body | {"stream": True}) as r:
+        raw = r.read()
+    assert b"[DONE]" not in raw
+    events = [block.split(b"\n") for block in raw.split(b"\n\n") if block]
+    kinds = [lines[0].removeprefix(b"event: ").decode() for lines in events]
+    data = [json.loads(lines[1].removeprefix(b"data: ")) for lines in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    deltas = "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta")
+    assert deltas == data[-1]["response"]["output"][0]["content"][0]["text"] == text
+    assert data[-1]["response"]["usage"] == whole["usage"]
+
+
 def test_unknown_model_is_404_and_bad_json_is_400(url: str) -> None:
     r = chat(url, model="nope")
     assert r.status_code == 404
