@@ -15,6 +15,8 @@ from appliance.errors import ForbiddenError, InvalidSpecError
 from appliance.keys import Caller
 from appliance.models import AuditEntry
 
+MANAGE = "manage"  # the scope that reads a team's usage; without it, a key reads its own
+
 DEFAULT_SPAN_S = 7 * 86400
 
 MAX_SPAN_S = 400 * 86400
@@ -31,11 +33,19 @@ def usage_query(
     granularity: str,
     now: float,
 ) -> usage.Query:
-    """The read a caller may make: its own team's rows unless it is an admin; whole periods."""
+    """The read a caller may make: its own team's rows unless it is an admin, its own key's
+    alone without the `manage` scope (an inference-only key learns what it used itself);
+    whole periods."""
     if team is not None and not caller.owns(team):
         raise ForbiddenError("only an administrator may read another team's usage")
     if not caller.is_admin:
         team = caller.team  # a team's key reads its own rows only
+    if not caller.can(MANAGE):
+        if key is not None and key != caller.key_id:
+            raise ForbiddenError(
+                f"a key without the {MANAGE!r} scope reads its own usage only: leave `key` out"
+            )
+        key = caller.key_id
     step = usage.GRANULARITIES[granularity]
     # rounded up to a whole period, but never past the last one shown in year 9999
     stop = min(math.ceil((end if end is not None else now) / step), LAST_STAMP // step) * step

@@ -215,3 +215,34 @@ def test_refused_sign_ins_cannot_flood_the_log(api_only: Appliance) -> None:
     summary = entries(admin, action="session.sign_in_refused", limit=100)[0]
     assert summary["change"]["count"] == 21 and summary["address"] == "127.0.0.1"
     assert "21 more refused sign-ins from 127.0.0.1" in summary["change"]["reason"]
+
+
+def test_a_key_without_manage_reads_its_own_usage_only(api_only: Appliance) -> None:
+    """A key made for inference alone learns what it used itself (its rows, JSON or CSV), and
+    nothing of its team's other keys; a team's manage key still reads them all."""
+    admin = api_only.client()
+    made = {
+        name: admin.post("/v1/api-keys", json={"name": name, "team": "blue", "user": "bo"} | body)
+        for name, body in (("caller", {"scopes": ["inference"]}), ("manager", {}))
+    }
+    ids = {name: reply.json()["id"] for name, reply in made.items()}
+    hour = int(time.time()) // 3600 * 3600
+    with sqlite3.connect(api_only.data_dir / "appliance.db") as db:
+        for name, requests in (("caller", 3), ("manager", 5)):
+            db.execute(
+                "INSERT INTO usage (hour, team, key_id, endpoint, model, requests, "
+                "prompt_tokens, completion_tokens) VALUES (?, 'blue', ?, 'e', 'm', ?, 1, 2)",
+                (hour, ids[name], requests),
+            )
+    caller = api_only.client(made["caller"].json()["key"])
+    own = caller.get("/v1/usage")
+    assert own.status_code == 200, own.text
+    assert [(r["key_id"], r["requests"]) for r in own.json()["data"]] == [(ids["caller"], 3)]
+    assert own.json()["totals"]["requests"] == 3
+    csv_text = caller.get("/v1/usage", params={"format": "csv"}).text
+    assert ids["caller"] in csv_text and ids["manager"] not in csv_text
+    other = caller.get("/v1/usage", params={"key": ids["manager"]})
+    assert other.status_code == 403 and "own usage only" in other.json()["detail"], other.text
+    manager = api_only.client(made["manager"].json()["key"])
+    rows = manager.get("/v1/usage").json()["data"]
+    assert sorted(r["requests"] for r in rows) == [3, 5]
