@@ -250,33 +250,16 @@ def shape_for(framework: str, path: bytes) -> Shape | None:
 
 class Shape:
     """A reply made OpenAI's, as `forwarder/relay.py` applies it to a replica's 200 reply:
-    `whole` for a plain reply, or `feed`... `close` for a stream."""
+    `whole` for a plain reply (as it came, unless a subclass reshapes it), or `feed`...
+    `close` for a stream, whose complete events each pass through `_event`."""
+
+    buffer = b""  # a stream's incomplete event
 
     def whole(self, body: bytes) -> bytes:
         return body
 
     def feed(self, data: bytes) -> bytes:
-        return data
-
-    def close(self) -> bytes:
-        return b""
-
-
-class ResponsesShape(Shape):
-    """llama.cpp's Responses API stream made OpenAI's. Its events lack what OpenAI's SDK reads
-    to assemble the response as it streams (`client.responses.stream` fails on them): the
-    first events' response has no `output` list, no event has a `sequence_number`, and the
-    item and content events have no `output_index` or `content_index`. Each event gets the
-    ones it lacks, counted as the stream goes; what it has is kept. A whole reply is OpenAI's
-    already."""
-
-    def __init__(self) -> None:
-        self.buffer = b""  # an incomplete event
-        self.number = 0  # the next event's sequence number
-        self.item = -1  # the output item being streamed
-        self.part = -1  # its content part being streamed
-
-    def feed(self, data: bytes) -> bytes:
+        """A stream's bytes in, the reshaped events complete so far out (b"" when none)."""
         buffer = self.buffer + data if self.buffer else data
         out: list[bytes] = []
         start = 0
@@ -289,8 +272,26 @@ class ResponsesShape(Shape):
         return b"".join(out)
 
     def close(self) -> bytes:
+        """What the stream still owes once the replica's reply ended."""
         rest, self.buffer = self.buffer, b""
         return rest
+
+    def _event(self, event: bytes) -> bytes:
+        return event
+
+
+class ResponsesShape(Shape):
+    """llama.cpp's Responses API stream made OpenAI's. Its events lack what OpenAI's SDK reads
+    to assemble the response as it streams (`client.responses.stream` fails on them): the
+    first events' response has no `output` list, no event has a `sequence_number`, and the
+    item and content events have no `output_index` or `content_index`. Each event gets the
+    ones it lacks, counted as the stream goes; what it has is kept. A whole reply is OpenAI's
+    already."""
+
+    def __init__(self) -> None:
+        self.number = 0  # the next event's sequence number
+        self.item = -1  # the output item being streamed
+        self.part = -1  # its content part being streamed
 
     def _event(self, event: bytes) -> bytes:
         at = 0
@@ -328,7 +329,6 @@ class CompletionShape(Shape):
 
     def __init__(self, *, legacy: bool = True) -> None:
         self.legacy = legacy
-        self.buffer = b""  # a stream's incomplete event
         self.offsets: dict[int, int] = {}  # a choice's text offset so far
         self.held: Json | None = None  # a finishing chunk, with its choice's usage
         self.prompt_tokens = -1
@@ -351,21 +351,7 @@ class CompletionShape(Shape):
                 _set_usage(usage, usage.get("prompt_tokens"), completion * len(choices))
         return orjson.dumps(reply)
 
-    def feed(self, data: bytes) -> bytes:
-        """A stream's bytes in, the reshaped events complete so far out (b"" when none)."""
-        buffer = self.buffer + data if self.buffer else data
-        out: list[bytes] = []
-        start = 0
-        end = buffer.find(EVENT_END)
-        while end >= 0:
-            out.append(self._event(buffer[start : end + 2]))
-            start = end + 2
-            end = buffer.find(EVENT_END, start)
-        self.buffer = buffer[start:]
-        return b"".join(out)
-
     def close(self) -> bytes:
-        """What the stream still owes once the replica's reply ended."""
         rest, self.buffer = self.buffer, b""
         return self._release(last=True) + rest
 
