@@ -26,11 +26,13 @@ PROBLEMS = [
 ]
 
 
-def refusing(detail: Any) -> type[BaseHTTPRequestHandler]:
+def answering(method: str, status: int, reply: Any) -> type[BaseHTTPRequestHandler]:
+    """An api answering every request of `method` with `status` and `reply` as JSON."""
+
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.dumps({"detail": detail}).encode()
-            self.send_response(422)
+        def answer(self) -> None:
+            body = json.dumps(reply).encode()
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -39,25 +41,17 @@ def refusing(detail: Any) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:
             pass
 
+    setattr(Handler, f"do_{method}", Handler.answer)
     return Handler
+
+
+def refusing(detail: Any) -> type[BaseHTTPRequestHandler]:
+    return answering("POST", 422, {"detail": detail})
 
 
 def exporting() -> type[BaseHTTPRequestHandler]:
     """An api whose `GET /v1/config` holds nothing."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"version": 1, "endpoints": [], "keys": []}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    return Handler
+    return answering("GET", 200, {"version": 1, "endpoints": [], "keys": []})
 
 
 @pytest.fixture
