@@ -87,6 +87,8 @@ def prompts_refusal(prompts: int) -> BadRequestError | None:
 ZERO_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # The Responses API's media parts, which the server reads none of (no multimodal projector)
 RESPONSE_MEDIA_PARTS: Final = ("input_image", "input_audio")
+# Fields by which its server makes several responses to one (the Responses API has none)
+RESPONSE_SEQUENCE_FIELDS: Final = ("n", "n_cmpl")
 
 
 def _no_tokens(payload: Json) -> BadRequestError | None:
@@ -142,8 +144,10 @@ def chat_refusal(payload: object) -> BadRequestError | None:
 def responses_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a Responses API request llama.cpp's server would answer from nothing (an
     empty `input`), fail on with a 500 (an image or audio part: it reads none; a function tool
-    without its name), or ignore (`text.format` other than text: it constrains chats alone,
-    with `response_format`), or for no token (`_no_tokens`); None when it is fine."""
+    without its name), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of
+    responses, whose usage is counted for the last alone), or ignore (`text.format` other
+    than text: it constrains chats alone, with `response_format`), or for no token
+    (`_no_tokens`); None when it is fine."""
     if not isinstance(payload, dict):
         return None
     items = payload.get("input")
@@ -161,6 +165,15 @@ def responses_refusal(payload: object) -> BadRequestError | None:
         if isinstance(tool, dict) and not isinstance(tool.get("name"), str):
             where = f"tools[{at}].name"
             return BadRequestError(f"{where}: a function tool needs its name", field=where)
+    for name in RESPONSE_SEQUENCE_FIELDS:
+        asked = payload.get(name)
+        if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > 1:
+            return _unsupported(
+                name,
+                f"answer several responses to one request ({name}={asked}): their server "
+                "sends a list OpenAI's clients cannot read, its usage the last response's "
+                "alone; send one request per response",
+            )
     text = payload.get("text")
     form = text.get("format") if isinstance(text, dict) else None
     kind = form.get("type") if isinstance(form, dict) else None

@@ -396,6 +396,9 @@ def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
             "text.format",
         ),
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),  # it makes one
+        # several responses: a list of them, not the API's shape, counted for the last alone
+        ({"input": "hi", "n": 3}, "n"),
+        ({"input": "hi", "n_cmpl": 2.0}, "n_cmpl"),
     ],
 )
 def test_a_response_llamacpp_would_fail_on_or_ignore_is_refused_naming_it(
@@ -405,3 +408,4 @@ def test_a_response_llamacpp_would_fail_on_or_ignore_is_refused_naming_it(
     assert refused is not None and refused.field == field, refused
     fine = {"input": "hi", "tools": [{"type": "function", "name": "f"}], "text": {}}
     assert llama_cpp.responses_refusal(fine | {"text": {"format": {"type": "text"}}}) is None
+    assert llama_cpp.responses_refusal(fine | {"n": 1}) is None
