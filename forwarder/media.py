@@ -16,6 +16,9 @@ from appliance.errors import BadRequestError
 FRAMEWORK: Final = "vllm"
 URL_PARTS: Final = ("image_url", "audio_url", "video_url", "file_url")
 INLINE: Final = "data:"
+CONTENT: Final = ("content",)  # where a chat message holds its parts
+# where a response's input item does: a message's content, a function call's output
+ITEM_PARTS: Final = ("content", "output")
 
 
 def refusal(payload: Any) -> BadRequestError | None:
@@ -26,7 +29,9 @@ def refusal(payload: Any) -> BadRequestError | None:
 
 def input_refusal(payload: Any) -> BadRequestError | None:
     """The same for a Responses API request: its `input` items' content parts (`input_image`'s
-    `image_url`, `input_file`'s `file_url`), and items given as parts themselves."""
+    `image_url`, `input_file`'s `file_url`), a function call's output given as parts (vLLM
+    reads them as a tool message's, fetching their URLs too), and items given as parts
+    themselves."""
     items = payload.get("input") if isinstance(payload, dict) else None
     if not isinstance(items, list):
         return None  # a text
@@ -34,18 +39,21 @@ def input_refusal(payload: Any) -> BadRequestError | None:
         refused = _part_refusal(item, f"input[{at}]")
         if refused is not None:
             return refused
-    return _items_refusal(items, "input")
+    return _items_refusal(items, "input", ITEM_PARTS)
 
 
-def _items_refusal(items: Any, field: str) -> BadRequestError | None:
+def _items_refusal(
+    items: Any, field: str, holders: tuple[str, ...] = CONTENT
+) -> BadRequestError | None:
     for at, item in enumerate(items if isinstance(items, list) else ()):
-        content = item.get("content") if isinstance(item, dict) else None
-        if not isinstance(content, list):
-            continue  # text: the usual chat
-        for index, part in enumerate(content):
-            refused = _part_refusal(part, f"{field}[{at}].content[{index}]")
-            if refused is not None:
-                return refused
+        for holder in holders:
+            content = item.get(holder) if isinstance(item, dict) else None
+            if not isinstance(content, list):
+                continue  # text: the usual chat
+            for index, part in enumerate(content):
+                refused = _part_refusal(part, f"{field}[{at}].{holder}[{index}]")
+                if refused is not None:
+                    return refused
     return None
 
 

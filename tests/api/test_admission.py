@@ -655,6 +655,20 @@ RESPONSES_REFUSED = [  # (fields, the field named, words of the message)
         "input[0].file_url",
         "",
     ),
+    (  # a function's output as parts: vLLM reads them as a tool message's, and fetches
+        {
+            "input": [
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {
+                    "type": "function_call_output",
+                    "call_id": "c",
+                    "output": [{"type": "input_image", "image_url": "http://169.254.169.254/"}],
+                },
+            ]
+        },
+        "input[1].output[0].image_url",
+        "fetch no URL",
+    ),
 ]
 
 
