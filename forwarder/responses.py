@@ -7,8 +7,8 @@ answer from state it may not have:
 
 - a replica keeps no responses (vLLM's store is off unless its server is told otherwise, and
   then each replica holds its own, lost when it stops): `previous_response_id`, `conversation`,
-  `store: true` and `background: true` (which needs the store) are refused; a client sends the
-  earlier turns in `input`, as with chat;
+  `store` and `background` (which needs the store) other than false are refused (vLLM reads
+  `"true"` and `1` as true); a client sends the earlier turns in `input`, as with chat;
 - a stored prompt template (`prompt`) names one kept by OpenAI;
 - the server runs no tool of its own here (web search, file search, code interpreter, computer
   use, MCP servers: vLLM runs them only with a tool server configured, and then reaches out to
@@ -34,7 +34,7 @@ STATEFUL: Final = {
     "conversation": NOT_KEPT,
     "prompt": "stored prompt templates are not kept here: send `instructions` and `input`",
 }
-FLAGS: Final = {  # refused when true
+FLAGS: Final = {  # refused unless absent, null or false (a server reads "true" or 1 as true)
     "store": NOT_KEPT + "; leave `store` out or send false",
     "background": "responses run while their request waits here (stream it, or batch many "
     "with POST /v1/batches); leave `background` out or send false",
@@ -52,7 +52,7 @@ def refusal(payload: Any) -> BadRequestError | None:
         if payload.get(field) is not None:
             return BadRequestError(f"{field}: {why}", field=field)
     for field, why in FLAGS.items():
-        if payload.get(field) is True:
+        if payload.get(field) not in (None, False):
             return BadRequestError(f"{field}: {why}", field=field)
     for field in TOKEN_FIELDS:
         if field in payload:

@@ -633,6 +633,8 @@ RESPONSES_REFUSED = [  # (fields, the field named, words of the message)
     ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
     ({"store": True}, "store", "leave `store` out or send false"),
     ({"background": True}, "background", "leave `background` out"),
+    ({"store": "true"}, "store", "send false"),  # vLLM reads "true" and 1 as true
+    ({"background": 1}, "background", "send false"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt", "stored prompt templates"),
     ({"max_tokens": 5}, "max_tokens", "limits a reply with `max_output_tokens`"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type", "'web_search' is a tool the server"),
