@@ -57,6 +57,12 @@ def apply_update(
     when the container they would run is another (`endpoint_specs.rolls`), or when asked."""
     before = spec_hash(endpoint, settings)
     sent = _sent(endpoint, req)
+    if "endpoint_type" in sent:
+        raise InvalidSpecError(
+            f"endpoint_type cannot be changed: this endpoint is {endpoint.endpoint_type!r}; "
+            f"create another endpoint for {req.endpoint_type!r}",
+            field="endpoint_type",
+        )
     server_args.check_fields(endpoint.framework, req, settings)
     endpoint_specs.check_remote_code(req, caller)
     if sent & set(MODEL_FIELDS):
@@ -163,6 +169,7 @@ def _current(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> dict[str, Any
         "memory": endpoint.memory_bytes,
         "force_bundle_recreation": False,
         "source": "hugging_face",
+        "endpoint_type": endpoint.endpoint_type,
     }
     return now
 

@@ -284,6 +284,9 @@ class UpdateLLMEndpointRequest(_Storable, _VllmArgs, _AcceptedAndStored, _Applia
     public_inference: bool | None = None
     force_bundle_recreation: bool | None = None
     source: Literal["hugging_face"] | None = None  # LLM Engine's client sends null
+    endpoint_type: Literal["streaming", "sync", "async"] | None = Field(
+        None, description="As a GET shows it; it cannot be changed."
+    )
 
 
 # `order_by` of the endpoint lists, LLM Engine's ModelEndpointOrderBy (unset: oldest first)

@@ -157,3 +157,16 @@ def test_model_name_and_checkpoint_path_are_one_model(models: Path) -> None:
     update(endpoint, models, model_name="other.gguf", checkpoint_path="/models/gemma.gguf")
     assert endpoint.model == "/models/gemma.gguf"
     assert endpoint.extra["model_name"] == "other.gguf"
+
+
+def test_an_endpoint_type_sent_back_changes_nothing_and_another_is_refused(models: Path) -> None:
+    """A GET's `endpoint_type` sent back by a PUT was refused ("Extra inputs are not
+    permitted"); the same type is no change, another says it cannot be changed."""
+    endpoint = build(models, LLAMA)
+    assert not update(endpoint, models, endpoint_type="streaming", max_workers=1)
+    with pytest.raises(InvalidSpecError) as refused:
+        update(endpoint, models, endpoint_type="async")
+    assert refused.value.field == "endpoint_type"
+    assert "cannot be changed" in refused.value.message
+    assert endpoint.endpoint_type == "streaming"
+

@@ -112,6 +112,7 @@ NOT_UPDATED = {
     "command",
     "port",
     "healthcheck_route",
+    "endpoint_type",  # sent back as it is, or refused
 }
 
 
