@@ -336,8 +336,9 @@ def check_remote_code(
 
 
 def priority_of(priority: int | None, high_priority: bool | None, caller: Caller) -> int | None:
-    """`priority` wins; LLM Engine's high_priority means 10, false means 0. A priority above 0
-    decides whose replicas are evicted for whose, so only an administrator may give one."""
+    """LLM Engine's high_priority means 10, false means 0; sent beside a priority, the two must
+    agree (true: above 0). A priority above 0 decides whose replicas are evicted for whose, so
+    only an administrator may give one."""
     if priority is None and high_priority is not None:
         priority = HIGH_PRIORITY if high_priority else 0
     if priority is not None and priority > 0 and not caller.is_admin:
@@ -346,5 +347,11 @@ def priority_of(priority: int | None, high_priority: bool | None, caller: Caller
             f"{field} is for administrators: a priority above 0 lets an endpoint evict other "
             "teams' replicas; leave it out or ask an administrator",
             field=field,
+        )
+    if high_priority is not None and priority is not None and high_priority != (priority > 0):
+        raise InvalidSpecError(
+            f"high_priority: {str(high_priority).lower()} contradicts priority {priority} sent "
+            f"with it (high_priority: true is priority {HIGH_PRIORITY}, false is 0): send one",
+            field="high_priority",
         )
     return priority

@@ -170,3 +170,15 @@ def test_an_endpoint_type_sent_back_changes_nothing_and_another_is_refused(model
     assert "cannot be changed" in refused.value.message
     assert endpoint.endpoint_type == "streaming"
 
+
+def test_high_priority_beside_a_priority_that_is_not_high_is_refused(models: Path) -> None:
+    """high_priority: true with priority -5 made a priority of -5, saying nothing."""
+    fields = {"high_priority": True, "priority": -5}
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {**LLAMA, **fields})
+    assert refused.value.field == "high_priority"
+    endpoint = build(models, LLAMA)
+    with pytest.raises(InvalidSpecError) as refused:
+        update(endpoint, models, **fields)
+    assert refused.value.field == "high_priority"
+    assert endpoint.priority == 0
