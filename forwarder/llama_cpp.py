@@ -87,6 +87,10 @@ def prompts_refusal(prompts: int) -> BadRequestError | None:
 ZERO_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # The Responses API's media parts, which the server reads none of (no multimodal projector)
 RESPONSE_MEDIA_PARTS: Final = ("input_image", "input_audio")
+# Where an input item holds parts (a message's content, a function call's output), and the
+# text part, whose text its server fails on with a 500 when it is no string
+RESPONSE_PART_HOLDERS: Final = ("content", "output")
+RESPONSE_TEXT_PART: Final = "input_text"
 # Fields by which its server makes several responses to one (the Responses API has none)
 RESPONSE_SEQUENCE_FIELDS: Final = ("n", "n_cmpl")
 
@@ -143,7 +147,8 @@ def chat_refusal(payload: object) -> BadRequestError | None:
 
 def responses_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a Responses API request llama.cpp's server would answer from nothing (an
-    empty `input`), fail on with a 500 (an image or audio part: it reads none; a function tool
+    empty `input`), fail on with a 500 (an image or audio part, in a message or a function
+    call's output: it reads none; a text part whose text is no string; a function tool
     without its name), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of
     responses, whose usage is counted for the last alone), or ignore (`text.format` other
     than text: it constrains chats alone, with `response_format`), or for no token
@@ -154,12 +159,18 @@ def responses_refusal(payload: object) -> BadRequestError | None:
     if isinstance(items, list) and not items:
         return BadRequestError("input: a response needs a text or at least one item", field="input")
     for at, item in enumerate(items if isinstance(items, list) else ()):
-        content = item.get("content") if isinstance(item, dict) else None
-        for index, part in enumerate(content if isinstance(content, list) else ()):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in RESPONSE_MEDIA_PARTS:
-                where = f"input[{at}].content[{index}]"
-                return _unsupported(where, f"take {kind} parts: their server reads text only")
+        for holder in RESPONSE_PART_HOLDERS:
+            parts = item.get(holder) if isinstance(item, dict) else None
+            for index, part in enumerate(parts if isinstance(parts, list) else ()):
+                where = f"input[{at}].{holder}[{index}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in RESPONSE_MEDIA_PARTS:
+                    return _unsupported(where, f"take {kind} parts: their server reads text only")
+                if kind == RESPONSE_TEXT_PART and not isinstance(part.get("text"), str):
+                    return BadRequestError(
+                        f"{where}.text must be a string: a text part carries its text",
+                        field=f"{where}.text",
+                    )
     tools = payload.get("tools")
     for at, tool in enumerate(tools if isinstance(tools, list) else ()):
         if isinstance(tool, dict) and not isinstance(tool.get("name"), str):

@@ -396,6 +396,23 @@ def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
             "text.format",
         ),
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),  # it makes one
+        # what its server fails on with a 500: text that is no string, an image anywhere
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": None}]}]},
+            "input[0].content[0].text",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [{"type": "input_image", "image_url": "data:image/png;,"}],
+                    }
+                ]
+            },
+            "input[0].output[0]",
+        ),
         # several responses: a list of them, not the API's shape, counted for the last alone
         ({"input": "hi", "n": 3}, "n"),
         ({"input": "hi", "n_cmpl": 2.0}, "n_cmpl"),
