@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from web import charts, forms, rates, views
+import re
+from types import SimpleNamespace
+
+from web import charts, forms, rates, render, views
 
 
 def event(kind: str, message: str = "") -> dict[str, object]:
@@ -75,3 +78,27 @@ def test_bar_chart_shows_one_busy_bucket() -> None:
     assert not chart.empty and len(chart.bars) == 1
     assert chart.bars[0].x + chart.bars[0].width <= charts.WIDTH
     assert charts.bar_chart("Requests", "req/s", [(1.0, 0.0)], 0, 10, 10).empty
+
+
+def replicas_gpus_column(endpoint_gpus: int, replica_gpus: list[int]) -> str:
+    endpoint = SimpleNamespace(status="UPDATE_FAILED", status_reason=None, gpus=endpoint_gpus)
+    replica = {"id": "rep_1", "state": "failed", "gpus": replica_gpus, "generation": 1}
+    public = {
+        "replicas": [{**replica, "restarts": 0, "last_error": "exited 1"}],
+        "progress": None,
+        "deployment_state": {"available_workers": 0, "desired_workers": 1},
+    }
+    template = render.environment().get_template("_endpoint_live.html")
+    page = template.render(
+        endpoint=endpoint, public=public, steps=[], busy=False, charts=[], events=[]
+    )
+    row = re.search(r'<td class="mono">rep_1</td>.*?</td>\s*<td>([^<]*)</td>', page, re.S)
+    assert row is not None
+    return row.group(1)
+
+
+def test_a_gpu_replica_that_holds_no_gpus_is_not_shown_on_the_cpu() -> None:
+    """A failed replica of a GPU endpoint (its GPUs given back) showed "CPU"."""
+    assert replicas_gpus_column(1, []) == "—"
+    assert replicas_gpus_column(2, [0, 1]) == "0, 1"
+    assert replicas_gpus_column(0, []) == "CPU"
