@@ -4,6 +4,7 @@ form shows it. Used by `api.routes.ui`."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,6 +33,17 @@ FORM_FIELDS = {request: form for form, request in REQUEST_FIELDS.items()} | {
     "checkpoint_path": "model",
     "num_shards": "gpus",
 }
+# request field -> the label the form shows it under, for messages that name fields
+LABELS = {
+    "min_workers": "Min replicas",
+    "max_workers": "Max replicas",
+    "per_worker": "Requests per replica",
+    "max_model_len": "Context length",
+    "idle_timeout_seconds": "Idle timeout",
+    "cpus": "CPUs",
+    "gpus": "GPUs",
+}
+FIELD_NAMES = re.compile(r"\b(" + "|".join(LABELS) + r")\b")
 EDITABLE = (
     "model",
     "context",
@@ -129,6 +141,11 @@ def form_field(field: str | None) -> str:
     return FORM_FIELDS.get(field or "", "")
 
 
+def form_message(message: str) -> str:
+    """A message that names request fields, with the form's labels for them."""
+    return FIELD_NAMES.sub(lambda found: LABELS[found.group(1)], message)
+
+
 def validation_errors(errors: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """Pydantic's errors as {form field: message}, first message per field."""
     out: dict[str, str] = {}
@@ -145,6 +162,7 @@ def validation_errors(errors: Iterable[Mapping[str, Any]]) -> dict[str, str]:
             message = text.format(error["ctx"][bound])
         else:
             message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
+            message = form_message(message)
         out.setdefault(field, message)
     return out
 

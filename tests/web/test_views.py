@@ -68,6 +68,12 @@ def test_form_errors_land_on_form_fields() -> None:
     assert forms.form_field("min_workers") == "min_replicas"
     assert forms.form_field("checkpoint_path") == "model"
     assert forms.form_field("unknown") == ""
+    assert forms.form_message("min_workers must not exceed max_workers") == (
+        "Min replicas must not exceed Max replicas"
+    )
+    assert forms.form_message("cpus '64' is more than this box has") == (
+        "CPUs '64' is more than this box has"
+    )
     current = {"model": "m.gguf", "min_replicas": "1", "max_replicas": "1", "public": ""}
     changed = forms.update_request({**current, "max_replicas": "2"}, current)
     assert changed == {"max_workers": "2"}

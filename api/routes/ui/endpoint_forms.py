@@ -80,7 +80,9 @@ def create_endpoint_from_form(
         return _form_page(request, ui, state, form, forms.validation_errors(exc.errors()))
     except (InvalidSpecError, ConflictError) as exc:
         session.rollback()
-        return _form_page(request, ui, state, form, {forms.form_field(exc.field): exc.message})
+        return _form_page(
+            request, ui, state, form, {forms.form_field(exc.field): forms.form_message(exc.message)}
+        )
     return redirect(f"/ui/endpoints/{endpoint.id}")
 
 
@@ -118,7 +120,7 @@ def update_endpoint_from_form(
     except ValidationError as exc:
         errors = forms.validation_errors(exc.errors())
     except (InvalidSpecError, ConflictError) as exc:
-        errors = {forms.form_field(exc.field): exc.message}
+        errors = {forms.form_field(exc.field): forms.form_message(exc.message)}
     else:
         return redirect(f"/ui/endpoints/{endpoint_id}")
     session.rollback()  # apply_update changed the row in place before it found the error
