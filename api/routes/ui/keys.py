@@ -84,6 +84,11 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
     if days:
         # ASCII digits with at most one point: float() alone also takes other scripts' digits,
         # underscores (1_0 is 10), exponents and "inf"
+        if DAYS.fullmatch(days.removeprefix("-")) and (days[0] == "-" or not float(days)):
+            raise InvalidSpecError(
+                "Enter more than 0 days, or leave it empty for a key that never expires.",
+                field="expires",
+            )
         if not DAYS.fullmatch(days):
             raise InvalidSpecError("Enter a number of days.", field="expires")
         body["expires_in_seconds"] = int(float(days) * 86400)
