@@ -262,7 +262,10 @@ class Call:
         self.name = model
         self.payload = payload
         entry = self.entry
-        self.stream = payload.get("stream") is True if entry.stream < 0 else entry.stream > 0
+        stream = payload.get("stream")
+        if entry.stream < 0 and not isinstance(stream, bool | None):  # a server reads "true"
+            raise BadRequestError("stream must be true or false", field="stream")
+        self.stream = stream is True if entry.stream < 0 else entry.stream > 0
         self.path = entry.upstream
 
     def injects(self) -> str:

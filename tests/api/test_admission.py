@@ -595,6 +595,30 @@ def test_a_stream_to_a_route_never_registered_is_the_same_400(bed: Bed) -> None:
     assert "does not serve /v1/chat/completions" in reply.text, reply.text
 
 
+BODY_STREAMS = [  # the routes where the body's `stream` decides
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v2/chat/completions",
+    "/v2/completions",
+]
+
+
+@pytest.mark.parametrize("entry", BODY_STREAMS)
+def test_a_stream_asked_as_no_boolean_is_a_400_naming_it(bed: Bed, entry: str) -> None:
+    """vLLM reads `stream: "true"` (or 1) as true and streams: taken for a whole reply, the
+    stream was not asked for its usage, and its tokens went uncounted."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+    before = len(bed.backend.bodies)
+    for value in ("true", 1):
+        reply = send(bed, key, MINE, {"stream": value})
+        refused(reply, 400, family)
+        assert reply.json()["error"]["param"] == "stream", reply.text
+    assert len(bed.backend.bodies) == before
+    served(send(bed, key, MINE, {"stream": False}))
+
+
 MEDIA_ENTRIES = [
     "/v1/chat/completions",
     "/v2/chat/completions",
