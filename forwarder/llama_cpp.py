@@ -149,10 +149,10 @@ def responses_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a Responses API request llama.cpp's server would answer from nothing (an
     empty `input`), fail on with a 500 (an image or audio part, in a message or a function
     call's output: it reads none; a text part whose text is no string; a function tool
-    without its name), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of
-    responses, whose usage is counted for the last alone), or ignore (`text.format` other
-    than text: it constrains chats alone, with `response_format`), or for no token
-    (`_no_tokens`); None when it is fine."""
+    without its name, or with a description that is no string), answer in no shape of that
+    API (`n` or `n_cmpl` above 1: a list of responses, whose usage is counted for the last
+    alone), or ignore (`text.format` other than text: it constrains chats alone, with
+    `response_format`), or for no token (`_no_tokens`); None when it is fine."""
     if not isinstance(payload, dict):
         return None
     items = payload.get("input")
@@ -176,6 +176,9 @@ def responses_refusal(payload: object) -> BadRequestError | None:
         if isinstance(tool, dict) and not isinstance(tool.get("name"), str):
             where = f"tools[{at}].name"
             return BadRequestError(f"{where}: a function tool needs its name", field=where)
+        if isinstance(tool, dict) and not _described(tool):
+            where = f"tools[{at}].description"
+            return BadRequestError(f"{where} must be a string", field=where)
     for name in RESPONSE_SEQUENCE_FIELDS:
         asked = payload.get(name)
         if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > 1:
@@ -234,11 +237,22 @@ def message_refusal(message: Json, at: str) -> BadRequestError | None:
 
 def _tool(tool: object) -> bool:
     """Whether `tool` is a tool as llama.cpp's server reads one (it fails with a 500 on one
-    without a string `type`, a `function` object or its string `name`)."""
+    without a string `type`, a `function` object or its string `name`, or with a
+    `description` that is no string)."""
     if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
         return False
     function = tool.get("function")
-    return isinstance(function, dict) and isinstance(function.get("name"), str)
+    return (
+        isinstance(function, dict)
+        and isinstance(function.get("name"), str)
+        and _described(function)
+    )
+
+
+def _described(function: Json) -> bool:
+    """Whether a function's `description` is absent or a string (its server fails with a 500
+    on any other, null included)."""
+    return "description" not in function or isinstance(function["description"], str)
 
 
 def _tool_call(call: object) -> bool:

@@ -294,7 +294,9 @@ def test_a_chat_message_llamacpp_fails_on_is_refused_naming_its_field(
         admission.fit_framework(target, CHAT, body)
     assert refused.value.field == field, refused.value.message
     assert refused.value.message.startswith(field), refused.value.message
-    for tools in (5, [5], [{"type": "function", "function": {}}], [{"function": {"name": "f"}}]):
+    nameless = [{"type": "function", "function": {}}]
+    undescribed = [{"type": "function", "function": {"name": "f", "description": None}}]
+    for tools in (5, [5], nameless, [{"function": {"name": "f"}}], undescribed):
         with pytest.raises(BadRequestError) as refused:
             admission.fit_framework(
                 target, CHAT, {"model": "m", "messages": [USER], "tools": tools}
@@ -305,6 +307,8 @@ def test_a_chat_message_llamacpp_fails_on_is_refused_naming_its_field(
     parts = [{"type": "text", "text": "a"}]
     fine.append({"role": "user", "content": parts, "name": "n"})
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    admission.fit_framework(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
+    tools[0]["function"]["description"] = "says f"
     admission.fit_framework(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
 
 
@@ -391,6 +395,10 @@ def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
             "input[0].content[0]",
         ),
         ({"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),  # a 500 too
+        (
+            {"input": "hi", "tools": [{"type": "function", "name": "f", "description": None}]},
+            "tools[0].description",
+        ),
         (  # ignored: free text comes back
             {"input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}},
             "text.format",
