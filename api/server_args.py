@@ -226,7 +226,8 @@ def check_gpu_type(
             told = " (LLM Engine's count of GPUs, which its client sends as 1 unless told)"
         way = "; send gpus=0 to run on the CPU" if not gpu_names else ""
         raise InvalidSpecError(
-            f"{sent_as} {gpus}{told} is more than this box has: {len(gpu_names)} GPUs{way}",
+            f"{sent_as} {gpus}{told} is more than this box has: {len(gpu_names)} "
+            f"GPU{'' if len(gpu_names) == 1 else 's'}{way}",
             field=sent_as,
         )
     if gpu_type is None:

@@ -426,3 +426,12 @@ def test_the_client_on_a_box_without_gpus_is_told_to_send_gpus_0(api_only: Appli
     assert plain.json()["detail"] == (
         "gpus 1 is more than this box has: 0 GPUs; send gpus=0 to run on the CPU"
     )
+    store = redis.Redis.from_url(api_only.redis.url)
+    store.set(bus.GPUS_KEY, json.dumps({"gpus": [{"index": 0, "name": "L4"}], "message": ""}))
+    store.close()
+    two = api_only.client().post(
+        "/v1/llm/model-endpoints",
+        json={"name": "two", "model_name": "acme/standin-1b", "inference_framework": "vllm",
+              "gpus": 2},
+    )  # fmt: skip
+    assert two.json()["detail"] == "gpus 2 is more than this box has: 1 GPU", two.text
