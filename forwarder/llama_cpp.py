@@ -146,18 +146,16 @@ def chat_refusal(payload: object) -> BadRequestError | None:
 
 
 def responses_refusal(payload: object) -> BadRequestError | None:
-    """The 400 for a Responses API request llama.cpp's server would answer from nothing (an
-    empty `input`), fail on with a 500 (an image or audio part, in a message or a function
-    call's output: it reads none; a text part whose text is no string; a function tool
-    without its name, or with a description that is no string), answer in no shape of that
-    API (`n` or `n_cmpl` above 1: a list of responses, whose usage is counted for the last
-    alone), or ignore (`text.format` other than text: it constrains chats alone, with
-    `response_format`), or for no token (`_no_tokens`); None when it is fine."""
+    """The 400 for a Responses API request llama.cpp's server would fail on with a 500 (an
+    image or audio part, in a message or a function call's output: it reads none; a text part
+    whose text is no string; a function tool without its name, or with a description that is
+    no string), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of responses,
+    whose usage is counted for the last alone), or ignore (`text.format` other than text: it
+    constrains chats alone, with `response_format`), or for no token (`_no_tokens`); None when
+    it is fine."""
     if not isinstance(payload, dict):
         return None
     items = payload.get("input")
-    if isinstance(items, list) and not items:
-        return BadRequestError("input: a response needs a text or at least one item", field="input")
     for at, item in enumerate(items if isinstance(items, list) else ()):
         for holder in RESPONSE_PART_HOLDERS:
             parts = item.get(holder) if isinstance(item, dict) else None

@@ -13,6 +13,8 @@ answer from state it may not have:
 - the server runs no tool of its own here (web search, file search, code interpreter, computer
   use, MCP servers: vLLM runs them only with a tool server configured, and then reaches out to
   them): only `function` tools, which the client runs, go on;
+- an `input` that is missing, empty or neither a text nor a list (a server answers an empty
+  one with text made from nothing, vLLM until its context is full);
 - the chat's token fields (`max_tokens`, `max_completion_tokens`) are not the Responses API's:
   its servers ignore them, so the reply would not be limited as asked; `max_output_tokens` is.
 
@@ -48,6 +50,14 @@ def refusal(payload: Any) -> BadRequestError | None:
     module's list), or None."""
     if not isinstance(payload, dict):
         return None
+    given = payload.get("input")
+    if not isinstance(given, str | list):
+        return BadRequestError(
+            "input: a response needs a text or a list of items (messages, function call outputs)",
+            field="input",
+        )
+    if not (given.strip() if isinstance(given, str) else given):  # a server answers from nothing
+        return BadRequestError("input: a response needs a text or at least one item", field="input")
     for field, why in STATEFUL.items():
         if payload.get(field) is not None:
             return BadRequestError(f"{field}: {why}", field=field)

@@ -653,6 +653,10 @@ def test_a_media_url_a_vllm_replica_would_fetch_is_refused_naming_it(bed: Bed, e
 
 
 RESPONSES_REFUSED = [  # (fields, the field named, words of the message)
+    ({"input": ""}, "input", "a text or at least one item"),  # answered from nothing
+    ({"input": []}, "input", "a text or at least one item"),
+    ({"input": None}, "input", "a text or a list of items"),
+    ({"input": {"role": "user"}}, "input", "a text or a list of items"),
     ({"previous_response_id": "resp_1"}, "previous_response_id", "keeps no responses"),
     ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
     ({"store": True}, "store", "leave `store` out or send false"),
