@@ -174,7 +174,11 @@ def message_text(messages: list[Any]) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts += [c.get("text", "") for c in content if isinstance(c, dict)]
+            for part in content:
+                text = part.get("text", "") if isinstance(part, dict) else ""
+                if not isinstance(text, str):  # vLLM's request model refuses it
+                    raise ApiError(400, "BadRequestError", "a text part's `text` must be a string.")
+                parts.append(text)
     return "\n".join(parts)
 
 

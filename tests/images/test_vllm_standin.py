@@ -175,6 +175,9 @@ def test_a_prompt_or_a_token_count_vllm_refuses_is_a_400(url: str) -> None:
         body = {"model": "beta", "prompt": prompt, "max_tokens": 1}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
         assert r.status_code == 400, (prompt, r.text)
+    bad_part = [{"role": "user", "content": [{"type": "input_text", "text": None}]}]
+    r = httpx.post(f"{url}/v1/responses", json={"model": "alpha", "input": bad_part}, timeout=10)
+    assert r.status_code == 400, r.text
     r = chat(url, max_tokens=2**64)
     assert r.status_code == 400 and "maximum context length" in r.text, r.text
     body = {"model": "alpha", "input": "hi", "max_output_tokens": 10**9}
