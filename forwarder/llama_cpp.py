@@ -25,8 +25,8 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 - chat replies the same: a whole one's `usage` is its first choice's, and a stream sends one
   usage chunk (`choices: []`) for each choice, where OpenAI sends one for the stream (the
   others are dropped);
-- its Responses API stream lacks fields OpenAI's SDK needs to assemble a response
-  (`ResponsesShape` adds them).
+- its Responses API stream lacks fields OpenAI's SDK needs to assemble a response, and a
+  response cut short at `max_output_tokens` says `completed` (`ResponsesShape` mends both).
 """
 
 from __future__ import annotations
@@ -270,9 +270,10 @@ def _unsupported(field: str, what: str) -> BadRequestError:
     return BadRequestError(f"{field}: llama.cpp endpoints do not {what}", field=field)
 
 
-def shape_for(framework: str, path: bytes) -> Shape | None:
+def shape_for(framework: str, path: bytes, body: bytes = b"") -> Shape | None:
     """The reshaping a reply from this replica path needs: llama.cpp's completions (their
-    shape and usage), chats (their usage) and responses streams (`ResponsesShape`)."""
+    shape and usage), chats (their usage) and responses (`ResponsesShape`, which reads the
+    request `body`'s limit)."""
     if framework != FRAMEWORK:
         return None
     if path == COMPLETIONS_PATH:
@@ -280,6 +281,10 @@ def shape_for(framework: str, path: bytes) -> Shape | None:
     if path == CHAT_PATH:
         return CompletionShape(legacy=False)
     if path == RESPONSES_PATH:
+        request = _object(body) if body else None
+        limit = request.get("max_output_tokens") if request is not None else None
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+            return ResponsesShape(int(limit))
         return ResponsesShape()
     return None
 
@@ -321,13 +326,35 @@ class ResponsesShape(Shape):
     to assemble the response as it streams (`client.responses.stream` fails on them): the
     first events' response has no `output` list, no event has a `sequence_number`, and the
     item and content events have no `output_index` or `content_index`. Each event gets the
-    ones it lacks, counted as the stream goes; what it has is kept. A whole reply is OpenAI's
-    already."""
+    ones it lacks, counted as the stream goes; what it has is kept. And a response cut short
+    at `max_output_tokens` (`limit`, as the request sent it) says `completed`, where OpenAI's
+    and vLLM's say `incomplete` with the reason: its server reports no finish reason here, so
+    a response whose output reached the limit is marked so, whole or as a stream's last
+    response."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit  # the request's max_output_tokens; 0: none
         self.number = 0  # the next event's sequence number
         self.item = -1  # the output item being streamed
         self.part = -1  # its content part being streamed
+
+    def whole(self, body: bytes) -> bytes:
+        reply = _object(body) if self.limit > 0 else None
+        if reply is None or not self._cut(reply):
+            return body
+        return orjson.dumps(reply)
+
+    def _cut(self, response: Json) -> bool:
+        """Mark a completed response whose output reached the limit incomplete; whether so."""
+        usage = response.get("usage")
+        output = usage.get("output_tokens") if isinstance(usage, dict) else None
+        if response.get("status") != "completed" or not isinstance(output, int):
+            return False
+        if self.limit <= 0 or output < self.limit:
+            return False
+        response["status"] = "incomplete"
+        response["incomplete_details"] = {"reason": "max_output_tokens"}
+        return True
 
     def _event(self, event: bytes) -> bytes:
         at = 0
@@ -350,6 +377,8 @@ class ResponsesShape(Shape):
         response = chunk.get("response")
         if isinstance(response, dict):
             response.setdefault("output", [])
+            if kind == "response.completed":
+                self._cut(response)
         if "item" in chunk or "item_id" in chunk:
             chunk.setdefault("output_index", max(self.item, 0))
         if "item_id" in chunk and ("part" in chunk or str(kind).startswith(TEXT_EVENTS)):

@@ -194,7 +194,7 @@ class Relay:
         self.tried: set[str] | None = None
         # llama.cpp's completions and responses streams, reshaped into OpenAI's
         # (`forwarder/llama_cpp.py`); other replies pass through as their bytes
-        self.shape: Shape | None = shape_for(target.framework, path)
+        self.shape: Shape | None = shape_for(target.framework, path, body)
 
     # sending
     def send(self) -> None:

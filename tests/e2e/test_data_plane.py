@@ -335,6 +335,12 @@ def test_the_responses_api_answers_streams_and_is_counted(
     capped = openai.OpenAI(base_url=gemma.url + "/v1", api_key=made.json()["key"], max_retries=0)
     limited = capped.responses.create(model=MODEL, input="Count to twenty: one, two,")
     assert limited.usage is not None and limited.usage.output_tokens <= 2, limited.usage
+    # cut at its limit (the key's cap, set on the request): incomplete, as OpenAI says it
+    cut = limited.usage.output_tokens == 2
+    assert limited.status == ("incomplete" if cut else "completed"), limited
+    if cut:
+        assert limited.incomplete_details is not None
+        assert limited.incomplete_details.reason == "max_output_tokens"
     with pytest.raises(openai.BadRequestError) as over:
         capped.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
     assert "max_output_tokens=3 is over this key's limit of 2" in over.value.message

@@ -433,3 +433,35 @@ def test_a_response_llamacpp_would_fail_on_or_ignore_is_refused_naming_it(
     fine = {"input": "hi", "tools": [{"type": "function", "name": "f"}], "text": {}}
     assert llama_cpp.responses_refusal(fine | {"text": {"format": {"type": "text"}}}) is None
     assert llama_cpp.responses_refusal(fine | {"n": 1}) is None
+
+
+def test_a_response_cut_at_its_limit_says_incomplete() -> None:
+    """llama.cpp's server says `completed` of a response that stopped at `max_output_tokens`
+    (it reports no finish reason there); OpenAI and vLLM say `incomplete`, with the reason,
+    which is how a client learns its text was cut. The captured stream asked for 3 tokens and
+    made 3; a response that stopped before its limit, or had none, stays completed."""
+    raw = reply("responses_stream.sse")
+    made = usage_from_json(raw)
+    assert made is not None and made[1] == 3
+
+    def last(limit: bytes) -> dict[str, Any]:
+        shape = shape_for("llamacpp", b"/v1/responses", limit)
+        assert shape is not None
+        out = shape.feed(raw) + shape.close()
+        done = [b for b in out.split(b"\n\n") if b.startswith(b"event: response.completed")]
+        response: dict[str, Any] = json.loads(done[0].split(b"\ndata: ", 1)[1])["response"]
+        return response
+
+    cut = last(b'{"input": "x", "max_output_tokens": 3}')
+    assert (cut["status"], cut["incomplete_details"]) == (
+        "incomplete",
+        {"reason": "max_output_tokens"},
+    )
+    for limit in (b'{"input": "x", "max_output_tokens": 4}', b'{"input": "x"}', b""):
+        assert last(limit)["status"] == "completed", limit
+    whole = {"status": "completed", "output": [], "usage": {"input_tokens": 2, "output_tokens": 5}}
+    shape = shape_for("llamacpp", b"/v1/responses", b'{"max_output_tokens": 5.0}')
+    assert shape is not None
+    assert json.loads(shape.whole(json.dumps(whole).encode()))["status"] == "incomplete"
+    kept = json.dumps(whole | {"usage": {"output_tokens": 2}}).encode()
+    assert shape.whole(kept) == kept  # under its limit: the bytes as they came
