@@ -235,6 +235,28 @@ def key_state(key: Mapping[str, Any], now: float) -> str:
     return "active"
 
 
+# A key's limits as the keys page labels them (its form) and lists them (its table).
+KEY_LIMITS = (
+    ("requests_per_minute", "Requests a minute", "requests a minute", "rate limit"),
+    ("max_concurrent_requests", "Requests at once", "at once", "concurrency limit"),
+    ("max_queued_tasks", "Queued async tasks", "queued tasks", "queued-task limit"),
+    ("max_tokens_per_request", "Tokens a request", "tokens a request", "token cap"),
+)
+
+
+def key_limits(key: Mapping[str, Any]) -> str:
+    """A key's limits in words: the set ones (0 is none), else whose limits apply."""
+    limits = key.get("limits") or {}
+    said = [
+        f"no {none}" if limits[name] == 0 else f"{limits[name]} {unit}"
+        for name, _, unit, none in KEY_LIMITS
+        if limits.get(name) is not None
+    ]
+    if key.get("limits_from"):
+        said.append("shared with the key that made it")
+    return " · ".join(said) or "the install's defaults"
+
+
 def pretty_json(value: Any) -> str:
     """A task's result or payload for a <pre>, cut at RESULT_SHOWN_CHARS."""
     text = json.dumps(value, indent=2, ensure_ascii=False, default=str)

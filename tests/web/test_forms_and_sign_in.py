@@ -445,3 +445,80 @@ def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Ap
     assert "Cancel batch" not in client.get("/ui/batches/batch_live").text
     refused = client.post("/ui/batches/batch_live/cancel", data={"csrf": "forged"})
     assert refused.status_code in (400, 403), refused.text
+
+
+def _key_form_body(client: httpx.Client, **fields: str) -> dict[str, str]:
+    """The keys page's form as a browser sends it: its hidden fields and `fields`."""
+    form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
+    assert form is not None
+    hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
+    return {**hidden, "scope_inference": "on", **fields}
+
+
+def test_an_admin_makes_a_teams_key_with_limits_on_the_keys_page(api_only: Appliance) -> None:
+    """What the API lets an administrator set on a key (its team and user, admin, its four
+    limits) the form sets too; the list shows each key's limits; a bad limit is shown next to
+    its field with no key made; a non-admin's form has none of these fields, and sending them
+    anyway is refused."""
+    admin = api_only.client()
+    client = browser_client(api_only)
+    page = client.get("/ui/keys").text
+    for name in ("team", "user", "admin", "requests_per_minute", "max_tokens_per_request"):
+        assert f'name="{name}"' in page, name
+    body = _key_form_body(
+        client,
+        name="team-b-ci",
+        team="team-b",
+        user="bob",
+        requests_per_minute="60",
+        max_concurrent_requests="",
+        max_queued_tasks="0",
+        max_tokens_per_request="256",
+    )
+    made = client.post("/ui/keys", data=body)
+    assert made.status_code == 200 and 'id="new-key-text"' in made.text, made.text
+    listed = {k["name"]: k for k in admin.get("/v1/api-keys").json()["api_keys"]}
+    key = listed["team-b-ci"]
+    assert (key["team"], key["user"], key["admin"]) == ("team-b", "bob", False)
+    assert key["limits"] == {
+        "requests_per_minute": 60,
+        "max_concurrent_requests": None,
+        "max_queued_tasks": 0,
+        "max_tokens_per_request": 256,
+    }
+    row = re.search(r'<tr data-key="team-b-ci">.*?</tr>', client.get("/ui/keys").text, re.S)
+    assert row is not None
+    assert "bob · team-b" in row.group(0)
+    assert "60 requests a minute" in row.group(0) and "256 tokens a request" in row.group(0)
+    assert "no queued-task limit" in row.group(0)
+
+    for value, says in (
+        ("ten", "Enter a whole number"),
+        ("-1", "Enter a whole number"),
+        ("2000000000", "1000000000"),
+    ):
+        bad = client.post(
+            "/ui/keys", data=_key_form_body(client, name="bad-limit", requests_per_minute=value)
+        )
+        assert bad.status_code == 422, value
+        error = re.search(r'data-error-for="requests_per_minute">([^<]*)<', bad.text)
+        assert error is not None and says in error.group(1), (value, bad.text)
+    made_admin = client.post("/ui/keys", data=_key_form_body(client, name="ops", admin="on"))
+    assert 'id="new-key-text"' in made_admin.text
+    listed = {k["name"]: k for k in admin.get("/v1/api-keys").json()["api_keys"]}
+    assert "bad-limit" not in listed and listed["ops"]["admin"] is True
+
+    member = make_key(api_only, "team-a")
+    theirs = browser_client(api_only, member)
+    page = theirs.get("/ui/keys").text
+    for name in ("team", "user", "admin", "requests_per_minute"):
+        assert f'name="{name}"' not in page, name
+    refused = theirs.post("/ui/keys", data=_key_form_body(theirs, name="sneak", team="team-b"))
+    assert refused.status_code == 422
+    assert "only an administrator may make keys for other users or teams" in refused.text
+    refused = theirs.post(
+        "/ui/keys", data=_key_form_body(theirs, name="sneak", requests_per_minute="0")
+    )
+    assert "only an administrator may set a key&#39;s limits" in refused.text
+    listed = {k["name"] for k in admin.get("/v1/api-keys").json()["api_keys"]}
+    assert "sneak" not in listed

@@ -40,6 +40,7 @@ def _keys_page(
     now = time.time()
     for key in listed:
         key["state"] = views.key_state(key, now)
+        key["limits_text"] = views.key_limits(key)
     return page(
         request,
         "keys.html",
@@ -51,6 +52,7 @@ def _keys_page(
         errors=errors or {},
         values=values or {"scope_inference": "on", "scope_manage": "on"},
         once=secrets.token_urlsafe(16),
+        key_limits=[(name, label) for name, label, *_ in views.KEY_LIMITS],
     )
 
 
@@ -73,6 +75,7 @@ def read_keys_page(request: Request, ui: SignedInDep, state: StateDep) -> Respon
 
 
 DAYS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?|\.[0-9]{1,6}", re.ASCII)
+WHOLE = re.compile(r"[0-9]{1,12}", re.ASCII)
 
 
 def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
@@ -92,7 +95,25 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
         if not DAYS.fullmatch(days):
             raise InvalidSpecError("Enter a number of days.", field="expires")
         body["expires_in_seconds"] = int(float(days) * 86400)
-    if not body["scopes"]:
+    # an administrator's fields (the form shows them to administrators only; sent by anyone
+    # else, the key rules refuse them as the API does)
+    for name in ("team", "user"):
+        if form.get(name, "").strip():
+            body[name] = form[name].strip()
+    if form.get("admin") == "on":
+        body["admin"] = True
+    for name in key_service.LIMITS:
+        value = form.get(name, "").strip()
+        if not value:
+            continue
+        if not WHOLE.fullmatch(value):
+            raise InvalidSpecError(
+                "Enter a whole number: 0 for no limit, or leave it empty for the install's "
+                "default.",
+                field=name,
+            )
+        body[name] = int(value)
+    if not body["scopes"] and not body.get("admin"):
         raise InvalidSpecError("Pick at least one scope.", field="scopes")
     return body
 
@@ -108,6 +129,10 @@ KEY_FIELDS = {
     "scopes": "scopes",
     "expires": "expires",
     "expires_in_seconds": "expires",
+    "team": "team",
+    "user": "user",
+    "admin": "admin",
+    **{name: name for name in key_service.LIMITS},
 }
 
 
