@@ -53,8 +53,12 @@ class Target:
 
 def _refused_address(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # judged by the IPv4 address it carries: mapped, 6to4 (2002::/16, which a host with a
+        # 6to4 tunnel sends to that address) or a Teredo client's
+        carried = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if carried is not None:
+            ip = carried
     if ip.is_loopback:
         return "loopback"
     if ip.is_link_local:

@@ -103,6 +103,9 @@ REFUSED = [
     "http://169.254.169.254/latest/meta-data/",
     "http://10.1.2.3/hook",
     "http://[::ffff:127.0.0.1]:{port}/hook",
+    "http://[2002:7f00:1::1]:{port}/hook",  # 6to4 wrapping 127.0.0.1
+    "http://[2002:a01:203::]/hook",  # 6to4 wrapping 10.1.2.3
+    "http://[2001:0:4136:e378:8000:63bf:f5fe:fdfc]/hook",  # Teredo wrapping 10.1.2.3
     "http://metadata.google.internal/computeMetadata/v1/",
     "ftp://example.com/hook",
     "http://[::1/hook",  # not a URL: an unclosed bracket
@@ -117,6 +120,13 @@ def test_refused_before_any_connection(template: str) -> None:
     assert refused.value.message.startswith("callback_url"), refused.value.message
     if "resolves to" in refused.value.message:
         assert "APPLIANCE_CALLBACK_ALLOWED_HOSTS" in refused.value.message
+
+
+def test_a_6to4_address_of_a_public_one_is_allowed() -> None:
+    """A 6to4 address is judged by the IPv4 address it carries (here 8.8.8.8, public)."""
+    assert check_url("http://[2002:808:808::1]/hook", allowed_hosts=()).addresses == (
+        "2002:808:808::1",
+    )
 
 
 def test_allow_list_names_host_and_port() -> None:
