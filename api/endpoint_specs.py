@@ -23,7 +23,7 @@ from appliance.models import Endpoint, EndpointStatus, Framework
 from appliance.settings import Settings
 from builder import frameworks, policy
 from builder.specs import MODELS_MOUNT, default_image, spec_hash
-from builder.weights import HUB_ID
+from builder.weights import is_hub_id
 
 _UNITS = {
     "": 1,
@@ -153,7 +153,7 @@ def resolve_model(
 ) -> str:
     if checkpoint:
         return _local_model(framework, checkpoint, settings)
-    local = framework == Framework.LLAMACPP or not HUB_ID.match(model_name)
+    local = framework == Framework.LLAMACPP or not is_hub_id(model_name)
     if local and framework != Framework.CUSTOM:
         return _local_model(framework, model_name, settings)
     return model_name

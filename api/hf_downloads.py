@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import redis
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from sqlalchemy.engine import Engine
 
 from api import team_limits
@@ -21,7 +21,7 @@ from appliance.caller import Caller
 from appliance.errors import NotFoundError
 from appliance.settings import Settings
 from builder.hub_downloads import FINISHED
-from builder.weights import HUB_ID, HubModel, present
+from builder.weights import HUB_ID, HubModel, is_hub_id, present
 
 
 class HfDownloadCreate(Body):
@@ -36,6 +36,16 @@ class HfDownloadCreate(Body):
         examples=["google/gemma-3-270m"],
     )
     revision: Revision = Field("main", description="A branch, tag or commit of the repository.")
+
+    @field_validator("repository")
+    @classmethod
+    def _as_the_hub_takes_it(cls, repository: str) -> str:
+        if not is_hub_id(repository):
+            raise ValueError(
+                "not a repository id the hub takes: no '..' or '--', no part starting or "
+                "ending with '.' or '-', not ending '.git'"
+            )
+        return repository
 
 
 def ref(repository: str, revision: str) -> str:

@@ -34,7 +34,21 @@ from builder.specs import is_local_model
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a running download's blobs are measured
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# A repository id as the hub takes it (huggingface_hub's `validate_repo_id`): `owner/name`,
+# each part at most 96 word characters, '.' and '-', starting and ending with a word character
+# (the owner with a letter or digit); `is_hub_id` adds the rest of the hub's rule.
+HUB_ID = re.compile(r"^[A-Za-z0-9](?:[\w.\-]{0,94}\w)?/\w(?:[\w.\-]{0,94}\w)?$")
+
+
+def is_hub_id(name: str) -> bool:
+    """A repository id the hub would take: HUB_ID, no '..' or '--', not ending '.git'. Anything
+    else fails in huggingface_hub before a byte is fetched, so it is no hub model."""
+    return (
+        HUB_ID.fullmatch(name) is not None
+        and ".." not in name
+        and "--" not in name
+        and not name.endswith(".git")
+    )
 
 
 class WeightsError(PrepareError):
@@ -83,7 +97,7 @@ def hub_model(endpoint: Endpoint, settings: Settings) -> HubModel | None:
     for them: a repository id (not a model in the models directory), downloads switched on."""
     if endpoint.framework != Framework.VLLM or not settings.hf_download_weights:
         return None
-    if is_local_model(endpoint.model) or not HUB_ID.match(endpoint.model):
+    if is_local_model(endpoint.model) or not is_hub_id(endpoint.model):
         return None
     revision = endpoint.args.get("revision") or "main"
     return HubModel(endpoint.model, str(revision))

@@ -365,6 +365,23 @@ def test_a_model_being_downloaded_ahead_is_not_deleted_under_its_download(
     assert found == ["acme/fetching-1b"]
 
 
+@pytest.mark.parametrize(
+    "repository",
+    ["acme/..", "acme/x..y", "acme--x/y", "acme/y-", "acme/.y", "acme/y.git", "a/" + "b" * 97],
+)
+def test_a_repository_id_the_hub_refuses_is_refused_when_asked(
+    store: Appliance, repository: str
+) -> None:
+    """The hub's own rule for an id (no '..' or '--', no name starting or ending with '.' or
+    '-', none ending '.git', at most 96 characters a part): taken, the download failed in the
+    builder with huggingface_hub's words after it was listed as pending."""
+    admin = store.client()
+    refused = admin.post("/v1/storage/hf-downloads", json={"repository": repository})
+    assert refused.status_code == 422, refused.text
+    assert "repository" in json.dumps(refused.json()["detail"]), refused.text
+    assert admin.get("/v1/storage/hf-downloads").json()["downloads"] == []
+
+
 def test_a_team_has_a_few_downloads_open_at_once(tmp_path: Path) -> None:
     """Each download ahead of time runs a download of its own in the builder: a team has at
     most APPLIANCE_MAX_DOWNLOADS_PER_TEAM open (asking again for an open one counts once; an
