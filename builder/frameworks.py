@@ -145,7 +145,12 @@ def flag_values(args: Mapping[str, Any], table: Mapping[str, str]) -> list[str]:
         else:
             out.extend([flag, str(value)])
     for flag, value in sorted(dict(args.get("extra_flags") or {}).items()):
-        out.extend([flag] if value in (True, "") else [flag, str(value)])
+        if value is True or value == "":  # a switch (`1` is a value: 1 == True)
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag.removeprefix("--"))
+        else:
+            out.extend([flag, str(value)])
     return out
 
 

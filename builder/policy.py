@@ -6,6 +6,8 @@ mistake, and against an image or Docker daemon that changes what was asked for.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -31,26 +33,33 @@ ENV_NAME_DENIED = {
 }
 
 # vLLM 0.32 flags beyond the typed fields that a user may pass through `extra_flags` (each is
-# checked against the real vLLM's parser by tests/images/test_vllm_contract.py). Flags with a
-# typed field, and those that would change what the appliance relies on (host, port, served
-# model name, API key, parallelism), are not here.
-VLLM_EXTRA_FLAGS_ALLOWED = frozenset(
-    {
-        "--max-logprobs",
-        "--disable-log-stats",
-        "--generation-config",
-        "--override-generation-config",
-        "--reasoning-parser",
-        "--structured-outputs-config",
-        "--cpu-offload-gb",
-        "--scheduling-policy",
-        "--speculative-config",
-        "--hf-overrides",
-        "--uvicorn-log-level",
-        "--kv-cache-memory-bytes",
-        "--enable-chunked-prefill",
-    }
-)
+# checked against the real vLLM's parser by tests/images/test_vllm_contract.py), with the
+# values each takes. Flags with a typed field, and those that would change what the appliance
+# relies on (host, port, served model name, API key, parallelism), are not here.
+SWITCH = "true or false (false sends its --no- form)"
+SWITCH_ON = "true (vLLM has no --no- form; leave it out for vLLM's default)"
+TEXT = "a non-empty text"
+JSON_OBJECT = "a JSON object, as text"
+# what a flag takes: a description (switches, text, JSON, sizes), its choices, or its bounds
+Takes = str | tuple[str, ...] | tuple[float, float]
+VLLM_EXTRA_FLAGS_ALLOWED: dict[str, Takes] = {
+    "--max-logprobs": (-1, 1_000_000),  # -1: no cap (the api caps a request at 20 anyway)
+    "--disable-log-stats": SWITCH_ON,
+    "--generation-config": TEXT,
+    "--override-generation-config": JSON_OBJECT,
+    "--reasoning-parser": TEXT,
+    "--structured-outputs-config": JSON_OBJECT,
+    "--cpu-offload-gb": (0.0, 1_000_000.0),
+    "--scheduling-policy": ("fcfs", "priority"),
+    "--speculative-config": JSON_OBJECT,
+    "--hf-overrides": JSON_OBJECT,
+    "--uvicorn-log-level": ("critical", "debug", "error", "info", "trace", "warning"),
+    "--kv-cache-memory-bytes": "a byte count (1073741824) or a size (4G, 512M, 1.5g)",
+    "--enable-chunked-prefill": SWITCH,
+}
+# vLLM's human_readable_int: K, M, G, T are binary, k, m, g, t decimal (the only ones with decimals)
+SIZE = re.compile(r"^([1-9][0-9]{0,15}[kKmMgGtT]?|[0-9]{1,6}\.[0-9]{1,6}[kmgt])$")
+MAX_BYTES = 1 << 62
 
 
 def check_env(env: Mapping[str, str]) -> None:
@@ -64,13 +73,65 @@ def check_env(env: Mapping[str, str]) -> None:
 
 
 def check_extra_flags(flags: Mapping[str, Any]) -> None:
-    for flag in flags:
-        if flag not in VLLM_EXTRA_FLAGS_ALLOWED:
+    """Each flag in the allowlist and its value one vLLM's parser takes; a replica sent any
+    other would only fail to start."""
+    for flag, value in flags.items():
+        takes = VLLM_EXTRA_FLAGS_ALLOWED.get(flag)
+        if takes is None:
             raise PolicyViolationError(
                 f"flag {flag!r} is not in the allowlist of extra vLLM flags; use a typed field "
                 "where one exists",
                 field="extra_flags",
             )
+        if not _takes(takes, value):
+            raise InvalidSpecError(
+                f"extra_flags {flag}: {value!r} is not a value it takes; it takes "
+                f"{_described(takes)}",
+                field="extra_flags",
+            )
+
+
+def _described(takes: Takes) -> str:
+    if isinstance(takes, str):
+        return takes
+    if isinstance(takes[0], str):
+        return "one of " + ", ".join(map(str, takes))
+    whole = "whole " if isinstance(takes[0], int) else ""
+    return f"a {whole}number from {takes[0]} to {takes[1]}"
+
+
+def _takes(takes: Takes, value: Any) -> bool:
+    if takes in (SWITCH, SWITCH_ON):
+        return value is True or value == "" or (value is False and takes == SWITCH)
+    if isinstance(value, bool) or value == "":
+        return False
+    if isinstance(takes, tuple) and isinstance(takes[0], str):
+        return value in takes
+    if isinstance(takes, tuple):
+        return _in_range(value, float(takes[0]), float(takes[1]), whole=isinstance(takes[0], int))
+    if takes == JSON_OBJECT:
+        try:
+            return isinstance(json.loads(value), dict) if isinstance(value, str) else False
+        except ValueError:
+            return False
+    if takes == TEXT:
+        return isinstance(value, str) and bool(value.strip())
+    return (isinstance(value, int) and 0 < value <= MAX_BYTES) or (  # a size
+        isinstance(value, str) and SIZE.fullmatch(value) is not None
+    )
+
+
+def _in_range(value: Any, low: float, high: float, *, whole: bool) -> bool:
+    """A number (or its text) from low to high; a whole one (an int, or digits) where `whole`."""
+    if whole:
+        text = value.removeprefix("-") if isinstance(value, str) else ""
+        if not (isinstance(value, int) or text.isdigit()):
+            return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and low <= number <= high
 
 
 def resolve_model_path(models_dir: Path, requested: str) -> str:

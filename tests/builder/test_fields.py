@@ -111,6 +111,62 @@ def test_vllm_fields_without_an_effect_are_refused(
     assert refused.value.field == named, refused.value.message
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"--enable-chunked-prefill": "yes"},  # a switch takes true or false
+        {"--disable-log-stats": False},  # vLLM has no --no-disable-log-stats
+        {"--max-logprobs": True},  # was sent with no value
+        {"--max-logprobs": ""},
+        {"--max-logprobs": 2.5},
+        {"--max-logprobs": "1e308"},
+        {"--max-logprobs": 10**12},
+        {"--cpu-offload-gb": -1},
+        {"--cpu-offload-gb": "NaN"},
+        {"--kv-cache-memory-bytes": 0},
+        {"--kv-cache-memory-bytes": "512Mi"},
+        {"--kv-cache-memory-bytes": "1.5G"},  # decimals only with k, m, g, t
+        {"--scheduling-policy": "lifo"},
+        {"--uvicorn-log-level": "loud"},
+        {"--hf-overrides": "not json"},
+        {"--speculative-config": "[]"},
+        {"--generation-config": ""},
+        {"--reasoning-parser": " "},
+    ],
+)
+def test_extra_flag_values_vllm_would_refuse_are_refused_naming_the_flag(
+    flags: dict[str, Any], models: Path
+) -> None:
+    """vLLM's own parser refuses these (or its engine fails on them), so a replica would only
+    crash-loop: each is a 400 naming extra_flags and the flag."""
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {"extra_flags": flags})
+    assert refused.value.field == "extra_flags", refused.value.message
+    assert next(iter(flags)) in refused.value.message
+
+
+def test_extra_flag_values_become_the_flags_vllm_reads(models: Path) -> None:
+    """An integer 1 is a value, not a switch; a switch's false is its --no- form."""
+    sent = {
+        "--max-logprobs": 1,
+        "--enable-chunked-prefill": False,
+        "--cpu-offload-gb": 1.5,
+        "--kv-cache-memory-bytes": "4G",
+        "--scheduling-policy": "priority",
+    }
+    assert command(build(models, {"extra_flags": sent}))[-9:] == [  # last, sorted
+        "--cpu-offload-gb",
+        "1.5",
+        "--no-enable-chunked-prefill",
+        "--kv-cache-memory-bytes",
+        "4G",
+        "--max-logprobs",
+        "1",
+        "--scheduling-policy",
+        "priority",
+    ]
+
+
 def test_gpus_zero_runs_the_vllm_cpu_image_with_a_kv_cache_inside_its_memory(
     models: Path,
 ) -> None:

@@ -54,6 +54,7 @@ def every_command_line(models: Path) -> dict[str, list[str]]:
     add("local model", build(models, {"checkpoint_path": "gemma-hf"}))
     for flag, value in extra_flag_values().items():
         add(f"extra {flag}", build(models, {"extra_flags": {flag: value}}))
+    add("extra switch off", build(models, {"extra_flags": {"--enable-chunked-prefill": False}}))
     every = {}
     for fields, _ in VLLM_FLAG_CASES.values():
         if "gpus" not in fields and "num_shards" not in fields:
