@@ -56,6 +56,10 @@ VLLM_EXTRA_FLAGS_ALLOWED: dict[str, Takes] = {
     "--uvicorn-log-level": ("critical", "debug", "error", "info", "trace", "warning"),
     "--kv-cache-memory-bytes": "a byte count (1073741824) or a size (4G, 512M, 1.5g)",
     "--enable-chunked-prefill": SWITCH,
+    # a generative model served for embeddings (/v1/embeddings); not vLLM's draft runner nor
+    # its classifiers, whose routes the appliance does not serve
+    "--runner": ("auto", "generate", "pooling"),
+    "--convert": ("auto", "none", "embed"),
 }
 # vLLM's human_readable_int: K, M, G, T are binary, k, m, g, t decimal (the only ones with decimals)
 SIZE = re.compile(r"^([1-9][0-9]{0,15}[kKmMgGtT]?|[0-9]{1,6}\.[0-9]{1,6}[kmgt])$")

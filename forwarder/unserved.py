@@ -21,6 +21,10 @@ EMBEDDINGS_HOW: Final = (
     "an endpoint whose env has LLAMA_ARG_EMBEDDINGS=1 serves embeddings, with "
     "LLAMA_ARG_POOLING=mean for a model that has no pooling of its own"
 )
+VLLM_EMBEDDINGS_HOW: Final = (
+    "a vLLM endpoint serves embeddings for an embedding model, or for a generative one run "
+    'with extra_flags {"--runner": "pooling"}'
+)
 
 
 def not_served(status: int, body: bytes, endpoint: str, path: str) -> BadRequestError | None:
@@ -32,6 +36,8 @@ def not_served(status: int, body: bytes, endpoint: str, path: str) -> BadRequest
             words += f" (here: {EMBEDDINGS_HOW})"
     elif status == 404 and _unregistered(body):
         words = f"its server has no such route ({status} {UNREGISTERED})"
+        if path == "/v1/embeddings":
+            words += f"; {VLLM_EMBEDDINGS_HOW}"
     else:
         return None
     return BadRequestError(f"endpoint {endpoint!r} does not serve {path}: {words}")

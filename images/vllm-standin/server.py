@@ -97,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128])
     p.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling", "draft"])
+    p.add_argument("--convert", default="auto", choices=["auto", "none", "embed", "classify"])
     for name in INT_FLAGS:
         p.add_argument(f"--{name}", type=int)
     for name in TEXT_FLAGS:
@@ -538,7 +540,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 in a container
     Handler.engine = Engine(args.max_num_seqs)
     Handler.names = args.served_model_name or [model]
-    Handler.pooling = pooling(model)
+    Handler.pooling = args.runner == "pooling" or (
+        args.runner == "auto" and (args.convert in ("embed", "classify") or pooling(model))
+    )
     Handler.max_model_len = args.max_model_len or Handler.max_model_len
     Handler.api_key = args.api_key or os.environ.get("VLLM_API_KEY")
     Handler.quiet = args.uvicorn_log_level not in ("debug", "info", "trace")

@@ -574,6 +574,9 @@ def test_a_route_vllm_never_registered_is_a_400_saying_so(bed: Bed, entry: str) 
     refused(reply, 400, family)
     message = reply.json()["error"]["message"] if family == "openai" else reply.json()["detail"]
     said = f"endpoint 'mine' does not serve {entry}: its server has no such route (404 Not Found)"
+    if entry == "/v1/embeddings":  # how a vLLM endpoint comes to serve them
+        said += "; a vLLM endpoint serves embeddings for an embedding model, or for a generative"
+        said += ' one run with extra_flags {"--runner": "pooling"}'
     assert message == said, reply.text
 
 

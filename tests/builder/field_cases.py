@@ -152,4 +152,6 @@ def extra_flag_values() -> dict[str, str | bool]:
         "--uvicorn-log-level": "warning",
         "--kv-cache-memory-bytes": "1073741824",
         "--enable-chunked-prefill": True,
+        "--runner": "pooling",
+        "--convert": "embed",
     }

@@ -128,6 +128,8 @@ def test_vllm_fields_without_an_effect_are_refused(
         {"--kv-cache-memory-bytes": "1.5G"},  # decimals only with k, m, g, t
         {"--scheduling-policy": "lifo"},
         {"--uvicorn-log-level": "loud"},
+        {"--runner": "draft"},  # vLLM's, but no route here serves a draft model
+        {"--convert": "classify"},  # its /classify is not routed
         {"--hf-overrides": "not json"},
         {"--speculative-config": "[]"},
         {"--generation-config": ""},

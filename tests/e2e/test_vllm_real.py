@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import openai
 import pytest
 
 from builder.scale import parse_server_load
@@ -103,6 +104,33 @@ def test_llmengine_model_create_serves_then_delete_leaves_only_the_other(
     assert chat.choices[0].message.content
     replica = live_replicas(appl.client(), made)[0]["container_name"]
     assert llmengine(appl, 'result = Model.delete("client-vllm").deleted') is True
+    wait_until(lambda: container_state(replica) == "", 120, "its replica to be removed")
+
+
+@STARTS_A_REPLICA
+def test_a_generative_model_run_for_pooling_serves_embeddings(
+    appl: Appliance, gemma_created: str
+) -> None:
+    """vLLM's --runner pooling (through extra_flags) makes a generative model an embedding
+    one, as Qwen3-Embedding and its like are served: the OpenAI SDK's embeddings work, tokens
+    counted; its chat is a 400 that says the endpoint does not serve it."""
+    client = appl.client()
+    flags = {"--runner": "pooling", "--convert": "embed"}
+    made = create(client, vllm_body("gemma-embed", extra_flags=flags, per_worker=2))
+    wait_status(client, made, "READY", timeout_s=READY_TIMEOUT_S)
+    sdk = openai_client(appl)
+    got = sdk.embeddings.create(model="gemma-embed", input=["hello world", "bonjour le monde"])
+    vectors = [item.embedding for item in got.data]
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0
+    assert vectors[0] != vectors[1]
+    assert got.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(
+            model="gemma-embed", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+    assert "does not serve /v1/chat/completions" in str(refused.value)
+    replica = live_replicas(client, made)[0]["container_name"]
+    assert client.delete(f"/v1/model-endpoints/{made}").status_code == 200
     wait_until(lambda: container_state(replica) == "", 120, "its replica to be removed")
 
 

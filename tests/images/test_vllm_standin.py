@@ -348,3 +348,24 @@ def test_missing_model_path_exits_1(tmp_path: Path) -> None:
     )
     assert r.returncode == 1
     assert str(missing) in r.stderr
+
+
+@pytest.mark.parametrize("flags", [("--runner", "pooling"), ("--convert", "embed")])
+def test_a_generative_model_run_for_pooling_serves_embeddings_only(
+    tmp_path: Path, flags: tuple[str, str]
+) -> None:
+    """vLLM's --runner pooling, or --convert embed, makes a generative model an embedding one,
+    as Qwen3-Embedding and the like are served."""
+    model = tmp_path / "causal"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    proc, base = start(tmp_path / "server.log", str(model), "--served-model-name", "e", *flags)
+    try:
+        wait_healthy(proc, base)
+        embedded = httpx.post(f"{base}/v1/embeddings", json={"model": "e", "input": "one"})
+        assert embedded.status_code == 200 and embedded.json()["data"][0]["embedding"]
+        messages = [{"role": "user", "content": "hi"}]
+        chat = httpx.post(f"{base}/v1/chat/completions", json={"model": "e", "messages": messages})
+        assert chat.status_code == 404
+    finally:
+        stop(proc)
