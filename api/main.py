@@ -121,6 +121,20 @@ async def _refresh_routes(state: AppState) -> None:
         await client.aclose()
 
 
+async def _stop(*tasks: asyncio.Task[None]) -> None:
+    """Cancel the api's own background tasks and wait until they have ended. redis-py can lose
+    a cancel that lands while it connects or reads (the task then runs on, and a shutdown
+    waiting for it never ends), so one still running after a second is cancelled again."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task ended with an error", exc_info=task.exception())
+
+
 def _demand(state: AppState) -> object:
     def record(route: Target) -> None:
         with contextlib.suppress(Exception):
@@ -181,12 +195,7 @@ def create_app(
         try:
             yield
         finally:
-            refresher.cancel()
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            await _stop(refresher, publisher)
             await state.submitter.close()  # what it was handed is stored before Redis closes
             await forwarder.close()
             await state.limiter.close()

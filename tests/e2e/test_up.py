@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,4 +64,43 @@ def test_up_runs_every_role_on_a_private_redis(tmp_path: Path, docker_ready: Non
         up.send_signal(signal.SIGTERM)  # to `up` alone, as `docker stop` would
         up.wait(30)
         print((tmp_path / "up.log").read_text()[-3000:])
+    assert subprocess.run(["pgrep", "-s", str(up.pid)], capture_output=True).stdout == b""
+
+
+def test_up_on_a_port_already_taken_stops_saying_so(tmp_path: Path, docker_ready: None) -> None:
+    """The api cannot listen: it ends, and `up` stops the other roles and exits non-zero, where
+    the api hung in its shutdown and `up` ran on, serving nothing."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        {
+            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
+            "APPLIANCE_PORT": str(taken.getsockname()[1]),
+            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+            "APPLIANCE_MODELS_DIR": str(tmp_path),
+        }
+    )
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
+    up = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        code = up.wait(45)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+        taken.close()
+    text = (tmp_path / "up.log").read_text()
+    assert code is not None, f"`up` ran on 45 s after its api could not listen:\n{text[-3000:]}"
+    assert code != 0
+    assert "address already in use" in text
     assert subprocess.run(["pgrep", "-s", str(up.pid)], capture_output=True).stdout == b""
