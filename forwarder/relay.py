@@ -28,7 +28,7 @@ from forwarder.llama_cpp import Shape, shape_for
 from forwarder.metrics import RequestStats
 from forwarder.table import DELETING, RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection, UpstreamPool
-from forwarder.usage import StreamUsage, usage_from_json
+from forwarder.usage import CLIENT_CLOSED, StreamUsage, usage_from_json
 
 # A replica's own error for one request (llama.cpp: 500 for an image it cannot read, 501 for
 # a route it lacks) says nothing of its health: it does not count towards ejection, or one
@@ -51,7 +51,6 @@ WHOLE_BODY_MAX_BYTES = 1024 * 1024  # replies this small with a length are read,
 SMALL_BODY_BYTES = 64 * 1024  # request bodies sent in one write with their head
 CONNECT_ATTEMPTS = 3  # sends of one request when connections fail before any reply byte
 RETRY_PAUSE_S = 0.05  # before the same replica is tried again (no other one is free)
-CLIENT_CLOSED = 499  # nginx's code for a client that went away, in metrics only
 
 FAILURE_LOG_EVERY_S = 10.0  # per endpoint: one log line, then a count of those not logged
 FAILURE_DETAIL_CHARS = 300  # of a replica's error reply, in the log

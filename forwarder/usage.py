@@ -205,6 +205,7 @@ def _usage_only(event: bytes) -> bool:
 Totals = dict[tuple[str, str], list[int]]  # (key id, endpoint) -> USAGE_COUNTS
 USAGE_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "errors")
 FIRST_ERROR_STATUS: Final = 400
+CLIENT_CLOSED: Final = 499  # nginx's code for a client that went away: no reply, so no error
 
 
 @dataclass
@@ -217,10 +218,10 @@ class Ledger:
     def unsent(self, rows: Mapping[tuple[str, str, int], list[int]]) -> tuple[Totals, Totals]:
         """What changed since the last `sent`, and the totals to pass to `sent` once stored.
         `rows`: (endpoint, key id, status) -> [requests, prompt, completion], running totals;
-        a status of 400 or more counts its requests as errors too."""
+        a status of 400 or more counts its requests as errors too, but for CLIENT_CLOSED."""
         totals: Totals = {}
         for (endpoint, key_id, status), row in list(rows.items()):
-            errors = row[0] if status >= FIRST_ERROR_STATUS else 0
+            errors = row[0] if FIRST_ERROR_STATUS <= status != CLIENT_CLOSED else 0
             mine = totals.get((key_id, endpoint))
             if mine is None:
                 totals[(key_id, endpoint)] = [row[0], row[1], row[2], errors]

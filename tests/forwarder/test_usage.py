@@ -106,3 +106,11 @@ def test_ledger_sends_what_changed_per_key_and_endpoint_until_it_is_stored() -> 
     assert ledger.unsent(rows)[0] == {}
     rows[("gemma", "key_b", 429)] = [2, 0, 0]  # refused requests are errors too
     assert ledger.unsent(rows)[0] == {("key_b", "gemma"): [2, 0, 0, 2]}
+
+
+def test_a_request_its_client_left_counts_as_a_request_and_no_error() -> None:
+    """A stream the client stopped (the playground's Stop, a closed SDK iterator) got no error
+    reply: it is recorded as 499 in the metrics, and in usage as a request without an error."""
+    rows = {("gemma", "key_a", 200): [1, 4, 5], ("gemma", "key_a", 499): [2, 0, 0]}
+    changed, _ = Ledger().unsent(rows)
+    assert changed == {("key_a", "gemma"): [3, 4, 5, 0]}
