@@ -32,6 +32,9 @@ ROLES = {"api": "api.serve", "builder": "builder.serve", "worker": "forwarder.wo
 # run by the builder in a container of its own with the box's GPUs, not by `up` or compose
 AGENT_ROLES = {"gpu-agent": "gpu.agent"}
 REDIS_START_TIMEOUT_S = 10.0
+# how long `up` waits for its roles to stop before it kills them: a stopping worker gives the
+# replies it awaits up to 30 s (forwarder/worker/runner.py), and compose gives it 40 s too
+STOP_GRACE_S = 40.0
 
 
 def _run_role(role: str, settings: Settings) -> None:
@@ -97,28 +100,51 @@ def _up(settings: Settings) -> int:
     redis_proc = None
     if not settings.redis_url:
         redis_proc, env["APPLIANCE_REDIS_URL"] = _private_redis(settings.data_dir)
-    children = [
-        subprocess.Popen([sys.executable, "-m", "appliance", role], env=env) for role in ROLES
-    ]
+    children = {
+        role: subprocess.Popen([sys.executable, "-m", "appliance", role], env=env) for role in ROLES
+    }
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    ended: list[str] = []
     try:
-        while not stopping and all(child.poll() is None for child in children):
+        while not stopping and not ended:
+            ended = [role for role, child in children.items() if child.poll() is not None]
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
-    for child in children:
+    for role in ended:
+        logger.error(
+            "the %s %s; stopping the other roles", role, _how_ended(children[role].returncode)
+        )
+    for child in children.values():
         if child.poll() is None:
             child.terminate()
-    for child in children:
+    deadline = time.monotonic() + STOP_GRACE_S
+    for role, child in children.items():
         try:
-            child.wait(timeout=15)
+            child.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
+            logger.error("the %s did not stop within %.0f s; killing it", role, STOP_GRACE_S)
             child.kill()
+            child.wait()
     if redis_proc is not None:
         redis_proc.terminate()
         redis_proc.wait()
-    return max((child.returncode or 0) for child in children)
+    if ended:  # a role that ended by itself is a failure, whatever its code: say so
+        code = children[ended[0]].returncode or 0
+        return 128 - code if code < 0 else code or 1
+    return max(max(child.returncode or 0, 0) for child in children.values())
+
+
+def _how_ended(code: int | None) -> str:
+    """How a role's process ended, as the log says it."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"was killed by signal {-code}{name}"
 
 
 def _health(role: str, settings: Settings) -> int:

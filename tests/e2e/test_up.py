@@ -104,3 +104,44 @@ def test_up_on_a_port_already_taken_stops_saying_so(tmp_path: Path, docker_ready
     assert code != 0
     assert "address already in use" in text
     assert subprocess.run(["pgrep", "-s", str(up.pid)], capture_output=True).stdout == b""
+
+
+def test_up_says_which_role_died_and_exits_non_zero(tmp_path: Path, docker_ready: None) -> None:
+    """A role killed under `up` (the OOM killer, an admin's kill -9) stops the others, and
+    `up` says which and how, and exits non-zero, so a supervisor restarts it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        {
+            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
+            "APPLIANCE_PORT": str(port),
+            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+            "APPLIANCE_MODELS_DIR": str(tmp_path),
+        }
+    )
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
+    up = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+
+        def api_pid() -> int | None:
+            found = subprocess.run(
+                ["pgrep", "-P", str(up.pid), "-f", "appliance api"], capture_output=True, text=True
+            ).stdout.split()
+            return int(found[0]) if found else None
+
+        wait_until(lambda: api_pid() is not None, 30, "the api started by `appliance up`")
+        os.kill(api_pid() or 0, signal.SIGKILL)
+        assert up.wait(60) == 128 + signal.SIGKILL
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        print((tmp_path / "up.log").read_text()[-3000:])
+    said = (tmp_path / "up.log").read_text()
+    assert "the api was killed by signal 9 (SIGKILL); stopping the other roles" in said
+    assert subprocess.run(["pgrep", "-s", str(up.pid)], capture_output=True).stdout == b""
