@@ -172,7 +172,10 @@ def _observe_replica(
 
 def exited(container: ContainerInfo) -> str:
     """Why a replica's container stopped, as its failure says it: its exit code, or, when the
-    kernel's OOM killer ended it (code 137), that it ran out of its memory limit."""
+    kernel's OOM killer ended it (code 137), that it ran out of its memory limit; or that
+    someone paused it (`docker pause`), which leaves no exit code to tell."""
+    if container.status == "paused":
+        return "container was paused (docker pause), so its server answers nothing; replacing it"
     if not container.oom_killed:
         return f"container exited with code {container.exit_code}"
     limit = f", {memory.gib(container.memory_bytes)}" if container.memory_bytes else ""

@@ -110,6 +110,14 @@ def test_an_exited_container_fails_its_replica() -> None:
     assert act.FailReplica("r1", "container exited with code 137") in actions
 
 
+def test_a_paused_container_is_replaced_saying_it_was_paused() -> None:
+    """`docker pause` on a replica hangs its server; the builder replaces it, and said it had
+    "exited with code 0", which it had not."""
+    actions = plan([endpoint()], [replica("r1")], [container("r1", "paused")])
+    why = "container was paused (docker pause), so its server answers nothing; replacing it"
+    assert act.FailReplica("r1", why) in actions
+
+
 def test_a_container_killed_for_memory_says_so_and_what_to_change() -> None:
     """Docker's OOM killer ends a replica over its memory limit with code 137, which told a
     user nothing (a vLLM endpoint given 1Gi crash-looped so): the reason says it ran out of
