@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from appliance import __version__, build, bus, logs
 from appliance.settings import Settings, get_settings, settings_table
@@ -222,6 +224,13 @@ def _settings(command: str) -> Settings:
             f"APPLIANCE_{str(error['loc'][0]).upper()}: {error['msg']}" for error in exc.errors()
         )
         sys.exit(f"appliance {command}: {bad}")
+    except SettingsError as exc:  # a list or other JSON value that does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"APPLIANCE_{field.group(1).upper()}" if field else "a setting"
+        sys.exit(
+            f"appliance {command}: {name}: not JSON ({exc.__cause__ or exc}); "
+            'a list is written as ["a", "b"]'
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         "their own, which Redis is not on); unset publishes replica ports on 127.0.0.1.",
     )
     host: str = Field("127.0.0.1", description="Address the api listens on.")
-    port: int = Field(8000, description="Port the api listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the api listens on.")
     log_level: str = Field("INFO", description="Log level of every role.")
     gpu_inventory_file: Path | None = Field(
         None, description="JSON GPU inventory used instead of NVML (tests, GPU-less hosts)."
@@ -108,12 +108,18 @@ class Settings(BaseSettings):
         "add up to; a replica that would pass it waits for memory. Unset: what the Docker "
         "Engine reports, less 10% (at least 1 GiB, at most half) for the appliance and the OS.",
     )
-    reconcile_interval_s: float = Field(2.0, description="Builder tick when nothing nudges it.")
-    routing_refresh_s: float = Field(2.0, description="How often the api re-reads the routes.")
-    activation_timeout_s: float = Field(
-        120.0, description="How long a request waits for a ready replica before a 503."
+    reconcile_interval_s: float = Field(
+        2.0, gt=0, description="Builder tick when nothing nudges it."
     )
-    max_body_bytes: int = Field(16 * 1024 * 1024, description="Largest request body accepted.")
+    routing_refresh_s: float = Field(
+        2.0, gt=0, description="How often the api re-reads the routes."
+    )
+    activation_timeout_s: float = Field(
+        120.0, ge=0, description="How long a request waits for a ready replica before a 503."
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest request body accepted."
+    )
     disk_reserve_bytes: int = Field(
         2 * 2**30,
         ge=0,
@@ -275,7 +281,7 @@ class Settings(BaseSettings):
         "addresses; admin only, e.g. a receiver on the local network.",
     )
     callback_max_attempts: int = Field(6, ge=1, description="Deliveries tried per callback.")
-    callback_timeout_s: float = Field(10.0, description="Timeout of one callback delivery.")
+    callback_timeout_s: float = Field(10.0, gt=0, description="Timeout of one callback delivery.")
     audit_retention_days: int = Field(
         365,
         ge=1,

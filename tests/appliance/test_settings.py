@@ -46,3 +46,35 @@ def test_up_with_a_bad_admin_key_says_so_and_starts_nothing(tmp_path: Path) -> N
     assert "APPLIANCE_ADMIN_KEY" in done.stderr
     assert "mea_<12 hex digits>_<secret>" in done.stderr
     assert not (tmp_path / "data").exists()  # no role started, nothing was made
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("APPLIANCE_APPROVED_IMAGES", "registry.local/app:1", "not JSON"),
+        ("APPLIANCE_CORS_ORIGINS", "[https://a.example", "not JSON"),
+        ("APPLIANCE_PORT", "70000", "less than or equal to 65535"),
+        ("APPLIANCE_RECONCILE_INTERVAL_S", "-1", "greater than 0"),
+        ("APPLIANCE_ROUTING_REFRESH_S", "0", "greater than 0"),
+        ("APPLIANCE_ACTIVATION_TIMEOUT_S", "-5", "greater than or equal to 0"),
+        ("APPLIANCE_MAX_BODY_BYTES", "-1", "greater than or equal to 1"),
+        ("APPLIANCE_CALLBACK_TIMEOUT_S", "0", "greater than 0"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(variable: str, value: str, said: str) -> None:
+    """A list that is not JSON stopped every role with pydantic-settings' traceback, and a
+    negative interval, timeout or body size started an appliance that spun or refused every
+    request: each is a line naming the variable, before anything starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env[variable] = value
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "export"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"appliance export: {variable}: ")
+    assert said in done.stderr
