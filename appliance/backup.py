@@ -75,6 +75,15 @@ def backup(data_dir: Path, target: Path, *, with_files: bool = True) -> dict[str
     missing = [name for name in SECRETS if not (data_dir / name).is_file()]
     if missing:
         raise BackupError(f"{', '.join(missing)} missing from {data_dir}")
+    if target.is_dir():
+        raise BackupError(f"cannot write {target}: it is a directory; name a file in it")
+    try:
+        return _write(data_dir, database, target, with_files=with_files)
+    except OSError as exc:  # no room, no right to write there, a file where a folder goes
+        raise BackupError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def _write(data_dir: Path, database: Path, target: Path, *, with_files: bool) -> dict[str, Any]:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".backup-") as work:
         schema = _snapshot(database, Path(work) / DATABASE)

@@ -120,6 +120,20 @@ def test_restore_refuses_what_it_should(tmp_path: Path) -> None:
         backup.backup(tmp_path / "nowhere", tmp_path / "x.tar.gz")
 
 
+def test_a_backup_it_cannot_write_says_where_and_why(tmp_path: Path) -> None:
+    """`appliance backup` onto a directory, or where it may not write, printed a traceback
+    (IsADirectoryError, PermissionError) rather than a line; nothing is left behind."""
+    source = tmp_path / "source"
+    make_install(source)
+    with pytest.raises(backup.BackupError, match=f"cannot write {tmp_path}: .*a directory"):
+        backup.backup(source, tmp_path)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, where a directory would have to be")
+    with pytest.raises(backup.BackupError, match=f"cannot write {blocked / 'b.tar.gz'}: "):
+        backup.backup(source, blocked / "b.tar.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "source"]
+
+
 def test_the_admin_key_the_api_keeps_is_restored(tmp_path: Path) -> None:
     """The admin key the api printed once and keeps in the data directory (where the README
     sends the operator for it, and `appliance export` and `apply` read it) comes back with a
