@@ -1,5 +1,5 @@
 """The `appliance` command: runs one role (api, builder, worker), or all of them with `up`;
-and the operator's tools: backup, restore, export, apply.
+and the operator's tools: backup, restore, export, apply, callback-secret.
 
 The kernel does not import the roles' packages: each role is found by name at run time,
 so the layering (api -> builder/forwarder -> gpu -> appliance) holds.
@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from appliance import __version__, build, bus, logs
+from appliance import __version__, build, bus, install, logs
 from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("gpu-agent", help="publish the GPU inventory (the builder starts it)")
     sub.add_parser("version", help="print the version")
     sub.add_parser("settings", help="print every setting with its default, as a table")
+    sub.add_parser(
+        "callback-secret", help="print the secret task callbacks are signed with, for receivers"
+    )
     health = sub.add_parser("health", help="exit 0 when a role is alive (health checks)")
     health.add_argument("role", choices=sorted(ROLES))
     _operator_commands(sub)
@@ -258,6 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "health":
         sys.exit(_health(args.role, settings))
+    if args.command == "callback-secret":
+        if not (settings.data_dir / "key-secret").exists():
+            sys.exit(f"appliance callback-secret: no install in {settings.data_dir}")
+        print(install.callback_secret(settings.data_dir).hex())
+        return
     if args.command == "up":
         sys.exit(_up(settings))
     _run_role(args.command, settings)

@@ -40,3 +40,11 @@ def replica_key(secret: bytes, replica_id: str) -> str:
 def key_secret(data_dir: Path) -> bytes:
     """The HMAC secret API keys are digested with; never leaves the data dir."""
     return bytes.fromhex(_read_or_create(data_dir / "key-secret", secrets.token_hex(32)))
+
+
+def callback_secret(data_dir: Path) -> bytes:
+    """The secret the worker signs task callbacks with (forwarder/worker/callbacks.sign),
+    derived from the key secret, which it does not reveal: `appliance callback-secret` prints it
+    for callback receivers, which check `X-Appliance-Signature` with it."""
+    label = b"appliance callback signature v1"
+    return hmac.new(key_secret(data_dir), label, hashlib.sha256).digest()

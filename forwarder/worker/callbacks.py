@@ -145,13 +145,9 @@ def check_auth(auth: Mapping[str, Any] | None, field: str = "callback_auth") -> 
         raise CallbackRefusedError(f"{field}.username may not hold ':'", field=field)
 
 
-def signing_secret(key_secret: bytes) -> bytes:
-    """The install's callback secret, derived from its key secret (never the key secret)."""
-    return hmac.new(key_secret, b"appliance callback signature v1", hashlib.sha256).digest()
-
-
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    """`sha256=<hex>` of HMAC-SHA256(secret, "<timestamp>." + body), like Stripe and Slack."""
+    """`sha256=<hex>` of HMAC-SHA256(secret, "<timestamp>." + body), like Stripe and Slack;
+    `secret` is the install's `appliance.install.callback_secret`."""
     mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
 

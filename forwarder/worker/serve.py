@@ -19,7 +19,7 @@ import uvloop
 
 from appliance import bus, disk
 from appliance.db import open_engine, open_reader
-from appliance.install import key_secret
+from appliance.install import callback_secret, key_secret
 from appliance.settings import Settings
 from forwarder.proxy import Forwarder
 from forwarder.table import Target
@@ -66,7 +66,7 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         committer=committer,
         forwarder=forwarder,
         callbacks=callbacks.CallbackSender(
-            secret=callbacks.signing_secret(key_secret(settings.data_dir)),
+            secret=callback_secret(settings.data_dir),
             allowed_hosts=tuple(settings.callback_allowed_hosts),
             max_attempts=settings.callback_max_attempts,
             timeout_s=settings.callback_timeout_s,
