@@ -198,6 +198,8 @@ class BuilderLoop:
             return
         try:
             self.downloads.tick()
+        except redis.RedisError as exc:  # a line a tick while Redis is down, not a traceback
+            logger.warning("cannot follow the downloads asked for ahead of time: %s", exc)
         except Exception:
             logger.exception("cannot follow the downloads asked for ahead of time")
 
@@ -266,6 +268,8 @@ class BuilderLoop:
                 bus.beat(self.redis, "builder")
             except DockerUnavailableError as exc:
                 logger.warning("Docker Engine unavailable: %s", exc)
+            except redis.RedisError as exc:  # the tick ran; its heartbeat did not get through
+                logger.warning("Redis unavailable: %s", exc)
             except Exception:
                 logger.exception("reconcile tick failed")
             self._wait(0.2 if busy else self.interval_s)

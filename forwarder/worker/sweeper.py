@@ -63,6 +63,10 @@ class Sweeper:
         while not stop.wait(self.interval_s):
             try:
                 self.sweep()
+            except redis.RedisError as exc:  # a line a sweep while Redis is down
+                logger.warning(
+                    "Redis unavailable: %s; sweeping again in %.1f s", exc, self.interval_s
+                )
             except Exception:
                 logger.exception("sweep failed; trying again in %.1f s", self.interval_s)
 

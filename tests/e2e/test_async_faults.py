@@ -140,3 +140,26 @@ def test_a_stopped_worker_hands_back_the_tasks_no_replica_took(
         marks = ",".join("?" * len(ids))
         attempts = db.execute(f"SELECT attempts FROM task WHERE id IN ({marks})", ids).fetchall()
     assert sorted(a for (a,) in attempts) == [1] * 16  # a handed-back task counts no attempt
+
+
+def test_redis_down_is_a_line_a_tick_not_a_traceback(
+    make_appliance: Callable[..., Appliance],
+) -> None:
+    """With Redis down (restarting, say) the builder printed two tracebacks a second and the
+    worker's sweeper one a sweep, burying what else the log said: each says in one line that
+    Redis is unavailable, and carries on once it is back."""
+    appliance = make_appliance(APPLIANCE_SWEEP_INTERVAL_S="0.5")
+    appliance.start_role("worker")
+    wait_until(
+        lambda: "worker running" in (appliance.workdir / "worker.log").read_text(),
+        30,
+        "the worker to start",
+    )
+    appliance.redis.stop()
+    time.sleep(3)  # three builder ticks, six sweeps
+    appliance.redis.start()
+    for role in ("builder", "worker"):
+        said = (appliance.workdir / f"{role}.log").read_text()
+        assert "Redis unavailable" in said, said[-3000:]
+        assert "Traceback" not in said, said[-3000:]
+    wait_until(lambda: appliance.client().get("/readyz").status_code == 200, 30, "Redis back")
