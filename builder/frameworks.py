@@ -99,10 +99,8 @@ USER_ENV: dict[str, frozenset[str]] = {
         {
             "LLAMA_ARG_THREADS",
             "LLAMA_ARG_THREADS_BATCH",
-            "LLAMA_ARG_N_PARALLEL",
             "LLAMA_ARG_BATCH",
             "LLAMA_ARG_UBATCH",
-            "LLAMA_ARG_N_GPU_LAYERS",
             "LLAMA_ARG_FLASH_ATTN",
             "LLAMA_ARG_CACHE_TYPE_K",
             "LLAMA_ARG_CACHE_TYPE_V",
@@ -114,21 +112,81 @@ USER_ENV: dict[str, frozenset[str]] = {
     "custom": frozenset(),  # a custom endpoint is an administrator's anyway
 }
 MAX_ENV_VALUE = 4096
+# What a tuning variable takes, where its server fails to start on anything else (llama-server:
+# "error while handling environment variable") or reads it as nothing: a whole number within
+# bounds, or the words it knows. Held for administrators too; variables not here are free text.
+Bounds = tuple[int, int]
+THREADS: Bounds = (-1, 1024)  # llama.cpp: 0 or less is every core
+BATCH: Bounds = (1, 1 << 20)
+SWITCH_WORDS = frozenset({"on", "off", "enabled", "disabled", "true", "false", "1", "0"})
+ENV_VALUES: dict[str, dict[str, Bounds | frozenset[str]]] = {
+    "llamacpp": {
+        "LLAMA_ARG_THREADS": THREADS,
+        "LLAMA_ARG_THREADS_BATCH": THREADS,
+        "LLAMA_ARG_BATCH": BATCH,
+        "LLAMA_ARG_UBATCH": BATCH,
+        "LLAMA_ARG_FLASH_ATTN": SWITCH_WORDS | {"auto", "-1"},
+        "LLAMA_ARG_CACHE_TYPE_K": frozenset(
+            {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"}
+        ),
+        "LLAMA_ARG_EMBEDDINGS": SWITCH_WORDS,
+        "LLAMA_ARG_POOLING": frozenset({"none", "mean", "cls", "last", "rank"}),
+        "OMP_NUM_THREADS": (1, 1024),
+    },
+    "vllm": {
+        "VLLM_CPU_KVCACHE_SPACE": (0, 1 << 20),  # GiB
+        "VLLM_ENGINE_ITERATION_TIMEOUT_S": (1, 86_400),
+        "VLLM_WORKER_MULTIPROC_METHOD": frozenset({"fork", "spawn"}),
+        "OMP_NUM_THREADS": (1, 1024),
+        "CUDA_DEVICE_MAX_CONNECTIONS": (1, 32),
+    },
+}
+ENV_VALUES["llamacpp"]["LLAMA_ARG_CACHE_TYPE_V"] = ENV_VALUES["llamacpp"]["LLAMA_ARG_CACHE_TYPE_K"]
+# llama-server reads its environment first and its command line after: what the appliance puts
+# on the command line wins, so these would change nothing.
+LLAMACPP_COMMAND_LINE_ENV = {
+    "LLAMA_ARG_N_PARALLEL": "the endpoint's per_worker sets llama.cpp's --parallel",
+    "LLAMA_ARG_N_GPU_LAYERS": "a replica with GPUs offloads every layer (-ngl 999), one "
+    "without has none to offload",
+}
 
 
 def check_user_env(framework: str, env: Mapping[str, str], admin: bool) -> None:
-    """422 naming the first variable a non-administrator may not set on `framework`."""
+    """422 naming the first variable a non-administrator may not set on `framework`, or that
+    no one may set to its value (`ENV_VALUES`) or at all (`LLAMACPP_COMMAND_LINE_ENV`)."""
     for name, value in env.items():
         if len(value) > MAX_ENV_VALUE:
             raise InvalidSpecError(
                 f"env {name}: values are limited to {MAX_ENV_VALUE} characters", field="env"
             )
+        why = LLAMACPP_COMMAND_LINE_ENV.get(name) if framework == Framework.LLAMACPP else None
+        if why is not None:
+            raise InvalidSpecError(f"env {name} would change nothing: {why}", field="env")
         if not admin and name not in USER_ENV.get(framework, frozenset()):
             raise InvalidSpecError(
                 f"env {name} is for administrators on a {framework} endpoint; others may set "
                 f"{', '.join(sorted(USER_ENV.get(framework, ()))) or 'none'}",
                 field="env",
             )
+        takes = ENV_VALUES.get(framework, {}).get(name)
+        if takes is not None and not _env_takes(takes, value):
+            raise InvalidSpecError(
+                f"env {name}: {value!r} is not a value its server takes; it takes "
+                + (
+                    f"a whole number from {takes[0]} to {takes[1]}"
+                    if isinstance(takes, tuple)
+                    else "one of " + ", ".join(sorted(takes))
+                ),
+                field="env",
+            )
+
+
+def _env_takes(takes: Bounds | frozenset[str], value: str) -> bool:
+    if isinstance(takes, frozenset):
+        return value in takes  # as the server compares them: exactly
+    digits = value.removeprefix("-")
+    whole = digits.isascii() and digits.isdigit() and len(digits) < 10
+    return whole and takes[0] <= int(value) <= takes[1]
 
 
 def flag_values(args: Mapping[str, Any], table: Mapping[str, str]) -> list[str]:

@@ -58,6 +58,54 @@ def test_a_user_may_tune_and_an_admin_may_do_more(models: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        ({"LLAMA_ARG_THREADS": "-99999999999"}, "a whole number from -1 to 1024"),  # stoi fails
+        ({"LLAMA_ARG_THREADS": "two"}, "a whole number"),
+        ({"LLAMA_ARG_BATCH": "0"}, "a whole number from 1"),
+        ({"LLAMA_ARG_UBATCH": "1e9"}, "a whole number"),
+        ({"LLAMA_ARG_FLASH_ATTN": "yes"}, "one of"),
+        ({"LLAMA_ARG_CACHE_TYPE_K": "q2_k"}, "q8_0"),
+        ({"LLAMA_ARG_EMBEDDINGS": "yes"}, "one of"),  # read as off, without a word
+        ({"LLAMA_ARG_POOLING": "max"}, "mean"),
+        ({"OMP_NUM_THREADS": "0"}, "a whole number from 1"),
+        ({"LLAMA_ARG_N_PARALLEL": "4"}, "per_worker"),  # --parallel wins over it
+        ({"LLAMA_ARG_N_GPU_LAYERS": "10"}, "-ngl 999"),
+    ],
+)
+def test_a_tuning_variable_its_server_cannot_use_is_refused_naming_it(
+    models: Path, env: dict[str, str], why: str
+) -> None:
+    """llama-server fails to start on a number it cannot read ("error while handling
+    environment variable"), reads a word it does not know as nothing, and lets its command line
+    (which the appliance builds) win over its environment: each is a 400 naming the variable,
+    for an administrator too, where the replica crash-looped or the setting changed nothing."""
+    fields = {**LLAMA, "checkpoint_path": "tiny.gguf", "env": env}
+    for caller in (USER, ADMIN):
+        with pytest.raises(InvalidSpecError) as refused:
+            build(models, fields, caller)
+        assert refused.value.field == "env", refused.value.message
+        assert next(iter(env)) in refused.value.message and why in refused.value.message
+
+
+def test_tuning_variables_within_what_their_server_takes_pass(models: Path) -> None:
+    env = {
+        "LLAMA_ARG_THREADS": "-1",
+        "LLAMA_ARG_BATCH": "512",
+        "LLAMA_ARG_FLASH_ATTN": "auto",
+        "LLAMA_ARG_CACHE_TYPE_K": "q8_0",
+        "LLAMA_ARG_EMBEDDINGS": "1",
+        "LLAMA_ARG_POOLING": "mean",
+    }
+    made = build(models, {**LLAMA, "checkpoint_path": "tiny.gguf", "env": env}, USER)
+    assert made.env == env
+    vllm = {"VLLM_LOGGING_LEVEL": "debug", "VLLM_CPU_KVCACHE_SPACE": "4", "OMP_NUM_THREADS": "2"}
+    assert build(models, {"env": vllm}, USER).env == vllm
+    with pytest.raises(InvalidSpecError):
+        build(models, {"env": {"VLLM_CPU_KVCACHE_SPACE": "4GiB"}}, USER)
+
+
+@pytest.mark.parametrize(
     ("fields", "why"),
     [
         ({"checkpoint_path": "."}, "models directory itself"),
