@@ -52,6 +52,17 @@ VLLM_FLAGS: dict[str, str] = {
     "enable_log_requests": "--enable-log-requests",  # from LLM Engine's disable_log_requests
 }
 
+# vLLM 0.32's choices for the settings its parser takes from a list (its --help lists them).
+VLLM_CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "bfloat16", "float", "float16", "float32", "half"),
+    "cache_dtype": (
+        "auto", "bfloat16", "float16", "fp8", "fp8_ds_mla", "fp8_e4m3", "fp8_e5m2", "fp8_inc",
+        "fp8_per_token_head", "int4_per_token_head", "int8_per_token_head", "nvfp4",
+        "nvfp4_4over6", "nvfp4_ds_mla", "turboquant_3bit_nc", "turboquant_4bit_nc",
+        "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit",
+    ),
+}  # fmt: skip
+
 # LLM Engine's vLLM settings that vLLM 0.32 no longer has, and what to do instead.
 VLLM_REFUSED: dict[str, str] = {
     "swap_space": "vLLM 0.32 removed --swap-space: its V1 engine recomputes preempted "
@@ -218,6 +229,12 @@ def check_args(framework: str, sent: Mapping[str, Any]) -> None:
         if framework == Framework.VLLM:
             if name in VLLM_REFUSED:
                 raise InvalidSpecError(f"{name} is refused: {VLLM_REFUSED[name]}", field=name)
+            choices = VLLM_CHOICES.get(name)
+            if choices is not None and sent[name] not in (*choices, ""):  # "": clears it
+                raise InvalidSpecError(
+                    f"{name} {sent[name]!r} is not one vLLM 0.32 takes: {', '.join(choices)}",
+                    field=name,
+                )
         elif framework == Framework.LLAMACPP:
             if name not in LLAMACPP_FLAGS:
                 raise InvalidSpecError(

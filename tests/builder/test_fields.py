@@ -112,6 +112,28 @@ def test_vllm_fields_without_an_effect_are_refused(
 
 
 @pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"dtype": "/etc/passwd"}, "dtype"),
+        ({"dtype": "FLOAT16"}, "dtype"),
+        ({"cache_dtype": "fp4"}, "cache_dtype"),
+        ({"cache_dtype": " "}, "cache_dtype"),
+    ],
+)
+def test_a_vllm_setting_outside_its_choices_is_refused_naming_it(
+    fields: dict[str, Any], named: str, models: Path
+) -> None:
+    """vLLM's parser takes `--dtype` and `--kv-cache-dtype` from a list; anything else only
+    failed the replica's start ("invalid choice")."""
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, fields, caller=USER)
+    assert refused.value.field == named, refused.value.message
+    assert "bfloat16" in refused.value.message, refused.value.message
+    value = {"dtype": "bfloat16", "cache_dtype": "fp8_e4m3"}[named]
+    assert build(models, {named: value}, caller=USER).args[named] == value
+
+
+@pytest.mark.parametrize(
     "flags",
     [
         {"--enable-chunked-prefill": "yes"},  # a switch takes true or false

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from appliance.models import Endpoint
-from builder.frameworks import VLLM_FLAGS
+from builder.frameworks import VLLM_CHOICES, VLLM_FLAGS
 from builder.policy import VLLM_EXTRA_FLAGS_ALLOWED
 from builder.specs import server_command
 from tests.builder.field_cases import VLLM_FLAG_CASES, build, extra_flag_values
@@ -74,7 +74,9 @@ def test_every_flag_the_builder_knows_is_in_a_command_line_checked_here(models: 
     assert unchecked == []
 
 
-def real_vllm_parse(argv: list[list[str]], options: list[str]) -> dict[str, Any]:
+def real_vllm_parse(
+    argv: list[list[str]], options: list[str], choices: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Runs tests/images/vllm_parse.py in the real vLLM image (one container for them all)."""
     run = subprocess.run(
         [
@@ -91,7 +93,7 @@ def real_vllm_parse(argv: list[list[str]], options: list[str]) -> dict[str, Any]
             VLLM_CPU_IMAGE,
             "/vllm_parse.py",
         ],
-        input=json.dumps({"argv": argv, "options": options}),
+        input=json.dumps({"argv": argv, "options": options, "choices": list(choices)}),
         capture_output=True,
         text=True,
         timeout=PARSE_TIMEOUT_S,
@@ -128,7 +130,10 @@ def test_every_command_line_the_builder_emits_is_one_vllm_accepts(
         if not isinstance(action, argparse._HelpAction)
         for option in action.option_strings
     )
-    result = real_vllm_parse(list(lines.values()), options)
+    chosen = {VLLM_FLAGS[name]: choices for name, choices in VLLM_CHOICES.items()}
+    result = real_vllm_parse(list(lines.values()), options, tuple(chosen))
+    # the settings the api takes from a list take vLLM's own list
+    assert result["choices"] == {flag: sorted(c) for flag, c in chosen.items()}
     refused = {
         case: error for case, error in zip(lines, result["argv"], strict=True) if error is not None
     }

@@ -1,9 +1,10 @@
 """Runs inside the real vLLM image: parses command lines with vLLM's own `vllm serve` parser.
 
-Reads a JSON object from stdin, `{"argv": [[...], ...], "options": [...]}`, and prints one JSON
-object: for each command line, null when `vllm serve` would accept it (parsed, then checked by
-the same validation `vllm serve` runs before it loads a model) or the parser's error; and the
-option strings in `options` that the parser does not know. Used by test_vllm_contract.py.
+Reads a JSON object from stdin, `{"argv": [[...], ...], "options": [...], "choices": [...]}`,
+and prints one JSON object: for each command line, null when `vllm serve` would accept it
+(parsed, then checked by the same validation `vllm serve` runs before it loads a model) or the
+parser's error; the option strings in `options` that the parser does not know; and the choices
+of each option in `choices`. Used by test_vllm_contract.py.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def main() -> None:
     result = {
         "argv": [check(parser, argv) for argv in request["argv"]],
         "unknown_options": [o for o in request.get("options", []) if o not in known],
+        "choices": {
+            option: sorted(map(str, serve._option_string_actions[option].choices or ()))
+            for option in request.get("choices", [])
+        },
     }
     print(json.dumps(result))
 
