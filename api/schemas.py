@@ -74,30 +74,46 @@ Revision = Annotated[
 BOUNDED = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+LONE_SURROGATE = "holds a lone surrogate (\\ud800-\\udfff), which is no character; send UTF-8"
 MAX_DEPTH = 32  # nesting of a free-form value: far past any real use, far below JSON's limits
 
 
 def storable(value: Any) -> Any:
     """`value` when it can be stored and answered as JSON again: no number anywhere in it is
-    NaN or infinite, and nothing in it is nested more than MAX_DEPTH deep. Free-form fields
-    (`metadata`, vLLM's dict settings) are stored as sent, and a reply's serialiser stops at
-    255 levels: deeper, every later GET and list of the endpoint would fail."""
+    NaN or infinite, no text (a value or a key) holds a lone surrogate (JSON's `"\\ud800"`,
+    which no UTF-8 reply carries), and nothing in it is nested more than MAX_DEPTH deep.
+    Free-form fields (`metadata`, vLLM's dict settings) are stored as sent, and a reply's
+    serialiser stops at 255 levels: past any of these, every later GET and list of the endpoint
+    would fail."""
     pending: list[tuple[str, Any, int]] = [("", value, 0)]
     while pending:
         where, item, depth = pending.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError(f"{where or 'the body'}: NaN and infinity are refused; send a number")
+        if isinstance(item, str) and not _unicode(item):
+            raise ValueError(f"{where or 'the body'}: {LONE_SURROGATE}")
         if not isinstance(item, dict | list | tuple):
             continue
         if depth > MAX_DEPTH:
             raise ValueError(f"{where}: nested more than {MAX_DEPTH} levels deep; flatten it")
         if isinstance(item, dict):
+            for key in item:  # the keys first: a path names them
+                if isinstance(key, str) and not _unicode(key):
+                    raise ValueError(f"{where or 'the body'}: {LONE_SURROGATE}")
             pending.extend(
                 (f"{where}.{k}" if where else str(k), v, depth + 1) for k, v in item.items()
             )
         else:
             pending.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(item))
     return value
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Storable(Body):

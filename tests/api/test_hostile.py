@@ -236,6 +236,43 @@ def test_a_string_no_container_can_carry_is_refused_naming_its_field(
     assert admin.get("/v1/llm/model-endpoints/u").json()["status"] == "READY"  # nothing rolled
 
 
+# JSON takes a lone surrogate as an escape (Python's json.loads reads it into a str), but no
+# reply can carry one in UTF-8: stored, every GET and list holding it failed with a 500.
+SURROGATE_CASES = [
+    ('{"labels": {"k": "\\ud800"}}', "labels.k"),
+    ('{"labels": {"\\udc00": "v"}}', "labels"),
+    ('{"metadata": {"a": ["x", {"b": "\\ud800"}]}}', "metadata.a[1].b"),
+    ('{"mm_processor_kwargs": {"\\ud800": 1}}', "mm_processor_kwargs"),
+    ('{"metadata": {"\\udc00": "\\ud800"}}', "metadata"),  # the path holds no surrogate
+]
+
+
+def test_a_string_no_reply_can_carry_is_refused_naming_its_field(api_only: Appliance) -> None:
+    """Refused on create, update and apply, so the endpoint's GET, every list holding it (an
+    administrator's lists every team's) and `/v1/config` keep answering."""
+    admin = api_only.client()
+    made = admin.post("/v1/llm/model-endpoints", json=body("s"))
+    assert made.status_code == 200, made.text
+    mark_ready(api_only)
+    json_type = {"content-type": "application/json"}
+    for change, field in SURROGATE_CASES:
+        sent = json.dumps(body("n"))[:-1] + ", " + change[1:]
+        for path in ("/v1/llm/model-endpoints", "/v1/model-endpoints"):
+            reply = admin.post(path, content=sent.encode(), headers=json_type)
+            assert reply.status_code == 400 and field in reply.text, (change, path, reply.text)
+        reply = admin.put("/v1/llm/model-endpoints/s", content=change.encode(), headers=json_type)
+        assert reply.status_code == 400 and field in reply.text, (change, reply.text)
+        applied = admin.post(
+            "/v1/config/apply",
+            content=('{"endpoints": [' + sent + "]}").encode(),
+            headers=json_type,
+        )
+        assert applied.status_code == 422 and field in applied.text, (change, applied.text)
+    for path in ("/v1/llm/model-endpoints", "/v1/model-endpoints", "/v1/config"):
+        assert admin.get(path).status_code == 200, path
+    assert admin.get("/v1/llm/model-endpoints/s").status_code == 200
+
+
 def test_gpus_past_the_box_is_a_400_that_says_how_many_it_has(api_only: Appliance) -> None:
     store = redis.Redis.from_url(api_only.redis.url)
     store.set(bus.GPUS_KEY, EIGHT_GPUS.read_text())  # as the builder reports them
