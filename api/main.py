@@ -102,7 +102,24 @@ def prepare(settings: Settings) -> None:
 
 
 async def _refresh_routes(state: AppState) -> None:
-    """Keep the routing table fresh: on every announcement and every few seconds."""
+    """Keep the routing table fresh: on every announcement and every few seconds. While Redis
+    is away (restarting, say) it is read every few seconds alone, and followed again once
+    Redis is back: a Redis error must not end the refresher, or the api never sees a replica
+    replaced afterwards."""
+    interval_s = state.settings.routing_refresh_s
+    while True:
+        try:
+            await _follow_routes(state)
+        except aioredis.RedisError as exc:
+            logger.warning(
+                "routes: Redis unavailable (%s); reading them every %.1f s", exc, interval_s
+            )
+            read_at = time.monotonic()
+            state.forwarder.update(await run_in_threadpool(load_table, state.engine), read_at)
+            await asyncio.sleep(interval_s)
+
+
+async def _follow_routes(state: AppState) -> None:
     client = aioredis.Redis.from_url(str(state.settings.redis_url))
     pubsub = client.pubsub()
     try:

@@ -1,10 +1,12 @@
 """A key's in-flight slots heal: an api killed mid-stream on a `max_concurrent_requests: 1`
 key does not lock that key out; once the api is back, the key is served again within the
-lease (`APPLIANCE_INFLIGHT_LEASE_S`), however often the client retried meanwhile."""
+lease (`APPLIANCE_INFLIGHT_LEASE_S`), however often the client retried meanwhile. And the
+api's routes heal after Redis restarts: replicas replaced since are served."""
 
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
-from tests.harness import Appliance, RedisServer, wait_until
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
 
 LEASE_S = 8  # longer than the api takes to restart here, so the test sees refused retries
 
@@ -100,3 +102,37 @@ def test_a_key_is_served_again_after_the_api_died_mid_stream(
     )
     assert set(answers[:-1]) <= {429}, answers
     wait_until(lambda: backend.busy == 0, 30, "the replica to finish the killed api's stream")
+
+
+def test_replicas_replaced_after_redis_restarted_are_served(
+    bed: tuple[Appliance, FakeBackend],
+) -> None:
+    """Redis restarting killed the api's route refresher for good (its subscription broke and
+    nothing started it again): a replica replaced afterwards (crashed, killed, rolled) was
+    never seen by that api, whose requests went to the old address (a 502), then waited for
+    a replica it could not see."""
+    appliance, backend = bed
+    assert chat(appliance, ADMIN_KEY).status_code == 200
+    appliance.redis.stop()
+    time.sleep(3)  # six refreshes while Redis is away
+    appliance.redis.start()
+    successor = FakeBackend(delay_s=0.0).start()
+    try:
+        with sqlite3.connect(appliance.data_dir / "appliance.db") as db:
+            db.execute("UPDATE replica SET address = ?", (successor.address,))
+
+        def served() -> bool:
+            body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+            try:
+                reply = httpx.post(
+                    appliance.url + "/v1/chat/completions", json=body, headers=headers, timeout=3
+                )
+            except httpx.TimeoutException:
+                return False
+            return reply.status_code == 200 and sum(successor.seen.values()) > 0
+
+        wait_until(served, 15, "the replica's successor to be served")
+    finally:
+        successor.stop()
+    assert "Traceback" not in (appliance.workdir / "api.log").read_text()
