@@ -78,7 +78,7 @@ LONE_SURROGATE = "holds a lone surrogate (\\ud800-\\udfff), which is no characte
 MAX_DEPTH = 32  # nesting of a free-form value: far past any real use, far below JSON's limits
 
 
-def storable(value: Any) -> Any:
+def storable(value: Any, max_depth: int | None = MAX_DEPTH) -> Any:
     """`value` when it can be stored and answered as JSON again: no number anywhere in it is
     NaN or infinite, no text (a value or a key) holds a lone surrogate (JSON's `"\\ud800"`,
     which no UTF-8 reply carries), and nothing in it is nested more than MAX_DEPTH deep.
@@ -94,8 +94,8 @@ def storable(value: Any) -> Any:
             raise ValueError(f"{where or 'the body'}: {LONE_SURROGATE}")
         if not isinstance(item, dict | list | tuple):
             continue
-        if depth > MAX_DEPTH:
-            raise ValueError(f"{where}: nested more than {MAX_DEPTH} levels deep; flatten it")
+        if max_depth is not None and depth > max_depth:
+            raise ValueError(f"{where}: nested more than {max_depth} levels deep; flatten it")
         if isinstance(item, dict):
             for key in item:  # the keys first: a path names them
                 if isinstance(key, str) and not _unicode(key):
@@ -121,6 +121,17 @@ class _Storable(Body):
     @classmethod
     def _storable(cls, data: Any) -> Any:
         return storable(data)
+
+
+class Answerable(Body):
+    """A body whose free-form JSON goes on to a replica as sent (a task's `args`): no NaN,
+    infinity or lone surrogate anywhere in it (`storable`, at any depth), which no replica reads
+    as JSON and no reply carries; stored, a task's page could not be shown."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answerable(cls, data: Any) -> Any:
+        return storable(data, max_depth=None)
 
 
 # vLLM settings LLM Engine's client flattens into its create request; each becomes a flag.

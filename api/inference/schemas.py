@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.body import Body
+from api.schemas import Answerable
 from forwarder.llm_engine import SERIALIZE_DOC
 from forwarder.paths import BY_ID, BY_NAME, COMPLETION, PATHS, TASK, InferencePath
 
@@ -60,7 +61,7 @@ class CompletionSyncV1Response(BaseModel):
     output: CompletionOutput
 
 
-class SyncEndpointPredictV1Request(Body):
+class SyncEndpointPredictV1Request(Answerable):
     """EndpointPredictV1Request plus the sync variant's `timeout_seconds` and `num_retries`;
     what the appliance would drop unread is refused (`forwarder.llm_engine.check_task_fields`)."""
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.body import Body
 from api.deps import AdmittedDep, CallerDep, StateDep, require
 from api.inference import admission
+from api.schemas import Answerable
 from api.submit import Draft, EndpointView, NewTask
 from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
@@ -38,7 +38,7 @@ router = APIRouter(tags=["tasks"], dependencies=[require("inference")])
 OPENAI_ROUTES = (CHAT, COMPLETIONS, RESPONSES)
 
 
-class CreateAsyncTaskRequest(Body):
+class CreateAsyncTaskRequest(Answerable):
     """LLM Engine's EndpointPredictV1Request, plus `route` to pick the replica's path. Its
     fields for pickled and remote inputs and outputs (`url`, `cloudpickle`,
     `destination_path`, `return_pickled`) are taken as its clients send them by default

@@ -655,6 +655,29 @@ def test_a_media_url_a_vllm_replica_would_fetch_is_refused_naming_it(bed: Bed, e
         served(send(bed, key, MINE, chat("data:image/png;base64,iVBORw0KGgo=")))
 
 
+@pytest.mark.parametrize("path", ["/v1/sync-tasks", "/v1/async-tasks"])
+@pytest.mark.parametrize(
+    "args", ['{"prompt": "\\ud800"}', '{"prompt": "hi", "temperature": NaN}', '{"\\udc00": 1}']
+)
+def test_task_args_no_json_reply_carries_are_a_400_on_either_entry(
+    bed: Bed, path: str, args: str
+) -> None:
+    """A lone surrogate or NaN is no JSON a replica reads (llama.cpp and vLLM answer 500 or
+    400) and no UTF-8 reply carries: an async task took them, stored them (its UI page then
+    failed with a 500) and ended FAILURE with the replica's parse error, where a sync task is
+    refused at once."""
+    before = len(bed.backend.bodies)
+    reply = httpx.post(
+        bed.appliance.url + path,
+        params={"model_endpoint_id": f"end_{MINE}"},
+        content=('{"args": ' + args + "}").encode(),
+        headers={**auth(bed.key()), "content-type": "application/json"},
+        timeout=30,
+    )
+    refused(reply, 400, "detail")
+    assert len(bed.backend.bodies) == before
+
+
 RESPONSES_REFUSED = [  # (fields, the field named, words of the message)
     ({"input": ""}, "input", "a text or at least one item"),  # answered from nothing
     ({"input": []}, "input", "a text or at least one item"),
