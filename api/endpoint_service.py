@@ -27,6 +27,7 @@ from appliance import audit, bus, queries
 from appliance.errors import ConflictError, NoSuchEndpointError, OperationInProgressError
 from appliance.keys import Caller
 from appliance.models import Endpoint, EndpointStatus
+from builder.reconcile import waits_for_room
 
 BUSY = (
     EndpointStatus.UPDATE_PENDING,
@@ -149,9 +150,9 @@ def create_endpoint(
 
 
 def check_not_busy(endpoint: Endpoint) -> None:
-    """409 while a change is in progress (a rollout waiting for GPUs may be changed)."""
-    waiting = (endpoint.status_reason or "").startswith("waiting for GPUs")
-    if endpoint.status in BUSY and not waiting:
+    """409 while a change is in progress (a rollout waiting for GPUs or memory may be changed:
+    its status_reason says to)."""
+    if endpoint.status in BUSY and not waits_for_room(endpoint.status_reason):
         raise OperationInProgressError(
             f"endpoint {endpoint.name!r} is {endpoint.status}; wait until it is READY or "
             "UPDATE_FAILED"

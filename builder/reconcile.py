@@ -48,6 +48,13 @@ CRASH_BACKOFF_BASE_S = 2.0
 CRASH_BACKOFF_MAX_S = 60.0
 LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
 MEMORY_WAIT = "waiting for memory: needs "
+ROOM_WAITS = ("waiting for GPUs", "waiting for memory")  # the reasons `_make_room` words
+
+
+def waits_for_room(reason: str | None) -> bool:
+    """True when an endpoint's next replica waits for GPUs or memory (`_make_room`): nothing
+    of its deploy is under way, and it may wait forever, so an edit may replace it."""
+    return reason is not None and reason.startswith(ROOM_WAITS)
 
 
 @dataclass

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from api import declared, endpoint_changes, endpoint_updates
+from api import declared, endpoint_changes, endpoint_service, endpoint_updates
 from api.schemas import UpdateLLMEndpointRequest
-from appliance.errors import InvalidSpecError
+from appliance.errors import InvalidSpecError, OperationInProgressError
 from appliance.keys import Caller
-from appliance.models import Endpoint
+from appliance.models import Endpoint, EndpointStatus
 from tests.builder.field_cases import ADMIN, USER, build, settings
 
 LLAMA = {
@@ -182,3 +182,28 @@ def test_high_priority_beside_a_priority_that_is_not_high_is_refused(models: Pat
         update(endpoint, models, **fields)
     assert refused.value.field == "high_priority"
     assert endpoint.priority == 0
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "waiting for GPUs: needs 2 GPUs, 1 is free",
+        "waiting for memory: needs all of the box's 21.2 GiB (its limit is 23.5 GiB), 13.2 GiB "
+        "are free; set the endpoint's `memory` to what it needs to start beside other replicas",
+    ],
+)
+def test_a_deploy_waiting_for_room_may_be_changed(reason: str) -> None:
+    """A deploy whose replica waits for GPUs or memory may wait forever, and its status_reason
+    says to change the endpoint: the change is taken, where it was a 409 for memory."""
+    for status in (EndpointStatus.UPDATE_PENDING, EndpointStatus.UPDATE_IN_PROGRESS):
+        waiting = Endpoint(id="end_w", name="w", owner="t1", status=status, status_reason=reason)
+        endpoint_service.check_not_busy(waiting)
+    starting = Endpoint(
+        id="end_s",
+        name="s",
+        owner="t1",
+        status=EndpointStatus.UPDATE_IN_PROGRESS,
+        status_reason="starting 1 replica (5 s): loading",
+    )
+    with pytest.raises(OperationInProgressError):
+        endpoint_service.check_not_busy(starting)
