@@ -71,8 +71,8 @@ class CreateKeyRequest(Body):
         if not isinstance(data, dict) or "limits" not in data:
             return data
         flat = {name: value for name, value in data.items() if name != "limits"}
-        nested = data["limits"] or {}
-        if not isinstance(nested, dict):
+        nested = {} if data["limits"] is None else data["limits"]
+        if not isinstance(nested, dict):  # [], "", 0 and false too, which were no limit
             raise ValueError(f"limits must be an object of {', '.join(LIMITS)}")
         for name, value in nested.items():
             if name not in LIMITS:

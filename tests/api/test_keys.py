@@ -240,6 +240,11 @@ def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Applia
     assert both.status_code == 422 and "requests_per_minute" in both.text, both.text
     unknown = admin.post("/v1/api-keys", json={"name": "odd", "limits": {"per_hour": 1}})
     assert unknown.status_code == 422 and "per_hour" in unknown.text, unknown.text
+    for shape in ([], "", 0, False, [{"requests_per_minute": 1}]):  # no object: was no limit
+        odd = admin.post("/v1/api-keys", json={"name": "shape", "limits": shape})
+        assert odd.status_code == 422 and "limits must be an object" in odd.text, (shape, odd.text)
+    unset = admin.post("/v1/api-keys", json={"name": "unset", "limits": None})
+    assert unset.status_code == 201 and unset.json()["limits"]["requests_per_minute"] is None
 
 
 def test_an_export_with_a_rotated_key_applies_back(api_only: Appliance) -> None:
