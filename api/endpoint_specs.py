@@ -247,6 +247,7 @@ def check_endpoint(endpoint: Endpoint, caller: Caller, settings: Settings) -> No
         raise InvalidSpecError(
             "gpu_memory_fraction is for vLLM endpoints with gpus=1", field="gpu_memory_fraction"
         )
+    _check_llamacpp_context(endpoint)
     stages = int(endpoint.args.get("pipeline_parallel_size") or 1)
     if stages > 1 and (endpoint.gpus < stages or endpoint.gpus % stages):
         raise InvalidSpecError(
@@ -256,6 +257,20 @@ def check_endpoint(endpoint: Endpoint, caller: Caller, settings: Settings) -> No
     policy.check_env(endpoint.env)
     frameworks.check_user_env(endpoint.framework, endpoint.env, caller.is_admin)
     _check_image(endpoint, caller, settings)
+
+
+def _check_llamacpp_context(endpoint: Endpoint) -> None:
+    """llama.cpp's --ctx-size is max_model_len for each of its per_worker slots
+    (`builder.specs.server_command`), read as a 32-bit int: past it the server cannot start."""
+    slots = max(endpoint.target_concurrency, 1)
+    context = int(endpoint.args.get("max_model_len") or 0) * slots
+    if endpoint.framework == Framework.LLAMACPP and context > frameworks.LLAMACPP_MAX_CTX:
+        raise InvalidSpecError(
+            f"max_model_len {endpoint.args['max_model_len']} for each of per_worker {slots} "
+            f"slots is a llama.cpp context of {context} tokens; its server takes at most "
+            f"{frameworks.LLAMACPP_MAX_CTX}: lower max_model_len or per_worker",
+            field="max_model_len",
+        )
 
 
 def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settings) -> Endpoint:

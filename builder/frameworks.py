@@ -78,6 +78,7 @@ VLLM_REFUSED: dict[str, str] = {
     "an endpoint takes gpu_memory_utilization",
 }
 
+LLAMACPP_MAX_CTX = 2**31 - 1  # llama-server reads --ctx-size as a 32-bit int
 # Endpoint setting -> llama.cpp server flag.
 LLAMACPP_FLAGS: dict[str, str] = {
     "max_model_len": "--ctx-size",

@@ -313,6 +313,21 @@ def test_gpu_type_is_honoured_only_where_the_box_has_that_gpu() -> None:
         assert refused.value.field == "gpu_type"
 
 
+def test_a_llamacpp_context_past_what_its_server_reads_is_refused(models: Path) -> None:
+    """llama.cpp's --ctx-size is max_model_len times per_worker (a slot's context each) and
+    an int of 32 bits: past 2147483647 llama-server failed to start on it ("stoi"), so a
+    request is a 400 naming max_model_len, on create and update; vLLM's has no such bound."""
+    llama = {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0}
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {**llama, "max_model_len": 1 << 26, "per_worker": 64})
+    assert refused.value.field == "max_model_len", refused.value.message
+    assert "2147483647" in refused.value.message and "per_worker" in refused.value.message
+    endpoint = build(models, {**llama, "max_model_len": 1 << 20, "per_worker": 2})
+    with pytest.raises(InvalidSpecError):
+        update(endpoint, models, per_worker=4096)
+    assert build(models, {"max_model_len": 1 << 26, "per_worker": 64}).args["max_model_len"]
+
+
 @pytest.mark.parametrize("framework", ["vllm", "llamacpp"])
 @pytest.mark.parametrize("field", ["chat_template", "chat_template_override"])
 def test_a_chat_template_that_is_no_template_is_refused_saying_what_to_send(
