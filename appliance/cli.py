@@ -8,6 +8,8 @@ so the layering (api -> builder/forwarder -> gpu -> appliance) holds.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import importlib
 import logging
 import os
@@ -37,6 +39,7 @@ REDIS_START_TIMEOUT_S = 10.0
 # how long `up` waits for its roles to stop before it kills them: a stopping worker gives the
 # replies it awaits up to 30 s (forwarder/worker/runner.py), and compose gives it 40 s too
 STOP_GRACE_S = 40.0
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 def _run_role(role: str, settings: Settings) -> None:
@@ -82,6 +85,7 @@ def _private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
             "",
         ],
         stdout=subprocess.DEVNULL,
+        preexec_fn=functools.partial(_end_with_parent, os.getpid()),
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + REDIS_START_TIMEOUT_S
@@ -103,7 +107,12 @@ def _up(settings: Settings) -> int:
     if not settings.redis_url:
         redis_proc, env["APPLIANCE_REDIS_URL"] = _private_redis(settings.data_dir)
     children = {
-        role: subprocess.Popen([sys.executable, "-m", "appliance", role], env=env) for role in ROLES
+        role: subprocess.Popen(
+            [sys.executable, "-m", "appliance", role],
+            env=env,
+            preexec_fn=functools.partial(_end_with_parent, os.getpid()),
+        )
+        for role in ROLES
     }
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
@@ -136,6 +145,18 @@ def _up(settings: Settings) -> int:
         code = children[ended[0]].returncode or 0
         return 128 - code if code < 0 else code or 1
     return max(max(child.returncode or 0, 0) for child in children.values())
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a role's process before it runs: SIGTERM it when `up` ends, even by SIGKILL, so no
+    role runs on without it (the next `up` would find the port taken and a second builder
+    at work). Linux's PR_SET_PDEATHSIG; elsewhere the roles outlive a killed `up`."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # `up` died before the line above: end now, as it would have
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _how_ended(code: int | None) -> str:

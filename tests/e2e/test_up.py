@@ -145,3 +145,49 @@ def test_up_says_which_role_died_and_exits_non_zero(tmp_path: Path, docker_ready
     said = (tmp_path / "up.log").read_text()
     assert "the api was killed by signal 9 (SIGKILL); stopping the other roles" in said
     assert subprocess.run(["pgrep", "-s", str(up.pid)], capture_output=True).stdout == b""
+
+
+def test_roles_stop_when_up_itself_is_killed(tmp_path: Path, docker_ready: None) -> None:
+    """`up` killed with SIGKILL (the OOM killer, an admin's kill -9) left its api, builder and
+    worker (and its private redis-server) running with no parent: the next `up` found the
+    port taken, and two builders ran on one install. Each now ends when `up` does."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        {
+            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
+            "APPLIANCE_PORT": str(port),
+            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
+            "APPLIANCE_MODELS_DIR": str(tmp_path),
+        }
+    )
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
+    up = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def roles() -> list[str]:
+        found = subprocess.run(
+            ["pgrep", "-s", str(up.pid), "-f", "appliance (api|builder|worker)"],
+            capture_output=True,
+            text=True,
+        )
+        return found.stdout.split()
+
+    try:
+        wait_until(lambda: len(roles()) == 3, 30, "the roles started by `appliance up`")
+        up.kill()
+        up.wait(10)
+        left = ["pgrep", "-s", str(up.pid)]  # the roles and the private redis-server
+        wait_until(
+            lambda: subprocess.run(left, capture_output=True).stdout == b"",
+            30,
+            "the roles and the private Redis to stop with `up`",
+        )
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(up.pid)], capture_output=True)
+        print((tmp_path / "up.log").read_text()[-3000:])
