@@ -27,7 +27,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from appliance import __version__
+from appliance import __version__, running
 from appliance.migrations import migrate
 
 FORMAT = 1
@@ -185,6 +185,11 @@ def _forget_replicas(database: Path, manifest: dict[str, Any]) -> None:
 
 def restore(archive_path: Path, data_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Write the backup at `archive_path` into `data_dir`; returns its manifest."""
+    if running.in_use(data_dir):
+        raise BackupError(
+            f"an appliance is running on {data_dir}; stop it first (a restore replaces the "
+            "database its roles hold open, and what they wrote next would be lost)"
+        )
     try:
         with tarfile.open(archive_path, "r:*") as archive:
             manifest = _unpack(archive, data_dir, force)

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from appliance import __version__, build, bus, install, logs
+from appliance import __version__, build, bus, install, logs, running
 from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ REDIS_START_TIMEOUT_S = 10.0
 # how long `up` waits for its roles to stop before it kills them: a stopping worker gives the
 # replies it awaits up to 30 s (forwarder/worker/runner.py), and compose gives it 40 s too
 STOP_GRACE_S = 40.0
+_HELD: list[running.Holding] = []  # this role's locks on its data dir, kept while it runs
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
@@ -53,6 +54,11 @@ def _run_role(role: str, settings: Settings) -> None:
             "source; reinstall the appliance (pip install .) or run scripts/compile"
         )
     logger.info("%s: %s build", role, build.describe())
+    if role in ROLES:
+        try:
+            _HELD.append(running.hold(settings.data_dir, role))
+        except running.AlreadyRunningError as exc:
+            sys.exit(f"appliance {role}: {exc}")
     main: Callable[[Settings], None] = importlib.import_module({**ROLES, **AGENT_ROLES}[role]).main
     main(settings)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import func, select
 
-from appliance import backup, keys
+from appliance import backup, keys, running
 from appliance.db import open_engine, session_scope
 from appliance.install import install_id, key_secret
 from appliance.models import Endpoint, Event, File, Replica
@@ -153,3 +153,33 @@ def test_the_admin_key_the_api_keeps_is_restored(tmp_path: Path) -> None:
     backup.backup(source, tmp_path / "without.tar.gz")
     backup.restore(tmp_path / "without.tar.gz", tmp_path / "bare")
     assert not (tmp_path / "bare" / "admin-key").exists()
+
+
+def test_restore_refuses_a_data_directory_a_running_appliance_uses(tmp_path: Path) -> None:
+    """`restore --force` into the data directory of a running appliance emptied it under its
+    roles: their database was deleted while they held it open, so what they wrote after (an
+    endpoint made a moment later) went to a file no one would read again. Refused while any
+    role runs there; allowed once they stop."""
+    source = tmp_path / "source"
+    make_install(source)
+    target = tmp_path / "b.tar.gz"
+    backup.backup(source, target, with_files=False)
+    api = running.hold(source, "api")
+    try:
+        with pytest.raises(backup.BackupError, match="an appliance is running on"):
+            backup.restore(target, source, force=True)
+        assert (source / "files" / "file_1.jsonl").is_file()  # nothing was emptied
+    finally:
+        api.release()
+    backup.restore(target, source, force=True)
+
+
+def test_a_second_builder_on_one_data_directory_refuses_to_start(tmp_path: Path) -> None:
+    first = running.hold(tmp_path, "builder")
+    try:
+        with pytest.raises(running.AlreadyRunningError, match="another builder runs on"):
+            running.hold(tmp_path, "builder")
+        running.hold(tmp_path, "worker").release()  # other roles are many
+    finally:
+        first.release()
+    running.hold(tmp_path, "builder").release()  # free again once the first stopped
