@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from appliance import queries
 from appliance.db import session_scope
-from appliance.models import Endpoint, ReplicaState
+from appliance.models import Endpoint, EndpointStatus, ReplicaState
 from forwarder.table import (
     DEFAULT_HEALTH_ROUTE,
     DEFAULT_PREDICT_ROUTE,
@@ -51,12 +51,17 @@ def target_of(endpoint: Endpoint, replicas: tuple[TargetReplica, ...]) -> Target
 
 
 def load_table(engine: Engine) -> RoutingTable:
-    """Read every endpoint and its ready replicas; runs in a worker thread."""
+    """Read every endpoint and its ready replicas; runs in a worker thread. An endpoint being
+    deleted routes no new request (its replicas drain what they have), so it is refused at
+    once (`table.check_coming`) from the delete on, not once the builder stops its replicas."""
     with session_scope(engine) as session:
         endpoints = queries.all_endpoints(session=session)
         replicas = queries.all_replicas(session=session)
+    deleting = {e.id for e in endpoints if e.status == EndpointStatus.DELETE_IN_PROGRESS}
     ready: dict[str, list[TargetReplica]] = {}
     for replica in replicas:
+        if replica.endpoint_id in deleting:
+            continue
         if replica.state == ReplicaState.READY and replica.address:
             ready.setdefault(replica.endpoint_id, []).append(
                 TargetReplica(replica.id, replica.address)

@@ -340,3 +340,24 @@ def test_a_stream_cut_by_its_endpoints_deletion_says_so(bed: Bed) -> None:
     assert status == 200 and b'"content": "hi"' in body, body
     assert f"endpoint {name!r} was deleted while this request ran".encode() in body, body
     assert b"failed mid-reply" not in body
+
+
+@pytest.mark.parametrize("entry", ["/v1/chat/completions", "/v1/llm/completions-sync"])
+def test_an_endpoint_being_deleted_takes_no_new_request_while_its_replicas_drain(
+    bed: Bed, entry: str
+) -> None:
+    """Deleted, an endpoint refuses new requests at once, as the UI's delete says, while its
+    replicas are still ready and draining (the builder stops them later), where they were
+    served on for seconds."""
+    send, family, _ = ENTRIES[entry]
+    name = "draining-" + entry.rsplit("/", 1)[-1]
+    seed_endpoint(bed.appliance.data_dir, name, bed.backend.address, owner="t1")
+    key = bed.key()
+    wait_until(
+        lambda: send(bed, key, name, {tokens_field(entry): 1}).status_code == 200,
+        20,
+        "the endpoint to be served",
+    )
+    set_status(bed.appliance.data_dir, name, EndpointStatus.DELETE_IN_PROGRESS, "deleting")
+    time.sleep(2)  # a routing refresh or more (0.5 s here)
+    down(send(bed, key, name, {tokens_field(entry): 1}), family, "is being deleted")
