@@ -138,7 +138,7 @@ def invalid_field(
     first = exc.errors()[0]
     path = ".".join(str(part) for part in first["loc"])
     field = prefix + (names or {}).get(path, path)
-    return errors.InvalidSpecError(f"{field}: {first['msg']}", field=field)
+    return errors.InvalidSpecError(f"{field}: {errors.validation_message(first)}", field=field)
 
 
 def status_of(exc: errors.ApplianceError, envelope: str = DETAIL) -> int:
@@ -195,6 +195,7 @@ def invalid(problems: list[Any], envelope: str) -> tuple[int, list[tuple[bytes, 
     client and OpenAI's SDK show it: in `detail` on LLM Engine's routes, OpenAI's envelope on
     OpenAI's."""
     if envelope == DETAIL:
+        problems = [{**p, "msg": errors.validation_message(p)} for p in problems]
         body = json.dumps({"detail": jsonable(problems)}).encode()
         return 422, [(b"content-type", b"application/json")], body
     message = "; ".join(_problem(p) for p in problems)
@@ -222,7 +223,8 @@ def _detail(message: str) -> bytes:
 
 def _problem(err: Any) -> str:
     where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
+    said = errors.validation_message(err)
+    return f"{where}: {said}" if where else said
 
 
 def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:

@@ -24,7 +24,8 @@ ApplianceError
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Mapping
+from typing import Any, Self
 
 
 class ApplianceError(Exception):
@@ -136,3 +137,16 @@ class UpstreamError(ApplianceError):
     def __init__(self, message: str, *, status_code: int = 502) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+# What pydantic puts before a validator's own words ("Value error, limits must be an object"):
+# they say nothing to whoever reads the message.
+VALIDATOR_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def validation_message(problem: Mapping[str, Any]) -> str:
+    """A pydantic problem's message as a user reads it, without pydantic's prefix."""
+    message = str(problem.get("msg", "is not valid"))
+    for prefix in VALIDATOR_PREFIXES:
+        message = message.removeprefix(prefix)
+    return message

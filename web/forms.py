@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from appliance.errors import validation_message
 from appliance.models import Endpoint
 from web import views
 
@@ -161,8 +162,7 @@ def validation_errors(errors: Iterable[Mapping[str, Any]]) -> dict[str, str]:
             bound, text = BOUNDS[kind]
             message = text.format(error["ctx"][bound])
         else:
-            message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
-            message = form_message(message)
+            message = form_message(validation_message(error))
         out.setdefault(field, message)
     return out
 

@@ -243,6 +243,7 @@ def test_a_key_is_made_with_limits_in_the_shape_it_is_listed_in(api_only: Applia
     for shape in ([], "", 0, False, [{"requests_per_minute": 1}]):  # no object: was no limit
         odd = admin.post("/v1/api-keys", json={"name": "shape", "limits": shape})
         assert odd.status_code == 422 and "limits must be an object" in odd.text, (shape, odd.text)
+        assert odd.json()["detail"][0]["msg"].startswith("limits must be an object")
     unset = admin.post("/v1/api-keys", json={"name": "unset", "limits": None})
     assert unset.status_code == 201 and unset.json()["limits"]["requests_per_minute"] is None
 

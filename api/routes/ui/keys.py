@@ -19,7 +19,13 @@ from api.deps import AppState, SessionDep, StateDep, address_of
 from api.routes.ui.respond import FormDep, need, not_found, page, redirect
 from api.ui_session import ChangeDep, SignedInDep, UiSession
 from appliance.db import session_scope
-from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidSpecError,
+    NotFoundError,
+    validation_message,
+)
 from appliance.models import ApiKey
 from web import views
 
@@ -151,7 +157,7 @@ def create_key_from_form(
             KEY_FIELDS.get(str((e.get("loc") or ("",))[0]), ""): (
                 "Use letters, digits, spaces and . _ @ - (at most 64)."
                 if e.get("type") == "string_pattern_mismatch"
-                else str(e.get("msg"))
+                else validation_message(e)
             )
             for e in reversed(exc.errors())
         }
