@@ -111,7 +111,7 @@ def test_replicas_replaced_after_redis_restarted_are_served(
     nothing started it again): a replica replaced afterwards (crashed, killed, rolled) was
     never seen by that api, whose requests went to the old address (a 502), then waited for
     a replica it could not see."""
-    appliance, backend = bed
+    appliance, _ = bed
     assert chat(appliance, ADMIN_KEY).status_code == 200
     appliance.redis.stop()
     time.sleep(3)  # six refreshes while Redis is away
