@@ -31,8 +31,8 @@ INT_FLAGS = (
     "seed",
     "num-gpu-blocks-override",
     "max-logprobs",
-    "kv-cache-memory-bytes",
 )
+SIZE_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}  # upper case: powers of 1024
 TEXT_FLAGS = (
     "chat-template",
     "revision",
@@ -79,6 +79,19 @@ METRICS = {  # name: (type, help), as vLLM exports them
 }
 
 
+def size(text: str) -> int:
+    """vLLM's human_readable_int: digits, or a number and a unit (4G is 4 GiB, 1.5g 1.5e9)."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT]?)", text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    number, unit = found.groups()
+    if not unit:
+        return int(number)
+    if unit.isupper():
+        return int(number) * 1024 ** (list(SIZE_UNITS).index(unit.lower()) + 1)
+    return int(float(number) * SIZE_UNITS[unit])
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The flags of `vllm serve` (vLLM 0.32) the appliance may pass; each one must be one of the
     real vLLM's (tests/images/test_vllm_contract.py checks it against vLLM's own parser)."""
@@ -97,6 +110,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128])
     p.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--kv-cache-memory-bytes", type=size)
     p.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling", "draft"])
     p.add_argument("--convert", default="auto", choices=["auto", "none", "embed", "classify"])
     for name in INT_FLAGS:

@@ -150,7 +150,7 @@ def extra_flag_values() -> dict[str, str | bool]:
         '"prompt_lookup_max":3}',
         "--hf-overrides": '{"rope_theta":10000}',
         "--uvicorn-log-level": "warning",
-        "--kv-cache-memory-bytes": "1073741824",
+        "--kv-cache-memory-bytes": "1G",  # a size, as vLLM reads one
         "--enable-chunked-prefill": True,
         "--runner": "pooling",
         "--convert": "embed",
