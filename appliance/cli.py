@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -187,7 +188,11 @@ def _health(role: str, settings: Settings) -> int:
                 return 0 if reply.status == 200 else 1
         except OSError:
             return 1
-    return 0 if bus.alive(bus.connect(str(settings.redis_url)), role) else 1
+    try:
+        return 0 if bus.alive(bus.connect(str(settings.redis_url)), role) else 1
+    except redis.RedisError as exc:  # a line for the health log, not redis-py's traceback
+        print(f"appliance health: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
 
 
 def _operator_commands(sub: Any) -> None:

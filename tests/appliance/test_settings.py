@@ -78,3 +78,20 @@ def test_a_bad_setting_is_one_line_naming_it(variable: str, value: str, said: st
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith(f"appliance export: {variable}: ")
     assert said in done.stderr
+
+
+def test_a_health_check_that_cannot_reach_redis_says_so_in_a_line() -> None:
+    """`appliance health worker` (compose's health check) printed a redis-py traceback when
+    Redis was away, which `docker inspect` then showed as the check's output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "health", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("appliance health: cannot reach Redis: ")
