@@ -302,11 +302,15 @@ class Call:
 
     # answers before the reply
     def refuse(self, exc: ApplianceError) -> None:
-        """An error before any reply byte (or in band, once a held stream began)."""
+        """An error before any reply byte (or in band, once a held stream began). One of 500
+        or more for a known endpoint (it has no replica to give) is logged as a replica's
+        failures are (`FailureLog`), with `-` for the replica."""
+        status, headers, body = answer(exc, self.entry.envelope)
+        if self.target is not None and status >= 500:
+            self.core.plane.failures.note(self.target.name, "-", status, exc.message)
         if self.held:
             self._in_band(exc)
             return
-        status, headers, body = answer(exc, self.entry.envelope)
         self._record(status)
         self._whole(status, headers, body, -1.0)
 

@@ -9,6 +9,7 @@ FAILURE. Against a fake replica; api and worker, no Docker."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -361,3 +362,17 @@ def test_an_endpoint_being_deleted_takes_no_new_request_while_its_replicas_drain
     set_status(bed.appliance.data_dir, name, EndpointStatus.DELETE_IN_PROGRESS, "deleting")
     time.sleep(2)  # a routing refresh or more (0.5 s here)
     down(send(bed, key, name, {tokens_field(entry): 1}), family, "is being deleted")
+
+
+def test_a_refusal_of_a_failed_endpoint_is_in_the_api_log(bed: Bed) -> None:
+    """The README's "Failed requests": a request that ends in a 5xx, the appliance's own for an
+    endpoint with no replica to give included, is a warning in the api's log naming the endpoint
+    and why, where only a replica's failures were."""
+    send, family, _ = ENTRIES["/v1/chat/completions"]
+    down(send(bed, bed.key(), BROKEN, {"max_tokens": 1}), family, REASON)
+    logged = re.compile(rf"WARNING .*endpoint {BROKEN}, replica -: 503, .*failed to start")
+    wait_until(
+        lambda: logged.search((bed.appliance.workdir / "api.log").read_text()),
+        5,
+        "the refusal in the api's log",
+    )
