@@ -240,14 +240,19 @@ def test_an_empty_playground_offers_a_new_endpoint_only_to_a_key_that_may_make_o
     assert "manage" in empty.text and "public" in empty.text
 
 
+def _key_form_body(client: httpx.Client, **fields: str) -> dict[str, str]:
+    """The keys page's form as a browser sends it: its hidden fields and `fields`."""
+    form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
+    assert form is not None
+    hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
+    return {**hidden, "scope_inference": "on", **fields}
+
+
 def test_a_key_form_sent_twice_makes_one_key(api_only: Appliance) -> None:
     """Reloading the page a new key is shown on sends its form again (the browser asks, the
     user agrees): that makes no second key, whose text nobody would ever see, and says so."""
     client = browser_client(api_only)
-    form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
-    assert form is not None
-    hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
-    body = {**hidden, "name": "sent-twice", "scope_inference": "on"}
+    body = _key_form_body(client, name="sent-twice")
     first = client.post("/ui/keys", data=body)
     assert first.status_code == 200 and 'id="new-key-text"' in first.text
     again = client.post("/ui/keys", data=body)
@@ -263,10 +268,7 @@ def test_a_key_forms_days_are_ascii_numbers(api_only: Appliance) -> None:
     client = browser_client(api_only)
 
     def make(days: str) -> str:
-        form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
-        assert form is not None
-        hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
-        body = {**hidden, "name": "odd-days", "scope_inference": "on", "expires_days": days}
+        body = _key_form_body(client, name="odd-days", expires_days=days)
         return client.post("/ui/keys", data=body).text
 
     for days in ("\u0661", "1_0", "1e3"):
@@ -445,14 +447,6 @@ def test_a_batch_has_a_page_with_live_counts_its_lines_and_a_cancel(api_only: Ap
     assert "Cancel batch" not in client.get("/ui/batches/batch_live").text
     refused = client.post("/ui/batches/batch_live/cancel", data={"csrf": "forged"})
     assert refused.status_code in (400, 403), refused.text
-
-
-def _key_form_body(client: httpx.Client, **fields: str) -> dict[str, str]:
-    """The keys page's form as a browser sends it: its hidden fields and `fields`."""
-    form = re.search(r'<form[^>]*id="key-form".*?</form>', client.get("/ui/keys").text, re.S)
-    assert form is not None
-    hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
-    return {**hidden, "scope_inference": "on", **fields}
 
 
 def test_an_admin_makes_a_teams_key_with_limits_on_the_keys_page(api_only: Appliance) -> None:
