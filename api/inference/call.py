@@ -302,16 +302,19 @@ class Call:
 
     # answers before the reply
     def refuse(self, exc: ApplianceError) -> None:
-        """An error before any reply byte (or in band, once a held stream began). One of 500
-        or more for a known endpoint (it has no replica to give) is logged as a replica's
-        failures are (`FailureLog`), with `-` for the replica."""
+        """An error before any reply byte (or in band, once a held stream began: counted as
+        the status it carries). A refusal of a known endpoint (no replica to give it) counts
+        in its metrics, and one of 500 or more is logged as a replica's failures are
+        (`FailureLog`), with `-` for the replica; a relay's failure was counted and logged by
+        the relay (`Relay._finish`), once."""
         status, headers, body = answer(exc, self.entry.envelope)
-        if self.target is not None and status >= 500:
-            self.core.plane.failures.note(self.target.name, "-", status, exc.message)
+        if self.relay is None:
+            if self.target is not None and status >= 500:
+                self.core.plane.failures.note(self.target.name, "-", status, exc.message)
+            self._record(status)
         if self.held:
             self._in_band(exc)
             return
-        self._record(status)
         self._whole(status, headers, body, -1.0)
 
     def _invalid(self, problems: list[Any]) -> None:

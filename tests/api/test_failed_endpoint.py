@@ -376,3 +376,27 @@ def test_a_refusal_of_a_failed_endpoint_is_in_the_api_log(bed: Bed) -> None:
         5,
         "the refusal in the api's log",
     )
+
+
+def test_a_held_stream_that_ends_with_its_endpoints_failure_counts_as_an_error(bed: Bed) -> None:
+    """A stream held for a replica, answered 200 at once, that ends with an error event when its
+    endpoint fails is counted as the 503 it carries (metrics, and usage's errors), as a plain
+    request is, where it was counted nowhere."""
+    name, key = "late-stream", bed.key()
+    seed_bare(bed.appliance.data_dir, name, EndpointStatus.UPDATE_IN_PROGRESS, None)
+    got: dict[str, Any] = {}
+    stream = threading.Thread(
+        target=collect,
+        args=(got, "stream", "POST", bed.appliance.url + "/v1/chat/completions"),
+        kwargs={"json": chat_body(name, {}, stream=True), "headers": auth(key)},
+    )
+    stream.start()
+    time.sleep(2)  # it holds
+    set_status(bed.appliance.data_dir, name, EndpointStatus.UPDATE_FAILED, REASON)
+    stream.join(QUICK_S)
+    assert got["stream"][0] == 200 and REASON.encode() in got["stream"][2]
+    counted = re.compile(rf'appliance_requests_total{{code="503",endpoint="{name}",.*}} 1\.0')
+
+    wait_until(
+        lambda: counted.search(bed.admin.get("/metrics").text), 5, "the stream in the metrics"
+    )

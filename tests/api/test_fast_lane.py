@@ -373,12 +373,21 @@ def test_a_client_that_leaves_frees_its_replica(api: Appliance) -> None:
 
 def test_a_silent_replica_ends_in_504(api: Appliance) -> None:
     before = fast_count(api)
+    timed_out = metric(api, r'appliance_requests_total\{code="504"')
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
         sock.sendall(raw_request("POST", "/v1/chat/completions", chat("slow", delay_s=3)))
         status, _, body = read_response(sock.makefile("rb"))
     assert status == 504, body  # before the reply the replica sends after 3 s
     assert "did not answer in time" in json.loads(body)["error"]["message"]
     assert fast_count(api) - before == 1
+    # counted once (metrics, and so usage), where the relay and the call each counted it
+    wait_until(
+        lambda: metric(api, r'appliance_requests_total\{code="504"') > timed_out,
+        5,
+        "the 504 in the metrics",
+    )
+    time.sleep(1.5)  # a second count would be there by now
+    assert metric(api, r'appliance_requests_total\{code="504"') == timed_out + 1
     # the operator reads which endpoint and replica failed, and why, in the api's log
     logged = r"endpoint \S+, replica \S+: 504, .*did not answer in time"
     wait_until(lambda: re.search(logged, api.logs()), 5, "the failure in the api's log")
