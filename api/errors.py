@@ -85,6 +85,11 @@ OPENAI_UNSERVED: Final = {
     "/v1/moderations": "moderation is not available on this appliance" + CHAT_INSTEAD,
     "/v1/realtime": "the Realtime API is not available on this appliance" + CHAT_INSTEAD,
 }
+# Methods of OpenAI's served paths the appliance does not take (a 405), and what to do instead.
+OPENAI_METHOD_UNSERVED: Final = {
+    "/v1/models": "a model here is an endpoint: delete one with DELETE "
+    "/v1/llm/model-endpoints/{name} (or on the web UI's endpoint page)",
+}
 OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -296,6 +301,11 @@ async def _http(request: Request, exc: Exception) -> Response:
     unserved = next((why for p, why in OPENAI_UNSERVED.items() if _under(path, p)), None)
     if unknown and unserved:
         message = f"{message}: {unserved}"
+    elif exc.status_code == 405:
+        message = f"{message} ({request.method} {path})"
+        instead = next((w for p, w in OPENAI_METHOD_UNSERVED.items() if _under(path, p)), None)
+        if instead:
+            message = f"{message}: {instead}"
     if unprefixed:  # an SDK whose base_url lacks /v1: say where the routes are
         v1 = str(request.base_url).rstrip("/") + "/v1"
         message = (

@@ -32,6 +32,12 @@ def test_the_sdk_hears_which_openai_apis_are_not_served(api_only: Appliance) -> 
     with pytest.raises(openai.NotFoundError) as near:  # a prefix, not a word's start
         oai.get("/responsesx", cast_to=object)
     assert near.value.body["message"] == "Invalid URL (GET /v1/responsesx)"  # type: ignore[index]
+    with pytest.raises(openai.APIStatusError) as deleted:  # a model is an endpoint here
+        oai.models.delete("llama")
+    said = deleted.value.body["message"]  # type: ignore[index]
+    assert deleted.value.status_code == 405
+    assert said.startswith("Method Not Allowed (DELETE /v1/models/llama): a model here is"), said
+    assert "DELETE /v1/llm/model-endpoints/{name}" in said
     without_key = openai.OpenAI(base_url=api_only.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):  # the key gate first, as on every route
         without_key.responses.create(model="llama", input="Say hi.")
