@@ -48,6 +48,7 @@ def _config(settings: Settings, shared: SharedCounts | None, worker: int | None)
         # uvicorn only calls what it is given, as it would a protocol class; either way a
         # request head over max_head_bytes is answered 431 (httptools alone has no bound)
         http=cast("type[asyncio.Protocol]", _protocol(app, settings)),
+        ws="none",  # no websocket server: a request asking for one is declined (glue.py)
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,

@@ -9,6 +9,12 @@ httptools sets no bound on a request's head, and gathers a header whole before i
 `HeadBoundProtocol` counts a head's bytes as they arrive and answers one longer than
 `max_head_bytes` 431 before httptools holds more than one read past the bound.
 
+The api speaks HTTP/1.1 alone. httptools stops at a request that asks to switch protocols
+(`Upgrade: h2c`, which `curl --http2` sends on http://, or `websocket`), before its body, and
+uvicorn answered it with no body and dropped what followed (or handed it to a websocket
+server, outside the key gate, the header timeout and the address count): `HeadBoundProtocol`
+declines the upgrade, as HTTP allows, and reads the request again without its `Upgrade` field.
+
 What is used here is what `tests/api/test_lane_glue.py` checks against the installed uvicorn,
 so a uvicorn release that changes any of it fails that test by name instead of misbehaving.
 Not compiled (it subclasses uvicorn's protocol).
@@ -22,6 +28,7 @@ import json
 from collections.abc import Callable
 from typing import Any, cast
 
+import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -131,6 +138,7 @@ class HeadBoundProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0  # a request's head must arrive within this, from its first byte
     head_timer: asyncio.TimerHandle | None = None  # the head's deadline, or the body's pace
     body_bytes = -1  # of the body since the pace was last checked; -1 while a head is read
+    upgrading = False  # the head just read asks to switch protocols: it is read again without
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -200,15 +208,47 @@ class HeadBoundProtocol(HttpToolsProtocol):
                 return
             self.head_bytes = size
             self.head_tail = (self.head_tail + data[-3:])[-3:]
-        super().data_received(data)
+        self.feed(data)
+
+    def feed(self, data: bytes, declined: bool = False) -> None:
+        """uvicorn's `data_received`, but for a request asking to switch protocols: its head
+        is read again without the `Upgrade` field, followed by the bytes after it (its body,
+        requests after it), as though it had come so (a CONNECT, an upgrade whatever its
+        fields, is a 400)."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.invalid()
+        except httptools.HttpParserUpgrade as exc:
+            if declined or self.parser.get_method() == b"CONNECT":
+                self.invalid()
+                return
+            head = [b"%b %b HTTP/%b\r\n" % (
+                self.parser.get_method(), self.url, self.parser.get_http_version().encode()
+            )]  # fmt: skip
+            head.extend(b"%b: %b\r\n" % h for h in self.headers if h[0] != b"upgrade")
+            self.upgrading = False
+            self.parser = httptools.HttpRequestParser(self)
+            self.feed(b"".join(head) + b"\r\n" + data[exc.args[0] :], declined=True)
+
+    def invalid(self) -> None:
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self.send_400_response(message)
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():
+            self.upgrading = True  # not a request yet: `feed` reads it again
+            return
         self.head_bytes, self.head_tail = -1, b""
         self.body_bytes = 0  # the body's pace from now
         self._arm()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        if self.upgrading:
+            return
         self.head_bytes, self.head_tail = 0, b""  # a next request's head may follow
         self._stop_timer()
         super().on_message_complete()
@@ -298,7 +338,7 @@ class GeneralProtocol(HeadBoundProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self.between = True
+        self.between = not self.upgrading
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

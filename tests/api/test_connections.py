@@ -254,3 +254,53 @@ def test_a_body_that_trickles_in_is_answered_408_and_closed(tmp_path: Path, lane
         print(api.logs())
         api.stop()
         redis.stop()
+
+
+def exchange(port: int, request: bytes, wait_s: float = 5) -> bytes:
+    """What the api answers `request` within `wait_s`, until it closes or goes quiet."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(TimeoutError, OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if answer.count(b"HTTP/1.1 ") >= request.count(b" HTTP/1.1\r\n"):
+                    break
+    return answer
+
+
+@pytest.mark.parametrize("lane", ["true", "false"])
+def test_a_request_asking_to_upgrade_is_served_as_http(tmp_path: Path, lane: str) -> None:
+    """The api speaks HTTP/1.1 alone, and a request asking to switch protocols (`Upgrade: h2c`,
+    as `curl --http2` sends on http://; `Upgrade: websocket`) is served as any other: its body
+    is read (it was dropped, so a valid JSON body was a 400 "not valid JSON"), the connection
+    carries the next request, a websocket handshake gets the key gate's 401 (it was handed to
+    a websocket server that answered 403, or held the connection unanswered for a POST), and
+    such connections leave their address's count when they close. The lane on and off."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {"APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "4", "APPLIANCE_FAST_LANE": lane}
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    key = b"authorization: Bearer " + ADMIN_KEY.encode() + b"\r\n"
+    body = b'{"model": "none", "messages": [{"role": "user", "content": "hi"}]}'
+    h2c = b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQ\r\n"
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    sized = b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    ws = (
+        b"connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    try:
+        answer = exchange(api.port, post + key + h2c + sized + post + key + sized)
+        assert answer.startswith(b"HTTP/1.1 404 "), answer[:400]
+        assert answer.count(b"The model `none` does not exist.") == 2, answer
+        answer = exchange(api.port, post + ws + sized)  # no key
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:400]
+        for _ in range(6):  # more than the address may hold at once, one after another
+            answer = exchange(api.port, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + ws + b"\r\n")
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:400]
+        answer = exchange(api.port, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + key + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:400]
+    finally:
+        print(api.logs())
+        api.stop()
+        redis.stop()

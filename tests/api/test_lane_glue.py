@@ -39,7 +39,12 @@ def test_uvicorns_protocol_still_has_what_the_lane_uses() -> None:
         "connection_lost",
     ):
         assert callable(getattr(HttpToolsProtocol, hook)), hook
-    for method in ("_unset_keepalive_if_required", "connection_made", "data_received"):
+    for method in (
+        "_unset_keepalive_if_required",
+        "connection_made",
+        "data_received",
+        "send_400_response",  # HeadBoundProtocol.feed, for a head httptools cannot read
+    ):
         assert callable(getattr(HttpToolsProtocol, method)), method
     for method in ("pause_writing", "resume_writing", "shutdown"):
         assert callable(getattr(HttpToolsProtocol, method)), method
@@ -59,6 +64,10 @@ def test_uvicorns_protocol_still_has_what_the_lane_uses() -> None:
         assert protocol in state.connections
         assert isinstance(config.timeout_keep_alive, int | float)
         assert protocol.cycle is None  # a 431 is written only with no reply under way
+        # what HeadBoundProtocol.feed reads again of a head asking to switch protocols
+        protocol.on_message_begin()
+        assert protocol.url == b"" and protocol.headers == [] and protocol.logger is not None
+        assert callable(protocol.parser.get_method) and callable(protocol.parser.should_upgrade)
 
     # what HeadBoundProtocol asks of a reply under way when a next head is too long, and of a
     # request whose body comes too slowly (whether it was asked for yet, whether a reply began)
