@@ -215,3 +215,17 @@ def test_compose_up_is_healthy_and_down_leaves_nothing(
     down = compose(project, env, "down", "-v", "--timeout", "10")
     assert down.returncode == 0, down.stderr
     assert running(project) == []
+
+
+def test_every_service_keeps_bounded_logs() -> None:
+    """Docker keeps a container's output in a file with no bound unless told one, and any
+    client makes the api write a line (a malformed request is logged, with no key): each
+    service's logs are capped, as the builder caps its replicas' (builder/specs.py)."""
+    import yaml
+
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file", (name, logging)
+        assert logging.get("options", {}).get("max-size"), (name, logging)
+        assert logging.get("options", {}).get("max-file"), (name, logging)
