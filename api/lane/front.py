@@ -342,9 +342,10 @@ class FrontProtocol(asyncio.Protocol):
                 return
             total = end + 4 + head.length
             authorization = head.authorization
-            if authorization[:7] == "Bearer ":  # the usual form, without parse_key's general case
-                key: str | None = authorization[7:].strip()
-            else:
+            # the usual form, without parse_key's general case; as parse_key reads it, a
+            # Bearer value Python strips to nothing (a no-break space) names no key there
+            key: str | None = authorization[7:].strip() if authorization[:7] == "Bearer " else ""
+            if not key:
                 key = parse_key(authorization, head.api_key)
             if len(buf) < total:
                 if key is None or not core.keys.found_valid(key):

@@ -149,6 +149,8 @@ def test_the_lane_reads_only_heads_it_can_serve() -> None:
         "a bare LF": good.replace(b"Host: test", b"Host: a\nContent-Length: 9"),
         "a bare CR": good.replace(b"Host: test", b"Host: a\rb"),
         "no colon": good.replace(b"Host: test", b"Host"),
+        "a control byte in a value": good.replace(b"Host: test", b"Host: te\x1bst"),
+        "DEL in a value": good.replace(b"Host: test", b"Host: te\x7fst"),
         "no headers": b"POST /v1/chat/completions HTTP/1.1\r\n\r\n{}",
     }
     for why, head_bytes in refused.items():
@@ -224,6 +226,36 @@ def test_a_key_sent_twice_is_refused_on_every_path(api: Appliance, backend: Fake
         assert "send the API key once" in reply.decode(), reply
     assert fast_count(api) - before == 1  # only the request with one key
     assert not any("twice" in str(body) or "chunked" in str(body) for body in backend.bodies)
+
+
+def test_the_lane_reads_keys_and_fields_as_uvicorn_does(api: Appliance) -> None:
+    """A request is answered the same on the lane and on uvicorn's path (a chunked body, which
+    the lane leaves to uvicorn): `Bearer ` followed by nothing but a byte Python counts as
+    whitespace (a no-break space, NEL) names no key there, so X-Api-Key's counts (the lane
+    read an empty key: 401); a control byte in any header value is uvicorn's 400 (the lane
+    served the request)."""
+    body = chat("same")
+    key = b"X-Api-Key: " + ADMIN_KEY.encode() + b"\r\n"
+    cases = {
+        "no-break space": b"Authorization: Bearer \xa0\r\n" + key,
+        "NEL": b"Authorization: Bearer \x85\r\n" + key,
+        "a control byte": b"X-Note: a\x01b\r\n" + key,
+        "DEL": b"X-Note: a\x7fb\r\n" + key,
+    }
+    for why, fields in cases.items():
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n" + fields
+        answers = []
+        for framing in (
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body),
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body),
+        ):
+            with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+                sock.sendall(head + framing)
+                status, _, reply = read_response(sock.makefile("rb"))
+                answers.append((status, reply.replace(b"chatcmpl", b"").split(b'"id"')[0]))
+        assert answers[0][0] == answers[1][0], (why, answers)
+        expected = 400 if why in ("a control byte", "DEL") else 200
+        assert answers[0][0] == expected, (why, answers)
 
 
 def test_pipelined_requests_are_answered_in_order(api: Appliance) -> None:
