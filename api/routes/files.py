@@ -13,13 +13,16 @@ files appear here too, made by the worker's sweeper.
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import tuple_
 from sqlmodel import col, select
 
@@ -160,12 +163,29 @@ def read_file(file_id: str, caller: CallerDep, session: SessionDep) -> dict[str,
 @router.get("/v1/files/{file_id}/content", response_model=None)
 def read_file_content(
     file_id: str, request: Request, caller: CallerDep, session: SessionDep
-) -> FileResponse | JSONResponse:
+) -> FileResponse | StreamingResponse:
     row = owned_file(file_id, caller, session=session)
     if wants_json(request.headers.get("accept", ""), "x-api-key" in request.headers):
-        content = Path(row.path).read_bytes().decode("utf-8", "replace")
-        return JSONResponse({"id": row.id, "content": content})
+        return StreamingResponse(
+            as_json(row.id, Path(row.path).open("rb")), media_type="application/json"
+        )
     return FileResponse(row.path, media_type="application/jsonl", filename=row.filename)
+
+
+def as_json(file_id: str, source: BinaryIO) -> Iterator[bytes]:
+    """`{"id", "content"}` (as JSONResponse writes it) with the file's text as content,
+    written as the file is read: a whole file (up to MAX_FILE_BYTES) decoded and written at
+    once held several times its size for each read of it."""
+
+    def text(part: str) -> bytes:
+        return json.dumps(part, ensure_ascii=False)[1:-1].encode()
+
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    with source:
+        yield b'{"id":%b,"content":"' % json.dumps(file_id).encode()
+        while block := source.read(COPY_CHUNK_BYTES):
+            yield text(decoder.decode(block))
+        yield text(decoder.decode(b"", final=True)) + b'"}'
 
 
 def wants_json(accept: str, llm_engine_key: bool) -> bool:

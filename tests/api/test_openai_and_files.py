@@ -4,6 +4,8 @@ batches and unknown paths."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -214,3 +216,55 @@ def test_a_list_after_an_unknown_file_names_after(api_only: Appliance) -> None:
         sdk(api_only).files.list(after="file-nope")
     assert refused.value.param == "after", refused.value.body
     assert "file-nope" in refused.value.message
+
+
+def test_a_file_read_as_json_is_sent_as_it_is_read(api_only: Appliance, tmp_path: Path) -> None:
+    """LLM Engine's client reads a file as `{"id", "content"}`. The api read the whole file,
+    decoded it and wrote it as JSON before sending a byte: a few concurrent reads of a large
+    file (files may hold 512 MB) held several times their size each and could exhaust the
+    api's memory. Now the JSON is written as the file is read, its bytes the same."""
+    text = "".join(
+        f'{{"custom_id": "{i}", "note": "caf\u00e9 \\"q\\"\\n\u2603"}}\n'
+        for i in range(1, 1_000_000)
+    )
+    path = tmp_path / "large.jsonl"
+    path.write_text(text)
+    size = path.stat().st_size
+    with api_only.client() as c, path.open("rb") as f:
+        made = c.post("/v1/files", files={"file": ("large.jsonl", f)}, data={"purpose": "batch"})
+    assert made.status_code == 200, made.text
+    status = Path(f"/proc/{api_only.procs['api'].pid}/status")
+
+    def rss() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = peak = rss()
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    body = b""
+    try:
+        headers = {"x-api-key": ADMIN_KEY}
+        url = f"{api_only.url}/v1/files/{made.json()['id']}/content"
+        with httpx.stream("GET", url, headers=headers, timeout=60) as reply:
+            assert reply.status_code == 200
+            assert reply.headers["content-type"] == "application/json"
+            for chunk in reply.iter_bytes():
+                body += chunk
+                time.sleep(0.001)
+    finally:
+        done.set()
+        watcher.join()
+    assert json.loads(body) == {"id": made.json()["id"], "content": text}
+    assert body.startswith(b'{"id":"') and b'","content":"{\\"custom_id\\"' in body[:80]
+    grew = peak - before
+    print(f"a {size >> 20} MiB file read as JSON: the api grew {grew >> 20} MiB")
+    assert grew < size, (grew, size)  # it grew 6 times the size, reading it whole
