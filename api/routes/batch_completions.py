@@ -194,6 +194,13 @@ def _completion(settings: dict[str, Any], prompt: Any, index: int) -> dict[str, 
         raise invalid_field(exc, "content.", {"prompt": f"prompts[{index}]"}) from None
 
 
+def _bounded(prompts: int) -> None:
+    """Counted before any prompt is made a request (a file of millions held the api's time
+    and memory for each first)."""
+    if prompts > batches.MAX_REQUESTS:
+        raise InvalidSpecError(f"a batch holds at most {batches.MAX_REQUESTS} prompts")
+
+
 def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
     """One request per prompt: LLM Engine's v1 content (`prompts` and their settings) as
     `/v1/completions` requests, or v2's list of OpenAI completion or chat requests."""
@@ -201,12 +208,14 @@ def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
         prompts = content.get("prompts")
         if not isinstance(prompts, list) or not prompts:
             raise InvalidSpecError("content.prompts must be a list of prompts", field="content")
+        _bounded(len(prompts))
         settings = {k: v for k, v in content.items() if k != "prompts"}
         bodies = [
             llm_engine.completion_payload(_completion(settings, p, i), model, stream=False)
             for i, p in enumerate(prompts)
         ]
     elif isinstance(content, list) and content and all(isinstance(c, dict) for c in content):
+        _bounded(len(content))
         bodies = [{**llm_engine.v2_request(c), "model": model, "stream": False} for c in content]
     else:
         raise InvalidSpecError(
@@ -214,8 +223,6 @@ def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
             "completion or chat requests",
             field="content",
         )
-    if len(bodies) > batches.MAX_REQUESTS:
-        raise InvalidSpecError(f"a batch holds at most {batches.MAX_REQUESTS} prompts")
     where = "content.prompts" if isinstance(content, dict) else "content"
     return [
         batches.BatchRequest(str(i), CHAT if "messages" in b else COMPLETIONS, b, f"{where}[{i}]")

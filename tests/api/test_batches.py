@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,37 @@ def test_batch_completions_name_the_prompt(bed: Bed) -> None:
     )
     assert reply.status_code == 400, reply.text
     assert reply.json()["detail"].startswith("content[1]: max_tokens=-5 is below 0"), reply.text
+
+
+def test_batch_completions_over_the_bound_are_refused_before_any_prompt_is_read(
+    bed: Bed,
+) -> None:
+    """A batch holds at most 50,000 prompts: an input file of a million (5 MB; a file may hold
+    512 MB) is refused at once, where each prompt was made a request first (seconds of the
+    api's time and hundreds of MB for these, its memory for a large file)."""
+    many = 1_000_000
+    v1 = {"prompts": ["a"] * many, "max_new_tokens": 1, "temperature": 0}
+    v2 = [{"prompt": "a"}] * many
+    key = bed.key()
+    for route, content in (("/v1/llm/batch-completions", v1), ("/v2/batch-completions", v2)):
+        source = sdk(bed, key).files.create(
+            file=("prompts.json", json.dumps(content).encode()), purpose="batch"
+        )
+        began = time.monotonic()
+        reply = httpx.post(
+            bed.appliance.url + route,
+            json={
+                "model_config": {"model": MINE},
+                "input_data_path": source.id,
+                "output_data_path": "o",
+            },
+            headers=auth(key),
+            timeout=60,
+        )
+        took = time.monotonic() - began
+        assert reply.status_code == 400, reply.text
+        assert "a batch holds at most 50000 prompts" in reply.json()["detail"], reply.text
+        assert took < 2.5, (route, took)
 
 
 def test_a_batch_waiting_for_the_write_lock_leaves_the_api_answering(bed: Bed) -> None:
