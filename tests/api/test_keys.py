@@ -45,6 +45,16 @@ def test_every_route_but_health_needs_a_key(api_only: Appliance) -> None:
     assert checked >= 10
 
 
+def test_health_answers_head_as_it_answers_get(api_only: Appliance) -> None:
+    """Uptime monitors and load balancers often check with HEAD (UptimeRobot's default): the
+    health routes answered it 405, so the appliance read as down."""
+    for path in ("/healthz", "/healthcheck", "/readyz"):
+        got = httpx.get(api_only.url + path)
+        head = httpx.head(api_only.url + path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.status_code == 200, path
+
+
 @pytest.mark.parametrize("style", ["bearer", "basic", "x-api-key"])
 def test_every_way_clients_send_keys_works(api_only: Appliance, style: str) -> None:
     auth = {
