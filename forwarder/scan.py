@@ -22,7 +22,8 @@ CR: Final = 13
 LF: Final = 10
 COLON: Final = 58
 DEL: Final = 127
-NOT_A_FIELD: Final[tuple[i64, i64, i64, i64]] = (-1, 0, 0, 0)
+# `field`'s answer for a line that is not a field is the literal (-1, 0, 0, 0): compiled, a
+# Final tuple of native ints whose first item is -1 reads as never set (a NameError)
 
 
 def field(buf: bytes, at: i64, end: i64) -> tuple[i64, i64, i64, i64]:
@@ -38,10 +39,10 @@ def field(buf: bytes, at: i64, end: i64) -> tuple[i64, i64, i64, i64]:
         if c == COLON:
             break
         if c <= SP or c >= 127:
-            return NOT_A_FIELD
+            return (-1, 0, 0, 0)
         i += 1
     if i == at or i >= end:
-        return NOT_A_FIELD
+        return (-1, 0, 0, 0)
     colon = i
     i += 1
     while i < end and (buf[i] == SP or buf[i] == HTAB):
@@ -52,14 +53,14 @@ def field(buf: bytes, at: i64, end: i64) -> tuple[i64, i64, i64, i64]:
         if c == CR:
             break
         if (c < SP and c != HTAB) or c == DEL:
-            return NOT_A_FIELD
+            return (-1, 0, 0, 0)
         i += 1
     stop = i
     while stop > start and (buf[stop - 1] == SP or buf[stop - 1] == HTAB):
         stop -= 1
     if i < end:  # a CR inside the head: it must end this line
         if i + 1 >= end or buf[i + 1] != LF:
-            return NOT_A_FIELD
+            return (-1, 0, 0, 0)
         i += 2
     return colon, start, stop, i
 
