@@ -94,9 +94,10 @@ def create_file(
             field="expires_after",
         )
     if purpose not in PURPOSES:
+        why = "; this appliance does not fine-tune" if purpose == "fine-tune" else ""
         raise InvalidSpecError(
             f"purpose {purpose!r} is refused: files here are batch inputs (purpose 'batch', for "
-            "/v1/batches and batch completions); this appliance does not fine-tune",
+            f"/v1/batches and batch completions){why}",
             field="purpose",
         )
     filename = upload_name(file.filename)

@@ -104,7 +104,8 @@ def check_url(url: str, allowed_hosts: Sequence[str]) -> Target:
                 shown = "" if address == host.strip("[]") else f" ({address})"
                 raise CallbackRefusedError(
                     f"callback_url's host {host!r} resolves to a {why} address{shown}; "
-                    "the operator allows such a host in APPLIANCE_CALLBACK_ALLOWED_HOSTS",
+                    "such a host is taken only where the operator lists it in "
+                    "APPLIANCE_CALLBACK_ALLOWED_HOSTS",
                     field="callback_url",
                 )
     return Target(url, host, port, addresses)

@@ -150,6 +150,10 @@ def test_a_file_for_another_purpose_is_told_what_files_are_for(api_only: Applian
         sdk(api_only).files.create(file=("t.jsonl", LINES), purpose="fine-tune")
     assert refused.value.param == "purpose"
     assert "'fine-tune'" in refused.value.message and "'batch'" in refused.value.message
+    assert "does not fine-tune" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk(api_only).files.create(file=("t.jsonl", LINES), purpose="assistants")
+    assert "'assistants'" in refused.value.message and "fine-tune" not in refused.value.message
 
 
 def test_a_file_asking_to_expire_is_told_files_are_kept_until_deleted(api_only: Appliance) -> None:
