@@ -174,7 +174,8 @@ def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]
     steps: list[Step] = []
     current_given = False
     for label, done, detail in plan:
-        if done:
+        if done and not current_given:  # none done after one still to come (a READY endpoint
+            # woken from zero is not yet "serving" while its replica's health check runs)
             steps.append(Step(label, "done", detail))
         elif not current_given:
             current_given = True

@@ -34,6 +34,17 @@ def test_deploy_steps_follow_the_latest_deploy() -> None:
     assert [s.state for s in views.deploy_steps(in_place, "READY")] == ["done"] * 5
     crashed = [*events, event("crashed", "replica rep_1: exited 1")]
     assert views.deploy_steps(crashed, "UPDATE_FAILED")[3].state == "failed"
+    # woken from zero replicas (the endpoint stays READY): its replica's steps as they go, and
+    # Ready not "serving" beside a health check still in progress
+    waking = [*in_place, event("placed", "replica rep_2 placed on CPU"), event("started")]
+    steps = views.deploy_steps(waking, "READY")
+    assert [s.state for s in steps] == ["done", "done", "done", "current", "todo"]
+    assert steps[4].detail == ""
+    woken = [*waking, event("ready", "replica rep_2 ready")]
+    assert [(s.state, s.detail) for s in views.deploy_steps(woken, "READY")][3:] == [
+        ("done", "passed"),
+        ("done", "serving"),
+    ]
 
 
 def test_rates_from_counter_deltas_in_buckets() -> None:
