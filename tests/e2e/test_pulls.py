@@ -168,7 +168,9 @@ def test_a_slow_pull_never_holds_up_other_endpoints(
         f"builder ticks during the pull: {len(gaps)} gaps, median {statistics.median(gaps):.2f}"
         f" s, max {max(gaps):.2f} s (interval {TICK_S} s)"
     )
-    assert len(gaps) >= 10 and max(gaps) < 5 * TICK_S
+    # a pull that held the loop would leave one gap as long as the pull (the whole test); a
+    # tick that rolls B's replica waits on the Docker Engine, seconds on a loaded machine
+    assert len(gaps) >= 10 and max(gaps) < 10 * TICK_S
 
     milestone = f"pulling image {slow_image}: "  # an event with the figures, now and then
     wait_until(lambda: any(m.startswith(milestone) for m in events(client, a)), 60, milestone)
