@@ -15,8 +15,9 @@ import httpx
 from tests.harness import ADMIN_KEY, free_port, wait_until
 
 
-def test_up_runs_every_role_on_a_private_redis(tmp_path: Path, docker_ready: None) -> None:
-    port = free_port()
+def start_up(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """`appliance up` on `port`, its data and log (up.log) in `tmp_path`, in a session of its
+    own (so `pgrep -s` finds what it started)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env.update(
         {
@@ -27,13 +28,18 @@ def test_up_runs_every_role_on_a_private_redis(tmp_path: Path, docker_ready: Non
         }
     )
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
-    up = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "appliance", "up"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def test_up_runs_every_role_on_a_private_redis(tmp_path: Path, docker_ready: None) -> None:
+    port = free_port()
+    up = start_up(tmp_path, port)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -73,23 +79,7 @@ def test_up_on_a_port_already_taken_stops_saying_so(tmp_path: Path, docker_ready
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update(
-        {
-            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
-            "APPLIANCE_PORT": str(taken.getsockname()[1]),
-            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
-            "APPLIANCE_MODELS_DIR": str(tmp_path),
-        }
-    )
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
-    up = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = start_up(tmp_path, taken.getsockname()[1])
     try:
         code = up.wait(45)
     except subprocess.TimeoutExpired:
@@ -110,23 +100,7 @@ def test_up_says_which_role_died_and_exits_non_zero(tmp_path: Path, docker_ready
     """A role killed under `up` (the OOM killer, an admin's kill -9) stops the others, and
     `up` says which and how, and exits non-zero, so a supervisor restarts it."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update(
-        {
-            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
-            "APPLIANCE_PORT": str(port),
-            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
-            "APPLIANCE_MODELS_DIR": str(tmp_path),
-        }
-    )
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
-    up = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = start_up(tmp_path, port)
     try:
 
         def api_pid() -> int | None:
@@ -152,23 +126,7 @@ def test_roles_stop_when_up_itself_is_killed(tmp_path: Path, docker_ready: None)
     worker (and its private redis-server) running with no parent: the next `up` found the
     port taken, and two builders ran on one install. Each now ends when `up` does."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update(
-        {
-            "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
-            "APPLIANCE_PORT": str(port),
-            "APPLIANCE_ADMIN_KEY": ADMIN_KEY,
-            "APPLIANCE_MODELS_DIR": str(tmp_path),
-        }
-    )
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the child writes to it
-    up = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = start_up(tmp_path, port)
 
     def roles() -> list[str]:
         found = subprocess.run(
