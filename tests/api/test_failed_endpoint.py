@@ -222,6 +222,17 @@ def collect(into: dict[str, Any], label: str, method: str, url: str, **kw: Any) 
         into[label] = (reply.status_code, reply.headers, reply.read(), time.monotonic())
 
 
+def stream_chat(bed: Bed, name: str, key: str, got: dict[str, Any]) -> threading.Thread:
+    """A streamed chat to `name`, sent from a thread started here; `got["stream"]` once done."""
+    stream = threading.Thread(
+        target=collect,
+        args=(got, "stream", "POST", bed.appliance.url + "/v1/chat/completions"),
+        kwargs={"json": chat_body(name, {}, stream=True), "headers": auth(key)},
+    )
+    stream.start()
+    return stream
+
+
 def test_requests_holding_for_a_replica_end_when_the_endpoint_fails(bed: Bed) -> None:
     name, key = "late", bed.key()
     seed_bare(bed.appliance.data_dir, name, EndpointStatus.UPDATE_IN_PROGRESS, None)
@@ -325,12 +336,7 @@ def test_a_stream_cut_by_its_endpoints_deletion_says_so(bed: Bed) -> None:
         "the endpoint to be routed",
     )
     got: dict[str, Any] = {}
-    stream = threading.Thread(
-        target=collect,
-        args=(got, "stream", "POST", bed.appliance.url + "/v1/chat/completions"),
-        kwargs={"json": chat_body(name, {}, stream=True), "headers": auth(key)},
-    )
-    stream.start()
+    stream = stream_chat(bed, name, key, got)
     assert sent.wait(30), "the request never reached the replica"
     set_status(bed.appliance.data_dir, name, EndpointStatus.DELETE_IN_PROGRESS, "deleting")
     time.sleep(2)  # a routing refresh or more (0.5 s here): the api knows it is being deleted
@@ -385,12 +391,7 @@ def test_a_held_stream_that_ends_with_its_endpoints_failure_counts_as_an_error(b
     name, key = "late-stream", bed.key()
     seed_bare(bed.appliance.data_dir, name, EndpointStatus.UPDATE_IN_PROGRESS, None)
     got: dict[str, Any] = {}
-    stream = threading.Thread(
-        target=collect,
-        args=(got, "stream", "POST", bed.appliance.url + "/v1/chat/completions"),
-        kwargs={"json": chat_body(name, {}, stream=True), "headers": auth(key)},
-    )
-    stream.start()
+    stream = stream_chat(bed, name, key, got)
     time.sleep(2)  # it holds
     set_status(bed.appliance.data_dir, name, EndpointStatus.UPDATE_FAILED, REASON)
     stream.join(QUICK_S)
