@@ -195,6 +195,7 @@ def commit_update(
         return False
     endpoint.updated_at = time.time()
     if rolls or retry:
+        endpoint.rolled_at = endpoint.updated_at  # wakes it from zero; other edits do not
         endpoint.generation += 1
         endpoint.status, endpoint.status_reason = EndpointStatus.UPDATE_PENDING, None
     session.add(endpoint)
@@ -243,7 +244,7 @@ def restart_endpoint(
     check_not_busy(endpoint)
     endpoint.generation += 1
     endpoint.status, endpoint.status_reason = EndpointStatus.UPDATE_PENDING, None
-    endpoint.updated_at = time.time()
+    endpoint.updated_at = endpoint.rolled_at = time.time()
     session.add(endpoint)
     queries.add_event(
         endpoint.id, "restart", f"restart requested by {caller.user}", session=session

@@ -226,11 +226,20 @@ def _v4_key_makers(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX ix_api_key_made_by ON api_key (made_by)")
 
 
+def _v5_rolled_at(db: sqlite_utils.Database) -> None:
+    """When an endpoint last rolled to a new generation, apart from `updated_at`: an edit that
+    leaves its container as it is (labels, limits, public) no longer wakes it from zero. An
+    endpoint rolled before this version keeps its last update's time."""
+    db.execute("ALTER TABLE endpoint ADD COLUMN rolled_at FLOAT")
+    db.execute("UPDATE endpoint SET rolled_at = updated_at WHERE generation > 1")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_usage_and_audit,
     _v3_shared_limits,
     _v4_key_makers,
+    _v5_rolled_at,
 ]
 
 

@@ -79,6 +79,9 @@ class Endpoint(SQLModel, table=True):
     generation: int = 1
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+    # the last ask for a new generation (an update that rolls its replicas, a restart): with
+    # created_at, what keeps an endpoint that scales to zero warm for its idle timeout
+    rolled_at: float | None = None
     # Status columns (builder).
     status: str = EndpointStatus.UPDATE_PENDING
     status_reason: str | None = None

@@ -75,7 +75,7 @@ def decide(endpoint: Endpoint, load: Load, history: History, now: float) -> Deci
         raw = 1
     activity = [
         t
-        for t in (load.last_request_at, load.demand_at, endpoint.created_at, endpoint.updated_at)
+        for t in (load.last_request_at, load.demand_at, endpoint.created_at, endpoint.rolled_at)
         if t is not None and t > (load.evicted_at or 0.0)
     ]
     quiet = not activity or now - max(activity) >= endpoint.idle_timeout_s
@@ -105,7 +105,7 @@ def _why_up(
     endpoint: Endpoint, load: Load, busy: int, target: int, demanded: bool, wanted: int
 ) -> str:
     """Why the endpoint wants more replicas, in its events: load, a request waiting, its
-    minimum, or activity within its idle timeout (a create, an update, a recent request)."""
+    minimum, or activity within its idle timeout (a create, a roll, a recent request)."""
     if busy:
         return f"load {busy} for a target of {target} per replica"
     if demanded:
@@ -117,7 +117,7 @@ def _why_up(
         for t, what in (
             (load.last_request_at, "a request"),
             (endpoint.created_at, "its creation"),
-            (endpoint.updated_at, "an update"),
+            (endpoint.rolled_at, "a new generation (an update or a restart)"),
         )
         if t is not None
     )

@@ -119,15 +119,22 @@ def test_an_evicted_endpoint_stays_down_until_new_activity() -> None:
 
 
 def test_scaling_up_names_its_cause_when_no_request_waits() -> None:
-    """A scaled-to-zero endpoint woken by an update (or a raised minimum) says so in its
+    """A scaled-to-zero endpoint woken by a roll (or a raised minimum) says so in its
     events, not that a request is waiting for a replica."""
-    updated = endpoint(min_replicas=0, desired_replicas=0, updated_at=T0)
-    woken = decide(updated, Load(last_request_at=T0 - 5000), ((T0, 0),), T0 + 2)
+    rolled = endpoint(min_replicas=0, desired_replicas=0, updated_at=T0, rolled_at=T0)
+    woken = decide(rolled, Load(last_request_at=T0 - 5000), ((T0, 0),), T0 + 2)
     assert woken.desired == 1 and woken.reason
-    assert "waiting" not in woken.reason and "after an update" in woken.reason
+    assert "waiting" not in woken.reason and "after a new generation" in woken.reason
     raised = endpoint(min_replicas=2, desired_replicas=0)
     floor = decide(raised, Load(), ((T0, 0),), T0)
     assert floor.desired == 2 and floor.reason and "its minimum is 2" in floor.reason
+
+
+def test_an_edit_that_does_not_roll_leaves_a_scaled_to_zero_endpoint_at_zero() -> None:
+    """Labels, limits or `public_inference` changed on an endpoint at zero start no replica
+    (an update that rolls its container does, above): only `rolled_at` counts as activity."""
+    edited = endpoint(min_replicas=0, desired_replicas=0, updated_at=T0, rolled_at=T0 - 5000)
+    assert decide(edited, Load(last_request_at=T0 - 5000), ((T0, 0),), T0 + 2).desired == 0
 
 
 def test_an_endpoint_whose_max_is_zero_never_wants_a_replica() -> None:

@@ -1,11 +1,13 @@
 """The scaler with real containers: Gemma replicas follow a burst up and come back down after
-the window; an endpoint at zero answers its next request; GPU pressure evicts an idle
+the window; an endpoint at zero stays there through an edit of its labels and answers its next
+request; GPU pressure evicts an idle
 lower-priority replica for a higher-priority endpoint. GPUs come from an injected inventory."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,13 @@ def test_gemma_follows_a_burst_up_then_down_and_wakes_from_zero(
         90,
         "the idle endpoint at zero",
     )
+    # an edit that leaves its container as it is wakes nothing (a roll would: a new generation)
+    edited = client.put(f"/v1/model-endpoints/{sleepy}", json={"labels": {"team": "ml"}})
+    assert edited.status_code == 200, edited.text
+    for _ in range(8):  # several builder ticks
+        time.sleep(0.5)
+        assert describe(client, sleepy)["deployment_state"]["desired_workers"] == 0
+        assert not live_replicas(client, sleepy)
     woke = chat(client, "sleepy", 8)
     assert woke.status_code == 200, woke.text
     assert woke.json()["choices"][0]["message"]["content"]
