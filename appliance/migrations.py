@@ -6,11 +6,13 @@ rebuilds a table for changes SQLite's ALTER TABLE cannot make, keeping every row
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -234,12 +236,59 @@ def _v5_rolled_at(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE endpoint SET rolled_at = updated_at WHERE generation > 1")
 
 
+def _v6_no_lone_surrogates(db: sqlite_utils.Database) -> None:
+    """Every JSON value stored with a lone surrogate (JSON's `"\\ud800"`, taken before such text
+    was refused) holds U+FFFD in its place: no reply can carry the surrogate, so every read of
+    the row (an endpoint's GET and lists, a task, the audit log) answered 500. The audit log is
+    append-only; its trigger is lifted for this one mend and put back."""
+    for table in db.tables:
+        for column in (c.name for c in table.columns if c.type.upper() == "JSON"):
+            # the names are the schema's own; LIKE is case-blind: \uD800 and \ud800 alike
+            rows = db.execute(
+                f'SELECT rowid, "{column}" FROM "{table.name}" WHERE "{column}" LIKE ?',  # noqa: S608
+                ("%\\ud%",),
+            ).fetchall()
+            for rowid, text in rows:
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    continue
+                mended = _mended(value)
+                if mended == value:
+                    continue
+                if table.name == "audit":
+                    db.execute("DROP TRIGGER audit_append_only")
+                db.execute(
+                    f'UPDATE "{table.name}" SET "{column}" = ? WHERE rowid = ?',  # noqa: S608
+                    (json.dumps(mended), rowid),
+                )
+                if table.name == "audit":
+                    db.execute(_AUDIT_TRIGGER)
+
+
+_AUDIT_TRIGGER = """CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END"""
+
+
+def _mended(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_mended(item) for item in value]
+    if isinstance(value, dict):
+        return {_mended(k): _mended(v) for k, v in value.items()}
+    return value
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_usage_and_audit,
     _v3_shared_limits,
     _v4_key_makers,
     _v5_rolled_at,
+    _v6_no_lone_surrogates,
 ]
 
 

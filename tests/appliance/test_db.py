@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -91,3 +92,47 @@ def test_a_new_migration_runs_once_and_keeps_rows(tmp_path: Path, monkeypatch) -
     migrations.migrate(path)
     assert calls == [1]
     assert conn.execute("SELECT kind, severity FROM event").fetchall() == [("k", None)]
+
+
+def test_stored_lone_surrogates_are_mended_and_the_audit_log_stays_append_only(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Rows stored before lone surrogates were refused (an endpoint's labels, an audit entry)
+    answered 500 on every read: the migration puts U+FFFD in their place, and keeps the rest."""
+    path = tmp_path / "a.db"
+    before = migrations.MIGRATIONS[: migrations.MIGRATIONS.index(migrations._v6_no_lone_surrogates)]
+    monkeypatch.setattr(migrations, "MIGRATIONS", before)
+    migrations.migrate(path)
+    engine = open_engine(path)
+    with session_scope(engine) as session:
+        session.add(
+            Endpoint(
+                id="end_1",
+                name="x",
+                owner="t",
+                created_by="u",
+                framework="llamacpp",
+                model="m",
+                labels={"team": "a\ud800b", "path": "C:\\udata", "emoji": "\U0001f600"},
+                extra={"metadata": {"\udfff": [1, "\ud83d"]}},
+            )
+        )
+        session.commit()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO audit (at, actor, team, action, target, change) VALUES "
+        "(1, 'u', 't', 'endpoint.create', 'end_1', ?)",
+        (json.dumps({"labels": {"team": "a\ud800b"}}),),
+    )
+    conn.commit()
+    monkeypatch.undo()
+    migrations.migrate(path)
+    with session_scope(open_engine(path)) as session:
+        endpoint = session.exec(select(Endpoint)).one()
+        assert endpoint.labels == {"team": "a\ufffdb", "path": "C:\\udata", "emoji": "\U0001f600"}
+        assert endpoint.extra == {"metadata": {"\ufffd": [1, "\ufffd"]}}
+        json.dumps(endpoint.labels, ensure_ascii=False).encode()  # a reply can carry it now
+    change = conn.execute("SELECT change FROM audit").fetchone()[0]
+    assert json.loads(change) == {"labels": {"team": "a\ufffdb"}}
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE audit SET actor = 'someone else'")
