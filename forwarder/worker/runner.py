@@ -99,6 +99,9 @@ class Runner:
         self._turn = 0  # the queue each pop starts at, moved on by one every pop
         self._slot_free = asyncio.Event()
         self._done_keys: list[str] = []
+        # deleted endpoints with tasks still waiting: their queues are emptied too, each task
+        # ending FAILURE, so none waits for ever on a queue nobody takes from
+        self._orphaned: set[str] = set()
         # this process's requests in flight, which the builder's drains wait for
         self.inflight_key = bus.WORKER_INFLIGHT_KEY.format(worker=uuid.uuid4().hex[:12])
 
@@ -147,7 +150,7 @@ class Runner:
                 logger.warning("cannot drop finished jobs' leases: %s", exc)
 
     def queue_keys(self) -> list[str]:
-        endpoint_ids = sorted(self.runtime.forwarder.table.by_id)
+        endpoint_ids = sorted(self.runtime.forwarder.table.by_id.keys() | self._orphaned)
         high = [jobs.queue_key(e, low=False) for e in endpoint_ids]
         return high + [jobs.queue_key(e, low=True) for e in endpoint_ids]
 
@@ -257,6 +260,7 @@ class Runner:
         read_at = time.monotonic()
         table = await asyncio.to_thread(load_table, self.engine)
         self.runtime.forwarder.update(table, read_at)
+        self._orphaned = await asyncio.to_thread(taskstore.orphaned, self.reader)
 
     @staticmethod
     async def _every(

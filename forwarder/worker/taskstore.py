@@ -47,6 +47,10 @@ _RELEASE = (
     "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
 )
 _STATUS = "SELECT status FROM task WHERE id = ?"
+_ORPHANED = (
+    "SELECT DISTINCT endpoint_id FROM task WHERE status IN ('PENDING', 'STARTED') "
+    "AND endpoint_id NOT IN (SELECT id FROM endpoint)"
+)
 _VIEW = "SELECT owner, status, result, traceback, status_code FROM task WHERE id = ?"
 _HAND_BACK = (
     "UPDATE task SET status = 'PENDING', attempts = MAX(attempts - 1, 0), enqueued_at = ? "
@@ -138,6 +142,18 @@ def ended(reader: Engine, task_ids: set[str]) -> set[str]:
     finally:
         raw.close()
     return {i for i in ids if found.get(i, "SUCCESS") in FINAL}
+
+
+def orphaned(reader: Engine) -> set[str]:
+    """The endpoints whose row is gone (deleted) while tasks of theirs wait or run: the
+    worker still takes those tasks from their queues, and ends each saying so (`jobs.run_task`)."""
+    raw = reader.raw_connection()
+    try:
+        conn: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+        rows = conn.execute(_ORPHANED).fetchall()
+    finally:
+        raw.close()
+    return {row[0] for row in rows}
 
 
 def hand_back(conn: Connection, task_id: str, now: float) -> None:

@@ -156,6 +156,29 @@ def test_backlog_is_published_and_redis_wipe_loses_no_task(
     wait_until(lambda: r.hget(bus.BACKLOG_KEY, endpoint_id) is None, 10, "an empty backlog")
 
 
+def test_tasks_still_waiting_when_their_endpoint_is_deleted_fail_saying_so(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """Tasks queued (or handed back by a replica that stopped) when the builder removes their
+    endpoint's row end FAILURE, with their callbacks, rather than stay PENDING for ever in a
+    queue no worker takes from."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    client = bare_appliance.client()
+    url = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
+    ids = [client.post(url, json={"args": {"prompt": str(i)}}).json()["task_id"] for i in range(3)]
+    engine = create_engine(f"sqlite:///{bare_appliance.data_dir / 'appliance.db'}")
+    with engine.begin() as conn:  # as the builder does once a deleted endpoint's replicas are gone
+        conn.execute(text("DELETE FROM replica WHERE endpoint_id = :id"), {"id": endpoint_id})
+        conn.execute(text("DELETE FROM endpoint WHERE id = :id"), {"id": endpoint_id})
+    engine.dispose()
+    bare_appliance.start_role("worker")
+    done = wait_tasks(client, ids, 20)
+    assert [(t["status"], t["traceback"]) for t in done.values()] == [
+        ("FAILURE", "the endpoint was deleted")
+    ] * 3
+    assert sum(backend.seen.values()) == 0
+
+
 def test_the_worker_tells_the_builder_what_it_has_in_flight(
     bare_appliance: Appliance, backend: FakeBackend
 ) -> None:
