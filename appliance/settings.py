@@ -5,13 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from appliance import keys
 
 # a chosen admin key's secret, at the least: the key's id (its 12 hex digits) is no secret
 ADMIN_SECRET_MIN_CHARS = 16
+# A key may hold this fraction (1/BODY_SHARES) of the bytes of bodies in flight (`api/bodies.py`).
+BODY_SHARES = 4
 
 
 class Settings(BaseSettings):
@@ -119,6 +121,15 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1, description="Largest request body accepted."
+    )
+    max_body_bytes_in_flight: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        le=2**40,
+        description="Bytes of inference request bodies still arriving that one api process "
+        "holds at once (bodies over 64 KiB count, from their head); one key may hold a quarter "
+        "of it (429 past that), and past the whole a body is refused 503 with Retry-After. At "
+        "least 4 times APPLIANCE_MAX_BODY_BYTES, so every body a key may send fits its share.",
     )
     disk_reserve_bytes: int = Field(
         2 * 2**30,
@@ -320,6 +331,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the admin key's secret (after its last `_`) needs at least "
                 f"{ADMIN_SECRET_MIN_CHARS} characters; a key the appliance makes has 32"
+            )
+        return value
+
+    @field_validator("max_body_bytes_in_flight")
+    @classmethod
+    def _bodies_fit(cls, value: int, info: ValidationInfo) -> int:
+        """A body under APPLIANCE_MAX_BODY_BYTES must fit a key's share of the bodies in flight,
+        or it would be refused however long its sender waited."""
+        largest = info.data.get("max_body_bytes")
+        if isinstance(largest, int) and value < BODY_SHARES * largest:
+            raise ValueError(
+                f"must be at least {BODY_SHARES} times APPLIANCE_MAX_BODY_BYTES "
+                f"({BODY_SHARES * largest}): a key may hold 1/{BODY_SHARES} of it, and its "
+                "largest body must fit"
             )
         return value
 

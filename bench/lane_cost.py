@@ -98,7 +98,11 @@ async def run(requests: int, rounds: int) -> float:
         forwarder=forwarder,
         limiter=None,
         settings=SimpleNamespace(
-            max_body_bytes=1 << 20, cors_origins=[], activation_timeout_s=1, stream_keepalive_s=5
+            max_body_bytes=1 << 20,
+            max_body_bytes_in_flight=1 << 30,
+            cors_origins=[],
+            activation_timeout_s=1,
+            stream_keepalive_s=5,
         ),
     )
     app: Any = SimpleNamespace(state=SimpleNamespace(inference=Core(state)))

@@ -13,10 +13,11 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bodies import SMALL_BODY_BYTES, BodyBudget
 from api.deps import key_of_raw
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
-from appliance.errors import BodyTooLargeError
+from appliance.errors import ApplianceError, BodyTooLargeError
 from appliance.keys import Caller
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
@@ -62,8 +63,9 @@ async def serve(
     client.call = call
     if body is None:
         try:
-            body = await read_body(scope, receive, core.max_body_bytes)
-        except BodyTooLargeError as exc:
+            body = await read_body(scope, receive, core.max_body_bytes, core.bodies, key or "")
+        except ApplianceError as exc:  # too large, or no room in the budget of bodies in flight
+            client.close = True  # its body is not read through
             call.refuse(exc)
             await client.drain()
             return
@@ -85,28 +87,48 @@ async def _disconnect(receive: Receive, call: Call, client: AsgiClient) -> None:
         client.gone()
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body; BodyTooLargeError as soon as it is known to be over `limit`."""
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, bodies: BodyBudget, key: str
+) -> bytes:
+    """The whole request body; BodyTooLargeError as soon as it is known to be over `limit`, and
+    the budget's refusal when its bytes would pass the key's share or the process's bodies in
+    flight (`api/bodies.py`): a declared length is taken before a byte is read, a chunked
+    body's bytes as they come, and all of it given back however the reading ends."""
     too_large = (
         f"the request body is over this route's {limit} bytes "
         "(the setting APPLIANCE_MAX_BODY_BYTES)"
     )
+    taken = 0
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise BodyTooLargeError(too_large)
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected")
-        part = message.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise BodyTooLargeError(too_large)
-        parts.append(part)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if name == b"content-length" and value.isdigit():
+            declared = int(value)
+            if declared > limit:
+                raise BodyTooLargeError(too_large)
+            if declared > SMALL_BODY_BYTES and not taken:
+                if refused := bodies.take(key, declared):
+                    raise refused
+                taken = declared
+    try:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError("client disconnected")
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                raise BodyTooLargeError(too_large)
+            if size > taken and size > SMALL_BODY_BYTES:  # a chunked body, counted as it comes
+                if refused := bodies.take(key, size - taken):
+                    raise refused
+                taken = size
+            parts.append(part)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        if taken:
+            bodies.give(key, taken)
 
 
 class AsgiClient:
@@ -120,6 +142,7 @@ class AsgiClient:
         self.ready = asyncio.Event()
         self.finished = False
         self.paused = False
+        self.close = False  # the request's body was not read through: the connection closes
 
     def _put(self, message: Message | None) -> None:
         self.queue.append(message)
@@ -146,6 +169,8 @@ class AsgiClient:
         self, status: int, headers: Headers, body: bytes, overhead_s: float, waited_s: float
     ) -> None:
         headers = [*headers, (b"content-length", b"%d" % len(body))]
+        if self.close:
+            headers.append((b"connection", b"close"))
         self._put(_head(status, headers, overhead_s, waited_s))
         self._put({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import orjson
 from pydantic import ValidationError
 
+from api.bodies import BodyBudget
 from api.callers import Keys
 from api.errors import answer, invalid, openai_error, status_of
 from api.inference import admission
@@ -91,6 +92,7 @@ class Core:
         self.hold_s: float = settings.activation_timeout_s
         self.keepalive_s: float = settings.stream_keepalive_s
         self.max_body_bytes: int = settings.max_body_bytes
+        self.bodies: BodyBudget = BodyBudget(settings.max_body_bytes_in_flight)  # still arriving
         self.cors: bool = bool(settings.cors_origins)
         self.waits: set[asyncio.Future[Any]] = set()  # waits and releases (kept from the GC)
 

@@ -26,10 +26,12 @@ from fastapi import FastAPI
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from api.bodies import SMALL_BODY_BYTES
 from api.deps import parse_key
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
 from api.lane.glue import BODY_PACE_BYTES, LINGER_S, AddressGate, hand_over, too_slow_reply
+from appliance.errors import ApplianceError
 from forwarder.paths import BY_PATH, InferencePath
 from forwarder.relay import Headers
 from forwarder.scan import SP, digits, field, named, starts
@@ -241,7 +243,10 @@ class FrontProtocol(asyncio.Protocol):
         self.write_paused = False
         self.reading_paused = False  # by this protocol, for pipelined bytes past the limit
         self.closing = False
+        self.unread = False  # a body refused unread: the connection lingers, then closes
         self.handed = False
+        self.taken = 0  # bytes of the body still arriving taken from the core's budget
+        self.taken_key = ""  # the key they count for
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -260,6 +265,7 @@ class FrontProtocol(asyncio.Protocol):
         self.heads.gate.release(self.transport)
         self.server_state.connections.discard(self)
         self._cancel_idle()
+        self._give_body()
         call, self.call = self.call, None
         if call is not None:
             call.client_gone()
@@ -354,8 +360,16 @@ class FrontProtocol(asyncio.Protocol):
                     # makes this process hold a body (up to max_body_bytes on each connection)
                     self._hand_over()
                     return
+                if head.length > SMALL_BODY_BYTES:  # its bytes are held while they arrive
+                    refused = core.bodies.take(key, head.length)
+                    if refused is not None:
+                        self._refuse_body(core, head, key, refused)
+                        return
+                    self.taken, self.taken_key = head.length, key
                 self.need, self.have, self.paced = total, len(buf), 0
                 return
+            if self.taken:
+                self._give_body()
             self.consumed = total
             self.head_since = None
             self.keep_alive = head.keep_alive
@@ -363,6 +377,25 @@ class FrontProtocol(asyncio.Protocol):
             self.call = call
             core.plane.stats.fast_lane += 1
             call.start(buf[end + 4 : total])
+
+    def _refuse_body(self, core: Core, head: Head, key: str, refused: ApplianceError) -> None:
+        """A body the budget of bodies in flight has no room for (`api/bodies.py`): answered
+        before a byte of it is read, and the connection closes once the client has had
+        LINGER_S to read the answer (what it still sends is dropped)."""
+        self.consumed = len(self.buffer)
+        self.head_since = None
+        self.keep_alive = False
+        self.unread = True
+        call = make_call(core, head.entry, self, key, head.query)
+        self.call = call
+        call.refuse(refused)
+
+    def _give_body(self) -> None:
+        """Give back what the body still arriving took from the budget: it is read, refused,
+        too slow, or its client is gone."""
+        if self.taken and self.core is not None:
+            self.core.bodies.give(self.taken_key, self.taken)
+        self.taken = 0
 
     def _find_core(self) -> Core | None:
         """The inference core, once the app's lifespan made it (until then every request goes
@@ -431,9 +464,16 @@ class FrontProtocol(asyncio.Protocol):
     def _too_slow(self, transport: asyncio.Transport) -> None:
         """The 408 of a body that came too slowly; the connection closes once the client has
         had LINGER_S to read it, and what it still sends is dropped (`closing`)."""
-        self.closing = True
+        self._give_body()
         timeout = self.heads.header_timeout_s
         transport.write(too_slow_reply(self.server_state.default_headers, timeout))
+        self._linger(transport)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close once the client has had LINGER_S to read the answer just written, rather than
+        with its bytes unread (it would get a reset instead); what it still sends is dropped."""
+        self.closing = True
+        self._cancel_idle()
         if transport.can_write_eof():
             transport.write_eof()
             self.idle_timer = self.loop.call_later(LINGER_S, transport.close)
@@ -496,6 +536,9 @@ class FrontProtocol(asyncio.Protocol):
         self.head_since = self.loop.time() if self.buffer else None
         transport = self.transport
         if transport is None or transport.is_closing():
+            return
+        if self.unread:
+            self._linger(transport)
             return
         if not self.keep_alive or self.closing:
             transport.close()

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import ADMIN_KEY, Appliance, RedisServer, wait_until
+from forwarder.paths import BY_PATH
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key, wait_until
 
 HALF_SENT = 2000
 LONG_HEADS = 100  # of them: over the lane's 16 KiB head limit, so uvicorn's protocol waits
@@ -306,6 +307,169 @@ def test_a_request_asking_to_upgrade_is_served_as_http(tmp_path: Path, lane: str
             assert answer.startswith(b"HTTP/1.1 401 "), answer[:400]
         answer = exchange(api.port, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + key + b"\r\n")
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:400]
+    finally:
+        print(api.logs())
+        api.stop()
+        redis.stop()
+
+
+SHARE = 256 * 1024  # each key's share of the bodies in flight: its largest body, exactly
+BUDGET_TIMEOUT_S = 3
+
+
+def held_body(
+    port: int, key: str, length: int = SHARE, sent: int = 1000, path: str = "/v1/chat/completions"
+) -> socket.socket:
+    """A connection whose request declares `length` bytes of body and sends `sent` of them."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = (
+        b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n"
+        % (path.encode(), key.encode(), length)
+    )
+    sock.sendall(head + b"{" + b" " * (sent - 1))
+    return sock
+
+
+def chunked_body(port: int, key: str, path: str = "/v1/chat/completions") -> bytes:
+    """What the api answers a chunked body (carried over ASGI) of 120,000 bytes and more."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST %b HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+            b"authorization: Bearer %b\r\n\r\n" % (path.encode(), key.encode())
+        )
+        with contextlib.suppress(OSError):
+            for _ in range(4):
+                sock.sendall(b"%x\r\n%b\r\n" % (30_000, b" " * 30_000))
+        return heard(sock)
+
+
+def heard(sock: socket.socket, wait_s: float = 0.5) -> bytes:
+    """What the api answered on `sock` within `wait_s` (b"" while it waits for the body)."""
+    sock.settimeout(wait_s)
+    answer = b""
+    with contextlib.suppress(TimeoutError, OSError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+            sock.settimeout(0.5)
+    return answer
+
+
+def finish(sock: socket.socket, sent: int = 1000) -> bytes:
+    """The rest of a `held_body` request's body (`"model": "none"` in it), and the answer."""
+    rest = b'"model": "none", "messages": [], "pad": "'
+    sock.sendall(rest + b"x" * (SHARE - sent - len(rest) - 2) + b'"}')
+    return heard(sock, 10)
+
+
+def hold_every_share(port: int, keys: list[str]) -> list[socket.socket]:
+    """The first four keys each hold a body of their whole share (the whole budget): none is
+    refused; one more body of the first key is a 429, of the fifth a 503, and a chunked body
+    (ASGI's, counted as it comes) of the fifth key too."""
+    held = [held_body(port, key) for key in keys[:4]]
+    time.sleep(0.5)  # each head read, and its body's bytes taken
+    for sock in held:
+        assert heard(sock, 0.1) == b""
+    over_share = heard(held_body(port, keys[0]))
+    assert over_share.startswith(b"HTTP/1.1 429 "), over_share[:400]
+    assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in over_share, over_share
+    assert b"connection: close" in over_share.lower(), over_share
+    assert json.loads(over_share.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 429
+    over_all = heard(held_body(port, keys[4]))
+    assert over_all.startswith(b"HTTP/1.1 503 "), over_all[:400]
+    assert b"retry-after: 1\r\n" in over_all.lower(), over_all
+    assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in over_all, over_all
+    answer = chunked_body(port, keys[4])
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:400]
+    return held
+
+
+@pytest.mark.parametrize("lane", ["true", "false"])
+def test_bodies_in_flight_are_bounded_by_key_and_by_process(tmp_path: Path, lane: str) -> None:
+    """Each body still arriving held up to APPLIANCE_MAX_BODY_BYTES of the api's memory, so
+    one ordinary key's slow bodies could hold hundreds of megabytes: a body over 64 KiB now
+    takes its declared length from the process's APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT when its
+    head comes, a key at most a quarter of it (429 past that) and all keys the whole (503 with
+    Retry-After), and gives it back however its reading ends: read whole, the client gone, too
+    slow (408), refused. The second round finds the whole budget free again. Lane on and off."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {
+        "APPLIANCE_FAST_LANE": lane,
+        "APPLIANCE_MAX_BODY_BYTES": str(SHARE),
+        "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT": str(4 * SHARE),
+        "APPLIANCE_HEADER_TIMEOUT_S": str(BUDGET_TIMEOUT_S),
+        "APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    keys = [make_key(api, f"team{i}", scopes=("inference",)) for i in range(5)]
+    held: list[socket.socket] = []
+    try:
+        for key in keys:  # each key found valid once: the lane then reads its bodies itself
+            known = httpx.post(
+                api.url + "/v1/chat/completions",
+                json={"model": "none", "messages": []},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert known.status_code == 404, known.text
+        held = hold_every_share(api.port, keys)
+        assert finish(held[0]).startswith(b"HTTP/1.1 404 ")  # read whole
+        held[1].close()  # the client gone
+        assert finish(held[3]).startswith(b"HTTP/1.1 404 ")
+        too_slow = heard(held[2], 4 * BUDGET_TIMEOUT_S)
+        assert too_slow.startswith(b"HTTP/1.1 408 "), too_slow[:400]
+        time.sleep(0.5)  # the close seen
+        for sock in held:
+            sock.close()
+        held = hold_every_share(api.port, keys)  # every byte given back: room for all again
+        for sock in held:
+            assert finish(sock).startswith(b"HTTP/1.1 404 ")
+    finally:
+        for sock in held:
+            sock.close()
+        print(api.logs())
+        api.stop()
+        redis.stop()
+
+
+def test_a_body_over_the_keys_share_is_answered_alike_on_every_inference_route(
+    tmp_path: Path,
+) -> None:
+    """With its key's share held, a body is refused with the same answer on each inference
+    route (in the route's envelope) whether the lane reads it (declared length) or ASGI does
+    (chunked): status, Retry-After, content type and body bytes."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {
+        "APPLIANCE_MAX_BODY_BYTES": str(SHARE),
+        "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT": str(4 * SHARE),
+        "APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    key = make_key(api, "team", scopes=("inference",))
+    compared = ("content-type", "retry-after", "connection")
+    try:
+        known = httpx.post(  # the key found valid: the lane reads its bodies itself
+            api.url + "/v1/chat/completions",
+            json={"model": "none", "messages": []},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert known.status_code == 404, known.text
+        with held_body(api.port, key) as holder:
+            time.sleep(0.3)
+            for path in BY_PATH:
+                answers = [
+                    heard(held_body(api.port, key, path=path)),
+                    chunked_body(api.port, key, path),
+                ]
+                seen = []
+                for answer in answers:
+                    head, body = answer.split(b"\r\n\r\n", 1)
+                    lines = head.decode().lower().split("\r\n")
+                    fields = dict(line.split(": ", 1) for line in lines[1:])
+                    seen.append((lines[0], {k: fields.get(k) for k in compared}, body))
+                assert seen[0] == seen[1], (path, seen)
+                assert seen[0][0].startswith("http/1.1 429 "), (path, seen[0])
+                assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in seen[0][2]
+            assert heard(holder, 0.1) == b""  # still waiting for its body
     finally:
         print(api.logs())
         api.stop()

@@ -58,6 +58,12 @@ def test_up_with_a_bad_admin_key_says_so_and_starts_nothing(tmp_path: Path) -> N
         ("APPLIANCE_ROUTING_REFRESH_S", "0", "greater than 0"),
         ("APPLIANCE_ACTIVATION_TIMEOUT_S", "-5", "greater than or equal to 0"),
         ("APPLIANCE_MAX_BODY_BYTES", "-1", "greater than or equal to 1"),
+        (
+            "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT",
+            "2000000",
+            "at least 4 times APPLIANCE_MAX_BODY_BYTES",
+        ),
+        ("APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT", "1000", "greater than or equal to 1048576"),
         ("APPLIANCE_CALLBACK_TIMEOUT_S", "0", "greater than 0"),
     ],
 )

@@ -1,0 +1,63 @@
+"""The bytes of inference request bodies still arriving that one api process holds, bounded: both
+transports take a body's bytes from this budget before they read them, and give them back on
+every way the body's reading ends (read whole, refused, too slow, the client gone). The fast
+lane (`api/lane/front.py`) takes a body's declared length when its head came without all of it;
+ASGI (`api/inference/asgi.read_body`) takes the declared length at once, a chunked body's bytes
+as they come. A body read whole is the call's from then on, bounded by the key's concurrency.
+
+Counted by key, not by client address: both transports know the key valid before they read a
+byte of a body (the lane's key cache, the ASGI key gate), a key is what the appliance limits
+everywhere else and what a team has a bounded number of, and one address is often many clients
+(a company's proxy), one client many addresses. Before, each body could hold
+APPLIANCE_MAX_BODY_BYTES while it arrived: 30 slow bodies on one ordinary key held 475 MB.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from appliance.errors import ApplianceError, CapacityError, RateLimitedError
+from appliance.settings import BODY_SHARES
+
+# A body this small is never counted: more than a usual chat request, and whole in one read.
+SMALL_BODY_BYTES: Final = 64 * 1024
+
+
+class BodyBudget:
+    """One api process's bytes of bodies in flight: `most` in all, `share` for each key."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.share = most // BODY_SHARES
+        self.held = 0
+        self.by_key: dict[str, int] = {}
+
+    def take(self, key: str, size: int) -> ApplianceError | None:
+        """Count `size` more bytes for `key`, or the refusal (then nothing is counted): 429 past
+        the key's share, 503 past the whole budget."""
+        mine = self.by_key.get(key, 0) + size
+        if mine > self.share:
+            return RateLimitedError(
+                f"this key's request bodies still arriving are over its share of the api's "
+                f"memory for them, {self.share} bytes (a quarter of "
+                f"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT); send fewer large bodies at once, or "
+                f"send them faster"
+            )
+        if self.held + size > self.most:
+            return CapacityError(
+                f"the api holds as many bytes of request bodies still arriving as it may "
+                f"({self.most}, APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT); retry after Retry-After",
+                retry_after_s=1,
+            )
+        self.by_key[key] = mine
+        self.held += size
+        return None
+
+    def give(self, key: str, size: int) -> None:
+        """Give back `size` bytes `key` took."""
+        left = self.by_key.get(key, 0) - size
+        if left > 0:
+            self.by_key[key] = left
+        else:
+            self.by_key.pop(key, None)
+        self.held -= size
