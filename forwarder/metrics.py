@@ -193,7 +193,8 @@ class RequestStats:
         yield overhead
         tokens = CounterMetricFamily(
             "appliance_tokens",
-            "Tokens reported by replicas, by endpoint, key and kind (prompt or completion).",
+            "Tokens reported by replicas (a stream cut short: its events sent, its prompt "
+            "estimated from its size), by endpoint, key and kind (prompt or completion).",
             labels=["endpoint", "key", "kind"],
         )
         for (endpoint, key), (prompt, completion) in tokens_of.items():

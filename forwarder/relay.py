@@ -9,7 +9,8 @@ when it is small and not a stream, else head, chunks and end. A connection that 
 any reply byte is tried again, on another replica when there is one; a replica silent past its
 timeout ends the request with a 504 (`Forwarder` checks every relay in flight on one timer);
 a failure counts towards the replica's ejection. When the reply ends, its token usage and its
-metrics are recorded, once.
+metrics are recorded, once: a stream cut short (its client left, the replica failed or went
+silent) counts what its client was sent (`forwarder/usage.StreamUsage.counted`).
 
 Compiled with the rest of the hot path (`setup.py`): no task, future or coroutine per request.
 """
@@ -28,7 +29,7 @@ from forwarder.llama_cpp import Shape, shape_for
 from forwarder.metrics import RequestStats
 from forwarder.table import DELETING, RoutingTable, Target, TargetReplica
 from forwarder.upstream import Connection, UpstreamPool
-from forwarder.usage import CLIENT_CLOSED, StreamUsage, usage_from_json
+from forwarder.usage import CLIENT_CLOSED, StreamUsage, token_mark, usage_from_json
 
 # A replica's own error for one request (llama.cpp: 500 for an image it cannot read, 501 for
 # a route it lacks) says nothing of its health: it does not count towards ejection, or one
@@ -281,7 +282,8 @@ class Relay:
         if not self.stream and (small or self.shape is not None):
             self.parts = []  # a reply to reshape is read whole, whatever its length
             return
-        self.watch = StreamUsage()
+        mark = token_mark(self.target.framework, self.path) if self.stream else b""
+        self.watch = StreamUsage(mark=mark)
         self.headed = True
         self._overhead(self.heard_at, perf_counter())
         if length is None or self.shape is not None:  # reshaped: a length of its own
@@ -326,10 +328,7 @@ class Relay:
                 assert self.watch is not None
                 self.watch.feed(tail)
                 self.reply.on_body(tail)
-        usage = None
-        if self.status == 200 and self.watch is not None:
-            usage = self.watch.result()
-        self._finish(self.status, ok=healthy(self.status), usage=usage)
+        self._finish(self.status, ok=healthy(self.status), usage=self._streamed())
         self.reply.on_end()
 
     def on_lost(self, reason: str) -> None:
@@ -384,7 +383,7 @@ class Relay:
             return
         if self.conn is not None:
             self.conn.abort()
-        self._finish(CLIENT_CLOSED, ok=True)
+        self._finish(CLIENT_CLOSED, ok=True, usage=self._streamed())
 
     def pause(self) -> None:
         """The client reads slower than the replica writes."""
@@ -398,8 +397,16 @@ class Relay:
     def _fail(self, exc: UpstreamError) -> None:
         if self.done:
             return
-        self._finish(exc.status_code, ok=False, why=exc.message)
+        self._finish(exc.status_code, ok=False, usage=self._streamed(), why=exc.message)
         self.reply.on_failed(exc)
+
+    def _streamed(self) -> tuple[int, int] | None:
+        """The usage of a 200 reply passed on as it came, however it ended: its own, or what
+        its client was sent of a stream cut short (`StreamUsage.counted`)."""
+        watch = self.watch
+        if watch is None or self.status != 200:
+            return None
+        return watch.counted(len(self.body))
 
     def _finish(
         self,

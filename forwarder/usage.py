@@ -4,7 +4,9 @@ how, and how it then reaches the usage table).
 
 Bodies pass through untouched; only a copy of the part that holds `usage` is decoded: the end
 of a JSON body, or the last few chunks of a stream (OpenAI's final usage chunk, or the
-Responses API's `response.completed` event, whose response ends with its usage).
+Responses API's `response.completed` event, whose response ends with its usage). A stream cut
+short before that (its client left, its replica failed or went silent) is counted by what its
+client was sent (`StreamUsage.counted`).
 """
 
 from __future__ import annotations
@@ -134,14 +136,42 @@ def _object_end(body: bytes, start: int, limit: int) -> int:
     return limit
 
 
+# A stream's own usage comes at its end. One cut short (its client left, its replica failed or
+# went silent) is counted by what its client was sent: each event of an OpenAI chat or
+# completions stream from vLLM or llama.cpp carries about one token, as does each delta event
+# of a Responses API stream (`response.output_text.delta`, and the reasoning, refusal and
+# function call arguments ones). Events are counted by a mark in the bytes, not parsed: the
+# blank line that ends an SSE event (JSON inside an event holds no raw line break), or the end
+# of a delta event's type (`.delta"`; the quote in a text is escaped). The prompt is estimated
+# from the request's size. A custom image's stream is no token stream: it counts none.
+EVENT_END: Final = b"\n\n"
+DELTA_TYPE_END: Final = b'.delta"'
+RESPONSES_PATH: Final = b"/v1/responses"
+TOKEN_EVENT_FRAMEWORKS: Final = ("vllm", "llamacpp")
+PROMPT_BYTES_PER_TOKEN: Final = 4  # about, for English text and the JSON around it
+
+
+def token_mark(framework: str, path: bytes) -> bytes:
+    """What marks one token's event in a stream from `framework`'s replica `path` (b"": its
+    events are not tokens)."""
+    if framework not in TOKEN_EVENT_FRAMEWORKS:
+        return b""
+    return DELTA_TYPE_END if path == RESPONSES_PATH else EVENT_END
+
+
 @dataclass
 class StreamUsage:
-    """Watches a stream's chunks (keeping references to the last few, no copies) for usage."""
+    """Watches a stream's chunks (keeping references to the last few, no copies) for usage,
+    and counts its token events (`mark`, from `token_mark`; b"": none)."""
 
     keep: int = 3
+    mark: bytes = b""
     chunks: list[bytes] = field(default_factory=list)
+    events: int = 0
 
     def feed(self, chunk: bytes) -> None:
+        if self.mark:
+            self.events += chunk.count(self.mark)
         chunks = self.chunks
         chunks.append(chunk)
         if len(chunks) > self.keep:
@@ -149,6 +179,15 @@ class StreamUsage:
 
     def result(self) -> tuple[int, int] | None:
         return usage_from_json(b"".join(self.chunks))
+
+    def counted(self, request_bytes: int) -> tuple[int, int] | None:
+        """The stream's usage: its own, else (cut short) its token events sent so far as
+        completion tokens and the request's size (`request_bytes`) over PROMPT_BYTES_PER_TOKEN
+        as prompt tokens; None when it has neither (no token event was sent)."""
+        found = self.result()
+        if found is not None or self.events <= 0:
+            return found
+        return request_bytes // PROMPT_BYTES_PER_TOKEN, self.events
 
 
 # A stream's usage is counted from the usage-only chunk OpenAI's servers send last when the

@@ -19,7 +19,7 @@ from appliance.models import EndpointStatus
 from tests.api.test_failed_endpoint import seed_bare
 from tests.api.test_fast_lane import chat, read_response
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
-from tests.harness import ADMIN_KEY, COMPILED, Appliance, RedisServer
+from tests.harness import ADMIN_KEY, COMPILED, Appliance, RedisServer, wait_until
 
 MODEL = "same"
 HEADERS_COMPARED = (
@@ -30,6 +30,9 @@ HEADERS_COMPARED = (
     "x-should-retry",
 )
 FAILED = "failed"  # an endpoint whose replica never started
+CUT = "cut"  # an endpoint whose streams the client leaves half way
+PACE_S = 0.1  # between the events of its replica's streams: a client leaving is seen between two
+CUT_AFTER = 4  # events a client reads before it leaves
 VOLATILE = re.compile(rb'"(created|request_id|timestamp|id)": ("[^"]*"|\d+)')
 WAYS = {  # name -> (build, fast lane)
     "compiled, lane": ("compiled", "true"),
@@ -44,6 +47,7 @@ def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Applian
         pytest.fail("the compiled build is missing: run scripts/compile")
     base = tmp_path_factory.mktemp("differential")
     backend = FakeBackend(delay_s=0.005, created=1_790_000_000).start()  # same bytes each second
+    paced = FakeBackend(created=1_790_000_000, pace_s=PACE_S).start()
     made: dict[str, Appliance] = {}
     redis: list[RedisServer] = []
     try:
@@ -59,6 +63,7 @@ def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Applian
             start_api(appliance)
             seed_endpoint(appliance.data_dir, MODEL, backend.address, endpoint_type="streaming")
             seed_bare(appliance.data_dir, FAILED, EndpointStatus.UPDATE_FAILED, "pull failed")
+            seed_endpoint(appliance.data_dir, CUT, paced.address, endpoint_type="streaming")
             made[name] = appliance
         yield made
     finally:
@@ -68,6 +73,7 @@ def apis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Applian
         for server in redis:
             server.stop()
         backend.stop()
+        paced.stop()
 
 
 def requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
@@ -197,3 +203,102 @@ def test_a_replica_s_refusal_is_passed_on_framed_once(
 def test_each_way_runs_the_build_it_claims(apis: dict[str, Appliance], way: str) -> None:
     log = (apis[way].workdir / "api.log").read_text()
     assert f"api: {WAYS[way][0]} build" in log
+
+
+def cut_streams() -> list[tuple[str, str, bytes, bytes]]:
+    """(name, target, body, the mark of one token's event) of each stream a client leaves."""
+    words = "w " * 80  # far more events than the client reads
+    llm = json.dumps({"prompt": words, "max_new_tokens": 100, "temperature": 0}).encode()
+    task = json.dumps({"args": {"prompt": words, "max_tokens": 100}}).encode()
+    response = {"model": CUT, "input": words, "stream": True}
+    return [
+        ("chat", "/v1/chat/completions", chat(words, model=CUT, stream=True), b"\n\n"),
+        ("completion", "/v1/completions", json.dumps(completion_of(words)).encode(), b"\n\n"),
+        ("response", "/v1/responses", json.dumps(response).encode(), b"output_text.delta\n"),
+        ("llm stream", f"/v1/llm/completions-stream?model_endpoint_name={CUT}", llm, b"\n\n"),
+        ("stream task", f"/v1/streaming-tasks?model_endpoint_id=end_{CUT}", task, b"\n\n"),
+    ]
+
+
+def completion_of(prompt: str) -> dict[str, Any]:
+    return {"model": CUT, "prompt": prompt, "stream": True}
+
+
+def read_then_leave(appliance: Appliance, target: str, body: bytes, mark: bytes) -> None:
+    """Send a stream's request, read its reply until CUT_AFTER events with `mark`, then close
+    the connection."""
+    head = f"POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    head += f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", appliance.port), timeout=15) as sock:
+        sock.sendall(head.encode() + body)
+        data = b""
+        while data.count(mark) < CUT_AFTER:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 "), data
+
+
+def tokens_of(appliance: Appliance, endpoint: str) -> tuple[float, float, float]:
+    """(requests its clients left, prompt tokens, completion tokens) of `endpoint`."""
+    found = counters(appliance)
+    left = found.get(f'appliance_requests_total{{code="499",endpoint="{endpoint}",key="admin"}}')
+    kinds = [
+        found.get(f'appliance_tokens_total{{endpoint="{endpoint}",key="admin",kind="{kind}"}}')
+        for kind in ("prompt", "completion")
+    ]
+    return left or 0.0, kinds[0] or 0.0, kinds[1] or 0.0
+
+
+def counted_after(appliance: Appliance, left: float, completion: float) -> tuple[float, ...]:
+    """`tokens_of(appliance, CUT)` once `left` requests were left and completion tokens
+    passed `completion`."""
+
+    def counted() -> tuple[float, ...] | None:
+        now = tokens_of(appliance, CUT)
+        return now if now[0] == left and now[2] > completion else None
+
+    return tuple(wait_until(counted, 10, f"{left:.0f} streams left, tokens counted"))
+
+
+def test_a_stream_its_client_leaves_counts_the_tokens_it_was_sent(
+    apis: dict[str, Appliance],
+) -> None:
+    """Each stream the client leaves after CUT_AFTER token events counts about that many
+    completion tokens (one event a token: the one that was on its way as the client left may
+    count too) and its prompt estimated from the request's size, the same every way; a
+    stream read to its end then counts its usage chunk's figures alone."""
+    prompts: dict[str, list[float]] = {name: [] for name in apis}
+    for label, target, body, mark in cut_streams():
+        for name, appliance in apis.items():
+            left, prompt, completion = tokens_of(appliance, CUT)
+            read_then_leave(appliance, target, body, mark)
+            _, now_prompt, now_completion = counted_after(appliance, left + 1, completion)
+            sent = now_completion - completion
+            assert CUT_AFTER <= sent <= CUT_AFTER + 1, (name, label, sent)
+            assert now_prompt - prompt >= len(body) // 4 - 20, (name, label, now_prompt)
+            prompts[name].append(now_prompt - prompt)
+    for name in apis:
+        assert prompts[name] == prompts["compiled, lane"], name
+    for name, appliance in apis.items():
+        _, prompt, completion = tokens_of(appliance, CUT)
+        body = chat("read to the end", model=CUT, stream=True)
+        status, _, data, _ = send(appliance, "/v1/chat/completions", body, {
+            "authorization": f"Bearer {ADMIN_KEY}"})  # fmt: skip
+        assert status == 200 and data.endswith(b"data: [DONE]\n\n"), data
+        left = tokens_of(appliance, CUT)[0]
+        counted = counted_after(appliance, left, completion)[1:]
+        assert counted == (prompt + 3, completion + 4), name
+
+
+def test_a_stream_its_replica_drops_counts_the_tokens_it_sent(apis: dict[str, Appliance]) -> None:
+    """A replica that dies mid-stream: the client is told in band, and the events it was sent
+    count as completion tokens, the same every way."""
+    body = chat("w " * 80, model=CUT, stream=True, drop_after=CUT_AFTER)
+    for name, appliance in apis.items():
+        _, prompt, completion = tokens_of(appliance, CUT)
+        status, _, data, _ = send(appliance, "/v1/chat/completions", body, {
+            "authorization": f"Bearer {ADMIN_KEY}"})  # fmt: skip
+        assert status == 200 and b"the replica failed mid-reply" in data, (name, data)
+        counted = tokens_of(appliance, CUT)
+        assert counted[2] == completion + CUT_AFTER and counted[1] > prompt, (name, counted)

@@ -207,6 +207,61 @@ def test_client_disconnect_cancels_the_replica_request(appl: Appliance, stream: 
     wait_until(lambda: sum(running_on(u) for u in urls) == 0, 10, "the replica to stop it")
 
 
+def tokens_of(appliance: Appliance, endpoint: str) -> tuple[float, float]:
+    """The (prompt, completion) tokens /metrics counts for `endpoint`, every key's."""
+    text = appliance.client().get("/metrics").text
+    pattern = rf'^appliance_tokens_total\{{endpoint="{endpoint}",key="[^"]*",kind="(\w+)"\}} (\S+)$'
+    found = {"prompt": 0.0, "completion": 0.0}
+    for kind, value in re.findall(pattern, text, re.M):
+        found[kind] += float(value)
+    return found["prompt"], found["completion"]
+
+
+def tokens_past(appliance: Appliance, endpoint: str, completion: float) -> tuple[float, float]:
+    """`tokens_of` once the completion tokens passed `completion`."""
+
+    def past() -> tuple[float, float] | None:
+        now = tokens_of(appliance, endpoint)
+        return now if now[1] > completion else None
+
+    found: tuple[float, float] = wait_until(past, 10, "the tokens counted")
+    return found
+
+
+def test_a_stream_its_client_leaves_counts_the_tokens_it_was_sent(appl: Appliance) -> None:
+    """The stand-in sends one token an event, its usage only at the end: a client that reads
+    a few events of a long stream and leaves is counted about those as completion tokens and
+    its prompt estimated (the counts usage is made of); a stream read to its end counts its
+    usage chunk's figures alone."""
+    read = 6
+    prompt, completion = tokens_of(appl, "pair")
+    body = json.dumps(chat("pair", 2000, stream=True)).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    address = httpx.URL(appl.url)
+    with socket.create_connection((address.host, address.port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        data = b""
+        while data.count(b"\n\n") < read:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    left = tokens_past(appl, "pair", completion)
+    assert read <= left[1] - completion <= read + 10, left  # the client left a 2000-token stream
+    assert left[0] - prompt >= len(body) // 4, left  # estimated from the request's size
+
+    with httpx.stream(
+        "POST", appl.url + "/v1/chat/completions", headers=AUTH, json=chat("pair", 5, stream=True)
+    ) as reply:
+        assert reply.status_code == 200
+        assert "".join(reply.iter_text()).endswith("data: [DONE]\n\n")
+    whole = tokens_past(appl, "pair", left[1])
+    assert whole == (left[0] + 7, left[1] + 5)  # 7 words of prompt, 5 tokens asked for
+
+
 def test_body_over_the_limit_is_413(appl: Appliance) -> None:
     big = chat("pair", 4) | {"padding": "x" * (BODY_LIMIT + 1)}
     reply = httpx.post(appl.url + "/v1/chat/completions", headers=AUTH, json=big, timeout=30)

@@ -29,10 +29,12 @@ UNREGISTERED = b'{"detail":"Not Found"}'
 @dataclass
 class FakeBackend:
     """An OpenAI-shaped server: answers after `delay_s`; `fail_first` answers 503 that often;
-    `created` fixes the replies' timestamp (else the time of each)."""
+    `created` fixes the replies' timestamp (else the time of each); a stream's events come
+    `pace_s` apart."""
 
     delay_s: float = 0.0
     created: int | None = None
+    pace_s: float = 0.01
     port: int = field(default_factory=free_port)
     fail_first: int = 0
     seen: Counter[str] = field(default_factory=Counter)
@@ -92,14 +94,18 @@ class FakeBackend:
         self, request: web.Request, text: str, body: dict[str, Any]
     ) -> web.StreamResponse:
         """The text one word per SSE event, a usage event when asked for, then `[DONE]`
-        (chunked)."""
+        (chunked); with `drop_after`, the connection drops after that many events, as a
+        replica that dies mid-stream."""
         reply = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await reply.prepare(request)
         options = body.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
-        for data in stream_events(text, usage=asked):
+        for sent, data in enumerate(stream_events(text, usage=asked)):
+            if sent == body.get("drop_after") and request.transport is not None:
+                request.transport.abort()
+                return reply
             await reply.write(data)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(self.pace_s)
         await reply.write_eof()
         return reply
 
@@ -114,7 +120,7 @@ class FakeBackend:
         await reply.prepare(request)
         for data in responses_events(text, created, body.get("model")):
             await reply.write(data)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(self.pace_s)
         await reply.write_eof()
         return reply
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from forwarder.usage import Ledger, StreamUsage, UsageStrip, ask_usage, usage_from_json
+from forwarder.usage import (
+    Ledger,
+    StreamUsage,
+    UsageStrip,
+    ask_usage,
+    token_mark,
+    usage_from_json,
+)
 
 
 def test_usage_from_a_json_body() -> None:
@@ -65,6 +72,53 @@ def test_a_responses_usage_counts_by_that_apis_names() -> None:
     for i in range(0, len(data), 1024):
         watch.feed(data[i : i + 1024])
     assert watch.result() == (11, 6)
+
+
+def sse(events: list[dict[str, object]], *, named: bool = False) -> list[bytes]:
+    """Each event as a replica writes it (`named`: with its `event:` line, as the Responses
+    API's)."""
+    head = [f"event: {e['type']}\n".encode() if named else b"" for e in events]
+    bodies = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+    return [h + body for h, body in zip(head, bodies, strict=True)]
+
+
+def test_a_stream_cut_short_counts_the_token_events_its_client_was_sent() -> None:
+    """vLLM's chat stream, one token an event: cut after 6 events, it counts 6 completion
+    tokens and its prompt estimated from the request's size (4 bytes a token); a text that
+    looks like SSE counts no more (its line breaks are escaped). Read to its end, it counts
+    its usage chunk's figures alone."""
+    role = {"choices": [{"delta": {"role": "assistant", "content": ""}}], "usage": None}
+    tokens = [{"choices": [{"delta": {"content": f"t{i}"}}], "usage": None} for i in range(20)]
+    tokens[3] = {"choices": [{"delta": {"content": "data: x\n\ndata: "}}], "usage": None}
+    usage = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 20}}
+    events = [*sse([role, *tokens, usage]), b"data: [DONE]\n\n"]
+    cut = StreamUsage(mark=token_mark("vllm", b"/v1/chat/completions"))
+    for event in events[:6]:
+        cut.feed(event)
+    assert cut.result() is None
+    assert cut.counted(401) == (100, 6)
+    whole = StreamUsage(mark=token_mark("llamacpp", b"/v1/completions"))
+    for event in events:
+        whole.feed(event)
+    assert whole.counted(401) == (9, 20)
+
+
+def test_a_responses_stream_cut_short_counts_its_delta_events() -> None:
+    """A Responses API stream counts its delta events alone (not `response.created` and the
+    other events around them); a custom image's stream is no token stream: none."""
+    created = {"type": "response.created", "response": {"output": [], "usage": None}}
+    deltas = [{"type": "response.output_text.delta", "delta": f"t{i}"} for i in range(5)]
+    deltas[1]["delta"] = 'not.delta" either'
+    reasoning = {"type": "response.reasoning_text.delta", "delta": "r"}
+    events = sse([created, reasoning, *deltas], named=True)
+    watch = StreamUsage(mark=token_mark("vllm", b"/v1/responses"))
+    custom = StreamUsage(mark=token_mark("custom", b"/v1/chat/completions"))
+    for event in events:
+        watch.feed(event)
+        custom.feed(event)
+    assert watch.counted(80) == (20, 6)
+    assert custom.counted(80) is None
+    assert StreamUsage(mark=token_mark("vllm", b"/v1/responses")).counted(80) is None  # no event
 
 
 def test_a_stream_asks_for_its_usage_and_the_client_gets_it_only_if_it_asked() -> None:
