@@ -35,7 +35,12 @@ from typing import Any
 import redis
 from sqlalchemy.engine import Engine
 
-from appliance.errors import ApplianceError, InsufficientStorageError, RateLimitedError
+from appliance.errors import (
+    ApplianceError,
+    BadRequestError,
+    InsufficientStorageError,
+    RateLimitedError,
+)
 from appliance.models import TaskStatus
 from forwarder.worker import jobs
 
@@ -258,11 +263,19 @@ def waiting_tasks(conn: sqlite3.Connection, owner: str, user: str) -> int:
     return int(conn.execute(WAITING, (owner, user)).fetchone()[0])
 
 
-def over_queued(waiting: int, adding: int, most: int) -> RateLimitedError | None:
+def over_queued(waiting: int, adding: int, most: int) -> RateLimitedError | BadRequestError | None:
     """The queued-task limit, for tasks and batches alike: a key's user may have at most `most`
-    tasks waiting or running (0: no limit); the 429 to answer when `adding` more would pass it."""
+    tasks waiting or running (0: no limit); the 429 to answer when `adding` more would pass it.
+    A batch of more than `most` requests can never pass: a 400 saying to split it, not a 429
+    that clients would send again and again."""
     if not most or waiting + adding <= most:
         return None
+    if adding > most:
+        return BadRequestError(
+            f"this batch has {adding} requests, more than this key may have queued at once "
+            f"(limit {most}): split it into batches of at most {most}",
+            field="input_file_id",
+        )
     also = f"; this batch adds {adding}" if adding > 1 else ""
     return RateLimitedError(
         f"this key already has {waiting} tasks queued (limit {most}){also}",

@@ -335,6 +335,26 @@ def test_a_list_of_prompts_counts_as_that_many_requests(bed: Bed, entry: str) ->
     served(send(bed, key, MINE, {"max_tokens": 1, "prompt": ["a"] * 128}))
 
 
+@pytest.mark.parametrize(
+    "entry", ["/v1/chat/completions", "/v2/completions", "/v1/sync-tasks", "batch lines"]
+)
+def test_a_sequence_count_as_a_float_or_a_text_counts_as_that_many(bed: Bed, entry: str) -> None:
+    """llama.cpp reads `n: 2.0` as 2 sequences and vLLM reads `"2"` so too: the key's cap holds
+    for each of them however `n` is written, and a fraction of a sequence (which llama.cpp
+    would truncate) is a 400 naming the field."""
+    send, family, _ = ENTRIES[entry]
+    capped = bed.key(max_tokens_per_request=CAP)
+    for name, asked in (("n", 2.0), ("n", "2"), ("best_of", 2.0), ("n_cmpl", "2")):
+        reply = send(bed, capped, MINE, {"max_tokens": CAP, name: asked})
+        refused(reply, 400, family)
+        assert "for each of 2 sequences" in reply.text, reply.text
+    for asked in (2.5, "2.5"):
+        reply = send(bed, bed.key(), MINE, {"max_tokens": 1, "n": asked})
+        refused(reply, 400, family)
+        assert f"n={asked} is not a whole number of sequences" in reply.text, reply.text
+    served(send(bed, capped, MINE, {"max_tokens": CAP // 2, "n": 2.0}))
+
+
 @pytest.mark.parametrize("entry", ["/v1/chat/completions", "/v1/completions", "batch lines"])
 def test_llamacpps_own_name_for_n_counts_as_n(bed: Bed, entry: str) -> None:
     """llama.cpp's server takes `n_cmpl` as `n` (its completions for one prompt): the key's cap
@@ -369,26 +389,39 @@ def test_requests_per_minute(bed: Bed, entry: str) -> None:
 
 
 def test_a_batchs_lines_count_against_the_queued_task_limit(bed: Bed) -> None:
+    """A batch is refused with a 429 while the key's queued tasks leave it no room, but one
+    with more lines than the limit itself is a 400 saying to split it: no wait lets it in, and
+    a 429 would have clients (the OpenAI SDK) send it again and again."""
     key = bed.key(max_queued_tasks=2)
-    lines = [
-        {"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions"}
-        | {"body": chat_body(MINE, {"max_tokens": 1})}
-        for i in range(3)
-    ]
-    upload = httpx.post(
-        bed.appliance.url + "/v1/files",
-        headers=auth(key),
-        data={"purpose": "batch"},
-        files={"file": ("in.jsonl", b"".join(json.dumps(x).encode() + b"\n" for x in lines))},
-    )
-    assert upload.status_code == 200, upload.text
-    reply = httpx.post(
-        bed.appliance.url + "/v1/batches",
-        headers=auth(key),
-        json={"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"},
-    )
+
+    def create(count: int, delay_s: float = 0) -> httpx.Response:
+        lines = [
+            {"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions"}
+            | {"body": chat_body(MINE, {"max_tokens": 1}, delay_s=delay_s)}
+            for i in range(count)
+        ]
+        upload = httpx.post(
+            bed.appliance.url + "/v1/files",
+            headers=auth(key),
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", b"".join(json.dumps(x).encode() + b"\n" for x in lines))},
+        )
+        assert upload.status_code == 200, upload.text
+        return httpx.post(
+            bed.appliance.url + "/v1/batches",
+            headers=auth(key),
+            json={"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"},
+        )
+
+    reply = create(3)
+    refused(reply, 400, "openai")
+    assert reply.json()["error"]["param"] == "input_file_id"
+    assert "3 requests" in reply.text and "at most 2" in reply.text, reply.text
+    assert "retry-after" not in reply.headers
+    assert create(2, delay_s=5).status_code == 200
+    reply = create(1)
     refused(reply, 429, "openai")
-    assert "limit 2" in reply.text and "adds 3" in reply.text
+    assert "already has 2 tasks queued (limit 2)" in reply.text, reply.text
 
 
 def test_a_key_made_by_a_limited_key_shares_its_limits_and_counts(bed: Bed) -> None:
