@@ -158,16 +158,17 @@ def bound_work(payload: dict[str, Any]) -> None:
     server's to refuse. For every key: these bound what one request may cost a replica,
     whoever sends it."""
     for name, most in WORK_BOUNDS.items():
-        asked = payload.get(name)
-        if asked is None or isinstance(asked, bool) or not isinstance(asked, int | float | str):
+        count = _number(payload.get(name))
+        if count is None:
             continue
-        try:
-            count = float(asked)
-        except ValueError:
-            continue
+        asked = payload[name]
         if count > most:
             raise BadRequestError(
                 f"{name}={asked} is over the most a request may ask: at most {most}", field=name
+            )
+        if name in SEQUENCE_FIELDS and math.isfinite(count) and count != int(count):
+            raise BadRequestError(  # llama.cpp would truncate it, vLLM refuse it
+                f"{name}={asked} is not a whole number of sequences", field=name
             )
     inputs = _prompts(payload, INPUT_FIELD)
     if inputs > MOST_INPUTS:
@@ -197,14 +198,26 @@ def _prompts(payload: dict[str, Any], field: str = PROMPT_FIELD) -> int:
 
 def _sequences(payload: dict[str, Any]) -> int:
     """How many sequences a body asks the server to generate: `n` or `best_of` for each of its
-    prompts; 1 a prompt unless one is a whole number above 1 (anything else is the server's to
-    refuse)."""
+    prompts, read as a server reads them (llama.cpp takes `2.0` as 2, vLLM `"2"`); 1 a prompt
+    unless one is a number above 1 (`bound_work` refuses a fraction and more than 128; anything
+    else is the server's to refuse)."""
     most = 1
     for name in SEQUENCE_FIELDS:
-        asked = payload.get(name)
-        if isinstance(asked, int) and not isinstance(asked, bool) and asked > most:
-            most = asked
+        asked = _number(payload.get(name))
+        if asked is not None and math.isfinite(asked) and asked > most:
+            most = math.ceil(asked)
     return most * _prompts(payload)
+
+
+def _number(asked: object) -> float | None:
+    """A field's value as the number a server may read from it (an integer, a float or a number
+    in a string; never a boolean); None when it is none of these."""
+    if isinstance(asked, bool) or not isinstance(asked, int | float | str):
+        return None
+    try:
+        return float(asked)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _each(payload: dict[str, Any]) -> str:

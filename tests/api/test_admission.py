@@ -335,6 +335,26 @@ def test_a_list_of_prompts_counts_as_that_many_requests(bed: Bed, entry: str) ->
     served(send(bed, key, MINE, {"max_tokens": 1, "prompt": ["a"] * 128}))
 
 
+@pytest.mark.parametrize(
+    "entry", ["/v1/chat/completions", "/v2/completions", "/v1/sync-tasks", "batch lines"]
+)
+def test_a_sequence_count_as_a_float_or_a_text_counts_as_that_many(bed: Bed, entry: str) -> None:
+    """llama.cpp reads `n: 2.0` as 2 sequences and vLLM reads `"2"` so too: the key's cap holds
+    for each of them however `n` is written, and a fraction of a sequence (which llama.cpp
+    would truncate) is a 400 naming the field."""
+    send, family, _ = ENTRIES[entry]
+    capped = bed.key(max_tokens_per_request=CAP)
+    for name, asked in (("n", 2.0), ("n", "2"), ("best_of", 2.0), ("n_cmpl", "2")):
+        reply = send(bed, capped, MINE, {"max_tokens": CAP, name: asked})
+        refused(reply, 400, family)
+        assert "for each of 2 sequences" in reply.text, reply.text
+    for asked in (2.5, "2.5"):
+        reply = send(bed, bed.key(), MINE, {"max_tokens": 1, "n": asked})
+        refused(reply, 400, family)
+        assert f"n={asked} is not a whole number of sequences" in reply.text, reply.text
+    served(send(bed, capped, MINE, {"max_tokens": CAP // 2, "n": 2.0}))
+
+
 @pytest.mark.parametrize("entry", ["/v1/chat/completions", "/v1/completions", "batch lines"])
 def test_llamacpps_own_name_for_n_counts_as_n(bed: Bed, entry: str) -> None:
     """llama.cpp's server takes `n_cmpl` as `n` (its completions for one prompt): the key's cap
