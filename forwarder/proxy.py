@@ -97,8 +97,12 @@ class Forwarder:
         self._checker = self.loop.call_later(TIMEOUT_CHECK_EVERY_S, self._check_timeouts)
 
     async def close(self) -> None:
+        """At the api's stop, after uvicorn's graceful wait: the requests still running are
+        told so (`Relay.shut_down`), then the connections close."""
         if self._checker is not None:
             self._checker.cancel()
+        for relay in list(self.plane.waiting):
+            relay.shut_down()
         for task in [*self._probes, *self.plane.connecting]:
             task.cancel()
         self.pool.close()

@@ -55,6 +55,7 @@ RETRY_PAUSE_S = 0.05  # before the same replica is tried again (no other one is 
 
 FAILURE_LOG_EVERY_S = 10.0  # per endpoint: one log line, then a count of those not logged
 FAILURE_DETAIL_CHARS = 300  # of a replica's error reply, in the log
+SHUTTING_DOWN = "the appliance is shutting down; send the request again once it is back"
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -212,7 +213,7 @@ class Relay:
     def _connected(self, task: asyncio.Task[Connection]) -> None:
         self.plane.connecting.discard(task)
         if task.cancelled():  # the api is shutting down
-            self._fail(UpstreamError("the appliance is shutting down", status_code=503))
+            self._fail(UpstreamError(SHUTTING_DOWN, status_code=503))
             return
         if task.exception() is not None:
             if not self.done:
@@ -376,6 +377,13 @@ class Relay:
             self.conn.abort()
         name = self.target.name
         self._fail(UpstreamError(f"replica of {name!r} did not answer in time", status_code=504))
+
+    def shut_down(self) -> None:
+        """The api stops with this request still running past its graceful wait: the client is
+        told so (a stream by an error event) rather than cut off mid-reply."""
+        if self.conn is not None:
+            self.conn.abort()
+        self._fail(UpstreamError(SHUTTING_DOWN, status_code=503))
 
     def cancel(self) -> None:
         """The client went away: drop the upstream request so the replica stops too."""

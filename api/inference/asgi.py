@@ -25,6 +25,8 @@ from forwarder.relay import Headers
 QUEUED_MAX: Final = 64  # messages waiting for the client before the relay pauses
 END: Final[Message] = {"type": "http.response.body", "body": b"", "more_body": False}
 
+SHUTDOWN_DRAIN_S: Final = 2.0  # to send what a call says as the api stops
+
 
 class ConnectionCutError(Exception):
     """The reply broke after its head went out; raised so the server closes the connection."""
@@ -75,6 +77,11 @@ async def serve(
     try:
         call.start(body)
         await client.drain()
+    except asyncio.CancelledError:
+        # uvicorn ends a request still running past its graceful wait as the api stops:
+        # the client is told so, and the request's task ends without an error of its own
+        call.shut_down()
+        await asyncio.wait_for(client.drain(), SHUTDOWN_DRAIN_S)
     finally:
         watcher.cancel()
 

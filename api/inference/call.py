@@ -38,7 +38,7 @@ from appliance.errors import ApplianceError, BadRequestError, UpstreamError
 from appliance.keys import Caller
 from forwarder.paths import CHAT, COMPLETIONS, OPENAI, PASSTHROUGH, InferencePath
 from forwarder.proxy import Forwarder
-from forwarder.relay import Headers, Plane, Relay
+from forwarder.relay import SHUTTING_DOWN, Headers, Plane, Relay
 from forwarder.table import Target, TargetReplica, check_coming
 from forwarder.unserved import NOT_SERVED_STATUSES, not_served
 from forwarder.usage import UsageStrip, ask_usage
@@ -94,7 +94,17 @@ class Core:
         self.max_body_bytes: int = settings.max_body_bytes
         self.bodies: BodyBudget = BodyBudget(settings.max_body_bytes_in_flight)  # still arriving
         self.cors: bool = bool(settings.cors_origins)
-        self.waits: set[asyncio.Future[Any]] = set()  # waits and releases (kept from the GC)
+        self.waits: set[asyncio.Future[Any]] = set()  # releases (kept from the GC)
+        self.holds: set[asyncio.Task[None]] = set()  # calls' waits (for a key, count, replica)
+        self.stopping = False  # the api stops: a call still waiting is told so
+
+    def shut_down(self) -> None:
+        """The api stops, past uvicorn's graceful wait: calls still waiting for a replica or a
+        count are told so, each in its route's format (a stream by an error event); those
+        relaying are told by the relay (`Forwarder.close`)."""
+        self.stopping = True
+        for hold in list(self.holds):
+            hold.cancel()
 
 
 class InvalidRequestError(Exception):
@@ -218,8 +228,8 @@ class Call:
     def _wait(self, step: Coroutine[Any, Any, bool]) -> None:
         task = asyncio.get_running_loop().create_task(self._waiting(step))
         self.task = task
-        self.core.waits.add(task)
-        task.add_done_callback(self.core.waits.discard)
+        self.core.holds.add(task)
+        task.add_done_callback(self.core.holds.discard)
 
     async def _waiting(self, step: Coroutine[Any, Any, bool]) -> None:
         try:
@@ -228,7 +238,9 @@ class Call:
             self.refuse(exc)
             return
         except asyncio.CancelledError:
-            self._settle()  # the client went away while it waited
+            if self.core.stopping:
+                self.on_failed(UpstreamError(SHUTTING_DOWN, status_code=503))
+            self._settle()  # else the client went away while it waited
             return
         self.task = None
         if again:
@@ -444,6 +456,16 @@ class Call:
     def resume(self) -> None:
         if self.relay is not None:
             self.relay.resume()
+
+    def shut_down(self) -> None:
+        """Uvicorn ended the request past its graceful wait (the ASGI transport's): the client
+        is told so, as `Core.shut_down` tells the lane's."""
+        if self.relay is not None:
+            self.relay.shut_down()
+        elif not self.over:
+            self.on_failed(UpstreamError(SHUTTING_DOWN, status_code=503))
+            if self.task is not None:
+                self.task.cancel()
 
     def client_gone(self) -> None:
         """The client disconnected: stop the relay (the replica stops generating too)."""

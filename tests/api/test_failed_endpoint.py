@@ -32,6 +32,7 @@ from tests.api.test_admission import (
     tokens_field,
 )
 from tests.forwarder.test_async_support import seed_endpoint
+from tests.harness import ADMIN_KEY as ADMIN
 from tests.harness import wait_until
 
 HOLD_S = 90  # the cold-start hold: every answer here must come well before it
@@ -401,3 +402,45 @@ def test_a_held_stream_that_ends_with_its_endpoints_failure_counts_as_an_error(b
     wait_until(
         lambda: counted.search(bed.admin.get("/metrics").text), 5, "the stream in the metrics"
     )
+
+
+@pytest.mark.parametrize("lane", ["true", "false"], ids=["lane", "no lane"])
+def test_a_stream_still_running_when_the_api_stops_ends_with_an_error_event(
+    tmp_path: Path, lane: str
+) -> None:
+    """The api stopping (SIGTERM: an upgrade, `docker compose down`) lets streams run for its
+    graceful wait (10 s); one still running after it ends with an error event saying so, in
+    its entry's format, rather than a connection cut mid-stream that clients read as a
+    truncated answer."""
+
+    def seed(data_dir: Path, address: str) -> None:
+        seed_endpoint(data_dir, "slow", address, owner="t1")
+        seed_bare(data_dir, "coming", EndpointStatus.UPDATE_IN_PROGRESS, None)
+
+    with running_bed(tmp_path, {"APPLIANCE_FAST_LANE": lane}, seed) as bed:
+        bed.backend.pace_s = 4.0  # a word every 4 s: the stream outlasts the graceful wait
+        held: dict[str, Any] = {}  # a request holding for a replica that never comes
+        holding = threading.Thread(
+            target=collect,
+            args=(held, "reply", "POST", bed.appliance.url + "/v1/chat/completions"),
+            kwargs={"json": chat_body("coming", {}), "headers": auth(ADMIN)},
+        )
+        holding.start()
+        body = chat_body("slow", {}, stream=True)
+        with (
+            httpx.Client(base_url=bed.appliance.url, timeout=60) as client,
+            client.stream("POST", "/v1/chat/completions", json=body, headers=auth(ADMIN)) as reply,
+        ):
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            assert next(lines).startswith("data: ")
+            stopping = threading.Thread(target=bed.appliance.stop_role, args=("api",))
+            stopping.start()
+            rest = [line for line in lines if line.startswith("data: ")]
+        stopping.join()
+        holding.join()
+    status, _, raw, _ = held["reply"]
+    assert status == 503 and "shutting down" in json.loads(raw)["error"]["message"], raw
+    assert rest and rest[-1] != "data: [DONE]", rest
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert "shutting down" in error["message"] and error["code"] == 503, error
