@@ -1,9 +1,11 @@
-"""The bytes of inference request bodies still arriving that one api process holds, bounded: both
+"""The bytes of request bodies still arriving that one api process holds, bounded: both
 transports take a body's bytes from this budget before they read them, and give them back on
 every way the body's reading ends (read whole, refused, too slow, the client gone). The fast
 lane (`api/lane/front.py`) takes a body's declared length when its head came without all of it;
 ASGI (`api/inference/asgi.read_body`) takes the declared length at once, a chunked body's bytes
-as they come. A body read whole is the call's from then on, bounded by the key's concurrency.
+as they come. A body read whole is the call's from then on. The bodies other routes read whole
+into memory (management routes, the UI's forms) take theirs as the route reads them
+(`api/shield.py`), by key, or by client address (`address <ip>`) where no key is asked.
 
 Counted by key, not by client address: both transports know the key valid before they read a
 byte of a body (the lane's key cache, the ASGI key gate), a key is what the appliance limits
@@ -37,8 +39,9 @@ class BodyBudget:
         the key's share, 503 past the whole budget."""
         mine = self.by_key.get(key, 0) + size
         if mine > self.share:
+            whose = "this address's" if key.startswith("address") else "this key's"
             return RateLimitedError(
-                f"this key's request bodies still arriving are over its share of the api's "
+                f"{whose} request bodies still arriving are over its share of the api's "
                 f"memory for them, {self.share} bytes (a quarter of "
                 f"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT); send fewer large bodies at once, or "
                 f"send them faster"

@@ -1,8 +1,11 @@
 """The api's outermost ASGI middleware, called by uvicorn for every request the fast lane does
 not carry: a body over its route's limit is a 413 before anything reads it (a declared length
 at once, a chunked body as soon as it passes the limit), before the key gate and before any
-parsing; and an error no handler answered is a 500 in the route's envelope that keeps the
-connection open, instead of uvicorn's plain 500 and a dropped keep-alive connection."""
+parsing; a body a route reads whole into memory (management routes, the UI's forms) takes its
+bytes from the api's budget of bodies in flight (`api/bodies.py`) as the route reads it, by
+key, or by client address on a route that asks none; and an error no handler answered is a
+500 in the route's envelope that keeps the connection open, instead of uvicorn's plain 500 and
+a dropped keep-alive connection."""
 
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ import logging
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bodies import SMALL_BODY_BYTES, BodyBudget
+from api.deps import key_of_raw
 from api.errors import answer, envelope_of, unanswered
+from api.gate import OPEN_EXACT, OPEN_PREFIXES
 from appliance.errors import ApplianceError, BadRequestError, BodyTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,15 @@ class Shield:
             return self.model_upload_bytes, "the setting APPLIANCE_MODEL_UPLOAD_MAX_BYTES"
         return MANAGEMENT_BODY_BYTES, "the limit of management routes"
 
+    def budget(self, scope: Scope, path: str) -> BodyBudget | None:
+        """The budget of bodies in flight, for a route that reads its body whole into memory:
+        not the inference routes (whose transports count their bodies themselves), nor the
+        uploads, which stream to disk; none while the api starts."""
+        if path in self.inference_paths or path.startswith((*FILE_PATHS, *MODEL_UPLOAD_PATHS)):
+            return None
+        core = getattr(getattr(scope.get("app"), "state", None), "inference", None)
+        return core.bodies if core is not None else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -61,18 +76,48 @@ class Shield:
             await _error(send, path, too_large if length.isdigit() else _bad_length())
             return
         started = answered = False
-        seen = 0
+        seen = taken = 0
+        budget = self.budget(scope, path)
+        declared = int(length)
 
-        async def counted() -> Message:
-            nonlocal seen, answered
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit and not answered:
+        async def refuse(exc: ApplianceError) -> None:
+            nonlocal answered
+            if not answered:
                 if not started:  # the route's own answer, whatever it makes of this, is dropped
                     answered = True
-                    await _error(send, path, too_large)
-                raise too_large
+                    await _error(send, path, exc, close=True)
+                raise exc
+
+        async def counted() -> Message:
+            nonlocal seen, taken
+            if budget is not None and taken == 0 and declared > SMALL_BODY_BYTES:
+                await refuse_or_take(declared)
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                await refuse(too_large)
+            if budget is not None and seen > taken >= 0 and seen > SMALL_BODY_BYTES:  # chunked
+                await refuse_or_take(seen)
+            if taken and not message.get("more_body", False):
+                give_back()  # read whole, or the client gone
             return message
+
+        async def refuse_or_take(size: int) -> None:
+            """Take the body's bytes up to `size` from the budget (the route reads the body
+            now: the key gate has let the key through), or refuse it."""
+            nonlocal taken
+            assert budget is not None
+            refused = budget.take(bucket_of(scope, path), size - taken)
+            if refused is not None:
+                await refuse(refused)
+                return  # nothing taken (and the route's answer is dropped)
+            taken = size
+
+        def give_back() -> None:
+            nonlocal taken
+            if taken > 0 and budget is not None:
+                budget.give(bucket_of(scope, path), taken)
+            taken = -1  # nothing more is taken for this request
 
         async def watched(message: Message) -> None:
             nonlocal started
@@ -91,15 +136,31 @@ class Shield:
             if not isinstance(exc, ApplianceError):
                 logger.exception("unanswered error on %s %s", scope.get("method"), path)
             await _error(send, path, unanswered(exc))
+        finally:
+            give_back()
+
+
+def bucket_of(scope: Scope, path: str) -> str:
+    """Whose share of the budget a body counts in: its key's (valid: the key gate let it
+    through), or on a route that asks no key (the UI's, by session), its client address's."""
+    if path not in OPEN_EXACT and not path.startswith(OPEN_PREFIXES):
+        try:
+            key = key_of_raw(scope.get("headers", ()))
+        except BadRequestError:
+            key = None
+        if key:
+            return key
+    client = scope.get("client")
+    return f"address {client[0]}" if client else "address"
 
 
 def _bad_length() -> ApplianceError:
     return BadRequestError("Content-Length must be a byte count")
 
 
-async def _error(send: Send, path: str, exc: ApplianceError) -> None:
+async def _error(send: Send, path: str, exc: ApplianceError, close: bool = False) -> None:
     status, headers, body = answer(exc, envelope_of(path))
-    if status == 413:  # its body is not read: end the connection rather than read it through
+    if close or status == 413:  # its body is not read: end the connection rather than read it
         headers = [*headers, (b"connection", b"close")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

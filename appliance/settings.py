@@ -124,12 +124,15 @@ class Settings(BaseSettings):
     )
     max_body_bytes_in_flight: int = Field(
         256 * 2**20,
-        ge=2**20,
+        ge=8 * 2**20,
         le=2**40,
-        description="Bytes of inference request bodies still arriving that one api process "
-        "holds at once (bodies over 64 KiB count, from their head); one key may hold a quarter "
-        "of it (429 past that), and past the whole a body is refused 503 with Retry-After. At "
-        "least 4 times APPLIANCE_MAX_BODY_BYTES, so every body a key may send fits its share.",
+        description="Bytes of request bodies still arriving that one api process holds at once "
+        "(bodies over 64 KiB count, from their head: inference bodies, and those of management "
+        "routes and UI forms; uploads stream to disk and do not); one key (or, where no key is "
+        "asked, one client address) may hold a quarter of it (429 past that), and past the "
+        "whole a body is refused 503 with Retry-After. At least 4 times "
+        "APPLIANCE_MAX_BODY_BYTES (and 8 MiB: a management body may be 2 MiB), so every body a "
+        "key may send fits its share.",
     )
     disk_reserve_bytes: int = Field(
         2 * 2**30,

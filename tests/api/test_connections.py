@@ -313,7 +313,7 @@ def test_a_request_asking_to_upgrade_is_served_as_http(tmp_path: Path, lane: str
         redis.stop()
 
 
-SHARE = 256 * 1024  # each key's share of the bodies in flight: its largest body, exactly
+SHARE = 2 * 2**20  # each key's share of the bodies in flight: its largest body, exactly
 BUDGET_TIMEOUT_S = 3
 
 
@@ -470,6 +470,50 @@ def test_a_body_over_the_keys_share_is_answered_alike_on_every_inference_route(
                 assert seen[0][0].startswith("http/1.1 429 "), (path, seen[0])
                 assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in seen[0][2]
             assert heard(holder, 0.1) == b""  # still waiting for its body
+    finally:
+        print(api.logs())
+        api.stop()
+        redis.stop()
+
+
+def test_bodies_other_routes_read_whole_share_the_budget(tmp_path: Path) -> None:
+    """Management routes and the UI's forms read their bodies (up to 2 MiB) whole into memory,
+    which counted nowhere, so one key's (or, on the sign-in, which asks none, one address's)
+    slow bodies could hold 2 MiB on each of its connections: they take from the same budget,
+    by key (with its inference bodies) or by address where no key is asked, and give it back."""
+    redis = RedisServer(tmp_path / "redis").start()
+    most = 2 * 2**20
+    env = {
+        "APPLIANCE_MAX_BODY_BYTES": str(most),
+        "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT": str(4 * most),
+        "APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    key = make_key(api, "team")
+    manage = "/v1/llm/model-endpoints"
+    sign_in = (
+        b"POST /ui/sign-in HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/x-www-form-urlencoded\r\ncontent-length: %d\r\n\r\nkey="
+    )
+    try:
+        with held_body(api.port, key, most, path=manage) as holder:
+            time.sleep(0.3)
+            for path in (manage, "/v1/chat/completions"):  # one share for both
+                over = heard(held_body(api.port, key, 100_000, path=path))
+                assert over.startswith(b"HTTP/1.1 429 "), (path, over[:400])
+                assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in over, over
+            assert heard(holder, 0.1) == b""
+        time.sleep(0.5)  # the close seen
+        with held_body(api.port, key, most, path=manage) as again:
+            assert heard(again, 0.5) == b""  # the whole share again
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as holder:
+            holder.sendall(sign_in % most)
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", api.port), timeout=10) as over_sock:
+                over_sock.sendall(sign_in % 100_000)
+                over = heard(over_sock)
+            assert over.startswith(b"HTTP/1.1 429 "), over[:400]
+            assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in over, over
     finally:
         print(api.logs())
         api.stop()

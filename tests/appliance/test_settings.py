@@ -60,10 +60,10 @@ def test_up_with_a_bad_admin_key_says_so_and_starts_nothing(tmp_path: Path) -> N
         ("APPLIANCE_MAX_BODY_BYTES", "-1", "greater than or equal to 1"),
         (
             "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT",
-            "2000000",
+            "9000000",
             "at least 4 times APPLIANCE_MAX_BODY_BYTES",
         ),
-        ("APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT", "1000", "greater than or equal to 1048576"),
+        ("APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT", "1000", "greater than or equal to 8388608"),
         ("APPLIANCE_CALLBACK_TIMEOUT_S", "0", "greater than 0"),
     ],
 )
