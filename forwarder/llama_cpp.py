@@ -54,8 +54,8 @@ Json = dict[str, Any]
 
 def refusal(payload: object) -> BadRequestError | None:
     """The 400 for a completions request asking what llama.cpp's server would silently ignore
-    (`echo: true`, a `suffix`, `best_of` > 1) or do (no token: `_no_tokens`), naming the
-    field; None when it asks none."""
+    (`echo: true`, a `suffix`, `best_of` > 1) or do (no token, or more than it reads:
+    `_token_count`), naming the field; None when it asks none."""
     if not isinstance(payload, dict):
         return None
     if payload.get("echo") is True:
@@ -67,7 +67,7 @@ def refusal(payload: object) -> BadRequestError | None:
         return _unsupported(
             "best_of", f"choose the best of several completions (best_of={best_of}): use `n`"
         )
-    return _no_tokens(payload)
+    return _token_count(payload)
 
 
 def prompts_refusal(prompts: int) -> BadRequestError | None:
@@ -85,6 +85,9 @@ def prompts_refusal(prompts: int) -> BadRequestError | None:
 
 # The fields asking how many tokens to make, where llama.cpp's server makes one for 0
 ZERO_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# The most tokens its server reads from any of them, or from its own `n_predict`: a 32-bit
+# count, so 4294967298 would be 2 and 2147483648 its own 400 with a negative number in it
+MOST_TOKENS: Final = 2**31 - 1
 # The Responses API's media parts, which the server reads none of (no multimodal projector)
 RESPONSE_MEDIA_PARTS: Final = ("input_image", "input_audio")
 # Where an input item holds parts (a message's content, a function call's output), and the
@@ -95,14 +98,21 @@ RESPONSE_TEXT_PART: Final = "input_text"
 RESPONSE_SEQUENCE_FIELDS: Final = ("n", "n_cmpl")
 
 
-def _no_tokens(payload: Json) -> BadRequestError | None:
+def _token_count(payload: Json) -> BadRequestError | None:
     """The 400 for a request asking for no token at all, which vLLM (and OpenAI's chat) refuse
-    and llama.cpp's server answers with one token all the same."""
-    for name in ZERO_TOKEN_FIELDS:
+    and llama.cpp's server answers with one token all the same, or for more than its server
+    reads (MOST_TOKENS), which it would take as another number."""
+    for name in (*ZERO_TOKEN_FIELDS, "n_predict"):
         asked = payload.get(name)
-        if isinstance(asked, int | float) and not isinstance(asked, bool) and asked == 0:
+        if not isinstance(asked, int | float) or isinstance(asked, bool):
+            continue
+        if asked == 0 and name != "n_predict":
             return _unsupported(
                 name, "generate no token (their server makes one): ask for 1 or more"
+            )
+        if asked > MOST_TOKENS:
+            return _unsupported(
+                name, f"read a count of tokens above {MOST_TOKENS}: ask for at most that many"
             )
     return None
 
@@ -121,8 +131,8 @@ def embeddings_refusal(payload: object) -> BadRequestError | None:
 def chat_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
     server answers with text made from nothing, or with a message (`message_refusal`) or
-    `tools` its server fails on with a 500, or for no token (`_no_tokens`); None when they are
-    fine."""
+    `tools` its server fails on with a 500, or for no token or more than it reads
+    (`_token_count`); None when they are fine."""
     if not isinstance(payload, dict):
         return None
     messages = payload.get("messages")
@@ -142,7 +152,7 @@ def chat_refusal(payload: object) -> BadRequestError | None:
             "`name` (strings)",
             field="tools",
         )
-    return _no_tokens(payload)
+    return _token_count(payload)
 
 
 def responses_refusal(payload: object) -> BadRequestError | None:
@@ -151,8 +161,8 @@ def responses_refusal(payload: object) -> BadRequestError | None:
     whose text is no string; a function tool without its name, or with a description that is
     no string), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of responses,
     whose usage is counted for the last alone), or ignore (`text.format` other than text: it
-    constrains chats alone, with `response_format`), or for no token (`_no_tokens`); None when
-    it is fine."""
+    constrains chats alone, with `response_format`), or for no token or more than it reads
+    (`_token_count`); None when it is fine."""
     if not isinstance(payload, dict):
         return None
     items = payload.get("input")
@@ -195,7 +205,7 @@ def responses_refusal(payload: object) -> BadRequestError | None:
             f"constrain a response to {kind} (their server ignores it there): use chat "
             "completions with response_format, which they honour",
         )
-    return _no_tokens(payload)
+    return _token_count(payload)
 
 
 # A message's fields llama.cpp's server reads as strings when present: another type (null

@@ -174,6 +174,10 @@ def test_comments_and_errors_pass_and_a_held_chunk_is_not_lost() -> None:
         ({"best_of": 2}, "best_of"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 0.0}, "max_tokens"),
+        # read as 32 bits: 4294967298 tokens would be 2, silently
+        ({"max_tokens": 2**32 + 2}, "max_tokens"),
+        ({"max_tokens": float(2**31)}, "max_tokens"),
+        ({"n_predict": 2**32}, "n_predict"),
     ],
 )
 def test_what_llamacpp_ignores_is_refused_naming_the_field(
@@ -185,7 +189,15 @@ def test_what_llamacpp_ignores_is_refused_naming_the_field(
 
 
 def test_what_it_honours_passes() -> None:
-    for payload in ({}, {"echo": False}, {"suffix": None}, {"best_of": 1}, {"n": 2}):
+    for payload in (
+        {},
+        {"echo": False},
+        {"suffix": None},
+        {"best_of": 1},
+        {"n": 2},
+        {"max_tokens": 2**31 - 1},
+        {"n_predict": -1},
+    ):
         assert refusal({"model": "m", "prompt": "p", **payload}) is None
 
 
