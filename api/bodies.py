@@ -64,3 +64,31 @@ class BodyBudget:
         else:
             self.by_key.pop(key, None)
         self.held -= size
+
+
+class Reading:
+    """What one body being read holds of a budget: its declared length from before its first
+    byte, or, with none declared (chunked), its bytes so far as they come; given back once,
+    however its reading ends. Bodies of SMALL_BODY_BYTES or less hold nothing."""
+
+    __slots__ = ("budget", "key", "taken")
+
+    def __init__(self, budget: BodyBudget, key: str) -> None:
+        self.budget = budget
+        self.key = key
+        self.taken = 0  # -1 once given back: nothing more is taken
+
+    def upto(self, size: int) -> ApplianceError | None:
+        """Hold `size` bytes in all, or the refusal (then nothing more is held)."""
+        if size <= self.taken or size <= SMALL_BODY_BYTES or self.taken < 0:
+            return None
+        refused = self.budget.take(self.key, size - self.taken)
+        if refused is None:
+            self.taken = size
+        return refused
+
+    def done(self) -> None:
+        """The body is read whole, refused, or its client gone: give back what it held."""
+        if self.taken > 0:
+            self.budget.give(self.key, self.taken)
+        self.taken = -1

@@ -14,7 +14,7 @@ import logging
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.bodies import SMALL_BODY_BYTES, BodyBudget
+from api.bodies import BodyBudget, Reading
 from api.deps import key_of_raw
 from api.errors import answer, envelope_of, unanswered
 from api.gate import OPEN_EXACT, OPEN_PREFIXES
@@ -76,9 +76,9 @@ class Shield:
             await _error(send, path, too_large if length.isdigit() else _bad_length())
             return
         started = answered = False
-        seen = taken = 0
+        seen = 0
         budget = self.budget(scope, path)
-        declared = int(length)
+        reading: Reading | None = None  # from when the route reads the body
 
         async def refuse(exc: ApplianceError) -> None:
             nonlocal answered
@@ -89,35 +89,21 @@ class Shield:
                 raise exc
 
         async def counted() -> Message:
-            nonlocal seen, taken
-            if budget is not None and taken == 0 and declared > SMALL_BODY_BYTES:
-                await refuse_or_take(declared)
+            nonlocal seen, reading
+            if budget is not None and reading is None:  # the key gate let its key through
+                reading = Reading(budget, bucket_of(scope, path))
+                if refused := reading.upto(int(length)):
+                    await refuse(refused)
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
                 await refuse(too_large)
-            if budget is not None and seen > taken >= 0 and seen > SMALL_BODY_BYTES:  # chunked
-                await refuse_or_take(seen)
-            if taken and not message.get("more_body", False):
-                give_back()  # read whole, or the client gone
+            if reading is not None:
+                if refused := reading.upto(seen):  # a chunked body, counted as it comes
+                    await refuse(refused)
+                if not message.get("more_body", False):
+                    reading.done()  # read whole, or the client gone
             return message
-
-        async def refuse_or_take(size: int) -> None:
-            """Take the body's bytes up to `size` from the budget (the route reads the body
-            now: the key gate has let the key through), or refuse it."""
-            nonlocal taken
-            assert budget is not None
-            refused = budget.take(bucket_of(scope, path), size - taken)
-            if refused is not None:
-                await refuse(refused)
-                return  # nothing taken (and the route's answer is dropped)
-            taken = size
-
-        def give_back() -> None:
-            nonlocal taken
-            if taken > 0 and budget is not None:
-                budget.give(bucket_of(scope, path), taken)
-            taken = -1  # nothing more is taken for this request
 
         async def watched(message: Message) -> None:
             nonlocal started
@@ -137,7 +123,8 @@ class Shield:
                 logger.exception("unanswered error on %s %s", scope.get("method"), path)
             await _error(send, path, unanswered(exc))
         finally:
-            give_back()
+            if reading is not None:
+                reading.done()
 
 
 def bucket_of(scope: Scope, path: str) -> str:

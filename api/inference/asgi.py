@@ -13,7 +13,7 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.bodies import SMALL_BODY_BYTES, BodyBudget
+from api.bodies import BodyBudget, Reading
 from api.deps import key_of_raw
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
@@ -105,16 +105,13 @@ async def read_body(
         f"the request body is over this route's {limit} bytes "
         "(the setting APPLIANCE_MAX_BODY_BYTES)"
     )
-    taken = 0
+    reading = Reading(bodies, key)
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit():
-            declared = int(value)
-            if declared > limit:
+            if int(value) > limit:
                 raise BodyTooLargeError(too_large)
-            if declared > SMALL_BODY_BYTES and not taken:
-                if refused := bodies.take(key, declared):
-                    raise refused
-                taken = declared
+            if refused := reading.upto(int(value)):
+                raise refused
     try:
         parts: list[bytes] = []
         size = 0
@@ -126,16 +123,13 @@ async def read_body(
             size += len(part)
             if size > limit:
                 raise BodyTooLargeError(too_large)
-            if size > taken and size > SMALL_BODY_BYTES:  # a chunked body, counted as it comes
-                if refused := bodies.take(key, size - taken):
-                    raise refused
-                taken = size
+            if refused := reading.upto(size):  # a chunked body, counted as it comes
+                raise refused
             parts.append(part)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
-        if taken:
-            bodies.give(key, taken)
+        reading.done()
 
 
 class AsgiClient:

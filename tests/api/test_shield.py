@@ -116,3 +116,26 @@ def test_a_client_that_leaves_mid_body_is_not_an_error(caplog: pytest.LogCapture
     assert caplog.records == [] and sent == []
     whole = run(reads_a_form, "/ui/sign-in", [b"csrf=x", b"&key=y"], form)
     assert whole[0]["status"] == 303  # the whole body came: answered as ever
+
+
+def test_the_budget_of_bodies_in_flight_holds_by_key_and_gives_all_back() -> None:
+    """The one rule both transports and this middleware count bodies by (`api/bodies.py`): a
+    body of 64 KiB or less holds nothing; a key holds at most a quarter (429), all keys the
+    whole (503, Retry-After); a refusal holds nothing, and every body given back leaves zero."""
+    from api.bodies import SMALL_BODY_BYTES, BodyBudget, Reading
+    from appliance.errors import CapacityError, RateLimitedError
+
+    budget = BodyBudget(4_000_000)
+    assert Reading(budget, "a").upto(SMALL_BODY_BYTES) is None and budget.held == 0
+    held = [Reading(budget, key) for key in "abcd"]
+    for reading in held:
+        assert reading.upto(600_000) is None
+        assert reading.upto(1_000_000) is None  # a chunked body, as it comes
+    assert isinstance(held[0].upto(1_000_001), RateLimitedError)
+    refused = Reading(budget, "e").upto(100_000)
+    assert isinstance(refused, CapacityError) and refused.retry_after_s == 1
+    assert budget.held == 4_000_000
+    for reading in held:
+        reading.done()
+        reading.done()  # once only
+    assert budget.held == 0 and budget.by_key == {}
