@@ -47,3 +47,17 @@ class KeyGate:
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD is answered as GET is, on every route that answers GET (HTTP requires it of every
+    server; uptime monitors and load balancers check with it): routed as a GET, and uvicorn,
+    which still reads the request as HEAD, sends the GET's head without its body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

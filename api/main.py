@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import errors, model_files
 from api.deps import AppState
-from api.gate import KeyGate
+from api.gate import HeadAsGet, KeyGate
 from api.inference.asgi import InferenceRoutes
 from api.inference.call import Core
 from api.limits import Limiter
@@ -248,6 +248,7 @@ def create_app(
         inference_bytes=settings.max_body_bytes,
         model_upload_bytes=settings.model_upload_max_bytes,
     )
+    app.add_middleware(HeadAsGet)  # outermost: every layer sees a HEAD as the GET it answers
     # FastAPI tries the routers in this order on every request: the often-called ones first
     app.include_router(health.router)
     app.include_router(docs.router)

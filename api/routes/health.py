@@ -10,16 +10,12 @@ from api.deps import StateDep
 router = APIRouter(tags=["health"])
 
 
-# HEAD too: uptime monitors and load balancers often check with it (uvicorn sends no body)
-@router.head("/healthz", include_in_schema=False)
-@router.head("/healthcheck", include_in_schema=False)
 @router.get("/healthz", response_class=PlainTextResponse)
 @router.get("/healthcheck", response_class=PlainTextResponse)
 async def read_health() -> PlainTextResponse:  # no I/O: async saves a threadpool hop per probe
     return PlainTextResponse("")
 
 
-@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_class=PlainTextResponse,

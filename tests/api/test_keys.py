@@ -45,14 +45,29 @@ def test_every_route_but_health_needs_a_key(api_only: Appliance) -> None:
     assert checked >= 10
 
 
-def test_health_answers_head_as_it_answers_get(api_only: Appliance) -> None:
-    """Uptime monitors and load balancers often check with HEAD (UptimeRobot's default): the
-    health routes answered it 405, so the appliance read as down."""
-    for path in ("/healthz", "/healthcheck", "/readyz"):
-        got = httpx.get(api_only.url + path)
-        head = httpx.head(api_only.url + path)
+def test_every_get_route_answers_head_as_it_answers_get(api_only: Appliance) -> None:
+    """Uptime monitors and load balancers often check with HEAD (UptimeRobot's default), and
+    HTTP asks it of every server: the health routes answered it 405, so the appliance read as
+    down, and every other GET route still did. A HEAD is the GET's status and headers, no body,
+    behind the same key."""
+    key = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for path, headers in [
+        ("/healthz", {}),
+        ("/healthcheck", {}),
+        ("/readyz", {}),
+        ("/v1/models", key),
+        ("/v1/llm/model-endpoints", key),
+        ("/v1/models", {}),  # no key: the same 401
+        ("/ui/sign-in", {}),
+        ("/openapi.json", {}),
+    ]:
+        got = httpx.get(api_only.url + path, headers=headers)
+        head = httpx.head(api_only.url + path, headers=headers)
         assert (head.status_code, head.content) == (got.status_code, b""), path
-        assert head.status_code == 200, path
+        assert head.headers.get("content-type") == got.headers.get("content-type"), path
+        assert got.status_code == (401 if path == "/v1/models" and not headers else 200), path
+    posted_only = httpx.head(api_only.url + "/v1/chat/completions", headers=key)
+    assert posted_only.status_code == 405, posted_only  # as its GET is
 
 
 @pytest.mark.parametrize("style", ["bearer", "basic", "x-api-key"])
