@@ -61,6 +61,11 @@ VLLM_EXTRA_FLAGS_ALLOWED: dict[str, Takes] = {
     "--runner": ("auto", "generate", "pooling"),
     "--convert": ("auto", "none", "embed"),
 }
+# A key of a JSON flag that names code for vLLM to import (its structured outputs'
+# `reasoning_parser_plugin`: a module, or any Python file in the container, such as one of a hub
+# repository's files in the shared cache): it would run that code in the server, as
+# `trust_remote_code` does, so no JSON flag carries one, at any depth.
+PLUGIN_KEY = re.compile(r"plugin", re.IGNORECASE)
 # vLLM's human_readable_int: K, M, G, T are binary, k, m, g, t decimal (the only ones with decimals)
 SIZE = re.compile(r"^([1-9][0-9]{0,15}[kKmMgGtT]?|[0-9]{1,6}\.[0-9]{1,6}[kmgt])$")
 MAX_BYTES = 1 << 62
@@ -93,6 +98,28 @@ def check_extra_flags(flags: Mapping[str, Any]) -> None:
                 f"{_described(takes)}",
                 field="extra_flags",
             )
+        plugin = _plugin_key(json.loads(value)) if takes == JSON_OBJECT else None
+        if plugin is not None:
+            raise PolicyViolationError(
+                f"extra_flags {flag}: {plugin!r} names code for the server to import, which "
+                "would run it as trust_remote_code does; leave it out",
+                field="extra_flags",
+            )
+
+
+def _plugin_key(value: Any) -> str | None:
+    """The first key, at any depth of a JSON value, that names a plugin; None if none."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if PLUGIN_KEY.search(str(key)):
+                    return str(key)
+                pending.append(inner)
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
 
 
 def _described(takes: Takes) -> str:

@@ -4,6 +4,7 @@ its server loads, so a request that would only crash-loop is a 422 at once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ LLAMA = {"inference_framework": "llamacpp", "gpus": 0}
         ({"priority": 1}, "priority"),
         ({"high_priority": True}, "high_priority"),
         ({"trust_remote_code": True}, "trust_remote_code"),  # runs the repository's code
+        # vLLM imports the file named (one of a hub repository's, in the shared cache): its code
+        ({"extra_flags": {"--structured-outputs-config": json.dumps(
+            {"reasoning_parser_plugin": "/root/.cache/huggingface/hub/x/evil.py"})}},
+         "reasoning_parser_plugin"),
+        ({"extra_flags": {"--speculative-config": json.dumps(
+            {"method": "ngram", "draft": {"tool-parser-plugin": "os"}})}},
+         "tool-parser-plugin"),
     ],
 )  # fmt: skip
 def test_a_user_may_not_set_what_changes_the_server(
@@ -115,6 +123,8 @@ def test_tuning_variables_within_what_their_server_takes_pass(models: Path) -> N
         ({**LLAMA, "model_name": "empty"}, "not a GGUF file"),
         ({"checkpoint_path": "empty"}, "config.json"),
         ({"checkpoint_path": "notes.txt"}, "config.json"),
+        # vLLM 0.32 has no GGUF loader: its replica would crash-loop reading the file as JSON
+        ({"checkpoint_path": "tiny.gguf"}, "serve it with llama.cpp"),
     ],
 )
 def test_a_model_path_must_be_a_model_its_server_loads(
@@ -127,7 +137,6 @@ def test_a_model_path_must_be_a_model_its_server_loads(
 
 def test_models_of_the_right_kind_pass(models: Path) -> None:
     assert build(models, {"checkpoint_path": "hf"}).model == "/models/hf"
-    assert build(models, {"checkpoint_path": "tiny.gguf"}).model == "/models/tiny.gguf"
     assert build(models, {**LLAMA, "checkpoint_path": "tiny.gguf"}).model == "/models/tiny.gguf"
 
 
