@@ -161,8 +161,8 @@ def resolve_model(
 
 def _local_model(framework: str, requested: str, settings: Settings) -> str:
     """A model in the models directory, of a kind its server loads: a GGUF file for llama.cpp,
-    a Hugging Face directory (with config.json) or a GGUF file for vLLM; never the directory
-    itself. Anything else would only crash-loop its replicas."""
+    a Hugging Face directory (with config.json) for vLLM (0.32 has no GGUF loader); never the
+    directory itself. Anything else would only crash-loop its replicas."""
     mounted = policy.resolve_model_path(settings.models_dir, requested)
     relative = mounted.removeprefix(MODELS_MOUNT).lstrip("/")
     path = settings.models_dir / relative
@@ -171,8 +171,13 @@ def _local_model(framework: str, requested: str, settings: Settings) -> str:
         why = "is the models directory itself; name a model file or directory in it"
     elif framework == Framework.LLAMACPP and not gguf:
         why = "is not a GGUF file, which llama.cpp needs"
-    elif framework == Framework.VLLM and not gguf and not (path / "config.json").is_file():
-        why = "is neither a Hugging Face model directory (with config.json) nor a GGUF file"
+    elif framework == Framework.VLLM and gguf:
+        why = (
+            "is a GGUF file, which vLLM does not load: serve it with llama.cpp "
+            "(inference_framework llamacpp), or give vLLM a Hugging Face model directory"
+        )
+    elif framework == Framework.VLLM and not (path / "config.json").is_file():
+        why = "is not a Hugging Face model directory (with config.json), which vLLM needs"
     else:
         return mounted
     raise InvalidSpecError(f"model {requested!r} {why}", field="checkpoint_path")
