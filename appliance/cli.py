@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from appliance import __version__, build, bus, install, logs, running
+from appliance.errors import validation_message
 from appliance.settings import Settings, get_settings, settings_table
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def _settings(command: str) -> Settings:
         return get_settings()
     except ValidationError as exc:
         bad = "; ".join(
-            f"APPLIANCE_{str(error['loc'][0]).upper()}: {error['msg']}" for error in exc.errors()
+            f"APPLIANCE_{str(error['loc'][0]).upper()}: {validation_message(error)}"
+            for error in exc.errors()
         )
         sys.exit(f"appliance {command}: {bad}")
     except SettingsError as exc:  # a list or other JSON value that does not parse

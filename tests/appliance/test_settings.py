@@ -44,7 +44,7 @@ def test_up_with_a_bad_admin_key_says_so_and_starts_nothing(tmp_path: Path) -> N
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "APPLIANCE_ADMIN_KEY" in done.stderr
-    assert "mea_<12 hex digits>_<secret>" in done.stderr
+    assert "mea_<12 hex digits>_<secret>" in done.stderr and "Value error" not in done.stderr
     assert not (tmp_path / "data").exists()  # no role started, nothing was made
 
 
@@ -83,7 +83,7 @@ def test_a_bad_setting_is_one_line_naming_it(variable: str, value: str, said: st
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith(f"appliance export: {variable}: ")
-    assert said in done.stderr
+    assert said in done.stderr and "Value error" not in done.stderr  # pydantic's own prefix
 
 
 def test_a_health_check_that_cannot_reach_redis_says_so_in_a_line() -> None:
