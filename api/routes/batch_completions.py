@@ -178,7 +178,7 @@ def _read_input(file_id: str, caller: Caller, state: AppState) -> Any:
     with session_scope(state.engine) as session:
         source = owned_file(file_id, caller, session=session)
     try:
-        return json.loads(Path(source.path).read_bytes())
+        return batches.read_json(Path(source.path).read_bytes())
     except ValueError:
         raise InvalidSpecError(
             "the input file must hold the JSON of `content`", field="input_data_path"

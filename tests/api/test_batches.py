@@ -90,6 +90,42 @@ def test_a_bad_line_is_named_and_no_batch_is_made(bed: Bed) -> None:
     assert oai.batches.list().data == []
 
 
+def test_an_input_nested_past_what_json_reads_is_a_400_naming_it(bed: Bed) -> None:
+    """An input file nested thousands deep (a line of /v1/batches, or batch completions'
+    `content`) is no JSON the appliance reads: a 400 naming the line or the file, as the
+    same body sent to its route directly, where the standard library's reader ended in a
+    RecursionError and a 500."""
+    key = bed.key()
+    deep = b"[" * 5000 + b"]" * 5000
+    bad_line = (
+        b'{"custom_id": "req-3", "method": "POST", "url": "%s", "body": {"messages": %s}}'
+        % (
+            CHAT.encode(),
+            deep,
+        )
+    )
+    lines = five_lines(line("req-3", max_tokens=1)).split(b"\n")
+    lines[2] = bad_line
+    refused = refusal(sdk(bed, key), b"\n".join(lines))
+    assert refused.status_code == 400, refused.body
+    assert message(refused) == "line 3 of the input file is not JSON", refused.body
+    source = sdk(bed, key).files.create(
+        file=("deep.json", b'{"prompts": ' + deep + b"}"), purpose="batch"
+    )
+    reply = httpx.post(
+        bed.appliance.url + "/v1/llm/batch-completions",
+        json={
+            "model_config": {"model": MINE},
+            "input_data_path": source.id,
+            "output_data_path": "o",
+        },
+        headers=auth(key),
+        timeout=30,
+    )
+    assert reply.status_code == 400, reply.text
+    assert "input file must hold the JSON of `content`" in reply.json()["detail"], reply.text
+
+
 def test_a_line_over_the_keys_token_cap_is_named_with_the_status_of_the_request_alone(
     bed: Bed,
 ) -> None:
