@@ -143,7 +143,7 @@ def _takes(takes: Takes, value: Any) -> bool:
     if takes == JSON_OBJECT:
         try:
             return isinstance(json.loads(value), dict) if isinstance(value, str) else False
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past what a JSON reader (vLLM's) takes
             return False
     if takes == TEXT:
         return isinstance(value, str) and bool(value.strip())

@@ -153,6 +153,7 @@ def test_a_vllm_setting_outside_its_choices_is_refused_naming_it(
         {"--runner": "draft"},  # vLLM's, but no route here serves a draft model
         {"--convert": "classify"},  # its /classify is not routed
         {"--hf-overrides": "not json"},
+        {"--hf-overrides": "[" * 5000 + "]" * 5000},  # past what a JSON reader recurses
         {"--speculative-config": "[]"},
         {"--generation-config": ""},
         {"--reasoning-parser": " "},
