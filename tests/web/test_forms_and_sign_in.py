@@ -275,6 +275,9 @@ def test_a_key_forms_days_are_ascii_numbers(api_only: Appliance) -> None:
         assert "Enter a number of days." in make(days), days
     for days in ("-5", "0", "-0.5"):  # a number, but no time to come: "Enter a number" was wrong
         assert "Enter more than 0 days" in make(days), days
+    for days in ("3661", "999999", "100000000"):  # past ten years: said in days, not seconds
+        said = make(days)
+        assert "Enter at most 3660 days" in said and "316224000" not in said, days
     listed = api_only.client().get("/v1/api-keys").json()["api_keys"]
     assert "odd-days" not in [k["name"] for k in listed]
 

@@ -80,7 +80,7 @@ def read_keys_page(request: Request, ui: SignedInDep, state: StateDep) -> Respon
     return _keys_page(request, ui, state)
 
 
-DAYS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?|\.[0-9]{1,6}", re.ASCII)
+DAYS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?|\.[0-9]{1,6}", re.ASCII)
 WHOLE = re.compile(r"[0-9]{1,12}", re.ASCII)
 
 
@@ -101,6 +101,13 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
         if not DAYS.fullmatch(days):
             raise InvalidSpecError("Enter a number of days.", field="expires")
         body["expires_in_seconds"] = int(float(days) * 86400)
+        if body["expires_in_seconds"] > key_service.MAX_LIFETIME_S:  # the API says it in seconds
+            most = key_service.MAX_LIFETIME_S // 86400
+            raise InvalidSpecError(
+                f"Enter at most {most} days (ten years), or leave it empty for a key that "
+                "never expires.",
+                field="expires",
+            )
     # an administrator's fields (the form shows them to administrators only; sent by anyone
     # else, the key rules refuse them as the API does)
     for name in ("team", "user"):
