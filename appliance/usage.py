@@ -193,8 +193,14 @@ def as_dict(line: Line) -> dict[str, Any]:
     return {**asdict(line), "total_tokens": line.total_tokens}
 
 
+# How a spreadsheet tells a formula from text: a cell starting with one of these
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def to_csv(lines: Sequence[Line], stamp: Any) -> str:
-    """CSV with a header row; `stamp` turns a period start into its text (ISO 8601)."""
+    """CSV with a header row; `stamp` turns a period start into its text (ISO 8601). A text
+    cell a spreadsheet would run as a formula (a model name is any team's text, and an
+    administrator's CSV holds every team's) starts with `'`, which spreadsheets read as text."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     names = [f.name for f in fields(Line)]
@@ -202,5 +208,9 @@ def to_csv(lines: Sequence[Line], stamp: Any) -> str:
     for line in lines:
         row = as_dict(line)
         row["period"] = stamp(line.period)
-        writer.writerow([row[name] for name in [*names, "total_tokens"]])
+        writer.writerow([_cell(row[name]) for name in [*names, "total_tokens"]])
     return out.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value

