@@ -11,6 +11,7 @@ vLLM's own argument parser. docs/fields.md is the same table for people.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -224,12 +225,28 @@ def flag_values(args: Mapping[str, Any], table: Mapping[str, str]) -> list[str]:
     return out
 
 
+NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's negative numbers: values, not flags
+
+
+def read_as_flag(value: str) -> bool:
+    """Whether vLLM's parser (argparse) reads this text, sent as a flag's value, as the next flag
+    instead, and refuses the line ("expected one argument"): it starts with `-` and is neither
+    a negative number nor holds a space."""
+    return value.startswith("-") and " " not in value and NUMBER.match(value) is None
+
+
 def check_args(framework: str, sent: Mapping[str, Any]) -> None:
     """422 naming the first setting in `sent` that `framework` would not honour, and why."""
     for name in sent:
         if framework == Framework.VLLM:
             if name in VLLM_REFUSED:
                 raise InvalidSpecError(f"{name} is refused: {VLLM_REFUSED[name]}", field=name)
+            if isinstance(sent[name], str) and read_as_flag(sent[name]):
+                raise InvalidSpecError(
+                    f"{name} {sent[name]!r} starts with '-', which vLLM's parser reads as the "
+                    "next flag (the replica could not start); send the value itself",
+                    field=name,
+                )
             choices = VLLM_CHOICES.get(name)
             if choices is not None and sent[name] not in (*choices, ""):  # "": clears it
                 raise InvalidSpecError(

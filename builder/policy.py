@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import InvalidSpecError, PolicyViolationError
+from builder.frameworks import read_as_flag
 from builder.specs import BUILDER_ENV, MODELS_MOUNT, REPLICA_KEY_ENV, ContainerSpec
 
 # Environment names a user may set on a model container; everything else is refused
@@ -146,7 +147,7 @@ def _takes(takes: Takes, value: Any) -> bool:
         except (ValueError, RecursionError):  # nested past what a JSON reader (vLLM's) takes
             return False
     if takes == TEXT:
-        return isinstance(value, str) and bool(value.strip())
+        return isinstance(value, str) and bool(value.strip()) and not read_as_flag(value)
     return (isinstance(value, int) and 0 < value <= MAX_BYTES) or (  # a size
         isinstance(value, str) and SIZE.fullmatch(value) is not None
     )

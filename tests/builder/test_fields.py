@@ -112,6 +112,20 @@ def test_vllm_fields_without_an_effect_are_refused(
 
 
 @pytest.mark.parametrize(
+    "named", ["tokenizer", "revision", "code_revision", "load_format", "tool_call_parser"]
+)
+def test_a_vllm_setting_its_parser_reads_as_a_flag_is_refused_naming_it(
+    named: str, models: Path
+) -> None:
+    """vLLM's parser reads a value starting with `-` (`--help`, `-x`) as the next flag and
+    refuses the line ("expected one argument"): the replica could never start."""
+    with pytest.raises(InvalidSpecError) as refused:
+        build(models, {named: "--help"}, caller=USER)
+    assert refused.value.field == named, refused.value.message
+    assert "starts with '-'" in refused.value.message
+
+
+@pytest.mark.parametrize(
     ("fields", "named"),
     [
         ({"dtype": "/etc/passwd"}, "dtype"),
@@ -157,6 +171,7 @@ def test_a_vllm_setting_outside_its_choices_is_refused_naming_it(
         {"--speculative-config": "[]"},
         {"--generation-config": ""},
         {"--reasoning-parser": " "},
+        {"--reasoning-parser": "--help"},  # read as the next flag
     ],
 )
 def test_extra_flag_values_vllm_would_refuse_are_refused_naming_the_flag(
