@@ -159,11 +159,15 @@ class Sweeper:
             pipe.execute()
 
     def drop_expired(self, now: float) -> None:
+        """Finished tasks past their TTL, but never the answers of a batch still running: its
+        output and error files are written from them once its last request ends."""
         with self.engine.begin() as conn:
             conn.execute(
                 text(
                     "DELETE FROM task WHERE status IN ('SUCCESS', 'FAILURE') "
-                    "AND expires_at IS NOT NULL AND expires_at < :now"
+                    "AND expires_at IS NOT NULL AND expires_at < :now "
+                    "AND (batch_id IS NULL OR batch_id NOT IN "
+                    "(SELECT id FROM batch WHERE status IN ('in_progress', 'cancelling')))"
                 ),
                 {"now": now},
             )

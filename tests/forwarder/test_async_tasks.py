@@ -297,6 +297,28 @@ def test_batch_of_100_chat_requests_writes_openai_output(
     assert stranger.get(f"/v1/files/{final['output_file_id']}/content").status_code == 404
 
 
+def test_a_batch_running_past_the_result_ttl_keeps_every_answer(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """APPLIANCE_TASK_RESULT_TTL_S keeps a finished task that long; the answers of a batch
+    still running are kept until its files are written, however long its other lines take."""
+    seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.env_extra["APPLIANCE_TASK_RESULT_TTL_S"] = "1"
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    lines = [json.loads(line) for line in batch_lines("fake", 3).splitlines()]
+    lines[-1]["body"]["delay_s"] = 6  # the others end, and pass their TTL, long before it
+    batch = submit_batch(client, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+    final = batch_ended(client, batch.json()["id"], "completed", 30)
+    assert final["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    content = client.get(f"/v1/files/{final['output_file_id']}/content")
+    assert sorted(json.loads(line)["custom_id"] for line in content.text.splitlines()) == [
+        "req-0",
+        "req-1",
+        "req-2",
+    ]
+
+
 def test_a_batch_of_responses_writes_each_response(
     bare_appliance: Appliance, backend: FakeBackend
 ) -> None:
