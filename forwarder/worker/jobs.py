@@ -166,8 +166,8 @@ async def run_task(task_id: str) -> None:
     rt.waiting.add(this)  # until a replica takes it: a stopping worker hands it back
     started = time.perf_counter()
     try:
-        current, replica, waited = await _abortable(
-            rt, claimed, rt.forwarder.acquire(route, rt.hold_s)
+        current, replica, waited = await _abortable(  # another team is told only "failed"
+            rt, claimed, rt.forwarder.acquire(route, rt.hold_s, claimed.owner == route.owner)
         )
     except EndpointDownError as exc:  # no replica comes by waiting: no retry either
         await _finish(rt, claimed, TaskStatus.FAILURE, None, None, exc.message)

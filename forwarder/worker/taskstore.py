@@ -34,7 +34,7 @@ GROUP_MAX = 256  # writes committed together; one fsync instead of hundreds
 _CLAIM = (
     "UPDATE task SET status = 'STARTED', attempts = attempts + 1, started_at = ? "
     "WHERE id = ? AND status IN ('PENDING', 'STARTED') "
-    "RETURNING endpoint_id, payload, attempts, callback_url, callback_auth, batch_id"
+    "RETURNING endpoint_id, payload, attempts, callback_url, callback_auth, batch_id, owner"
 )
 _FINISH = (
     "UPDATE task SET status = ?, result = ?, status_code = ?, traceback = ?, finished_at = ?, "
@@ -74,6 +74,7 @@ class Claim:
     callback_url: str | None
     callback_auth: dict[str, Any] | None
     batch_id: str | None
+    owner: str  # the task's team: told an endpoint's reasons only when it owns the endpoint
 
 
 def claim(conn: Connection, task_id: str, now: float) -> Claim | None:
@@ -82,7 +83,7 @@ def claim(conn: Connection, task_id: str, now: float) -> Claim | None:
     if row is None:
         return None
     auth = json.loads(row[4]) if row[4] else None
-    return Claim(task_id, row[0], json.loads(row[1] or "{}"), row[2], row[3], auth, row[5])
+    return Claim(task_id, row[0], json.loads(row[1] or "{}"), row[2], row[3], auth, row[5], row[6])
 
 
 def finish(

@@ -307,6 +307,43 @@ def test_requests_holding_for_a_replica_end_when_the_endpoint_fails(bed: Bed) ->
     assert REASON in str(view["traceback"]), view
 
 
+def test_another_teams_queued_task_is_told_only_that_a_public_endpoint_failed(bed: Bed) -> None:
+    """A task of another team, queued while a public endpoint still deployed, ends FAILURE
+    with what that team's request is told (`check_coming`): not its owner's reasons, log
+    tail or id; the owner's own queued task still says why."""
+    name = "shared-late"
+    seed_bare(bed.appliance.data_dir, name, EndpointStatus.UPDATE_IN_PROGRESS, None, public=True)
+    url = bed.appliance.url
+    tasks = {}
+    for team in ("t2", "t1"):
+        key = bed.key(team=team)
+        queued = httpx.post(
+            url + "/v1/async-tasks",
+            params={"model_endpoint_id": f"end_{name}"},
+            json={"args": {"prompt": "hi"}},
+            headers=auth(key),
+            timeout=30,
+        )
+        assert queued.status_code == 200, queued.text
+        tasks[team] = (key, queued.json()["task_id"])
+    time.sleep(1)  # a worker holds them for a replica
+    set_status(bed.appliance.data_dir, name, EndpointStatus.UPDATE_FAILED, f"{REASON}\n{LOG_TAIL}")
+
+    def view(team: str) -> dict[str, Any]:
+        key, task_id = tasks[team]
+        reply = httpx.get(url + f"/v1/async-tasks/{task_id}", headers=auth(key), timeout=10)
+        return dict(reply.json())
+
+    def both_over() -> bool:
+        return all(view(team)["status"] == "FAILURE" for team in tasks)
+
+    wait_until(both_over, QUICK_S, "the queued tasks to fail")
+    other = str(view("t2")["traceback"])
+    assert f"endpoint {name!r} failed to start" in other and "its owner" in other, other
+    assert f"end_{name}" not in other and "registry.example" not in other, other
+    assert REASON in str(view("t1")["traceback"])
+
+
 def test_a_stream_cut_by_its_endpoints_deletion_says_so(bed: Bed) -> None:
     """Deleting an endpoint drains its replicas, then stops them: a stream still running then
     ends with the deletion as its reason, not as the replica's failure."""
