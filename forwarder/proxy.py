@@ -174,7 +174,9 @@ class Forwarder:
                 left = cold_until - time.monotonic()
                 if left <= 0:
                     waited = time.monotonic() - started
-                    raise NoReadyReplicaError(waiting_message(current, waited), retry_after_s=10)
+                    raise NoReadyReplicaError(
+                        waiting_message(current, waited, owner), retry_after_s=10
+                    )
                 began = time.monotonic()
                 await self._wait_change(left)
                 waited_cold += time.monotonic() - began

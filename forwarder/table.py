@@ -117,12 +117,13 @@ def failed_message(target: Target) -> str:
     )
 
 
-def waiting_message(target: Target, waited_s: float) -> str:
+def waiting_message(target: Target, waited_s: float, owner: bool = True) -> str:
     """What a request that waited its whole hold for a replica is told: why none is ready when
     the builder says (waiting for memory or a GPU, pulling its image, starting: its last log
-    line), so that a wait a retry will not end soon reads as one."""
+    line), so that a wait a retry will not end soon reads as one. `owner`: as `check_coming`,
+    another team calling a public endpoint is told no reason (its log is the owner's)."""
     reason = _clip(target.status_reason.strip().split("\n", 1)[0].strip(), REASON_MAX_CHARS)
-    if not reason:
+    if not reason or not owner:
         return f"endpoint {target.name!r} has no ready replica yet; retry shortly"
     return f"endpoint {target.name!r} has no ready replica after {waited_s:.0f} s: {reason}"
 

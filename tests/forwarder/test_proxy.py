@@ -182,6 +182,24 @@ def test_ejected_replica_returns_when_healthy() -> None:
     asyncio.run(main())
 
 
+def test_a_wait_that_ends_says_why_only_to_the_endpoints_team() -> None:
+    """The builder's reason (a replica's last log line while it starts) is its owner's, as
+    the reasons of a failure are (`table.check_coming`): another team calling a public
+    endpoint is told only that no replica is ready yet."""
+    reason = "starting 1 replica (95 s): token=hunter2"
+    r = route(status="UPDATE_IN_PROGRESS", reason=reason)
+
+    async def body(fwd: Forwarder) -> None:
+        with pytest.raises(NoReadyReplicaError) as owner:
+            await fwd.acquire(r, 0.2)
+        assert reason in owner.value.message
+        with pytest.raises(NoReadyReplicaError) as other:
+            await fwd.acquire(r, 0.2, False)
+        assert "hunter2" not in other.value.message and "no ready replica" in other.value.message
+
+    asyncio.run(with_forwarder(r, body))
+
+
 def test_cap_waits_briefly_then_answers_503() -> None:
     async def main() -> None:
         slow = Replica("one", delay_s=0.4)
