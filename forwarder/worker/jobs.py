@@ -122,6 +122,9 @@ class Runtime:
     sending: dict[asyncio.Task[Any], str] = field(default_factory=dict)
 
 
+# why a task whose workers all stopped while running it ends without running again
+LOST_TOO_OFTEN = "lost too many times; not run again"
+
 _runtime: Runtime | None = None
 
 
@@ -151,6 +154,9 @@ async def run_task(task_id: str) -> None:
     )
     if claimed is None:
         return  # it ended already (a duplicate delivery) or expired
+    if claimed.attempts > rt.max_attempts:  # every worker that ran it stopped part way
+        await _finish(rt, claimed, TaskStatus.FAILURE, None, None, LOST_TOO_OFTEN)
+        return
     route = rt.forwarder.table.by_id.get(claimed.endpoint_id)
     if route is None:
         await _finish(rt, claimed, TaskStatus.FAILURE, None, None, "the endpoint was deleted")

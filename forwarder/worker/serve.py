@@ -97,9 +97,7 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         bus.connect(str(settings.redis_url)),
         files_dir=settings.data_dir / "files",
         grace_s=settings.task_lease_s,
-        max_attempts=settings.task_max_attempts,
         interval_s=settings.sweep_interval_s,
-        keep_s=settings.task_result_ttl_s,
         audit_retention_days=settings.audit_retention_days,
     )
     threading.Thread(target=sweeper.loop, args=(stop_threads,), name="sweeper", daemon=True).start()

@@ -44,9 +44,7 @@ class Sweeper:
         *,
         files_dir: Path,
         grace_s: float,
-        max_attempts: int,
         interval_s: float,
-        keep_s: float,
         audit_retention_days: int = 365,
     ) -> None:
         self.audit_retention_days = audit_retention_days
@@ -55,9 +53,7 @@ class Sweeper:
         self.redis = client
         self.files_dir = files_dir
         self.grace_s = grace_s
-        self.max_attempts = max_attempts
         self.interval_s = interval_s
-        self.keep_s = keep_s
 
     def loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval_s):
@@ -93,7 +89,7 @@ class Sweeper:
         with self.engine.begin() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT id, endpoint_id, batch_id IS NOT NULL, attempts FROM task "
+                    "SELECT id, endpoint_id, batch_id IS NOT NULL FROM task "
                     "WHERE status IN ('PENDING', 'STARTED') "
                     "AND COALESCE(enqueued_at, created_at) < :cutoff LIMIT :n"
                 ),
@@ -107,34 +103,20 @@ class Sweeper:
                 pipe.exists(LEASE_PREFIX + row[0])
             leased = pipe.execute()
         lost = [r for r, held in zip(rows, leased, strict=True) if not held and r[0] not in queued]
-        spent = [r[0] for r in lost if r[3] >= self.max_attempts]
-        again = [r for r in lost if r[3] < self.max_attempts]
+        # a task whose attempts are spent is enqueued too: the worker that claims it ends it
+        # FAILURE without running it, and calls back (`jobs.run_task`), as for any other end
         with self.engine.begin() as conn:
-            for task_id in spent:
-                conn.execute(
-                    text(
-                        "UPDATE task SET status = 'FAILURE', finished_at = :now, "
-                        "expires_at = :expires, traceback = :why "
-                        "WHERE id = :id AND status NOT IN ('SUCCESS', 'FAILURE')"
-                    ),
-                    {
-                        "id": task_id,
-                        "now": now,
-                        "expires": now + self.keep_s,
-                        "why": "lost too many times; not run again",
-                    },
-                )
-            for row in again:  # mark first: a crash between the two only delays the task
+            for row in lost:  # mark first: a crash between the two only delays the task
                 conn.execute(
                     text("UPDATE task SET enqueued_at = :now WHERE id = :id"),
                     {"id": row[0], "now": now},
                 )
         by_priority: dict[bool, list[tuple[str, str]]] = defaultdict(list)
-        for row in again:
+        for row in lost:
             by_priority[bool(row[2])].append((row[0], row[1]))
         for low, items in by_priority.items():
             jobs.enqueue(self.redis, items, low=low)
-        return len(again)
+        return len(lost)
 
     def _queued_ids(self, queues: set[tuple[str, bool]]) -> set[str]:
         with self.redis.pipeline(transaction=False) as pipe:

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 from aiohttp import web
+from sqlalchemy import create_engine, text
 
 from forwarder.worker import callbacks
 from forwarder.worker.callbacks import CallbackRefusedError, CallbackSender, check_url
@@ -264,4 +266,50 @@ def test_task_callbacks_through_the_appliance(
         assert [json.loads(body)["task_id"] for _, body in allowed.got[3:]] == [mine]
     finally:
         print(appliance.logs())
+        stop_all(appliance)
+
+
+def test_a_task_lost_too_many_times_fails_and_calls_back(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    backend: FakeBackend,
+    receivers: dict[str, Receiver],
+) -> None:
+    """A task whose workers stopped while running it APPLIANCE_TASK_MAX_ATTEMPTS times ends
+    FAILURE without running again, and its callback says so, as for any other end."""
+    allowed = receivers["allowed"]
+    appliance = Appliance(
+        tmp_path / "appliance",
+        redis_server,
+        env_extra={
+            "APPLIANCE_CALLBACK_ALLOWED_HOSTS": json.dumps([f"127.0.0.1:{allowed.port}"]),
+            "APPLIANCE_TASK_MAX_ATTEMPTS": "2",
+            "APPLIANCE_TASK_LEASE_S": "1",
+            "APPLIANCE_SWEEP_INTERVAL_S": "0.5",
+        },
+    )
+    start_api(appliance)
+    try:
+        endpoint_id = seed_endpoint(appliance.data_dir, "fake", backend.address)
+        client = appliance.client()
+        submit = f"/v1/async-tasks?model_endpoint_id={endpoint_id}"
+        reply = client.post(submit, json={"args": {"prompt": "x"}, "callback_url": allowed.url})
+        assert reply.status_code == 200, reply.text
+        task_id = reply.json()["task_id"]
+        # as if two workers had stopped while running it: its attempts spent, no lease, no job
+        engine = create_engine(f"sqlite:///{appliance.data_dir / 'appliance.db'}")
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE task SET status = 'STARTED', attempts = 2, enqueued_at = 0"),
+            )
+        engine.dispose()
+        redis_lib.Redis.from_url(redis_server.url).flushall()
+        appliance.start_role("worker")
+        wait_until(lambda: allowed.got, 20, "the callback of the task given up")
+        delivered = json.loads(allowed.got[-1][1])
+        assert (delivered["task_id"], delivered["status"]) == (task_id, "FAILURE")
+        assert delivered["traceback"] == "lost too many times; not run again"
+        assert client.get(f"/v1/async-tasks/{task_id}").json()["status"] == "FAILURE"
+        assert sum(backend.seen.values()) == 0
+    finally:
         stop_all(appliance)
