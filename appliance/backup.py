@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance import __version__, running
-from appliance.migrations import migrate
+from appliance.migrations import NewerSchemaError, check_known, migrate
 
 FORMAT = 1
 DATABASE = "appliance.db"
@@ -127,6 +127,10 @@ def _read_manifest(archive: tarfile.TarFile) -> dict[str, Any]:
         raise BackupError("this file is not an appliance backup (no manifest)") from None
     if manifest.get("format") != FORMAT:
         raise BackupError(f"backup format {manifest.get('format')!r} is not {FORMAT}")
+    try:  # before the target is emptied; migrate() checks the database itself again
+        check_known(int(manifest.get("schema_version", 0)), "this backup")
+    except NewerSchemaError as exc:
+        raise BackupError(str(exc)) from None
     return manifest
 
 

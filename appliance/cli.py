@@ -28,7 +28,7 @@ import redis
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from appliance import __version__, build, bus, install, logs, running
+from appliance import __version__, build, bus, install, logs, migrations, running
 from appliance.errors import validation_message
 from appliance.settings import Settings, get_settings, settings_table
 
@@ -62,7 +62,10 @@ def _run_role(role: str, settings: Settings) -> None:
         except running.AlreadyRunningError as exc:
             sys.exit(f"appliance {role}: {exc}")
     main: Callable[[Settings], None] = importlib.import_module({**ROLES, **AGENT_ROLES}[role]).main
-    main(settings)
+    try:
+        main(settings)
+    except migrations.NewerSchemaError as exc:
+        sys.exit(f"appliance {role}: {exc}")
 
 
 def _free_port() -> int:

@@ -295,6 +295,22 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 WAL_SWITCH_TIMEOUT_S = 30.0
 
 
+class NewerSchemaError(Exception):
+    """A database a later release migrated past the versions this one knows: a downgrade, or
+    a backup a later release took. Running on it would read and write tables as they no longer
+    are, so nothing starts on it and no restore writes it."""
+
+
+def check_known(version: int, where: str) -> None:
+    """Refuse a schema version this release does not know; `where` names the database."""
+    if version > len(MIGRATIONS):
+        raise NewerSchemaError(
+            f"{where} is at schema version {version}, which a later release wrote; this "
+            f"release knows up to {len(MIGRATIONS)}: run that release or a later one on it, or "
+            "restore a backup this release took"
+        )
+
+
 def _use_wal(conn: sqlite3.Connection) -> None:
     """Switch to WAL. On a new file, processes starting together race for the switch, and
     SQLite answers the losers "database is locked" at once, without its busy handler: retry."""
@@ -316,6 +332,7 @@ def migrate(path: Path) -> int:
         _use_wal(conn)
         conn.execute("BEGIN EXCLUSIVE")  # one process migrates; the others wait, then see it done
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        check_known(version, f"the database in {path.parent}")
         db = sqlite_utils.Database(conn)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             logger.info("applying schema migration %d (%s)", number, step.__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import func, select
 
-from appliance import backup, keys, running
+from appliance import backup, keys, migrations, running
 from appliance.db import open_engine, session_scope
 from appliance.install import install_id, key_secret
 from appliance.models import Endpoint, Event, File, Replica
@@ -183,3 +183,26 @@ def test_a_second_builder_on_one_data_directory_refuses_to_start(tmp_path: Path)
     finally:
         first.release()
     running.hold(tmp_path, "builder").release()  # free again once the first stopped
+
+
+def test_a_backup_a_later_release_took_is_refused_and_nothing_is_touched(tmp_path: Path) -> None:
+    """A backup whose schema is newer than this release's was restored as if it were this
+    release's: its roles then ran on tables they do not know. It is refused, naming both
+    versions, before the target (even with --force) is emptied."""
+    source = tmp_path / "source"
+    make_install(source)
+    conn = sqlite3.connect(source / "appliance.db")
+    conn.execute(f"PRAGMA user_version = {len(migrations.MIGRATIONS) + 1}")
+    conn.close()
+    backup.backup(source, tmp_path / "later.tar.gz")
+    newer = (
+        f"schema version {len(migrations.MIGRATIONS) + 1}.*knows up to {len(migrations.MIGRATIONS)}"
+    )
+    with pytest.raises(backup.BackupError, match=newer):
+        backup.restore(tmp_path / "later.tar.gz", tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    kept = tmp_path / "kept"
+    make_install(kept)
+    with pytest.raises(backup.BackupError, match=newer):
+        backup.restore(tmp_path / "later.tar.gz", kept, force=True)
+    assert (kept / "appliance.db").exists() and (kept / "files" / "file_1.jsonl").exists()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,3 +139,37 @@ def test_stored_lone_surrogates_are_mended_and_the_audit_log_stays_append_only(
     assert json.loads(change) == {"labels": {"team": "a\ufffdb"}}
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         conn.execute("UPDATE audit SET actor = 'someone else'")
+
+
+def test_a_database_a_later_release_wrote_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A role started on a database a later release migrated (a downgrade, a data directory
+    shared with a newer install) ran on a schema it does not know; it stops, naming both
+    versions, and leaves the database as it was."""
+    path = tmp_path / "appliance.db"
+    migrations.migrate(path)
+    later = len(migrations.MIGRATIONS) + 1
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {later}")
+    conn.close()
+    with pytest.raises(migrations.NewerSchemaError, match=f"schema version {later}"):
+        open_engine(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == later
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "worker"],
+        env={
+            **os.environ,
+            "APPLIANCE_DATA_DIR": str(tmp_path),
+            "APPLIANCE_REDIS_URL": "redis://127.0.0.1:1/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1:] == [
+        f"appliance worker: the database in {tmp_path} is at schema version {later}, which a "
+        f"later release wrote; this release knows up to {later - 1}: run that release or a "
+        "later one on it, or restore a backup this release took"
+    ]
