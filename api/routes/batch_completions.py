@@ -156,6 +156,12 @@ def _check(body: BatchCompletionsRequest) -> None:
     """422 naming a field this appliance would not honour."""
     if (body.content is None) == (body.input_data_path is None):
         raise InvalidSpecError("send one of content and input_data_path", field="content")
+    if body.input_data_path is not None and "://" in body.input_data_path:
+        raise InvalidSpecError(
+            f"input_data_path {body.input_data_path!r} is read from no object storage here: "
+            "upload it to /v1/files (purpose batch) and send the id it gets (file_...)",
+            field="input_data_path",
+        )
     model = body.engine_model.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidSpecError("model_config.model must name an endpoint", field="model_config")
@@ -206,8 +212,10 @@ def prompts_of(content: Any, model: str) -> list[batches.BatchRequest]:
     `/v1/completions` requests, or v2's list of OpenAI completion or chat requests."""
     if isinstance(content, dict):
         prompts = content.get("prompts")
-        if not isinstance(prompts, list) or not prompts:
+        if not isinstance(prompts, list):
             raise InvalidSpecError("content.prompts must be a list of prompts", field="content")
+        if not prompts:
+            raise InvalidSpecError("content.prompts must hold at least one prompt", field="content")
         _bounded(len(prompts))
         settings = {k: v for k, v in content.items() if k != "prompts"}
         bodies = [

@@ -126,6 +126,26 @@ def test_an_input_nested_past_what_json_reads_is_a_400_naming_it(bed: Bed) -> No
     assert "input file must hold the JSON of `content`" in reply.json()["detail"], reply.text
 
 
+def test_batch_completions_say_what_their_input_must_be(bed: Bed) -> None:
+    """LLM Engine's batch completions read their input from a file uploaded to /v1/files (its
+    id), or from `content`: an object-storage path, as LLM Engine takes, or no prompt at all is
+    a 400 saying what to send instead."""
+    key = bed.key()
+
+    def create(**fields: object) -> httpx.Response:
+        body = {"model_config": {"model": MINE}, "output_data_path": "o", **fields}
+        return httpx.post(
+            bed.appliance.url + "/v1/llm/batch-completions", json=body, headers=auth(key)
+        )
+
+    reply = create(input_data_path="s3://bucket/prompts.json")
+    assert reply.status_code == 400, reply.text
+    assert "upload it to /v1/files" in reply.json()["detail"], reply.text
+    reply = create(content={"prompts": [], "max_new_tokens": 1})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["detail"] == "content.prompts must hold at least one prompt", reply.text
+
+
 def test_a_line_over_the_keys_token_cap_is_named_with_the_status_of_the_request_alone(
     bed: Bed,
 ) -> None:
