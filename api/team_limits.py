@@ -14,11 +14,12 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import func
+from sqlalchemy.sql.functions import coalesce
 from sqlmodel import Session, col, or_, select
 
 from appliance.errors import TeamLimitError
 from appliance.keys import Caller
-from appliance.models import ApiKey, Endpoint, EndpointStatus
+from appliance.models import ApiKey, Endpoint, EndpointStatus, File
 from appliance.settings import Settings
 
 
@@ -37,6 +38,23 @@ def active_keys_of(team: str, *, session: Session, now: float) -> int:
         col(ApiKey.revoked_at).is_(None),
         or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
     )
+    return int(session.exec(query).one())
+
+
+# A file takes at least a block of the disk (and a row), however small: an empty one counts
+# this much, so a team's quota bounds how many files it keeps as well as their bytes
+FILE_BLOCK_BYTES = 4096
+
+
+def counted_bytes(size: int) -> int:
+    """What a file of `size` bytes counts against its team's quota."""
+    return max(size, FILE_BLOCK_BYTES)
+
+
+def file_bytes_of(team: str, *, session: Session) -> int:
+    """The bytes the team's files count: its uploads and its batches' output and error files."""
+    each = func.max(col(File.bytes), FILE_BLOCK_BYTES)
+    query = select(coalesce(func.sum(each), 0)).where(col(File.owner) == team)
     return int(session.exec(query).one())
 
 
@@ -83,4 +101,19 @@ def check_downloads(team: str, caller: Caller, settings: Settings, *, have: int)
         f"most {limit} at once (APPLIANCE_MAX_DOWNLOADS_PER_TEAM); ask again once one has "
         "ended (GET /v1/storage/hf-downloads says how far each got)",
         field="repository",
+    )
+
+
+def check_file_bytes(caller: Caller, settings: Settings, *, have: int, adding: int) -> None:
+    """Refuse (409) a file of `adding` bytes (or more: an upload still arriving) for a team
+    whose files count `have`, when they would pass its quota."""
+    limit = settings.max_file_bytes_per_team
+    if caller.is_admin or not limit or have + counted_bytes(adding) <= limit:
+        return
+    raise TeamLimitError(
+        f"team {caller.team!r} keeps {have} bytes of files and may keep at most {limit} "
+        "(APPLIANCE_MAX_FILE_BYTES_PER_TEAM), so this file does not fit; delete files it no "
+        "longer needs (DELETE /v1/files/{id}: batch inputs, and batches' output and error "
+        "files once read) or ask an administrator",
+        field="file",
     )

@@ -252,6 +252,15 @@ class Settings(BaseSettings):
         "may have pending or under way at once (0: no limit); each runs a download of its own "
         "in the builder. An administrator is never refused.",
     )
+    max_file_bytes_per_team: int = Field(
+        10 * 2**30,
+        ge=0,
+        le=2**50,
+        description="Bytes of files (`/v1/files`: uploads, and batches' output and error files) "
+        "one team may keep (0: no limit), each file counting at least 4 KiB; an upload that "
+        "would pass it is refused (409) until the team deletes files. A batch's output is "
+        "written whatever its team keeps. An administrator is never refused.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins whose pages may call the API from a browser (JSON list); none by "

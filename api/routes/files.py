@@ -17,7 +17,7 @@ import codecs
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
 
@@ -26,9 +26,11 @@ from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import tuple_
 from sqlmodel import col, select
 
+from api import team_limits
 from api.deps import AddressDep, CallerDep, SessionDep, StateDep, require
 from api.file_service import owned_file, upload_name
 from appliance import audit, disk, queries
+from appliance.db import session_scope
 from appliance.errors import ApplianceError, InvalidSpecError
 from appliance.ids import new_id
 from appliance.models import File as FileRow
@@ -55,7 +57,8 @@ def file_public(row: FileRow) -> dict[str, Any]:
     }
 
 
-def _store(upload: UploadFile, path: Path, reserve: int) -> int:
+def _store(upload: UploadFile, path: Path, reserve: int, fits: Callable[[int], None]) -> int:
+    """The upload written to `path`; `fits(size)` refuses one past its team's quota."""
     size = 0
     partial = path.with_suffix(".part")
     with partial.open("wb") as out:
@@ -64,6 +67,7 @@ def _store(upload: UploadFile, path: Path, reserve: int) -> int:
             try:
                 if size > MAX_FILE_BYTES:
                     raise InvalidSpecError(f"files are limited to {MAX_FILE_BYTES} bytes")
+                fits(size)
                 disk.check_room(path.parent, len(chunk), reserve, "storing the file")
             except ApplianceError:
                 out.close()
@@ -105,7 +109,19 @@ def create_file(
     files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
     path = files_dir / f"{file_id}.jsonl"
-    size = _store(file, path, state.settings.disk_reserve_bytes)
+    with session_scope(state.reader) as reading:  # no write lock while the body arrives
+        had = team_limits.file_bytes_of(caller.team, session=reading)
+
+    def fits(size: int) -> None:
+        team_limits.check_file_bytes(caller, state.settings, have=had, adding=size)
+
+    size = _store(file, path, state.settings.disk_reserve_bytes, fits)
+    try:  # again in the write transaction: uploads ending together cannot pass it together
+        have = team_limits.file_bytes_of(caller.team, session=session)
+        team_limits.check_file_bytes(caller, state.settings, have=have, adding=size)
+    except ApplianceError:
+        path.unlink()
+        raise
     row = FileRow(
         id=file_id,
         owner=caller.team,
@@ -127,13 +143,15 @@ def create_file(
 def read_files(
     caller: CallerDep,
     session: SessionDep,
+    state: StateDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = MAX_LIST,
     order: Literal["asc", "desc"] = "desc",
     purpose: str | None = None,
 ) -> dict[str, Any]:
     """OpenAI's cursor page (`after`, `limit`, `order`, `has_more`), newest first by default;
-    `files` is the same list for LLM Engine's client."""
+    `files` is the same list for LLM Engine's client; `team_bytes` what the caller's team's
+    files count against `team_max_bytes` (null: no quota)."""
     newest = order == "desc"
     keys = (col(FileRow.created_at), col(FileRow.id))
     query = select(FileRow).order_by(*(k.desc() if newest else k for k in keys))
@@ -153,6 +171,8 @@ def read_files(
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
         "has_more": len(rows) > limit,
+        "team_bytes": team_limits.file_bytes_of(caller.team, session=session),
+        "team_max_bytes": state.settings.max_file_bytes_per_team or None,
     }
 
 

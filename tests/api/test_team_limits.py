@@ -16,7 +16,11 @@ from tests.api import test_hostile as hostile
 from tests.harness import Appliance, RedisServer, make_key
 from tests.web.test_forms_and_sign_in import csrf_of
 
-LIMITS = {"APPLIANCE_MAX_ENDPOINTS_PER_TEAM": "2", "APPLIANCE_MAX_KEYS_PER_TEAM": "3"}
+LIMITS = {
+    "APPLIANCE_MAX_ENDPOINTS_PER_TEAM": "2",
+    "APPLIANCE_MAX_KEYS_PER_TEAM": "3",
+    "APPLIANCE_MAX_FILE_BYTES_PER_TEAM": "10000",
+}
 
 
 @pytest.fixture
@@ -116,3 +120,34 @@ def test_a_team_has_at_most_its_active_keys(limited: Appliance) -> None:
     assert red.post("/v1/api-keys", json={"name": "k4"}).status_code == 409  # the admin's counts
     assert admin.delete(f"/v1/api-keys/{made[0].json()['id']}").status_code == 200
     assert red.post("/v1/api-keys", json={"name": "k5"}).status_code == 201
+
+
+def upload(client: httpx.Client, size: int) -> httpx.Response:
+    return client.post("/v1/files", files={"file": ("in.jsonl", b"x" * size)}, data={})
+
+
+def test_a_team_stores_at_most_its_quota_of_files(limited: Appliance) -> None:
+    red = limited.client(make_key(limited, "red"))
+    blue = limited.client(make_key(limited, "blue"))
+    first = upload(red, 6000)
+    assert first.status_code == 200, first.text
+    refused = upload(red, 5000)
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["x-should-retry"] == "false"  # deleting frees room, not waiting
+    said = refused.json()["error"]["message"]
+    assert refused.json()["detail"] == said  # both clients' envelopes
+    assert "APPLIANCE_MAX_FILE_BYTES_PER_TEAM" in said and "DELETE /v1/files" in said, said
+    assert "6000" in said and "10000" in said, said
+    listed = red.get("/v1/files").json()
+    assert [f["id"] for f in listed["data"]] == [first.json()["id"]]  # nothing left behind
+    assert (listed["team_bytes"], listed["team_max_bytes"]) == (6000, 10000)
+    assert len(list((limited.data_dir / "files").iterdir())) == 1
+
+    assert upload(blue, 6000).status_code == 200  # another team's room is its own
+    assert upload(limited.client(), 20000).status_code == 200  # an administrator's own
+    assert red.delete(f"/v1/files/{first.json()['id']}").status_code == 200
+    assert upload(red, 5000).status_code == 200
+    # an empty file takes a block of the disk and a row: it counts 4 KiB
+    assert upload(red, 0).status_code == 200
+    assert upload(red, 0).status_code == 409
+    assert red.get("/v1/files").json()["team_bytes"] == 5000 + 4096
