@@ -126,6 +126,8 @@ def _unchanged(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> set[str]:
     sent_models = {name for name in MODEL_FIELDS if getattr(req, name) is not None}
     if not sent_models <= same:  # a new model_name or checkpoint_path: the pair decides
         same -= set(MODEL_FIELDS)
+    if req.num_shards is not None and "num_shards" not in same:
+        same.discard("gpus")  # a gpus sent as it is still holds a new num_shards to itself
     return same
 
 

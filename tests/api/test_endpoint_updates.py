@@ -135,6 +135,7 @@ def test_a_user_may_send_back_what_only_an_administrator_may_set(models: Path) -
     ("fields", "named"),
     [
         ({"gpus": 4, "num_shards": 2}, "num_shards"),  # 2 was the endpoint's, but not gpus 4's
+        ({"gpus": 2, "num_shards": 4}, "num_shards"),  # gpus 2 sent as it is: num_shards won
         ({"gpus": 4, "tensor_parallel_size": 2}, "tensor_parallel_size"),
         ({"gpus": 2, "chat_template": "gemma"}, "chat_template"),
         ({"served_model_name": "other"}, "served_model_name"),
