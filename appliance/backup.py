@@ -24,6 +24,7 @@ import sqlite3
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -197,6 +198,10 @@ def restore(archive_path: Path, data_dir: Path, *, force: bool = False) -> dict[
     try:
         with tarfile.open(archive_path, "r:*") as archive:
             manifest = _unpack(archive, data_dir, force)
+    except tarfile.ReadError:  # what tarfile says is a line for each compression it tried
+        raise BackupError(f"{archive_path} is not an appliance backup (not a tar file)") from None
+    except (EOFError, zlib.error) as exc:  # a copy cut short, or damaged on its way
+        raise BackupError(f"{archive_path} is not a whole backup: {exc}") from None
     except (OSError, tarfile.TarError) as exc:
         raise BackupError(f"cannot read {archive_path}: {exc}") from None
     (data_dir / MANIFEST).unlink()

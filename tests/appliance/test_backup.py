@@ -114,8 +114,16 @@ def test_restore_refuses_what_it_should(tmp_path: Path) -> None:
         backup.restore(evil, tmp_path / "empty")
     not_one = tmp_path / "plain.txt"
     not_one.write_text("hello")
-    with pytest.raises(backup.BackupError, match="cannot read"):
+    with pytest.raises(backup.BackupError) as refused:  # one line, not tarfile's four methods
         backup.restore(not_one, tmp_path / "empty2")
+    assert str(refused.value) == f"{not_one} is not an appliance backup (not a tar file)"
+    cut = tmp_path / "cut.tar.gz"  # a copy that stopped half way
+    cut.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(backup.BackupError, match=f"{cut} is not a whole backup: "):
+        backup.restore(cut, tmp_path / "empty4")
+    assert not (tmp_path / "empty4").exists()
+    with pytest.raises(backup.BackupError, match=r"cannot read .*No such file"):
+        backup.restore(tmp_path / "missing.tar.gz", tmp_path / "empty3")
     with pytest.raises(backup.BackupError, match="no database"):
         backup.backup(tmp_path / "nowhere", tmp_path / "x.tar.gz")
 
