@@ -37,6 +37,17 @@ def access(settings: Settings, url: str | None, key: str | None, key_file: Path 
     """(base URL, key): the options, else this box's api and the admin key it keeps."""
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     base = (url or f"http://{host}:{settings.port}").rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(base)
+        known = (
+            parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+        )
+    except ValueError:  # a bracket left open, a port that is no number
+        known = False
+    if not known:
+        raise ClientError(
+            f"--url {url}: not the api's address; give it as http://HOST:PORT (or https://)"
+        )
     if key_file is not None:  # never the admin key instead of a file that holds none
         try:
             key = key_file.read_text().strip()

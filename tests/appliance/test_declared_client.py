@@ -112,3 +112,15 @@ def test_export_to_a_file_it_cannot_write_says_so(
     with pytest.raises(SystemExit) as ended:
         cli.main(argv)
     assert str(ended.value).startswith(f"appliance export: cannot write {out}")
+
+
+@pytest.mark.parametrize("url", ["notaurl", "box:8000", "ftp://box", "http://[::1", "http://"])
+def test_a_url_that_is_no_api_address_is_refused_in_one_line(url: str, tmp_path: Path) -> None:
+    """`--url box:8000` (no scheme) or a malformed address printed urllib's traceback; it is
+    a line naming the option and the shape it takes."""
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["export", "--url", url, "--key", "k", "-o", str(tmp_path / "c.yaml")])
+    assert str(ended.value) == (
+        f"appliance export: --url {url}: not the api's address; give it as http://HOST:PORT "
+        "(or https://)"
+    )
