@@ -229,3 +229,41 @@ def test_every_service_keeps_bounded_logs() -> None:
         assert logging.get("driver") == "json-file", (name, logging)
         assert logging.get("options", {}).get("max-size"), (name, logging)
         assert logging.get("options", {}).get("max-file"), (name, logging)
+
+
+def test_every_setting_in_dot_env_reaches_every_role(tmp_path: Path) -> None:
+    """The README's settings (a key's rate limit, approved images, a TLS proxy's address) are
+    environment variables, but compose passed its roles only the few compose.yaml names: one
+    set in `.env` beside it was read by nobody, without a word. Each role now gets them all;
+    where the roles run inside their containers (port, paths, address) stays compose's own."""
+    (tmp_path / "compose.yaml").write_text((ROOT / "compose.yaml").read_text())
+    (tmp_path / ".env").write_text(
+        "APPLIANCE_KEY_REQUESTS_PER_MINUTE=60\n"
+        'APPLIANCE_FORWARDED_ALLOW_IPS=["10.0.0.5"]\n'
+        "APPLIANCE_LOG_LEVEL=DEBUG\n"
+        "APPLIANCE_PORT=9000\n"
+        "APPLIANCE_HOST=127.0.0.1\n"
+        "APPLIANCE_DATA_DIR=/srv/appliance\n"
+        "APPLIANCE_MODELS_DIR=/srv/models\n"
+    )
+    done = subprocess.run(
+        ["docker", "compose", "config", "--format", "json"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    services = json.loads(done.stdout)["services"]
+    for role in ("api", "builder", "worker"):
+        env = services[role]["environment"]
+        assert env["APPLIANCE_KEY_REQUESTS_PER_MINUTE"] == "60", role
+        assert env["APPLIANCE_FORWARDED_ALLOW_IPS"] == '["10.0.0.5"]', role
+        assert env["APPLIANCE_LOG_LEVEL"] == "DEBUG", role
+        assert env["APPLIANCE_PORT"] == "8000", role
+        assert env["APPLIANCE_HOST"] == "0.0.0.0", role  # in its container
+        assert env["APPLIANCE_DATA_DIR"] == "/var/lib/appliance", role
+        assert env["APPLIANCE_MODELS_DIR"] == "/models", role
+    assert [p["published"] for p in services["api"]["ports"]] == ["9000"]
+    assert [p["target"] for p in services["api"]["ports"]] == [8000]
