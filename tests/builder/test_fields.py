@@ -344,6 +344,13 @@ def test_a_llamacpp_context_past_what_its_server_reads_is_refused(models: Path) 
     assert build(models, {"max_model_len": 1 << 26, "per_worker": 64}).args["max_model_len"]
 
 
+# An endpoint of each framework on the CPU: llama.cpp serves a GGUF file, vLLM a model's weights.
+ON_CPU: dict[str, dict[str, object]] = {
+    "vllm": {"inference_framework": "vllm", "model_name": "acme/model-1b", "gpus": 0},
+    "llamacpp": {"inference_framework": "llamacpp", "checkpoint_path": "gemma.gguf", "gpus": 0},
+}
+
+
 @pytest.mark.parametrize("framework", ["vllm", "llamacpp"])
 @pytest.mark.parametrize("field", ["chat_template", "chat_template_override"])
 def test_a_chat_template_that_is_no_template_is_refused_saying_what_to_send(
@@ -351,7 +358,7 @@ def test_a_chat_template_that_is_no_template_is_refused_saying_what_to_send(
 ) -> None:
     """llama.cpp, run with --jinja, renders a bare name such as "gemma" as the prompt itself
     (every chat gets 3 prompt tokens and the same answer), and vLLM fails to start on it."""
-    fields = {"inference_framework": framework, "checkpoint_path": "gemma.gguf", "gpus": 0}
+    fields = ON_CPU[framework]
     with pytest.raises(InvalidSpecError) as refused:
         build(models, {**fields, field: "gemma"})
     assert refused.value.field == field
@@ -377,7 +384,7 @@ def test_vllm_also_reads_a_template_file_in_its_image(models: Path) -> None:
 def test_an_empty_chat_template_clears_it(framework: str, field: str, models: Path) -> None:
     """On update null leaves the template as it is and "" drops it: the server uses the
     model's own again. vLLM would refuse `--chat-template ""`, so no flag is emitted."""
-    fields = {"inference_framework": framework, "checkpoint_path": "gemma.gguf", "gpus": 0}
+    fields = ON_CPU[framework]
     endpoint = build(models, {**fields, field: T})
     assert contains(command(endpoint), ["--chat-template", T])
     update(endpoint, models, chat_template=None, chat_template_override=None, max_workers=2)
