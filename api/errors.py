@@ -72,6 +72,9 @@ CHAT_INSTEAD = "; use chat completions (POST /v1/chat/completions, client.chat.c
 OPENAI_UNSERVED: Final = {
     "/v1/responses": "this appliance keeps no responses: it answers POST /v1/responses alone "
     "(no retrieve, cancel, delete or input items); send the earlier turns in `input`",
+    "/v1/chat/completions": "this appliance keeps no chat completions: it answers POST "
+    "/v1/chat/completions alone (no retrieve, list, update, delete or messages); keep the reply "
+    "yourself",
     "/v1/assistants": "the Assistants API is not available on this appliance" + CHAT_INSTEAD,
     "/v1/threads": "the Assistants API is not available on this appliance" + CHAT_INSTEAD,
     "/v1/vector_stores": "vector stores are not available on this appliance; embed with POST "
@@ -87,6 +90,7 @@ OPENAI_UNSERVED: Final = {
 }
 # Methods of OpenAI's served paths the appliance does not take (a 405), and what to do instead.
 OPENAI_METHOD_UNSERVED: Final = {
+    "/v1/chat/completions": OPENAI_UNSERVED["/v1/chat/completions"],
     "/v1/models": "a model here is an endpoint: delete one with DELETE "
     "/v1/llm/model-endpoints/{name} (or on the web UI's endpoint page)",
 }

@@ -35,7 +35,7 @@ from appliance.errors import (
     NoSuchEndpointError,
 )
 from appliance.keys import Caller
-from forwarder import llama_cpp, media, responses
+from forwarder import chat, llama_cpp, media, responses
 from forwarder.paths import BY_ID, BY_MODEL, CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from forwarder.refresh import load_table
 from forwarder.table import RoutingTable, Target, check_coming
@@ -258,7 +258,8 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
 def fit_framework(target: Target, path: str, payload: Any) -> None:
     """Refuse (400, naming the field) what the endpoint's server would silently ignore or
     should not do: `forwarder/responses.refusal` for any endpoint's responses (what needs a
-    response kept, or a tool the server runs), `forwarder/llama_cpp.refusal` and
+    response kept, or a tool the server runs), `forwarder/chat.refusal` for any endpoint's chats
+    (a chat completion to be kept), `forwarder/llama_cpp.refusal` and
     `prompts_refusal` (a list of prompts, whose usage it reports for the first alone) for a
     llama.cpp endpoint's completions, `chat_refusal` for its chats (no message),
     `embeddings_refusal` for its embeddings (`dimensions`), `responses_refusal` for its
@@ -273,14 +274,16 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
             refused = media.input_refusal(payload)  # no URL for the replica to fetch
         elif refused is None and target.framework == llama_cpp.FRAMEWORK:
             refused = llama_cpp.responses_refusal(payload)
-    elif target.framework == media.FRAMEWORK and path == CHAT:
-        refused = media.refusal(payload)
+    elif path == CHAT:
+        refused = chat.refusal(payload)  # no replica keeps a chat completion
+        if refused is None and target.framework == media.FRAMEWORK:
+            refused = media.refusal(payload)
+        elif refused is None and target.framework == llama_cpp.FRAMEWORK:
+            refused = llama_cpp.chat_refusal(payload)
     elif target.framework != llama_cpp.FRAMEWORK:
         return
     elif path == COMPLETIONS:
         refused = llama_cpp.refusal(payload) or llama_cpp.prompts_refusal(_prompts(payload))
-    elif path == CHAT:
-        refused = llama_cpp.chat_refusal(payload)
     elif path == EMBEDDINGS:
         refused = llama_cpp.embeddings_refusal(payload)
     if refused is not None:

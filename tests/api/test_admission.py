@@ -688,6 +688,34 @@ def test_a_media_url_a_vllm_replica_would_fetch_is_refused_naming_it(bed: Bed, e
         served(send(bed, key, MINE, chat("data:image/png;base64,iVBORw0KGgo=")))
 
 
+@pytest.mark.parametrize("entry", MEDIA_ENTRIES)
+def test_a_chat_asked_to_be_kept_is_a_400_naming_the_field(bed: Bed, entry: str) -> None:
+    """No replica keeps a chat completion (vLLM and llama.cpp ignore `store`, and nothing here
+    serves `client.chat.completions.retrieve`): `store` other than false, and `metadata`, which
+    only tags a stored completion (OpenAI refuses it without `store`), are refused naming the
+    field, where they were dropped unread."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+    before = len(bed.backend.bodies)
+    for fields, named in (
+        ({"store": True}, "store"),
+        ({"store": "true"}, "store"),  # vLLM would read it as true
+        ({"metadata": {"team": "a"}}, "metadata"),
+        ({"store": True, "metadata": {"team": "a"}}, "store"),
+    ):
+        reply = send(bed, key, MINE, {"messages": [{"role": "user", "content": "hi"}], **fields})
+        refused(reply, 400, family)
+        body = reply.json()
+        said = body["error"]["message"] if family == "openai" else body["detail"]
+        assert f"{named}: " in said and "keeps no chat completions" in said, said
+        if family == "openai" and entry.startswith("/v"):
+            assert body["error"]["param"] == named
+    assert len(bed.backend.bodies) == before
+    if entry not in ASYNC:
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        served(send(bed, key, MINE, {**chat, "store": False, "metadata": None}))
+
+
 @pytest.mark.parametrize("path", ["/v1/sync-tasks", "/v1/async-tasks"])
 @pytest.mark.parametrize(
     "args", ['{"prompt": "\\ud800"}', '{"prompt": "hi", "temperature": NaN}', '{"\\udc00": 1}']

@@ -41,3 +41,27 @@ def test_the_sdk_hears_which_openai_apis_are_not_served(api_only: Appliance) -> 
     without_key = openai.OpenAI(base_url=api_only.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):  # the key gate first, as on every route
         without_key.responses.create(model="llama", input="Say hi.")
+
+
+def test_the_sdk_hears_that_no_chat_completion_is_kept(api_only: Appliance) -> None:
+    """OpenAI's stored chat completions (`client.chat.completions.retrieve`, `list`, `update`,
+    `delete`, `messages.list`) answer a 404 or 405 that says none is kept, where they said
+    only "Invalid URL" or "Method Not Allowed"."""
+    oai = openai.OpenAI(base_url=api_only.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    calls = {
+        "GET /v1/chat/completions/chatcmpl-1": lambda: oai.chat.completions.retrieve("chatcmpl-1"),
+        "GET /v1/chat/completions/chatcmpl-1/messages": lambda: oai.chat.completions.messages.list(
+            "chatcmpl-1"
+        ),
+        "DELETE /v1/chat/completions/chatcmpl-1": lambda: oai.chat.completions.delete("chatcmpl-1"),
+        "POST /v1/chat/completions/chatcmpl-1": lambda: oai.chat.completions.update(
+            "chatcmpl-1", metadata={"a": "b"}
+        ),
+        "GET /v1/chat/completions": lambda: oai.chat.completions.list(),
+    }
+    for said_of, call in calls.items():
+        with pytest.raises(openai.APIStatusError) as unkept:
+            call()
+        said = unkept.value.body["message"]  # type: ignore[index]
+        assert f"({said_of}): this appliance keeps no chat completions" in said, said
+        assert unkept.value.status_code in (404, 405)
