@@ -1,17 +1,25 @@
-"""The bytes of request bodies still arriving that one api process holds, bounded: both
-transports take a body's bytes from this budget before they read them, and give them back on
-every way the body's reading ends (read whole, refused, too slow, the client gone). The fast
-lane (`api/lane/front.py`) takes a body's declared length when its head came without all of it;
-ASGI (`api/inference/asgi.read_body`) takes the declared length at once, a chunked body's bytes
-as they come. A body read whole is the call's from then on. The bodies other routes read whole
-into memory (management routes, the UI's forms) take theirs as the route reads them
-(`api/shield.py`), by key, or by client address (`address <ip>`) where no key is asked.
+"""The bytes of request bodies that one api process holds, bounded: both transports take a
+body's bytes from this budget before they read them, and an inference body keeps them until
+its call ends (`api/inference/call.Call._settle`: answered, refused, failed, its client gone,
+the api stopping): a body read whole stays in memory while its call waits (for its key's check,
+a concurrency slot, a cold start of up to APPLIANCE_ACTIVATION_TIMEOUT_S, a replica under its
+cap) and while it is relayed (the relay keeps it for retries). The fast lane
+(`api/lane/front.py`) takes a body's declared length when its head came, whether the body came
+with it or not; ASGI (`api/inference/asgi.read_body`) takes the declared length at once, a
+chunked body's bytes as they come; each hands its `Reading` to the call. The bodies other
+routes read whole into memory (management routes, the UI's forms) take theirs as the route
+reads them and give them back once read (`api/shield.py`: the route answers at once), by key,
+or by client address (`address <ip>`) where no key is asked. Async tasks and batch lines are
+not held: they are stored (Redis, SQLite) and the api lets go of them once queued.
 
 Counted by key, not by client address: both transports know the key valid before they read a
 byte of a body (the lane's key cache, the ASGI key gate), a key is what the appliance limits
 everywhere else and what a team has a bounded number of, and one address is often many clients
 (a company's proxy), one client many addresses. Before, each body could hold
-APPLIANCE_MAX_BODY_BYTES while it arrived: 30 slow bodies on one ordinary key held 475 MB.
+APPLIANCE_MAX_BODY_BYTES while it arrived: 30 slow bodies on one ordinary key held 475 MB; and
+once read, while its call waited: 20 bodies of 16 MiB for an endpoint scaled to zero held 950
+MB of the api's memory (a body, its parsed form and the lane's read buffer) until their hold
+ended, bounded only by the key's concurrency limit (none by default).
 """
 
 from __future__ import annotations
@@ -67,9 +75,10 @@ class BodyBudget:
 
 
 class Reading:
-    """What one body being read holds of a budget: its declared length from before its first
-    byte, or, with none declared (chunked), its bytes so far as they come; given back once,
-    however its reading ends. Bodies of SMALL_BODY_BYTES or less hold nothing."""
+    """What one body holds of a budget: its declared length from before its first byte, or,
+    with none declared (chunked), its bytes so far as they come; given back once, when its
+    reading ends (a management body) or its call does (an inference body). Bodies of
+    SMALL_BODY_BYTES or less hold nothing."""
 
     __slots__ = ("budget", "key", "taken")
 
@@ -88,7 +97,8 @@ class Reading:
         return refused
 
     def done(self) -> None:
-        """The body is read whole, refused, or its client gone: give back what it held."""
+        """The body is done with (its call over, or, outside inference, read whole), refused,
+        or its client gone: give back what it held."""
         if self.taken > 0:
             self.budget.give(self.key, self.taken)
         self.taken = -1

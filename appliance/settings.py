@@ -123,14 +123,15 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1, description="Largest request body accepted."
     )
     max_body_bytes_in_flight: int = Field(
-        256 * 2**20,
+        2**30,
         ge=8 * 2**20,
         le=2**40,
-        description="Bytes of request bodies still arriving that one api process holds at once "
-        "(bodies over 64 KiB count, from their head: inference bodies, and those of management "
-        "routes and UI forms; uploads stream to disk and do not); one key (or, where no key is "
-        "asked, one client address) may hold a quarter of it (429 past that), and past the "
-        "whole a body is refused 503 with Retry-After. At least 4 times "
+        description="Bytes of request bodies that one api process holds at once (bodies over 64 "
+        "KiB count, from their head until their request ends: an inference body while its call "
+        "waits for a replica and is relayed, a management route's or UI form's until it is "
+        "read; uploads stream to disk and do not); one key (or, where no key is asked, one "
+        "client address) may hold a quarter of it (429 past that: 16 bodies of 16 MiB, 256 of "
+        "1 MiB), and past the whole a body is refused 503 with Retry-After. At least 4 times "
         "APPLIANCE_MAX_BODY_BYTES (and 8 MiB: a management body may be 2 MiB), so every body a "
         "key may send fits its share.",
     )

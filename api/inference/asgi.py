@@ -13,10 +13,11 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.bodies import BodyBudget, Reading
+from api.bodies import Reading
 from api.deps import key_of_raw
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
+from api.shield import bucket_of
 from appliance.errors import ApplianceError, BodyTooLargeError
 from appliance.keys import Caller
 from forwarder.paths import BY_PATH, InferencePath
@@ -57,22 +58,30 @@ async def serve(
     caller: Caller | None = None,
     body: bytes | None = None,
 ) -> None:
-    """Serve one inference request; `caller` and `body` when a route read them already."""
+    """Serve one inference request; `caller` and `body` when a route read them already (the
+    playground's, counted by its client's address as the UI's forms are). Its body's bytes of
+    the budget of bodies in flight are the call's, given back when it ends (`api/bodies.py`)."""
     client = AsgiClient(send)
     key = None if caller is not None else key_of_raw(scope["headers"])
     query = scope.get("query_string", b"").decode("latin-1")
     call = make_call(core, entry, client, key, query, caller)
     client.call = call
-    if body is None:
-        try:
-            body = await read_body(scope, receive, core.max_body_bytes, core.bodies, key or "")
-        except ApplianceError as exc:  # too large, or no room in the budget of bodies in flight
-            client.close = True  # its body is not read through
-            call.refuse(exc)
-            await client.drain()
-            return
-        except asyncio.CancelledError:
-            return  # gone before it sent its body
+    bucket = (key or "") if caller is None else bucket_of(scope, scope["path"])
+    reading = Reading(core.bodies, bucket)
+    call.reading = reading
+    try:
+        if body is None:
+            body = await read_body(scope, receive, core.max_body_bytes, reading)
+        elif refused := reading.upto(len(body)):
+            raise refused
+    except ApplianceError as exc:  # too large, or no room in the budget of bodies in flight
+        client.close = True  # its body is not read through
+        call.refuse(exc)
+        await client.drain()
+        return
+    except asyncio.CancelledError:
+        call.client_gone()  # gone before it sent its body
+        return
     watcher = asyncio.ensure_future(_disconnect(receive, call, client))
     try:
         call.start(body)
@@ -94,42 +103,36 @@ async def _disconnect(receive: Receive, call: Call, client: AsgiClient) -> None:
         client.gone()
 
 
-async def read_body(
-    scope: Scope, receive: Receive, limit: int, bodies: BodyBudget, key: str
-) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int, reading: Reading) -> bytes:
     """The whole request body; BodyTooLargeError as soon as it is known to be over `limit`, and
     the budget's refusal when its bytes would pass the key's share or the process's bodies in
-    flight (`api/bodies.py`): a declared length is taken before a byte is read, a chunked
-    body's bytes as they come, and all of it given back however the reading ends."""
+    flight (`api/bodies.py`): `reading` takes a declared length before a byte is read, a
+    chunked body's bytes as they come; its call gives them back when it ends."""
     too_large = (
         f"the request body is over this route's {limit} bytes "
         "(the setting APPLIANCE_MAX_BODY_BYTES)"
     )
-    reading = Reading(bodies, key)
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit():
             if int(value) > limit:
                 raise BodyTooLargeError(too_large)
             if refused := reading.upto(int(value)):
                 raise refused
-    try:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError("client disconnected")
-            part = message.get("body", b"")
-            size += len(part)
-            if size > limit:
-                raise BodyTooLargeError(too_large)
-            if refused := reading.upto(size):  # a chunked body, counted as it comes
-                raise refused
-            parts.append(part)
-            if not message.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-    finally:
-        reading.done()
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected")
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise BodyTooLargeError(too_large)
+        if refused := reading.upto(size):  # a chunked body, counted as it comes
+            raise refused
+        parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class AsgiClient:

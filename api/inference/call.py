@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import orjson
 from pydantic import ValidationError
 
-from api.bodies import BodyBudget
+from api.bodies import BodyBudget, Reading
 from api.callers import Keys
 from api.errors import answer, invalid, openai_error, status_of
 from api.inference import admission
@@ -92,7 +92,7 @@ class Core:
         self.hold_s: float = settings.activation_timeout_s
         self.keepalive_s: float = settings.stream_keepalive_s
         self.max_body_bytes: int = settings.max_body_bytes
-        self.bodies: BodyBudget = BodyBudget(settings.max_body_bytes_in_flight)  # still arriving
+        self.bodies: BodyBudget = BodyBudget(settings.max_body_bytes_in_flight)  # held by calls
         self.cors: bool = bool(settings.cors_origins)
         self.waits: set[asyncio.Future[Any]] = set()  # releases (kept from the GC)
         self.holds: set[asyncio.Task[None]] = set()  # calls' waits (for a key, count, replica)
@@ -158,6 +158,7 @@ class Call:
         self.keepalive: asyncio.TimerHandle | None = None
         self.over = False
         self.strip: UsageStrip | None = None  # the usage chunk asked for on the client's behalf
+        self.reading: Reading | None = None  # its body's bytes of the budget, until it ends
 
     # admission
     def start(self, body: bytes) -> None:
@@ -491,11 +492,15 @@ class Call:
         self._settle()
 
     def _settle(self) -> None:
-        """The call is over: its keep-alives stop and its key's slot is given back."""
+        """The call is over: its keep-alives stop, its key's slot and its body's bytes of the
+        budget of bodies in flight (`api/bodies.py`) are given back."""
         if self.over:
             return
         self.over = True
         self.relay = None  # which refers back to this call: no cycle left to the collector
+        reading, self.reading = self.reading, None
+        if reading is not None:
+            reading.done()
         if self.keepalive is not None:
             self.keepalive.cancel()
             self.keepalive = None

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from api.bodies import SMALL_BODY_BYTES
+from api.bodies import SMALL_BODY_BYTES, Reading
 from api.deps import parse_key
 from api.inference.call import Call, Core
 from api.inference.llm_engine import make_call
@@ -226,11 +226,10 @@ class FrontProtocol(asyncio.Protocol):
         self.app_state = app_state
         self.loop = _loop or asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""  # unconsumed bytes; while a reply runs, its request is at the start
+        self.buffer = b""  # unconsumed bytes; while a reply runs, the requests after its own
         self.more: list[bytes] = []  # chunks of a body still arriving
         self.need = 0  # bytes needed in all before parsing again
         self.have = 0
-        self.consumed = 0  # length of the request in progress
         self.call: Call | None = None
         self.keep_alive = True
         self.chunked = False
@@ -245,8 +244,7 @@ class FrontProtocol(asyncio.Protocol):
         self.closing = False
         self.unread = False  # a body refused unread: the connection lingers, then closes
         self.handed = False
-        self.taken = 0  # bytes of the body still arriving taken from the core's budget
-        self.taken_key = ""  # the key they count for
+        self.reading: Reading | None = None  # the budget a body still arriving holds
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -360,29 +358,33 @@ class FrontProtocol(asyncio.Protocol):
                     # makes this process hold a body (up to max_body_bytes on each connection)
                     self._hand_over()
                     return
-                if head.length > SMALL_BODY_BYTES:  # its bytes are held while they arrive
-                    refused = core.bodies.take(key, head.length)
+                if head.length > SMALL_BODY_BYTES:  # its bytes are held from now
+                    reading = Reading(core.bodies, key)
+                    refused = reading.upto(head.length)
                     if refused is not None:
                         self._refuse_body(core, head, key, refused)
                         return
-                    self.taken, self.taken_key = head.length, key
+                    self.reading = reading
                 self.need, self.have, self.paced = total, len(buf), 0
                 return
-            if self.taken:
-                self._give_body()
-            self.consumed = total
+            # the request is whole: the buffer keeps only what follows it, so the body is held
+            # once (as the call's) while the call waits and is relayed
+            self.buffer = buf[total:]
             self.head_since = None
             self.keep_alive = head.keep_alive
             call = make_call(core, head.entry, self, key, head.query)
             self.call = call
             core.plane.stats.fast_lane += 1
-            call.start(buf[end + 4 : total])
+            # a body over SMALL_BODY_BYTES holds its bytes of the budget until its call ends
+            # (refused, answered at once, when there is no room); a smaller one costs this test
+            if head.length <= SMALL_BODY_BYTES or self._held(call, key, head.length):
+                call.start(buf[end + 4 : total])
 
     def _refuse_body(self, core: Core, head: Head, key: str, refused: ApplianceError) -> None:
         """A body the budget of bodies in flight has no room for (`api/bodies.py`): answered
         before a byte of it is read, and the connection closes once the client has had
         LINGER_S to read the answer (what it still sends is dropped)."""
-        self.consumed = len(self.buffer)
+        self.buffer = b""
         self.head_since = None
         self.keep_alive = False
         self.unread = True
@@ -390,12 +392,28 @@ class FrontProtocol(asyncio.Protocol):
         self.call = call
         call.refuse(refused)
 
+    def _held(self, call: Call, key: str | None, length: int) -> bool:
+        """Hand the body's bytes of the budget of bodies in flight to its call, which holds
+        them until it ends (`api/bodies.py`): taken at its head, or now, for a body that came
+        with its head; False when there is no room, the call refused."""
+        reading = self.reading
+        self.reading = None
+        if reading is None:
+            reading = Reading(call.core.bodies, key or "")
+            refused = reading.upto(length)
+            if refused is not None:
+                call.refuse(refused)
+                return False
+        call.reading = reading
+        return True
+
     def _give_body(self) -> None:
-        """Give back what the body still arriving took from the budget: it is read, refused,
-        too slow, or its client is gone."""
-        if self.taken and self.core is not None:
-            self.core.bodies.give(self.taken_key, self.taken)
-        self.taken = 0
+        """Give back what a body still arriving took from the budget: it is refused, too slow,
+        or its client is gone."""
+        reading = self.reading
+        self.reading = None
+        if reading is not None:
+            reading.done()
 
     def _find_core(self) -> Core | None:
         """The inference core, once the app's lifespan made it (until then every request goes
@@ -531,8 +549,6 @@ class FrontProtocol(asyncio.Protocol):
         """The reply is complete: the connection carries the next request, or closes."""
         self.call = None
         self.server_state.total_requests += 1
-        self.buffer = self.buffer[self.consumed :]
-        self.consumed = 0
         self.head_since = self.loop.time() if self.buffer else None
         transport = self.transport
         if transport is None or transport.is_closing():

@@ -19,8 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.models import EndpointStatus
 from forwarder.paths import BY_PATH
-from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key, wait_until
+from tests.api.test_failed_endpoint import seed_bare
+from tests.forwarder.test_async_support import FakeBackend, seed_endpoint
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, free_port, make_key, wait_until
 
 HALF_SENT = 2000
 LONG_HEADS = 100  # of them: over the lane's 16 KiB head limit, so uvicorn's protocol waits
@@ -384,6 +387,56 @@ def hold_every_share(port: int, keys: list[str]) -> list[socket.socket]:
     return held
 
 
+COLD, WARM, DEAD = "cold", "warm", "dead"  # of key 0's team: scaled to zero, served, unreachable
+HOLD_S = 2  # APPLIANCE_ACTIVATION_TIMEOUT_S: how long a call waits for its cold start
+
+
+def whole_body(port: int, key: str, model: str, length: int, **fields: object) -> socket.socket:
+    """A connection whose request sends its whole body, a chat request of `length` bytes, at
+    once with its head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    start = {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+    body = json.dumps({**start, "pad": ""}).encode()
+    body = body[:-2] + b"x" * (length - len(body)) + b'"}'
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n%b" % (key.encode(), length, body)
+    )
+    return sock
+
+
+def hold_while_calls_wait(port: int, key: str) -> None:
+    """A body read whole stays in the api's memory while its call waits (a cold start, here)
+    and while it is relayed (kept for retries), so it holds its bytes until its call ends:
+    meanwhile one more body over 64 KiB of its key, even one that came whole with its head,
+    is past the key's share (429). Each way a call ends gives them back: refused after its
+    hold (503), its client gone while it waits, answered, its client gone while relayed, its
+    replica unreachable."""
+
+    def past_the_share() -> None:
+        answer = heard(whole_body(port, key, WARM, 1_200_000))
+        assert answer.startswith(b"HTTP/1.1 429 "), answer[:400]
+        assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in answer, answer
+
+    cold = whole_body(port, key, COLD, 1_200_000)
+    time.sleep(0.5)
+    past_the_share()
+    assert heard(cold, HOLD_S + 5).startswith(b"HTTP/1.1 503 ")  # no replica after its hold
+    with whole_body(port, key, COLD, 1_200_000):  # the client gone while it waits
+        time.sleep(0.5)
+        past_the_share()
+    relayed = whole_body(port, key, WARM, 1_000_000, delay_s=1.5)
+    time.sleep(0.5)
+    past_the_share()
+    assert heard(relayed, 10).startswith(b"HTTP/1.1 200 ")
+    with whole_body(port, key, WARM, 1_000_000, delay_s=1.5):  # the client gone while relayed
+        time.sleep(0.5)
+        past_the_share()
+    failed = heard(whole_body(port, key, DEAD, 1_200_000), 10)
+    assert failed.startswith((b"HTTP/1.1 502 ", b"HTTP/1.1 503 ")), failed[:400]
+    time.sleep(0.5)  # the closes seen
+
+
 @pytest.mark.parametrize("lane", ["true", "false"])
 def test_bodies_in_flight_are_bounded_by_key_and_by_process(tmp_path: Path, lane: str) -> None:
     """Each body still arriving held up to APPLIANCE_MAX_BODY_BYTES of the api's memory, so
@@ -391,17 +444,26 @@ def test_bodies_in_flight_are_bounded_by_key_and_by_process(tmp_path: Path, lane
     takes its declared length from the process's APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT when its
     head comes, a key at most a quarter of it (429 past that) and all keys the whole (503 with
     Retry-After), and gives it back however its reading ends: read whole, the client gone, too
-    slow (408), refused. The second round finds the whole budget free again. Lane on and off."""
+    slow (408), refused; and a body read whole holds it on until its call ends
+    (`hold_while_calls_wait`). The second round finds the whole budget free again. Lane on
+    and off."""
     redis = RedisServer(tmp_path / "redis").start()
+    backend = FakeBackend().start()
     env = {
         "APPLIANCE_FAST_LANE": lane,
         "APPLIANCE_MAX_BODY_BYTES": str(SHARE),
         "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT": str(4 * SHARE),
         "APPLIANCE_HEADER_TIMEOUT_S": str(BUDGET_TIMEOUT_S),
         "APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "0",
+        "APPLIANCE_ACTIVATION_TIMEOUT_S": str(HOLD_S),
+        "APPLIANCE_ROUTING_REFRESH_S": "0.5",
     }
     api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
-    keys = [make_key(api, f"team{i}", scopes=("inference",)) for i in range(5)]
+    seed_bare(api.data_dir, COLD, EndpointStatus.READY, None)  # team t1's, scaled to zero
+    seed_endpoint(api.data_dir, WARM, backend.address, owner="t1", endpoint_type="sync")
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    seed_endpoint(api.data_dir, DEAD, unreachable, owner="t1", endpoint_type="sync")
+    keys = [make_key(api, f"team{i}" if i else "t1", scopes=("inference",)) for i in range(5)]
     held: list[socket.socket] = []
     try:
         for key in keys:  # each key found valid once: the lane then reads its bodies itself
@@ -420,6 +482,7 @@ def test_bodies_in_flight_are_bounded_by_key_and_by_process(tmp_path: Path, lane
         time.sleep(0.5)  # the close seen
         for sock in held:
             sock.close()
+        hold_while_calls_wait(api.port, keys[0])
         held = hold_every_share(api.port, keys)  # every byte given back: room for all again
         for sock in held:
             assert finish(sock).startswith(b"HTTP/1.1 404 ")
@@ -429,6 +492,7 @@ def test_bodies_in_flight_are_bounded_by_key_and_by_process(tmp_path: Path, lane
         print(api.logs())
         api.stop()
         redis.stop()
+        backend.stop()
 
 
 def test_a_body_over_the_keys_share_is_answered_alike_on_every_inference_route(
