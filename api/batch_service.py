@@ -20,7 +20,15 @@ from api import storage
 from api.body import Body
 from api.deps import AppState
 from api.inference import admission
-from api.submit import INSERT_TASK, WAITING, NewTask, over_queued, task_row
+from api.submit import (
+    INSERT_TASK,
+    WAITING,
+    WAITING_OF_TEAM,
+    NewTask,
+    over_queued,
+    task_row,
+    team_queued_limit,
+)
 from appliance import audit
 from appliance.db import session_scope
 from appliance.errors import ApplianceError, InvalidSpecError, NotFoundError
@@ -192,10 +200,15 @@ def _store(
     ]
     rows = [task_row(task) for task in tasks]  # made before the write lock is taken
     with session_scope(state.engine) as session:
-        if caller.limits.max_queued_tasks:  # every line is a task the limit counts
-            who = (caller.team, caller.user)
-            waiting = session.connection().exec_driver_sql(WAITING, who).scalar_one()
+        count = session.connection().exec_driver_sql
+        if caller.limits.max_queued_tasks:  # every line is a task the limits count
+            waiting = count(WAITING, (caller.team, caller.user)).scalar_one()
             refused = over_queued(waiting, len(requests), caller.limits.max_queued_tasks)
+            if refused is not None:
+                raise refused
+        if most := team_queued_limit(caller, state.settings):
+            waiting = count(WAITING_OF_TEAM, (caller.team,)).scalar_one()
+            refused = over_queued(waiting, len(requests), most, caller.team)
             if refused is not None:
                 raise refused
         session.add(batch)

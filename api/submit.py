@@ -5,8 +5,9 @@ A request hands over a `Draft`. One background task takes every draft waiting (u
 SUBMIT_GROUP_MAX) and, on its own thread:
 1. reads the group's endpoints with no lock held and lets each draft check itself against its
    endpoint and build its row (404, 422 refuse that draft alone);
-2. in ONE short write transaction (one fsync for the group) counts each limited key's waiting
-   tasks, refuses what is over the limit (429), and inserts the rest with one executemany;
+2. in ONE short write transaction (one fsync for the group) counts each limited key's and
+   team's waiting tasks, refuses what is over a limit (429), and inserts the rest with one
+   executemany;
 3. queues all their jobs in one Redis pipeline: the outbox, rows before jobs.
 A group whose rows would leave the data directory's disk less free than its reserve
 (`APPLIANCE_DISK_RESERVE_BYTES`, `appliance.disk.check_room`) is refused with 507, as an upload
@@ -41,7 +42,9 @@ from appliance.errors import (
     InsufficientStorageError,
     RateLimitedError,
 )
+from appliance.keys import Caller
 from appliance.models import TaskStatus
+from appliance.settings import Settings
 from forwarder.worker import jobs
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ WAITING = (
     "SELECT COUNT(*) FROM task WHERE owner = ? AND created_by = ? "
     "AND status IN ('PENDING', 'STARTED')"
 )
+WAITING_OF_TEAM = "SELECT COUNT(*) FROM task WHERE owner = ? AND status IN ('PENDING', 'STARTED')"
+TEAM_SETTING = "APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM"
 INSERT_TASK = (
     "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, callback_url, "
     "callback_auth, attempts, priority, batch_id, created_at, enqueued_at, key_id) "
@@ -101,7 +106,8 @@ class Draft:
     """A task as a route hands it over.
 
     `build` gets the endpoint (None: no such row), raises an ApplianceError to refuse the task,
-    or returns its row. `max_queued` is the key's limit on its user's waiting tasks (0: none).
+    or returns its row. `max_queued` is the key's limit on its user's waiting tasks, and
+    `team_max_queued` its team's on all of the team's (`team_queued_limit`; 0: none).
     """
 
     endpoint_id: str
@@ -109,6 +115,7 @@ class Draft:
     created_by: str
     max_queued: int
     build: Callable[[EndpointView | None], NewTask]
+    team_max_queued: int = 0
 
 
 Outcome = NewTask | BaseException
@@ -263,22 +270,43 @@ def waiting_tasks(conn: sqlite3.Connection, owner: str, user: str) -> int:
     return int(conn.execute(WAITING, (owner, user)).fetchone()[0])
 
 
-def over_queued(waiting: int, adding: int, most: int) -> RateLimitedError | BadRequestError | None:
-    """The queued-task limit, for tasks and batches alike: a key's user may have at most `most`
-    tasks waiting or running (0: no limit); the 429 to answer when `adding` more would pass it.
-    A batch of more than `most` requests can never pass: a 400 saying to split it, not a 429
-    that clients would send again and again."""
+def team_waiting_tasks(conn: sqlite3.Connection, owner: str) -> int:
+    """The tasks of a team waiting or running, whoever sent them: what its limit counts."""
+    return int(conn.execute(WAITING_OF_TEAM, (owner,)).fetchone()[0])
+
+
+def team_queued_limit(caller: Caller, settings: Settings) -> int:
+    """The most tasks the caller's team may have waiting or running (0: none): every key and
+    user of a team counts together, so no team fills Redis and the workers' queues every
+    team shares, batch after batch. An administrator is never refused, as for a team's other
+    limits (`api/team_limits.py`)."""
+    return 0 if caller.is_admin else settings.max_queued_tasks_per_team
+
+
+def over_queued(
+    waiting: int, adding: int, most: int, team: str | None = None
+) -> RateLimitedError | BadRequestError | None:
+    """The queued-task limits, for tasks and batches alike: a key's user (or, given `team`, a
+    team) may have at most `most` tasks waiting or running (0: no limit); the 429 to answer
+    when `adding` more would pass it. A batch of more than `most` requests can never pass: a
+    400 saying to split it, not a 429 that clients would send again and again."""
     if not most or waiting + adding <= most:
         return None
+    holder, limit = (
+        ("this key", f"limit {most}")
+        if team is None
+        else (f"team {team!r}", f"limit {most}, {TEAM_SETTING}")
+    )
     if adding > most:
         return BadRequestError(
-            f"this batch has {adding} requests, more than this key may have queued at once "
-            f"(limit {most}): split it into batches of at most {most}",
+            f"this batch has {adding} requests, more than {holder} may have queued at once "
+            f"({limit}): split it into batches of at most {most}",
             field="input_file_id",
         )
     also = f"; this batch adds {adding}" if adding > 1 else ""
     return RateLimitedError(
-        f"this key already has {waiting} tasks queued (limit {most}){also}",
+        f"{holder} already has {waiting} tasks queued ({limit}){also}; send more once some "
+        "have finished",
         retry_after_s=QUEUED_RETRY_AFTER_S,
     )
 
@@ -286,25 +314,29 @@ def over_queued(waiting: int, adding: int, most: int) -> RateLimitedError | BadR
 def _admit(
     conn: sqlite3.Connection, drafts: list[Draft], outcomes: list[Outcome]
 ) -> list[tuple[Any, ...]]:
-    """The rows to insert; a draft over its key's queued-task limit gets a 429 instead.
+    """The rows to insert; a draft over its key's or its team's queued-task limit gets a 429
+    instead.
 
-    Counted inside the write transaction, so a burst of one key's tasks cannot overshoot."""
-    limited = {
-        (d.owner, d.created_by)
-        for d, o in zip(drafts, outcomes, strict=True)
-        if d.max_queued and isinstance(o, NewTask)
-    }
-    waiting = Counter({who: waiting_tasks(conn, *who) for who in limited})
+    Counted inside the write transaction, so a burst of one key's (or team's) tasks cannot
+    overshoot."""
+    live = [(d, o) for d, o in zip(drafts, outcomes, strict=True) if isinstance(o, NewTask)]
+    users = {(d.owner, d.created_by) for d, _ in live if d.max_queued}
+    teams = {d.owner for d, _ in live if d.team_max_queued}
+    waiting = Counter({who: waiting_tasks(conn, *who) for who in users})
+    of_team = Counter({team: team_waiting_tasks(conn, team) for team in teams})
     rows = []
     for i, (draft, task) in enumerate(zip(drafts, outcomes, strict=True)):
         if not isinstance(task, NewTask):
             continue
         who = (draft.owner, draft.created_by)
-        refused = over_queued(waiting[who], 1, draft.max_queued)
+        refused = over_queued(waiting[who], 1, draft.max_queued) or over_queued(
+            of_team[draft.owner], 1, draft.team_max_queued, draft.owner
+        )
         if refused is not None:
             outcomes[i] = refused
             continue
         waiting[who] += 1
+        of_team[draft.owner] += 1
         rows.append(task_row(task))
     return rows
 

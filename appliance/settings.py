@@ -253,6 +253,15 @@ class Settings(BaseSettings):
         "may have pending or under way at once (0: no limit); each runs a download of its own "
         "in the builder. An administrator is never refused.",
     )
+    max_queued_tasks_per_team: int = Field(
+        100_000,
+        ge=0,
+        le=10_000_000,
+        description="Async tasks and batch requests one team may have waiting or running, "
+        "whichever keys sent them (0: no limit); one more is a 429 until some have finished, "
+        "a batch larger than it a 400 saying to split it. Each holds its request in the "
+        "database and a job in Redis. An administrator is never refused.",
+    )
     max_file_bytes_per_team: int = Field(
         10 * 2**30,
         ge=0,

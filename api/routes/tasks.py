@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AdmittedDep, CallerDep, StateDep, require
 from api.inference import admission
 from api.schemas import Answerable
-from api.submit import Draft, EndpointView, NewTask
+from api.submit import Draft, EndpointView, NewTask, team_queued_limit
 from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
 from appliance.keys import Caller
@@ -161,6 +161,7 @@ async def create_async_inference_task(
         owner=caller.team,
         created_by=caller.user,
         max_queued=caller.limits.max_queued_tasks,
+        team_max_queued=team_queued_limit(caller, state.settings),
         build=build,
     )
     task = await state.submitter.submit(draft)

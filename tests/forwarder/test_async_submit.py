@@ -1,20 +1,25 @@
 """The api's group-commit submit path under concurrent POSTs (real api, worker, Redis, SQLite):
 every task id the api answered is committed and queued, even when the api is killed with
 SIGKILL right after and Redis is wiped; refusals in a group store nothing and fail no
-neighbour; the queued-task limit holds exactly under a burst."""
+neighbour; the queued-task limits (a key's, a team's) hold exactly under a burst."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
+import pytest
 import redis as redis_lib
 
 from forwarder.worker import jobs
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint
-from tests.harness import Appliance, make_key, wait_until
+from tests.harness import Appliance, RedisServer, make_key, wait_until
 
 backend = support.backend  # fixtures
 bare_appliance = support.bare_appliance
@@ -85,3 +90,76 @@ def test_queued_task_limit_holds_under_a_burst(
         codes = list(pool.map(lambda i: red.post(path, json=task).status_code, range(40)))
     assert sorted(codes) == [200] * 5 + [429] * 35
     assert len(task_rows(bare_appliance)) == 5
+
+
+TEAM_QUEUED = 6
+
+
+@pytest.fixture
+def team_limited(tmp_path: Path, redis_server: RedisServer) -> Iterator[Appliance]:
+    """The api alone (no worker: accepted tasks stay queued), a team's queued tasks limited."""
+    env = {"APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM": str(TEAM_QUEUED)}
+    appliance = Appliance(tmp_path / "appliance", redis_server, env_extra=env)
+    support.start_api(appliance)
+    yield appliance
+    print(appliance.logs())
+    support.stop_all(appliance)
+
+
+def batch_of(client: httpx.Client, model: str, lines: int) -> httpx.Response:
+    body = "".join(
+        json.dumps(
+            {
+                "custom_id": str(i),
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": model, "prompt": "x"},
+            }
+        )
+        + "\n"
+        for i in range(lines)
+    )
+    made = client.post("/v1/files", files={"file": ("in.jsonl", body.encode())})
+    assert made.status_code == 200, made.text
+    sent = {
+        "input_file_id": made.json()["id"],
+        "endpoint": "/v1/completions",
+        "completion_window": "24h",
+    }
+    return client.post("/v1/batches", json=sent)
+
+
+def test_a_team_has_at_most_its_queued_tasks_whichever_keys_send_them(
+    team_limited: Appliance, backend: FakeBackend
+) -> None:
+    """Tasks and batch requests of every key and user of one team count together: one team
+    cannot queue millions (batch after batch) into Redis and the shared workers' queues."""
+    red_id = seed_endpoint(team_limited.data_dir, "fake", backend.address, owner="red")
+    blue_id = seed_endpoint(team_limited.data_dir, "blue", backend.address, owner="blue")
+    admin = team_limited.client()
+    keys = [
+        admin.post("/v1/api-keys", json={"name": f"r{i}", "team": "red", "user": f"red-{i}"})
+        for i in range(3)
+    ]
+    red = [team_limited.client(k.json()["key"]) for k in keys]
+    task = {"args": {"prompt": "x"}}
+    path = f"/v1/async-tasks?model_endpoint_id={red_id}"
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        replies = list(pool.map(lambda i: red[i % 3].post(path, json=task), range(30)))
+    assert sorted(r.status_code for r in replies) == [200] * TEAM_QUEUED + [429] * 24
+    said = next(r for r in replies if r.status_code == 429).json()["detail"]
+    assert "APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM" in said and "team 'red'" in said, said
+    assert len(task_rows(team_limited)) == TEAM_QUEUED
+
+    waiting = batch_of(red[0], "fake", 1)  # a batch's every line counts too
+    assert waiting.status_code == 429, waiting.text
+    assert "APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM" in waiting.json()["error"]["message"]
+    never = batch_of(red[1], "fake", TEAM_QUEUED + 1)  # no wait admits it: split it
+    assert never.status_code == 400, never.text
+    assert "split it" in never.json()["error"]["message"]
+
+    blue = team_limited.client(make_key(team_limited, "blue"))
+    reply = blue.post(f"/v1/async-tasks?model_endpoint_id={blue_id}", json=task)
+    assert reply.status_code == 200, reply.text  # another team's room is its own
+    assert admin.post(path, json=task).status_code == 200  # an administrator is never refused
