@@ -25,6 +25,9 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 - chat replies the same: a whole one's `usage` is its first choice's, and a stream sends one
   usage chunk (`choices: []`) for each choice, where OpenAI sends one for the stream (the
   others are dropped);
+- `tool_choice` is read as a string alone ("auto", "none", "required"): an object naming the
+  function to call is taken for "auto" (it logs "Wrong type supplied for parameter
+  'tool_choice'"), in chats and responses alike, so it is refused (`_tool_choice`);
 - its Responses API stream lacks fields OpenAI's SDK needs to assemble a response, and a
   response cut short at `max_output_tokens` says `completed` (`ResponsesShape` mends both).
 """
@@ -131,8 +134,9 @@ def embeddings_refusal(payload: object) -> BadRequestError | None:
 def chat_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
     server answers with text made from nothing, or with a message (`message_refusal`) or
-    `tools` its server fails on with a 500, or for no token or more than it reads
-    (`_token_count`); None when they are fine."""
+    `tools` its server fails on with a 500, a named `tool_choice` it reads as "auto"
+    (`_tool_choice`), or for no token or more than it reads (`_token_count`); None when they
+    are fine."""
     if not isinstance(payload, dict):
         return None
     messages = payload.get("messages")
@@ -152,7 +156,20 @@ def chat_refusal(payload: object) -> BadRequestError | None:
             "`name` (strings)",
             field="tools",
         )
-    return _token_count(payload)
+    return _tool_choice(payload) or _token_count(payload)
+
+
+def _tool_choice(payload: Json) -> BadRequestError | None:
+    """The 400 for a `tool_choice` naming a function (an object), which llama.cpp's server
+    reads as "auto": the model would be free not to call it."""
+    if isinstance(payload.get("tool_choice"), dict):
+        return _unsupported(
+            "tool_choice",
+            'force a named function (their server reads only "auto", "none" or "required", '
+            'and takes any other for "auto"): send "required" with that function alone in '
+            "`tools`",
+        )
+    return None
 
 
 def responses_refusal(payload: object) -> BadRequestError | None:
@@ -161,8 +178,8 @@ def responses_refusal(payload: object) -> BadRequestError | None:
     whose text is no string; a function tool without its name, or with a description that is
     no string), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of responses,
     whose usage is counted for the last alone), or ignore (`text.format` other than text: it
-    constrains chats alone, with `response_format`), or for no token or more than it reads
-    (`_token_count`); None when it is fine."""
+    constrains chats alone, with `response_format`; a named `tool_choice`: `_tool_choice`), or
+    for no token or more than it reads (`_token_count`); None when it is fine."""
     if not isinstance(payload, dict):
         return None
     items = payload.get("input")
@@ -205,7 +222,7 @@ def responses_refusal(payload: object) -> BadRequestError | None:
             f"constrain a response to {kind} (their server ignores it there): use chat "
             "completions with response_format, which they honour",
         )
-    return _token_count(payload)
+    return _tool_choice(payload) or _token_count(payload)
 
 
 # A message's fields llama.cpp's server reads as strings when present: another type (null

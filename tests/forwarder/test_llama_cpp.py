@@ -14,7 +14,7 @@ from api.inference import admission
 from appliance.errors import BadRequestError
 from forwarder import llama_cpp
 from forwarder.llama_cpp import CompletionShape, refusal, shape_for
-from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS
+from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from forwarder.table import Target, failed_message
 from forwarder.usage import usage_from_json
 
@@ -477,3 +477,33 @@ def test_a_response_cut_at_its_limit_says_incomplete() -> None:
     assert json.loads(shape.whole(json.dumps(whole).encode()))["status"] == "incomplete"
     kept = json.dumps(whole | {"usage": {"output_tokens": 2}}).encode()
     assert shape.whole(kept) == kept  # under its limit: the bytes as they came
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            CHAT,
+            {"messages": [USER], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        ),
+        (RESPONSES, {"input": "hi", "tool_choice": {"type": "function", "name": "f"}}),
+    ],
+)
+def test_a_named_tool_choice_llamacpp_reads_as_auto_is_refused(path: str, body: Any) -> None:
+    """llama.cpp's server reads `tool_choice` as a string alone ("auto", "none", "required"):
+    an object naming the function to call was taken for "auto" (its log: "Wrong type supplied
+    for parameter 'tool_choice', using default value"), so the model was free not to call it."""
+    target = llama_target("m", "READY")
+    tools = (
+        [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        if path == CHAT
+        else [{"type": "function", "name": "f"}]
+    )
+    with pytest.raises(BadRequestError) as refused:
+        admission.fit_framework(target, path, {"model": "m", "tools": tools, **body})
+    assert refused.value.field == "tool_choice", refused.value.message
+    assert '"required"' in refused.value.message, refused.value.message
+    for choice in ("auto", "none", "required"):
+        admission.fit_framework(
+            target, path, {"model": "m", "tools": tools, **body} | {"tool_choice": choice}
+        )
