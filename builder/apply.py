@@ -98,7 +98,10 @@ class Applier:
             queries.add_event(
                 endpoint.id, "placed", f"replica {replica_id} placed on {where}", session=session
             )
+            # checked again at start: a row stored before a rule was added still meets it
+            flags = dict(endpoint.args.get("extra_flags") or {})
         try:
+            policy.check_extra_flags(flags)
             info = self._create(action.endpoint_id, spec)
         except Exception as exc:
             logger.warning(

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.lifecycle import standin_body
-from tests.harness import Appliance, make_key
+from appliance.db import open_engine, session_scope
+from appliance.models import Endpoint
+from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body
+from tests.harness import Appliance, make_key, wait_until
 
 
 def gemma(**fields: Any) -> dict[str, Any]:
@@ -122,4 +124,33 @@ def test_policy_violations_are_refused_and_create_nothing(
 
     assert client.get("/v1/model-endpoints").json() == {"model_endpoints": []}
     time.sleep(1)
+    assert docker_creates(appliance.install_id(), since) == []
+
+
+def test_a_stored_flag_the_policy_now_refuses_starts_no_container(
+    make_appliance: Callable[..., Appliance],
+) -> None:
+    """The builder checks a vLLM endpoint's extra flags again before it starts a replica: a row
+    stored before a rule came (a config key naming a plugin, which vLLM imports) fails to
+    start saying why, and Docker creates nothing."""
+    appliance = make_appliance(**ON_FAKE_GPUS)
+    client = appliance.client()
+    endpoint_id = create(client, standin_body("stored", min_workers=0, max_workers=0))
+    since = time.time()
+    plugin = json.dumps({"reasoning_parser_plugin": "/root/.cache/huggingface/evil.py"})
+    engine = open_engine(appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:  # as a release before the rule stored it
+        row = session.get(Endpoint, endpoint_id)
+        assert row is not None
+        row.args = {**row.args, "extra_flags": {"--structured-outputs-config": plugin}}
+        row.min_replicas = row.max_replicas = 1
+        session.add(row)
+    engine.dispose()
+
+    def refused_start() -> list[str]:
+        events = client.get(f"/v1/model-endpoints/{endpoint_id}/events").json()["events"]
+        return [e["message"] for e in events if "names code for the server" in e["message"]]
+
+    said = wait_until(refused_start, 60, "the replica refused at start")
+    assert "failed to start" in said[0] and "reasoning_parser_plugin" in said[0], said
     assert docker_creates(appliance.install_id(), since) == []
