@@ -163,15 +163,21 @@ def status_of(exc: errors.ApplianceError, envelope: str = DETAIL) -> int:
 
 def unanswered(exc: Exception) -> errors.ApplianceError:
     """What an error no handler answered becomes: SQLite still locked by another writer after
-    its busy timeout is a 503 to retry (the request changed nothing); anything else a 500."""
+    its busy timeout is a 503 to retry (the request changed nothing), and its disk full a
+    507; anything else a 500."""
     if isinstance(exc, errors.ApplianceError):
         return exc
-    if isinstance(exc, sqlite3.OperationalError | sqlalchemy.exc.OperationalError) and (
-        "database is locked" in str(exc)
-    ):
-        return errors.CapacityError(
-            "the appliance's database is busy with other changes; retry shortly", retry_after_s=2
-        )
+    if isinstance(exc, sqlite3.OperationalError | sqlalchemy.exc.OperationalError):
+        if "database is locked" in str(exc):
+            return errors.CapacityError(
+                "the appliance's database is busy with other changes; retry shortly",
+                retry_after_s=2,
+            )
+        if "database or disk is full" in str(exc):  # SQLITE_FULL
+            return errors.InsufficientStorageError(
+                "the disk holding the appliance's database is full; free some space (delete "
+                "unused files and models) and retry"
+            )
     return errors.ApplianceError("internal error; the api logged it")
 
 

@@ -139,3 +139,22 @@ def test_the_budget_of_bodies_in_flight_holds_by_key_and_gives_all_back() -> Non
         reading.done()
         reading.done()  # once only
     assert budget.held == 0 and budget.by_key == {}
+
+
+async def disk_full(scope: Any, receive: Any, send: Any) -> None:
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_database_on_a_full_disk_is_a_507_saying_so() -> None:
+    """A change (a key made or revoked, an endpoint created, an upload's audit entry) on a
+    disk with no byte left was a 500 "internal error": it is the 507 an upload past the
+    reserve gets, saying what frees room."""
+    for path, shape in (("/v1/batches", "error"), ("/v1/api-keys", "detail")):
+        sent = run(disk_full, path, [b"{}"], [])
+        assert sent[0]["status"] == 507, sent
+        said = json.loads(sent[1]["body"])[shape]
+        said = said["message"] if shape == "error" else said
+        assert said == (
+            "the disk holding the appliance's database is full; free some space (delete unused "
+            "files and models) and retry"
+        )
