@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import text
 from sqlmodel import Session, col, func, select
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -22,8 +23,23 @@ def of_team(query: SelectOfScalar[Row], owner: Any, caller: Caller) -> SelectOfS
     return query if caller.is_admin else query.where(owner == caller.team)
 
 
+# The newest events an endpoint keeps: the most its readers can page (the events route's
+# `limit`); older ones are dropped as new ones come, so the builder's events for an endpoint
+# that lives for months (scaling to zero and back, a crash-loop) do not grow without end
+EVENTS_KEPT_PER_ENDPOINT = 1000
+_DROP_OLD_EVENTS = text(
+    "DELETE FROM event WHERE endpoint_id = :endpoint AND id < ("
+    "SELECT id FROM event WHERE endpoint_id = :endpoint ORDER BY id DESC "
+    "LIMIT 1 OFFSET :kept)"
+)
+
+
 def add_event(endpoint_id: str, kind: str, message: str, *, session: Session) -> None:
+    """The event, and the endpoint's oldest dropped past EVENTS_KEPT_PER_ENDPOINT."""
     session.add(Event(endpoint_id=endpoint_id, kind=kind, message=message, at=time.time()))
+    session.flush()
+    drop = {"endpoint": endpoint_id, "kept": EVENTS_KEPT_PER_ENDPOINT - 1}
+    session.connection().execute(_DROP_OLD_EVENTS, drop)
 
 
 def list_events(endpoint_id: str, *, session: Session, limit: int = 200) -> Sequence[Event]:

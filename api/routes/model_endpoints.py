@@ -101,7 +101,7 @@ def read_endpoint_events(
     endpoint_id: str,
     caller: CallerDep,
     session: SessionDep,
-    limit: int = Query(200, ge=1, le=1000),
+    limit: int = Query(200, ge=1, le=queries.EVENTS_KEPT_PER_ENDPOINT),
 ) -> dict[str, Any]:
     owned(endpoint_id, caller, session=session)
     events = queries.list_events(endpoint_id, session=session, limit=limit)

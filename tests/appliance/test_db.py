@@ -173,3 +173,23 @@ def test_a_database_a_later_release_wrote_is_refused_in_one_line(tmp_path: Path)
         f"later release wrote; this release knows up to {later - 1}: run that release or a "
         "later one on it, or restore a backup this release took"
     ]
+
+
+def test_an_endpoint_keeps_the_events_its_readers_can_read(tmp_path: Path) -> None:
+    """Events come from the builder as long as an endpoint lives (scaling to zero and back,
+    a crash-loop): each keeps the newest its readers can page (the events route's most, its
+    `limit`'s bound), so no endpoint's timeline grows the database without end."""
+    from appliance import queries
+    from appliance.models import Event
+
+    engine = open_engine(tmp_path / "a.db")
+    migrations.migrate(tmp_path / "a.db")
+    kept = queries.EVENTS_KEPT_PER_ENDPOINT
+    with session_scope(engine) as session:
+        queries.add_event("end_other", "created", "other", session=session)
+        for i in range(kept + 5):
+            queries.add_event("end_busy", "scaled", f"event {i}", session=session)
+    with session_scope(engine) as session:
+        busy = queries.list_events("end_busy", session=session, limit=kept + 10)
+        assert [e.message for e in busy] == [f"event {i}" for i in range(5, kept + 5)]
+        assert len(session.exec(select(Event).where(Event.endpoint_id == "end_other")).all()) == 1
