@@ -716,6 +716,37 @@ def test_a_chat_asked_to_be_kept_is_a_400_naming_the_field(bed: Bed, entry: str)
         served(send(bed, key, MINE, {**chat, "store": False, "metadata": None}))
 
 
+CHAT_UNREAD = [  # (fields, the field named, words of the message)
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions", "as a tool"),
+    ({"function_call": {"name": "f"}}, "function_call", "`tool_choice`"),
+    ({"function_call": "auto"}, "function_call", "`tool_choice`"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "no server makes audio"),
+    ({"modalities": ["text", "audio"]}, "modalities", 'send ["text"]'),
+    ({"web_search_options": {}}, "web_search_options", "no server here searches the web"),
+]
+
+
+@pytest.mark.parametrize(("fields", "named", "words"), CHAT_UNREAD)
+@pytest.mark.parametrize("entry", ["/v1/chat/completions", "batch lines"])
+def test_a_chat_field_no_server_reads_is_a_400_naming_it(
+    bed: Bed, entry: str, fields: Json, named: str, words: str
+) -> None:
+    """OpenAI's deprecated `functions` and `function_call`, spoken replies and its web search:
+    vLLM and llama.cpp drop them unread (the model never saw the functions; text came back
+    where audio was asked), so they are refused naming the field before any replica sees them."""
+    send, family, _ = ENTRIES[entry]
+    key = bed.key()
+    before = len(bed.backend.bodies)
+    reply = send(bed, key, MINE, fields)
+    refused(reply, 400, family)
+    said = reply.json()["error"]["message"]
+    assert f"{named}: " in said and words in said, said
+    assert len(bed.backend.bodies) == before
+    if entry == "/v1/chat/completions":
+        assert reply.json()["error"]["param"] == named
+        served(send(bed, key, MINE, {"modalities": ["text"], "functions": None}))
+
+
 @pytest.mark.parametrize("path", ["/v1/sync-tasks", "/v1/async-tasks"])
 @pytest.mark.parametrize(
     "args", ['{"prompt": "\\ud800"}', '{"prompt": "hi", "temperature": NaN}', '{"\\udc00": 1}']
