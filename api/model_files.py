@@ -19,11 +19,11 @@ from typing import Any
 
 from sqlmodel import Session
 
-from api import storage
+from api import storage, team_limits
 from appliance import audit, queries
 from appliance.errors import InvalidSpecError, NotFoundError
 from appliance.keys import Caller
-from appliance.models import Endpoint
+from appliance.models import Endpoint, ModelFile
 from appliance.settings import Settings
 from builder.specs import MODELS_MOUNT, is_local_model
 
@@ -110,13 +110,19 @@ def list_entries(settings: Settings) -> list[dict[str, Any]]:
 
 
 def read_model_files(caller: Caller, session: Session, settings: Settings) -> dict[str, Any]:
-    """`GET /v1/storage/model-files`: the entries with "used by", and the disk they are on."""
+    """`GET /v1/storage/model-files`: the entries with "used by", the disk they are on, and
+    what the caller's team's uploads hold (`team_bytes`) against its quota (null: none)."""
     endpoints = queries.all_endpoints(session=session)
     data = [
         {**entry, **storage.used_by(users_of(entry["name"], endpoints), caller)}
         for entry in list_entries(settings)
     ]
-    return {"data": data, "disk": storage.disk(settings)["models_dir"]}
+    return {
+        "data": data,
+        "disk": storage.disk(settings)["models_dir"],
+        "team_bytes": team_limits.model_bytes_of(caller.team, session=session),
+        "team_max_bytes": settings.max_model_bytes_per_team or None,
+    }
 
 
 def delete_entry(
@@ -132,6 +138,9 @@ def delete_entry(
     found = _entry(path, Path(os.path.realpath(settings.models_dir)))
     size = found["size_bytes"] if found else 0
     audit.record(session, caller, "model.delete", name, {"bytes": size}, address)
+    owned = session.get(ModelFile, name)
+    if owned is not None:  # its bytes no longer count against its team's quota
+        session.delete(owned)
     # Removed while the transaction holds the write lock: no endpoint can be created on it
     # between the check above and the removal.
     if path.is_dir() and not path.is_symlink():

@@ -6,7 +6,10 @@ body arrived, so an upload that is refused, too large or cut off leaves no file 
 The size limit is the Shield's (`api/shield.py`, `Settings.model_upload_max_bytes`): it refuses
 a declared length at once and cuts a chunked body as it passes the limit, which ends the
 stream read here. Only an administrator replaces an existing file (`overwrite`), and never
-one an endpoint uses.
+one an endpoint uses. A team's uploads count against its quota
+(`APPLIANCE_MAX_MODEL_BYTES_PER_TEAM`, `api/team_limits.py`): before the body when its length
+is declared, as it arrives, and once more, exactly, in the transaction that records whose it
+is (`ModelFile`) and moves it into place.
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ import errno
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from anyio import to_thread
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, delete, select
 from starlette.requests import ClientDisconnect
 
-from api import model_files, storage
+from api import model_files, storage, team_limits
 from appliance import audit, disk, queries
 from appliance.db import session_scope
 from appliance.errors import (
@@ -34,6 +38,7 @@ from appliance.errors import (
     InvalidSpecError,
 )
 from appliance.keys import Caller
+from appliance.models import ModelFile
 from appliance.settings import Settings
 from builder.specs import MODELS_MOUNT
 
@@ -49,10 +54,12 @@ class Upload:
     partial: Path
     out: IO[bytes]
     reserve: int = 0  # bytes the disk keeps free (`appliance.disk.check_room`)
+    fits: Callable[[int], None] = lambda size: None  # refuses a size past the team's quota
     size: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
     def write(self, data: bytes) -> None:
+        self.fits(self.size + len(data))
         disk.check_room(self.partial, len(data), self.reserve, f"uploading {self.final.name}")
         try:
             self.out.write(data)
@@ -66,11 +73,14 @@ class Upload:
         self.digest.update(data)
         self.size += len(data)
 
-    def finish(self, overwrite: bool) -> None:
-        """Flush to disk and move into place (a link: refused if the name appeared meanwhile)."""
+    def sync(self) -> None:
+        """Flush the whole file to disk (before any lock is taken: it may take seconds)."""
         self.out.flush()
         os.fsync(self.out.fileno())
         self.out.close()
+
+    def place(self, overwrite: bool) -> None:
+        """Move into place (a link: refused if the name appeared meanwhile)."""
         if overwrite:
             os.replace(self.partial, self.final)
             return
@@ -107,9 +117,9 @@ def admit(
     caller: Caller,
     engine: Engine,
     settings: Settings,
-) -> bool:
-    """Everything that refuses an upload before its body is read; True when it replaces a
-    file."""
+) -> tuple[bool, int]:
+    """Everything that refuses an upload before its body is read; whether it replaces a file,
+    and the bytes the caller's team's uploads hold."""
     check_gguf_name(name)
     if overwrite:
         storage.require_admin(caller, "replace a model file (overwrite=true)")
@@ -124,14 +134,27 @@ def admit(
             users = model_files.users_of(name, queries.all_endpoints(session=session))
         storage.refuse_in_use(f"model file {name!r}", users, "name")
     settings.models_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope(engine) as session:
+        had = owned_bytes(caller.team, session, settings)
     if declared is not None:
+        team_limits.check_model_bytes(caller, settings, have=had, adding=declared)
         disk.check_room(
             settings.models_dir,
             declared,
             settings.disk_reserve_bytes,
             f"{name} needs {declared} bytes",
         )
-    return exists
+    return exists, had
+
+
+def owned_bytes(team: str, session: Session, settings: Settings) -> int:
+    """What the team's uploads hold, less those no longer in the models directory (removed by
+    hand): their rows go, so they count no more."""
+    names = session.exec(select(ModelFile.name).where(col(ModelFile.owner) == team)).all()
+    gone = [name for name in names if not os.path.lexists(settings.models_dir / name)]
+    if gone:
+        session.exec(delete(ModelFile).where(col(ModelFile.name).in_(gone)))
+    return team_limits.model_bytes_of(team, session=session)
 
 
 def _open(settings: Settings, name: str) -> Upload:
@@ -149,11 +172,12 @@ def _check_magic(head: bytes, name: str) -> None:
 
 
 async def receive(
-    name: str, body: AsyncIterator[bytes], overwrite: bool, settings: Settings
+    name: str, body: AsyncIterator[bytes], settings: Settings, fits: Callable[[int], None]
 ) -> Upload:
-    """Stream `body` into the models directory as `name`; the file appears only when all of it
-    arrived and passed the checks."""
+    """Stream `body` into a hidden file of the models directory, synced to disk; `record`
+    moves it into place as `name`."""
     upload = await to_thread.run_sync(_open, settings, name)
+    upload.fits = fits
     pending = bytearray()
     checked = False
     try:
@@ -168,7 +192,7 @@ async def receive(
         if not checked:
             _check_magic(bytes(pending), name)
         await to_thread.run_sync(upload.write, bytes(pending))
-        await to_thread.run_sync(upload.finish, overwrite)
+        await to_thread.run_sync(upload.sync)
     except ClientDisconnect:
         await to_thread.run_sync(upload.discard)
         raise BadRequestError(f"the upload of {name} ended before its body was complete") from None
@@ -182,13 +206,30 @@ async def receive(
 
 
 def record(
-    upload: Upload, replaced: bool, caller: Caller, engine: Engine, address: str | None
+    upload: Upload,
+    replaced: bool,
+    overwrite: bool,
+    caller: Caller,
+    engine: Engine,
+    settings: Settings,
+    address: str | None,
 ) -> dict[str, Any]:
-    """The audit entry, and the answer: name, size, sha256, and the model value to use."""
+    """In one transaction: the team's quota checked again (uploads ending together cannot pass
+    it together), the row saying whose the file is, the audit entry, and the file moved into
+    place; then the answer: name, size, sha256, and the model value to use."""
     sha256 = upload.digest.hexdigest()
     change = {"bytes": upload.size, "sha256": sha256, "replaced": replaced}
-    with session_scope(engine) as session:
-        audit.record(session, caller, "model.upload", upload.final.name, change, address)
+    name = upload.final.name
+    try:
+        with session_scope(engine) as session:
+            have = owned_bytes(caller.team, session, settings)
+            team_limits.check_model_bytes(caller, settings, have=have, adding=upload.size)
+            session.merge(ModelFile(name=name, owner=caller.team, bytes=upload.size))
+            audit.record(session, caller, "model.upload", name, change, address)
+            upload.place(overwrite)
+    except BaseException:
+        upload.discard()
+        raise
     return {
         "name": upload.final.name,
         "bytes": upload.size,
@@ -211,6 +252,14 @@ async def upload(
     """One upload from its checks to its answer: what the API's and the UI's routes call.
     `declared` is the request's Content-Length header, if any."""
     length = int(declared) if declared and declared.isdigit() else None
-    replaces = await to_thread.run_sync(admit, name, overwrite, length, caller, engine, settings)
-    done = await receive(name, body, overwrite, settings)
-    return await to_thread.run_sync(record, done, replaces, caller, engine, address)
+    replaces, had = await to_thread.run_sync(
+        admit, name, overwrite, length, caller, engine, settings
+    )
+
+    def fits(size: int) -> None:
+        team_limits.check_model_bytes(caller, settings, have=had, adding=size)
+
+    done = await receive(name, body, settings, fits)
+    return await to_thread.run_sync(
+        record, done, replaces, overwrite, caller, engine, settings, address
+    )

@@ -2,7 +2,10 @@
 `APPLIANCE_MAX_KEYS_PER_TEAM`), decided here for every way of making them: the endpoint
 service's create (REST, LLM Engine's routes, the UI's form, `/v1/config/apply`) and the key
 service's (the key routes, the UI's keys page); and how many Hugging Face downloads ahead of
-time it may have open (`APPLIANCE_MAX_DOWNLOADS_PER_TEAM`, `api/hf_downloads.py`).
+time it may have open (`APPLIANCE_MAX_DOWNLOADS_PER_TEAM`, `api/hf_downloads.py`); how many bytes
+of files (`/v1/files`) it may keep (`APPLIANCE_MAX_FILE_BYTES_PER_TEAM`, `api/routes/files.py`)
+and of model files it may upload (`APPLIANCE_MAX_MODEL_BYTES_PER_TEAM`, `api/model_upload.py`),
+so one team's uploads cannot take the room above the disk's reserve that every team shares.
 
 Everything a team has counts, whoever made it, but an administrator is never refused: an
 administrator may need to make an endpoint or key for a team at its limit, and is trusted not
@@ -19,7 +22,7 @@ from sqlmodel import Session, col, or_, select
 
 from appliance.errors import TeamLimitError
 from appliance.keys import Caller
-from appliance.models import ApiKey, Endpoint, EndpointStatus, File
+from appliance.models import ApiKey, Endpoint, EndpointStatus, File, ModelFile
 from appliance.settings import Settings
 
 
@@ -115,5 +118,27 @@ def check_file_bytes(caller: Caller, settings: Settings, *, have: int, adding: i
         "(APPLIANCE_MAX_FILE_BYTES_PER_TEAM), so this file does not fit; delete files it no "
         "longer needs (DELETE /v1/files/{id}: batch inputs, and batches' output and error "
         "files once read) or ask an administrator",
+        field="file",
+    )
+
+
+def model_bytes_of(team: str, *, session: Session) -> int:
+    """The bytes of the model files the team uploaded (`appliance.models.ModelFile`)."""
+    each = col(ModelFile.bytes)
+    query = select(coalesce(func.sum(each), 0)).where(col(ModelFile.owner) == team)
+    return int(session.exec(query).one())
+
+
+def check_model_bytes(caller: Caller, settings: Settings, *, have: int, adding: int) -> None:
+    """Refuse (409) a model file of `adding` bytes (or more: an upload still arriving) for a
+    team whose uploads hold `have`, when they would pass its quota."""
+    limit = settings.max_model_bytes_per_team
+    if caller.is_admin or not limit or have + adding <= limit:
+        return
+    raise TeamLimitError(
+        f"team {caller.team!r} keeps {have} bytes of model files it uploaded and may keep at "
+        f"most {limit} (APPLIANCE_MAX_MODEL_BYTES_PER_TEAM), so this upload of {adding} bytes "
+        "or more does not fit; ask an administrator to delete the team's model files no "
+        "endpoint uses (DELETE /v1/storage/model-files/{name}, or the UI's Models page)",
         field="file",
     )

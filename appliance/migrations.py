@@ -266,6 +266,16 @@ def _v6_no_lone_surrogates(db: sqlite_utils.Database) -> None:
                     db.execute(_AUDIT_TRIGGER)
 
 
+def _v7_model_file_owners(db: sqlite_utils.Database) -> None:
+    """The team whose upload each model file was, for its quota; files uploaded before this
+    version count for no team."""
+    db.executescript(
+        "CREATE TABLE model_file (name VARCHAR NOT NULL PRIMARY KEY, owner VARCHAR NOT NULL, "
+        "bytes INTEGER NOT NULL, uploaded_at FLOAT NOT NULL);"
+        "CREATE INDEX ix_model_file_owner ON model_file (owner);"
+    )
+
+
 _AUDIT_TRIGGER = """CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
 BEGIN
     SELECT RAISE(ABORT, 'the audit log is append-only');
@@ -289,6 +299,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v4_key_makers,
     _v5_rolled_at,
     _v6_no_lone_surrogates,
+    _v7_model_file_owners,
 ]
 
 

@@ -190,6 +190,19 @@ class Task(SQLModel, table=True):
     key_id: str | None = None  # the key it was sent with, for usage
 
 
+class ModelFile(SQLModel, table=True):
+    """A model file uploaded into the models directory, and the team whose upload it was: its
+    bytes count against that team's quota (`api/team_limits.py`). Files put there another way
+    (by the operator) have no row and count for no team."""
+
+    __tablename__ = "model_file"
+
+    name: str = Field(primary_key=True)
+    owner: str = Field(index=True)
+    bytes: int
+    uploaded_at: float = Field(default_factory=time.time)
+
+
 class File(SQLModel, table=True):
     """An uploaded file (OpenAI Files API), kept under the data dir."""
 

@@ -262,6 +262,15 @@ class Settings(BaseSettings):
         "a batch larger than it a 400 saying to split it. Each holds its request in the "
         "database and a job in Redis. An administrator is never refused.",
     )
+    max_model_bytes_per_team: int = Field(
+        256 * 2**30,
+        ge=0,
+        le=2**50,
+        description="Bytes of model files one team may upload into the models directory "
+        "(`PUT /v1/storage/model-files/{name}`, the UI's Models page) and keep there (0: no "
+        "limit); an upload that would pass it is refused (409) until an administrator deletes "
+        "some of the team's. An administrator is never refused.",
+    )
     max_file_bytes_per_team: int = Field(
         10 * 2**30,
         ge=0,

@@ -448,3 +448,38 @@ def test_an_upload_cut_by_a_stopped_api_is_removed_at_the_next_start(store: Appl
     assert any(n.startswith(".upload-") for n in everything_in(folder))
     store.start_role("api")
     wait_until(lambda: everything_in(folder) == [], 30, "the partial file to be removed")
+
+
+def test_a_team_uploads_at_most_its_quota_of_model_files(tmp_path: Path) -> None:
+    """Any team's key with `manage` uploads model files, and only an administrator deletes
+    them: one team's uploads count against APPLIANCE_MAX_MODEL_BYTES_PER_TEAM, so it cannot
+    fill the models disk every team shares; refused before the body is read when its length
+    is declared, as it passes the quota when it is not, leaving nothing behind."""
+    quota = 2 * len(GGUF) + 1000
+    with started_store(
+        tmp_path, LIMIT_BYTES, APPLIANCE_MAX_MODEL_BYTES_PER_TEAM=str(quota)
+    ) as store:
+        admin, folder = store.client(), models_dir(store)
+        red = store.client(make_key(store, "red"))
+        assert upload(red, "a.gguf", GGUF).status_code == 201
+        assert upload(red, "b.gguf", GGUF).status_code == 201
+        refused = upload(red, "c.gguf", GGUF)
+        assert refused.status_code == 409, refused.text
+        said = refused.json()["detail"]
+        assert "APPLIANCE_MAX_MODEL_BYTES_PER_TEAM" in said and str(2 * len(GGUF)) in said, said
+        assert "administrator" in said, said
+
+        def chunks() -> Iterator[bytes]:  # no length declared: refused as it passes
+            yield from (GGUF[i : i + 65536] for i in range(0, len(GGUF), 65536))
+
+        cut = upload(red, "c.gguf", chunks())
+        assert cut.status_code == 409, cut.text
+        assert everything_in(folder) == ["a.gguf", "b.gguf"]
+        listing = red.get("/v1/storage/model-files").json()
+        assert (listing["team_bytes"], listing["team_max_bytes"]) == (2 * len(GGUF), quota)
+
+        blue = store.client(make_key(store, "blue"))
+        assert upload(blue, "c.gguf", GGUF).status_code == 201  # its own room
+        assert upload(admin, "big.gguf", GGUF * 3).status_code == 201  # never refused
+        assert admin.delete("/v1/storage/model-files/a.gguf").status_code == 200
+        assert upload(red, "d.gguf", GGUF).status_code == 201  # room again
