@@ -20,8 +20,10 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 - `id` is `chatcmpl-...`, not `cmpl-...`;
 - with `n` > 1 a whole reply's `usage` is its first choice's alone (the others' are dropped when
   it merges their choices), so it is counted for each choice, exact when they all ran to
-  `max_tokens`; a stream's each finishing chunk carries its own choice's usage, so there the sum
-  is exact, and it is sent on the last finishing chunk only (the others lose theirs);
+  `max_tokens`; a stream's each finishing chunk carries its own choice's usage, asked for or
+  not, so there the sum is exact, and it is sent once, after the last finishing chunk, in a
+  chunk of its own (`choices: []`) as OpenAI and vLLM send it, which the appliance takes out
+  of a stream that did not ask for it (`forwarder/usage.UsageStrip`);
 - chat replies the same: a whole one's `usage` is its first choice's, and a stream sends one
   usage chunk (`choices: []`) for each choice, where OpenAI sends one for the stream (the
   others are dropped);
@@ -51,6 +53,8 @@ EVENT_END: Final = b"\n\n"
 DATA: Final = b"data: "
 DONE: Final = b"[DONE]"
 USAGE: Final = b'"usage"'
+# What a completion stream's usage chunk carries besides it, as OpenAI's and vLLM's do
+USAGE_CHUNK_FIELDS: Final = ("id", "object", "created", "model", "system_fingerprint")
 
 Json = dict[str, Any]
 
@@ -481,6 +485,10 @@ class CompletionShape(Shape):
             usage = chunk["usage"]
             prompt = self.prompt_tokens if self.prompt_tokens >= 0 else usage.get("prompt_tokens")
             _set_usage(usage, prompt, self.completion_tokens)
+            if self.legacy and chunk["choices"]:  # OpenAI's: the usage in a chunk of its own
+                del chunk["usage"]
+                alone = {k: chunk[k] for k in USAGE_CHUNK_FIELDS if k in chunk}
+                return _data(chunk) + _data(alone | {"choices": [], "usage": usage})
         elif not chunk["choices"]:
             return b""  # a chat's usage chunk, nothing else in it: the last one carries the sum
         else:

@@ -296,12 +296,28 @@ def test_usage_counts_every_choice_and_so_does_the_accounting(
     assert reply.usage is not None and reply.usage.completion_tokens == 10, reply.usage
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 10
 
+    asked = {"include_usage": True}
     stream = sdk.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=5, n=2, stream=True, logprobs=1, extra_body=eos
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=5,
+        n=2,
+        stream=True,
+        logprobs=1,
+        extra_body=eos,
+        stream_options=asked,
     )
-    usages = [c.usage for c in stream if c.usage is not None]
-    assert len(usages) == 1 and usages[0].completion_tokens == 10, usages
-    assert completion_tokens_counted(gemma) - before == 20
+    usages = [c for c in stream if c.usage is not None]  # OpenAI's: a chunk of its own, last
+    assert len(usages) == 1 and usages[0].choices == [], usages
+    assert usages[0].usage is not None and usages[0].usage.completion_tokens == 10, usages
+    # not asked for: no usage reaches the client (as from OpenAI and vLLM), and it is counted
+    unasked = sdk.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=5, n=2, stream=True, extra_body=eos
+    )
+    chunks = list(unasked)
+    assert chunks and all(c.usage is None for c in chunks), chunks[-1]
+    assert sum(c.choices[0].finish_reason is not None for c in chunks) == 2
+    assert completion_tokens_counted(gemma) - before == 30
 
 
 def test_the_responses_api_answers_streams_and_is_counted(

@@ -16,7 +16,7 @@ from forwarder import llama_cpp
 from forwarder.llama_cpp import CompletionShape, refusal, shape_for
 from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from forwarder.table import Target, failed_message
-from forwarder.usage import usage_from_json
+from forwarder.usage import UsageStrip, usage_from_json
 
 REPLIES = Path(__file__).parent / "llama_cpp_replies"
 
@@ -115,17 +115,18 @@ def test_a_stream_is_reshaped_event_by_event_with_its_usage_summed_once() -> Non
     got = events(out)
     assert got[-1] == "[DONE]"
     chunks = got[:-1]
-    assert len(chunks) == len(events(raw)) - 1  # one event out for each in
+    assert len(chunks) == len(events(raw))  # one event out for each in, and the usage chunk
     assert all(c["id"].startswith("cmpl-") for c in chunks)
     with_usage = [c for c in chunks if "usage" in c]
-    assert len(with_usage) == 1 and with_usage[0] is chunks[-1]  # the last finishing chunk
+    assert len(with_usage) == 1 and with_usage[0] is chunks[-1]  # its own chunk, last
+    assert with_usage[0]["choices"] == []
     assert with_usage[0]["usage"]["completion_tokens"] == 4  # 2 choices of 2 tokens
     assert with_usage[0]["usage"]["total_tokens"] == with_usage[0]["usage"]["prompt_tokens"] + 4
     assert usage_from_json(out) == (2, 4)
     for index in (0, 1):
         tokens: list[str] = []
         offsets: list[int] = []
-        for chunk in chunks:
+        for chunk in chunks[:-1]:
             choice = chunk["choices"][0]
             if choice["index"] == index and choice["logprobs"] is not None:
                 logprobs = choice["logprobs"]
@@ -135,6 +136,25 @@ def test_a_stream_is_reshaped_event_by_event_with_its_usage_summed_once() -> Non
                 tokens += logprobs["tokens"]
                 offsets += logprobs["text_offset"]
         assert len(tokens) == 2 and offsets == [0, len(tokens[0])]
+
+
+def test_a_completion_streams_usage_in_a_chunk_of_its_own_as_openai_does() -> None:
+    """llama.cpp's server puts a completion stream's usage on its finishing chunk, asked for or
+    not; OpenAI and vLLM send it in a chunk of its own (`choices: []`) only when the request
+    asks (`stream_options.include_usage`). Reshaped so, a client that did not ask (the
+    appliance asked on its behalf) gets no usage at all, and one that asked gets OpenAI's."""
+    shaped = CompletionShape()
+    out = shaped.feed(reply("stream_n2.sse")) + shaped.close()
+    chunks = events(out)[:-1]
+    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finishing) == 2 and not any("usage" in c for c in finishing)
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["object"] == "text_completion"
+    assert usage_chunk["id"] == chunks[0]["id"] and usage_chunk["model"] == chunks[0]["model"]
+    strip = UsageStrip()
+    unasked = strip.feed(out) + strip.close()
+    assert b'"usage"' not in unasked and events(unasked)[-1] == "[DONE]"
+    assert len(events(unasked)) == len(events(out)) - 1
 
 
 @pytest.mark.parametrize("size", [1, 7, 100, 1000])
