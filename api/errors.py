@@ -244,15 +244,16 @@ def _problem(err: Any) -> str:
 
 def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
     """Retry-After for capacity and rate limits; `x-should-retry: false` (which OpenAI's SDKs
-    obey) for an endpoint that will get no replica by itself and a team at one of its limits
-    (a 409 the SDKs would send again, which only freeing room lifts); WWW-Authenticate for a missing
-    key. That offers Bearer only: HTTP Basic is accepted (LLM Engine's client sends it unasked)
-    but never offered, since a browser offered it asks for the key, keeps it and sends it with
-    every later request to this origin, another site's forms included."""
+    obey) for an endpoint that will get no replica by itself, a team at one of its limits and
+    an object that has ended (409s the SDKs would send again, which no wait lifts);
+    WWW-Authenticate for a missing key. That offers Bearer only: HTTP Basic is accepted (LLM
+    Engine's client sends it unasked) but never offered, since a browser offered it asks for
+    the key, keeps it and sends it with every later request to this origin, another site's
+    forms included."""
     headers: dict[str, str] = {}
     if isinstance(exc, errors.CapacityError | errors.RateLimitedError):
         headers["Retry-After"] = str(exc.retry_after_s)
-    if isinstance(exc, errors.EndpointDownError | errors.TeamLimitError):
+    if isinstance(exc, errors.EndpointDownError | errors.TeamLimitError | errors.FinishedError):
         headers["x-should-retry"] = "false"
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="appliance"'

@@ -11,7 +11,8 @@ ApplianceError
 │   └── NoSuchTaskError
 ├── ConflictError               the object exists or is busy (409)
 │   ├── OperationInProgressError
-│   └── TeamLimitError          the team has as many endpoints or keys as it may (409)
+│   ├── TeamLimitError          the team has as many endpoints or keys as it may (409)
+│   └── FinishedError           the object has ended and no wait changes it (409, no retry)
 ├── AuthError                   no valid key (401)
 │   └── ForbiddenError          a valid key without the scope (403)
 ├── RateLimitedError            over a per-key limit (429)
@@ -91,6 +92,11 @@ class OperationInProgressError(ConflictError):
 class TeamLimitError(ConflictError):
     """The team already has as many endpoints (or active keys) as the install allows; the
     message names the setting and how to free room."""
+
+
+class FinishedError(ConflictError):
+    """The object has ended (a batch completed, failed or cancelled): what the request asks
+    of it would be refused again, however long a client waits."""
 
 
 class AuthError(ApplianceError):

@@ -37,7 +37,7 @@ from api.deps import (
 from api.file_service import owned_file
 from appliance import queries
 from appliance.db import session_scope
-from appliance.errors import ApplianceError, ConflictError, InvalidSpecError
+from appliance.errors import ApplianceError, FinishedError, InvalidSpecError
 from appliance.keys import Caller
 from appliance.models import Batch
 from forwarder.paths import BATCH_PATHS, BY_PATH
@@ -132,5 +132,5 @@ def cancel_batch(
     the batch cancelled."""
     batch = owned_batch(batch_id, caller, session=session)
     if not cancellable(batch):
-        raise ConflictError(f"batch {batch_id!r} is {batch.status}; it cannot be cancelled")
+        raise FinishedError(f"batch {batch_id!r} is {batch.status}; it cannot be cancelled")
     return cancel(batch, caller, session, state, address)

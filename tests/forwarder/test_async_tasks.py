@@ -8,6 +8,9 @@ import json
 import time
 from typing import Any
 
+import httpx
+import openai
+import pytest
 import redis as redis_lib
 from sqlalchemy import create_engine, text
 
@@ -15,7 +18,7 @@ from appliance import bus
 from forwarder.worker import taskstore
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, wait_tasks
-from tests.harness import Appliance, make_key, wait_until
+from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
 
 backend = support.backend  # fixtures
 bare_appliance = support.bare_appliance
@@ -380,6 +383,19 @@ def test_batch_cancel_stops_pending_requests(
     assert final["output_file_id"] is None and final["error_file_id"] is None  # as OpenAI's
     time.sleep(1)
     assert backend.seen["/v1/chat/completions"] == 0
+    # an ended batch stays ended: the SDK is told not to send the cancel again (it retries 409s)
+    sent: list[str] = []
+    hooks = {"request": [lambda request: sent.append(request.url.path)]}
+    sdk = openai.OpenAI(
+        base_url=bare_appliance.url + "/v1",
+        api_key=ADMIN_KEY,
+        http_client=httpx.Client(event_hooks=hooks),
+    )
+    with pytest.raises(openai.ConflictError) as again:
+        sdk.batches.cancel(batch_id)
+    assert "is cancelled; it cannot be cancelled" in again.value.message
+    assert again.value.response.headers["x-should-retry"] == "false"
+    assert sent == [f"/v1/batches/{batch_id}/cancel"]
 
 
 def test_cancelling_a_batch_completion_spares_the_replica_the_prompts_a_worker_holds(
