@@ -30,6 +30,8 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 - `tool_choice` is read as a string alone ("auto", "none", "required"): an object naming the
   function to call is taken for "auto" (it logs "Wrong type supplied for parameter
   'tool_choice'"), in chats and responses alike, so it is refused (`_tool_choice`);
+- its Responses API gives no log-probabilities (an empty list; `top_logprobs` alone is its own
+  400 asking for `logprobs`, a field that API has not), so asking for them is refused;
 - its Responses API stream lacks fields OpenAI's SDK needs to assemble a response, and a
   response cut short at `max_output_tokens` says `completed` (`ResponsesShape` mends both).
 """
@@ -182,8 +184,9 @@ def responses_refusal(payload: object) -> BadRequestError | None:
     whose text is no string; a function tool without its name, or with a description that is
     no string), answer in no shape of that API (`n` or `n_cmpl` above 1: a list of responses,
     whose usage is counted for the last alone), or ignore (`text.format` other than text: it
-    constrains chats alone, with `response_format`; a named `tool_choice`: `_tool_choice`), or
-    for no token or more than it reads (`_token_count`); None when it is fine."""
+    constrains chats alone, with `response_format`; log-probabilities: `_response_logprobs`; a
+    named `tool_choice`: `_tool_choice`), or for no token or more than it reads
+    (`_token_count`); None when it is fine."""
     if not isinstance(payload, dict):
         return None
     items = payload.get("input")
@@ -217,6 +220,9 @@ def responses_refusal(payload: object) -> BadRequestError | None:
                 "sends a list OpenAI's clients cannot read, its usage the last response's "
                 "alone; send one request per response",
             )
+    refused = _response_logprobs(payload)
+    if refused is not None:
+        return refused
     text = payload.get("text")
     form = text.get("format") if isinstance(text, dict) else None
     kind = form.get("type") if isinstance(form, dict) else None
@@ -227,6 +233,27 @@ def responses_refusal(payload: object) -> BadRequestError | None:
             "completions with response_format, which they honour",
         )
     return _tool_choice(payload) or _token_count(payload)
+
+
+# What asks the Responses API for log-probabilities, which llama.cpp's server gives none of
+LOGPROBS_INCLUDED: Final = "message.output_text.logprobs"
+NO_RESPONSE_LOGPROBS: Final = (
+    "give a response's log-probabilities (their server returns none): use chat completions "
+    "with `logprobs` and `top_logprobs`, which they answer"
+)
+
+
+def _response_logprobs(payload: Json) -> BadRequestError | None:
+    """The 400 for a response asking for log-probabilities (`top_logprobs` above 0, or
+    `include` naming them): llama.cpp's server answers an empty list, and `top_logprobs` alone
+    with its own 400 asking for `logprobs`, a field the Responses API has not."""
+    asked = payload.get("top_logprobs")
+    if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > 0:
+        return _unsupported("top_logprobs", NO_RESPONSE_LOGPROBS)
+    included = payload.get("include")
+    if isinstance(included, list) and LOGPROBS_INCLUDED in included:
+        return _unsupported("include", NO_RESPONSE_LOGPROBS)
+    return None
 
 
 # A message's fields llama.cpp's server reads as strings when present: another type (null

@@ -452,6 +452,10 @@ def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
             },
             "input[0].output[0]",
         ),
+        # log-probabilities: its server gives a response none (an empty list), and answers
+        # `top_logprobs` alone with a 400 asking for `logprobs`, which the API has not
+        ({"input": "hi", "top_logprobs": 2}, "top_logprobs"),
+        ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
         # several responses: a list of them, not the API's shape, counted for the last alone
         ({"input": "hi", "n": 3}, "n"),
         ({"input": "hi", "n_cmpl": 2.0}, "n_cmpl"),
@@ -465,6 +469,7 @@ def test_a_response_llamacpp_would_fail_on_or_ignore_is_refused_naming_it(
     fine = {"input": "hi", "tools": [{"type": "function", "name": "f"}], "text": {}}
     assert llama_cpp.responses_refusal(fine | {"text": {"format": {"type": "text"}}}) is None
     assert llama_cpp.responses_refusal(fine | {"n": 1}) is None
+    assert llama_cpp.responses_refusal(fine | {"top_logprobs": 0, "include": []}) is None
 
 
 def test_a_response_cut_at_its_limit_says_incomplete() -> None:
