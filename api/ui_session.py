@@ -1,7 +1,9 @@
 """The web UI's sign-in: a key is exchanged for a random session token in an HttpOnly,
 SameSite=Strict cookie; Redis holds the session (key id and CSRF token, never the key's
 text) under a hash of the token. Every request re-reads the key's row, so a revoked or expired
-key ends its sessions at once. Used by `api.routes.ui`.
+key ends its sessions at once. A key keeps its newest UI_SESSIONS_PER_KEY sessions: a sign-in
+past them ends its oldest, so one key signing in again and again cannot fill Redis (each
+session is kept 12 hours). Used by `api.routes.ui`.
 
 CSRF: every form that changes something carries the session's CSRF token (a hidden field, or
 the `x-csrf-token` header for script requests) and must come from our own origin. The sign-in
@@ -33,6 +35,9 @@ COOKIE_PATH = "/ui"
 SESSION_TTL_S = 12 * 3600  # idle sessions end after this; each page view extends it
 SIGNIN_TTL_S = 3600
 SESSION_KEY = "appliance:ui:session:{digest}"
+# A key's sessions by sign-in time (a sorted set of digests), its newest UI_SESSIONS_PER_KEY
+SESSIONS_OF_KEY = "appliance:ui:sessions-of:{key_id}"
+UI_SESSIONS_PER_KEY = 32  # browsers one key stays signed in on at once
 CSRF_HEADER = "x-csrf-token"
 
 
@@ -65,14 +70,29 @@ def start(state: AppState, key_text: str) -> tuple[str, keys.Caller]:
     """Check a key and open a session for it; returns the cookie's token. AuthError if bad."""
     caller = state.key_cache.verify(key_text)
     token = secrets.token_urlsafe(32)
-    record = {"key_id": caller.key_id, "csrf": secrets.token_urlsafe(32), "at": time.time()}
-    state.redis.set(SESSION_KEY.format(digest=_digest(token)), json.dumps(record), ex=SESSION_TTL_S)
+    now, digest = time.time(), _digest(token)
+    record = {"key_id": caller.key_id, "csrf": secrets.token_urlsafe(32), "at": now}
+    held = SESSIONS_OF_KEY.format(key_id=caller.key_id)
+    with state.redis.pipeline() as pipe:  # MULTI: sign-ins at once keep the newest together
+        pipe.set(SESSION_KEY.format(digest=digest), json.dumps(record), ex=SESSION_TTL_S)
+        pipe.zadd(held, {digest: now})
+        pipe.zrange(held, 0, -UI_SESSIONS_PER_KEY - 1)
+        pipe.zremrangebyrank(held, 0, -UI_SESSIONS_PER_KEY - 1)
+        pipe.expire(held, SESSION_TTL_S)
+        oldest = pipe.execute()[2]
+    if oldest:
+        state.redis.delete(*(SESSION_KEY.format(digest=d.decode()) for d in oldest))
     return token, caller
 
 
 def end(state: AppState, token: str | None) -> None:
     if token:
-        state.redis.delete(SESSION_KEY.format(digest=_digest(token)))
+        name = SESSION_KEY.format(digest=_digest(token))
+        raw = state.redis.get(name)
+        state.redis.delete(name)
+        if raw:  # its room among its key's sessions is free again
+            key_id = json.loads(raw)["key_id"]
+            state.redis.zrem(SESSIONS_OF_KEY.format(key_id=key_id), _digest(token))
 
 
 def load(state: AppState, token: str | None) -> UiSession | None:

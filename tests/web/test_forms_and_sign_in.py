@@ -519,3 +519,26 @@ def test_an_admin_makes_a_teams_key_with_limits_on_the_keys_page(api_only: Appli
     assert "only an administrator may set a key&#39;s limits" in refused.text
     listed = {k["name"] for k in admin.get("/v1/api-keys").json()["api_keys"]}
     assert "sneak" not in listed
+
+
+def test_a_key_keeps_its_newest_ui_sessions_and_no_more(api_only: Appliance) -> None:
+    """Each sign-in keeps a session in Redis for 12 hours: one key signing in again and again
+    (290 a second here) filled Redis, which every team's queues share. A key keeps its newest
+    UI_SESSIONS_PER_KEY; a sign-in past them signs out its oldest, no other key's."""
+    import redis as redis_lib
+
+    from api import ui_session
+
+    most = ui_session.UI_SESSIONS_PER_KEY
+    red = make_key(api_only, "red")
+    blue = browser_client(api_only, make_key(api_only, "blue"))
+    browsers = [browser_client(api_only, red) for _ in range(most + 3)]
+    signed_in = [b.get("/ui/keys").status_code == 200 for b in browsers]
+    assert signed_in == [False] * 3 + [True] * most
+    assert blue.get("/ui/keys").status_code == 200
+    store = redis_lib.Redis.from_url(api_only.redis.url)
+    assert len(list(store.scan_iter("appliance:ui:session:*"))) == most + 1
+    csrf = csrf_of(browsers[-1].get("/ui/keys").text)
+    assert browsers[-1].post("/ui/sign-out", data={"csrf": csrf}).status_code == 303
+    again = browser_client(api_only, red)  # room for one without ending another
+    assert [b.get("/ui/keys").status_code == 200 for b in (again, browsers[3])] == [True, True]
