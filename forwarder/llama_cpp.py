@@ -26,7 +26,9 @@ What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
   of a stream that did not ask for it (`forwarder/usage.UsageStrip`);
 - chat replies the same: a whole one's `usage` is its first choice's, and a stream sends one
   usage chunk (`choices: []`) for each choice, where OpenAI sends one for the stream (the
-  others are dropped);
+  others are dropped); and a stream may start choice 1 before choice 0, where OpenAI and vLLM
+  open them in order (OpenAI's SDK stream helper fails otherwise), so a choice's lower ones
+  that have had no chunk yet are opened first, with an empty delta (`CompletionShape._open`);
 - `tool_choice` is read as a string alone ("auto", "none", "required"): an object naming the
   function to call is taken for "auto" (it logs "Wrong type supplied for parameter
   'tool_choice'"), in chats and responses alike, so it is refused (`_tool_choice`);
@@ -103,8 +105,10 @@ RESPONSE_MEDIA_PARTS: Final = ("input_image", "input_audio")
 # text part, whose text its server fails on with a 500 when it is no string
 RESPONSE_PART_HOLDERS: Final = ("content", "output")
 RESPONSE_TEXT_PART: Final = "input_text"
-# Fields by which its server makes several responses to one (the Responses API has none)
+# Fields by which its server makes several responses to one (the Responses API has none), or
+# a chat several choices; admission bounds them (`api/inference/admission.WORK_BOUNDS`)
 RESPONSE_SEQUENCE_FIELDS: Final = ("n", "n_cmpl")
+MOST_CHOICES: Final = 128
 
 
 def _token_count(payload: Json) -> BadRequestError | None:
@@ -337,7 +341,7 @@ def shape_for(framework: str, path: bytes, body: bytes = b"") -> Shape | None:
     if path == COMPLETIONS_PATH:
         return CompletionShape()
     if path == CHAT_PATH:
-        return CompletionShape(legacy=False)
+        return CompletionShape(legacy=False, choices=_choices(_object(body) if body else None))
     if path == RESPONSES_PATH:
         request = _object(body) if body else None
         limit = request.get("max_output_tokens") if request is not None else None
@@ -345,6 +349,22 @@ def shape_for(framework: str, path: bytes, body: bytes = b"") -> Shape | None:
             return ResponsesShape(int(limit))
         return ResponsesShape()
     return None
+
+
+def _choices(request: Json | None) -> int:
+    """How many choices a chat request asks for (`n`, or llama.cpp's `n_cmpl`; 1 when neither
+    is a number above 1), as its server reads them."""
+    most = 1
+    for name in RESPONSE_SEQUENCE_FIELDS:
+        asked = request.get(name) if request is not None else None
+        if isinstance(asked, str):
+            try:
+                asked = float(asked)
+            except ValueError:
+                continue
+        if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > most:
+            most = int(min(asked, MOST_CHOICES))
+    return most
 
 
 class Shape:
@@ -450,8 +470,10 @@ class CompletionShape(Shape):
     until the next, to carry the stream's summed usage if it is the last). `legacy` false: a
     chat reply, whose usage alone is summed."""
 
-    def __init__(self, *, legacy: bool = True) -> None:
+    def __init__(self, *, legacy: bool = True, choices: int = 1) -> None:
         self.legacy = legacy
+        self.choices = choices  # a chat's `n`: its choices, opened in order (`_open`)
+        self.opened = 1 if legacy else 0  # choices 0 .. opened-1 have had a chunk
         self.offsets: dict[int, int] = {}  # a choice's text offset so far
         self.held: Json | None = None  # a finishing chunk, with its choice's usage
         self.prompt_tokens = -1
@@ -482,7 +504,8 @@ class CompletionShape(Shape):
         if not event.startswith(DATA):
             return event  # a comment: passed on, past any held chunk
         data = event[len(DATA) : -2].strip()
-        if not self.legacy and self.held is None and USAGE not in data:
+        opening = self.opened < self.choices
+        if not self.legacy and not opening and self.held is None and USAGE not in data:
             return event  # a chat's delta: passed as its bytes
         if data == DONE:
             return self._release(last=True) + event
@@ -493,6 +516,8 @@ class CompletionShape(Shape):
             self._chunk(chunk)
         usage = chunk.get("usage")
         out = self._release(last=False)
+        if opening:
+            out += self._open(chunk)
         if not isinstance(usage, dict):
             return out + _data(chunk)
         completion = usage.get("completion_tokens")
@@ -501,6 +526,24 @@ class CompletionShape(Shape):
         if self.prompt_tokens < 0 and isinstance(prompt, int):
             self.prompt_tokens = prompt  # the n choices share their prompt
         self.held = chunk
+        return out
+
+    def _open(self, chunk: Json) -> bytes:
+        """Openers (an empty delta) for the choices below the one `chunk` carries that have had
+        no chunk yet: llama.cpp's server may start choice 1 before choice 0, and OpenAI's SDK
+        stream helper takes a choice's first chunk for its place in a list (choice 1 first
+        failed it with an IndexError), where OpenAI and vLLM open them in order."""
+        out = b""
+        for choice in chunk["choices"]:
+            index = choice.get("index") if isinstance(choice, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool) or index >= self.choices:
+                continue
+            while self.opened < index:
+                head = {k: chunk[k] for k in USAGE_CHUNK_FIELDS if k in chunk}
+                opener = {"index": self.opened, "delta": {}, "finish_reason": None}
+                out += _data(head | {"choices": [opener]})
+                self.opened += 1
+            self.opened = max(self.opened, index + 1)
         return out
 
     def _release(self, *, last: bool) -> bytes:

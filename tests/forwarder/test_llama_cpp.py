@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from api.inference import admission
 from appliance.errors import BadRequestError
@@ -155,6 +157,33 @@ def test_a_completion_streams_usage_in_a_chunk_of_its_own_as_openai_does() -> No
     unasked = strip.feed(out) + strip.close()
     assert b'"usage"' not in unasked and events(unasked)[-1] == "[DONE]"
     assert len(events(unasked)) == len(events(out)) - 1
+
+
+def test_a_chat_stream_opens_its_choices_in_order_for_the_sdks_stream_helper() -> None:
+    """llama.cpp's server may send choice 1 before choice 0 (`n` > 1): OpenAI's SDK stream
+    helper (`client.chat.completions.stream`) takes a choice's first chunk for its place in a
+    list, and failed with "IndexError: list assignment index out of range". Each choice not yet
+    seen below the one a chunk carries is opened first, with an empty delta, as OpenAI's and
+    vLLM's streams open them in order; the text of each choice is unchanged."""
+    raw = reply("chat_stream_n2.sse")
+    assert events(raw)[0]["choices"][0]["index"] == 1  # as the server sent it
+    body = b'{"messages": [{"role": "user", "content": "Hello"}], "n": 2, "stream": true}'
+    shaped = shape_for("llamacpp", b"/v1/chat/completions", body)
+    assert shaped is not None
+    out = shaped.feed(raw) + shaped.close()
+    chunks = [e for e in events(out) if e != "[DONE]"]
+    firsts = [c["choices"][0]["index"] for c in chunks if c["choices"]]
+    assert firsts[0] == 0 and sorted(set(firsts), key=firsts.index) == [0, 1]
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    final = state.current_completion_snapshot  # whole: both choices ran to max_tokens
+    texts = {0: "", 1: ""}
+    for chunk in events(raw):
+        for choice in chunk["choices"] if isinstance(chunk, dict) else ():
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+    assert [c.message.content or "" for c in final.choices] == [texts[0], texts[1]]
+    assert [c.message.role for c in final.choices] == ["assistant", "assistant"]
 
 
 @pytest.mark.parametrize("size", [1, 7, 100, 1000])
