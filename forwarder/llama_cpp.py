@@ -343,12 +343,32 @@ def shape_for(framework: str, path: bytes, body: bytes = b"") -> Shape | None:
     if path == CHAT_PATH:
         return CompletionShape(legacy=False, choices=_choices(_object(body) if body else None))
     if path == RESPONSES_PATH:
-        request = _object(body) if body else None
-        limit = request.get("max_output_tokens") if request is not None else None
+        request = (_object(body) if body else None) or {}
+        limit = request.get("max_output_tokens")
+        echo = {name: request.get(name, default) for name, default in RESPONSE_ECHO.items()}
         if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
-            return ResponsesShape(int(limit))
-        return ResponsesShape()
+            return ResponsesShape(int(limit), echo)
+        return ResponsesShape(echo=echo)
     return None
+
+
+# What an OpenAI response object says of its request, which llama.cpp's server leaves out (the
+# first three OpenAI's SDK declares required), with OpenAI's value for a request that has none
+RESPONSE_ECHO: Final[Json] = {
+    "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "instructions": None,
+    "metadata": None,
+    "max_output_tokens": None,
+    "temperature": None,
+    "top_p": None,
+}
+# What OpenAI's SDK requires of a response's usage besides its counts
+USAGE_DETAILS: Final[Json] = {
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens_details": {"reasoning_tokens": 0},
+}
 
 
 def _choices(request: Json | None) -> int:
@@ -408,19 +428,38 @@ class ResponsesShape(Shape):
     at `max_output_tokens` (`limit`, as the request sent it) says `completed`, where OpenAI's
     and vLLM's say `incomplete` with the reason: its server reports no finish reason here, so
     a response whose output reached the limit is marked so, whole or as a stream's last
-    response."""
+    response. Its response objects, whole or in events, also lack what OpenAI's say of the
+    request (`tools`, `tool_choice` and `parallel_tool_calls`, which OpenAI's SDK declares
+    required; `instructions`, `metadata`...) and their usage's details: `_mend` fills them
+    from the request (`RESPONSE_ECHO`), as vLLM does."""
 
-    def __init__(self, limit: int = 0) -> None:
+    def __init__(self, limit: int = 0, echo: Json | None = None) -> None:
         self.limit = limit  # the request's max_output_tokens; 0: none
+        self.echo = echo or {}  # what the response says of its request (`RESPONSE_ECHO`)
         self.number = 0  # the next event's sequence number
         self.item = -1  # the output item being streamed
         self.part = -1  # its content part being streamed
 
     def whole(self, body: bytes) -> bytes:
-        reply = _object(body) if self.limit > 0 else None
-        if reply is None or not self._cut(reply):
+        reply = _object(body)
+        if reply is None:
             return body
+        self._mend(reply)
+        self._cut(reply)
         return orjson.dumps(reply)
+
+    def _mend(self, response: Json) -> None:
+        """What the response lacks of OpenAI's: `output`, the request's fields, its usage's
+        details (what the server sent is kept)."""
+        response.setdefault("output", [])
+        for name, value in self.echo.items():
+            if response.get(name) is None:
+                response[name] = value
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            for name, value in USAGE_DETAILS.items():
+                if not isinstance(usage.get(name), dict):
+                    usage[name] = dict(value)
 
     def _cut(self, response: Json) -> bool:
         """Mark a completed response whose output reached the limit incomplete; whether so."""
@@ -454,7 +493,7 @@ class ResponsesShape(Shape):
         self.number += 1
         response = chunk.get("response")
         if isinstance(response, dict):
-            response.setdefault("output", [])
+            self._mend(response)
             if kind == "response.completed":
                 self._cut(response)
         if "item" in chunk or "item_id" in chunk:

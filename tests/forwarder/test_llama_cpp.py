@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import Response
 
 from api.inference import admission
 from appliance.errors import BadRequestError
@@ -447,6 +448,59 @@ def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
     assert shape_for("vllm", b"/v1/responses") is None  # vLLM's are OpenAI's already
 
 
+def test_a_response_carries_what_openais_sdk_requires_and_echoes_the_request() -> None:
+    """llama.cpp's response object lacks `tools`, `tool_choice` and `parallel_tool_calls`,
+    which OpenAI's SDK declares required (`response.tools` was None, not a list), and echoes
+    none of the request (`instructions`, `metadata`, `max_output_tokens`...), where OpenAI's and
+    vLLM's do: each is filled from the request, or OpenAI's default, whole and streamed."""
+    request = {
+        "model": "m",
+        "input": "hi",
+        "instructions": "be brief",
+        "metadata": {"team": "a"},
+        "max_output_tokens": 50,
+        "temperature": 0.5,
+        "tools": [{"type": "function", "name": "f", "parameters": {}}],
+    }
+    whole = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": "m",
+        "status": "completed",
+        "output": [],
+        "usage": {
+            "input_tokens": 1,
+            "output_tokens": 2,
+            "total_tokens": 3,
+            "input_tokens_details": {"cached_tokens": 0},
+        },
+    }
+    with pytest.raises(ValueError):  # as the server sends it
+        Response.model_validate(whole)
+    shape = shape_for("llamacpp", b"/v1/responses", json.dumps(request).encode())
+    assert shape is not None
+    mended = Response.model_validate(json.loads(shape.whole(json.dumps(whole).encode())))
+    assert [t.name for t in mended.tools] == ["f"]  # type: ignore[union-attr]
+    assert mended.tool_choice == "auto" and mended.parallel_tool_calls is True
+    assert mended.instructions == "be brief" and mended.metadata == {"team": "a"}
+    assert mended.max_output_tokens == 50 and mended.temperature == 0.5
+    bare = shape_for("llamacpp", b"/v1/responses", b'{"model": "m", "input": "hi"}')
+    assert bare is not None
+    plain = Response.model_validate(json.loads(bare.whole(json.dumps(whole).encode())))
+    assert plain.tools == [] and plain.metadata is None and plain.instructions is None
+    stream = shape_for("llamacpp", b"/v1/responses", json.dumps(request).encode())
+    assert stream is not None
+    raw = reply("responses_stream.sse")
+    out = stream.feed(raw) + stream.close()
+    for block in (b for b in out.split(b"\n\n") if b):
+        event = json.loads(block.split(b"\ndata: ", 1)[1])
+        if "response" in event:  # the last whole, as the SDK reads it
+            assert event["response"]["metadata"] == {"team": "a"}, event
+            if event["type"] == "response.completed":
+                Response.model_validate(event["response"])
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -530,7 +584,7 @@ def test_a_response_cut_at_its_limit_says_incomplete() -> None:
     assert shape is not None
     assert json.loads(shape.whole(json.dumps(whole).encode()))["status"] == "incomplete"
     kept = json.dumps(whole | {"usage": {"output_tokens": 2}}).encode()
-    assert shape.whole(kept) == kept  # under its limit: the bytes as they came
+    assert json.loads(shape.whole(kept))["status"] == "completed"  # under its limit
 
 
 @pytest.mark.parametrize(
