@@ -21,13 +21,15 @@ from api.body import Body
 from api.deps import AppState
 from api.inference import admission
 from api.submit import (
+    HELD_OF_TEAM,
     INSERT_TASK,
     WAITING,
     WAITING_OF_TEAM,
     NewTask,
+    over_bytes,
     over_queued,
     task_row,
-    team_queued_limit,
+    team_limits_of,
 )
 from appliance import audit
 from appliance.db import session_scope
@@ -206,9 +208,16 @@ def _store(
             refused = over_queued(waiting, len(requests), caller.limits.max_queued_tasks)
             if refused is not None:
                 raise refused
-        if most := team_queued_limit(caller, state.settings):
+        most, most_bytes = team_limits_of(caller, state.settings)
+        if most:
             waiting = count(WAITING_OF_TEAM, (caller.team,)).scalar_one()
             refused = over_queued(waiting, len(requests), most, caller.team)
+            if refused is not None:
+                raise refused
+        if most_bytes:
+            held = count(HELD_OF_TEAM, (caller.team,)).scalar_one()
+            adding = sum(row[-1] for row in rows)
+            refused = over_bytes(held, adding, most_bytes, caller.team, batch=True)
             if refused is not None:
                 raise refused
         session.add(batch)

@@ -11,7 +11,8 @@ SUBMIT_GROUP_MAX) and, on its own thread:
 3. queues all their jobs in one Redis pipeline: the outbox, rows before jobs.
 A group whose rows would leave the data directory's disk less free than its reserve
 (`APPLIANCE_DISK_RESERVE_BYTES`, `appliance.disk.check_room`) is refused with 507, as an upload
-is: a task holds up to a 2 MiB body, and nothing else bounds how many a team stores.
+is: a task holds up to a 2 MiB body; what one team's tasks hold is bounded in step 2
+(`APPLIANCE_MAX_TASK_BYTES_PER_TEAM`, the `bytes` of each row).
 Only then does each request get its answer. A group forms while the previous one commits, so a
 lone request waits for nothing; under load dozens of tasks share a commit.
 
@@ -61,11 +62,15 @@ WAITING = (
     "AND status IN ('PENDING', 'STARTED')"
 )
 WAITING_OF_TEAM = "SELECT COUNT(*) FROM task WHERE owner = ? AND status IN ('PENDING', 'STARTED')"
+# every row until the sweeper deletes it (its result expired): the covering index (owner, bytes)
+HELD_OF_TEAM = "SELECT COALESCE(SUM(bytes), 0) FROM task WHERE owner = ?"
+BYTES_SETTING = "APPLIANCE_MAX_TASK_BYTES_PER_TEAM"
+BYTES_RETRY_AFTER_S = 60
 TEAM_SETTING = "APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM"
 INSERT_TASK = (
     "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, callback_url, "
-    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at, key_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)"
+    "callback_auth, attempts, priority, batch_id, created_at, enqueued_at, key_id, bytes) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -106,8 +111,9 @@ class Draft:
     """A task as a route hands it over.
 
     `build` gets the endpoint (None: no such row), raises an ApplianceError to refuse the task,
-    or returns its row. `max_queued` is the key's limit on its user's waiting tasks, and
-    `team_max_queued` its team's on all of the team's (`team_queued_limit`; 0: none).
+    or returns its row. `max_queued` is the key's limit on its user's waiting tasks,
+    `team_max_queued` its team's on all of the team's, and `team_max_bytes` its team's on the
+    bytes of their stored requests (`team_limits_of`; 0: none).
     """
 
     endpoint_id: str
@@ -116,6 +122,7 @@ class Draft:
     max_queued: int
     build: Callable[[EndpointView | None], NewTask]
     team_max_queued: int = 0
+    team_max_bytes: int = 0
 
 
 Outcome = NewTask | BaseException
@@ -275,12 +282,43 @@ def team_waiting_tasks(conn: sqlite3.Connection, owner: str) -> int:
     return int(conn.execute(WAITING_OF_TEAM, (owner,)).fetchone()[0])
 
 
-def team_queued_limit(caller: Caller, settings: Settings) -> int:
-    """The most tasks the caller's team may have waiting or running (0: none): every key and
-    user of a team counts together, so no team fills Redis and the workers' queues every
-    team shares, batch after batch. An administrator is never refused, as for a team's other
+def team_limits_of(caller: Caller, settings: Settings) -> tuple[int, int]:
+    """The most tasks the caller's team may have waiting or running, and the most bytes of
+    requests its tasks may hold until their results expire (0: none): every key and user of a
+    team counts together, so no team fills Redis and the workers' queues, or the database's
+    disk, that every team shares. An administrator is never refused, as for a team's other
     limits (`api/team_limits.py`)."""
-    return 0 if caller.is_admin else settings.max_queued_tasks_per_team
+    if caller.is_admin:
+        return 0, 0
+    return settings.max_queued_tasks_per_team, settings.max_task_bytes_per_team
+
+
+def over_bytes(
+    held: int, adding: int, most: int, team: str, batch: bool = False
+) -> RateLimitedError | BadRequestError | None:
+    """The team's bytes of stored requests: the 429 to answer when `adding` more would pass
+    `most` (0: no limit), or a 400 for a task or batch that alone holds more (no wait admits
+    it)."""
+    if not most or held + adding <= most:
+        return None
+    limit = f"limit {most}, {BYTES_SETTING}"
+    if adding > most:
+        what, instead = (
+            ("this batch's requests hold", "split it into smaller batches")
+            if batch
+            else ("this task's request holds", "send a smaller one")
+        )
+        return BadRequestError(
+            f"{what} {adding} bytes, more than team {team!r} may hold in its tasks at once "
+            f"({limit}): {instead}",
+            field="input_file_id" if batch else "args",
+        )
+    return RateLimitedError(
+        f"team {team!r} holds {held} bytes of requests in its async tasks and batches, kept "
+        f"until their results expire (APPLIANCE_TASK_RESULT_TTL_S), and this adds {adding} "
+        f"({limit}); send more once older ones have expired",
+        retry_after_s=BYTES_RETRY_AFTER_S,
+    )
 
 
 def over_queued(
@@ -322,35 +360,43 @@ def _admit(
     live = [(d, o) for d, o in zip(drafts, outcomes, strict=True) if isinstance(o, NewTask)]
     users = {(d.owner, d.created_by) for d, _ in live if d.max_queued}
     teams = {d.owner for d, _ in live if d.team_max_queued}
+    holders = {d.owner for d, _ in live if d.team_max_bytes}
     waiting = Counter({who: waiting_tasks(conn, *who) for who in users})
     of_team = Counter({team: team_waiting_tasks(conn, team) for team in teams})
+    held = Counter(
+        {team: int(conn.execute(HELD_OF_TEAM, (team,)).fetchone()[0]) for team in holders}
+    )
     rows = []
     for i, (draft, task) in enumerate(zip(drafts, outcomes, strict=True)):
         if not isinstance(task, NewTask):
             continue
-        who = (draft.owner, draft.created_by)
-        refused = over_queued(waiting[who], 1, draft.max_queued) or over_queued(
-            of_team[draft.owner], 1, draft.team_max_queued, draft.owner
+        who, row = (draft.owner, draft.created_by), task_row(task)
+        refused = (
+            over_queued(waiting[who], 1, draft.max_queued)
+            or over_queued(of_team[draft.owner], 1, draft.team_max_queued, draft.owner)
+            or over_bytes(held[draft.owner], row[-1], draft.team_max_bytes, draft.owner)
         )
         if refused is not None:
             outcomes[i] = refused
             continue
         waiting[who] += 1
         of_team[draft.owner] += 1
-        rows.append(task_row(task))
+        held[draft.owner] += row[-1]
+        rows.append(row)
     return rows
 
 
 def task_row(task: NewTask) -> tuple[Any, ...]:
     """The values of `INSERT_TASK` for the task."""
     auth = None if task.callback_auth is None else json.dumps(task.callback_auth)
+    payload = json.dumps(task.payload)  # ASCII: its length is its bytes
     return (
         task.id,
         task.endpoint_id,
         task.owner,
         task.created_by,
         TaskStatus.PENDING.value,
-        json.dumps(task.payload),
+        payload,
         task.callback_url,
         auth,
         task.priority,
@@ -358,4 +404,5 @@ def task_row(task: NewTask) -> tuple[Any, ...]:
         task.created_at,
         task.created_at,  # enqueued_at: its job is queued in the same step
         task.key_id,
+        len(payload),  # last: `_admit` reads it there
     )

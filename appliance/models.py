@@ -188,6 +188,7 @@ class Task(SQLModel, table=True):
     expires_at: float | None = None
     enqueued_at: float | None = None  # last put on its RQ queue; the sweeper's grace starts here
     key_id: str | None = None  # the key it was sent with, for usage
+    bytes: int = 0  # of its stored request (`payload`): what its team's task quota counts
 
 
 class ModelFile(SQLModel, table=True):

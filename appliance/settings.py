@@ -262,6 +262,15 @@ class Settings(BaseSettings):
         "a batch larger than it a 400 saying to split it. Each holds its request in the "
         "database and a job in Redis. An administrator is never refused.",
     )
+    max_task_bytes_per_team: int = Field(
+        10 * 2**30,
+        ge=0,
+        le=2**50,
+        description="Bytes of requests one team's async tasks and batch requests may hold in the "
+        "database (0: no limit), from when they are sent until their results expire "
+        "(APPLIANCE_TASK_RESULT_TTL_S); one more is a 429 until older ones have expired, a batch "
+        "holding more than it a 400 saying to split it. An administrator is never refused.",
+    )
     max_model_bytes_per_team: int = Field(
         256 * 2**30,
         ge=0,

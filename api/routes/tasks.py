@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AdmittedDep, CallerDep, StateDep, require
 from api.inference import admission
 from api.schemas import Answerable
-from api.submit import Draft, EndpointView, NewTask, team_queued_limit
+from api.submit import Draft, EndpointView, NewTask, team_limits_of
 from appliance.errors import InvalidSpecError, NoSuchEndpointError, NoSuchTaskError
 from appliance.ids import new_id
 from appliance.keys import Caller
@@ -156,12 +156,14 @@ async def create_async_inference_task(
 
     # the outbox: the row is committed, then its job queued, before the answer; the key's
     # queued-task limit is checked in the same transaction (api.submit)
+    team_max_queued, team_max_bytes = team_limits_of(caller, state.settings)
     draft = Draft(
         endpoint_id=model_endpoint_id,
         owner=caller.team,
         created_by=caller.user,
         max_queued=caller.limits.max_queued_tasks,
-        team_max_queued=team_queued_limit(caller, state.settings),
+        team_max_queued=team_max_queued,
+        team_max_bytes=team_max_bytes,
         build=build,
     )
     task = await state.submitter.submit(draft)

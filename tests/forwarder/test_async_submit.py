@@ -93,12 +93,16 @@ def test_queued_task_limit_holds_under_a_burst(
 
 
 TEAM_QUEUED = 6
+TEAM_TASK_BYTES = 100_000
 
 
 @pytest.fixture
 def team_limited(tmp_path: Path, redis_server: RedisServer) -> Iterator[Appliance]:
     """The api alone (no worker: accepted tasks stay queued), a team's queued tasks limited."""
-    env = {"APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM": str(TEAM_QUEUED)}
+    env = {
+        "APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM": str(TEAM_QUEUED),
+        "APPLIANCE_MAX_TASK_BYTES_PER_TEAM": str(TEAM_TASK_BYTES),
+    }
     appliance = Appliance(tmp_path / "appliance", redis_server, env_extra=env)
     support.start_api(appliance)
     yield appliance
@@ -106,14 +110,14 @@ def team_limited(tmp_path: Path, redis_server: RedisServer) -> Iterator[Applianc
     support.stop_all(appliance)
 
 
-def batch_of(client: httpx.Client, model: str, lines: int) -> httpx.Response:
+def batch_of(client: httpx.Client, model: str, lines: int, prompt: str = "x") -> httpx.Response:
     body = "".join(
         json.dumps(
             {
                 "custom_id": str(i),
                 "method": "POST",
                 "url": "/v1/completions",
-                "body": {"model": model, "prompt": "x"},
+                "body": {"model": model, "prompt": prompt},
             }
         )
         + "\n"
@@ -163,3 +167,34 @@ def test_a_team_has_at_most_its_queued_tasks_whichever_keys_send_them(
     reply = blue.post(f"/v1/async-tasks?model_endpoint_id={blue_id}", json=task)
     assert reply.status_code == 200, reply.text  # another team's room is its own
     assert admin.post(path, json=task).status_code == 200  # an administrator is never refused
+
+
+def test_a_team_holds_at_most_its_bytes_of_task_requests(
+    team_limited: Appliance, backend: FakeBackend
+) -> None:
+    """A task holds up to 2 MiB of request in the database until its result expires: one
+    team's tasks count against APPLIANCE_MAX_TASK_BYTES_PER_TEAM, so a few thousand large
+    ones (33 MB a second from one client here) cannot fill the disk to the reserve every
+    team's tasks and files share."""
+    red_id = seed_endpoint(team_limited.data_dir, "fake", backend.address, owner="red")
+    blue_id = seed_endpoint(team_limited.data_dir, "blue", backend.address, owner="blue")
+    red = team_limited.client(make_key(team_limited, "red"))
+    large = {"args": {"prompt": "x" * 40_000}}
+    path = f"/v1/async-tasks?model_endpoint_id={red_id}"
+    assert [red.post(path, json=large).status_code for _ in range(2)] == [200, 200]
+    refused = red.post(path, json=large)
+    assert refused.status_code == 429, refused.text
+    said = refused.json()["detail"]
+    assert "APPLIANCE_MAX_TASK_BYTES_PER_TEAM" in said and "team 'red'" in said, said
+    assert len(task_rows(team_limited)) == 2
+
+    big = batch_of(red, "fake", 1, prompt="x" * 120_000)  # never fits: split it
+    assert big.status_code == 400, big.text
+    assert "split it" in big.json()["error"]["message"]
+    waits = batch_of(red, "fake", 1, prompt="x" * 30_000)
+    assert waits.status_code == 429, waits.text
+
+    blue = team_limited.client(make_key(team_limited, "blue"))
+    reply = blue.post(f"/v1/async-tasks?model_endpoint_id={blue_id}", json=large)
+    assert reply.status_code == 200, reply.text  # another team's room is its own
+    assert team_limited.client().post(path, json=large).status_code == 200  # an administrator
