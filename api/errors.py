@@ -242,10 +242,19 @@ def _problem(err: Any) -> str:
     return f"{where}: {said}" if where else said
 
 
+NO_RETRY: Final = (  # what no wait lifts (`error_headers`)
+    errors.EndpointDownError,
+    errors.TeamLimitError,
+    errors.FinishedError,
+    errors.InsufficientStorageError,
+)
+
+
 def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
     """Retry-After for capacity and rate limits; `x-should-retry: false` (which OpenAI's SDKs
-    obey) for an endpoint that will get no replica by itself, a team at one of its limits and
-    an object that has ended (409s the SDKs would send again, which no wait lifts);
+    obey) for an endpoint that will get no replica by itself, a team at one of its limits, an
+    object that has ended (409s the SDKs would send again, which no wait lifts) and a disk
+    without room (a 507, which they would send again, an upload's whole body each time);
     WWW-Authenticate for a missing key. That offers Bearer only: HTTP Basic is accepted (LLM
     Engine's client sends it unasked) but never offered, since a browser offered it asks for
     the key, keeps it and sends it with every later request to this origin, another site's
@@ -253,7 +262,7 @@ def error_headers(exc: errors.ApplianceError, status: int) -> dict[str, str]:
     headers: dict[str, str] = {}
     if isinstance(exc, errors.CapacityError | errors.RateLimitedError):
         headers["Retry-After"] = str(exc.retry_after_s)
-    if isinstance(exc, errors.EndpointDownError | errors.TeamLimitError | errors.FinishedError):
+    if isinstance(exc, NO_RETRY):
         headers["x-should-retry"] = "false"
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="appliance"'

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.api.test_tenancy import team_key
@@ -178,6 +179,20 @@ def test_uploads_leave_the_disk_its_reserve(tmp_path: Path) -> None:
         )
         assert batch.status_code == 507, batch.text
         assert admin.get("/v1/files").json()["data"] == []
+        # OpenAI's SDK sends a 5xx twice more (the whole file each time) unless told not to:
+        # no wait frees the disk
+        sent: list[str] = []
+        hooks = {"request": [lambda request: sent.append(request.url.path)]}
+        sdk = openai.OpenAI(
+            base_url=store.url + "/v1",
+            api_key=ADMIN_KEY,
+            http_client=httpx.Client(event_hooks=hooks),
+        )
+        with pytest.raises(openai.InternalServerError) as full:
+            sdk.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+        assert full.value.status_code == 507
+        assert full.value.response.headers["x-should-retry"] == "false"
+        assert sent == ["/v1/files"]
 
 
 def test_tasks_and_batches_leave_the_disk_its_reserve(tmp_path: Path) -> None:
