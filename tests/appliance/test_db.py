@@ -168,11 +168,13 @@ def test_a_database_a_later_release_wrote_is_refused_in_one_line(tmp_path: Path)
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1:] == [
+    said = (
         f"appliance worker: the database in {tmp_path} is at schema version {later}, which a "
         f"later release wrote; this release knows up to {later - 1}: run that release or a "
         "later one on it, or restore a backup this release took"
-    ]
+    )
+    # one line; a log line of the worker's own (its Redis being down) may come beside it
+    assert said in done.stderr.splitlines(), done.stderr
 
 
 def test_an_endpoint_keeps_the_events_its_readers_can_read(tmp_path: Path) -> None:
