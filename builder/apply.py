@@ -141,6 +141,7 @@ class Applier:
                 .where(col(Replica.id) == action.replica_id)
                 .values(container_id=action.container_id, address=action.address)
             )
+        self.on_routes_changed()  # a replica restarted on another port is reached there now
 
     def _MarkReady(self, action: MarkReady) -> None:
         now = time.time()

@@ -160,6 +160,10 @@ def _observe_replica(
             why = "container disappeared" if container is None else exited(container)
             tick.actions.append(FailReplica(replica.id, why))
         return False
+    if container.address and container.address != replica.address:
+        # restarted (`docker restart`, its restart policy, the Docker Engine's own restart)
+        # on another published port: reach it where it is now
+        tick.actions.append(AdoptContainer(replica.id, container.id, container.address))
     if replica.state == ReplicaState.STOPPING:
         waited = now - replica.state_since
         idle = tick.obs.inflight.get(replica.id, 0) <= 0

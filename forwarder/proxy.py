@@ -254,9 +254,12 @@ class Forwarder:
             while True:
                 await asyncio.sleep(PROBE_EVERY_S)
                 current = self.table.by_id.get(target.endpoint_id)
-                if current is None or all(r.id != replica.id for r in current.replicas):
+                replicas = current.replicas if current is not None else ()
+                # at its address now: a replica restarted on another port is routed there
+                now = next((r for r in replicas if r.id == replica.id), None)
+                if current is None or now is None:
                     return
-                if await healthy(replica.address, current.health_route):
+                if await healthy(now.address, current.health_route):
                     logger.info("replica %s is healthy again; back in rotation", replica.id)
                     return
         finally:

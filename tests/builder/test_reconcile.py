@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,6 +225,19 @@ def test_a_container_created_before_a_crash_is_adopted() -> None:
     row = replica("r1", container_id=None, address=None, state=ReplicaState.STARTING)
     actions = plan([endpoint()], [row], [container("r1")])
     assert act.AdoptContainer("r1", "c-r1", "http://x") in actions
+
+
+def test_a_replica_restarted_on_another_port_is_reached_there() -> None:
+    """`docker restart` of a replica (or its restart policy, or the Docker Engine's restart)
+    publishes it on a new host port: its row kept the old address, so it answered nothing
+    and its endpoint, READY, answered 503 "no ready replica yet" until someone deleted it.
+    The builder records the address the container has now."""
+    moved = dataclasses.replace(container("r1"), address="http://127.0.0.1:32887")
+    for state in (ReplicaState.READY, ReplicaState.STARTING):
+        row = replica("r1", address="http://127.0.0.1:32880", state=state)
+        actions = plan([endpoint()], [row], [moved])
+        assert act.AdoptContainer("r1", "c-r1", "http://127.0.0.1:32887") in actions
+    assert not [a for a in plan([endpoint()], [replica("r1")]) if isinstance(a, act.AdoptContainer)]
 
 
 def test_delete_drains_then_removes_the_row() -> None:

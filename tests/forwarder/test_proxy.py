@@ -182,6 +182,30 @@ def test_ejected_replica_returns_when_healthy() -> None:
     asyncio.run(main())
 
 
+def test_an_ejected_replica_that_moved_returns_at_its_new_address() -> None:
+    """A replica restarted on another port (`docker restart` with ports published on the
+    host) was probed at the address it had when it failed, which never answers again: it
+    stayed out of rotation after the builder routed it to its new one."""
+
+    async def main() -> None:
+        moved = Replica("moved")
+        async with moved.running():
+            before = route(("moved", f"http://127.0.0.1:{free_port()}"))
+
+            async def body(fwd: Forwarder) -> None:
+                for _ in range(3):
+                    fwd.failed(before, "moved")
+                assert fwd.ejected == {"moved"}
+                now = route(("moved", moved.url))  # the builder's new address, routed
+                fwd.update(table(now))
+                assert await call(fwd, now, hold_s=5) == ("moved", 200)
+                assert fwd.ejected == set()
+
+            await with_forwarder(before, body)
+
+    asyncio.run(main())
+
+
 def test_a_wait_that_ends_says_why_only_to_the_endpoints_team() -> None:
     """The builder's reason (a replica's last log line while it starts) is its owner's, as
     the reasons of a failure are (`table.check_coming`): another team calling a public
