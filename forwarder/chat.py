@@ -38,11 +38,12 @@ FLAGS: Final = {  # refused unless absent, null or false (a server reads "true" 
     "store": NOT_KEPT + "; leave `store` out or send false",
 }
 TEXT_ONLY: Final = "text"
+NAMED: Final = frozenset([*NOT_READ, *FLAGS, "modalities"])  # a chat with none of them: one test
 
 
 def refusal(payload: Any) -> BadRequestError | None:
     """The 400 for the first field of a chat request that no server here honours, or None."""
-    if not isinstance(payload, dict):
+    if not isinstance(payload, dict) or NAMED.isdisjoint(payload):
         return None
     for field, why in FLAGS.items():
         if payload.get(field) not in (None, False):

@@ -158,10 +158,12 @@ def bound_work(payload: dict[str, Any]) -> None:
     server's to refuse. For every key: these bound what one request may cost a replica,
     whoever sends it."""
     for name, most in WORK_BOUNDS.items():
-        count = _number(payload.get(name))
+        asked = payload.get(name)
+        if asked is None:  # the usual case: no call below
+            continue
+        count = _number(asked)
         if count is None:
             continue
-        asked = payload[name]
         if count > most:
             raise BadRequestError(
                 f"{name}={asked} is over the most a request may ask: at most {most}", field=name
@@ -203,7 +205,8 @@ def _sequences(payload: dict[str, Any]) -> int:
     else is the server's to refuse)."""
     most = 1
     for name in SEQUENCE_FIELDS:
-        asked = _number(payload.get(name))
+        sent = payload.get(name)
+        asked = None if sent is None else _number(sent)
         if asked is not None and math.isfinite(asked) and asked > most:
             most = math.ceil(asked)
     return most * _prompts(payload)
