@@ -39,7 +39,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fake_backend import expected_stream
-from bench.stack import ADMIN_KEY, LITELLM_KEY, MODEL, Stack, checkout, have
+from bench.stack import ADMIN_KEY, LITELLM_KEY, MODEL, ROOT, Stack, checkout, have
 
 HERE = Path(__file__).resolve().parent
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -215,6 +215,10 @@ def main() -> None:
     for tool in ("wrk", "nginx"):
         if not have(tool):
             sys.exit(f"{tool} is missing: apt-get install -y {tool}")
+    # the working tree's compiled build, made again if any source changed since (else it would
+    # measure an older build without a word): a no-op when it is current
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run([str(ROOT / "scripts/compile")], cwd=ROOT, env=env, check=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         stack = Stack(Path(tmp))
         try:
