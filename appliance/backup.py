@@ -78,6 +78,8 @@ def backup(data_dir: Path, target: Path, *, with_files: bool = True) -> dict[str
         raise BackupError(f"{', '.join(missing)} missing from {data_dir}")
     if target.is_dir():
         raise BackupError(f"cannot write {target}: it is a directory; name a file in it")
+    if not target.parent.is_dir():  # a mistyped path: no folders made for it
+        raise BackupError(f"cannot write {target}: no directory {target.parent}; make it first")
     try:
         return _write(data_dir, database, target, with_files=with_files)
     except OSError as exc:  # no room, no right to write there, a file where a folder goes
@@ -85,7 +87,6 @@ def backup(data_dir: Path, target: Path, *, with_files: bool = True) -> dict[str
 
 
 def _write(data_dir: Path, database: Path, target: Path, *, with_files: bool) -> dict[str, Any]:
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".backup-") as work:
         schema = _snapshot(database, Path(work) / DATABASE)
         files = sorted((data_dir / FILES_DIR).glob("*.jsonl")) if with_files else []

@@ -68,6 +68,7 @@ def test_backup_under_writes_restores_keys_and_files(tmp_path: Path) -> None:
     while written[0] < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     target = tmp_path / "backups" / "one.tar.gz"
+    target.parent.mkdir()
     before = written[0]
     manifest = backup.backup(source, target)
     stop.set()
@@ -139,6 +140,9 @@ def test_a_backup_it_cannot_write_says_where_and_why(tmp_path: Path) -> None:
     blocked.write_text("a file, where a directory would have to be")
     with pytest.raises(backup.BackupError, match=f"cannot write {blocked / 'b.tar.gz'}: "):
         backup.backup(source, blocked / "b.tar.gz")
+    mistyped = tmp_path / "bakcups" / "daily" / "b.tar.gz"  # no folders are made for it
+    with pytest.raises(backup.BackupError, match=f"no directory {mistyped.parent}; make it"):
+        backup.backup(source, mistyped)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "source"]
 
 
