@@ -22,6 +22,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from appliance import audit, bus
 from appliance.db import session_scope
@@ -62,6 +63,12 @@ class Sweeper:
             except redis.RedisError as exc:  # a line a sweep while Redis is down
                 logger.warning(
                     "Redis unavailable: %s; sweeping again in %.1f s", exc, self.interval_s
+                )
+            except OperationalError as exc:  # a full disk, a locked database
+                logger.warning(
+                    "the database refused the sweep: %s; sweeping again in %.1f s",
+                    exc.orig or exc,
+                    self.interval_s,
                 )
             except Exception:
                 logger.exception("sweep failed; trying again in %.1f s", self.interval_s)

@@ -93,3 +93,29 @@ def test_racing_sweeps_count_each_request_once(tmp_path: Path, redis_server: Red
         thread.join()
     rollup.roll_up(client, engine)
     assert totals(engine) == {(5 * H, "red", key_id): [200, 400, 600, 0]}
+
+
+def test_a_sweep_the_database_refuses_is_a_line_not_a_traceback(
+    tmp_path: Path, redis_server: RedisServer, caplog, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A full disk made every sweep (every 5 s) log a 45-line traceback, growing the log of a
+    disk already full: a sweep the database refuses is one warning line, as when Redis is down."""
+    from sqlalchemy.exc import OperationalError
+
+    from forwarder.worker.sweeper import Sweeper
+
+    engine = open_engine(tmp_path / "appliance.db")
+    sweeper = Sweeper(
+        engine, redis.Redis(port=redis_server.port), files_dir=tmp_path, grace_s=1, interval_s=0.01
+    )
+    stop = threading.Event()
+
+    def full(now: float | None = None) -> None:
+        stop.set()
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(sweeper, "sweep", full)
+    with caplog.at_level("WARNING", logger="forwarder.worker.sweeper"):
+        sweeper.loop(stop)
+    [record] = caplog.records
+    assert record.exc_info is None and "database or disk is full" in record.getMessage()
