@@ -17,6 +17,7 @@ from sqlmodel import SQLModel, select
 from appliance import migrations
 from appliance.db import open_engine, open_reader, session_scope
 from appliance.models import Endpoint
+from tests.factories import make_endpoint
 
 
 def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
@@ -109,13 +110,7 @@ def test_stored_lone_surrogates_are_mended_and_the_audit_log_stays_append_only(
     engine = open_engine(path)
     with session_scope(engine) as session:
         session.add(
-            Endpoint(
-                id="end_1",
-                name="x",
-                owner="t",
-                created_by="u",
-                framework="llamacpp",
-                model="m",
+            make_endpoint(
                 labels={"team": "a\ud800b", "path": "C:\\udata", "emoji": "\U0001f600"},
                 extra={"metadata": {"\udfff": [1, "\ud83d"]}},
             )
