@@ -5,7 +5,8 @@ worker's sweeper runs.
 
 Secrets never reach the log: `scrub` drops every field named like a secret, every env value
 (only the variable names are kept) and anything shaped like an API key's text. The table is
-append-only (a trigger refuses updates); only the retention prune deletes.
+append-only (a trigger refuses updates); only the prune deletes: entries past the retention,
+and each team's oldest past its cap (APPLIANCE_AUDIT_MAX_ENTRIES_PER_TEAM).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -137,8 +138,36 @@ def entries(
     return session.exec(query.limit(max(1, min(limit, MAX_LIST)))).all()
 
 
-def prune(session: Session, now: float, retention_days: int) -> int:
-    """Delete entries older than the retention; returns how many."""
+def prune(session: Session, now: float, retention_days: int, max_per_team: int = 0) -> int:
+    """Delete entries older than the retention, then each team's oldest past `max_per_team`
+    (0: no cap); returns how many."""
     cutoff = now - retention_days * DAY_S
     result = session.exec(delete(AuditEntry).where(col(AuditEntry.at) < cutoff))
-    return int(result.rowcount or 0)
+    return int(result.rowcount or 0) + (_cap_teams(session, max_per_team) if max_per_team else 0)
+
+
+def _cap_teams(session: Session, max_per_team: int) -> int:
+    """Delete each team's oldest entries past the cap: its sign-ins and sign-outs first (a
+    key may sign in as often as it likes), then its other actions, oldest first. An
+    administrator's entries are neither counted nor deleted (only the retention ends them): a
+    team's keys cannot push out what an administrator did."""
+    over = session.connection().execute(
+        text(
+            "SELECT team, COUNT(*) FROM audit WHERE actor_key_id IS NULL OR actor_key_id "
+            "NOT IN (SELECT id FROM api_key WHERE is_admin) GROUP BY team HAVING COUNT(*) > :n"
+        ),
+        {"n": max_per_team},
+    )
+    deleted = 0
+    for team, count in over.all():
+        result = session.connection().execute(
+            text(
+                "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE team = :team AND "
+                "(actor_key_id IS NULL OR actor_key_id NOT IN "
+                "(SELECT id FROM api_key WHERE is_admin)) "
+                "ORDER BY action LIKE 'session.%' DESC, id LIMIT :excess)"
+            ),
+            {"team": team, "excess": count - max_per_team},
+        )
+        deleted += int(result.rowcount or 0)
+    return deleted

@@ -339,6 +339,14 @@ class Settings(BaseSettings):
         le=36500,
         description="Days the audit log keeps an entry; the worker's sweeper deletes older ones.",
     )
+    audit_max_entries_per_team: int = Field(
+        100000,
+        ge=0,
+        description="Audit entries the log keeps of one team (0: no limit); past it the worker's "
+        "sweeper deletes the team's oldest, hourly, its sign-ins and sign-outs before its other "
+        "actions, so no team's keys grow the database without bound. An administrator's entries "
+        "are kept for the whole retention.",
+    )
 
     @field_validator("log_level")
     @classmethod

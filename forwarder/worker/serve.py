@@ -99,6 +99,7 @@ async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
         grace_s=settings.task_lease_s,
         interval_s=settings.sweep_interval_s,
         audit_retention_days=settings.audit_retention_days,
+        audit_max_entries_per_team=settings.audit_max_entries_per_team,
     )
     threading.Thread(target=sweeper.loop, args=(stop_threads,), name="sweeper", daemon=True).start()
     stop = asyncio.Event()

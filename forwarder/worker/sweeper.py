@@ -47,8 +47,10 @@ class Sweeper:
         grace_s: float,
         interval_s: float,
         audit_retention_days: int = 365,
+        audit_max_entries_per_team: int = 0,
     ) -> None:
         self.audit_retention_days = audit_retention_days
+        self.audit_max_entries_per_team = audit_max_entries_per_team
         self._audit_pruned_at = 0.0
         self.engine = engine
         self.redis = client
@@ -87,7 +89,9 @@ class Sweeper:
             rollup.roll_up(self.redis, self.engine, now)
             if now - self._audit_pruned_at >= AUDIT_PRUNE_EVERY_S:
                 with session_scope(self.engine) as session:
-                    audit.prune(session, now, self.audit_retention_days)
+                    audit.prune(
+                        session, now, self.audit_retention_days, self.audit_max_entries_per_team
+                    )
                 self._audit_pruned_at = now
         finally:
             self.redis.delete(LOCK_KEY)

@@ -13,7 +13,7 @@ from api.routes.ui import operators
 from appliance import audit
 from appliance.caller import Caller
 from appliance.db import open_engine, session_scope
-from appliance.models import AuditEntry
+from appliance.models import ApiKey, AuditEntry
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "mea_0123456789ab_abcdefghijklmnopqrstuvwx"
@@ -90,3 +90,60 @@ def test_the_audit_page_filters_by_every_kind_of_action() -> None:
     assert {"model.upload", "hf-model.delete", "image.prune", "key.create"} <= actions
     offered = operators.AUDIT_ACTIONS
     assert sorted(a for a in actions if not a.startswith(offered)) == []
+
+
+def test_a_team_keeps_at_most_its_cap_of_entries_sign_ins_going_first(tmp_path: Path) -> None:
+    """A manage key wrote audit entries as fast as it sent (sign-ins, key churn) and all were
+    kept a year: one team could grow the database without bound. Past the per-team cap the
+    oldest go, its sign-ins and sign-outs before its key and endpoint changes; an
+    administrator's entries and other teams' are kept."""
+    engine = open_engine(tmp_path / "a.db")
+    now = time.time()
+    with session_scope(engine) as session:
+        session.add(
+            ApiKey(
+                id="key_adm",
+                prefix="adm",
+                digest="x",
+                name="a",
+                user="ada",
+                owner="admin",
+                scopes=["manage"],
+                is_admin=True,
+            )
+        )
+        for i in range(6):
+            session.add(
+                AuditEntry(
+                    at=now - 100 + i,
+                    actor="eve",
+                    team="t1",
+                    action="key.create" if i % 2 else "session.signin",
+                    target=f"k{i}",
+                )
+            )
+        session.add(AuditEntry(at=now, actor="bob", team="t2", action="session.signin", target="b"))
+        for i in range(3):
+            session.add(
+                AuditEntry(
+                    at=now,
+                    actor="ada",
+                    team="t1",
+                    actor_key_id="key_adm",
+                    action="endpoint.create",
+                    target=f"e{i}",
+                )
+            )
+    with session_scope(engine) as session:
+        assert audit.prune(session, now, 365, max_per_team=3) == 3
+    with session_scope(engine) as session:
+        left = {(e.team, e.target) for e in session.exec(select(AuditEntry)).all()}
+    assert left == {
+        ("t1", "k1"),
+        ("t1", "k3"),
+        ("t1", "k5"),
+        ("t2", "b"),
+        ("t1", "e0"),
+        ("t1", "e1"),
+        ("t1", "e2"),
+    }
