@@ -164,7 +164,7 @@ def _store(
     targets: dict[str, Target],
     state: AppState,
     address: str | None,
-) -> tuple[Batch, list[tuple[str, str]]]:
+) -> tuple[Batch, list[tuple[str, str, str]]]:
     """The batch and its tasks in one transaction: the outbox, every row before any job."""
     now = time.time()
     batch = Batch(
@@ -226,7 +226,7 @@ def _store(
         session.connection().exec_driver_sql(INSERT_TASK, rows)
         change = {"input_file_id": source_id, "endpoint": body.endpoint, "requests": len(requests)}
         audit.record(session, caller, "batch.create", batch.id, change, address)
-    return batch, [(task.id, task.endpoint_id) for task in tasks]
+    return batch, [(task.id, task.endpoint_id, task.owner) for task in tasks]
 
 
 CANCELLABLE = ("in_progress", "cancelling")  # a batch whose requests may still be ended

@@ -208,7 +208,7 @@ class TaskSubmitter:
             _insert(conn, drafts, outcomes, self._room)
         finally:
             raw.close()
-        stored = [(t.id, t.endpoint_id) for t in outcomes if isinstance(t, NewTask)]
+        stored = [(t.id, t.endpoint_id, t.owner) for t in outcomes if isinstance(t, NewTask)]
         if stored:
             try:
                 jobs.enqueue(self._redis, stored, low=False)

@@ -44,36 +44,74 @@ logger = logging.getLogger(__name__)
 
 HIGH_QUEUE = "appliance:tasks:{endpoint_id}"  # single tasks
 LOW_QUEUE = "appliance:batch:{endpoint_id}"  # batch requests: taken only when no single waits
+# Each team's tasks on an endpoint wait in a queue of their own, `<endpoint's queue>:<team>`,
+# and the set `<endpoint's queue's name>:teams` names the teams whose queue may hold some: the
+# runner takes from them in turn, so one team's backlog never holds up another team's tasks.
+TEAMS_SUFFIX = ":teams"
 JOB_FUNC = "forwarder.worker.jobs.run_task"
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 ASYNC_PATH = "/v1/async-tasks"
 T = TypeVar("T")
 
 
-def queue_name(endpoint_id: str, *, low: bool) -> str:
+def queue_name(endpoint_id: str, team: str, *, low: bool) -> str:
+    """The RQ queue of one team's tasks on the endpoint (of its batch requests when `low`)."""
+    return endpoint_queue_name(endpoint_id, low=low) + ":" + team
+
+
+def queue_key(endpoint_id: str, team: str, *, low: bool) -> str:
+    return Queue.redis_queue_namespace_prefix + queue_name(endpoint_id, team, low=low)
+
+
+def endpoint_queue_name(endpoint_id: str, *, low: bool) -> str:
     return (LOW_QUEUE if low else HIGH_QUEUE).format(endpoint_id=endpoint_id)
 
 
-def queue_key(endpoint_id: str, *, low: bool) -> str:
-    return Queue.redis_queue_namespace_prefix + queue_name(endpoint_id, low=low)
+def endpoint_queue_key(endpoint_id: str, *, low: bool) -> str:
+    """The endpoint's one queue, where every team's tasks waited before each team had its own:
+    the runner still takes what an upgraded install left there (`team_queue_keys`)."""
+    return Queue.redis_queue_namespace_prefix + endpoint_queue_name(endpoint_id, low=low)
 
 
-def enqueue(client: redis.Redis, items: Iterable[tuple[str, str]], *, low: bool) -> int:
-    """Queue (task id, endpoint id) pairs as RQ jobs whose id is the task id; one round trip.
+def teams_key(endpoint_id: str, *, low: bool) -> str:
+    """The set of teams with a queue of tasks (`low`: batch requests) on the endpoint."""
+    return endpoint_queue_name(endpoint_id, low=low) + TEAMS_SUFFIX
+
+
+def team_queue_keys(client: redis.Redis, endpoint_ids: Iterable[str]) -> list[str]:
+    """Every queue that may hold the endpoints' jobs: each team's, and the endpoint's own."""
+    wanted = [(e, low) for e in endpoint_ids for low in (False, True)]
+    with client.pipeline(transaction=False) as pipe:
+        for endpoint_id, low in wanted:
+            pipe.smembers(teams_key(endpoint_id, low=low))
+        found = pipe.execute()
+    keys = []
+    for (endpoint_id, low), teams in zip(wanted, found, strict=True):
+        keys.append(endpoint_queue_key(endpoint_id, low=low))
+        keys += [queue_key(endpoint_id, t.decode(), low=low) for t in sorted(teams)]
+    return keys
+
+
+def enqueue(client: redis.Redis, items: Iterable[tuple[str, str, str]], *, low: bool) -> int:
+    """Queue (task id, endpoint id, team) triples as RQ jobs whose id is the task id, each on
+    its team's queue of the endpoint; one round trip.
 
     Each job is what `Queue.enqueue_call(JOB_FUNC, args=(task_id,), job_id=task_id,
     result_ttl=0)` stores (its hash, then RPUSH on its queue) without building a Job and a
-    Queue per task: a third of the CPU, which matters at hundreds of submits a second.
+    Queue per task: a third of the CPU, which matters at hundreds of submits a second. The
+    team joins the endpoint's set after its job is pushed: the runner drops a team from the
+    set when it finds its queue empty, so a push between the two re-adds it, never loses it.
     """
     stamp = utcformat(rq_now())
     count = 0
     with client.pipeline(transaction=False) as pipe:
-        for task_id, endpoint_id in items:
-            name = queue_name(endpoint_id, low=low)
+        for task_id, endpoint_id, team in items:
+            name = queue_name(endpoint_id, team, low=low)
             pipe.hset(
                 Job.redis_job_namespace_prefix + task_id, mapping=_job_hash(task_id, name, stamp)
             )
             pipe.rpush(Queue.redis_queue_namespace_prefix + name, task_id)
+            pipe.sadd(teams_key(endpoint_id, low=low), team)
             count += 1
         pipe.execute()
     return count

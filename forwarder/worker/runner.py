@@ -4,8 +4,9 @@ An RQ `Worker` runs one job at a time (a forked work horse per job), but a repli
 well only with dozens of requests in flight, so this runner takes jobs from the same RQ queues
 and runs up to `worker_concurrency` of them concurrently on one event loop. A Lua script pops
 jobs and takes each one's lease in one step, high-priority queues (single tasks) before
-low-priority ones (batches); the runner renews its leases while the jobs run, so the sweeper
-can tell a job whose worker died (lease expired) from one that is still running.
+low-priority ones (batches), each endpoint in turn and, within one, each team's queue in turn;
+the runner renews its leases while the jobs run, so the sweeper can tell a job whose worker
+died (lease expired) from one that is still running.
 """
 
 from __future__ import annotations
@@ -37,38 +38,67 @@ DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: i
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
 
-# Pop up to ARGV[1] job ids and lease each for ARGV[2] ms (lease keys prefixed ARGV[3]): first
-# from the single-task queues (KEYS[1..ARGV[4]]), then from the batch queues (the rest), one id
-# from each queue in turn, starting at queue ARGV[5] (mod the count), so every endpoint's
-# tasks share the worker's slots whatever its place in KEYS and however many it has queued.
+# Pop up to ARGV[1] job ids and lease each for ARGV[2] ms (lease keys prefixed ARGV[3]). KEYS
+# come in pairs, one per endpoint and priority: the set of teams with a queue there, and the
+# endpoint's own queue (`jobs.teams_key`, `jobs.endpoint_queue_key`); a team's queue is the
+# latter's key, ':', the team. First the single tasks' pairs (the first ARGV[4]), then the
+# batch requests'. Endpoints take turns, one id each, starting at pair ARGV[5] (mod the count),
+# and within an endpoint its teams take turns, starting at team ARGV[5] (mod theirs): every
+# endpoint's tasks, and every team's on a shared endpoint, share the worker's slots whatever
+# their place in KEYS and however many they have queued. A team whose queue is found empty
+# leaves the set (`jobs.enqueue` adds it back after a push).
 _POP_AND_LEASE = """
 local out = {}
 local n = tonumber(ARGV[1])
 local high = tonumber(ARGV[4])
 local turn = tonumber(ARGV[5])
+local function ring(pair)
+  local set, own = KEYS[2 * pair - 1], KEYS[2 * pair]
+  local teams = redis.call('SMEMBERS', set)
+  table.sort(teams)
+  local queues = {}
+  if redis.call('EXISTS', own) == 1 then queues[1] = {own, nil} end
+  for _, team in ipairs(teams) do queues[#queues + 1] = {own .. ':' .. team, team} end
+  return {set = set, queues = queues, at = turn % math.max(#queues, 1)}
+end
+local function pop_one(e)
+  while #e.queues > 0 do
+    local i = e.at % #e.queues + 1
+    local queue = e.queues[i]
+    local id = redis.call('LPOP', queue[1])
+    if id then
+      e.at = i
+      return id
+    end
+    table.remove(e.queues, i)
+    if queue[2] then redis.call('SREM', e.set, queue[2]) end
+    e.at = i - 1
+  end
+  return nil
+end
 local function take(first, last)
   local count = last - first + 1
   if count <= 0 then return end
   local live = {}
   for i = 0, count - 1 do
-    live[#live + 1] = KEYS[first + ((turn + i) % count)]
+    live[#live + 1] = ring(first + ((turn + i) % count))
   end
   while #out < n and #live > 0 do
     local still = {}
-    for _, key in ipairs(live) do
+    for _, e in ipairs(live) do
       if #out >= n then break end
-      local id = redis.call('LPOP', key)
+      local id = pop_one(e)
       if id then
         redis.call('SET', ARGV[3] .. id, '1', 'PX', ARGV[2])
         table.insert(out, id)
-        still[#still + 1] = key
+        still[#still + 1] = e
       end
     end
     live = still
   end
 end
 take(1, high)
-take(high + 1, #KEYS)
+take(high + 1, #KEYS / 2)
 return out
 """
 
@@ -150,9 +180,15 @@ class Runner:
                 logger.warning("cannot drop finished jobs' leases: %s", exc)
 
     def queue_keys(self) -> list[str]:
+        """The pairs `_POP_AND_LEASE` takes from: every endpoint's single tasks', then its
+        batch requests'."""
         endpoint_ids = sorted(self.runtime.forwarder.table.by_id.keys() | self._orphaned)
-        high = [jobs.queue_key(e, low=False) for e in endpoint_ids]
-        return high + [jobs.queue_key(e, low=True) for e in endpoint_ids]
+        return [
+            key
+            for low in (False, True)
+            for e in endpoint_ids
+            for key in (jobs.teams_key(e, low=low), jobs.endpoint_queue_key(e, low=low))
+        ]
 
     async def _take_jobs(self, stop: asyncio.Event) -> None:
         idle_s = IDLE_POLL_S
@@ -183,7 +219,7 @@ class Runner:
         if done:  # finished jobs' leases and hashes, one round trip for many
             self.redis.delete(*done)
         self._turn += 1
-        high = len(keys) // 2  # queue_keys: every endpoint's single-task queue, then its batch one
+        high = len(keys) // 4  # queue_keys: every endpoint's single-task pair, then its batch one
         args: list[str | int] = [n, self.lease_ms, LEASE_PREFIX, high, self._turn]
         ids = [i.decode() for i in self._pop(keys=keys, args=args)]
         if not ids:

@@ -100,7 +100,7 @@ class Sweeper:
         with self.engine.begin() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT id, endpoint_id, batch_id IS NOT NULL FROM task "
+                    "SELECT id, endpoint_id, batch_id IS NOT NULL, owner FROM task "
                     "WHERE status IN ('PENDING', 'STARTED') "
                     "AND COALESCE(enqueued_at, created_at) < :cutoff LIMIT :n"
                 ),
@@ -108,7 +108,7 @@ class Sweeper:
             ).all()
         if not rows:
             return 0
-        queued = self._queued_ids({(r[1], bool(r[2])) for r in rows})
+        queued = self._queued_ids({r[1] for r in rows})
         with self.redis.pipeline(transaction=False) as pipe:
             for row in rows:
                 pipe.exists(LEASE_PREFIX + row[0])
@@ -122,17 +122,19 @@ class Sweeper:
                     text("UPDATE task SET enqueued_at = :now WHERE id = :id"),
                     {"id": row[0], "now": now},
                 )
-        by_priority: dict[bool, list[tuple[str, str]]] = defaultdict(list)
+        by_priority: dict[bool, list[tuple[str, str, str]]] = defaultdict(list)
         for row in lost:
-            by_priority[bool(row[2])].append((row[0], row[1]))
+            by_priority[bool(row[2])].append((row[0], row[1], row[3]))
         for low, items in by_priority.items():
             jobs.enqueue(self.redis, items, low=low)
         return len(lost)
 
-    def _queued_ids(self, queues: set[tuple[str, bool]]) -> set[str]:
+    def _queued_ids(self, endpoint_ids: set[str]) -> set[str]:
+        """The ids waiting in any queue of the endpoints (each team's, and the endpoint's own)."""
+        keys = jobs.team_queue_keys(self.redis, sorted(endpoint_ids))
         with self.redis.pipeline(transaction=False) as pipe:
-            for endpoint_id, low in queues:
-                pipe.lrange(jobs.queue_key(endpoint_id, low=low), 0, -1)
+            for key in keys:
+                pipe.lrange(key, 0, -1)
             lists = pipe.execute()
         return {i.decode() for ids in lists for i in ids}
 

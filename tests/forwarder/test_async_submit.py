@@ -57,7 +57,7 @@ def test_every_answered_task_survives_an_api_kill_and_a_redis_wipe(
     bare_appliance.stop_role("api", signal.SIGKILL)  # no shutdown: only what was committed
     assert task_rows(bare_appliance) == dict.fromkeys(answered, "PENDING")
     r = redis_lib.Redis.from_url(bare_appliance.redis.url)
-    queued = {i.decode() for i in r.lrange(jobs.queue_key(endpoint_id, low=False), 0, -1)}
+    queued = {i.decode() for i in r.lrange(jobs.queue_key(endpoint_id, "admin", low=False), 0, -1)}
     assert queued == set(answered)  # each one queued too, after its commit
 
     r.flushall()  # jobs gone; the sweeper queues them again from SQLite

@@ -230,6 +230,7 @@ def seed_endpoint(
     endpoint_type: str = "async",
     extra: dict[str, Any] | None = None,
     framework: str = "vllm",
+    public: bool = False,
 ) -> str:
     """An endpoint row and one READY replica row at `address`; returns the endpoint id."""
     engine = open_engine(data_dir / "appliance.db")
@@ -246,6 +247,7 @@ def seed_endpoint(
                 endpoint_type=endpoint_type,
                 status=EndpointStatus.READY,
                 extra=extra or {},
+                public_inference=public,
             )
         )
         session.add(

@@ -4,6 +4,7 @@ published, Redis wiped and the sweeper re-enqueues from SQLite, batches in OpenA
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Any
@@ -15,10 +16,11 @@ import redis as redis_lib
 from sqlalchemy import create_engine, text
 
 from appliance import bus
-from forwarder.worker import taskstore
+from forwarder.worker import jobs, taskstore
+from forwarder.worker.runner import _POP_AND_LEASE
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, wait_tasks
-from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
+from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key, wait_until
 
 backend = support.backend  # fixtures
 bare_appliance = support.bare_appliance
@@ -464,6 +466,75 @@ def test_one_endpoints_backlog_does_not_hold_up_anothers_tasks(
         wait_tasks(client, queued, 120)
     finally:
         slow.stop()
+
+
+def test_one_teams_backlog_on_a_shared_endpoint_does_not_hold_up_anothers_task(
+    bare_appliance: Appliance,
+) -> None:
+    """On a public endpoint each team's tasks wait in a queue of their own, and the worker takes
+    one from each team in turn: team b's task, sent after team a queued 40, runs while most of
+    a's still wait (it used to wait behind all of them), and a's run in the order a sent them."""
+    slow = FakeBackend(delay_s=0.3).start()
+    try:
+        shared = seed_endpoint(bare_appliance.data_dir, "shared", slow.address, public=True)
+        bare_appliance.env_extra["APPLIANCE_WORKER_CONCURRENCY"] = "2"
+        bare_appliance.start_role("worker")
+        team_a = bare_appliance.client(make_key(bare_appliance, "a"))
+        team_b = bare_appliance.client(make_key(bare_appliance, "b"))
+        url = f"/v1/async-tasks?model_endpoint_id={shared}"
+        queued = []
+        for i in range(40):
+            reply = team_a.post(url, json={"args": {"prompt": f"a {i}", "max_tokens": 1}})
+            assert reply.status_code == 200, reply.text
+            queued.append(reply.json()["task_id"])
+        mine = team_b.post(url, json={"args": {"prompt": "b", "max_tokens": 1}})
+        assert mine.status_code == 200, mine.text
+        assert wait_tasks(team_b, [mine.json()["task_id"]], 60)
+        engine = create_engine(f"sqlite:///{bare_appliance.data_dir / 'appliance.db'}")
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                text("SELECT COUNT(*) FROM task WHERE endpoint_id = :e AND status = 'PENDING'"),
+                {"e": shared},
+            ).scalar_one()
+        engine.dispose()
+        assert waiting > 20, f"only {waiting} of team a's 40 tasks were still queued"
+        wait_tasks(team_a, queued, 120)
+        prompts = [b["prompt"] for b in slow.bodies if b["prompt"].startswith("a ")]
+        started = [int(p.split()[1]) for p in prompts]
+        # taken in order, two at a time: the two sent together may reach the replica swapped
+        assert all(b > a - 2 for a, b in itertools.pairwise(started)), started
+    finally:
+        slow.stop()
+
+
+def test_the_worker_takes_each_teams_tasks_in_turn_and_what_an_upgrade_left_queued(
+    redis_server: RedisServer,
+) -> None:
+    """The pop script on a real Redis: single tasks before batch requests, the teams of an
+    endpoint one task each in turn, each team's in the order sent; what waited in the
+    endpoint's one queue before each team had its own is still taken; a team whose queue is
+    found empty leaves the endpoint's set, and comes back with its next task."""
+    r = redis_lib.Redis.from_url(redis_server.url)
+    pop = r.register_script(_POP_AND_LEASE)
+    r.rpush(jobs.endpoint_queue_key("end_x", low=False), "old1")  # queued before the upgrade
+    jobs.enqueue(r, [(f"a{i}", "end_x", "a") for i in range(5)], low=False)
+    jobs.enqueue(r, [("b0", "end_x", "b"), ("b1", "end_x", "b")], low=False)
+    jobs.enqueue(r, [("batch0", "end_x", "c")], low=True)
+    keys = [
+        key
+        for low in (False, True)
+        for key in (jobs.teams_key("end_x", low=low), jobs.endpoint_queue_key("end_x", low=low))
+    ]
+    taken = [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 0])]
+    assert taken == ["old1", "a0", "b0", "a1", "b1", "a2"]
+    assert r.exists("lease:a2")
+    assert r.smembers(jobs.teams_key("end_x", low=False)) == {b"a", b"b"}
+    taken = [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 1])]
+    assert taken == ["a3", "a4", "batch0"]
+    assert not r.exists(jobs.teams_key("end_x", low=False))  # every queue was found empty
+    assert not r.exists(jobs.teams_key("end_x", low=True))
+    jobs.enqueue(r, [("b2", "end_x", "b")], low=False)
+    assert [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 2])] == ["b2"]
 
 
 def test_task_fields_the_appliance_would_not_honour_are_refused_naming_them(
