@@ -8,7 +8,8 @@ and the envelope each family of routes answers in (`envelope_of`).
   too) or a name that exists is 400 (`BadRequestError`), a change already in progress 409.
 - `/v1/files`, which both clients call: OpenAI's envelope with LLM Engine's `detail` beside it.
 - The appliance's own routes (keys, storage, config, the web UI): `{"detail": ...}`, an invalid
-  request 422 and a conflict 409.
+  request 422 and a conflict 409. A page of the web UI a browser asks for answers with a page
+  (`install`'s `pages`), never raw JSON: a query parameter it cannot read, no such page.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import sqlalchemy.exc
@@ -356,7 +358,30 @@ def jsonable(items: Any) -> Any:
     )
 
 
-def install(app: FastAPI) -> None:
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+UI_PATH = "/ui"
+
+
+def install(app: FastAPI, pages: Handler | None = None) -> None:
+    """`pages`: how the web UI answers, as a page, a request refused before its route runs (a
+    query parameter or path it cannot read, a page that does not exist)."""
     app.add_exception_handler(errors.ApplianceError, _domain)
-    app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(RequestValidationError, _or_page(_validation, pages))
+    app.add_exception_handler(HTTPException, _or_page(_http, pages))
+
+
+def _or_page(handler: Handler, pages: Handler | None) -> Handler:
+    async def either(request: Request, exc: Exception) -> Response:
+        if pages is not None and _a_page(request, exc):
+            return await pages(request, exc)
+        return await handler(request, exc)
+
+    return either
+
+
+def _a_page(request: Request, exc: Exception) -> bool:
+    """A refusal under /ui a browser reads (not a redirect, nor the playground's JSON chat)."""
+    if isinstance(exc, HTTPException) and exc.status_code < 400:
+        return False
+    json_body = "json" in request.headers.get("content-type", "")
+    return _under(request.url.path, UI_PATH) and not json_body

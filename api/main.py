@@ -230,7 +230,7 @@ def create_app(
         docs_url=None,  # api/routes/docs.py serves them, at fixed releases
         redoc_url=None,
     )
-    errors.install(app)
+    errors.install(app, pages=ui.bad_request)  # the web UI answers its refusals as pages
     app.add_middleware(InferenceRoutes)  # pure ASGI: the inference POST routes
     app.add_middleware(KeyGate)  # no key at all is a 401 before any body is read
     if settings.cors_origins:  # outermost, so preflights are answered before the gate

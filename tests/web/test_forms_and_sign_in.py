@@ -197,6 +197,36 @@ def test_the_logs_page_carries_the_uis_security_headers(api_only: Appliance) -> 
     assert "script-src 'self'" in logs.headers["content-security-policy"]
 
 
+def test_a_bad_link_is_a_page_of_the_ui_not_raw_json(api_only: Appliance) -> None:
+    """A query parameter a page cannot read (`/ui/audit?before=x`, `/ui/usage?granularity=week`),
+    or a page that does not exist, answered raw JSON (FastAPI's 422, Starlette's 404) in the
+    browser. Each is now the UI's page, with the menu and a line naming what was wrong; the
+    playground's chat, which its script sends as JSON, still answers JSON."""
+    client = browser_client(api_only)
+    long = "a" * 300
+    for path, status, words in (
+        ("/ui/audit?before=x", 422, "before"),
+        ("/ui/audit?before=-1", 422, "before"),
+        ("/ui/usage?granularity=week", 422, "granularity"),
+        ("/ui/usage.csv?granularity=week", 422, "granularity"),
+        (f"/ui/endpoints/new?model={long}", 422, "model"),
+        (f"/ui/models?prune={long}", 422, "prune"),
+        ("/ui/nothing-here", 404, "/ui/nothing-here"),
+        ("/ui/keys/nope", 404, "/ui/keys/nope"),
+    ):
+        reply = client.get(path)
+        assert reply.status_code == status, (path, reply.text)
+        assert reply.headers["content-type"].startswith("text/html"), (path, reply.text)
+        assert words in reply.text and 'href="/ui/endpoints"' in reply.text, (path, reply.text)
+        assert reply.headers["x-frame-options"] == "DENY"
+    chat = client.post(
+        "/ui/playground/chat",
+        json={"endpoint": "x", "messages": []},
+        headers={"x-csrf-token": csrf_of(client.get("/ui/keys").text)},
+    )
+    assert chat.status_code == 422 and chat.headers["content-type"] == "application/json"
+
+
 def test_an_inference_key_lands_on_the_playground_and_sees_only_its_pages(
     api_only: Appliance,
 ) -> None:

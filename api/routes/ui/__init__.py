@@ -21,10 +21,10 @@ from fastapi import APIRouter
 
 from api.routes.ui import endpoint_forms, keys, models, operators, pages, playground, signin
 from api.routes.ui.pages import root
-from api.routes.ui.respond import PageRefusedError, refused
+from api.routes.ui.respond import PageRefusedError, bad_request, refused
 from api.routes.ui.sampler import sampling
 
-__all__ = ["PageRefusedError", "refused", "root", "router"]
+__all__ = ["PageRefusedError", "bad_request", "refused", "root", "router"]
 
 router = APIRouter(include_in_schema=False, lifespan=sampling)
 router.include_router(signin.router)

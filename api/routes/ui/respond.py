@@ -8,8 +8,10 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException
 
 from api import ui_session
 from api.ui_session import UiSession
@@ -87,6 +89,28 @@ def redirect(url: str) -> Response:
 
 def not_found(request: Request, ui: UiSession, exc: NotFoundError) -> Response:
     return page(request, "notfound.html", ui, status=404, message=exc.message)
+
+
+async def bad_request(request: Request, exc: Exception) -> Response:
+    """A request refused before its route runs, as a page of the UI with the key's menu, not
+    raw JSON in the browser (mounted by `api.main` through `api.errors.install`): a query
+    parameter or path part the page cannot read (422, naming it), a page that does not exist."""
+    state = request.app.state.appliance
+    ui = ui_session.load(state, request.cookies.get(ui_session.SESSION_COOKIE))
+    if isinstance(exc, RequestValidationError):
+        problems = "; ".join(_problem(p) for p in exc.errors())
+        return page(request, "notfound.html", ui, status=422, heading="Bad link", message=problems)
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"There is no page at {request.url.path}."
+        return page(request, "notfound.html", ui, status=404, message=message)
+    detail = str(exc.detail)
+    return page(request, "notfound.html", ui, status=exc.status_code, heading=detail, message="")
+
+
+def _problem(problem: Any) -> str:
+    where = problem.get("loc", ())
+    return f"{where[-1] if where else 'the request'}: {problem.get('msg', 'not valid')}"
 
 
 async def form_data(request: Request) -> dict[str, str]:
