@@ -64,20 +64,29 @@ class Upload:
         try:
             self.out.write(data)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise InsufficientStorageError(
-                    f"the models directory's disk filled up after {self.size} bytes of "
-                    f"{self.final.name}; free some space (delete unused models) and retry"
-                ) from exc
+            self._refuse_if_full(exc)
             raise
         self.digest.update(data)
         self.size += len(data)
 
     def sync(self) -> None:
         """Flush the whole file to disk (before any lock is taken: it may take seconds)."""
-        self.out.flush()
-        os.fsync(self.out.fileno())
-        self.out.close()
+        try:
+            self.out.flush()
+            os.fsync(self.out.fileno())
+            self.out.close()
+        except OSError as exc:
+            self._refuse_if_full(exc)
+            raise
+
+    def _refuse_if_full(self, exc: OSError) -> None:
+        """A disk that filled up under the file (its last bytes may wait in the buffer until
+        `sync`) is the 507 saying so."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorageError(
+                f"the models directory's disk filled up after {self.size} bytes of "
+                f"{self.final.name}; free some space (delete unused models) and retry"
+            ) from exc
 
     def place(self, overwrite: bool) -> None:
         """Move into place (a link: refused if the name appeared meanwhile)."""
@@ -91,8 +100,14 @@ class Upload:
         self.partial.unlink()
 
     def discard(self) -> None:
-        self.out.close()
-        self.partial.unlink(missing_ok=True)
+        """Remove the partial file, whatever closing it says (on a full disk, closing flushes
+        the buffer again and fails again: the file must go all the same)."""
+        try:
+            self.out.close()
+        except OSError:
+            pass
+        finally:
+            self.partial.unlink(missing_ok=True)
 
 
 def _exists(name: str) -> ConflictError:

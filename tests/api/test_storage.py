@@ -5,12 +5,13 @@ refused while an endpoint uses the file or snapshot, and the disk figures."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import httpx
 import openai
 import pytest
 
+from api import model_upload
+from appliance.errors import InsufficientStorageError
+from appliance.settings import Settings
 from tests.api.test_tenancy import team_key
 from tests.e2e.lifecycle import standin_body
 from tests.harness import (
@@ -193,6 +197,29 @@ def test_uploads_leave_the_disk_its_reserve(tmp_path: Path) -> None:
         assert full.value.status_code == 507
         assert full.value.response.headers["x-should-retry"] == "false"
         assert sent == ["/v1/files"]
+
+
+def test_a_disk_that_fills_as_the_upload_ends_is_a_507_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk filled up under an upload's last bytes (held in the file's buffer until it is
+    synced): a 500, and the partial file stayed in the models directory for good, since
+    discarding it flushed the same buffer again, failed, and never removed it."""
+    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    settings.models_dir.mkdir()
+    partial = settings.models_dir / ".partial-full-m.gguf"
+
+    def on_a_full_disk(_: Settings, name: str) -> model_upload.Upload:
+        partial.touch()
+        return model_upload.Upload(settings.models_dir / name, partial, open("/dev/full", "wb"))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"GGUF" + b"\0" * 1024
+
+    monkeypatch.setattr(model_upload, "_open", on_a_full_disk)
+    with pytest.raises(InsufficientStorageError, match="disk filled up"):
+        asyncio.run(model_upload.receive("m.gguf", body(), settings, lambda size: None))
+    assert list(settings.models_dir.iterdir()) == []
 
 
 def test_tasks_and_batches_leave_the_disk_its_reserve(tmp_path: Path) -> None:
