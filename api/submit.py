@@ -62,8 +62,9 @@ WAITING = (
     "AND status IN ('PENDING', 'STARTED')"
 )
 WAITING_OF_TEAM = "SELECT COUNT(*) FROM task WHERE owner = ? AND status IN ('PENDING', 'STARTED')"
-# every row until the sweeper deletes it (its result expired): the covering index (owner, bytes)
-HELD_OF_TEAM = "SELECT COALESCE(SUM(bytes), 0) FROM task WHERE owner = ?"
+# every row until the sweeper deletes it (its result expired): a running total, which triggers
+# keep in every write of a task row (`appliance/migrations._v9_team_task_bytes`)
+HELD_OF_TEAM = "SELECT COALESCE((SELECT bytes FROM task_bytes WHERE owner = ?), 0)"
 BYTES_SETTING = "APPLIANCE_MAX_TASK_BYTES_PER_TEAM"
 BYTES_RETRY_AFTER_S = 60
 TEAM_SETTING = "APPLIANCE_MAX_QUEUED_TASKS_PER_TEAM"

@@ -289,6 +289,33 @@ def _v8_task_bytes(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v9_team_task_bytes(db: sqlite_utils.Database) -> None:
+    """Each team's bytes of stored requests as a running total, kept by triggers in the
+    transaction of every write of a task row, whichever path writes it (a submit, the
+    sweeper's expiry, a cancel): a submit reads one row under SQLite's write lock where it
+    summed every row of the team (33 ms for 500,000). The index that sum read goes."""
+    db.executescript(_TEAM_TASK_BYTES)
+
+
+_TEAM_TASK_BYTES = """
+CREATE TABLE task_bytes (owner TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO task_bytes SELECT owner, SUM(bytes) FROM task GROUP BY owner;
+DROP INDEX ix_task_owner_bytes;
+CREATE TRIGGER task_bytes_insert AFTER INSERT ON task BEGIN
+    INSERT INTO task_bytes (owner, bytes) VALUES (NEW.owner, NEW.bytes)
+    ON CONFLICT (owner) DO UPDATE SET bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER task_bytes_delete AFTER DELETE ON task BEGIN
+    UPDATE task_bytes SET bytes = bytes - OLD.bytes WHERE owner = OLD.owner;
+END;
+CREATE TRIGGER task_bytes_update AFTER UPDATE OF owner, bytes ON task BEGIN
+    UPDATE task_bytes SET bytes = bytes - OLD.bytes WHERE owner = OLD.owner;
+    INSERT INTO task_bytes (owner, bytes) VALUES (NEW.owner, NEW.bytes)
+    ON CONFLICT (owner) DO UPDATE SET bytes = bytes + excluded.bytes;
+END;
+"""
+
+
 _AUDIT_TRIGGER = """CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
 BEGIN
     SELECT RAISE(ABORT, 'the audit log is append-only');
@@ -314,6 +341,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v6_no_lone_surrogates,
     _v7_model_file_owners,
     _v8_task_bytes,
+    _v9_team_task_bytes,
 ]
 
 

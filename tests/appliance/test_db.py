@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel, select
 
+from api.submit import HELD_OF_TEAM
 from appliance import migrations
 from appliance.db import open_engine, open_reader, session_scope
 from appliance.models import Endpoint
@@ -190,3 +191,43 @@ def test_an_endpoint_keeps_the_events_its_readers_can_read(tmp_path: Path) -> No
         busy = queries.list_events("end_busy", session=session, limit=kept + 10)
         assert [e.message for e in busy] == [f"event {i}" for i in range(5, kept + 5)]
         assert len(session.exec(select(Event).where(Event.endpoint_id == "end_other")).all()) == 1
+
+
+def test_a_teams_task_bytes_are_a_running_total_kept_exact_whoever_writes_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The team's bytes of stored requests, which every submit checks under SQLite's write
+    lock, are read from a total kept beside the rows, not summed over every row of the team
+    (33 ms for 500,000 of them): exact from a database of the version before, and through
+    inserts, deletes (the sweeper's, an endpoint's) and a row moved to another team."""
+    path = tmp_path / "a.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:8])
+        migrations.migrate(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    insert = (
+        "INSERT INTO task (id, endpoint_id, owner, created_by, status, payload, attempts, "
+        "priority, created_at, bytes) VALUES (?, 'end_1', ?, 'u', 'PENDING', '{}', 0, 0, 1, ?)"
+    )
+    conn.executemany(insert, [("t1", "red", 100), ("t2", "red", 20), ("t3", "blue", 7)])
+    migrations.migrate(path)
+
+    def held(team: str) -> int:
+        return int(conn.execute(HELD_OF_TEAM, (team,)).fetchone()[0])
+
+    def summed(team: str) -> int:
+        query = "SELECT COALESCE(SUM(bytes), 0) FROM task WHERE owner = ?"
+        return int(conn.execute(query, (team,)).fetchone()[0])
+
+    assert (held("red"), held("blue"), held("green")) == (120, 7, 0)
+    plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + HELD_OF_TEAM, ("r",)))
+    assert "task " not in plan + " ", plan  # no read of the team's task rows
+    conn.executemany(insert, [("t4", "red", 5), ("t5", "green", 9)])
+    conn.execute("DELETE FROM task WHERE id IN ('t1', 't3')")
+    conn.execute("UPDATE task SET owner = 'blue', bytes = 30 WHERE id = 't2'")
+    conn.execute("BEGIN")
+    conn.execute("DELETE FROM task WHERE id = 't5'")
+    conn.execute("ROLLBACK")
+    for team in ("red", "blue", "green"):
+        assert held(team) == summed(team), team
+    assert (held("red"), held("blue"), held("green")) == (5, 30, 9)
