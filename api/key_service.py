@@ -20,7 +20,13 @@ from api import team_limits
 from api.body import Body
 from api.deps import AppState
 from appliance import audit, keys
-from appliance.errors import ConflictError, ForbiddenError, InvalidSpecError, NotFoundError
+from appliance.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    InvalidSpecError,
+    NotFoundError,
+)
 from appliance.keys import Caller
 from appliance.models import ApiKey
 
@@ -149,6 +155,11 @@ def make_key(
     """Check, store and audit a new key (the route, the UI, the declared configuration);
     returns its row and its text, which only the caller ever sees."""
     _check_request(body, caller)
+    # the caller's key was verified up to a second ago (api.callers); read again under the
+    # write lock a revocation takes, so a key revoked meanwhile makes none that would outlive it
+    lapsed = keys.lapsed(session, caller.key_id)
+    if lapsed is not None:
+        raise AuthError(lapsed)
     team_limits.check_keys(body.team or caller.team, caller, state.settings, session=session)
     if not caller.is_admin:
         expires_at = _within_maker(expires_at, caller, session)

@@ -331,6 +331,32 @@ def test_a_key_never_outlives_the_key_that_made_it(api_only: Appliance) -> None:
     assert listed[grandchild["id"]]["revoked_at"] is not None
 
 
+def test_a_revoked_key_makes_no_key_in_the_second_it_is_still_known(api_only: Appliance) -> None:
+    """A key is known valid for up to a second after its revocation (the key cache); in that
+    second a key made with it, or with a key revoked with it, stayed active and working for
+    good, so revoking a leaked key did not stop whoever held it. A key is made only while the
+    key making it is valid, read in the same transaction as the revocation writes."""
+    admin = api_only.client()
+    red = api_only.client(make_key(api_only, "red"))
+    parent = red.post("/v1/api-keys", json={"name": "leaked"}).json()
+    child = api_only.client(
+        api_only.client(parent["key"]).post("/v1/api-keys", json={"name": "child"}).json()["key"]
+    )
+    lone = admin.post("/v1/api-keys", json={"name": "lone", "team": "red", "user": "bo"}).json()
+    alone = api_only.client(lone["key"])
+    assert child.get("/v1/api-keys").status_code == 200  # both known valid from here
+    assert alone.get("/v1/api-keys").status_code == 200
+
+    assert admin.delete(f"/v1/api-keys/{parent['id']}").status_code == 200
+    assert admin.delete(f"/v1/api-keys/{lone['id']}").status_code == 200
+    for client, name in ((child, "escape"), (alone, "escape-too")):
+        made = client.post("/v1/api-keys", json={"name": name})
+        assert made.status_code == 401, made.text
+        assert "revoked" in made.json()["detail"], made.text
+    names = {k["name"]: k for k in admin.get("/v1/api-keys").json()["api_keys"]}
+    assert "escape" not in names and "escape-too" not in names
+
+
 def test_the_last_active_administrator_key_is_not_revoked_or_demoted(
     api_only: Appliance,
 ) -> None:
