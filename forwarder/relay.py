@@ -74,6 +74,8 @@ class FailureLog:
         self.unlogged: dict[str, int] = {}
 
     def note(self, endpoint: str, replica: str, status: int, why: str) -> None:
+        if why == SHUTTING_DOWN:  # the appliance stopping is no failure of the endpoint's
+            return
         now = self.clock()
         last = self.last.get(endpoint)
         if last is not None and now - last < FAILURE_LOG_EVERY_S:
@@ -213,7 +215,7 @@ class Relay:
     def _connected(self, task: asyncio.Task[Connection]) -> None:
         self.plane.connecting.discard(task)
         if task.cancelled():  # the api is shutting down
-            self._fail(UpstreamError(SHUTTING_DOWN, status_code=503))
+            self._stopped()
             return
         if task.exception() is not None:
             if not self.done:
@@ -383,7 +385,16 @@ class Relay:
         told so (a stream by an error event) rather than cut off mid-reply."""
         if self.conn is not None:
             self.conn.abort()
-        self._fail(UpstreamError(SHUTTING_DOWN, status_code=503))
+        self._stopped()
+
+    def _stopped(self) -> None:
+        """The appliance stops under this request: its client is told so, and the replica is
+        not blamed (no failure counted toward taking it out of rotation, none logged)."""
+        if self.done:
+            return
+        exc = UpstreamError(SHUTTING_DOWN, status_code=503)
+        self._finish(exc.status_code, ok=True, usage=self._streamed(), why=exc.message)
+        self.reply.on_failed(exc)
 
     def cancel(self) -> None:
         """The client went away: drop the upstream request so the replica stops too."""

@@ -156,6 +156,11 @@ class Runner:
             for waiting in list(self.runtime.waiting):
                 waiting.cancel()
             if self.running:
+                logger.info(
+                    "stopping: waiting up to %.0f s for %d running tasks' replies",
+                    DRAIN_S,
+                    len(self.running),
+                )
                 await asyncio.wait(set(self.running.values()), timeout=DRAIN_S)
             await self.runtime.callbacks.drain(10)
         finally:
