@@ -128,7 +128,7 @@ def export(base: str, key: str, form: str) -> str:
 def read_document(path: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ClientError(f"cannot read {path}: {exc}") from None
     if not isinstance(document, dict):
         raise ClientError(f"{path} holds no configuration (a mapping with endpoints, keys)")

@@ -124,3 +124,14 @@ def test_a_url_that_is_no_api_address_is_refused_in_one_line(url: str, tmp_path:
         f"appliance export: --url {url}: not the api's address; give it as http://HOST:PORT "
         "(or https://)"
     )
+
+
+def test_a_file_that_is_not_text_is_refused_in_words(tmp_path: Path) -> None:
+    """`appliance apply -f` on a file that is not UTF-8 text (a binary picked by mistake, a
+    UTF-16 export) printed Python's UnicodeDecodeError traceback; a key file the same."""
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\xff\xfeendpoints: []\n")
+    with pytest.raises(declared.ClientError, match=r"cannot read .*config.yaml: .*utf-8"):
+        declared.read_document(binary)
+    with pytest.raises(declared.ClientError, match="cannot read the key file"):
+        declared.access(Settings(data_dir=tmp_path), None, None, binary)
