@@ -151,7 +151,12 @@ def create_endpoint(
 
 def check_not_busy(endpoint: Endpoint) -> None:
     """409 while a change is in progress (a rollout waiting for GPUs or memory may be changed:
-    its status_reason says to)."""
+    its status_reason says to). One being deleted becomes neither READY nor UPDATE_FAILED."""
+    if endpoint.status == EndpointStatus.DELETE_IN_PROGRESS:
+        raise OperationInProgressError(
+            f"endpoint {endpoint.name!r} is being deleted; it can no longer be changed or "
+            "restarted (create it again once it is gone)"
+        )
     if endpoint.status in BUSY and not waits_for_room(endpoint.status_reason):
         raise OperationInProgressError(
             f"endpoint {endpoint.name!r} is {endpoint.status}; wait until it is READY or "

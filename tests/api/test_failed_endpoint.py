@@ -181,6 +181,20 @@ def test_a_restart_of_an_endpoint_still_deploying_says_what_to_wait_for(bed: Bed
     assert "wait until it is READY or UPDATE_FAILED" in reply.json()["detail"], reply.text
 
 
+def test_a_change_to_an_endpoint_being_deleted_says_so(bed: Bed) -> None:
+    """A PUT or restart sent as (or after) the endpoint was deleted was told to wait until it
+    is READY or UPDATE_FAILED, which an endpoint being deleted never becomes."""
+    for reply in (
+        bed.admin.post(f"/v1/model-endpoints/end_{GOING}/restart"),
+        bed.admin.put(f"/v1/model-endpoints/end_{GOING}", json={"per_worker": 3}),
+        bed.admin.put(f"/v1/llm/model-endpoints/{GOING}", json={"per_worker": 3}),
+    ):
+        assert reply.status_code == 409, reply.text
+        said = reply.json()["detail"]
+        assert f"endpoint {GOING!r} is being deleted" in said, said
+        assert "wait until" not in said, said
+
+
 def test_a_stream_to_a_failed_endpoint_gets_a_plain_503(bed: Bed) -> None:
     body = chat_body(BROKEN, {}, stream=True)
     reply = httpx.post(
