@@ -186,10 +186,7 @@ async def _write(runtime: Runtime, fn: Any) -> Any:
 async def run_task(task_id: str) -> None:
     """The RQ job: run one task against its endpoint and store the outcome once."""
     rt = _current()
-    now = time.time()
-    claimed: taskstore.Claim | None = await _write(
-        rt, lambda conn: taskstore.claim(conn, task_id, now)
-    )
+    claimed: taskstore.Claim | None = await _write(rt, lambda conn: taskstore.claim(conn, task_id))
     if claimed is None:
         return  # it ended already (a duplicate delivery) or expired
     if claimed.attempts > rt.max_attempts:  # every worker that ran it stopped part way
@@ -224,7 +221,7 @@ async def run_task(task_id: str) -> None:
         raise
     finally:
         rt.waiting.discard(this)
-    if claimed.batch_id is not None and await _batch_cancelled(rt, claimed.task_id, replica.id):
+    if not await _start(rt, claimed.task_id, replica.id):
         return
     try:
         status, data = await _abortable(
@@ -293,17 +290,19 @@ async def _abortable(rt: Runtime, claimed: taskstore.Claim, step: Awaitable[T]) 
         rt.sending.pop(this, None)
 
 
-async def _batch_cancelled(rt: Runtime, task_id: str, replica_id: str) -> bool:
-    """Whether the task's batch was cancelled while it waited for a replica (a cancel ends
-    the requests a worker holds): then the replica's slot is given back unused."""
+async def _start(rt: Runtime, task_id: str, replica_id: str) -> bool:
+    """Mark the task STARTED now that a replica takes it (PENDING until then: a cold start
+    is no work on it); False when it ended while it waited (its batch cancelled: a cancel
+    ends the requests a worker holds), and then the replica's slot is given back unused."""
+    now = time.time()
     try:
-        ended: bool = await _write(rt, lambda conn: taskstore.has_ended(conn, task_id))
+        started: bool = await _write(rt, lambda conn: taskstore.start(conn, task_id, now))
     except BaseException:
         rt.forwarder.balancer.release(replica_id)
         raise
-    if ended:
+    if not started:
         rt.forwarder.balancer.release(replica_id)
-    return ended
+    return started
 
 
 async def _retry_or_fail(

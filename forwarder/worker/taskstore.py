@@ -31,10 +31,16 @@ GROUP_MAX = 256  # writes committed together; one fsync instead of hundreds
 # Plain SQL run on the driver's connection (qmark), inside the group's transaction: a fifteenth
 # of the cost of text() per statement. These run while the group holds SQLite's write lock,
 # which the api's submits and the next group of claims and finishes wait on.
+# A claimed task stays PENDING (waiting for a cold start, a slot) until `start` marks it
+# STARTED, as its request goes to a replica: LLM Engine's STARTED means a replica works on it.
 _CLAIM = (
-    "UPDATE task SET status = 'STARTED', attempts = attempts + 1, started_at = ? "
+    "UPDATE task SET status = 'PENDING', attempts = attempts + 1 "
     "WHERE id = ? AND status IN ('PENDING', 'STARTED') "
     "RETURNING endpoint_id, payload, attempts, callback_url, callback_auth, batch_id, owner"
+)
+_START = (
+    "UPDATE task SET status = 'STARTED', started_at = ? "
+    "WHERE id = ? AND status IN ('PENDING', 'STARTED') RETURNING 1"
 )
 _FINISH = (
     "UPDATE task SET status = ?, result = ?, status_code = ?, traceback = ?, finished_at = ?, "
@@ -46,7 +52,6 @@ _RELEASE = (
     "UPDATE task SET status = 'PENDING', enqueued_at = ? "
     "WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE')"
 )
-_STATUS = "SELECT status FROM task WHERE id = ?"
 _ORPHANED = (
     "SELECT DISTINCT endpoint_id FROM task WHERE status IN ('PENDING', 'STARTED') "
     "AND endpoint_id NOT IN (SELECT id FROM endpoint)"
@@ -54,7 +59,7 @@ _ORPHANED = (
 _VIEW = "SELECT owner, status, result, traceback, status_code FROM task WHERE id = ?"
 _HAND_BACK = (
     "UPDATE task SET status = 'PENDING', attempts = MAX(attempts - 1, 0), enqueued_at = ? "
-    "WHERE id = ? AND status = 'STARTED'"
+    "WHERE id = ? AND status = 'PENDING'"
 )
 
 
@@ -65,7 +70,7 @@ def _driver(conn: Connection) -> sqlite3.Connection:
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker needs to run a task, read as it marks the task STARTED."""
+    """What a worker needs to run a task, read as it takes the task."""
 
     task_id: str
     endpoint_id: str
@@ -77,9 +82,10 @@ class Claim:
     owner: str  # the task's team: told an endpoint's reasons only when it owns the endpoint
 
 
-def claim(conn: Connection, task_id: str, now: float) -> Claim | None:
-    """Mark the task STARTED and count the attempt; None when it already ended or is gone."""
-    row = _driver(conn).execute(_CLAIM, (now, task_id)).fetchone()
+def claim(conn: Connection, task_id: str) -> Claim | None:
+    """Count the attempt (the task stays PENDING until `start`); None when it already ended
+    or is gone."""
+    row = _driver(conn).execute(_CLAIM, (task_id,)).fetchone()
     if row is None:
         return None
     auth = json.loads(row[4]) if row[4] else None
@@ -125,10 +131,10 @@ def release(conn: Connection, task_id: str, now: float) -> None:
     _driver(conn).execute(_RELEASE, (now, task_id))
 
 
-def has_ended(conn: Connection, task_id: str) -> bool:
-    """Whether the task has an outcome already (or is gone): a batch cancelled meanwhile."""
-    row = _driver(conn).execute(_STATUS, (task_id,)).fetchone()
-    return row is None or row[0] in ("SUCCESS", "FAILURE")
+def start(conn: Connection, task_id: str, now: float) -> bool:
+    """Mark the task STARTED as a replica takes its request; False when it has an outcome
+    already (or is gone): a batch cancelled, or a duplicate delivery that finished it."""
+    return _driver(conn).execute(_START, (now, task_id)).fetchone() is not None
 
 
 def ended(reader: Engine, task_ids: set[str]) -> set[str]:

@@ -16,7 +16,14 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body, wait_status
+from tests.e2e.lifecycle import (
+    ON_FAKE_GPUS,
+    create,
+    describe,
+    live_replicas,
+    standin_body,
+    wait_status,
+)
 from tests.forwarder.test_async_support import wait_tasks
 from tests.forwarder.test_callbacks import Receiver
 from tests.harness import Appliance, wait_until
@@ -87,6 +94,41 @@ def test_worker_killed_mid_task_still_succeeds_once(
     assert delivered == [task_id]  # stored once, called back once
 
 
+def test_a_task_waiting_for_a_cold_start_is_pending_until_a_replica_takes_it(
+    running: tuple[Appliance, httpx.Client, str],
+) -> None:
+    """A task sent to an endpoint at zero replicas showed STARTED for the whole cold start,
+    while no replica ran it: it is PENDING until its request is sent to a replica, then
+    STARTED, then SUCCESS, as LLM Engine's statuses mean."""
+    _, client, _ = running
+    slow = {"VLLM_STANDIN_STARTUP_DELAY_S": "6"}
+    body = standin_body(
+        "sleepy", endpoint_type="async", min_workers=0, idle_timeout_seconds=2, env=slow
+    )
+    endpoint_id = create(client, body)
+    wait_until(
+        lambda: (
+            describe(client, endpoint_id)["deployment_state"]["desired_workers"] == 0
+            and not live_replicas(client, endpoint_id)
+        ),
+        90,
+        "the endpoint at zero replicas",
+    )
+    task_id = submit(client, endpoint_id, 300)  # about 3 s in the replica
+    seen: list[tuple[str, bool]] = []  # (the task's status, whether a replica was ready)
+
+    def ended() -> bool:
+        ready = any(r["state"] == "ready" for r in live_replicas(client, endpoint_id))
+        status = client.get(f"/v1/async-tasks/{task_id}").json()["status"]
+        seen.append((status, ready))
+        return status in ("SUCCESS", "FAILURE")
+
+    wait_until(ended, 90, "the task to end", every_s=0.1)
+    assert seen[-1][0] == "SUCCESS", seen[-1]
+    assert {s for s, ready in seen if not ready and s != "SUCCESS"} == {"PENDING"}, seen
+    assert ("PENDING", False) in seen and ("STARTED", True) in seen, seen
+
+
 def test_redis_restarted_during_a_run_loses_no_task(
     running: tuple[Appliance, httpx.Client, str],
 ) -> None:
@@ -129,7 +171,18 @@ def test_a_stopped_worker_hands_back_the_tasks_no_replica_took(
     def statuses() -> list[str]:
         return sorted(client.get(f"/v1/async-tasks/{t}").json()["status"] for t in ids)
 
-    wait_until(lambda: statuses() == ["STARTED"] * 16, 30, "16 tasks to start", every_s=0.05)
+    def taken() -> int:  # by the worker: 8 of them still PENDING, waiting for the replica
+        with sqlite3.connect(appliance.data_dir / "appliance.db") as db:
+            marks = ",".join("?" * len(ids))
+            query = f"SELECT COUNT(*) FROM task WHERE attempts = 1 AND id IN ({marks})"
+            return int(db.execute(query, ids).fetchone()[0])
+
+    wait_until(
+        lambda: taken() == 16 and statuses() == ["PENDING"] * 8 + ["STARTED"] * 8,
+        30,
+        "16 tasks taken, 8 of them started",
+        every_s=0.05,
+    )
     appliance.stop_role("worker")  # SIGTERM; returns once the worker has exited
     # the 8 on the replica finished; the 8 no replica took went back, untried
     assert statuses() == ["PENDING"] * 8 + ["SUCCESS"] * 8

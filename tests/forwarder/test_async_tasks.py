@@ -217,7 +217,8 @@ def test_a_second_finish_stores_nothing(bare_appliance: Appliance) -> None:
         assert taskstore.finish(conn, "tsk_1", result={"n": 1}, **first) is True
     with engine.begin() as conn:
         assert taskstore.finish(conn, "tsk_1", result={"n": 2}, **first) is False
-        assert taskstore.claim(conn, "tsk_1", 2.0) is None  # a duplicate job does not run
+        assert taskstore.claim(conn, "tsk_1") is None  # a duplicate job does not run
+        assert taskstore.start(conn, "tsk_1", 2.0) is False  # nor is sent to a replica
     with engine.begin() as conn:
         row = conn.execute(text("SELECT result, attempts FROM task WHERE id='tsk_1'")).one()
     assert json.loads(row[0]) == {"n": 1} and row[1] == 1
