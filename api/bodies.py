@@ -12,18 +12,20 @@ reads them and give them back once read (`api/shield.py`: the route answers at o
 or by client address (`address <ip>`) where no key is asked. Async tasks and batch lines are
 not held: they are stored (Redis, SQLite) and the api lets go of them once queued.
 
-Counted by key, not by client address: both transports know the key valid before they read a
-byte of a body (the lane's key cache, the ASGI key gate), a key is what the appliance limits
-everywhere else and what a team has a bounded number of, and one address is often many clients
-(a company's proxy), one client many addresses. Before, each body could hold
-APPLIANCE_MAX_BODY_BYTES while it arrived: 30 slow bodies on one ordinary key held 475 MB; and
-once read, while its call waited: 20 bodies of 16 MiB for an endpoint scaled to zero held 950
-MB of the api's memory (a body, its parsed form and the lane's read buffer) until their hold
-ended, bounded only by the key's concurrency limit (none by default).
+Counted by key, not by client address: both transports know the key valid before they read a byte
+of a body (the lane's key cache, the ASGI key gate), a key is what the appliance limits everywhere
+else and what a team has a bounded number of, and one address is often many clients (a company's
+proxy), one client many addresses. The keys a key made count in its share, as in its other counts:
+else an ordinary key made four keys and held the whole budget. Before, each body could hold
+APPLIANCE_MAX_BODY_BYTES while it arrived: 30 slow bodies on one ordinary key held 475 MB; and once
+read, while its call waited: 20 bodies of 16 MiB for an endpoint scaled to zero held 950 MB of the
+api's memory (a body, its parsed form and the lane's read buffer) until their hold ended, bounded
+only by the key's concurrency limit (none by default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from appliance.errors import ApplianceError, CapacityError, RateLimitedError
@@ -34,10 +36,13 @@ SMALL_BODY_BYTES: Final = 64 * 1024
 
 
 class BodyBudget:
-    """One api process's bytes of bodies in flight: `most` in all, `share` for each key."""
+    """One api process's bytes of bodies in flight: `most` in all, `share` for each key, the
+    keys a key made counting in its share (`counted_as`: a key's text to whose counts it is in,
+    `api.callers.Keys.counted_as`), as they share its other limits and counts."""
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, counted_as: Callable[[str], str] | None = None) -> None:
         self.most = most
+        self.counted_as = counted_as
         self.share = most // BODY_SHARES
         self.held = 0
         self.by_key: dict[str, int] = {}
@@ -84,7 +89,9 @@ class Reading:
 
     def __init__(self, budget: BodyBudget, key: str) -> None:
         self.budget = budget
-        self.key = key
+        # whose share: read once, so the bytes go back where they were taken
+        counted_as = budget.counted_as
+        self.key = counted_as(key) if counted_as is not None else key
         self.taken = 0  # -1 once given back: nothing more is taken
 
     def upto(self, size: int) -> ApplianceError | None:

@@ -100,6 +100,14 @@ class Keys:
         self.entries[key] = (now, caller)
         return caller
 
+    def counted_as(self, key: str) -> str:
+        """Whose counts a key's bodies in flight are in (`api/bodies.py`): for a key found
+        valid, the key whose limits and counts it shares (its maker's, for a key a key made);
+        else (an address's bucket, a key not verified) the text as it is."""
+        cached = self.entries.get(key)
+        caller = cached[1] if cached is not None else None
+        return f"key {caller.counter()}" if caller is not None else key
+
     def _forget_if_full(self) -> None:
         if len(self.entries) > KEYS_KEPT:
             self.entries.clear()

@@ -92,7 +92,10 @@ class Core:
         self.hold_s: float = settings.activation_timeout_s
         self.keepalive_s: float = settings.stream_keepalive_s
         self.max_body_bytes: int = settings.max_body_bytes
-        self.bodies: BodyBudget = BodyBudget(settings.max_body_bytes_in_flight)  # held by calls
+        # held by calls; a key's bodies in the share of the key whose counts it shares
+        self.bodies: BodyBudget = BodyBudget(
+            settings.max_body_bytes_in_flight, self.keys.counted_as
+        )
         self.cors: bool = bool(settings.cors_origins)
         self.waits: set[asyncio.Future[Any]] = set()  # releases (kept from the GC)
         self.holds: set[asyncio.Task[None]] = set()  # calls' waits (for a key, count, replica)

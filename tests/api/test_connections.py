@@ -495,6 +495,59 @@ def test_bodies_in_flight_are_bounded_by_key_and_by_process(tmp_path: Path, lane
         backend.stop()
 
 
+@pytest.mark.parametrize("lane", ["true", "false"])
+def test_keys_a_key_makes_share_its_share_of_bodies_in_flight(tmp_path: Path, lane: str) -> None:
+    """A key a team's key makes shares its maker's limits and counts; the bodies in flight were
+    counted by each key's text, so an ordinary key made four keys and, with 64 trickling
+    bodies, held the whole budget: every other team's bodies over 64 KiB were 503s for hours.
+    Now a made key's bodies count in its maker's share (429 past it), and another team's
+    body still finds room. Lane on and off (the chunked body is ASGI's)."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {
+        "APPLIANCE_FAST_LANE": lane,
+        "APPLIANCE_MAX_BODY_BYTES": str(SHARE),
+        "APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT": str(4 * SHARE),
+        "APPLIANCE_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    }
+    api = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    maker = make_key(api, "t1")
+    made = [
+        httpx.post(
+            api.url + "/v1/api-keys",
+            json={"name": f"made{i}"},
+            headers={"authorization": f"Bearer {maker}"},
+        ).json()["key"]
+        for i in range(4)
+    ]
+    other = make_key(api, "t2", scopes=("inference",))
+    held: list[socket.socket] = []
+    try:
+        for key in [maker, *made, other]:  # each found valid once, as in the test above
+            known = httpx.post(
+                api.url + "/v1/chat/completions",
+                json={"model": "none", "messages": []},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert known.status_code == 404, known.text
+        held = [held_body(api.port, made[0], SHARE // 2), held_body(api.port, made[1], SHARE // 2)]
+        time.sleep(0.5)  # each head read, and its body's bytes taken
+        assert [heard(sock, 0.1) for sock in held] == [b"", b""]
+        for key in (maker, made[2]):
+            over = heard(held_body(api.port, key, 100_000))
+            assert over.startswith(b"HTTP/1.1 429 "), over[:400]
+            assert b"APPLIANCE_MAX_BODY_BYTES_IN_FLIGHT" in over, over
+        chunked = chunked_body(api.port, made[3])
+        assert chunked.startswith(b"HTTP/1.1 429 "), chunked[:400]
+        held.append(held_body(api.port, other, SHARE))  # the other team's share is its own
+        assert heard(held[-1], 0.5) == b""
+    finally:
+        for sock in held:
+            sock.close()
+        print(api.logs())
+        api.stop()
+        redis.stop()
+
+
 def test_a_body_over_the_keys_share_is_answered_alike_on_every_inference_route(
     tmp_path: Path,
 ) -> None:
