@@ -46,6 +46,9 @@ EJECT_AFTER_FAILURES = 3  # consecutive failures that take a replica out of rota
 PROBE_EVERY_S = 1.0  # health probe of an ejected replica
 PROBE_TIMEOUT_S = 2.0
 WAKE_EVERY_S = 1.0  # a waiting request re-checks the table at least this often
+# how long a request waits for other replicas than those that failed it before it tries them
+# again: long enough for the builder to see a replica gone and the routes to drop it
+AVOID_FAILED_S = 5.0
 TIMEOUT_CHECK_EVERY_S = 0.25  # upstream timeouts are checked for every relay at once
 
 
@@ -103,7 +106,7 @@ class Forwarder:
             self._checker.cancel()
         for relay in list(self.plane.waiting):
             relay.shut_down()
-        for task in [*self._probes, *self.plane.connecting]:
+        for task in [*self._probes, *self.plane.connecting, *self.plane.rewaiting]:
             task.cancel()
         self.pool.close()
 
@@ -151,16 +154,24 @@ class Forwarder:
             await asyncio.wait_for(self._changed.wait(), timeout=min(timeout_s, WAKE_EVERY_S))
 
     async def acquire(
-        self, target: Target, hold_s: float, owner: bool = True
+        self,
+        target: Target,
+        hold_s: float,
+        owner: bool = True,
+        avoid: frozenset[str] = frozenset(),
     ) -> tuple[Target, TargetReplica, float]:
         """A replica under its cap, counted in flight; waits up to `hold_s` for a cold start
         and `queue_wait_s` for a slot. Returns the endpoint as now in the table, the replica
         and the seconds spent waiting. The caller reports the outcome with `Balancer.done`.
         An endpoint that will get no replica by waiting (`table.check_coming`: it failed to
         start, it is being deleted, it was deleted) ends the wait with EndpointDownError as
-        soon as a table that says so is installed (`owner`: as `check_coming` words it)."""
+        soon as a table that says so is installed (`owner`: as `check_coming` words it).
+        `avoid`: replicas that failed this request (`Relay`: gone, most likely, before the
+        routes said so), passed over for AVOID_FAILED_S; with no other, it waits as for a
+        cold start, for the replica that replaces them."""
         started = time.monotonic()
         cold_until = started + hold_s
+        avoid_until = started + AVOID_FAILED_S
         queue_until: float | None = None
         waited_cold = 0.0
         while True:
@@ -168,6 +179,8 @@ class Forwarder:
             if current is None:
                 raise EndpointDownError(f"endpoint {target.name!r} was deleted")
             live = self.live_replicas(current)
+            if avoid and time.monotonic() < avoid_until:
+                live = [r for r in live if r.id not in avoid]
             if not live:
                 check_coming(current, owner)
                 self._note_demand(current)
@@ -282,16 +295,19 @@ class Forwarder:
         timeout_s: float = 0.0,
         key_id: str = "-",
         max_bytes: int = 0,
+        hold_s: float = 0.0,
+        owner: bool = True,
     ) -> tuple[int, bytes]:
         """The replica's status and whole reply for a request no client waits on (the
         worker's tasks), once `acquire` gave `target` (as it returned it) and `replica`;
         `started` is perf_counter() before that. The same relay, metrics and usage as the
         api's requests. A reply passing `max_bytes` (0: no bound) raises ReplyTooLargeError
-        and drops the replica's connection, so it stops generating."""
+        and drops the replica's connection, so it stops generating. `hold_s`, `owner`: as
+        `acquire`'s, for a wait for another replica when this one fails before it replies."""
         collected = Collected(self.loop.create_future(), max_bytes)
         relay = Relay(
             self.plane, target, replica, path.encode(), body, collected, key_id,
-            False, started, waited, timeout_s,
+            False, started, waited, timeout_s, hold_s, owner,
         )  # fmt: skip
         relay.send()
         try:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Final, Protocol
 
-from appliance.errors import ApplianceError, NoReadyReplicaError, UpstreamError
+from appliance.errors import ApplianceError, UpstreamError
 from forwarder.balance import Balancer
 from forwarder.llama_cpp import Shape, shape_for
 from forwarder.metrics import RequestStats
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 WHOLE_BODY_MAX_BYTES = 1024 * 1024  # replies this small with a length are read, then passed on
 SMALL_BODY_BYTES = 64 * 1024  # request bodies sent in one write with their head
 CONNECT_ATTEMPTS = 3  # sends of one request when connections fail before any reply byte
-RETRY_PAUSE_S = 0.05  # before the same replica is tried again (no other one is free)
 
 FAILURE_LOG_EVERY_S = 10.0  # per endpoint: one log line, then a count of those not logged
 FAILURE_DETAIL_CHARS = 300  # of a replica's error reply, in the log
@@ -122,6 +121,8 @@ class Plane:
         self.waiting: set[Relay] = set()  # sent, reply not complete
         self.failures = FailureLog()
         self.connecting: set[asyncio.Task[Connection]] = set()
+        # relays waiting for a replica again, their own having failed them (`Relay._again`)
+        self.rewaiting: set[asyncio.Task[None]] = set()
 
 
 class Relay:
@@ -136,13 +137,16 @@ class Relay:
         "headers",
         "heard_at",
         "held",
+        "hold_s",
         "key_id",
         "overhead_s",
+        "owner",
         "parts",
         "path",
         "plane",
         "replica",
         "reply",
+        "rewait",
         "sent_at",
         "shape",
         "started_at",
@@ -169,6 +173,8 @@ class Relay:
         started_at: float,
         waited_s: float,
         timeout_s: float,
+        hold_s: float = 0.0,
+        owner: bool = True,
     ) -> None:
         self.plane = plane
         self.target = target
@@ -195,6 +201,11 @@ class Relay:
         self.held = True  # the replica is counted in flight for this request
         self.attempts = 0
         self.tried: set[str] | None = None
+        # how long the request may wait for a replica again when its own fails before a reply
+        # (its cold-start hold), and whether its caller owns the endpoint (`Forwarder.acquire`)
+        self.hold_s = hold_s
+        self.owner = owner
+        self.rewait: asyncio.Task[None] | None = None
         # llama.cpp's completions and responses streams, reshaped into OpenAI's
         # (`forwarder/llama_cpp.py`); other replies pass through as their bytes
         self.shape: Shape | None = shape_for(target.framework, path, body)
@@ -240,7 +251,7 @@ class Relay:
 
     def _again(self, *, failed: bool) -> None:
         """No reply byte came back: send the request again, to another replica if one is free,
-        else to the same one after a pause; give up after CONNECT_ATTEMPTS."""
+        else once one is (`_wait_again`); give up after CONNECT_ATTEMPTS."""
         plane = self.plane
         plane.waiting.discard(self)
         plane.balancer.done(self.target, self.replica.id, not failed)
@@ -260,18 +271,35 @@ class Relay:
             self.send()
             return
         assert plane.loop is not None
-        plane.loop.call_later(RETRY_PAUSE_S, self._same_again)
+        avoid = frozenset(tried) if failed else frozenset()  # a stale pooled connection: same
+        task = plane.loop.create_task(self._wait_again(avoid))
+        self.rewait = task
+        plane.rewaiting.add(task)
+        task.add_done_callback(plane.rewaiting.discard)
 
-    def _same_again(self) -> None:
-        if self.done:
+    async def _wait_again(self, avoid: frozenset[str]) -> None:
+        """Wait for a replica as a request does for a cold start (`Forwarder.acquire`, up to
+        the request's hold), passing over those that failed it: the endpoint's last replica
+        gone (killed; stopped by a roll, a restart or a scale-down) is replaced, and the
+        request is answered by the replacement rather than refused."""
+        try:
+            target, replica, _ = await self.plane.forwarder.acquire(
+                self.target, self.hold_s, self.owner, avoid
+            )
+        except ApplianceError as exc:
+            if not self.done:
+                self._finish(getattr(exc, "status_code", 503), ok=True, why=exc.message)
+                self.reply.on_failed(exc)
             return
-        replica = self.plane.balancer.try_acquire(self.target, None)
-        if replica is None:
-            why = f"no replica of {self.target.name!r} is ready"
-            self._finish(503, ok=True, why=why)
-            self.reply.on_failed(NoReadyReplicaError(why))
+        except asyncio.CancelledError:
+            self._stopped()  # the appliance stops (a client that left cancelled it first)
+            raise
+        finally:
+            self.rewait = None
+        if self.done:  # the client left while it waited
+            self.plane.balancer.release(replica.id)
             return
-        self.replica, self.held = replica, True
+        self.target, self.replica, self.held = target, replica, True
         self.send()
 
     # the reply (forwarder.upstream.ReplySink)
@@ -403,6 +431,8 @@ class Relay:
         if self.conn is not None:
             self.conn.abort()
         self._finish(CLIENT_CLOSED, ok=True, usage=self._streamed())
+        if self.rewait is not None:
+            self.rewait.cancel()
 
     def pause(self) -> None:
         """The client reads slower than the replica writes."""

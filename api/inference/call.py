@@ -224,7 +224,8 @@ class Call:
     def _send(self, target: Target, replica: TargetReplica, waited_s: float) -> None:
         relay = Relay(
             self.core.plane, target, replica, self.path.encode(), self.body, self, self.key_id,
-            self.stream, self.started_at, waited_s, self.timeout_s,
+            self.stream, self.started_at, waited_s, self.timeout_s, self.core.hold_s,
+            self.owns(target),
         )  # fmt: skip
         self.relay = relay
         relay.send()

@@ -235,6 +235,8 @@ async def run_task(task_id: str) -> None:
                 started=started,
                 waited=waited,
                 max_bytes=rt.result_max_bytes,
+                hold_s=rt.hold_s,
+                owner=claimed.owner == route.owner,
             ),
         )
     except ReplyTooLargeError as exc:  # no retry makes it shorter

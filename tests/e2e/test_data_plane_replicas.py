@@ -166,6 +166,33 @@ def test_a_replica_killed_mid_run_loses_no_request(appl: Appliance) -> None:
     wait_until(lambda: len(inflight_by_replica(appl, "pair")) == 0, 10, "no requests in flight")
 
 
+def test_requests_on_an_endpoints_last_replica_wait_for_the_next_when_it_dies(
+    appl: Appliance,
+) -> None:
+    """The requests a replica had not begun to answer when it went away (killed; or stopped by
+    a roll, a restart or a scale-down before the api's routes said so) were 503 "no replica is
+    ready" within 50 ms when it was the endpoint's last: they are held for its replacement, as
+    at a cold start, and answered."""
+    client = appl.client()
+    create(client, standin("lone", VLLM_STANDIN_TOKEN_DELAY_S="0.02"))
+    wait_ready(client, "lone")
+    victim = containers_of(appl, "lone")[0]
+
+    def one(i: int) -> tuple[int, str]:
+        reply = httpx.post(
+            appl.url + "/v1/chat/completions", headers=AUTH, json=chat("lone", 50), timeout=90
+        )
+        return reply.status_code, reply.text[:200]
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(12)]
+        time.sleep(0.5)  # 4 in flight, 1 s each
+        subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
+        replies = [f.result() for f in futures]
+    assert [status for status, _ in replies] == [200] * 12, replies
+    client.delete("/v1/llm/model-endpoints/lone")
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 def test_client_disconnect_cancels_the_replica_request(appl: Appliance, stream: bool) -> None:
     """A client that leaves, mid-stream or waiting for a whole answer, has the replica stop
