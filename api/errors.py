@@ -8,8 +8,9 @@ and the envelope each family of routes answers in (`envelope_of`).
   too) or a name that exists is 400 (`BadRequestError`), a change already in progress 409.
 - `/v1/files`, which both clients call: OpenAI's envelope with LLM Engine's `detail` beside it.
 - The appliance's own routes (keys, storage, config, the web UI): `{"detail": ...}`, an invalid
-  request 422 and a conflict 409. A page of the web UI a browser asks for answers with a page
-  (`install`'s `pages`), never raw JSON: a query parameter it cannot read, no such page.
+  request 422 and a conflict 409. A request of the web UI a browser shows (it accepts
+  text/html) is refused with a page (`install`'s `pages`), never raw JSON; the UI's scripts
+  get the JSON.
 """
 
 from __future__ import annotations
@@ -363,9 +364,10 @@ UI_PATH = "/ui"
 
 
 def install(app: FastAPI, pages: Handler | None = None) -> None:
-    """`pages`: how the web UI answers, as a page, a request refused before its route runs (a
-    query parameter or path it cannot read, a page that does not exist)."""
-    app.add_exception_handler(errors.ApplianceError, _domain)
+    """`pages`: how the web UI answers, as a page, a request its routes refuse: a query
+    parameter or path it cannot read, a page that does not exist, a domain error no route
+    turned into a page of its own (a stale form, an id that is not one)."""
+    app.add_exception_handler(errors.ApplianceError, _or_page(_domain, pages))
     app.add_exception_handler(RequestValidationError, _or_page(_validation, pages))
     app.add_exception_handler(HTTPException, _or_page(_http, pages))
 
@@ -380,8 +382,10 @@ def _or_page(handler: Handler, pages: Handler | None) -> Handler:
 
 
 def _a_page(request: Request, exc: Exception) -> bool:
-    """A refusal under /ui a browser reads (not a redirect, nor the playground's JSON chat)."""
+    """A refusal under /ui of a request a browser shows (a link followed, a form sent: they
+    accept text/html), not a redirect; the UI's scripts (the playground's chat, an upload's
+    progress) accept anything and read the JSON."""
     if isinstance(exc, HTTPException) and exc.status_code < 400:
         return False
-    json_body = "json" in request.headers.get("content-type", "")
-    return _under(request.url.path, UI_PATH) and not json_body
+    shown = "text/html" in request.headers.get("accept", "")
+    return shown and _under(request.url.path, UI_PATH)

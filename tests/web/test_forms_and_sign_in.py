@@ -20,6 +20,7 @@ from tests.harness import ADMIN_KEY, Appliance, make_key, wait_until
 from tests.web.browser import check_page, field_error, sign_in
 
 EIGHT_GPUS = Path(__file__).resolve().parents[1] / "gpu" / "eight_h100.json"
+SHOWN = "text/html,application/xhtml+xml,*/*;q=0.8"  # what a browser accepts for a page
 
 
 def csrf_of(html: str) -> str:
@@ -201,8 +202,9 @@ def test_a_bad_link_is_a_page_of_the_ui_not_raw_json(api_only: Appliance) -> Non
     """A query parameter a page cannot read (`/ui/audit?before=x`, `/ui/usage?granularity=week`),
     or a page that does not exist, answered raw JSON (FastAPI's 422, Starlette's 404) in the
     browser. Each is now the UI's page, with the menu and a line naming what was wrong; the
-    playground's chat, which its script sends as JSON, still answers JSON."""
+    playground's chat, which its script sends (accepting anything), still answers JSON."""
     client = browser_client(api_only)
+    client.headers["accept"] = SHOWN
     long = "a" * 300
     for path, status, words in (
         ("/ui/audit?before=x", 422, "before"),
@@ -222,9 +224,30 @@ def test_a_bad_link_is_a_page_of_the_ui_not_raw_json(api_only: Appliance) -> Non
     chat = client.post(
         "/ui/playground/chat",
         json={"endpoint": "x", "messages": []},
-        headers={"x-csrf-token": csrf_of(client.get("/ui/keys").text)},
+        headers={"x-csrf-token": csrf_of(client.get("/ui/keys").text), "accept": "*/*"},
     )
     assert chat.status_code == 422 and chat.headers["content-type"] == "application/json"
+
+
+def test_a_refused_form_or_link_is_a_page_of_the_ui_not_raw_json(api_only: Appliance) -> None:
+    """A form sent from a stale tab (its security token gone), the sign-in form expired, an
+    endpoint's logs link with an id that is not one: the browser showed raw JSON
+    (`{"detail": ...}`). Each is now the UI's page saying the same words."""
+    client = browser_client(api_only)
+    client.headers["accept"] = SHOWN
+    stale = client.post("/ui/keys", data={"name": "x", "csrf": "stale"})
+    signin = httpx.post(
+        api_only.url + "/ui/sign-in", data={"key": "x", "csrf": "stale"}, headers={"accept": SHOWN}
+    )
+    logs = client.get("/ui/endpoints/nope/logs")
+    for reply, status, words in (
+        (stale, 403, "security token is missing or stale"),
+        (signin, 403, "the sign-in form expired"),
+        (logs, 404, "no endpoint with id"),
+    ):
+        assert reply.status_code == status, reply.text
+        assert reply.headers["content-type"].startswith("text/html"), reply.text
+        assert words in reply.text and "<h1>" in reply.text, reply.text
 
 
 def test_an_inference_key_lands_on_the_playground_and_sees_only_its_pages(

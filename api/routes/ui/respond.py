@@ -14,9 +14,11 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
 from api import ui_session
+from api.errors import answer
 from api.ui_session import UiSession
-from appliance.errors import ForbiddenError, NotFoundError
+from appliance.errors import ApplianceError, ForbiddenError, NotFoundError
 from appliance.keys import Caller
+from forwarder.paths import DETAIL
 from web import render
 
 NAV = (  # (key, label, page, the scope it needs: "" none, "admin" an administrator's key)
@@ -91,12 +93,24 @@ def not_found(request: Request, ui: UiSession, exc: NotFoundError) -> Response:
     return page(request, "notfound.html", ui, status=404, message=exc.message)
 
 
+HEADINGS = {403: "Not allowed", 404: "Not found", 409: "Conflict", 429: "Try again later"}
+
+
 async def bad_request(request: Request, exc: Exception) -> Response:
-    """A request refused before its route runs, as a page of the UI with the key's menu, not
-    raw JSON in the browser (mounted by `api.main` through `api.errors.install`): a query
-    parameter or path part the page cannot read (422, naming it), a page that does not exist."""
+    """A request the UI refuses, as a page of the UI with the key's menu, not raw JSON in the
+    browser (mounted by `api.main` through `api.errors.install`): a query parameter or path
+    part the page cannot read (422, naming it), a page that does not exist, or a domain error
+    no route answered with a page of its own (its status and words)."""
     state = request.app.state.appliance
     ui = ui_session.load(state, request.cookies.get(ui_session.SESSION_COOKIE))
+    if isinstance(exc, ApplianceError):
+        status, headers, _ = answer(exc, DETAIL)
+        heading = HEADINGS.get(status, "Refused")
+        reply = page(
+            request, "notfound.html", ui, status=status, heading=heading, message=exc.message
+        )
+        reply.headers.update({k.decode(): v.decode() for k, v in headers if k != b"content-type"})
+        return reply
     if isinstance(exc, RequestValidationError):
         problems = "; ".join(_problem(p) for p in exc.errors())
         return page(request, "notfound.html", ui, status=422, heading="Bad link", message=problems)
