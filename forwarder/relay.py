@@ -375,12 +375,21 @@ class Relay:
 
     def _cut_short(self, reason: str) -> str:
         """Why a reply stopped half way: the endpoint's deletion, which drains and then stops
-        its replicas, when the routing table says so; else the replica's fault."""
+        its replicas, when the routing table says so; the replica's drain (a roll, a restart,
+        a scale-down) when the table no longer routes to it; else the replica's fault."""
         now = self.plane.table.by_id.get(self.target.endpoint_id)
         if now is None or now.status == DELETING:
             return (
                 f"endpoint {self.target.name!r} was deleted while this request ran: its replicas "
                 "stop once their requests finish or a drain timeout passes"
+            )
+        replica_id = self.replica.id
+        if all(r.id != replica_id for r in now.replicas):
+            return (
+                f"the replica of {self.target.name!r} serving this request was stopped while it "
+                "ran: the endpoint took it out of service (an edit rolling it to a new "
+                "generation, a restart, a scale-down, a failed health check), and it stops once "
+                "its requests finish or a drain timeout passes; send the request again"
             )
         return f"the replica failed mid-reply: {reason}"
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from appliance.db import open_engine, session_scope
-from appliance.models import Endpoint, EndpointStatus
+from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from tests.api.test_admission import (
     ENTRIES,
     Bed,
@@ -399,6 +399,60 @@ def test_a_stream_cut_by_its_endpoints_deletion_says_so(bed: Bed) -> None:
     assert status == 200 and b'"content": "hi"' in body, body
     assert f"endpoint {name!r} was deleted while this request ran".encode() in body, body
     assert b"failed mid-reply" not in body
+
+
+def test_a_stream_cut_by_its_replicas_drain_says_so(bed: Bed) -> None:
+    """An edit that rolls an endpoint (a restart, a scale-down) drains the replicas it replaces,
+    then stops them, whatever still runs: a stream still running then ended with "the replica
+    failed mid-reply", which blamed a replica that never failed; its last event says the
+    replica was stopped, and why."""
+    cut, sent = threading.Event(), threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    def replica() -> None:  # one chunk, then the connection closes when the test says
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            event = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+            conn.sendall(b"%x\r\n%b\r\n" % (len(event), event))
+            sent.set()
+            cut.wait(60)
+
+    threading.Thread(target=replica, daemon=True).start()
+    name = "rolling"
+    seed_endpoint(bed.appliance.data_dir, name, address, owner="t1")
+    key = bed.key()
+    wait_until(
+        lambda: httpx.get(bed.appliance.url + "/v1/models", headers=auth(key)).text.count(name),
+        20,
+        "the endpoint to be routed",
+    )
+    got: dict[str, Any] = {}
+    stream = stream_chat(bed, name, key, got)
+    assert sent.wait(30), "the request never reached the replica"
+    engine = open_engine(bed.appliance.data_dir / "appliance.db")
+    with session_scope(engine) as session:  # the builder drains it: out of the routes
+        draining = session.get(Replica, f"rep_{name}")
+        assert draining is not None
+        draining.state = ReplicaState.STOPPING
+        session.add(draining)
+    engine.dispose()
+    set_status(
+        bed.appliance.data_dir, name, EndpointStatus.UPDATE_IN_PROGRESS, "rolling to generation 2"
+    )
+    time.sleep(2)  # a routing refresh or more (0.5 s here): the api no longer routes to it
+    cut.set()
+    stream.join(60)
+    server.close()
+    status, _, body, _ = got["stream"]
+    assert status == 200 and b'"content": "hi"' in body, body
+    assert b"failed mid-reply" not in body, body
+    assert b"was stopped" in body and b"drain" in body, body
 
 
 @pytest.mark.parametrize("entry", ["/v1/chat/completions", "/v1/llm/completions-sync"])
