@@ -138,6 +138,25 @@ def _up(settings: Settings) -> int:
         logger.error(
             "the %s %s; stopping the other roles", role, _how_ended(children[role].returncode)
         )
+    try:
+        _stop_roles(children)
+    except KeyboardInterrupt:  # Ctrl+C again while they stop: now
+        logger.warning("interrupted again: killing the roles still running")
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if redis_proc is not None:
+        redis_proc.terminate()
+        redis_proc.wait()
+    if ended:  # a role that ended by itself is a failure, whatever its code: say so
+        code = children[ended[0]].returncode or 0
+        return 128 - code if code < 0 else code or 1
+    return max(max(child.returncode or 0, 0) for child in children.values())
+
+
+def _stop_roles(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every role still running; kill one that has not stopped after STOP_GRACE_S."""
     for child in children.values():
         if child.poll() is None:
             child.terminate()
@@ -149,13 +168,6 @@ def _up(settings: Settings) -> int:
             logger.error("the %s did not stop within %.0f s; killing it", role, STOP_GRACE_S)
             child.kill()
             child.wait()
-    if redis_proc is not None:
-        redis_proc.terminate()
-        redis_proc.wait()
-    if ended:  # a role that ended by itself is a failure, whatever its code: say so
-        code = children[ended[0]].returncode or 0
-        return 128 - code if code < 0 else code or 1
-    return max(max(child.returncode or 0, 0) for child in children.values())
 
 
 def _end_with_parent(parent: int) -> None:
@@ -305,4 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "up":
         sys.exit(_up(settings))
-    _run_role(args.command, settings)
+    try:
+        _run_role(args.command, settings)
+    except KeyboardInterrupt:  # Ctrl+C before the role's own stop took over (as it started)
+        logger.info("%s: interrupted as it started; stopped", args.command)

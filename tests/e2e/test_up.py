@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -149,3 +150,36 @@ def test_roles_stop_when_up_itself_is_killed(tmp_path: Path, docker_ready: None)
     finally:
         subprocess.run(["pkill", "-KILL", "-s", str(up.pid)], capture_output=True)
         print((tmp_path / "up.log").read_text()[-3000:])
+
+
+def test_a_second_ctrl_c_stops_up_at_once_in_a_line(tmp_path: Path, docker_ready: None) -> None:
+    """Ctrl+C pressed twice in the terminal `up` runs in (SIGINT to its whole process group):
+    the second, while `up` waited for its roles to stop (here the api, whose graceful wait a
+    request still arriving holds), ended `up` with a KeyboardInterrupt traceback and left the
+    roles stopping on their own with no parent. It now ends them at once, saying so."""
+    port = free_port()
+    up = start_up(tmp_path, port)
+    log = tmp_path / "up.log"
+    try:
+        started = ("builder started for install", "worker running", "Uvicorn running")
+        wait_until(lambda: all(s in log.read_text() for s in started), 60, "every role")
+        arriving = socket.create_connection(("127.0.0.1", port))
+        arriving.sendall(
+            b"POST /v1/api-keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + ADMIN_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{"
+        )
+        time.sleep(0.5)
+        os.killpg(up.pid, signal.SIGINT)
+        wait_until(lambda: "Shutting down" in log.read_text(), 10, "the api to begin its stop")
+        time.sleep(1)
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(5)
+        arriving.close()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        print(log.read_text()[-3000:])
+    said = log.read_text()
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    assert "interrupted again: killing the roles still running" in said
+    assert subprocess.run(["pgrep", "-s", str(up.pid)], capture_output=True).stdout == b""
