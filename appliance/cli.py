@@ -61,6 +61,11 @@ def _run_role(role: str, settings: Settings) -> None:
             _HELD.append(running.hold(settings.data_dir, role))
         except running.AlreadyRunningError as exc:
             sys.exit(f"appliance {role}: {exc}")
+        except OSError as exc:  # under a file, a path it may not write
+            sys.exit(
+                f"appliance {role}: cannot use the data directory {settings.data_dir} "
+                f"(APPLIANCE_DATA_DIR): {exc.strerror or exc}"
+            )
     main: Callable[[Settings], None] = importlib.import_module({**ROLES, **AGENT_ROLES}[role]).main
     try:
         main(settings)

@@ -101,3 +101,30 @@ def test_a_health_check_that_cannot_reach_redis_says_so_in_a_line() -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("appliance health: cannot reach Redis: ")
+
+
+@pytest.mark.parametrize("role", ["api", "builder", "worker"])
+def test_a_data_directory_a_role_cannot_make_is_one_line_naming_it(
+    tmp_path: Path, role: str
+) -> None:
+    """APPLIANCE_DATA_DIR under a file (a typo, a volume mounted as a file) stopped every role
+    with a FileNotFoundError or NotADirectoryError traceback."""
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        {
+            "APPLIANCE_DATA_DIR": str(tmp_path / "a-file" / "data"),
+            "APPLIANCE_REDIS_URL": "redis://127.0.0.1:1/0",
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", role],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"appliance {role}: cannot use the data directory" in done.stderr, done.stderr
+    assert "APPLIANCE_DATA_DIR" in done.stderr
