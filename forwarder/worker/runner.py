@@ -34,6 +34,7 @@ IDLE_POLL_S = 0.02  # the wait after a pop that found nothing, doubled while non
 IDLE_POLL_MAX_S = 0.1  # up to this: an idle worker polls Redis 10 times a second, not 50
 ABORT_CHECK_S = 0.5  # how often the batch requests in flight are checked for a cancel
 INFLIGHT_EVERY_S = 1.0  # how often the requests in flight per replica go to the builder
+FAILURE_LOG_EVERY_S = 60.0  # a periodic helper failing on every tick: a line this often
 DRAIN_S = 30.0  # a stopping worker waits this long for replies (compose.yaml: its grace is 40 s)
 REDIS_RETRY_S = 1.0
 LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
@@ -197,6 +198,7 @@ class Runner:
 
     async def _take_jobs(self, stop: asyncio.Event) -> None:
         idle_s = IDLE_POLL_S
+        taking = Failing("taking jobs from Redis")
         while not stop.is_set():
             free = self.concurrency - len(self.running)
             if free <= 0:
@@ -208,9 +210,10 @@ class Runner:
             try:
                 taken = await asyncio.to_thread(self._pop_jobs, keys, free) if keys else []
             except redis.RedisError as exc:
-                logger.warning("cannot take jobs from Redis: %s", exc)
+                taking.failed(exc, time.monotonic())
                 await _sleep_or_stop(stop, REDIS_RETRY_S)
                 continue
+            taking.worked()
             for job in taken:
                 self._start(job)
             if taken:
@@ -307,15 +310,44 @@ class Runner:
     async def _every(
         interval_s: float, work: Callable[[], Awaitable[None]], stop: asyncio.Event
     ) -> None:
+        """Run `work` every `interval_s` until `stop`, its failures logged as `Failing` says."""
+        name = getattr(work, "__name__", str(work))
+        failing = Failing(name)
         while not stop.is_set():
             await _sleep_or_stop(stop, interval_s)
             started = time.monotonic()
             try:
                 await work()
             except Exception as exc:
-                logger.warning("%s failed: %s", getattr(work, "__name__", work), exc)
+                failing.failed(exc, started)
+            else:
+                failing.worked()
             if time.monotonic() - started > interval_s:
-                logger.warning("%s took longer than its interval", work)
+                logger.warning("%s took longer than its interval", name)
+
+
+class Failing:
+    """A step that fails again and again while Redis is away (every tick of every helper, each
+    second): logged when it begins, then at most once every FAILURE_LOG_EVERY_S saying how
+    many were not, and once when it works again."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.logged_at: float | None = None  # when the failure going on was last logged
+        self.unlogged = 0
+
+    def failed(self, exc: Exception, now: float) -> None:
+        if self.logged_at is not None and now - self.logged_at < FAILURE_LOG_EVERY_S:
+            self.unlogged += 1
+            return
+        more = f" ({self.unlogged} more since the last such line)" if self.unlogged else ""
+        logger.warning("%s failed: %s%s", self.what, exc, more)
+        self.logged_at, self.unlogged = now, 0
+
+    def worked(self) -> None:
+        if self.logged_at is not None:
+            logger.info("%s works again", self.what)
+            self.logged_at, self.unlogged = None, 0
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -4,8 +4,10 @@ published, Redis wiped and the sweeper re-enqueues from SQLite, batches in OpenA
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
 import time
 from typing import Any
 
@@ -17,7 +19,8 @@ from sqlalchemy import create_engine, text
 
 from appliance import bus
 from forwarder.worker import jobs, taskstore
-from forwarder.worker.runner import _POP_AND_LEASE
+from forwarder.worker import runner as runner_module
+from forwarder.worker.runner import _POP_AND_LEASE, Runner
 from tests.forwarder import test_async_support as support
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, wait_tasks
 from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key, wait_until
@@ -710,3 +713,36 @@ def test_llm_engine_completions_and_tasks_take_no_boolean_for_a_number(
         assert field in reply.json()["detail"] and "got true" in reply.text, (submit, reply.text)
     assert backend.seen.get("/v1/completions", 0) == 0
     assert client.post(cases[0][0], json=completion).status_code == 200
+
+
+def test_a_worker_helper_failing_each_tick_logs_a_line_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Redis away, each of the worker's periodic helpers (routes, leases, in-flight counts)
+    logged a warning every tick, several a second for as long as Redis was down. Now the first
+    failure is logged, then a line a minute saying how many were not, and one when it works."""
+    clock = [1000.0]
+    monkeypatch.setattr(runner_module.time, "monotonic", lambda: clock[0])
+
+    async def no_wait(stop: asyncio.Event, seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(runner_module, "_sleep_or_stop", no_wait)
+    calls = itertools.count()
+    stop = asyncio.Event()
+
+    async def _publish_inflight() -> None:
+        n = next(calls)
+        clock[0] += 1.0
+        if n == 200:
+            stop.set()
+        if n < 150:
+            raise redis_lib.ConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+    with caplog.at_level(logging.INFO, logger=runner_module.__name__):
+        asyncio.run(Runner._every(5.0, _publish_inflight, stop))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) <= 5, said  # 150 failures over 150 s: the first, two a minute on, back
+    assert said[0] == "_publish_inflight failed: Error 111 connecting to 127.0.0.1:6379"
+    assert "more since the last such line" in said[1]
+    assert said[-1] == "_publish_inflight works again"
