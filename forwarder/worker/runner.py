@@ -331,8 +331,8 @@ class Failing:
     second): logged when it begins, then at most once every FAILURE_LOG_EVERY_S saying how
     many were not, and once when it works again."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    def __init__(self, what: str, log: logging.Logger = logger) -> None:
+        self.what, self.log = what, log
         self.logged_at: float | None = None  # when the failure going on was last logged
         self.unlogged = 0
 
@@ -341,12 +341,12 @@ class Failing:
             self.unlogged += 1
             return
         more = f" ({self.unlogged} more since the last such line)" if self.unlogged else ""
-        logger.warning("%s failed: %s%s", self.what, exc, more)
+        self.log.warning("%s failed: %s%s", self.what, exc, more)
         self.logged_at, self.unlogged = now, 0
 
     def worked(self) -> None:
         if self.logged_at is not None:
-            logger.info("%s works again", self.what)
+            self.log.info("%s works again", self.what)
             self.logged_at, self.unlogged = None, 0
 
 

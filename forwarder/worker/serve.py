@@ -25,7 +25,7 @@ from forwarder.proxy import Forwarder
 from forwarder.table import Target
 from forwarder.upstream import UpstreamPool
 from forwarder.worker import callbacks, jobs, taskstore
-from forwarder.worker.runner import Runner
+from forwarder.worker.runner import Failing, Runner
 from forwarder.worker.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,14 @@ NUDGE_EVERY_S = 2.0
 
 def _heartbeat(settings: Settings, stop: threading.Event) -> None:
     client = bus.connect(str(settings.redis_url))
+    failing = Failing("the heartbeat to Redis", logger)  # a line a minute while Redis is away
     while not stop.is_set():
         try:
             bus.beat(client, "worker")
-        except Exception:
-            logger.warning("cannot reach Redis for the heartbeat")
+        except Exception as exc:
+            failing.failed(exc, time.monotonic())
+        else:
+            failing.worked()
         stop.wait(HEARTBEAT_EVERY_S)
 
 
