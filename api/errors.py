@@ -164,18 +164,23 @@ def status_of(exc: errors.ApplianceError, envelope: str = DETAIL) -> int:
     return 500
 
 
+DATABASE_BUSY = errors.CapacityError(
+    "the appliance's database is busy with other changes; retry shortly", retry_after_s=2
+)
+
+
 def unanswered(exc: Exception) -> errors.ApplianceError:
     """What an error no handler answered becomes: SQLite still locked by another writer after
-    its busy timeout is a 503 to retry (the request changed nothing), and its disk full a
-    507; anything else a 500."""
+    its busy timeout, or no connection of the pool free in time (every one held by requests
+    waiting for that lock), is a 503 to retry (the request changed nothing), and its disk
+    full a 507; anything else a 500."""
     if isinstance(exc, errors.ApplianceError):
         return exc
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool's wait, not a query's
+        return DATABASE_BUSY
     if isinstance(exc, sqlite3.OperationalError | sqlalchemy.exc.OperationalError):
         if "database is locked" in str(exc):
-            return errors.CapacityError(
-                "the appliance's database is busy with other changes; retry shortly",
-                retry_after_s=2,
-            )
+            return DATABASE_BUSY
         if "database or disk is full" in str(exc):  # SQLITE_FULL
             return errors.InsufficientStorageError(
                 "the disk holding the appliance's database is full; free some space (delete "

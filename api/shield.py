@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bodies import BodyBudget, Reading
 from api.deps import key_of_raw
-from api.errors import answer, envelope_of, unanswered
+from api.errors import DATABASE_BUSY, answer, envelope_of, unanswered
 from api.gate import OPEN_EXACT, OPEN_PREFIXES
 from appliance.errors import ApplianceError, BadRequestError, BodyTooLargeError
 
@@ -119,9 +119,12 @@ class Shield:
                 return  # a client gone half way through its body is no error, and hears nothing
             if started:
                 raise  # half a reply is out: only closing the connection can end it
-            if not isinstance(exc, ApplianceError):
+            answered_as = unanswered(exc)
+            if answered_as is DATABASE_BUSY:  # load, not a fault: a line, no traceback
+                logger.warning("%s %s: %s (%s)", scope.get("method"), path, answered_as, exc)
+            elif not isinstance(exc, ApplianceError):
                 logger.exception("unanswered error on %s %s", scope.get("method"), path)
-            await _error(send, path, unanswered(exc))
+            await _error(send, path, answered_as)
         finally:
             if reading is not None:
                 reading.done()

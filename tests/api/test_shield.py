@@ -11,6 +11,7 @@ import sqlite3
 from typing import Any
 
 import pytest
+import sqlalchemy.exc
 
 from api.shield import MANAGEMENT_BODY_BYTES, Shield
 
@@ -66,6 +67,30 @@ def test_a_database_still_locked_after_the_busy_timeout_is_a_503_to_retry() -> N
         assert sent[0]["status"] == 503, sent
         assert (b"retry-after", b"2") in sent[0]["headers"]
         assert "busy" in json.dumps(json.loads(sent[1]["body"])[shape])
+
+
+async def pool_spent(scope: Any, receive: Any, send: Any) -> None:
+    raise sqlalchemy.exc.TimeoutError(
+        "QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00"
+    )
+
+
+def test_a_database_busy_past_its_waits_is_a_503_to_retry_and_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One team's 100 GETs at once held every connection of the api's pool and SQLite's write
+    lock: the others' requests waited 30 s for a connection and were 500s, each logging a
+    traceback (900 in a minute). Like a lock still held after its busy timeout, a pool with no
+    connection free in time is a 503 to retry, and each is a line of the log, no traceback."""
+    for route in (locked, pool_spent):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="api.shield"):
+            sent = run(route, "/v1/llm/model-endpoints", [b"{}"], [])
+        assert sent[0]["status"] == 503, sent
+        assert (b"retry-after", b"2") in sent[0]["headers"]
+        assert "busy" in json.loads(sent[1]["body"])["detail"]
+        assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.records
+        assert caplog.records[0].exc_info is None and "busy" in caplog.records[0].getMessage()
 
 
 def test_a_chunked_body_over_the_limit_is_413_once_it_passes_it() -> None:
