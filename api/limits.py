@@ -1,8 +1,15 @@
 """Per-key limits kept in Redis: requests per minute and concurrent requests (the tokens a request
 may ask for are checked by `api/inference/admission.cap_tokens`).
 
-A key with no limits costs nothing here; a limited one costs one round trip per request. Over a
-limit is a 429 with Retry-After; other keys are unaffected.
+A key with no limits costs nothing here; a limited one costs one round trip per request: one
+script (`ADMIT`) decides both limits together and counts the request only when it passes both.
+Over a limit is a 429 with Retry-After; other keys are unaffected.
+
+Requests per minute are a sliding window: a log of the key's requests admitted in the last 60
+seconds (a sorted set, one member a request, so at most the limit's worth, and no more than the
+key sent), so at most the limit pass in any 60 seconds, a minute's boundary included. Its
+Retry-After is when the request whose leaving makes room leaves the window. A request refused
+(over either limit) is not counted.
 
 Requests in flight are leases, not a counter: each is a member of the key's sorted set, scored
 with the time its lease runs out. The api process that took a slot renews the leases of its
@@ -38,16 +45,36 @@ logger = logging.getLogger(__name__)
 
 LOG_FOLLOWS_PER_KEY = 4  # log streams one key follows at once, in each api process
 FOLLOW_RETRY_AFTER_S = 5
-RPM_KEY = "appliance:limit:rpm:{key_id}:{minute}"
+RPM_KEY = "appliance:limit:rpm:{key_id}"
 INFLIGHT_KEY = "appliance:limit:inflight:{key_id}"
 
-# Drop run-out leases, then take a slot if one is free: 1 when taken, 0 when full.
-TAKE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+# KEYS: the key's rpm log (its admitted requests, each scored with when), its in-flight set.
+# ARGV: now, requests per minute (0: none), in-flight most (0: none), lease's end, the request's
+# name, the set's expiry in ms. Returns {0} when admitted (counted in both), {1, retry_after_s}
+# over the rate, {2} with no slot free; a refusal counts nothing.
+ADMIT = """
+local now = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local most = tonumber(ARGV[3])
+if rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+  local count = redis.call('ZCARD', KEYS[1])
+  if count >= rate then
+    local leaves = redis.call('ZRANGE', KEYS[1], count - rate, count - rate, 'WITHSCORES')
+    return {1, math.max(1, math.ceil(tonumber(leaves[2]) + 60 - now))}
+  end
+end
+if most > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= most then return {2} end
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+if rate > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[5])
+  redis.call('EXPIRE', KEYS[1], 61)
+end
+return {0}
 """
 
 Release = Callable[[], Awaitable[None]]
@@ -59,7 +86,7 @@ class Limiter:
     def __init__(self, url: str, lease_s: float = 15.0) -> None:
         self.lease_s = lease_s
         self._redis = aioredis.Redis.from_url(url)
-        self._take = self._redis.register_script(TAKE)
+        self._admit = self._redis.register_script(ADMIT)
         self._process = uuid.uuid4().hex[:12]  # this api process: the owner of its leases
         self._numbers = itertools.count()
         self._held: dict[str, str] = {}  # lease -> its key's set
@@ -73,36 +100,31 @@ class Limiter:
         await self._redis.aclose()
 
     async def admit(self, caller: Caller, now: float | None = None) -> Release | None:
-        """How to give the request's slot back when it ends; None when nothing is counted."""
+        """How to give the request's slot back when it ends; None when nothing is held."""
         limits = caller.limits
         if not limits.counted():
             return None
         now = time.time() if now is None else now
-        if limits.requests_per_minute:
-            rpm = RPM_KEY.format(key_id=caller.counter(), minute=int(now // 60))
-            pipe = self._redis.pipeline()
-            pipe.incr(rpm)
-            pipe.expire(rpm, 61)
-            count, _ = await pipe.execute()
-            if count > limits.requests_per_minute:
-                raise RateLimitedError(
-                    f"this key is over its limit of {limits.requests_per_minute} requests per "
-                    "minute",
-                    retry_after_s=max(1, 60 - int(now % 60)),
-                )
-        if not limits.max_concurrent_requests:
-            return None
-        return await self._lease(caller, limits.max_concurrent_requests, now)
-
-    async def _lease(self, caller: Caller, most: int, now: float) -> Release:
-        slots = INFLIGHT_KEY.format(key_id=caller.counter())
+        rate, most = limits.requests_per_minute, limits.max_concurrent_requests
+        key_id = caller.counter()
+        slots = INFLIGHT_KEY.format(key_id=key_id)
         lease = f"{self._process}:{next(self._numbers)}"
         keep_ms = int(self.lease_s * 2000)
-        taken = await self._take(keys=[slots], args=[now, now + self.lease_s, most, lease, keep_ms])
-        if not taken:
+        answer = await self._admit(
+            keys=[RPM_KEY.format(key_id=key_id), slots],
+            args=[now, rate, most, now + self.lease_s, lease, keep_ms],
+        )
+        if answer[0] == 1:
+            raise RateLimitedError(
+                f"this key is over its limit of {rate} requests per minute",
+                retry_after_s=int(answer[1]),
+            )
+        if answer[0] == 2:
             raise RateLimitedError(
                 f"this key already has {most} requests in flight", retry_after_s=1
             )
+        if not most:
+            return None
         self._held[lease] = slots
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew())

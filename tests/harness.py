@@ -269,8 +269,9 @@ def make_key(
 
 
 def within_one_minute(room_s: float = 10) -> None:
-    """Requests per minute are counted per clock minute: wait, if need be, until the next
-    `room_s` seconds fall in one, so the requests a test counts are counted together."""
+    """Refused sign-ins are counted per clock minute (a key's requests per minute are a sliding
+    window): wait, if need be, until the next `room_s` seconds fall in one, so the attempts a test
+    counts are counted together."""
     left = 60 - time.time() % 60
     if left < room_s:
         time.sleep(left + 0.1)

@@ -9,6 +9,7 @@ sequences) is bounded for every key. Against a fake replica; api and worker, no 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -21,8 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
+from api.limits import Limiter, Release
+from appliance.errors import RateLimitedError
+from appliance.keys import Caller, KeyLimits
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
-from tests.harness import Appliance, RedisServer, wait_until, within_one_minute
+from tests.harness import Appliance, RedisServer, wait_until
 
 CAP = 10
 MINE, THEIRS = "mine", "theirs"
@@ -383,7 +387,6 @@ def test_an_embeddings_request_embeds_at_most_2048_inputs(bed: Bed) -> None:
 def test_requests_per_minute(bed: Bed, entry: str) -> None:
     send, family, _ = ENTRIES[entry]
     key = bed.key(requests_per_minute=1)
-    within_one_minute()
     served(openai("/v1/chat/completions", "chat")(bed, key, MINE, {}))
     refused(send(bed, key, MINE, {tokens_field(entry): 1}), 429, family)
 
@@ -432,8 +435,7 @@ def test_a_key_made_by_a_limited_key_shares_its_limits_and_counts(bed: Bed) -> N
     )
     assert made.status_code == 201 and made.json()["limits_from"], made.text
     child = str(made.json()["key"])
-    within_one_minute()
-    over_cap = chat(bed, child, MINE, {"max_tokens": CAP * 10})  # counted: the minute's first
+    over_cap = chat(bed, child, MINE, {"max_tokens": CAP * 10})  # counted: the window's first
     refused(over_cap, 400, "openai")
     assert "max_tokens" in over_cap.text
     served(chat(bed, maker, MINE, {"max_tokens": CAP}))  # the second, the maker's own
@@ -861,3 +863,84 @@ def test_an_async_task_naming_the_responses_route_is_admitted_as_a_response(bed:
     wait_until(lambda: len(bed.backend.bodies) > seen, 20, "the replica to get the task")
     sent = bed.backend.bodies[-1]
     assert sent["max_output_tokens"] == CAP and sent["model"] == MINE and sent["stream"] is False
+
+
+@pytest.fixture
+def limiter_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+def limited(rpm: int = 0, in_flight: int = 0) -> Caller:
+    return Caller("k1", "u1", "t1", frozenset({"inference"}), False, KeyLimits(rpm, in_flight))
+
+
+async def answer(limiter: Limiter, caller: Caller, now: float) -> Release | int | None:
+    """What the limiter says at `now`: how to release (None: nothing held), or Retry-After."""
+    try:
+        return await limiter.admit(caller, now=now)
+    except RateLimitedError as exc:
+        return exc.retry_after_s
+
+
+def test_requests_per_minute_hold_across_a_minutes_boundary(limiter_redis: RedisServer) -> None:
+    """N at the end of a minute and N at the start of the next: N pass in those 60 seconds,
+    and the next passes when the first of them leave the window (its Retry-After)."""
+
+    async def run() -> list[Release | int | None]:
+        limiter, caller, minute = Limiter(limiter_redis.url), limited(rpm=3), 60.0 * 29_400_000
+        said = [await answer(limiter, caller, minute + 59.5) for _ in range(3)]
+        said += [await answer(limiter, caller, minute + 60.2) for _ in range(3)]
+        said.append(await answer(limiter, caller, minute + 119.4))  # 59.5 still counted
+        said.append(await answer(limiter, caller, minute + 119.5))
+        await limiter.close()
+        return said
+
+    assert asyncio.run(run()) == [None, None, None, 60, 60, 60, 1, None]
+
+
+def test_retry_after_says_when_the_next_request_passes(limiter_redis: RedisServer) -> None:
+    async def run() -> list[Release | int | None]:
+        limiter, caller, minute = Limiter(limiter_redis.url), limited(rpm=2), 60.0 * 29_400_000
+        said = [await answer(limiter, caller, minute + at) for at in (10.3, 30.7, 40.0)]
+        said.append(await answer(limiter, caller, minute + 70.2))  # 10.3 is still counted
+        said.append(await answer(limiter, caller, minute + 40.0 + 31))
+        said.append(await answer(limiter, caller, minute + 72))  # 30.7 is still in the window
+        await limiter.close()
+        return said
+
+    assert asyncio.run(run()) == [None, None, 31, 1, None, 19]
+
+
+def test_a_request_refused_for_concurrency_uses_none_of_the_minute(
+    limiter_redis: RedisServer,
+) -> None:
+    async def run() -> list[str]:
+        limiter, caller, now = Limiter(limiter_redis.url), limited(rpm=2, in_flight=1), 1e9
+        said = []
+        first = await limiter.admit(caller, now=now)
+        assert first is not None
+        for _ in range(5):  # refused: no slot free
+            said.append(str(await answer(limiter, caller, now + 1)))
+        await first()
+        second = await limiter.admit(caller, now=now + 2)  # the minute's second, not its seventh
+        assert second is not None
+        await second()
+        said.append(str(await answer(limiter, caller, now + 3)))
+        await limiter.close()
+        return said
+
+    assert asyncio.run(run()) == ["1"] * 5 + ["57"]
+
+
+def test_a_client_paced_at_its_limit_is_never_refused(limiter_redis: RedisServer) -> None:
+    async def run() -> list[Release | int | None]:
+        limiter, caller = Limiter(limiter_redis.url), limited(rpm=30)
+        said = [await answer(limiter, caller, 1e9 + 2.0 * i) for i in range(90)]
+        await limiter.close()
+        return said
+
+    assert asyncio.run(run()) == [None] * 90
