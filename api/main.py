@@ -169,11 +169,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = open_engine(settings.database_path)
         forwarder = Forwarder(
-            limits=Limits(
-                timeout_s=settings.upstream_timeout_s,
-                replica_max_concurrency=settings.replica_max_concurrency,
-                queue_wait_s=settings.queue_wait_s,
-            ),
+            limits=Limits.of(settings),
             shared=shared,
             worker=worker,
             pool=UpstreamPool(key_secret(settings.data_dir)),

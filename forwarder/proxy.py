@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from appliance.errors import (
@@ -34,6 +35,9 @@ from forwarder.shared import SharedCounts
 from forwarder.table import RoutingTable, Target, TargetReplica, check_coming, waiting_message
 from forwarder.upstream import UpstreamPool
 from forwarder.usage import Ledger
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,15 @@ class Limits:
     timeout_s: float = 600.0  # idle time allowed between upstream bytes (and before headers)
     replica_max_concurrency: int = 256
     queue_wait_s: float = 5.0  # wait for a replica under its cap before a 503
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The install's: the api's data plane and the worker's (async tasks, batches) alike."""
+        return cls(
+            timeout_s=settings.upstream_timeout_s,
+            replica_max_concurrency=settings.replica_max_concurrency,
+            queue_wait_s=settings.queue_wait_s,
+        )
 
 
 @dataclass

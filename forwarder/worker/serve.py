@@ -21,7 +21,7 @@ from appliance import bus, disk
 from appliance.db import open_engine, open_reader
 from appliance.install import callback_secret, key_secret
 from appliance.settings import Settings
-from forwarder.proxy import Forwarder
+from forwarder.proxy import Forwarder, Limits
 from forwarder.table import Target
 from forwarder.upstream import UpstreamPool
 from forwarder.worker import callbacks, jobs, taskstore
@@ -63,7 +63,9 @@ def _demand_nudger(settings: Settings) -> object:
 async def _serve(settings: Settings, stop_threads: threading.Event) -> None:
     engine = open_engine(settings.database_path)
     committer = taskstore.GroupCommitter(engine)
-    forwarder = Forwarder(pool=UpstreamPool(key_secret(settings.data_dir)))
+    forwarder = Forwarder(
+        limits=Limits.of(settings), pool=UpstreamPool(key_secret(settings.data_dir))
+    )
     forwarder.on_demand = _demand_nudger(settings)  # type: ignore[assignment]
     runtime = jobs.Runtime(
         committer=committer,

@@ -746,3 +746,25 @@ def test_a_worker_helper_failing_each_tick_logs_a_line_a_minute(
     assert said[0] == "_publish_inflight failed: Error 111 connecting to 127.0.0.1:6379"
     assert "more since the last such line" in said[1]
     assert said[-1] == "_publish_inflight works again"
+
+
+def test_a_task_to_a_replica_slower_than_the_upstream_timeout_fails_after_its_attempts(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """The worker reads the api's upstream settings: a replica silent past
+    `APPLIANCE_UPSTREAM_TIMEOUT_S` is a 504, the task runs again, then fails, in seconds rather
+    than after the 600 s default."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.env_extra["APPLIANCE_UPSTREAM_TIMEOUT_S"] = "1"
+    bare_appliance.env_extra["APPLIANCE_TASK_MAX_ATTEMPTS"] = "2"
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    args = {"prompt": "slow", "max_tokens": 4, "delay_s": 6}
+    reply = client.post(f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": args})
+    assert reply.status_code == 200, reply.text
+    task_id = reply.json()["task_id"]
+    body = wait_tasks(client, [task_id], 20)[task_id]
+    assert body["status"] == "FAILURE", body
+    why = "replica of 'fake' did not answer in time (gave up after 2 attempts)"
+    assert body["traceback"] == why, body
+    assert backend.seen["/v1/completions"] == 2
