@@ -148,7 +148,9 @@ def prune(session: Session, now: float, retention_days: int, max_per_team: int =
 
 def _cap_teams(session: Session, max_per_team: int) -> int:
     """Delete each team's oldest entries past the cap: its sign-ins and sign-outs first (a
-    key may sign in as often as it likes), then its other actions, oldest first. An
+    key may sign in as often as it likes), then its other actions, its keys' creations,
+    changes and revocations last (else a leaked key made itself a key, then uploaded and
+    deleted files until its `key.create` was gone), oldest first within each. An
     administrator's entries are neither counted nor deleted (only the retention ends them): a
     team's keys cannot push out what an administrator did."""
     over = session.connection().execute(
@@ -165,7 +167,8 @@ def _cap_teams(session: Session, max_per_team: int) -> int:
                 "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE team = :team AND "
                 "(actor_key_id IS NULL OR actor_key_id NOT IN "
                 "(SELECT id FROM api_key WHERE is_admin)) "
-                "ORDER BY action LIKE 'session.%' DESC, id LIMIT :excess)"
+                "ORDER BY CASE WHEN action LIKE 'session.%' THEN 0 WHEN action LIKE 'key.%' THEN 2 "
+                "ELSE 1 END, id LIMIT :excess)"
             ),
             {"team": team, "excess": count - max_per_team},
         )

@@ -344,8 +344,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Audit entries the log keeps of one team (0: no limit); past it the worker's "
         "sweeper deletes the team's oldest, hourly, its sign-ins and sign-outs before its other "
-        "actions, so no team's keys grow the database without bound. An administrator's entries "
-        "are kept for the whole retention.",
+        "actions and its key creations, changes and revocations after them, so no team's keys "
+        "grow the database without bound. An administrator's entries are kept for the whole "
+        "retention.",
     )
 
     @field_validator("log_level")

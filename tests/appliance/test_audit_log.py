@@ -147,3 +147,33 @@ def test_a_team_keeps_at_most_its_cap_of_entries_sign_ins_going_first(tmp_path: 
         ("t1", "e1"),
         ("t1", "e2"),
     }
+
+
+def test_a_teams_key_entries_go_after_its_other_actions(tmp_path: Path) -> None:
+    """Past the cap a team's oldest entries went whatever they recorded, so a leaked key made
+    itself a key and then uploaded and deleted files until the cap pushed the `key.create` out
+    of the log. A team's key creations, changes and revocations now go only after its other
+    actions (sign-ins and sign-outs first)."""
+    engine = open_engine(tmp_path / "a.db")
+    now = time.time()
+    with session_scope(engine) as session:
+        session.add(
+            AuditEntry(at=now - 100, actor="eve", team="t1", action="key.create", target="k")
+        )
+        session.add(
+            AuditEntry(at=now - 99, actor="eve", team="t1", action="key.revoke", target="r")
+        )
+        for i in range(4):
+            session.add(
+                AuditEntry(
+                    at=now - 90 + i, actor="eve", team="t1", action="file.upload", target=f"f{i}"
+                )
+            )
+        session.add(
+            AuditEntry(at=now - 50, actor="eve", team="t1", action="session.sign_in", target="s")
+        )
+    with session_scope(engine) as session:
+        assert audit.prune(session, now, 365, max_per_team=3) == 4
+    with session_scope(engine) as session:
+        left = {e.target for e in session.exec(select(AuditEntry)).all()}
+    assert left == {"k", "r", "f3"}
