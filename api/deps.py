@@ -73,8 +73,17 @@ async def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_session(state: StateDep) -> Iterator[Session]:
-    with session_scope(state.engine) as session:
+READING_METHODS = frozenset({"GET", "HEAD"})  # HEAD is routed as GET (`api/gate.HeadAsGet`)
+
+
+def get_session(request: Request, state: StateDep) -> Iterator[Session]:
+    """The request's session. A GET reads through the read-only engine: it takes no write lock,
+    so one team's reads (however many, however slow) never hold up another's writes or the
+    builder's and the worker's, and none waits for them. A GET cannot write (the write fails
+    at once, on every call), so no GET's transaction can need the lock halfway. Every other
+    method begins IMMEDIATE (`appliance/db.py`): its read-modify-write never fails on upgrade."""
+    reading = request.method in READING_METHODS
+    with session_scope(state.reader if reading else state.engine) as session:
         yield session
 
 

@@ -71,14 +71,16 @@ def _repo(repo: CachedRepoInfo) -> dict[str, Any]:
 
 
 def read_hf_models(caller: Caller, session: Session, settings: Settings) -> dict[str, Any]:
-    """`GET /v1/storage/hf-models`: the cached repositories with "used by", and the disk."""
-    endpoints = queries.all_endpoints(session=session)
+    """`GET /v1/storage/hf-models`: the cached repositories with "used by", and the disk. The
+    cache is scanned before the session reads: no transaction is open while it is."""
     repos, problems = _scan(settings)
+    disk = storage.disk(settings)["hf_cache"]
+    endpoints = queries.all_endpoints(session=session)
     data = [
         {**_repo(repo), **storage.used_by(users_of(repo.repo_id, endpoints), caller)}
         for repo in repos
     ]
-    return {"data": data, "problems": problems, "disk": storage.disk(settings)["hf_cache"]}
+    return {"data": data, "problems": problems, "disk": disk}
 
 
 def delete_repo(

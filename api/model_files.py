@@ -111,15 +111,18 @@ def list_entries(settings: Settings) -> list[dict[str, Any]]:
 
 def read_model_files(caller: Caller, session: Session, settings: Settings) -> dict[str, Any]:
     """`GET /v1/storage/model-files`: the entries with "used by", the disk they are on, and
-    what the caller's team's uploads hold (`team_bytes`) against its quota (null: none)."""
+    what the caller's team's uploads hold (`team_bytes`) against its quota (null: none). The
+    directory is walked before the session reads: no transaction is open while it is."""
+    entries = list_entries(settings)
+    disk = storage.disk(settings)["models_dir"]
     endpoints = queries.all_endpoints(session=session)
     data = [
         {**entry, **storage.used_by(users_of(entry["name"], endpoints), caller)}
-        for entry in list_entries(settings)
+        for entry in entries
     ]
     return {
         "data": data,
-        "disk": storage.disk(settings)["models_dir"],
+        "disk": disk,
         "team_bytes": team_limits.model_bytes_of(caller.team, session=session),
         "team_max_bytes": settings.max_model_bytes_per_team or None,
     }

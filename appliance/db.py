@@ -1,5 +1,6 @@
 """The SQLite engine (one per process): WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE;
-and a read-only engine for lookups that must never wait for a writer."""
+and a read-only engine for reads that must never wait for a writer nor make one wait (key
+lookups, the api's GET requests: `api/deps.get_session`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from appliance.migrations import migrate
 
 BUSY_TIMEOUT_MS = 30_000
 READER_BUSY_TIMEOUT_MS = 100  # WAL readers do not wait for writers; this bounds the rare case
+# The api's threadpool runs 40 requests at once (anyio's default), each with one session at most:
+# a read never waits for a connection of the reader's pool.
+READER_CONNECTIONS = 40
 
 
 def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
@@ -48,18 +52,24 @@ def open_engine(database_path: Path) -> Engine:
 
 
 def open_reader(database_path: Path) -> Engine:
-    """A read-only engine over a database `open_engine` made: no write lock is ever taken (its
-    reads run without BEGIN IMMEDIATE, and in WAL mode a reader does not wait for a writer),
-    so a lookup through it is short enough to make on an event loop."""
+    """A read-only engine over a database `open_engine` made: no write lock is ever taken (a
+    session reads one snapshot in a deferred transaction, and in WAL mode a reader neither
+    waits for a writer nor makes one wait), so a lookup through it is short enough to make on
+    an event loop. A write through it fails at once, every time ("attempt to write a readonly
+    database"), never only when another writer happens to hold the lock."""
     engine = create_engine(
         f"sqlite:///file:{database_path}?mode=ro&uri=true",
         connect_args={"check_same_thread": False, "timeout": READER_BUSY_TIMEOUT_MS / 1000},
+        pool_size=READER_CONNECTIONS // 4,
+        max_overflow=READER_CONNECTIONS - READER_CONNECTIONS // 4,
     )
 
     def on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # BEGIN (deferred) below: one snapshot per session
         dbapi_conn.execute(f"PRAGMA busy_timeout={READER_BUSY_TIMEOUT_MS}")
 
     event.listen(engine, "connect", on_connect)
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN DEFERRED"))
     return engine
 
 

@@ -186,6 +186,12 @@ class Settings(BaseSettings):
     key_max_concurrent_requests: int = Field(
         0, ge=0, description="Default concurrent inference requests per API key (0: no limit)."
     )
+    key_max_management_requests: int = Field(
+        8,
+        ge=0,
+        description="Management requests (all but inference and async tasks) one API key has "
+        "in flight at once in each api process; one more is answered 429 (0: no limit).",
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -488,3 +488,66 @@ def test_huge_heads_leave_memory_as_it_was(lane_or_not: Appliance) -> None:
     print(f"peak memory grew by {grown / 2**20:.1f} MiB over 3 heads of 40 MiB")
     assert statuses == [431, 431, 431]
     assert grown < 16 * 2**20
+
+
+@pytest.fixture
+def many_model_files(tmp_path: Path) -> Iterator[Appliance]:
+    """The api alone over a models directory of 3,000 entries (each listing walks them all),
+    each key allowed 4 management requests at once."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for i in range(3000):
+        (models / f"m{i:04}.gguf").write_bytes(b"GGUF")
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {"APPLIANCE_MODELS_DIR": str(models), "APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS": "4"}
+    appliance = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    yield appliance
+    print(appliance.logs())
+    appliance.stop()
+    redis.stop()
+
+
+def test_one_keys_flood_of_slow_reads_leaves_other_teams_writes_alone(
+    many_model_files: Appliance,
+) -> None:
+    """One team's 300 GETs at once of the model files' listing held SQLite's write lock and the
+    api's connections: another team's create waited 2 minutes or was a 503, and the builder's
+    and worker's writes failed "database is locked". A key now has at most its management
+    requests in flight (one more is a 429 with Retry-After naming the setting), and its reads
+    take no write lock: the other team's create and update succeed, and nothing is a 5xx."""
+    import concurrent.futures
+
+    import httpx
+
+    flooder, other = make_key(many_model_files, "red"), make_key(many_model_files, "blue")
+    flood = httpx.Client(
+        base_url=many_model_files.url,
+        headers={"authorization": f"Bearer {flooder}"},
+        timeout=120,
+        limits=httpx.Limits(max_connections=300),
+    )
+    replies: list[httpx.Response] = []
+
+    def read() -> None:
+        replies.append(flood.get("/v1/storage/model-files"))
+
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=100) as pool,
+        httpx.Client(
+            base_url=many_model_files.url, headers={"authorization": f"Bearer {other}"}, timeout=120
+        ) as client,
+    ):
+        reads = [pool.submit(read) for _ in range(300)]
+        made = client.post("/v1/llm/model-endpoints", json=body("blue-one"))
+        mark_ready(many_model_files)  # the builder's write, in the middle of the flood
+        edited = client.put("/v1/llm/model-endpoints/blue-one", json={"max_workers": 2})
+        for read_done in reads:
+            read_done.result()
+    flood.close()
+    assert made.status_code == 200, made.text
+    assert edited.status_code == 200, edited.text
+    statuses = sorted({r.status_code for r in replies})
+    assert statuses == [200, 429], statuses
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert "APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS" in refused.json()["detail"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -231,3 +232,42 @@ def test_a_teams_task_bytes_are_a_running_total_kept_exact_whoever_writes_the_ro
     for team in ("red", "blue", "green"):
         assert held(team) == summed(team), team
     assert (held("red"), held("blue"), held("green")) == (5, 30, 9)
+
+
+def test_a_get_reads_without_the_write_lock_and_cannot_write(tmp_path: Path) -> None:
+    """One team's GETs held SQLite's write lock for as long as each ran (BEGIN IMMEDIATE), so
+    hundreds of them at once made other teams' writes and the builder's wait, then fail with
+    "database is locked". A GET's session now reads a snapshot, and a writer commits while it
+    is open; a write in a GET fails at once, every time. Other methods still take the lock."""
+    from types import SimpleNamespace
+
+    from api.deps import get_session
+
+    path = tmp_path / "a.db"
+    engine, reader = open_engine(path), open_reader(path)
+    state: Any = SimpleNamespace(engine=engine, reader=reader)
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)  # "locked" at once
+
+    get: Any = SimpleNamespace(method="GET")
+    sessions = get_session(get, state)
+    session = next(sessions)
+    assert session.exec(select(Endpoint)).all() == []  # the GET's transaction is open
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO event (endpoint_id, at, kind, message) VALUES ('e', 1, 'k', 'm')")
+    writer.execute("COMMIT")
+    assert session.exec(select(Endpoint)).all() == []  # still its own snapshot
+    session.add(make_endpoint())
+    with pytest.raises(OperationalError, match="readonly"):
+        session.flush()
+    sessions.close()
+
+    post: Any = SimpleNamespace(method="POST")
+    sessions = get_session(post, state)
+    session = next(sessions)
+    assert session.exec(select(Endpoint)).all() == []
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        writer.execute("BEGIN IMMEDIATE")
+    sessions.close()
+    writer.close()
+    engine.dispose()
+    reader.dispose()

@@ -84,11 +84,12 @@ def read_models_page(
 
 
 @router.get("/models/files")
-def read_model_files_card(request: Request, ui: SignedInDep, state: StateDep) -> Response:
+def read_model_files_card(
+    request: Request, ui: SignedInDep, session: SessionDep, state: StateDep
+) -> Response:
     """The page's "Model files" card alone: the page's script draws it again after an upload."""
     need(ui.caller, "manage")
-    with session_scope(state.reader) as session:
-        files = model_files.read_model_files(ui.caller, session, state.settings)["data"]
+    files = model_files.read_model_files(ui.caller, session, state.settings)["data"]
     return page(request, "_model_files.html", ui, files=files)
 
 
