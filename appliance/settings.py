@@ -307,7 +307,12 @@ class Settings(BaseSettings):
         f"{ADMIN_SECRET_MIN_CHARS} characters).",
     )
     worker_concurrency: int = Field(
-        64, ge=1, description="Async tasks one worker process runs at once (requests in flight)."
+        64,
+        ge=1,
+        description=(
+            "Async tasks one worker process runs at once (requests in flight); of one endpoint "
+            "no more than its ready replicas run at once (llama.cpp: per_worker each)."
+        ),
     )
     task_result_ttl_s: float = Field(
         86400.0, description="How long a finished async task and its result are kept."

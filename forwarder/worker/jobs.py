@@ -73,6 +73,16 @@ def endpoint_queue_key(endpoint_id: str, *, low: bool) -> str:
     return Queue.redis_queue_namespace_prefix + endpoint_queue_name(endpoint_id, low=low)
 
 
+def endpoint_of_queue(name: str) -> str:
+    """The endpoint whose queue (`queue_name`, `endpoint_queue_name`) a job came from: its
+    id has no ':'."""
+    for prefix in (HIGH_QUEUE, LOW_QUEUE):
+        head = prefix.format(endpoint_id="")
+        if name.startswith(head):
+            return name[len(head) :].split(":", 1)[0]
+    return ""
+
+
 def teams_key(endpoint_id: str, *, low: bool) -> str:
     """The set of teams with a queue of tasks (`low`: batch requests) on the endpoint."""
     return endpoint_queue_name(endpoint_id, low=low) + TEAMS_SUFFIX

@@ -4,9 +4,11 @@ An RQ `Worker` runs one job at a time (a forked work horse per job), but a repli
 well only with dozens of requests in flight, so this runner takes jobs from the same RQ queues
 and runs up to `worker_concurrency` of them concurrently on one event loop. A Lua script pops
 jobs and takes each one's lease in one step, high-priority queues (single tasks) before
-low-priority ones (batches), each endpoint in turn and, within one, each team's queue in turn;
-the runner renews its leases while the jobs run, so the sweeper can tell a job whose worker
-died (lease expired) from one that is still running.
+low-priority ones (batches), each endpoint in turn and, within one, each team's queue in turn,
+and from each endpoint at most the room its replicas have (`Runner.rooms`): a job sent to a
+replica with no free slot would wait there first-come, behind another team's, where in Redis
+it keeps its team's turn. The runner renews its leases while the jobs run, so the sweeper can
+tell a job whose worker died (lease expired) from one that is still running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,12 +50,16 @@ LEASE_PREFIX = bus.TASK_LEASE_KEY.format(task_id="")
 # and within an endpoint its teams take turns, starting at team ARGV[5] (mod theirs): every
 # endpoint's tasks, and every team's on a shared endpoint, share the worker's slots whatever
 # their place in KEYS and however many they have queued. A team whose queue is found empty
-# leaves the set (`jobs.enqueue` adds it back after a push).
+# leaves the set (`jobs.enqueue` adds it back after a push). ARGV[5 + k] is the room of the
+# k-th endpoint (pairs k and ARGV[4] + k): at most that many of its ids, single tasks and
+# batch requests together, so one endpoint's backlog never takes the pop's ids from another's.
 _POP_AND_LEASE = """
 local out = {}
 local n = tonumber(ARGV[1])
 local high = tonumber(ARGV[4])
 local turn = tonumber(ARGV[5])
+local room = {}
+for k = 1, high do room[k] = tonumber(ARGV[5 + k]) end
 local function ring(pair)
   local set, own = KEYS[2 * pair - 1], KEYS[2 * pair]
   local teams = redis.call('SMEMBERS', set)
@@ -60,7 +67,7 @@ local function ring(pair)
   local queues = {}
   if redis.call('EXISTS', own) == 1 then queues[1] = {own, nil} end
   for _, team in ipairs(teams) do queues[#queues + 1] = {own .. ':' .. team, team} end
-  return {set = set, queues = queues, at = turn % math.max(#queues, 1)}
+  return {set = set, queues = queues, at = turn % math.max(#queues, 1), k = (pair - 1) % high + 1}
 end
 local function pop_one(e)
   while #e.queues > 0 do
@@ -88,10 +95,12 @@ local function take(first, last)
     local still = {}
     for _, e in ipairs(live) do
       if #out >= n then break end
-      local id = pop_one(e)
+      local id = nil
+      if room[e.k] > 0 then id = pop_one(e) end
       if id then
         redis.call('SET', ARGV[3] .. id, '1', 'PX', ARGV[2])
         table.insert(out, id)
+        room[e.k] = room[e.k] - 1
         still[#still + 1] = e
       end
     end
@@ -129,6 +138,8 @@ class Runner:
         self._pop = client.register_script(_POP_AND_LEASE)
         self._turn = 0  # the queue each pop starts at, moved on by one every pop
         self._slot_free = asyncio.Event()
+        self._endpoint_of: dict[str, str] = {}  # running job id -> its endpoint id
+        self._slots: dict[str, int] = {}  # llama.cpp endpoint id -> its per_worker
         self._done_keys: list[str] = []
         # deleted endpoints with tasks still waiting: their queues are emptied too, each task
         # ending FAILURE, so none waits for ever on a queue nobody takes from
@@ -185,16 +196,40 @@ class Runner:
             except redis.RedisError as exc:
                 logger.warning("cannot drop finished jobs' leases: %s", exc)
 
-    def queue_keys(self) -> list[str]:
+    def endpoint_ids(self) -> list[str]:
+        return sorted(self.runtime.forwarder.table.by_id.keys() | self._orphaned)
+
+    @staticmethod
+    def queue_keys(endpoint_ids: list[str]) -> list[str]:
         """The pairs `_POP_AND_LEASE` takes from: every endpoint's single tasks', then its
         batch requests'."""
-        endpoint_ids = sorted(self.runtime.forwarder.table.by_id.keys() | self._orphaned)
         return [
             key
             for low in (False, True)
             for e in endpoint_ids
             for key in (jobs.teams_key(e, low=low), jobs.endpoint_queue_key(e, low=low))
         ]
+
+    def rooms(self, endpoint_ids: list[str]) -> list[int]:
+        """How many more jobs of each endpoint this worker may run now: what its ready
+        replicas run at once, at least one replica's worth (a task still starts an endpoint
+        at zero, and finds a failed one), less its jobs running here. A replica runs the
+        per-replica cap the forwarder holds requests to (`forwarder/balance.py`), and a
+        llama.cpp one no more than its per_worker (its `--parallel` slots: `builder/specs.py`).
+        A deleted endpoint's jobs only end, so it has the worker's whole concurrency."""
+        by_id = self.runtime.forwarder.table.by_id
+        running = Counter(self._endpoint_of.values())
+        cap = self.runtime.forwarder.limits.replica_max_concurrency
+        rooms = []
+        for endpoint_id in endpoint_ids:
+            target = by_id.get(endpoint_id)
+            if target is None:
+                rooms.append(self.concurrency)
+                continue
+            slots = min(target.max_concurrency or cap, self._slots.get(endpoint_id, cap))
+            capacity = slots * max(len(target.replicas), 1)
+            rooms.append(max(capacity - running[endpoint_id], 0))
+        return rooms
 
     async def _take_jobs(self, stop: asyncio.Event) -> None:
         idle_s = IDLE_POLL_S
@@ -206,9 +241,12 @@ class Runner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
                 continue
-            keys = self.queue_keys()
+            endpoint_ids = self.endpoint_ids()
+            keys = self.queue_keys(endpoint_ids)
+            rooms = self.rooms(endpoint_ids)
+            self._slot_free.clear()  # a job ending from here on ends an empty pop's wait
             try:
-                taken = await asyncio.to_thread(self._pop_jobs, keys, free) if keys else []
+                taken = await asyncio.to_thread(self._pop_jobs, keys, rooms, free) if keys else []
             except redis.RedisError as exc:
                 taking.failed(exc, time.monotonic())
                 await _sleep_or_stop(stop, REDIS_RETRY_S)
@@ -218,17 +256,19 @@ class Runner:
                 self._start(job)
             if taken:
                 idle_s = IDLE_POLL_S
-            else:
-                await _sleep_or_stop(stop, idle_s)
-                idle_s = min(idle_s * 2, IDLE_POLL_MAX_S)
+                continue
+            # nothing queued, or no room where there is: a job ending makes room at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), timeout=idle_s)
+            idle_s = IDLE_POLL_S if self._slot_free.is_set() else min(idle_s * 2, IDLE_POLL_MAX_S)
 
-    def _pop_jobs(self, keys: list[str], n: int) -> list[Job | None]:
+    def _pop_jobs(self, keys: list[str], rooms: list[int], n: int) -> list[Job | None]:
         done, self._done_keys = self._done_keys, []
         if done:  # finished jobs' leases and hashes, one round trip for many
             self.redis.delete(*done)
         self._turn += 1
         high = len(keys) // 4  # queue_keys: every endpoint's single-task pair, then its batch one
-        args: list[str | int] = [n, self.lease_ms, LEASE_PREFIX, high, self._turn]
+        args: list[str | int] = [n, self.lease_ms, LEASE_PREFIX, high, self._turn, *rooms]
         ids = [i.decode() for i in self._pop(keys=keys, args=args)]
         if not ids:
             return []
@@ -242,6 +282,7 @@ class Runner:
         assert job is not None
         task = asyncio.create_task(self._perform(job))
         self.running[job.id] = task
+        self._endpoint_of[job.id] = jobs.endpoint_of_queue(job.origin)
 
     async def _perform(self, job: Job) -> None:
         try:
@@ -252,6 +293,7 @@ class Runner:
             logger.exception("job %s (%s) failed", job.id, job.func_name)
         finally:
             self.running.pop(job.id, None)
+            self._endpoint_of.pop(job.id, None)
             self._done_keys += [LEASE_PREFIX + job.id, job.key]  # deleted with the next pop
             self._slot_free.set()
 
@@ -305,6 +347,7 @@ class Runner:
         table = await asyncio.to_thread(load_table, self.engine)
         self.runtime.forwarder.update(table, read_at)
         self._orphaned = await asyncio.to_thread(taskstore.orphaned, self.reader)
+        self._slots = await asyncio.to_thread(taskstore.llamacpp_slots, self.reader)
 
     @staticmethod
     async def _every(

@@ -56,6 +56,7 @@ _ORPHANED = (
     "SELECT DISTINCT endpoint_id FROM task WHERE status IN ('PENDING', 'STARTED') "
     "AND endpoint_id NOT IN (SELECT id FROM endpoint)"
 )
+_LLAMACPP_SLOTS = "SELECT id, target_concurrency FROM endpoint WHERE framework = 'llamacpp'"
 _VIEW = "SELECT owner, status, result, traceback, status_code FROM task WHERE id = ?"
 _HAND_BACK = (
     "UPDATE task SET status = 'PENDING', attempts = MAX(attempts - 1, 0), enqueued_at = ? "
@@ -149,6 +150,18 @@ def ended(reader: Engine, task_ids: set[str]) -> set[str]:
     finally:
         raw.close()
     return {i for i in ids if found.get(i, "SUCCESS") in FINAL}
+
+
+def llamacpp_slots(reader: Engine) -> dict[str, int]:
+    """Each llama.cpp endpoint's per_worker: the requests one of its replicas runs at once (its
+    `--parallel` slots, `builder/specs.server_command`); the runner takes no more of its jobs."""
+    raw = reader.raw_connection()
+    try:
+        conn: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+        rows = conn.execute(_LLAMACPP_SLOTS).fetchall()
+    finally:
+        raw.close()
+    return {row[0]: max(int(row[1]), 1) for row in rows}
 
 
 def orphaned(reader: Engine) -> set[str]:

@@ -5,6 +5,7 @@ only api + worker (no builder, so nothing replaces the hand-made replica rows)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -30,7 +31,8 @@ UNREGISTERED = b'{"detail":"Not Found"}'
 class FakeBackend:
     """An OpenAI-shaped server: answers after `delay_s`; `fail_first` answers 503 that often;
     `created` fixes the replies' timestamp (else the time of each); a stream's events come
-    `pace_s` apart."""
+    `pace_s` apart; `slots` > 0 answers that many at a time, the rest waiting first-come (as
+    llama.cpp's `--parallel` slots)."""
 
     delay_s: float = 0.0
     created: int | None = None
@@ -41,6 +43,9 @@ class FakeBackend:
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every request's, in order
     busy: int = 0  # requests being answered now
     most_busy: int = 0  # the most at once
+    slots: int = 0
+    answered: list[dict[str, Any]] = field(default_factory=list)  # in the order they finished
+    _gate: asyncio.Semaphore | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
 
@@ -60,12 +65,16 @@ class FakeBackend:
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "busy"}, status=503)
-        self.busy += 1
-        self.most_busy = max(self.most_busy, self.busy)
-        try:
-            await asyncio.sleep(float(body.get("delay_s", self.delay_s)))
-        finally:
-            self.busy -= 1
+        if self.slots and self._gate is None:
+            self._gate = asyncio.Semaphore(self.slots)
+        async with self._gate or contextlib.nullcontext():
+            self.busy += 1
+            self.most_busy = max(self.most_busy, self.busy)
+            try:
+                await asyncio.sleep(float(body.get("delay_s", self.delay_s)))
+            finally:
+                self.busy -= 1
+        self.answered.append(body)
         text = "echo: " + json.dumps(body.get("messages") or body.get("prompt"))[:200]
         if request.path == "/v1/responses":
             return await self._response(request, body)
@@ -231,6 +240,7 @@ def seed_endpoint(
     extra: dict[str, Any] | None = None,
     framework: str = "vllm",
     public: bool = False,
+    per_worker: int = 4,
 ) -> str:
     """An endpoint row and one READY replica row at `address`; returns the endpoint id."""
     engine = open_engine(data_dir / "appliance.db")
@@ -248,6 +258,7 @@ def seed_endpoint(
                 status=EndpointStatus.READY,
                 extra=extra or {},
                 public_inference=public,
+                target_concurrency=per_worker,
             )
         )
         session.add(

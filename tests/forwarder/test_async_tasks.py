@@ -427,7 +427,7 @@ def test_cancelling_a_batch_completion_spares_the_replica_the_prompts_a_worker_h
         )
         assert job.status_code == 200, job.text
         job_id = job.json()["job_id"]
-        # the worker takes all 30 prompts; the replica is sent 2 at a time
+        # the worker takes 2 prompts at a time (the replica's cap), the rest wait in Redis
         wait_until(lambda: slow.seen.total() >= 2, 30, "the first prompts to reach the replica")
         cancel = client.post(f"/v2/batch-completions/{job_id}/actions/cancel", json={})
         assert cancel.json() == {"success": True}
@@ -475,34 +475,40 @@ def test_one_endpoints_backlog_does_not_hold_up_anothers_tasks(
 def test_one_teams_backlog_on_a_shared_endpoint_does_not_hold_up_anothers_task(
     bare_appliance: Appliance,
 ) -> None:
-    """On a public endpoint each team's tasks wait in a queue of their own, and the worker takes
-    one from each team in turn: team b's task, sent after team a queued 40, runs while most of
-    a's still wait (it used to wait behind all of them), and a's run in the order a sent them."""
-    slow = FakeBackend(delay_s=0.3).start()
+    """On a public llama.cpp endpoint each team's tasks wait in a queue of their own, the
+    worker takes one from each team in turn, and no more than the replica's slots at once
+    (at the worker's default concurrency): team b's task, sent after team a queued 24, ends
+    while most of a's still wait (it used to be sent to the replica behind all of them, which
+    ran them first-come), and a's run in the order a sent them."""
+    slow = FakeBackend(delay_s=0.5, slots=2).start()
     try:
-        shared = seed_endpoint(bare_appliance.data_dir, "shared", slow.address, public=True)
-        bare_appliance.env_extra["APPLIANCE_WORKER_CONCURRENCY"] = "2"
+        shared = seed_endpoint(
+            bare_appliance.data_dir,
+            "shared",
+            slow.address,
+            public=True,
+            framework="llamacpp",
+            per_worker=2,
+        )
         bare_appliance.start_role("worker")
         team_a = bare_appliance.client(make_key(bare_appliance, "a"))
         team_b = bare_appliance.client(make_key(bare_appliance, "b"))
         url = f"/v1/async-tasks?model_endpoint_id={shared}"
+        first = team_a.post(url, json={"args": {"prompt": "warm", "max_tokens": 1}})
+        assert wait_tasks(team_a, [first.json()["task_id"]], 60)  # the worker is taking tasks
         queued = []
-        for i in range(40):
+        for i in range(24):
             reply = team_a.post(url, json={"args": {"prompt": f"a {i}", "max_tokens": 1}})
             assert reply.status_code == 200, reply.text
             queued.append(reply.json()["task_id"])
+        time.sleep(0.5)
         mine = team_b.post(url, json={"args": {"prompt": "b", "max_tokens": 1}})
         assert mine.status_code == 200, mine.text
         assert wait_tasks(team_b, [mine.json()["task_id"]], 60)
-        engine = create_engine(f"sqlite:///{bare_appliance.data_dir / 'appliance.db'}")
-        with engine.connect() as conn:
-            waiting = conn.execute(
-                text("SELECT COUNT(*) FROM task WHERE endpoint_id = :e AND status = 'PENDING'"),
-                {"e": shared},
-            ).scalar_one()
-        engine.dispose()
-        assert waiting > 20, f"only {waiting} of team a's 40 tasks were still queued"
         wait_tasks(team_a, queued, 120)
+        ended = [b["prompt"] for b in slow.answered if b["prompt"] != "warm"]
+        assert ended.index("b") < 12, ended  # fewer than half of a's ended first
+        assert slow.most_busy <= 2
         prompts = [b["prompt"] for b in slow.bodies if b["prompt"].startswith("a ")]
         started = [int(p.split()[1]) for p in prompts]
         # taken in order, two at a time: the two sent together may reach the replica swapped
@@ -529,16 +535,46 @@ def test_the_worker_takes_each_teams_tasks_in_turn_and_what_an_upgrade_left_queu
         for low in (False, True)
         for key in (jobs.teams_key("end_x", low=low), jobs.endpoint_queue_key("end_x", low=low))
     ]
-    taken = [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 0])]
+    taken = [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 0, 6])]
     assert taken == ["old1", "a0", "b0", "a1", "b1", "a2"]
     assert r.exists("lease:a2")
     assert r.smembers(jobs.teams_key("end_x", low=False)) == {b"a", b"b"}
-    taken = [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 1])]
+    taken = [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 1, 6])]
     assert taken == ["a3", "a4", "batch0"]
     assert not r.exists(jobs.teams_key("end_x", low=False))  # every queue was found empty
     assert not r.exists(jobs.teams_key("end_x", low=True))
     jobs.enqueue(r, [("b2", "end_x", "b")], low=False)
-    assert [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 2])] == ["b2"]
+    assert [i.decode() for i in pop(keys=keys, args=[6, 1000, "lease:", 1, 2, 6])] == ["b2"]
+
+
+def test_the_worker_takes_no_more_of_an_endpoints_tasks_than_its_room(
+    redis_server: RedisServer,
+) -> None:
+    """The pop script takes at most each endpoint's room (its single tasks and batch requests
+    together) and leaves the rest queued: another endpoint's batch requests are taken in the
+    same pop, not after the first endpoint's whole backlog of single tasks."""
+    r = redis_lib.Redis.from_url(redis_server.url)
+    pop = r.register_script(_POP_AND_LEASE)
+    jobs.enqueue(r, [(f"x{i}", "end_x", "a") for i in range(10)], low=False)
+    jobs.enqueue(r, [(f"xb{i}", "end_x", "c") for i in range(3)], low=True)
+    jobs.enqueue(r, [(f"yb{i}", "end_y", "d") for i in range(5)], low=True)
+    keys = [
+        key
+        for low in (False, True)
+        for e in ("end_x", "end_y")
+        for key in (jobs.teams_key(e, low=low), jobs.endpoint_queue_key(e, low=low))
+    ]
+
+    def take(turn: int, room_x: int, room_y: int) -> list[str]:
+        args = [64, 1000, "lease:", 2, turn, room_x, room_y]
+        return [i.decode() for i in pop(keys=keys, args=args)]
+
+    assert take(0, 3, 4) == ["x0", "x1", "x2", "yb0", "yb1", "yb2", "yb3"]
+    assert not r.exists("lease:x3")
+    assert take(1, 0, 1) == ["yb4"]
+    assert take(2, 8, 0) == [f"x{i}" for i in range(3, 10)] + ["xb0"]
+    assert take(3, 0, 5) == []
+    assert take(4, 5, 5) == ["xb1", "xb2"]
 
 
 def test_task_fields_the_appliance_would_not_honour_are_refused_naming_them(
