@@ -42,6 +42,8 @@ HOT_MODULES = [
     "forwarder/balance.py",
     "forwarder/table.py",
     "forwarder/paths.py",
+    "forwarder/chat.py",
+    "forwarder/llama_cpp.py",
     "appliance/caller.py",
 ]
 RECORD = "appliance/compiled.json"
