@@ -51,8 +51,8 @@ class ManagementSlots:
         held = self._held.get(key, 0)
         if held >= most:
             raise RateLimitedError(
-                f"this key already has {held} management requests in flight, its limit at "
-                "once (APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS): retry when one has ended",
+                f"this key is at its limit of {held} management requests in flight at once "
+                "(APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS): send the next when one has ended",
                 retry_after_s=MANAGEMENT_RETRY_AFTER_S,
             )
         self._held[key] = held + 1

@@ -121,7 +121,9 @@ class Limiter:
             )
         if answer[0] == 2:
             raise RateLimitedError(
-                f"this key already has {most} requests in flight", retry_after_s=1
+                f"this key is at its limit of {most} requests in flight at once: send the "
+                "next when one has ended",
+                retry_after_s=1,
             )
         if not most:
             return None
