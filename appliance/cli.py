@@ -118,6 +118,11 @@ def _private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
 def _up(settings: Settings) -> int:
     """Run api, builder and worker as child processes; stop them all when one ends."""
     logs.configure(settings.log_level, "up")
+    # Ctrl+C (SIGINT) stops the roles, and a second one kills them, wherever `up` was started
+    # from: a shell's background job hands it SIGINT ignored, which the roles (and Redis) would
+    # still obey, with handlers of their own, while `up` did not (it took the first role to
+    # end for a failure, and a second Ctrl+C for nothing).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     env = dict(os.environ)
     redis_proc = None
     if not settings.redis_url:

@@ -16,9 +16,14 @@ import httpx
 from tests.harness import ADMIN_KEY, free_port, wait_until
 
 
-def start_up(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+def ignore_sigint() -> None:
+    """As a shell's background job (`appliance up &`) starts a program: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_up(tmp_path: Path, port: int, *, background: bool = False) -> subprocess.Popen[bytes]:
     """`appliance up` on `port`, its data and log (up.log) in `tmp_path`, in a session of its
-    own (so `pgrep -s` finds what it started)."""
+    own (so `pgrep -s` finds what it started); `background`: handed SIGINT ignored."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env.update(
         {
@@ -35,6 +40,7 @@ def start_up(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=ignore_sigint if background else None,
     )
 
 
@@ -156,9 +162,12 @@ def test_a_second_ctrl_c_stops_up_at_once_in_a_line(tmp_path: Path, docker_ready
     """Ctrl+C pressed twice in the terminal `up` runs in (SIGINT to its whole process group):
     the second, while `up` waited for its roles to stop (here the api, whose graceful wait a
     request still arriving holds), ended `up` with a KeyboardInterrupt traceback and left the
-    roles stopping on their own with no parent. It now ends them at once, saying so."""
+    roles stopping on their own with no parent. It now ends them at once, saying so; and so
+    when `up` was started as a shell's background job, with SIGINT ignored (the roles, with
+    handlers of their own, stopped on the first while `up` took that for a role's failure
+    and ignored the second)."""
     port = free_port()
-    up = start_up(tmp_path, port)
+    up = start_up(tmp_path, port, background=True)
     log = tmp_path / "up.log"
     try:
         started = ("builder started for install", "worker running", "Uvicorn running")
