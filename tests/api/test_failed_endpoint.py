@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from appliance import bus
 from appliance.db import open_engine, session_scope
 from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
 from tests.api.test_admission import (
@@ -533,7 +535,11 @@ def test_a_stream_still_running_when_the_api_stops_ends_with_an_error_event(
             args=(held, "reply", "POST", bed.appliance.url + "/v1/chat/completions"),
             kwargs={"json": chat_body("coming", {}), "headers": auth(ADMIN)},
         )
+        nudges = redis.Redis.from_url(bed.appliance.redis.url)
         holding.start()
+        # held: a request waiting for a replica wakes the builder (the stop must come after)
+        wait_until(lambda: nudges.llen(bus.BUILDER_NUDGE_KEY) > 0, 30, "the request held")
+        nudges.close()
         body = chat_body("slow", {}, stream=True)
         with (
             httpx.Client(base_url=bed.appliance.url, timeout=60) as client,
