@@ -58,41 +58,54 @@ def wait_port(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
 
 
-def add_fake_endpoint(database: Path, name: str, address: str, replica_id: str) -> str:
-    """Insert an endpoint and one READY replica at `address` (no container) into SQLite."""
-    sys.path.insert(0, str(ROOT))
-    from appliance.db import open_engine, session_scope
-    from appliance.ids import new_id
-    from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+def add_fake_endpoint(
+    database: Path, name: str, address: str, replica_id: str, source: Path = ROOT
+) -> str:
+    """Insert an endpoint and one READY replica at `address` (no container) into SQLite, with
+    the schema of `source`'s code: a baseline tree refuses a database newer than it knows."""
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FAKE_ENDPOINT,
+            str(source),
+            str(database),
+            name,
+            address,
+            replica_id,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=source,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    return made.stdout.strip()
 
-    engine = open_engine(database)
-    endpoint_id = new_id("end")
-    with session_scope(engine) as session:
-        session.add(
-            Endpoint(
-                id=endpoint_id,
-                name=name,
-                owner="admin",
-                created_by="admin",
-                framework="custom",
-                model=name,
-                status=EndpointStatus.READY,
-                public_inference=True,
-            )
-        )
-        session.add(
-            Replica(
-                id=replica_id,
-                endpoint_id=endpoint_id,
-                generation=1,
-                container_name=replica_id,
-                address=address,
-                state=ReplicaState.READY,
-                ready_at=time.time(),
-            )
-        )
-    engine.dispose()
-    return endpoint_id
+
+_FAKE_ENDPOINT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from appliance.db import open_engine, session_scope
+from appliance.ids import new_id
+from appliance.models import Endpoint, EndpointStatus, Replica, ReplicaState
+
+database, name, address, replica_id = sys.argv[2:6]
+engine = open_engine(Path(database))
+endpoint_id = new_id("end")
+with session_scope(engine) as session:
+    session.add(Endpoint(
+        id=endpoint_id, name=name, owner="admin", created_by="admin", framework="custom",
+        model=name, status=EndpointStatus.READY, public_inference=True,
+    ))
+    session.add(Replica(
+        id=replica_id, endpoint_id=endpoint_id, generation=1, container_name=replica_id,
+        address=address, state=ReplicaState.READY, ready_at=time.time(),
+    ))
+engine.dispose()
+print(endpoint_id)
+"""
 
 
 @dataclass
@@ -169,7 +182,11 @@ class Stack:
         data = self.workdir / f"appliance-data-{port}"
         data.mkdir(exist_ok=True)
         add_fake_endpoint(
-            data / "appliance.db", MODEL, f"http://127.0.0.1:{backend_port}", "rep_bench0000000001"
+            data / "appliance.db",
+            MODEL,
+            f"http://127.0.0.1:{backend_port}",
+            "rep_bench0000000001",
+            tree or ROOT,
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
         env.update(
