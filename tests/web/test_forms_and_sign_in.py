@@ -277,6 +277,56 @@ def test_an_inference_key_lands_on_the_playground_and_sees_only_its_pages(
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/playground"
 
 
+def test_a_key_without_inference_reads_no_prompts_or_replies_on_the_pages(
+    api_only: Appliance,
+) -> None:
+    """The API answers a key without the inference scope 403 on tasks, batches and files (a
+    deploy key manages endpoints and never reads what was asked of them); the pages do the
+    same: no tasks page in its menu, and the tasks page, a task's and a batch's say it is
+    not allowed, with none of the prompt or the reply, while the team's other keys read them."""
+    engine = open_engine(api_only.data_dir / "appliance.db")
+    with session_scope(engine) as session:
+        session.add(
+            Batch(
+                id="batch_p",
+                owner="t1",
+                created_by="t1-user",
+                endpoint="/v1/completions",
+                input_file_id="file_p",
+            )
+        )
+        session.add(
+            Task(
+                id="tsk_p",
+                endpoint_id="end_x",
+                owner="t1",
+                created_by="t1-user",
+                status="SUCCESS",
+                payload={"prompt": "the-secret-prompt"},
+                result={"text": "the-secret-reply"},
+                batch_id="batch_p",
+            )
+        )
+    engine.dispose()
+    deploy_key = make_key(api_only, "t1", scopes=("manage",))
+    assert api_only.client(deploy_key).get("/v1/async-tasks/tsk_p").status_code == 403
+    deployer = browser_client(api_only, deploy_key)
+    menu = re.findall(r'<nav class="nav".*?</nav>', deployer.get("/ui/endpoints").text, re.S)[0]
+    assert 'href="/ui/tasks"' not in menu
+    for path in ("/ui/tasks", "/ui/tasks/tsk_p", "/ui/batches/batch_p"):
+        refused = deployer.get(path)
+        assert refused.status_code == 403, (path, refused.status_code)
+        assert "lacks the &#39;inference&#39; scope" in refused.text, path
+        assert "the-secret" not in refused.text, path
+    reader = browser_client(api_only, make_key(api_only, "t1", scopes=("inference",)))
+    assert "the-secret-prompt" in reader.get("/ui/tasks/tsk_p").text
+    # a key that may open no page at all (a metrics scraper's) is told so, not given a 500
+    scraper = browser_client(api_only, make_key(api_only, "t1", scopes=("admin",)))
+    landed = scraper.get("/ui", follow_redirects=True)
+    assert landed.status_code == 403 and "the-secret" not in landed.text
+    assert "tsk_p" in reader.get("/ui/batches/batch_p").text
+
+
 def test_an_empty_playground_offers_a_new_endpoint_only_to_a_key_that_may_make_one(
     api_only: Appliance,
 ) -> None:

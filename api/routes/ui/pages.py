@@ -213,6 +213,7 @@ def _owned_rows(model: type[Task] | type[Batch], caller: Caller, session: Sessio
 
 @router.get("/tasks")
 def read_tasks_page(request: Request, ui: SignedInDep, session: SessionDep) -> Response:
+    need(ui.caller, "inference")  # as the API's task and batch routes: prompts and replies
     names = {e.id: e.name for e in queries.all_endpoints(session=session)}
     tasks = _owned_rows(Task, ui.caller, session)
     batches = _owned_rows(Batch, ui.caller, session)
@@ -236,6 +237,7 @@ def read_batch_page(
     request: Request, batch_id: str, ui: SignedInDep, session: SessionDep
 ) -> Response:
     """A batch as OpenAI's API shows it (live counts while it runs), and its lines."""
+    need(ui.caller, "inference")  # as the API's batch routes
     try:
         batch = batch_service.owned_batch(batch_id, ui.caller, session=session)
     except NotFoundError as exc:
@@ -305,6 +307,7 @@ def shown_status(task: Task) -> str:
 def read_task_page(
     request: Request, task_id: str, ui: SignedInDep, session: SessionDep
 ) -> Response:
+    need(ui.caller, "inference")  # as the API's task routes
     task = session.get(Task, task_id)
     if task is None or not ui.caller.owns(task.owner):
         return not_found(request, ui, NotFoundError(f"no task with id {task_id!r}"))

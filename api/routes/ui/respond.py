@@ -26,7 +26,7 @@ NAV = (  # (key, label, page, the scope it needs: "" none, "admin" an administra
     ("models", "Models", "/ui/models", "manage"),
     ("playground", "Playground", "/ui/playground", "inference"),
     ("gpus", "GPUs", "/ui/gpus", "manage"),
-    ("tasks", "Tasks", "/ui/tasks", ""),
+    ("tasks", "Tasks", "/ui/tasks", "inference"),  # prompts and replies: as the API's
     ("usage", "Usage", "/ui/usage", "manage"),
     ("keys", "API keys", "/ui/keys", "manage"),
     ("audit", "Audit", "/ui/audit", "admin"),
@@ -73,8 +73,10 @@ def _opens(caller: Caller, scope: str) -> bool:
 
 
 def home(caller: Caller) -> str:
-    """The first page of the menu the key may open: where signing in (or /ui) lands."""
-    return next(href for _, _, href, scope in NAV if _opens(caller, scope))
+    """The first page of the menu the key may open: where signing in (or /ui) lands. A key
+    that may open none (the `admin` scope alone: a metrics scraper's) lands on a page that
+    says which scope it lacks."""
+    return next((href for _, _, href, scope in NAV if _opens(caller, scope)), "/ui/tasks")
 
 
 def landing(caller: Caller, target: str) -> str:
