@@ -412,8 +412,14 @@ def _evict_for(tick: _Tick, endpoint: Endpoint, fraction: float) -> str | None:
             continue
         owner = endpoints[victim.endpoint_id]
         tick.evicted.add(victim.id)
-        why = f"evicted for {endpoint.name} (priority {endpoint.priority})"
+        why = f"evicted for {_named_to(owner, endpoint)} (priority {endpoint.priority})"
         tick.actions.append(DrainReplica(victim.id, why))
         tick.actions.append(SetDesired(owner.id, max(count[owner.id] - 1, owner.min_replicas), why))
-        return owner.name
+        return _named_to(endpoint, owner)
     return None
+
+
+def _named_to(reader: Endpoint, other: Endpoint) -> str:
+    """`other` as words that `reader`'s team reads (its reason, its events): its name when it
+    is the same team's; another team's endpoint is not named, as no listing names it."""
+    return other.name if other.owner == reader.owner else "another team's endpoint"

@@ -463,6 +463,36 @@ def reasons(actions: Sequence[act.Action]) -> dict[str, str | None]:
     return {a.endpoint_id: a.reason for a in actions if isinstance(a, act.SetStatus)}
 
 
+def test_an_eviction_names_another_teams_endpoint_to_neither_team() -> None:
+    """The evicting endpoint's reason and the evicted one's events are read by their own
+    teams: each names the other endpoint only when both are the same team's, as no listing
+    tells one team another's endpoint names."""
+    low = cpu(
+        "end_low",
+        name="red-secret-project",
+        owner="red",
+        gib=8,
+        priority=0,
+        status=EndpointStatus.READY,
+        min_replicas=1,
+        desired_replicas=2,
+        last_request_at=NOW - 500,
+    )
+    high = cpu("end_high", name="blue-launch", owner="blue", gib=8, priority=10)
+    replicas = [
+        on_cpu("l1", "end_low", created_at=1.0),
+        on_cpu("l2", "end_low", created_at=2.0),
+    ]
+    actions = plan([low, high], replicas, memory_bytes=20 * GIB, inflight={"l1": 1})
+    why = "evicted for another team's endpoint (priority 10)"
+    assert act.DrainReplica("l2", why) in actions
+    assert act.SetDesired("end_low", 1, why) in actions
+    assert reasons(actions)["end_high"] == (
+        "waiting for memory: evicting an idle replica of another team's endpoint"
+    )
+    assert "red-secret-project" not in repr(actions) and "blue-launch" not in repr(actions)
+
+
 def test_the_box_keeps_a_tenth_of_its_memory_at_least_a_gibibyte_at_most_half() -> None:
     assert memory.for_replicas(24 * GIB) == 24 * GIB - int(2.4 * GIB)
     assert memory.for_replicas(4 * GIB) == 3 * GIB
