@@ -6,16 +6,22 @@ routes' own dependency's to decide.
 The gate also bounds the management requests each key has in flight (everything but the
 inference routes, which have their own limits, and async tasks, which have theirs): the api's
 threadpool and database connections are shared by every team, so one key's 400 requests at
-once are a 429 past `APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS`, not everyone's wait."""
+once are a 429 past `APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS`, not everyone's wait. The web UI's
+pages carry no key but a session cookie (`api/ui_session.py`): they count against the key the
+session was signed in with, so a browser shares its key's bound with the key's API clients."""
 
 from __future__ import annotations
 
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api import ui_session
 from api.deps import AppState, caller_of, key_of_raw
 from api.errors import answer, envelope_of
 from appliance.errors import AuthError, BadRequestError, RateLimitedError
 from forwarder.paths import BY_PATH
+from web.render import STATIC_URL
 
 OPEN_PREFIXES = (
     "/healthz",
@@ -30,14 +36,18 @@ OPEN_PREFIXES = (
 OPEN_EXACT = ("/",)
 NO_KEY = AuthError("an API key is required: send `Authorization: Bearer <key>`")
 ASYNC_TASKS = "/v1/async-tasks"  # bounded by the key's queued tasks instead
+UI = "/ui"  # the web UI: a session cookie, not a key
+PLAYGROUND_CHAT = "/ui/playground/chat"  # inference, bounded by the key's inference limits
 MANAGEMENT_RETRY_AFTER_S = 1
 
 
 def is_management(scope: Scope) -> bool:
-    """Whether a request counts against its key's management requests in flight."""
+    """Whether a request counts against its key's management requests in flight: not the
+    inference routes (the playground's chat among them), async tasks or the UI's static files
+    (no thread, no database; a page loads several at once)."""
     path: str = scope["path"]
-    inference = scope["method"] == "POST" and path in BY_PATH
-    return not inference and not path.startswith(ASYNC_TASKS)
+    inference = scope["method"] == "POST" and (path in BY_PATH or path == PLAYGROUND_CHAT)
+    return not inference and not path.startswith((ASYNC_TASKS, STATIC_URL))
 
 
 class ManagementSlots:
@@ -70,21 +80,18 @@ class KeyGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in OPEN_EXACT or path.startswith(OPEN_PREFIXES):
+        if scope["type"] != "http" or path in OPEN_EXACT:
             await self.app(scope, receive, send)
             return
         state: AppState | None = getattr(scope["app"].state, "appliance", None)
         slot: str | None = None
         try:
-            key = key_of_raw(scope.get("headers", ()))
-            if key is None:
-                raise NO_KEY
-            if state is not None:  # else still starting: the route answers as it would
-                caller = await caller_of(state, key)
+            counter = await self._counter(state, scope, path)
+            if counter is not None and state is not None:
                 most = state.settings.key_max_management_requests
                 if most and is_management(scope):
-                    self.slots.take(caller.counter(), most)
-                    slot = caller.counter()
+                    self.slots.take(counter, most)
+                    slot = counter
         except (AuthError, BadRequestError, RateLimitedError) as exc:
             status, out, body = answer(exc, envelope_of(path))
             await send({"type": "http.response.start", "status": status, "headers": out})
@@ -95,6 +102,29 @@ class KeyGate:
         finally:
             if slot is not None:
                 self.slots.give_back(slot)
+
+    async def _counter(self, state: AppState | None, scope: Scope, path: str) -> str | None:
+        """Whose management requests the request counts as: its key's, or for the UI's pages
+        the key its session was signed in with; None for what needs no key (a page with no
+        session: it redirects to the sign-in) and while the api starts (the route answers as
+        it would). A request with no key at all where one is needed: NO_KEY."""
+        if path.startswith(OPEN_PREFIXES):
+            if not path.startswith(UI) or state is None or not is_management(scope):
+                return None
+            token = HTTPConnection(scope).cookies.get(ui_session.SESSION_COOKIE)
+            if not token or not state.settings.key_max_management_requests:
+                return None
+            ui = await run_in_threadpool(ui_session.load, state, token)
+            if ui is None:
+                return None
+            ui_session.keep(scope, ui)  # the page's `signed_in` reads it again from here
+            return ui.caller.counter()
+        key = key_of_raw(scope.get("headers", ()))
+        if key is None:
+            raise NO_KEY
+        if state is None:
+            return None
+        return (await caller_of(state, key)).counter()
 
 
 class HeadAsGet:

@@ -3,7 +3,8 @@ SameSite=Strict cookie; Redis holds the session (key id and CSRF token, never th
 text) under a hash of the token. Every request re-reads the key's row, so a revoked or expired
 key ends its sessions at once. A key keeps its newest UI_SESSIONS_PER_KEY sessions: a sign-in
 past them ends its oldest, so one key signing in again and again cannot fill Redis (each
-session is kept 12 hours). Used by `api.routes.ui`.
+session is kept 12 hours). Used by `api.routes.ui`, and by the key gate (`api/gate.py`),
+which counts a page against its session's key.
 
 CSRF: every form that changes something carries the session's CSRF token (a hidden field, or
 the `x-csrf-token` header for script requests) and must come from our own origin. The sign-in
@@ -22,6 +23,7 @@ from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, HTTPException, Request, Response
+from starlette.types import Scope
 
 from api.deps import AppState, StateDep
 from appliance import keys
@@ -39,6 +41,7 @@ SESSION_KEY = "appliance:ui:session:{digest}"
 SESSIONS_OF_KEY = "appliance:ui:sessions-of:{key_id}"
 UI_SESSIONS_PER_KEY = 32  # browsers one key stays signed in on at once
 CSRF_HEADER = "x-csrf-token"
+LOADED = "ui_session"  # the request's state: the session the key gate loaded (`keep`)
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,16 @@ def check_signin_csrf(request: Request, submitted: str) -> None:
         raise ForbiddenError("the sign-in form expired; reload the page and try again")
 
 
+def keep(scope: Scope, ui: UiSession) -> None:
+    """The session the key gate loaded to count the request against its key
+    (`api/gate.py`), kept for the page's `signed_in`: one read of the key's row a request."""
+    scope.setdefault("state", {})[LOADED] = ui
+
+
 def signed_in(request: Request, state: StateDep) -> UiSession:
     """Dependency of every page: the session, or a redirect to the sign-in page."""
-    ui = load(state, request.cookies.get(SESSION_COOKIE))
+    kept: UiSession | None = getattr(request.state, LOADED, None)
+    ui = kept or load(state, request.cookies.get(SESSION_COOKIE))
     if ui is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise HTTPException(

@@ -551,3 +551,57 @@ def test_one_keys_flood_of_slow_reads_leaves_other_teams_writes_alone(
     refused = next(r for r in replies if r.status_code == 429)
     assert refused.headers["retry-after"] == "1"
     assert "APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS" in refused.json()["detail"]
+
+
+@pytest.fixture
+def one_request_a_key(tmp_path: Path) -> Iterator[Appliance]:
+    """The api alone, each key allowed one management request at once."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {"APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS": "1"}
+    appliance = Appliance(tmp_path / "api", redis, env_extra=env).start(roles=("api",))
+    yield appliance
+    print(appliance.logs())
+    appliance.stop()
+    redis.stop()
+
+
+def test_a_signed_in_browser_counts_against_its_keys_management_requests(
+    one_request_a_key: Appliance,
+) -> None:
+    """The web UI's pages are management requests of the key signed in: they bypassed the
+    per-key bound (a browser session could hold the api's threads and connections with no
+    limit). While one of the session's pages is in flight (a followed log), another page of
+    that session and a REST request with its key are a 429 naming the setting. The UI's static
+    files (a page loads several at once) and a browser with no session are not counted."""
+    import httpx
+
+    from tests.forwarder.test_async_support import seed_endpoint
+    from tests.harness import wait_until
+    from tests.web.test_forms_and_sign_in import csrf_of
+
+    appliance = one_request_a_key
+    endpoint_id = seed_endpoint(appliance.data_dir, "red-one", "127.0.0.1:9", owner="red")
+    key = make_key(appliance, "red")
+    with (
+        httpx.Client(base_url=appliance.url, timeout=30) as browser,
+        appliance.client(key) as rest,
+    ):
+        csrf = csrf_of(browser.get("/ui/sign-in").text)
+        signed = browser.post("/ui/sign-in", data={"csrf": csrf, "key": key, "next": "/ui"})
+        assert signed.status_code == 303, signed.text
+        with browser.stream(
+            "GET", f"/ui/endpoints/{endpoint_id}/logs", params={"follow": "1"}
+        ) as following:
+            assert following.status_code == 200
+            for page in (browser.get("/ui/endpoints"), rest.get("/v1/model-endpoints")):
+                assert page.status_code == 429, page.text
+                assert page.headers["retry-after"] == "1"
+                assert "APPLIANCE_KEY_MAX_MANAGEMENT_REQUESTS" in page.text, page.text
+            assert browser.get("/ui/static/app.css").status_code == 200
+            with httpx.Client(base_url=appliance.url, timeout=30) as anonymous:
+                assert anonymous.get("/ui/sign-in").status_code == 200
+            assert appliance.client().get("/v1/model-endpoints").status_code == 200  # other key
+        wait_until(
+            lambda: browser.get("/ui/endpoints").status_code == 200, 10, "the slot given back"
+        )
+        assert rest.get("/v1/model-endpoints").status_code == 200
