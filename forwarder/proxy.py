@@ -310,14 +310,17 @@ class Forwarder:
         max_bytes: int = 0,
         hold_s: float = 0.0,
         owner: bool = True,
+        on_wait: Callable[[bool], None] | None = None,
     ) -> tuple[int, bytes]:
         """The replica's status and whole reply for a request no client waits on (the
         worker's tasks), once `acquire` gave `target` (as it returned it) and `replica`;
         `started` is perf_counter() before that. The same relay, metrics and usage as the
         api's requests. A reply passing `max_bytes` (0: no bound) raises ReplyTooLargeError
         and drops the replica's connection, so it stops generating. `hold_s`, `owner`: as
-        `acquire`'s, for a wait for another replica when this one fails before it replies."""
-        collected = Collected(self.loop.create_future(), max_bytes)
+        `acquire`'s, for a wait for another replica when this one fails before it replies;
+        `on_wait` is told when that wait begins (True) and when a replica takes the request
+        again (False)."""
+        collected = Collected(self.loop.create_future(), max_bytes, on_wait)
         relay = Relay(
             self.plane, target, replica, path.encode(), body, collected, key_id,
             False, started, waited, timeout_s, hold_s, owner,
@@ -332,14 +335,21 @@ class Forwarder:
 
 class Collected:
     """A relayed reply gathered whole into a future (`Forwarder.fetch`), up to `max_bytes`
-    (0: no bound); past it the future fails and what came is dropped."""
+    (0: no bound); past it the future fails and what came is dropped. A wait for another
+    replica goes to `waiting`, when given."""
 
-    def __init__(self, future: asyncio.Future[tuple[int, bytes]], max_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[tuple[int, bytes]],
+        max_bytes: int = 0,
+        waiting: Callable[[bool], None] | None = None,
+    ) -> None:
         self.future = future
         self.status = 0
         self.parts: list[bytes] = []
         self.size = 0
         self.max_bytes = max_bytes
+        self.waiting = waiting
 
     def _too_large(self, size: int) -> bool:
         if not self.max_bytes or size <= self.max_bytes:
@@ -374,6 +384,10 @@ class Collected:
     def on_failed(self, exc: ApplianceError) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+    def on_wait(self, waiting: bool) -> None:
+        if self.waiting is not None and not self.future.done():
+            self.waiting(waiting)
 
 
 async def healthy(address: str, path: str) -> bool:

@@ -104,6 +104,10 @@ class Reply(Protocol):
         """The reply could not be had or broke off: a replica failed (UpstreamError), timed
         out (its 504), or none would take the request (CapacityError)."""
 
+    def on_wait(self, waiting: bool) -> None:
+        """The request's replica failed it before any reply byte and no other is free: it
+        waits for one, as at a cold start (True), until one takes it (False)."""
+
 
 class Plane:
     """What every relay of one process reads, made by its `Forwarder`: compiled, plain struct
@@ -271,6 +275,7 @@ class Relay:
             self.send()
             return
         assert plane.loop is not None
+        self.reply.on_wait(True)
         avoid = frozenset(tried) if failed else frozenset()  # a stale pooled connection: same
         task = plane.loop.create_task(self._wait_again(avoid))
         self.rewait = task
@@ -281,7 +286,9 @@ class Relay:
         """Wait for a replica as a request does for a cold start (`Forwarder.acquire`, up to
         the request's hold), passing over those that failed it: the endpoint's last replica
         gone (killed; stopped by a roll, a restart or a scale-down) is replaced, and the
-        request is answered by the replacement rather than refused."""
+        request is answered by the replacement rather than refused. Its reply is told when
+        the wait begins and ends (`Reply.on_wait`): a stream is kept alive meanwhile, a task
+        shows PENDING."""
         try:
             target, replica, _ = await self.plane.forwarder.acquire(
                 self.target, self.hold_s, self.owner, avoid
@@ -300,6 +307,7 @@ class Relay:
             self.plane.balancer.release(replica.id)
             return
         self.target, self.replica, self.held = target, replica, True
+        self.reply.on_wait(False)
         self.send()
 
     # the reply (forwarder.upstream.ReplySink)

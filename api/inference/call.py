@@ -5,10 +5,11 @@ reply `Call` passes to the client in its route's shape.
 
 `Call` itself is the shape of the OpenAI routes and the playground: the replica's reply
 untouched, errors in the route's envelope, in band once a stream began. A stream that has to
-wait for a replica (a cold start, a full cap) starts its SSE reply at once and sends keep-alive
-comments while it waits; an endpoint that gets no replica by waiting (it failed to start, it
-is being deleted: `forwarder/table.check_coming`) is refused before any hold, and a hold ends
-with that error, in band, once the routing table says so. LLM Engine's shapes are the
+wait for a replica (a cold start, a full cap, its replica gone before a reply byte) starts its
+SSE reply at once and sends keep-alive comments while it waits (`on_wait`); an endpoint that
+gets no replica by waiting (it failed to start, it is being deleted:
+`forwarder/table.check_coming`) is refused before any hold, and a hold ends with that error,
+in band, once the routing table says so. LLM Engine's shapes are the
 subclasses in `llm_engine.py`.
 
 The admission is written once, in `_admit`, as plain calls in order. Where a step cannot answer
@@ -215,8 +216,7 @@ class Call:
         replica = self.core.plane.balancer.try_acquire(target, None)
         if replica is None:
             check_coming(target, self.owns(target))  # no replica by waiting: refused at once
-            if self.stream and not self.held:
-                self._hold()
+            self.on_wait(True)
             self._wait(self._acquire(target))
             return
         self._send(target, replica, 0.0)
@@ -346,6 +346,14 @@ class Call:
             duration_s = perf_counter() - self.started_at
             stats = self.core.plane.stats
             stats.add(self.target.name, self.key_id, status, duration_s, None, None, None)
+
+    def on_wait(self, waiting: bool) -> None:
+        """The request waits for a replica (True; False once one takes it): at a cold start
+        or a full cap, or after its replica failed it before a reply byte (`Relay._again`).
+        A stream's SSE reply begins then and is kept alive until a replica answers, so a
+        client with a read timeout outlasts the wait."""
+        if waiting and self.stream and not self.held and not self.over:
+            self._hold()
 
     def _hold(self) -> None:
         """Begin the SSE reply now and keep it alive until a replica answers."""

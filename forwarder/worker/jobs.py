@@ -247,6 +247,7 @@ async def run_task(task_id: str) -> None:
                 max_bytes=rt.result_max_bytes,
                 hold_s=rt.hold_s,
                 owner=claimed.owner == route.owner,
+                on_wait=_marker(rt, claimed.task_id),
             ),
         )
     except ReplyTooLargeError as exc:  # no retry makes it shorter
@@ -315,6 +316,22 @@ async def _start(rt: Runtime, task_id: str, replica_id: str) -> bool:
     if not started:
         rt.forwarder.balancer.release(replica_id)
     return started
+
+
+def _marker(rt: Runtime, task_id: str) -> Callable[[bool], None]:
+    """What the relay tells when the task's replica failed it before replying and it waits for
+    another (True), and when one takes it (False): the task shows PENDING meanwhile and
+    STARTED again after, as before its first replica (`_start`). The writes queue behind
+    each other and before the outcome's; a failed one is logged by the committer."""
+
+    def mark(waiting: bool) -> None:
+        now = time.time()
+        if waiting:
+            rt.committer.submit(lambda conn: taskstore.wait(conn, task_id))
+        else:
+            rt.committer.submit(lambda conn: taskstore.start(conn, task_id, now))
+
+    return mark
 
 
 async def _retry_or_fail(

@@ -42,6 +42,7 @@ _START = (
     "UPDATE task SET status = 'STARTED', started_at = ? "
     "WHERE id = ? AND status IN ('PENDING', 'STARTED') RETURNING 1"
 )
+_WAIT = "UPDATE task SET status = 'PENDING' WHERE id = ? AND status = 'STARTED'"
 _FINISH = (
     "UPDATE task SET status = ?, result = ?, status_code = ?, traceback = ?, finished_at = ?, "
     "expires_at = ? WHERE id = ? AND status NOT IN ('SUCCESS', 'FAILURE') "
@@ -136,6 +137,12 @@ def start(conn: Connection, task_id: str, now: float) -> bool:
     """Mark the task STARTED as a replica takes its request; False when it has an outcome
     already (or is gone): a batch cancelled, or a duplicate delivery that finished it."""
     return _driver(conn).execute(_START, (now, task_id)).fetchone() is not None
+
+
+def wait(conn: Connection, task_id: str) -> None:
+    """Show the task PENDING again: its replica failed it before replying, and it waits for
+    another (a replacement, as at a cold start); `start` marks it STARTED once one takes it."""
+    _driver(conn).execute(_WAIT, (task_id,))
 
 
 def ended(reader: Engine, task_ids: set[str]) -> set[str]:
