@@ -1,7 +1,9 @@
 """Hugging Face models downloaded ahead of time, without an endpoint: a request is written
 for the builder (Redis `appliance:hf-downloads`), which fetches the snapshot into the cache as
-it does for an endpoint (one job for both) and publishes how far it got. Called by
-`api/routes/hf_downloads.py`."""
+it does for an endpoint (one job for both) and publishes how far it got. The download is the
+box's, but who asked is not: it remembers every team that asked for it, and a team sees only
+the downloads it asked for (an administrator every one, with the teams). Called by
+`api/routes/hf_downloads.py`, the UI's Models page and `api/hf_models.py`."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from appliance.errors import NotFoundError
 from appliance.settings import Settings
 from builder.hub_downloads import FINISHED
 from builder.weights import HUB_ID, HubModel, is_hub_id, present
+
+STATE_KEY = bus.HF_DOWNLOAD_STATE_KEY
 
 
 class HfDownloadCreate(Body):
@@ -60,45 +64,114 @@ def request_download(
     settings: Settings,
     address: str | None,
 ) -> dict[str, Any]:
-    """Asks the builder for the snapshot; asking again retries one that failed. A team has at
-    most `max_downloads_per_team` open at once (`api/team_limits.py`); asking again for one of
-    them counts once."""
+    """Asks the builder for the snapshot; asking again retries one that failed. Every team
+    that asks is remembered on the one download (one under way goes on as it is). A team has
+    at most `max_downloads_per_team` open at once (`api/team_limits.py`); asking again for one
+    of them counts once."""
     key = ref(body.repository, body.revision)
-    mine = [k for k, request in _open(client) if request.get("requested_by") == caller.team]
+    mine = [k for k, request in _open(client) if caller.team in asked_by(request)]
     if key not in mine:
         team_limits.check_downloads(caller.team, caller, settings, have=len(mine))
-    request = {
+    now = time.time()
+
+    written: list[dict[str, Any]] = []  # what the last (successful) try wrote
+
+    def write(pipe: redis.client.Pipeline) -> None:
+        before, state = pipe.hget(bus.HF_DOWNLOADS_KEY, key), pipe.hget(STATE_KEY, key)
+        written[:] = [_asked_again(_json(before), _json(state), body, caller, now)]
+        pipe.multi()
+        pipe.hset(bus.HF_DOWNLOADS_KEY, key, json.dumps(written[0]))
+
+    # watched: two teams asking at once are both remembered
+    client.transaction(write, bus.HF_DOWNLOADS_KEY)
+    bus.nudge_builder(client)
+    asked = {"repository": body.repository, "revision": body.revision, "requested_at": now}
+    audit.record_now(
+        engine, caller, "hf_download.create", key, {**asked, "requested_by": caller.team}, address
+    )
+    return shown_to(caller, written[0], None, None)
+
+
+def _asked_again(
+    before: dict[str, Any] | None,
+    state: dict[str, Any] | None,
+    body: HfDownloadCreate,
+    caller: Caller,
+    now: float,
+) -> dict[str, Any]:
+    """The request once `caller` asked (again): a new download, or a retry of one that ended,
+    is asked for now; one pending or under way goes on, with the caller's team added."""
+    going = before is not None and view(before, state, None)["state"] not in FINISHED
+    return {
         "repository": body.repository,
         "revision": body.revision,
-        "requested_at": time.time(),
-        "requested_by": caller.team,
+        "requested_at": before["requested_at"] if before and going else now,
+        "requested_by": before["requested_by"] if before else caller.team,
+        "asked_by": {**(asked_by(before) if before else {}), caller.team: now},
     }
-    client.hset(bus.HF_DOWNLOADS_KEY, key, json.dumps(request))
-    bus.nudge_builder(client)
-    audit.record_now(engine, caller, "hf_download.create", key, request, address)
-    return view(request, None, None)
 
 
-def read_downloads(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """Every download asked for, with its state, newest request first."""
+def asked_by(request: dict[str, Any]) -> dict[str, float]:
+    """The teams that asked for a download, each with when it last did (a request written
+    before every team was remembered names only the first, `requested_by`)."""
+    asked = request.get("asked_by")
+    if isinstance(asked, dict):
+        return {str(team): float(at) for team, at in asked.items()}
+    return {str(request["requested_by"]): float(request["requested_at"])}
+
+
+def shown_to(
+    caller: Caller,
+    request: dict[str, Any],
+    state: dict[str, Any] | None,
+    settings: Settings | None,
+) -> dict[str, Any]:
+    """A download as `caller` sees it: the teams that asked that it may see (its own; every
+    one for an administrator) and when the last of those asked."""
+    asked = asked_by(request)
+    teams = sorted(team for team in asked if caller.owns(team))
+    latest = max(asked[team] for team in teams)
+    return {**view(request, state, settings), "requested_at": latest, "requested_by": teams}
+
+
+def visible_to(caller: Caller, request: dict[str, Any]) -> bool:
+    """Whether `caller`'s team (any team, for an administrator) asked for the download."""
+    return any(caller.owns(team) for team in asked_by(request))
+
+
+def read_downloads(caller: Caller, client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """The downloads the caller's team asked for (every one, for an administrator), with their
+    state, newest request first."""
     requests = _hash(client, bus.HF_DOWNLOADS_KEY)
     states = _hash(client, bus.HF_DOWNLOAD_STATE_KEY)
-    found = [view(request, states.get(key), settings) for key, request in requests.items()]
+    found = [
+        shown_to(caller, request, states.get(key), settings)
+        for key, request in requests.items()
+        if visible_to(caller, request)
+    ]
     found.sort(key=lambda d: -float(d["requested_at"]))
     return {"downloads": found}
 
 
+def asked_for_by(caller: Caller, client: redis.Redis) -> set[str]:
+    """The repositories the caller's team asked to download (every one, for an administrator)."""
+    requests = _hash(client, bus.HF_DOWNLOADS_KEY).values()
+    return {request["repository"] for request in requests if visible_to(caller, request)}
+
+
 def read_download(
-    repository: str, revision: str, client: redis.Redis, settings: Settings
+    repository: str, revision: str, caller: Caller, client: redis.Redis, settings: Settings
 ) -> dict[str, Any]:
+    """One download the caller's team asked for; another team's is, to it, one never asked."""
     key = ref(repository, revision)
     raw = client.hget(bus.HF_DOWNLOADS_KEY, key)
-    if raw is None:
+    request = json.loads(raw) if raw is not None else None
+    if request is None or not visible_to(caller, request):
         raise NotFoundError(
             f"no download of {repository} at {revision!r} was asked for", field="repository"
         )
     state = client.hget(bus.HF_DOWNLOAD_STATE_KEY, key)
-    return view(json.loads(raw), json.loads(state) if state else None, settings)
+    return shown_to(caller, request, json.loads(state) if state else None, settings)
 
 
 def view(
@@ -139,6 +212,10 @@ def _open(client: redis.Redis) -> list[tuple[str, dict[str, Any]]]:
         for key, request in requests.items()
         if view(request, states.get(key), None)["state"] not in FINISHED
     ]
+
+
+def _json(raw: bytes | str | None) -> dict[str, Any] | None:
+    return json.loads(raw) if raw else None
 
 
 def _hash(client: redis.Redis, key: str) -> dict[str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The Hugging Face cache (`Settings.hf_cache_path / "hub"`) as the storage routes and the UI's
 Models page see it: each cached repository with its snapshots (revisions), sizes and the
-endpoints that use it, read with `huggingface_hub.scan_cache_dir`; and the deletion of a
-repository no endpoint uses. An endpoint uses a repository when it is a vLLM endpoint whose
-`model` is the repository's id (not a path under `/models`).
+endpoints that use it, read with `huggingface_hub.scan_cache_dir`, listed to a team only where
+it asked for the repository or may call an endpoint that uses it; and the deletion (by an
+administrator) of a repository no endpoint uses. An endpoint uses a repository when it is a
+vLLM endpoint whose `model` is the repository's id (not a path under `/models`).
 """
 
 from __future__ import annotations
@@ -70,16 +71,32 @@ def _repo(repo: CachedRepoInfo) -> dict[str, Any]:
     }
 
 
-def read_hf_models(caller: Caller, session: Session, settings: Settings) -> dict[str, Any]:
-    """`GET /v1/storage/hf-models`: the cached repositories with "used by", and the disk. The
-    cache is scanned before the session reads: no transaction is open while it is."""
+def visible_to(caller: Caller, repo_id: str, users: list[Endpoint], asked: set[str]) -> bool:
+    """Whether a cached repository is listed to `caller`: an administrator sees every one, a
+    team those it asked to download (`asked`) or that an endpoint it may call uses, so no team
+    learns which models another fetched."""
+    return (
+        caller.is_admin
+        or repo_id in asked
+        or any(caller.may_infer(e.owner, e.public_inference) for e in users)
+    )
+
+
+def read_hf_models(
+    caller: Caller, session: Session, settings: Settings, client: redis.Redis
+) -> dict[str, Any]:
+    """`GET /v1/storage/hf-models`: the cached repositories the caller sees (`visible_to`) with
+    "used by", and the disk. The cache is scanned before the session reads: no transaction is
+    open while it is."""
     repos, problems = _scan(settings)
     disk = storage.disk(settings)["hf_cache"]
     endpoints = queries.all_endpoints(session=session)
-    data = [
-        {**_repo(repo), **storage.used_by(users_of(repo.repo_id, endpoints), caller)}
-        for repo in repos
-    ]
+    asked = hf_downloads.asked_for_by(caller, client)
+    data = []
+    for repo in repos:
+        users = users_of(repo.repo_id, endpoints)
+        if visible_to(caller, repo.repo_id, users, asked):
+            data.append({**_repo(repo), **storage.used_by(users, caller)})
     return {"data": data, "problems": problems, "disk": disk}
 
 

@@ -2,9 +2,11 @@
 `api/hf_models.py`, `api/images.py`): the disk figures, and the "used by" rule.
 
 Model files, Hugging Face snapshots and images are the box's, not a team's: every key with the
-`manage` scope sees them all. Which endpoints use one is named only for the endpoints the
-caller may see (its team's; every team's for an admin) and counted for the rest, so a listing
-never tells one team another's endpoint names.
+`manage` scope sees every model file and image; a Hugging Face snapshot is listed to a team
+only where it asked for it or may call an endpoint that uses it (`api/hf_models.py`), so no
+team learns which models another fetched. Which endpoints use one is named only for the
+endpoints the caller may see (its team's; every team's for an admin) and counted for the rest,
+so a listing never tells one team another's endpoint names.
 """
 
 from __future__ import annotations

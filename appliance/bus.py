@@ -34,8 +34,9 @@ PRUNE_RESULT_TTL_S = 3600
 HEARTBEAT_TTL_S = 30
 BACKLOG_KEY = "appliance:backlog"  # endpoint id -> async tasks queued + running (scaler)
 TASK_LEASE_KEY = "appliance:lease:{task_id}"  # held by the worker running the task
-# hash "<repo>@<revision>" -> JSON {repository, revision, requested_at, requested_by}: Hugging
-# Face models the api asked the builder to download ahead of time, without an endpoint
+# hash "<repo>@<revision>" -> JSON {repository, revision, requested_at, requested_by, asked_by}:
+# Hugging Face models the api asked the builder to download ahead of time, without an endpoint
+# (`requested_by` the first team that asked, `asked_by` every team -> when it last asked)
 HF_DOWNLOADS_KEY = "appliance:hf-downloads"
 # hash "<repo>@<revision>" -> JSON {state, progress, message, requested_at, at}: how far the
 # builder got with each of those

@@ -28,17 +28,20 @@ def create_hf_download(
 
 
 @router.get("")
-def read_hf_downloads(state: StateDep) -> dict[str, Any]:
-    return hf_downloads.read_downloads(state.redis, state.settings)
+def read_hf_downloads(caller: CallerDep, state: StateDep) -> dict[str, Any]:
+    """The downloads the key's team asked for (every team's for an administrator), with the
+    teams that asked (`requested_by`)."""
+    return hf_downloads.read_downloads(caller, state.redis, state.settings)
 
 
 @router.get("/{repository:path}")
 def read_hf_download(
     repository: str,
+    caller: CallerDep,
     state: StateDep,
     revision: str = Query("main", max_length=200, description="The revision asked for."),
 ) -> dict[str, Any]:
     """One download: `state` pending, downloading, done, failed (`message` says why) or
     removed (deleted from the cache since), and `progress` (bytes and files done of the
-    total)."""
-    return hf_downloads.read_download(repository, revision, state.redis, state.settings)
+    total). Another team's download answers 404, as one never asked for does."""
+    return hf_downloads.read_download(repository, revision, caller, state.redis, state.settings)

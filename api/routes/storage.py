@@ -67,7 +67,9 @@ def delete_model_file(
 
 @router.get("/hf-models")
 def read_hf_models(caller: CallerDep, session: SessionDep, state: StateDep) -> dict[str, Any]:
-    return hf_models.read_hf_models(caller, session, state.settings)
+    """The cached repositories the key's team asked to download or may call an endpoint of
+    (every one for an administrator)."""
+    return hf_models.read_hf_models(caller, session, state.settings, state.redis)
 
 
 @router.delete("/hf-models/{repo_id:path}")

@@ -36,8 +36,8 @@ def _context(ui: UiSession, session: Session, state: AppState) -> dict[str, Any]
         listed_images = {"data": [], "checked_at": None, "message": exc.message}
     return {
         "files": model_files.read_model_files(ui.caller, session, settings)["data"],
-        "hf": hf_models.read_hf_models(ui.caller, session, settings),
-        "downloads": hf_downloads.read_downloads(state.redis, settings)["downloads"],
+        "hf": hf_models.read_hf_models(ui.caller, session, settings, state.redis),
+        "downloads": hf_downloads.read_downloads(ui.caller, state.redis, settings)["downloads"],
         "images": listed_images,
         "disks": views.disk_cards(storage.disk(settings)),
         "limit": settings.model_upload_max_bytes,
