@@ -130,6 +130,10 @@
   const playground = document.querySelector("[data-playground]");
   if (playground) setUpPlayground(playground);
 
+  const SIGNED_OUT = "You are signed out (the session ended): sign in again, in this tab or another, then send.";
+  // the chat request's fields, named as the settings show them
+  const CHAT_LABELS = { max_tokens: "Max tokens", temperature: "Temperature", messages: "Message", endpoint: "Endpoint" };
+
   function setUpPlayground(root) {
     const settings = root.querySelector("[data-chat-settings]");
     const composer = root.querySelector("[data-composer]");
@@ -207,9 +211,11 @@
           }),
           signal: controller.signal,
         });
+        // signed out meanwhile (in another tab, or the session expired): the sign-in page
+        if (reply.redirected) throw new Error(SIGNED_OUT);
         if (!reply.ok) {
           const body = await reply.json().catch(() => ({}));
-          throw new Error(describe(body) || `HTTP ${reply.status}`);
+          throw new Error(describe(body, CHAT_LABELS) || `HTTP ${reply.status}`);
         }
         const reader = reply.body.getReader();
         const decoder = new TextDecoder();
@@ -244,6 +250,9 @@
       } catch (error) {
         if (error.name !== "AbortError") bubble("error", error.message);
         history.pop();
+        if (!answer.textContent) answer.remove();
+        // unanswered: the prompt goes back in the box, to send again as it is or changed
+        if (error.name !== "AbortError" && !composer.prompt.value) composer.prompt.value = prompt;
       } finally {
         answer.classList.remove("streaming");
         answer.dataset.state = "done";
@@ -318,9 +327,15 @@
     } catch (_) { /* offline for a moment: the next visit lists it */ }
   }
 
-  function describe(body) {
+  // An error answer as one line; `labels` names a request's fields as the page shows them.
+  function describe(body, labels = {}) {
     if (typeof body.detail === "string") return body.detail;
-    if (Array.isArray(body.detail)) return body.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+    if (Array.isArray(body.detail)) {
+      return body.detail.map((d) => {
+        const field = (d.loc || []).slice(1).join(".");
+        return `${labels[field] || field}: ${d.msg}`;
+      }).join("; ");
+    }
     return body.error?.message || "";
   }
 })();
