@@ -35,7 +35,8 @@ GGUF_BODY = {
 }
 
 
-@router.put("/model-files/{name}", status_code=201, openapi_extra=GGUF_BODY)
+# {name:path}: a name with a folder in it is refused by the name rule (422), not a 404
+@router.put("/model-files/{name:path}", status_code=201, openapi_extra=GGUF_BODY)
 async def upload_model_file(
     name: str,
     request: Request,

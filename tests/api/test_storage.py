@@ -131,8 +131,9 @@ def test_upload_is_streamed_checked_and_listed(store: Appliance) -> None:
         (".hidden.gguf", 422),
         ("..gguf", 422),
         ("a b.gguf", 422),
-        ("%2E%2E%2Fescape.gguf", 404),  # an encoded '/' never matches the route
-        ("..%2F..%2Fescape.gguf", 404),
+        ("%2E%2E%2Fescape.gguf", 422),  # an encoded '/': refused by the name rule
+        ("..%2F..%2Fescape.gguf", 422),
+        ("sub%2Fescape.gguf", 422),
     ],
 )
 def test_bad_names_are_refused(store: Appliance, name: str, status: int) -> None:

@@ -93,7 +93,7 @@ def read_model_files_card(
     return page(request, "_model_files.html", ui, files=files)
 
 
-@router.put("/models/files/{name}")
+@router.put("/models/files/{name:path}")  # a name with a folder: refused by its rule, not 404
 async def upload_model_file_from_page(
     name: str, request: Request, ui: ChangeDep, state: StateDep, overwrite: bool = False
 ) -> Response:
