@@ -119,16 +119,31 @@ def _key_request(form: Mapping[str, str]) -> dict[str, Any]:
         value = form.get(name, "").strip()
         if not value:
             continue
-        if not WHOLE.fullmatch(value):
-            raise InvalidSpecError(
-                "Enter a whole number: 0 for no limit, or leave it empty for the install's "
-                "default.",
-                field=name,
-            )
-        body[name] = int(value)
+        body[name] = _limit(name, value)
     if not body["scopes"] and not body.get("admin"):
         raise InvalidSpecError("Pick at least one scope.", field="scopes")
     return body
+
+
+def _limit(name: str, value: str) -> int:
+    """A limit field: a whole number no larger than the largest limit the API takes."""
+    largest = key_service.MAX_LIMIT
+    if (
+        value.isascii()
+        and value.isdigit()
+        and (len(value) > len(str(largest)) or int(value) > largest)
+    ):
+        raise InvalidSpecError(
+            f"Enter at most {largest}: 0 for no limit, or leave it empty for the install's "
+            "default.",
+            field=name,
+        )
+    if not WHOLE.fullmatch(value):
+        raise InvalidSpecError(
+            "Enter a whole number: 0 for no limit, or leave it empty for the install's default.",
+            field=name,
+        )
+    return int(value)
 
 
 FORM_ONCE_KEY = "ui:keys-form:{once}"  # a new-key form already sent
