@@ -9,6 +9,9 @@
 "use strict";
 (() => {
   const csrf = document.querySelector('meta[name="csrf"]')?.content || "";
+  // a script's request answered with the sign-in page: signed out in another tab, or expired
+  const SIGNED_OUT = "You are signed out (the session ended): sign in again, in this tab or another, then try again.";
+  const signedOut = (url) => new URL(url, window.location.href).pathname === "/ui/sign-in";
 
   document.addEventListener("submit", (event) => {
     const message = event.target.dataset?.confirm;
@@ -130,7 +133,6 @@
   const playground = document.querySelector("[data-playground]");
   if (playground) setUpPlayground(playground);
 
-  const SIGNED_OUT = "You are signed out (the session ended): sign in again, in this tab or another, then send.";
   // the chat request's fields, named as the settings show them
   const CHAT_LABELS = { max_tokens: "Max tokens", temperature: "Temperature", messages: "Message", endpoint: "Endpoint" };
 
@@ -293,7 +295,10 @@
         button.disabled = false;
         let body = {};
         try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
-        if (xhr.status === 201) {
+        if (xhr.responseURL && signedOut(xhr.responseURL)) {
+          bar.hidden = true;
+          state.textContent = SIGNED_OUT;
+        } else if (xhr.status === 201) {
           state.dataset.sha256 = body.sha256;
           state.textContent = `Uploaded ${body.name} (${body.bytes} bytes, sha256 ${body.sha256}).`;
           bar.hidden = true;
