@@ -183,11 +183,22 @@ def resolve_model_path(models_dir: Path, requested: str) -> str:
         )
     if not exists:
         raise InvalidSpecError(
-            f"model file {requested!r} does not exist in the models directory ({models_dir}); "
-            "copy it there first",
+            f"model file {requested!r} does not exist in the models directory ({models_dir})"
+            f"{_gguf_hint(root, relative, requested)}; upload it (the UI's Models page, or PUT "
+            "/v1/storage/model-files/{name}) or copy it there first",
             field="model",
         )
     return f"{MODELS_MOUNT}/{target.relative_to(root).as_posix()}"
+
+
+def _gguf_hint(root: Path, relative: str, requested: str) -> str:
+    """': did you mean NAME.gguf?' when that file is there (the suffix left off), else ''."""
+    try:
+        candidate = Path(os.path.realpath(root / f"{relative}.gguf"))
+        there = root in candidate.parents and candidate.is_file()
+    except (OSError, ValueError):
+        return ""
+    return f": did you mean {requested + '.gguf'!r}?" if there else ""
 
 
 def check_image(image: str, *, default_images: Iterable[str], approved: Iterable[str]) -> None:
