@@ -241,6 +241,10 @@ def _count(name: str, asked: object) -> float:
         count = float(asked)
     except ValueError:
         raise BadRequestError(f"{name} must be a number of tokens", field=name) from None
+    except OverflowError:  # an integer of hundreds of digits, as pydantic's JSON reads one
+        raise BadRequestError(
+            f"{name} is more tokens than any request may ask for", field=name
+        ) from None
     if math.isnan(count):
         raise BadRequestError(f"{name} must be a number of tokens", field=name)
     if math.isfinite(count) and count != int(count):  # 100.0 is 100 tokens; 4.5 is none

@@ -578,8 +578,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
     recursion ends in a RecursionError far past that, which would be a 500)."""
     try:
         payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequestError("the request body is not valid JSON") from None
+    except orjson.JSONDecodeError as exc:  # what is wrong and where: 'line 1 column 7'
+        raise BadRequestError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadRequestError("the request body must be a JSON object")
     return payload

@@ -53,8 +53,11 @@ def parse_requests(path: Path, endpoint_url: str) -> list[BatchRequest]:
                 continue
             try:
                 line = read_json(raw)
-            except ValueError:
-                raise InvalidSpecError(f"line {number} of the input file is not JSON") from None
+            except orjson.JSONDecodeError as exc:  # what is wrong, and where on the line
+                raise InvalidSpecError(
+                    f"line {number} of the input file is not valid JSON: {exc.msg} at column "
+                    f"{exc.colno}"
+                ) from None
             if not isinstance(line, dict) or not isinstance(line.get("body"), dict):
                 raise InvalidSpecError(f"line {number}: expected custom_id, method, url, body")
             custom_id = line.get("custom_id")

@@ -257,6 +257,26 @@ def test_a_fraction_of_a_token_is_refused_naming_it(bed: Bed, entry: str) -> Non
     served(send(bed, bed.key(), MINE, {tokens_field(entry): 2.0}))
 
 
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_a_token_count_past_any_float_is_a_400_naming_it(bed: Bed, entry: str) -> None:
+    """A count with 400 digits is JSON a parser reads as an integer (pydantic's, the standard
+    library's) that no float holds: a 400 on every entry, with or without a cap, never a 500,
+    naming the field, or where orjson (OpenAI's bodies and batch lines) stopped reading; the
+    replica gets nothing."""
+    send, family, _ = ENTRIES[entry]
+    before = len(bed.backend.bodies)
+    for key in (bed.key(), bed.key(max_tokens_per_request=CAP)):
+        reply = send(bed, key, MINE, {tokens_field(entry): 10**400})
+        if reply.status_code != 422:  # the playground's typed body: 422
+            refused(reply, 400, family)
+        if family == "openai":
+            assert "number is infinity when parsed as double" in reply.text, reply.text
+            assert "column" in reply.text, reply.text
+        else:
+            assert tokens_field(entry) in reply.text, reply.text
+    assert len(bed.backend.bodies) == before
+
+
 @pytest.mark.parametrize(
     "entry", [e for e in ENTRIES if not e.startswith("/v1/llm/") and e != "/v1/embeddings"]
 )
