@@ -161,7 +161,7 @@ def _in_range(value: Any, low: float, high: float, *, whole: bool) -> bool:
             return False
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past any float
         return False
     return math.isfinite(number) and low <= number <= high
 
