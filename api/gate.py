@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import ui_session
 from api.deps import AppState, caller_of, key_of_raw
@@ -97,11 +97,27 @@ class KeyGate:
             await send({"type": "http.response.start", "status": status, "headers": out})
             await send({"type": "http.response.body", "body": body})
             return
-        try:
+        if slot is None:
             await self.app(scope, receive, send)
+            return
+        held = [slot]  # given back once: as the reply's last bytes go out, or when it fails
+
+        def give_back() -> None:
+            if held:
+                self.slots.give_back(held.pop())
+
+        async def sending(message: Message) -> None:
+            # before the last bytes, not after the route returns: a client that sends its next
+            # request once it has the reply finds the slot free (a dependency's clean-up, run
+            # after the reply is sent, held it a moment longer)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                give_back()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
         finally:
-            if slot is not None:
-                self.slots.give_back(slot)
+            give_back()
 
     async def _counter(self, state: AppState | None, scope: Scope, path: str) -> str | None:
         """Whose management requests the request counts as: its key's, or for the UI's pages
