@@ -48,6 +48,7 @@ CRASH_BACKOFF_BASE_S = 2.0
 CRASH_BACKOFF_MAX_S = 60.0
 LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
 MEMORY_WAIT = "waiting for memory: needs "
+NO_REPLICAS_ALLOWED = "scaled to 0: no replicas allowed, as its max_workers is 0; raise it to serve"
 ROOM_WAITS = ("waiting for GPUs", "waiting for memory")  # the reasons `_make_room` words
 
 
@@ -307,7 +308,8 @@ def _plan_status(
     tick: _Tick, endpoint: Endpoint, reason: str | None, waiting: Readiness | None, converged: bool
 ) -> None:
     """The status and its reason, written only when one of them changed; a converged endpoint
-    goes READY without first writing the reason it had while it started."""
+    goes READY without first writing the reason it had while it started (with no reason, or
+    `NO_REPLICAS_ALLOWED` when its max replicas is 0)."""
     event = not _same_wait(endpoint.status_reason, reason, waiting)
     if endpoint.status == EndpointStatus.UPDATE_PENDING or (
         endpoint.status == EndpointStatus.UPDATE_IN_PROGRESS
@@ -317,8 +319,12 @@ def _plan_status(
         status = EndpointStatus.UPDATE_IN_PROGRESS
         event = event or endpoint.status != status
         tick.actions.append(SetStatus(endpoint.id, endpoint.generation, status, reason, event))
-    if converged and (endpoint.status != EndpointStatus.READY or endpoint.status_reason):
-        tick.actions.append(SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, None))
+    # READY says it is deployed; with max 0 nothing runs, and its reason says so
+    settled = NO_REPLICAS_ALLOWED if endpoint.max_replicas == 0 else None
+    if converged and (endpoint.status != EndpointStatus.READY or endpoint.status_reason != settled):
+        tick.actions.append(
+            SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, settled)
+        )
     elif endpoint.status == EndpointStatus.READY and reason and reason != endpoint.status_reason:
         tick.actions.append(
             SetStatus(endpoint.id, endpoint.generation, EndpointStatus.READY, reason, event)

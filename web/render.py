@@ -54,4 +54,5 @@ def environment() -> jinja2.Environment:
     env.filters["when"] = views.when
     env.filters["size"] = views.size
     env.filters["tone"] = views.tone
+    env.filters["endpoint_tone"] = views.endpoint_tone
     return env

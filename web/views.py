@@ -45,6 +45,12 @@ def tone(status: str | None) -> str:
     return TONES.get(status or "", "idle")
 
 
+def endpoint_tone(status: str, max_replicas: int) -> str:
+    """An endpoint's badge colour: a READY endpoint allowed no replica (max 0) serves nothing,
+    so it is not shown in the serving colour."""
+    return "idle" if max_replicas == 0 else tone(status)
+
+
 def ago(stamp: float | None, now: float) -> str:
     if stamp is None:
         return "—"
@@ -123,7 +129,7 @@ def endpoint_row(
         framework=public["framework"],
         model=short_model(public["model"]),
         status=public["status"],
-        tone=tone(public["status"]),
+        tone=endpoint_tone(public["status"], int(deployment["max_workers"])),
         reason=public.get("status_reason"),
         ready=int(deployment["available_workers"]),
         desired=int(deployment["desired_workers"]),
@@ -140,11 +146,17 @@ class Step:
     detail: str = ""
 
 
-def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]:
+NO_REPLICAS_ALLOWED = "scaled to 0: no replicas allowed"
+
+
+def deploy_steps(
+    events: Sequence[Mapping[str, Any]], status: str, max_replicas: int = 1
+) -> list[Step]:
     """The latest deploy, step by step, from the endpoint's events timeline.
 
     Image present or pulled -> placed (on GPUs or CPU) -> container started, loading the
-    model -> health check passed -> READY."""
+    model -> health check passed -> READY. With `max_replicas` 0 no replica will run: the
+    first step not done says so, and none is in progress or serving."""
     start = max((i for i, e in enumerate(events) if e["kind"] in STARTS), default=0)
     if status == "READY":
         # an edit that did not roll (replica counts) leaves the last rollout standing
@@ -170,6 +182,9 @@ def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]
         ("Health check", "ready" in found, "passed" if "ready" in found else ""),
         ("Ready", ready_status or status == "READY", "serving" if status == "READY" else ""),
     ]
+    if max_replicas == 0:
+        plan = [(label, done, detail) for label, done, detail in plan[:-1]]
+        plan.append(("Ready", False, ""))
     failed = status == "UPDATE_FAILED" or "crashed" in found
     steps: list[Step] = []
     current_given = False
@@ -181,6 +196,8 @@ def deploy_steps(events: Sequence[Mapping[str, Any]], status: str) -> list[Step]
             current_given = True
             if failed:
                 steps.append(Step(label, "failed", found.get("crashed", "") or "failed"))
+            elif max_replicas == 0:
+                steps.append(Step(label, "todo", NO_REPLICAS_ALLOWED))
             else:
                 steps.append(Step(label, "current", "in progress"))
         else:

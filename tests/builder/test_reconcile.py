@@ -87,6 +87,20 @@ def test_a_new_endpoint_gets_a_replica_on_a_free_gpu() -> None:
     assert act.SetStatus("end_a", 1, EndpointStatus.UPDATE_IN_PROGRESS, None) in actions
 
 
+def test_an_endpoint_allowed_no_replica_is_ready_saying_none_will_run() -> None:
+    none = dict(min_replicas=0, max_replicas=0, desired_replicas=0)
+    actions = plan([endpoint(status=EndpointStatus.UPDATE_PENDING, **none)])
+    assert not any(isinstance(a, act.StartReplica) for a in actions)
+    assert actions[-1] == act.SetStatus("end_a", 1, EndpointStatus.READY, rc.NO_REPLICAS_ALLOWED)
+    assert "max_workers is 0" in rc.NO_REPLICAS_ALLOWED
+    said = endpoint(status=EndpointStatus.READY, status_reason=rc.NO_REPLICAS_ALLOWED, **none)
+    assert plan([said]) == []  # written once
+    raised = dict(min_replicas=0, max_replicas=2, desired_replicas=0)  # idle: scaled to zero
+    assert plan([endpoint(status_reason=rc.NO_REPLICAS_ALLOWED, **raised)]) == [
+        act.SetStatus("end_a", 1, EndpointStatus.READY, None)
+    ]
+
+
 def test_gpus_claimed_by_replicas_are_not_given_twice() -> None:
     other = endpoint(id="end_b", name="b", status=EndpointStatus.UPDATE_PENDING)
     actions = plan([endpoint(), other], [replica("r1", gpus=[0])])

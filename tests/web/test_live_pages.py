@@ -167,6 +167,23 @@ def test_a_replica_on_its_way_is_not_called_scaled_to_zero(api_only: Appliance, 
     assert "max replicas is 0" in replicas and "the first request starts one" not in replicas
 
 
+def test_an_endpoint_allowed_no_replica_does_not_read_as_deploying_or_serving(
+    api_only: Appliance, page: Any
+) -> None:
+    """Max replicas 0: the deploy steps say no replica will run (none "in progress", no
+    "serving"), and the status badge, here and in the endpoints table, is not the serving one."""
+    none = seed_replicaless(api_only, "none", desired=0, most=0)
+    sign_in(page, api_only.url, ADMIN_KEY)
+    page.goto(f"{api_only.url}/ui/endpoints/{none}")
+    steps = page.inner_text("ol.steps")
+    assert "scaled to 0: no replicas allowed" in steps
+    assert "in progress" not in steps and "serving" not in steps
+    assert "ok" not in (page.get_attribute("[data-status] .badge", "class") or "").split()
+    page.goto(f"{api_only.url}/ui/endpoints")
+    badge = page.get_attribute('tr[data-endpoint="none"] [data-col="status"] .badge', "class")
+    assert "ok" not in (badge or "").split()
+
+
 def test_a_page_left_open_on_an_endpoint_that_is_gone_offers_no_actions(
     api_only: Appliance, page: Any
 ) -> None:

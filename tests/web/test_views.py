@@ -98,7 +98,9 @@ def test_bar_chart_shows_one_busy_bucket() -> None:
 
 
 def replicas_gpus_column(endpoint_gpus: int, replica_gpus: list[int]) -> str:
-    endpoint = SimpleNamespace(status="UPDATE_FAILED", status_reason=None, gpus=endpoint_gpus)
+    endpoint = SimpleNamespace(
+        status="UPDATE_FAILED", status_reason=None, gpus=endpoint_gpus, max_replicas=1
+    )
     replica = {"id": "rep_1", "state": "failed", "gpus": replica_gpus, "generation": 1}
     public = {
         "replicas": [{**replica, "restarts": 0, "last_error": "exited 1"}],

@@ -146,7 +146,7 @@ def endpoint_context(
         "public": public,
         "model": views.short_model(endpoint.model),
         "events": list(reversed(events))[:60],
-        "steps": views.deploy_steps(events, endpoint.status),
+        "steps": views.deploy_steps(events, endpoint.status, endpoint.max_replicas),
         "busy": busy,
         "charts": [
             charts.bar_chart("Requests", "req/s", series.requests_per_s, start, now, step),
