@@ -31,7 +31,7 @@ def not_served(status: int, body: bytes, endpoint: str, path: str) -> BadRequest
     """The 400 to answer for a replica's reply that says it does not serve `path` (the path
     the caller asked for), or None."""
     if status == 501:
-        words = _replica_words(body)
+        words = replica_words(body)
         if "--embeddings" in words:  # llama.cpp's advice, as an endpoint here takes it
             words += f" (here: {EMBEDDINGS_HOW})"
     elif status == 404 and _unregistered(body):
@@ -59,7 +59,9 @@ def _unregistered(body: bytes) -> bool:
     return bool(found == UNREGISTERED)
 
 
-def _replica_words(body: bytes) -> str:
+def replica_words(body: bytes) -> str:
+    """What a replica's error reply says, as its error envelope's `message` gives it (OpenAI's,
+    llama.cpp's and vLLM's, old and new), its `detail` or its text: at most 300 characters."""
     try:
         reply = json.loads(body)
     except ValueError:

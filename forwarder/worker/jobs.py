@@ -35,7 +35,7 @@ from appliance.models import TaskStatus
 from forwarder.llm_engine import SERIALIZE_KEY, task_path, wrap_result
 from forwarder.proxy import Forwarder, ReplyTooLargeError
 from forwarder.table import Target
-from forwarder.unserved import not_served
+from forwarder.unserved import not_served, replica_words
 from forwarder.usage import usage_from_json
 from forwarder.worker import taskstore
 from forwarder.worker.callbacks import CallbackSender
@@ -276,10 +276,18 @@ async def run_task(task_id: str) -> None:
     if 200 <= status < 300:
         await _finish(rt, claimed, TaskStatus.SUCCESS, result, status, None, tokens)
     elif status in RETRIED_STATUSES:
-        await _retry_or_fail(rt, claimed, result, status, f"replica answered {status}")
+        await _retry_or_fail(rt, claimed, result, status, _refusal(status, data))
     else:
-        message = f"replica answered {status}"
+        message = _refusal(status, data)
         await _finish(rt, claimed, TaskStatus.FAILURE, result, status, message, tokens)
+
+
+def _refusal(status: int, body: bytes) -> str:
+    """Why a task failed with its replica's error reply: the status and the replica's words
+    (what its error envelope's `message` says, as OpenAI's routes answer it), which a
+    batch's error file carries as its line's `error.message`."""
+    words = replica_words(body).strip()
+    return f"replica answered {status}: {words}" if words else f"replica answered {status}"
 
 
 def _asked(claimed: taskstore.Claim) -> str:

@@ -59,6 +59,9 @@ class FakeBackend:
         self.bodies.append(body)
         if isinstance(body.get("status"), int):  # a request the replica refuses, as vLLM does
             message = {"object": "error", "message": "refused", "code": body["status"]}
+            if isinstance(body.get("refusal"), str):  # in llama.cpp's envelope, in its words
+                message = {"error": {"code": body["status"], "message": body["refusal"]}}
+                message["error"]["type"] = "exceed_context_size_error"
             return web.json_response(message, status=body["status"])
         if body.get("unregistered"):  # as vLLM serving an embedding model answers chat
             return web.Response(status=404, body=UNREGISTERED, content_type="application/json")

@@ -144,6 +144,43 @@ def test_tasks_and_batch_lines_to_a_route_the_server_never_registered_fail_sayin
     assert backend.seen["/v1/completions"] == 1 and backend.seen["/v1/embeddings"] == 2
 
 
+OVER_CONTEXT = "the request exceeds the available context size, try increasing it"
+
+
+def test_a_batch_line_the_replica_refuses_says_what_the_replica_said(
+    bare_appliance: Appliance, backend: FakeBackend
+) -> None:
+    """A line the replica refuses (llama.cpp's 400 for a prompt past its context) goes to the
+    error file with the status and the replica's words in OpenAI's `error` (`code`,
+    `message`), where its message said only "replica answered 400"; its `response` keeps the
+    replica's answer whole. An async task refused so says the same in its traceback."""
+    endpoint_id = seed_endpoint(bare_appliance.data_dir, "fake", backend.address)
+    bare_appliance.start_role("worker")
+    client = bare_appliance.client()
+    lines = [json.loads(line) for line in batch_lines("fake", 3).splitlines()]
+    lines[1]["body"] |= {"status": 400, "refusal": OVER_CONTEXT}
+    lines[2]["body"] |= {"status": 422}  # in vLLM's older envelope: {"object": "error", ...}
+    batch = submit_batch(client, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+    final = batch_ended(client, batch.json()["id"], "completed", 60)
+    assert final["request_counts"] == {"total": 3, "completed": 1, "failed": 2}, final
+    content = client.get(f"/v1/files/{final['error_file_id']}/content").text
+    errors = {(line := json.loads(text))["custom_id"]: line for text in content.splitlines()}
+    over = errors["req-1"]
+    assert over["error"] == {
+        "code": "request_failed",
+        "message": f"replica answered 400: {OVER_CONTEXT}",
+    }, over
+    assert over["response"]["status_code"] == 400, over
+    assert over["response"]["body"]["error"]["message"] == OVER_CONTEXT, over
+    assert errors["req-2"]["error"]["message"] == "replica answered 422: refused", errors
+
+    args = {"prompt": "p", "status": 400, "refusal": OVER_CONTEXT}
+    made = client.post(f"/v1/async-tasks?model_endpoint_id={endpoint_id}", json={"args": args})
+    task = wait_tasks(client, [made.json()["task_id"]], 60)[made.json()["task_id"]]
+    assert (task["status"], task["status_code"]) == ("FAILURE", 400), task
+    assert task["traceback"] == f"replica answered 400: {OVER_CONTEXT}", task
+
+
 def test_backlog_is_published_and_redis_wipe_loses_no_task(
     bare_appliance: Appliance, backend: FakeBackend
 ) -> None:
