@@ -417,6 +417,20 @@ def test_the_pages_say_both_frameworks_run_without_gpus(api_only: Appliance) -> 
     assert ", 1 request each<" in client.get(f"/ui/endpoints/{endpoint_id}").text
 
 
+def test_the_min_replicas_hint_says_a_new_endpoint_at_zero_still_starts_one(
+    api_only: Appliance,
+) -> None:
+    """Min replicas 0 does not mean none at first: a create (a restart, a rolling update)
+    keeps one replica warm for the idle timeout, as docs/fields.md says; the hint said only
+    "0 scales to zero when idle"."""
+    form = browser_client(api_only).get("/ui/endpoints/new").text
+    found = re.search(r'id="f-min_replicas".*?<p class="hint">(.*?)</p>', form, re.S)
+    assert found is not None, "no hint under min replicas"
+    hint = found.group(1)
+    assert "keep one warm for the idle timeout" in hint, hint
+    assert "scales to zero after the idle timeout" in hint, hint
+
+
 def test_the_form_sets_and_edits_the_context_length(api_only: Appliance) -> None:
     """The endpoint form's context length is the request's max_model_len: set on create, shown
     and changed on edit, and an edit of another field keeps it."""
