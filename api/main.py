@@ -209,8 +209,7 @@ def create_app(
             yield
         finally:
             await _stop(refresher, publisher)
-            app.state.inference.shut_down()  # calls still waiting are told the api stops
-            await asyncio.sleep(0)  # ...as their waits end
+            await app.state.inference.shut_down()  # calls still waiting are told the api stops
             await state.submitter.close()  # what it was handed is stored before Redis closes
             await forwarder.close()
             await state.limiter.close()

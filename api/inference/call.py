@@ -53,6 +53,7 @@ SSE_HEADERS: Final = [
 ]
 KEEPALIVE: Final = b": keep-alive\n\n"
 MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
+RECANCEL_EVERY_S: Final = 0.5  # at the api's stop, a wait still running is cancelled again
 USAGE_FRAMEWORKS: Final = ("vllm", "llamacpp")  # servers that send a stream's usage when asked
 USAGE_ASKED: Final = (CHAT, COMPLETIONS)  # streams whose usage comes when asked (a response's
 # comes in its `response.completed` event, always)
@@ -102,13 +103,18 @@ class Core:
         self.holds: set[asyncio.Task[None]] = set()  # calls' waits (for a key, count, replica)
         self.stopping = False  # the api stops: a call still waiting is told so
 
-    def shut_down(self) -> None:
-        """The api stops, past uvicorn's graceful wait: calls still waiting for a replica or a
-        count are told so, each in its route's format (a stream by an error event); those
-        relaying are told by the relay (`Forwarder.close`)."""
+    async def shut_down(self) -> None:
+        """The api stops, past uvicorn's graceful wait: calls still waiting for their key, a
+        count or a replica are told so, each in its route's format (a stream by an error
+        event), and none starts a wait after; those relaying are told by the relay
+        (`Forwarder.close`). A wait can drop its cancel (redis-py's can, as `api/main._stop`
+        says) and wait on: one still waiting after RECANCEL_EVERY_S is cancelled again, until
+        every one ended."""
         self.stopping = True
-        for hold in list(self.holds):
-            hold.cancel()
+        while self.holds:
+            for hold in list(self.holds):
+                hold.cancel()
+            await asyncio.wait(list(self.holds), timeout=RECANCEL_EVERY_S)
 
 
 class InvalidRequestError(Exception):
@@ -231,6 +237,11 @@ class Call:
         relay.send()
 
     def _wait(self, step: Coroutine[Any, Any, bool]) -> None:
+        if self.core.stopping:  # a wait that ended as the api stopped: no next one
+            step.close()
+            self.on_failed(UpstreamError(SHUTTING_DOWN, status_code=503))
+            self._settle()
+            return
         task = asyncio.get_running_loop().create_task(self._waiting(step))
         self.task = task
         self.core.holds.add(task)

@@ -310,6 +310,39 @@ def test_cold_endpoint_is_held_until_a_replica_is_ready() -> None:
     asyncio.run(main())
 
 
+def test_a_wait_cancelled_as_it_is_woken_ends_cancelled() -> None:
+    """A request waiting for a replica (a cold start) or for a slot (every replica at its cap)
+    that is cancelled (the api stops, the client goes) just as its wait is woken (a new
+    routing table, a slot freed elsewhere) ends cancelled: Python 3.11's `asyncio.wait_for`
+    dropped such a cancel, and the request waited on, the api's 503 at its stop never sent."""
+
+    async def main() -> None:
+        slow = Replica("one", delay_s=1.0)
+        async with slow.running():
+            cold, capped = route(), route(("one", slow.url), cap=1)
+
+            async def woken(fwd: Forwarder, r: Target, wake: Callable[[], None]) -> None:
+                waiting = asyncio.ensure_future(fwd.acquire(r, hold_s=30))
+                await asyncio.sleep(0.1)
+                assert not waiting.done()
+                wake()  # and the cancel in the same step, before the wait resumes
+                waiting.cancel()
+                await asyncio.wait([waiting], timeout=2)
+                assert waiting.cancelled(), "the cancel was lost: the request waits on"
+
+            async def body(fwd: Forwarder) -> None:
+                await woken(fwd, cold, lambda: fwd.update(table(cold)))
+                fwd.update(table(capped))
+                first = asyncio.ensure_future(call(fwd, capped))
+                await asyncio.sleep(0.1)
+                await woken(fwd, capped, fwd.slot_freed)
+                assert await first == ("one", 200)
+
+            await with_forwarder(cold, body, queue_wait_s=30.0)
+
+    asyncio.run(main())
+
+
 def test_silent_replica_is_a_504_and_abandoning_cancels_it() -> None:
     async def main() -> None:
         silent = Replica("silent", delay_s=3)
