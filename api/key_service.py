@@ -63,6 +63,15 @@ class CreateKeyRequest(Body):
     max_queued_tasks: Limit = None
     max_tokens_per_request: Limit = None
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _named(cls, name: Any) -> Any:
+        """An empty name is asked for, before the character rule (for a name with other
+        characters) would answer it."""
+        if isinstance(name, str) and not name.strip():
+            raise ValueError("Give the key a name, so you can tell it from your other keys.")
+        return name
+
     @field_validator("scopes")
     @classmethod
     def _each_once(cls, scopes: list[str]) -> list[str]:

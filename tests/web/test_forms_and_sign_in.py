@@ -365,6 +365,23 @@ def test_a_key_form_sent_twice_makes_one_key(api_only: Appliance) -> None:
     assert [k["name"] for k in listed].count("sent-twice") == 1
 
 
+def test_a_key_without_a_name_is_asked_for_one(api_only: Appliance) -> None:
+    """An empty name (or only spaces) is told to give one, on the keys page and the API, not
+    the character rule meant for a name that has the wrong characters."""
+    client = browser_client(api_only)
+    for name in ("", "   "):
+        page = client.post("/ui/keys", data=_key_form_body(client, name=name)).text
+        said = re.search(r'data-error-for="name"[^>]*>(.*?)<', page, re.S)
+        assert said is not None, "no message next to the name field"
+        assert said.group(1).startswith("Give the key a name"), said.group(1)
+    reply = api_only.client().post("/v1/api-keys", json={"name": ""})
+    assert reply.status_code == 422 and "Give the key a name" in reply.text, reply.text
+    page = client.post("/ui/keys", data=_key_form_body(client, name="no/slash")).text
+    assert "Use letters, digits, spaces" in page  # a wrong character still gets the rule
+    listed = api_only.client().get("/v1/api-keys").json()["api_keys"]
+    assert not {"", "   ", "no/slash"} & {k["name"] for k in listed}
+
+
 def test_a_key_forms_days_are_ascii_numbers(api_only: Appliance) -> None:
     """The expiry in days is a plain number: another script's digit (an Arabic-Indic one was
     a day), an underscore (1_0 was ten days) or an exponent is refused next to the field."""
