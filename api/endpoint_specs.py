@@ -154,9 +154,19 @@ def resolve_model(
     if checkpoint:
         return _local_model(framework, checkpoint, settings)
     local = framework == Framework.LLAMACPP or not is_hub_id(model_name)
-    if local and framework != Framework.CUSTOM:
+    if not local or framework == Framework.CUSTOM:
+        return model_name
+    try:
         return _local_model(framework, model_name, settings)
-    return model_name
+    except InvalidSpecError as exc:
+        if not is_hub_id(model_name) or model_name.lower().endswith(".gguf"):
+            raise
+        # llama.cpp takes the name as a file; one that reads as a hub id was likely meant so
+        raise InvalidSpecError(
+            "llama.cpp serves a GGUF file from the models directory, and a Hugging Face id "
+            f"such as {model_name!r} goes with vLLM (inference_framework vllm); {exc.message}",
+            field=exc.field,
+        ) from None
 
 
 def _local_model(framework: str, requested: str, settings: Settings) -> str:
