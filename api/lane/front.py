@@ -84,7 +84,10 @@ def parse_head(buf: bytes, end: i64) -> Head | None:
     at: i64 = 5
     query_at: i64 = -1
     while at < end and buf[at] != SP:
-        if buf[at] == 63 and query_at < 0:  # ?
+        c: i64 = buf[at]
+        if c < SP or c >= 127:  # httptools refuses these in a URL; a CR, LF: another line
+            return None
+        if c == 63 and query_at < 0:  # ?
             query_at = at
         at += 1
     if not starts(buf, at, b" HTTP/1.1\r\n") or at + 11 > end:

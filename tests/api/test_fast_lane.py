@@ -152,6 +152,15 @@ def test_the_lane_reads_only_heads_it_can_serve() -> None:
         "a control byte in a value": good.replace(b"Host: test", b"Host: te\x1bst"),
         "DEL in a value": good.replace(b"Host: test", b"Host: te\x7fst"),
         "no headers": b"POST /v1/chat/completions HTTP/1.1\r\n\r\n{}",
+        # a request line that is not one: httptools reads the first line's end as the URL's
+        # and `X: HTTP/1.1` as a header, where a lane reading up to the first space took
+        # `model_endpoint_name=x\r\nX:` for the query
+        "a line end in the target": queried.replace(b" HTTP/1.1", b"\r\nX: HTTP/1.1", 1),
+        "a control byte in the target": queried.replace(b"=x", b"=x\x01y"),
+        "a tab in the target": queried.replace(b"=x", b"=x\ty"),
+        "a bare CR in the target": queried.replace(b"=x", b"=x\ry"),
+        "DEL in the target": queried.replace(b"=x", b"=x\x7fy"),
+        "non-ASCII in the target": queried.replace(b"=x", b"=x\xffy"),
     }
     for why, head_bytes in refused.items():
         assert parse_head(head_bytes, head_bytes.find(b"\r\n\r\n")) is None, why
