@@ -54,6 +54,7 @@ SSE_HEADERS: Final = [
 KEEPALIVE: Final = b": keep-alive\n\n"
 MESSAGE_MAX_CHARS: Final = 2000  # of a replica's error reply, sent in band
 RECANCEL_EVERY_S: Final = 0.5  # at the api's stop, a wait still running is cancelled again
+RECANCEL_FOR_S: Final = 5.0  # ...for so long at most
 USAGE_FRAMEWORKS: Final = ("vllm", "llamacpp")  # servers that send a stream's usage when asked
 USAGE_ASKED: Final = (CHAT, COMPLETIONS)  # streams whose usage comes when asked (a response's
 # comes in its `response.completed` event, always)
@@ -109,9 +110,11 @@ class Core:
         event), and none starts a wait after; those relaying are told by the relay
         (`Forwarder.close`). A wait can drop its cancel (redis-py's can, as `api/main._stop`
         says) and wait on: one still waiting after RECANCEL_EVERY_S is cancelled again, until
-        every one ended."""
+        every one ended, for at most RECANCEL_FOR_S: the api's stop never hangs on one."""
         self.stopping = True
-        while self.holds:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + RECANCEL_FOR_S
+        while self.holds and loop.time() < until:
             for hold in list(self.holds):
                 hold.cancel()
             await asyncio.wait(list(self.holds), timeout=RECANCEL_EVERY_S)

@@ -58,3 +58,32 @@ def test_a_wait_that_drops_the_stops_cancel_is_cancelled_again() -> None:
         assert waits.stopping and not waits.holds
 
     asyncio.run(main())
+
+
+def test_a_wait_that_never_ends_does_not_hold_the_stop_up() -> None:
+    """One that drops every cancel is given up after RECANCEL_FOR_S: the api still stops."""
+
+    async def main() -> None:
+        waits = core()
+        deaf = True
+
+        async def wait() -> None:
+            while True:
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    if not deaf:
+                        raise
+
+        hold = asyncio.ensure_future(wait())
+        waits.holds.add(hold)
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(waits.shut_down(), timeout=30)
+        assert loop.time() - began < 10
+        assert not hold.done()  # outlived the stop, which went on without it
+        deaf = False
+        hold.cancel()
+
+    asyncio.run(main())
