@@ -163,7 +163,7 @@ class Forwarder:
                 logger.exception("demand hook failed")
 
     async def _wait_change(self, timeout_s: float) -> None:
-        await _woken(self._changed, min(timeout_s, WAKE_EVERY_S))
+        await woken(self._changed, min(timeout_s, WAKE_EVERY_S))
 
     async def acquire(
         self,
@@ -245,7 +245,7 @@ class Forwarder:
     async def _wait_slot(self, timeout_s: float) -> None:
         self.balancer.slot_waiters += 1
         try:
-            await _woken(self._freed, min(timeout_s, WAKE_EVERY_S))
+            await woken(self._freed, min(timeout_s, WAKE_EVERY_S))
         finally:
             self.balancer.slot_waiters -= 1
 
@@ -388,11 +388,12 @@ class Collected:
             self.waiting(waiting)
 
 
-async def _woken(event: asyncio.Event, timeout_s: float) -> None:
+async def woken(event: asyncio.Event, timeout_s: float) -> None:
     """Wait until `event` is set or `timeout_s` passed. Not `asyncio.wait_for`: on Python 3.11
     it drops a cancel that lands as the event is set (it returns the event's result instead),
     and a request waiting for a replica would wait on through the api's stop, never told the
-    api stops (`Core.shut_down`), or on after its client went."""
+    api stops (`Core.shut_down`), or on after its client went; the worker's job taker and
+    helpers wait with it too (`forwarder/worker/runner.py`)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
             await event.wait()

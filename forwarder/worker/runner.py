@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 from sqlalchemy.engine import Engine
 
 from appliance import bus
+from forwarder.proxy import woken
 from forwarder.refresh import load_table
 from forwarder.worker import jobs, taskstore
 
@@ -238,8 +239,7 @@ class Runner:
             free = self.concurrency - len(self.running)
             if free <= 0:
                 self._slot_free.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
+                await woken(self._slot_free, 1.0)
                 continue
             endpoint_ids = self.endpoint_ids()
             keys = self.queue_keys(endpoint_ids)
@@ -258,8 +258,7 @@ class Runner:
                 idle_s = IDLE_POLL_S
                 continue
             # nothing queued, or no room where there is: a job ending makes room at once
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_free.wait(), timeout=idle_s)
+            await woken(self._slot_free, idle_s)
             idle_s = IDLE_POLL_S if self._slot_free.is_set() else min(idle_s * 2, IDLE_POLL_MAX_S)
 
     def _pop_jobs(self, keys: list[str], rooms: list[int], n: int) -> list[Job | None]:
@@ -394,5 +393,4 @@ class Failing:
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    await woken(stop, seconds)

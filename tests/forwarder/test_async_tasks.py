@@ -841,3 +841,30 @@ def test_a_task_to_a_replica_slower_than_the_upstream_timeout_fails_after_its_at
     why = "replica of 'fake' did not answer in time (gave up after 2 attempts)"
     assert body["traceback"] == why, body
     assert backend.seen["/v1/completions"] == 2
+
+
+def test_a_worker_wait_cancelled_as_it_is_woken_ends_cancelled() -> None:
+    """The worker's waits (for a free slot while every one is taken, for a helper's next tick)
+    end cancelled when the cancel lands just as the wait is woken (a job ends, the worker is
+    told to stop): Python 3.11's `asyncio.wait_for` dropped such a cancel, and the job taker
+    went on taking jobs, a helper on ticking, after the worker had cancelled them."""
+    taker = Runner.__new__(Runner)  # only what the taking loop reads while every slot is busy
+    taker.concurrency, taker.running, taker._slot_free = 1, {"busy": None}, asyncio.Event()  # type: ignore[dict-item]
+
+    async def woken(wait: asyncio.Future[None], wake: asyncio.Event) -> None:
+        await asyncio.sleep(0.1)
+        assert not wait.done()
+        wake.set()  # and the cancel in the same step, before the wait resumes
+        wait.cancel()
+        await asyncio.wait([wait], timeout=2.5)
+        assert wait.cancelled(), "the cancel was lost: the wait went on"
+
+    async def tick() -> None:
+        return None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        await woken(asyncio.ensure_future(taker._take_jobs(stop)), taker._slot_free)
+        await woken(asyncio.ensure_future(Runner._every(30.0, tick, stop)), stop)
+
+    asyncio.run(main())
