@@ -19,7 +19,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
-from api import endpoint_changes, endpoint_specs, key_service, server_args, team_limits
+from api import (
+    endpoint_changes,
+    endpoint_specs,
+    key_service,
+    model_files,
+    server_args,
+    team_limits,
+)
 from api.body import Body
 from api.declared import LIMITS, active_keys, key_identity, managed_endpoints
 from api.deps import AppState
@@ -102,7 +109,9 @@ class _EndpointPlan:
     existing: Endpoint | None
 
 
-def _parse_endpoint(i: int, entry: dict[str, Any], caller: Caller, state: AppState) -> Any:
+def _parse_endpoint(
+    i: int, entry: dict[str, Any], caller: Caller, state: AppState, hidden: frozenset[str]
+) -> Any:
     fields = dict(entry)
     team = fields.pop("team", None)
     where = f"endpoints[{i}]"
@@ -115,7 +124,7 @@ def _parse_endpoint(i: int, entry: dict[str, Any], caller: Caller, state: AppSta
     except ValidationError as exc:
         raise invalid_field(exc, f"{where}.") from None
     try:
-        desired = endpoint_specs.new_endpoint(body, caller, state.settings)
+        desired = endpoint_specs.new_endpoint(body, caller, state.settings, hidden=hidden)
         server_args.check_gpu_type(body.gpu_type, desired.gpus, gpu_names(state))
     except InvalidSpecError as exc:
         raise InvalidSpecError(f"{where} ({body.name}): {exc.message}", field=where) from None
@@ -126,8 +135,9 @@ def plan_endpoints(
     document: Document, caller: Caller, session: Session, state: AppState
 ) -> list[_EndpointPlan]:
     plans, seen = [], set()
+    hidden = model_files.hidden_from(caller, session=session)
     for i, entry in enumerate(document.endpoints or []):
-        body, team, desired = _parse_endpoint(i, entry, caller, state)
+        body, team, desired = _parse_endpoint(i, entry, caller, state, hidden)
         if body.name in seen:
             raise InvalidSpecError(f"endpoints[{i}]: {body.name!r} is named twice", field="name")
         seen.add(body.name)

@@ -18,6 +18,7 @@ from api import (
     endpoint_specs,
     endpoint_updates,
     endpoint_views,
+    model_files,
     server_args,
     team_limits,
 )
@@ -122,7 +123,8 @@ def create_endpoint(
 ) -> Endpoint:
     """Shared by the by-name and by-id routes, the UI and the declared configuration:
     validate, store UPDATE_PENDING, audit, nudge. `owner`: another team's (admins only)."""
-    endpoint = endpoint_specs.new_endpoint(body, caller, state.settings)
+    hidden = model_files.hidden_from(caller, session=session)
+    endpoint = endpoint_specs.new_endpoint(body, caller, state.settings, hidden=hidden)
     # the count came as num_shards when a body sent it and no gpus (LLM Engine's client)
     sent = body.gpus is None and "num_shards" in body.model_fields_set
     sent_as = "num_shards" if sent else "gpus"
@@ -176,7 +178,8 @@ def update_endpoint(
     """Shared by the by-name and by-id routes and the UI; False when nothing changed."""
     check_not_busy(endpoint)
     before = endpoint_changes.spec(endpoint)
-    rolls = endpoint_updates.apply_update(endpoint, body, caller, state.settings)
+    hidden = model_files.hidden_from(caller, session=session)
+    rolls = endpoint_updates.apply_update(endpoint, body, caller, state.settings, hidden=hidden)
     server_args.check_gpu_type(body.gpu_type, endpoint.gpus, gpu_names(state))
     return commit_update(endpoint, before, rolls, caller, session, state, address=address)
 

@@ -149,15 +149,22 @@ def quantity(kind: str, value: Any) -> Any:
 
 
 def resolve_model(
-    framework: str, model_name: str, checkpoint: str | None, settings: Settings
+    framework: str,
+    model_name: str,
+    checkpoint: str | None,
+    settings: Settings,
+    *,
+    hidden: frozenset[str],
 ) -> str:
+    """The model value to store; `hidden`: the models directory's entries that do not exist
+    for the caller (`api.model_files.hidden_from`)."""
     if checkpoint:
-        return _local_model(framework, checkpoint, settings)
+        return _local_model(framework, checkpoint, settings, hidden)
     local = framework == Framework.LLAMACPP or not is_hub_id(model_name)
     if not local or framework == Framework.CUSTOM:
         return model_name
     try:
-        return _local_model(framework, model_name, settings)
+        return _local_model(framework, model_name, settings, hidden)
     except InvalidSpecError as exc:
         if not is_hub_id(model_name) or model_name.lower().endswith(".gguf"):
             raise
@@ -169,11 +176,11 @@ def resolve_model(
         ) from None
 
 
-def _local_model(framework: str, requested: str, settings: Settings) -> str:
+def _local_model(framework: str, requested: str, settings: Settings, hidden: frozenset[str]) -> str:
     """A model in the models directory, of a kind its server loads: a GGUF file for llama.cpp,
     a Hugging Face directory (with config.json) for vLLM (0.32 has no GGUF loader); never the
     directory itself. Anything else would only crash-loop its replicas."""
-    mounted = policy.resolve_model_path(settings.models_dir, requested)
+    mounted = policy.resolve_model_path(settings.models_dir, requested, hidden=hidden)
     relative = mounted.removeprefix(MODELS_MOUNT).lstrip("/")
     path = settings.models_dir / relative
     gguf = path.is_file() and _magic(path) == b"GGUF"
@@ -288,7 +295,9 @@ def _check_llamacpp_context(endpoint: Endpoint) -> None:
         )
 
 
-def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settings) -> Endpoint:
+def new_endpoint(
+    req: CreateLLMEndpointRequest, caller: Caller, settings: Settings, *, hidden: frozenset[str]
+) -> Endpoint:
     """A validated endpoint row for a create request, not yet stored."""
     framework = Framework(req.inference_framework)
     gpus = req.gpus if req.gpus is not None else (req.num_shards if framework == "vllm" else 0)
@@ -304,7 +313,9 @@ def new_endpoint(req: CreateLLMEndpointRequest, caller: Caller, settings: Settin
         owner=caller.team,
         created_by=caller.user,
         framework=framework,
-        model=resolve_model(framework, req.model_name, req.checkpoint_path, settings),
+        model=resolve_model(
+            framework, req.model_name, req.checkpoint_path, settings, hidden=hidden
+        ),
         image=req.image or server_args.image_for_tag(framework, tag, gpus, caller, settings),
         args=server_args.server_args(framework, req, name=req.name, gpus=gpus),
         env=dict(req.env or {}),

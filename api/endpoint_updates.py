@@ -51,10 +51,16 @@ MODEL_FIELDS = ("model_name", "checkpoint_path")  # one model: both unchanged, o
 
 
 def apply_update(
-    endpoint: Endpoint, req: UpdateLLMEndpointRequest, caller: Caller, settings: Settings
+    endpoint: Endpoint,
+    req: UpdateLLMEndpointRequest,
+    caller: Caller,
+    settings: Settings,
+    *,
+    hidden: frozenset[str],
 ) -> bool:
     """Apply an update to the row in place; True when replicas must roll to a new generation:
-    when the container they would run is another (`endpoint_specs.rolls`), or when asked."""
+    when the container they would run is another (`endpoint_specs.rolls`), or when asked.
+    `hidden`: the model files that do not exist for the caller (another team's uploads)."""
     before = spec_hash(endpoint, settings)
     sent = _sent(endpoint, req)
     if "endpoint_type" in sent:
@@ -66,7 +72,7 @@ def apply_update(
     server_args.check_fields(endpoint.framework, req, settings)
     endpoint_specs.check_remote_code(req, caller)
     if sent & set(MODEL_FIELDS):
-        _update_model(endpoint, req, settings)
+        _update_model(endpoint, req, settings, hidden)
     _update_columns(endpoint, req, sent, caller)
     if sent & {*VLLM_ARG_FIELDS, "chat_template_override", "extra_flags", "quantize"}:
         endpoint.args = server_args.server_args(
@@ -176,13 +182,17 @@ def _current(endpoint: Endpoint, req: UpdateLLMEndpointRequest) -> dict[str, Any
     return now
 
 
-def _update_model(endpoint: Endpoint, req: UpdateLLMEndpointRequest, settings: Settings) -> None:
+def _update_model(
+    endpoint: Endpoint, req: UpdateLLMEndpointRequest, settings: Settings, hidden: frozenset[str]
+) -> None:
     """A new model_name or checkpoint_path: the checkpoint_path sent names the weights, else
     model_name does (as on create), and `extra` keeps both as the GET shows them."""
     extra = endpoint.extra
     name = req.model_name or extra.get("model_name") or endpoint.model
     checkpoint = req.checkpoint_path or None
-    endpoint.model = endpoint_specs.resolve_model(endpoint.framework, name, checkpoint, settings)
+    endpoint.model = endpoint_specs.resolve_model(
+        endpoint.framework, name, checkpoint, settings, hidden=hidden
+    )
     endpoint.extra = {**extra, "model_name": name, "checkpoint_path": checkpoint}
 
 

@@ -3,6 +3,11 @@ see it: its top-level entries (a GGUF file, a checkpoint folder) with sizes and 
 that use each, and their deletion, refused while an endpoint uses one. Uploads are in
 `api/model_upload.py`.
 
+A file a team uploaded is that team's: to another team (not an administrator) it does not
+exist (`hidden_from`: its listing, the endpoint form, and `builder.policy.resolve_model_path`
+for endpoints and downloads). What an administrator uploaded or the operator put there is the
+box's, every team's.
+
 An endpoint uses an entry when its `model` is `/models/<entry>` or a path inside it. Names are
 one path component, never hidden (a leading dot: uploads in progress are hidden files), and
 what they resolve to stays inside the directory.
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from api import storage, team_limits
 from appliance import audit, queries
@@ -49,6 +54,20 @@ def entry_path(settings: Settings, name: str) -> Path:
     if not os.path.lexists(path):
         raise NotFoundError(f"no model file {name!r} in the models directory", field="name")
     return path
+
+
+def hidden_from(caller: Caller, *, session: Session) -> frozenset[str]:
+    """The entries that do not exist for the caller: the uploads of other teams (none, for an
+    administrator). Every place that shows or resolves a model file asks this."""
+    if caller.is_admin:
+        return frozenset()
+    rows = session.exec(
+        select(ModelFile.name).where(
+            col(ModelFile.owner) != caller.team,
+            col(ModelFile.shared) == False,  # noqa: E712
+        )
+    )
+    return frozenset(rows.all())
 
 
 def users_of(name: str, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
@@ -116,9 +135,11 @@ def read_model_files(caller: Caller, session: Session, settings: Settings) -> di
     entries = list_entries(settings)
     disk = storage.disk(settings)["models_dir"]
     endpoints = queries.all_endpoints(session=session)
+    hidden = hidden_from(caller, session=session)
     data = [
         {**entry, **storage.used_by(users_of(entry["name"], endpoints), caller)}
         for entry in entries
+        if entry["name"] not in hidden
     ]
     return {
         "data": data,
@@ -168,7 +189,8 @@ def remove_partial_uploads(models_dir: Path) -> int:
     return removed
 
 
-def model_choices(settings: Settings) -> list[dict[str, Any]]:
-    """What the endpoint form offers for its model field: the entries, GGUF files first."""
-    entries = list_entries(settings)
+def model_choices(settings: Settings, hidden: frozenset[str]) -> list[dict[str, Any]]:
+    """What the endpoint form offers for its model field: the entries the caller may use
+    (`hidden_from`), GGUF files first."""
+    entries = [e for e in list_entries(settings) if e["name"] not in hidden]
     return sorted(entries, key=lambda e: (not e["gguf"], e["name"]))

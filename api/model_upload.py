@@ -239,7 +239,9 @@ def record(
         with session_scope(engine) as session:
             have = owned_bytes(caller.team, session, settings)
             team_limits.check_model_bytes(caller, settings, have=have, adding=upload.size)
-            session.merge(ModelFile(name=name, owner=caller.team, bytes=upload.size))
+            session.merge(
+                ModelFile(name=name, owner=caller.team, bytes=upload.size, shared=caller.is_admin)
+            )
             audit.record(session, caller, "model.upload", name, change, address)
             upload.place(overwrite)
     except BaseException:

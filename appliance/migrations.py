@@ -316,6 +316,18 @@ END;
 """
 
 
+def _v10_shared_model_files(db: sqlite_utils.Database) -> None:
+    """Whether an uploaded model file is the box's (an administrator uploaded it) or its team's
+    alone. A file's last upload, as the audit log remembers it, says whose key sent it; one it
+    no longer remembers stays its team's."""
+    db.executescript(
+        "ALTER TABLE model_file ADD COLUMN shared BOOLEAN NOT NULL DEFAULT 0;"
+        "UPDATE model_file SET shared = 1 WHERE (SELECT k.is_admin FROM audit AS a "
+        "JOIN api_key AS k ON k.id = a.actor_key_id WHERE a.action = 'model.upload' "
+        "AND a.target = model_file.name ORDER BY a.id DESC LIMIT 1) = 1;"
+    )
+
+
 _AUDIT_TRIGGER = """CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
 BEGIN
     SELECT RAISE(ABORT, 'the audit log is append-only');
@@ -342,6 +354,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v7_model_file_owners,
     _v8_task_bytes,
     _v9_team_task_bytes,
+    _v10_shared_model_files,
 ]
 
 

@@ -193,14 +193,17 @@ class Task(SQLModel, table=True):
 
 class ModelFile(SQLModel, table=True):
     """A model file uploaded into the models directory, and the team whose upload it was: its
-    bytes count against that team's quota (`api/team_limits.py`). Files put there another way
-    (by the operator) have no row and count for no team."""
+    bytes count against that team's quota (`api/team_limits.py`). A team's upload is the team's
+    own (`api/model_files.hidden_from`); one an administrator uploaded (`shared`) is the box's,
+    every team's, as are files put there another way (by the operator): those have no row and
+    count for no team."""
 
     __tablename__ = "model_file"
 
     name: str = Field(primary_key=True)
     owner: str = Field(index=True)
     bytes: int
+    shared: bool = False
     uploaded_at: float = Field(default_factory=time.time)
 
 

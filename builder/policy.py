@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +166,15 @@ def _in_range(value: Any, low: float, high: float, *, whole: bool) -> bool:
     return math.isfinite(number) and low <= number <= high
 
 
-def resolve_model_path(models_dir: Path, requested: str) -> str:
-    """A path under the models directory, resolved with realpath; returns `/models/<path>`."""
+def resolve_model_path(models_dir: Path, requested: str, *, hidden: Collection[str]) -> str:
+    """A path under the models directory, resolved with realpath; returns `/models/<path>`.
+    A path in (or resolving into) a `hidden` top-level entry (another team's upload) is
+    answered as a missing one, hint included."""
     root = Path(os.path.realpath(models_dir))
     relative = requested.removeprefix(MODELS_MOUNT + "/").lstrip("/")
     try:
         target = Path(os.path.realpath(root / relative))
-        exists = target.exists()
+        exists = target.exists() and not _in_hidden(root, root / relative, target, hidden)
     except (OSError, ValueError):
         raise InvalidSpecError(
             f"model path {requested!r} is not a usable path", field="model"
@@ -184,18 +186,29 @@ def resolve_model_path(models_dir: Path, requested: str) -> str:
     if not exists:
         raise InvalidSpecError(
             f"model file {requested!r} does not exist in the models directory ({models_dir})"
-            f"{_gguf_hint(root, relative, requested)}; upload it (the UI's Models page, or PUT "
-            "/v1/storage/model-files/{name}) or copy it there first",
+            f"{_gguf_hint(root, relative, requested, hidden)}; upload it (the UI's Models page, "
+            "or PUT /v1/storage/model-files/{name}) or copy it there first",
             field="model",
         )
     return f"{MODELS_MOUNT}/{target.relative_to(root).as_posix()}"
 
 
-def _gguf_hint(root: Path, relative: str, requested: str) -> str:
-    """': did you mean NAME.gguf?' when that file is there (the suffix left off), else ''."""
+def _in_hidden(root: Path, asked: Path, target: Path, hidden: Collection[str]) -> bool:
+    """Whether the path as asked, or what it resolves to, lies in a hidden top-level entry."""
+    if not hidden:
+        return False
+    tops = {path.relative_to(root).parts[:1] for path in (asked, target) if root in path.parents}
+    return any(top and top[0] in hidden for top in tops)
+
+
+def _gguf_hint(root: Path, relative: str, requested: str, hidden: Collection[str]) -> str:
+    """': did you mean NAME.gguf?' when that file is there (the suffix left off) and not
+    hidden, else ''."""
     try:
-        candidate = Path(os.path.realpath(root / f"{relative}.gguf"))
+        asked = root / f"{relative}.gguf"
+        candidate = Path(os.path.realpath(asked))
         there = root in candidate.parents and candidate.is_file()
+        there = there and not _in_hidden(root, asked, candidate, hidden)
     except (OSError, ValueError):
         return ""
     return f": did you mean {requested + '.gguf'!r}?" if there else ""

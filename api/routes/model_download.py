@@ -2,7 +2,8 @@
 endpoint's model as URLs the appliance serves (`GET /v1/llm/model-endpoints/{name}/files/...`,
 with the same key), for models that live in the models directory (a GGUF file, a checkpoint
 directory). A model its replicas fetch from Hugging Face is a 400 saying where to get it.
-Only the endpoint's team (or an admin) may download its weights.
+Only the endpoint's team (or an admin) may download its weights, and only weights the team may
+use: never another team's upload (`api.model_files.hidden_from`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import ConfigDict, Field
 from api.body import Body
 from api.deps import CallerDep, SessionDep, StateDep, require
 from api.endpoint_service import owned_by_name
+from api.model_files import hidden_from
 from appliance.errors import BadRequestError, NotFoundError
 from appliance.models import Endpoint
 from builder.policy import resolve_model_path
@@ -47,7 +49,8 @@ def download_model(
 ) -> dict[str, Any]:
     """LLM Engine's ModelDownloadResponse: `{urls: {file name: URL}}`."""
     endpoint = owned_by_name(body.model_name, caller, session=session)
-    files = model_files(endpoint, state.settings.models_dir)
+    hidden = hidden_from(caller, session=session)
+    files = model_files(endpoint, state.settings.models_dir, hidden)
     base = f"{str(request.base_url).rstrip('/')}/v1/llm/model-endpoints/{endpoint.name}/files/"
     return {"urls": {name: base + quote(name) for name in sorted(files)}}
 
@@ -58,15 +61,18 @@ def read_model_file(
 ) -> FileResponse:
     """One file of the endpoint's model, named as `download` lists it."""
     endpoint = owned_by_name(name, caller, session=session)
-    found = model_files(endpoint, state.settings.models_dir).get(path)
+    hidden = hidden_from(caller, session=session)
+    found = model_files(endpoint, state.settings.models_dir, hidden).get(path)
     if found is None:
         raise NotFoundError(f"the model of {name!r} has no file {path!r}", field="path")
     return FileResponse(found, filename=found.name)
 
 
-def model_files(endpoint: Endpoint, models_dir: Path) -> dict[str, Path]:
+def model_files(endpoint: Endpoint, models_dir: Path, hidden: frozenset[str]) -> dict[str, Path]:
     """The files of the endpoint's model by their path inside it (a file: its name), each
-    resolved inside the models directory; symbolic links that leave it are left out."""
+    resolved inside the models directory; symbolic links that leave it are left out. A model
+    in another team's upload (`hidden`: an endpoint made before uploads were a team's) is
+    answered as a missing one."""
     if not is_local_model(endpoint.model):
         raise BadRequestError(
             f"the model of {endpoint.name!r} ({endpoint.model!r}) is not in the appliance's "
@@ -75,7 +81,9 @@ def model_files(endpoint: Endpoint, models_dir: Path) -> dict[str, Path]:
             field="model_name",
         )
     root = Path(os.path.realpath(models_dir))
-    relative = resolve_model_path(models_dir, endpoint.model).removeprefix(MODELS_MOUNT + "/")
+    relative = resolve_model_path(models_dir, endpoint.model, hidden=hidden).removeprefix(
+        MODELS_MOUNT + "/"
+    )
     top = root / relative
     if top.is_file():
         return {top.name: top}

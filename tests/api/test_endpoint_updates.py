@@ -57,7 +57,9 @@ def models(tmp_path: Path) -> Path:
 
 def update(endpoint: Endpoint, models: Path, caller: Caller = ADMIN, **fields: Any) -> bool:
     request = UpdateLLMEndpointRequest.model_validate(fields)
-    return endpoint_updates.apply_update(endpoint, request, caller, settings(models))
+    return endpoint_updates.apply_update(
+        endpoint, request, caller, settings(models), hidden=frozenset()
+    )
 
 
 def test_resending_the_model_name_of_a_gguf_endpoint_changes_nothing(models: Path) -> None:

@@ -141,7 +141,9 @@ def container(endpoint: Endpoint, models: Path) -> ContainerSpec:
 
 def update(endpoint: Endpoint, models: Path, **fields: Any) -> bool:
     request = UpdateLLMEndpointRequest.model_validate(fields)
-    return endpoint_updates.apply_update(endpoint, request, ADMIN, settings(models))
+    return endpoint_updates.apply_update(
+        endpoint, request, ADMIN, settings(models), hidden=frozenset()
+    )
 
 
 def test_every_update_field_is_tried() -> None:

@@ -132,7 +132,7 @@ def build(
     if "num_shards" in fields and "gpus" not in fields:
         body.pop("gpus")
     request = CreateLLMEndpointRequest.model_validate(body)
-    return endpoint_specs.new_endpoint(request, caller, settings(models_dir))
+    return endpoint_specs.new_endpoint(request, caller, settings(models_dir), hidden=frozenset())
 
 
 def extra_flag_values() -> dict[str, str | bool]:

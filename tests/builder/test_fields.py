@@ -290,7 +290,9 @@ def test_llamacpp_gives_each_slot_max_model_len(models: Path) -> None:
 
 def update(endpoint: Endpoint, models: Path, **fields: Any) -> bool:
     request = UpdateLLMEndpointRequest.model_validate(fields)
-    return endpoint_updates.apply_update(endpoint, request, ADMIN, settings(models))
+    return endpoint_updates.apply_update(
+        endpoint, request, ADMIN, settings(models), hidden=frozenset()
+    )
 
 
 def test_updates_honour_num_shards_high_priority_quantize_tag_and_callbacks(

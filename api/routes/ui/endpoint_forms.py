@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from api.deps import AppState, SessionDep, StateDep, address_of
 from api.endpoint_service import create_endpoint, delete_endpoint, owned, update_endpoint
-from api.model_files import model_choices
+from api.model_files import hidden_from, model_choices
 from api.routes.ui.respond import FormDep, need, not_found, page, redirect
 from api.schemas import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
 from api.ui_session import ChangeDep, SignedInDep, UiSession
@@ -28,9 +28,12 @@ PREFILLED = ("model", "framework")  # what a link (the Models page's "Deploy") m
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def model_files(state: AppState) -> list[dict[str, Any]]:
-    """Entries of the models directory (GGUF files first), offered in the model field."""
-    return model_choices(state.settings)[:MODEL_FILES_SHOWN]
+def model_files(state: AppState, ui: UiSession) -> list[dict[str, Any]]:
+    """Entries of the models directory the signed-in team may use (GGUF files first),
+    offered in the model field."""
+    with session_scope(state.reader) as session:
+        hidden = hidden_from(ui.caller, session=session)
+    return model_choices(state.settings, hidden)[:MODEL_FILES_SHOWN]
 
 
 def _form_page(
@@ -50,7 +53,7 @@ def _form_page(
         values=values,
         errors=errors,
         endpoint=endpoint,
-        model_files=model_files(state),
+        model_files=model_files(state, ui),
     )
 
 
