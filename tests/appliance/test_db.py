@@ -271,3 +271,48 @@ def test_a_get_reads_without_the_write_lock_and_cannot_write(tmp_path: Path) -> 
     writer.close()
     engine.dispose()
     reader.dispose()
+
+
+def test_model_files_an_admin_key_uploaded_become_the_boxs_when_migrated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema v10 marks an uploaded model file shared (every team's) when the audit log says
+    its last upload came from an administrator's key; a team's upload, one an administrator
+    uploaded and a team then replaced, and one the log no longer remembers stay their team's."""
+    path = tmp_path / "a.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:9])
+        migrations.migrate(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    key = (
+        "INSERT INTO api_key (id, prefix, digest, name, owner, user, scopes, is_admin, "
+        "created_at) VALUES (?, ?, 'd', 'k', ?, 'u', '[]', ?, 1)"
+    )
+    conn.executemany(key, [("admin", "p1", "ops", 1), ("red", "p2", "red", 0)])
+    upload = (
+        "INSERT INTO audit (at, actor, team, actor_key_id, action, target, change) "
+        "VALUES (1, 'u', 't', ?, 'model.upload', ?, '{}')"
+    )
+    conn.executemany(
+        upload,
+        [
+            ("admin", "box.gguf"),
+            ("red", "red.gguf"),
+            ("admin", "replaced.gguf"),
+            ("red", "replaced.gguf"),  # the last upload is the team's
+            ("red", "taken.gguf"),
+            ("admin", "taken.gguf"),  # an administrator replaced it last
+        ],
+    )
+    files = "INSERT INTO model_file (name, owner, bytes, uploaded_at) VALUES (?, ?, 1, 1)"
+    names = ["box.gguf", "red.gguf", "replaced.gguf", "taken.gguf", "forgotten.gguf"]
+    conn.executemany(files, [(name, "red") for name in names])
+    migrations.migrate(path)
+    shared = dict(conn.execute("SELECT name, shared FROM model_file").fetchall())
+    assert shared == {
+        "box.gguf": 1,
+        "red.gguf": 0,
+        "replaced.gguf": 0,
+        "taken.gguf": 1,
+        "forgotten.gguf": 0,
+    }
