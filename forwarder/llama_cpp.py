@@ -345,7 +345,7 @@ def shape_for(framework: str, path: bytes, body: bytes = b"") -> Shape | None:
     if path == RESPONSES_PATH:
         request = (_object(body) if body else None) or {}
         limit = request.get("max_output_tokens")
-        echo = {name: request.get(name, default) for name, default in RESPONSE_ECHO.items()}
+        echo = {name: _echoed(request, name, default) for name, default in RESPONSE_ECHO.items()}
         if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
             return ResponsesShape(int(limit), echo)
         return ResponsesShape(echo=echo)
@@ -369,6 +369,21 @@ USAGE_DETAILS: Final[Json] = {
     "input_tokens_details": {"cached_tokens": 0},
     "output_tokens_details": {"reasoning_tokens": 0},
 }
+
+
+def _echoed(request: Json, name: str, default: object) -> object:
+    """The request's `name` as a response echoes it, or `default` where it has none, or one
+    nested too deep for a reply to carry: the request is read to 1,024 levels (orjson), a reply
+    written to fewer, and a stream's event holds a response that holds it, so such a value
+    left the reply unwritten and the call unanswered."""
+    value = request.get(name, default)
+    if not isinstance(value, dict | list):
+        return value
+    try:
+        orjson.dumps([[value]])  # as deep as an event's response holds it
+    except orjson.JSONEncodeError:
+        return default
+    return value
 
 
 def _choices(request: Json | None) -> int:

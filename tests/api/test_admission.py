@@ -30,6 +30,7 @@ from tests.harness import Appliance, RedisServer, wait_until
 
 CAP = 10
 MINE, THEIRS = "mine", "theirs"
+LLAMA_CPP = "mine-llamacpp"
 Json = dict[str, Any]
 
 
@@ -72,6 +73,9 @@ def running_bed(
 def _seed(data_dir: Path, address: str) -> None:
     seed_endpoint(data_dir, MINE, address, owner="t1", endpoint_type="sync")
     seed_endpoint(data_dir, THEIRS, address, owner="t2")
+    seed_endpoint(
+        data_dir, LLAMA_CPP, address, owner="t1", endpoint_type="sync", framework="llamacpp"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -964,3 +968,27 @@ def test_a_client_paced_at_its_limit_is_never_refused(limiter_redis: RedisServer
         return said
 
     assert asyncio.run(run()) == [None] * 90
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_llama_cpp_response_echoing_a_deep_value_is_answered(bed: Bed, stream: bool) -> None:
+    """A llama.cpp replica's response says what OpenAI's says of its request (`metadata`,
+    `instructions`, `tools`...), taken from the request. A request value nested deeper than a
+    reply can be written (300 levels: the request is read to 1,024) left the reply unwritten:
+    the call hung unanswered, whole or streamed, until the client gave up. Now it is answered,
+    the value that cannot be echoed given OpenAI's default, the others echoed."""
+    deep: Any = "x"
+    for _ in range(300):
+        deep = {"a": deep}
+    body = {"model": LLAMA_CPP, "input": "hi", "metadata": deep, "stream": stream}
+    body["instructions"] = "be brief"
+    reply = httpx.post(
+        bed.appliance.url + "/v1/responses", json=body, headers=auth(bed.key()), timeout=10
+    )
+    served(reply)
+    if stream:
+        assert reply.text.rstrip().endswith("}") and "response.completed" in reply.text
+        last = json.loads(reply.text.rstrip().rsplit("data: ", 1)[1])["response"]
+    else:
+        last = reply.json()
+    assert last["metadata"] is None and last["instructions"] == "be brief", last
