@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from api.limits import Limiter, Release
 from appliance.errors import RateLimitedError
 from appliance.keys import Caller, KeyLimits
+from tests.api.test_fuzz_hostile import as_json
+from tests.api.test_fuzz_hostile import values as hostile_values
 from tests.forwarder.test_async_support import FakeBackend, seed_endpoint, start_api, stop_all
 from tests.harness import Appliance, RedisServer, wait_until
 
@@ -992,3 +997,95 @@ def test_a_llama_cpp_response_echoing_a_deep_value_is_answered(bed: Bed, stream:
     else:
         last = reply.json()
     assert last["metadata"] is None and last["instructions"] == "be brief", last
+
+
+# Where a hostile value goes, per body kind: a top-level field, or a dotted path into the body
+HOSTILE_FIELDS = {
+    "chat": """model messages messages.0 messages.0.role messages.0.content messages.0.content.0
+    messages.0.tool_calls stream stream_options n max_tokens max_completion_tokens n_predict
+    best_of logprobs stop top_logprobs temperature response_format tools tool_choice seed""",
+    "prompt": """model prompt prompt.0 stream max_tokens n best_of echo logprobs stop
+    temperature suffix logit_bias n_predict""",
+    "input": "model input input.0 encoding_format dimensions",
+    "response": """model input input.0 input.0.content stream tools text max_output_tokens
+    tool_choice instructions metadata temperature top_p""",
+    "llm": """prompt max_new_tokens temperature stop_sequences guided_json
+    return_token_log_probs top_k top_p guided_choice guided_regex""",
+    "task": """args args.prompt args.max_tokens args.n args.stream args.messages args.logprobs
+    callback_url return_pickled route""",
+}
+HOSTILE_ENTRIES = {  # entry -> (body kind, its body, where the endpoint is named)
+    "/v1/chat/completions": ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    "/v2/chat/completions": ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    "/v1/completions": ("prompt", {"prompt": "hi"}, "model"),
+    "/v2/completions": ("prompt", {"prompt": ["hi"]}, "model"),
+    "/v1/embeddings": ("input", {"input": ["hi"]}, "model"),
+    "/v1/responses": ("response", {"input": [{"role": "user", "content": "hi"}]}, "model"),
+    "/v1/llm/completions-sync": ("llm", {"prompt": "hi", "max_new_tokens": 5}, "name"),
+    "/v1/llm/completions-stream": ("llm", {"prompt": "hi", "max_new_tokens": 5}, "name"),
+    "/v1/sync-tasks": ("task", {"args": {"prompt": "hi"}}, "id"),
+    "/v1/streaming-tasks": ("task", {"args": {"prompt": "hi"}}, "id"),
+    "/v1/async-tasks": ("task", {"args": {"prompt": "hi"}}, "id"),
+}
+DEEP_VALUES = [_nested(300), _nested(600), {"a": _nested(260)}, [[1, 2], [3]], [{"type": "text"}]]
+HOSTILE = st.one_of(hostile_values, st.sampled_from(DEEP_VALUES))
+
+
+def _placed(body: Json, path: str, value: Any) -> Json:
+    """`body` with `value` at the dotted `path`, what lies on the way made a list or object."""
+    placed = json.loads(json.dumps(body))
+    steps = path.split(".")
+    *on_the_way, last = steps
+    here: Any = placed
+    for step, after in zip(on_the_way, steps[1:], strict=True):
+        fresh: Any = [] if after.isdigit() else {}
+        if isinstance(here, list):
+            while len(here) <= int(step):
+                here.append(fresh)
+            if not isinstance(here[int(step)], list | dict):
+                here[int(step)] = fresh
+            here = here[int(step)]
+        else:
+            if not isinstance(here.get(step), list | dict):
+                here[step] = fresh
+            here = here[step]
+    if isinstance(here, list):
+        while len(here) <= int(last):
+            here.append(None)
+        here[int(last)] = value
+    else:
+        here[last] = value
+    return placed
+
+
+def test_no_value_in_an_inference_field_gets_a_server_error(bed: Bed) -> None:
+    """Numbers past any float, as digits and as text, NaN and infinity, booleans, lists and
+    objects where text goes and back, lone surrogates, NUL, deep nesting, in every field of
+    every inference entry, to a vLLM and a llama.cpp endpoint, with a key's token cap and
+    without: each is answered, and never with a 5xx."""
+    keys = [bed.key(), bed.key(max_tokens_per_request=CAP)]
+    client = httpx.Client(base_url=bed.appliance.url, timeout=15)
+    seen: Counter[int] = Counter()
+    kinds = st.sampled_from(sorted(HOSTILE_ENTRIES))
+
+    @settings(
+        max_examples=800, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(entry=kinds, data=st.data(), value=HOSTILE, key=st.sampled_from(keys))
+    def check(entry: str, data: st.DataObject, value: Any, key: str) -> None:
+        kind, body, named = HOSTILE_ENTRIES[entry]
+        model = data.draw(st.sampled_from([MINE, LLAMA_CPP]))
+        field = data.draw(st.sampled_from(HOSTILE_FIELDS[kind].split()))
+        params = {"model_endpoint_name": model} if named == "name" else {}
+        params |= {"model_endpoint_id": f"end_{model}"} if named == "id" else {}
+        body = {"model": model, **body} if named == "model" else body
+        sent = as_json(_placed(body, field, value))
+        reply = client.post(entry, params=params, content=sent, headers=auth(key))
+        seen[reply.status_code] += 1
+        assert reply.status_code < 500, (entry, field, sent[:200], reply.text[:500])
+
+    try:
+        check()
+    finally:
+        client.close()
+    print(f"statuses {dict(seen)}")
