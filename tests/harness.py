@@ -33,6 +33,10 @@ VLLM_IMAGE = "appliance-test/vllm-openai:standin"  # GPU replicas: GPUs are fake
 VLLM_CPU_IMAGE = "appliance-test/vllm-cpu:0.32"  # replicas without GPUs: the real vLLM
 BASE_IMAGE = "appliance-test/base:bookworm"
 ADMIN_KEY = "mea_000000000001_testadminkeytestadminkey0"
+# A client that threads share never closes an idle connection: httpcore 1.0.9's pool may close
+# one it has just handed to a waiting thread (encode/httpcore#1110) once it holds more than its
+# keep-alive limit, and that thread's read then fails with EBADF, a client fault, not ours.
+SHARED_POOL = httpx.Limits(max_connections=None, max_keepalive_connections=None)
 
 
 def free_port() -> int:
@@ -215,7 +219,10 @@ class Appliance:
 
     def client(self, key: str = ADMIN_KEY) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+            limits=SHARED_POOL,
         )
 
     def logs(self) -> str:

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from appliance import bus
-from tests.harness import ADMIN_KEY, Appliance, RedisServer, make_key
+from tests.harness import ADMIN_KEY, SHARED_POOL, Appliance, RedisServer, make_key
 
 EIGHT_GPUS = Path(__file__).parents[1] / "gpu" / "eight_h100.json"
 
@@ -526,7 +526,7 @@ def test_one_keys_flood_of_slow_reads_leaves_other_teams_writes_alone(
         base_url=many_model_files.url,
         headers={"authorization": f"Bearer {flooder}"},
         timeout=120,
-        limits=httpx.Limits(max_connections=300),
+        limits=SHARED_POOL,
     )
     replies: list[httpx.Response] = []
 
