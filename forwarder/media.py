@@ -3,8 +3,9 @@
 the replica, which reaches the appliance's own containers and whatever the box's network
 reaches (a cloud host's metadata address, services on the local network): a request could make
 a replica call any of them. Only media sent inline (`data:` URLs) go on; any other URL is a 400
-naming its part, for every entry that reaches a vLLM replica's chat or responses
-(`api/inference/admission.fit_framework`).
+naming its part, for every entry that reaches a vLLM replica's chat, responses or embeddings
+(whose `messages`, a chat to embed, vLLM reads as it reads a chat's: `refusal`), through
+`api/inference/admission.fit_framework`.
 """
 
 from __future__ import annotations

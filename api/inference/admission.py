@@ -271,9 +271,10 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
     llama.cpp endpoint's completions, `chat_refusal` for its chats (no message),
     `embeddings_refusal` for its embeddings (`dimensions`), `responses_refusal` for its
     responses (what its server ignores or fails on), `forwarder/media.refusal` and
-    `input_refusal` for a vLLM endpoint's chats and responses (a media URL the replica would
-    fetch). Every entry that can reach a replica's completions applies it once its endpoint
-    and path are known: the relayed routes (`Call._replica`), async tasks and batch lines."""
+    `input_refusal` for a vLLM endpoint's chats, embeddings (vLLM embeds a chat's `messages`
+    too) and responses (a media URL the replica would fetch). Every entry that can reach a
+    replica's completions applies it once its endpoint and path are known: the relayed routes
+    (`Call._replica`), async tasks and batch lines."""
     refused: BadRequestError | None = None
     if path == RESPONSES:
         refused = responses.refusal(payload)
@@ -287,6 +288,8 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
             refused = media.refusal(payload)
         elif refused is None and target.framework == llama_cpp.FRAMEWORK:
             refused = llama_cpp.chat_refusal(payload)
+    elif path == EMBEDDINGS and target.framework == media.FRAMEWORK:
+        refused = media.refusal(payload)  # vLLM embeds a chat (`messages`) too, media and all
     elif target.framework != llama_cpp.FRAMEWORK:
         return
     elif path == COMPLETIONS:

@@ -1089,3 +1089,34 @@ def test_no_value_in_an_inference_field_gets_a_server_error(bed: Bed) -> None:
     finally:
         client.close()
     print(f"statuses {dict(seen)}")
+
+
+def test_a_media_url_in_an_embeddings_chat_is_refused_naming_it(bed: Bed) -> None:
+    """vLLM's embeddings take a chat (`messages`) as well as `input`, and fetch its media URLs
+    from inside the replica as its chats do: refused the same, on the OpenAI route and on a
+    task that names the route."""
+    key = bed.key()
+    image = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/"}}
+    messages = [{"role": "user", "content": [image]}]
+    before = len(bed.backend.bodies)
+    reply = httpx.post(
+        bed.appliance.url + "/v1/embeddings",
+        json={"model": MINE, "input": "hi", "messages": messages},
+        headers=auth(key),
+        timeout=30,
+    )
+    refused(reply, 400, "openai")
+    assert reply.json()["error"]["param"] == "messages[0].content[0].image_url.url", reply.text
+    reply = httpx.post(
+        bed.appliance.url + "/v1/async-tasks",
+        params={"model_endpoint_id": f"end_{MINE}"},
+        json={"args": {"input": "hi", "messages": messages}, "route": "/v1/embeddings"},
+        headers=auth(key),
+        timeout=30,
+    )
+    assert reply.status_code == 400, reply.text
+    assert "messages[0].content[0].image_url.url" in reply.text, reply.text
+    assert len(bed.backend.bodies) == before
+    inline = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    body = {"model": MINE, "input": "hi", "messages": [{"role": "user", "content": [inline]}]}
+    served(httpx.post(bed.appliance.url + "/v1/embeddings", json=body, headers=auth(key)))
