@@ -8,9 +8,12 @@ summed over their `n` choices the same way.
 What llama.cpp's server answers (the build in the image, llama.cpp 0c1e570):
 
 - `echo`, `suffix` and `best_of` are dropped unread (its parser that refused them is no longer
-  called), so a client asking for them gets an answer to another question; so is an
-  embeddings request's `dimensions` (its vectors are the model's own size);
+  called), so a client asking for them gets an answer to another question; so is a
+  completion's `response_format` (it constrains chats alone; vLLM's completions honour it) and
+  an embeddings request's `dimensions` (its vectors are the model's own size);
 - `max_tokens: 0` (or `max_completion_tokens`) makes one token, where vLLM refuses it;
+- `stream_options` on a completion or chat that does not stream are read by nobody, where vLLM
+  and OpenAI refuse them (on the Responses API they pass: vLLM's has no such field);
 - a list of prompts is answered, with the usage of the first prompt alone (refused: the
   others would go uncounted);
 - `logprobs` come in the chat format, `{"content": [{"token", "logprob", "top_logprobs":
@@ -65,8 +68,9 @@ Json = dict[str, Any]
 
 def refusal(payload: object) -> BadRequestError | None:
     """The 400 for a completions request asking what llama.cpp's server would silently ignore
-    (`echo: true`, a `suffix`, `best_of` > 1) or do (no token, or more than it reads:
-    `_token_count`), naming the field; None when it asks none."""
+    (`echo: true`, a `suffix`, `best_of` > 1, a `response_format` other than text: it
+    constrains chats alone; `stream_options` without a stream: `_stream_options`) or do (no
+    token, or more than it reads: `_token_count`), naming the field; None when it asks none."""
     if not isinstance(payload, dict):
         return None
     if payload.get("echo") is True:
@@ -78,7 +82,16 @@ def refusal(payload: object) -> BadRequestError | None:
         return _unsupported(
             "best_of", f"choose the best of several completions (best_of={best_of}): use `n`"
         )
-    return _token_count(payload)
+    form = payload.get("response_format")
+    kind = form.get("type") if isinstance(form, dict) else form
+    if form is not None and kind != "text":
+        named = kind if isinstance(kind, str) else "a format"
+        return _unsupported(
+            "response_format",
+            f"constrain a completion to {named} (their server ignores it there): use chat "
+            "completions with `response_format`, which they honour",
+        )
+    return _stream_options(payload) or _token_count(payload)
 
 
 def prompts_refusal(prompts: int) -> BadRequestError | None:
@@ -109,6 +122,19 @@ RESPONSE_TEXT_PART: Final = "input_text"
 # a chat several choices; admission bounds them (`api/inference/admission.WORK_BOUNDS`)
 RESPONSE_SEQUENCE_FIELDS: Final = ("n", "n_cmpl")
 MOST_CHOICES: Final = 128
+
+
+def _stream_options(payload: Json) -> BadRequestError | None:
+    """The 400 for `stream_options` on a request that does not stream, which llama.cpp's server
+    answers with the options unread, where vLLM (its `validate_stream_options`) and OpenAI
+    refuse it: set options (not empty, not null) with `stream` false, null or absent."""
+    if payload.get("stream_options") and not payload.get("stream"):
+        return BadRequestError(
+            "stream_options: stream options apply to a stream alone: send `stream: true` with "
+            "them, or leave `stream_options` out",
+            field="stream_options",
+        )
+    return None
 
 
 def _token_count(payload: Json) -> BadRequestError | None:
@@ -145,8 +171,8 @@ def chat_refusal(payload: object) -> BadRequestError | None:
     """The 400 for a chat request with no message, which OpenAI and vLLM refuse and llama.cpp's
     server answers with text made from nothing, or with a message (`message_refusal`) or
     `tools` its server fails on with a 500, a named `tool_choice` it reads as "auto"
-    (`_tool_choice`), or for no token or more than it reads (`_token_count`); None when they
-    are fine."""
+    (`_tool_choice`), `stream_options` without a stream (`_stream_options`), or for no token or
+    more than it reads (`_token_count`); None when they are fine."""
     if not isinstance(payload, dict):
         return None
     messages = payload.get("messages")
@@ -166,7 +192,7 @@ def chat_refusal(payload: object) -> BadRequestError | None:
             "`name` (strings)",
             field="tools",
         )
-    return _tool_choice(payload) or _token_count(payload)
+    return _tool_choice(payload) or _stream_options(payload) or _token_count(payload)
 
 
 def _tool_choice(payload: Json) -> BadRequestError | None:

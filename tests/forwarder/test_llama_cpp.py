@@ -1,10 +1,12 @@
 """`forwarder/llama_cpp.py` on llama.cpp's own reply bytes (captured from its server, see
 `llama_cpp_replies/README.md`): OpenAI's legacy completion shape out, plain and streamed, the
-stream's bytes in any split; and the refusals of what its server would ignore."""
+stream's bytes in any split; and the refusals of what its server would ignore, at admission and
+through the HTTP API to an endpoint on its real server (answered 200 before, vLLM's answer now)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from forwarder.llama_cpp import CompletionShape, refusal, shape_for
 from forwarder.paths import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from forwarder.table import Target, failed_message
 from forwarder.usage import UsageStrip, usage_from_json
+from tests.e2e.test_first_slice import create_gemma, wait_ready
+from tests.harness import Appliance
 
 REPLIES = Path(__file__).parent / "llama_cpp_replies"
 
@@ -228,6 +232,10 @@ def test_comments_and_errors_pass_and_a_held_chunk_is_not_lost() -> None:
         ({"max_tokens": 2**32 + 2}, "max_tokens"),
         ({"max_tokens": float(2**31)}, "max_tokens"),
         ({"n_predict": 2**32}, "n_predict"),
+        # its server constrains chats alone with it (vLLM's completions honour it)
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"response_format": "json"}, "response_format"),
     ],
 )
 def test_what_llamacpp_ignores_is_refused_naming_the_field(
@@ -247,6 +255,8 @@ def test_what_it_honours_passes() -> None:
         {"n": 2},
         {"max_tokens": 2**31 - 1},
         {"n_predict": -1},
+        {"response_format": {"type": "text"}},
+        {"response_format": None},
     ):
         assert refusal({"model": "m", "prompt": "p", **payload}) is None
 
@@ -615,3 +625,93 @@ def test_a_named_tool_choice_llamacpp_reads_as_auto_is_refused(path: str, body: 
         admission.fit_framework(
             target, path, {"model": "m", "tools": tools, **body} | {"tool_choice": choice}
         )
+
+
+ON_A_STREAM_ALONE = (
+    "stream_options: stream options apply to a stream alone: send `stream: true` with them, "
+    "or leave `stream_options` out"
+)
+OPTIONS = {"include_usage": True}
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+@pytest.mark.parametrize("stream", [{}, {"stream": False}, {"stream": None}])
+def test_stream_options_without_a_stream_are_refused_by_llamacpp_as_by_vllm(
+    path: str, stream: dict[str, Any]
+) -> None:
+    """vLLM (0.32's `validate_stream_options`) and OpenAI refuse `stream_options` on a request
+    that does not stream; llama.cpp's server answered it, the options unread. Every entry
+    refuses it (`admission.fit_framework`); an empty or null one, or one on a stream, passes, as
+    vLLM lets them."""
+    target = llama_target("m", "READY")
+    body = {"model": "m", "max_tokens": 4, **stream}
+    body |= {"messages": [USER]} if path == CHAT else {"prompt": "hi"}
+    with pytest.raises(BadRequestError) as refused:
+        admission.fit_framework(target, path, body | {"stream_options": OPTIONS})
+    assert refused.value.field == "stream_options"
+    assert refused.value.message == ON_A_STREAM_ALONE
+    for fine in ({"stream_options": {}}, {"stream_options": None}, {}):
+        admission.fit_framework(target, path, body | fine)
+    admission.fit_framework(target, path, body | {"stream": True, "stream_options": OPTIONS})
+
+
+@pytest.fixture(scope="module")
+def gemma(make_module_appliance: Callable[..., Appliance]) -> Appliance:
+    """An appliance serving Gemma on llama.cpp's real server."""
+    appliance = make_module_appliance()
+    client = appliance.client()
+    create_gemma(client, "gemma-llama")
+    wait_ready(client, "gemma-llama")
+    return appliance
+
+
+@pytest.mark.parametrize(
+    ("path", "ask"),
+    [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+def test_a_llamacpp_endpoint_answers_stream_options_without_a_stream_as_vllm_does(
+    gemma: Appliance, path: str, ask: dict[str, Any]
+) -> None:
+    """The same request gets vLLM's answer from a llama.cpp endpoint: 400 naming
+    `stream_options` (its server answered 200, the options unread); with `stream: true` they
+    are honoured (the stream ends with its usage)."""
+    client = gemma.client()
+    body = {"model": "gemma-llama", "max_tokens": 2, **ask, "stream_options": OPTIONS}
+    for stream in ({}, {"stream": False}):
+        refused = client.post(path, json=body | stream)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "stream_options", error
+        assert error["message"] == ON_A_STREAM_ALONE, error
+    with client.stream("POST", path, json=body | {"stream": True}) as streamed:
+        assert streamed.status_code == 200
+        chunks = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert '"usage"' in chunks[-1], chunks[-1]
+    whole = client.post(path, json={k: v for k, v in body.items() if k != "stream_options"})
+    assert whole.status_code == 200, whole.text
+
+
+def test_a_llamacpp_completion_asking_for_a_response_format_is_refused(gemma: Appliance) -> None:
+    """llama.cpp's server constrains chats alone with `response_format`: a completion asking
+    for JSON got free text (200), where vLLM's completions honour it. Refused, naming it and
+    pointing to the chat, which honours it; plain text passes."""
+    client = gemma.client()
+    body = {"model": "gemma-llama", "prompt": "A colour:", "max_tokens": 8, "temperature": 0}
+    schema = {"type": "object", "properties": {"c": {"enum": ["red"]}}, "required": ["c"]}
+    form = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    refused = client.post("/v1/completions", json=body | {"response_format": form})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "response_format", error
+    assert "use chat completions with `response_format`" in error["message"], error
+    plain = client.post("/v1/completions", json=body | {"response_format": {"type": "text"}})
+    assert plain.status_code == 200, plain.text
+    chat = {"model": "gemma-llama", "messages": [{"role": "user", "content": "A colour"}]}
+    shaped = client.post(
+        "/v1/chat/completions", json=chat | {"max_tokens": 16, "response_format": form}
+    )
+    assert shaped.status_code == 200, shaped.text
+    assert shaped.json()["choices"][0]["message"]["content"].startswith("{"), shaped.text
