@@ -235,12 +235,35 @@ def read_as_flag(value: str) -> bool:
     return value.startswith("-") and " " not in value and NUMBER.match(value) is None
 
 
+# The names vLLM reads from object storage itself, from inside the replica (its Run:ai streamer,
+# with the box's cloud credentials, which it asks the cloud's metadata service for), where it
+# reads any other from the hub or a path: `vllm.transformers_utils.utils.is_cloud_storage`
+OBJECT_STORAGE = ("s3://", "gs://", "az://")
+
+
+def in_object_storage(value: str) -> bool:
+    """Whether vLLM would fetch a model or tokenizer so named from object storage: a host the
+    operator never chose, reached with the box's own credentials."""
+    return value.lower().startswith(OBJECT_STORAGE)
+
+
+def object_storage_refusal(name: str, value: str, field: str | None = None) -> InvalidSpecError:
+    """The 422 for `name`'s `value` that `in_object_storage` finds, naming `field` (or `name`)."""
+    return InvalidSpecError(
+        f"{name} {value!r} names object storage, which replicas here never read from: name a "
+        "Hugging Face repository or a path in the models directory",
+        field=field or name,
+    )
+
+
 def check_args(framework: str, sent: Mapping[str, Any]) -> None:
     """422 naming the first setting in `sent` that `framework` would not honour, and why."""
     for name in sent:
         if framework == Framework.VLLM:
             if name in VLLM_REFUSED:
                 raise InvalidSpecError(f"{name} is refused: {VLLM_REFUSED[name]}", field=name)
+            if isinstance(sent[name], str) and in_object_storage(sent[name]):
+                raise object_storage_refusal(name, sent[name])
             if isinstance(sent[name], str) and read_as_flag(sent[name]):
                 raise InvalidSpecError(
                     f"{name} {sent[name]!r} starts with '-', which vLLM's parser reads as the "

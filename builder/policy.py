@@ -10,12 +10,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import InvalidSpecError, PolicyViolationError
-from builder.frameworks import read_as_flag
+from builder.frameworks import in_object_storage, object_storage_refusal, read_as_flag
 from builder.specs import BUILDER_ENV, MODELS_MOUNT, REPLICA_KEY_ENV, ContainerSpec
 
 # Environment names a user may set on a model container; everything else is refused
@@ -99,13 +99,30 @@ def check_extra_flags(flags: Mapping[str, Any]) -> None:
                 f"{_described(takes)}",
                 field="extra_flags",
             )
-        plugin = _plugin_key(json.loads(value)) if takes == JSON_OBJECT else None
+        parsed = json.loads(value) if takes == JSON_OBJECT else value
+        stored = next((text for text in _texts(parsed) if in_object_storage(text)), None)
+        if stored is not None:  # a draft model's or tokenizer's name, say
+            raise object_storage_refusal(f"extra_flags {flag}", stored, "extra_flags")
+        plugin = _plugin_key(parsed) if takes == JSON_OBJECT else None
         if plugin is not None:
             raise PolicyViolationError(
                 f"extra_flags {flag}: {plugin!r} names code for the server to import, which "
                 "would run it as trust_remote_code does; leave it out",
                 field="extra_flags",
             )
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, at any depth, keys aside."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def _plugin_key(value: Any) -> str | None:

@@ -608,3 +608,38 @@ def test_a_signed_in_browser_counts_against_its_keys_management_requests(
             lambda: browser.get("/ui/endpoints").status_code == 200, 10, "the slot given back"
         )
         assert rest.get("/v1/model-endpoints").status_code == 200
+
+
+# vLLM reads a model or tokenizer named by an object-storage URL from that storage itself, from
+# inside the replica (its Run:ai streamer, with the box's cloud credentials, which it asks the
+# cloud's metadata service for): a host the operator never chose
+OBJECT_STORAGE_CASES = [
+    ({"tokenizer": "s3://bucket/tokenizer"}, "tokenizer"),
+    ({"tokenizer": "GS://bucket/tokenizer"}, "tokenizer"),
+    ({"tokenizer": "az://container/tokenizer"}, "tokenizer"),
+    ({"extra_flags": {"--speculative-config": '{"model": "s3://bucket/draft"}'}}, "extra_flags"),
+    (
+        {"extra_flags": {"--speculative-config": '{"draft": {"tokenizer": ["gs://b/t"]}}'}},
+        "extra_flags",
+    ),
+]
+
+
+def test_a_model_or_tokenizer_in_object_storage_is_refused_naming_its_field(
+    api_only: Appliance,
+) -> None:
+    team = api_only.client(make_key(api_only, "red"))
+    for change, field in OBJECT_STORAGE_CASES:
+        for path in ("/v1/llm/model-endpoints", "/v1/model-endpoints"):
+            reply = team.post(path, json=body("s", **change))
+            assert reply.status_code == 400, (change, path, reply.text)
+            said = reply.json()["detail"]
+            assert field in said and "object storage" in said, (change, said)
+    assert (
+        team.post("/v1/llm/model-endpoints", json=body("s", tokenizer="acme/tok")).status_code
+        == 200
+    )
+    mark_ready(api_only)
+    for change, field in OBJECT_STORAGE_CASES:
+        reply = team.put("/v1/llm/model-endpoints/s", json=change)
+        assert reply.status_code == 400 and field in reply.text, (change, reply.text)
