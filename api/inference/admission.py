@@ -3,8 +3,9 @@
 counted limits (requests per minute and in flight: `api/limits.py`; 429), whether it asks for
 more tokens than the key allows (`cap_tokens`; 400), which endpoint it may call
 (`visible_target`: the tenancy rule of `Caller.may_infer`; 404), whether that endpoint's
-framework honours what it asks (`fit_framework`: llama.cpp's completions ignore `echo`,
-`suffix` and `best_of`, its embeddings `dimensions`, so those are refused; 400), and a replica
+framework honours what it asks (`fit_framework`: what a server would ignore unread, such as
+llama.cpp's completions' `echo` or a `stream_options` without a stream, or should not do, such
+as fetching a media URL, is refused; 400), and a replica
 (`forwarder/proxy.py`; 503). An endpoint that will get no replica by waiting (it failed to
 start, or is being deleted: `forwarder/table.check_coming`) is refused at once with 503 and
 `x-should-retry: false`, on the relayed routes before any hold, and at submit for async tasks
@@ -268,7 +269,9 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
     response kept, or a tool the server runs), `forwarder/chat.refusal` for any endpoint's chats
     (a chat completion to be kept), `forwarder/llama_cpp.refusal` and
     `prompts_refusal` (a list of prompts, whose usage it reports for the first alone) for a
-    llama.cpp endpoint's completions, `chat_refusal` for its chats (no message),
+    llama.cpp endpoint's completions (`echo`, `suffix`, `best_of`, a non-text
+    `response_format`, `stream_options` without a stream), `chat_refusal` for its chats (no
+    message, `stream_options` without a stream),
     `embeddings_refusal` for its embeddings (`dimensions`), `responses_refusal` for its
     responses (what its server ignores or fails on), `forwarder/media.refusal` and
     `input_refusal` for a vLLM endpoint's chats, embeddings (vLLM embeds a chat's `messages`
