@@ -336,13 +336,16 @@ class Relay:
             return
         if self.ttft_s < 0:
             self.ttft_s = now - self.started_at
-        if self.shape is not None:
-            data = self.shape.feed(data)
-            if not data:
-                return
-        assert self.watch is not None
-        self.watch.feed(data)
-        self.reply.on_body(data)
+        try:
+            if self.shape is not None:
+                data = self.shape.feed(data)
+                if not data:
+                    return
+            assert self.watch is not None
+            self.watch.feed(data)
+            self.reply.on_body(data)
+        except Exception as exc:  # whatever it is, the client is answered (`_unreadable`)
+            self._unreadable(exc, complete=False)
 
     def on_reply(self, status: int, headers: Headers, body: bytes) -> None:
         large = len(body) > WHOLE_BODY_MAX_BYTES and (self.shape is None or status != 200)
@@ -356,19 +359,24 @@ class Relay:
         self._whole(status, headers, body)
 
     def on_end(self) -> None:
+        if self.done:  # a reply that arrived whole and failed as its stream (`_unreadable`)
+            return
         parts = self.parts
         if parts is not None:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             self._whole(self.status, self.headers, data)
             return
-        if self.shape is not None:
-            tail = self.shape.close()
-            if tail:
-                assert self.watch is not None
-                self.watch.feed(tail)
-                self.reply.on_body(tail)
-        self._finish(self.status, ok=healthy(self.status), usage=self._streamed())
-        self.reply.on_end()
+        try:
+            if self.shape is not None:
+                tail = self.shape.close()
+                if tail:
+                    assert self.watch is not None
+                    self.watch.feed(tail)
+                    self.reply.on_body(tail)
+            self._finish(self.status, ok=healthy(self.status), usage=self._streamed())
+            self.reply.on_end()
+        except Exception as exc:  # whatever it is, the client is answered (`_unreadable`)
+            self._unreadable(exc)
 
     def on_lost(self, reason: str) -> None:
         conn = self.conn
@@ -402,14 +410,38 @@ class Relay:
         return f"the replica failed mid-reply: {reason}"
 
     def _whole(self, status: int, headers: Headers, body: bytes) -> None:
-        if status == 200 and self.shape is not None:
-            body = self.shape.whole(body)
-        now = perf_counter()
-        self._overhead(now, now)
-        usage = usage_from_json(body) if status == 200 else None
-        why = "" if status < 500 else body[:FAILURE_DETAIL_CHARS].decode("utf-8", "replace")
-        self._finish(status, ok=healthy(status), usage=usage, now=now, why=why)
-        self.reply.on_whole(status, headers, body)
+        try:
+            if status == 200 and self.shape is not None:
+                body = self.shape.whole(body)
+            now = perf_counter()
+            self._overhead(now, now)
+            usage = usage_from_json(body) if status == 200 else None
+            why = "" if status < 500 else body[:FAILURE_DETAIL_CHARS].decode("utf-8", "replace")
+            self._finish(status, ok=healthy(status), usage=usage, now=now, why=why)
+            self.reply.on_whole(status, headers, body)
+        except Exception as exc:  # whatever it is, the client is answered (`_unreadable`)
+            self._unreadable(exc)
+
+    def _unreadable(self, exc: Exception, *, complete: bool = True) -> None:
+        """The replica's reply could not be read or reshaped for its client: here
+        (`forwarder/llama_cpp.py`) or by the reply's route (LLM Engine's shapes). A value
+        nested deeper than JSON is read or written here does it (orjson writes 254 levels and
+        reads 1,024, the standard library about 1,000), as may any reply the reshaping does
+        not expect. The client gets a 502 that says so, an error event once its stream began,
+        where the exception would have ended in the event loop's handler with no answer; the
+        rest of a reply not complete is not read (its connection is dropped). The replica is
+        not taken for unwell (its reply to one request: `REQUEST_ERRORS`); the failure is
+        logged, and counted as a 502 unless the request was already counted."""
+        if not complete and self.conn is not None:
+            self.conn.abort()
+        name = self.target.name
+        why = f"the replica of {name!r} sent a reply that could not be read or reshaped here"
+        error = UpstreamError(f"{why}: {type(exc).__name__}: {exc}")
+        if self.done:  # counted as the replica's status: the route's shaping of it failed
+            self.plane.failures.note(name, self.replica.id, error.status_code, error.message)
+        else:
+            self._finish(error.status_code, ok=True, usage=self._streamed(), why=error.message)
+        self.reply.on_failed(error)
 
     def _overhead(self, ready_at: float, now: float) -> None:
         """The appliance's own time: before the send, less any wait for a replica, plus the

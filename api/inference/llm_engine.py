@@ -89,6 +89,7 @@ class LlmEngineCall(Call):
         if status != 200 or not self.stream:
             self.gather = []
             return
+        self.length = -1  # the client's stream, whatever the replica's framing: an error in band
         if not self.held:
             self.started = True
             self.client.start(200, SSE_HEADERS, -1, self._overhead(), self._waited())
