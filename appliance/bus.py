@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 BUILDER_NUDGE_KEY = "appliance:builder:nudge"
 ROUTES_CHANNEL = "appliance:routes"
@@ -49,16 +52,27 @@ def connect(url: str) -> redis.Redis:
 
 
 def nudge_builder(client: redis.Redis) -> None:
-    """Wake the builder now instead of at its next tick."""
-    pipe = client.pipeline()
-    pipe.rpush(BUILDER_NUDGE_KEY, 1)
-    pipe.ltrim(BUILDER_NUDGE_KEY, -10, -1)
-    pipe.execute()
+    """Wake the builder now instead of at its next tick. Only a shortcut: the builder's tick
+    reads every row anyway, so with Redis unavailable a change already committed is carried
+    out a tick later, and the nudge is dropped with a line in the log, never failing the
+    request that made the change."""
+    try:
+        pipe = client.pipeline()
+        pipe.rpush(BUILDER_NUDGE_KEY, 1)
+        pipe.ltrim(BUILDER_NUDGE_KEY, -10, -1)
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("cannot nudge the builder, Redis unavailable (%s); it acts on its tick", exc)
 
 
 def announce_routes(client: redis.Redis) -> None:
-    """Tell every api process that replicas changed, so they re-read their routing table."""
-    client.publish(ROUTES_CHANNEL, str(time.time()))
+    """Tell every api process that replicas changed, so they re-read their routing table. A
+    shortcut too: each api re-reads it every few seconds, so with Redis unavailable the
+    announcement is dropped with a line in the log."""
+    try:
+        client.publish(ROUTES_CHANNEL, str(time.time()))
+    except redis.RedisError as exc:
+        logger.warning("cannot announce changed routes, Redis unavailable (%s)", exc)
 
 
 def put_inflight(pipe: Any, key: str, counts: Mapping[str, int]) -> None:
