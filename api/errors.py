@@ -21,6 +21,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import redis
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -167,15 +168,24 @@ def status_of(exc: errors.ApplianceError, envelope: str = DETAIL) -> int:
 DATABASE_BUSY = errors.CapacityError(
     "the appliance's database is busy with other changes; retry shortly", retry_after_s=2
 )
+REDIS_UNAVAILABLE = errors.CapacityError(
+    "the appliance's Redis is unavailable (restarting?); nothing was changed, retry shortly",
+    retry_after_s=5,
+)
+# Errors that are load or a dependency away, not a fault of the api: a line in the log
+PASSING: Final = (DATABASE_BUSY, REDIS_UNAVAILABLE)
 
 
 def unanswered(exc: Exception) -> errors.ApplianceError:
     """What an error no handler answered becomes: SQLite still locked by another writer after
     its busy timeout, or no connection of the pool free in time (every one held by requests
     waiting for that lock), is a 503 to retry (the request changed nothing), and its disk
-    full a 507; anything else a 500."""
+    full a 507; Redis unreachable a 503 to retry too (a change already committed is never
+    failed by what only follows it, a nudge: `appliance/bus.py`); anything else a 500."""
     if isinstance(exc, errors.ApplianceError):
         return exc
+    if isinstance(exc, redis.RedisError):
+        return REDIS_UNAVAILABLE
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool's wait, not a query's
         return DATABASE_BUSY
     if isinstance(exc, sqlite3.OperationalError | sqlalchemy.exc.OperationalError):

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bodies import BodyBudget, Reading
 from api.deps import key_of_raw
-from api.errors import DATABASE_BUSY, answer, envelope_of, unanswered
+from api.errors import PASSING, answer, envelope_of, unanswered
 from api.gate import OPEN_EXACT, OPEN_PREFIXES
 from appliance.errors import ApplianceError, BadRequestError, BodyTooLargeError
 
@@ -120,7 +120,7 @@ class Shield:
             if started:
                 raise  # half a reply is out: only closing the connection can end it
             answered_as = unanswered(exc)
-            if answered_as is DATABASE_BUSY:  # load, not a fault: a line, no traceback
+            if answered_as in PASSING:  # load or Redis away, not a fault: a line, no traceback
                 logger.warning("%s %s: %s (%s)", scope.get("method"), path, answered_as, exc)
             elif not isinstance(exc, ApplianceError):
                 logger.exception("unanswered error on %s %s", scope.get("method"), path)

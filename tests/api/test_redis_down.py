@@ -1,5 +1,6 @@
 """Redis stopped under a running api (restarting, say): a change the database took is answered
-as taken (the builder's tick finds it without the nudge), never a 500."""
+as taken (the builder's tick finds it without the nudge), and a request that needs Redis is a
+503 saying so, to retry, never a 500; once Redis is back the same requests are served."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+
 from tests.e2e.lifecycle import ON_FAKE_GPUS, standin_body, wait_status
-from tests.harness import Appliance, wait_until
+from tests.harness import ADMIN_KEY, Appliance, wait_until
+from tests.web.test_forms_and_sign_in import csrf_of
 
 
 def rows(appliance: Appliance, name: str) -> list[Any]:
@@ -42,3 +46,31 @@ def test_a_change_taken_while_redis_is_down_is_answered_and_carried_out(
     appliance.redis.start()
     wait_until(lambda: rows(appliance, "idle") == [], 30, "the builder to delete the endpoint")
     wait_status(client, kept_id, "READY", timeout_s=30)
+
+
+def test_a_request_that_needs_redis_is_a_503_to_retry(api_only: Appliance) -> None:
+    """An endpoint create (it reads the box's GPUs from Redis) and a UI sign-in (sessions live
+    in Redis) were 500s; each is a 503 that says Redis is unavailable, with Retry-After, in its
+    route's envelope, leaves nothing made, and succeeds once Redis is back."""
+    client = api_only.client()
+    browser = httpx.Client(base_url=api_only.url, timeout=30)
+    csrf = csrf_of(browser.get("/ui/sign-in").text)
+    api_only.redis.stop()
+
+    created = client.post("/v1/llm/model-endpoints", json=standin_body("later"))
+    assert created.status_code == 503, created.text
+    assert "Redis" in created.json()["detail"] and "retry" in created.json()["detail"]
+    assert int(created.headers["retry-after"]) > 0
+    assert rows(api_only, "later") == []
+
+    signed = browser.post("/ui/sign-in", data={"csrf": csrf, "key": ADMIN_KEY})
+    assert signed.status_code == 503, signed.text
+    assert "Redis" in signed.text and int(signed.headers["retry-after"]) > 0
+    assert "mea_session" not in str(browser.cookies)
+
+    api_only.redis.start()
+    wait_until(lambda: client.get("/readyz").status_code == 200, 30, "Redis back")
+    again = client.post("/v1/llm/model-endpoints", json=standin_body("later"))
+    assert again.status_code == 200, again.text
+    signed = browser.post("/ui/sign-in", data={"csrf": csrf, "key": ADMIN_KEY})
+    assert signed.status_code in (200, 303), signed.text
