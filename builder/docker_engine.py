@@ -35,6 +35,11 @@ class DockerUnavailableError(RuntimeError):
     """The Docker Engine did not answer; the builder retries on its next tick."""
 
 
+# What a Docker Engine that does not answer raises: docker-py's own errors, and the requests
+# errors it lets through when its socket is gone or refuses (a dockerd restarting)
+UNANSWERED = (docker.errors.DockerException, requests.RequestException)
+
+
 class GpuAgentError(RuntimeError):
     """The GPU agent's container could not start: no NVIDIA container runtime, most often."""
 
@@ -151,7 +156,7 @@ class DockerEngine:
             if self._base_url:
                 return docker.DockerClient(base_url=self._base_url)
             return docker.from_env()
-        except docker.errors.DockerException as exc:
+        except UNANSWERED as exc:
             raise DockerUnavailableError(f"cannot reach the Docker Engine: {exc}") from exc
 
     def close(self) -> None:
@@ -161,7 +166,7 @@ class DockerEngine:
         """The memory of the machine the Docker Engine runs on (`docker info`'s MemTotal)."""
         try:
             return int(self._client.info()["MemTotal"])
-        except (docker.errors.DockerException, requests.RequestException) as exc:
+        except UNANSWERED as exc:
             raise DockerUnavailableError(str(exc)) from exc
 
     def list_managed(self) -> list[ContainerInfo]:
@@ -170,7 +175,7 @@ class DockerEngine:
             found = self._client.containers.list(
                 all=True, filters={"label": f"{LABEL_INSTALL}={self.install_id}"}
             )
-        except docker.errors.DockerException as exc:
+        except UNANSWERED as exc:
             raise DockerUnavailableError(str(exc)) from exc
         return [_info(c) for c in found if LABEL_ROLE not in c.labels]
 
@@ -219,7 +224,7 @@ class DockerEngine:
             return True
         except docker.errors.ImageNotFound:
             return False
-        except docker.errors.DockerException as exc:
+        except UNANSWERED as exc:
             raise DockerUnavailableError(str(exc)) from exc
 
     def pull(self, image: str) -> Iterator[dict[str, Any]]:
@@ -239,7 +244,7 @@ class DockerEngine:
                 yield message
         except docker.errors.APIError as exc:
             raise PullError(str(exc.explanation or exc)) from exc
-        except (docker.errors.DockerException, requests.RequestException) as exc:
+        except UNANSWERED as exc:
             raise PullError(f"the Docker Engine stopped answering: {exc}") from exc
         finally:
             client.close()
@@ -339,7 +344,7 @@ class DockerEngine:
                 image_id = str(container.attrs.get("ImageID", ""))
                 users[image_id] = users.get(image_id, 0) + 1
             return [self._image(ref, users) for ref in refs]
-        except docker.errors.DockerException as exc:
+        except UNANSWERED as exc:
             raise DockerUnavailableError(str(exc)) from exc
 
     def _image(self, ref: str, users: dict[str, int]) -> ImageInfo:
