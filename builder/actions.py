@@ -98,6 +98,24 @@ class SetDesired:
     reason: str
 
 
+# The status_reason of an endpoint the builder cannot act on while the Docker Engine is away
+DOCKER_WAIT = "waiting for the Docker Engine, which is unavailable"
+
+
+def docker_wait(error: str) -> str:
+    return f"{DOCKER_WAIT}: {error}; the change is carried out once it answers"
+
+
+@dataclass(frozen=True)
+class SayDockerWait:
+    """The endpoints waiting on the builder (UPDATE_PENDING, UPDATE_IN_PROGRESS,
+    DELETE_IN_PROGRESS) say, in their status_reason, that it waits for the Docker Engine
+    (`docker_wait`), their status unchanged; `reason` None: Docker answers again, and a reason
+    that said so is cleared (the planner writes the next one)."""
+
+    reason: str | None
+
+
 @dataclass(frozen=True)
 class NoteLastRequest:
     """When the endpoint last got a request (the GET's `deployment_state.last_request_at`),
@@ -119,4 +137,5 @@ Action = (
     | DeleteEndpoint
     | SetDesired
     | NoteLastRequest
+    | SayDockerWait
 )

@@ -24,6 +24,7 @@ from appliance.models import Endpoint, EndpointStatus, Event, Replica, ReplicaSt
 from appliance.settings import Settings
 from builder import metering, policy
 from builder.actions import (
+    DOCKER_WAIT,
     Action,
     AdoptContainer,
     DeleteEndpoint,
@@ -33,6 +34,7 @@ from builder.actions import (
     NoteLastRequest,
     RemoveOrphan,
     RemoveReplica,
+    SayDockerWait,
     SetDesired,
     SetStatus,
     StartReplica,
@@ -44,6 +46,11 @@ from builder.specs import ContainerSpec, container_spec
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
+WAITING_ON_BUILDER = (
+    EndpointStatus.UPDATE_PENDING,
+    EndpointStatus.UPDATE_IN_PROGRESS,
+    EndpointStatus.DELETE_IN_PROGRESS,
+)
 
 
 @dataclass
@@ -247,6 +254,18 @@ class Applier:
                 .where(col(Endpoint.id) == action.endpoint_id)
                 .values(last_request_at=action.at)
             )
+
+    def _SayDockerWait(self, action: SayDockerWait) -> None:
+        with session_scope(self.engine) as session:
+            for endpoint in queries.all_endpoints(session=session):
+                said = (endpoint.status_reason or "").startswith(DOCKER_WAIT)
+                if endpoint.status not in WAITING_ON_BUILDER or said == (action.reason is not None):
+                    continue  # READY and UPDATE_FAILED keep theirs; one line a wait, not a tick
+                endpoint.status_reason = action.reason
+                session.add(endpoint)
+                if action.reason is not None:
+                    message = f"{endpoint.status}: {action.reason}"
+                    queries.add_event(endpoint.id, "status", message, session=session)
 
     def _DeleteEndpoint(self, action: DeleteEndpoint) -> None:
         with session_scope(self.engine) as session:

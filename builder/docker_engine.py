@@ -148,8 +148,16 @@ class DockerEngine:
 
     def __init__(self, base_url: str | None, install_id: str) -> None:
         self._base_url = base_url
-        self._client = self._connect()
+        self._connected: docker.DockerClient | None = None
         self.install_id = install_id
+
+    @property
+    def _client(self) -> docker.DockerClient:
+        """The loop's client, made on first use: a builder starts without a Docker Engine
+        that answers, and every call until one does raises `DockerUnavailableError`."""
+        if self._connected is None:
+            self._connected = self._connect()
+        return self._connected
 
     def _connect(self) -> docker.DockerClient:
         try:
@@ -157,10 +165,11 @@ class DockerEngine:
                 return docker.DockerClient(base_url=self._base_url)
             return docker.from_env()
         except UNANSWERED as exc:
-            raise DockerUnavailableError(f"cannot reach the Docker Engine: {exc}") from exc
+            raise DockerUnavailableError(str(exc)) from exc
 
     def close(self) -> None:
-        self._client.close()
+        if self._connected is not None:
+            self._connected.close()
 
     def memory_bytes(self) -> int:
         """The memory of the machine the Docker Engine runs on (`docker info`'s MemTotal)."""
@@ -201,6 +210,8 @@ class DockerEngine:
                 mem_limit=256 * 1024**2,
                 log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
             )
+        except requests.RequestException as exc:  # no answer: not the agent's fault
+            raise DockerUnavailableError(str(exc)) from exc
         except docker.errors.DockerException as exc:
             raise GpuAgentError(_words(exc)) from exc
         try:

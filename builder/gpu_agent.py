@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis
 
 from appliance import bus
-from builder.docker_engine import DockerEngine, GpuAgentError
+from builder.docker_engine import UNANSWERED, DockerEngine, DockerUnavailableError, GpuAgentError
 from gpu.inventory import Inventory
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,14 @@ class AgentGpuSource:
                 logger.info("no GPU agent, CPU replicas only: %s", exc)
             self._problem = str(exc)
             return
+        except DockerUnavailableError:  # the loop says so each tick; the next read tries again
+            self._started_at = float("-inf")
+            return
         self._problem = None
 
     def close(self) -> None:
         """Stop the agent with the builder; the next builder starts it again."""
-        self.docker.remove_gpu_agent()
+        try:
+            self.docker.remove_gpu_agent()
+        except (DockerUnavailableError, *UNANSWERED) as exc:
+            logger.warning("cannot stop the GPU agent, the Docker Engine is unavailable: %s", exc)

@@ -22,7 +22,14 @@ from appliance.db import session_scope
 from appliance.install import key_secret
 from appliance.models import EndpointStatus, Replica, ReplicaState
 from builder import memory, metering
-from builder.actions import NoteLastRequest, Observed, SetDesired, SetStatus
+from builder.actions import (
+    NoteLastRequest,
+    Observed,
+    SayDockerWait,
+    SetDesired,
+    SetStatus,
+    docker_wait,
+)
 from builder.apply import Applier
 from builder.docker_engine import DockerUnavailableError
 from builder.hub_downloads import HubDownloads
@@ -78,6 +85,7 @@ class BuilderLoop:
     _evicted: dict[str, float] = field(default_factory=dict)
     _accrued_at: float = 0.0
     _published: dict[str, str] | None = None
+    _docker_said: bool = False  # endpoints say they wait for the Docker Engine
 
     def __post_init__(self) -> None:
         self._key_secret = key_secret(self.applier.settings.data_dir)
@@ -174,6 +182,8 @@ class BuilderLoop:
         """One reconcile pass; returns how many actions it applied that call for another pass
         soon."""
         observed = self.observe()
+        if self._docker_said:  # it answers: the planner says what each endpoint waits on now
+            self._say_docker_wait(None)
         if observed.now - self._accrued_at >= metering.ACCRUE_EVERY_S:
             self._accrue(observed.now)
         self._ship_logs(observed)
@@ -268,11 +278,21 @@ class BuilderLoop:
                 bus.beat(self.redis, "builder")
             except DockerUnavailableError as exc:
                 logger.warning("Docker Engine unavailable: %s", exc)
+                self._say_docker_wait(docker_wait(str(exc).splitlines()[0][:200]))
             except redis.RedisError as exc:  # the tick ran; its heartbeat did not get through
                 logger.warning("Redis unavailable: %s", exc)
             except Exception:
                 logger.exception("reconcile tick failed")
             self._wait(0.2 if busy else self.interval_s)
+
+    def _say_docker_wait(self, reason: str | None) -> None:
+        """The endpoints waiting on this builder say that it waits for the Docker Engine (or,
+        with None, no longer); a failure here is retried on the next tick."""
+        try:
+            self.applier.apply(SayDockerWait(reason))
+            self._docker_said = reason is not None
+        except Exception:
+            logger.exception("cannot say on the endpoints that the Docker Engine is unavailable")
 
     def _wait(self, seconds: float) -> None:
         try:

@@ -1,5 +1,6 @@
-"""The Docker Engine's socket unreachable under a running builder (dockerd restarting, say): the
-builder says so in one line a tick, not a traceback, and once the socket answers again it
+"""The Docker Engine's socket unreachable under a running builder (dockerd restarting, say), or
+already when the builder starts: the builder says so in one line a tick, not a traceback, the
+endpoints it cannot act on say why in their status_reason, and once the socket answers again it
 carries out what was asked meanwhile: an endpoint created is built, one deleted is removed."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.e2e.lifecycle import ON_FAKE_GPUS, create, standin_body, wait_status
+from tests.e2e.lifecycle import ON_FAKE_GPUS, create, describe, standin_body, wait_status
 from tests.harness import Appliance, wait_until
 
 DOCKER_SOCKET = "/var/run/docker.sock"
@@ -88,6 +89,9 @@ def test_docker_down_is_a_line_a_tick_and_what_was_asked_is_done_once_it_is_back
         )
         said = log.read_text()
         assert "Traceback" not in said and "reconcile tick failed" not in said, said[-3000:]
+        for waiting in (new, old):  # UPDATE_PENDING, DELETE_IN_PROGRESS: each says why
+            reason = str(describe(client, waiting)["status_reason"])
+            assert "waiting for the Docker Engine" in reason, reason
 
         relay.start()
         wait_status(client, new, "READY", timeout_s=90)
@@ -97,5 +101,34 @@ def test_docker_down_is_a_line_a_tick_and_what_was_asked_is_done_once_it_is_back
             "the deleted endpoint to be removed",
         )
         assert len(appliance.containers()) == 1  # the new endpoint's replica alone
+    finally:
+        relay.stop()
+
+
+def test_a_builder_started_without_docker_waits_for_it_and_says_so(
+    make_appliance: Callable[..., Appliance], tmp_path: Path
+) -> None:
+    relay = SocketRelay(tmp_path / "docker.sock")  # not started: no Docker Engine there yet
+    try:
+        appliance = make_appliance(**ON_FAKE_GPUS, APPLIANCE_DOCKER_HOST=f"unix://{relay.path}")
+        client = appliance.client()
+        endpoint = create(client, standin_body("patient"))
+        log = appliance.workdir / "builder.log"
+        wait_until(
+            lambda: log.exists() and log.read_text().count("Docker Engine unavailable") >= 2,
+            30,
+            "two ticks to say the Docker Engine is unavailable",
+        )
+        assert appliance.procs["builder"].poll() is None, log.read_text()[-3000:]
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        reply = client.get("/v1/llm/model-endpoints/patient")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["status"] == "UPDATE_PENDING"
+        assert "waiting for the Docker Engine" in str(reply.json()["status_reason"])
+
+        relay.start()
+        ready = wait_status(client, endpoint, "READY", timeout_s=90)
+        assert ready["status_reason"] is None
+        assert len(appliance.containers()) == 1
     finally:
         relay.stop()
