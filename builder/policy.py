@@ -112,31 +112,30 @@ def check_extra_flags(flags: Mapping[str, Any]) -> None:
             )
 
 
-def _texts(value: Any) -> Iterator[str]:
-    """Every string in a JSON value, at any depth, keys aside."""
+def _nodes(value: Any) -> Iterator[Any]:
+    """Every value in a JSON value, itself included, at any depth."""
     pending = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
+        yield item
+        if isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
 
 
+def _texts(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, at any depth, keys aside."""
+    return (item for item in _nodes(value) if isinstance(item, str))
+
+
 def _plugin_key(value: Any) -> str | None:
     """The first key, at any depth of a JSON value, that names a plugin; None if none."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
+    for item in _nodes(value):
         if isinstance(item, dict):
-            for key, inner in item.items():
+            for key in item:
                 if PLUGIN_KEY.search(str(key)):
                     return str(key)
-                pending.append(inner)
-        elif isinstance(item, list):
-            pending.extend(item)
     return None
 
 
