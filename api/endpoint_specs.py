@@ -160,7 +160,9 @@ def resolve_model(
     for the caller (`api.model_files.hidden_from`)."""
     if checkpoint:
         return _local_model(framework, checkpoint, settings, hidden)
-    local = framework == Framework.LLAMACPP or not is_hub_id(model_name)
+    # `models/x` reads as a hub id, but vLLM loads the folder it names in the container first
+    hub = is_hub_id(model_name) and policy.models_path(model_name) is None
+    local = framework == Framework.LLAMACPP or not hub
     if not local or framework == Framework.CUSTOM:
         return model_name
     try:
@@ -360,6 +362,7 @@ def new_endpoint(
         desired_replicas=max(req.min_workers, 1) if req.max_workers else 0,
     )
     check_endpoint(endpoint, caller, settings)
+    policy.check_named_files(endpoint.args, settings.models_dir, hidden=hidden)
     return endpoint
 
 

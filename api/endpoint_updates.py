@@ -19,6 +19,7 @@ from appliance.errors import InvalidSpecError, PolicyViolationError
 from appliance.keys import Caller
 from appliance.models import Endpoint, Framework
 from appliance.settings import Settings
+from builder import policy
 from builder.specs import is_local_model, spec_hash
 
 SIMPLE_COLUMNS = {  # update field -> endpoint column, copied as sent
@@ -78,6 +79,7 @@ def apply_update(
         endpoint.args = server_args.server_args(
             endpoint.framework, req, name=endpoint.name, gpus=endpoint.gpus, current=endpoint.args
         )
+        policy.check_named_files(endpoint.args, settings.models_dir, hidden=hidden)
     if req.metadata:
         endpoint.extra = {**endpoint.extra, "metadata": merged(endpoint.extra, req.metadata)}
     for name in EXTRA_FIELDS:

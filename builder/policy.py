@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -182,31 +183,76 @@ def _in_range(value: Any, low: float, high: float, *, whole: bool) -> bool:
     return math.isfinite(number) and low <= number <= high
 
 
-def resolve_model_path(models_dir: Path, requested: str, *, hidden: Collection[str]) -> str:
+def models_path(text: str) -> str | None:
+    """The path in the models directory that a setting's text names in a container, as
+    `/models/<path>`, or None when it names none there: an absolute path under MODELS_MOUNT, or
+    a relative one that reaches it from the container's folder (`models/x` from `/`,
+    `../models/x` from a folder below `/`). No hub id starts `models/`: the hub keeps that name
+    for its own pages."""
+    named = posixpath.normpath(posixpath.join("/", text))
+    return named if named == MODELS_MOUNT or named.startswith(MODELS_MOUNT + "/") else None
+
+
+def resolve_model_path(
+    models_dir: Path,
+    requested: str,
+    *,
+    hidden: Collection[str],
+    field: str = "model",
+    what: str = "model file",
+) -> str:
     """A path under the models directory, resolved with realpath; returns `/models/<path>`.
     A path in (or resolving into) a `hidden` top-level entry (another team's upload) is
-    answered as a missing one, hint included."""
+    answered as a missing one, hint included. `field` and `what` name the setting in a refusal
+    (a model; a tokenizer, `check_named_files`)."""
     root = Path(os.path.realpath(models_dir))
-    relative = requested.removeprefix(MODELS_MOUNT + "/").lstrip("/")
+    named = models_path(requested)
+    relative = (named or requested).removeprefix(MODELS_MOUNT).lstrip("/")
     try:
         target = Path(os.path.realpath(root / relative))
         exists = target.exists() and not _in_hidden(root, root / relative, target, hidden)
     except (OSError, ValueError):
-        raise InvalidSpecError(
-            f"model path {requested!r} is not a usable path", field="model"
-        ) from None
+        raise InvalidSpecError(f"{what} {requested!r} is not a usable path", field=field) from None
     if target != root and root not in target.parents:
         raise PolicyViolationError(
-            f"model path {requested!r} resolves outside the models directory", field="model"
+            f"{what} {requested!r} resolves outside the models directory", field=field
         )
     if not exists:
         raise InvalidSpecError(
-            f"model file {requested!r} does not exist in the models directory ({models_dir})"
+            f"{what} {requested!r} does not exist in the models directory ({models_dir})"
             f"{_gguf_hint(root, relative, requested, hidden)}; upload it (the UI's Models page, "
             "or PUT /v1/storage/model-files/{name}) or copy it there first",
-            field="model",
+            field=field,
         )
     return f"{MODELS_MOUNT}/{target.relative_to(root).as_posix()}"
+
+
+def check_named_files(
+    args: Mapping[str, Any], models_dir: Path, *, hidden: Collection[str]
+) -> None:
+    """Every server setting whose text names a path in the models directory (`models_path`: a
+    tokenizer, a chat template file, a generation config, a draft model at any depth of a JSON
+    flag) names one the caller may use, by the model's rule (`resolve_model_path`): another
+    team's upload is answered as a missing file, in the same words, and a replica never loads it
+    (nor tells, by starting or not, that it is there)."""
+    for name, value in args.items():
+        texts = value.values() if name == "extra_flags" and isinstance(value, dict) else [value]
+        for text in texts:
+            for item in _texts(_parsed(text)):
+                if models_path(item) is not None:
+                    resolve_model_path(
+                        models_dir, item, hidden=hidden, field=name, what=f"{name}: file"
+                    )
+
+
+def _parsed(value: Any) -> Any:
+    """A JSON object's text parsed (a JSON flag's value), anything else as it is."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+    return value
 
 
 def _in_hidden(root: Path, asked: Path, target: Path, hidden: Collection[str]) -> bool:

@@ -5,6 +5,7 @@ an administrator uploaded or the operator put there are every team's."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,3 +132,54 @@ def test_an_endpoint_on_another_teams_file_keeps_running_but_does_not_download_i
     shown = blue.get(f"{ENDPOINTS}/blue-old").json()
     assert shown["spec"]["deployment_state"]["max_workers"] == 2
     assert shown["checkpoint_path"] == "/models/red-tune.gguf"
+
+
+def vllm_on(name: str, **fields: Any) -> dict[str, Any]:
+    return {**endpoint_on(name, "org/model"), "inference_framework": "vllm", **fields}
+
+
+def test_no_server_setting_names_another_teams_file(store: Appliance) -> None:
+    """Every vLLM setting that names a file (the tokenizer, the generation config, a draft
+    model in the speculative config, a model id that is a path relative to the container's
+    folder) is held to the model's rule: another team's upload is answered as a missing file,
+    in the same words, and the team's own file or the box's is taken. Before, only the model
+    was: a replica could load another team's file, and whether it started told whether the
+    file was there."""
+    red = store.client(make_key(store, "red"))
+    blue = store.client(make_key(store, "blue"))
+    assert upload(red, "red-tune.gguf", GGUF).status_code == 201
+    (models_dir(store) / "operator.gguf").write_bytes(GGUF)
+
+    def draft(path: str) -> dict[str, Any]:
+        config = {"model": path, "num_speculative_tokens": 2}
+        return {"extra_flags": {"--speculative-config": json.dumps(config)}}
+
+    ways = {
+        "tokenizer": lambda path: {"tokenizer": path},
+        "relative tokenizer": lambda path: {"tokenizer": path.removeprefix("/")},
+        "climbing tokenizer": lambda path: {"tokenizer": "../.." + path},
+        "generation config": lambda path: {"extra_flags": {"--generation-config": path}},
+        "draft model": draft,
+        "model id": lambda path: {"model_name": path.removeprefix("/")},
+    }
+    for n, (why, setting) in enumerate(ways.items()):
+        theirs = blue.post(ENDPOINTS, json=vllm_on("blue-x", **setting("/models/red-tune.gguf")))
+        none = blue.post(ENDPOINTS, json=vllm_on("blue-x", **setting("/models/nope.gguf")))
+        assert theirs.status_code == 400, (why, theirs.text)
+        assert "does not exist" in refusal(theirs), (why, theirs.text)
+        assert refusal(theirs) == refusal(none).replace("nope", "red-tune"), why
+        mine = red.post(ENDPOINTS, json=vllm_on(f"red-{n}", **setting("/models/red-tune.gguf")))
+        if why == "model id":  # a GGUF file is no model vLLM loads: said so, to its team alone
+            assert "is a GGUF file" in refusal(mine), mine.text
+        else:
+            assert mine.status_code == 200, (why, mine.text)
+    box = blue.post(ENDPOINTS, json=vllm_on("blue-box", tokenizer="/models/operator.gguf"))
+    assert box.status_code == 200, box.text
+    # an update is held to it as a create is, and changes nothing when refused
+    change_row(store, "blue-box", status="READY")
+    for setting in ways["draft model"]("/models/red-tune.gguf"), {"tokenizer": "models/red-tune"}:
+        moved = blue.put(f"{ENDPOINTS}/blue-box", json=setting)
+        assert "does not exist" in refusal(moved), moved.text
+    with sqlite3.connect(store.data_dir / "appliance.db") as db:
+        (args,) = db.execute("SELECT args FROM endpoint WHERE name = 'blue-box'").fetchone()
+    assert json.loads(args) == {"tokenizer": "/models/operator.gguf"}
