@@ -6,12 +6,15 @@ id), its own Redis, and its containers are removed when it stops.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,10 +42,43 @@ ADMIN_KEY = "mea_000000000001_testadminkeytestadminkey0"
 SHARED_POOL = httpx.Limits(max_connections=None, max_keepalive_connections=None)
 
 
-def free_port() -> int:
+# Ports free_port handed out, with when, shared by every test process on this machine
+PORTS_HANDED = Path(tempfile.gettempdir()) / "appliance-test-ports.json"
+PORT_HELD_S = 900.0  # longer than any test leaves a port it was handed unbound (a restart)
+
+
+def kernel_port() -> int:
+    """A port nothing is bound to now, as the kernel picks one (at random, in Linux)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port() -> int:
+    """A port nothing is bound to, and that no free_port of any process here handed out in
+    the last PORT_HELD_S. The kernel's choice alone is free only now: two xdist workers (or a
+    worker and another run) could each be handed the same port before either binds it; the
+    second appliance's api then fails to bind while its test, answered by the first's api
+    (/healthz, the admin key), talks to another install: a 404 for the endpoint it seeded."""
+    with PORTS_HANDED.open("a+") as registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)  # released as the file closes
+        registry.seek(0)
+        try:
+            handed: dict[str, float] = json.loads(registry.read() or "{}")
+        except ValueError:  # a process killed mid-write: start the record again
+            handed = {}
+        now = time.time()
+        handed = {port: at for port, at in handed.items() if now - at < PORT_HELD_S}
+        port = kernel_port()
+        for _ in range(100):  # a few thousand held of ~14k: nearly always the first try
+            if str(port) not in handed:
+                break
+            port = kernel_port()
+        handed[str(port)] = now
+        registry.seek(0)
+        registry.truncate()
+        registry.write(json.dumps(handed))
+    return port
 
 
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.2) -> Any:
