@@ -23,6 +23,8 @@ from appliance.models import Endpoint
 from appliance.settings import Settings
 from builder.images import appliance_images, sources
 
+PRUNE_ID = r"^prune_[0-9a-v]{1,40}$"  # the ids `request_prune` makes (`appliance.ids.new_id`)
+
 
 def _published(client: redis.Redis) -> dict[str, Any]:
     try:

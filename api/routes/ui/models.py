@@ -77,8 +77,10 @@ def read_models_page(
     request: Request,
     ui: SignedInDep,
     state: StateDep,
-    prune: str | None = Query(None, max_length=64),
+    prune: str | None = Query(None, max_length=64, pattern=images.PRUNE_ID),
 ) -> Response:
+    """`prune`: the prune the page polls (`/ui/models/prune/<id>`) and draws its reply from,
+    held to a prune id's shape: `../` in it would have the page draw another page's reply."""
     need(ui.caller, "manage")
     return _models_page(request, ui, state, prune_id=prune)
 
