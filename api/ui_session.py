@@ -163,9 +163,17 @@ def same_origin(request: Request) -> bool:
     return f"{parts.scheme}://{parts.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
 
 
+def _matches(expected: str, submitted: str) -> bool:
+    """A token compared in constant time, as bytes: `hmac.compare_digest` raises on a str
+    with a character outside ASCII, which a hand-made form field, header or cookie can hold."""
+    return hmac.compare_digest(
+        expected.encode("utf-8", "surrogatepass"), submitted.encode("utf-8", "surrogatepass")
+    )
+
+
 def check_signin_csrf(request: Request, submitted: str) -> None:
     expected = request.cookies.get(SIGNIN_COOKIE, "")
-    if not (expected and hmac.compare_digest(expected, submitted) and same_origin(request)):
+    if not (expected and _matches(expected, submitted) and same_origin(request)):
         raise ForbiddenError("the sign-in form expired; reload the page and try again")
 
 
@@ -200,7 +208,7 @@ async def csrf_checked(request: Request, ui: SignedInDep) -> UiSession:
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         submitted = str((await request.form()).get("csrf", ""))
-    if not (submitted and hmac.compare_digest(ui.csrf, submitted) and same_origin(request)):
+    if not (submitted and _matches(ui.csrf, submitted) and same_origin(request)):
         raise ForbiddenError("the form's security token is missing or stale; reload the page")
     return ui
 
