@@ -131,7 +131,7 @@ async def _admit(
     admission.cap_tokens(caller, request.body, inject=BY_PATH[request.url].limit_field)
     if model not in targets:
         targets[model] = await admission.find_target(state, caller, BY_MODEL, model)
-    admission.fit_framework(targets[model], BY_PATH[request.url].upstream, request.body)
+    admission.fit_framework(targets[model], BY_PATH[request.url].upstream, request.body, caller)
 
 
 def _store_and_queue(

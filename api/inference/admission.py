@@ -22,6 +22,7 @@ may have to wait has a synchronous form that answers at once when it can (`Keys.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Mapping
@@ -76,6 +77,9 @@ PROMPT_FIELD: Final = "prompt"
 # An embeddings request's `input` list: OpenAI's bound on how many texts one request embeds
 MOST_INPUTS: Final = 2048
 INPUT_FIELD: Final = "input"
+# The paths whose vLLM requests are keyed in its prefix cache by `cache_salt`
+SALTED: Final = frozenset({CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS})
+SALT_FIELD: Final = "cache_salt"
 RELOAD_ON_MISS_S: Final = 0.5
 NO_KEY: Final = "an API key is required: send `Authorization: Bearer <key>`"
 
@@ -263,7 +267,34 @@ def visible_target(table: RoutingTable, caller: Caller, selector: str, value: st
     return target
 
 
-def fit_framework(target: Target, path: str, payload: Any) -> None:
+def fit_framework(target: Target, path: str, payload: Any, caller: Caller) -> bool:
+    """`refuse_unfit`, then `salt_prefix_cache`: what every entry that can reach a replica's
+    completions applies once its endpoint and path are known (the relayed routes'
+    `Call._replica`, async tasks and batch lines). True when `payload` was changed, so the
+    caller sends it made again."""
+    refuse_unfit(target, path, payload)
+    return salt_prefix_cache(target, caller, path, payload)
+
+
+def salt_prefix_cache(target: Target, caller: Caller, path: str, payload: Any) -> bool:
+    """vLLM answers a prompt whose prefix it has cached sooner, so a team timing its requests
+    on another team's public endpoint could tell which prompts that team sent. vLLM keys its
+    prefix cache by `cache_salt` too: a request of any team but the owner's gets one of its own
+    team (of the salt it sent too, if any), so no two teams share a cached prefix; the owner's
+    requests without one pass as sent. A salt the owner sends is made its team's the same way,
+    so no team can name another's namespace. llama.cpp has no such key (left open)."""
+    if target.framework != media.FRAMEWORK or path not in SALTED or not isinstance(payload, dict):
+        return False
+    sent = payload.get(SALT_FIELD)
+    if sent is None and caller.team == target.owner:
+        return False
+    if sent is not None and (not isinstance(sent, str) or not sent):
+        raise BadRequestError(f"{SALT_FIELD} must be a non-empty text", field=SALT_FIELD)
+    payload[SALT_FIELD] = hashlib.sha256(f"{caller.team}\0{sent or ''}".encode()).hexdigest()
+    return True
+
+
+def refuse_unfit(target: Target, path: str, payload: Any) -> None:
     """Refuse (400, naming the field) what the endpoint's server would silently ignore or
     should not do: `forwarder/responses.refusal` for any endpoint's responses (what needs a
     response kept, or a tool the server runs), `forwarder/chat.refusal` for any endpoint's chats
@@ -275,9 +306,7 @@ def fit_framework(target: Target, path: str, payload: Any) -> None:
     `embeddings_refusal` for its embeddings (`dimensions`), `responses_refusal` for its
     responses (what its server ignores or fails on), `forwarder/media.refusal` and
     `input_refusal` for a vLLM endpoint's chats, embeddings (vLLM embeds a chat's `messages`
-    too) and responses (a media URL the replica would fetch). Every entry that can reach a
-    replica's completions applies it once its endpoint and path are known: the relayed routes
-    (`Call._replica`), async tasks and batch lines."""
+    too) and responses (a media URL the replica would fetch)."""
     refused: BadRequestError | None = None
     if path == RESPONSES:
         refused = responses.refusal(payload)

@@ -208,6 +208,9 @@ class Call:
                     return
                 raise admission.missing(selector, self.name)
             self.target = target
+            self.path = self.path or self.path_for(target)
+            if admission.fit_framework(target, self.path, self.payload, caller):
+                self.changed = True
             self._replica(target)
         except ApplianceError as exc:
             self.refuse(exc)
@@ -217,8 +220,8 @@ class Call:
             self._invalid(exc.problems)
 
     def _replica(self, target: Target) -> None:
-        self.path = self.path or self.path_for(target)
-        admission.fit_framework(target, self.path, self.payload)
+        """The request fitted to `target`'s server, sent to a replica (or waiting for one);
+        again from here when LLM Engine's route retries it."""
         self.fit(target)
         if self.changed:
             self.body = replica_body(self.payload, self.spelling())

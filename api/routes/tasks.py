@@ -132,7 +132,7 @@ async def create_async_inference_task(
             field="route",
         )
     path = task_path(target.framework, target.predict_route, body.args, body.route)
-    admission.fit_framework(target, path, body.args)
+    admission.fit_framework(target, path, body.args, caller)
     if body.callback_url:  # resolves the host: not on the event loop
         await run_in_threadpool(check_url, body.callback_url, state.settings.callback_allowed_hosts)
 

@@ -312,10 +312,10 @@ def test_a_chat_without_messages_to_llamacpp_is_refused(messages: Any) -> None:
     target = llama_target("m", "READY")
     body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
     with pytest.raises(BadRequestError) as refused:
-        admission.fit_framework(target, CHAT, body)
+        admission.refuse_unfit(target, CHAT, body)
     assert refused.value.field == "messages"
     assert refused.value.message == "messages: a chat needs a list of at least one message"
-    admission.fit_framework(target, CHAT, {"model": "m", "messages": [{"role": "user"}]})
+    admission.refuse_unfit(target, CHAT, {"model": "m", "messages": [{"role": "user"}]})
 
 
 USER = {"role": "user", "content": "hi"}
@@ -363,25 +363,23 @@ def test_a_chat_message_llamacpp_fails_on_is_refused_naming_its_field(
     target = llama_target("m", "READY")
     body = {"model": "m", "messages": [USER, message]}
     with pytest.raises(BadRequestError) as refused:
-        admission.fit_framework(target, CHAT, body)
+        admission.refuse_unfit(target, CHAT, body)
     assert refused.value.field == field, refused.value.message
     assert refused.value.message.startswith(field), refused.value.message
     nameless = [{"type": "function", "function": {}}]
     undescribed = [{"type": "function", "function": {"name": "f", "description": None}}]
     for tools in (5, [5], nameless, [{"function": {"name": "f"}}], undescribed):
         with pytest.raises(BadRequestError) as refused:
-            admission.fit_framework(
-                target, CHAT, {"model": "m", "messages": [USER], "tools": tools}
-            )
+            admission.refuse_unfit(target, CHAT, {"model": "m", "messages": [USER], "tools": tools})
         assert refused.value.field == "tools", refused.value.message
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     fine = [USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
     parts = [{"type": "text", "text": "a"}]
     fine.append({"role": "user", "content": parts, "name": "n"})
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    admission.fit_framework(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
+    admission.refuse_unfit(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
     tools[0]["function"]["description"] = "says f"
-    admission.fit_framework(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
+    admission.refuse_unfit(target, CHAT, {"model": "m", "messages": fine, "tools": tools})
 
 
 @pytest.mark.parametrize("dimensions", [8, 640, "8"])
@@ -393,13 +391,13 @@ def test_an_embeddings_request_asking_for_dimensions_is_refused_by_llamacpp(
     (400 naming `dimensions`); an embeddings request without it passes."""
     target = llama_target("m", "READY")
     with pytest.raises(BadRequestError) as refused:
-        admission.fit_framework(
+        admission.refuse_unfit(
             target, EMBEDDINGS, {"model": "m", "input": "hi", "dimensions": dimensions}
         )
     assert refused.value.field == "dimensions", refused.value.message
     assert refused.value.message.startswith("dimensions: llama.cpp endpoints do not")
-    admission.fit_framework(target, EMBEDDINGS, {"model": "m", "input": "hi"})
-    admission.fit_framework(target, EMBEDDINGS, {"model": "m", "input": "hi", "dimensions": None})
+    admission.refuse_unfit(target, EMBEDDINGS, {"model": "m", "input": "hi"})
+    admission.refuse_unfit(target, EMBEDDINGS, {"model": "m", "input": "hi", "dimensions": None})
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
@@ -408,10 +406,10 @@ def test_a_chat_asking_for_no_token_is_refused_by_llamacpp(field: str) -> None:
     OpenAI's chat) refuse it: every entry refuses it (400 naming the field); 1 passes."""
     target = llama_target("m", "READY")
     with pytest.raises(BadRequestError) as refused:
-        admission.fit_framework(target, CHAT, {"model": "m", "messages": [USER], field: 0})
+        admission.refuse_unfit(target, CHAT, {"model": "m", "messages": [USER], field: 0})
     assert refused.value.field == field, refused.value.message
     assert refused.value.message.startswith(f"{field}: llama.cpp endpoints do not")
-    admission.fit_framework(target, CHAT, {"model": "m", "messages": [USER], field: 1})
+    admission.refuse_unfit(target, CHAT, {"model": "m", "messages": [USER], field: 1})
 
 
 def test_a_list_of_prompts_is_refused_by_llamacpp_whose_usage_counts_the_first() -> None:
@@ -422,10 +420,10 @@ def test_a_list_of_prompts_is_refused_by_llamacpp_whose_usage_counts_the_first()
     target = llama_target("g", "READY")
     for prompt in (["a", "one two three"], [[1, 2], [3, 4]]):
         with pytest.raises(BadRequestError) as refused:
-            admission.fit_framework(target, COMPLETIONS, {"model": "g", "prompt": prompt})
+            admission.refuse_unfit(target, COMPLETIONS, {"model": "g", "prompt": prompt})
         assert refused.value.field == "prompt" and "one prompt per request" in str(refused.value)
     for prompt in ("a", ["a"], [1, 2, 3], [[1, 2, 3]]):
-        admission.fit_framework(target, COMPLETIONS, {"model": "g", "prompt": prompt})
+        admission.refuse_unfit(target, COMPLETIONS, {"model": "g", "prompt": prompt})
 
 
 def test_a_responses_stream_gets_what_openais_sdk_assembles_it_from() -> None:
@@ -618,11 +616,11 @@ def test_a_named_tool_choice_llamacpp_reads_as_auto_is_refused(path: str, body: 
         else [{"type": "function", "name": "f"}]
     )
     with pytest.raises(BadRequestError) as refused:
-        admission.fit_framework(target, path, {"model": "m", "tools": tools, **body})
+        admission.refuse_unfit(target, path, {"model": "m", "tools": tools, **body})
     assert refused.value.field == "tool_choice", refused.value.message
     assert '"required"' in refused.value.message, refused.value.message
     for choice in ("auto", "none", "required"):
-        admission.fit_framework(
+        admission.refuse_unfit(
             target, path, {"model": "m", "tools": tools, **body} | {"tool_choice": choice}
         )
 
@@ -641,18 +639,18 @@ def test_stream_options_without_a_stream_are_refused_by_llamacpp_as_by_vllm(
 ) -> None:
     """vLLM (0.32's `validate_stream_options`) and OpenAI refuse `stream_options` on a request
     that does not stream; llama.cpp's server answered it, the options unread. Every entry
-    refuses it (`admission.fit_framework`); an empty or null one, or one on a stream, passes, as
+    refuses it (`admission.refuse_unfit`); an empty or null one, or one on a stream, passes, as
     vLLM lets them."""
     target = llama_target("m", "READY")
     body = {"model": "m", "max_tokens": 4, **stream}
     body |= {"messages": [USER]} if path == CHAT else {"prompt": "hi"}
     with pytest.raises(BadRequestError) as refused:
-        admission.fit_framework(target, path, body | {"stream_options": OPTIONS})
+        admission.refuse_unfit(target, path, body | {"stream_options": OPTIONS})
     assert refused.value.field == "stream_options"
     assert refused.value.message == ON_A_STREAM_ALONE
     for fine in ({"stream_options": {}}, {"stream_options": None}, {}):
-        admission.fit_framework(target, path, body | fine)
-    admission.fit_framework(target, path, body | {"stream": True, "stream_options": OPTIONS})
+        admission.refuse_unfit(target, path, body | fine)
+    admission.refuse_unfit(target, path, body | {"stream": True, "stream_options": OPTIONS})
 
 
 @pytest.fixture(scope="module")
